@@ -1,0 +1,1 @@
+"""Hausmeister client modules."""

@@ -1,0 +1,1 @@
+"""The ad-hoc customer module."""

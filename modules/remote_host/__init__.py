@@ -1,0 +1,1 @@
+"""The unattended remote-host service."""

@@ -1,0 +1,1 @@
+"""The supporter module: enrollment, host list, sessions."""

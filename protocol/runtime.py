@@ -1,0 +1,73 @@
+"""What server and modules share at run time: the one structured logger and the one way to run
+blocking work off the reactor thread.
+
+Logging is ``twisted.logger`` everywhere; ``start_logging`` installs a single observer that writes
+JSON lines (or short text lines for a terminal) to stderr, filtered by ``--log-level``.
+Blocking work (database, disk, boto3) goes through ``run_blocking``, which uses one bounded
+thread pool owned by the reactor.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable, TextIO, TypeVar
+
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import (
+    FilteringLogObserver, LogLevel, LogLevelFilterPredicate, formatEventAsClassicLogText,
+    globalLogBeginner, jsonFileLogObserver, textFileLogObserver, Logger,
+)
+from twisted.python.threadpool import ThreadPool
+
+T = TypeVar("T")
+
+LEVELS = {"debug": LogLevel.debug, "info": LogLevel.info, "warn": LogLevel.warn,
+          "error": LogLevel.error, "critical": LogLevel.critical}
+
+_started = False
+
+
+def start_logging(level: str = "info", fmt: str = "json", stream: TextIO | None = None) -> None:
+    """Route every ``twisted.logger`` event (and stdlib ``logging``, via Twisted) to one sink."""
+    global _started
+    stream = stream or sys.stderr
+    observer = jsonFileLogObserver(stream) if fmt == "json" else textFileLogObserver(stream)
+    predicate = LogLevelFilterPredicate(defaultLogLevel=LEVELS[level])
+    filtered = FilteringLogObserver(observer, [predicate])
+    if not _started:
+        globalLogBeginner.beginLoggingTo([filtered], redirectStandardIO=False,
+                                         discardBuffer=True)
+        _started = True
+
+
+_pool: ThreadPool | None = None
+
+
+def blocking_pool(reactor: Any = None) -> ThreadPool:
+    """The process-wide pool for blocking work, started on first use, stopped with the reactor."""
+    global _pool
+    if _pool is None:
+        if reactor is None:
+            from twisted.internet import reactor  # noqa: F811 - the installed reactor
+        _pool = ThreadPool(minthreads=1, maxthreads=8, name="hausmeister-blocking")
+        _pool.start()
+        reactor.addSystemEventTrigger("during", "shutdown", _stop_pool)
+    return _pool
+
+
+def _stop_pool() -> None:
+    global _pool
+    if _pool is not None:
+        _pool.stop()
+        _pool = None
+
+
+def run_blocking(fn: Callable[..., T], *args: Any, **kwargs: Any) -> "Deferred[T]":
+    """Run ``fn`` in the blocking pool; the Deferred fires on the reactor thread."""
+    from twisted.internet import reactor
+    return deferToThreadPool(reactor, blocking_pool(reactor), fn, *args, **kwargs)
+
+
+__all__ = ["Logger", "start_logging", "run_blocking", "blocking_pool",
+           "formatEventAsClassicLogText"]

@@ -1,0 +1,373 @@
+"""The one configuration loader: TOML file in, validated ``Config`` out.
+
+Every key is declared once below with its type, default and what is allowed; the example file
+``config/hausmeister.example.toml`` documents the same keys for operators.  A bad key becomes a
+``ConfigError`` whose message is one line naming the key, the value and what is allowed.
+Relative paths are resolved against the folder that holds the config file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+
+class ConfigError(ValueError):
+    """A configuration problem, worded as one line an operator can act on."""
+
+
+@dataclass(frozen=True)
+class ServerSection:
+    data_dir: Path
+    cert_dir: Path
+    protocol_dir: Path
+    recording_dir: Path
+    names: tuple[str, ...]
+    addresses: tuple[str, ...]
+    public_host: str
+
+
+@dataclass(frozen=True)
+class ListenSection:
+    interface: str
+    https_port: int
+    module_port: int
+
+
+@dataclass(frozen=True)
+class DatabaseSection:
+    url: str
+
+
+@dataclass(frozen=True)
+class CertificateSection:
+    module_days: int
+    renew_before_days: int
+    server_days: int
+    min_tls: str
+    revocation_poll_seconds: float
+
+
+@dataclass(frozen=True)
+class SecuritySection:
+    lockout_free_attempts: int
+    lockout_base_seconds: float
+    lockout_max_seconds: float
+    token_default_ttl: str
+
+
+@dataclass(frozen=True)
+class MailSection:
+    smtp_host: str
+    smtp_port: int
+    security: str
+    username: str
+    password: str
+    from_address: str
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.smtp_host)
+
+
+@dataclass(frozen=True)
+class S3Section:
+    enabled: bool
+    endpoint_url: str
+    bucket: str
+    region: str
+    access_key: str
+    secret_key: str
+    ca_bundle: str
+
+
+@dataclass(frozen=True)
+class AvatarSection:
+    gravatar: bool
+
+
+@dataclass(frozen=True)
+class EgressSection:
+    allow: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class LoggingSection:
+    level: str
+    format: str
+
+
+@dataclass(frozen=True)
+class Config:
+    source: Path | None
+    server: ServerSection
+    listen: ListenSection
+    database: DatabaseSection
+    certificates: CertificateSection
+    security: SecuritySection
+    mail: MailSection
+    s3: S3Section
+    avatars: AvatarSection
+    egress: EgressSection
+    logging: LoggingSection
+
+    @property
+    def database_url(self) -> str:
+        if self.database.url:
+            return self.database.url
+        return f"sqlite:///{self.server.data_dir / 'hausmeister.sqlite3'}"
+
+    def replace(self, **sections: Any) -> "Config":
+        return dataclasses.replace(self, **sections)
+
+
+# --- key declarations ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Key:
+    name: str
+    kind: str  # str, int, float, bool, path, list, choice, port, duration, url, host
+    default: Any
+    allowed: str = ""
+    choices: tuple[str, ...] = ()
+    minimum: float | None = None
+    maximum: float | None = None
+
+
+LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
+
+SCHEMA: dict[str, tuple[Key, ...]] = {
+    "server": (
+        Key("data_dir", "path", "/var/lib/hausmeister"),
+        Key("cert_dir", "path", ""),
+        Key("protocol_dir", "path", ""),
+        Key("recording_dir", "path", ""),
+        Key("names", "list", ["localhost"]),
+        Key("addresses", "iplist", ["127.0.0.1"]),
+        Key("public_host", "host", "127.0.0.1"),
+    ),
+    "listen": (
+        Key("interface", "ip", "127.0.0.1"),
+        Key("https_port", "port", 8443),
+        Key("module_port", "port", 8444),
+    ),
+    "database": (Key("url", "dburl", ""),),
+    "certificates": (
+        Key("module_days", "int", 90, minimum=1, maximum=3650),
+        Key("renew_before_days", "int", 30, minimum=0, maximum=3650),
+        Key("server_days", "int", 825, minimum=1, maximum=3650),
+        Key("min_tls", "choice", "1.2", choices=("1.2", "1.3")),
+        Key("revocation_poll_seconds", "float", 2.0, minimum=0.1, maximum=3600),
+    ),
+    "security": (
+        Key("lockout_free_attempts", "int", 3, minimum=0, maximum=100),
+        Key("lockout_base_seconds", "float", 1.0, minimum=0.0, maximum=3600),
+        Key("lockout_max_seconds", "float", 900.0, minimum=0.0, maximum=86400),
+        Key("token_default_ttl", "duration", "1h"),
+    ),
+    "mail": (
+        Key("smtp_host", "str", ""),
+        Key("smtp_port", "port", 25),
+        Key("security", "choice", "starttls", choices=("none", "starttls", "tls")),
+        Key("username", "str", ""),
+        Key("password", "str", ""),
+        Key("from_address", "str", "hausmeister@localhost"),
+    ),
+    "s3": (
+        Key("enabled", "bool", False),
+        Key("endpoint_url", "url", ""),
+        Key("bucket", "str", ""),
+        Key("region", "str", "us-east-1"),
+        Key("access_key", "str", ""),
+        Key("secret_key", "str", ""),
+        Key("ca_bundle", "str", ""),
+    ),
+    "avatars": (Key("gravatar", "bool", False),),
+    "egress": (Key("allow", "endpointlist", []),),
+    "logging": (
+        Key("level", "choice", "info", choices=LOG_LEVELS),
+        Key("format", "choice", "json", choices=("json", "text")),
+    ),
+}
+
+
+def _fail(section: str, key: Key, value: Any, allowed: str) -> ConfigError:
+    return ConfigError(f"config key {section}.{key.name} = {value!r} is invalid: {allowed}")
+
+
+def parse_duration(text: str) -> float:
+    """'90s', '15m', '1h', '7d' → seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    text = text.strip()
+    if len(text) < 2 or text[-1] not in units or not text[:-1].isdigit():
+        raise ValueError(f"{text!r} is not a duration like 90s, 15m, 1h or 7d")
+    seconds = int(text[:-1]) * units[text[-1]]
+    if seconds <= 0:
+        raise ValueError(f"{text!r} must be longer than zero")
+    return float(seconds)
+
+
+def split_endpoint(text: str) -> tuple[str, int | None]:
+    """'host:port', '[v6]:port', 'host:*' or 'host' → (host, port or None for any port)."""
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port_text = rest[1:] if rest.startswith(":") else ""
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    else:
+        host, port_text = text, ""
+    if not host:
+        raise ValueError("missing host")
+    if port_text in ("", "*"):
+        return host, None
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"port {port_text!r} is not 1-65535")
+    return host, int(port_text)
+
+
+def _check(section: str, key: Key, value: Any, base: Path) -> Any:
+    kind = key.kind
+    if kind in ("str", "host", "url", "dburl", "path", "duration", "choice", "ip"):
+        if not isinstance(value, str):
+            raise _fail(section, key, value, "expected a string")
+    if kind == "str":
+        return value
+    if kind == "path":
+        if not value:
+            return None
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else (base / path).resolve()
+    if kind == "host":
+        if not value or any(c.isspace() for c in value) or "/" in value:
+            raise _fail(section, key, value, "expected a host name or IP address")
+        return value
+    if kind == "ip":
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            raise _fail(section, key, value, "expected an IP address such as 127.0.0.1 or ::1")
+        return value
+    if kind == "url":
+        if value and urlsplit(value).scheme not in ("http", "https"):
+            raise _fail(section, key, value, "expected an http:// or https:// URL, or empty")
+        return value
+    if kind == "dburl":
+        if value and not value.startswith(("sqlite", "postgresql")):
+            raise _fail(section, key, value,
+                        "expected empty (SQLite in data_dir), sqlite:///FILE or postgresql+psycopg://...")
+        if value.startswith("postgresql://"):
+            value = "postgresql+psycopg://" + value[len("postgresql://"):]
+        return value
+    if kind == "choice":
+        if value not in key.choices:
+            raise _fail(section, key, value, "allowed: " + ", ".join(key.choices))
+        return value
+    if kind == "duration":
+        try:
+            parse_duration(value)
+        except ValueError as exc:
+            raise _fail(section, key, value, str(exc))
+        return value
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise _fail(section, key, value, "expected true or false")
+        return value
+    if kind in ("int", "port"):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _fail(section, key, value, "expected a whole number")
+        low, high = (0, 65535) if kind == "port" else (key.minimum, key.maximum)
+        if (low is not None and value < low) or (high is not None and value > high):
+            raise _fail(section, key, value, f"expected a number from {low:g} to {high:g}")
+        return value
+    if kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _fail(section, key, value, "expected a number")
+        if (key.minimum is not None and value < key.minimum) or (
+                key.maximum is not None and value > key.maximum):
+            raise _fail(section, key, value, f"expected a number from {key.minimum:g} to {key.maximum:g}")
+        return float(value)
+    if kind in ("list", "iplist", "endpointlist"):
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise _fail(section, key, value, "expected a list of non-empty strings")
+        for item in value:
+            try:
+                if kind == "iplist":
+                    ipaddress.ip_address(item)
+                elif kind == "endpointlist":
+                    split_endpoint(item)
+            except ValueError as exc:
+                raise _fail(section, key, value, f"entry {item!r}: {exc}")
+        return tuple(value)
+    raise AssertionError(kind)
+
+
+SECTION_TYPES: dict[str, type] = {
+    "server": ServerSection, "listen": ListenSection, "database": DatabaseSection,
+    "certificates": CertificateSection, "security": SecuritySection, "mail": MailSection,
+    "s3": S3Section, "avatars": AvatarSection, "egress": EgressSection, "logging": LoggingSection,
+}
+
+
+def from_mapping(raw: dict[str, Any], base: Path, source: Path | None = None) -> Config:
+    """Validate a parsed TOML mapping; unknown sections and keys are errors, not silence."""
+    for section, body in raw.items():
+        if section not in SCHEMA:
+            raise ConfigError(f"config section [{section}] is unknown: allowed sections are "
+                              + ", ".join(SCHEMA))
+        if not isinstance(body, dict):
+            raise ConfigError(f"config section [{section}] must be a table, got {body!r}")
+        known = {k.name for k in SCHEMA[section]}
+        for name in body:
+            if name not in known:
+                raise ConfigError(f"config key {section}.{name} is unknown: allowed keys in "
+                                  f"[{section}] are " + ", ".join(sorted(known)))
+    sections: dict[str, Any] = {}
+    for section, keys in SCHEMA.items():
+        body = raw.get(section, {})
+        values = {k.name: _check(section, k, body.get(k.name, k.default), base) for k in keys}
+        sections[section] = values
+    server = sections["server"]
+    if server["data_dir"] is None:
+        raise ConfigError("config key server.data_dir = '' is invalid: expected a folder path")
+    data_dir = server["data_dir"]
+    server["cert_dir"] = server["cert_dir"] or data_dir / "certs"
+    server["protocol_dir"] = server["protocol_dir"] or data_dir / "protocols"
+    server["recording_dir"] = server["recording_dir"] or data_dir / "recordings"
+    listen = sections["listen"]
+    if listen["https_port"] and listen["https_port"] == listen["module_port"]:
+        raise ConfigError(f"config key listen.module_port = {listen['module_port']} is invalid: "
+                          "it must differ from listen.https_port")
+    certs = sections["certificates"]
+    if certs["renew_before_days"] >= certs["module_days"]:
+        raise ConfigError(f"config key certificates.renew_before_days = {certs['renew_before_days']} "
+                          "is invalid: it must be smaller than certificates.module_days")
+    s3 = sections["s3"]
+    if s3["enabled"] and not (s3["endpoint_url"] and s3["bucket"]):
+        raise ConfigError("config key s3.enabled = true is invalid: set s3.endpoint_url and s3.bucket too")
+    built = {name: SECTION_TYPES[name](**values) for name, values in sections.items()}
+    return Config(source=source, **built)
+
+
+def load(path: str | Path | None) -> Config:
+    """Load and validate a config file; ``None`` gives the built-in air-gapped defaults."""
+    if path is None:
+        return from_mapping({}, Path.cwd())
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist: pass --config with an existing file "
+                          "(see config/hausmeister.example.toml)")
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc.strerror}")
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}")
+    return from_mapping(raw, path.resolve().parent, path.resolve())
+

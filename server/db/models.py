@@ -1,0 +1,174 @@
+"""SQLAlchemy 2 models: the server's whole persistent state.
+
+Files that belong to the operator (session protocols, recordings, the CA) live in folders; the
+database only indexes them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+
+from sqlalchemy import (
+    BigInteger, Boolean, DateTime, Enum, ForeignKey, Integer, String, Text, UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
+
+
+class UTCDateTime(TypeDecorator):
+    """Timezone-aware UTC datetimes on every backend (SQLite stores naive values)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        if value is not None:
+            if value.tzinfo is None:
+                raise ValueError("naive datetime given; use UTC-aware datetimes")
+            value = value.astimezone(dt.timezone.utc)
+        return value
+
+    def process_result_value(self, value, dialect):
+        if value is not None and value.tzinfo is None:
+            value = value.replace(tzinfo=dt.timezone.utc)
+        return value
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Role(str, enum.Enum):
+    admin = "admin"
+    supporter = "supporter"
+    auditor = "auditor"
+
+
+class CertRole(str, enum.Enum):
+    server = "server"
+    supporter = "supporter"
+    host = "host"
+
+
+class Tenant(Base):
+    __tablename__ = "tenants"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+
+
+class User(Base):
+    __tablename__ = "users"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"))
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    role: Mapped[Role] = mapped_column(Enum(Role, name="user_role"))
+    password_hash: Mapped[str] = mapped_column(String(255))
+    email: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    tenant: Mapped[Tenant] = relationship()
+
+
+class HostGroup(Base):
+    __tablename__ = "host_groups"
+    __table_args__ = (UniqueConstraint("tenant_id", "name"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"))
+    name: Mapped[str] = mapped_column(String(100))
+    tenant: Mapped[Tenant] = relationship()
+
+
+class Host(Base):
+    __tablename__ = "hosts"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)  # uuid4, stable host id
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"))
+    group_id: Mapped[int | None] = mapped_column(ForeignKey("host_groups.id"), nullable=True)
+    name: Mapped[str] = mapped_column(String(200))
+    enrolled_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    last_seen: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    last_address: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    module_version: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    online: Mapped[bool] = mapped_column(Boolean, default=False)
+    group: Mapped[HostGroup | None] = relationship()
+
+
+class Certificate(Base):
+    """Every certificate the CA issued; revocation lives here."""
+
+    __tablename__ = "certificates"
+    serial: Mapped[str] = mapped_column(String(40), primary_key=True)  # lowercase hex
+    role: Mapped[CertRole] = mapped_column(Enum(CertRole, name="cert_role"))
+    identity: Mapped[str] = mapped_column(String(255), index=True)  # SAN URI or server name
+    fingerprint: Mapped[str] = mapped_column(String(64), unique=True)  # SHA-256 hex of DER
+    not_before: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    not_after: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    pem: Mapped[str] = mapped_column(Text)
+    issued_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    revocation_reason: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    replaced_by: Mapped[str | None] = mapped_column(String(40), nullable=True)
+
+
+class EnrollmentToken(Base):
+    __tablename__ = "enrollment_tokens"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)  # SHA-256 hex
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"))
+    group_id: Mapped[int | None] = mapped_column(ForeignKey("host_groups.id"), nullable=True)
+    created_by: Mapped[str] = mapped_column(String(100))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    used_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    used_by_host: Mapped[str | None] = mapped_column(String(36), nullable=True)
+
+
+class Lockout(Base):
+    """Failed-attempt counter per key (``user:NAME``, ``addr:IP``, ``nameplate:N``...)."""
+
+    __tablename__ = "lockouts"
+    key: Mapped[str] = mapped_column(String(200), primary_key=True)
+    failures: Mapped[int] = mapped_column(Integer, default=0)
+    last_failure: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    locked_until: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class Session(Base):
+    __tablename__ = "sessions"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    tenant_id: Mapped[int | None] = mapped_column(ForeignKey("tenants.id"), nullable=True)
+    kind: Mapped[str] = mapped_column(String(20))  # adhoc | host
+    supporter_identity: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    supporter_address: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    peer_identity: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    peer_address: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    host_id: Mapped[str | None] = mapped_column(ForeignKey("hosts.id"), nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    started_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    ended_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    bytes_to_peer: Mapped[int] = mapped_column(BigInteger, default=0)
+    bytes_to_supporter: Mapped[int] = mapped_column(BigInteger, default=0)
+    end_reason: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    protocol_file: Mapped[str | None] = mapped_column(String(500), nullable=True)
+
+
+class SessionEvent(Base):
+    __tablename__ = "session_events"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    session_id: Mapped[str] = mapped_column(ForeignKey("sessions.id"), index=True)
+    at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    kind: Mapped[str] = mapped_column(String(50))
+    actor: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    detail: Mapped[str | None] = mapped_column(Text, nullable=True)  # JSON
+
+
+class AuditEntry(Base):
+    """Administrative actions (CLI and, later, console)."""
+
+    __tablename__ = "audit_log"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    actor: Mapped[str] = mapped_column(String(100))
+    action: Mapped[str] = mapped_column(String(100))
+    detail: Mapped[str | None] = mapped_column(Text, nullable=True)
