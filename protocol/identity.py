@@ -10,7 +10,8 @@ import re
 from dataclasses import dataclass
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509.oid import NameOID
 
 SCHEME = "hausmeister"
 MODULE_ROLES = ("supporter", "host")
@@ -85,3 +86,15 @@ def normalise_fingerprint(text: str) -> str:
 
 def serial_hex(cert: x509.Certificate) -> str:
     return format(cert.serial_number, "x")
+
+
+def make_csr(key, identity: Identity | None = None) -> x509.CertificateSigningRequest:
+    """The CSR a module sends: its own key, and the identity it expects (the server decides)."""
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME,
+                                            identity.uri[:64] if identity else "hausmeister module")])
+    builder = x509.CertificateSigningRequestBuilder().subject_name(subject)
+    if identity is not None:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(identity.uri)]),
+            critical=False)
+    return builder.sign(key, hashes.SHA256())

@@ -9,14 +9,16 @@ thread pool owned by the reactor.
 
 from __future__ import annotations
 
+import datetime
+import json
 import sys
 from typing import Any, Callable, TextIO, TypeVar
 
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import (
-    FilteringLogObserver, LogLevel, LogLevelFilterPredicate, formatEventAsClassicLogText,
-    globalLogBeginner, jsonFileLogObserver, textFileLogObserver, Logger,
+    FileLogObserver, FilteringLogObserver, LogLevel, LogLevelFilterPredicate, Logger, formatEvent,
+    globalLogBeginner, textFileLogObserver,
 )
 from twisted.python.threadpool import ThreadPool
 
@@ -28,11 +30,38 @@ LEVELS = {"debug": LogLevel.debug, "info": LogLevel.info, "warn": LogLevel.warn,
 _started = False
 
 
+def _plain(value: Any) -> Any:
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def json_line(event: dict) -> str:
+    """One compact JSON object per event: time, level, namespace, message, structured fields."""
+    fields = {k: _plain(v) for k, v in event.items()
+              if not k.startswith("log_") and k not in ("format", "message", "system", "time",
+                                                         "isError", "failure", "why")}
+    record = {
+        "time": datetime.datetime.fromtimestamp(event.get("log_time", 0), datetime.timezone.utc)
+        .isoformat(timespec="milliseconds"),
+        "level": event.get("log_level", LogLevel.info).name,
+        "ns": event.get("log_namespace", "-"),
+        "msg": formatEvent(event),
+        **fields,
+    }
+    failure = event.get("log_failure")
+    if failure is not None:
+        record["error"] = failure.getErrorMessage()
+        record["traceback"] = failure.getTraceback()
+    return json.dumps(record, ensure_ascii=False) + "\n"
+
+
 def start_logging(level: str = "info", fmt: str = "json", stream: TextIO | None = None) -> None:
     """Route every ``twisted.logger`` event (and stdlib ``logging``, via Twisted) to one sink."""
     global _started
     stream = stream or sys.stderr
-    observer = jsonFileLogObserver(stream) if fmt == "json" else textFileLogObserver(stream)
+    observer = (FileLogObserver(stream, json_line) if fmt == "json"
+                else textFileLogObserver(stream))
     predicate = LogLevelFilterPredicate(defaultLogLevel=LEVELS[level])
     filtered = FilteringLogObserver(observer, [predicate])
     if not _started:
@@ -69,5 +98,4 @@ def run_blocking(fn: Callable[..., T], *args: Any, **kwargs: Any) -> "Deferred[T
     return deferToThreadPool(reactor, blocking_pool(reactor), fn, *args, **kwargs)
 
 
-__all__ = ["Logger", "start_logging", "run_blocking", "blocking_pool",
-           "formatEventAsClassicLogText"]
+__all__ = ["Logger", "start_logging", "run_blocking", "blocking_pool", "json_line"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -204,7 +205,7 @@ def parse_duration(text: str) -> float:
     """'90s', '15m', '1h', '7d' → seconds."""
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
     text = text.strip()
-    if len(text) < 2 or text[-1] not in units or not text[:-1].isdigit():
+    if len(text) < 2 or text[-1] not in units or not (text[:-1].isascii() and text[:-1].isdigit()):
         raise ValueError(f"{text!r} is not a duration like 90s, 15m, 1h or 7d")
     seconds = int(text[:-1]) * units[text[-1]]
     if seconds <= 0:
@@ -215,17 +216,25 @@ def parse_duration(text: str) -> float:
 def split_endpoint(text: str) -> tuple[str, int | None]:
     """'host:port', '[v6]:port', 'host:*' or 'host' → (host, port or None for any port)."""
     if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        port_text = rest[1:] if rest.startswith(":") else ""
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise ValueError("expected [IPv6 address]:port")
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{host!r} in brackets is not an IPv6 address")
+        port_text = rest[1:]
     elif text.count(":") == 1:
         host, port_text = text.split(":")
     else:
         host, port_text = text, ""
     if not host:
         raise ValueError("missing host")
+    if "/" in host or any(c.isspace() for c in host):
+        raise ValueError(f"host {host!r} is not a host name or IP address")
     if port_text in ("", "*"):
         return host, None
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+    if not (port_text.isascii() and port_text.isdigit()) or not 0 < int(port_text) < 65536:
         raise ValueError(f"port {port_text!r} is not 1-65535")
     return host, int(port_text)
 
@@ -240,6 +249,8 @@ def _check(section: str, key: Key, value: Any, base: Path) -> Any:
     if kind == "path":
         if not value:
             return None
+        if "\0" in value:
+            raise _fail(section, key, value, "a path must not contain a NUL character")
         path = Path(value).expanduser()
         return path if path.is_absolute() else (base / path).resolve()
     if kind == "host":
@@ -253,13 +264,25 @@ def _check(section: str, key: Key, value: Any, base: Path) -> Any:
             raise _fail(section, key, value, "expected an IP address such as 127.0.0.1 or ::1")
         return value
     if kind == "url":
-        if value and urlsplit(value).scheme not in ("http", "https"):
-            raise _fail(section, key, value, "expected an http:// or https:// URL, or empty")
+        if value:
+            try:
+                parts = urlsplit(value)
+                good = (parts.scheme in ("http", "https") and bool(parts.hostname)
+                        and parts.port != 0)
+            except ValueError:  # unbalanced [ ] or a port that is no number or out of range
+                good = False
+            if not good:
+                raise _fail(section, key, value, "expected an http:// or https:// URL with a host "
+                            "and a port from 1 to 65535, or empty")
         return value
     if kind == "dburl":
         if value and not value.startswith(("sqlite", "postgresql")):
             raise _fail(section, key, value,
                         "expected empty (SQLite in data_dir), sqlite:///FILE or postgresql+psycopg://...")
+        try:
+            urlsplit(value).port
+        except ValueError as exc:
+            raise _fail(section, key, value, f"not a valid URL ({exc}); the port must be 1-65535")
         if value.startswith("postgresql://"):
             value = "postgresql+psycopg://" + value[len("postgresql://"):]
         return value
@@ -285,7 +308,7 @@ def _check(section: str, key: Key, value: Any, base: Path) -> Any:
             raise _fail(section, key, value, f"expected a number from {low:g} to {high:g}")
         return value
     if kind == "float":
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
             raise _fail(section, key, value, "expected a number")
         if (key.minimum is not None and value < key.minimum) or (
                 key.maximum is not None and value > key.maximum):
@@ -313,18 +336,23 @@ SECTION_TYPES: dict[str, type] = {
 }
 
 
+def _show(name: str) -> str:
+    """A TOML key as written in a one-line message (quoted if it holds unprintable characters)."""
+    return name if name.isprintable() else repr(name)
+
+
 def from_mapping(raw: dict[str, Any], base: Path, source: Path | None = None) -> Config:
     """Validate a parsed TOML mapping; unknown sections and keys are errors, not silence."""
     for section, body in raw.items():
         if section not in SCHEMA:
-            raise ConfigError(f"config section [{section}] is unknown: allowed sections are "
+            raise ConfigError(f"config section [{_show(section)}] is unknown: allowed sections are "
                               + ", ".join(SCHEMA))
         if not isinstance(body, dict):
             raise ConfigError(f"config section [{section}] must be a table, got {body!r}")
         known = {k.name for k in SCHEMA[section]}
         for name in body:
             if name not in known:
-                raise ConfigError(f"config key {section}.{name} is unknown: allowed keys in "
+                raise ConfigError(f"config key {section}.{_show(name)} is unknown: allowed keys in "
                                   f"[{section}] are " + ", ".join(sorted(known)))
     sections: dict[str, Any] = {}
     for section, keys in SCHEMA.items():

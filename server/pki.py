@@ -21,7 +21,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from protocol.identity import Identity, IdentityError, identity_of
+from protocol.files import write_private, write_public  # noqa: F401 - used by CertStore
+from protocol.identity import Identity, IdentityError, identity_of, make_csr  # noqa: F401
 
 Clock = Callable[[], dt.datetime]
 
@@ -47,23 +48,6 @@ def key_pem(key) -> bytes:
 
 def cert_pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
-
-
-def write_private(path: Path, data: bytes) -> None:
-    """Write a secret file that is 0600 from its first byte, atomically."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def write_public(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def load_key(path: Path):
@@ -173,8 +157,15 @@ def parse_csr(pem: bytes | str) -> x509.CertificateSigningRequest:
         raise PKIError("the certificate request's signature does not verify")
     key = csr.public_key()
     if not (isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1)):
-        kind = type(key).__name__.replace("_", "")
-        raise PKIError(f"the certificate request uses a {kind} key; modules must use ECDSA P-256")
+        if isinstance(key, ec.EllipticCurvePublicKey):
+            kind = f"an ECDSA {key.curve.name}"
+        elif isinstance(key, rsa.RSAPublicKey):
+            kind = f"an RSA-{key.key_size}"
+        elif isinstance(key, ed25519.Ed25519PublicKey):
+            kind = "an Ed25519"
+        else:
+            kind = "a " + type(key).__name__.replace("_", "").removesuffix("PublicKey")
+        raise PKIError(f"the certificate request uses {kind} key; modules must use ECDSA P-256")
     return csr
 
 
@@ -205,16 +196,6 @@ def sign_module_csr(ca_key, ca_cert: x509.Certificate, csr: x509.CertificateSign
     return _leaf(ca_key, ca_cert, _name(f"{identity.role} {identity.name}"), csr.public_key(),
                  [x509.UniformResourceIdentifier(identity.uri)], ExtendedKeyUsageOID.CLIENT_AUTH,
                  days, now)
-
-
-def make_csr(key, identity: Identity | None = None) -> x509.CertificateSigningRequest:
-    """Used by modules (and tests): a CSR that names the identity it wants."""
-    builder = x509.CertificateSigningRequestBuilder().subject_name(
-        _name(identity.uri if identity else "hausmeister module"))
-    if identity is not None:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(identity.uri)]), critical=False)
-    return builder.sign(key, hashes.SHA256())
 
 
 # --- checks -----------------------------------------------------------------------------------

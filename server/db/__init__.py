@@ -105,6 +105,10 @@ class Database:
         script = ScriptDirectory.from_config(_alembic_config(self.engine))
         with self.engine.connect() as conn:
             current = MigrationContext.configure(conn).get_current_revision()
+        if current is None:
+            raise DatabaseError(
+                f"database {self.safe_url} has no Hausmeister schema yet (this server needs "
+                f"revision {script.get_current_head()}): run `hausmeister-server migrate`")
         if current != script.get_current_head():
             raise DatabaseError(
                 f"database schema is at revision {current}, this server needs "

@@ -161,3 +161,7 @@ def downgrade() -> None:
     op.drop_table('certificates')
     op.drop_table('audit_log')
     # ### end Alembic commands ###
+    # PostgreSQL keeps enum types after their tables are dropped; without this an upgrade
+    # after a downgrade fails with 'type "cert_role" already exists'.
+    sa.Enum(name='user_role').drop(op.get_bind(), checkfirst=True)
+    sa.Enum(name='cert_role').drop(op.get_bind(), checkfirst=True)

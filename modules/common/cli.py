@@ -1,0 +1,164 @@
+"""What the three module CLIs share: the module folder option, enrollment options, password
+input, and running a Twisted coroutine on the asyncio reactor with one-line errors."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import sys
+from pathlib import Path
+from typing import Any, Callable, Coroutine
+
+from OpenSSL import SSL
+from twisted.internet import error as net_error
+from twisted.protocols import amp
+
+from . import enrollment
+from .connection import address_of, connect, hello
+from .folder import ModuleFolder, ModuleFolderError, default_home
+
+
+class ModuleError(Exception):
+    """Printed as ``<prog>: error: <message>``; exit code 1."""
+
+
+def add_home(parser: argparse.ArgumentParser, kind: str) -> None:
+    parser.add_argument("--home", type=Path, default=None,
+                        help=f"module folder with key and certificate (default: $HAUSMEISTER_HOME "
+                             f"or ~/.config/hausmeister/{kind})")
+
+
+def folder_of(args: argparse.Namespace, kind: str) -> ModuleFolder:
+    return ModuleFolder(args.home or default_home(kind))
+
+
+def add_server_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--server", help="the server's HTTPS address, e.g. https://hausmeister.lan:8443")
+    parser.add_argument("--ca-fingerprint", metavar="FP",
+                        help="SHA-256 fingerprint of the server's CA, as your administrator gave it")
+    parser.add_argument("--server-config", metavar="FILE",
+                        help="downloaded server config (TOML/JSON with server and ca_fingerprint) "
+                             "instead of --server/--ca-fingerprint")
+
+
+def server_and_fingerprint(args: argparse.Namespace) -> tuple[str, str]:
+    if args.server_config:
+        return enrollment.read_server_config(args.server_config)
+    if not args.server or not args.ca_fingerprint:
+        raise ModuleError("say where the server is: --server URL --ca-fingerprint FP "
+                          "(or --server-config FILE)")
+    return args.server, args.ca_fingerprint
+
+
+def read_secret(args: argparse.Namespace, prompt: str) -> str:
+    if getattr(args, "password_stdin", False):
+        line = sys.stdin.readline().rstrip("\n")
+        if not line:
+            raise ModuleError("no password on standard input (--password-stdin expects one line)")
+        return line
+    if not sys.stdin.isatty():
+        raise ModuleError("no terminal to ask for the password: use --password-stdin")
+    return getpass.getpass(prompt)
+
+
+def run_reactor(main: Callable[[Any], Coroutine]) -> None:
+    """Run ``main(reactor)`` on the asyncio reactor; its exceptions propagate as ModuleError."""
+    from twisted.internet import asyncioreactor
+    asyncioreactor.install()
+    from twisted.internet import defer, task
+    outcome: dict[str, BaseException] = {}
+
+    def wrapped(reactor):
+        d = defer.ensureDeferred(main(reactor))
+        d.addErrback(lambda f: outcome.setdefault("error", f.value))
+        return d
+    try:
+        task.react(wrapped)
+    except SystemExit as exit_:
+        if "error" in outcome:
+            raise _explain(outcome["error"])
+        if exit_.code:
+            raise
+
+
+def _explain(exc: BaseException) -> BaseException:
+    if isinstance(exc, (ModuleError, enrollment.EnrollmentFailed, ModuleFolderError)):
+        return exc
+    if isinstance(exc, net_error.ConnectionRefusedError):
+        return ModuleError("the server's module port refused the connection: is the server running?")
+    if isinstance(exc, (net_error.TimeoutError, net_error.TCPTimedOutError)):
+        return ModuleError("the server's module port did not answer in time")
+    if isinstance(exc, SSL.Error):
+        return ModuleError(f"TLS with the server failed ({exc}); the certificate may be revoked, "
+                           "expired or from another CA: enroll again")
+    if isinstance(exc, net_error.ConnectionLost) or isinstance(exc, net_error.ConnectionDone):
+        return ModuleError("the server closed the connection (a revoked or expired certificate "
+                           "is refused at the handshake): enroll again or ask your administrator")
+    if isinstance(exc, amp.RemoteAmpError):
+        return ModuleError(f"the server refused: {exc.description}")
+    return exc
+
+
+def status(args: argparse.Namespace, kind: str) -> int:
+    """Renew the certificate if due, then a mutual-TLS Hello on the module port."""
+    folder = folder_of(args, kind)
+    folder.require_enrolled(kind)
+    if folder.renewal_due() and not args.no_renew:
+        identity = enrollment.renew(folder)
+        print(f"certificate renewed for {identity}")
+    result: dict = {}
+
+    async def main(reactor):
+        conn = await connect(reactor, address_of(folder), folder.ca_path.read_bytes(), folder)
+        try:
+            result.update(await hello(conn, kind))
+        finally:
+            conn.transport.loseConnection()
+    run_reactor(main)
+    cert = folder.certificate()
+    print(f"server:      {folder.settings()['server']} (module port "
+          f"{address_of(folder).host}:{address_of(folder).port}), version {result['server_version']}")
+    print(f"identity:    {result['identity']} (role {result['role']}, tenant {result['tenant']})")
+    print(f"certificate: serial {cert.serial_number:x}, valid until "
+          f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC")
+    return 0
+
+
+def renew_command(args: argparse.Namespace, kind: str) -> int:
+    folder = folder_of(args, kind)
+    folder.require_enrolled(kind)
+    if not args.force and not folder.renewal_due():
+        until = folder.certificate().not_valid_after_utc
+        print(f"certificate valid until {until:%Y-%m-%d}; renewal not due yet (use --force)")
+        return 0
+    identity = enrollment.renew(folder)
+    print(f"certificate renewed for {identity}, valid until "
+          f"{folder.certificate().not_valid_after_utc:%Y-%m-%d %H:%M} UTC")
+    return 0
+
+
+def add_status_renew(sub, kind: str) -> None:
+    s = sub.add_parser("status", help="connect to the server with this module's certificate and "
+                       "show who the server says we are (renews the certificate when due)")
+    add_home(s, kind)
+    s.add_argument("--no-renew", action="store_true", help="do not renew even if due")
+    s.set_defaults(func=lambda a: status(a, kind))
+    s = sub.add_parser("renew", help="renew this module's certificate (new key, same identity)")
+    add_home(s, kind)
+    s.add_argument("--force", action="store_true", help="renew even if not due yet")
+    s.set_defaults(func=lambda a: renew_command(a, kind))
+
+
+def main_wrapper(prog: str, parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ModuleError, enrollment.EnrollmentFailed, ModuleFolderError) as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+__all__ = ["ModuleError", "add_home", "add_server_options", "folder_of", "main_wrapper",
+           "read_secret", "run_reactor", "server_and_fingerprint", "add_status_renew"]

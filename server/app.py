@@ -1,0 +1,145 @@
+"""The running server: its parts as one Twisted ``MultiService``, started and stopped in order.
+
+Parts: the HTTPS plane (enrollment, CA download), the module port (mutual TLS), and the
+revocation watcher that keeps the in-memory revoked set current and drops revoked modules.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from twisted.application import service
+from twisted.internet import defer, task
+from twisted.logger import Logger
+
+from protocol.identity import Identity, fingerprint
+
+from . import __version__, accounts, certificates, egress, tls
+from .config import Config
+from .db import Database
+from .db.models import Host, User
+from .module_port import ConnectionRegistry, ModulePortFactory
+from .pki import CertStore
+from .web import WebPlane
+
+log = Logger()
+
+
+class RevocationWatcher(service.Service):
+    """Polls the database for revoked serials (another process — the CLI — may revoke)."""
+
+    def __init__(self, db: Database, registry: ConnectionRegistry, interval: float) -> None:
+        self.db = db
+        self.registry = registry
+        self.interval = interval
+        self.revoked: set[str] = set()
+        self._loop: task.LoopingCall | None = None
+
+    def load_now(self) -> None:
+        self.revoked = self.db.call(certificates.revoked_serials)
+
+    def is_revoked(self, serial: str) -> bool:
+        return serial in self.revoked
+
+    @defer.inlineCallbacks
+    def poll(self):
+        try:
+            revoked = yield self.db.run(certificates.revoked_serials)
+        except Exception:
+            log.failure("could not read the revocation list; keeping the previous one")
+            return
+        new = revoked - self.revoked
+        self.revoked = revoked
+        if new:
+            self.registry.drop_revoked(new)
+
+    def startService(self) -> None:
+        super().startService()
+        self._loop = task.LoopingCall(self.poll)
+        self._loop.start(self.interval, now=False)
+
+    def stopService(self):
+        super().stopService()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+
+
+def _tenant_of(session, identity: Identity) -> str:
+    if identity.role == "supporter":
+        user = session.query(User).filter_by(name=identity.name).one_or_none()
+        return user.tenant.name if user else ""
+    host = session.get(Host, identity.name)
+    if host is None:
+        return ""
+    return session.get(accounts.Tenant, host.tenant_id).name
+
+
+class HausmeisterServer(service.MultiService):
+    def __init__(self, config: Config, reactor=None) -> None:
+        super().__init__()
+        if reactor is None:
+            from twisted.internet import reactor
+        self.reactor = reactor
+        self.config = config
+        self.db = Database(config.database_url)
+        self.db.check_current()
+        self.store = CertStore(config.server.cert_dir)
+        self.registry = ConnectionRegistry()
+        self.revocation = RevocationWatcher(self.db, self.registry,
+                                            config.certificates.revocation_poll_seconds)
+        self.revocation.load_now()
+        self.revocation.setServiceParent(self)
+        policy = accounts.LockoutPolicy(config.security.lockout_free_attempts,
+                                        config.security.lockout_base_seconds,
+                                        config.security.lockout_max_seconds)
+        self.enrollment = certificates.Enrollment(self.store, accounts.Lockouts(policy),
+                                                  config.certificates.module_days)
+        self.https_port = None
+        self.module_port = None
+
+    def _module_port_number(self) -> int:
+        return self.module_port.getHost().port if self.module_port else self.config.listen.module_port
+
+    def startService(self) -> None:
+        super().startService()
+        c = self.config
+        chain, key, ca = self.store.server_chain(), self.store.server_key(), self.store.ca_cert()
+        module_ctx = tls.module_context(chain, key, ca, c.certificates.min_tls,
+                                        self.revocation.is_revoked)
+        factory = ModulePortFactory(self.registry, lambda ident: self.db.run(_tenant_of, ident))
+        self.module_port = self.reactor.listenSSL(c.listen.module_port, factory,
+                                                  tls.ServerContextFactory(module_ctx),
+                                                  interface=c.listen.interface)
+        web = WebPlane(self.db, self.store, self.enrollment, c.server.public_host,
+                       self._module_port_number, c.certificates.renew_before_days)
+        web_ctx = tls.web_context(chain, key, ca, c.certificates.min_tls)
+        self.https_port = self.reactor.listenSSL(c.listen.https_port, web.site(),
+                                                 tls.ServerContextFactory(web_ctx),
+                                                 interface=c.listen.interface)
+        https, module = self.https_port.getHost().port, self.module_port.getHost().port
+        egress.configure(c, own_ports=[https, module],
+                         refusals_path=c.server.data_dir / "egress-refusals.jsonl")
+        self.write_state(https, module, fingerprint(ca))
+        log.info("Hausmeister {version} listening: https://{host}:{https}/ (console, enrollment), "
+                 "module port {host}:{module}", version=__version__, host=c.listen.interface,
+                 https=https, module=module)
+
+    def write_state(self, https: int, module: int, ca_fingerprint: str) -> None:
+        """``server.json`` in the data folder: what is listening where, for tools and tests."""
+        state = {"pid": os.getpid(), "version": __version__, "interface": self.config.listen.interface,
+                 "https_port": https, "module_port": module, "ca_fingerprint": ca_fingerprint,
+                 "https_url": f"https://{self.config.server.public_host}:{https}"}
+        path: Path = self.config.server.data_dir / "server.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=1))
+        os.replace(tmp, path)
+
+    @defer.inlineCallbacks
+    def stopService(self):
+        for port in (self.https_port, self.module_port):
+            if port is not None:
+                yield port.stopListening()
+        yield super().stopService()
+        self.db.dispose()

@@ -1,0 +1,502 @@
+"""``hausmeister-server``: set up, run and administer the server.
+
+Every refusal is one line on stderr naming the problem and the fix, with exit code 2 (usage or
+configuration) or 1 (a refused operation); nothing already stored is changed by a refusal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import getpass
+import os
+import sys
+from pathlib import Path
+from typing import Callable
+
+from . import egress  # first: the guard is installed before anything else can connect
+
+egress.install()
+
+from protocol.identity import fingerprint  # noqa: E402
+
+from . import __version__, accounts, bootstrap, certificates, pki  # noqa: E402
+from .config import Config, ConfigError, load, parse_duration  # noqa: E402
+from .db import Database, DatabaseError  # noqa: E402
+
+DEFAULT_CONFIG = "/etc/hausmeister/hausmeister.toml"
+
+
+class CLIError(Exception):
+    """Printed as ``hausmeister-server: error: <message>``; exit code 1."""
+
+
+def _config_path(arg: str | None) -> str | None:
+    if arg:
+        return arg
+    env = os.environ.get("HAUSMEISTER_CONFIG")
+    if env:
+        return env
+    return DEFAULT_CONFIG if Path(DEFAULT_CONFIG).exists() else None
+
+
+def _read_password(args: argparse.Namespace, prompt: str, confirm: bool = True) -> str:
+    if getattr(args, "password_stdin", False):
+        line = sys.stdin.readline().rstrip("\n")
+        if not line:
+            raise CLIError("no password on standard input (--password-stdin expects one line)")
+        return line
+    if getattr(args, "generate_password", False):
+        return accounts.generate_password()
+    if not sys.stdin.isatty():
+        raise CLIError("no terminal to ask for the password: use --password-stdin or --generate-password")
+    first = getpass.getpass(prompt)
+    if confirm and getpass.getpass("Repeat: ") != first:
+        raise CLIError("the two passwords differ; nothing was changed")
+    return first
+
+
+def _open_db(config: Config) -> Database:
+    if not bootstrap.is_initialised(config):
+        raise CLIError(f"the server is not set up in {config.server.data_dir}: "
+                       "run `hausmeister-server init` first")
+    db = Database(config.database_url)
+    db.check_current()
+    return db
+
+
+# --- commands ---------------------------------------------------------------------------------
+
+def cmd_init(config: Config, args: argparse.Namespace) -> int:
+    password = _read_password(args, "Password for the first admin: ") if (
+        args.password_stdin) else None
+    try:
+        result = bootstrap.initialise(config, force=args.force, admin_name=args.admin,
+                                      tenant_name=args.tenant, admin_password=password)
+    except (bootstrap.InitError, accounts.AccountError, pki.PKIError) as exc:
+        raise CLIError(str(exc))
+    _print_init(config, result)
+    return 0
+
+
+def _print_init(config: Config, result: bootstrap.InitResult) -> None:
+    print(f"Data folder:      {config.server.data_dir}")
+    print(f"CA:               {'created' if result.created_ca else 'kept existing'} in "
+          f"{config.server.cert_dir}")
+    print(f"CA fingerprint:   {result.ca_fingerprint}")
+    if result.admin_password:
+        print(f"First admin:      {result.admin_name} (tenant {result.tenant})")
+        print(f"Admin password:   {result.admin_password}   <- shown once, store it safely")
+    else:
+        print("First admin:      already present, unchanged")
+
+
+def cmd_run(config: Config, args: argparse.Namespace) -> int:
+    from twisted.internet import asyncioreactor
+    asyncioreactor.install()
+    from twisted.internet import reactor
+
+    from protocol.runtime import start_logging
+
+    from .app import HausmeisterServer
+    if not bootstrap.is_initialised(config):
+        try:
+            result = bootstrap.initialise(config)
+        except (bootstrap.InitError, accounts.AccountError, pki.PKIError) as exc:
+            raise CLIError(f"first start: {exc}")
+        print("First start: the server was set up.")
+        _print_init(config, result)
+    start_logging(args.log_level or config.logging.level, config.logging.format)
+    srv = HausmeisterServer(config, reactor)
+    srv.startService()
+    state = config.server.data_dir / "server.json"
+    info = json.loads(state.read_text())
+    print(f"Console and enrollment: {info['https_url']}/")
+    print(f"Module port:            {config.server.public_host}:{info['module_port']}")
+    print(f"CA fingerprint:         {info['ca_fingerprint']}")
+    print("Press Ctrl+C to stop.", flush=True)
+    reactor.addSystemEventTrigger("before", "shutdown", srv.stopService)
+    reactor.run()
+    return 0
+
+
+def cmd_migrate(config: Config, args: argparse.Namespace) -> int:
+    db = Database(config.database_url)
+    try:
+        db.migrate()
+    finally:
+        db.dispose()
+    print(f"database {db.safe_url} is at the newest schema")
+    return 0
+
+
+def cmd_check(config: Config, args: argparse.Namespace) -> int:
+    problems = 0
+    print(f"config:            {config.source or 'built-in defaults'} (valid)")
+    store = pki.CertStore(config.server.cert_dir)
+    if store.exists():
+        ca = store.ca_cert()
+        print(f"CA:                {store.ca_cert_path}, valid until "
+              f"{ca.not_valid_after_utc:%Y-%m-%d}, fingerprint {fingerprint(ca)}")
+        print(f"CA key:            {'present' if store.ca_key_path.exists() else 'absent (cannot enroll modules)'}")
+    else:
+        print("CA:                missing: run `hausmeister-server init`")
+        problems += 1
+    db = Database(config.database_url)
+    try:
+        db.check_current()
+        print(f"database:          {db.safe_url} (schema current)")
+    except DatabaseError as exc:
+        print(f"database:          {exc}")
+        problems += 1
+    except Exception as exc:  # unreachable database and the like: say it, do not crash
+        print(f"database:          {db.safe_url} cannot be used: {exc}")
+        problems += 1
+    finally:
+        db.dispose()
+    refusals = egress.count_refusals(config.server.data_dir / "egress-refusals.jsonl")
+    print(f"egress refusals:   {refusals}")
+    print("mail:              " + (f"via {config.mail.smtp_host}:{config.mail.smtp_port}"
+                                   if config.mail.enabled else "off (no SMTP relay set)"))
+    print("S3:                " + (config.s3.endpoint_url if config.s3.enabled else "off"))
+    print("Gravatar:          " + ("on" if config.avatars.gravatar else "off"))
+    return 1 if problems else 0
+
+
+def cmd_cert_list(config: Config, args: argparse.Namespace) -> int:
+    db = _open_db(config)
+    with db.session() as session:
+        rows = certificates.list_certificates(session, include_revoked=not args.live)
+        print(f"{'SERIAL':34} {'ROLE':9} {'NOT AFTER':10} {'STATUS':8} IDENTITY")
+        for row in rows:
+            status = "revoked" if row.revoked_at else "valid"
+            print(f"{row.serial:34} {row.role.value:9} {row.not_after:%Y-%m-%d} {status:8} {row.identity}")
+    return 0
+
+
+def cmd_cert_revoke(config: Config, args: argparse.Namespace) -> int:
+    db = _open_db(config)
+    try:
+        with db.session() as session:
+            rows = certificates.revoke(session, args.target, args.reason)
+            for row in rows:
+                accounts.audit(session, args.actor, "certificate.revoke",
+                               f"serial={row.serial} identity={row.identity}")
+    except certificates.EnrollmentError as exc:
+        raise CLIError(str(exc))
+    for row in rows:
+        print(f"revoked {row.serial} ({row.identity})")
+    return 0
+
+
+def cmd_cert_install(config: Config, args: argparse.Namespace) -> int:
+    try:
+        ca_cert = pki.load_certs(Path(args.ca_cert))[0]
+        ca_key = pki.load_key(Path(args.ca_key)) if args.ca_key else None
+        chain = pki.load_certs(Path(args.server_cert)) if args.server_cert else None
+        server_key = pki.load_key(Path(args.server_key)) if args.server_key else None
+        pki.validate_install(ca_cert, ca_key, chain, server_key)
+    except pki.PKIError as exc:
+        raise CLIError(str(exc) + "; nothing was installed")
+    if args.server_key and not args.server_cert:
+        raise CLIError("--server-key needs --server-cert; nothing was installed")
+    store = pki.CertStore(config.server.cert_dir)
+    if store.exists() and not args.replace_ca:
+        current = store.ca_cert()
+        if current != ca_cert:
+            raise CLIError(f"a different CA is already installed in {store.folder}: pass --replace-ca "
+                           "to replace it (every enrolled module must then enroll again); nothing was installed")
+    if chain is None and not (store.server_cert_path.exists() and
+                              pki.issued_by(store.server_chain()[0], ca_cert)):
+        if ca_key is None:
+            raise CLIError("no server certificate from this CA: pass --server-cert and --server-key, "
+                           "or --ca-key so one can be issued; nothing was installed")
+        server_key, leaf = pki.issue_server_cert(ca_key, ca_cert, config.server.names,
+                                                 config.server.addresses, config.certificates.server_days)
+        chain = [leaf]
+    bootstrap.make_folders(config)
+    if ca_key is None and store.ca_key_path.exists() and store.ca_cert() != ca_cert:
+        store.ca_key_path.unlink()  # the old CA's key must not sit beside a new CA certificate
+    store.write_ca(ca_key, ca_cert)
+    if chain is not None:
+        store.write_server(server_key, chain)
+    print(f"installed CA {ca_cert.subject.rfc4514_string()} into {store.folder}"
+          + (" with its key" if ca_key else " without its key (module enrollment needs the CA key)"))
+    if chain is not None:
+        print(f"installed server certificate for {chain[0].subject.rfc4514_string()}")
+    return 0
+
+
+def cmd_user_add(config: Config, args: argparse.Namespace) -> int:
+    db = _open_db(config)
+    role = _role(args.role)
+    password = _read_password(args, f"Password for {args.name}: ")
+    try:
+        with db.session() as session:
+            tenant = accounts.tenant_named(session, args.tenant)
+            accounts.add_user(session, tenant, args.name, role, password, args.email)
+            accounts.audit(session, args.actor, "user.add", f"name={args.name} role={role.value} "
+                           f"tenant={tenant.name}")
+    except accounts.AccountError as exc:
+        raise CLIError(str(exc))
+    print(f"user {args.name} added to tenant {args.tenant} as {role.value}")
+    if args.generate_password:
+        print(f"password: {password}   <- shown once")
+    return 0
+
+
+def _role(text: str) -> accounts.Role:
+    try:
+        return accounts.parse_role(text)
+    except accounts.AccountError as exc:
+        raise CLIError(str(exc))
+
+
+def cmd_user_list(config: Config, args: argparse.Namespace) -> int:
+    db = _open_db(config)
+    with db.session() as session:
+        users = session.query(accounts.User).order_by(accounts.User.name).all()
+        print(f"{'NAME':24} {'ROLE':10} {'TENANT':16} STATUS")
+        for user in users:
+            print(f"{user.name:24} {user.role.value:10} {user.tenant.name:16} "
+                  f"{'disabled' if user.disabled else 'active'}")
+    return 0
+
+
+def _change_user(config: Config, args: argparse.Namespace, change: Callable, action: str) -> None:
+    db = _open_db(config)
+    try:
+        with db.session() as session:
+            user = accounts.user_named(session, args.name)
+            detail = change(session, user)
+            accounts.audit(session, args.actor, action, f"name={args.name} {detail}".strip())
+    except accounts.AccountError as exc:
+        raise CLIError(str(exc))
+
+
+def cmd_user_passwd(config: Config, args: argparse.Namespace) -> int:
+    password = _read_password(args, f"New password for {args.name}: ")
+
+    def change(session, user):
+        user.password_hash = accounts.hash_password(password)
+        accounts.Lockouts(accounts.LockoutPolicy()).succeeded(session, [f"user:{user.name}"])
+        return ""
+    _change_user(config, args, change, "user.passwd")
+    print(f"password of {args.name} changed")
+    if args.generate_password:
+        print(f"password: {password}   <- shown once")
+    return 0
+
+
+def cmd_user_disable(config: Config, args: argparse.Namespace) -> int:
+    def change(session, user):
+        user.disabled = not args.enable
+        return f"disabled={user.disabled}"
+    _change_user(config, args, change, "user.enable" if args.enable else "user.disable")
+    print(f"user {args.name} {'enabled' if args.enable else 'disabled'}")
+    return 0
+
+
+def cmd_user_role(config: Config, args: argparse.Namespace) -> int:
+    role = _role(args.role)
+
+    def change(session, user):
+        user.role = role
+        return f"role={role.value}"
+    _change_user(config, args, change, "user.role")
+    print(f"user {args.name} now has role {role.value}")
+    return 0
+
+
+def cmd_tenant_add(config: Config, args: argparse.Namespace) -> int:
+    db = _open_db(config)
+    with db.session() as session:
+        if session.query(accounts.Tenant).filter_by(name=args.name).first():
+            raise CLIError(f"tenant {args.name!r} already exists")
+        accounts.get_or_create_tenant(session, args.name)
+        accounts.audit(session, args.actor, "tenant.add", f"name={args.name}")
+    print(f"tenant {args.name} added")
+    return 0
+
+
+def cmd_tenant_list(config: Config, args: argparse.Namespace) -> int:
+    db = _open_db(config)
+    with db.session() as session:
+        for tenant in session.query(accounts.Tenant).order_by(accounts.Tenant.name):
+            print(tenant.name)
+    return 0
+
+
+def cmd_group_add(config: Config, args: argparse.Namespace) -> int:
+    db = _open_db(config)
+    try:
+        with db.session() as session:
+            tenant = accounts.tenant_named(session, args.tenant)
+            accounts.add_group(session, tenant, args.name)
+            accounts.audit(session, args.actor, "group.add", f"name={args.name} tenant={tenant.name}")
+    except accounts.AccountError as exc:
+        raise CLIError(str(exc))
+    print(f"group {args.name} added to tenant {args.tenant}")
+    return 0
+
+
+def cmd_group_list(config: Config, args: argparse.Namespace) -> int:
+    db = _open_db(config)
+    with db.session() as session:
+        for group in session.query(accounts.HostGroup).order_by(accounts.HostGroup.name):
+            print(f"{group.name:24} {group.tenant.name}")
+    return 0
+
+
+def cmd_token_create(config: Config, args: argparse.Namespace) -> int:
+    try:
+        ttl = parse_duration(args.ttl or config.security.token_default_ttl)
+    except ValueError as exc:
+        raise CLIError(f"--ttl: {exc}")
+    db = _open_db(config)
+    try:
+        with db.session() as session:
+            tenant = accounts.tenant_named(session, args.tenant)
+            group = accounts.group_named(session, tenant, args.group) if args.group else None
+            token, row = certificates.create_token(session, tenant, group, ttl, args.actor)
+            accounts.audit(session, args.actor, "token.create",
+                           f"id={row.id} group={args.group} ttl={int(ttl)}s")
+            expires = row.expires_at
+    except accounts.AccountError as exc:
+        raise CLIError(str(exc))
+    if args.quiet:
+        print(token)
+    else:
+        print(f"token:   {token}")
+        print(f"expires: {expires:%Y-%m-%d %H:%M:%S} UTC (single use)")
+        print("enroll:  hausmeister-host enroll --server URL --ca-fingerprint FP "
+              f"--token {token} --name NAME")
+    return 0
+
+
+# --- parser -----------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hausmeister-server",
+                                description="Hausmeister private remote-maintenance server.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    p.add_argument("-c", "--config", help="TOML config file (default: $HAUSMEISTER_CONFIG, then "
+                   f"{DEFAULT_CONFIG} if present, else built-in defaults)")
+    p.add_argument("--log-level", choices=["debug", "info", "warn", "error", "critical"],
+                   help="override logging.level from the config")
+    p.add_argument("--actor", default=os.environ.get("SUDO_USER") or os.environ.get("USER") or "cli",
+                   help="name recorded in the audit log for this change (default: your login)")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    s = sub.add_parser("init", help="create data folders, CA, server certificate, database, first admin")
+    s.add_argument("--force", action="store_true",
+                   help="complete setup in a non-empty data folder (an existing CA is never replaced)")
+    s.add_argument("--admin", default="admin", help="name of the first admin (default: admin)")
+    s.add_argument("--tenant", default="default", help="name of the first tenant (default: default)")
+    s.add_argument("--password-stdin", action="store_true",
+                   help="read the admin password from standard input instead of generating one")
+    s.set_defaults(func=cmd_init)
+
+    s = sub.add_parser("run", help="run the server (sets itself up on first start)")
+    s.add_argument("--role", choices=["all"], default="all",
+                   help="which parts to run (all: HTTPS plane and module port)")
+    s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("migrate", help="bring the database schema to the newest revision")
+    s.set_defaults(func=cmd_migrate)
+
+    s = sub.add_parser("check", help="check config, CA and database; show egress refusals")
+    s.set_defaults(func=cmd_check)
+
+    cert = sub.add_parser("cert", help="certificates: list, revoke, install an own CA")
+    csub = cert.add_subparsers(dest="cert_command", metavar="ACTION", required=True)
+    s = csub.add_parser("list", help="list issued certificates")
+    s.add_argument("--live", action="store_true", help="hide revoked certificates")
+    s.set_defaults(func=cmd_cert_list)
+    s = csub.add_parser("revoke", help="revoke by serial (hex) or identity (hausmeister:ROLE:NAME)")
+    s.add_argument("target", metavar="SERIAL|IDENTITY")
+    s.add_argument("--reason", default="", help="recorded with the revocation")
+    s.set_defaults(func=cmd_cert_revoke)
+    s = csub.add_parser("install", help="use an operator's own CA and/or server certificate")
+    s.add_argument("--ca-cert", required=True, help="PEM file with the CA certificate")
+    s.add_argument("--ca-key", help="PEM file with the CA key (needed to enroll modules)")
+    s.add_argument("--server-cert", help="PEM file: server certificate, then intermediates")
+    s.add_argument("--server-key", help="PEM file with the server certificate's key")
+    s.add_argument("--replace-ca", action="store_true",
+                   help="replace an installed CA (all modules must enroll again)")
+    s.set_defaults(func=cmd_cert_install)
+
+    user = sub.add_parser("user", help="users: add, list, passwd, disable, role")
+    usub = user.add_subparsers(dest="user_command", metavar="ACTION", required=True)
+    s = usub.add_parser("add", help="add a user")
+    s.add_argument("name")
+    s.add_argument("--role", required=True, help="admin, supporter or auditor")
+    s.add_argument("--tenant", default="default")
+    s.add_argument("--email")
+    pw = s.add_mutually_exclusive_group()
+    pw.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+    pw.add_argument("--generate-password", action="store_true", help="generate and print one")
+    s.set_defaults(func=cmd_user_add)
+    s = usub.add_parser("list", help="list users")
+    s.set_defaults(func=cmd_user_list)
+    s = usub.add_parser("passwd", help="set a user's password (also lifts a lock-out)")
+    s.add_argument("name")
+    pw = s.add_mutually_exclusive_group()
+    pw.add_argument("--password-stdin", action="store_true")
+    pw.add_argument("--generate-password", action="store_true")
+    s.set_defaults(func=cmd_user_passwd)
+    s = usub.add_parser("disable", help="disable a user (or --enable again)")
+    s.add_argument("name")
+    s.add_argument("--enable", action="store_true")
+    s.set_defaults(func=cmd_user_disable)
+    s = usub.add_parser("role", help="change a user's role")
+    s.add_argument("name")
+    s.add_argument("role", help="admin, supporter or auditor")
+    s.set_defaults(func=cmd_user_role)
+
+    tenant = sub.add_parser("tenant", help="tenants (organisations): add, list")
+    tsub = tenant.add_subparsers(dest="tenant_command", metavar="ACTION", required=True)
+    s = tsub.add_parser("add", help="add a tenant")
+    s.add_argument("name")
+    s.set_defaults(func=cmd_tenant_add)
+    s = tsub.add_parser("list", help="list tenants")
+    s.set_defaults(func=cmd_tenant_list)
+
+    group = sub.add_parser("group", help="host groups: add, list")
+    gsub = group.add_subparsers(dest="group_command", metavar="ACTION", required=True)
+    s = gsub.add_parser("add", help="add a host group")
+    s.add_argument("name")
+    s.add_argument("--tenant", default="default")
+    s.set_defaults(func=cmd_group_add)
+    s = gsub.add_parser("list", help="list host groups")
+    s.set_defaults(func=cmd_group_list)
+
+    token = sub.add_parser("token", help="one-time host enrollment tokens")
+    ksub = token.add_subparsers(dest="token_command", metavar="ACTION", required=True)
+    s = ksub.add_parser("create", help="create a single-use, expiring host enrollment token")
+    s.add_argument("--group", help="host group the enrolled host joins")
+    s.add_argument("--tenant", default="default")
+    s.add_argument("--ttl", help="lifetime such as 15m, 1h, 7d (default: security.token_default_ttl)")
+    s.add_argument("-q", "--quiet", action="store_true", help="print only the token")
+    s.set_defaults(func=cmd_token_create)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = load(_config_path(args.config))
+        return args.func(config, args)
+    except ConfigError as exc:
+        print(f"hausmeister-server: error: {exc}", file=sys.stderr)
+        return 2
+    except (CLIError, DatabaseError, pki.PKIError) as exc:
+        print(f"hausmeister-server: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

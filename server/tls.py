@@ -1,0 +1,105 @@
+"""TLS settings for the server's listeners (pyOpenSSL contexts handed to Twisted).
+
+The module port verifies client certificates against the CA and the in-memory revocation set
+*during* the handshake, so a revoked, expired or foreign certificate never gets a connection.
+A client without a certificate is let through (ad-hoc customers); what it may do is decided
+above TLS.  The HTTPS port asks for a client certificate but accepts any or none: only the
+renewal endpoint uses it, and checks it itself.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from cryptography import x509
+from OpenSSL import SSL, crypto
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from protocol.identity import IdentityError, identity_of
+
+log = Logger()
+
+CIPHERS_TLS12 = ("ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-ECDSA-AES128-GCM-SHA256:"
+                 "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-AES256-GCM-SHA384:"
+                 "ECDHE-RSA-AES128-GCM-SHA256")
+
+MIN_VERSIONS = {"1.2": SSL.TLS1_2_VERSION, "1.3": SSL.TLS1_3_VERSION}
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class ServerContextFactory:
+    """Hands Twisted one shared, fully configured context for every accepted connection."""
+
+    def __init__(self, context: SSL.Context) -> None:
+        self._context = context
+
+    def getContext(self) -> SSL.Context:
+        return self._context
+
+    def serverConnectionForTLS(self, tls_protocol) -> SSL.Connection:
+        return SSL.Connection(self._context, None)
+
+
+def _base_context(chain: list[x509.Certificate], key, min_tls: str) -> SSL.Context:
+    ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
+    ctx.set_min_proto_version(MIN_VERSIONS[min_tls])
+    ctx.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE
+                    | SSL.OP_SINGLE_ECDH_USE | SSL.OP_NO_RENEGOTIATION)
+    ctx.set_cipher_list(CIPHERS_TLS12.encode())
+    ctx.use_certificate(crypto.X509.from_cryptography(chain[0]))
+    for extra in chain[1:]:
+        ctx.add_extra_chain_cert(crypto.X509.from_cryptography(extra))
+    ctx.use_privatekey(crypto.PKey.from_cryptography_key(key))
+    ctx.check_privatekey()
+    ctx.set_session_id(b"hausmeister")
+    return ctx
+
+
+def web_context(chain: list[x509.Certificate], key, ca_cert: x509.Certificate,
+                min_tls: str) -> SSL.Context:
+    ctx = _base_context(chain, key, min_tls)
+    ctx.get_cert_store().add_cert(crypto.X509.from_cryptography(ca_cert))
+    ctx.set_client_ca_list([crypto.X509.from_cryptography(ca_cert).get_subject()])
+    # Ask, but admit anyone: browsers have no certificate and the renewal endpoint checks its own.
+    ctx.set_verify(SSL.VERIFY_PEER, lambda conn, cert, errno, depth, ok: True)
+    return ctx
+
+
+def module_context(chain: list[x509.Certificate], key, ca_cert: x509.Certificate, min_tls: str,
+                   is_revoked: Callable[[str], bool]) -> SSL.Context:
+    ctx = _base_context(chain, key, min_tls)
+    ctx.get_cert_store().add_cert(crypto.X509.from_cryptography(ca_cert))
+    ctx.set_client_ca_list([crypto.X509.from_cryptography(ca_cert).get_subject()])
+
+    def verify(conn, cert: crypto.X509, errno: int, depth: int, ok: int) -> bool:
+        if not ok:
+            log.warn("module port refused a client certificate at depth {depth}: "
+                     "OpenSSL verify error {errno} ({what})", depth=depth, errno=errno,
+                     what=_verify_error_text(errno), subject=str(cert.get_subject()))
+            return False
+        if depth > 0:
+            return True
+        serial = format(cert.get_serial_number(), "x")
+        if is_revoked(serial):
+            log.warn("module port refused revoked certificate {serial}", serial=serial)
+            return False
+        try:
+            identity_of(cert.to_cryptography())
+        except IdentityError as exc:
+            log.warn("module port refused certificate {serial}: {reason}", serial=serial,
+                     reason=str(exc))
+            return False
+        return True
+
+    ctx.set_verify(SSL.VERIFY_PEER, verify)
+    return ctx
+
+
+def _verify_error_text(errno: int) -> str:
+    # The few an operator will actually meet; the number is logged as well.
+    return {10: "certificate has expired", 9: "certificate is not yet valid",
+            20: "unable to get local issuer certificate (another CA)",
+            18: "self-signed certificate", 19: "self-signed certificate in chain",
+            2: "unable to get issuer certificate"}.get(errno, "see OpenSSL verify codes")

@@ -1,0 +1,191 @@
+"""The HTTPS plane: the CA download, the enrollment API and the server's own start page.
+
+Handlers parse and validate on the reactor thread, then do all database and CA work through
+``Database.run`` (the blocking pool).  Errors come back as JSON ``{"error": "..."}`` with one line
+the module prints as is.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+from cryptography.hazmat.primitives import serialization
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+from twisted.internet.defer import Deferred, fail
+from twisted.logger import Logger
+from twisted.web import resource, server
+
+from protocol import enrollment as api
+from protocol.identity import fingerprint
+
+from . import __version__
+from .certificates import Enrollment, EnrollmentError, Issued
+from .db import Database
+from .pki import CertStore, PKIError, cert_pem
+
+log = Logger()
+
+OFFLINE_PAGES = Path(__file__).resolve().parent.parent / "offline_pages"
+
+SECURITY_HEADERS = {
+    b"Strict-Transport-Security": b"max-age=31536000",
+    b"X-Content-Type-Options": b"nosniff",
+    b"X-Frame-Options": b"DENY",
+    b"Referrer-Policy": b"no-referrer",
+    b"Content-Security-Policy": b"default-src 'self'; frame-ancestors 'none'; form-action 'self'",
+    b"Cache-Control": b"no-store",
+}
+
+
+def _headers(request: server.Request, content_type: bytes) -> None:
+    request.setHeader(b"Content-Type", content_type)
+    for name, value in SECURITY_HEADERS.items():
+        request.setHeader(name, value)
+
+
+def _json(request: server.Request, status: int, body: dict[str, Any]) -> bytes:
+    request.setResponseCode(status)
+    _headers(request, b"application/json")
+    return json.dumps(body).encode()
+
+
+class JSONEndpoint(resource.Resource):
+    """POST only; body ≤ 64 KiB of JSON with exactly the expected fields."""
+
+    isLeaf = True
+
+    def __init__(self, handler: Callable[[server.Request, dict[str, str]], Deferred],
+                 fields: tuple[str, ...]) -> None:
+        super().__init__()
+        self.handler = handler
+        self.fields = fields
+
+    def render_GET(self, request: server.Request) -> bytes:
+        request.setHeader(b"Allow", b"POST")
+        return _json(request, 405, {"error": "use POST with a JSON body"})
+
+    def render_POST(self, request: server.Request):
+        raw = request.content.read(api.MAX_REQUEST_BYTES + 1)
+        try:
+            if len(raw) > api.MAX_REQUEST_BYTES:
+                raise api.RequestError(f"the request is larger than {api.MAX_REQUEST_BYTES} bytes", 413)
+            try:
+                body = json.loads(raw)
+            except (ValueError, UnicodeDecodeError):
+                raise api.RequestError("the request body is not JSON")
+            fields = api.validate(body, self.fields)
+        except api.RequestError as exc:
+            log.info("refused {path} from {address}: {reason}", path=request.path.decode(),
+                     address=request.getClientAddress().host, reason=str(exc))
+            return _json(request, exc.status, {"error": str(exc)})
+
+        def done(answer: dict[str, Any]) -> None:
+            request.write(_json(request, 200, answer))
+            request.finish()
+
+        def refused(failure) -> None:
+            if failure.check(EnrollmentError, PKIError, api.RequestError):
+                status = getattr(failure.value, "status", 403)
+                log.info("refused {path} from {address}: {reason}", path=request.path.decode(),
+                         address=request.getClientAddress().host, reason=str(failure.value))
+                body = _json(request, status, {"error": str(failure.value)})
+            else:
+                log.failure("enrollment request failed", failure)
+                body = _json(request, 500, {"error": "internal server error; see the server log"})
+            request.write(body)
+            request.finish()
+
+        d = self.handler(request, fields)
+        d.addCallbacks(done, refused)
+        return server.NOT_DONE_YET
+
+
+class StaticBytes(resource.Resource):
+    isLeaf = True
+
+    def __init__(self, body: Callable[[], bytes], content_type: bytes) -> None:
+        super().__init__()
+        self.body = body
+        self.content_type = content_type
+
+    def render_GET(self, request: server.Request) -> bytes:
+        _headers(request, self.content_type)
+        return self.body()
+
+
+class WebPlane:
+    """Builds the resource tree; ``module_port`` is read at request time (it may be port 0)."""
+
+    def __init__(self, db: Database, store: CertStore, enrollment: Enrollment,
+                 module_host: str, module_port: Callable[[], int], renew_before_days: int) -> None:
+        self.db = db
+        self.store = store
+        self.enrollment = enrollment
+        self.module_host = module_host
+        self.module_port = module_port
+        self.renew_before_days = renew_before_days
+        self.templates = Environment(loader=FileSystemLoader(str(OFFLINE_PAGES)),
+                                     autoescape=select_autoescape(["html"]))
+
+    def ca_pem(self) -> bytes:
+        return cert_pem(self.store.ca_cert())
+
+    def info(self) -> bytes:
+        return json.dumps({"server_version": __version__,
+                           "ca_fingerprint": fingerprint(self.store.ca_cert()),
+                           "module_host": self.module_host,
+                           "module_port": self.module_port()}).encode()
+
+    def index(self) -> bytes:
+        page = self.templates.get_template("index.html").render(
+            version=__version__, ca_fingerprint=fingerprint(self.store.ca_cert()),
+            module_host=self.module_host, module_port=self.module_port())
+        return page.encode()
+
+    def _issued(self, issued: Issued) -> dict[str, Any]:
+        return api.issued_response(
+            cert_pem(issued.certificate).decode(),
+            issued.ca_certificate.public_bytes(serialization.Encoding.PEM).decode(),
+            issued.identity.uri, issued.tenant, self.module_host, self.module_port(),
+            self.renew_before_days, issued.host_id)
+
+    def enroll_supporter(self, request: server.Request, f: dict[str, str]) -> Deferred:
+        source = request.getClientAddress().host
+        d = self.db.run(self.enrollment.enroll_supporter, f["user"], f["password"], f["csr"], source)
+        return d.addCallback(self._issued)
+
+    def enroll_host(self, request: server.Request, f: dict[str, str]) -> Deferred:
+        source = request.getClientAddress().host
+        d = self.db.run(self.enrollment.enroll_host, f["token"], f["name"], f["csr"], source)
+        return d.addCallback(self._issued)
+
+    def renew(self, request: server.Request, f: dict[str, str]) -> Deferred:
+        source = request.getClientAddress().host
+        peer = request.channel.transport.getPeerCertificate()
+        if peer is None:
+            return fail(api.RequestError(
+                "renewal needs the module's current certificate (TLS client certificate)", 401))
+        d = self.db.run(self.enrollment.renew, peer.to_cryptography(), f["csr"], source)
+        return d.addCallback(self._issued)
+
+    def root(self) -> resource.Resource:
+        root = resource.Resource()
+        root.putChild(b"", StaticBytes(self.index, b"text/html; charset=utf-8"))
+        root.putChild(b"ca.pem", StaticBytes(self.ca_pem, b"application/x-pem-file"))
+        api_root, apiv1 = resource.Resource(), resource.Resource()
+        root.putChild(b"api", api_root)
+        api_root.putChild(b"v1", apiv1)
+        apiv1.putChild(b"info", StaticBytes(self.info, b"application/json"))
+        enroll = resource.Resource()
+        apiv1.putChild(b"enroll", enroll)
+        enroll.putChild(b"supporter", JSONEndpoint(self.enroll_supporter, api.SUPPORTER_FIELDS))
+        enroll.putChild(b"host", JSONEndpoint(self.enroll_host, api.HOST_FIELDS))
+        apiv1.putChild(b"renew", JSONEndpoint(self.renew, api.RENEW_FIELDS))
+        return root
+
+    def site(self) -> server.Site:
+        site = server.Site(self.root())
+        site.displayTracebacks = False
+        return site
