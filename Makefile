@@ -1,0 +1,35 @@
+# Hausmeister — the two commands of the README, and what they build on.
+#   make run    install everything and run the server on its embedded defaults (SQLite, own CA,
+#               loopback only); prints the console/module ports and the first admin's password
+#   make test   install everything the tests need (apt and pip) and run the whole test suite
+# Needs root (apt-get) on a fresh Debian 12; only the package registries must be reachable.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+APT     = DEBIAN_FRONTEND=noninteractive apt-get
+TEST_APT_PACKAGES = postgresql
+
+.PHONY: run test install test-system-packages clean-run
+
+run: install
+	$(VENV)/bin/hausmeister-server --config config/local.toml run
+
+test: install test-system-packages
+	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || { $(APT) update -qq && $(APT) install -y -qq python3 python3-venv python3-pip; }
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+# PostgreSQL binaries for the throwaway cluster the tests start on 127.0.0.1 (never the system one).
+test-system-packages:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { $(APT) update -qq && $(APT) install -y -qq --no-install-recommends $(TEST_APT_PACKAGES); }
+
+clean-run:
+	rm -rf var certs/ca.* certs/server.*
