@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from cryptography import x509
-from sqlalchemy import or_, select
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
 from protocol.identity import Identity, fingerprint, serial_hex
@@ -174,14 +174,20 @@ class Enrollment:
         if not name or len(name) > 200:
             raise EnrollmentError("the host name must be 1 to 200 characters")
         host_id = str(uuid.uuid4())
+        # Claim the token atomically: with a plain read-then-write, two concurrent enrollments
+        # with one token both got through (on SQLite and PostgreSQL alike).
+        claimed = session.execute(
+            update(EnrollmentToken)
+            .where(EnrollmentToken.id == row.id, EnrollmentToken.used_at.is_(None))
+            .values(used_at=moment, used_by_host=host_id)).rowcount
+        if claimed != 1:
+            raise EnrollmentError("the enrollment token was already used")
         try:
             issued = self._sign(session, csr_pem, Identity("host", host_id), CertRole.host)
         except pki.PKIError as exc:
             raise EnrollmentError(str(exc))
         session.add(Host(id=host_id, tenant_id=row.tenant_id, group_id=row.group_id, name=name,
                          enrolled_at=moment, last_address=source, online=False))
-        row.used_at = moment
-        row.used_by_host = host_id
         self.lockouts.succeeded(session, keys)
         accounts.audit(session, f"host:{host_id}", "enroll.host",
                        f"name={name} token_id={row.id} from={source}", self.now)
