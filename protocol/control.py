@@ -1,8 +1,24 @@
 """Control-plane commands spoken on the module port (Twisted AMP), defined once for both sides.
 
-Every connection starts with ``Hello``: the module says which protocol version it speaks, the
-server answers with the identity it read from the module's certificate (or ``anonymous``).
-Errors carry a code (the AMP error key) and a human message.
+Every connection starts with ``Hello`` — or with ``OpenRelayLeg``, after which it is a raw byte
+pipe of one session.  Errors carry a code (the AMP error key) and a human message; the module
+shows the message as is.
+
+Who may call what:
+
+=====================  ==========================  =========================================
+command                caller                      purpose
+=====================  ==========================  =========================================
+Hello                  every module, first         version check; server says who we are
+Heartbeat              every module                keeps presence fresh
+AllocateNameplate      supporter                   4-digit half of an ad-hoc ID
+JoinAdhoc              customer (no certificate)   join by nameplate, once per connection
+ListHosts              supporter                   hosts this supporter may reach
+ConnectHost            supporter                   session with an unattended host
+SessionReady           server → supporter          the customer joined: relay details
+OfferSession           server → host               a supporter connects: relay details
+OpenRelayLeg           any, first command          turn this connection into a relay leg
+=====================  ==========================  =========================================
 """
 
 from __future__ import annotations
@@ -12,12 +28,64 @@ from twisted.protocols import amp
 from . import PROTOCOL_VERSION
 
 
-class ProtocolVersionMismatch(Exception):
-    """The module speaks a protocol version the server does not."""
+class ControlError(Exception):
+    """Base of the errors a command may answer with; ``code`` is what travels."""
+
+    code = b"ERROR"
 
 
-class NotEnrolled(Exception):
-    """The command needs a module certificate and the connection has none."""
+class ProtocolVersionMismatch(ControlError):
+    code = b"PROTOCOL_VERSION"
+
+
+class NotEnrolled(ControlError):
+    """The command needs a module certificate (or a different role)."""
+
+    code = b"NOT_ENROLLED"
+
+
+class WrongState(ControlError):
+    """The command is not allowed at this point of the conversation."""
+
+    code = b"WRONG_STATE"
+
+
+class Forbidden(ControlError):
+    code = b"FORBIDDEN"
+
+
+class UnknownNameplate(ControlError):
+    code = b"UNKNOWN_NAMEPLATE"
+
+
+class LockedOut(ControlError):
+    code = b"LOCKED_OUT"
+
+
+class HostOffline(ControlError):
+    code = b"HOST_OFFLINE"
+
+
+class UnknownHost(ControlError):
+    code = b"UNKNOWN_HOST"
+
+
+class RelayRefused(ControlError):
+    code = b"RELAY_REFUSED"
+
+
+ALL_ERRORS = (ProtocolVersionMismatch, NotEnrolled, WrongState, Forbidden, UnknownNameplate,
+              LockedOut, HostOffline, UnknownHost, RelayRefused)
+ERRORS = {cls: cls.code for cls in ALL_ERRORS}
+
+
+def _relay_fields() -> list:
+    return [
+        (b"session_id", amp.Unicode()),
+        (b"relay_host", amp.Unicode()),
+        (b"relay_port", amp.Integer()),
+        (b"relay_token", amp.Unicode()),
+    ]
 
 
 class Hello(amp.Command):
@@ -32,8 +100,80 @@ class Hello(amp.Command):
         (b"role", amp.Unicode()),
         (b"tenant", amp.Unicode()),
         (b"certificate_not_after", amp.Unicode()),
+        (b"heartbeat_seconds", amp.Float()),
     ]
-    errors = {ProtocolVersionMismatch: b"PROTOCOL_VERSION", NotEnrolled: b"NOT_ENROLLED"}
+    errors = ERRORS
 
 
-__all__ = ["Hello", "PROTOCOL_VERSION", "ProtocolVersionMismatch", "NotEnrolled"]
+class Heartbeat(amp.Command):
+    arguments: list = []
+    response = [(b"server_time", amp.Float())]
+    errors = ERRORS
+    requiresAnswer = True
+
+
+class AllocateNameplate(amp.Command):
+    arguments: list = []
+    response = [
+        (b"nameplate", amp.Unicode()),
+        (b"expires_in", amp.Float()),
+    ]
+    errors = ERRORS
+
+
+class JoinAdhoc(amp.Command):
+    arguments = [(b"nameplate", amp.Unicode())]
+    response = _relay_fields() + [(b"supporter", amp.Unicode())]
+    errors = ERRORS
+
+
+class ListHosts(amp.Command):
+    arguments: list = []
+    response = [(b"hosts", amp.AmpList([
+        (b"host_id", amp.Unicode()),
+        (b"name", amp.Unicode()),
+        (b"group", amp.Unicode()),
+        (b"online", amp.Boolean()),
+        (b"last_seen", amp.Unicode()),
+        (b"address", amp.Unicode()),
+        (b"module_version", amp.Unicode()),
+    ]))]
+    errors = ERRORS
+
+
+class ConnectHost(amp.Command):
+    arguments = [(b"host", amp.Unicode())]  # host id or unique name
+    response = _relay_fields() + [(b"host_id", amp.Unicode()), (b"host_name", amp.Unicode())]
+    errors = ERRORS
+
+
+class SessionReady(amp.Command):
+    """Server → supporter: the customer joined the nameplate."""
+
+    arguments = _relay_fields() + [(b"nameplate", amp.Unicode()), (b"peer_address", amp.Unicode())]
+    response: list = []
+    errors = ERRORS
+
+
+class OfferSession(amp.Command):
+    """Server → host: a supporter wants a session."""
+
+    arguments = _relay_fields() + [(b"supporter", amp.Unicode())]
+    response = [(b"accepted", amp.Boolean())]
+    errors = ERRORS
+
+
+class OpenRelayLeg(amp.Command):
+    """First and only command of a relay leg; after the answer the connection is raw bytes."""
+
+    arguments = [(b"relay_token", amp.Unicode())]
+    response = [(b"session_id", amp.Unicode())]
+    errors = ERRORS
+
+
+__all__ = [
+    "PROTOCOL_VERSION", "ControlError", "ALL_ERRORS", "ERRORS", "Hello", "Heartbeat",
+    "AllocateNameplate", "JoinAdhoc", "ListHosts", "ConnectHost", "SessionReady", "OfferSession",
+    "OpenRelayLeg", "ProtocolVersionMismatch", "NotEnrolled", "WrongState", "Forbidden",
+    "UnknownNameplate", "LockedOut", "HostOffline", "UnknownHost", "RelayRefused",
+]

@@ -59,7 +59,7 @@ def list_certificates(session: Session, include_revoked: bool = True) -> list[Ce
 def revoke(session: Session, target: str, reason: str, now: Clock = utcnow) -> list[Certificate]:
     """Revoke by serial (hex) or by identity (all of its live certificates)."""
     target = target.strip()
-    serial = target.lower().removeprefix("0x").replace(":", "")
+    serial = target.lower().removeprefix("0x").replace(":", "").lstrip("0")
     rows = list(session.scalars(select(Certificate).where(
         or_(Certificate.serial == serial, Certificate.identity == target))))
     if not rows:

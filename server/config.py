@@ -98,6 +98,22 @@ class EgressSection:
 
 
 @dataclass(frozen=True)
+class AdhocSection:
+    nameplate_ttl: str
+
+    @property
+    def nameplate_ttl_seconds(self) -> float:
+        return parse_duration(self.nameplate_ttl)
+
+
+@dataclass(frozen=True)
+class PresenceSection:
+    heartbeat_seconds: float
+    missed_heartbeats: int
+    flush_seconds: float
+
+
+@dataclass(frozen=True)
 class LoggingSection:
     level: str
     format: str
@@ -116,6 +132,8 @@ class Config:
     avatars: AvatarSection
     egress: EgressSection
     logging: LoggingSection
+    adhoc: AdhocSection
+    presence: PresenceSection
 
     @property
     def database_url(self) -> str:
@@ -190,6 +208,12 @@ SCHEMA: dict[str, tuple[Key, ...]] = {
     ),
     "avatars": (Key("gravatar", "bool", False),),
     "egress": (Key("allow", "endpointlist", []),),
+    "adhoc": (Key("nameplate_ttl", "duration", "10m"),),
+    "presence": (
+        Key("heartbeat_seconds", "float", 30.0, minimum=0.05, maximum=3600),
+        Key("missed_heartbeats", "int", 3, minimum=1, maximum=100),
+        Key("flush_seconds", "float", 10.0, minimum=0.05, maximum=3600),
+    ),
     "logging": (
         Key("level", "choice", "info", choices=LOG_LEVELS),
         Key("format", "choice", "json", choices=("json", "text")),
@@ -333,6 +357,7 @@ SECTION_TYPES: dict[str, type] = {
     "server": ServerSection, "listen": ListenSection, "database": DatabaseSection,
     "certificates": CertificateSection, "security": SecuritySection, "mail": MailSection,
     "s3": S3Section, "avatars": AvatarSection, "egress": EgressSection, "logging": LoggingSection,
+    "adhoc": AdhocSection, "presence": PresenceSection,
 }
 
 

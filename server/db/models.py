@@ -80,6 +80,15 @@ class HostGroup(Base):
     tenant: Mapped[Tenant] = relationship()
 
 
+class UserGroup(Base):
+    """Which host groups a supporter may reach; a supporter in no group reaches its whole tenant."""
+
+    __tablename__ = "user_groups"
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), primary_key=True)
+    group_id: Mapped[int] = mapped_column(ForeignKey("host_groups.id", ondelete="CASCADE"),
+                                          primary_key=True)
+
+
 class Host(Base):
     __tablename__ = "hosts"
     id: Mapped[str] = mapped_column(String(36), primary_key=True)  # uuid4, stable host id
