@@ -39,78 +39,108 @@ def encode_box(box: Box) -> bytes:
 
 
 class BoxDecoder:
-    """Feed bytes with ``receive``; get back the complete boxes they finish."""
+    """Feed bytes, pull complete boxes.
+
+    ``receive(data)`` feeds and returns every box the bytes complete.  A caller that may switch
+    the connection to raw bytes after any box (``OpenRelayLeg``) uses ``feed`` and ``next_box``
+    instead and pauses between two boxes, so nothing behind the switching box is parsed.
+
+    A box's encoded size, its terminator included, is at most ``max_box_bytes``; bytes that
+    cannot start an acceptable box are refused as soon as they are seen, so the decoder never
+    holds more than ``max_box_bytes`` of an unfinished box (unless paused: then it keeps what
+    it is fed for ``take_unparsed``).  After a ``FramingError`` every call raises it again.
+    """
 
     def __init__(self, max_box_bytes: int = DEFAULT_MAX_BOX_BYTES,
                  max_keys: int = DEFAULT_MAX_KEYS) -> None:
         self.max_box_bytes = max_box_bytes
         self.max_keys = max_keys
         self._buffer = bytearray()
-        self._offset = 0  # parse position inside _buffer for the box being read
+        self._offset = 0  # parse position inside _buffer; _buffer[0] is where the box starts
         self._box: Box = {}
         self._key: bytes | None = None
         self._failed: str | None = None
         self.paused = False
 
     def receive(self, data: bytes) -> list[Box]:
+        self.feed(data)
+        boxes: list[Box] = []
+        while (box := self.next_box()) is not None:
+            boxes.append(box)
+        return boxes
+
+    def feed(self, data: bytes) -> None:
         if self._failed:
             raise FramingError(self._failed)
         self._buffer += data
-        boxes: list[Box] = []
+
+    def next_box(self) -> Box | None:
+        """The next complete box, or None if more bytes are needed or the decoder is paused."""
+        if self._failed:
+            raise FramingError(self._failed)
+        if self.paused:
+            return None
         try:
-            while not self.paused:
-                box = self._next_box()
-                if box is None:
-                    break
-                boxes.append(box)
+            return self._parse()
         except FramingError as exc:
             self._failed = str(exc)
             raise
-        return boxes
 
     def pause(self) -> None:
-        """Stop parsing after the current box (e.g. it switched the connection to raw bytes)."""
+        """Parse no further box (the last one switched the connection to raw bytes)."""
         self.paused = True
 
     def take_unparsed(self) -> bytes:
-        rest = bytes(self._buffer[self._offset:])
+        """Every byte fed that is not part of a box already returned, and forget them."""
+        rest = bytes(self._buffer)
         self._buffer.clear()
         self._offset = 0
+        self._box = {}
+        self._key = None
         return rest
 
-    def _next_box(self) -> Box | None:
+    @property
+    def buffered(self) -> int:
+        """Bytes held: the unfinished box so far plus anything not parsed yet."""
+        return len(self._buffer)
+
+    def _parse(self) -> Box | None:
         buf = self._buffer
         while True:
-            if len(buf) - self._offset < 2:
-                self._check_pending_size()
+            available = len(buf) - self._offset
+            if available < 2:
+                # at least a length prefix (or the terminator) still follows
+                self._check_size(self._offset + 2)
                 return None
             (length,) = struct.unpack_from("!H", buf, self._offset)
-            if self._key is None:
-                if length == 0:
-                    box, self._box = self._box, {}
-                    del buf[: self._offset + 2]
-                    self._offset = 0
-                    return box
-                if length > MAX_KEY_LENGTH:
-                    raise FramingError(f"key length {length} exceeds {MAX_KEY_LENGTH}")
-            if len(buf) - self._offset - 2 < length:
-                self._check_pending_size(length)
+            reading_key = self._key is None
+            if reading_key and length == 0:
+                # its size was checked with the last value, which counted this terminator
+                end = self._offset + 2
+                box, self._box = self._box, {}
+                del buf[:end]
+                self._offset = 0
+                return box
+            if reading_key and length > MAX_KEY_LENGTH:
+                raise FramingError(f"key length {length} exceeds {MAX_KEY_LENGTH}")
+            if reading_key and len(self._box) >= self.max_keys:
+                raise FramingError(f"box has more than {self.max_keys} keys")
+            # the shortest box this piece can belong to: after a key come the value's length
+            # prefix and at least the terminator; after a value, at least the terminator
+            self._check_size(self._offset + 2 + length + (4 if reading_key else 2))
+            if available - 2 < length:
                 return None
             start = self._offset + 2
             chunk = bytes(buf[start:start + length])
             self._offset = start + length
-            if self._key is None:
+            if reading_key:
                 if chunk in self._box:
                     raise FramingError(f"key {chunk[:40]!r} appears twice in one box")
                 self._key = chunk
             else:
                 self._box[self._key] = chunk
                 self._key = None
-                if len(self._box) > self.max_keys:
-                    raise FramingError(f"box has more than {self.max_keys} keys")
-            if self._offset > self.max_box_bytes:
-                raise FramingError(f"box is larger than {self.max_box_bytes} bytes")
 
-    def _check_pending_size(self, wanted: int = 0) -> None:
-        if self._offset + 2 + wanted > self.max_box_bytes:
+    def _check_size(self, at_least: int) -> None:
+        if at_least > self.max_box_bytes:
             raise FramingError(f"box is larger than {self.max_box_bytes} bytes")
