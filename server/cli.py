@@ -98,6 +98,17 @@ def cmd_run(config: Config, args: argparse.Namespace) -> int:
 
     from protocol.runtime import start_logging
 
+    if args.role == "relay":
+        from .relay.listener import run_relay
+        if not bootstrap.is_initialised(config):
+            raise CLIError(f"the server is not set up in {config.server.data_dir}: run "
+                           "`hausmeister-server init` first (a relay process uses the server's "
+                           "certificate, database and relay secret)")
+        if args.relay_port is not None and not 0 <= args.relay_port <= 65535:
+            raise CLIError(f"--relay-port {args.relay_port}: expected a port from 0 to 65535")
+        start_logging(args.log_level or config.logging.level, config.logging.format)
+        return run_relay(config, reactor, None if args.relay_port is None else [args.relay_port])
+
     from .app import HausmeisterServer
     if not bootstrap.is_initialised(config):
         try:
@@ -398,8 +409,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_init)
 
     s = sub.add_parser("run", help="run the server (sets itself up on first start)")
-    s.add_argument("--role", choices=["all"], default="all",
-                   help="which parts to run (all: HTTPS plane and module port)")
+    s.add_argument("--role", choices=["all", "relay"], default="all",
+                   help="which parts to run (all: HTTPS plane and module port, with the relay "
+                   "inside; relay: only a relay process on relay.port, for relay.external: the "
+                   "operator starts one per CPU core, each with its own --relay-port)")
+    s.add_argument("--relay-port", type=int, metavar="N",
+                   help="with --role relay: listen on this port instead of relay.port (0: any)")
     s.set_defaults(func=cmd_run)
 
     s = sub.add_parser("migrate", help="bring the database schema to the newest revision")

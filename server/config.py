@@ -114,6 +114,15 @@ class PresenceSection:
 
 
 @dataclass(frozen=True)
+class RelaySection:
+    idle_timeout_seconds: float
+    pair_timeout_seconds: float
+    port: int
+    external: tuple[str, ...]
+    secret_file: Path
+
+
+@dataclass(frozen=True)
 class LoggingSection:
     level: str
     format: str
@@ -134,6 +143,7 @@ class Config:
     logging: LoggingSection
     adhoc: AdhocSection
     presence: PresenceSection
+    relay: RelaySection
 
     @property
     def database_url(self) -> str:
@@ -209,6 +219,13 @@ SCHEMA: dict[str, tuple[Key, ...]] = {
     "avatars": (Key("gravatar", "bool", False),),
     "egress": (Key("allow", "endpointlist", []),),
     "adhoc": (Key("nameplate_ttl", "duration", "10m"),),
+    "relay": (
+        Key("idle_timeout_seconds", "float", 300.0, minimum=0.05, maximum=86400),
+        Key("pair_timeout_seconds", "float", 30.0, minimum=0.05, maximum=3600),
+        Key("port", "port", 8445),
+        Key("external", "endpointlist", []),
+        Key("secret_file", "path", ""),
+    ),
     "presence": (
         Key("heartbeat_seconds", "float", 30.0, minimum=0.05, maximum=3600),
         Key("missed_heartbeats", "int", 3, minimum=1, maximum=100),
@@ -357,7 +374,7 @@ SECTION_TYPES: dict[str, type] = {
     "server": ServerSection, "listen": ListenSection, "database": DatabaseSection,
     "certificates": CertificateSection, "security": SecuritySection, "mail": MailSection,
     "s3": S3Section, "avatars": AvatarSection, "egress": EgressSection, "logging": LoggingSection,
-    "adhoc": AdhocSection, "presence": PresenceSection,
+    "adhoc": AdhocSection, "presence": PresenceSection, "relay": RelaySection,
 }
 
 
@@ -390,6 +407,7 @@ def from_mapping(raw: dict[str, Any], base: Path, source: Path | None = None) ->
     data_dir = server["data_dir"]
     server["cert_dir"] = server["cert_dir"] or data_dir / "certs"
     server["protocol_dir"] = server["protocol_dir"] or data_dir / "protocols"
+    sections["relay"]["secret_file"] = sections["relay"]["secret_file"] or data_dir / "relay.secret"
     server["recording_dir"] = server["recording_dir"] or data_dir / "recordings"
     listen = sections["listen"]
     if listen["https_port"] and listen["https_port"] == listen["module_port"]:

@@ -1,0 +1,289 @@
+"""A separate relay process (``hausmeister-server run --role relay``): a TLS port for relay legs.
+
+Each connection must open with exactly one AMP box, ``OpenRelayLeg``; it gets an AMP answer
+(``session_id``) or an AMP error (``RELAY_REFUSED`` and the reason) and from then on is a raw
+byte pipe spliced by ``server.relay.core``.  Anything else as the first box, a box that never
+completes, or no box within the pair timeout: logged and closed.  Client certificates are
+optional (an ad-hoc customer has none; the relay token is the authority), but one that is
+presented is checked like on the module port, revocation included.
+
+``RelayService`` is the process: listener, relay core, and the session records it writes into
+the ``sessions`` table when a relay session ends (``record_session_end``, which the in-process
+relay of the server uses too).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from twisted.application import service
+from twisted.internet import defer, protocol, task
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+
+from protocol.control import OpenRelayLeg, RelayRefused
+from protocol.framing import BoxDecoder, FramingError, encode_box
+
+from .. import certificates, tls
+from ..config import Config
+from ..db import Database
+from ..db.models import Session
+from ..pki import CertStore
+from .core import Relay, RelayLeg, SessionStats
+from .errors import RelayRefusedError
+from .tokens import RelayTokens, load_or_create_secret
+
+log = Logger(namespace="hausmeister.relay")
+
+#: The only box a relay connection may send: a token is ~150 bytes, so this is generous.
+MAX_COMMAND_BYTES = 4096
+_COMMAND = OpenRelayLeg.commandName  # b"OpenRelayLeg"
+
+
+class RelayLegProtocol(protocol.Protocol):
+    """One connection to a relay process: the ``OpenRelayLeg`` handshake, then raw bytes."""
+
+    def __init__(self, relay: Relay, command_timeout: float) -> None:
+        self.relay = relay
+        self.command_timeout = command_timeout
+        self.decoder: BoxDecoder | None = BoxDecoder(max_box_bytes=MAX_COMMAND_BYTES, max_keys=8)
+        self.leg: RelayLeg | None = None
+        self.address = "?"
+        self._timer = None
+
+    def connectionMade(self) -> None:
+        self.address = self.transport.getPeer().host
+        self._timer = self.relay.reactor.callLater(self.command_timeout, self._no_command)
+
+    def dataReceived(self, data: bytes) -> None:
+        leg = self.leg
+        if leg is not None:
+            leg.data_received(data)
+            return
+        decoder = self.decoder
+        if decoder is None:
+            return  # refused and closing: ignore the rest
+        try:
+            decoder.feed(data)
+            box = decoder.next_box()
+        except FramingError as exc:
+            self._reject(f"malformed first box: {exc}")
+            return
+        if box is None:
+            return
+        decoder.pause()  # nothing behind the command is parsed: it belongs to the session
+        rest = decoder.take_unparsed()
+        self.decoder = None
+        self._cancel_timer()
+        self._command(box, rest)
+
+    def _command(self, box: dict[bytes, bytes], rest: bytes) -> None:
+        command, tag = box.get(b"_command"), box.get(b"_ask")
+        if command != _COMMAND or not tag:
+            shown = command.decode("ascii", "replace")[:40] if command else "no command"
+            self._reject(f"first box must be an OpenRelayLeg command that asks for an answer, "
+                         f"got {shown!r}")
+            return
+        token = box.get(b"relay_token", b"").decode("utf-8", "replace")
+        try:
+            leg = self.relay.open_leg(token, self.transport, self.address)
+        except RelayRefusedError as exc:  # logged by the relay with session, side and address
+            self.transport.write(encode_box({b"_error": tag, b"_error_code": RelayRefused.code,
+                                             b"_error_description": exc.reason.encode("utf-8")}))
+            self.transport.loseConnection()
+            return
+        # The answer goes out before this call returns; the relay writes the partner's bytes on a
+        # later reactor turn.
+        self.transport.write(encode_box({b"_answer": tag, b"session_id": leg.session_id.encode()}))
+        self.leg = leg
+        if rest:
+            leg.data_received(rest)
+
+    def _reject(self, reason: str) -> None:
+        log.warn("relay refused connection from {address}: {reason}", address=self.address,
+                 reason=reason, session_id=None, side=None)
+        self.decoder = None
+        self._cancel_timer()
+        self.transport.loseConnection()
+
+    def _no_command(self) -> None:
+        self._timer = None
+        if self.leg is None and self.decoder is not None:
+            self._reject(f"no OpenRelayLeg command within {self.command_timeout:g} s")
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def connectionLost(self, reason) -> None:
+        self._cancel_timer()
+        if self.leg is not None:
+            self.leg.connection_lost(reason)
+
+
+class RelayFactory(protocol.Factory):
+    noisy = False
+
+    def __init__(self, relay: Relay, command_timeout: float | None = None) -> None:
+        self.relay = relay
+        self.command_timeout = relay.pair_timeout if command_timeout is None else command_timeout
+
+    def buildProtocol(self, addr) -> RelayLegProtocol:
+        proto = RelayLegProtocol(self.relay, self.command_timeout)
+        proto.factory = self
+        return proto
+
+
+def listen_relay(reactor: Any, port: int, relay: Relay, context_factory: Any,
+                 interface: str = "127.0.0.1", tls_write_aggregation: bool = False):
+    """Listen for relay legs with TLS on ``interface:port`` (0: any free port); an IListeningPort."""
+    tls_factory = TLSMemoryBIOFactory(context_factory, False, RelayFactory(relay), clock=reactor)
+    if not tls_write_aggregation:  # the relay forwards whole TLS records: nothing to aggregate
+        tls_factory.protocol = TLSMemoryBIOProtocol
+    return reactor.listenTCP(port, tls_factory, interface=interface)
+
+
+# --- session records --------------------------------------------------------------------------
+
+def _utc(seconds: float | None) -> dt.datetime | None:
+    return None if seconds is None else dt.datetime.fromtimestamp(seconds, dt.timezone.utc)
+
+
+def _update_session(session, stats: SessionStats) -> bool:
+    row = session.get(Session, stats.session_id)
+    if row is None:
+        return False
+    row.ended_at = _utc(stats.ended_at)
+    if row.started_at is None and stats.started_at is not None:
+        row.started_at = _utc(stats.started_at)
+    row.bytes_to_peer = stats.bytes_supporter_to_peer
+    row.bytes_to_supporter = stats.bytes_peer_to_supporter
+    row.end_reason = stats.end_reason[:200]
+    return True
+
+
+def record_session_end(db: Database, stats: SessionStats) -> defer.Deferred:
+    """Write a relay session's end into its ``sessions`` row (off the reactor thread).
+
+    A missing row (a session the broker of another database set up, or already purged) is
+    logged and skipped; a database error is logged.  The Deferred never fails.
+    """
+    def done(found: bool) -> None:
+        if not found:
+            log.warn("relay session {session_id} has no sessions row: its end ({reason}) is not "
+                     "recorded", session_id=stats.session_id, reason=stats.end_reason)
+
+    def failed(failure) -> None:
+        log.failure("could not record the end of relay session {session_id}", failure,
+                    session_id=stats.session_id)
+
+    return db.run(_update_session, stats).addCallbacks(done, failed)
+
+
+# --- the relay process ------------------------------------------------------------------------
+
+class RelayService(service.Service):
+    """A relay process: TLS listener(s), relay core, session records, revocation polling."""
+
+    def __init__(self, config: Config, reactor: Any = None, ports: list[int] | None = None,
+                 db: Database | None = None) -> None:
+        if reactor is None:
+            from twisted.internet import reactor  # noqa: F811 - the installed reactor
+        self.config = config
+        self.reactor = reactor
+        self.ports_wanted = list(ports) if ports else [config.relay.port]
+        self.db = db or Database(config.database_url)
+        self.db.check_current()
+        self.store = CertStore(config.server.cert_dir)
+        self.tokens = RelayTokens(load_or_create_secret(config.relay.secret_file),
+                                  ttl=config.relay.pair_timeout_seconds)
+        self.relay = Relay(self.tokens, reactor, pair_timeout=config.relay.pair_timeout_seconds,
+                           idle_timeout=config.relay.idle_timeout_seconds,
+                           on_ended=self._ended)
+        self.revoked: set[str] = set()
+        self.listening: list[Any] = []
+        self._pending: set[defer.Deferred] = set()
+        self._poll: task.LoopingCall | None = None
+        self.state_path: Path | None = None
+
+    def _ended(self, stats: SessionStats) -> None:
+        d = record_session_end(self.db, stats)
+        self._pending.add(d)
+        d.addBoth(lambda _: self._pending.discard(d))
+
+    @defer.inlineCallbacks
+    def _poll_revocations(self):
+        try:
+            self.revoked = yield self.db.run(certificates.revoked_serials)
+        except Exception:
+            log.failure("could not read the revocation list; keeping the previous one")
+
+    def startService(self) -> None:
+        super().startService()
+        c = self.config
+        self.revoked = self.db.call(certificates.revoked_serials)
+        ctx = tls.module_context(self.store.server_chain(), self.store.server_key(),
+                                 self.store.ca_cert(), c.certificates.min_tls,
+                                 lambda serial: serial in self.revoked)
+        for port in self.ports_wanted:
+            self.listening.append(listen_relay(self.reactor, port, self.relay,
+                                               tls.ServerContextFactory(ctx), c.listen.interface))
+        self._poll = task.LoopingCall(self._poll_revocations)
+        self._poll.clock = self.reactor
+        self._poll.start(c.certificates.revocation_poll_seconds, now=False)
+        ports = [p.getHost().port for p in self.listening]
+        self.write_state(ports)
+        log.info("Hausmeister relay listening on {interface} port(s) {ports}",
+                 interface=c.listen.interface, ports=", ".join(map(str, ports)))
+
+    @property
+    def ports(self) -> list[int]:
+        return [p.getHost().port for p in self.listening]
+
+    def write_state(self, ports: list[int]) -> None:
+        """``relay-<pid>.json`` in the data folder: which ports this relay process listens on."""
+        data_dir = self.config.server.data_dir
+        self.state_path = data_dir / f"relay-{os.getpid()}.json"
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"pid": os.getpid(), "interface": self.config.listen.interface,
+                                   "ports": ports}))
+        os.replace(tmp, self.state_path)
+
+    @defer.inlineCallbacks
+    def stopService(self):
+        super().stopService()
+        if self._poll is not None and self._poll.running:
+            self._poll.stop()
+        for port in self.listening:
+            yield port.stopListening()
+        self.listening = []
+        self.relay.close_all("the relay is shutting down")
+        if self._pending:
+            yield defer.DeferredList(list(self._pending))
+        if self.state_path is not None:
+            self.state_path.unlink(missing_ok=True)
+        self.db.dispose()
+
+
+def run_relay(config: Config, reactor: Any, ports: list[int] | None = None) -> int:
+    """Run a relay process until SIGTERM/SIGINT (the reactor is installed and logging started)."""
+    from .. import egress
+
+    relay_service = RelayService(config, reactor, ports)
+    relay_service.startService()
+    egress.configure(config, own_ports=relay_service.ports,
+                     refusals_path=config.server.data_dir / "egress-refusals.jsonl")
+    print(f"Relay listening on {config.listen.interface} port(s) "
+          f"{', '.join(map(str, relay_service.ports))}", flush=True)
+    reactor.addSystemEventTrigger("before", "shutdown", relay_service.stopService)
+    reactor.run()
+    return 0
+
+
+__all__ = ["RelayLegProtocol", "RelayFactory", "RelayService", "listen_relay",
+           "record_session_end", "run_relay", "MAX_COMMAND_BYTES"]
