@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 from protocol.identity import valid_user_name
 
 from .db import KeepChanges
-from .db.models import AuditEntry, HostGroup, Lockout, Role, Tenant, User
+from .db.models import AuditEntry, HostGroup, Lockout, Role, Tenant, User, UserGroup
 from .pki import utcnow
 
 Clock = Callable[[], dt.datetime]
@@ -130,6 +130,20 @@ def add_user(session: Session, tenant: Tenant, name: str, role: Role, password: 
     session.add(user)
     session.flush()
     return user
+
+
+def set_membership(session: Session, user: User, group: HostGroup, member: bool) -> None:
+    row = session.get(UserGroup, (user.id, group.id))
+    if member and row is None:
+        session.add(UserGroup(user_id=user.id, group_id=group.id))
+    elif not member and row is not None:
+        session.delete(row)
+    session.flush()
+
+
+def memberships(session: Session, user: User) -> list[str]:
+    return list(session.scalars(select(HostGroup.name).join(UserGroup, UserGroup.group_id == HostGroup.id)
+                                .where(UserGroup.user_id == user.id).order_by(HostGroup.name)))
 
 
 def audit(session: Session, actor: str, action: str, detail: str = "", now: Clock = utcnow) -> None:

@@ -20,8 +20,13 @@ from . import __version__, accounts, certificates, egress, tls
 from .config import Config
 from .db import Database
 from .db.models import Host, User
-from .module_port import ConnectionRegistry, ModulePortFactory
+from .broker import Broker, RelayLocator
+from .config import split_endpoint
+from .module_port import ConnectionRegistry, ModulePort
 from .pki import CertStore
+from .relay.core import Relay
+from .relay.listener import record_session_end
+from .relay.tokens import RelayTokens, load_or_create_secret
 from .web import WebPlane
 
 log = Logger()
@@ -94,8 +99,23 @@ class HausmeisterServer(service.MultiService):
         policy = accounts.LockoutPolicy(config.security.lockout_free_attempts,
                                         config.security.lockout_base_seconds,
                                         config.security.lockout_max_seconds)
-        self.enrollment = certificates.Enrollment(self.store, accounts.Lockouts(policy),
+        lockouts = accounts.Lockouts(policy)
+        self.enrollment = certificates.Enrollment(self.store, lockouts,
                                                   config.certificates.module_days)
+        self.tokens = RelayTokens(load_or_create_secret(config.relay.secret_file),
+                                  ttl=config.relay.pair_timeout_seconds)
+        external = [split_endpoint(e) for e in config.relay.external]
+        self.relay = None if external else Relay(
+            self.tokens, reactor, pair_timeout=config.relay.pair_timeout_seconds,
+            idle_timeout=config.relay.idle_timeout_seconds,
+            on_ended=lambda stats: record_session_end(self.db, stats))
+        locator = RelayLocator((config.server.public_host, self._module_port_number),
+                               [(h, p or config.relay.port) for h, p in external])
+        self.broker = Broker(self.db, lockouts, self.tokens.issue, locator, reactor,
+                             nameplate_ttl=config.adhoc.nameplate_ttl_seconds,
+                             heartbeat_seconds=config.presence.heartbeat_seconds,
+                             missed_heartbeats=config.presence.missed_heartbeats,
+                             flush_seconds=config.presence.flush_seconds)
         self.https_port = None
         self.module_port = None
 
@@ -108,7 +128,9 @@ class HausmeisterServer(service.MultiService):
         chain, key, ca = self.store.server_chain(), self.store.server_key(), self.store.ca_cert()
         module_ctx = tls.module_context(chain, key, ca, c.certificates.min_tls,
                                         self.revocation.is_revoked)
-        factory = ModulePortFactory(self.registry, lambda ident: self.db.run(_tenant_of, ident))
+        self.broker.start().addErrback(lambda f: log.failure("could not reset host presence", f))
+        factory = ModulePort(self.registry, self.broker, self.relay, self.tokens,
+                             lambda ident: self.db.run(_tenant_of, ident))
         self.module_port = self.reactor.listenSSL(c.listen.module_port, factory,
                                                   tls.ServerContextFactory(module_ctx),
                                                   interface=c.listen.interface)
@@ -141,5 +163,6 @@ class HausmeisterServer(service.MultiService):
         for port in (self.https_port, self.module_port):
             if port is not None:
                 yield port.stopListening()
+        yield self.broker.stop()
         yield super().stopService()
         self.db.dispose()

@@ -1,24 +1,24 @@
 """The module port: one mutual-TLS control connection per module, speaking ``protocol.control``.
 
 TLS (``server.tls.module_context``) has already refused foreign, expired and revoked
-certificates; here the connection learns who it is talking to and the registry of live
-connections lets revocation drop them at once.
+certificates; here the connection learns who it is talking to, enforces which commands its role
+and state allow, and hands the broker what it asks for.  A connection whose first command is
+``OpenRelayLeg`` becomes a raw byte pipe of the in-process relay instead.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Callable
 
-from twisted.internet.defer import Deferred
-
-from twisted.internet import protocol
+from twisted.internet import defer, protocol
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.logger import Logger
-from twisted.protocols import amp
 from zope.interface import implementer
 
-from protocol import PROTOCOL_VERSION
-from protocol.control import Hello, ProtocolVersionMismatch
+from protocol import PROTOCOL_VERSION, control
+from protocol.amp_adapter import FramedAMP
+from protocol.framing import encode_box
 from protocol.identity import Identity, identity_of
 
 from . import __version__
@@ -27,17 +27,23 @@ log = Logger()
 
 
 @implementer(IHandshakeListener)
-class ModuleConnection(amp.AMP):
+class ModuleConnection(FramedAMP):
     """One module's control connection; ``identity`` is None for an ad-hoc customer."""
 
-    def __init__(self, registry: "ConnectionRegistry", tenant_of: Callable[[Identity], Deferred]) -> None:
+    def __init__(self, port: "ModulePort") -> None:
         super().__init__()
-        self.registry = registry
-        self.tenant_of = tenant_of
+        self.port = port
         self.identity: Identity | None = None
         self.serial: str | None = None
-        self.not_after: str = ""
+        self.not_after = ""
         self.address = "?"
+        self.module_version = ""
+        self.greeted = False
+        self.commands_seen = 0
+        self.joined_adhoc = False
+        self.relay_leg = None
+
+    # --- connection events ----------------------------------------------------------------------
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -50,47 +56,180 @@ class ModuleConnection(amp.AMP):
             self.identity = identity_of(cert)
             self.serial = format(cert.serial_number, "x")
             self.not_after = cert.not_valid_after_utc.isoformat()
-        self.registry.add(self)
+        self.port.registry.add(self)
         log.info("module connected: {identity} from {address} (serial {serial})",
-                 identity=self.identity.uri if self.identity else "anonymous",
-                 address=self.address, serial=self.serial)
+                 identity=self.name, address=self.address, serial=self.serial)
 
     def connectionLost(self, reason) -> None:
-        if self in self.registry:
-            self.registry.discard(self)
-            log.info("module disconnected: {identity} from {address}",
-                     identity=self.identity.uri if self.identity else "anonymous",
+        if self in self.port.registry:
+            self.port.registry.discard(self)
+            self.port.broker.connection_lost(self)
+            log.info("module disconnected: {identity} from {address}", identity=self.name,
                      address=self.address)
-        else:
+        elif self.relay_leg is None:
             log.info("connection from {address} closed before the TLS handshake completed: {why}",
                      address=self.address, why=reason.getErrorMessage())
         super().connectionLost(reason)
 
-    @Hello.responder
-    def hello(self, protocol_version: int, module_version: str, module_kind: str) -> dict:
+    @property
+    def name(self) -> str:
+        return self.identity.uri if self.identity else "anonymous"
+
+    def abort(self, reason: str) -> None:
+        log.warn("closing {identity} from {address}: {reason}", identity=self.name,
+                 address=self.address, reason=reason)
+        self.transport.abortConnection()
+
+    # --- guards ---------------------------------------------------------------------------------
+
+    def _require(self, role: str | None) -> None:
+        if not self.greeted:
+            raise control.WrongState("say Hello first")
+        if role is None:
+            return
+        if self.identity is None:
+            raise control.NotEnrolled("this needs an enrolled module (a module certificate)")
+        if self.identity.role != role:
+            raise control.Forbidden(f"only a {role} module may do this")
+
+    def _refuse(self, exc: control.ControlError) -> None:
+        log.warn("refused {identity} from {address}: {reason}", identity=self.name,
+                 address=self.address, reason=str(exc))
+
+    def _guarded(self, d: defer.Deferred) -> defer.Deferred:
+        def log_refusal(failure):
+            if failure.check(control.ControlError):
+                self._refuse(failure.value)
+            else:
+                log.failure("command from {identity} failed", failure, identity=self.name)
+            return failure
+        return d.addErrback(log_refusal)
+
+    # --- responders -----------------------------------------------------------------------------
+
+    @control.Hello.responder
+    def hello(self, protocol_version: int, module_version: str, module_kind: str):
+        if self.greeted:
+            raise control.WrongState("Hello was already said on this connection")
         if protocol_version != PROTOCOL_VERSION:
-            log.warn("module {address} speaks protocol {theirs}, server {ours}: closing",
-                     address=self.address, theirs=protocol_version, ours=PROTOCOL_VERSION)
-            raise ProtocolVersionMismatch(
+            exc = control.ProtocolVersionMismatch(
                 f"server speaks protocol {PROTOCOL_VERSION}, module {protocol_version}: "
                 "update the module from the server's download page")
+            self._refuse(exc)
+            raise exc
+        self.greeted = True
+        self.module_version = module_version[:40]
         identity = self.identity
 
         def answer(tenant: str) -> dict:
-            return {
-                "server_version": __version__,
-                "identity": identity.uri if identity else "anonymous",
-                "role": identity.role if identity else "customer",
-                "tenant": tenant,
-                "certificate_not_after": self.not_after,
-            }
+            return {"server_version": __version__, "identity": self.name,
+                    "role": identity.role if identity else "customer", "tenant": tenant,
+                    "certificate_not_after": self.not_after,
+                    "heartbeat_seconds": self.port.broker.heartbeat_seconds}
         if identity is None:
             return answer("")
-        return self.tenant_of(identity).addCallback(answer)
+        d = self.port.tenant_of(identity)
+        if identity.role == "host":
+            d.addCallback(lambda tenant: self.port.broker.host_online(self, module_version)
+                          .addCallback(lambda _: tenant))
+        return self._guarded(d.addCallback(answer))
+
+    @control.Heartbeat.responder
+    def heartbeat(self):
+        self._require(None)
+        self.port.broker.heartbeat(self)
+        return {"server_time": time.time()}
+
+    @control.AllocateNameplate.responder
+    def allocate_nameplate(self):
+        try:
+            self._require("supporter")
+            nameplate, expires_in = self.port.broker.allocate_nameplate(self)
+        except control.ControlError as exc:
+            self._refuse(exc)
+            raise
+        return {"nameplate": nameplate, "expires_in": expires_in}
+
+    @control.JoinAdhoc.responder
+    def join_adhoc(self, nameplate: str):
+        try:
+            self._require(None)
+            if self.joined_adhoc:
+                raise control.WrongState("this connection already joined an ad-hoc session")
+            if not (len(nameplate) == 4 and nameplate.isdigit()):
+                raise control.UnknownNameplate("an ad-hoc ID starts with 4 digits")
+        except control.ControlError as exc:
+            self._refuse(exc)
+            raise
+        self.joined_adhoc = True
+        return self._guarded(self.port.broker.join_adhoc(self, nameplate))
+
+    @control.ListHosts.responder
+    def list_hosts(self):
+        try:
+            self._require("supporter")
+        except control.ControlError as exc:
+            self._refuse(exc)
+            raise
+        return self._guarded(self.port.broker.list_hosts(self).addCallback(lambda h: {"hosts": h}))
+
+    @control.ConnectHost.responder
+    def connect_host(self, host: str):
+        try:
+            self._require("supporter")
+        except control.ControlError as exc:
+            self._refuse(exc)
+            raise
+        return self._guarded(self.port.broker.connect_host(self, host))
+
+    def ampBoxReceived(self, box) -> None:
+        """``OpenRelayLeg`` is handled here, not by a responder: the answer must be on the wire
+        before the relay may write the partner's first bytes to this transport."""
+        if b"_command" in box:
+            self.commands_seen += 1
+            if box[b"_command"] == b"OpenRelayLeg":
+                self._open_relay_leg(box)
+                return
+        super().ampBoxReceived(box)
+
+    def _open_relay_leg(self, box) -> None:
+        tag = box.get(b"_ask", b"")
+        relay = self.port.relay
+        token = box.get(b"relay_token", b"").decode("utf-8", "replace")
+        try:
+            if self.commands_seen != 1:
+                raise control.WrongState("OpenRelayLeg must be the first and only command")
+            if relay is None:
+                raise control.WrongState("this server uses separate relay processes")
+            claims = self.port.tokens.verify(token)
+        except control.ControlError as exc:
+            self._answer_error(tag, exc.code, str(exc))
+            return
+        except Exception as exc:  # InvalidToken and the like
+            self._answer_error(tag, control.RelayRefused.code, str(exc))
+            return
+        self.port.registry.discard(self)  # a relay leg is not a module connection
+        self.transport.write(encode_box({b"_answer": tag,
+                                         b"session_id": claims.session_id.encode()}))
+        try:
+            leg = relay.open_leg(token, self.transport, self.address)
+        except Exception as exc:
+            log.warn("relay leg from {address} refused: {reason}", address=self.address,
+                     reason=str(exc))
+            self.transport.loseConnection()
+            return
+        self.relay_leg = leg
+        self.switch_to_raw(leg.data_received, leg.connection_lost)
+
+    def _answer_error(self, tag: bytes, code: bytes, message: str) -> None:
+        log.warn("refused relay leg from {address}: {reason}", address=self.address, reason=message)
+        self.transport.write(encode_box({b"_error": tag, b"_error_code": code,
+                                         b"_error_description": message.encode()}))
+        self.transport.loseConnection()
 
 
 class ConnectionRegistry:
-    """Live module connections, so revocation and (later) presence can find them."""
+    """Live module connections, so revocation and presence can find them."""
 
     def __init__(self) -> None:
         self._connections: set[ModuleConnection] = set()
@@ -108,26 +247,29 @@ class ConnectionRegistry:
         return len(self._connections)
 
     def identities(self) -> list[str]:
-        return sorted(c.identity.uri if c.identity else "anonymous" for c in self._connections)
+        return sorted(c.name for c in self._connections)
 
     def drop_revoked(self, revoked: set[str]) -> int:
         dropped = 0
         for conn in list(self._connections):
             if conn.serial is not None and conn.serial in revoked:
-                log.warn("dropping {identity}: certificate {serial} was revoked",
-                         identity=conn.identity.uri, serial=conn.serial)
-                conn.transport.abortConnection()
-                self._connections.discard(conn)
+                conn.abort(f"certificate {conn.serial} was revoked")
                 dropped += 1
         return dropped
 
 
-class ModulePortFactory(protocol.Factory):
-    def __init__(self, registry: ConnectionRegistry, tenant_of: Callable[[Identity], Deferred]) -> None:
+class ModulePort(protocol.Factory):
+    """Factory for module connections; holds what every connection needs."""
+
+    def __init__(self, registry: ConnectionRegistry, broker, relay, tokens,
+                 tenant_of: Callable[[Identity], defer.Deferred]) -> None:
         self.registry = registry
+        self.broker = broker
+        self.relay = relay
+        self.tokens = tokens
         self.tenant_of = tenant_of
 
     def buildProtocol(self, addr) -> ModuleConnection:
-        conn = ModuleConnection(self.registry, self.tenant_of)
+        conn = ModuleConnection(self)
         conn.factory = self
         return conn

@@ -13,6 +13,8 @@ from OpenSSL import SSL
 from twisted.internet import error as net_error
 from twisted.protocols import amp
 
+from protocol import control
+
 from . import enrollment
 from .connection import address_of, connect, hello
 from .folder import ModuleFolder, ModuleFolderError, default_home
@@ -94,6 +96,8 @@ def _explain(exc: BaseException) -> BaseException:
     if isinstance(exc, net_error.ConnectionLost) or isinstance(exc, net_error.ConnectionDone):
         return ModuleError("the server closed the connection (a revoked or expired certificate "
                            "is refused at the handshake): enroll again or ask your administrator")
+    if isinstance(exc, control.ControlError):
+        return ModuleError(str(exc))
     if isinstance(exc, amp.RemoteAmpError):
         return ModuleError(f"the server refused: {exc.description}")
     return exc

@@ -13,7 +13,8 @@ from twisted.internet import defer, endpoints, ssl
 from twisted.protocols import amp
 
 from protocol import PROTOCOL_VERSION
-from protocol.control import Hello
+from protocol import control
+from protocol.amp_adapter import FramedAMP
 
 from .folder import ModuleFolder
 
@@ -39,16 +40,50 @@ def client_tls(host: str, ca_pem: bytes, folder: ModuleFolder | None) -> ssl.IOp
                                        "raiseMinimumTo": ssl.TLSVersion.TLSv1_2})
 
 
-async def connect(reactor, address: ServerAddress, ca_pem: bytes,
-                  folder: ModuleFolder | None, timeout: float = 15) -> amp.AMP:
+class ControlClient(FramedAMP):
+    """The module's control connection; the server's calls go to the handlers set here."""
+
+    def __init__(self, on_offer=None) -> None:
+        super().__init__()
+        self.on_session_ready = None   # supporter: (fields) -> None
+        self.on_offer = on_offer       # host: (fields) -> Deferred[bool] | bool
+        self.lost: defer.Deferred = defer.Deferred()
+
+    def connectionLost(self, reason) -> None:
+        super().connectionLost(reason)
+        if not self.lost.called:
+            self.lost.callback(reason.getErrorMessage())
+
+    @control.SessionReady.responder
+    def session_ready(self, **fields):
+        if self.on_session_ready is None:
+            raise control.WrongState("this module is not waiting for a customer")
+        self.on_session_ready(fields)
+        return {}
+
+    @control.OfferSession.responder
+    def offer_session(self, **fields):
+        if self.on_offer is None:
+            return {"accepted": False}
+        return defer.maybeDeferred(self.on_offer, fields).addCallback(
+            lambda accepted: {"accepted": bool(accepted)})
+
+
+def endpoint_for(reactor, address: ServerAddress, ca_pem: bytes, folder: ModuleFolder | None,
+                 timeout: float = 15):
     tls = client_tls(address.host, ca_pem, folder)
-    endpoint = endpoints.wrapClientTLS(
+    return endpoints.wrapClientTLS(
         tls, endpoints.TCP4ClientEndpoint(reactor, address.host, address.port, timeout=timeout))
-    return await endpoints.connectProtocol(endpoint, amp.AMP())
+
+
+async def connect(reactor, address: ServerAddress, ca_pem: bytes,
+                  folder: ModuleFolder | None, timeout: float = 15) -> ControlClient:
+    endpoint = endpoint_for(reactor, address, ca_pem, folder, timeout)
+    return await endpoints.connectProtocol(endpoint, ControlClient())
 
 
 async def hello(conn: amp.AMP, module_kind: str) -> dict:
-    return await conn.callRemote(Hello, protocol_version=PROTOCOL_VERSION,
+    return await conn.callRemote(control.Hello, protocol_version=PROTOCOL_VERSION,
                                  module_version=MODULE_VERSION, module_kind=module_kind)
 
 

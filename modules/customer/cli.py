@@ -1,8 +1,8 @@
 """``hausmeister-customer``: the ad-hoc module a customer starts.
 
-Joining a session by its 8-digit ID arrives with the brokering work; today the module can check
-that it reaches the right server (CA pinned by fingerprint) over the module port, without any
-certificate of its own.
+``hausmeister-customer 1234 5678`` joins the supporter who read out that ID.  The module has no
+certificate: it trusts the server only through the CA fingerprint it was shipped with (or given),
+and sends the server only the first four digits (the nameplate); the last four stay here.
 """
 
 from __future__ import annotations
@@ -12,8 +12,12 @@ import sys
 
 from cryptography.hazmat.primitives import serialization
 
-from modules.common.cli import add_server_options, main_wrapper, run_reactor, server_and_fingerprint
+from modules.common.cli import (
+    ModuleError, add_server_options, main_wrapper, run_reactor, server_and_fingerprint,
+)
 from modules.common.connection import MODULE_VERSION, ServerAddress, connect, hello
+from modules.common.stream_cli import run_stream, say
+from protocol import control
 from modules.common.enrollment import fetch_pinned_ca, server_info
 
 
@@ -37,6 +41,35 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_adhoc_id(text: str) -> tuple[str, str]:
+    digits = "".join(text.split()).replace("-", "")
+    if len(digits) != 8 or not digits.isdigit():
+        raise ModuleError(f"{text!r} is not an ad-hoc ID: it has 8 digits, like 1234 5678")
+    return digits[:4], digits[4:]
+
+
+def cmd_join(args: argparse.Namespace) -> int:
+    nameplate, _secret = parse_adhoc_id(" ".join(args.id))
+    server, fp = server_and_fingerprint(args)
+    ca = fetch_pinned_ca(server, fp)
+    info = server_info(server, ca)
+    ca_pem = ca.public_bytes(serialization.Encoding.PEM)
+
+    async def main(reactor):
+        conn = await connect(reactor, ServerAddress(info["module_host"], int(info["module_port"])),
+                             ca_pem, None)
+        await hello(conn, "customer")
+        try:
+            ticket = await conn.callRemote(control.JoinAdhoc, nameplate=nameplate)
+        except (control.UnknownNameplate, control.LockedOut) as exc:
+            raise ModuleError(str(exc))
+        say(f"joined the session of supporter {ticket['supporter']}")
+        await run_stream(reactor, ticket, ca_pem, None, args.pipe)
+        conn.transport.loseConnection()
+    run_reactor(main)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hausmeister-customer",
                                 description="Hausmeister ad-hoc customer module.")
@@ -45,10 +78,25 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("check", help="check that this module reaches the server (no certificate needed)")
     add_server_options(s)
     s.set_defaults(func=cmd_check)
+    s = sub.add_parser("join", help="join a supporter's session with the 8-digit ID (the default: "
+                       "`hausmeister-customer 1234 5678` means `join 1234 5678`)")
+    add_server_options(s)
+    s.add_argument("id", nargs="+", help="the 8-digit ID your supporter read out, e.g. 1234 5678")
+    s.add_argument("--pipe", action="store_true",
+                   help="join stdin/stdout to the session stream (status goes to stderr)")
+    s.set_defaults(func=cmd_join)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    takes_value = {"--server", "--ca-fingerprint", "--server-config"}
+    for i, arg in enumerate(argv):
+        if arg.startswith("-") or (i and argv[i - 1] in takes_value):
+            continue
+        if arg[:1].isdigit():  # `hausmeister-customer 1234 5678` is short for `join 1234 5678`
+            argv.insert(0, "join")
+        break
     return main_wrapper("hausmeister-customer", build_parser(), argv)
 
 

@@ -5,12 +5,19 @@ from __future__ import annotations
 import argparse
 import sys
 
+import json
+import secrets
+
+from twisted.internet import defer
+
 from modules.common import enrollment
 from modules.common.cli import (
-    add_home, add_server_options, add_status_renew, folder_of, main_wrapper, read_secret,
-    server_and_fingerprint,
+    ModuleError, add_home, add_server_options, add_status_renew, folder_of, main_wrapper,
+    read_secret, run_reactor, server_and_fingerprint,
 )
-from modules.common.connection import MODULE_VERSION
+from modules.common.connection import MODULE_VERSION, address_of, connect, hello
+from modules.common.stream_cli import run_stream, say
+from protocol import control
 
 KIND = "supporter"
 
@@ -29,6 +36,85 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     return 0
 
 
+def format_adhoc_id(nameplate: str, secret: str) -> str:
+    return f"{nameplate} {secret}"
+
+
+def _control(args: argparse.Namespace):
+    folder = folder_of(args, KIND)
+    folder.require_enrolled(KIND)
+    return folder, address_of(folder), folder.ca_path.read_bytes()
+
+
+def cmd_adhoc(args: argparse.Namespace) -> int:
+    folder, address, ca_pem = _control(args)
+
+    async def main(reactor):
+        conn = await connect(reactor, address, ca_pem, folder)
+        await hello(conn, KIND)
+        waiting: defer.Deferred = defer.Deferred()
+
+        def customer_joined(ticket: dict) -> None:
+            if not waiting.called:
+                waiting.callback(ticket)
+
+        def server_gone(why: str) -> None:
+            if not waiting.called:
+                waiting.errback(ModuleError(f"the server closed the connection while waiting: {why}"))
+        conn.on_session_ready = customer_joined
+        conn.lost.addCallback(server_gone)
+        answer = await conn.callRemote(control.AllocateNameplate)
+        # The secret half is drawn here and never sent to the server (SPAKE2 uses it later).
+        secret = f"{secrets.randbelow(10_000):04d}"
+        say(f"ad-hoc ID: {format_adhoc_id(answer['nameplate'], secret)}  "
+            f"(valid {int(answer['expires_in'] // 60)} min; tell it to your customer)")
+        say("waiting for the customer ...")
+        ticket = await waiting
+        say(f"customer joined from {ticket['peer_address']}")
+        await run_stream(reactor, ticket, ca_pem, folder, args.pipe)
+        conn.transport.loseConnection()
+    run_reactor(main)
+    return 0
+
+
+def cmd_hosts(args: argparse.Namespace) -> int:
+    folder, address, ca_pem = _control(args)
+    hosts: list = []
+
+    async def main(reactor):
+        conn = await connect(reactor, address, ca_pem, folder)
+        await hello(conn, KIND)
+        hosts.extend((await conn.callRemote(control.ListHosts))["hosts"])
+        conn.transport.loseConnection()
+    run_reactor(main)
+    if args.json:
+        print(json.dumps(hosts, indent=1))
+        return 0
+    if not hosts:
+        print("no hosts you may reach")
+        return 0
+    print(f"{'STATUS':8} {'NAME':24} {'GROUP':14} {'LAST SEEN':20} {'ADDRESS':16} HOST ID")
+    for h in hosts:
+        seen = h["last_seen"][:19].replace("T", " ") if h["last_seen"] else "never"
+        print(f"{'online' if h['online'] else 'offline':8} {h['name'][:24]:24} {h['group'][:14]:14} "
+              f"{seen:20} {h['address'][:16]:16} {h['host_id']}")
+    return 0
+
+
+def cmd_connect(args: argparse.Namespace) -> int:
+    folder, address, ca_pem = _control(args)
+
+    async def main(reactor):
+        conn = await connect(reactor, address, ca_pem, folder)
+        await hello(conn, KIND)
+        ticket = await conn.callRemote(control.ConnectHost, host=args.host)
+        say(f"host {ticket['host_name']} ({ticket['host_id']}) accepted the session")
+        await run_stream(reactor, ticket, ca_pem, folder, args.pipe)
+        conn.transport.loseConnection()
+    run_reactor(main)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hausmeister-supporter",
                                 description="Hausmeister supporter module.")
@@ -43,6 +129,24 @@ def build_parser() -> argparse.ArgumentParser:
     add_home(s, KIND)
     s.set_defaults(func=cmd_enroll)
     add_status_renew(sub, KIND)
+
+    s = sub.add_parser("adhoc", help="get an 8-digit ad-hoc ID for a customer and wait for them")
+    add_home(s, KIND)
+    s.add_argument("--pipe", action="store_true",
+                   help="join stdin/stdout to the session stream (status goes to stderr)")
+    s.set_defaults(func=cmd_adhoc)
+
+    s = sub.add_parser("hosts", help="list the hosts you may reach, online first")
+    add_home(s, KIND)
+    s.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    s.set_defaults(func=cmd_hosts)
+
+    s = sub.add_parser("connect", help="start a session with an unattended host")
+    add_home(s, KIND)
+    s.add_argument("host", help="host id or name (see `hosts`)")
+    s.add_argument("--pipe", action="store_true",
+                   help="join stdin/stdout to the session stream (status goes to stderr)")
+    s.set_defaults(func=cmd_connect)
     return p
 
 

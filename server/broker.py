@@ -1,0 +1,361 @@
+"""The broker: ad-hoc nameplates, host presence, and setting up sessions between two modules.
+
+It pairs parties and hands each a single-use relay token; it never carries session bytes (that
+is the relay's job) and never sees the secret half of an ad-hoc ID.  Presence lives in memory
+(who is connected now) and in the database (last seen, address, version — flushed in batches so
+20,000 heartbeating hosts do not mean 20,000 writes).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import secrets
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+from sqlalchemy import select, update
+from twisted.internet import defer, task
+from twisted.logger import Logger
+
+from protocol import control
+from protocol.identity import Identity
+
+from . import accounts
+from .db import Database
+from .db.models import Host, HostGroup, Role, Session, User, UserGroup
+from .pki import utcnow
+
+log = Logger()
+
+NAMEPLATE_DIGITS = 4
+
+
+class Connection(Protocol):
+    """What the broker needs of a module's control connection (server.module_port)."""
+
+    identity: Identity | None
+    address: str
+    module_version: str
+
+    def callRemote(self, command, **kwargs) -> defer.Deferred: ...
+    def abort(self, reason: str) -> None: ...
+
+
+@dataclass
+class RelayTicket:
+    session_id: str
+    relay_host: str
+    relay_port: int
+    relay_token: str
+
+    def fields(self) -> dict[str, Any]:
+        return {"session_id": self.session_id, "relay_host": self.relay_host,
+                "relay_port": self.relay_port, "relay_token": self.relay_token}
+
+
+@dataclass
+class Nameplate:
+    code: str
+    supporter: Any  # Connection
+    expires_at: float
+
+
+@dataclass
+class HostPresence:
+    connection: Any  # Connection
+    host_id: str
+    last_heartbeat: float
+    tenant_id: int = 0
+
+
+@dataclass
+class RelayLocator:
+    """Which relay a new session uses: the in-process one, or the next separate relay process."""
+
+    internal: tuple[str, Callable[[], int]]
+    external: list[tuple[str, int]] = field(default_factory=list)
+    _next: int = 0
+
+    def pick(self) -> tuple[str, int]:
+        if not self.external:
+            host, port = self.internal
+            return host, port()
+        choice = self.external[self._next % len(self.external)]
+        self._next += 1
+        return choice
+
+
+class Broker:
+    def __init__(self, db: Database, lockouts: accounts.Lockouts, issue_token: Callable[[str, str], str],
+                 relays: RelayLocator, reactor, nameplate_ttl: float = 600.0,
+                 heartbeat_seconds: float = 30.0, missed_heartbeats: int = 3,
+                 flush_seconds: float = 10.0, now: Callable[[], dt.datetime] = utcnow) -> None:
+        self.db = db
+        self.lockouts = lockouts
+        self.issue_token = issue_token
+        self.relays = relays
+        self.reactor = reactor
+        self.nameplate_ttl = nameplate_ttl
+        self.heartbeat_seconds = heartbeat_seconds
+        self.missed_heartbeats = missed_heartbeats
+        self.flush_seconds = flush_seconds
+        self.now = now
+        self.nameplates: dict[str, Nameplate] = {}
+        self.hosts: dict[str, HostPresence] = {}
+        self._dirty: set[str] = set()
+        self._loops: list[task.LoopingCall] = []
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> defer.Deferred:
+        for fn, interval in ((self._expire, min(5.0, self.heartbeat_seconds)),
+                             (self.flush_presence, self.flush_seconds)):
+            loop = task.LoopingCall(fn)
+            loop.clock = self.reactor
+            loop.start(interval, now=False)
+            self._loops.append(loop)
+        return self.db.run(_mark_all_offline)
+
+    def stop(self) -> defer.Deferred:
+        for loop in self._loops:
+            if loop.running:
+                loop.stop()
+        return self.flush_presence()
+
+    def _expire(self) -> None:
+        moment = self.reactor.seconds()
+        for code, plate in list(self.nameplates.items()):
+            if plate.expires_at <= moment:
+                del self.nameplates[code]
+                log.info("nameplate {nameplate} expired unused", nameplate=code)
+        deadline = self.heartbeat_seconds * self.missed_heartbeats
+        for presence in list(self.hosts.values()):
+            if moment - presence.last_heartbeat > deadline:
+                log.warn("host {host_id} missed {n} heartbeats: dropping its connection",
+                         host_id=presence.host_id, n=self.missed_heartbeats)
+                presence.connection.abort("missed heartbeats")
+
+    # --- ad-hoc -------------------------------------------------------------------------------
+
+    def allocate_nameplate(self, supporter) -> tuple[str, float]:
+        """A random 4-digit nameplate, unique among live ones, for this supporter's connection."""
+        if len(self.nameplates) >= 10 ** NAMEPLATE_DIGITS // 2:
+            raise control.WrongState("no free ad-hoc ID right now; try again in a minute")
+        while True:
+            code = f"{secrets.randbelow(10 ** NAMEPLATE_DIGITS):0{NAMEPLATE_DIGITS}d}"
+            if code not in self.nameplates:
+                break
+        self.nameplates[code] = Nameplate(code, supporter,
+                                          self.reactor.seconds() + self.nameplate_ttl)
+        log.info("nameplate {nameplate} allocated for {supporter}", nameplate=code,
+                 supporter=supporter.identity.uri)
+        return code, self.nameplate_ttl
+
+    def release_nameplates(self, supporter) -> None:
+        for code, plate in list(self.nameplates.items()):
+            if plate.supporter is supporter:
+                del self.nameplates[code]
+
+    @defer.inlineCallbacks
+    def join_adhoc(self, customer, nameplate: str):
+        keys = [f"adhoc-addr:{customer.address}"]
+        wait = yield self.db.run(self.lockouts.wait_seconds, keys)
+        if wait > 0:
+            raise control.LockedOut(f"too many wrong IDs from your address: try again in "
+                                    f"{max(1, round(wait))} s")
+        plate = self.nameplates.get(nameplate)
+        if plate is None or plate.expires_at <= self.reactor.seconds():
+            self.nameplates.pop(nameplate, None)
+            wait = yield self.db.run(self.lockouts.failed, keys)
+            log.warn("unknown or expired nameplate {nameplate} from {address}",
+                     nameplate=nameplate, address=customer.address)
+            message = "this ID is unknown or expired: check the 8 digits with your supporter"
+            if wait:
+                message += f"; try again in {max(1, round(wait))} s"
+            raise control.UnknownNameplate(message)
+        del self.nameplates[nameplate]  # single use
+        supporter = plate.supporter
+        session_id = str(uuid.uuid4())
+        yield self.db.run(_create_session, dict(
+            id=session_id, kind="adhoc", supporter_identity=supporter.identity.uri,
+            supporter_address=supporter.address, peer_identity=None,
+            peer_address=customer.address, host_id=None), supporter.identity.name)
+        relay_host, relay_port = self.relays.pick()
+        supporter_ticket = RelayTicket(session_id, relay_host, relay_port,
+                                       self.issue_token(session_id, "supporter"))
+        customer_ticket = RelayTicket(session_id, relay_host, relay_port,
+                                      self.issue_token(session_id, "peer"))
+        try:
+            yield supporter.callRemote(control.SessionReady, nameplate=nameplate,
+                                       peer_address=customer.address, **supporter_ticket.fields())
+        except Exception as exc:
+            log.warn("supporter of nameplate {nameplate} is gone: {why}", nameplate=nameplate,
+                     why=str(exc))
+            yield self.db.run(_end_session, session_id, "supporter gone before the customer joined")
+            raise control.UnknownNameplate("your supporter is no longer waiting: ask for a new ID")
+        log.info("customer {address} joined nameplate {nameplate}: session {session_id}",
+                 address=customer.address, nameplate=nameplate, session_id=session_id)
+        return {**customer_ticket.fields(), "supporter": supporter.identity.name}
+
+    # --- hosts --------------------------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def host_online(self, conn, module_version: str):
+        host_id = conn.identity.name
+        old = self.hosts.get(host_id)
+        tenant_id = yield self.db.run(_host_came_online, host_id, conn.address, module_version,
+                                      self.now())
+        if tenant_id is None:
+            raise control.NotEnrolled("this host is not known to the server: enroll it again")
+        if old is not None and old.connection is not conn:
+            log.warn("host {host_id} connected again from {address}: the newest connection wins",
+                     host_id=host_id, address=conn.address)
+            old.connection.abort("replaced by a newer connection of the same host")
+        self.hosts[host_id] = HostPresence(conn, host_id, self.reactor.seconds(), tenant_id)
+        log.info("host {host_id} online from {address}", host_id=host_id, address=conn.address)
+
+    def heartbeat(self, conn) -> None:
+        if conn.identity is not None and conn.identity.role == "host":
+            presence = self.hosts.get(conn.identity.name)
+            if presence is not None and presence.connection is conn:
+                presence.last_heartbeat = self.reactor.seconds()
+                self._dirty.add(presence.host_id)
+
+    def connection_lost(self, conn) -> None:
+        if conn.identity is None:
+            return
+        if conn.identity.role == "supporter":
+            self.release_nameplates(conn)
+            return
+        presence = self.hosts.get(conn.identity.name)
+        if presence is not None and presence.connection is conn:
+            del self.hosts[conn.identity.name]
+            self._dirty.discard(conn.identity.name)
+            log.info("host {host_id} offline", host_id=conn.identity.name)
+            self.db.run(_host_went_offline, conn.identity.name, self.now()).addErrback(
+                lambda f: log.failure("could not record host offline", f))
+
+    def flush_presence(self) -> defer.Deferred:
+        dirty, self._dirty = self._dirty, set()
+        if not dirty:
+            return defer.succeed(None)
+        d = self.db.run(_touch_hosts, sorted(dirty), self.now())
+        d.addErrback(lambda f: log.failure("could not record host presence", f))
+        return d
+
+    @defer.inlineCallbacks
+    def list_hosts(self, supporter):
+        rows = yield self.db.run(_visible_hosts, supporter.identity.name)
+        hosts = []
+        for host, group_name in rows:
+            online = host.id in self.hosts
+            hosts.append({"host_id": host.id, "name": host.name, "group": group_name or "",
+                          "online": online,
+                          "last_seen": host.last_seen.isoformat() if host.last_seen else "",
+                          "address": host.last_address or "",
+                          "module_version": host.module_version or ""})
+        hosts.sort(key=lambda h: (not h["online"], h["name"].lower(), h["host_id"]))
+        return hosts
+
+    @defer.inlineCallbacks
+    def connect_host(self, supporter, wanted: str):
+        rows = yield self.db.run(_visible_hosts, supporter.identity.name)
+        matches = [h for h, _ in rows if h.id == wanted] or [h for h, _ in rows if h.name == wanted]
+        if not matches:
+            raise control.UnknownHost(f"no host {wanted!r} that you may reach "
+                                      "(see `hausmeister-supporter hosts`)")
+        if len(matches) > 1:
+            raise control.UnknownHost(f"{len(matches)} hosts are named {wanted!r}: use the host id")
+        host = matches[0]
+        presence = self.hosts.get(host.id)
+        if presence is None:
+            seen = f"; last seen {host.last_seen:%Y-%m-%d %H:%M} UTC" if host.last_seen else ""
+            raise control.HostOffline(f"host {host.name!r} is offline{seen}")
+        session_id = str(uuid.uuid4())
+        yield self.db.run(_create_session, dict(
+            id=session_id, kind="host", supporter_identity=supporter.identity.uri,
+            supporter_address=supporter.address, peer_identity=f"hausmeister:host:{host.id}",
+            peer_address=presence.connection.address, host_id=host.id), supporter.identity.name)
+        relay_host, relay_port = self.relays.pick()
+        host_ticket = RelayTicket(session_id, relay_host, relay_port,
+                                  self.issue_token(session_id, "peer"))
+        try:
+            answer = yield presence.connection.callRemote(
+                control.OfferSession, supporter=supporter.identity.name, **host_ticket.fields())
+        except Exception as exc:
+            yield self.db.run(_end_session, session_id, f"host did not answer the offer: {exc}")
+            raise control.HostOffline(f"host {host.name!r} did not answer: {exc}")
+        if not answer["accepted"]:
+            yield self.db.run(_end_session, session_id, "host declined")
+            raise control.Forbidden(f"host {host.name!r} declined the session")
+        log.info("{supporter} connects to host {host_id}: session {session_id}",
+                 supporter=supporter.identity.uri, host_id=host.id, session_id=session_id)
+        ticket = RelayTicket(session_id, relay_host, relay_port,
+                             self.issue_token(session_id, "supporter"))
+        return {**ticket.fields(), "host_id": host.id, "host_name": host.name}
+
+
+# --- database work (runs in the blocking pool) -------------------------------------------------
+
+def _mark_all_offline(session) -> None:
+    session.execute(update(Host).where(Host.online.is_(True)).values(online=False))
+
+
+def _host_came_online(session, host_id: str, address: str, version: str, moment) -> int | None:
+    host = session.get(Host, host_id)
+    if host is None:
+        return None
+    host.online = True
+    host.last_seen = moment
+    host.last_address = address
+    host.module_version = version[:40]
+    return host.tenant_id
+
+
+def _host_went_offline(session, host_id: str, moment) -> None:
+    host = session.get(Host, host_id)
+    if host is not None:
+        host.online = False
+        host.last_seen = moment
+
+
+def _touch_hosts(session, host_ids: list[str], moment) -> None:
+    session.execute(update(Host).where(Host.id.in_(host_ids)).values(last_seen=moment))
+
+
+def _supporter(session, user_name: str) -> User:
+    user = session.scalar(select(User).where(User.name == user_name))
+    if user is None or user.disabled:
+        raise control.Forbidden(f"user {user_name!r} is disabled or gone")
+    if user.role == Role.auditor:
+        raise control.Forbidden("auditors cannot start sessions")
+    return user
+
+
+def _visible_hosts(session, user_name: str) -> list[tuple[Host, str | None]]:
+    """Hosts of the supporter's tenant, narrowed to its groups when it has any (admins: all)."""
+    user = _supporter(session, user_name)
+    query = (select(Host, HostGroup.name).outerjoin(HostGroup, Host.group_id == HostGroup.id)
+             .where(Host.tenant_id == user.tenant_id))
+    if user.role != Role.admin:
+        groups = list(session.scalars(select(UserGroup.group_id).where(UserGroup.user_id == user.id)))
+        if groups:
+            query = query.where(Host.group_id.in_(groups))
+    return [(host, group) for host, group in session.execute(query)]
+
+
+def _create_session(session, values: dict, supporter_name: str) -> None:
+    user = _supporter(session, supporter_name)
+    session.add(Session(tenant_id=user.tenant_id, created_at=utcnow(), started_at=utcnow(),
+                        bytes_to_peer=0, bytes_to_supporter=0, **values))
+
+
+def _end_session(session, session_id: str, reason: str) -> None:
+    row = session.get(Session, session_id)
+    if row is not None and row.ended_at is None:
+        row.ended_at = utcnow()
+        row.end_reason = reason
+
+
+__all__ = ["Broker", "RelayLocator", "RelayTicket"]

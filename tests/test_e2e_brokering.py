@@ -1,0 +1,224 @@
+"""End to end through the real CLIs: ad-hoc sessions, unattended hosts, the relay plane.
+
+Every byte goes supporter ⇄ relay ⇄ customer/host over real TLS on 127.0.0.1; ``--pipe`` joins
+each module's stdin/stdout to the session stream so the test can push bytes through.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+
+import pytest
+
+from .fixtures_server import ServerProcess, run_cli, write_config
+from .module_process import ModuleProcess
+
+pytestmark = pytest.mark.e2e
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_args(srv) -> tuple[str, ...]:
+    return ("--server", srv.url, "--ca-fingerprint", srv.fingerprint)
+
+
+def sessions(srv) -> list[dict]:
+    return json.loads(srv.ok("session", "list", "--json"))
+
+
+def wait_until(predicate, timeout: float = 20, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def exchange(a: ModuleProcess, b: ModuleProcess, size: int = 200_000) -> None:
+    """Bytes both ways, more than one TLS record and one relay read each."""
+    to_b = os.urandom(size)
+    to_a = b"reply:" + os.urandom(size // 2)
+    a.send(to_b)
+    b.read_exactly(to_b)
+    b.send(to_a)
+    a.read_exactly(to_a)
+
+
+def test_adhoc_session_bytes_flow_both_ways(running_server, enrolled_supporter):
+    srv = running_server
+    supporter = ModuleProcess("supporter", "adhoc", "--pipe", "--home", str(enrolled_supporter))
+    customer = None
+    try:
+        match = supporter.wait_for_line(r"ad-hoc ID: (\d{4}) (\d{4})")
+        nameplate, secret = match.group(1), match.group(2)
+        customer = ModuleProcess("customer", *server_args(srv), f"{nameplate} {secret}", "--pipe")
+        customer.wait_for_line("joined the session of supporter alice")
+        supporter.wait_for_line("customer joined from 127.0.0.1")
+        exchange(supporter, customer)
+        supporter.close_stdin()  # the supporter ends the session
+        assert supporter.wait() == 0, supporter.stderr
+        assert customer.wait() == 0, customer.stderr
+        assert "ended" in customer.stderr
+    finally:
+        supporter.stop()
+        if customer:
+            customer.stop()
+    # The server never saw the secret half of the ID, and recorded the session.
+    assert f"{nameplate} {secret}" not in srv.log() and f"{nameplate}{secret}" not in srv.log()
+    record = wait_until(lambda: [s for s in sessions(srv) if s["ended_at"]], what="session end")[0]
+    assert record["kind"] == "adhoc" and record["supporter"] == "hausmeister:supporter:alice"
+    assert record["peer_address"] == "127.0.0.1"
+    assert record["bytes_to_peer"] >= 200_000 and record["bytes_to_supporter"] >= 100_000
+
+
+def test_host_session_listed_online_connect_and_bytes_flow(running_server, enrolled_supporter,
+                                                           enrolled_host):
+    srv = running_server
+    host = ModuleProcess("host", "run", "--pipe", "--home", str(enrolled_host))
+    supporter = None
+    try:
+        host.wait_for_line("online; waiting for supporters")
+        listing = run_cli("supporter", "hosts", "--json", "--home", str(enrolled_supporter))
+        assert listing.returncode == 0, listing.stderr
+        hosts = json.loads(listing.stdout)
+        assert [(h["name"], h["online"], h["group"]) for h in hosts] == [("pc1", True, "office")]
+        table = run_cli("supporter", "hosts", "--home", str(enrolled_supporter)).stdout
+        assert "online" in table and "pc1" in table
+        supporter = ModuleProcess("supporter", "connect", "pc1", "--pipe",
+                                  "--home", str(enrolled_supporter))
+        try:
+            supporter.wait_for_line("accepted the session")
+        except AssertionError:
+            raise AssertionError(host.stderr)
+        host.wait_for_line("connects: session")
+        exchange(supporter, host)
+        host.close_stdin()  # this time the host side ends it
+        assert host.wait() == 0, host.stderr
+        assert supporter.wait() == 0, supporter.stderr
+    finally:
+        host.stop()
+        if supporter:
+            supporter.stop()
+    record = wait_until(lambda: [s for s in sessions(srv) if s["ended_at"]], what="session end")[0]
+    assert record["kind"] == "host" and record["host_id"] == hosts[0]["host_id"]
+    # Offline now: the server notices the host is gone and says so at once.
+    wait_until(lambda: not json.loads(run_cli("supporter", "hosts", "--json", "--home",
+                                              str(enrolled_supporter)).stdout)[0]["online"],
+               what="host offline")
+    started = time.monotonic()
+    offline = run_cli("supporter", "connect", "pc1", "--home", str(enrolled_supporter))
+    assert offline.returncode == 1 and "is offline" in offline.stderr
+    assert time.monotonic() - started < 10
+
+
+def test_unknown_host_and_wrong_id_are_clear_errors(running_server, enrolled_supporter):
+    srv = running_server
+    unknown = run_cli("supporter", "connect", "nosuchhost", "--home", str(enrolled_supporter))
+    assert unknown.returncode == 1 and "no host 'nosuchhost'" in unknown.stderr
+    bad_format = run_cli("customer", *server_args(srv), "12 34")
+    assert bad_format.returncode == 1 and "8 digits" in bad_format.stderr
+    wrong = run_cli("customer", *server_args(srv), "0000 0000")
+    assert wrong.returncode == 1 and "unknown or expired" in wrong.stderr
+
+
+def test_flood_of_wrong_ids_locks_out_the_address(running_server):
+    srv = running_server
+    messages = [run_cli("customer", *server_args(srv), f"{n:04d} 1111").stderr for n in range(4)]
+    assert "unknown or expired" in messages[0]
+    assert "try again in" in messages[-1]
+    locked = run_cli("customer", *server_args(srv), "9999 1111")
+    assert locked.returncode == 1 and "try again in" in locked.stderr
+
+
+def test_host_comes_back_after_server_restart(tmp_path, db_url, enrolled_host_on_fixed_ports):
+    srv, host_home, supporter_home = enrolled_host_on_fixed_ports
+    host = ModuleProcess("host", "run", "--max-backoff", "0.5", "--home", str(host_home))
+    try:
+        host.wait_for_line("online; waiting for supporters")
+        srv.stop()
+        host.wait_for_line("lost the server")
+        srv.start()
+        wait_until(lambda: json.loads(run_cli("supporter", "hosts", "--json", "--home",
+                                              str(supporter_home)).stdout or "[{}]")[0].get("online"),
+                   timeout=30, what="host online again")
+        assert host.proc.poll() is None
+    finally:
+        host.stop()
+
+
+@pytest.fixture
+def enrolled_host_on_fixed_ports(tmp_path, db_url):
+    """Server on fixed ports (a restart must come back where the modules know it)."""
+    from .fixtures_server import ADMIN_PASSWORD, SUPPORTER_PASSWORD
+    data = tmp_path / "data"
+    cfg = write_config(tmp_path / "h.toml", data, db_url, extra=f"""
+[presence]
+heartbeat_seconds = 1.0
+""")
+    text = cfg.read_text().replace("https_port = 0", f"https_port = {free_port()}").replace(
+        "module_port = 0", f"module_port = {free_port()}")
+    cfg.write_text(text)
+    srv = ServerProcess(cfg, data)
+    assert srv.cli("init", "--password-stdin", stdin=ADMIN_PASSWORD + "\n").returncode == 0
+    srv.start()
+    try:
+        token = srv.ok("token", "create", "-q").strip()
+        host_home = tmp_path / "host"
+        assert run_cli("host", "enroll", *server_args(srv), "--token", token, "--name", "kiosk",
+                       "--home", str(host_home)).returncode == 0
+        srv.ok("user", "add", "sam", "--role", "supporter", "--password-stdin",
+               stdin=SUPPORTER_PASSWORD + "\n")
+        supporter_home = tmp_path / "sam"
+        assert run_cli("supporter", "enroll", *server_args(srv), "--user", "sam",
+                       "--password-stdin", "--home", str(supporter_home),
+                       stdin=SUPPORTER_PASSWORD + "\n").returncode == 0
+        yield srv, host_home, supporter_home
+    finally:
+        srv.stop()
+
+
+def test_session_through_a_separate_relay_process(tmp_path, db_url):
+    from .fixtures_server import ADMIN_PASSWORD, SUPPORTER_PASSWORD
+    relay_port = free_port()
+    data = tmp_path / "data"
+    cfg = write_config(tmp_path / "h.toml", data, db_url, extra=f"""
+[relay]
+port = {relay_port}
+external = ["127.0.0.1:{relay_port}"]
+""")
+    srv = ServerProcess(cfg, data)
+    assert srv.cli("init", "--password-stdin", stdin=ADMIN_PASSWORD + "\n").returncode == 0
+    relay = ModuleProcess("server", "-c", str(cfg), "run", "--role", "relay")
+    supporter = customer = None
+    srv.start()
+    try:
+        relay.wait_for_line(f"relay.*{relay_port}")
+        srv.ok("user", "add", "rita", "--role", "supporter", "--password-stdin",
+               stdin=SUPPORTER_PASSWORD + "\n")
+        home = tmp_path / "rita"
+        assert run_cli("supporter", "enroll", *server_args(srv), "--user", "rita",
+                       "--password-stdin", "--home", str(home),
+                       stdin=SUPPORTER_PASSWORD + "\n").returncode == 0
+        supporter = ModuleProcess("supporter", "adhoc", "--pipe", "--home", str(home))
+        code = "".join(supporter.wait_for_line(r"ad-hoc ID: (\d{4}) (\d{4})").groups())
+        customer = ModuleProcess("customer", *server_args(srv), code, "--pipe")
+        customer.wait_for_line("joined the session")
+        exchange(supporter, customer, size=50_000)
+        supporter.close_stdin()
+        assert supporter.wait() == 0 and customer.wait() == 0
+        record = wait_until(lambda: [s for s in sessions(srv) if s["ended_at"]], what="session end")[0]
+        assert record["bytes_to_peer"] >= 50_000
+    finally:
+        for proc in (supporter, customer, relay):
+            if proc:
+                proc.stop()
+        srv.stop()
