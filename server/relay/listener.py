@@ -191,7 +191,8 @@ class RelayService(service.Service):
     """A relay process: TLS listener(s), relay core, session records, revocation polling."""
 
     def __init__(self, config: Config, reactor: Any = None, ports: list[int] | None = None,
-                 db: Database | None = None) -> None:
+                 db: Database | None = None, **relay_options: Any) -> None:
+        """``relay_options`` go to ``Relay`` (e.g. ``leg_buffer_bytes``, for the benchmark)."""
         if reactor is None:
             from twisted.internet import reactor  # noqa: F811 - the installed reactor
         self.config = config
@@ -204,7 +205,7 @@ class RelayService(service.Service):
                                   ttl=config.relay.pair_timeout_seconds)
         self.relay = Relay(self.tokens, reactor, pair_timeout=config.relay.pair_timeout_seconds,
                            idle_timeout=config.relay.idle_timeout_seconds,
-                           on_ended=self._ended)
+                           on_ended=self._ended, **relay_options)
         self.revoked: set[str] = set()
         self.listening: list[Any] = []
         self._pending: set[defer.Deferred] = set()
@@ -232,7 +233,8 @@ class RelayService(service.Service):
                                  lambda serial: serial in self.revoked)
         for port in self.ports_wanted:
             self.listening.append(listen_relay(self.reactor, port, self.relay,
-                                               tls.ServerContextFactory(ctx), c.listen.interface))
+                                               tls.ServerContextFactory(ctx), c.listen.interface,
+                                               self.relay.tls_write_aggregation))
         self._poll = task.LoopingCall(self._poll_revocations)
         self._poll.clock = self.reactor
         self._poll.start(c.certificates.revocation_poll_seconds, now=False)
@@ -270,11 +272,12 @@ class RelayService(service.Service):
         self.db.dispose()
 
 
-def run_relay(config: Config, reactor: Any, ports: list[int] | None = None) -> int:
+def run_relay(config: Config, reactor: Any, ports: list[int] | None = None,
+              **relay_options: Any) -> int:
     """Run a relay process until SIGTERM/SIGINT (the reactor is installed and logging started)."""
     from .. import egress
 
-    relay_service = RelayService(config, reactor, ports)
+    relay_service = RelayService(config, reactor, ports, **relay_options)
     relay_service.startService()
     egress.configure(config, own_ports=relay_service.ports,
                      refusals_path=config.server.data_dir / "egress-refusals.jsonl")
