@@ -155,13 +155,13 @@ class ModuleConnection(FramedAMP):
         try:
             self._require(None)
             if self.joined_adhoc:
-                raise control.WrongState("this connection already joined an ad-hoc session")
+                raise control.WrongState("one ad-hoc join per connection: connect again")
+            self.joined_adhoc = True  # every attempt, even a malformed one, uses up the connection
             if not (len(nameplate) == 4 and nameplate.isdigit()):
                 raise control.UnknownNameplate("an ad-hoc ID starts with 4 digits")
         except control.ControlError as exc:
             self._refuse(exc)
             raise
-        self.joined_adhoc = True
         return self._guarded(self.port.broker.join_adhoc(self, nameplate))
 
     @control.ListHosts.responder

@@ -1,0 +1,284 @@
+"""The broker as a state machine: nameplates, lock-out, presence, who may reach which host.
+
+Real databases (SQLite and PostgreSQL), a ``task.Clock`` for time, small fake connections that
+record what the broker asks of them.  Database work runs inline here (the server runs it in the
+blocking pool; the functions are the same).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+
+import pytest
+from twisted.internet import defer, task
+
+from protocol import control
+from protocol.identity import Identity
+from server import accounts
+from server.broker import Broker, RelayLocator
+from server.db.models import Host, Role, Session
+
+PASSWORD = "a-long-password-1"
+
+
+class InlineDB:
+    """``Database.run`` without threads: same function, same transaction, result as Deferred."""
+
+    def __init__(self, db) -> None:
+        self.db = db
+
+    def run(self, fn, *args):
+        return defer.maybeDeferred(self.db.call, fn, *args)
+
+
+class FakeConnection:
+    def __init__(self, identity: Identity | None, address: str = "127.0.0.1",
+                 offer_answer: bool = True) -> None:
+        self.identity = identity
+        self.address = address
+        self.module_version = "test"
+        self.calls: list[tuple[type, dict]] = []
+        self.aborted: str | None = None
+        self.offer_answer = offer_answer
+
+    def callRemote(self, command, **kwargs):
+        self.calls.append((command, kwargs))
+        if command is control.OfferSession:
+            return defer.succeed({"accepted": self.offer_answer})
+        return defer.succeed({})
+
+    def abort(self, reason: str) -> None:
+        self.aborted = reason
+
+
+def result_of(d: defer.Deferred):
+    """The Deferred has fired (everything runs inline): its result, or its exception raised."""
+    box = []
+    d.addBoth(box.append)
+    assert box, "Deferred did not fire"
+    value = box[0]
+    if hasattr(value, "raiseException"):
+        value.raiseException()
+    return value
+
+
+@pytest.fixture
+def world(database, fast_password_hashing):
+    """Tenant acme with groups office/lab, hosts in each, and users of every role; tenant other."""
+    ids = {}
+    with database.session() as s:
+        acme = accounts.get_or_create_tenant(s, "acme")
+        other = accounts.get_or_create_tenant(s, "other")
+        office, lab = accounts.add_group(s, acme, "office"), accounts.add_group(s, acme, "lab")
+        foreign_group = accounts.add_group(s, other, "office")
+        now = dt.datetime.now(dt.timezone.utc)
+        for name, tenant, group in (("pc-office", acme, office), ("pc-lab", acme, lab),
+                                    ("pc-other", other, foreign_group)):
+            host_id = str(uuid.uuid4())
+            ids[name] = host_id
+            s.add(Host(id=host_id, tenant_id=tenant.id, group_id=group.id, name=name,
+                       enrolled_at=now, online=False))
+        for name, role, tenant in (("anna", Role.supporter, acme), ("otto", Role.supporter, acme),
+                                   ("ada", Role.admin, acme), ("aud", Role.auditor, acme),
+                                   ("olga", Role.supporter, other)):
+            accounts.add_user(s, tenant, name, role, PASSWORD)
+        otto = accounts.user_named(s, "otto")
+        accounts.set_membership(s, otto, lab, True)
+    return ids
+
+
+@pytest.fixture
+def clock():
+    return task.Clock()
+
+
+@pytest.fixture
+def broker(database, clock, world):
+    issued = []
+
+    def issue(session_id: str, side: str) -> str:
+        issued.append((session_id, side))
+        return f"token-{session_id}-{side}"
+    policy = accounts.LockoutPolicy(free_attempts=2, base_seconds=10, max_seconds=1000)
+    b = Broker(InlineDB(database), accounts.Lockouts(policy), issue,
+               RelayLocator(("127.0.0.1", lambda: 4444)), clock, nameplate_ttl=600,
+               heartbeat_seconds=30, missed_heartbeats=3, flush_seconds=10)
+    b.issued = issued
+    result_of(b.start())
+    yield b
+    result_of(b.stop())
+
+
+def supporter(name: str) -> FakeConnection:
+    return FakeConnection(Identity("supporter", name))
+
+
+def host(host_id: str, address: str = "127.0.0.1") -> FakeConnection:
+    return FakeConnection(Identity("host", host_id), address)
+
+
+# --- ad-hoc ------------------------------------------------------------------------------------
+
+def test_nameplates_are_four_digits_unique_and_single_use(broker):
+    anna = supporter("anna")
+    plates = {broker.allocate_nameplate(anna)[0] for _ in range(300)}
+    assert len(plates) == 300 and all(len(p) == 4 and p.isdigit() for p in plates)
+    plate = next(iter(plates))
+    customer = FakeConnection(None, "127.0.0.9")
+    ticket = result_of(broker.join_adhoc(customer, plate))
+    assert ticket["supporter"] == "anna" and ticket["relay_port"] == 4444
+    assert anna.calls[-1][0] is control.SessionReady
+    assert anna.calls[-1][1]["relay_token"] != ticket["relay_token"]  # one token per side
+    assert {side for _, side in broker.issued} == {"supporter", "peer"}
+    with pytest.raises(control.UnknownNameplate):
+        result_of(broker.join_adhoc(FakeConnection(None, "127.0.0.10"), plate))
+
+
+def test_nameplate_expires_after_its_ttl(broker, clock):
+    plate, ttl = broker.allocate_nameplate(supporter("anna"))
+    assert ttl == 600
+    clock.advance(599)
+    assert plate in broker.nameplates
+    clock.advance(6)
+    assert plate not in broker.nameplates
+    with pytest.raises(control.UnknownNameplate, match="unknown or expired"):
+        result_of(broker.join_adhoc(FakeConnection(None), plate))
+
+
+def test_supporter_leaving_releases_its_nameplates(broker):
+    anna = supporter("anna")
+    plate, _ = broker.allocate_nameplate(anna)
+    broker.connection_lost(anna)
+    assert plate not in broker.nameplates
+
+
+def test_wrong_nameplates_lock_out_that_address_only(broker, database):
+    flooder = FakeConnection(None, "127.0.0.66")
+    waits = []
+    for attempt in range(5):
+        with pytest.raises((control.UnknownNameplate, control.LockedOut)) as info:
+            result_of(broker.join_adhoc(flooder, "0000"))
+        waits.append(str(info.value))
+        if attempt == 4:
+            break  # stay locked after the last one
+        # the lock-out runs on wall-clock time: let each wait pass before the next attempt
+        with database.session() as s:
+            row = s.get(accounts.Lockout, "adhoc-addr:127.0.0.66")
+            if row.locked_until:
+                row.locked_until = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=1)
+    assert "try again in 10 s" in waits[2] and "try again in 20 s" in waits[3]
+    assert "try again in 40 s" in waits[4]
+    # Locked now: even a correct nameplate is refused from that address ...
+    plate, _ = broker.allocate_nameplate(supporter("anna"))
+    with pytest.raises(control.LockedOut, match="try again in"):
+        result_of(broker.join_adhoc(flooder, plate))
+    # ... while another address is not affected at all.
+    assert result_of(broker.join_adhoc(FakeConnection(None, "127.0.0.7"), plate))["supporter"] == "anna"
+
+
+def test_adhoc_session_is_recorded(broker, database):
+    plate, _ = broker.allocate_nameplate(supporter("anna"))
+    ticket = result_of(broker.join_adhoc(FakeConnection(None, "127.0.0.5"), plate))
+    with database.session() as s:
+        row = s.get(Session, ticket["session_id"])
+        assert row.kind == "adhoc" and row.supporter_identity == "hausmeister:supporter:anna"
+        assert row.peer_address == "127.0.0.5" and row.ended_at is None
+
+
+# --- hosts -------------------------------------------------------------------------------------
+
+def test_host_presence_online_offline_and_db(broker, world, database, clock):
+    conn = host(world["pc-office"], "127.0.0.20")
+    result_of(broker.host_online(conn, "1.2.3"))
+    hosts = result_of(broker.list_hosts(supporter("anna")))
+    assert [(h["name"], h["online"]) for h in hosts] == [("pc-office", True), ("pc-lab", False)]
+    with database.session() as s:
+        row = s.get(Host, world["pc-office"])
+        assert row.online and row.last_address == "127.0.0.20" and row.module_version == "1.2.3"
+    broker.connection_lost(conn)
+    hosts = result_of(broker.list_hosts(supporter("anna")))
+    assert [(h["name"], h["online"]) for h in hosts] == [("pc-lab", False), ("pc-office", False)]
+    with database.session() as s:
+        assert not s.get(Host, world["pc-office"]).online
+
+
+def test_newest_connection_of_a_host_wins(broker, world):
+    old, new = host(world["pc-office"]), host(world["pc-office"])
+    result_of(broker.host_online(old, "1"))
+    result_of(broker.host_online(new, "1"))
+    assert old.aborted and "newer connection" in old.aborted
+    assert broker.hosts[world["pc-office"]].connection is new
+    broker.connection_lost(old)  # the old one's late goodbye does not take the new one offline
+    assert world["pc-office"] in broker.hosts
+
+
+def test_host_that_misses_heartbeats_is_dropped(broker, world, clock):
+    conn = host(world["pc-office"])
+    result_of(broker.host_online(conn, "1"))
+    for _ in range(4):
+        clock.advance(25)
+        broker.heartbeat(conn)
+    assert conn.aborted is None
+    clock.advance(95)
+    assert conn.aborted == "missed heartbeats"
+
+
+def test_heartbeats_are_flushed_to_the_database_in_batches(broker, world, database, clock):
+    conn = host(world["pc-office"])
+    result_of(broker.host_online(conn, "1"))
+    with database.session() as s:
+        first_seen = s.get(Host, world["pc-office"]).last_seen
+    broker.heartbeat(conn)
+    assert world["pc-office"] in broker._dirty
+    clock.advance(10)  # the flush loop runs
+    assert not broker._dirty
+    with database.session() as s:
+        assert s.get(Host, world["pc-office"]).last_seen >= first_seen
+
+
+def test_visibility_by_tenant_and_group(broker, world):
+    names = lambda who: [h["name"] for h in result_of(broker.list_hosts(supporter(who)))]  # noqa: E731
+    assert sorted(names("anna")) == ["pc-lab", "pc-office"]   # no groups: the whole tenant
+    assert names("otto") == ["pc-lab"]                           # member of lab only
+    assert sorted(names("ada")) == ["pc-lab", "pc-office"]     # admin: the whole tenant
+    assert names("olga") == ["pc-other"]                         # another tenant
+    with pytest.raises(control.Forbidden, match="auditors"):
+        result_of(broker.list_hosts(supporter("aud")))
+    with pytest.raises(control.UnknownHost):
+        result_of(broker.connect_host(supporter("otto"), "pc-office"))
+    with pytest.raises(control.UnknownHost):
+        result_of(broker.connect_host(supporter("anna"), world["pc-other"]))
+
+
+def test_connect_to_offline_host_says_so_at_once(broker, world):
+    with pytest.raises(control.HostOffline, match="pc-lab.*offline"):
+        result_of(broker.connect_host(supporter("anna"), "pc-lab"))
+
+
+def test_connect_host_offers_the_session_and_hands_out_two_tokens(broker, world, database):
+    conn = host(world["pc-lab"])
+    result_of(broker.host_online(conn, "1"))
+    ticket = result_of(broker.connect_host(supporter("otto"), world["pc-lab"]))
+    offer = conn.calls[-1]
+    assert offer[0] is control.OfferSession and offer[1]["supporter"] == "otto"
+    assert offer[1]["relay_token"] != ticket["relay_token"]
+    assert offer[1]["session_id"] == ticket["session_id"]
+    with database.session() as s:
+        assert s.get(Session, ticket["session_id"]).host_id == world["pc-lab"]
+
+
+def test_host_that_declines_ends_the_session_record(broker, world, database):
+    conn = host(world["pc-lab"])
+    conn.offer_answer = False
+    result_of(broker.host_online(conn, "1"))
+    with pytest.raises(control.Forbidden, match="declined"):
+        result_of(broker.connect_host(supporter("anna"), "pc-lab"))
+    with database.session() as s:
+        rows = s.query(Session).all()
+        assert len(rows) == 1 and rows[0].end_reason == "host declined"
+
+
+def test_unknown_host_identity_is_refused(broker):
+    with pytest.raises(control.NotEnrolled):
+        result_of(broker.host_online(host(str(uuid.uuid4())), "1"))

@@ -1,0 +1,145 @@
+"""The module port against bad input: each refusal is a logged reason and an error answer or a
+closed connection, and every other connection goes on undisturbed.
+
+A raw TLS client speaks AMP boxes with our own codec, the way a broken or hostile module would.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+
+import pytest
+
+from protocol.framing import BoxDecoder, encode_box
+
+from .fixtures_server import run_cli
+
+pytestmark = pytest.mark.e2e
+
+
+class RawModule:
+    def __init__(self, srv, home=None) -> None:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.load_verify_locations(cadata=(srv.cert_dir / "ca.crt").read_text())
+        if home is not None:
+            ctx.load_cert_chain(home / "cert.pem", home / "key.pem")
+        raw = socket.create_connection(("127.0.0.1", srv.module_port), timeout=10)
+        self.sock = ctx.wrap_socket(raw, server_hostname="127.0.0.1")
+        self.decoder = BoxDecoder()
+        self.tag = 0
+
+    def call(self, command: str, **arguments: bytes) -> dict:
+        self.tag += 1
+        box = {b"_command": command.encode(), b"_ask": str(self.tag).encode(), **{
+            k.encode(): v for k, v in arguments.items()}}
+        self.sock.sendall(encode_box(box))
+        return self.read_box()
+
+    def read_box(self) -> dict:
+        while True:
+            data = self.sock.recv(65536)
+            if not data:
+                raise ConnectionError("closed by the server")
+            boxes = self.decoder.receive(data)
+            if boxes:
+                return boxes[0]
+
+    def closed_by_server(self) -> bool:
+        try:
+            while self.sock.recv(65536):
+                pass
+            return True
+        except (ConnectionError, ssl.SSLError):
+            return True
+        except socket.timeout:
+            return False
+
+    def hello(self) -> dict:
+        return self.call("Hello", protocol_version=b"1", module_version=b"test", module_kind=b"test")
+
+
+def error_code(box: dict) -> bytes:
+    assert b"_error" in box, box
+    return box[b"_error_code"]
+
+
+def still_serving(srv, home) -> None:
+    status = run_cli("supporter", "status", "--home", str(home))
+    assert status.returncode == 0, status.stderr
+
+
+def test_commands_out_of_order_or_for_another_role_are_refused(running_server, enrolled_supporter,
+                                                               enrolled_host):
+    srv = running_server
+    m = RawModule(srv, enrolled_supporter)
+    assert error_code(m.call("AllocateNameplate")) == b"WRONG_STATE"  # no Hello yet
+    assert m.hello()[b"identity"] == b"hausmeister:supporter:alice"
+    assert error_code(m.hello()) == b"WRONG_STATE"  # Hello twice
+    assert len(m.call("AllocateNameplate")[b"nameplate"]) == 4  # the connection goes on
+    # A relay leg must be a connection of its own: asked later, it is a violation.
+    assert error_code(m.call("OpenRelayLeg", relay_token=b"x")) == b"WRONG_STATE"
+    assert m.closed_by_server()
+
+    customer = RawModule(srv)  # no certificate
+    customer.hello()
+    assert error_code(customer.call("ListHosts")) == b"NOT_ENROLLED"
+    assert error_code(customer.call("AllocateNameplate")) == b"NOT_ENROLLED"
+    assert error_code(customer.call("JoinAdhoc", nameplate=b"12")) == b"UNKNOWN_NAMEPLATE"
+    assert error_code(customer.call("JoinAdhoc", nameplate=b"1234")) == b"WRONG_STATE"  # once only
+
+    host = RawModule(srv, enrolled_host)
+    host.hello()
+    assert error_code(host.call("AllocateNameplate")) == b"FORBIDDEN"
+    assert error_code(host.call("ConnectHost", host=b"pc1")) == b"FORBIDDEN"
+
+    old = RawModule(srv)
+    assert error_code(old.call("Hello", protocol_version=b"99", module_version=b"x",
+                               module_kind=b"x")) == b"PROTOCOL_VERSION"
+    assert "refused" in srv.log()
+
+
+def test_malformed_and_oversized_frames_close_only_that_connection(running_server,
+                                                                    enrolled_supporter):
+    srv = running_server
+    bystander = RawModule(srv, enrolled_supporter)
+    bystander.hello()
+
+    garbage = RawModule(srv)
+    garbage.sock.sendall(b"\x01\x00" + b"A" * 300)  # key longer than 255 bytes
+    assert garbage.closed_by_server()
+
+    huge = RawModule(srv)
+    key = b"k"
+    value = b"v" * 65535
+    try:
+        for _ in range(6):  # > 256 KiB in one box
+            huge.sock.sendall(len(key).to_bytes(2, "big") + key + len(value).to_bytes(2, "big") + value)
+            key = bytes([key[0] + 1])
+    except (ConnectionError, ssl.SSLError):
+        pass
+    assert huge.closed_by_server()
+
+    nonsense = RawModule(srv)
+    nonsense.sock.sendall(encode_box({b"hello": b"world"}))  # neither command nor answer
+    assert nonsense.closed_by_server()
+
+    unknown = RawModule(srv)
+    unknown.hello()
+    answer = unknown.call("NoSuchCommand")
+    assert b"_error" in answer  # answered, connection stays
+    assert error_code(unknown.call("AllocateNameplate")) == b"NOT_ENROLLED"
+
+    # The bystander never noticed.
+    assert len(bystander.call("AllocateNameplate")[b"nameplate"]) == 4
+    still_serving(srv, enrolled_supporter)
+    log = srv.log()
+    assert "closing AMP connection" in log
+
+
+def test_relay_leg_with_a_bad_token_is_refused(running_server):
+    srv = running_server
+    leg = RawModule(srv)
+    box = leg.call("OpenRelayLeg", relay_token=b"not-a-token")
+    assert error_code(box) == b"RELAY_REFUSED"
+    assert leg.closed_by_server()
