@@ -57,8 +57,8 @@ class ModuleConnection(FramedAMP):
             self.serial = format(cert.serial_number, "x")
             self.not_after = cert.not_valid_after_utc.isoformat()
         self.port.registry.add(self)
-        log.info("module connected: {identity} from {address} (serial {serial})",
-                 identity=self.name, address=self.address, serial=self.serial)
+        log.debug("TLS handshake with {identity} from {address} (serial {serial})",
+                  identity=self.name, address=self.address, serial=self.serial)
 
     def connectionLost(self, reason) -> None:
         if self in self.port.registry:
@@ -119,6 +119,9 @@ class ModuleConnection(FramedAMP):
             raise exc
         self.greeted = True
         self.module_version = module_version[:40]
+        log.info("module connected: {identity} from {address} ({kind} {version}, serial {serial})",
+                 identity=self.name, address=self.address, kind=module_kind[:20],
+                 version=self.module_version, serial=self.serial)
         identity = self.identity
 
         def answer(tenant: str) -> dict:
