@@ -663,9 +663,9 @@ def test_secret_file_is_created_once_private_and_shared(tmp_path):
 # --- a separate relay process -----------------------------------------------------------------
 
 @pytest.fixture
-def relay_process_config(tmp_path):
+def relay_process_config(tmp_path, db_url):
+    """An initialised data folder for a relay process, on SQLite and on PostgreSQL."""
     data = tmp_path / "data"
-    db_url = f"sqlite:///{tmp_path / 'hausmeister.sqlite3'}"
     config = write_config(tmp_path / "hausmeister.toml", data, db_url,
                           extra="[relay]\nport = 0\nidle_timeout_seconds = 30\n")
     result = run_cli("server", "-c", str(config), "init", "--password-stdin",
