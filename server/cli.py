@@ -440,6 +440,35 @@ def cmd_token_create(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_protocol_verify(config: Config, args: argparse.Namespace) -> int:
+    from . import session_protocol
+    path = Path(args.path)
+    if not path.exists():
+        raise CLIError(f"{path} does not exist (give a protocol file or a folder of them)")
+    if path.is_dir() and not session_protocol.protocol_files(path):
+        raise CLIError(f"no protocol files (*.jsonl) in {path}")
+    result = session_protocol.verify(path)
+    if not result.ok:
+        raise CLIError(result.summary())
+    print(result.summary())
+    if result.unended:
+        print(f"{len(result.unended)} session(s) without the server's 'ended' line (still running, "
+              "or the end of the file is missing): " + ", ".join(p.stem for p in result.unended))
+    return 0
+
+
+def cmd_protocol_show(config: Config, args: argparse.Namespace) -> int:
+    from . import session_protocol
+    try:
+        print(session_protocol.show(config.server.protocol_dir, args.session), end="")
+    except session_protocol.ProtocolError as exc:
+        raise CLIError(str(exc))
+    except OSError as exc:
+        raise CLIError(f"cannot read the protocol of {args.session}: {exc.strerror or exc} "
+                       f"({exc.filename})")
+    return 0
+
+
 # --- parser -----------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -536,6 +565,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--limit", type=int, default=50)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_session_list)
+
+    proto = sub.add_parser("protocol", help="session protocols: verify the hash chains, show one")
+    psub = proto.add_subparsers(dest="protocol_command", metavar="ACTION", required=True)
+    s = psub.add_parser("verify", help="check the hash chain of a protocol file, or of every "
+                        "*.jsonl in a folder (exit 1 names the first bad line)")
+    s.add_argument("path", metavar="FILE|DIR")
+    s.set_defaults(func=cmd_protocol_verify)
+    s = psub.add_parser("show", help="print a session's protocol as a readable timeline")
+    s.add_argument("session", metavar="SESSION_ID")
+    s.set_defaults(func=cmd_protocol_show)
 
     tenant = sub.add_parser("tenant", help="tenants (organisations): add, list")
     tsub = tenant.add_subparsers(dest="tenant_command", metavar="ACTION", required=True)
