@@ -18,6 +18,7 @@ ConnectHost            supporter                   session with an unattended ho
 SessionReady           server → supporter          the customer joined: relay details
 OfferSession           server → host               a supporter connects: relay details
 OpenRelayLeg           any, first command          turn this connection into a relay leg
+SessionEvent           either party of a session   one line for the session protocol
 =====================  ==========================  =========================================
 """
 
@@ -123,7 +124,8 @@ class AllocateNameplate(amp.Command):
 
 class JoinAdhoc(amp.Command):
     arguments = [(b"nameplate", amp.Unicode())]
-    response = _relay_fields() + [(b"supporter", amp.Unicode())]
+    response = _relay_fields() + [(b"supporter", amp.Unicode()), (b"terms", amp.Unicode()),
+                                  (b"supporter_fingerprint", amp.Unicode())]
     errors = ERRORS
 
 
@@ -143,7 +145,8 @@ class ListHosts(amp.Command):
 
 class ConnectHost(amp.Command):
     arguments = [(b"host", amp.Unicode())]  # host id or unique name
-    response = _relay_fields() + [(b"host_id", amp.Unicode()), (b"host_name", amp.Unicode())]
+    response = _relay_fields() + [(b"host_id", amp.Unicode()), (b"host_name", amp.Unicode()),
+                                  (b"host_fingerprint", amp.Unicode())]
     errors = ERRORS
 
 
@@ -158,8 +161,21 @@ class SessionReady(amp.Command):
 class OfferSession(amp.Command):
     """Server → host: a supporter wants a session."""
 
-    arguments = _relay_fields() + [(b"supporter", amp.Unicode())]
+    arguments = _relay_fields() + [(b"supporter", amp.Unicode()),
+                                   (b"supporter_fingerprint", amp.Unicode())]
     response = [(b"accepted", amp.Boolean())]
+    errors = ERRORS
+
+
+class SessionEvent(amp.Command):
+    """A party reports what happened in its session; the server stamps time and identity."""
+
+    arguments = [
+        (b"session_id", amp.Unicode()),
+        (b"kind", amp.Unicode()),
+        (b"detail", amp.Unicode()),  # a JSON object, at most 16 KiB
+    ]
+    response: list = []
     errors = ERRORS
 
 
@@ -174,6 +190,6 @@ class OpenRelayLeg(amp.Command):
 __all__ = [
     "PROTOCOL_VERSION", "ControlError", "ALL_ERRORS", "ERRORS", "Hello", "Heartbeat",
     "AllocateNameplate", "JoinAdhoc", "ListHosts", "ConnectHost", "SessionReady", "OfferSession",
-    "OpenRelayLeg", "ProtocolVersionMismatch", "NotEnrolled", "WrongState", "Forbidden",
+    "OpenRelayLeg", "SessionEvent", "ProtocolVersionMismatch", "NotEnrolled", "WrongState", "Forbidden",
     "UnknownNameplate", "LockedOut", "HostOffline", "UnknownHost", "RelayRefused",
 ]

@@ -27,6 +27,7 @@ from .pki import CertStore
 from .relay.core import Relay
 from .relay.listener import record_session_end
 from .relay.tokens import RelayTokens, load_or_create_secret
+from .session_protocol import SessionProtocols
 from .web import WebPlane
 
 log = Logger()
@@ -108,16 +109,23 @@ class HausmeisterServer(service.MultiService):
         self.relay = None if external else Relay(
             self.tokens, reactor, pair_timeout=config.relay.pair_timeout_seconds,
             idle_timeout=config.relay.idle_timeout_seconds,
-            on_ended=lambda stats: record_session_end(self.db, stats))
+            on_ended=self._relay_session_ended)
         locator = RelayLocator((config.server.public_host, self._module_port_number),
                                [(h, p or config.relay.port) for h, p in external])
         self.broker = Broker(self.db, lockouts, self.tokens.issue, locator, reactor,
                              nameplate_ttl=config.adhoc.nameplate_ttl_seconds,
                              heartbeat_seconds=config.presence.heartbeat_seconds,
                              missed_heartbeats=config.presence.missed_heartbeats,
-                             flush_seconds=config.presence.flush_seconds)
+                             flush_seconds=config.presence.flush_seconds,
+                             terms=config.adhoc.terms,
+                             protocols=SessionProtocols(config.server.protocol_dir))
         self.https_port = None
         self.module_port = None
+
+    def _relay_session_ended(self, stats) -> None:
+        record_session_end(self.db, stats)
+        self.broker.session_ended(stats.session_id, stats.end_reason,
+                                  stats.bytes_supporter_to_peer, stats.bytes_peer_to_supporter)
 
     def _module_port_number(self) -> int:
         return self.module_port.getHost().port if self.module_port else self.config.listen.module_port

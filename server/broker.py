@@ -9,6 +9,7 @@ is the relay's job) and never sees the secret half of an ad-hoc ID.  Presence li
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import secrets
 import uuid
 from dataclasses import dataclass, field
@@ -19,12 +20,18 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from protocol import control
+from protocol.runtime import run_blocking
 from protocol.identity import Identity
 
 from . import accounts
 from .db import Database
 from .db.models import Host, HostGroup, Role, Session, User, UserGroup
 from .pki import utcnow
+from .session_protocol import SessionSummary
+
+
+def terms_hash(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 log = Logger()
 
@@ -70,6 +77,25 @@ class HostPresence:
 
 
 @dataclass
+class LiveSession:
+    """A session the broker set up and whose parties may report events for it."""
+
+    session_id: str
+    tenant: str
+    kind: str
+    supporter: Any  # Connection
+    peer: Any  # Connection (the customer's or the host's control connection)
+    nameplate: str | None = None
+    created_at: dt.datetime = field(default_factory=utcnow)
+
+    def summary(self, reason: str, bytes_to_peer: int, bytes_to_supporter: int) -> SessionSummary:
+        peer = (self.peer.identity.uri if self.peer.identity else f"customer@{self.peer.address}")
+        return SessionSummary(self.session_id, self.kind, self.created_at, utcnow(),
+                              self.supporter.identity.uri, peer, bytes_to_peer,
+                              bytes_to_supporter, reason)
+
+
+@dataclass
 class RelayLocator:
     """Which relay a new session uses: the in-process one, or the next separate relay process."""
 
@@ -90,7 +116,9 @@ class Broker:
     def __init__(self, db: Database, lockouts: accounts.Lockouts, issue_token: Callable[[str, str], str],
                  relays: RelayLocator, reactor, nameplate_ttl: float = 600.0,
                  heartbeat_seconds: float = 30.0, missed_heartbeats: int = 3,
-                 flush_seconds: float = 10.0, now: Callable[[], dt.datetime] = utcnow) -> None:
+                 flush_seconds: float = 10.0, now: Callable[[], dt.datetime] = utcnow,
+                 terms: str = "", protocols: Any = None,
+                 blocking: Callable[..., defer.Deferred] = run_blocking) -> None:
         self.db = db
         self.lockouts = lockouts
         self.issue_token = issue_token
@@ -101,6 +129,10 @@ class Broker:
         self.missed_heartbeats = missed_heartbeats
         self.flush_seconds = flush_seconds
         self.now = now
+        self.blocking = blocking
+        self.terms = terms
+        self.protocols = protocols  # server.session_protocol facade, or None (no protocol files)
+        self.sessions: dict[str, LiveSession] = {}
         self.nameplates: dict[str, Nameplate] = {}
         self.hosts: dict[str, HostPresence] = {}
         self._dirty: set[str] = set()
@@ -177,10 +209,11 @@ class Broker:
         del self.nameplates[nameplate]  # single use
         supporter = plate.supporter
         session_id = str(uuid.uuid4())
-        yield self.db.run(_create_session, dict(
+        tenant = yield self.db.run(_create_session, dict(
             id=session_id, kind="adhoc", supporter_identity=supporter.identity.uri,
             supporter_address=supporter.address, peer_identity=None,
             peer_address=customer.address, host_id=None), supporter.identity.name)
+        live = LiveSession(session_id, tenant, "adhoc", supporter, customer, nameplate)
         relay_host, relay_port = self.relays.pick()
         supporter_ticket = RelayTicket(session_id, relay_host, relay_port,
                                        self.issue_token(session_id, "supporter"))
@@ -192,11 +225,66 @@ class Broker:
         except Exception as exc:
             log.warn("supporter of nameplate {nameplate} is gone: {why}", nameplate=nameplate,
                      why=str(exc))
-            yield self.db.run(_end_session, session_id, "supporter gone before the customer joined")
+            yield self._end_early(live, "supporter gone before the customer joined")
             raise control.UnknownNameplate("your supporter is no longer waiting: ask for a new ID")
         log.info("customer {address} joined nameplate {nameplate}: session {session_id}",
                  address=customer.address, nameplate=nameplate, session_id=session_id)
-        return {**customer_ticket.fields(), "supporter": supporter.identity.name}
+        self.sessions[session_id] = live
+        yield self._server_event(live, "created", {
+            "kind": "adhoc", "supporter": supporter.identity.uri,
+            "supporter_address": supporter.address, "nameplate": nameplate})
+        yield self._server_event(live, "joined", {
+            "customer_address": customer.address, "terms_sha256": terms_hash(self.terms)})
+        return {**customer_ticket.fields(), "supporter": supporter.identity.name,
+                "terms": self.terms, "supporter_fingerprint": supporter.fingerprint or ""}
+
+    # --- session events -----------------------------------------------------------------------
+
+    def _server_event(self, live: LiveSession, kind: str, detail: dict) -> defer.Deferred:
+        return self._record(live, kind, "server", "", detail)
+
+    def _record(self, live: LiveSession, kind: str, actor: str, address: str,
+                detail: dict) -> defer.Deferred:
+        if self.protocols is None:
+            return defer.succeed(None)
+        d = self.blocking(self.protocols.record, live.tenant, live.session_id, kind, actor,
+                              address, detail)
+        d.addErrback(lambda f: log.failure("could not write the protocol of session {session_id}",
+                                           f, session_id=live.session_id))
+        return d
+
+    def _end_early(self, live: LiveSession, reason: str) -> defer.Deferred:
+        self.sessions.pop(live.session_id, None)
+        d = self.db.run(_end_session, live.session_id, reason)
+        return d.addCallback(lambda _: self.session_ended(live.session_id, reason, 0, 0))
+
+    def session_event(self, conn, session_id: str, kind: str, detail: dict) -> defer.Deferred:
+        """A party's report; stamped with the identity of the connection it came over."""
+        live = self.sessions.get(session_id)
+        if live is None or conn not in (live.supporter, live.peer):
+            raise control.Forbidden("you are not a party of this session")
+        actor = conn.identity.uri if conn.identity else f"customer@{conn.address}"
+        d = self._record(live, kind, actor, conn.address, detail)
+        if kind == "key_confirmation_failed" and live.kind == "adhoc":
+            keys = [f"adhoc-addr:{live.peer.address}", f"nameplate:{live.nameplate}"]
+            d.addCallback(lambda _: self.db.run(self.lockouts.failed, keys))
+            log.warn("session {session_id}: key confirmation failed (wrong code?); counted "
+                     "against {address}", session_id=session_id, address=live.peer.address)
+        return d.addCallback(lambda _: {})
+
+    def session_ended(self, session_id: str, reason: str, bytes_to_peer: int,
+                      bytes_to_supporter: int) -> defer.Deferred:
+        """The relay says the session is over: close its protocol with the billing row."""
+        live = self.sessions.pop(session_id, None)
+        if live is None or self.protocols is None:
+            return defer.succeed(None)
+        d = self.blocking(self.protocols.ended, live.tenant,
+                          live.summary(reason, bytes_to_peer, bytes_to_supporter))
+        d.addCallback(lambda _: self.db.run(_remember_protocol_file, session_id,
+                                            self.protocols.file_of(live.tenant, session_id)))
+        d.addErrback(lambda f: log.failure("could not close the protocol of session {session_id}",
+                                           f, session_id=session_id))
+        return d
 
     # --- hosts --------------------------------------------------------------------------------
 
@@ -273,27 +361,36 @@ class Broker:
             seen = f"; last seen {host.last_seen:%Y-%m-%d %H:%M} UTC" if host.last_seen else ""
             raise control.HostOffline(f"host {host.name!r} is offline{seen}")
         session_id = str(uuid.uuid4())
-        yield self.db.run(_create_session, dict(
+        tenant = yield self.db.run(_create_session, dict(
             id=session_id, kind="host", supporter_identity=supporter.identity.uri,
             supporter_address=supporter.address, peer_identity=f"hausmeister:host:{host.id}",
             peer_address=presence.connection.address, host_id=host.id), supporter.identity.name)
+        live = LiveSession(session_id, tenant, "host", supporter, presence.connection)
+        self.sessions[session_id] = live
+        yield self._server_event(live, "created", {
+            "kind": "host", "supporter": supporter.identity.uri,
+            "supporter_address": supporter.address, "host_id": host.id, "host_name": host.name,
+            "host_address": presence.connection.address})
         relay_host, relay_port = self.relays.pick()
         host_ticket = RelayTicket(session_id, relay_host, relay_port,
                                   self.issue_token(session_id, "peer"))
         try:
             answer = yield presence.connection.callRemote(
-                control.OfferSession, supporter=supporter.identity.name, **host_ticket.fields())
+                control.OfferSession, supporter=supporter.identity.name,
+                supporter_fingerprint=supporter.fingerprint or "", **host_ticket.fields())
         except Exception as exc:
-            yield self.db.run(_end_session, session_id, f"host did not answer the offer: {exc}")
+            yield self._end_early(live, f"host did not answer the offer: {exc}")
             raise control.HostOffline(f"host {host.name!r} did not answer: {exc}")
         if not answer["accepted"]:
-            yield self.db.run(_end_session, session_id, "host declined")
+            yield self._end_early(live, "host declined")
             raise control.Forbidden(f"host {host.name!r} declined the session")
+        yield self._server_event(live, "joined", {"host_id": host.id})
         log.info("{supporter} connects to host {host_id}: session {session_id}",
                  supporter=supporter.identity.uri, host_id=host.id, session_id=session_id)
         ticket = RelayTicket(session_id, relay_host, relay_port,
                              self.issue_token(session_id, "supporter"))
-        return {**ticket.fields(), "host_id": host.id, "host_name": host.name}
+        return {**ticket.fields(), "host_id": host.id, "host_name": host.name,
+                "host_fingerprint": presence.connection.fingerprint or ""}
 
 
 # --- database work (runs in the blocking pool) -------------------------------------------------
@@ -345,10 +442,17 @@ def _visible_hosts(session, user_name: str) -> list[tuple[Host, str | None]]:
     return [(host, group) for host, group in session.execute(query)]
 
 
-def _create_session(session, values: dict, supporter_name: str) -> None:
+def _create_session(session, values: dict, supporter_name: str) -> str:
     user = _supporter(session, supporter_name)
     session.add(Session(tenant_id=user.tenant_id, created_at=utcnow(), started_at=utcnow(),
                         bytes_to_peer=0, bytes_to_supporter=0, **values))
+    return user.tenant.name
+
+
+def _remember_protocol_file(session, session_id: str, path: str | None) -> None:
+    row = session.get(Session, session_id)
+    if row is not None and path:
+        row.protocol_file = path
 
 
 def _end_session(session, session_id: str, reason: str) -> None:

@@ -100,6 +100,7 @@ class EgressSection:
 @dataclass(frozen=True)
 class AdhocSection:
     nameplate_ttl: str
+    terms: str
 
     @property
     def nameplate_ttl_seconds(self) -> float:
@@ -168,6 +169,12 @@ class Key:
     maximum: float | None = None
 
 
+DEFAULT_TERMS = (
+    "Remote support terms: a supporter of your IT service will see your screen and, only if you "
+    "allow it, control your mouse and keyboard and exchange files. Every right is granted "
+    "separately and can be withdrawn at any moment; the emergency stop ends the session at "
+    "once. The session is logged.")
+
 LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
 
 SCHEMA: dict[str, tuple[Key, ...]] = {
@@ -218,7 +225,10 @@ SCHEMA: dict[str, tuple[Key, ...]] = {
     ),
     "avatars": (Key("gravatar", "bool", False),),
     "egress": (Key("allow", "endpointlist", []),),
-    "adhoc": (Key("nameplate_ttl", "duration", "10m"),),
+    "adhoc": (
+        Key("nameplate_ttl", "duration", "10m"),
+        Key("terms", "str", DEFAULT_TERMS),
+    ),
     "relay": (
         Key("idle_timeout_seconds", "float", 300.0, minimum=0.05, maximum=86400),
         Key("pair_timeout_seconds", "float", 30.0, minimum=0.05, maximum=3600),

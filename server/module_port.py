@@ -8,6 +8,8 @@ and state allow, and hands the broker what it asks for.  A connection whose firs
 
 from __future__ import annotations
 
+import json
+import re
 import time
 from typing import Callable
 
@@ -19,11 +21,15 @@ from zope.interface import implementer
 from protocol import PROTOCOL_VERSION, control
 from protocol.amp_adapter import FramedAMP
 from protocol.framing import encode_box
-from protocol.identity import Identity, identity_of
+from protocol.identity import Identity, fingerprint, identity_of
 
 from . import __version__
 
 log = Logger()
+
+EVENT_KIND = re.compile(r"^[a-z][a-z_]{0,39}$")
+MAX_EVENT_DETAIL = 16 * 1024
+SERVER_KINDS = frozenset({"created", "joined"})
 
 
 @implementer(IHandshakeListener)
@@ -35,6 +41,7 @@ class ModuleConnection(FramedAMP):
         self.port = port
         self.identity: Identity | None = None
         self.serial: str | None = None
+        self.fingerprint: str | None = None
         self.not_after = ""
         self.address = "?"
         self.module_version = ""
@@ -55,6 +62,7 @@ class ModuleConnection(FramedAMP):
             cert = peer.to_cryptography()
             self.identity = identity_of(cert)
             self.serial = format(cert.serial_number, "x")
+            self.fingerprint = fingerprint(cert)
             self.not_after = cert.not_valid_after_utc.isoformat()
         self.port.registry.add(self)
         log.debug("TLS handshake with {identity} from {address} (serial {serial})",
@@ -184,6 +192,28 @@ class ModuleConnection(FramedAMP):
             self._refuse(exc)
             raise
         return self._guarded(self.port.broker.connect_host(self, host))
+
+    @control.SessionEvent.responder
+    def session_event(self, session_id: str, kind: str, detail: str):
+        try:
+            self._require(None)
+            if not EVENT_KIND.match(kind):
+                raise control.WrongState(f"event kind {kind[:40]!r} is not valid")
+            if len(detail) > MAX_EVENT_DETAIL:
+                raise control.WrongState(f"event detail is larger than {MAX_EVENT_DETAIL} bytes")
+            try:
+                parsed = json.loads(detail) if detail else {}
+            except ValueError:
+                raise control.WrongState("event detail is not JSON")
+            if not isinstance(parsed, dict):
+                raise control.WrongState("event detail must be a JSON object")
+            if kind in SERVER_KINDS:
+                raise control.Forbidden(f"only the server records {kind!r} events")
+            d = self.port.broker.session_event(self, session_id, kind, parsed)
+        except control.ControlError as exc:
+            self._refuse(exc)
+            raise
+        return self._guarded(d)
 
     def ampBoxReceived(self, box) -> None:
         """``OpenRelayLeg`` is handled here, not by a responder: the answer must be on the wire

@@ -18,6 +18,7 @@ from protocol.identity import Identity
 from server import accounts
 from server.broker import Broker, RelayLocator
 from server.db.models import Host, Role, Session
+from server.session_protocol import SessionProtocols, verify
 
 PASSWORD = "a-long-password-1"
 
@@ -38,6 +39,7 @@ class FakeConnection:
         self.identity = identity
         self.address = address
         self.module_version = "test"
+        self.fingerprint = None if identity is None else "ab" * 32
         self.calls: list[tuple[type, dict]] = []
         self.aborted: str | None = None
         self.offer_answer = offer_answer
@@ -94,7 +96,7 @@ def clock():
 
 
 @pytest.fixture
-def broker(database, clock, world):
+def broker(database, clock, world, tmp_path):
     issued = []
 
     def issue(session_id: str, side: str) -> str:
@@ -103,7 +105,9 @@ def broker(database, clock, world):
     policy = accounts.LockoutPolicy(free_attempts=2, base_seconds=10, max_seconds=1000)
     b = Broker(InlineDB(database), accounts.Lockouts(policy), issue,
                RelayLocator(("127.0.0.1", lambda: 4444)), clock, nameplate_ttl=600,
-               heartbeat_seconds=30, missed_heartbeats=3, flush_seconds=10)
+               heartbeat_seconds=30, missed_heartbeats=3, flush_seconds=10,
+               terms="Be nice.", protocols=SessionProtocols(tmp_path / "protocols"),
+               blocking=lambda fn, *args: defer.maybeDeferred(fn, *args))
     b.issued = issued
     result_of(b.start())
     yield b
@@ -282,3 +286,38 @@ def test_host_that_declines_ends_the_session_record(broker, world, database):
 def test_unknown_host_identity_is_refused(broker):
     with pytest.raises(control.NotEnrolled):
         result_of(broker.host_online(host(str(uuid.uuid4())), "1"))
+
+
+# --- session protocol ----------------------------------------------------------------------------
+
+def test_session_events_are_stamped_with_the_sender_and_chained(broker, tmp_path, database):
+    anna = supporter("anna")
+    customer = FakeConnection(None, "127.0.0.8")
+    plate, _ = broker.allocate_nameplate(anna)
+    ticket = result_of(broker.join_adhoc(customer, plate))
+    assert ticket["terms"] == "Be nice." and ticket["supporter_fingerprint"] == "ab" * 32
+    sid = ticket["session_id"]
+    result_of(broker.session_event(customer, sid, "terms_accepted", {"sha256": "x"}))
+    result_of(broker.session_event(anna, sid, "right_requested", {"right": "control"}))
+    with pytest.raises(control.Forbidden):
+        broker.session_event(supporter("otto"), sid, "chat", {"text": "I am not in it"})
+    result_of(broker.session_ended(sid, "supporter closed the connection", 10, 20))
+    text = broker.protocols.show(sid)
+    assert "customer@127.0.0.8" in text and "hausmeister:supporter:anna" in text
+    result = verify(tmp_path / "protocols")
+    assert result.ok and result.events == 5  # created, joined, terms_accepted, right_requested, ended
+    csv_text = (tmp_path / "protocols" / "acme" / "sessions.csv").read_text()
+    assert sid in csv_text and "supporter closed the connection" in csv_text
+    with database.session() as s:
+        assert s.get(Session, sid).protocol_file.endswith(f"{sid}.jsonl")
+
+
+def test_failed_key_confirmation_counts_against_customer_and_nameplate(broker, database):
+    anna = supporter("anna")
+    customer = FakeConnection(None, "127.0.0.44")
+    plate, _ = broker.allocate_nameplate(anna)
+    sid = result_of(broker.join_adhoc(customer, plate))["session_id"]
+    result_of(broker.session_event(customer, sid, "key_confirmation_failed", {}))
+    with database.session() as s:
+        assert s.get(accounts.Lockout, "adhoc-addr:127.0.0.44").failures == 1
+        assert s.get(accounts.Lockout, f"nameplate:{plate}").failures == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import secrets
 import socket
 import sys
 
@@ -11,9 +12,10 @@ from twisted.logger import Logger
 
 from modules.common import enrollment
 from modules.common.cli import (
-    add_home, add_server_options, add_status_renew, folder_of, main_wrapper, run_reactor,
-    server_and_fingerprint,
+    ModuleError, add_home, add_server_options, add_status_renew, folder_of, main_wrapper,
+    read_secret, run_reactor, server_and_fingerprint,
 )
+from modules.remote_host import settings
 from modules.common.connection import MODULE_VERSION, address_of
 from modules.common.stream_cli import run_stream, say
 from modules.remote_host.presence import HostPresence
@@ -77,6 +79,48 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_set_password(args: argparse.Namespace) -> int:
+    from modules.common.channel import new_host_secret
+    folder = folder_of(args, KIND)
+    folder.require_enrolled(KIND)
+    if args.generate:
+        password = secrets.token_urlsafe(12)
+    else:
+        password = read_secret(args, "Session password for this host: ")
+        if len(password) < 8:
+            raise ModuleError("the session password is too short: use at least 8 characters")
+    salt, secret = new_host_secret(password)
+    settings.save_secret(folder, salt, secret)
+    print("session password set; this host stores only its argon2id hash")
+    if args.generate:
+        print(f"password: {password}   <- shown once; supporters type it to connect")
+    return 0
+
+
+def cmd_policy(args: argparse.Namespace) -> int:
+    folder = folder_of(args, KIND)
+    folder.require_enrolled(KIND)
+    policy = settings.load_policy(folder)
+    changed = False
+    for right in settings.RIGHTS:
+        value = getattr(args, right)
+        if value:
+            setattr(policy, right, value)
+            changed = True
+    if args.allow_supporter:
+        policy.supporters = sorted(set(policy.supporters) | set(args.allow_supporter))
+        changed = True
+    if args.any_supporter:
+        policy.supporters = []
+        changed = True
+    if changed:
+        settings.save_policy(folder, policy)
+    print(f"view: {policy.view}   control: {policy.control}   files: {policy.files}")
+    print("supporters: " + (", ".join(policy.supporters) if policy.supporters
+                            else "any supporter the server lets through"))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hausmeister-host",
                                 description="Hausmeister unattended remote-host module.")
@@ -91,6 +135,25 @@ def build_parser() -> argparse.ArgumentParser:
     add_home(s, KIND)
     s.set_defaults(func=cmd_enroll)
     add_status_renew(sub, KIND)
+    s = sub.add_parser("set-password", help="set the session password supporters type to connect")
+    add_home(s, KIND)
+    pw = s.add_mutually_exclusive_group()
+    pw.add_argument("--password-stdin", action="store_true", help="read it from standard input")
+    pw.add_argument("--generate", action="store_true", help="generate one and print it once")
+    s.set_defaults(func=cmd_set_password)
+
+    s = sub.add_parser("policy", help="show or set what this host allows unattended")
+    add_home(s, KIND)
+    for right, what in (("view", "seeing the screen"), ("control", "mouse and keyboard"),
+                        ("files", "file transfer")):
+        s.add_argument(f"--{right}", choices=settings.CHOICES,
+                       help=f"{what}: allow, deny, or ask the logged-in user")
+    s.add_argument("--allow-supporter", action="append", metavar="USER",
+                   help="only these supporters may connect (repeatable)")
+    s.add_argument("--any-supporter", action="store_true",
+                   help="drop the supporter allow-list")
+    s.set_defaults(func=cmd_policy)
+
     s = sub.add_parser("run", help="stay connected to the server and accept sessions")
     add_home(s, KIND)
     s.add_argument("--pipe", action="store_true",
