@@ -101,6 +101,7 @@ class HausmeisterServer(service.MultiService):
                                         config.security.lockout_base_seconds,
                                         config.security.lockout_max_seconds)
         lockouts = accounts.Lockouts(policy)
+        self.protocols = SessionProtocols(config.server.protocol_dir)
         self.enrollment = certificates.Enrollment(self.store, lockouts,
                                                   config.certificates.module_days)
         self.tokens = RelayTokens(load_or_create_secret(config.relay.secret_file),
@@ -118,14 +119,13 @@ class HausmeisterServer(service.MultiService):
                              missed_heartbeats=config.presence.missed_heartbeats,
                              flush_seconds=config.presence.flush_seconds,
                              terms=config.adhoc.terms,
-                             protocols=SessionProtocols(config.server.protocol_dir))
+                             protocols=self.protocols)
         self.https_port = None
         self.module_port = None
 
     def _relay_session_ended(self, stats) -> None:
-        record_session_end(self.db, stats)
-        self.broker.session_ended(stats.session_id, stats.end_reason,
-                                  stats.bytes_supporter_to_peer, stats.bytes_peer_to_supporter)
+        record_session_end(self.db, stats, self.protocols)
+        self.broker.session_ended(stats.session_id)
 
     def _module_port_number(self) -> int:
         return self.module_port.getHost().port if self.module_port else self.config.listen.module_port

@@ -30,6 +30,11 @@ from .pki import utcnow
 from .session_protocol import SessionSummary
 
 
+def host_password_key(supporter: str, host_id: str) -> str:
+    # Per supporter and host: guessing locks that supporter out of that host, nobody else.
+    return f"hostpw:{supporter}:{host_id}"
+
+
 def terms_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
@@ -87,6 +92,13 @@ class LiveSession:
     peer: Any  # Connection (the customer's or the host's control connection)
     nameplate: str | None = None
     created_at: dt.datetime = field(default_factory=utcnow)
+    key_failure_counted: bool = False
+
+    def guess_keys(self) -> list[str]:
+        """Lock-out keys a failed key confirmation counts against."""
+        if self.kind == "adhoc":
+            return [f"adhoc-addr:{self.peer.address}", f"nameplate:{self.nameplate}"]
+        return [host_password_key(self.supporter.identity.name, self.peer.identity.name)]
 
     def summary(self, reason: str, bytes_to_peer: int, bytes_to_supporter: int) -> SessionSummary:
         peer = (self.peer.identity.uri if self.peer.identity else f"customer@{self.peer.address}")
@@ -254,9 +266,15 @@ class Broker:
         return d
 
     def _end_early(self, live: LiveSession, reason: str) -> defer.Deferred:
+        """A session that never reached the relay: record its end and close its protocol."""
         self.sessions.pop(live.session_id, None)
         d = self.db.run(_end_session, live.session_id, reason)
-        return d.addCallback(lambda _: self.session_ended(live.session_id, reason, 0, 0))
+        if self.protocols is not None:
+            d.addCallback(lambda _: self.blocking(self.protocols.ended, live.tenant,
+                                                  live.summary(reason, 0, 0)))
+            d.addErrback(lambda f: log.failure("could not close the protocol of session "
+                                               "{session_id}", f, session_id=live.session_id))
+        return d
 
     def session_event(self, conn, session_id: str, kind: str, detail: dict) -> defer.Deferred:
         """A party's report; stamped with the identity of the connection it came over."""
@@ -265,26 +283,23 @@ class Broker:
             raise control.Forbidden("you are not a party of this session")
         actor = conn.identity.uri if conn.identity else f"customer@{conn.address}"
         d = self._record(live, kind, actor, conn.address, detail)
-        if kind == "key_confirmation_failed" and live.kind == "adhoc":
-            keys = [f"adhoc-addr:{live.peer.address}", f"nameplate:{live.nameplate}"]
+        if kind == "key_confirmation_failed" and not live.key_failure_counted:
+            live.key_failure_counted = True  # both sides report it; it is one guess
+            keys = live.guess_keys()
             d.addCallback(lambda _: self.db.run(self.lockouts.failed, keys))
-            log.warn("session {session_id}: key confirmation failed (wrong code?); counted "
-                     "against {address}", session_id=session_id, address=live.peer.address)
+            log.warn("session {session_id}: key confirmation failed (wrong code or password); "
+                     "counted against {keys}", session_id=session_id, keys=", ".join(keys))
         return d.addCallback(lambda _: {})
 
-    def session_ended(self, session_id: str, reason: str, bytes_to_peer: int,
-                      bytes_to_supporter: int) -> defer.Deferred:
-        """The relay says the session is over: close its protocol with the billing row."""
-        live = self.sessions.pop(session_id, None)
-        if live is None or self.protocols is None:
-            return defer.succeed(None)
-        d = self.blocking(self.protocols.ended, live.tenant,
-                          live.summary(reason, bytes_to_peer, bytes_to_supporter))
-        d.addCallback(lambda _: self.db.run(_remember_protocol_file, session_id,
-                                            self.protocols.file_of(live.tenant, session_id)))
-        d.addErrback(lambda f: log.failure("could not close the protocol of session {session_id}",
-                                           f, session_id=session_id))
-        return d
+    def session_ended(self, session_id: str) -> None:
+        """The relay closed the session (its protocol is closed where the relay records the end)."""
+        self.sessions.pop(session_id, None)
+
+    def _forget_sessions_of(self, conn) -> None:
+        # A party's control connection is gone: it can report nothing more for its sessions.
+        for session_id, live in list(self.sessions.items()):
+            if conn is live.supporter or (conn is live.peer and live.kind == "adhoc"):
+                del self.sessions[session_id]
 
     # --- hosts --------------------------------------------------------------------------------
 
@@ -311,6 +326,7 @@ class Broker:
                 self._dirty.add(presence.host_id)
 
     def connection_lost(self, conn) -> None:
+        self._forget_sessions_of(conn)
         if conn.identity is None:
             return
         if conn.identity.role == "supporter":
@@ -356,6 +372,11 @@ class Broker:
         if len(matches) > 1:
             raise control.UnknownHost(f"{len(matches)} hosts are named {wanted!r}: use the host id")
         host = matches[0]
+        wait = yield self.db.run(self.lockouts.wait_seconds,
+                                 [host_password_key(supporter.identity.name, host.id)])
+        if wait > 0:
+            raise control.LockedOut(f"too many wrong passwords for host {host.name!r}: try again "
+                                    f"in {max(1, round(wait))} s")
         presence = self.hosts.get(host.id)
         if presence is None:
             seen = f"; last seen {host.last_seen:%Y-%m-%d %H:%M} UTC" if host.last_seen else ""
@@ -447,12 +468,6 @@ def _create_session(session, values: dict, supporter_name: str) -> str:
     session.add(Session(tenant_id=user.tenant_id, created_at=utcnow(), started_at=utcnow(),
                         bytes_to_peer=0, bytes_to_supporter=0, **values))
     return user.tenant.name
-
-
-def _remember_protocol_file(session, session_id: str, path: str | None) -> None:
-    row = session.get(Session, session_id)
-    if row is not None and path:
-        row.protocol_file = path
 
 
 def _end_session(session, session_id: str, reason: str) -> None:

@@ -8,6 +8,7 @@ blocking pool; the functions are the same).
 from __future__ import annotations
 
 import datetime as dt
+import time
 import uuid
 
 import pytest
@@ -18,6 +19,8 @@ from protocol.identity import Identity
 from server import accounts
 from server.broker import Broker, RelayLocator
 from server.db.models import Host, Role, Session
+from server.relay.core import SessionStats
+from server.relay.listener import record_session_end
 from server.session_protocol import SessionProtocols, verify
 
 PASSWORD = "a-long-password-1"
@@ -301,7 +304,11 @@ def test_session_events_are_stamped_with_the_sender_and_chained(broker, tmp_path
     result_of(broker.session_event(anna, sid, "right_requested", {"right": "control"}))
     with pytest.raises(control.Forbidden):
         broker.session_event(supporter("otto"), sid, "chat", {"text": "I am not in it"})
-    result_of(broker.session_ended(sid, "supporter closed the connection", 10, 20))
+    stats = SessionStats(sid, 10, 20, None, time.time(), "supporter closed the connection")
+    result_of(record_session_end(InlineDB(database), stats, broker.protocols,
+                                 blocking=lambda fn, *a: defer.maybeDeferred(fn, *a)))
+    broker.session_ended(sid)
+    assert sid not in broker.sessions
     text = broker.protocols.show(sid)
     assert "customer@127.0.0.8" in text and "hausmeister:supporter:anna" in text
     result = verify(tmp_path / "protocols")

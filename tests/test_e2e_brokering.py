@@ -43,6 +43,13 @@ def wait_until(predicate, timeout: float = 20, what: str = "condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def answers(tmp_path, *lines: str) -> str:
+    """A scripted answer file for the consent questions (the same reader a terminal uses)."""
+    path = tmp_path / f"answers-{len(list(tmp_path.glob('answers-*')))}.txt"
+    path.write_text("".join(line + "\n" for line in lines))
+    return str(path)
+
+
 def exchange(a: ModuleProcess, b: ModuleProcess, size: int = 200_000) -> None:
     """Bytes both ways, more than one TLS record and one relay read each."""
     to_b = os.urandom(size)
@@ -53,14 +60,16 @@ def exchange(a: ModuleProcess, b: ModuleProcess, size: int = 200_000) -> None:
     a.read_exactly(to_a)
 
 
-def test_adhoc_session_bytes_flow_both_ways(running_server, enrolled_supporter):
+def test_adhoc_session_bytes_flow_both_ways(running_server, enrolled_supporter, tmp_path):
     srv = running_server
-    supporter = ModuleProcess("supporter", "adhoc", "--pipe", "--home", str(enrolled_supporter))
+    supporter = ModuleProcess("supporter", "adhoc", "--pipe", "--answers", "/dev/null",
+                              "--home", str(enrolled_supporter))
     customer = None
     try:
         match = supporter.wait_for_line(r"ad-hoc ID: (\d{4}) (\d{4})")
         nameplate, secret = match.group(1), match.group(2)
-        customer = ModuleProcess("customer", *server_args(srv), f"{nameplate} {secret}", "--pipe")
+        customer = ModuleProcess("customer", *server_args(srv), f"{nameplate} {secret}", "--pipe",
+                                 "--answers", answers(tmp_path, "y", "y", "y"))
         customer.wait_for_line("joined the session of supporter alice")
         supporter.wait_for_line("customer joined from 127.0.0.1")
         exchange(supporter, customer)
@@ -81,8 +90,12 @@ def test_adhoc_session_bytes_flow_both_ways(running_server, enrolled_supporter):
 
 
 def test_host_session_listed_online_connect_and_bytes_flow(running_server, enrolled_supporter,
-                                                           enrolled_host):
+                                                           enrolled_host, tmp_path):
     srv = running_server
+    password_file = tmp_path / "host-password"
+    password_file.write_text("host-password-1\n")
+    assert run_cli("host", "set-password", "--password-stdin", "--home", str(enrolled_host),
+                   stdin="host-password-1\n").returncode == 0
     host = ModuleProcess("host", "run", "--pipe", "--home", str(enrolled_host))
     supporter = None
     try:
@@ -93,7 +106,8 @@ def test_host_session_listed_online_connect_and_bytes_flow(running_server, enrol
         assert [(h["name"], h["online"], h["group"]) for h in hosts] == [("pc1", True, "office")]
         table = run_cli("supporter", "hosts", "--home", str(enrolled_supporter)).stdout
         assert "online" in table and "pc1" in table
-        supporter = ModuleProcess("supporter", "connect", "pc1", "--pipe",
+        supporter = ModuleProcess("supporter", "connect", "pc1", "--pipe", "--answers", "/dev/null",
+                                  "--password-file", str(password_file),
                                   "--home", str(enrolled_supporter))
         try:
             supporter.wait_for_line("accepted the session")
@@ -115,14 +129,16 @@ def test_host_session_listed_online_connect_and_bytes_flow(running_server, enrol
                                               str(enrolled_supporter)).stdout)[0]["online"],
                what="host offline")
     started = time.monotonic()
-    offline = run_cli("supporter", "connect", "pc1", "--home", str(enrolled_supporter))
+    offline = run_cli("supporter", "connect", "pc1", "--password-file", str(password_file),
+                      "--home", str(enrolled_supporter))
     assert offline.returncode == 1 and "is offline" in offline.stderr
     assert time.monotonic() - started < 10
 
 
 def test_unknown_host_and_wrong_id_are_clear_errors(running_server, enrolled_supporter):
     srv = running_server
-    unknown = run_cli("supporter", "connect", "nosuchhost", "--home", str(enrolled_supporter))
+    unknown = run_cli("supporter", "connect", "nosuchhost", "--password-stdin",
+                      "--home", str(enrolled_supporter), stdin="whatever\n")
     assert unknown.returncode == 1 and "no host 'nosuchhost'" in unknown.stderr
     bad_format = run_cli("customer", *server_args(srv), "12 34")
     assert bad_format.returncode == 1 and "8 digits" in bad_format.stderr
@@ -175,6 +191,8 @@ heartbeat_seconds = 1.0
         host_home = tmp_path / "host"
         assert run_cli("host", "enroll", *server_args(srv), "--token", token, "--name", "kiosk",
                        "--home", str(host_home)).returncode == 0
+        assert run_cli("host", "set-password", "--generate",
+                       "--home", str(host_home)).returncode == 0
         srv.ok("user", "add", "sam", "--role", "supporter", "--password-stdin",
                stdin=SUPPORTER_PASSWORD + "\n")
         supporter_home = tmp_path / "sam"
@@ -208,9 +226,11 @@ external = ["127.0.0.1:{relay_port}"]
         assert run_cli("supporter", "enroll", *server_args(srv), "--user", "rita",
                        "--password-stdin", "--home", str(home),
                        stdin=SUPPORTER_PASSWORD + "\n").returncode == 0
-        supporter = ModuleProcess("supporter", "adhoc", "--pipe", "--home", str(home))
+        supporter = ModuleProcess("supporter", "adhoc", "--pipe", "--answers", "/dev/null",
+                                  "--home", str(home))
         code = "".join(supporter.wait_for_line(r"ad-hoc ID: (\d{4}) (\d{4})").groups())
-        customer = ModuleProcess("customer", *server_args(srv), code, "--pipe")
+        customer = ModuleProcess("customer", *server_args(srv), code, "--pipe",
+                                 "--answers", answers(tmp_path, "y", "y", "y"))
         customer.wait_for_line("joined the session")
         exchange(supporter, customer, size=50_000)
         supporter.close_stdin()

@@ -77,10 +77,10 @@ def run_reactor(main: Callable[[Any], Coroutine]) -> None:
     try:
         task.react(wrapped)
     except SystemExit as exit_:
-        if "error" in outcome:
-            raise _explain(outcome["error"])
-        if exit_.code:
+        if "error" not in outcome and exit_.code:
             raise
+    if "error" in outcome:
+        raise _explain(outcome["error"]) from None
 
 
 def _explain(exc: BaseException) -> BaseException:
@@ -100,7 +100,8 @@ def _explain(exc: BaseException) -> BaseException:
         return ModuleError(str(exc))
     if isinstance(exc, amp.RemoteAmpError):
         return ModuleError(f"the server refused: {exc.description}")
-    return exc
+    return ModuleError(f"internal error ({type(exc).__name__}: {exc}); please report it with "
+                       "the steps that led here")
 
 
 def status(args: argparse.Namespace, kind: str) -> int:

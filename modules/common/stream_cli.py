@@ -1,11 +1,17 @@
-"""Running a session stream from a module CLI: open the relay leg, then pipe or hold it."""
+"""Running a session from a module CLI: open the relay leg, secure it, then pipe or hold it."""
 
 from __future__ import annotations
 
+import io
 import sys
+from typing import Any, Callable
 
+from .cli import ModuleError
+from .consent import ConsentState
+from .consent_terminal import TerminalConsentUI, open_answers
 from .folder import ModuleFolder
-from .session_stream import discard, open_leg, pipe_stdio
+from .session_runner import SessionRunner, reporter
+from .session_stream import open_leg
 
 
 def say(message: str) -> None:
@@ -13,12 +19,47 @@ def say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-async def run_stream(reactor, ticket: dict, ca_pem: bytes, folder: ModuleFolder | None,
-                     pipe: bool) -> str:
+def add_session_options(parser, supporter: bool = False) -> None:
+    parser.add_argument("--pipe", action="store_true",
+                        help="join stdin/stdout to the session stream (status goes to stderr)")
+    parser.add_argument("--answers", metavar="SOURCE",
+                        help="where consent answers are read from: a file, a file descriptor "
+                             "number, or the terminal (default)")
+    if supporter:
+        parser.add_argument("--request", default="view,control", metavar="RIGHTS",
+                            help="rights to ask for, comma-separated: view, control, files "
+                                 "(default view,control)")
+        parser.add_argument("--show-my-screen", action="store_true",
+                            help="ask to show your own screen instead (a direction change)")
+
+
+def consent_ui(args) -> TerminalConsentUI:
+    try:
+        answers = open_answers(args.answers)
+    except OSError as exc:
+        if args.answers:
+            raise ModuleError(f"--answers {args.answers}: {exc.strerror}")
+        # No terminal (a service, a script): every question is answered "no".
+        say("no terminal to ask questions on: every consent question is answered no "
+            "(use --answers to script them)")
+        answers = io.StringIO("")
+    return TerminalConsentUI(answers, sys.stderr)
+
+
+async def run_secure_session(reactor, ticket: dict, ca_pem: bytes, folder: ModuleFolder | None,
+                             make_channel: Callable[[str], Any], consent: ConsentState, args,
+                             conn, host_password: str | None = None,
+                             admit: Callable | None = None) -> str:
     leg = await open_leg(reactor, ticket["relay_host"], int(ticket["relay_port"]),
                          ticket["relay_token"], ca_pem, folder)
-    say(f"session {leg.session_id} connected through the relay")
-    reason = await (pipe_stdio(leg, reactor) if pipe else discard(leg))
+    say(f"session {leg.session_id} connected through the relay; securing it ...")
+    rights = tuple(r.strip() for r in getattr(args, "request", "").split(",") if r.strip())
+    runner = SessionRunner(reactor, leg, make_channel(leg.session_id), consent, consent_ui(args),
+                           reporter(conn, leg.session_id, reactor), pipe=args.pipe,
+                           request_rights=rights,
+                           show_my_screen=getattr(args, "show_my_screen", False),
+                           host_password=host_password, admit=admit)
+    reason = await runner.run()
     say(f"session {leg.session_id} ended ({reason}); {leg.bytes_out} bytes sent, "
-        f"{leg.bytes_in} received")
+        f"{leg.bytes_in} received (encrypted)")
     return reason

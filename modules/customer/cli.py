@@ -16,7 +16,9 @@ from modules.common.cli import (
     ModuleError, add_server_options, main_wrapper, run_reactor, server_and_fingerprint,
 )
 from modules.common.connection import MODULE_VERSION, ServerAddress, connect, hello
-from modules.common.stream_cli import run_stream, say
+from modules.common.channel import SessionChannel, adhoc_password
+from modules.common.consent import ConsentState
+from modules.common.stream_cli import add_session_options, run_secure_session, say
 from protocol import control
 from modules.common.enrollment import fetch_pinned_ca, server_info
 
@@ -49,7 +51,7 @@ def parse_adhoc_id(text: str) -> tuple[str, str]:
 
 
 def cmd_join(args: argparse.Namespace) -> int:
-    nameplate, _secret = parse_adhoc_id(" ".join(args.id))
+    nameplate, secret = parse_adhoc_id(" ".join(args.id))
     server, fp = server_and_fingerprint(args)
     ca = fetch_pinned_ca(server, fp)
     info = server_info(server, ca)
@@ -64,7 +66,14 @@ def cmd_join(args: argparse.Namespace) -> int:
         except (control.UnknownNameplate, control.LockedOut) as exc:
             raise ModuleError(str(exc))
         say(f"joined the session of supporter {ticket['supporter']}")
-        await run_stream(reactor, ticket, ca_pem, None, args.pipe)
+
+        def channel(session_id: str) -> SessionChannel:
+            return SessionChannel("peer", adhoc_password(nameplate + secret), session_id,
+                                  mode="adhoc", ca_certificate=ca,
+                                  expected_peer=f"hausmeister:supporter:{ticket['supporter']}",
+                                  peer_fingerprint=ticket["supporter_fingerprint"] or None)
+        await run_secure_session(reactor, ticket, ca_pem, None, channel,
+                                 ConsentState("customer", terms=ticket["terms"]), args, conn)
         conn.transport.loseConnection()
     run_reactor(main)
     return 0
@@ -82,15 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
                        "`hausmeister-customer 1234 5678` means `join 1234 5678`)")
     add_server_options(s)
     s.add_argument("id", nargs="+", help="the 8-digit ID your supporter read out, e.g. 1234 5678")
-    s.add_argument("--pipe", action="store_true",
-                   help="join stdin/stdout to the session stream (status goes to stderr)")
+    add_session_options(s)
     s.set_defaults(func=cmd_join)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    takes_value = {"--server", "--ca-fingerprint", "--server-config"}
+    takes_value = {"--server", "--ca-fingerprint", "--server-config", "--answers"}
     for i, arg in enumerate(argv):
         if arg.startswith("-") or (i and argv[i - 1] in takes_value):
             continue

@@ -17,7 +17,9 @@ from modules.common.cli import (
 )
 from modules.remote_host import settings
 from modules.common.connection import MODULE_VERSION, address_of
-from modules.common.stream_cli import run_stream, say
+from modules.common.channel import Credentials, SessionChannel
+from modules.common.consent import ConsentState
+from modules.common.stream_cli import run_secure_session, say
 from modules.remote_host.presence import HostPresence
 
 KIND = "host"
@@ -41,7 +43,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     folder.require_enrolled(KIND)
     if folder.renewal_due():
         enrollment.renew(folder)
+    salt, secret = settings.load_secret(folder)
+    policy = settings.load_policy(folder)
     ca_pem = folder.ca_path.read_bytes()
+    credentials = Credentials.from_pem(folder.cert_path.read_bytes(), folder.key_path.read_bytes())
 
     async def main(reactor):
         from protocol.runtime import start_logging
@@ -49,7 +54,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         finished: defer.Deferred = defer.Deferred()
         busy = {"session": False}
 
+        def admit(confirmed) -> str | None:
+            supporter = (confirmed.peer_identity or "").rsplit(":", 1)[-1]
+            if not policy.admits(supporter):
+                return f"supporter {supporter} is not on this host's allow-list"
+            return None
+
         def on_offer(offer: dict):
+            if not policy.admits(offer["supporter"]):
+                log.warn("declined session {session_id}: supporter {supporter} is not on this "
+                         "host's allow-list", **offer)
+                return False
             if not args.pipe:
                 log.warn("declined session {session_id} from {supporter}: this host has no "
                          "session service yet (run with --pipe)", **offer)
@@ -61,9 +76,29 @@ def cmd_run(args: argparse.Namespace) -> int:
             busy["session"] = True
             say(f"supporter {offer['supporter']} connects: session {offer['session_id']}")
 
+            def channel(session_id: str) -> SessionChannel:
+                return SessionChannel("peer", secret, session_id, mode="host", host_salt=salt,
+                                      credentials=credentials,
+                                      ca_certificate=folder.ca_certificate(),
+                                      expected_peer=f"hausmeister:supporter:{offer['supporter']}",
+                                      peer_fingerprint=offer["supporter_fingerprint"] or None)
+
             def serve():
-                d = defer.ensureDeferred(run_stream(reactor, offer, ca_pem, folder, True))
-                d.addBoth(lambda r: finished.called or finished.callback(r))
+                consent = ConsentState("host", policy={
+                    "view": policy.view, "control": policy.control, "files": policy.files})
+                d = defer.ensureDeferred(run_secure_session(
+                    reactor, offer, ca_pem, folder, channel, consent, args,
+                    presence.connection, admit=admit))
+                def done(reason):
+                    busy["session"] = False
+                    if args.pipe and not finished.called:
+                        finished.callback(reason)  # --pipe serves one session, then exits
+
+                def failed(failure):
+                    # e.g. a wrong password: the host stays online for the right one
+                    busy["session"] = False
+                    say(f"session {offer['session_id']} failed: {failure.getErrorMessage()}")
+                d.addCallbacks(done, failed)
             reactor.callLater(0, serve)  # answer the offer first, then open the relay leg
             return True
 
@@ -158,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_home(s, KIND)
     s.add_argument("--pipe", action="store_true",
                    help="serve one session with stdin/stdout as its stream, then exit")
+    s.add_argument("--answers", metavar="SOURCE",
+                   help="where the logged-in user's answers come from when the policy says "
+                        "ask: a file, a file descriptor number, or the terminal (default)")
     s.add_argument("--max-backoff", type=float, default=60.0,
                    help="longest wait between reconnect attempts in seconds (default 60)")
     s.add_argument("--log-level", default="info",

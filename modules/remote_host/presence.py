@@ -42,6 +42,7 @@ class HostPresence:
         self.on_offer = on_offer
         self.state = "stopped"
         self.registered_count = 0
+        self.connection: ControlClient | None = None
         self.registered: defer.Deferred = defer.Deferred()
         ca_pem = folder.ca_path.read_bytes()
         endpoint = endpoint_for(reactor, address, ca_pem, folder)
@@ -72,6 +73,7 @@ class HostPresence:
             raise
         self.state = "registered"
         self.registered_count += 1
+        self.connection = conn
         log.info("registered with the server as {identity}; heartbeat every {every} s",
                  identity=answer["identity"], every=answer["heartbeat_seconds"])
         conn.lost.addCallback(self._lost)

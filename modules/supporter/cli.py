@@ -16,7 +16,9 @@ from modules.common.cli import (
     read_secret, run_reactor, server_and_fingerprint,
 )
 from modules.common.connection import MODULE_VERSION, address_of, connect, hello
-from modules.common.stream_cli import run_stream, say
+from modules.common.channel import Credentials, SessionChannel, adhoc_password
+from modules.common.consent import ConsentState
+from modules.common.stream_cli import add_session_options, run_secure_session, say
 from protocol import control
 
 KIND = "supporter"
@@ -34,6 +36,10 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     identity = enrollment.enroll_supporter(folder, server, fp, args.user, password)
     print(f"enrolled as {identity}; key and certificate in {folder.path}")
     return 0
+
+
+def credentials_of(folder) -> Credentials:
+    return Credentials.from_pem(folder.cert_path.read_bytes(), folder.key_path.read_bytes())
 
 
 def format_adhoc_id(nameplate: str, secret: str) -> str:
@@ -71,7 +77,13 @@ def cmd_adhoc(args: argparse.Namespace) -> int:
         say("waiting for the customer ...")
         ticket = await waiting
         say(f"customer joined from {ticket['peer_address']}")
-        await run_stream(reactor, ticket, ca_pem, folder, args.pipe)
+        code = f"{answer['nameplate']}{secret}"
+
+        def channel(session_id: str) -> SessionChannel:
+            return SessionChannel("supporter", adhoc_password(code), session_id, mode="adhoc",
+                                  credentials=credentials_of(folder))
+        await run_secure_session(reactor, ticket, ca_pem, folder, channel,
+                                 ConsentState("supporter", peer="customer"), args, conn)
         conn.transport.loseConnection()
     run_reactor(main)
     return 0
@@ -101,15 +113,42 @@ def cmd_hosts(args: argparse.Namespace) -> int:
     return 0
 
 
+def _host_password(args: argparse.Namespace) -> str:
+    if args.password_file:
+        try:
+            with open(args.password_file) as fh:
+                password = fh.readline().rstrip("\n")
+        except OSError as exc:
+            raise ModuleError(f"--password-file {args.password_file}: {exc.strerror}")
+    elif args.pipe:
+        raise ModuleError("with --pipe, stdin is the session: give the host password with "
+                          "--password-file FILE")
+    else:
+        password = read_secret(args, f"Session password of host {args.host}: ")
+    if not password:
+        raise ModuleError("the host password is empty")
+    return password
+
+
 def cmd_connect(args: argparse.Namespace) -> int:
     folder, address, ca_pem = _control(args)
+    password = _host_password(args)
 
     async def main(reactor):
         conn = await connect(reactor, address, ca_pem, folder)
         await hello(conn, KIND)
         ticket = await conn.callRemote(control.ConnectHost, host=args.host)
         say(f"host {ticket['host_name']} ({ticket['host_id']}) accepted the session")
-        await run_stream(reactor, ticket, ca_pem, folder, args.pipe)
+
+        def channel(session_id: str) -> SessionChannel:
+            return SessionChannel("supporter", None, session_id, mode="host",
+                                  credentials=credentials_of(folder),
+                                  ca_certificate=folder.ca_certificate(),
+                                  expected_peer=f"hausmeister:host:{ticket['host_id']}",
+                                  peer_fingerprint=ticket["host_fingerprint"] or None)
+        await run_secure_session(reactor, ticket, ca_pem, folder, channel,
+                                 ConsentState("supporter", peer="host"), args, conn,
+                                 host_password=password)
         conn.transport.loseConnection()
     run_reactor(main)
     return 0
@@ -132,8 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("adhoc", help="get an 8-digit ad-hoc ID for a customer and wait for them")
     add_home(s, KIND)
-    s.add_argument("--pipe", action="store_true",
-                   help="join stdin/stdout to the session stream (status goes to stderr)")
+    add_session_options(s, supporter=True)
     s.set_defaults(func=cmd_adhoc)
 
     s = sub.add_parser("hosts", help="list the hosts you may reach, online first")
@@ -144,8 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("connect", help="start a session with an unattended host")
     add_home(s, KIND)
     s.add_argument("host", help="host id or name (see `hosts`)")
-    s.add_argument("--pipe", action="store_true",
-                   help="join stdin/stdout to the session stream (status goes to stderr)")
+    add_session_options(s, supporter=True)
+    s.add_argument("--password-file", metavar="FILE",
+                   help="read the host's session password from the first line of FILE")
+    s.add_argument("--password-stdin", action="store_true",
+                   help="read the host's session password from standard input (not with --pipe)")
     s.set_defaults(func=cmd_connect)
     return p
 

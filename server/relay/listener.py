@@ -27,12 +27,14 @@ from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 
 from protocol.control import OpenRelayLeg, RelayRefused
 from protocol.framing import BoxDecoder, FramingError, encode_box
+from protocol.runtime import run_blocking
 
 from .. import certificates, tls
 from ..config import Config
 from ..db import Database
-from ..db.models import Session
+from ..db.models import Session, Tenant
 from ..pki import CertStore
+from ..session_protocol import SessionProtocols, SessionSummary
 from .core import Relay, RelayLeg, SessionStats
 from .errors import RelayRefusedError
 from .tokens import RelayTokens, load_or_create_secret
@@ -154,35 +156,53 @@ def _utc(seconds: float | None) -> dt.datetime | None:
     return None if seconds is None else dt.datetime.fromtimestamp(seconds, dt.timezone.utc)
 
 
-def _update_session(session, stats: SessionStats) -> bool:
+def _update_session(session, stats: SessionStats) -> tuple[str, SessionSummary] | None:
     row = session.get(Session, stats.session_id)
     if row is None:
-        return False
+        return None
     row.ended_at = _utc(stats.ended_at)
     if row.started_at is None and stats.started_at is not None:
         row.started_at = _utc(stats.started_at)
     row.bytes_to_peer = stats.bytes_supporter_to_peer
     row.bytes_to_supporter = stats.bytes_peer_to_supporter
     row.end_reason = stats.end_reason[:200]
-    return True
+    tenant = session.get(Tenant, row.tenant_id) if row.tenant_id is not None else None
+    return (tenant.name if tenant else "default"), SessionSummary.from_row(row)
 
 
-def record_session_end(db: Database, stats: SessionStats) -> defer.Deferred:
-    """Write a relay session's end into its ``sessions`` row (off the reactor thread).
+def _remember_protocol_file(session, session_id: str, path: str | None) -> None:
+    row = session.get(Session, session_id)
+    if row is not None and path:
+        row.protocol_file = path
+
+
+def record_session_end(db: Database, stats: SessionStats,
+                       protocols: SessionProtocols | None = None,
+                       blocking=run_blocking) -> defer.Deferred:
+    """Write a relay session's end into its ``sessions`` row and, given the operator's protocol
+    folder, close the session's protocol file with the ``ended`` line and the billing row.
 
     A missing row (a session the broker of another database set up, or already purged) is
-    logged and skipped; a database error is logged.  The Deferred never fails.
+    logged and skipped; errors are logged.  The Deferred never fails.
     """
-    def done(found: bool) -> None:
-        if not found:
+    def done(found):
+        if found is None:
             log.warn("relay session {session_id} has no sessions row: its end ({reason}) is not "
                      "recorded", session_id=stats.session_id, reason=stats.end_reason)
+            return None
+        if protocols is None:
+            return None
+        tenant, summary = found
+        d = blocking(protocols.ended, tenant, summary)
+        d.addCallback(lambda _: db.run(_remember_protocol_file, stats.session_id,
+                                       protocols.file_of(tenant, stats.session_id)))
+        return d
 
     def failed(failure) -> None:
         log.failure("could not record the end of relay session {session_id}", failure,
                     session_id=stats.session_id)
 
-    return db.run(_update_session, stats).addCallbacks(done, failed)
+    return db.run(_update_session, stats).addCallback(done).addErrback(failed)
 
 
 # --- the relay process ------------------------------------------------------------------------
@@ -206,6 +226,7 @@ class RelayService(service.Service):
         self.relay = Relay(self.tokens, reactor, pair_timeout=config.relay.pair_timeout_seconds,
                            idle_timeout=config.relay.idle_timeout_seconds,
                            on_ended=self._ended, **relay_options)
+        self.protocols = SessionProtocols(config.server.protocol_dir)
         self.revoked: set[str] = set()
         self.listening: list[Any] = []
         self._pending: set[defer.Deferred] = set()
@@ -213,7 +234,7 @@ class RelayService(service.Service):
         self.state_path: Path | None = None
 
     def _ended(self, stats: SessionStats) -> None:
-        d = record_session_end(self.db, stats)
+        d = record_session_end(self.db, stats, self.protocols)
         self._pending.add(d)
         d.addBoth(lambda _: self._pending.discard(d))
 

@@ -1,0 +1,259 @@
+"""One session from a module's side: relay leg → encrypted channel → mux → consent → stream.
+
+The runner wires the sans-I/O parts together and owns nothing of their logic:
+``SessionChannel`` (keys, records), ``SessionMux`` (channels, priorities), ``ConsentState``
+(terms, rights, direction, emergency stop).  Until the screen exists, the DATA channel carries
+the CLI's ``--pipe`` stream with the rights of a screen: the presenter's bytes go out only while
+the viewer holds *view*; the viewer's bytes are input, sent once it holds *control* and applied
+by the presenter only while control is granted (enforced on the presenter's side as well:
+input without the right is dropped and reported as ``right_refused``).
+Every consent event and the key confirmation are reported to the server's session protocol.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, Callable
+
+from twisted.internet import defer, stdio
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from protocol import control
+
+from .channel import MAX_PAYLOAD, SessionChannel
+from .cli import ModuleError
+from .channel_events import KeyConfirmed
+from .channel_twisted import ChannelFailure, ChannelOverPipe
+from .consent import ConsentDriver, ConsentState, Right
+from .mux import Channel, SessionMux
+from .session_stream import RelayLeg
+
+log = Logger()
+
+STDIN_HIGH_WATER = 512 * 1024
+
+
+def say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+class SessionError(ModuleError):
+    """The session could not be set up or was refused; one line for the user."""
+
+
+def reporter(conn, session_id: str, reactor=None) -> Callable[[str, dict], defer.Deferred]:
+    """Send one event for the session protocol over the control connection (never fails)."""
+    if reactor is None:
+        from twisted.internet import reactor
+
+    def report(kind: str, detail: dict) -> defer.Deferred:
+        d = conn.callRemote(control.SessionEvent, session_id=session_id, kind=kind,
+                            detail=json.dumps(detail, default=str))
+        d.addTimeout(10, reactor)
+        d.addErrback(lambda f: log.warn("could not report {kind} to the server: {why}",
+                                        kind=kind, why=f.getErrorMessage()))
+        return d
+    return report
+
+
+@implementer(IHalfCloseableProtocol)
+class _Stdio(Protocol):
+    def __init__(self, runner: "SessionRunner") -> None:
+        self.runner = runner
+
+    def dataReceived(self, data: bytes) -> None:
+        self.runner.local_data(data)
+
+    def readConnectionLost(self) -> None:
+        self.runner.finish("stdin closed")
+
+    def writeConnectionLost(self) -> None:
+        self.runner.finish("stdout closed")
+
+    def connectionLost(self, reason) -> None:
+        self.runner.finish("stdio closed")
+
+
+class SessionRunner:
+    def __init__(self, reactor, leg: RelayLeg, channel: SessionChannel, consent: ConsentState,
+                 ui: Any, report: Callable[[str, dict], Any], *, pipe: bool,
+                 request_rights: tuple[str, ...] = (), show_my_screen: bool = False,
+                 host_password: str | None = None,
+                 admit: Callable[[KeyConfirmed], str | None] | None = None) -> None:
+        self.reactor = reactor
+        self.leg = leg
+        self.channel = channel
+        self.consent = consent
+        self.ui = ui
+        self.report = report
+        self.pipe = pipe
+        self.request_rights = request_rights
+        self.show_my_screen = show_my_screen
+        self.admit = admit
+        self.mux = SessionMux()
+        self.over = ChannelOverPipe(leg, channel, self._record, host_password=host_password)
+        self.driver: ConsentDriver | None = None
+        self.stdio: stdio.StandardIO | None = None
+        self._held = bytearray()   # presenter output waiting for the view right
+        self._requested = False
+        self._finished = False
+        self.done: defer.Deferred = defer.Deferred()
+
+    # --- start ------------------------------------------------------------------------------------
+
+    async def run(self) -> str:
+        try:
+            confirmed: KeyConfirmed = await self.over.confirmed
+        except ChannelFailure as exc:
+            await self.report("key_confirmation_failed", {"reason": exc.failed.reason,
+                                                          "kind": exc.failed.kind.value})
+            raise SessionError(f"the session could not be secured: {exc.failed.reason}")
+        say(f"end-to-end encrypted; verification code {confirmed.verification_code} "
+            f"(compare it with the other side by phone)")
+        self.report("key_confirmed", {"verification_code": confirmed.verification_code,
+                                      "peer": confirmed.peer_identity})
+        if self.admit is not None:
+            refusal = self.admit(confirmed)
+            if refusal:
+                await self.report("refused", {"reason": refusal})
+                self.channel.abort(refusal)
+                self.leg.send(self.channel.data_to_send())  # the peer learns why, authenticated
+                self.leg.close()
+                raise SessionError(refusal)
+        self.driver = ConsentDriver(self.consent, self.ui, self.reactor,
+                                    send=lambda data: self._send(Channel.CONTROL, data),
+                                    report=self._consent_event)
+        self.driver.ended.addCallback(lambda event: self._close(f"{event.by.value}: {event.reason}"))
+        self.over.ended.addCallback(self._channel_ended)
+        self.reactor.addSystemEventTrigger("before", "shutdown", self._interrupted)
+        if self.pipe:
+            self.stdio = stdio.StandardIO(_Stdio(self), reactor=self.reactor)
+            self.leg.transport.registerProducer(self.stdio, True)
+        self.driver.start()
+        self._maybe_request()
+        return await self.done
+
+    def _maybe_request(self) -> None:
+        """Once the terms are accepted: ask to show our screen, or for the rights we want."""
+        if self._requested or not self.consent.terms_accepted:
+            return
+        self._requested = True
+        if self.show_my_screen:
+            self.driver.request_direction()
+            return
+        for right in self.request_rights:
+            self.driver.request(right)
+
+    # --- events ------------------------------------------------------------------------------------
+
+    def _consent_event(self, event: dict) -> None:
+        self.report(event["kind"], event["detail"])
+        kind = event["kind"]
+        if kind == "terms_accepted":
+            self._maybe_request()
+        if kind in ("right_granted", "direction_changed"):
+            self._release_held()
+        if kind in ("right_granted", "right_denied", "right_revoked", "direction_changed",
+                    "emergency_stop", "terms_accepted", "right_refused"):
+            say(f"{kind.replace('_', ' ')}: {json.dumps(event['detail'])}")
+
+    def _record(self, payload: bytes) -> None:
+        for item in self.mux.receive(payload):
+            if item.channel == Channel.CONTROL:
+                if self.driver is not None:
+                    self.driver.received(item.payload)
+            elif item.channel == Channel.DATA:
+                self._peer_data(item.payload)
+            else:
+                log.warn("dropped {n} bytes on channel {channel}: nothing serves it yet",
+                         n=len(item.payload), channel=item.channel)
+
+    def _peer_data(self, data: bytes) -> None:
+        if self.consent.is_presenter:
+            # input from the viewer: applied only while control is granted
+            if not self.driver.enforce(Right.CONTROL, "input"):
+                return
+        elif not self.consent.holds(Right.VIEW):
+            return  # a presenter that shows without our view right is out of step: ignore it
+        if self.stdio is not None:
+            self.stdio.write(data)
+
+    # --- sending -----------------------------------------------------------------------------------
+
+    def _may_send_data(self) -> bool:
+        if self.consent.is_presenter:
+            return self.consent.allows(Right.VIEW)     # our screen, once they may see it
+        return self.consent.holds(Right.CONTROL)       # our input, once we may control
+
+    def local_data(self, data: bytes) -> None:
+        if not self._may_send_data():
+            self._held += data  # goes out once the right is granted
+            if len(self._held) > STDIN_HIGH_WATER and self.stdio is not None:
+                self.stdio.pauseProducing()
+            return
+        self._send(Channel.DATA, data)
+
+    def _release_held(self) -> None:
+        if self._held and self._may_send_data():
+            held, self._held = bytes(self._held), bytearray()
+            self._send(Channel.DATA, held)
+            if self.stdio is not None:
+                self.stdio.resumeProducing()
+
+    def _send(self, channel: Channel, data: bytes) -> None:
+        if self._finished and channel != Channel.CONTROL:
+            return
+        self.mux.send(channel, data)
+        while True:
+            record = self.mux.next_record(MAX_PAYLOAD)
+            if record is None:
+                break
+            try:
+                self.over.send_record(record)
+            except Exception as exc:  # channel already closed or failed
+                log.info("record not sent: {why}", why=str(exc))
+                break
+
+    # --- ending ------------------------------------------------------------------------------------
+
+    def finish(self, reason: str) -> None:
+        """Our side is done (stdin ended): say bye, then close the channel."""
+        if self.driver is not None and not self.consent.ended:
+            self.driver.end(reason)
+
+    def emergency_stop(self) -> None:
+        if self.driver is not None and not self.consent.ended:
+            say("EMERGENCY STOP: control revoked, session ended")
+            self.driver.emergency_stop()
+
+    def _interrupted(self):
+        """Ctrl+C is the CLI's emergency stop: revoke everything and end at once."""
+        if self._finished:
+            return None
+        self.emergency_stop()
+        d = defer.Deferred()
+        self.reactor.callLater(0.5, d.callback, None)  # let the stop and its report go out
+        return d
+
+    def _close(self, reason: str) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        self._end_reason = reason
+        self.over.close()
+
+    def _channel_ended(self, event) -> None:
+        self._finished = True
+        reason = getattr(self, "_end_reason", None) or getattr(event, "reason", "closed by the peer")
+        if self.stdio is not None:
+            try:
+                self.leg.transport.unregisterProducer()
+            except Exception:
+                pass
+            self.stdio.loseConnection()
+        if not self.done.called:
+            self.done.callback(reason)

@@ -1,0 +1,241 @@
+"""End-to-end encrypted sessions with consent, through the real CLIs, server and relay.
+
+The relay here is a real relay process that also writes down every byte it relays, so the tests
+can assert what the server side could see: ciphertext only.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+
+import pytest
+
+from server.session_protocol import verify
+
+from .fixtures_server import ADMIN_PASSWORD, SUPPORTER_PASSWORD, ServerProcess, run_cli, write_config
+from .module_process import ModuleProcess
+from .test_e2e_brokering import answers, free_port, server_args, wait_until
+
+pytestmark = pytest.mark.e2e
+
+MARKER = b"PLAINTEXT-MARKER-7d1f3c"
+
+
+class TappedRelay(ModuleProcess):
+    def __init__(self, capture, config) -> None:
+        self.args = ()
+        import os
+        import subprocess
+        import threading
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.helpers.relay_tap", str(capture), "-c", str(config),
+             "run", "--role", "relay"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, env=dict(os.environ))
+        self._out, self._err, self._err_done = bytearray(), [], False
+        self._cond = threading.Condition()
+        threading.Thread(target=self._pump_out, daemon=True).start()
+        threading.Thread(target=self._pump_err, daemon=True).start()
+
+
+@pytest.fixture
+def world(tmp_path, db_url):
+    """Server + a tapped relay process + supporter alice + host pc1 (password set)."""
+    relay_port = free_port()
+    data = tmp_path / "data"
+    cfg = write_config(tmp_path / "h.toml", data, db_url, extra=f"""
+[relay]
+port = {relay_port}
+external = ["127.0.0.1:{relay_port}"]
+""")
+    srv = ServerProcess(cfg, data)
+    assert srv.cli("init", "--password-stdin", stdin=ADMIN_PASSWORD + "\n").returncode == 0
+    capture = tmp_path / "relay-capture.bin"
+    relay = TappedRelay(capture, cfg)
+    srv.start()
+    try:
+        relay.wait_for_line(f"relay.*{relay_port}")
+        srv.ok("user", "add", "alice", "--role", "supporter", "--password-stdin",
+               stdin=SUPPORTER_PASSWORD + "\n")
+        alice = tmp_path / "alice"
+        assert run_cli("supporter", "enroll", *server_args(srv), "--user", "alice",
+                       "--password-stdin", "--home", str(alice),
+                       stdin=SUPPORTER_PASSWORD + "\n").returncode == 0
+        token = srv.ok("token", "create", "-q").strip()
+        pc1 = tmp_path / "pc1"
+        assert run_cli("host", "enroll", *server_args(srv), "--token", token, "--name", "pc1",
+                       "--home", str(pc1)).returncode == 0
+        assert run_cli("host", "set-password", "--password-stdin", "--home", str(pc1),
+                       stdin="right-host-password\n").returncode == 0
+        yield {"srv": srv, "alice": alice, "pc1": pc1, "capture": capture, "tmp": tmp_path}
+    finally:
+        relay.stop()
+        srv.stop()
+
+
+def start_adhoc(w, customer_answers=("y", "y", "y"), supporter_args=(), wrong_code=False):
+    supporter = ModuleProcess("supporter", "adhoc", "--pipe", "--answers", "/dev/null",
+                              *supporter_args, "--home", str(w["alice"]))
+    nameplate, secret = supporter.wait_for_line(r"ad-hoc ID: (\d{4}) (\d{4})").groups()
+    if wrong_code:
+        secret = f"{(int(secret) + 1) % 10000:04d}"
+    customer = ModuleProcess("customer", *server_args(w["srv"]), f"{nameplate} {secret}", "--pipe",
+                             "--answers", answers(w["tmp"], *customer_answers))
+    return supporter, customer
+
+
+def protocol_events(srv, session_kinds=None) -> list[dict]:
+    lines = []
+    for path in sorted((srv.data_dir / "protocols").rglob("*.jsonl")):
+        lines += [json.loads(line) for line in path.read_text().splitlines()]
+    return lines
+
+
+def finish(*procs: ModuleProcess) -> None:
+    for proc in procs:
+        proc.stop()
+
+
+def test_adhoc_session_is_end_to_end_encrypted_and_protocolled(world):
+    w = world
+    supporter, customer = start_adhoc(w)
+    try:
+        code_s = supporter.wait_for_line(r"verification code (\d{3} \d{3})").group(1)
+        code_c = customer.wait_for_line(r"verification code (\d{3} \d{3})").group(1)
+        assert code_s == code_c
+        customer.wait_for_line("granted control")
+        supporter.wait_for_line("granted control")
+        customer.send(MARKER + b" from the customer")
+        supporter.read_exactly(MARKER + b" from the customer")
+        supporter.send(MARKER + b" from the supporter")
+        customer.read_exactly(MARKER + b" from the supporter")
+        supporter.close_stdin()
+        assert supporter.wait() == 0 and customer.wait() == 0
+    finally:
+        finish(supporter, customer)
+    relayed = w["capture"].read_bytes()
+    assert len(relayed) > 1000           # the relay did carry the session ...
+    assert MARKER not in relayed         # ... and saw no plaintext of it
+    assert b"hausmeister:supporter" not in relayed  # not even the certificate
+    srv = w["srv"]
+    result = verify(srv.data_dir / "protocols")
+    assert result.ok, result.summary()
+    events = wait_until(lambda: [e for e in protocol_events(srv)
+                                 if e["kind"] == "ended" and e["actor"] == "server"] and
+                        protocol_events(srv), what="protocol ended")
+    kinds = [e["kind"] for e in events]
+    for kind in ("created", "joined", "key_confirmed", "terms_shown", "terms_accepted",
+                 "right_requested", "right_granted", "ended"):
+        assert kind in kinds, kinds
+    joined = next(e for e in events if e["kind"] == "joined")
+    accepted = next(e for e in events if e["kind"] == "terms_accepted")
+    assert accepted["detail"]["sha256"] == joined["detail"]["terms_sha256"]
+    assert {e["actor"] for e in events} >= {"server", "hausmeister:supporter:alice",
+                                            "customer@127.0.0.1"}
+    granted = sorted(e["detail"]["right"] for e in events
+                     if e["kind"] == "right_granted" and e["actor"] == "customer@127.0.0.1")
+    assert granted == ["control", "view"]
+    shown = run_cli("server", "-c", str(srv.config), "protocol", "show", events[0]["session"])
+    assert shown.returncode == 0 and "terms_accepted" in shown.stdout
+
+
+def test_wrong_adhoc_code_fails_on_both_sides_and_counts(world):
+    w = world
+    supporter, customer = start_adhoc(w, wrong_code=True)
+    try:
+        assert customer.wait() == 1
+        assert "could not be secured" in customer.stderr and "key confirmation" in customer.stderr
+        assert supporter.wait() == 1
+        assert "could not be secured" in supporter.stderr
+    finally:
+        finish(supporter, customer)
+    events = wait_until(lambda: [e for e in protocol_events(w["srv"])
+                                 if e["kind"] == "key_confirmation_failed"], what="failure event")
+    assert events
+
+
+def test_consent_denied_keeps_control_from_the_supporter(world):
+    w = world
+    supporter, customer = start_adhoc(w, customer_answers=("y", "y", "n"))
+    try:
+        customer.wait_for_line("granted view")
+        supporter.wait_for_line("denied")
+        customer.send(b"screen bytes")
+        supporter.read_exactly(b"screen bytes")       # view was granted
+        supporter.send(b"rm -rf / # input")          # control was not: held, never applied
+        time.sleep(1.0)
+        assert bytes(customer._out) == b""
+        supporter.close_stdin()
+        assert supporter.wait() == 0 and customer.wait() == 0
+    finally:
+        finish(supporter, customer)
+    events = protocol_events(w["srv"])
+    assert any(e["kind"] == "right_denied" and e["detail"]["right"] == "control" for e in events)
+
+
+def test_emergency_stop_from_the_customer_ends_the_session_at_once(world):
+    w = world
+    supporter, customer = start_adhoc(w)
+    try:
+        customer.wait_for_line("granted control")
+        supporter.wait_for_line("granted control")
+        customer.proc.send_signal(signal.SIGINT)  # the CLI's emergency stop
+        assert customer.wait() in (0, 1, 130)
+        assert supporter.wait() == 0
+        assert "emergency" in supporter.stderr.lower()
+    finally:
+        finish(supporter, customer)
+    events = wait_until(lambda: [e for e in protocol_events(w["srv"])
+                                 if e["kind"] == "emergency_stop"], what="emergency stop event")
+    assert events[0]["detail"]["by"] == "customer"
+
+
+def test_direction_change_lets_the_supporter_show(world):
+    w = world
+    supporter, customer = start_adhoc(w, supporter_args=("--show-my-screen",))
+    try:
+        supporter.wait_for_line("direction changed")
+        customer.wait_for_line("direction changed")
+        supporter.send(b"the supporter's screen")
+        customer.read_exactly(b"the supporter's screen")
+        supporter.close_stdin()
+        assert supporter.wait() == 0 and customer.wait() == 0
+    finally:
+        finish(supporter, customer)
+    assert any(e["kind"] == "direction_changed" for e in protocol_events(w["srv"]))
+
+
+def test_host_session_with_password_and_signed_transcripts(world):
+    w = world
+    host = ModuleProcess("host", "run", "--pipe", "--home", str(w["pc1"]))
+    wrong = w["tmp"] / "wrong"
+    wrong.write_text("wrong-host-password\n")
+    right = w["tmp"] / "right"
+    right.write_text("right-host-password\n")
+    supporter = None
+    try:
+        host.wait_for_line("online; waiting for supporters")
+        bad = run_cli("supporter", "connect", "pc1", "--password-file", str(wrong),
+                      "--answers", "/dev/null", "--home", str(w["alice"]))
+        assert bad.returncode == 1 and "could not be secured" in bad.stderr
+        host.wait_for_line("failed")
+        assert host.proc.poll() is None  # still online for the right password
+        supporter = ModuleProcess("supporter", "connect", "pc1", "--pipe", "--answers", "/dev/null",
+                                  "--password-file", str(right), "--home", str(w["alice"]))
+        supporter.wait_for_line("verification code")
+        supporter.wait_for_line("granted control")
+        host.send(MARKER + b" host screen")
+        supporter.read_exactly(MARKER + b" host screen")
+        supporter.send(b"keys from the supporter")
+        host.read_exactly(b"keys from the supporter")
+        supporter.close_stdin()
+        assert supporter.wait() == 0 and host.wait() == 0
+    finally:
+        finish(host, *([supporter] if supporter else []))
+    assert MARKER not in w["capture"].read_bytes()
+    events = protocol_events(w["srv"])
+    confirmed = [e for e in events if e["kind"] == "key_confirmed" and e["actor"].startswith(
+        "hausmeister:host:")]
+    assert confirmed and confirmed[0]["detail"]["peer"] == "hausmeister:supporter:alice"
