@@ -100,7 +100,8 @@ def finish(*procs: ModuleProcess) -> None:
 
 def test_adhoc_session_is_end_to_end_encrypted_and_protocolled(world):
     w = world
-    supporter, customer = start_adhoc(w)
+    copy = w["tmp"] / "my-protocols"
+    supporter, customer = start_adhoc(w, supporter_args=("--protocol-copy", str(copy)))
     try:
         code_s = supporter.wait_for_line(r"verification code (\d{3} \d{3})").group(1)
         code_c = customer.wait_for_line(r"verification code (\d{3} \d{3})").group(1)
@@ -139,6 +140,9 @@ def test_adhoc_session_is_end_to_end_encrypted_and_protocolled(world):
     assert granted == ["control", "view"]
     shown = run_cli("server", "-c", str(srv.config), "protocol", "show", events[0]["session"])
     assert shown.returncode == 0 and "terms_accepted" in shown.stdout
+    local = [json.loads(line) for line in
+             (copy / f"{events[0]['session']}.jsonl").read_text().splitlines()]
+    assert {"key_confirmed", "right_granted"} <= {e["kind"] for e in local}
 
 
 def test_wrong_adhoc_code_fails_on_both_sides_and_counts(world):

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import io
+import json
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 from .cli import ModuleError
@@ -31,6 +34,9 @@ def add_session_options(parser, supporter: bool = False) -> None:
                                  "(default view,control)")
         parser.add_argument("--show-my-screen", action="store_true",
                             help="ask to show your own screen instead (a direction change)")
+        parser.add_argument("--protocol-copy", metavar="DIR",
+                            help="also keep a local copy of this session's events in DIR "
+                                 "(one JSON-lines file per session)")
 
 
 def consent_ui(args) -> TerminalConsentUI:
@@ -46,6 +52,20 @@ def consent_ui(args) -> TerminalConsentUI:
     return TerminalConsentUI(answers, sys.stderr)
 
 
+def with_local_copy(report: Callable, folder: Path, session_id: str) -> Callable:
+    """Every event this module reports is also appended to ``folder/<session>.jsonl``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{session_id}.jsonl"
+
+    def report_and_copy(kind: str, detail: dict):
+        line = {"time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds"),
+                "session": session_id, "kind": kind, "detail": detail}
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(line, sort_keys=True, default=str) + "\n")
+        return report(kind, detail)
+    return report_and_copy
+
+
 async def run_secure_session(reactor, ticket: dict, ca_pem: bytes, folder: ModuleFolder | None,
                              make_channel: Callable[[str], Any], consent: ConsentState, args,
                              conn, host_password: str | None = None,
@@ -54,8 +74,11 @@ async def run_secure_session(reactor, ticket: dict, ca_pem: bytes, folder: Modul
                          ticket["relay_token"], ca_pem, folder)
     say(f"session {leg.session_id} connected through the relay; securing it ...")
     rights = tuple(r.strip() for r in getattr(args, "request", "").split(",") if r.strip())
+    report = reporter(conn, leg.session_id, reactor)
+    if getattr(args, "protocol_copy", None):
+        report = with_local_copy(report, Path(args.protocol_copy), leg.session_id)
     runner = SessionRunner(reactor, leg, make_channel(leg.session_id), consent, consent_ui(args),
-                           reporter(conn, leg.session_id, reactor), pipe=args.pipe,
+                           report, pipe=args.pipe,
                            request_rights=rights,
                            show_my_screen=getattr(args, "show_my_screen", False),
                            host_password=host_password, admit=admit)
