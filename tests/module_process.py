@@ -17,9 +17,11 @@ from .fixtures_server import CLIS
 
 
 class ModuleProcess:
-    def __init__(self, kind: str, *args: str, env: dict | None = None) -> None:
+    def __init__(self, kind: str, *args: str, env: dict | None = None,
+                 module: str | None = None) -> None:
+        """``kind`` names one of the CLIs; ``module`` runs another ``python -m`` module instead."""
         self.args = args
-        self.proc = subprocess.Popen([sys.executable, "-m", CLIS[kind], *args],
+        self.proc = subprocess.Popen([sys.executable, "-m", module or CLIS[kind], *args],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, env={**os.environ, **(env or {})})
         self._out = bytearray()

@@ -169,7 +169,8 @@ def test_framed_server_calls_stock_client():
     client, server, pump = connect()
     ready = Outcome(server.callRemote(SessionReady, nameplate="1234",
                                       peer_address="198.51.100.1", **RELAY))
-    offer = Outcome(server.callRemote(OfferSession, supporter="alice", **RELAY))
+    offer = Outcome(server.callRemote(OfferSession, supporter="alice", supporter_fingerprint="",
+                                      **RELAY))
     pump.flush()
     assert ready.value == {}
     assert client.ready["relay_port"] == 4443

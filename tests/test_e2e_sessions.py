@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import signal
-import sys
 import time
 
 import pytest
@@ -24,20 +23,10 @@ pytestmark = pytest.mark.e2e
 MARKER = b"PLAINTEXT-MARKER-7d1f3c"
 
 
-class TappedRelay(ModuleProcess):
-    def __init__(self, capture, config) -> None:
-        self.args = ()
-        import os
-        import subprocess
-        import threading
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.helpers.relay_tap", str(capture), "-c", str(config),
-             "run", "--role", "relay"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, env=dict(os.environ))
-        self._out, self._err, self._err_done = bytearray(), [], False
-        self._cond = threading.Condition()
-        threading.Thread(target=self._pump_out, daemon=True).start()
-        threading.Thread(target=self._pump_err, daemon=True).start()
+def tapped_relay(capture, config) -> ModuleProcess:
+    """A real relay process that also writes down every byte it relays (tests/helpers)."""
+    return ModuleProcess("relay", str(capture), "-c", str(config), "run", "--role", "relay",
+                         module="tests.helpers.relay_tap")
 
 
 @pytest.fixture
@@ -53,7 +42,7 @@ external = ["127.0.0.1:{relay_port}"]
     srv = ServerProcess(cfg, data)
     assert srv.cli("init", "--password-stdin", stdin=ADMIN_PASSWORD + "\n").returncode == 0
     capture = tmp_path / "relay-capture.bin"
-    relay = TappedRelay(capture, cfg)
+    relay = tapped_relay(capture, cfg)
     srv.start()
     try:
         relay.wait_for_line(f"relay.*{relay_port}")
