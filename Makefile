@@ -8,7 +8,10 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
 APT     = DEBIAN_FRONTEND=noninteractive apt-get
-TEST_APT_PACKAGES = postgresql
+# postgresql: the throwaway cluster the tests start; haproxy: the relay benchmark's peer;
+# Xvfb, xterm, x11vnc, vncsnapshot, TigerVNC: real displays and real VNC peers for screen tests.
+TEST_APT_PACKAGES = postgresql haproxy xvfb xterm x11vnc vncsnapshot tigervnc-viewer xfonts-base
+TEST_BINARIES = /usr/lib/postgresql/*/bin/initdb /usr/sbin/haproxy /usr/bin/Xvfb /usr/bin/xterm /usr/bin/x11vnc /usr/bin/vncsnapshot /usr/bin/xtigervncviewer
 
 .PHONY: run test install test-system-packages clean-run
 
@@ -27,9 +30,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
-# PostgreSQL binaries for the throwaway cluster the tests start on 127.0.0.1 (never the system one).
+# Debian packages the tests run for real (all on 127.0.0.1; the system PostgreSQL is never used).
 test-system-packages:
-	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { $(APT) update -qq && $(APT) install -y -qq --no-install-recommends $(TEST_APT_PACKAGES); }
+	@ls $(TEST_BINARIES) >/dev/null 2>&1 || { $(APT) update -qq && $(APT) install -y -qq --no-install-recommends $(TEST_APT_PACKAGES); }
 
 clean-run:
 	rm -rf var certs/ca.* certs/server.*
