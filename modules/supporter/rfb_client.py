@@ -1,0 +1,578 @@
+"""RFB 3.8 client (RFC 6143) as a sans-I/O object.
+
+``RFBClient`` never touches a socket.  The caller feeds it the server's bytes with
+``receive(data)`` and gets typed events back; whatever the handshake needs to answer is collected
+in ``data_to_send()``; messages the caller wants to send (``request_update``, ``key``, ``pointer``,
+``cut_text``, ``set_encodings``) are returned as bytes.
+
+The framebuffer is a numpy array ``H x W x 3`` of RGB ``uint8``.  The client always asks the server
+for 32 bpp little-endian true colour (red shift 16, green 8, blue 0), so a pixel on the wire is
+``B G R X``, a ZRLE CPIXEL is ``B G R`` and a Tight TPIXEL is ``R G B``.
+
+Decoded encodings: Raw, CopyRect, ZRLE (all subencodings), Tight (basic compression with four
+zlib streams, copy / palette / gradient filters, fill, JPEG via Pillow); pseudo-encodings
+DesktopSize, LastRect and RichCursor.  Security types None and VNC authentication.
+
+Everything the server declares is checked before it is buffered or written: a rect must lie
+inside the framebuffer, lengths are bounded, zlib output is bounded by what the rect can hold.
+Any violation raises ``RFBClientError`` with a reason; after that the client stays failed.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from dataclasses import dataclass
+from typing import Generator, Iterable
+
+import numpy as np
+
+# --- encodings -------------------------------------------------------------------------------
+RAW = 0
+COPY_RECT = 1
+TIGHT = 7
+ZRLE = 16
+DESKTOP_SIZE = -223
+LAST_RECT = -224
+RICH_CURSOR = -239
+
+
+def compress_level(level: int) -> int:
+    """Tight pseudo-encoding for zlib compression level 0..9."""
+    if not 0 <= level <= 9:
+        raise ValueError("compression level is 0..9")
+    return -256 + level
+
+
+def quality_level(level: int) -> int:
+    """Tight pseudo-encoding for JPEG quality level 0..9 (without it Tight never uses JPEG)."""
+    if not 0 <= level <= 9:
+        raise ValueError("quality level is 0..9")
+    return -32 + level
+
+
+DEFAULT_ENCODINGS = (TIGHT, ZRLE, COPY_RECT, RAW, RICH_CURSOR, DESKTOP_SIZE, LAST_RECT,
+                     compress_level(6), quality_level(8))
+
+# --- security --------------------------------------------------------------------------------
+SEC_NONE = 1
+SEC_VNC_AUTH = 2
+
+# --- bounds ----------------------------------------------------------------------------------
+MAX_DIMENSION = 16384          # width/height of a desktop we accept
+MAX_NAME = 4096                # desktop name, failure reasons
+MAX_CUT_TEXT = 1 << 20         # server clipboard text
+MAX_CURSOR = 256               # cursor width/height
+MAX_JPEG = 1 << 22             # Tight compact length maximum is 4 MiB anyway
+ZRLE_TILE = 64
+
+# 32 bpp, depth 24, little-endian, true colour, 255/255/255, shifts 16/8/0
+PIXEL_FORMAT = struct.pack(">BBBBHHHBBB3x", 32, 24, 0, 1, 255, 255, 255, 16, 8, 0)
+
+
+class RFBClientError(Exception):
+    """The server sent something this client does not accept; ``reason`` says what."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+# --- events ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Rect:
+    x: int
+    y: int
+    width: int
+    height: int
+    encoding: int
+
+
+@dataclass(frozen=True)
+class ServerInit:
+    width: int
+    height: int
+    name: str
+
+
+@dataclass(frozen=True)
+class FramebufferUpdated:
+    """One complete FramebufferUpdate message has been applied to the framebuffer."""
+    rects: tuple[Rect, ...]
+
+
+@dataclass(frozen=True)
+class DesktopResized:
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class Bell:
+    pass
+
+
+@dataclass(frozen=True)
+class ServerCutText:
+    text: str
+
+
+@dataclass(frozen=True)
+class CursorShape:
+    """``rgba`` is ``height * width * 4`` bytes, alpha 255 where the cursor's mask is set."""
+    hotspot_x: int
+    hotspot_y: int
+    width: int
+    height: int
+    rgba: bytes
+
+
+Event = ServerInit | FramebufferUpdated | DesktopResized | Bell | ServerCutText | CursorShape
+
+_Reader = Generator[int, bytes, None]
+
+
+def vnc_auth_response(password: str, challenge: bytes) -> bytes:
+    """DES-encrypt the 16-byte challenge with the password (first 8 bytes, bits mirrored)."""
+    from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
+    from cryptography.hazmat.primitives.ciphers import Cipher, modes
+    raw = password.encode("latin-1", "replace")[:8].ljust(8, b"\0")
+    key = bytes(int(f"{b:08b}"[::-1], 2) for b in raw)
+    enc = Cipher(TripleDES(key * 3), modes.ECB()).encryptor()
+    return enc.update(challenge) + enc.finalize()
+
+
+class RFBClient:
+    def __init__(self, encodings: Iterable[int] = DEFAULT_ENCODINGS, password: str | None = None,
+                 shared: bool = True) -> None:
+        self.encodings = tuple(encodings)
+        self.password = password
+        self.shared = shared
+        self.width = 0
+        self.height = 0
+        self.name = ""
+        self.framebuffer = np.zeros((0, 0, 3), np.uint8)
+        self.version: tuple[int, int] | None = None
+        self.initialised = False
+        self.failure: str | None = None
+        self._out = bytearray()
+        self._buf = bytearray()
+        self._events: list[Event] = []
+        self._zrle = zlib.decompressobj()
+        self._tight = [zlib.decompressobj() for _ in range(4)]
+        self._gen = self._run()
+        self._need = next(self._gen)
+
+    # --- feeding -----------------------------------------------------------------------------
+    def receive(self, data: bytes) -> list[Event]:
+        if self.failure is not None:
+            raise RFBClientError(f"client already failed: {self.failure}")
+        self._buf += data
+        pos = 0
+        try:
+            while len(self._buf) - pos >= self._need:
+                chunk = bytes(self._buf[pos:pos + self._need])
+                pos += self._need
+                self._need = self._gen.send(chunk)
+        except RFBClientError as exc:
+            self.failure = exc.reason
+            self._buf.clear()
+            raise
+        except StopIteration:               # the reader never returns; defensive
+            self.failure = "protocol reader ended"
+            raise RFBClientError(self.failure) from None
+        del self._buf[:pos]
+        events, self._events = self._events, []
+        return events
+
+    def data_to_send(self) -> bytes:
+        """Handshake answers and the initial SetPixelFormat/SetEncodings, once queued."""
+        out, self._out = bytes(self._out), bytearray()
+        return out
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+    # --- client messages ---------------------------------------------------------------------
+    def set_pixel_format(self) -> bytes:
+        return b"\x00\x00\x00\x00" + PIXEL_FORMAT
+
+    def set_encodings(self, encodings: Iterable[int] | None = None) -> bytes:
+        if encodings is not None:
+            self.encodings = tuple(encodings)
+        return struct.pack(f">BxH{len(self.encodings)}i", 2, len(self.encodings), *self.encodings)
+
+    def request_update(self, incremental: bool, x: int = 0, y: int = 0,
+                       w: int | None = None, h: int | None = None) -> bytes:
+        w = self.width - x if w is None else w
+        h = self.height - y if h is None else h
+        return struct.pack(">BBHHHH", 3, 1 if incremental else 0, x, y, w, h)
+
+    def key(self, down: bool, keysym: int) -> bytes:
+        return struct.pack(">BBxxI", 4, 1 if down else 0, keysym)
+
+    def pointer(self, mask: int, x: int, y: int) -> bytes:
+        return struct.pack(">BBHH", 5, mask, max(0, x), max(0, y))
+
+    def cut_text(self, text: str) -> bytes:
+        data = text.encode("latin-1", "replace")
+        return struct.pack(">BxxxI", 6, len(data)) + data
+
+    # --- the reader --------------------------------------------------------------------------
+    def _run(self) -> _Reader:
+        yield from self._handshake()
+        while True:
+            (kind,) = yield 1
+            if kind == 0:
+                yield from self._framebuffer_update()
+            elif kind == 1:
+                _pad, _first, count = struct.unpack(">BHH", (yield 5))
+                if count:
+                    yield count * 6          # colour map entries: we use true colour
+            elif kind == 2:
+                self._events.append(Bell())
+            elif kind == 3:
+                (length,) = struct.unpack(">3xI", (yield 7))
+                if length > MAX_CUT_TEXT:
+                    raise RFBClientError(f"server cut text of {length} bytes is too long")
+                text = (yield length) if length else b""
+                self._events.append(ServerCutText(text.decode("latin-1")))
+            else:
+                raise RFBClientError(f"unknown server message type {kind}")
+
+    def _reason(self) -> _Reader:
+        (length,) = struct.unpack(">I", (yield 4))
+        if length > MAX_NAME:
+            raise RFBClientError(f"failure reason of {length} bytes is too long")
+        return ((yield length) if length else b"").decode("utf-8", "replace")
+
+    def _handshake(self) -> _Reader:
+        banner = yield 12
+        if banner[:4] != b"RFB " or banner[7:8] != b"." or banner[11:] != b"\n" \
+                or not banner[4:7].isdigit() or not banner[8:11].isdigit():
+            raise RFBClientError(f"not an RFB server: {banner!r}")
+        major, minor = int(banner[4:7]), int(banner[8:11])
+        if major != 3 or minor < 3:
+            raise RFBClientError(f"unsupported RFB version {major}.{minor}")
+        minor = 8 if minor >= 8 else 7 if minor >= 7 else 3
+        self.version = (3, minor)
+        self._out += b"RFB 003.%03d\n" % minor
+        if minor == 3:
+            (sec,) = struct.unpack(">I", (yield 4))
+            if sec == 0:
+                raise RFBClientError("server refused: " + (yield from self._reason()))
+            if sec not in (SEC_NONE, SEC_VNC_AUTH) or (sec == SEC_VNC_AUTH and not self.password):
+                raise RFBClientError(f"server demands security type {sec}")
+        else:
+            (count,) = yield 1
+            if count == 0:
+                raise RFBClientError("server refused: " + (yield from self._reason()))
+            offered = yield count
+            if SEC_NONE in offered:
+                sec = SEC_NONE
+            elif SEC_VNC_AUTH in offered and self.password:
+                sec = SEC_VNC_AUTH
+            else:
+                raise RFBClientError(f"no supported security type among {list(offered)}")
+            self._out.append(sec)
+        if sec == SEC_VNC_AUTH:
+            assert self.password is not None
+            challenge = yield 16              # read before touching self._out (see data_to_send)
+            self._out += vnc_auth_response(self.password, challenge)
+        if sec == SEC_VNC_AUTH or minor == 8:
+            (result,) = struct.unpack(">I", (yield 4))
+            if result != 0:
+                reason = (yield from self._reason()) if minor == 8 else "authentication failed"
+                raise RFBClientError("security handshake failed: " + reason)
+        self._out.append(1 if self.shared else 0)
+        w, h, bpp, _depth, _be, true_colour, *_ = struct.unpack(">HHBBBBHHHBBB3x", (yield 20))
+        if not (0 < w <= MAX_DIMENSION and 0 < h <= MAX_DIMENSION):
+            raise RFBClientError(f"server desktop size {w}x{h} is not acceptable")
+        (name_len,) = struct.unpack(">I", (yield 4))
+        if name_len > MAX_NAME:
+            raise RFBClientError(f"desktop name of {name_len} bytes is too long")
+        name = ((yield name_len) if name_len else b"").decode("utf-8", "replace")
+        self._resize(w, h)
+        self.name = name
+        self.initialised = True
+        self._out += self.set_pixel_format() + self.set_encodings()
+        self._events.append(ServerInit(w, h, name))
+
+    def _resize(self, w: int, h: int) -> None:
+        self.width, self.height = w, h
+        self.framebuffer = np.zeros((h, w, 3), np.uint8)
+
+    def _framebuffer_update(self) -> _Reader:
+        (count,) = struct.unpack(">xH", (yield 3))
+        rects: list[Rect] = []
+        i = 0
+        while i < count:
+            i += 1
+            x, y, w, h, enc = struct.unpack(">HHHHi", (yield 12))
+            rect = Rect(x, y, w, h, enc)
+            if enc == LAST_RECT:
+                break
+            if enc == DESKTOP_SIZE:
+                if not (0 < w <= MAX_DIMENSION and 0 < h <= MAX_DIMENSION):
+                    raise RFBClientError(f"desktop size {w}x{h} is not acceptable")
+                self._resize(w, h)
+                rects.append(rect)
+                self._events.append(DesktopResized(w, h))
+                continue
+            if enc == RICH_CURSOR:
+                yield from self._rich_cursor(x, y, w, h)
+                rects.append(rect)
+                continue
+            if x + w > self.width or y + h > self.height:
+                raise RFBClientError(f"rect {x},{y} {w}x{h} is outside the "
+                                     f"{self.width}x{self.height} framebuffer")
+            if enc == RAW:
+                if w and h:
+                    data = yield w * h * 4
+                    px = np.frombuffer(data, np.uint8).reshape(h, w, 4)
+                    self.framebuffer[y:y + h, x:x + w] = px[..., 2::-1]
+            elif enc == COPY_RECT:
+                sx, sy = struct.unpack(">HH", (yield 4))
+                if sx + w > self.width or sy + h > self.height:
+                    raise RFBClientError(f"CopyRect source {sx},{sy} {w}x{h} is outside the "
+                                         f"{self.width}x{self.height} framebuffer")
+                self.framebuffer[y:y + h, x:x + w] = self.framebuffer[sy:sy + h, sx:sx + w].copy()
+            elif enc == ZRLE:
+                yield from self._zrle_rect(x, y, w, h)
+            elif enc == TIGHT:
+                yield from self._tight_rect(x, y, w, h)
+            else:
+                raise RFBClientError(f"rect with encoding {enc} that was not asked for")
+            rects.append(rect)
+        self._events.append(FramebufferUpdated(tuple(rects)))
+
+    def _rich_cursor(self, hx: int, hy: int, w: int, h: int) -> _Reader:
+        if w > MAX_CURSOR or h > MAX_CURSOR:
+            raise RFBClientError(f"cursor of {w}x{h} is too large")
+        if w == 0 or h == 0:
+            self._events.append(CursorShape(hx, hy, w, h, b""))
+            return
+        pixels = np.frombuffer((yield w * h * 4), np.uint8).reshape(h, w, 4)
+        row = (w + 7) // 8
+        mask = np.frombuffer((yield row * h), np.uint8).reshape(h, row)
+        bits = np.unpackbits(mask, axis=1)[:, :w]
+        rgba = np.empty((h, w, 4), np.uint8)
+        rgba[..., :3] = pixels[..., 2::-1]
+        rgba[..., 3] = bits * 255
+        self._events.append(CursorShape(hx, hy, w, h, rgba.tobytes()))
+
+    # --- ZRLE --------------------------------------------------------------------------------
+    def _zrle_rect(self, x: int, y: int, w: int, h: int) -> _Reader:
+        (length,) = struct.unpack(">I", (yield 4))
+        # worst case per tile: subencoding + 127-colour palette + (cpixel + 1 run byte) per pixel;
+        # run bytes beyond that cannot describe pixels that exist.
+        tiles = -(-w // ZRLE_TILE) * -(-h // ZRLE_TILE)
+        limit = tiles * (1 + 127 * 3) + w * h * 4
+        if length > limit + 1024 + (limit >> 3):
+            raise RFBClientError(f"ZRLE rect {x},{y} {w}x{h} declares {length} bytes")
+        data = (yield length) if length else b""
+        try:
+            raw = self._zrle.decompress(data, limit + 1)
+        except zlib.error as exc:
+            raise RFBClientError(f"ZRLE zlib stream is corrupt: {exc}") from None
+        if len(raw) > limit or self._zrle.unconsumed_tail:
+            raise RFBClientError(f"ZRLE rect {x},{y} {w}x{h} decompresses to too much data")
+        pos = 0
+        for ty in range(y, y + h, ZRLE_TILE):
+            th = min(ZRLE_TILE, y + h - ty)
+            for tx in range(x, x + w, ZRLE_TILE):
+                tw = min(ZRLE_TILE, x + w - tx)
+                tile, pos = _zrle_tile(raw, pos, tw, th)
+                self.framebuffer[ty:ty + th, tx:tx + tw] = tile
+        if pos != len(raw):
+            raise RFBClientError(f"ZRLE rect {x},{y} {w}x{h} has {len(raw) - pos} bytes too many")
+
+    # --- Tight -------------------------------------------------------------------------------
+    def _compact_length(self) -> _Reader:
+        (b,) = yield 1
+        length = b & 0x7F
+        if b & 0x80:
+            (b,) = yield 1
+            length |= (b & 0x7F) << 7
+            if b & 0x80:
+                (b,) = yield 1
+                length |= b << 14
+        return length
+
+    def _tight_rect(self, x: int, y: int, w: int, h: int) -> _Reader:
+        (control,) = yield 1
+        for i in range(4):
+            if control & (1 << i):
+                self._tight[i] = zlib.decompressobj()
+        kind = control >> 4
+        if kind == 0x8:                                      # fill
+            r, g, b = yield 3
+            self.framebuffer[y:y + h, x:x + w] = (r, g, b)
+            return
+        if kind == 0x9:                                      # JPEG
+            length = yield from self._compact_length()
+            if length > MAX_JPEG:
+                raise RFBClientError(f"Tight JPEG of {length} bytes is too long")
+            data = (yield length) if length else b""
+            self.framebuffer[y:y + h, x:x + w] = _decode_jpeg(data, w, h)
+            return
+        if kind > 0x9:
+            raise RFBClientError(f"Tight compression control {control:#04x} is not supported")
+        stream = kind & 0x3
+        filter_id = (yield 1)[0] if kind & 0x4 else 0
+        palette = None
+        if filter_id == 0 or filter_id == 2:
+            size = w * h * 3
+        elif filter_id == 1:
+            (n,) = yield 1
+            n += 1
+            palette = np.frombuffer((yield n * 3), np.uint8).reshape(n, 3)
+            size = ((w + 7) // 8) * h if n == 2 else w * h
+        else:
+            raise RFBClientError(f"unknown Tight filter {filter_id}")
+        if size < 12:
+            data = (yield size) if size else b""
+        else:
+            length = yield from self._compact_length()
+            if length > size + (size >> 3) + 1024:
+                raise RFBClientError(f"Tight rect {x},{y} {w}x{h} declares {length} bytes")
+            comp = (yield length) if length else b""
+            dec = self._tight[stream]
+            try:
+                data = dec.decompress(comp, size + 1)
+            except zlib.error as exc:
+                raise RFBClientError(f"Tight zlib stream {stream} is corrupt: {exc}") from None
+            if len(data) != size or dec.unconsumed_tail:
+                raise RFBClientError(f"Tight rect {x},{y} {w}x{h} decompresses to {len(data)} "
+                                     f"bytes, expected {size}")
+        if w == 0 or h == 0:
+            return
+        if filter_id == 0:
+            pixels = np.frombuffer(data, np.uint8).reshape(h, w, 3)
+        elif filter_id == 2:
+            pixels = _gradient(np.frombuffer(data, np.uint8).reshape(h, w, 3))
+        else:
+            assert palette is not None
+            if len(palette) == 2:
+                rows = np.frombuffer(data, np.uint8).reshape(h, (w + 7) // 8)
+                idx = np.unpackbits(rows, axis=1)[:, :w]
+            else:
+                idx = np.frombuffer(data, np.uint8).reshape(h, w)
+                if idx.max() >= len(palette):
+                    raise RFBClientError(f"Tight palette index {int(idx.max())} beyond "
+                                         f"{len(palette)} colours")
+            pixels = palette[idx]
+        self.framebuffer[y:y + h, x:x + w] = pixels
+
+
+def _decode_jpeg(data: bytes, w: int, h: int) -> np.ndarray:
+    from PIL import Image
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if img.format != "JPEG":
+                raise RFBClientError(f"Tight JPEG rect holds {img.format} data")
+            if img.size != (w, h):
+                raise RFBClientError(f"Tight JPEG is {img.size[0]}x{img.size[1]}, rect is {w}x{h}")
+            return np.asarray(img.convert("RGB"))
+    except RFBClientError:
+        raise
+    except Exception as exc:                      # Pillow raises many kinds for broken data
+        raise RFBClientError(f"Tight JPEG cannot be decoded: {exc}") from None
+
+
+def _gradient(diff: np.ndarray) -> np.ndarray:
+    """Undo Tight's gradient filter: each component was sent as ``value - clamp(left + up -
+    upleft)`` modulo 256."""
+    h, w, _ = diff.shape
+    out = np.zeros((h + 1, w + 1, 3), np.int32)
+    d = diff.astype(np.int32)
+    for row in range(h):
+        up = out[row]
+        cur = out[row + 1]
+        for col in range(w):
+            pred = np.clip(cur[col] + up[col + 1] - up[col], 0, 255)
+            cur[col + 1] = (pred + d[row, col]) & 0xFF
+    return out[1:, 1:].astype(np.uint8)
+
+
+def _need(raw: bytes, pos: int, n: int) -> None:
+    if pos + n > len(raw):
+        raise RFBClientError("ZRLE tile data ends early")
+
+
+def _zrle_tile(raw: bytes, pos: int, tw: int, th: int) -> tuple[np.ndarray, int]:
+    """Decode one ZRLE tile (CPIXEL = 3 bytes B G R); return RGB pixels and the new position."""
+    _need(raw, pos, 1)
+    sub = raw[pos]
+    pos += 1
+    n = tw * th
+    if sub == 0:                                             # raw cpixels
+        _need(raw, pos, n * 3)
+        px = np.frombuffer(raw, np.uint8, n * 3, pos).reshape(th, tw, 3)[..., ::-1]
+        return px, pos + n * 3
+    if sub == 1:                                             # solid
+        _need(raw, pos, 3)
+        return np.frombuffer(raw, np.uint8, 3, pos)[::-1], pos + 3
+    if 2 <= sub <= 16:                                       # packed palette
+        _need(raw, pos, sub * 3)
+        palette = np.frombuffer(raw, np.uint8, sub * 3, pos).reshape(sub, 3)[:, ::-1]
+        pos += sub * 3
+        bits = 1 if sub == 2 else 2 if sub <= 4 else 4
+        row = (tw * bits + 7) // 8
+        _need(raw, pos, row * th)
+        packed = np.frombuffer(raw, np.uint8, row * th, pos).reshape(th, row)
+        pos += row * th
+        unpacked = np.unpackbits(packed, axis=1).reshape(th, row * 8 // bits, bits)
+        weights = (1 << np.arange(bits - 1, -1, -1)).astype(np.uint8)
+        idx = (unpacked * weights).sum(axis=2)[:, :tw]
+        if idx.max() >= sub:
+            raise RFBClientError(f"ZRLE palette index {int(idx.max())} beyond {sub} colours")
+        return palette[idx], pos
+    if sub == 128 or sub >= 130:                             # plain RLE / palette RLE
+        palette = None
+        if sub >= 130:
+            size = sub - 128
+            _need(raw, pos, size * 3)
+            palette = np.frombuffer(raw, np.uint8, size * 3, pos).reshape(size, 3)[:, ::-1]
+            pos += size * 3
+        out = np.empty((n, 3), np.uint8)
+        done = 0
+        end = len(raw)
+        while done < n:
+            if palette is None:
+                if pos + 3 > end:
+                    raise RFBClientError("ZRLE tile data ends early")
+                colour = raw[pos + 2], raw[pos + 1], raw[pos]
+                pos += 3
+                run_follows = True
+            else:
+                if pos >= end:
+                    raise RFBClientError("ZRLE tile data ends early")
+                index = raw[pos]
+                pos += 1
+                run_follows = bool(index & 0x80)
+                index &= 0x7F
+                if index >= len(palette):
+                    raise RFBClientError(f"ZRLE palette index {index} beyond {len(palette)} "
+                                         f"colours")
+                colour = palette[index]
+            run = 1
+            if run_follows:
+                while True:
+                    if pos >= end:
+                        raise RFBClientError("ZRLE tile data ends early")
+                    b = raw[pos]
+                    pos += 1
+                    run += b
+                    if b != 255:
+                        break
+                    if run > n:
+                        break
+            if done + run > n:
+                raise RFBClientError(f"ZRLE run of {run} pixels overflows the {tw}x{th} tile")
+            out[done:done + run] = colour
+            done += run
+        return out.reshape(th, tw, 3), pos
+    raise RFBClientError(f"ZRLE subencoding {sub} is not defined")
