@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import io
 import struct
+from collections import Counter
 import zlib
 from dataclasses import dataclass
 from typing import Generator, Iterable
@@ -156,6 +157,9 @@ class RFBClient:
         self.version: tuple[int, int] | None = None
         self.initialised = False
         self.failure: str | None = None
+        # rects decoded so far by kind: "raw", "copyrect", "zrle", "tight-fill", "tight-jpeg",
+        # "tight-copy", "tight-palette", "tight-gradient", "cursor", "desktop-size"
+        self.decoded: Counter[str] = Counter()
         self._out = bytearray()
         self._buf = bytearray()
         self._events: list[Event] = []
@@ -318,11 +322,13 @@ class RFBClient:
                 if not (0 < w <= MAX_DIMENSION and 0 < h <= MAX_DIMENSION):
                     raise RFBClientError(f"desktop size {w}x{h} is not acceptable")
                 self._resize(w, h)
+                self.decoded["desktop-size"] += 1
                 rects.append(rect)
                 self._events.append(DesktopResized(w, h))
                 continue
             if enc == RICH_CURSOR:
                 yield from self._rich_cursor(x, y, w, h)
+                self.decoded["cursor"] += 1
                 rects.append(rect)
                 continue
             if x + w > self.width or y + h > self.height:
@@ -333,14 +339,17 @@ class RFBClient:
                     data = yield w * h * 4
                     px = np.frombuffer(data, np.uint8).reshape(h, w, 4)
                     self.framebuffer[y:y + h, x:x + w] = px[..., 2::-1]
+                self.decoded["raw"] += 1
             elif enc == COPY_RECT:
                 sx, sy = struct.unpack(">HH", (yield 4))
                 if sx + w > self.width or sy + h > self.height:
                     raise RFBClientError(f"CopyRect source {sx},{sy} {w}x{h} is outside the "
                                          f"{self.width}x{self.height} framebuffer")
                 self.framebuffer[y:y + h, x:x + w] = self.framebuffer[sy:sy + h, sx:sx + w].copy()
+                self.decoded["copyrect"] += 1
             elif enc == ZRLE:
                 yield from self._zrle_rect(x, y, w, h)
+                self.decoded["zrle"] += 1
             elif enc == TIGHT:
                 yield from self._tight_rect(x, y, w, h)
             else:
@@ -410,6 +419,7 @@ class RFBClient:
         if kind == 0x8:                                      # fill
             r, g, b = yield 3
             self.framebuffer[y:y + h, x:x + w] = (r, g, b)
+            self.decoded["tight-fill"] += 1
             return
         if kind == 0x9:                                      # JPEG
             length = yield from self._compact_length()
@@ -417,6 +427,7 @@ class RFBClient:
                 raise RFBClientError(f"Tight JPEG of {length} bytes is too long")
             data = (yield length) if length else b""
             self.framebuffer[y:y + h, x:x + w] = _decode_jpeg(data, w, h)
+            self.decoded["tight-jpeg"] += 1
             return
         if kind > 0x9:
             raise RFBClientError(f"Tight compression control {control:#04x} is not supported")
@@ -447,6 +458,7 @@ class RFBClient:
             if len(data) != size or dec.unconsumed_tail:
                 raise RFBClientError(f"Tight rect {x},{y} {w}x{h} decompresses to {len(data)} "
                                      f"bytes, expected {size}")
+        self.decoded[("tight-copy", "tight-palette", "tight-gradient")[filter_id]] += 1
         if w == 0 or h == 0:
             return
         if filter_id == 0:
