@@ -1,0 +1,157 @@
+"""Twisted adapter: an ``RFBServer`` over any transport, fed by a screen source.
+
+``RFBServerProtocol`` feeds received bytes to the sans-I/O ``RFBServer``, hands key/pointer events
+to the injector (which checks the CONTROL right itself), and while the client has a pending
+FramebufferUpdateRequest pulls frames from the source at most ``max_fps`` times a second.
+Capture and input block on X round trips, so they run through ``protocol.runtime.run_blocking``;
+input events stay in order (one chain per connection).
+
+``listen_vnc(reactor, "127.0.0.1:5901", source, injector)`` serves the source on a local TCP
+port so a standard VNC viewer can attach.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+from twisted.internet import defer
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+
+from modules.common.rfb_server import (
+    ClientCutText, FramebufferUpdateRequest, KeyEvent, PointerEvent, RFBError, RFBServer,
+)
+from modules.common.screen import DamageTracker
+from protocol.runtime import run_blocking
+
+__all__ = ["RFBServerProtocol", "RFBServerFactory", "listen_vnc"]
+
+log = Logger()
+
+
+class RFBServerProtocol(Protocol):
+    def __init__(self, source: Any, injector: Any = None, *, name: str = "Hausmeister",
+                 max_fps: float = 30.0, clock: Any = None,
+                 on_cut_text: Callable[[str], None] | None = None):
+        self.source = source
+        self.injector = injector
+        self.name = name
+        self.interval = 1.0 / max_fps
+        self.on_cut_text = on_cut_text
+        self._clock = clock
+        self.rfb: RFBServer | None = None
+        self.tracker = DamageTracker(getattr(source, "detect_scroll", True))
+        self.bytes_sent = 0
+        self._capturing = False
+        self._timer: Any = None
+        self._last_capture = 0.0
+        self._input: defer.Deferred = defer.succeed(None)
+        self._closed = False
+
+    @property
+    def clock(self) -> Any:
+        if self._clock is None:
+            from twisted.internet import reactor
+            self._clock = reactor
+        return self._clock
+
+    def _write(self, data: bytes) -> None:
+        if data and not self._closed:
+            self.bytes_sent += len(data)
+            self.transport.write(data)
+
+    def connectionMade(self) -> None:
+        self.rfb = RFBServer(self.source, name=self.name)
+        self._write(self.rfb.initial())
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self._closed = True
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        if self.injector is not None:
+            self._input.addCallback(lambda _: run_blocking(self.injector.release_all))
+            self._input.addErrback(lambda f: log.failure("input: release failed", f))
+
+    def dataReceived(self, data: bytes) -> None:
+        try:
+            events = self.rfb.receive(data)
+        except RFBError as e:
+            log.warn("rfb: closing connection, client broke the protocol: {reason}",
+                     reason=e.reason)
+            self._write(self.rfb.data_to_send())
+            self.transport.loseConnection()
+            self._closed = True
+            return
+        self._write(self.rfb.data_to_send())
+        for ev in events:
+            if isinstance(ev, KeyEvent):
+                self._apply("key", ev.down, ev.keysym)
+            elif isinstance(ev, PointerEvent):
+                self._apply("pointer", ev.mask, ev.x, ev.y)
+            elif isinstance(ev, ClientCutText) and self.on_cut_text is not None:
+                self.on_cut_text(ev.text)
+            elif isinstance(ev, FramebufferUpdateRequest):
+                self._schedule()
+        self._schedule()
+
+    def _apply(self, method: str, *args: Any) -> None:
+        if self.injector is None:
+            return
+        fn = getattr(self.injector, method)
+        self._input.addCallback(lambda _: run_blocking(fn, *args))
+        self._input.addErrback(lambda f: log.failure("input: {method} failed", f, method=method))
+
+    # ------------------------------------------------------------------------------ frames
+    def _schedule(self) -> None:
+        if (self._closed or self._capturing or self.rfb is None or not self.rfb.ready
+                or (self._timer is not None and self._timer.active())):
+            return
+        if not self.rfb.update_pending:
+            return
+        wait = self._last_capture + self.interval - time.monotonic()
+        if wait > 0:
+            self._timer = self.clock.callLater(wait, self._schedule)
+            return
+        self._capture()
+
+    def _capture(self) -> None:
+        self._capturing = True
+        self._last_capture = time.monotonic()
+        d = run_blocking(self.source.capture, self.tracker)
+        d.addCallback(self._captured)
+        d.addErrback(lambda f: log.failure("screen: capture failed", f))
+        d.addBoth(self._capture_done)
+
+    def _captured(self, cap: Any) -> None:
+        if self._closed:
+            return
+        self._write(self.rfb.update(cap.frame, cap.damage, moves=cap.moves, cursor=cap.cursor))
+
+    def _capture_done(self, _: Any) -> None:
+        self._capturing = False
+        self._schedule()
+
+
+class RFBServerFactory(Factory):
+    def __init__(self, source: Any, injector: Any = None, **kwargs: Any):
+        self.source = source
+        self.injector = injector
+        self.kwargs = kwargs
+        self.connections: list[RFBServerProtocol] = []
+
+    def buildProtocol(self, addr: Any) -> RFBServerProtocol:
+        p = RFBServerProtocol(self.source, self.injector, **self.kwargs)
+        p.factory = self
+        self.connections.append(p)
+        return p
+
+
+def listen_vnc(reactor: Any, where: str, source: Any, injector: Any = None, **kwargs: Any) -> Any:
+    """Serve ``source`` over RFB on ``"HOST:PORT"`` (loopback; port 0 for any free one).
+    Returns the listening port (``getHost().port``); its ``factory`` holds the connections."""
+    host, _, port = where.rpartition(":")
+    factory = RFBServerFactory(source, injector, **kwargs)
+    listening = reactor.listenTCP(int(port), factory, interface=host or "127.0.0.1")
+    listening.factory = factory
+    return listening

@@ -1,0 +1,306 @@
+"""Screen capture for the showing side: frames as numpy arrays, damage by tiles, scroll moves.
+
+``ScreenSource`` is the X11 backend (``mss`` for pixels, ``python-xlib`` for windows and the
+cursor).  Other platforms add a class with the same small interface (``size()``, ``capture()``,
+the option attributes) — see ``CaptureBackend``.  Every method here blocks (X round trips); the
+Twisted adapter calls ``capture()`` through ``protocol.runtime.run_blocking``.
+
+Options the showing side controls:
+
+* ``window``: share one window (X window id, or a title matched exactly, then as a substring)
+  instead of the whole screen; the frame is that window's on-screen rectangle, clipped to the
+  screen, and its size follows the window (the RFB server announces size changes).
+* ``paused``: ``capture()`` returns the last frame with no damage (the viewer sees a still image).
+* ``hide_background``: best effort — pixels of the root window not covered by a mapped top-level
+  window (its bounding rectangle; shaped windows are treated as rectangles) are filled with
+  ``background_colour``.  With a window manager, top-level windows are its frames, so this hides
+  the wallpaper and desktop icons drawn on the root window, not icons drawn by a desktop window
+  (e.g. a file manager's desktop, which is itself a top-level window).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from modules.common.rfb_server import Cursor, Move, Rect
+
+__all__ = ["ScreenSource", "Capture", "CaptureBackend", "DamageTracker", "tile_damage", "find_scroll"]
+
+TILE = 64
+
+
+@dataclass
+class Capture:
+    """One captured frame (H×W×3 RGB), what changed since the previous one, and the cursor."""
+    frame: np.ndarray
+    damage: list[Rect]
+    moves: list[Move] = field(default_factory=list)
+    cursor: Cursor | None = None
+
+
+class CaptureBackend(Protocol):
+    paused: bool
+    hide_background: bool
+
+    def size(self) -> tuple[int, int]: ...
+
+    def capture(self, tracker: "DamageTracker | None" = None) -> Capture: ...
+
+    def close(self) -> None: ...
+
+
+def tile_damage(prev: np.ndarray | None, cur: np.ndarray, tile: int = TILE) -> list[Rect]:
+    """Rects (tile-aligned, clipped to the frame) where ``cur`` differs from ``prev``.
+    Changed tiles of a tile row are joined into runs; equal runs of consecutive rows merge."""
+    h, w = cur.shape[:2]
+    if prev is None or prev.shape != cur.shape:
+        return [Rect(0, 0, w, h)]
+    diff = (prev != cur).any(axis=2)
+    th, tw = -(-h // tile), -(-w // tile)
+    padded = np.zeros((th * tile, tw * tile), bool)
+    padded[:h, :w] = diff
+    changed = padded.reshape(th, tile, tw, tile).any(axis=(1, 3))
+    rects: list[Rect] = []
+    open_runs: dict[tuple[int, int], Rect] = {}
+    for ty in range(th):
+        row = changed[ty]
+        runs = []
+        tx = 0
+        while tx < tw:
+            if row[tx]:
+                start = tx
+                while tx < tw and row[tx]:
+                    tx += 1
+                runs.append((start, tx))
+            else:
+                tx += 1
+        next_open: dict[tuple[int, int], Rect] = {}
+        for run in runs:
+            y0 = ty * tile
+            if run in open_runs:
+                r = open_runs.pop(run)
+                next_open[run] = Rect(r.x, r.y, r.w, r.h + tile)
+            else:
+                next_open[run] = Rect(run[0] * tile, y0, (run[1] - run[0]) * tile, tile)
+        rects.extend(open_runs.values())
+        open_runs = next_open
+    rects.extend(open_runs.values())
+    return [c for c in (r.clip(w, h) for r in rects) if c is not None]
+
+
+def find_scroll(prev: np.ndarray, cur: np.ndarray, area: Rect, max_shift: int = 512) -> Move | None:
+    """A vertical scroll of ``area`` between ``prev`` and ``cur`` (e.g. a terminal printing
+    lines), as the Move that reproduces most of it, or None.  Rows are compared by hash."""
+    if area.h < 32:
+        return None
+    a = np.ascontiguousarray(prev[area.y:area.y + area.h, area.x:area.x + area.w])
+    b = np.ascontiguousarray(cur[area.y:area.y + area.h, area.x:area.x + area.w])
+    weights = np.random.default_rng(7).integers(1, 1 << 31, size=a.shape[1] * 3, dtype=np.uint64)
+    ha = a.reshape(area.h, -1).astype(np.uint64) @ weights
+    hb = b.reshape(area.h, -1).astype(np.uint64) @ weights
+    # candidate shifts from rows that occur once in prev (uniform rows say nothing)
+    vals, idx, counts = np.unique(ha, return_index=True, return_counts=True)
+    unique_rows = dict(zip(vals[counts == 1].tolist(), idx[counts == 1].tolist()))
+    votes: dict[int, int] = {}
+    for y, v in enumerate(hb.tolist()):
+        src = unique_rows.get(v)
+        if src is not None and src != y and abs(src - y) <= max_shift:
+            votes[src - y] = votes.get(src - y, 0) + 1
+    if not votes:
+        return None
+    dy, n = max(votes.items(), key=lambda kv: kv[1])
+    if n < 4:
+        return None
+    # the longest band of rows where cur[y] == prev[y + dy]
+    ys = np.arange(max(0, -dy), min(area.h, area.h - dy))
+    same = hb[ys] == ha[ys + dy]
+    best, start, run_start = (0, 0), None, None
+    for i, s in enumerate(same.tolist()):
+        if s and run_start is None:
+            run_start = i
+        if (not s or i == len(same) - 1) and run_start is not None:
+            end = i + 1 if s else i
+            if end - run_start > best[1] - best[0]:
+                best = (run_start, end)
+            run_start = None
+    length = best[1] - best[0]
+    if length < 16:
+        return None
+    y0 = int(ys[best[0]])
+    # verify exactly (hash collisions)
+    if not np.array_equal(b[y0:y0 + length], a[y0 + dy:y0 + dy + length]):
+        return None
+    return Move(area.x, area.y + y0 + dy, area.x, area.y + y0, area.w, length)
+
+
+class DamageTracker:
+    """What changed between the frames one viewer has seen: tile damage and vertical scrolls.
+    A scroll's destination band is taken out of the damage (CopyRect reproduces it exactly)."""
+
+    def __init__(self, detect_scroll: bool = True):
+        self.detect_scroll = detect_scroll
+        self.prev: np.ndarray | None = None
+
+    def update(self, frame: np.ndarray) -> tuple[list[Rect], list[Move]]:
+        prev, self.prev = self.prev, frame
+        damage = tile_damage(prev, frame)
+        if not self.detect_scroll or prev is None or prev.shape != frame.shape:
+            return damage, []
+        moves: list[Move] = []
+        out: list[Rect] = []
+        for r in damage:
+            m = find_scroll(prev, frame, r) if r.w * r.h >= 64 * 256 else None
+            if m is None:
+                out.append(r)
+                continue
+            moves.append(m)
+            if m.y > r.y:
+                out.append(Rect(r.x, r.y, r.w, m.y - r.y))
+            if m.y + m.h < r.y + r.h:
+                out.append(Rect(r.x, m.y + m.h, r.w, r.y + r.h - m.y - m.h))
+        return out, moves
+
+
+class ScreenSource:
+    """X11 screen (or one window) of ``display`` via mss; see the module docstring."""
+
+    def __init__(self, display: str = ":99", *, window: int | str | None = None,
+                 hide_background: bool = False,
+                 background_colour: tuple[int, int, int] = (0x2E, 0x34, 0x40),
+                 detect_scroll: bool = True, with_cursor: bool = True):
+        import mss
+        from Xlib import display as xdisplay
+
+        self.display_name = display
+        self.paused = False
+        self.hide_background = hide_background
+        self.background_colour = background_colour
+        self.detect_scroll = detect_scroll
+        self._lock = threading.Lock()
+        self._mss = mss.MSS(display=display)
+        self._x = xdisplay.Display(display)
+        self._root = self._x.screen().root
+        self._window: int | None = None
+        self._last: np.ndarray | None = None
+        self._tracker = DamageTracker(detect_scroll)
+        self._cursor: Cursor | None = None
+        self._cursor_serial: int | None = None
+        self._xfixes = with_cursor and self._x.has_extension("XFIXES")
+        if self._xfixes:
+            self._x.xfixes_query_version()
+        if window is not None:
+            self.select_window(window)
+
+    # ------------------------------------------------------------------------------ options
+    def select_window(self, window: int | str | None) -> None:
+        """Share one window (id or title) or, with None, the whole screen again."""
+        with self._lock:
+            if window is None or isinstance(window, int):
+                self._window = window
+            else:
+                self._window = self._find_window(window)
+            self._last = None
+
+    def _find_window(self, title: str) -> int:
+        candidates = []
+        for w in self._toplevels(mapped_only=False, with_names=True):
+            name = w[1] or ""
+            if name == title:
+                return w[0].id
+            if title in name:
+                candidates.append(w[0].id)
+        if candidates:
+            return candidates[0]
+        raise LookupError(f"no window titled {title!r} on {self.display_name}")
+
+    def _toplevels(self, mapped_only: bool = True, with_names: bool = False):
+        """(window, name, Rect) for the root's children and, one level down, their children
+        with a name (window-manager frames hold the client window)."""
+        from Xlib import X
+        out = []
+        for child in self._root.query_tree().children:
+            try:
+                attrs = child.get_attributes()
+                if mapped_only and attrs.map_state != X.IsViewable:
+                    continue
+                g = child.get_geometry()
+                rect = Rect(g.x, g.y, g.width + 2 * g.border_width, g.height + 2 * g.border_width)
+                name = None
+                if with_names:
+                    name = child.get_wm_name()
+                    if not name:
+                        for sub in child.query_tree().children:
+                            sub_name = sub.get_wm_name()
+                            if sub_name:
+                                out.append((sub, sub_name, rect))
+                out.append((child, name, rect))
+            except Exception:   # the window vanished meanwhile (BadWindow): skip it
+                continue
+        return out
+
+    # ------------------------------------------------------------------------------ capture
+    def size(self) -> tuple[int, int]:
+        area = self._area()
+        return area.w, area.h
+
+    def _area(self) -> Rect:
+        mon = self._mss.monitors[0]
+        screen = Rect(mon["left"], mon["top"], mon["width"], mon["height"])
+        if self._window is None:
+            return screen
+        win = self._x.create_resource_object("window", self._window)
+        g = win.get_geometry()
+        pos = win.translate_coords(self._root, 0, 0)
+        r = Rect(-pos.x, -pos.y, g.width, g.height).clip(screen.w, screen.h)
+        return r or Rect(0, 0, 1, 1)
+
+    def grab(self) -> np.ndarray:
+        """The current pixels of the shared area, H×W×3 RGB (blocking)."""
+        area = self._area()
+        shot = self._mss.grab({"left": area.x, "top": area.y, "width": area.w, "height": area.h})
+        frame = np.asarray(shot)[..., 2::-1].copy()          # BGRA → RGB
+        if self.hide_background:
+            self._fill_background(frame, area)
+        return frame
+
+    def _fill_background(self, frame: np.ndarray, area: Rect) -> None:
+        covered = np.zeros(frame.shape[:2], bool)
+        for _win, _name, r in self._toplevels():
+            c = r.intersect(area)
+            if c is not None:
+                covered[c.y - area.y:c.y - area.y + c.h, c.x - area.x:c.x - area.x + c.w] = True
+        frame[~covered] = self.background_colour
+
+    def cursor(self) -> Cursor | None:
+        """The current cursor image (XFixes), cached by its serial."""
+        if not self._xfixes:
+            return None
+        img = self._x.xfixes_get_cursor_image(self._root)
+        if img.cursor_serial != self._cursor_serial or self._cursor is None:
+            argb = np.array(img.cursor_image, dtype=np.uint32).reshape(img.height, img.width)
+            rgba = np.stack([(argb >> 16) & 0xFF, (argb >> 8) & 0xFF, argb & 0xFF,
+                             argb >> 24], axis=2).astype(np.uint8)
+            self._cursor = Cursor(img.xhot, img.yhot, rgba)
+            self._cursor_serial = img.cursor_serial
+        return self._cursor
+
+    def capture(self, tracker: "DamageTracker | None" = None) -> Capture:
+        """Grab a frame and compare it with what ``tracker`` saw last (blocking).  Each viewer
+        has its own tracker; without one, the source's own tracker is used."""
+        with self._lock:
+            tracker = tracker or self._tracker
+            if self.paused and self._last is not None:
+                frame = self._last
+            else:
+                frame = self._last = self.grab()
+            damage, moves = tracker.update(frame)
+            return Capture(frame, damage, moves, self.cursor())
+
+    def close(self) -> None:
+        with self._lock:
+            self._mss.close()
+            self._x.close()
