@@ -493,7 +493,8 @@ def _valid_stream(seed: int) -> tuple[bytes, np.ndarray]:
     fb[0:10, 0:20] = fb[30:40, 30:50].copy()
     c = random_image(rng, 20, 30, 2)
     d = random_image(rng, 10, 70)
-    data += update(tight.palette(40, 30, c), tight.copy(0, 40, d), tight.fill(0, 0, 5, 5, (1, 2, 3)))
+    data += update(tight.palette(40, 30, c), tight.copy(0, 40, d),
+                   tight.fill(0, 0, 5, 5, (1, 2, 3)))
     fb[30:50, 40:70] = c
     fb[40:50, 0:70] = d
     fb[0:5, 0:5] = (1, 2, 3)
@@ -627,14 +628,11 @@ def x_display(tmp_path_factory):
         os.close(r)
 
 
-@pytest.fixture(scope="module")
-def x11vnc(x_display, tmp_path_factory):
-    display, _home = x_display
-    log = tmp_path_factory.mktemp("x11vnc") / "x11vnc.log"
+def _x11vnc(display: str, log: Path, auth: list[str]):
     for _attempt in range(3):
         port = _free_port()
         proc = subprocess.Popen(["x11vnc", "-display", display, "-rfbport", str(port),
-                                 "-localhost", "-noipv6", "-nopw", "-forever", "-shared",
+                                 "-localhost", "-noipv6", *auth, "-forever", "-shared",
                                  "-noxdamage", "-quiet", "-o", str(log)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
@@ -649,10 +647,18 @@ def x11vnc(x_display, tmp_path_factory):
             proc.kill()
             proc.wait()
             continue
-        yield port
-        _stop(proc)
+        try:
+            yield port
+        finally:
+            _stop(proc)
         return
     pytest.fail(f"x11vnc did not start: {log.read_text() if log.exists() else ''}")
+
+
+@pytest.fixture(scope="module")
+def x11vnc(x_display, tmp_path_factory):
+    yield from _x11vnc(x_display[0], tmp_path_factory.mktemp("x11vnc") / "x11vnc.log",
+                       ["-nopw"])
 
 
 def _view(port: int, encodings, until, timeout: float = 10.0) -> RFBClient:
@@ -776,3 +782,61 @@ def test_keys_typed_through_x11vnc_run_a_command(x_display, x11vnc):
     assert proto.updates > 1 and proto.client.failure is None
     proto.close()
     yield proto.ended
+
+
+@needs_x
+def test_vnc_authentication_against_x11vnc(x_display, tmp_path):
+    display, _ = x_display
+    server = _x11vnc(display, tmp_path / "x11vnc.log", ["-passwd", "s3cret!x"])
+    port = next(server)
+    try:
+        def connect(password: str | None) -> RFBClient:
+            client = RFBClient(encodings=(RAW, RICH_CURSOR), password=password)
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+                while not client.initialised:
+                    data = sock.recv(1 << 16)
+                    assert data, "x11vnc closed the connection"
+                    client.receive(data)
+                    sock.sendall(client.data_to_send())
+            return client
+
+        assert connect("s3cret!x").width == SCREEN[0]
+        with pytest.raises(RFBClientError, match="security handshake failed"):
+            connect("wrong")
+        with pytest.raises(RFBClientError, match="no supported security type"):
+            connect(None)
+    finally:
+        server.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_twisted_adapter_fails_first_frame_on_an_oversized_rect():
+    """A hostile server on loopback: the adapter reports the reason and drops the connection."""
+    from twisted.internet import reactor
+    from twisted.internet.protocol import ClientFactory, Factory, Protocol
+    from modules.supporter.rfb_twisted import RFBClientProtocol
+
+    received = bytearray()
+
+    class Hostile(Protocol):
+        def connectionMade(self):
+            self.transport.write(handshake(1024, 768)[:12])
+
+        def dataReceived(self, data):
+            received.extend(data)
+            if received == b"RFB 003.008\n":
+                self.transport.write(handshake(1024, 768)[12:])
+            elif len(received) > 12 + 1 + 1 and b"\x03\x00" in received[14:]:
+                self.transport.write(update(header(0, 0, 5000, 5000, RAW)))
+
+    port = reactor.listenTCP(0, Factory.forProtocol(Hostile), interface="127.0.0.1")
+    try:
+        proto = RFBClientProtocol(encodings=(RAW,))
+        reactor.connectTCP("127.0.0.1", port.getHost().port,
+                           ClientFactory.forProtocol(lambda: proto))
+        with pytest.raises(RFBClientError, match="rect 0,0 5000x5000 is outside the 1024x768"):
+            yield proto.first_frame
+        reason = yield proto.ended
+        assert "5000x5000" in reason
+    finally:
+        yield port.stopListening()
