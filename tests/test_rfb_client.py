@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import io
-import os
-import shutil
 import socket
 import struct
 import subprocess
@@ -24,6 +22,7 @@ from modules.supporter.rfb_client import (COPY_RECT, DESKTOP_SIZE, LAST_RECT, RA
                                           FramebufferUpdated, Rect, RFBClient, RFBClientError,
                                           ServerCutText, ServerInit, compress_level,
                                           quality_level, vnc_auth_response)
+from tests.fixtures_x11 import require, start_xvfb, stop_process, wait_for_window
 
 # =============================================================================================
 # a minimal RFB *server-side* encoder, just enough to produce test streams
@@ -543,23 +542,10 @@ FG = (0xFF, 0xE0, 0x40)
 SCREEN = (640, 480)
 XTERM_TITLE = "hausmeister-rfb-test"
 
-needs_x = pytest.mark.skipif(not all(shutil.which(b) for b in ("Xvfb", "xterm", "x11vnc")),
-                             reason="Xvfb, xterm and x11vnc are installed by the test setup")
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(2)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
 
 
 def _grab(display: str) -> np.ndarray:
@@ -596,42 +582,33 @@ def _paint_root(display: str) -> None:
 
 @pytest.fixture(scope="module")
 def x_display(tmp_path_factory):
-    r, w = os.pipe()
-    xvfb = subprocess.Popen(["Xvfb", "-screen", "0", f"{SCREEN[0]}x{SCREEN[1]}x24", "-nolisten",
-                             "tcp", "-noreset", "-displayfd", str(w)], pass_fds=(w,),
-                            stderr=subprocess.DEVNULL)
-    os.close(w)
+    """Xvfb (from tests.fixtures_x11) with a painted root and an xterm whose shell runs in a
+    temporary directory."""
+    xd = start_xvfb(f"{SCREEN[0]}x{SCREEN[1]}")
     try:
-        number = os.read(r, 32).strip().decode()
-        assert number.isdigit(), "Xvfb did not report a display"
-        display = f":{number}"
-        _paint_root(display)
+        _paint_root(xd.name)
         home = tmp_path_factory.mktemp("xterm")
-        env = {"PATH": os.environ["PATH"], "DISPLAY": display, "HOME": str(home),
-               "SHELL": "/bin/sh", "PS1": "$ ", "LANG": "C"}
-        xterm = subprocess.Popen(["xterm", "-T", XTERM_TITLE, "-bg", "#%02x%02x%02x" % BG,
-                                  "-fg", "#%02x%02x%02x" % FG, "-geometry", "60x12+20+10",
-                                  "-e", "/bin/sh"],
-                                 env=env, cwd=home, stderr=subprocess.DEVNULL)
+        xd.spawn([require("xterm"), "-T", XTERM_TITLE, "-bg", "#%02x%02x%02x" % BG,
+                  "-fg", "#%02x%02x%02x" % FG, "-geometry", "60x12+20+10", "-e", "/bin/sh"],
+                 cwd=home)
+        wait_for_window(xd.name, XTERM_TITLE)
         deadline = time.monotonic() + 10
-        while True:                                  # the xterm is up when its colour shows
-            img = _grab(display)
+        while True:                                  # drawn when its colours show
+            img = _grab(xd.name)
             if (img == BG).all(axis=2).sum() > 20000 and (img == FG).all(axis=2).any():
                 break
             assert time.monotonic() < deadline, "xterm did not appear"
             time.sleep(0.05)
         time.sleep(0.2)
-        yield display, home
-        _stop(xterm)
+        yield xd.name, home
     finally:
-        _stop(xvfb)
-        os.close(r)
+        xd.stop()
 
 
 def _x11vnc(display: str, log: Path, auth: list[str]):
     for _attempt in range(3):
         port = _free_port()
-        proc = subprocess.Popen(["x11vnc", "-display", display, "-rfbport", str(port),
+        proc = subprocess.Popen([require("x11vnc"), "-display", display, "-rfbport", str(port),
                                  "-localhost", "-noipv6", *auth, "-forever", "-shared",
                                  "-noxdamage", "-quiet", "-o", str(log)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -650,7 +627,7 @@ def _x11vnc(display: str, log: Path, auth: list[str]):
         try:
             yield port
         finally:
-            _stop(proc)
+            stop_process(proc, timeout=2)
         return
     pytest.fail(f"x11vnc did not start: {log.read_text() if log.exists() else ''}")
 
@@ -695,7 +672,6 @@ def _matches_screen(display: str, tolerance: float | None = None):
     return check
 
 
-@needs_x
 @pytest.mark.parametrize("encodings, tolerance, kinds", [
     pytest.param((RAW,), None, {"raw"}, id="raw"),
     pytest.param((ZRLE,), None, {"zrle"}, id="zrle"),
@@ -718,7 +694,6 @@ def test_framebuffer_matches_the_xvfb_screen(x_display, x11vnc, encodings, toler
         assert np.abs(fb - ref)[SCREEN[1] // 2:].mean() < tolerance
 
 
-@needs_x
 def test_incremental_updates_follow_a_moving_window(x_display, x11vnc):
     """CopyRect + ZRLE offered; the xterm is moved around and back: every incremental update
     lands where it should.  (x11vnc without a window manager answers with ZRLE, not CopyRect;
@@ -749,7 +724,6 @@ def test_incremental_updates_follow_a_moving_window(x_display, x11vnc):
     assert client.decoded["zrle"] > 10
 
 
-@needs_x
 @pytest_twisted.inlineCallbacks
 def test_keys_typed_through_x11vnc_run_a_command(x_display, x11vnc):
     from twisted.internet import reactor
@@ -784,7 +758,6 @@ def test_keys_typed_through_x11vnc_run_a_command(x_display, x11vnc):
     yield proto.ended
 
 
-@needs_x
 def test_vnc_authentication_against_x11vnc(x_display, tmp_path):
     display, _ = x_display
     server = _x11vnc(display, tmp_path / "x11vnc.log", ["-passwd", "s3cret!x"])
