@@ -467,6 +467,31 @@ def test_arbitrary_server_bytes_raise_only_rfb_client_error(chunks):
         assert client.buffered <= 64 * 48 * 4 + 1200
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 40), st.integers(0, 40), st.integers(0, 90), st.integers(0, 70),
+       st.lists(st.one_of(st.integers(0, 255), st.sampled_from([0, 1, 2, 5, 16, 17, 128, 129,
+                                                                 130, 255])), max_size=400),
+       st.booleans(), st.integers(0, 255))
+def test_valid_zlib_with_arbitrary_tile_data_raises_only_rfb_client_error(x, y, w, h, payload,
+                                                                          tight, control):
+    """The bytes inside the zlib stream are hostile too: reach the ZRLE tile and Tight filter
+    parsers with well-formed compression around arbitrary content."""
+    client = connected(100, 80)
+    z = zlib.compressobj()
+    comp = z.compress(bytes(payload)) + z.flush(zlib.Z_SYNC_FLUSH)
+    if tight:
+        kind = control & 0x7F                       # basic compression, any filter bits/streams
+        body = bytes((kind,)) + (bytes(payload[:1] or [0]) if kind & 0x40 else b"")
+        rect = header(x, y, w, h, TIGHT) + body + compact(len(comp)) + comp
+    else:
+        rect = header(x, y, w, h, ZRLE) + struct.pack(">I", len(comp)) + comp
+    try:
+        client.receive(update(rect))
+    except RFBClientError as exc:
+        assert exc.reason
+    assert client.framebuffer.shape == (80, 100, 3)
+
+
 @settings(max_examples=150, deadline=None)
 @given(st.binary(max_size=120))
 def test_arbitrary_handshake_bytes_raise_only_rfb_client_error(data):
