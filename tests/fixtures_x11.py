@@ -66,10 +66,11 @@ class XDisplay:
 
     def xterm(self, title: str, *, geometry: str = "80x24+0+0", bg: str = "black",
               fg: str = "white", extra: tuple[str, ...] = ()) -> "XTerm":
-        """An xterm running a plain shell, mapped (waits until its window is viewable)."""
+        """An xterm running a plain shell (or ``extra``'s ``-e`` command), mapped (waits until
+        its window is viewable)."""
         proc = self.spawn([require("xterm"), "-T", title, "-n", title, "-geometry", geometry,
                            "-bg", bg, "-fg", fg, "+sb", *extra,
-                           "-e", "/bin/sh"], cwd="/tmp")
+                           *(() if "-e" in extra else ("-e", "/bin/sh"))], cwd="/tmp")
         window = wait_for_window(self.name, title)
         return XTerm(proc, window, title)
 

@@ -89,6 +89,11 @@ class Decoder:
 
     def update(self, read: Callable[[int], bytes]) -> None:
         kind = read(1)[0]
+        while kind in (2, 3):           # Bell, ServerCutText: not updates, skip them
+            if kind == 3:
+                (length,) = struct.unpack(">3xI", read(7))
+                read(length)
+            kind = read(1)[0]
         assert kind == 0, f"message type {kind}"
         (n,) = struct.unpack(">xH", read(3))
         self.rects = []

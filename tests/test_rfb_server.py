@@ -21,7 +21,7 @@ from twisted.logger import globalLogPublisher
 from modules.common.rfb_server import (
     COPYRECT, DESKTOP_SIZE, EXTENDED_DESKTOP_SIZE, RAW, RICH_CURSOR, TIGHT, ZRLE, ClientCutText,
     ClientInit, Cursor, FramebufferUpdateRequest, KeyEvent, Move, PointerEvent, Rect, RFBError,
-    RFBServer, SetEncodings, SetPixelFormat,
+    RFBServer, SetEncodings, SetPixelFormat, as_rgb,
 )
 from modules.common.screen import DamageTracker, ScreenSource, find_scroll, tile_damage
 from tests.fixtures_x11 import require, wait_for_window, xvfb, xvfb_factory  # noqa: F401
@@ -91,15 +91,22 @@ def quantised(img: np.ndarray, pf: PF) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------- encodings
+def bgrx(img: np.ndarray) -> np.ndarray:
+    out = np.full(img.shape[:2] + (4,), 255, np.uint8)
+    out[..., :3] = img[..., ::-1]
+    return out
+
+
+@pytest.mark.parametrize("layout", ["rgb", "bgrx"])
 @pytest.mark.parametrize("pf_name", sorted(PIXEL_FORMATS))
 @pytest.mark.parametrize("encodings", [[RAW], [ZRLE], [TIGHT], [TIGHT, ZRLE, RAW]])
-def test_lossless_encodings_decode_to_the_frame(pf_name, encodings):
+def test_lossless_encodings_decode_to_the_frame(pf_name, encodings, layout):
     pf = PIXEL_FORMATS[pf_name]
     server = RFBServer((W, H), name="t")
     handshake(server, encodings, pf)
     request(server)
     img = test_image()
-    data = server.update(img, None)
+    data = server.update(img if layout == "rgb" else bgrx(img), None)
     dec = Decoder(W, H, pf)
     dec.update(io.BytesIO(data).read)
     assert {r[4] for r in dec.rects} == {encodings[0]}
@@ -180,6 +187,9 @@ def test_copyrect_for_a_scroll_and_damage_only_after():
 def test_find_scroll_and_tile_damage():
     img = test_image()
     assert find_scroll(img, img, Rect(0, 0, W, H)) is None
+    a, b = bgrx(img), bgrx(img)
+    b[10, 10, 0] ^= 1
+    assert tile_damage(a, b) == [Rect(0, 0, 64, 64)]
     assert tile_damage(img, img) == []
     changed = img.copy()
     changed[70, 130] = (1, 2, 3)
@@ -387,17 +397,17 @@ def test_screen_source_window_background_pause(xvfb):
     src = ScreenSource(xvfb.name)
     try:
         cap = src.capture()
-        assert cap.frame.shape == (768, 1024, 3)
-        assert np.array_equal(cap.frame, mss_rgb(xvfb.name))
+        assert cap.frame.shape == (768, 1024, 4)
+        assert np.array_equal(as_rgb(cap.frame), mss_rgb(xvfb.name))
         assert cap.cursor is not None and cap.cursor.rgba.ndim == 3
         src.hide_background = True
-        hidden = src.grab()
+        hidden = as_rgb(src.grab())
         assert (hidden[700, 1000] == src.background_colour).all()
         assert (hidden[60, 110] == (0x30, 0x50, 0xF0)).all()       # inside the xterm
         src.select_window("shown")
         w, h = src.size()
         assert 200 < w < 400 and 100 < h < 250
-        framed = src.grab()
+        framed = as_rgb(src.grab())
         assert framed.shape == (h, w, 3)
         assert (np.abs(framed.astype(int) - (0x30, 0x50, 0xF0)).sum(axis=2) == 0).mean() > 0.8
         src.select_window(term.window)

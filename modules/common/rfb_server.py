@@ -6,7 +6,8 @@ client sent to ``receive()`` (typed events back; malformed input raises ``RFBErr
 ``FramebufferUpdateRequest`` (``update_pending``), turns a frame into a FramebufferUpdate with
 ``update(frame, damage)``.
 
-Frames are ``numpy`` arrays H×W×3 (RGB, uint8).  The server converts them to the client's pixel
+Frames are ``numpy`` uint8 arrays H×W×3 (RGB) or H×W×4 (BGRX, what mss/X11 deliver: passed
+through untouched to clients using the matching 32bpp format).  The server converts them to the client's pixel
 format (true colour, 8/16/32 bpp, any shifts, either byte order) and encodes them with the best
 encoding the client announced: Tight (7, zlib + JPEG for photo-like tiles when the client sent a
 quality level), ZRLE (16), Raw (0); CopyRect (1) for moves the caller reports.  A client that
@@ -30,7 +31,7 @@ __all__ = [
     "ClientInit", "SetPixelFormat", "SetEncodings", "FramebufferUpdateRequest", "KeyEvent",
     "PointerEvent", "ClientCutText", "SetDesktopSize",
     "RAW", "COPYRECT", "TIGHT", "ZRLE", "RICH_CURSOR", "DESKTOP_SIZE", "EXTENDED_DESKTOP_SIZE",
-    "PIXEL_FORMAT_RGB888",
+    "PIXEL_FORMAT_RGB888", "as_rgb",
 ]
 
 RAW, COPYRECT, TIGHT, ZRLE = 0, 1, 7, 16
@@ -226,6 +227,17 @@ class FramebufferSource(Protocol):
 
 
 # --------------------------------------------------------------------------- pixel helpers
+def as_rgb(frame: np.ndarray) -> np.ndarray:
+    """An RGB view of a frame: H×W×3 RGB as is, H×W×4 BGRX (mss/X11 native) reversed."""
+    return frame[..., :3] if frame.shape[2] == 3 else frame[..., 2::-1]
+
+
+def _is_native(frame: np.ndarray, pf: "PixelFormat") -> bool:
+    """BGRX frame bytes already are the client's pixels (32bpp little-endian, r16 g8 b0)."""
+    return (frame.shape[2] == 4 and pf.byte_aligned() and not pf.big_endian
+            and (pf.red_shift, pf.green_shift, pf.blue_shift) == (16, 8, 0))
+
+
 def to_client_pixels(rgb: np.ndarray, pf: PixelFormat) -> np.ndarray:
     """RGB uint8 (h, w, 3) → client pixels as uint8 (h, w, bytes_per_pixel)."""
     h, w = rgb.shape[:2]
@@ -612,18 +624,22 @@ class RFBServer:
                 + pixels.tobytes() + mask.tobytes())
 
     def _encode(self, frame: np.ndarray, r: Rect) -> list[bytes]:
-        rgb = frame[r.y:r.y + r.h, r.x:r.x + r.w, :3]
+        region = frame[r.y:r.y + r.h, r.x:r.x + r.w]
         enc = self.encoding
-        if enc == ZRLE:
-            return [self._encode_zrle(rgb, r)]
         if enc == TIGHT:
-            return self._encode_tight(rgb, r)
+            return self._encode_tight(as_rgb(region), r)
+        if _is_native(frame, self.pixel_format):
+            pixels = region
+        else:
+            pixels = to_client_pixels(as_rgb(region), self.pixel_format)
+        if enc == ZRLE:
+            return [self._encode_zrle(pixels, r)]
         return [struct.pack(">HHHHi", r.x, r.y, r.w, r.h, RAW)
-                + to_client_pixels(rgb, self.pixel_format).tobytes()]
+                + np.ascontiguousarray(pixels).tobytes()]
 
-    def _encode_zrle(self, rgb: np.ndarray, r: Rect) -> bytes:
+    def _encode_zrle(self, pixels: np.ndarray, r: Rect) -> bytes:
         pf = self.pixel_format
-        cpix = compact_pixels(to_client_pixels(rgb, pf), pf)
+        cpix = compact_pixels(pixels, pf)
         out = io.BytesIO()
         for ty in range(0, r.h, TILE):
             for tx in range(0, r.w, TILE):
@@ -711,5 +727,5 @@ def _fit(frame: np.ndarray, w: int, h: int) -> np.ndarray:
     """Crop or pad (black) ``frame`` to w×h for a client that cannot be told the new size."""
     out = np.zeros((h, w, 3), np.uint8)
     fh, fw = frame.shape[:2]
-    out[:min(h, fh), :min(w, fw)] = frame[:h, :w, :3]
+    out[:min(h, fh), :min(w, fw)] = as_rgb(frame)[:h, :w]
     return out
