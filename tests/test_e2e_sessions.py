@@ -232,3 +232,30 @@ def test_host_session_with_password_and_signed_transcripts(world):
     confirmed = [e for e in events if e["kind"] == "key_confirmed" and e["actor"].startswith(
         "hausmeister:host:")]
     assert confirmed and confirmed[0]["detail"]["peer"] == "hausmeister:supporter:alice"
+
+
+def test_chat_both_ways_and_supporter_comments_only_in_the_protocol(world):
+    w = world
+    supporter = ModuleProcess("supporter", "adhoc", "--pipe", "--answers", "/dev/null",
+                              "--chat", "Hello, I am Alice from IT.",
+                              "--comment", "customer reports a slow printer",
+                              "--home", str(w["alice"]))
+    code = "".join(supporter.wait_for_line(r"ad-hoc ID: (\d{4}) (\d{4})").groups())
+    customer = ModuleProcess("customer", *server_args(w["srv"]), code, "--pipe",
+                             "--chat", "Thanks, the printer is upstairs.",
+                             "--answers", answers(w["tmp"], "y", "y", "y"))
+    try:
+        customer.wait_for_line("chat from the supporter: Hello, I am Alice from IT.")
+        supporter.wait_for_line("chat from the customer: Thanks, the printer is upstairs.")
+        customer.wait_for_line("granted control")
+        supporter.close_stdin()
+        assert supporter.wait() == 0 and customer.wait() == 0
+    finally:
+        finish(supporter, customer)
+    assert "slow printer" not in customer.stderr  # a comment never reaches the customer
+    events = protocol_events(w["srv"])
+    comments = [e for e in events if e["kind"] == "comment"]
+    assert [(e["actor"], e["detail"]["text"]) for e in comments] == [
+        ("hausmeister:supporter:alice", "customer reports a slow printer")]
+    chats = {e["detail"]["text"] for e in events if e["kind"] == "chat"}
+    assert chats == {"Hello, I am Alice from IT.", "Thanks, the printer is upstairs."}

@@ -83,7 +83,8 @@ class SessionRunner:
                  ui: Any, report: Callable[[str, dict], Any], *, pipe: bool,
                  request_rights: tuple[str, ...] = (), show_my_screen: bool = False,
                  host_password: str | None = None,
-                 admit: Callable[[KeyConfirmed], str | None] | None = None) -> None:
+                 admit: Callable[[KeyConfirmed], str | None] | None = None,
+                 chat: tuple[str, ...] = (), comments: tuple[str, ...] = ()) -> None:
         self.reactor = reactor
         self.leg = leg
         self.channel = channel
@@ -94,6 +95,8 @@ class SessionRunner:
         self.request_rights = request_rights
         self.show_my_screen = show_my_screen
         self.admit = admit
+        self.chat_lines = chat
+        self.comment_lines = comments
         self.mux = SessionMux()
         self.over = ChannelOverPipe(leg, channel, self._record, host_password=host_password)
         self.driver: ConsentDriver | None = None
@@ -142,6 +145,10 @@ class SessionRunner:
         if self._requested or not self.consent.terms_accepted:
             return
         self._requested = True
+        for text in self.chat_lines:
+            self.driver.chat(text)
+        for text in self.comment_lines:
+            self.driver.comment(text)  # goes to the protocol only, never to the peer
         if self.show_my_screen:
             self.driver.request_direction()
             return
@@ -160,6 +167,8 @@ class SessionRunner:
         if kind in ("right_granted", "right_denied", "right_revoked", "direction_changed",
                     "emergency_stop", "terms_accepted", "right_refused"):
             say(f"{kind.replace('_', ' ')}: {json.dumps(event['detail'])}")
+        elif kind == "chat":
+            say(f"chat from the {event['detail']['by']}: {event['detail']['text']}")
 
     def _record(self, payload: bytes) -> None:
         for item in self.mux.receive(payload):

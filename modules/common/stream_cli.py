@@ -28,12 +28,17 @@ def add_session_options(parser, supporter: bool = False) -> None:
     parser.add_argument("--answers", metavar="SOURCE",
                         help="where consent answers are read from: a file, a file descriptor "
                              "number, or the terminal (default)")
+    parser.add_argument("--chat", action="append", default=[], metavar="TEXT",
+                        help="send this chat message once the session is set up (repeatable)")
     if supporter:
         parser.add_argument("--request", default="view,control", metavar="RIGHTS",
                             help="rights to ask for, comma-separated: view, control, files "
                                  "(default view,control)")
         parser.add_argument("--show-my-screen", action="store_true",
                             help="ask to show your own screen instead (a direction change)")
+        parser.add_argument("--comment", action="append", default=[], metavar="TEXT",
+                            help="a note for the session protocol only; the customer never "
+                                 "sees it (repeatable)")
         parser.add_argument("--protocol-copy", metavar="DIR",
                             help="also keep a local copy of this session's events in DIR "
                                  "(one JSON-lines file per session)")
@@ -81,7 +86,9 @@ async def run_secure_session(reactor, ticket: dict, ca_pem: bytes, folder: Modul
                            report, pipe=args.pipe,
                            request_rights=rights,
                            show_my_screen=getattr(args, "show_my_screen", False),
-                           host_password=host_password, admit=admit)
+                           host_password=host_password, admit=admit,
+                           chat=tuple(getattr(args, "chat", ())),
+                           comments=tuple(getattr(args, "comment", ())))
     reason = await runner.run()
     say(f"session {leg.session_id} ended ({reason}); {leg.bytes_out} bytes sent, "
         f"{leg.bytes_in} received (encrypted)")
