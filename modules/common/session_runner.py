@@ -84,7 +84,10 @@ class SessionRunner:
                  request_rights: tuple[str, ...] = (), show_my_screen: bool = False,
                  host_password: str | None = None,
                  admit: Callable[[KeyConfirmed], str | None] | None = None,
-                 chat: tuple[str, ...] = (), comments: tuple[str, ...] = ()) -> None:
+                 chat: tuple[str, ...] = (), comments: tuple[str, ...] = (),
+                 screen: Any = None, viewer: dict | None = None) -> None:
+        """``screen``: (source, make_injector(allowed)) when this side can show its display;
+        ``viewer``: options for showing the remote screen (vnc_listen, snapshot, type)."""
         self.reactor = reactor
         self.leg = leg
         self.channel = channel
@@ -97,6 +100,10 @@ class SessionRunner:
         self.admit = admit
         self.chat_lines = chat
         self.comment_lines = comments
+        self.screen_offer = screen
+        self.viewer_options = viewer or {}
+        self.presenter_screen = None
+        self.viewer_screen = None
         self.mux = SessionMux()
         self.over = ChannelOverPipe(leg, channel, self._record, host_password=host_password)
         self.driver: ConsentDriver | None = None
@@ -138,7 +145,58 @@ class SessionRunner:
             self.leg.transport.registerProducer(self.stdio, True)
         self.driver.start()
         self._maybe_request()
+        self._maybe_start_screen()
         return await self.done
+
+    # --- the screen ------------------------------------------------------------------------------
+
+    def _maybe_start_screen(self) -> None:
+        """The presenter starts its RFB server once the viewer may see the screen."""
+        if (self.screen_offer is None or self.presenter_screen is not None
+                or not self.consent.is_presenter or not self.consent.allows(Right.VIEW)):
+            return
+        from .screen_session import PresenterScreen
+        source, make_injector = self.screen_offer
+        injector = make_injector(lambda: self._control_allowed())
+        self.presenter_screen = PresenterScreen(
+            source, injector, send=lambda data: self._send(Channel.SCREEN, data),
+            close=lambda: None)
+        self.presenter_screen.start()
+        say("sharing the screen")
+
+    def _control_allowed(self) -> bool:
+        # called from the blocking pool by the input injector: ask on the reactor thread
+        from twisted.internet.threads import blockingCallFromThread
+        return blockingCallFromThread(self.reactor, self.driver.enforce, Right.CONTROL, "input")
+
+    def _screen_data(self, data: bytes) -> None:
+        if self.consent.is_presenter:
+            if self.presenter_screen is not None:
+                self.presenter_screen.received(data)  # RFB client messages; input is gated
+            return
+        if not self.consent.holds(Right.VIEW):
+            return
+        if self.viewer_screen is None:
+            from .screen_session import ViewerScreen
+            self.viewer_screen = ViewerScreen(
+                self.reactor, send=lambda out: self._send(Channel.SCREEN, out), close=lambda: None)
+            self.viewer_screen.first_frame.addCallbacks(self._first_frame, lambda f: say(
+                f"the remote screen could not be shown: {f.getErrorMessage()}"))
+        self.viewer_screen.received(data)
+
+    def _first_frame(self, _framebuffer) -> None:
+        options, screen = self.viewer_options, self.viewer_screen
+        height, width = screen.protocol.framebuffer.shape[:2]
+        say(f"remote screen {width}x{height} received")
+        if options.get("snapshot"):
+            screen.snapshot(options["snapshot"])
+            say(f"snapshot saved to {options['snapshot']}")
+        if options.get("vnc_listen"):
+            port = screen.serve_vnc(options["vnc_listen"])
+            say(f"VNC viewers can attach at 127.0.0.1:{port.getHost().port}")
+        if options.get("type"):
+            screen.type_text(options["type"])
+            say("typed the text into the remote screen")
 
     def _maybe_request(self) -> None:
         """Once the terms are accepted: ask to show our screen, or for the rights we want."""
@@ -164,6 +222,7 @@ class SessionRunner:
             self._maybe_request()
         if kind in ("right_granted", "direction_changed"):
             self._release_held()
+            self._maybe_start_screen()
         if kind in ("right_granted", "right_denied", "right_revoked", "direction_changed",
                     "emergency_stop", "terms_accepted", "right_refused"):
             say(f"{kind.replace('_', ' ')}: {json.dumps(event['detail'])}")
@@ -177,6 +236,8 @@ class SessionRunner:
                     self.driver.received(item.payload)
             elif item.channel == Channel.DATA:
                 self._peer_data(item.payload)
+            elif item.channel == Channel.SCREEN:
+                self._screen_data(item.payload)
             else:
                 log.warn("dropped {n} bytes on channel {channel}: nothing serves it yet",
                          n=len(item.payload), channel=item.channel)
@@ -257,6 +318,9 @@ class SessionRunner:
 
     def _channel_ended(self, event) -> None:
         self._finished = True
+        for screen in (self.presenter_screen, self.viewer_screen):
+            if screen is not None:
+                screen.stop()
         reason = getattr(self, "_end_reason", None) or getattr(event, "reason", "closed by the peer")
         if self.stdio is not None:
             try:

@@ -30,7 +30,18 @@ def add_session_options(parser, supporter: bool = False) -> None:
                              "number, or the terminal (default)")
     parser.add_argument("--chat", action="append", default=[], metavar="TEXT",
                         help="send this chat message once the session is set up (repeatable)")
+    if not supporter:
+        parser.add_argument("--screen", metavar="DISPLAY",
+                            help="share this X display (e.g. :0) once the supporter may see it")
     if supporter:
+        parser.add_argument("--vnc-listen", metavar="HOST:PORT",
+                            help="show the remote screen to any VNC viewer on this loopback "
+                                 "address, e.g. 127.0.0.1:5901")
+        parser.add_argument("--snapshot", metavar="PNG",
+                            help="save the remote screen to this PNG file once it has arrived")
+        parser.add_argument("--type", metavar="TEXT",
+                            help="type TEXT into the remote screen once it has arrived "
+                                 "(needs the control right; \\n is Return)")
         parser.add_argument("--request", default="view,control", metavar="RIGHTS",
                             help="rights to ask for, comma-separated: view, control, files "
                                  "(default view,control)")
@@ -71,6 +82,19 @@ def with_local_copy(report: Callable, folder: Path, session_id: str) -> Callable
     return report_and_copy
 
 
+def screen_offer(display: str | None):
+    """(capture source, injector factory) for sharing ``display``, or None."""
+    if not display:
+        return None
+    from .input_x11 import XTestInjector
+    from .screen import ScreenSource
+    try:
+        source = ScreenSource(display)
+    except Exception as exc:
+        raise ModuleError(f"cannot open X display {display}: {exc}")
+    return source, lambda allowed: XTestInjector(display, allowed)
+
+
 async def run_secure_session(reactor, ticket: dict, ca_pem: bytes, folder: ModuleFolder | None,
                              make_channel: Callable[[str], Any], consent: ConsentState, args,
                              conn, host_password: str | None = None,
@@ -88,7 +112,11 @@ async def run_secure_session(reactor, ticket: dict, ca_pem: bytes, folder: Modul
                            show_my_screen=getattr(args, "show_my_screen", False),
                            host_password=host_password, admit=admit,
                            chat=tuple(getattr(args, "chat", ())),
-                           comments=tuple(getattr(args, "comment", ())))
+                           comments=tuple(getattr(args, "comment", ())),
+                           screen=screen_offer(getattr(args, "screen", None)),
+                           viewer={"vnc_listen": getattr(args, "vnc_listen", None),
+                                   "snapshot": getattr(args, "snapshot", None),
+                                   "type": (getattr(args, "type", None) or "").replace("\\n", "\n")})
     reason = await runner.run()
     say(f"session {leg.session_id} ended ({reason}); {leg.bytes_out} bytes sent, "
         f"{leg.bytes_in} received (encrypted)")

@@ -65,9 +65,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                 log.warn("declined session {session_id}: supporter {supporter} is not on this "
                          "host's allow-list", **offer)
                 return False
-            if not args.pipe:
-                log.warn("declined session {session_id} from {supporter}: this host has no "
-                         "session service yet (run with --pipe)", **offer)
+            if not args.pipe and not args.screen:
+                log.warn("declined session {session_id} from {supporter}: nothing to share "
+                         "(run with --screen DISPLAY or --pipe)", **offer)
                 return False
             if busy["session"]:
                 log.warn("declined session {session_id} from {supporter}: already in a session",
@@ -191,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("run", help="stay connected to the server and accept sessions")
     add_home(s, KIND)
+    s.add_argument("--screen", metavar="DISPLAY",
+                   help="share this X display (e.g. :0) in sessions, as the policy allows")
     s.add_argument("--pipe", action="store_true",
                    help="serve one session with stdin/stdout as its stream, then exit")
     s.add_argument("--answers", metavar="SOURCE",

@@ -1,0 +1,167 @@
+"""The screen inside a session: RFB over the mux's SCREEN channel, both ends.
+
+The presenter runs the RFB server (``rfb_twisted.RFBServerProtocol``) on its X display, started
+once the viewer may see it; key and pointer events reach the display only while *control* is
+granted (the injector asks the consent driver, which reports refusals).  The viewer runs the
+RFB client (``modules.supporter.rfb_twisted.RFBClientProtocol``) and keeps the framebuffer; with
+``--vnc-listen`` it also serves that framebuffer on a loopback port, so a standard VNC viewer
+can watch and type — its input goes back through the session like the viewer's own.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable
+
+import numpy as np
+from twisted.internet import defer
+from twisted.internet.address import IPv4Address
+from twisted.logger import Logger
+
+from .rfb_twisted import RFBServerProtocol, listen_vnc
+from .screen import Capture, DamageTracker
+
+log = Logger()
+
+
+class ChannelTransport:
+    """Just enough of a Twisted transport to run a protocol over one session channel."""
+
+    def __init__(self, send: Callable[[bytes], None], close: Callable[[], None]) -> None:
+        self._send = send
+        self._close = close
+        self.disconnecting = False
+
+    def write(self, data: bytes) -> None:
+        if data and not self.disconnecting:
+            self._send(data)
+
+    def writeSequence(self, chunks) -> None:
+        self.write(b"".join(chunks))
+
+    def loseConnection(self) -> None:
+        if not self.disconnecting:
+            self.disconnecting = True
+            self._close()
+
+    abortConnection = loseConnection
+
+    def getPeer(self):
+        return IPv4Address("TCP", "127.0.0.1", 0)
+
+    getHost = getPeer
+
+
+class FramebufferSource:
+    """The viewer's copy of the remote screen as a capture source for a local RFB server."""
+
+    paused = False
+    hide_background = False
+
+    def __init__(self, framebuffer: Callable[[], np.ndarray]) -> None:
+        self._framebuffer = framebuffer
+        self._tracker = DamageTracker(detect_scroll=False)
+        self._lock = threading.Lock()
+
+    def size(self) -> tuple[int, int]:
+        h, w = self._framebuffer().shape[:2]
+        return w, h
+
+    def capture(self, tracker: DamageTracker | None = None) -> Capture:
+        with self._lock:
+            rgb = self._framebuffer()
+            frame = np.empty(rgb.shape[:2] + (4,), np.uint8)
+            frame[..., 0], frame[..., 1], frame[..., 2] = rgb[..., 2], rgb[..., 1], rgb[..., 0]
+            frame[..., 3] = 0
+            damage, moves = (tracker or self._tracker).update(frame)
+            return Capture(frame, damage, moves, None)
+
+    def close(self) -> None:
+        pass
+
+
+class RemoteInjector:
+    """Input from a local VNC viewer, sent to the presenter through the session (thread-safe:
+    the RFB server adapter calls injectors from the blocking pool)."""
+
+    def __init__(self, reactor, client) -> None:
+        self.reactor = reactor
+        self.client = client
+        self.refused = 0
+
+    def key(self, down: bool, keysym: int) -> None:
+        self.reactor.callFromThread(self.client.key, down, keysym)
+
+    def pointer(self, mask: int, x: int, y: int) -> None:
+        self.reactor.callFromThread(self.client.pointer, mask, x, y)
+
+    def release_all(self) -> None:
+        pass
+
+
+class PresenterScreen:
+    """Serves ``source`` to the viewer once ``start`` is called (when view is allowed)."""
+
+    def __init__(self, source: Any, injector: Any, send: Callable[[bytes], None],
+                 close: Callable[[], None], max_fps: float = 30.0) -> None:
+        self.protocol = RFBServerProtocol(source, injector, max_fps=max_fps)
+        self.transport = ChannelTransport(send, close)
+        self.started = False
+
+    def start(self) -> None:
+        if not self.started:
+            self.started = True
+            self.protocol.makeConnection(self.transport)
+
+    def received(self, data: bytes) -> None:
+        if self.started:
+            self.protocol.dataReceived(data)
+
+    def stop(self) -> None:
+        if self.started:
+            self.protocol.connectionLost(None)
+
+
+class ViewerScreen:
+    """Keeps the remote framebuffer; optional local VNC port, snapshot and typed text."""
+
+    def __init__(self, reactor, send: Callable[[bytes], None], close: Callable[[], None]) -> None:
+        from modules.supporter.rfb_twisted import RFBClientProtocol
+        self.reactor = reactor
+        self.protocol = RFBClientProtocol()
+        self.transport = ChannelTransport(send, close)
+        self.started = False
+        self.vnc_port = None
+
+    @property
+    def first_frame(self) -> defer.Deferred:
+        return self.protocol.first_frame
+
+    def received(self, data: bytes) -> None:
+        if not self.started:
+            self.started = True
+            self.protocol.makeConnection(self.transport)
+        self.protocol.dataReceived(data)
+
+    def serve_vnc(self, where: str) -> Any:
+        """A local RFB server on ``where`` (``127.0.0.1:5901``) showing the remote screen."""
+        source = FramebufferSource(lambda: self.protocol.framebuffer)
+        self.vnc_port = listen_vnc(self.reactor, where, source,
+                                   RemoteInjector(self.reactor, self.protocol))
+        return self.vnc_port
+
+    def type_text(self, text: str) -> None:
+        """Type ``text`` as key presses (a newline is Return)."""
+        for char in text:
+            keysym = 0xFF0D if char == "\n" else ord(char)
+            self.protocol.press(keysym)
+
+    def snapshot(self, path: str) -> None:
+        from PIL import Image
+        Image.fromarray(self.protocol.framebuffer).save(path)
+
+    def stop(self) -> None:
+        if self.vnc_port is not None:
+            self.vnc_port.stopListening()
+        if self.started:
+            self.protocol.connectionLost(None)

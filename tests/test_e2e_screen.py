@@ -1,0 +1,84 @@
+"""Remote screen end to end on Xvfb: a host shows an xterm, a supporter connects through the
+server and the (tapped) relay, sees the screen, types a command that runs, and a standard VNC
+client attached to the supporter's --vnc-listen port gets a correct picture.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+import mss
+import numpy as np
+import pytest
+from PIL import Image
+
+from .fixtures_x11 import require, xvfb  # noqa: F401 - fixture
+from .module_process import ModuleProcess
+from .test_e2e_brokering import free_port, wait_until
+from .test_e2e_sessions import MARKER, world  # noqa: F401 - fixture
+
+pytestmark = pytest.mark.e2e
+
+
+def screen_of(display: str) -> np.ndarray:
+    with mss.MSS(display=display) as sct:
+        return np.asarray(sct.grab(sct.monitors[0]))[..., 2::-1].astype(np.int16)
+
+
+def mean_difference(picture: np.ndarray, display: str) -> float:
+    return float(np.abs(picture.astype(np.int16) - screen_of(display)).mean())
+
+
+def focus(display: str, window: int) -> None:
+    """What a user's click would do: give the xterm the keyboard."""
+    from Xlib import X
+    from Xlib import display as xdisplay
+    d = xdisplay.Display(display)
+    d.create_resource_object("window", window).set_input_focus(X.RevertToParent, X.CurrentTime)
+    d.sync()
+    d.close()
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_supporter_sees_and_controls_the_host_screen(world, xvfb, tmp_path):  # noqa: F811
+    w = world
+    term = xvfb.xterm("host-term", geometry="80x24+0+0", bg="darkblue")
+    focus(xvfb.name, term.window)
+    marker = tmp_path / "typed-by-supporter"
+    right = tmp_path / "right"
+    right.write_text("right-host-password\n")
+    snapshot = tmp_path / "supporter-view.png"
+    vnc_port = free_port()
+    host = ModuleProcess("host", "run", "--screen", xvfb.name, "--pipe", "--home", str(w["pc1"]))
+    supporter = None
+    try:
+        host.wait_for_line("online; waiting for supporters")
+        supporter = ModuleProcess(
+            "supporter", "connect", "pc1", "--pipe", "--answers", "/dev/null",
+            "--password-file", str(right), "--snapshot", str(snapshot),
+            "--vnc-listen", f"127.0.0.1:{vnc_port}",
+            "--type", f"touch {marker}\\n", "--home", str(w["alice"]))
+        supporter.wait_for_line("snapshot saved", timeout=60)
+        # What the supporter sees is the host's screen (lossless encodings here: exact-ish).
+        seen = np.asarray(Image.open(snapshot).convert("RGB"))
+        assert seen.shape[:2] == (768, 1024)
+        assert mean_difference(seen, xvfb.name) < 3.0
+        # Keys typed by the supporter ran a command in the host's xterm.
+        wait_until(marker.exists, timeout=30, what="the typed command's file")
+        # A standard VNC client on the supporter's side gets the same picture.
+        supporter.wait_for_line("VNC viewers can attach")
+        out = tmp_path / "vncsnapshot.jpg"
+        subprocess.run(["timeout", "30", require("vncsnapshot"), "-quality", "95",
+                        f"127.0.0.1::{vnc_port}", str(out)], check=True, capture_output=True)
+        time.sleep(0.5)  # the xterm may still be echoing; compare with a fresh grab
+        picture = np.asarray(Image.open(out).convert("RGB"))
+        assert mean_difference(picture, xvfb.name) < 8.0  # JPEG tolerance
+        supporter.close_stdin()
+        assert supporter.wait(timeout=30) == 0
+        assert host.wait(timeout=30) == 0
+    finally:
+        host.stop()
+        if supporter:
+            supporter.stop()
+    assert MARKER not in w["capture"].read_bytes()
