@@ -248,6 +248,11 @@ class ScreenSource:
                 continue
         return out
 
+    def origin(self) -> tuple[int, int]:
+        """Top-left of the shared area on the screen: where a viewer's (0, 0) points."""
+        area = self._area()
+        return area.x, area.y
+
     # ------------------------------------------------------------------------------ capture
     def size(self) -> tuple[int, int]:
         area = self._area()

@@ -31,8 +31,7 @@ def add_session_options(parser, supporter: bool = False) -> None:
     parser.add_argument("--chat", action="append", default=[], metavar="TEXT",
                         help="send this chat message once the session is set up (repeatable)")
     if not supporter:
-        parser.add_argument("--screen", metavar="DISPLAY",
-                            help="share this X display (e.g. :0) once the supporter may see it")
+        add_screen_options(parser)
     if supporter:
         parser.add_argument("--vnc-listen", metavar="HOST:PORT",
                             help="show the remote screen to any VNC viewer on this loopback "
@@ -82,17 +81,35 @@ def with_local_copy(report: Callable, folder: Path, session_id: str) -> Callable
     return report_and_copy
 
 
-def screen_offer(display: str | None):
-    """(capture source, injector factory) for sharing ``display``, or None."""
+def add_screen_options(parser) -> None:
+    parser.add_argument("--screen", metavar="DISPLAY",
+                        help="share this X display (e.g. :0) once the supporter may see it")
+    parser.add_argument("--window", metavar="TITLE|ID",
+                        help="share only this window (its title or X window id), not the screen")
+    parser.add_argument("--hide-background", action="store_true",
+                        help="show a flat colour instead of the desktop background")
+
+
+def screen_offer(args):
+    """(capture source, injector factory) for sharing the display ``args`` name, or None."""
+    display = getattr(args, "screen", None)
     if not display:
         return None
     from .input_x11 import XTestInjector
     from .screen import ScreenSource
+    window = getattr(args, "window", None)
+    if window and window.isdigit():
+        window = int(window)
     try:
-        source = ScreenSource(display)
+        source = ScreenSource(display, window=window,
+                              hide_background=getattr(args, "hide_background", False))
     except Exception as exc:
-        raise ModuleError(f"cannot open X display {display}: {exc}")
-    return source, lambda allowed: XTestInjector(display, allowed)
+        raise ModuleError(f"cannot share X display {display}: {exc}")
+
+    def injector(allowed):
+        # pointer positions are relative to the shared window
+        return XTestInjector(display, allowed, origin=source.origin if window else None)
+    return source, injector
 
 
 async def run_secure_session(reactor, ticket: dict, ca_pem: bytes, folder: ModuleFolder | None,
@@ -113,7 +130,7 @@ async def run_secure_session(reactor, ticket: dict, ca_pem: bytes, folder: Modul
                            host_password=host_password, admit=admit,
                            chat=tuple(getattr(args, "chat", ())),
                            comments=tuple(getattr(args, "comment", ())),
-                           screen=screen_offer(getattr(args, "screen", None)),
+                           screen=screen_offer(args),
                            viewer={"vnc_listen": getattr(args, "vnc_listen", None),
                                    "snapshot": getattr(args, "snapshot", None),
                                    "type": (getattr(args, "type", None) or "").replace("\\n", "\n")})

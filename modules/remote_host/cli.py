@@ -19,7 +19,7 @@ from modules.remote_host import settings
 from modules.common.connection import MODULE_VERSION, address_of
 from modules.common.channel import Credentials, SessionChannel
 from modules.common.consent import ConsentState
-from modules.common.stream_cli import run_secure_session, say
+from modules.common.stream_cli import add_screen_options, run_secure_session, say
 from modules.remote_host.presence import HostPresence
 
 KIND = "host"
@@ -191,8 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("run", help="stay connected to the server and accept sessions")
     add_home(s, KIND)
-    s.add_argument("--screen", metavar="DISPLAY",
-                   help="share this X display (e.g. :0) in sessions, as the policy allows")
+    add_screen_options(s)
     s.add_argument("--pipe", action="store_true",
                    help="serve one session with stdin/stdout as its stream, then exit")
     s.add_argument("--answers", metavar="SOURCE",
