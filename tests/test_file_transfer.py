@@ -443,29 +443,48 @@ def test_resume_after_cancel_sends_only_the_rest(tmp_path, canceller):
     assert sup.kinds()[-1] == "file_completed"
 
 
-def test_resume_still_checks_the_whole_hash(tmp_path):
+def cancelled_midway(tmp_path: Path, data: bytes) -> tuple[Side, Side, Path, str, int]:
     sup, peer = make_pair(tmp_path)
-    data = bytearray(os.urandom(100_000))
-    path = write(tmp_path, "r.bin", bytes(data))
+    path = write(tmp_path, "r.bin", data)
     sup.apply(sup.ft.offer(path))
     pump(sup, peer, record=6000, stop=lambda s, p: len(p.of(FileProgress)) >= 2)
     first_id = sup.of(FileOffered)[0].id
     sup.apply(sup.ft.cancel(first_id))
     pump(sup, peer)
     kept = peer.of(FileProgress)[-1].transferred
-    part = tmp_path / "peer_in" / f".hausmeister-{first_id}.part"
-    corrupted = bytearray(part.read_bytes())
-    corrupted[0] ^= 0xFF
-    part.write_bytes(corrupted)  # the kept hash state covers what was received, not the disk...
-    # ...but a sender whose file differs from the offer is caught by the full SHA-256
-    offered = prepare(path)
+    assert 0 < kept < len(data)
+    return sup, peer, path, first_id, kept
+
+
+def test_resume_checks_the_whole_hash(tmp_path):
+    data = bytearray(os.urandom(100_000))
+    sup, peer, path, _, kept = cancelled_midway(tmp_path, bytes(data))
+    offered = prepare(path)        # the hash of the original...
     data[-1] ^= 0xFF
-    path.write_bytes(bytes(data))
+    path.write_bytes(bytes(data))  # ...but the tail sent on resume comes from a changed file
     sup.apply(sup.ft.offer(offered))
     pump(sup, peer)
     assert sup.of(FileAccepted)[-1].offset == kept
     assert peer.of(FileFailed)[-1].reason == "SHA-256 mismatch"
+    assert "SHA-256 mismatch" in sup.of(FileFailed)[-1].reason
     assert listing(tmp_path / "peer_in") == []
+
+
+def test_a_partial_file_touched_since_the_cancel_is_not_resumed(tmp_path):
+    data = os.urandom(100_000)
+    sup, peer, path, first_id, kept = cancelled_midway(tmp_path, data)
+    part = tmp_path / "peer_in" / f".hausmeister-{first_id}.part"
+    corrupted = bytearray(part.read_bytes())
+    corrupted[0] ^= 0xFF
+    part.write_bytes(bytes(corrupted))
+    os.utime(part, ns=(1, 1))   # same inode and size: the changed mtime gives it away (a
+                                # write in the same clock tick as ours would not be seen)
+    sup.apply(sup.ft.offer(path))
+    pump(sup, peer)
+    assert peer.of(FileOffered)[-1].resume_offset == kept   # announced from memory...
+    assert sup.of(FileAccepted)[-1].offset == 0             # ...but started afresh at accept
+    assert (tmp_path / "peer_in" / "r.bin").read_bytes() == data
+    assert listing(tmp_path / "peer_in") == ["r.bin"]
 
 
 def test_close_deletes_partial_files(tmp_path):

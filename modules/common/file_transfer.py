@@ -427,6 +427,12 @@ class _Partial:
     part: Path
     hasher: Any
     received: int
+    stamp: tuple[int, int, int]     # inode, mtime_ns, size when it was closed
+
+
+def _stamp(fd: int) -> tuple[int, int, int]:
+    st = os.fstat(fd)
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
 class FileTransfers:
@@ -527,15 +533,19 @@ class FileTransfers:
         inc = self._in.get(transfer_id)
         if inc is None or inc.state != "offered":
             raise ValueError(f"no incoming offer {transfer_id} waits for an answer")
+        resume_fd = self._reopen(inc.resume) if inc.resume is not None else None
+        if inc.resume is not None and resume_fd is None:
+            _unlink(inc.resume.part)   # changed or gone since the cancel: start from byte 0
+            inc.resume = None
         offset = inc.resume.received if inc.resume else 0
         problem = self._space_problem(inc.size - offset, exclude=inc.id)
         if problem:
+            if resume_fd is not None:
+                os.close(resume_fd)
             return self.reject(transfer_id, problem)
         try:
             if inc.resume is not None:
-                part, hasher = inc.resume.part, inc.resume.hasher
-                fd = os.open(part, os.O_WRONLY | os.O_NOFOLLOW | getattr(os, "O_BINARY", 0))
-                os.ftruncate(fd, offset)
+                part, hasher, fd = inc.resume.part, inc.resume.hasher, resume_fd
                 os.lseek(fd, offset, os.SEEK_SET)
                 inc.resume = None
             else:
@@ -670,6 +680,7 @@ class FileTransfers:
             except FileTransferError as exc:
                 problem = exc.reason
         if problem is not None:
+            problem = _safe_text(problem)
             self._remember_closed(tid)
             return Outcome([_control(type="reject", id=tid, reason=problem)],
                            [FileOffered(tid, shown, size, sha, self.incoming_direction),
@@ -764,6 +775,22 @@ class FileTransfers:
         if self._ended:
             raise ValueError("the file transfers of this session are closed")
 
+    def _reopen(self, partial: _Partial) -> int | None:
+        """Open a kept partial file for appending, if it is still exactly as we left it (the
+        kept hash state covers the bytes we wrote, so a part file touched since is not used)."""
+        try:
+            fd = os.open(partial.part, os.O_WRONLY | os.O_NOFOLLOW | getattr(os, "O_BINARY", 0))
+        except OSError:
+            return None
+        try:
+            if (_stamp(fd) == partial.stamp and partial.stamp[2] == partial.received
+                    and stat.S_ISREG(os.fstat(fd).st_mode)):
+                return fd
+        except OSError:
+            pass
+        os.close(fd)
+        return None
+
     def _space_problem(self, needed: int, exclude: str | None = None) -> str | None:
         reserved = sum(inc.size - inc.received for inc in self._in.values()
                        if inc.state == "receiving" and inc.id != exclude)
@@ -821,13 +848,18 @@ class FileTransfers:
 
     def _drop_incoming(self, inc: _Incoming, reason: str, *, keep: bool) -> Outcome:
         """End an incoming transfer; keep its partial file for a resume or delete it."""
-        inc.close()
-        self._forget(inc.id)
         kept = None
-        if inc.state == "receiving" and inc.part is not None:
-            kept = _Partial(inc.part, inc.hasher, inc.received)
+        if inc.state == "receiving" and inc.part is not None and inc.fd is not None:
+            try:
+                kept = _Partial(inc.part, inc.hasher, inc.received, _stamp(inc.fd))
+            except OSError:
+                _unlink(inc.part)
+        elif inc.state == "receiving" and inc.part is not None:
+            _unlink(inc.part)
         elif inc.resume is not None:
             kept = inc.resume
+        inc.close()
+        self._forget(inc.id)
         if kept is not None:
             key = (inc.name, inc.size, inc.sha256)
             if keep and not self._ended and key not in self._partials:
