@@ -96,7 +96,8 @@ def host_pair(typed=HOST_PASSWORD, supporter_kw=None, host_kw=None, host_creds=N
               supporter_creds=None):
     w = world()
     salt, secret = host_secret()
-    s = SessionChannel("supporter", None, SID, mode="host", credentials=supporter_creds or w.supporter,
+    s = SessionChannel("supporter", None, SID, mode="host",
+                       credentials=supporter_creds or w.supporter,
                        ca_certificate=w.ca, **({"expected_peer": f"hausmeister:host:{HOST_ID}"}
                                                | (supporter_kw or {})))
     p = SessionChannel("peer", secret, SID, mode="host", host_salt=salt,
@@ -364,8 +365,8 @@ def test_mode_and_role_mismatches_are_refused():
     h = End(SessionChannel("peer", secret, SID, mode="host", host_salt=salt,
                            credentials=w.host, ca_certificate=w.ca))
     connect(s, h)
-    assert_failed(s, FailureKind.PROTOCOL, "runs a host session")
-    assert_failed(h, FailureKind.PROTOCOL, "runs a adhoc session")
+    assert_failed(s, FailureKind.PROTOCOL, "the other side runs the host flow")
+    assert_failed(h, FailureKind.PROTOCOL, "the other side runs the adhoc flow")
 
     a = End(SessionChannel("supporter", CODE, SID, credentials=w.supporter))
     b = End(SessionChannel("supporter", CODE, SID, credentials=w.bob))
@@ -761,6 +762,7 @@ class TcpPipe(protocol.Protocol):
     def __init__(self) -> None:
         self.ended: Deferred = Deferred()
         self.made: Deferred = Deferred()
+        self.first_bytes: Deferred = Deferred()
         self._sink = None
         self._early: list[bytes] = []
         self.wire = bytearray()
@@ -770,6 +772,8 @@ class TcpPipe(protocol.Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         self.wire += data
+        if not self.first_bytes.called:
+            self.first_bytes.callback(None)
         if self._sink is None:
             self._early.append(data)
         else:
@@ -812,6 +816,7 @@ async def test_adapter_over_loopback_tcp_adhoc_records_and_clean_close():
     got_s, got_p = [], []
     sup = ChannelOverPipe(a, SessionChannel("supporter", CODE, SID, credentials=w.supporter),
                           got_s.append)
+    await b.first_bytes  # the supporter's hello waits in the customer's pipe (a RelayLeg keeps it)
     cus = ChannelOverPipe(b, SessionChannel("peer", CODE, SID, ca_certificate=w.ca), got_p.append)
     ks, kp = await sup.confirmed, await cus.confirmed
     assert ks.verification_code == kp.verification_code

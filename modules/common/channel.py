@@ -16,7 +16,7 @@ Wire format (all integers big-endian)::
                  n:u8 spake2_message[n] n:u8 salt[n] n:u8 certificate_fingerprint[n]
     record     = AES-256-GCM(key[direction], nonce = record number as 96 bits,
                              aad = "hausmeister channel v1 <from>-><to>",
-                             plaintext = type:u8 body)            ciphertext includes the 16-byte tag
+                             plaintext = type:u8 body)       (ciphertext includes the tag)
     types      = 1 confirm (first record each way), 2 data, 3 close (empty body),
                  4 abort (body: the reason, UTF-8, at most 500 bytes)
     confirm    = transcript_hash[32] n:u16 certificate_der[n] n:u16 ecdsa_signature[n]
@@ -54,7 +54,8 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from spake2 import SPAKE2_A, SPAKE2_B
 
-from protocol.identity import Identity, IdentityError, fingerprint, identity_of, normalise_fingerprint
+from protocol.identity import (Identity, IdentityError, fingerprint, identity_of,
+                               normalise_fingerprint)
 
 from .channel_events import (Closed, Event, Failed, FailureKind, HostSaltReceived, KeyConfirmed,
                              Record)
@@ -128,7 +129,7 @@ def new_host_secret(password: str, kdf: HostKdf = HOST_KDF) -> tuple[bytes, byte
 
 
 def adhoc_password(code: str) -> bytes:
-    """The SPAKE2 password of an ad-hoc session: the whole 8-digit code, spaces and dashes dropped."""
+    """The SPAKE2 password of an ad-hoc session: the whole 8-digit code, without spaces/dashes."""
     digits = code.replace(" ", "").replace("-", "")
     if len(digits) != 8 or not (digits.isascii() and digits.isdigit()):
         raise ValueError("an ad-hoc code has 8 digits (shown as 1234 5678)")
@@ -146,7 +147,8 @@ class Credentials:
 
     def __post_init__(self) -> None:
         key = self.private_key
-        if not (isinstance(key, ec.EllipticCurvePrivateKey) and isinstance(key.curve, ec.SECP256R1)):
+        if not (isinstance(key, ec.EllipticCurvePrivateKey)
+                and isinstance(key.curve, ec.SECP256R1)):
             raise ValueError("the module key must be ECDSA P-256")
         if key.public_key() != self.certificate.public_key():
             raise ValueError("the private key does not belong to the certificate")
@@ -205,8 +207,9 @@ class _Hello:
             raise _Fail(FailureKind.PROTOCOL,
                         "the first message is not a Hausmeister channel hello (wrong magic)")
         if len(body) < 7 or body[4] != VERSION:
-            raise _Fail(FailureKind.PROTOCOL, f"unsupported channel version "
-                                              f"{body[4] if len(body) > 4 else '?'} (this side: {VERSION})")
+            version = body[4] if len(body) > 4 else "?"
+            raise _Fail(FailureKind.PROTOCOL,
+                        f"unsupported channel version {version} (this side: {VERSION})")
         modes = {v: k for k, v in _MODE_BYTE.items()}
         roles = {v: k for k, v in _ROLE_BYTE.items()}
         if body[5] not in modes or body[6] not in roles:
@@ -258,7 +261,7 @@ def _u16_field(data: bytes, at: int, what: str) -> tuple[bytes, int]:
     return data[at + 2:at + 2 + n], at + 2 + n
 
 
-# --- the channel ------------------------------------------------------------------------------------
+# --- the channel ----------------------------------------------------------------------------------
 
 class SessionChannel:
     """One side of an end-to-end channel.  See the module docstring for the wire format.
@@ -391,9 +394,9 @@ class SessionChannel:
         return [self._fail(_Fail(FailureKind.ABORTED, f"ended here: {reason}"))]
 
     def data_to_send(self) -> bytes:
-        """What reactions to input (hello, key confirmation) produced; send it, in order, after
-        every ``receive``/``provide_password`` (also after ``Failed``: a key confirmation that
-        lets the other side notice the failure may be queued)."""
+        """What reactions to input produced (hello, key confirmation, abort record): send it, in
+        order, after every ``receive``, ``provide_password`` and ``abort`` — also after
+        ``Failed``, so that the other side learns of the failure."""
         out, self._outbox = bytes(self._outbox), bytearray()
         return out
 
@@ -446,13 +449,15 @@ class SessionChannel:
     def confirmed(self) -> bool:
         return self._state in (_State.OPEN, _State.PEER_CLOSED)
 
-    # --- handshake ----------------------------------------------------------------------------------
+    # --- handshake --------------------------------------------------------------------------------
 
     def _begin_spake(self, password: bytes) -> bytes:
-        ids = {"idA": b"%s:%s:supporter:%s" % (_LABEL, self.mode.value.encode(), self.session_id.encode()),
-               "idB": b"%s:%s:peer:%s" % (_LABEL, self.mode.value.encode(), self.session_id.encode())}
+        context = b"%s:%s:" % (_LABEL, self.mode.value.encode())
+        sid = self.session_id.encode()
         side = SPAKE2_A if self.role is Role.SUPPORTER else SPAKE2_B
-        self._spake = side(password, **ids)
+        self._spake = side(password, idA=context + b"supporter:" + sid,
+                           idB=context + b"peer:" + sid)
+        self._password = None  # nothing keeps the password once SPAKE2 has it
         hello = _Hello(self.mode, self.role, self._spake.start(), self._salt, self._own_fp).encode()
         self._own_hello = hello
         return len(hello).to_bytes(4, "big") + hello
@@ -460,8 +465,8 @@ class SessionChannel:
     def _on_hello(self, body: bytes) -> list[Event]:
         hello = _Hello.decode(body)
         if hello.mode is not self.mode:
-            raise _Fail(FailureKind.PROTOCOL, f"the other side runs a {hello.mode.value} session, "
-                                              f"this side a {self.mode.value} session")
+            raise _Fail(FailureKind.PROTOCOL, f"the other side runs the {hello.mode.value} flow, "
+                                              f"this side the {self.mode.value} flow")
         if hello.role is self.role:
             raise _Fail(FailureKind.PROTOCOL, f"both sides claim the {self.role.value} role")
         host_sends_salt = self.mode is Mode.HOST and hello.role is Role.PEER
@@ -542,7 +547,8 @@ class SessionChannel:
 
     def _check_peer(self, der: bytes, signature: bytes) -> Identity:
         def refuse(why: str) -> _Fail:
-            return _Fail(FailureKind.CERTIFICATE, f"the {self._peer_role}'s certificate is refused: {why}")
+            return _Fail(FailureKind.CERTIFICATE,
+                         f"the {self._peer_role}'s certificate is refused: {why}")
         try:
             cert = x509.load_der_x509_certificate(der)
         except ValueError:
@@ -588,7 +594,7 @@ class SessionChannel:
             raise refuse(f"it belongs to {identity.uri}, not to {self._expected_peer.uri}")
         return identity
 
-    # --- records ------------------------------------------------------------------------------------
+    # --- records ----------------------------------------------------------------------------------
 
     def _seal(self, kind: int, body: bytes) -> bytes:
         number = self._send_counter
@@ -607,7 +613,8 @@ class SessionChannel:
         if self._closed_local:
             raise ChannelError("this side closed the channel")
 
-    def _next_frame(self, limit: int, what: str) -> bytes | None:
+    def _frame_length(self, limit: int, what: str) -> int | None:
+        """The length of the complete frame at the head of the buffer; None if incomplete."""
         buffer = self._buffer
         if len(buffer) < 4:
             return None
@@ -615,13 +622,17 @@ class SessionChannel:
         if length > limit:
             kind = FailureKind.PROTOCOL if what == "handshake message" else FailureKind.RECORD
             raise _Fail(kind, f"a {what} of {length} bytes exceeds the limit of {limit} bytes")
-        if len(buffer) < 4 + length:
+        return length if len(buffer) >= 4 + length else None
+
+    def _next_frame(self, limit: int, what: str) -> bytes | None:
+        length = self._frame_length(limit, what)
+        if length is None:
             return None
-        frame = bytes(buffer[4:4 + length])
-        del buffer[:4 + length]
+        frame = bytes(self._buffer[4:4 + length])
+        del self._buffer[:4 + length]
         return frame
 
-    def _on_record(self, sealed: bytes) -> list[Event]:
+    def _on_record(self, sealed: memoryview) -> list[Event]:
         number = self._recv_counter
         if len(sealed) <= TAG_BYTES:
             raise _Fail(FailureKind.RECORD, f"record #{number} is too short ({len(sealed)} bytes)")
@@ -657,10 +668,13 @@ class SessionChannel:
                     return
                 events += self._on_hello(body)
             elif state in (_State.CONFIRMING, _State.OPEN):
-                sealed = self._next_frame(MAX_RECORD, "record")
-                if sealed is None:
+                length = self._frame_length(MAX_RECORD, "record")
+                if length is None:
                     return
-                events += self._on_record(sealed)
+                # decrypt straight from the buffer (one copy less per record), then drop it
+                with memoryview(self._buffer) as view, view[4:4 + length] as sealed:
+                    events += self._on_record(sealed)
+                del self._buffer[:4 + length]
             elif state is _State.PEER_CLOSED and self._buffer:
                 raise _Fail(FailureKind.PROTOCOL, "bytes arrived after the peer's close record")
             elif state is _State.WAIT_PASSWORD and len(self._buffer) > MAX_HELLO:

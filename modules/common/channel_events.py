@@ -15,8 +15,8 @@ from enum import Enum
 class FailureKind(str, Enum):
     """Why a channel failed, for callers that count or report failures (e.g. lock-out)."""
 
-    KEY_CONFIRMATION = "key-confirmation"  # wrong code/password, or the sides disagree on the binding
-    CERTIFICATE = "certificate"            # the peer's certificate, signature or identity was refused
+    KEY_CONFIRMATION = "key-confirmation"  # wrong code/password, or sides disagree on the binding
+    CERTIFICATE = "certificate"            # the peer's certificate, signature or identity refused
     RECORD = "record"                      # a record failed to authenticate or was too large
     TRUNCATED = "truncated"                # the stream ended before the peer's close record
     PROTOCOL = "protocol"                  # malformed or unexpected handshake or record

@@ -40,9 +40,9 @@ class ChannelOverPipe:
         self._host_password, self._kdf = host_password, kdf
         self.confirmed: Deferred = Deferred()
         self.ended: Deferred = Deferred()
+        self._send(channel.start())  # our hello goes out before anything we answer with
         pipe.attach(lambda data: self._handle(channel.receive(data)))
         pipe.ended.addBoth(lambda _reason: self._handle(channel.eof()))
-        self._send(channel.start())
 
     def send_record(self, payload: bytes) -> None:
         self._send(self.channel.seal(payload))
