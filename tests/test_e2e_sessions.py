@@ -259,3 +259,59 @@ def test_chat_both_ways_and_supporter_comments_only_in_the_protocol(world):
         ("hausmeister:supporter:alice", "customer reports a slow printer")]
     chats = {e["detail"]["text"] for e in events if e["kind"] == "chat"}
     assert chats == {"Hello, I am Alice from IT.", "Thanks, the printer is upstairs."}
+
+
+def test_files_go_both_ways_with_matching_sha256_as_the_policy_allows(world):
+    import hashlib
+    import os
+    w = world
+    to_host, to_supporter = w["tmp"] / "report.bin", w["tmp"] / "host-log.bin"
+    to_host.write_bytes(os.urandom(300_000))
+    to_supporter.write_bytes(os.urandom(200_000))
+    inbox_host, inbox_supporter = w["tmp"] / "host-inbox", w["tmp"] / "supporter-inbox"
+    inbox_host.mkdir()
+    inbox_supporter.mkdir()
+    right = w["tmp"] / "right"
+    right.write_text("right-host-password\n")
+
+    def session(files_policy: str):
+        assert run_cli("host", "policy", "--files", files_policy,
+                       "--home", str(w["pc1"])).returncode == 0
+        host = ModuleProcess("host", "run", "--pipe", "--send", str(to_supporter),
+                             "--receive-dir", str(inbox_host), "--home", str(w["pc1"]))
+        host.wait_for_line("online; waiting for supporters")
+        supporter = ModuleProcess("supporter", "connect", "pc1", "--pipe", "--answers", "/dev/null",
+                                  "--request", "view,control,files", "--password-file", str(right),
+                                  "--send", str(to_host), "--receive-dir", str(inbox_supporter),
+                                  "--home", str(w["alice"]))
+        return host, supporter
+
+    host, supporter = session("allow")
+    try:
+        supporter.wait_for_line("file completed: report.bin")
+        supporter.wait_for_line("file completed: host-log.bin")
+        supporter.close_stdin()
+        assert supporter.wait() == 0 and host.wait() == 0
+    finally:
+        finish(host, supporter)
+    digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
+    assert digest(inbox_host / "report.bin") == digest(to_host)
+    assert digest(inbox_supporter / "host-log.bin") == digest(to_supporter)
+    completed = {(e["actor"].split(":")[1], e["detail"]["name"], e["detail"]["sha256"])
+                 for e in protocol_events(w["srv"]) if e["kind"] == "file_completed"}
+    assert ("host", "report.bin", digest(to_host)) in completed
+    assert ("supporter", "host-log.bin", digest(to_supporter)) in completed
+
+    # With files denied by the host's policy nothing moves either way.
+    for leftover in list(inbox_host.iterdir()) + list(inbox_supporter.iterdir()):
+        leftover.unlink()
+    host, supporter = session("deny")
+    try:
+        supporter.wait_for_line("right denied")
+        supporter.wait_for_line("granted control")
+        time.sleep(1.0)
+        supporter.close_stdin()
+        assert supporter.wait() == 0 and host.wait() == 0
+    finally:
+        finish(host, supporter)
+    assert list(inbox_host.iterdir()) == [] and list(inbox_supporter.iterdir()) == []

@@ -23,6 +23,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from protocol import control
+from protocol.runtime import run_blocking
 
 from .channel import MAX_PAYLOAD, SessionChannel
 from .cli import ModuleError
@@ -35,6 +36,7 @@ from .session_stream import RelayLeg
 log = Logger()
 
 STDIN_HIGH_WATER = 512 * 1024
+FILE_CHUNKS_PER_TURN = 8
 
 
 def say(message: str) -> None:
@@ -85,7 +87,8 @@ class SessionRunner:
                  host_password: str | None = None,
                  admit: Callable[[KeyConfirmed], str | None] | None = None,
                  chat: tuple[str, ...] = (), comments: tuple[str, ...] = (),
-                 screen: Any = None, viewer: dict | None = None) -> None:
+                 screen: Any = None, viewer: dict | None = None,
+                 send_files: tuple[str, ...] = (), receive_dir: str | None = None) -> None:
         """``screen``: (source, make_injector(allowed)) when this side can show its display;
         ``viewer``: options for showing the remote screen (vnc_listen, snapshot, type)."""
         self.reactor = reactor
@@ -104,6 +107,11 @@ class SessionRunner:
         self.viewer_options = viewer or {}
         self.presenter_screen = None
         self.viewer_screen = None
+        self.send_files = list(send_files)
+        self.receive_dir = receive_dir
+        self.files = None  # FileTransfers, once the session is set up
+        self._paused = False
+        self._pump_scheduled = False
         self.mux = SessionMux()
         self.over = ChannelOverPipe(leg, channel, self._record, host_password=host_password)
         self.driver: ConsentDriver | None = None
@@ -142,11 +150,115 @@ class SessionRunner:
         self.reactor.addSystemEventTrigger("before", "shutdown", self._interrupted)
         if self.pipe:
             self.stdio = stdio.StandardIO(_Stdio(self), reactor=self.reactor)
-            self.leg.transport.registerProducer(self.stdio, True)
+            self.stdio.registerProducer(self.leg.transport, True)  # stdout slow: stop reading
+        # We produce what goes into the relay leg (stdin bytes, file chunks): when its buffer
+        # fills up, Twisted pauses us and we pause both.
+        self.leg.transport.registerProducer(self, True)
+        self._setup_files()
         self.driver.start()
         self._maybe_request()
         self._maybe_start_screen()
         return await self.done
+
+    # --- files -----------------------------------------------------------------------------------
+
+    def _setup_files(self) -> None:
+        from pathlib import Path
+
+        from .file_transfer import FileTransfers
+        consent = self.consent
+
+        def allowed(attempt: str) -> bool:
+            # the presenter decides (and reports refusals); the viewer relies on the presenter
+            if consent.is_presenter:
+                return self.driver.enforce(Right.FILES, attempt)
+            return True
+        self.files = FileTransfers(Path(self.receive_dir) if self.receive_dir else None,
+                                   role=consent.role, allowed=allowed, auto_accept=True)
+        self._prepared: list = []
+        for path in self.send_files:
+            from .file_transfer import prepare
+            d = run_blocking(prepare, path)
+            d.addCallback(self._prepared.append)
+            d.addCallback(lambda _: self._offer_files())
+            d.addErrback(lambda f, path=path: say(f"cannot send {path}: {f.getErrorMessage()}"))
+
+    def _files_right(self) -> bool:
+        if self.consent.is_presenter:
+            return self.consent.allows(Right.FILES)
+        return self.consent.holds(Right.FILES)
+
+    def _offer_files(self) -> None:
+        if self.files is None or self._finished or not self._files_right():
+            return
+        while self._prepared:
+            self._apply_files(self.files.offer(self._prepared.pop(0)))
+
+    def _file_data(self, payload: bytes, end: bool) -> None:
+        from .file_transfer import FileTransferError
+        try:
+            outcome = self.files.receive(payload, end)
+        except FileTransferError as exc:
+            if exc.outcome is not None:
+                self._apply_files(exc.outcome)
+            self.report("file_protocol_error", {"reason": exc.reason})
+            if exc.fatal:
+                self.driver.end(f"file transfer protocol error: {exc.reason}")
+            return
+        self._apply_files(outcome)
+
+    def _apply_files(self, outcome) -> None:
+        from .file_transfer import FileProgress
+        for message in outcome.messages:
+            self._send(Channel.FILE, message)
+        for event in outcome.events:
+            line = event.protocol_event()
+            if line is not None:
+                self.report(line["kind"], line["detail"])
+                say(f"{line['kind'].replace('_', ' ')}: {event.name} ({event.size} bytes)"
+                    + (f": {line['detail'].get('reason')}" if line["detail"].get("reason") else ""))
+            elif isinstance(event, FileProgress) and event.size:
+                step = max(1, event.size // 4)
+                if event.transferred // step != (event.transferred - 16 * 1024) // step:
+                    say(f"file {event.name}: {100 * event.transferred // event.size} %")
+        self._pump_files()
+
+    # IPushProducer for the relay leg's transport
+    def pauseProducing(self) -> None:
+        self._paused = True
+        if self.stdio is not None:
+            self.stdio.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        if self.stdio is not None and len(self._held) <= STDIN_HIGH_WATER:
+            self.stdio.resumeProducing()
+        self._pump_files()
+
+    def stopProducing(self) -> None:
+        self._paused = True
+
+    def _pump_files(self) -> None:
+        """Some file chunks per reactor turn while the leg takes them; screen and control
+        go first anyway (the mux's priorities) and get their turn between pumps."""
+        if self.files is None or self._finished or self._paused or self._pump_scheduled:
+            return
+        for _ in range(FILE_CHUNKS_PER_TURN):
+            if self._paused:
+                return
+            outcome = self.files.next_chunk()
+            if outcome is None:
+                return
+            for message in outcome.messages:
+                self._send(Channel.FILE, message)
+            if outcome.events:
+                self._apply_files(type(outcome)([], outcome.events))
+        self._pump_scheduled = True
+        self.reactor.callLater(0, self._pump_again)
+
+    def _pump_again(self) -> None:
+        self._pump_scheduled = False
+        self._pump_files()
 
     # --- the screen ------------------------------------------------------------------------------
 
@@ -223,6 +335,7 @@ class SessionRunner:
         if kind in ("right_granted", "direction_changed"):
             self._release_held()
             self._maybe_start_screen()
+            self._offer_files()
         if kind in ("right_granted", "right_denied", "right_revoked", "direction_changed",
                     "emergency_stop", "terms_accepted", "right_refused"):
             say(f"{kind.replace('_', ' ')}: {json.dumps(event['detail'])}")
@@ -238,6 +351,8 @@ class SessionRunner:
                 self._peer_data(item.payload)
             elif item.channel == Channel.SCREEN:
                 self._screen_data(item.payload)
+            elif item.channel == Channel.FILE and self.files is not None:
+                self._file_data(item.payload, item.end)
             else:
                 log.warn("dropped {n} bytes on channel {channel}: nothing serves it yet",
                          n=len(item.payload), channel=item.channel)
@@ -271,7 +386,7 @@ class SessionRunner:
         if self._held and self._may_send_data():
             held, self._held = bytes(self._held), bytearray()
             self._send(Channel.DATA, held)
-            if self.stdio is not None:
+            if self.stdio is not None and not self._paused:
                 self.stdio.resumeProducing()
 
     def _send(self, channel: Channel, data: bytes) -> None:
@@ -318,15 +433,18 @@ class SessionRunner:
 
     def _channel_ended(self, event) -> None:
         self._finished = True
+        if self.files is not None:
+            self.files.close("session ended")
         for screen in (self.presenter_screen, self.viewer_screen):
             if screen is not None:
                 screen.stop()
         reason = getattr(self, "_end_reason", None) or getattr(event, "reason", "closed by the peer")
+        try:
+            self.leg.transport.unregisterProducer()
+        except Exception:
+            pass
         if self.stdio is not None:
-            try:
-                self.leg.transport.unregisterProducer()
-            except Exception:
-                pass
+            self.stdio.unregisterProducer()
             self.stdio.loseConnection()
         if not self.done.called:
             self.done.callback(reason)

@@ -1,20 +1,16 @@
 """A module's relay leg: a TLS connection that says ``OpenRelayLeg`` and then carries raw bytes.
 
-``open_leg`` returns a ``RelayLeg`` whose bytes go to whatever sink is attached (``--pipe``
-attaches stdin/stdout); bytes that arrive before a sink is attached are kept, in order.
-Back-pressure runs both ways through Twisted producers and consumers.
+``open_leg`` returns a ``RelayLeg`` whose bytes go to whatever sink is attached (the session
+channel); bytes that arrive before a sink is attached are kept, in order.
 """
 
 from __future__ import annotations
 
 from typing import Callable
 
-from twisted.internet import defer, endpoints, stdio
-from twisted.internet.interfaces import IHalfCloseableProtocol
-from twisted.internet.protocol import Protocol
+from twisted.internet import defer, endpoints
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from protocol.amp_adapter import FramedAMP
 from protocol.control import OpenRelayLeg
@@ -84,43 +80,3 @@ async def open_leg(reactor, relay_host: str, relay_port: int, token: str, ca_pem
         tls, endpoints.TCP4ClientEndpoint(reactor, relay_host, relay_port, timeout=timeout))
     leg = await endpoints.connectProtocol(endpoint, RelayLeg())
     return await leg.start(token)
-
-
-@implementer(IHalfCloseableProtocol)
-class _StdioSide(Protocol):
-    def __init__(self, leg: RelayLeg) -> None:
-        self.leg = leg
-
-    def dataReceived(self, data: bytes) -> None:
-        self.leg.send(data)
-
-    def readConnectionLost(self) -> None:
-        # stdin ended: everything read so far is already on its way; end the session.
-        self.leg.close()
-
-    def writeConnectionLost(self) -> None:
-        self.leg.close()  # nobody reads our stdout any more
-
-    def connectionLost(self, reason) -> None:
-        self.leg.close()
-
-
-def pipe_stdio(leg: RelayLeg, reactor=None) -> defer.Deferred:
-    """Join stdin/stdout to the session stream; fires when the session ends."""
-    side = _StdioSide(leg)
-    io = stdio.StandardIO(side, reactor=reactor)
-    leg.transport.registerProducer(io, True)   # the relay is slow: stop reading stdin
-    io.registerProducer(leg.transport, True)   # stdout is slow: stop reading the relay
-    leg.attach(io.write)
-
-    def done(reason):
-        io.unregisterProducer()
-        io.loseConnection()
-        return reason
-    return leg.ended.addCallback(done)
-
-
-def discard(leg: RelayLeg) -> defer.Deferred:
-    """Hold the session and count what arrives (no screen yet to show it on)."""
-    leg.attach(lambda data: None)
-    return leg.ended

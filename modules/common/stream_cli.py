@@ -28,6 +28,7 @@ def add_session_options(parser, supporter: bool = False) -> None:
     parser.add_argument("--answers", metavar="SOURCE",
                         help="where consent answers are read from: a file, a file descriptor "
                              "number, or the terminal (default)")
+    add_file_options(parser)
     parser.add_argument("--chat", action="append", default=[], metavar="TEXT",
                         help="send this chat message once the session is set up (repeatable)")
     if not supporter:
@@ -81,6 +82,14 @@ def with_local_copy(report: Callable, folder: Path, session_id: str) -> Callable
     return report_and_copy
 
 
+def add_file_options(parser) -> None:
+    parser.add_argument("--send", action="append", default=[], metavar="FILE",
+                        help="send this file once the files right is granted (repeatable)")
+    parser.add_argument("--receive-dir", metavar="DIR",
+                        help="accept files from the other side into DIR (without it, every "
+                             "file offered is refused)")
+
+
 def add_screen_options(parser) -> None:
     parser.add_argument("--screen", metavar="DISPLAY",
                         help="share this X display (e.g. :0) once the supporter may see it")
@@ -131,6 +140,8 @@ async def run_secure_session(reactor, ticket: dict, ca_pem: bytes, folder: Modul
                            chat=tuple(getattr(args, "chat", ())),
                            comments=tuple(getattr(args, "comment", ())),
                            screen=screen_offer(args),
+                           send_files=tuple(getattr(args, "send", ())),
+                           receive_dir=getattr(args, "receive_dir", None),
                            viewer={"vnc_listen": getattr(args, "vnc_listen", None),
                                    "snapshot": getattr(args, "snapshot", None),
                                    "type": (getattr(args, "type", None) or "").replace("\\n", "\n")})

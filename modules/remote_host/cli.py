@@ -19,7 +19,9 @@ from modules.remote_host import settings
 from modules.common.connection import MODULE_VERSION, address_of
 from modules.common.channel import Credentials, SessionChannel
 from modules.common.consent import ConsentState
-from modules.common.stream_cli import add_screen_options, run_secure_session, say
+from modules.common.stream_cli import (
+    add_file_options, add_screen_options, run_secure_session, say,
+)
 from modules.remote_host.presence import HostPresence
 
 KIND = "host"
@@ -192,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("run", help="stay connected to the server and accept sessions")
     add_home(s, KIND)
     add_screen_options(s)
+    add_file_options(s)
     s.add_argument("--pipe", action="store_true",
                    help="serve one session with stdin/stdout as its stream, then exit")
     s.add_argument("--answers", metavar="SOURCE",
