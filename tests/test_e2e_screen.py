@@ -49,6 +49,7 @@ def test_supporter_sees_and_controls_the_host_screen(world, xvfb, tmp_path):  # 
     right = tmp_path / "right"
     right.write_text("right-host-password\n")
     snapshot = tmp_path / "supporter-view.png"
+    clipboard_out = tmp_path / "remote-clipboard.txt"
     vnc_port = free_port()
     host = ModuleProcess("host", "run", "--screen", xvfb.name, "--pipe", "--home", str(w["pc1"]))
     supporter = None
@@ -58,7 +59,8 @@ def test_supporter_sees_and_controls_the_host_screen(world, xvfb, tmp_path):  # 
             "supporter", "connect", "pc1", "--pipe", "--answers", "/dev/null",
             "--password-file", str(right), "--snapshot", str(snapshot),
             "--vnc-listen", f"127.0.0.1:{vnc_port}",
-            "--type", f"touch {marker}\\n", "--home", str(w["alice"]))
+            "--type", f"touch {marker}\\n", "--clipboard", "from the supporter's clipboard",
+            "--clipboard-file", str(clipboard_out), "--home", str(w["alice"]))
         supporter.wait_for_line("snapshot saved", timeout=60)
         # What the supporter sees is the host's screen (lossless encodings here: exact-ish).
         seen = np.asarray(Image.open(snapshot).convert("RGB"))
@@ -74,6 +76,16 @@ def test_supporter_sees_and_controls_the_host_screen(world, xvfb, tmp_path):  # 
         time.sleep(0.5)  # the xterm may still be echoing; compare with a fresh grab
         picture = np.asarray(Image.open(out).convert("RGB"))
         assert mean_difference(picture, xvfb.name) < 8.0  # JPEG tolerance
+        # Clipboard text both ways (the rights of the screen: control in, view out).
+        xclip = [require("xclip"), "-selection", "clipboard"]
+        wait_until(lambda: subprocess.run(xclip + ["-o"], env=xvfb.env, capture_output=True,
+                                          text=True).stdout == "from the supporter's clipboard",
+                   timeout=20, what="the supporter's clipboard on the host")
+        subprocess.run(xclip + ["-i"], env=xvfb.env, input=b"from the host's clipboard",
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(lambda: clipboard_out.exists() and
+                   clipboard_out.read_text() == "from the host's clipboard",
+                   timeout=20, what="the host's clipboard at the supporter")
         supporter.close_stdin()
         assert supporter.wait(timeout=30) == 0
         assert host.wait(timeout=30) == 0

@@ -516,6 +516,13 @@ class RFBServer:
         return None
 
     # ----------------------------------------------------------------------------- update
+    def cut_text(self, text: str) -> bytes:
+        """ServerCutText: the presenter's clipboard text (Latin-1, as RFC 6143 says)."""
+        if not self.ready:
+            return b""
+        data = text.encode("latin-1", "replace")
+        return struct.pack("!B3xI", 3, len(data)) + data
+
     def update(self, frame: np.ndarray, damage: Iterable[Rect | tuple] | None = None, *,
                moves: Sequence[Move] = (), cursor: Cursor | None = None) -> bytes:
         """A FramebufferUpdate answering the pending request, or b"" if there is nothing to

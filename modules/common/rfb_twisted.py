@@ -61,6 +61,10 @@ class RFBServerProtocol(Protocol):
             self.bytes_sent += len(data)
             self.transport.write(data)
 
+    def send_cut_text(self, text: str) -> None:
+        if self.rfb is not None:
+            self._write(self.rfb.cut_text(text))
+
     def connectionMade(self) -> None:
         self.rfb = RFBServer(self.source, name=self.name)
         self._write(self.rfb.initial())

@@ -103,8 +103,10 @@ class PresenterScreen:
     """Serves ``source`` to the viewer once ``start`` is called (when view is allowed)."""
 
     def __init__(self, source: Any, injector: Any, send: Callable[[bytes], None],
-                 close: Callable[[], None], max_fps: float = 30.0) -> None:
-        self.protocol = RFBServerProtocol(source, injector, max_fps=max_fps)
+                 close: Callable[[], None], max_fps: float = 30.0,
+                 on_cut_text: Callable[[str], None] | None = None) -> None:
+        self.protocol = RFBServerProtocol(source, injector, max_fps=max_fps,
+                                          on_cut_text=on_cut_text)
         self.transport = ChannelTransport(send, close)
         self.started = False
 
@@ -125,10 +127,11 @@ class PresenterScreen:
 class ViewerScreen:
     """Keeps the remote framebuffer; optional local VNC port, snapshot and typed text."""
 
-    def __init__(self, reactor, send: Callable[[bytes], None], close: Callable[[], None]) -> None:
+    def __init__(self, reactor, send: Callable[[bytes], None], close: Callable[[], None],
+                 on_event: Callable[[Any], None] | None = None) -> None:
         from modules.supporter.rfb_twisted import RFBClientProtocol
         self.reactor = reactor
-        self.protocol = RFBClientProtocol()
+        self.protocol = RFBClientProtocol(on_event=on_event)
         self.transport = ChannelTransport(send, close)
         self.started = False
         self.vnc_port = None

@@ -37,6 +37,7 @@ log = Logger()
 
 STDIN_HIGH_WATER = 512 * 1024
 FILE_CHUNKS_PER_TURN = 8
+CLIPBOARD_POLL_SECONDS = 1.0
 
 
 def say(message: str) -> None:
@@ -272,9 +273,60 @@ class SessionRunner:
         injector = make_injector(lambda: self._control_allowed())
         self.presenter_screen = PresenterScreen(
             source, injector, send=lambda data: self._send(Channel.SCREEN, data),
-            close=lambda: None)
+            close=lambda: None, on_cut_text=self._clipboard_from_viewer)
         self.presenter_screen.start()
         say("sharing the screen")
+        self._start_clipboard(getattr(source, "display_name", None))
+
+    # --- the clipboard (text, both ways, with the rights of the screen) ---------------------------
+
+    def _start_clipboard(self, display: str | None) -> None:
+        from twisted.internet import task
+
+        from .clipboard_x11 import ClipboardError, XClipboard
+        if display is None:
+            return
+        try:
+            self.clipboard = XClipboard(display)
+        except ClipboardError as exc:
+            say(str(exc))
+            return
+        self._clipboard_seen: str | None = None
+        self._clipboard_loop = task.LoopingCall(self._poll_clipboard)
+        self._clipboard_loop.clock = self.reactor
+        self._clipboard_loop.start(CLIPBOARD_POLL_SECONDS, now=True)
+
+    def _poll_clipboard(self):
+        def got(text: str) -> None:
+            first = self._clipboard_seen is None
+            if text == self._clipboard_seen or self._finished:
+                return
+            self._clipboard_seen = text
+            if first or not text or not self.consent.allows(Right.VIEW):
+                return  # what was there before the session is not the supporter's business
+            self.presenter_screen.protocol.send_cut_text(text)
+            self.report("clipboard_sent", {"chars": len(text)})
+        return run_blocking(self.clipboard.get).addCallbacks(
+            got, lambda f: log.warn("clipboard: {why}", why=f.getErrorMessage()))
+
+    def _clipboard_from_viewer(self, text: str) -> None:
+        if getattr(self, "clipboard", None) is None:
+            return
+        if not self.driver.enforce(Right.CONTROL, "clipboard"):
+            return
+        self._clipboard_seen = text  # not an echo back to the viewer
+        run_blocking(self.clipboard.set, text).addCallbacks(
+            lambda _: self.report("clipboard_received", {"chars": len(text)}),
+            lambda f: log.warn("clipboard: {why}", why=f.getErrorMessage()))
+
+    def _viewer_screen_event(self, event) -> None:
+        from modules.supporter.rfb_client import ServerCutText
+        if isinstance(event, ServerCutText):
+            say(f"remote clipboard: {len(event.text)} characters")
+            target = self.viewer_options.get("clipboard_file")
+            if target:
+                with open(target, "w", encoding="utf-8") as fh:
+                    fh.write(event.text)
 
     def _control_allowed(self) -> bool:
         # called from the blocking pool by the input injector: ask on the reactor thread
@@ -291,7 +343,8 @@ class SessionRunner:
         if self.viewer_screen is None:
             from .screen_session import ViewerScreen
             self.viewer_screen = ViewerScreen(
-                self.reactor, send=lambda out: self._send(Channel.SCREEN, out), close=lambda: None)
+                self.reactor, send=lambda out: self._send(Channel.SCREEN, out), close=lambda: None,
+                on_event=self._viewer_screen_event)
             self.viewer_screen.first_frame.addCallbacks(self._first_frame, lambda f: say(
                 f"the remote screen could not be shown: {f.getErrorMessage()}"))
         self.viewer_screen.received(data)
@@ -309,6 +362,9 @@ class SessionRunner:
         if options.get("type"):
             screen.type_text(options["type"])
             say("typed the text into the remote screen")
+        if options.get("clipboard"):
+            screen.protocol.cut_text(options["clipboard"])
+            say("sent clipboard text to the remote screen")
 
     def _maybe_request(self) -> None:
         """Once the terms are accepted: ask to show our screen, or for the rights we want."""
@@ -438,6 +494,9 @@ class SessionRunner:
         for screen in (self.presenter_screen, self.viewer_screen):
             if screen is not None:
                 screen.stop()
+        loop = getattr(self, "_clipboard_loop", None)
+        if loop is not None and loop.running:
+            loop.stop()
         reason = getattr(self, "_end_reason", None) or getattr(event, "reason", "closed by the peer")
         try:
             self.leg.transport.unregisterProducer()

@@ -42,6 +42,10 @@ def add_session_options(parser, supporter: bool = False) -> None:
         parser.add_argument("--type", metavar="TEXT",
                             help="type TEXT into the remote screen once it has arrived "
                                  "(needs the control right; \\n is Return)")
+        parser.add_argument("--clipboard", metavar="TEXT",
+                            help="put TEXT on the remote clipboard (needs control)")
+        parser.add_argument("--clipboard-file", metavar="FILE",
+                            help="write the remote clipboard's text to FILE whenever it changes")
         parser.add_argument("--request", default="view,control", metavar="RIGHTS",
                             help="rights to ask for, comma-separated: view, control, files "
                                  "(default view,control)")
@@ -144,7 +148,9 @@ async def run_secure_session(reactor, ticket: dict, ca_pem: bytes, folder: Modul
                            receive_dir=getattr(args, "receive_dir", None),
                            viewer={"vnc_listen": getattr(args, "vnc_listen", None),
                                    "snapshot": getattr(args, "snapshot", None),
-                                   "type": (getattr(args, "type", None) or "").replace("\\n", "\n")})
+                                   "type": (getattr(args, "type", None) or "").replace("\\n", "\n"),
+                                   "clipboard": getattr(args, "clipboard", None),
+                                   "clipboard_file": getattr(args, "clipboard_file", None)})
     reason = await runner.run()
     say(f"session {leg.session_id} ended ({reason}); {leg.bytes_out} bytes sent, "
         f"{leg.bytes_in} received (encrypted)")
