@@ -109,6 +109,7 @@ class PresenterScreen:
                                           on_cut_text=on_cut_text)
         self.transport = ChannelTransport(send, close)
         self.started = False
+        self.stopped = False
 
     def start(self) -> None:
         if not self.started:
@@ -116,11 +117,12 @@ class PresenterScreen:
             self.protocol.makeConnection(self.transport)
 
     def received(self, data: bytes) -> None:
-        if self.started:
+        if self.started and not self.stopped:
             self.protocol.dataReceived(data)
 
     def stop(self) -> None:
-        if self.started:
+        if self.started and not self.stopped:
+            self.stopped = True
             self.protocol.connectionLost(None)
 
 

@@ -271,8 +271,12 @@ class SessionRunner:
         from .screen_session import PresenterScreen
         source, make_injector = self.screen_offer
         injector = make_injector(lambda: self._control_allowed())
+        def send_screen(data: bytes) -> None:
+            # nothing of the screen leaves once view is withdrawn (the RFB stream stays cut)
+            if self.consent.allows(Right.VIEW):
+                self._send(Channel.SCREEN, data)
         self.presenter_screen = PresenterScreen(
-            source, injector, send=lambda data: self._send(Channel.SCREEN, data),
+            source, injector, send=send_screen,
             close=lambda: None, on_cut_text=self._clipboard_from_viewer)
         self.presenter_screen.start()
         say("sharing the screen")
@@ -388,6 +392,10 @@ class SessionRunner:
         kind = event["kind"]
         if kind == "terms_accepted":
             self._maybe_request()
+        if kind in ("right_revoked", "emergency_stop") and self.presenter_screen is not None \
+                and not self.consent.allows(Right.VIEW):
+            self.presenter_screen.stop()
+            say("screen sharing stopped")
         if kind in ("right_granted", "direction_changed"):
             self._release_held()
             self._maybe_start_screen()
