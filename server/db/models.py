@@ -10,7 +10,8 @@ import datetime as dt
 import enum
 
 from sqlalchemy import (
-    BigInteger, Boolean, DateTime, Enum, ForeignKey, Integer, String, Text, UniqueConstraint,
+    BigInteger, Boolean, DateTime, Enum, ForeignKey, Index, Integer, String, Text,
+    UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
@@ -181,3 +182,24 @@ class AuditEntry(Base):
     actor: Mapped[str] = mapped_column(String(100))
     action: Mapped[str] = mapped_column(String(100))
     detail: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class OutboxMail(Base):
+    """A mail waiting for, or done with, the SMTP relay (``server.mail.Outbox``).
+
+    ``status`` is ``queued`` (to be tried at ``next_attempt_at``), ``sent`` or ``failed`` (given
+    up: too many attempts or a permanent refusal; ``last_error`` says why).
+    """
+
+    __tablename__ = "outbox_mails"
+    __table_args__ = (Index("ix_outbox_mails_status_next", "status", "next_attempt_at"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    to_address: Mapped[str] = mapped_column(String(320))
+    subject: Mapped[str] = mapped_column(String(998))
+    body_text: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    sent_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    status: Mapped[str] = mapped_column(String(16), default="queued")
