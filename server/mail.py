@@ -311,13 +311,18 @@ class OutboxService(Service):
         self._loop.start(self.interval, now=True).addErrback(
             lambda f: log.failure("mail outbox loop stopped", f))
 
-    def stopService(self) -> defer.Deferred | None:
+    def stopService(self) -> defer.Deferred:
+        """Stops the loop; the Deferred fires when a delivery run in progress has ended."""
         super().stopService()
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         self._loop = None
         running, self._running_run = self._running_run, None
-        return running
+        if running is None:
+            return defer.succeed(None)
+        waiter: defer.Deferred = defer.Deferred()
+        running.addBoth(lambda result: (waiter.callback(None), result)[1])
+        return waiter
 
 
 __all__ = ["Outbox", "OutboxService", "MailDisabled", "DeliveryReport", "describe_error",

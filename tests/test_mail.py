@@ -312,3 +312,79 @@ def test_subject_is_one_line(database, relays):
     message = parse(handler.messages[0][2])
     assert message["Bcc"] is None and message["Subject"] == "Hi Bcc: evil@example.test"
     assert handler.messages[0][1] == ["alice@example.test"]
+
+
+SERVICE_SCRIPT = r'''
+import asyncio, json, sys
+loop = asyncio.new_event_loop(); asyncio.set_event_loop(loop)
+from twisted.internet import asyncioreactor
+asyncioreactor.install(loop)
+from twisted.internet import defer, reactor, task
+from aiosmtpd.controller import Controller
+from server.config import MailSection
+from server.db import Database
+from server.mail import Outbox, OutboxService
+
+db_url, port = sys.argv[1], int(sys.argv[2])
+received = []
+
+class Handler:
+    async def handle_DATA(self, server, session, envelope):
+        received.append((envelope.mail_from, envelope.rcpt_tos))
+        return "250 OK"
+
+db = Database(db_url); db.migrate()
+mail = MailSection(smtp_host="127.0.0.1", smtp_port=port, security="none", username="",
+                   password="", from_address="hausmeister@example.test")
+outbox = Outbox(db, mail)
+
+async def main():
+    service = OutboxService(outbox, interval=0.05)
+    outbox.queue("alice@example.test", "while down", "queued before the relay ran")
+    service.startService()
+    for _ in range(200):  # relay down: the mail stays queued with an error
+        await task.deferLater(reactor, 0.02, lambda: None)
+        if outbox.counts()["queued"] == 1 and db.call(
+                lambda s: s.execute(__import__("sqlalchemy").text(
+                    "select attempts from outbox_mails")).scalar()) >= 1:
+            break
+    down = outbox.counts()
+    down_row = db.call(lambda s: list(s.execute(__import__("sqlalchemy").text(
+        "select attempts, last_error from outbox_mails")).one()))
+    outbox.backoff = lambda attempts: 0.0  # no waiting for the test's sake
+    db.call(lambda s: s.execute(__import__("sqlalchemy").text(
+        "update outbox_mails set next_attempt_at = created_at")))
+    controller = Controller(Handler(), hostname="127.0.0.1", port=port); controller.start()
+    try:
+        for _ in range(250):
+            await task.deferLater(reactor, 0.02, lambda: None)
+            if outbox.counts()["sent"] == 1:
+                break
+    finally:
+        await service.stopService()
+        controller.stop()
+    print(json.dumps({"down": down, "down_row": down_row, "after": outbox.counts(), "received": received}))
+
+task.react(lambda _reactor: defer.ensureDeferred(main()))
+'''
+
+
+def test_outbox_service_under_asyncio_reactor(tmp_path):
+    """The Twisted service with the asyncio reactor: Database.run + the Deferred bridge."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    port = free_port()
+    db_url = f"sqlite:///{tmp_path / 'svc.db'}"
+    result = subprocess.run([sys.executable, "-c", SERVICE_SCRIPT, db_url, str(port)],
+                            capture_output=True, text=True, timeout=60,
+                            cwd=Path(__file__).resolve().parent.parent)
+    assert result.returncode == 0, result.stderr[-3000:]
+    outcome = json.loads(result.stdout.strip().splitlines()[-1])
+    assert outcome["down"] == {"queued": 1, "sent": 0, "failed": 0}
+    attempts, last_error = outcome["down_row"]
+    assert attempts >= 1 and last_error.startswith("SMTPConnectError")
+    assert outcome["after"] == {"queued": 0, "sent": 1, "failed": 0}
+    assert outcome["received"] == [["hausmeister@example.test", ["alice@example.test"]]]
