@@ -10,8 +10,9 @@ PY      = $(VENV)/bin/python
 APT     = DEBIAN_FRONTEND=noninteractive apt-get
 # postgresql: the throwaway cluster the tests start; haproxy: the relay benchmark's peer;
 # Xvfb, xterm, x11vnc, vncsnapshot, TigerVNC: real displays and real VNC peers for screen tests.
-TEST_APT_PACKAGES = postgresql haproxy xvfb xterm x11vnc vncsnapshot tigervnc-viewer xfonts-base xclip
-TEST_BINARIES = /usr/lib/postgresql/*/bin/initdb /usr/sbin/haproxy /usr/bin/Xvfb /usr/bin/xterm /usr/bin/x11vnc /usr/bin/vncsnapshot /usr/bin/xtigervncviewer /usr/bin/xclip
+# chromium: the browser Playwright drives in the console tests (never `playwright install`).
+TEST_APT_PACKAGES = postgresql haproxy xvfb xterm x11vnc vncsnapshot tigervnc-viewer xfonts-base xclip chromium
+TEST_BINARIES = /usr/lib/postgresql/*/bin/initdb /usr/sbin/haproxy /usr/bin/Xvfb /usr/bin/xterm /usr/bin/x11vnc /usr/bin/vncsnapshot /usr/bin/xtigervncviewer /usr/bin/xclip /usr/bin/chromium
 
 .PHONY: run test install test-system-packages clean-run
 

@@ -183,6 +183,8 @@ class WebPlane:
         enroll.putChild(b"supporter", JSONEndpoint(self.enroll_supporter, api.SUPPORTER_FIELDS))
         enroll.putChild(b"host", JSONEndpoint(self.enroll_host, api.HOST_FIELDS))
         apiv1.putChild(b"renew", JSONEndpoint(self.renew, api.RENEW_FIELDS))
+        from .console import Console  # imports this module, hence here
+        root.putChild(b"console", Console(self.db, self.enrollment.lockouts).resource())
         return root
 
     def site(self) -> server.Site:
