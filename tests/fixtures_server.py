@@ -129,6 +129,29 @@ class ServerProcess:
         return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
 
 
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_with_external_relay(tmp_path: Path, db_url: str) -> tuple[ServerProcess, int]:
+    """An initialised (not yet running) server whose sessions go through a separate relay
+    process on the returned port (the caller starts that process)."""
+    relay_port = free_port()
+    data = tmp_path / "data"
+    cfg = write_config(tmp_path / "h.toml", data, db_url, extra=f"""
+[relay]
+port = {relay_port}
+external = ["127.0.0.1:{relay_port}"]
+""")
+    srv = ServerProcess(cfg, data)
+    result = srv.cli("init", "--password-stdin", stdin=ADMIN_PASSWORD + "\n")
+    assert result.returncode == 0, result.stderr
+    return srv, relay_port
+
+
 @pytest.fixture
 def server_config(tmp_path, db_url) -> ServerProcess:
     """An initialised but not yet running server (admin password fixed)."""

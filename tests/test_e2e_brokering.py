@@ -8,21 +8,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 
 import pytest
 
-from .fixtures_server import ServerProcess, run_cli, write_config
+from .fixtures_server import ServerProcess, free_port, run_cli, write_config
 from .module_process import ModuleProcess
 
 pytestmark = pytest.mark.e2e
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def server_args(srv) -> tuple[str, ...]:
@@ -176,7 +169,7 @@ def enrolled_host_on_fixed_ports(tmp_path, db_url):
     """Server on fixed ports (a restart must come back where the modules know it)."""
     from .fixtures_server import ADMIN_PASSWORD, SUPPORTER_PASSWORD
     data = tmp_path / "data"
-    cfg = write_config(tmp_path / "h.toml", data, db_url, extra=f"""
+    cfg = write_config(tmp_path / "h.toml", data, db_url, extra="""
 [presence]
 heartbeat_seconds = 1.0
 """)
@@ -205,17 +198,9 @@ heartbeat_seconds = 1.0
 
 
 def test_session_through_a_separate_relay_process(tmp_path, db_url):
-    from .fixtures_server import ADMIN_PASSWORD, SUPPORTER_PASSWORD
-    relay_port = free_port()
-    data = tmp_path / "data"
-    cfg = write_config(tmp_path / "h.toml", data, db_url, extra=f"""
-[relay]
-port = {relay_port}
-external = ["127.0.0.1:{relay_port}"]
-""")
-    srv = ServerProcess(cfg, data)
-    assert srv.cli("init", "--password-stdin", stdin=ADMIN_PASSWORD + "\n").returncode == 0
-    relay = ModuleProcess("server", "-c", str(cfg), "run", "--role", "relay")
+    from .fixtures_server import SUPPORTER_PASSWORD, server_with_external_relay
+    srv, relay_port = server_with_external_relay(tmp_path, db_url)
+    relay = ModuleProcess("server", "-c", str(srv.config), "run", "--role", "relay")
     supporter = customer = None
     srv.start()
     try:

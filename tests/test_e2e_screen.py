@@ -15,7 +15,8 @@ from PIL import Image
 
 from .fixtures_x11 import require, xvfb  # noqa: F401 - fixture
 from .module_process import ModuleProcess
-from .test_e2e_brokering import free_port, wait_until
+from .fixtures_server import free_port
+from .test_e2e_brokering import wait_until
 from .test_e2e_sessions import MARKER, world  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.e2e

@@ -14,9 +14,9 @@ import pytest
 
 from server.session_protocol import verify
 
-from .fixtures_server import ADMIN_PASSWORD, SUPPORTER_PASSWORD, ServerProcess, run_cli, write_config
+from .fixtures_server import SUPPORTER_PASSWORD, run_cli, server_with_external_relay
 from .module_process import ModuleProcess
-from .test_e2e_brokering import answers, free_port, server_args, wait_until
+from .test_e2e_brokering import answers, server_args, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -32,17 +32,9 @@ def tapped_relay(capture, config) -> ModuleProcess:
 @pytest.fixture
 def world(tmp_path, db_url):
     """Server + a tapped relay process + supporter alice + host pc1 (password set)."""
-    relay_port = free_port()
-    data = tmp_path / "data"
-    cfg = write_config(tmp_path / "h.toml", data, db_url, extra=f"""
-[relay]
-port = {relay_port}
-external = ["127.0.0.1:{relay_port}"]
-""")
-    srv = ServerProcess(cfg, data)
-    assert srv.cli("init", "--password-stdin", stdin=ADMIN_PASSWORD + "\n").returncode == 0
+    srv, relay_port = server_with_external_relay(tmp_path, db_url)
     capture = tmp_path / "relay-capture.bin"
-    relay = tapped_relay(capture, cfg)
+    relay = tapped_relay(capture, srv.config)
     srv.start()
     try:
         relay.wait_for_line(f"relay.*{relay_port}")
