@@ -6,6 +6,7 @@ requests.  Screenshots go to test-artifacts/console/.
 from __future__ import annotations
 
 import datetime as dt
+import re
 import uuid
 from pathlib import Path
 from urllib.parse import quote, urlsplit
@@ -226,9 +227,16 @@ def test_admin_of_another_tenant_sees_nothing_of_tenant_a(running_server, enroll
     _add_session(db_url, tenant_a, "supporter:alice", "customer:Erika")
     _add_session(db_url, "b", "supporter:bert", "customer:Berta")
 
+    srv.ok("user", "add", "sam", "--role", "supporter", "--password-stdin", stdin=BOB_PASSWORD + "\n")
+
     bob = Console(browser, srv.url)
     admin = Console(browser, srv.url)
     try:
+        # A supporter's right password still opens no console session.
+        bob.login("sam", BOB_PASSWORD)
+        assert bob.page.url == srv.url + "/console/login"
+        assert "the console is for admins and auditors" in bob.page.locator("#error").inner_text()
+
         bob.login("bob", BOB_PASSWORD)
         assert bob.page.url == srv.url + "/console/hosts"
         assert "tenant b" in bob.page.locator("#who").inner_text()
@@ -301,3 +309,17 @@ def test_idle_sessions_expire_and_login_replaces_the_id():
     assert sessions.get(user.id) == (None, True)  # expired, and said so once
     assert sessions.get(user.id) == (None, False)
     assert len(sessions) == 0
+
+
+def test_templates_carry_no_outside_url_inline_script_or_style():
+    """Everything the console serves comes from offline_pages/: no URL a browser would fetch
+    elsewhere, no inline script or style (the CSP would block them anyway)."""
+    pages = Path(__file__).resolve().parent.parent / "offline_pages"
+    files = sorted((pages / "console").glob("*.html")) + [pages / "static" / "console.css"]
+    assert len(files) >= 8
+    for path in files:
+        text = path.read_text()
+        for bad in ("http://", "https://", "src=\"//", "href=\"//", "url(", "@import",
+                    "<script", " style=", "<style", "javascript:"):
+            assert bad not in text, f"{bad!r} in {path.name}"
+        assert not re.search(r"\son[a-z]+\s*=", text), f"event handler attribute in {path.name}"
