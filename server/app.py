@@ -27,10 +27,13 @@ from .pki import CertStore
 from .relay.core import Relay
 from .relay.listener import record_session_end
 from .relay.tokens import RelayTokens, load_or_create_secret
+from .mail import Outbox, OutboxService
 from .session_protocol import SessionProtocols
 from .web import WebPlane
 
 log = Logger()
+
+MAIL_INTERVAL_SECONDS = 5.0
 
 
 class RevocationWatcher(service.Service):
@@ -120,6 +123,11 @@ class HausmeisterServer(service.MultiService):
                              flush_seconds=config.presence.flush_seconds,
                              terms=config.adhoc.terms,
                              protocols=self.protocols)
+        self.outbox = None
+        if config.mail.enabled:  # no relay configured: no mail at all
+            self.outbox = Outbox(self.db, config.mail)
+            OutboxService(self.outbox, interval=MAIL_INTERVAL_SECONDS, reactor=reactor
+                          ).setServiceParent(self)
         self.https_port = None
         self.module_port = None
 

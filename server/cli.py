@@ -414,6 +414,30 @@ def cmd_session_list(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_mail_test(config: Config, args: argparse.Namespace) -> int:
+    from .mail import MailDisabled, Outbox
+    db = _open_db(config)
+    try:
+        mail_id = Outbox(db, config.mail).queue(
+            args.address, "Hausmeister test mail",
+            "This is a test mail from your Hausmeister server. Mail delivery works.")
+    except (MailDisabled, ValueError) as exc:
+        raise CLIError(str(exc))
+    print(f"test mail {mail_id} queued for {args.address}; the running server delivers it "
+          f"through {config.mail.smtp_host}:{config.mail.smtp_port} (see `mail status`)")
+    return 0
+
+
+def cmd_mail_status(config: Config, args: argparse.Namespace) -> int:
+    from .mail import Outbox
+    if not config.mail.enabled:
+        print("mail is off: no SMTP relay is configured ([mail] smtp_host)")
+        return 0
+    counts = Outbox(_open_db(config), config.mail).counts()
+    print(f"queued: {counts['queued']}   sent: {counts['sent']}   failed: {counts['failed']}")
+    return 0
+
+
 def cmd_token_create(config: Config, args: argparse.Namespace) -> int:
     try:
         ttl = parse_duration(args.ttl or config.security.token_default_ttl)
@@ -575,6 +599,14 @@ def build_parser() -> argparse.ArgumentParser:
     s = psub.add_parser("show", help="print a session's protocol as a readable timeline")
     s.add_argument("session", metavar="SESSION_ID")
     s.set_defaults(func=cmd_protocol_show)
+
+    mail = sub.add_parser("mail", help="mail through the operator's SMTP relay: test, status")
+    msub = mail.add_subparsers(dest="mail_command", metavar="ACTION", required=True)
+    s = msub.add_parser("test", help="queue a test mail; the running server delivers it")
+    s.add_argument("address")
+    s.set_defaults(func=cmd_mail_test)
+    s = msub.add_parser("status", help="how many mails are queued, sent and failed")
+    s.set_defaults(func=cmd_mail_status)
 
     tenant = sub.add_parser("tenant", help="tenants (organisations): add, list")
     tsub = tenant.add_subparsers(dest="tenant_command", metavar="ACTION", required=True)

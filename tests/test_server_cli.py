@@ -6,6 +6,7 @@ Each refusal is one line on stderr, exit code ≠ 0, and nothing already stored 
 from __future__ import annotations
 
 import hashlib
+import time
 import json
 from pathlib import Path
 
@@ -192,3 +193,52 @@ def test_install_ca_without_key_cannot_enroll_but_says_why(tmp_path, server_conf
         assert result.returncode == 1 and "cannot issue module certificates" in result.stderr
     finally:
         srv.stop()
+
+
+def test_mail_goes_only_through_the_configured_relay(tmp_path, db_url):
+    """A real SMTP server (aiosmtpd) on 127.0.0.1: `mail test` queues, the server delivers."""
+    from aiosmtpd.controller import Controller
+
+    from .fixtures_server import free_port
+
+    class Store:
+        def __init__(self):
+            self.messages = []
+
+        async def handle_DATA(self, server, session, envelope):
+            self.messages.append(envelope)
+            return "250 OK"
+
+    # Without a relay there is no mail at all.
+    quiet = ServerProcess(write_config(tmp_path / "quiet.toml", tmp_path / "quiet", db_url),
+                          tmp_path / "quiet")
+    assert quiet.cli("init", "--password-stdin", stdin=ADMIN_PASSWORD + "\n").returncode == 0
+    error = one_line_error(quiet.cli("mail", "test", "ops@example.org"))
+    assert "no SMTP relay" in error
+
+    port = free_port()
+    store = Store()
+    relay = Controller(store, hostname="127.0.0.1", port=port)
+    relay.start()
+    data = tmp_path / "data"
+    cfg = write_config(tmp_path / "h.toml", data, db_url, extra=f"""
+[mail]
+smtp_host = "127.0.0.1"
+smtp_port = {port}
+security = "none"
+from_address = "hausmeister@example.org"
+""")
+    srv = ServerProcess(cfg, data)
+    try:
+        assert srv.cli("init", "--password-stdin", stdin=ADMIN_PASSWORD + "\n").returncode == 0
+        assert "queued" in srv.ok("mail", "test", "ops@example.org")
+        assert "queued: 1" in srv.ok("mail", "status")
+        srv.start()
+        deadline = time.monotonic() + 30
+        while not store.messages and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert store.messages and store.messages[0].rcpt_tos == ["ops@example.org"]
+        assert "sent: 1" in srv.ok("mail", "status")
+    finally:
+        srv.stop()
+        relay.stop()
