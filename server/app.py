@@ -149,13 +149,15 @@ class HausmeisterServer(service.MultiService):
                              lambda ident: self.db.run(_tenant_of, ident))
         self.module_port = self.reactor.listenSSL(c.listen.module_port, factory,
                                                   tls.ServerContextFactory(module_ctx),
-                                                  interface=c.listen.interface)
+                                                  interface=c.listen.interface,
+                                                  backlog=tls.LISTEN_BACKLOG)
         web = WebPlane(self.db, self.store, self.enrollment, c.server.public_host,
                        self._module_port_number, c.certificates.renew_before_days)
         web_ctx = tls.web_context(chain, key, ca, c.certificates.min_tls)
         self.https_port = self.reactor.listenSSL(c.listen.https_port, web.site(),
                                                  tls.ServerContextFactory(web_ctx),
-                                                 interface=c.listen.interface)
+                                                 interface=c.listen.interface,
+                                                 backlog=tls.LISTEN_BACKLOG)
         https, module = self.https_port.getHost().port, self.module_port.getHost().port
         egress.configure(c, own_ports=[https, module],
                          refusals_path=c.server.data_dir / "egress-refusals.jsonl")

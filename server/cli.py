@@ -112,7 +112,16 @@ def _run_relay(config: Config, args: argparse.Namespace) -> int:
     return run_relay(config, reactor, None if args.relay_port is None else [args.relay_port])
 
 
+def _raise_open_file_limit() -> None:
+    """One descriptor per module connection: use all the hard limit allows."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def cmd_run(config: Config, args: argparse.Namespace) -> int:
+    _raise_open_file_limit()
     if args.role == "relay":
         return _run_relay(config, args)
     from twisted.internet import asyncioreactor

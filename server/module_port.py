@@ -55,6 +55,9 @@ class ModuleConnection(FramedAMP):
     def connectionMade(self) -> None:
         super().connectionMade()
         self.address = self.transport.getPeer().host
+        tcp = getattr(self.transport, "transport", self.transport)
+        if hasattr(tcp, "setTcpNoDelay"):
+            tcp.setTcpNoDelay(True)  # control commands are small; no delayed-ACK waits
 
     def handshakeCompleted(self) -> None:
         peer = self.transport.getPeerCertificate()

@@ -99,6 +99,8 @@ def tune_leg_transport(transport: Any, buffer_bytes: int | None,
         else transport
     if buffer_bytes and hasattr(tcp, "bufferSize"):
         tcp.bufferSize = buffer_bytes
+    if hasattr(tcp, "setTcpNoDelay"):
+        tcp.setTcpNoDelay(True)  # small records must not wait for a delayed ACK
 
 
 def _describe(reason: Failure | None) -> str:

@@ -31,6 +31,7 @@ from protocol.runtime import run_blocking
 
 from .. import certificates, tls
 from ..config import Config
+from ..tls import LISTEN_BACKLOG
 from ..db import Database
 from ..db.models import Session, Tenant
 from ..pki import CertStore
@@ -147,7 +148,7 @@ def listen_relay(reactor: Any, port: int, relay: Relay, context_factory: Any,
     tls_factory = TLSMemoryBIOFactory(context_factory, False, RelayFactory(relay), clock=reactor)
     if not tls_write_aggregation:  # the relay forwards whole TLS records: nothing to aggregate
         tls_factory.protocol = TLSMemoryBIOProtocol
-    return reactor.listenTCP(port, tls_factory, interface=interface)
+    return reactor.listenTCP(port, tls_factory, interface=interface, backlog=LISTEN_BACKLOG)
 
 
 # --- session records --------------------------------------------------------------------------
