@@ -33,6 +33,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from server.state import read_state  # noqa: E402 - after the checkout is on the path
+
 TICK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 ADMIN_PASSWORD = "bench-admin-password-1"
@@ -231,8 +233,6 @@ class BenchServer:
 
     def start(self, cpus: str | None = None, nofile: int = 65536, log_level: str = "info",
               timeout: float = 60) -> "BenchServer":
-        state = self.data_dir / "server.json"
-        state.unlink(missing_ok=True)
         self.log_path = self.workdir / "server.log"
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
@@ -245,14 +245,10 @@ class BenchServer:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log_tail()}")
-            if state.exists():
-                try:
-                    info = json.loads(state.read_text())
-                except ValueError:
-                    info = {}
-                if info.get("pid") == self.process.pid:
-                    self.info = info
-                    return self
+            info = read_state(self.data_dir, self.process.pid)
+            if info is not None:
+                self.info = info
+                return self
             time.sleep(0.02)
         raise RuntimeError(f"server did not start within {timeout} s:\n{self.log_tail()}")
 

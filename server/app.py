@@ -6,9 +6,7 @@ revocation watcher that keeps the in-memory revoked set current and drops revoke
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 
 from twisted.application import service
 from twisted.internet import defer, task
@@ -29,6 +27,7 @@ from .relay.listener import record_session_end
 from .relay.tokens import RelayTokens, load_or_create_secret
 from .mail import Outbox, OutboxService
 from .session_protocol import SessionProtocols
+from .state import write_state
 from .web import WebPlane
 
 log = Logger()
@@ -167,14 +166,11 @@ class HausmeisterServer(service.MultiService):
                  https=https, module=module)
 
     def write_state(self, https: int, module: int, ca_fingerprint: str) -> None:
-        """``server.json`` in the data folder: what is listening where, for tools and tests."""
-        state = {"pid": os.getpid(), "version": __version__, "interface": self.config.listen.interface,
-                 "https_port": https, "module_port": module, "ca_fingerprint": ca_fingerprint,
-                 "https_url": f"https://{self.config.server.public_host}:{https}"}
-        path: Path = self.config.server.data_dir / "server.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state, indent=1))
-        os.replace(tmp, path)
+        self.state = {"pid": os.getpid(), "version": __version__,
+                      "interface": self.config.listen.interface, "https_port": https,
+                      "module_port": module, "ca_fingerprint": ca_fingerprint,
+                      "https_url": f"https://{self.config.server.public_host}:{https}"}
+        write_state(self.config.server.data_dir, self.state)
 
     @defer.inlineCallbacks
     def stopService(self):

@@ -141,8 +141,7 @@ def cmd_run(config: Config, args: argparse.Namespace) -> int:
     start_logging(args.log_level or config.logging.level, config.logging.format)
     srv = HausmeisterServer(config, reactor)
     srv.startService()
-    state = config.server.data_dir / "server.json"
-    info = json.loads(state.read_text())
+    info = srv.state
     print(f"Console and enrollment: {info['https_url']}/")
     print(f"Module port:            {config.server.public_host}:{info['module_port']}")
     print(f"CA fingerprint:         {info['ca_fingerprint']}")

@@ -282,9 +282,6 @@ class ConnectionRegistry:
     def __len__(self) -> int:
         return len(self._connections)
 
-    def identities(self) -> list[str]:
-        return sorted(c.name for c in self._connections)
-
     def drop_revoked(self, revoked: set[str]) -> int:
         dropped = 0
         for conn in list(self._connections):

@@ -6,7 +6,6 @@ tmp_path, the database the ``db_url`` fixture gives) and is stopped by its PID.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -16,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+from server.state import read_state
 
 CLIS = {
     "server": "server.cli",
@@ -92,9 +93,6 @@ class ServerProcess:
         return result.stdout
 
     def start(self, timeout: float = 30) -> "ServerProcess":
-        state = self.data_dir / "server.json"
-        if state.exists():
-            state.unlink()
         self.log_path = self.data_dir.parent / "server.log"
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
@@ -104,14 +102,10 @@ class ServerProcess:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise AssertionError(f"server exited with {self.process.returncode}:\n{self.log()}")
-            if state.exists():
-                try:
-                    info = json.loads(state.read_text())
-                except ValueError:
-                    info = {}
-                if info.get("pid") == self.process.pid:
-                    self.info = info
-                    return self
+            info = read_state(self.data_dir, self.process.pid)
+            if info is not None:
+                self.info = info
+                return self
             time.sleep(0.05)
         raise AssertionError(f"server did not start in {timeout} s:\n{self.log()}")
 

@@ -331,14 +331,10 @@ def test_policy_in_force_restores_the_previous_state(refusals, restore_guard):
     assert egress.snapshot() == before
 
 
-try:
-    import pytest_twisted
-except ImportError:  # pragma: no cover - installed by `make test`
-    pytest_twisted = None
+import pytest_twisted  # noqa: E402 - a test dependency (pyproject's test extra)
 
 
-@pytest.mark.skipif(pytest_twisted is None, reason="pytest-twisted is not installed")
-@(pytest_twisted.inlineCallbacks if pytest_twisted else (lambda f: f))
+@pytest_twisted.inlineCallbacks
 def test_twisted_tcp_client_to_refused_address_fails_and_allowed_one_connects(
         guard, refusals, listen):
     from twisted.internet import reactor

@@ -91,6 +91,3 @@ def address_of(folder: ModuleFolder) -> ServerAddress:
     settings = folder.settings()
     return ServerAddress(settings["module_host"], int(settings["module_port"]))
 
-
-def as_deferred(coro) -> defer.Deferred:
-    return defer.ensureDeferred(coro)

@@ -41,6 +41,7 @@ CLIPBOARD_POLL_SECONDS = 1.0
 
 
 def say(message: str) -> None:
+    """Status lines go to stderr: with --pipe, stdout is the session stream."""
     print(message, file=sys.stderr, flush=True)
 
 

@@ -13,13 +13,8 @@ from .cli import ModuleError
 from .consent import ConsentState
 from .consent_terminal import TerminalConsentUI, open_answers
 from .folder import ModuleFolder
-from .session_runner import SessionRunner, reporter
+from .session_runner import SessionRunner, reporter, say
 from .session_stream import open_leg
-
-
-def say(message: str) -> None:
-    """Status lines go to stderr: with --pipe, stdout is the session stream."""
-    print(message, file=sys.stderr, flush=True)
 
 
 def add_session_options(parser, supporter: bool = False) -> None:
