@@ -529,11 +529,11 @@ def test_core_waits_one_turn_before_writing_to_a_new_leg_and_bounds_early_bytes(
     relay = Relay(tokens, clock, pair_timeout=30, on_ended=ended.append)
     sid = "s1"
     t1, t2 = _Transport(), _Transport()
-    leg1 = relay.open_leg(tokens.issue(sid, "supporter"), t1, "10.0.0.1")
+    leg1 = relay.open_leg(tokens.issue(sid, "supporter"), t1, "127.0.1.1")
     assert t1.producerState == "producing"  # read while waiting: a client that leaves is seen
     leg1.data_received(b"early")
     assert t1.producerState == "producing"
-    leg2 = relay.open_leg(tokens.issue(sid, "peer"), t2, "10.0.0.2")
+    leg2 = relay.open_leg(tokens.issue(sid, "peer"), t2, "127.0.1.2")
     t2.write(b"ANSWER")  # the glue answers after open_leg returned
     assert t2.value() == b"ANSWER"
     leg2.data_received(b"to supporter")  # the first leg was answered long ago
@@ -545,7 +545,7 @@ def test_core_waits_one_turn_before_writing_to_a_new_leg_and_bounds_early_bytes(
 
     # a second session whose first leg sends more than MAX_PENDING before its partner arrives
     t3 = _Transport()
-    leg3 = relay.open_leg(tokens.issue("s2", "peer"), t3, "10.0.0.3")
+    leg3 = relay.open_leg(tokens.issue("s2", "peer"), t3, "127.0.1.3")
     leg3.data_received(b"x" * (PAUSE_PENDING - 1))
     assert t3.producerState == "producing"
     leg3.data_received(b"x")
@@ -560,12 +560,12 @@ def test_core_waits_one_turn_before_writing_to_a_new_leg_and_bounds_early_bytes(
 
     # single use is remembered until the token expires, then forgotten
     token = tokens.issue("s3", "peer")
-    relay.open_leg(token, _Transport(), "10.0.0.4")
+    relay.open_leg(token, _Transport(), "127.0.1.4")
     with pytest.raises(RelayRefusedError, match="already used"):
-        relay.open_leg(token, _Transport(), "10.0.0.4")
+        relay.open_leg(token, _Transport(), "127.0.1.4")
     now[0] += 31
     with pytest.raises(InvalidToken, match="expired"):
-        relay.open_leg(token, _Transport(), "10.0.0.4")
+        relay.open_leg(token, _Transport(), "127.0.1.4")
     assert not any(n for n, exp in relay._used_nonces.items() if exp < now[0])
 
 
@@ -574,7 +574,7 @@ def test_core_refuses_sides_it_cannot_pair_yet():
     tokens = RelayTokens(SECRET)
     relay = Relay(tokens, clock)
     with pytest.raises(RelayRefusedError, match="not supported"):
-        relay.open_leg(tokens.issue("s", "viewer:3"), _Transport(), "10.0.0.1")
+        relay.open_leg(tokens.issue("s", "viewer:3"), _Transport(), "127.0.1.1")
 
 
 def test_core_aborts_a_leg_that_does_not_take_its_last_bytes():
