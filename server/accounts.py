@@ -146,8 +146,11 @@ def memberships(session: Session, user: User) -> list[str]:
                                 .where(UserGroup.user_id == user.id).order_by(HostGroup.name)))
 
 
-def audit(session: Session, actor: str, action: str, detail: str = "", now: Clock = utcnow) -> None:
-    session.add(AuditEntry(at=now(), actor=actor, action=action, detail=detail or None))
+def audit(session: Session, actor: str, action: str, detail: str = "", now: Clock = utcnow,
+          tenant_id: int | None = None) -> None:
+    """Record an admin action; ``tenant_id`` (the tenant it concerns) lets that tenant's admins see it."""
+    session.add(AuditEntry(at=now(), actor=actor, action=action, detail=detail or None,
+                           tenant_id=tenant_id))
 
 
 # --- lock-out ---------------------------------------------------------------------------------

@@ -129,6 +129,7 @@ class HausmeisterServer(service.MultiService):
                           ).setServiceParent(self)
         self.https_port = None
         self.module_port = None
+        self.state: dict = {}
 
     def _relay_session_ended(self, stats) -> None:
         record_session_end(self.db, stats, self.protocols)
@@ -151,7 +152,8 @@ class HausmeisterServer(service.MultiService):
                                                   interface=c.listen.interface,
                                                   backlog=tls.LISTEN_BACKLOG)
         web = WebPlane(self.db, self.store, self.enrollment, c.server.public_host,
-                       self._module_port_number, c.certificates.renew_before_days)
+                       self._module_port_number, c.certificates.renew_before_days,
+                       console=self.make_console())
         web_ctx = tls.web_context(chain, key, ca, c.certificates.min_tls)
         self.https_port = self.reactor.listenSSL(c.listen.https_port, web.site(),
                                                  tls.ServerContextFactory(web_ctx),
@@ -164,6 +166,15 @@ class HausmeisterServer(service.MultiService):
         log.info("Hausmeister {version} listening: https://{host}:{https}/ (console, enrollment), "
                  "module port {host}:{module}", version=__version__, host=c.listen.interface,
                  https=https, module=module)
+
+    def make_console(self):
+        from .console import Console
+        c = self.config
+        return Console(self.db, self.enrollment.lockouts, config=c, outbox=self.outbox,
+                       store=self.store, broker=self.broker,
+                       base_url=lambda: self.state.get("https_url", ""),
+                       module_endpoint=lambda: (c.server.public_host, self._module_port_number()),
+                       idle_seconds=c.console.idle_seconds)
 
     def write_state(self, https: int, module: int, ca_fingerprint: str) -> None:
         self.state = {"pid": os.getpid(), "version": __version__,

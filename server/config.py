@@ -28,6 +28,7 @@ class ServerSection:
     cert_dir: Path
     protocol_dir: Path
     recording_dir: Path
+    downloads_dir: Path
     names: tuple[str, ...]
     addresses: tuple[str, ...]
     public_host: str
@@ -90,6 +91,32 @@ class S3Section:
 @dataclass(frozen=True)
 class AvatarSection:
     gravatar: bool
+    gravatar_url: str
+    max_upload_kib: int
+
+
+@dataclass(frozen=True)
+class ConsoleSection:
+    idle_timeout: str
+    reset_link_ttl: str
+    invitation_ttl: str
+    totp_issuer: str
+
+    @property
+    def idle_seconds(self) -> float:
+        return parse_duration(self.idle_timeout)
+
+
+@dataclass(frozen=True)
+class AlertSection:
+    cert_expiry_days: int
+    disk_free_percent: int
+    check_interval: str
+
+
+@dataclass(frozen=True)
+class RetentionSection:
+    protocol_days: int
 
 
 @dataclass(frozen=True)
@@ -140,6 +167,9 @@ class Config:
     mail: MailSection
     s3: S3Section
     avatars: AvatarSection
+    console: ConsoleSection
+    alerts: AlertSection
+    retention: RetentionSection
     egress: EgressSection
     logging: LoggingSection
     adhoc: AdhocSection
@@ -183,6 +213,7 @@ SCHEMA: dict[str, tuple[Key, ...]] = {
         Key("cert_dir", "path", ""),
         Key("protocol_dir", "path", ""),
         Key("recording_dir", "path", ""),
+        Key("downloads_dir", "path", ""),
         Key("names", "list", ["localhost"]),
         Key("addresses", "iplist", ["127.0.0.1"]),
         Key("public_host", "host", "127.0.0.1"),
@@ -223,7 +254,23 @@ SCHEMA: dict[str, tuple[Key, ...]] = {
         Key("secret_key", "str", ""),
         Key("ca_bundle", "str", ""),
     ),
-    "avatars": (Key("gravatar", "bool", False),),
+    "avatars": (
+        Key("gravatar", "bool", False),
+        Key("gravatar_url", "url", "https://www.gravatar.com/avatar/"),
+        Key("max_upload_kib", "int", 512, minimum=1, maximum=10240),
+    ),
+    "console": (
+        Key("idle_timeout", "duration", "15m"),
+        Key("reset_link_ttl", "duration", "1h"),
+        Key("invitation_ttl", "duration", "7d"),
+        Key("totp_issuer", "str", "Hausmeister"),
+    ),
+    "alerts": (
+        Key("cert_expiry_days", "int", 30, minimum=0, maximum=3650),
+        Key("disk_free_percent", "int", 10, minimum=0, maximum=99),
+        Key("check_interval", "duration", "1h"),
+    ),
+    "retention": (Key("protocol_days", "int", 0, minimum=0, maximum=36500),),
     "egress": (Key("allow", "endpointlist", []),),
     "adhoc": (
         Key("nameplate_ttl", "duration", "10m"),
@@ -383,7 +430,8 @@ def _check(section: str, key: Key, value: Any, base: Path) -> Any:
 SECTION_TYPES: dict[str, type] = {
     "server": ServerSection, "listen": ListenSection, "database": DatabaseSection,
     "certificates": CertificateSection, "security": SecuritySection, "mail": MailSection,
-    "s3": S3Section, "avatars": AvatarSection, "egress": EgressSection, "logging": LoggingSection,
+    "s3": S3Section, "avatars": AvatarSection, "console": ConsoleSection, "alerts": AlertSection,
+    "retention": RetentionSection, "egress": EgressSection, "logging": LoggingSection,
     "adhoc": AdhocSection, "presence": PresenceSection, "relay": RelaySection,
 }
 
@@ -419,6 +467,7 @@ def from_mapping(raw: dict[str, Any], base: Path, source: Path | None = None) ->
     server["protocol_dir"] = server["protocol_dir"] or data_dir / "protocols"
     sections["relay"]["secret_file"] = sections["relay"]["secret_file"] or data_dir / "relay.secret"
     server["recording_dir"] = server["recording_dir"] or data_dir / "recordings"
+    server["downloads_dir"] = server["downloads_dir"] or data_dir / "downloads"
     listen = sections["listen"]
     if listen["https_port"] and listen["https_port"] == listen["module_port"]:
         raise ConfigError(f"config key listen.module_port = {listen['module_port']} is invalid: "

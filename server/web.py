@@ -119,8 +119,10 @@ class WebPlane:
     """Builds the resource tree; ``module_port`` is read at request time (it may be port 0)."""
 
     def __init__(self, db: Database, store: CertStore, enrollment: Enrollment,
-                 module_host: str, module_port: Callable[[], int], renew_before_days: int) -> None:
+                 module_host: str, module_port: Callable[[], int], renew_before_days: int,
+                 console: Any = None) -> None:
         self.db = db
+        self.console = console
         self.store = store
         self.enrollment = enrollment
         self.module_host = module_host
@@ -183,8 +185,10 @@ class WebPlane:
         enroll.putChild(b"supporter", JSONEndpoint(self.enroll_supporter, api.SUPPORTER_FIELDS))
         enroll.putChild(b"host", JSONEndpoint(self.enroll_host, api.HOST_FIELDS))
         apiv1.putChild(b"renew", JSONEndpoint(self.renew, api.RENEW_FIELDS))
-        from .console import Console  # imports this module, hence here
-        root.putChild(b"console", Console(self.db, self.enrollment.lockouts).resource())
+        if self.console is None:
+            from .console import Console  # imports this module, hence here
+            self.console = Console(self.db, self.enrollment.lockouts)
+        root.putChild(b"console", self.console.resource())
         return root
 
     def site(self) -> server.Site:

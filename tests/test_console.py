@@ -5,109 +5,25 @@ requests.  Screenshots go to test-artifacts/console/.
 
 from __future__ import annotations
 
-import datetime as dt
 import re
-import uuid
 from pathlib import Path
 from urllib.parse import quote, urlsplit
 
 import pytest
 
 from server.console import ConsoleSessions
+from tests.fixtures_console import PAYLOAD, Console, add_session, tenant_of_admin
 from tests.fixtures_server import ADMIN_PASSWORD
 
-CHROMIUM = Path("/usr/bin/chromium")
-ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "console"
-PAYLOAD = "x'; DROP TABLE hosts; --\"><img src=/console/pwned id=pwned><script>window.pwned=1</script>"
 BOB_PASSWORD = "bob-password-789"
-
-sync_api = pytest.importorskip("playwright.sync_api")
-
-
-@pytest.fixture
-def browser():
-    if not CHROMIUM.exists():
-        pytest.fail("Debian chromium is missing: run `make test-system-packages`")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), headless=True,
-                              args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                                    "--disable-component-update", "--disable-sync", "--no-first-run",
-                                    "--disable-dev-shm-usage"])
-        try:
-            yield b
-        finally:
-            b.close()
-
-
-class Console:
-    """One browser context (its own cookies) that records every request the page makes."""
-
-    def __init__(self, browser, url: str) -> None:
-        self.url = url
-        self.context = browser.new_context(ignore_https_errors=True)
-        self.page = self.context.new_page()
-        self.requests: list[str] = []
-        self.page.on("request", lambda r: self.requests.append(r.url))
-
-    def go(self, path: str):
-        response = self.page.goto(self.url + path)
-        return response
-
-    def login(self, name: str, password: str):
-        self.go("/console/login")
-        self.page.fill("#user", name)
-        self.page.fill("#password", password)
-        with self.page.expect_navigation():
-            self.page.click("#login")
-
-    def csrf(self) -> str:
-        return self.page.locator("input[name=csrf]").first.get_attribute("value")
-
-    def assert_local_only(self) -> None:
-        assert self.requests, "the browser made no request at all"
-        outside = [u for u in self.requests if not u.startswith(self.url + "/")]
-        assert outside == [], f"requests to other hosts: {outside}"
-
-    def shot(self, name: str) -> None:
-        ARTIFACTS.mkdir(parents=True, exist_ok=True)
-        self.page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
-
-    def close(self) -> None:
-        self.context.close()
-
-
-def _add_session(db_url: str, tenant: str, supporter: str, peer: str) -> None:
-    """A finished session row for ``tenant``, written the way the relay records one."""
-    from server.db import Database
-    from server.db.models import Session, Tenant
-    db = Database(db_url)
-    try:
-        with db.session() as s:
-            tenant_id = s.query(Tenant).filter_by(name=tenant).one().id
-            start = dt.datetime(2026, 11, 1, 9, 0, tzinfo=dt.timezone.utc)
-            s.add(Session(id=str(uuid.uuid4()), tenant_id=tenant_id, kind="adhoc",
-                          supporter_identity=supporter, peer_identity=peer, peer_address="10.0.0.7",
-                          created_at=start, started_at=start, ended_at=start + dt.timedelta(minutes=5),
-                          bytes_to_peer=1234, bytes_to_supporter=56789, end_reason="supporter ended"))
-    finally:
-        db.dispose()
-
-
-def _tenant_of_admin(srv) -> str:
-    out = srv.ok("user", "list")
-    for line in out.splitlines():
-        fields = line.split()
-        if fields and fields[0] == "admin":
-            return fields[2]
-    raise AssertionError(f"admin not in user list:\n{out}")
 
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_login_pages_csrf_escaping_and_no_outside_requests(running_server, enrolled_host, browser, db_url):
     srv = running_server
-    tenant = _tenant_of_admin(srv)
-    _add_session(db_url, tenant, "supporter:alice", "customer:Erika")
+    tenant = tenant_of_admin(srv)
+    add_session(db_url, tenant, "supporter:alice", "customer:Erika")
     c = Console(browser, srv.url)
     try:
         # Not logged in: every page leads to the login form.
@@ -220,12 +136,12 @@ def test_login_pages_csrf_escaping_and_no_outside_requests(running_server, enrol
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_admin_of_another_tenant_sees_nothing_of_tenant_a(running_server, enrolled_host, browser, db_url):
     srv = running_server
-    tenant_a = _tenant_of_admin(srv)
+    tenant_a = tenant_of_admin(srv)
     srv.ok("tenant", "add", "b")
     srv.ok("user", "add", "bob", "--role", "admin", "--tenant", "b", "--password-stdin",
            stdin=BOB_PASSWORD + "\n")
-    _add_session(db_url, tenant_a, "supporter:alice", "customer:Erika")
-    _add_session(db_url, "b", "supporter:bert", "customer:Berta")
+    add_session(db_url, tenant_a, "supporter:alice", "customer:Erika")
+    add_session(db_url, "b", "supporter:bert", "customer:Berta")
 
     srv.ok("user", "add", "sam", "--role", "supporter", "--password-stdin", stdin=BOB_PASSWORD + "\n")
 

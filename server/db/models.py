@@ -11,7 +11,7 @@ import enum
 
 from sqlalchemy import (
     BigInteger, Boolean, DateTime, Enum, ForeignKey, Index, Integer, String, Text,
-    UniqueConstraint,
+    UniqueConstraint, false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
@@ -69,6 +69,12 @@ class User(Base):
     email: Mapped[str | None] = mapped_column(String(255), nullable=True)
     disabled: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    # base32 TOTP secret once the user turned TOTP on (console login asks for a code then)
+    totp_secret: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # where an uploaded profile picture lives (``server.avatars``); None: generated initials
+    avatar_key: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    # opt-in: mail the session protocol to this user after each session
+    protocol_mail: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     tenant: Mapped[Tenant] = relationship()
 
 
@@ -161,6 +167,7 @@ class Session(Base):
     bytes_to_supporter: Mapped[int] = mapped_column(BigInteger, default=0)
     end_reason: Mapped[str | None] = mapped_column(String(200), nullable=True)
     protocol_file: Mapped[str | None] = mapped_column(String(500), nullable=True)
+    protocol_mailed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
 
 class SessionEvent(Base):
@@ -174,10 +181,11 @@ class SessionEvent(Base):
 
 
 class AuditEntry(Base):
-    """Administrative actions (CLI and, later, console)."""
+    """Administrative actions (CLI and console); ``tenant_id`` scopes what a tenant admin sees."""
 
     __tablename__ = "audit_log"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    tenant_id: Mapped[int | None] = mapped_column(ForeignKey("tenants.id"), nullable=True, index=True)
     at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
     actor: Mapped[str] = mapped_column(String(100))
     action: Mapped[str] = mapped_column(String(100))
@@ -203,3 +211,37 @@ class OutboxMail(Base):
     sent_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
     status: Mapped[str] = mapped_column(String(16), default="queued")
+
+
+class UserLink(Base):
+    """A single-use link mailed to a user: ``reset`` (new password) or ``invite`` (first password).
+
+    Only the SHA-256 of the 128-bit token is stored; ``used_at`` makes it single use.
+    """
+
+    __tablename__ = "user_links"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    purpose: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    used_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class Setting(Base):
+    """A setting changed in the console (server-wide); absent keys fall back to the config file."""
+
+    __tablename__ = "settings"
+    key: Mapped[str] = mapped_column(String(100), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)  # JSON
+    changed_by: Mapped[str] = mapped_column(String(100))
+    changed_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+
+
+class AlertSent(Base):
+    """Alerts already mailed (``key`` names the condition, e.g. ``cert-expiry:SERIAL``)."""
+
+    __tablename__ = "alerts_sent"
+    key: Mapped[str] = mapped_column(String(200), primary_key=True)
+    sent_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)

@@ -1,0 +1,384 @@
+"""The console's HTTP machinery: routing, cookies, CSRF, templates, off-reactor database work.
+
+Pages live in their own modules (``pages_*.py``, ``auth.py``) and register handlers with
+:func:`route`.  A handler gets a :class:`Ctx` and returns the body (bytes) or a Deferred that
+fires with it.  Every rule that holds for all pages is enforced here, before a handler runs:
+
+* a POST without the session's CSRF token is refused with 403 before anything is read or changed
+  (the login form included: a pre-login session holds its token);
+* pages that need a login redirect to ``/console/login``; ``roles`` refuses others with 403;
+* every response carries a strict Content-Security-Policy and the server's security headers;
+* template values go through Jinja2 autoescape; forms are size-limited.
+"""
+
+from __future__ import annotations
+
+import hmac
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+from urllib.parse import parse_qs, quote
+
+from jinja2 import Environment, FileSystemLoader
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.logger import Logger
+from twisted.web import resource, server
+
+from .. import accounts
+from ..db import Database
+from ..web import OFFLINE_PAGES, SECURITY_HEADERS
+from .sessions import IDLE_SECONDS, ConsoleSession, ConsoleSessions
+
+log = Logger()
+
+COOKIE = b"hm_console"
+COOKIE_PATH = b"/console"
+MAX_FORM_BYTES = 16 * 1024
+MAX_FORM_FIELDS = 40
+MAX_QUERY = 200
+MAX_ROWS = 500
+CONSOLE_ROLES = ("admin", "auditor")
+
+CSP = (b"default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; "
+       b"frame-ancestors 'none'; base-uri 'none'")
+
+STATIC_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*\.(css|png|svg)$")
+STATIC_TYPES = {"css": b"text/css; charset=utf-8", "png": b"image/png", "svg": b"image/svg+xml"}
+
+
+class PageError(Exception):
+    """Raise in a handler (or its database work) to answer with an error page and a status."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass
+class Console:
+    """What the pages work with.  Optional parts are None when not configured (no mail relay...).
+
+    ``base_url`` and ``module_endpoint`` are read at request time (ports may be chosen at start).
+    """
+
+    db: Database
+    lockouts: accounts.Lockouts
+    config: Any = None                 # server.config.Config
+    outbox: Any = None                 # server.mail.Outbox, None when no SMTP relay is configured
+    store: Any = None                  # server.pki.CertStore (CA certificate, fingerprint)
+    broker: Any = None                 # server.broker.Broker (support terms live there)
+    base_url: Callable[[], str] = lambda: ""
+    module_endpoint: Callable[[], tuple[str, int]] = lambda: ("", 0)
+    idle_seconds: float = IDLE_SECONDS
+    clock: Callable[[], float] = time.monotonic
+    extras: dict[str, Any] = field(default_factory=dict)  # per-area services (avatars, settings...)
+
+    def __post_init__(self) -> None:
+        self.sessions = ConsoleSessions(self.idle_seconds, self.clock)
+        self.templates = Environment(loader=FileSystemLoader(str(OFFLINE_PAGES)), autoescape=True)
+        self.templates.filters["when"] = fmt_time
+        self.templates.filters["leave"] = leave_url
+
+    def resource(self) -> resource.Resource:
+        from . import pages  # noqa: F401  (registers every page's routes)
+        return ConsoleResource(self)
+
+
+def fmt_time(value) -> str:
+    return value.strftime("%Y-%m-%d %H:%M:%S UTC") if value else ""
+
+
+def leave_url(url: str) -> str:
+    """The local warning page for a link that would leave the network."""
+    return "/console/leave?to=" + quote(url, safe="")
+
+
+# --- routing ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    pattern: re.Pattern
+    handler: Callable[["Ctx"], Any]
+    login: bool
+    roles: tuple[str, ...]
+
+
+ROUTES: list[Route] = []
+
+
+def route(method: str, path: str, *, login: bool = True, roles: tuple[str, ...] = CONSOLE_ROLES):
+    """Register ``handler`` for ``METHOD path``; ``{name}`` matches one path segment."""
+    regex = "^" + re.sub(r"\\\{([a-z_]+)\\\}", r"(?P<\1>[A-Za-z0-9_.:@-]{1,200})", re.escape(path)) + "$"
+
+    def register(handler):
+        ROUTES.append(Route(method, re.compile(regex), handler, login, roles))
+        return handler
+    return register
+
+
+def find(method: str, path: str) -> tuple[Route | None, dict[str, str], bool]:
+    """The route, its path parameters, and whether the path exists for another method."""
+    other = False
+    for r in ROUTES:
+        m = r.pattern.match(path)
+        if m:
+            if r.method == method:
+                return r, m.groupdict(), False
+            other = True
+    return None, {}, other
+
+
+# --- per-request context ------------------------------------------------------------------------
+
+class Ctx:
+    """One request: its session, parameters and form, and the helpers pages answer with."""
+
+    def __init__(self, console: Console, request: server.Request, session: ConsoleSession | None,
+                 params: dict[str, str], form: dict[bytes, list[bytes]] | None) -> None:
+        self.console = console
+        self.request = request
+        self.session = session
+        self.params = params
+        self.form = form or {}
+        self.status = 200
+
+    @property
+    def source(self) -> str:
+        return self.request.getClientAddress().host
+
+    @property
+    def db(self) -> Database:
+        return self.console.db
+
+    def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred:
+        """Database (or other blocking) work off the reactor; ``fn(session, *args)``."""
+        return self.console.db.run(fn, *args, **kwargs)
+
+    def arg(self, name: str, limit: int = MAX_QUERY) -> str:
+        """A query-string value ('' if missing or not UTF-8), cut to ``limit`` characters."""
+        return _first(self.request.args, name, limit)
+
+    def field(self, name: str, limit: int = 1000) -> str:
+        """A form value ('' if missing or not UTF-8); longer than ``limit`` → PageError 400."""
+        value = _first(self.form, name, limit + 1)
+        if len(value) > limit:
+            raise PageError(400, f"the field {name!r} is longer than {limit} characters")
+        return value
+
+    def fields(self, name: str, limit: int = 1000) -> list[str]:
+        out = []
+        for raw in self.form.get(name.encode(), []):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                continue
+            if len(text) > limit:
+                raise PageError(400, f"the field {name!r} is longer than {limit} characters")
+            out.append(text)
+        return out
+
+    def page(self, template: str, status: int | None = None, **values: Any) -> bytes:
+        if status is not None:
+            self.status = status
+        self.request.setResponseCode(self.status)
+        _headers(self.request)
+        values.setdefault("session", self.session)
+        values.setdefault("notice", None)
+        values.setdefault("error", None)
+        return self.console.templates.get_template(f"console/{template}").render(**values).encode()
+
+    def redirect(self, to: str) -> bytes:
+        self.request.setResponseCode(303)
+        _headers(self.request)
+        self.request.setHeader(b"Location", to.encode())
+        return b""
+
+    def download(self, body: bytes, content_type: bytes, filename: str) -> bytes:
+        """A file the browser saves (CSV export, CA certificate...)."""
+        _headers(self.request)
+        self.request.setHeader(b"Content-Type", content_type)
+        safe = re.sub(r"[^A-Za-z0-9._-]", "_", filename)[:100] or "download"
+        self.request.setHeader(b"Content-Disposition", f'attachment; filename="{safe}"'.encode())
+        return body
+
+    def set_cookie(self, session: ConsoleSession) -> None:
+        self.request.addCookie(COOKIE, session.id.encode(), path=COOKIE_PATH, secure=True,
+                               httpOnly=True, sameSite="strict")
+
+    def clear_cookie(self) -> None:
+        self.request.addCookie(COOKIE, b"", path=COOKIE_PATH, secure=True, httpOnly=True,
+                               sameSite="strict", max_age=b"0")
+
+    def flash(self, text: str) -> None:
+        """A notice shown once on the next page of this session."""
+        if self.session is not None:
+            self.session.notice = text
+
+    def take_notice(self) -> str | None:
+        if self.session is None:
+            return None
+        notice, self.session.notice = self.session.notice, None
+        return notice
+
+
+def _first(args: dict[bytes, list[bytes]], name: str, limit: int) -> str:
+    values = args.get(name.encode())
+    if not values:
+        return ""
+    try:
+        return values[0].decode("utf-8")[:limit]
+    except UnicodeDecodeError:
+        return ""
+
+
+def _headers(request: server.Request) -> None:
+    request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
+    for name, value in SECURITY_HEADERS.items():
+        request.setHeader(name, value)
+    request.setHeader(b"Content-Security-Policy", CSP)
+    request.setHeader(b"Cache-Control", b"no-store")
+
+
+# --- the resource -------------------------------------------------------------------------------
+
+class ConsoleResource(resource.Resource):
+    isLeaf = True
+
+    def __init__(self, console: Console) -> None:
+        super().__init__()
+        self.c = console
+
+    def render_GET(self, request: server.Request):
+        return self._render(request, "GET")
+
+    def render_HEAD(self, request: server.Request):
+        return self._render(request, "GET")
+
+    def render_POST(self, request: server.Request):
+        return self._render(request, "POST")
+
+    def _path(self, request: server.Request) -> str:
+        parts = list(request.postpath)
+        if not parts or parts == [b""]:
+            return ""
+        try:
+            return "/".join(p.decode("ascii") for p in parts).rstrip("/")
+        except UnicodeDecodeError:
+            return "?"
+
+    def _session(self, request: server.Request) -> tuple[ConsoleSession | None, bool]:
+        raw = request.getCookie(COOKIE)
+        try:
+            sid = raw.decode("ascii") if raw else None
+        except UnicodeDecodeError:
+            sid = None
+        return self.c.sessions.get(sid)
+
+    def _form(self, request: server.Request) -> dict[bytes, list[bytes]] | None:
+        ctype = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
+        if ctype == b"multipart/form-data":
+            return _multipart(request)
+        raw = request.content.read(MAX_FORM_BYTES + 1) if request.content else b""
+        if len(raw) > MAX_FORM_BYTES:
+            return None
+        try:
+            return parse_qs(raw, keep_blank_values=True, strict_parsing=False,
+                            max_num_fields=MAX_FORM_FIELDS)
+        except ValueError:
+            return None
+
+    def _render(self, request: server.Request, method: str):
+        path = self._path(request)
+        if method == "GET" and path.startswith("static/"):
+            return self._static(request, path[len("static/"):])
+        session, expired = self._session(request)
+        r, params, other = find(method, path)
+        form = None
+        if method == "POST":
+            form = self._form(request)
+            ctx = Ctx(self.c, request, session, params, form)
+            if form is None:
+                return ctx.page("error.html", 413, message="the form is too large or not valid; "
+                                "nothing was changed")
+            if not self._csrf_ok(session, form):
+                log.info("console: refused a POST to {path} from {address}: CSRF token missing or wrong",
+                         path=request.path.decode(errors="replace"), address=ctx.source)
+                return ctx.page("forbidden.html", 403)
+        ctx = Ctx(self.c, request, session, params, form)
+        if r is None:
+            if other:
+                request.setHeader(b"Allow", b"GET, POST")
+                return ctx.page("error.html", 405, message=f"{method} is not allowed here")
+            return ctx.page("notfound.html", 404)
+        if r.login and (session is None or not session.logged_in):
+            if method == "POST":
+                return ctx.redirect("/console/login")
+            if session is None:
+                session = ctx.session = self.c.sessions.new()
+                ctx.set_cookie(session)
+            if expired:
+                session.notice = (f"Your console session ended after {self.c.idle_seconds / 60:g} "
+                                  "minutes without activity; log in again.")
+            return ctx.redirect("/console/login")
+        if r.login and session.role not in r.roles:
+            return ctx.page("error.html", 403, message=f"this page needs the role "
+                            f"{' or '.join(r.roles)}; you are {session.role}")
+        if not r.login and session is None:
+            session = ctx.session = self.c.sessions.new()
+            ctx.set_cookie(session)
+        return self._respond(ctx, maybeDeferred(r.handler, ctx))
+
+    def _csrf_ok(self, session: ConsoleSession | None, form: dict[bytes, list[bytes]]) -> bool:
+        if session is None:
+            return False
+        sent = form.get(b"csrf", [b""])[0]
+        return bool(sent) and hmac.compare_digest(sent, session.csrf.encode())
+
+    def _respond(self, ctx: Ctx, d: Deferred):
+        """Answer at once if the handler was synchronous, else when its Deferred fires."""
+        request = ctx.request
+        state: dict[str, Any] = {}
+
+        def done(body: bytes) -> None:
+            if state.get("waiting"):
+                _finish(request, body)
+            else:
+                state["body"] = body
+
+        def failed(failure) -> None:
+            if failure.check(PageError):
+                body = ctx.page("error.html", failure.value.status, message=failure.value.message)
+            else:
+                log.failure("console request {path} failed", failure,
+                            path=request.path.decode(errors="replace"))
+                body = ctx.page("error.html", 500, message="internal server error; see the server log")
+            done(body)
+
+        d.addCallbacks(done, failed)
+        if "body" in state:
+            return state["body"]
+        state["waiting"] = True
+        return server.NOT_DONE_YET
+
+    def _static(self, request: server.Request, name: str) -> bytes:
+        if not STATIC_NAME.match(name) or not (OFFLINE_PAGES / "static" / name).is_file():
+            ctx = Ctx(self.c, request, None, {}, None)
+            return ctx.page("notfound.html", 404)
+        _headers(request)
+        request.setHeader(b"Content-Type", STATIC_TYPES[name.rsplit(".", 1)[1]])
+        request.setHeader(b"Cache-Control", b"no-cache")
+        return (OFFLINE_PAGES / "static" / name).read_bytes()
+
+
+def _finish(request: server.Request, body: bytes) -> None:
+    if not request.finished and not getattr(request, "_disconnected", False):
+        request.write(body)
+        request.finish()
+
+
+def _multipart(request: server.Request) -> dict[bytes, list[bytes]] | None:
+    """Twisted already parsed a multipart body into ``request.args`` (size-limited by the page)."""
+    return dict(request.args)

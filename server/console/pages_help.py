@@ -1,0 +1,1 @@
+"""(being built: see the module owner's commit)."""
