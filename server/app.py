@@ -25,6 +25,7 @@ from .pki import CertStore
 from .relay.core import Relay
 from .relay.listener import record_session_end
 from .relay.tokens import RelayTokens, load_or_create_secret
+from . import background
 from .mail import Outbox, OutboxService
 from .session_protocol import SessionProtocols
 from .state import write_state
@@ -130,6 +131,8 @@ class HausmeisterServer(service.MultiService):
         self.https_port = None
         self.module_port = None
         self.state: dict = {}
+        for service in background.services(self):
+            service.setServiceParent(self)
 
     def _relay_session_ended(self, stats) -> None:
         record_session_end(self.db, stats, self.protocols)
