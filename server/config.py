@@ -71,6 +71,7 @@ class MailSection:
     username: str
     password: str
     from_address: str
+    ca_bundle: str = ""
 
     @property
     def enabled(self) -> bool:
@@ -244,6 +245,7 @@ SCHEMA: dict[str, tuple[Key, ...]] = {
         Key("username", "str", ""),
         Key("password", "str", ""),
         Key("from_address", "str", "hausmeister@localhost"),
+        Key("ca_bundle", "str", ""),
     ),
     "s3": (
         Key("enabled", "bool", False),
@@ -476,6 +478,11 @@ def from_mapping(raw: dict[str, Any], base: Path, source: Path | None = None) ->
     if certs["renew_before_days"] >= certs["module_days"]:
         raise ConfigError(f"config key certificates.renew_before_days = {certs['renew_before_days']} "
                           "is invalid: it must be smaller than certificates.module_days")
+    for section in ("mail", "s3"):
+        bundle = sections[section]["ca_bundle"]
+        if bundle and not Path(bundle).is_file():
+            raise ConfigError(f"config key {section}.ca_bundle = {bundle!r} is invalid: no such file; "
+                              "give the absolute path of a PEM file or \"\" for the system's CAs")
     s3 = sections["s3"]
     if s3["enabled"] and not (s3["endpoint_url"] and s3["bucket"]):
         raise ConfigError("config key s3.enabled = true is invalid: set s3.endpoint_url and s3.bucket too")

@@ -229,7 +229,8 @@ class Outbox:
             "start_tls": security == "starttls",
         }
         if security in ("tls", "starttls"):
-            options["tls_context"] = self.tls_context or ssl.create_default_context()
+            options["tls_context"] = self.tls_context or ssl.create_default_context(
+                cafile=self.mail.ca_bundle or None)
         if self.mail.username:
             options["username"] = self.mail.username
             options["password"] = self.mail.password

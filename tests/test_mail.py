@@ -4,6 +4,7 @@ on SQLite and PostgreSQL: delivery, no relay configured, relay down then back, w
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import email
 import email.policy
@@ -159,6 +160,19 @@ def test_implicit_tls_relay(database, relays, server_ctx, client_ctx):
 
     assert len(asyncio.run(outbox.deliver_due()).sent) == 1
     assert parse(handler.messages[0][2])["Subject"] == "Alert: disk space"
+
+
+def test_relay_certificate_trusted_through_the_configured_ca_bundle(database, relays, server_ctx,
+                                                                    ca, tmp_path):
+    handler, controller = start_relay(relays, tls_context=server_ctx, require_starttls=True)
+    bundle = tmp_path / "relay-ca.pem"
+    ca.cert_pem.write_to_path(str(bundle))
+    mail = dataclasses.replace(mail_config(controller.port, "starttls"), ca_bundle=str(bundle))
+    outbox = Outbox(database, mail, FakeClock())  # no tls_context: built from mail.ca_bundle
+    outbox.queue("erin@example.test", "Trusted relay", "via the operator's CA")
+
+    assert len(asyncio.run(outbox.deliver_due()).sent) == 1
+    assert parse(handler.messages[0][2])["Subject"] == "Trusted relay"
 
 
 def test_untrusted_relay_certificate_keeps_mail_queued(database, relays, server_ctx):
