@@ -1,1 +1,350 @@
-"""(being built: see the module owner's commit)."""
+"""Users and roles of the admin's tenant: list, add with an invitation, change, disable.
+
+Every query is scoped to ``ctx.session.tenant_id``: a user id of another tenant is "not found",
+never shown or changed.  Auditors see the pages; only admins change anything, and an admin can
+neither disable nor demote themselves (a tenant could lose its last admin that way).  A new
+user gets an unusable random password and a single-use invitation link, mailed through the
+outbox when a relay is configured, else shown once to the admin to hand over.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from sqlalchemy import select
+
+from .. import accounts, mail_texts, user_links
+from ..config import parse_duration
+from ..db.models import HostGroup, Role, Tenant, User, UserGroup
+from ..mail import _check_address
+from .core import MAX_ROWS, Ctx, PageError, route
+
+ROLES = tuple(r.value for r in Role)
+MAX_NAME = 100
+MAX_EMAIL = 255
+
+
+@dataclass(frozen=True)
+class Invitation:
+    """What the admin is told after inviting: mailed to an address, or a link to hand over."""
+
+    user: str
+    mailed_to: str | None
+    link: str | None
+
+
+# --- reading ------------------------------------------------------------------------------------
+
+def tenant_user(session, tenant_id: int, user_id: str) -> User:
+    """The user with this id in this tenant; anything else is "not found" (no cross-tenant hint)."""
+    user = session.get(User, int(user_id)) if user_id.isdigit() and len(user_id) < 12 else None
+    if user is None or user.tenant_id != tenant_id:
+        raise PageError(404, f"there is no user with id {user_id} in this tenant")
+    return user
+
+
+def tenant_groups(session, tenant_id: int) -> list[dict[str, Any]]:
+    rows = session.scalars(select(HostGroup).where(HostGroup.tenant_id == tenant_id)
+                           .order_by(HostGroup.name))
+    return [{"id": g.id, "name": g.name} for g in rows]
+
+
+def _groups_by_user(session, tenant_id: int) -> dict[int, list[str]]:
+    rows = session.execute(select(UserGroup.user_id, HostGroup.name)
+                           .join(HostGroup, HostGroup.id == UserGroup.group_id)
+                           .where(HostGroup.tenant_id == tenant_id).order_by(HostGroup.name))
+    out: dict[int, list[str]] = {}
+    for user_id, name in rows:
+        out.setdefault(user_id, []).append(name)
+    return out
+
+
+def _row(user: User, groups: list[str]) -> dict[str, Any]:
+    return {"id": user.id, "name": user.name, "role": user.role.value, "email": user.email or "",
+            "groups": groups, "totp": bool(user.totp_secret), "disabled": bool(user.disabled),
+            "protocol_mail": bool(user.protocol_mail), "created": user.created_at}
+
+
+def listing(session, tenant_id: int) -> dict[str, Any]:
+    groups = _groups_by_user(session, tenant_id)
+    users = session.scalars(select(User).where(User.tenant_id == tenant_id)
+                            .order_by(User.name).limit(MAX_ROWS))
+    return {"users": [_row(u, groups.get(u.id, [])) for u in users],
+            "groups": tenant_groups(session, tenant_id)}
+
+
+def detail(session, tenant_id: int, user_id: str) -> dict[str, Any]:
+    user = tenant_user(session, tenant_id, user_id)
+    member = set(accounts.memberships(session, user))
+    return {"user": _row(user, sorted(member)), "groups": tenant_groups(session, tenant_id)}
+
+
+# --- checks -------------------------------------------------------------------------------------
+
+def checked_email(text: str) -> str | None:
+    text = text.strip()
+    if not text:
+        return None
+    if len(text) > MAX_EMAIL:
+        raise accounts.AccountError(f"the mail address is longer than {MAX_EMAIL} characters")
+    try:
+        return _check_address(text)
+    except ValueError as exc:
+        raise accounts.AccountError(str(exc))
+
+
+def checked_groups(session, tenant_id: int, ids: list[str]) -> list[HostGroup]:
+    """Host groups of this tenant by id; an id of another tenant is refused like an unknown one."""
+    groups = []
+    for raw in dict.fromkeys(ids):
+        group = session.get(HostGroup, int(raw)) if raw.isdigit() and len(raw) < 12 else None
+        if group is None or group.tenant_id != tenant_id:
+            raise accounts.AccountError(f"there is no host group with id {raw!r} in this tenant")
+        groups.append(group)
+    return groups
+
+
+def _set_groups(session, user: User, wanted: list[HostGroup], tenant_id: int) -> list[str]:
+    ids = {g.id for g in wanted}
+    for group in session.scalars(select(HostGroup).where(HostGroup.tenant_id == tenant_id)):
+        accounts.set_membership(session, user, group, group.id in ids)
+    return sorted(g.name for g in wanted)
+
+
+# --- inviting -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class InviteContext:
+    """What an invitation needs from the request (read on the reactor thread)."""
+
+    actor: str
+    tenant_id: int
+    base_url: str
+    ttl: str
+    outbox: Any
+
+
+def invite(session, user: User, how: InviteContext) -> Invitation:
+    """A fresh invitation link for ``user``; mailed in this transaction when possible."""
+    token = user_links.issue(session, user, "invite", parse_duration(how.ttl))
+    link = f"{how.base_url}/console/invite/{token}"
+    if how.outbox is not None and user.email:
+        subject, body = mail_texts.invitation(how.base_url, user.name, how.actor, link,
+                                              mail_texts.ttl_text(parse_duration(how.ttl)))
+        how.outbox.enqueue(session, user.email, subject, body)
+        return Invitation(user.name, user.email, None)
+    return Invitation(user.name, None, link)
+
+
+def _add(session, how: InviteContext, name: str, role_text: str, email_text: str,
+         group_ids: list[str]) -> Invitation:
+    role = accounts.parse_role(role_text)
+    email = checked_email(email_text)
+    groups = checked_groups(session, how.tenant_id, group_ids)
+    if groups and role != Role.supporter:
+        raise accounts.AccountError("host groups limit supporters only; leave them empty for "
+                                    f"a {role.value}")
+    tenant = session.get(Tenant, how.tenant_id)
+    # A random password nobody learns: the user sets their own through the invitation link.
+    user = accounts.add_user(session, tenant, name, role, accounts.generate_password(), email)
+    _set_groups(session, user, groups, how.tenant_id)
+    invitation = invite(session, user, how)
+    accounts.audit(session, how.actor, "user.add",
+                   f"name={name} role={role.value} email={email or '-'} "
+                   f"groups={','.join(g.name for g in groups) or '-'} "
+                   f"invitation={'mailed' if invitation.mailed_to else 'shown'}",
+                   tenant_id=how.tenant_id)
+    return invitation
+
+
+def _invite_context(ctx: Ctx) -> InviteContext:
+    return InviteContext(ctx.session.user, ctx.session.tenant_id, ctx.console.base_url(),
+                         ctx.console.config.console.invitation_ttl, ctx.console.outbox)
+
+
+def _invitation_notice(inv: Invitation) -> str:
+    if inv.mailed_to:
+        return f"User {inv.user} invited: the invitation mail to {inv.mailed_to} is queued."
+    return (f"User {inv.user} invited. No invitation mail was sent: hand the link below to "
+            f"{inv.user}; it is shown only now.")
+
+
+def _show_invitation(ctx: Ctx, inv: Invitation, back: str):
+    """A mailed invitation: back to the page with a notice; a link: shown once, on this answer."""
+    if inv.link is None:
+        ctx.flash(_invitation_notice(inv))
+        return ctx.redirect(back)
+    d = ctx.run(listing, ctx.session.tenant_id)
+    return d.addCallback(lambda data: ctx.page("users.html", notice=_invitation_notice(inv),
+                                               invite_link=inv.link, invited=inv.user,
+                                               form={}, roles=ROLES, **data))
+
+
+# --- pages --------------------------------------------------------------------------------------
+
+@route("GET", "users")
+def users(ctx: Ctx):
+    d = ctx.run(listing, ctx.session.tenant_id)
+    return d.addCallback(lambda data: ctx.page("users.html", notice=ctx.take_notice(), form={},
+                                               roles=ROLES, **data))
+
+
+@route("POST", "users/add", roles=("admin",))
+def add(ctx: Ctx):
+    form = {"name": ctx.field("name", MAX_NAME * 2).strip(), "role": ctx.field("role", 20),
+            "email": ctx.field("email", MAX_EMAIL * 2), "groups": ctx.fields("groups", 20)}
+    d = ctx.run(_add, _invite_context(ctx), form["name"], form["role"], form["email"],
+                form["groups"])
+
+    def refused(failure):
+        failure.trap(accounts.AccountError)
+        return ctx.run(listing, ctx.session.tenant_id).addCallback(
+            lambda data: ctx.page("users.html", 400, error=str(failure.value), form=form,
+                                  roles=ROLES, **data))
+
+    return d.addCallbacks(lambda inv: _show_invitation(ctx, inv, "/console/users"), refused)
+
+
+@route("GET", "users/{user_id}")
+def user_page(ctx: Ctx):
+    d = ctx.run(detail, ctx.session.tenant_id, ctx.params["user_id"])
+    return d.addCallback(lambda data: ctx.page("users_edit.html", notice=ctx.take_notice(),
+                                               roles=ROLES, **data))
+
+
+# Each change: (session, user, ctx-derived values) → audit detail; raises AccountError to refuse.
+
+def _not_self(user: User, actor_id: int, what: str) -> None:
+    if user.id == actor_id:
+        raise accounts.AccountError(f"you cannot {what} yourself; ask another admin")
+
+
+def change_role(session, user, actor_id, role_text):
+    role = accounts.parse_role(role_text)
+    if role != user.role:
+        _not_self(user, actor_id, "change the role of")
+    old, user.role = user.role, role
+    return f"role {old.value} → {role.value}"
+
+
+def change_email(session, user, actor_id, email_text):
+    user.email = checked_email(email_text)
+    if user.email is None:
+        user.protocol_mail = False  # nowhere to send it
+    return f"email={user.email or '-'}"
+
+
+def change_disabled(session, user, actor_id, disabled):
+    if disabled:
+        _not_self(user, actor_id, "disable")
+    user.disabled = disabled
+    return "disabled" if disabled else "enabled"
+
+
+def reset_totp(session, user, actor_id):
+    if not user.totp_secret:
+        raise accounts.AccountError(f"{user.name} has no TOTP to reset")
+    user.totp_secret = None
+    return "TOTP removed; the next login asks only for the password"
+
+
+def change_protocol_mail(session, user, actor_id, wanted):
+    if wanted and not user.email:
+        raise accounts.AccountError(f"{user.name} has no mail address; set one first")
+    user.protocol_mail = wanted
+    return f"protocol mail {'on' if wanted else 'off'}"
+
+
+def change_groups(session, user, actor_id, group_ids):
+    groups = checked_groups(session, user.tenant_id, group_ids)
+    if groups and user.role != Role.supporter:
+        raise accounts.AccountError("host groups limit supporters only")
+    names = _set_groups(session, user, groups, user.tenant_id)
+    return f"groups={','.join(names) or '-'}"
+
+
+def _apply(session, tenant_id: int, user_id: str, actor: str, actor_id: int, action: str,
+           change: Callable[..., str], args: tuple) -> str:
+    user = tenant_user(session, tenant_id, user_id)
+    said = change(session, user, actor_id, *args)
+    accounts.audit(session, actor, action, f"name={user.name} {said}", tenant_id=tenant_id)
+    return user.name
+
+
+def _changed(ctx: Ctx, action: str, change: Callable[..., str], *args: Any,
+             after: Callable[[str], None] | None = None):
+    uid = ctx.params["user_id"]
+    back = f"/console/users/{uid}"
+    d = ctx.run(_apply, ctx.session.tenant_id, uid, ctx.session.user, ctx.session.user_id,
+                action, change, args)
+
+    def done(name: str):
+        if after:
+            after(name)
+        ctx.flash(f"{name}: saved ({action.removeprefix('user.').replace('_', ' ')}).")
+        return ctx.redirect(back)
+
+    def refused(failure):
+        failure.trap(accounts.AccountError)
+        return ctx.run(detail, ctx.session.tenant_id, uid).addCallback(
+            lambda data: ctx.page("users_edit.html", 400, error=str(failure.value), roles=ROLES,
+                                  **data))
+
+    return d.addCallbacks(done, refused)
+
+
+@route("POST", "users/{user_id}/role", roles=("admin",))
+def post_role(ctx: Ctx):
+    return _changed(ctx, "user.role", change_role, ctx.field("role", 20))
+
+
+@route("POST", "users/{user_id}/email", roles=("admin",))
+def post_email(ctx: Ctx):
+    return _changed(ctx, "user.email", change_email, ctx.field("email", MAX_EMAIL * 2))
+
+
+@route("POST", "users/{user_id}/disable", roles=("admin",))
+def post_disable(ctx: Ctx):
+    # Ends the user's console sessions at once, not at their next idle timeout.
+    return _changed(ctx, "user.disable", change_disabled, True,
+                    after=ctx.console.sessions.drop_user)
+
+
+@route("POST", "users/{user_id}/enable", roles=("admin",))
+def post_enable(ctx: Ctx):
+    return _changed(ctx, "user.enable", change_disabled, False)
+
+
+@route("POST", "users/{user_id}/totp-reset", roles=("admin",))
+def post_totp_reset(ctx: Ctx):
+    return _changed(ctx, "user.totp_reset", reset_totp)
+
+
+@route("POST", "users/{user_id}/protocol-mail", roles=("admin",))
+def post_protocol_mail(ctx: Ctx):
+    return _changed(ctx, "user.protocol_mail", change_protocol_mail, ctx.field("on", 3) == "1")
+
+
+@route("POST", "users/{user_id}/groups", roles=("admin",))
+def post_groups(ctx: Ctx):
+    return _changed(ctx, "user.groups", change_groups, ctx.fields("groups", 20))
+
+
+def _reinvite(session, how: InviteContext, user_id: str) -> Invitation:
+    user = tenant_user(session, how.tenant_id, user_id)
+    if user.disabled:
+        raise PageError(400, f"{user.name} is disabled; enable the user before inviting again")
+    invitation = invite(session, user, how)
+    accounts.audit(session, how.actor, "user.invite",
+                   f"name={user.name} invitation={'mailed' if invitation.mailed_to else 'shown'}",
+                   tenant_id=how.tenant_id)
+    return invitation
+
+
+@route("POST", "users/{user_id}/invite", roles=("admin",))
+def post_invite(ctx: Ctx):
+    """A new invitation (the old link stops working): for a lost or expired one."""
+    uid = ctx.params["user_id"]
+    d = ctx.run(_reinvite, _invite_context(ctx), uid)
+    return d.addCallback(lambda inv: _show_invitation(ctx, inv, f"/console/users/{uid}"))

@@ -1,0 +1,374 @@
+"""The console's admin pages (users, enrollment tokens, certificates, audit log) in Debian's
+Chromium against a real server process, a real aiosmtpd relay on loopback for the invitation mail
+and a real host module enrolled with a token made in the browser.
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import re
+import shlex
+import socket
+import time
+from urllib.parse import quote, urlsplit
+
+import pytest
+from aiosmtpd.controller import Controller
+
+from server import user_links
+from server.db import Database
+from tests.fixtures_console import PAYLOAD, Console
+from tests.fixtures_server import ADMIN_PASSWORD, ServerProcess, run_cli, write_config
+
+BOB_PASSWORD = "bob-password-789"
+AUDREY_PASSWORD = "audrey-password-012"
+MAIL_WAIT_SECONDS = 30  # the outbox runs every 5 s
+
+
+class MailCatcher:
+    async def handle_DATA(self, server, session, envelope):
+        self.messages.append((list(envelope.rcpt_tos), envelope.content))
+        return "250 OK"
+
+    def __init__(self) -> None:
+        self.messages: list[tuple[list[str], bytes]] = []
+
+    def wait(self, timeout: float = MAIL_WAIT_SECONDS) -> tuple[list[str], email.message.EmailMessage]:
+        deadline = time.monotonic() + timeout
+        while not self.messages:
+            assert time.monotonic() < deadline, "no mail arrived at the relay"
+            time.sleep(0.1)
+        rcpt, content = self.messages.pop(0)
+        return rcpt, email.message_from_bytes(content, policy=email.policy.default)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def smtp_relay():
+    catcher = MailCatcher()
+    controller = Controller(catcher, hostname="127.0.0.1", port=free_port())
+    controller.start()
+    yield catcher, controller.port
+    controller.stop()
+
+
+@pytest.fixture
+def mail_server(tmp_path, db_url, smtp_relay):
+    """A running server whose mail goes to the aiosmtpd relay on loopback."""
+    _, port = smtp_relay
+    data = tmp_path / "data"
+    config = write_config(tmp_path / "hausmeister.toml", data, db_url, extra=f"""
+[mail]
+smtp_host = "127.0.0.1"
+smtp_port = {port}
+security = "none"
+""")
+    srv = ServerProcess(config, data)
+    result = srv.cli("init", "--password-stdin", stdin=ADMIN_PASSWORD + "\n")
+    assert result.returncode == 0, result.stderr
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+def submit(c: Console, selector: str) -> None:
+    with c.page.expect_navigation():
+        c.page.click(selector)
+
+
+def no_markup(c: Console) -> None:
+    assert c.page.locator("#pwned").count() == 0
+    assert c.page.evaluate("window.pwned") is None
+
+
+def user_id(c: Console, name: str) -> str:
+    """The id of the user row named exactly ``name`` on the users page."""
+    for row in c.page.locator("tr.user").all():
+        if row.locator("td.name").inner_text() == name:
+            return row.get_attribute("id").removeprefix("user-")
+    raise AssertionError(f"no user {name!r} on the page")
+
+
+def row_id(c: Console, row_selector: str, prefix: str) -> str:
+    return c.page.locator(row_selector).first.get_attribute("id").removeprefix(prefix)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_admin_invites_supporter_enrolls_host_with_token_and_revokes_its_certificate(
+        mail_server, smtp_relay, browser, db_url, tmp_path):
+    srv = mail_server
+    relay, _ = smtp_relay
+    srv.ok("group", "add", "office")
+    c = Console(browser, srv.url)
+    try:
+        c.login("admin", ADMIN_PASSWORD)
+        c.page.click("#nav-users")
+        c.page.wait_for_url(srv.url + "/console/users")
+        assert c.page.locator("tr.user").count() == 1  # the admin
+
+        # HTML/SQL as a user name and as a mail address: refused, shown as text, nothing added.
+        c.page.fill("#new-name", PAYLOAD)
+        submit(c, "#add")
+        assert "is not valid" in c.page.locator("#error").inner_text()
+        assert c.page.input_value("#new-name") == PAYLOAD
+        no_markup(c)
+        c.page.fill("#new-name", "carla")
+        c.page.fill("#new-email", PAYLOAD)
+        submit(c, "#add")
+        assert "not a single mail address" in c.page.locator("#error").inner_text()
+        assert c.page.input_value("#new-email") == PAYLOAD
+        no_markup(c)
+        c.go("/console/users")
+        assert c.page.locator("tr.user").count() == 1
+
+        # A supporter with a mail address, limited to the group "office".
+        c.page.fill("#new-name", "carla")
+        c.page.select_option("#new-role", "supporter")
+        c.page.fill("#new-email", "carla@support.test")
+        c.page.check("input[name=groups]")
+        submit(c, "#add")
+        assert "invitation mail to carla@support.test is queued" in c.page.locator("#notice").inner_text()
+        assert c.page.locator("#invite-link").count() == 0  # mailed, so not shown
+        carla = c.page.locator("tr.user", has_text="carla")
+        assert "supporter" in carla.inner_text() and "office" in carla.inner_text()
+        c.shot("users")
+
+        # The same name again: a clear refusal.
+        c.page.fill("#new-name", "carla")
+        submit(c, "#add")
+        assert "already exists" in c.page.locator("#error").inner_text()
+
+        # An enrollment token for the group, shown once with the exact enroll command.
+        c.page.click("#nav-tokens")
+        c.page.wait_for_url(srv.url + "/console/tokens")
+        assert c.page.input_value("#token-ttl") == "1h"  # security.token_default_ttl
+        c.page.select_option("#token-group", label="office")
+        c.page.select_option("#token-ttl", "1d")
+        submit(c, "#create")
+        token = c.page.locator("#token").inner_text()
+        assert re.fullmatch(r"[0-9a-f]{32}", token)
+        command = c.page.locator("#command").inner_text()
+        assert command == (f"hausmeister-host enroll --server {srv.url} --ca-fingerprint "
+                           f"{srv.fingerprint} --token {token}")
+
+        # The invitation mail reached the relay, with a link that works.
+        rcpt, mail = relay.wait()
+        assert rcpt == ["carla@support.test"]
+        body = mail.get_content()
+        link = re.search(re.escape(srv.url) + r"/console/invite/([A-Za-z0-9_-]+)", body)
+        assert link, body
+        assert "admin" in body and "carla" in body and "7 days" in body
+        db = Database(db_url)
+        try:
+            with db.session() as s:
+                assert user_links.check(s, link.group(1), "invite").name == "carla"
+        finally:
+            db.dispose()
+
+        # The shown command enrolls a real host module.
+        home = tmp_path / "pc-carla"
+        args = shlex.split(command)[1:] + ["--name", "pc-carla", "--home", str(home)]
+        result = run_cli("host", *args)
+        assert result.returncode == 0, result.stderr
+        c.go("/console/tokens")
+        used = c.page.locator("tr.token", has_text="pc-carla")
+        assert used.count() == 1 and "used" in used.inner_text() and "office" in used.inner_text()
+        assert used.locator("button.revoke").count() == 0
+
+        # A second token, revoked in the browser, enrolls nothing.
+        submit(c, "#create")
+        second = c.page.locator("#token").inner_text()
+        c.go("/console/tokens")
+        fresh = c.page.locator("tr.token", has_text="unused")
+        assert fresh.count() == 1
+        with c.page.expect_navigation():
+            fresh.locator("button.revoke").click()
+        assert "revoked" in c.page.locator("#notice").inner_text()
+        assert c.page.locator("tr.token", has_text="unused").count() == 0
+        c.shot("tokens")
+        result = run_cli("host", "enroll", "--server", srv.url, "--ca-fingerprint", srv.fingerprint,
+                         "--token", second, "--name", "pc-late", "--home", str(tmp_path / "late"))
+        assert result.returncode != 0 and "expired" in result.stderr
+
+        # Certificates: the CA with its fingerprint, and the new host's certificate, revoked.
+        c.page.click("#nav-certificates")
+        c.page.wait_for_url(srv.url + "/console/certificates")
+        assert c.page.locator("#ca-fingerprint").inner_text() == srv.fingerprint
+        pem = c.page.request.get(srv.url + "/console/certificates/ca.pem")
+        assert pem.status == 200 and "attachment" in pem.headers["content-disposition"]
+        assert pem.body() == c.page.request.get(srv.url + "/ca.pem").body()
+        host_row = c.page.locator("tr.cert", has_text="pc-carla")
+        assert host_row.count() == 1 and "valid" in host_row.inner_text()
+        serial = host_row.get_attribute("id").removeprefix("cert-")
+        assert c.page.locator("tr.cert", has_text="this server").count() == 1  # operator admin
+        host_row.locator("input[name=reason]").fill(PAYLOAD)
+        with c.page.expect_navigation():
+            host_row.locator("button.revoke").click()
+        assert serial in c.page.locator("#notice").inner_text()
+        host_row = c.page.locator(f"#cert-{serial}")
+        assert host_row.locator("td.state").inner_text().startswith("revoked")
+        assert host_row.locator(".reason").inner_text() == PAYLOAD
+        no_markup(c)
+        c.shot("certificates")
+        listed = next(line for line in srv.ok("cert", "list").splitlines() if line.startswith(serial))
+        assert "revoked" in listed.split()
+
+        # Changing a user: disable and enable carla, a payload as address is refused.
+        c.go("/console/users")
+        carla_id = user_id(c, "carla")
+        c.go(f"/console/users/{carla_id}")
+        submit(c, "#disable")
+        assert c.page.locator("#state").inner_text() == "disabled"
+        submit(c, "#enable")
+        assert c.page.locator("#state").inner_text() == "active"
+        c.page.fill("#email-input", PAYLOAD)
+        submit(c, "#save-email")
+        assert "not a single mail address" in c.page.locator("#error").inner_text()
+        assert c.page.locator("#email").inner_text() == "carla@support.test"
+        no_markup(c)
+        submit(c, "#toggle-protocol-mail")
+        assert c.page.locator("#protocol-mail").inner_text() == "yes"
+
+        # The admin can neither disable nor demote themselves (even with a hand-made POST).
+        c.go("/console/users")
+        admin_id = user_id(c, "admin")
+        for action, form in (("disable", {}), ("role", {"role": "auditor"})):
+            r = c.page.request.post(f"{srv.url}/console/users/{admin_id}/{action}",
+                                    form={"csrf": c.csrf(), **form}, max_redirects=0)
+            assert r.status == 400 and "yourself" in r.text(), (action, r.status)
+        # No CSRF token, or a forged one: refused before anything is read.
+        for token_value in (None, "forged"):
+            form = {"name": "mallory", "role": "admin"}
+            if token_value:
+                form["csrf"] = token_value
+            r = c.page.request.post(srv.url + "/console/users/add", form=form, max_redirects=0)
+            assert r.status == 403 and "nothing was changed" in r.text()
+        c.go("/console/users")
+        assert c.page.locator("tr.user", has_text="mallory").count() == 0
+        assert "admin" in c.page.locator(f"#user-{admin_id}").inner_text()
+
+        # Audit log: every action above, with a filter; a payload filter is just text.
+        c.page.click("#nav-audit")
+        c.page.wait_for_url(srv.url + "/console/audit")
+        actions = c.page.locator("tr.entry td.action").all_inner_texts()
+        for expected in ("user.add", "token.create", "token.revoke", "certificate.revoke",
+                         "user.disable", "user.enable", "user.protocol_mail", "console.login"):
+            assert any(a.startswith(expected) for a in actions), (expected, actions)
+        c.shot("audit")
+        c.page.fill("#action", "token.")
+        submit(c, "#filter")
+        actions = c.page.locator("tr.entry td.action").all_inner_texts()
+        assert actions and all(a.startswith("token.") for a in actions)
+        c.page.fill("#action", "")
+        c.page.fill("#actor", PAYLOAD)
+        submit(c, "#filter")
+        assert c.page.locator("#no-entries").is_visible()
+        assert PAYLOAD in c.page.locator("#query").inner_text()
+        no_markup(c)
+
+        c.assert_local_only()
+        assert not any(urlsplit(u).path == "/console/pwned" for u in c.requests)
+    finally:
+        c.close()
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_other_tenant_and_auditor_cannot_see_or_change(running_server, enrolled_host, browser):
+    srv = running_server  # no mail relay: invitation links are shown once on the page
+    srv.ok("tenant", "add", "b")
+    srv.ok("user", "add", "bob", "--role", "admin", "--tenant", "b", "--password-stdin",
+           stdin=BOB_PASSWORD + "\n")
+    srv.ok("user", "add", "audrey", "--role", "auditor", "--password-stdin",
+           stdin=AUDREY_PASSWORD + "\n")
+    admin, bob, audrey = (Console(browser, srv.url) for _ in range(3))
+    try:
+        admin.login("admin", ADMIN_PASSWORD)
+        admin.go("/console/users")
+        admin.page.fill("#new-name", "dora")
+        admin.page.fill("#new-email", "dora@support.test")
+        submit(admin, "#add")
+        link = admin.page.locator("#invite-link").inner_text()
+        assert link.startswith(srv.url + "/console/invite/")
+        assert "No invitation mail was sent" in admin.page.locator("#notice").inner_text()
+        dora_id = user_id(admin, "dora")
+        office_id = admin.page.locator("input[name=groups]").first.get_attribute("value")
+        admin.go("/console/tokens")
+        submit(admin, "#create")
+        admin.go("/console/tokens")
+        token_id = row_id(admin, "tr.token:has-text('unused')", "token-")
+        admin.go("/console/certificates")
+        serial = row_id(admin, "tr.cert:has-text('pc1')", "cert-")
+
+        # Bob, admin of tenant b, sees nothing of tenant A.
+        bob.login("bob", BOB_PASSWORD)
+        bob.go("/console/users")
+        assert bob.page.locator("tr.user").all_inner_texts()[0].startswith("bob")
+        assert bob.page.locator("tr.user").count() == 1
+        bob.go(f"/console/users/{dora_id}")
+        assert "dora" not in bob.page.content()
+        bob.go("/console/tokens")
+        assert bob.page.locator("tr.token").count() == 0
+        bob.go("/console/certificates")
+        assert bob.page.locator("tr.cert").count() == 0  # neither pc1 nor the server's
+        assert serial not in bob.page.content()
+        bob.go("/console/audit")
+        text = bob.page.locator("#audit").inner_text()
+        assert "console.login" in text and "dora" not in text and "token.create" not in text
+        assert "tenant.add" not in text  # server-wide entries are for operator admins
+        # Forged POSTs with tenant A's ids: refused as unknown, nothing changes.
+        csrf = bob.csrf()
+        for path, form, status in (
+                (f"users/{dora_id}/disable", {}, 404),
+                (f"users/{dora_id}/email", {"email": "x@y.test"}, 404),
+                (f"tokens/{token_id}/revoke", {}, 404),
+                (f"certificates/{serial}/revoke", {"reason": "forged"}, 404),
+                ("users/add", {"name": "bert", "role": "supporter", "groups": office_id}, 400),
+                ("tokens/create", {"group": office_id, "ttl": "1h"}, 400)):
+            r = bob.page.request.post(f"{srv.url}/console/{path}", form={"csrf": csrf, **form},
+                                      max_redirects=0)
+            assert r.status == status, (path, r.status)
+            assert "dora" not in r.text() and "pc1" not in r.text()
+        bob.go("/console/users")
+        assert bob.page.locator("tr.user").count() == 1  # no bert either
+        bob.shot("users-tenant-b")
+
+        # The auditor of tenant A sees every page and changes nothing.
+        audrey.login("audrey", AUDREY_PASSWORD)
+        for page in ("users", f"users/{dora_id}", "tokens", "certificates", "audit"):
+            assert audrey.go(f"/console/{page}").status == 200, page
+        audrey.go("/console/users")
+        assert audrey.page.locator("tr.user", has_text="dora").count() == 1
+        assert audrey.page.locator("#add-user").count() == 0
+        audrey.go("/console/certificates")
+        assert audrey.page.locator("button.revoke").count() == 0
+        csrf = audrey.csrf()
+        for path, form in ((f"users/{dora_id}/disable", {}), ("users/add", {"name": "eve"}),
+                           ("tokens/create", {}), (f"tokens/{token_id}/revoke", {}),
+                           (f"certificates/{serial}/revoke", {"reason": "auditor"})):
+            r = audrey.page.request.post(f"{srv.url}/console/{path}", form={"csrf": csrf, **form},
+                                         max_redirects=0)
+            assert r.status == 403, (path, r.status)
+
+        # Tenant A is as it was: dora active, the token unused, pc1's certificate valid.
+        admin.go("/console/users")
+        assert "active" in admin.page.locator(f"#user-{dora_id}").inner_text()
+        admin.go("/console/tokens")
+        assert "unused" in admin.page.locator(f"#token-{token_id}").inner_text()
+        admin.go("/console/certificates")
+        assert "valid" in admin.page.locator(f"#cert-{serial} td.state").inner_text()
+        admin.go("/console/audit?action=" + quote("tenant.add"))
+        assert admin.page.locator("tr.entry.server-wide").count() == 1  # operator: server-wide too
+
+        for c in (admin, bob, audrey):
+            c.assert_local_only()
+    finally:
+        for c in (admin, bob, audrey):
+            c.close()
