@@ -1,5 +1,195 @@
-"""(being built: see the module owner's commit)."""
+"""Alert mails to the operator's admins: certificates that expire soon, folders running out of disk.
+
+``check`` is one plain, blocking run (a database session, the time and a disk-usage function are
+passed in, so tests drive it with a real database and a fake disk).  Each condition is mailed
+once: the ``alerts_sent`` table keeps ``cert-expiry:<serial>`` per certificate and
+``disk:<folder>:<date>`` per folder and day.  Recipients are the admins of the first (operator)
+tenant that have a mail address; with none, nothing is recorded, so the alert goes out once one
+has an address.  ``service(app)`` runs ``check`` every ``alerts.check_interval``; without a mail
+relay there are no alerts at all.
+
+Not here: renewing certificates or freeing space (the operator does that).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from cryptography import x509
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+from twisted.application.service import Service
+from twisted.internet import task
+
+from protocol.identity import serial_hex
+from protocol.runtime import Logger
+
+from . import mail_texts
+from .config import parse_duration
+from .db.models import AlertSent, Role, Tenant, User
+
+log = Logger(namespace="hausmeister.alerts")
+
+Usage = Callable[[str], Any]   # shutil.disk_usage: .total .used .free
 
 
-def service(app):
-    return None
+@dataclass(frozen=True)
+class AlertPolicy:
+    """What ``check`` looks at; 0 for a threshold turns that kind of alert off."""
+
+    cert_expiry_days: int
+    disk_free_percent: int
+    folders: dict[str, Path]   # "protocol" / "recording" -> folder
+    base_url: str
+
+
+def recipients(session: Session) -> list[str]:
+    """Mail addresses of the enabled admins of the operator's (first) tenant."""
+    first = session.scalar(select(func.min(Tenant.id)))
+    if first is None:
+        return []
+    return [a for a in session.scalars(
+        select(User.email).where(User.tenant_id == first, User.role == Role.admin,
+                                 User.disabled.is_(False), User.email.is_not(None))
+        .order_by(User.id)) if a and a.strip()]
+
+
+def _existing(path: Path) -> Path:
+    """The folder itself or its nearest existing parent (a folder not yet created still has a disk)."""
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def cert_alerts(certs: Iterable[tuple[str, x509.Certificate]], days: int, now: dt.datetime,
+                base_url: str) -> list[tuple[str, str, str]]:
+    """``(key, subject, body)`` for every certificate that expires within ``days``."""
+    if days <= 0:
+        return []
+    out = []
+    for what, cert in certs:
+        not_after = cert.not_valid_after_utc
+        left = not_after - now
+        if left > dt.timedelta(days=days):
+            continue
+        days_left = left.days if left >= dt.timedelta(0) else -1
+        serial = serial_hex(cert)
+        subject, body = mail_texts.cert_expiry_alert(base_url, what, cert.subject.rfc4514_string(),
+                                                     serial, not_after, days_left)
+        out.append((f"cert-expiry:{serial}", subject, body))
+    return out
+
+
+def disk_alerts(policy: AlertPolicy, now: dt.datetime, usage: Usage) -> list[tuple[str, str, str]]:
+    """``(key, subject, body)`` for every folder whose disk has less free space than allowed."""
+    if policy.disk_free_percent <= 0:
+        return []
+    out = []
+    for what, folder in policy.folders.items():
+        try:
+            figures = usage(str(_existing(folder)))
+        except OSError as exc:
+            log.warn("alerts: cannot read the free space of {folder}: {error}", folder=str(folder),
+                     error=str(exc))
+            continue
+        if not figures.total:
+            continue
+        free_percent = 100.0 * figures.free / figures.total
+        if free_percent >= policy.disk_free_percent:
+            continue
+        subject, body = mail_texts.disk_alert(policy.base_url, what, str(folder), free_percent,
+                                              figures.free, policy.disk_free_percent)
+        out.append((f"disk:{folder}:{now.date().isoformat()}"[:200], subject, body))
+    return out
+
+
+def check(session: Session, outbox: Any, policy: AlertPolicy,
+          certs: Iterable[tuple[str, x509.Certificate]], now: dt.datetime,
+          usage: Usage = shutil.disk_usage) -> list[str]:
+    """Queue the alerts not mailed yet; returns their keys (one transaction: the caller's)."""
+    found = cert_alerts(certs, policy.cert_expiry_days, now, policy.base_url) + \
+        disk_alerts(policy, now, usage)
+    fresh = [a for a in found if session.get(AlertSent, a[0]) is None]
+    if not fresh:
+        return []
+    to = recipients(session)
+    if not to:
+        log.warn("alerts: {n} alert(s) but no admin of the operator tenant has a mail address: {keys}",
+                 n=len(fresh), keys=", ".join(k for k, _, _ in fresh))
+        return []
+    for key, subject, body in fresh:
+        for address in to:
+            try:
+                outbox.enqueue(session, address, subject, body)
+            except ValueError as exc:  # an address the outbox refuses: the others still get it
+                log.warn("alerts: {key} not mailed to {address!r}: {error}", key=key,
+                         address=address, error=str(exc))
+        session.add(AlertSent(key=key, sent_at=now))
+        log.info("alerts: {key} mailed to {n} admin(s)", key=key, n=len(to))
+    session.flush()
+    return [k for k, _, _ in fresh]
+
+
+def _certificates(store: Any) -> list[tuple[str, x509.Certificate]]:
+    certs = []
+    for what, load in (("CA", lambda: store.ca_cert()), ("server", lambda: store.server_chain()[0])):
+        try:
+            certs.append((what, load()))
+        except (OSError, IndexError, ValueError) as exc:
+            log.warn("alerts: cannot read the {what} certificate: {error}", what=what, error=str(exc))
+    return certs
+
+
+class Periodic(Service):
+    """Runs ``tick`` (which returns a Deferred) at start and then every ``interval`` seconds."""
+
+    def __init__(self, name: str, tick: Callable[[], Any], interval: float, clock: Any = None) -> None:
+        self.name = name
+        self.tick = tick
+        self.interval = interval
+        self.clock = clock
+        self._loop: task.LoopingCall | None = None
+
+    def _safe_tick(self):
+        return self.tick().addErrback(lambda f: log.failure("{name}: run failed", f, name=self.name))
+
+    def startService(self) -> None:
+        super().startService()
+        self._loop = task.LoopingCall(self._safe_tick)
+        if self.clock is not None:
+            self._loop.clock = self.clock
+        self._loop.start(self.interval, now=True)
+
+    def stopService(self):
+        super().stopService()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self._loop = None
+
+
+def base_url_of(app: Any) -> str:
+    return app.state.get("https_url") or f"https://{app.config.server.public_host}"
+
+
+def service(app: Any) -> Service | None:
+    if app.outbox is None:
+        log.info("alerts are off: no SMTP relay configured ([mail] smtp_host)")
+        return None
+    cfg = app.config
+
+    def tick():
+        policy = AlertPolicy(cfg.alerts.cert_expiry_days, cfg.alerts.disk_free_percent,
+                             {"protocol": cfg.server.protocol_dir,
+                              "recording": cfg.server.recording_dir}, base_url_of(app))
+
+        def run(session: Session) -> list[str]:
+            return check(session, app.outbox, policy, _certificates(app.store),
+                         dt.datetime.now(dt.timezone.utc))
+        return app.db.run(run)
+    return Periodic("alerts", tick, parse_duration(cfg.alerts.check_interval),
+                    getattr(app, "reactor", None))
