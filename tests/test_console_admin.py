@@ -5,20 +5,27 @@ and a real host module enrolled with a token made in the browser.
 
 from __future__ import annotations
 
+import contextlib
+import datetime as dt
 import email
 import email.policy
 import re
 import shlex
 import socket
 import time
+import uuid
 from urllib.parse import quote, urlsplit
 
 import pytest
 from aiosmtpd.controller import Controller
 
-from server import user_links
+from sqlalchemy import select
+
+from server import certificates, user_links
 from server.db import Database
+from server.db.models import AuditEntry, Certificate, EnrollmentToken, User
 from tests.fixtures_console import PAYLOAD, Console
+from tests.module_process import ModuleProcess
 from tests.fixtures_server import ADMIN_PASSWORD, ServerProcess, run_cli, write_config
 
 BOB_PASSWORD = "bob-password-789"
@@ -107,7 +114,8 @@ def test_admin_invites_supporter_enrolls_host_with_token_and_revokes_its_certifi
     relay, _ = smtp_relay
     srv.ok("group", "add", "office")
     c = Console(browser, srv.url)
-    try:
+    with contextlib.ExitStack() as stack:
+        stack.callback(c.close)
         c.login("admin", ADMIN_PASSWORD)
         c.page.click("#nav-users")
         c.page.wait_for_url(srv.url + "/console/users")
@@ -177,6 +185,11 @@ def test_admin_invites_supporter_enrolls_host_with_token_and_revokes_its_certifi
         args = shlex.split(command)[1:] + ["--name", "pc-carla", "--home", str(home)]
         result = run_cli("host", *args)
         assert result.returncode == 0, result.stderr
+        assert run_cli("host", "set-password", "--password-stdin", "--home", str(home),
+                       stdin="host-password-1\n").returncode == 0
+        host = ModuleProcess("host", "run", "--max-backoff", "0.5", "--home", str(home))
+        stack.callback(host.stop)
+        host.wait_for_line("online; waiting for supporters")
         c.go("/console/tokens")
         used = c.page.locator("tr.token", has_text="pc-carla")
         assert used.count() == 1 and "used" in used.inner_text() and "office" in used.inner_text()
@@ -219,6 +232,11 @@ def test_admin_invites_supporter_enrolls_host_with_token_and_revokes_its_certifi
         c.shot("certificates")
         listed = next(line for line in srv.ok("cert", "list").splitlines() if line.startswith(serial))
         assert "revoked" in listed.split()
+        # The running host module is dropped at once and refused when it tries again.
+        host.wait_for_line("lost the server", timeout=10)
+        host.wait_for_line("the server refused this host", timeout=10)
+        c.go("/console/hosts")
+        assert "offline" in c.page.locator("tr.host", has_text="pc-carla").inner_text()
 
         # Changing a user: disable and enable carla, a payload as address is refused.
         c.go("/console/users")
@@ -275,8 +293,6 @@ def test_admin_invites_supporter_enrolls_host_with_token_and_revokes_its_certifi
 
         c.assert_local_only()
         assert not any(urlsplit(u).path == "/console/pwned" for u in c.requests)
-    finally:
-        c.close()
 
 
 @pytest.mark.e2e
@@ -367,8 +383,106 @@ def test_other_tenant_and_auditor_cannot_see_or_change(running_server, enrolled_
         admin.go("/console/audit?action=" + quote("tenant.add"))
         assert admin.page.locator("tr.entry.server-wide").count() == 1  # operator: server-wide too
 
+        # Disabling audrey ends her console session at once.
+        admin.go("/console/users")
+        admin.go(f"/console/users/{user_id(admin, 'audrey')}")
+        submit(admin, "#disable")
+        assert admin.page.locator("#state").inner_text() == "disabled"
+        audrey.go("/console/users")
+        assert audrey.page.url == srv.url + "/console/login"
+
         for c in (admin, bob, audrey):
             c.assert_local_only()
     finally:
         for c in (admin, bob, audrey):
             c.close()
+
+
+# --- the tenant scoping of the page queries, on both database backends ----------------------------
+
+T0 = dt.datetime(2026, 11, 1, 9, 0, tzinfo=dt.timezone.utc)
+
+
+def _world(session) -> dict:
+    """Two tenants, each with a group, a host, a supporter, a token, certificates, audit entries."""
+    from server import accounts
+    from server.db.models import CertRole, Certificate, Host, Role
+
+    out = {}
+    for name in ("a", "b"):
+        tenant = accounts.get_or_create_tenant(session, name)
+        group = accounts.add_group(session, tenant, f"office-{name}")
+        user = accounts.add_user(session, tenant, f"sup-{name}", Role.supporter, "x" * 12)
+        host_id = str(uuid.uuid4())
+        session.add(Host(id=host_id, tenant_id=tenant.id, group_id=group.id, name=f"pc-{name}",
+                         enrolled_at=T0))
+        _, token = certificates.create_token(session, tenant, group, 3600, "admin")
+        for serial, role, identity in ((f"a1{name}", CertRole.host, f"hausmeister:host:{host_id}"),
+                                       (f"b2{name}", CertRole.supporter, f"hausmeister:supporter:sup-{name}")):
+            session.add(Certificate(serial=serial, role=role, identity=identity, fingerprint=serial * 4,
+                                    not_before=T0, not_after=T0 + dt.timedelta(days=365), pem="-",
+                                    issued_at=T0))
+        accounts.audit(session, "admin", f"thing.{name}", "100% _done_", tenant_id=tenant.id)
+        out[name] = {"tenant": tenant.id, "group": group.id, "user": user.id, "token": token.id}
+    session.add(Certificate(serial="c3", role=CertRole.server, identity="localhost", fingerprint="c3" * 32,
+                            not_before=T0, not_after=T0 + dt.timedelta(days=365), pem="-", issued_at=T0))
+    accounts.audit(session, "cli", "tenant.add", "name=b")
+    session.flush()
+    return out
+
+
+def test_page_queries_never_cross_tenants(database, fast_password_hashing):
+    from server import accounts
+    from server.console import PageError
+    from server.console import pages_audit, pages_certs, pages_tokens, pages_users
+
+    with database.session() as s:
+        w = _world(s)
+    a, b = w["a"], w["b"]
+    with database.session() as s:
+        users = pages_users.listing(s, a["tenant"])
+        assert [u["name"] for u in users["users"]] == ["sup-a"]
+        assert [g["name"] for g in users["groups"]] == ["office-a"]
+        certs = pages_certs.tenant_certificates(s, a["tenant"], operator=False)
+        assert sorted((c["serial"], c["owner"]) for c in certs) == [("a1a", "pc-a"), ("b2a", "sup-a")]
+        certs = pages_certs.tenant_certificates(s, a["tenant"], operator=True)
+        assert "c3" in {c["serial"] for c in certs}
+        assert [t["id"] for t in pages_tokens._tokens(s, a["tenant"])] == [a["token"]]
+        entries = pages_audit._entries(s, a["tenant"], False, "", "", 0)["entries"]
+        assert [e["action"] for e in entries] == ["thing.a"]
+        entries = pages_audit._entries(s, a["tenant"], True, "", "", 0)["entries"]
+        assert {e["action"] for e in entries} == {"thing.a", "tenant.add"}
+        # LIKE wildcards in a filter are plain characters.
+        assert pages_audit._entries(s, a["tenant"], True, "", "%", 0)["entries"] == []
+        assert pages_audit._entries(s, a["tenant"], True, "", "_", 0)["entries"] == []
+
+    # Tenant a's admin reaching for tenant b's objects: "not found", nothing changed.
+    refusals = [
+        lambda s: pages_users._apply(s, a["tenant"], str(b["user"]), "admin", 0, "user.disable",
+                                     pages_users.change_disabled, (True,)),
+        lambda s: pages_tokens._revoke(s, a["tenant"], "admin", str(b["token"])),
+        lambda s: pages_certs._revoke(s, a["tenant"], "admin", "a1b", "forged"),
+        lambda s: pages_certs._revoke(s, a["tenant"], "admin", "c3", "the server's"),
+        lambda s: pages_users._apply(s, a["tenant"], "²", "admin", 0, "user.disable",
+                                     pages_users.change_disabled, (True,)),
+    ]
+    for attempt in refusals:
+        with pytest.raises(PageError) as refused:
+            database.call(attempt)
+        assert refused.value.status == 404
+    for attempt in (lambda s: pages_tokens._create(s, a["tenant"], "admin", str(b["group"]), "1h"),
+                    lambda s: pages_users.change_groups(s, s.get(User, a["user"]), 0, [str(b["group"])]),
+                    lambda s: pages_tokens._create(s, a["tenant"], "admin", "", "999d")):
+        with pytest.raises(accounts.AccountError):
+            database.call(attempt)
+    # Self-protection: an admin cannot disable or demote themselves.
+    with pytest.raises(accounts.AccountError, match="yourself"):
+        database.call(lambda s: pages_users.change_disabled(s, s.get(User, a["user"]), a["user"], True))
+    with pytest.raises(accounts.AccountError, match="yourself"):
+        database.call(lambda s: pages_users.change_role(s, s.get(User, a["user"]), a["user"], "auditor"))
+    with database.session() as s:
+        assert not s.get(User, b["user"]).disabled
+        assert s.get(EnrollmentToken, b["token"]).expires_at > dt.datetime.now(dt.timezone.utc)
+        assert all(c.revoked_at is None for c in s.scalars(select(Certificate)))
+        assert [e.action for e in s.scalars(select(AuditEntry).order_by(AuditEntry.id))] == [
+            "thing.a", "thing.b", "tenant.add"]

@@ -37,7 +37,7 @@ def _entries(session, tenant_id: int, operator: bool, actor: str, action: str,
 
 
 def _page_number(text: str) -> int:
-    return min(int(text), MAX_PAGE) if text.isdigit() and len(text) < 8 else 0
+    return min(int(text), MAX_PAGE) if text.isascii() and text.isdigit() and len(text) < 8 else 0
 
 
 @route("GET", "audit")

@@ -21,7 +21,7 @@ from ..config import parse_duration
 from ..db.models import EnrollmentToken, Host, HostGroup, Tenant
 from ..pki import utcnow
 from .core import MAX_ROWS, Ctx, PageError, route
-from .pages_users import tenant_groups
+from .pages_users import checked_groups, row_id, tenant_groups
 
 TTL_CHOICES = ("15m", "1h", "1d", "7d", "30d")
 MAX_TTL_SECONDS = 90 * 86400
@@ -71,9 +71,7 @@ def _create(session, tenant_id: int, actor: str, group_id: str, ttl_text: str) -
         raise accounts.AccountError("lifetime: at most 90d; create a new token when one runs out")
     group = None
     if group_id:
-        group = session.get(HostGroup, int(group_id)) if group_id.isdigit() and len(group_id) < 12 else None
-        if group is None or group.tenant_id != tenant_id:
-            raise accounts.AccountError(f"there is no host group with id {group_id!r} in this tenant")
+        group = checked_groups(session, tenant_id, [group_id])[0]
     tenant = session.get(Tenant, tenant_id)
     token, row = certificates.create_token(session, tenant, group, ttl, actor)
     accounts.audit(session, actor, "token.create",
@@ -117,7 +115,8 @@ def create(ctx: Ctx):
 
 
 def _revoke(session, tenant_id: int, actor: str, token_id: str) -> int:
-    row = session.get(EnrollmentToken, int(token_id)) if token_id.isdigit() and len(token_id) < 12 else None
+    number = row_id(token_id)
+    row = session.get(EnrollmentToken, number) if number is not None else None
     if row is None or row.tenant_id != tenant_id:
         raise PageError(404, f"there is no enrollment token with id {token_id} in this tenant")
     now = utcnow()

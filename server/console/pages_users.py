@@ -36,9 +36,15 @@ class Invitation:
 
 # --- reading ------------------------------------------------------------------------------------
 
+def row_id(text: str) -> int | None:
+    """A database id from a path or form value, or None ('²' and '1e3' are no ids)."""
+    return int(text) if text.isascii() and text.isdigit() and len(text) < 12 else None
+
+
 def tenant_user(session, tenant_id: int, user_id: str) -> User:
     """The user with this id in this tenant; anything else is "not found" (no cross-tenant hint)."""
-    user = session.get(User, int(user_id)) if user_id.isdigit() and len(user_id) < 12 else None
+    number = row_id(user_id)
+    user = session.get(User, number) if number is not None else None
     if user is None or user.tenant_id != tenant_id:
         raise PageError(404, f"there is no user with id {user_id} in this tenant")
     return user
@@ -98,7 +104,8 @@ def checked_groups(session, tenant_id: int, ids: list[str]) -> list[HostGroup]:
     """Host groups of this tenant by id; an id of another tenant is refused like an unknown one."""
     groups = []
     for raw in dict.fromkeys(ids):
-        group = session.get(HostGroup, int(raw)) if raw.isdigit() and len(raw) < 12 else None
+        number = row_id(raw)
+        group = session.get(HostGroup, number) if number is not None else None
         if group is None or group.tenant_id != tenant_id:
             raise accounts.AccountError(f"there is no host group with id {raw!r} in this tenant")
         groups.append(group)
