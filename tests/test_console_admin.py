@@ -205,6 +205,7 @@ def test_admin_invites_supporter_enrolls_host_with_token_and_revokes_its_certifi
             fresh.locator("button.revoke").click()
         assert "revoked" in c.page.locator("#notice").inner_text()
         assert c.page.locator("tr.token", has_text="unused").count() == 0
+        assert c.page.locator("tr.token td.state.revoked").count() == 1
         c.shot("tokens")
         result = run_cli("host", "enroll", "--server", srv.url, "--ca-fingerprint", srv.fingerprint,
                          "--token", second, "--name", "pc-late", "--home", str(tmp_path / "late"))
@@ -253,6 +254,7 @@ def test_admin_invites_supporter_enrolls_host_with_token_and_revokes_its_certifi
         no_markup(c)
         submit(c, "#toggle-protocol-mail")
         assert c.page.locator("#protocol-mail").inner_text() == "yes"
+        c.shot("user-edit")
 
         # The admin can neither disable nor demote themselves (even with a hand-made POST).
         c.go("/console/users")

@@ -2,8 +2,9 @@
 list with their state, revoke an unused one.
 
 Only the token's hash is stored (``certificates.create_token``), so the token itself appears on
-the answer to the create form and nowhere else.  Revoking sets ``expires_at`` to now: the row
-stays, so the list still shows who created it and when.
+the answer to the create form and nowhere else.  Revoking sets ``expires_at`` to ``created_at``
+(a lifetime of zero, which no created token has): enrollment refuses it as expired, the row
+stays, and the list can still tell "revoked" from "expired".
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ MAX_TTL_SECONDS = 90 * 86400
 def token_state(row: EnrollmentToken, now: dt.datetime) -> str:
     if row.used_at is not None:
         return "used"
+    if row.expires_at <= row.created_at:
+        return "revoked"
     return "expired" if row.expires_at <= now else "unused"
 
 
@@ -123,7 +126,7 @@ def _revoke(session, tenant_id: int, actor: str, token_id: str) -> int:
     state = token_state(row, now)
     if state != "unused":
         raise PageError(409, f"token {row.id} is {state} already; only an unused token can be revoked")
-    row.expires_at = now
+    row.expires_at = row.created_at
     accounts.audit(session, actor, "token.revoke", f"id={row.id}", tenant_id=tenant_id)
     return row.id
 
