@@ -23,6 +23,7 @@ from .. import session_protocol as sp
 from ..db.models import Host, Tenant
 from ..db.models import Session as SessionRow
 from .core import MAX_QUERY, MAX_ROWS, Ctx, PageError, route
+from .pages_help import link_outside_urls
 
 KINDS = ("adhoc", "host")
 #: a protocol longer than this is shown up to here (the CSV carries every line)
@@ -222,12 +223,13 @@ def read_timeline(protocol_dir: Path, tenant: str, session_id: str, recorded: st
 def _event(n: int, record: dict | None) -> dict[str, Any]:
     if record is None:
         return {"line": n, "seq": "", "time": "", "kind": "(unreadable line)", "actor": "",
-                "address": "", "detail": ""}
+                "address": "", "detail": "", "detail_html": ""}
+    detail = _detail_text(record.get("detail"))
     return {"line": n, "seq": record.get("seq", ""),
             "time": str(record.get("time", "")).replace("T", " ").replace("Z", " UTC"),
             "kind": str(record.get("kind", "")), "actor": str(record.get("actor", "")),
             "address": str(record.get("address") or ""),
-            "detail": _detail_text(record.get("detail"))}
+            "detail": detail, "detail_html": link_outside_urls(detail)}
 
 
 def _load(ctx: Ctx, limit: int = MAX_TIMELINE):
