@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from server.console.pages_sessions import csv_bytes
+from server.console.pages_sessions import csv_bytes, read_timeline
 from server.session_protocol import ProtocolWriter
 from tests.fixtures_console import PAYLOAD, Console, tenant_of_admin
 from tests.fixtures_server import ADMIN_PASSWORD, run_cli
@@ -93,6 +93,22 @@ def test_csv_cells_that_a_spreadsheet_would_run_are_text():
                              ['plain, "quoted"', "5"]]
 
 
+def test_timeline_reads_only_the_tenants_own_protocol(tmp_path):
+    """A recorded path that leaves the tenant's folder is ignored; the tenant's months are searched."""
+    sid, foreign = str(uuid.uuid4()), str(uuid.uuid4())
+    own = write_protocol(tmp_path, "a", sid)
+    theirs = write_protocol(tmp_path, "b", foreign)
+    t = read_timeline(tmp_path, "a", sid, "../../etc/passwd")
+    assert t.verified and t.total == 6 and t.path == str(own.relative_to(tmp_path))
+    t = read_timeline(tmp_path, "a", sid, str(theirs.relative_to(tmp_path)))
+    assert t.path == str(own.relative_to(tmp_path))
+    t = read_timeline(tmp_path, "a", foreign, str(theirs.relative_to(tmp_path)))
+    assert t.missing and not t.events  # tenant b's file, even with its exact path recorded
+    own.write_bytes(own.read_bytes()[:-10])  # a cut-off last line
+    t = read_timeline(tmp_path, "a", sid, "")
+    assert not t.verified and t.broken_line == 6 and "incomplete" in t.problem
+
+
 @pytest.mark.e2e
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_sessions_filter_csv_detail_timeline_and_tenant_isolation(running_server, browser, db_url):
@@ -134,7 +150,8 @@ def test_sessions_filter_csv_detail_timeline_and_tenant_isolation(running_server
         assert c.page.locator("#no-sessions").is_visible()
         c.go("/console/sessions?q=" + PAYLOAD.replace("#", "%23").replace("&", "%26"))
         assert c.page.locator("#no-sessions").is_visible() and c.page.locator("#pwned").count() == 0
-        for bad, message in (("from=2026-13-01", "expected YYYY-MM-DD"), ("kind=bogus", "adhoc, host")):
+        for bad, message in (("from=2026-13-01", "expected YYYY-MM-DD"), ("kind=bogus", "adhoc, host"),
+                             ("from=2026-11-02&to=2026-11-01", "is after")):
             r = c.go("/console/sessions?" + bad)
             assert r.status == 400 and message in c.page.locator("#message").inner_text()
 

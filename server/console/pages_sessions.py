@@ -47,8 +47,10 @@ class Filter:
         kind = ctx.arg("kind", 20).strip()
         if kind and kind not in KINDS:
             raise PageError(400, f"kind {kind!r}: choose adhoc, host or any")
-        return cls(ctx.arg("q", MAX_QUERY).strip(), kind,
-                   _date(ctx.arg("from", 20), "from"), _date(ctx.arg("to", 20), "to"))
+        date_from, date_to = _date(ctx.arg("from", 20), "from"), _date(ctx.arg("to", 20), "to")
+        if date_from and date_to and date_from > date_to:
+            raise PageError(400, f"from {date_from} is after to {date_to}: no session can match")
+        return cls(ctx.arg("q", MAX_QUERY).strip(), kind, date_from, date_to)
 
     def query_string(self) -> str:
         pairs = {"q": self.text, "kind": self.kind,
