@@ -19,7 +19,7 @@ from urllib.parse import quote, urlsplit
 import pytest
 from aiosmtpd.controller import Controller
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 
 from server import certificates, user_links
 from server.db import Database
@@ -354,8 +354,13 @@ def test_other_tenant_and_auditor_cannot_see_or_change(running_server, enrolled_
                                       max_redirects=0)
             assert r.status == status, (path, r.status)
             assert "dora" not in r.text() and "pc1" not in r.text()
+        # A name taken in tenant A is "taken", and nothing more about it.
+        r = bob.page.request.post(f"{srv.url}/console/users/add", max_redirects=0,
+                                  form={"csrf": csrf, "name": "dora", "role": "supporter"})
+        assert r.status == 400 and "user &#39;dora&#39; already exists" in r.text()
+        assert "dora@support.test" not in r.text() and "default" not in r.text().split("<main>")[1]
         bob.go("/console/users")
-        assert bob.page.locator("tr.user").count() == 1  # no bert either
+        assert bob.page.locator("tr.user").count() == 1  # no bert or dora either
         bob.shot("users-tenant-b")
 
         # The auditor of tenant A sees every page and changes nothing.
@@ -477,6 +482,25 @@ def test_page_queries_never_cross_tenants(database, fast_password_hashing):
                     lambda s: pages_tokens._create(s, a["tenant"], "admin", "", "999d")):
         with pytest.raises(accounts.AccountError):
             database.call(attempt)
+    # Changes within the tenant: groups set and cleared, TOTP reset once, audited with the tenant.
+    said = database.call(pages_users._apply, a["tenant"], str(a["user"]), "admin", 0, "user.groups",
+                         pages_users.change_groups, ([str(a["group"])],))
+    assert said == "sup-a"
+    with database.session() as s:
+        s.get(User, a["user"]).totp_secret = "JBSWY3DPEHPK3PXP"
+    database.call(pages_users._apply, a["tenant"], str(a["user"]), "admin", 0, "user.totp_reset",
+                  pages_users.reset_totp, ())
+    with pytest.raises(accounts.AccountError, match="no TOTP"):
+        database.call(pages_users._apply, a["tenant"], str(a["user"]), "admin", 0, "user.totp_reset",
+                      pages_users.reset_totp, ())
+    with database.session() as s:
+        assert pages_users.listing(s, a["tenant"])["users"][0]["groups"] == ["office-a"]
+        assert s.get(User, a["user"]).totp_secret is None
+        rows = s.execute(select(AuditEntry.action, AuditEntry.tenant_id, AuditEntry.detail)
+                         .where(AuditEntry.action.in_(["user.groups", "user.totp_reset"]))).all()
+        assert [(r[0], r[1]) for r in rows] == [("user.groups", a["tenant"]),
+                                                ("user.totp_reset", a["tenant"])]
+        s.execute(delete(AuditEntry).where(AuditEntry.action.in_(["user.groups", "user.totp_reset"])))
     # Self-protection: an admin cannot disable or demote themselves.
     with pytest.raises(accounts.AccountError, match="yourself"):
         database.call(lambda s: pages_users.change_disabled(s, s.get(User, a["user"]), a["user"], True))
