@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import logging
 import socket
+import urllib.request
 from dataclasses import dataclass
 
 import pytest
@@ -54,6 +55,9 @@ def moto_s3(monkeypatch):
     server.start()
     host, port = server.get_host_and_port()
     moto = MotoS3(f"http://{host}:{port}", port, server)
+    # moto keeps its buckets per process, across server objects: start from nothing.
+    urllib.request.urlopen(urllib.request.Request(f"{moto.endpoint}/moto-api/reset", method="POST"),
+                           timeout=10).close()
     moto.client().create_bucket(Bucket=BUCKET)
     try:
         yield moto

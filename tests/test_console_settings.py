@@ -9,14 +9,14 @@ from __future__ import annotations
 import hashlib
 import io
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from aiosmtpd.controller import Controller
 from PIL import Image
 
-from server import avatars
+from server import avatars, settings_store
+from server.config import from_mapping
 from server.db import Database
 from server.db.models import User
 from tests.fixtures_console import PAYLOAD, Console
@@ -24,13 +24,48 @@ from tests.fixtures_server import (
     ADMIN_PASSWORD, SUPPORTER_PASSWORD, ServerProcess, free_port, run_cli, write_config,
 )
 from tests.module_process import ModuleProcess
-from tests.test_avatars import BUCKET, dead_port, moto_s3, picture  # noqa: F401 (fixture)
+from tests.test_avatars import BUCKET, moto_s3, picture  # noqa: F401 (moto_s3 is a fixture)
 from tests.test_e2e_brokering import answers, server_args, wait_until
 from tests.test_mail import StoreHandler
 
 BOB_PASSWORD = "bob-password-789"
 RELAY_PASSWORD = "relay-secret-never-shown"
 MAX_KIB = 64
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("gravatar", "maybe", "expected on or off"),
+    ("support_terms", "   ", "must not be empty"),
+    ("support_terms", "x" * 4001, "at most 4000 characters"),
+    ("support_terms", "a\0b", "NUL"),
+    ("retention_days", "-1", "whole number of days from 0 to 36500"),
+    ("retention_days", "1e3", "whole number"),
+    ("retention_days", 36501, "whole number"),
+    ("retention_days", True, "whole number"),
+    ("colour", "red", "unknown setting"),
+])
+def test_settings_are_validated_with_clear_errors(key, value, message):
+    with pytest.raises(settings_store.SettingError, match=message):
+        settings_store.validate(key, value)
+
+
+def test_stored_settings_override_the_config_file(database, tmp_path):
+    config = from_mapping({"server": {"data_dir": str(tmp_path)}, "retention": {"protocol_days": 7},
+                           "adhoc": {"terms": "config terms"}}, tmp_path)
+    assert database.call(settings_store.all_settings, config) == {
+        "gravatar": False, "support_terms": "config terms", "retention_days": 7}
+    with database.session() as s:
+        assert settings_store.put(s, "gravatar", "on", "admin") is True
+        assert settings_store.put(s, "support_terms", " new\r\nterms ", "admin") == "new\nterms"
+        assert settings_store.put(s, "retention_days", "0", "admin") == 0
+    assert database.call(settings_store.all_settings, config) == {
+        "gravatar": True, "support_terms": "new\nterms", "retention_days": 0}
+    changes = database.call(settings_store.changes)
+    assert set(changes) == {"gravatar", "support_terms", "retention_days"}
+    assert changes["gravatar"]["by"] == "admin"
+    with database.session() as s:  # a stored value that no longer validates: the config's value
+        s.get(settings_store.Setting, "retention_days").value = '"forever"'
+    assert database.call(settings_store.get, config, "retention_days") == 7
 
 
 def accept_any(server, session, envelope, mechanism, auth_data):
@@ -97,6 +132,15 @@ def avatar_key(db_url: str, name: str) -> str | None:
     db = Database(db_url)
     try:
         return db.call(lambda s: s.query(User).filter_by(name=name).one().avatar_key)
+    finally:
+        db.dispose()
+
+
+def audit_actions(db_url: str) -> list[str]:
+    from server.db.models import AuditEntry
+    db = Database(db_url)
+    try:
+        return db.call(lambda s: [a.action for a in s.query(AuditEntry)])
     finally:
         db.dispose()
 
@@ -279,6 +323,32 @@ max_upload_kib = {MAX_KIB}
         assert moto_s3.client().get_object(
             Bucket=BUCKET, Key=f"avatars/{ids['admin']}.png")["Body"].read() == expected
 
+        # Deleting the picture removes the object; the initials show again.
+        admin.go("/console/avatar")
+        submit(admin, "#delete-avatar")
+        assert "Your picture is deleted" in page.locator("#notice").inner_text()
+        assert bucket_keys(moto_s3) == [] and avatar_key(db_url, "admin") is None
+        assert page.request.get(f"{srv.url}/console/avatar/{ids['admin']}").headers[
+            "content-type"] == "image/svg+xml"
+        page.set_input_files("#picture", files=[{"name": "me.png", "mimeType": "image/png",
+                                                 "buffer": picture("PNG", (90, 90))}])
+        submit(admin, "#upload")
+        assert bucket_keys(moto_s3) == [f"avatars/{ids['admin']}.png"]
+
+        # A payload in the hidden Gravatar field is refused and shown as text.
+        admin.go("/console/settings")
+        r = page.request.post(f"{srv.url}/console/settings/gravatar", max_redirects=0,
+                              form={"csrf": admin.csrf(), "gravatar": PAYLOAD[:10]})
+        assert r.status == 400 and "expected on or off" in r.text()
+        assert "<img src=/console/pwned" not in r.text()
+
+        # Every change is in the audit log, under the operator's tenant.
+        actions = audit_actions(db_url)
+        for action in ("settings.mail_test", "settings.s3_test", "settings.retention_days",
+                       "settings.support_terms", "settings.gravatar", "avatar.upload",
+                       "avatar.delete"):
+            assert action in actions, action
+
         # Gravatar on the avatar page: the browser fetches it from the configured origin only.
         carla = Console(browser, srv.url)
         try:
@@ -290,6 +360,8 @@ max_upload_kib = {MAX_KIB}
             assert carla.page.locator("#current-avatar").evaluate("img => img.naturalWidth") == 64
             outside = [u for u in carla.requests if not u.startswith(srv.url + "/")]
             assert outside and all(u.startswith(gravatar_server) for u in outside), outside
+            # An auditor of the operator's tenant is no admin: no settings.
+            assert carla.go("/console/settings").status == 403
         finally:
             carla.close()
 
@@ -329,6 +401,44 @@ max_upload_kib = {MAX_KIB}
         assert again.page.locator("#gravatar-state").inner_text() == "on"
         assert again.page.input_value("#terms").startswith(marker)
         assert again.page.locator("#retention-state").inner_text() == "Currently: 30 days."
+        assert "gravatar=True, retention 30 days" in srv.log()   # applied at start
     finally:
         again.close()
+        srv.stop()
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_without_relay_and_s3_no_mail_and_pictures_in_the_data_folder(tmp_path, db_url, browser):
+    srv = start_server(tmp_path, db_url, "")
+    c = Console(browser, srv.url)
+    try:
+        c.login("admin", ADMIN_PASSWORD)
+        c.go("/console/settings")
+        assert c.page.locator("#mail-off").is_visible()
+        assert c.page.locator("#s3-off").is_visible() and c.page.locator("#s3-test").count() == 0
+        c.page.fill("#mail-to", "ops@example.test")
+        submit(c, "#mail-test")
+        assert ("no SMTP relay configured; set [mail] smtp_host"
+                in c.page.locator("#mail-error").inner_text())
+        r = c.page.request.post(f"{srv.url}/console/settings/s3-test", max_redirects=0,
+                                form={"csrf": c.csrf()})
+        assert r.status == 409 and "S3 is off" in r.text()
+
+        admin_id = user_ids(db_url)["admin"]
+        c.go("/console/avatar")
+        original = picture("GIF", (60, 140))
+        c.page.set_input_files("#picture", files=[{"name": "me.gif", "mimeType": "image/gif",
+                                                   "buffer": original}])
+        submit(c, "#upload")
+        assert "this server's data folder" in c.page.locator("#avatar-source").inner_text()
+        stored = srv.data_dir / "avatars" / f"{admin_id}.png"
+        assert stored.read_bytes() == avatars.clean_upload(original, 512)
+        served = c.page.request.get(f"{srv.url}/console/avatar/{admin_id}")
+        assert served.body() == stored.read_bytes()
+        submit(c, "#delete-avatar")
+        assert not stored.exists()
+        c.assert_local_only()
+    finally:
+        c.close()
         srv.stop()

@@ -16,7 +16,7 @@ from twisted.logger import Logger
 
 from protocol.runtime import run_blocking
 
-from .. import accounts, avatars, settings_store
+from .. import accounts, settings_store
 from ..db.models import OutboxMail
 from ..mail import FAILED, MailDisabled
 from ..s3store import CheckReport
