@@ -1,0 +1,365 @@
+"""Console TOTP, password reset and invitation in Debian's Chromium against a real server process
+whose mail goes to a real aiosmtpd relay on 127.0.0.1: the reset link is read from the mail the
+relay received and opened in the browser.  Screenshots go to test-artifacts/console/.
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import re
+import time
+from pathlib import Path
+
+import pyotp
+import pytest
+from aiosmtpd.controller import Controller
+
+from tests.fixtures_console import PAYLOAD, Console
+from tests.fixtures_server import ADMIN_PASSWORD, ServerProcess, free_port, write_config
+
+CARLA_PASSWORD = "carla-password-1"
+NEW_PASSWORD = "brand-new-password-2"
+MAIL_WAIT = 20.0   # the server's outbox runs every 5 s
+
+
+class Inbox:
+    """What the aiosmtpd relay received."""
+
+    def __init__(self) -> None:
+        self.messages: list[email.message.EmailMessage] = []
+
+    async def handle_DATA(self, server, session, envelope):
+        message = email.message_from_bytes(envelope.content, policy=email.policy.default)
+        message["X-Envelope-To"] = ",".join(envelope.rcpt_tos)
+        self.messages.append(message)
+        return "250 OK"
+
+    def wait(self, count: int) -> list[email.message.EmailMessage]:
+        deadline = time.monotonic() + MAIL_WAIT
+        while len(self.messages) < count:
+            assert time.monotonic() < deadline, f"only {len(self.messages)} of {count} mails arrived"
+            time.sleep(0.1)
+        return self.messages
+
+
+@pytest.fixture
+def relay():
+    inbox = Inbox()
+    controller = Controller(inbox, hostname="127.0.0.1", port=free_port())
+    controller.start()
+    try:
+        yield inbox, controller.port
+    finally:
+        controller.stop()
+
+
+def mail_server(tmp_path: Path, db_url: str, port: int, console: str = "") -> ServerProcess:
+    """A running server that mails through the relay on ``port``; ``carla`` is an admin with a
+    mail address (the ``admin`` of ``init`` has none)."""
+    data = tmp_path / "data"
+    config = write_config(tmp_path / "hausmeister.toml", data, db_url, extra=f"""
+[mail]
+smtp_host = "127.0.0.1"
+smtp_port = {port}
+security = "none"
+from_address = "hausmeister@example.test"
+
+[console]
+totp_issuer = "Hausmeister test"
+{console}
+""")
+    srv = ServerProcess(config, data)
+    srv.ok("init", "--password-stdin", stdin=ADMIN_PASSWORD + "\n")
+    srv.ok("user", "add", "carla", "--role", "admin", "--email", "carla@example.test",
+           "--password-stdin", stdin=CARLA_PASSWORD + "\n")
+    return srv.start()
+
+
+def reset_link(message, base: str, purpose: str = "reset") -> str:
+    body = message.get_body(("plain",)).get_content()
+    found = re.findall(r"https://\S+/console/%s/[A-Za-z0-9_-]+" % purpose, body)
+    assert len(found) == 1, body
+    assert found[0].startswith(base + "/console/"), (found, base)  # only ever the server itself
+    return found[0]
+
+
+def audit_actions(db_url: str, actor: str) -> set[str]:
+    from server.db import Database
+    from server.db.models import AuditEntry
+    db = Database(db_url)
+    try:
+        return set(db.call(lambda s: [a for (a,) in s.query(AuditEntry.action).filter_by(actor=actor)]))
+    finally:
+        db.dispose()
+
+
+def submit(c: Console, button: str) -> None:
+    with c.page.expect_navigation():
+        c.page.click(button)
+
+
+def error_text(c: Console) -> str:
+    return c.page.locator("#error").inner_text()
+
+
+def totp_login(c: Console, name: str, password: str) -> None:
+    c.login(name, password)
+    assert c.page.url == c.url + "/console/login/totp", c.page.content()[:2000]
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_totp_set_up_login_reuse_and_turn_off(tmp_path, db_url, relay, browser):
+    inbox, port = relay
+    srv = mail_server(tmp_path, db_url, port)
+    c = Console(browser, srv.url)
+    try:
+        c.login("carla", CARLA_PASSWORD)
+        assert c.page.url == srv.url + "/console/hosts"
+        c.go("/console/account")
+        assert c.page.locator("#me-name").inner_text() == "carla"
+        assert c.page.locator("#me-role").inner_text() == "admin"
+        assert c.page.locator("#me-email").inner_text() == "carla@example.test"
+        assert c.page.locator("#me-totp").inner_text() == "off"
+
+        # Set-up: key as text, the otpauth URI and a QR code drawn by the server itself.
+        submit(c, "#totp-new")
+        secret = c.page.locator("#totp-secret").inner_text().strip()
+        uri = c.page.locator("#totp-uri").inner_text().strip()
+        assert re.fullmatch(r"[A-Z2-7]{32}", secret)
+        assert uri.startswith("otpauth://totp/") and f"secret={secret}" in uri and "carla" in uri
+        qr = c.page.request.get(srv.url + "/console/account/totp.svg")
+        assert qr.status == 200 and qr.headers["content-type"] == "image/svg+xml"
+        c.page.wait_for_function("document.getElementById('totp-qr').complete")
+        assert c.page.evaluate("document.getElementById('totp-qr').naturalWidth") > 0
+        c.shot("account-totp")
+        totp = pyotp.TOTP(secret)
+        # A confirmation POST without the CSRF token changes nothing.
+        r = c.page.request.post(srv.url + "/console/account/totp/confirm",
+                                form={"code": totp.now()}, max_redirects=0)
+        assert r.status == 403
+
+        # Each code works once and only the steps -1/0/+1 are valid, so the steps used below go
+        # up: confirm with -1, log in with 0, turn off with +1.  Start early in a 30 s step so
+        # "the code used at set-up" is still inside the window at the login.
+        if time.time() % 30 > 22:
+            time.sleep(30.5 - time.time() % 30)
+        set_up_code = totp.at(time.time() - 30)
+        c.page.fill("#confirm-code", set_up_code)
+        submit(c, "#totp-confirm")
+        assert "TOTP is on" in c.page.locator("#notice").inner_text()
+        assert c.page.locator("#me-totp").inner_text() == "on"
+        assert c.page.request.get(srv.url + "/console/account/totp.svg").status == 404
+
+        # Log out; the password alone no longer logs in: the session is pending, not logged in.
+        submit(c, "#logout")
+        totp_login(c, "carla", CARLA_PASSWORD)
+        c.go("/console/hosts")
+        assert c.page.url == srv.url + "/console/login"
+        totp_login(c, "carla", CARLA_PASSWORD)
+        assert c.page.locator("#totp-user").inner_text() == "carla"
+        # The code form refuses a POST without the CSRF token (before counting anything).
+        r = c.page.request.post(srv.url + "/console/login/totp", form={"code": totp.now()},
+                                max_redirects=0)
+        assert r.status == 403
+        # The code already used at set-up: refused.  (This server allows 2 free failures.)
+        c.page.fill("#code", set_up_code)
+        submit(c, "#verify")
+        assert c.page.url == srv.url + "/console/login/totp"
+        assert "already used" in error_text(c)
+        # A wrong code: refused, still pending.
+        wrong = next(code for code in ("000000", "111111", "222222")
+                     if code not in {totp.at(time.time() + d) for d in (-30, 0, 30)})
+        c.page.fill("#code", wrong)
+        submit(c, "#verify")
+        assert "wrong or expired code" in error_text(c)
+        # The current code logs in.
+        c.page.fill("#code", totp.now())
+        submit(c, "#verify")
+        assert c.page.url == srv.url + "/console/hosts"
+        assert "carla" in c.page.locator("#who").inner_text()
+
+        # Turning TOTP off needs a current code; a POST without CSRF is refused.
+        c.go("/console/account")
+        r = c.page.request.post(srv.url + "/console/account/totp/off", form={"code": totp.now()},
+                                max_redirects=0)
+        assert r.status == 403
+        assert c.page.locator("#me-totp").inner_text() == "on"
+        c.page.fill("#off-code", totp.at(time.time() + 30))
+        submit(c, "#totp-off")
+        assert "TOTP is off" in c.page.locator("#notice").inner_text()
+        assert c.page.locator("#me-totp").inner_text() == "off"
+
+        # Password alone again.
+        submit(c, "#logout")
+        c.login("carla", CARLA_PASSWORD)
+        assert c.page.url == srv.url + "/console/hosts"
+        c.assert_local_only()
+    finally:
+        c.close()
+        srv.stop()
+    assert audit_actions(db_url, "carla") >= {"totp.enable", "totp.disable", "console.login"}
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_forgot_password_mail_link_reset_and_reuse(tmp_path, db_url, relay, browser):
+    inbox, port = relay
+    srv = mail_server(tmp_path, db_url, port)
+    c = Console(browser, srv.url)
+    other = Console(browser, srv.url)
+    try:
+        # carla is logged in elsewhere: the reset ends that session.
+        other.login("carla", CARLA_PASSWORD)
+        assert other.page.url == srv.url + "/console/hosts"
+
+        c.go("/console/login")
+        with c.page.expect_navigation():
+            c.page.click("#forgot")
+        assert c.page.url == srv.url + "/console/forgot"
+        c.page.fill("#user", "carla")
+        submit(c, "#send")
+        answer = c.page.locator("#sent").inner_text()
+        c.shot("forgot")
+
+        # An unknown user, a user without mail (admin) and HTML get the same answer; no mail.
+        for name in ("nobody-here", "admin", PAYLOAD):
+            c.go("/console/forgot")
+            c.page.fill("#user", name)
+            submit(c, "#send")
+            assert c.page.locator("#sent").inner_text().replace(name, "carla") == answer
+            assert c.page.locator("#pwned").count() == 0
+            assert c.page.evaluate("window.pwned") is None
+        # A forgot POST without the CSRF token is refused.
+        r = c.page.request.post(srv.url + "/console/forgot", form={"user": "carla"}, max_redirects=0)
+        assert r.status == 403
+
+        [message] = inbox.wait(1)
+        time.sleep(0.5)
+        assert len(inbox.messages) == 1, [m["Subject"] for m in inbox.messages]
+        assert message["X-Envelope-To"] == "carla@example.test"
+        assert message["Subject"] == "Hausmeister: reset the password of carla"
+        link = reset_link(message, srv.url)
+        token = link.rsplit("/", 1)[1]
+        assert len(token) >= 22  # 128 bits, URL-safe base64
+
+        # Open the link from the mail in the browser.
+        c.page.goto(link)
+        assert c.page.locator("#link-user").inner_text() == "carla"
+        # Refused: without CSRF, two different passwords, a short one; the link stays usable.
+        r = c.page.request.post(link, form={"password": NEW_PASSWORD, "again": NEW_PASSWORD},
+                                max_redirects=0)
+        assert r.status == 403
+        c.page.fill("#password", NEW_PASSWORD)
+        c.page.fill("#again", NEW_PASSWORD + "x")
+        submit(c, "#set-password")
+        assert "differ" in error_text(c)
+        c.page.fill("#password", PAYLOAD)
+        c.page.fill("#again", PAYLOAD)
+        c.shot("reset")
+        c.page.fill("#password", NEW_PASSWORD)
+        c.page.fill("#again", NEW_PASSWORD)
+        submit(c, "#set-password")
+        assert "is set" in c.page.locator("#done").inner_text()
+
+        # The other browser's session of carla has ended.
+        other.go("/console/hosts")
+        assert other.page.url == srv.url + "/console/login"
+
+        # The same link again: refused, clearly, and nothing changes.
+        response = c.page.goto(link)
+        assert response.status == 410
+        assert "already used" in c.page.locator("#message").inner_text()
+        c.go("/console/forgot")
+        r = c.page.request.post(link, form={"csrf": c.csrf(), "password": "another-password-3",
+                                            "again": "another-password-3"}, max_redirects=0)
+        assert r.status == 410
+        # An unknown token: 404.
+        assert c.page.goto(srv.url + "/console/reset/AAAAAAAAAAAAAAAAAAAAAA").status == 404
+
+        # The new password logs in; the old one does not.
+        c.login("carla", NEW_PASSWORD)
+        assert c.page.url == srv.url + "/console/hosts"
+        submit(c, "#logout")
+        c.login("carla", CARLA_PASSWORD)
+        assert "wrong user name or password" in error_text(c)
+        c.assert_local_only()
+        other.assert_local_only()
+
+    finally:
+        c.close()
+        other.close()
+        srv.stop()
+    assert audit_actions(db_url, "carla") >= {"password.reset-request", "password.reset"}
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_expired_reset_link_invitation_and_own_password(tmp_path, db_url, relay, browser):
+    from server import mail_texts, user_links
+    from server.db import Database
+    from server.db.models import User
+
+    inbox, port = relay
+    srv = mail_server(tmp_path, db_url, port, console='reset_link_ttl = "1s"')
+    c = Console(browser, srv.url)
+    try:
+        # A reset link that lives 1 s is expired by the time its mail arrives.
+        c.go("/console/forgot")
+        c.page.fill("#user", "carla")
+        submit(c, "#send")
+        [message] = inbox.wait(1)
+        assert "1 second" in message.get_body(("plain",)).get_content()
+        response = c.page.goto(reset_link(message, srv.url))
+        assert response.status == 410
+        assert "expired" in c.page.locator("#message").inner_text()
+
+        # An invitation (what the users page does: user, link, mail) → first password → login.
+        db = Database(db_url)
+        try:
+            def invite(s):
+                user = s.query(User).filter_by(name="carla").one()
+                token = user_links.issue(s, user, "invite", 3600)
+                return mail_texts.invitation(srv.url, user.name, "admin",
+                                             f"{srv.url}/console/invite/{token}",
+                                             mail_texts.ttl_text(3600))
+            subject, body = db.call(invite)
+        finally:
+            db.dispose()
+        link = re.search(r"https://\S+/console/invite/\S+", body).group(0)
+        assert "1 hour" in body and "carla" in subject
+        c.page.goto(link)
+        assert "Welcome" in c.page.content()
+        c.page.fill("#password", NEW_PASSWORD)
+        c.page.fill("#again", NEW_PASSWORD)
+        submit(c, "#set-password")
+        assert "is set" in c.page.locator("#done").inner_text()
+        assert c.page.goto(link).status == 410
+
+        # Own password change: current password needed, min length 10.
+        c.login("carla", NEW_PASSWORD)
+        c.go("/console/account")
+        c.page.fill("#current", NEW_PASSWORD)
+        c.page.fill("#new", "short1234")
+        c.page.fill("#again", "short1234")
+        c.page.evaluate("document.getElementById('password-form').noValidate = true")
+        submit(c, "#change-password")
+        assert "too short" in error_text(c)
+        r = c.page.request.post(srv.url + "/console/account/password",
+                                form={"current": NEW_PASSWORD, "new": "x" * 12, "again": "x" * 12},
+                                max_redirects=0)
+        assert r.status == 403
+        c.page.fill("#current", NEW_PASSWORD)
+        c.page.fill("#new", CARLA_PASSWORD)
+        c.page.fill("#again", CARLA_PASSWORD)
+        submit(c, "#change-password")
+        assert "password was changed" in c.page.locator("#notice").inner_text()
+        submit(c, "#logout")
+        c.login("carla", CARLA_PASSWORD)
+        assert c.page.url == srv.url + "/console/hosts"
+        c.assert_local_only()
+    finally:
+        c.close()
+        srv.stop()
+    assert audit_actions(db_url, "carla") >= {"password.first", "password.change"}
