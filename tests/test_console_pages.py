@@ -69,16 +69,23 @@ def write_protocol(protocol_dir: Path, tenant: str, sid: str, chat: str = "hello
     return writer.locate(tenant, sid)
 
 
-def raw_get(base_url: str, path: str) -> tuple[int, bytes]:
-    """GET ``path`` exactly as given (no client-side normalisation) from the loopback server."""
+def raw_get(base_url: str, path: str, method: str = "GET",
+            headers: dict | None = None) -> tuple[int, bytes]:
+    """``path`` exactly as given (no client-side normalisation) from the loopback server."""
+    status, body, _ = raw_request(base_url, path, method, headers)
+    return status, body
+
+
+def raw_request(base_url: str, path: str, method: str = "GET",
+                headers: dict | None = None) -> tuple[int, bytes, http.client.HTTPMessage]:
     parts = urlsplit(base_url)
     assert parts.hostname == "127.0.0.1"
     conn = http.client.HTTPSConnection(parts.hostname, parts.port, timeout=10,
                                        context=ssl._create_unverified_context())
     try:
-        conn.request("GET", path)
+        conn.request(method, path, headers=headers or {})
         response = conn.getresponse()
-        return response.status, response.read()
+        return response.status, response.read(), response.headers
     finally:
         conn.close()
 
@@ -142,6 +149,8 @@ def test_sessions_filter_csv_detail_timeline_and_tenant_isolation(running_server
             c.page.click("#search")
         assert c.page.locator("tr.session").count() == 1
         assert "bert" in c.page.locator("tr.session").inner_text()
+        c.go("/console/sessions")
+        c.shot("sessions-filters")
         c.go("/console/sessions?from=2026-10-20")
         assert c.page.locator("tr.session").count() == 1 and "alice" in c.page.content()
         c.go("/console/sessions?from=2026-10-15&to=2026-10-15")
@@ -244,6 +253,12 @@ def test_download_page_files_settings_and_help(running_server, browser, db_url, 
         assert r.headers["content-type"] == "application/octet-stream"
         assert f'filename="{installer.name}"' in r.headers["content-disposition"]
         assert r.headers["x-content-type-options"] == "nosniff"
+        path = f"/console/download/{installer.name}"
+        status, body, headers = raw_request(srv.url, path, "HEAD")
+        assert status == 200 and body == b"" and int(headers["content-length"]) == installer.stat().st_size
+        status, body, headers = raw_request(srv.url, path, headers={"Range": "bytes=100-199"})
+        assert status == 206 and body == installer.read_bytes()[100:200]
+
         # Sent byte for byte (a browser would resolve the dots before sending).
         for bad in ("..", "../secret.txt", "..%2Fsecret.txt", "%2E%2E%2Fsecret.txt",
                     "..%2F..%2Fhausmeister.db", "with%20space.txt", "link.deb", "sub", ".hidden",
