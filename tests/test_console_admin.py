@@ -18,15 +18,14 @@ from urllib.parse import quote, urlsplit
 
 import pytest
 from aiosmtpd.controller import Controller
-
 from sqlalchemy import delete, select
 
 from server import certificates, user_links
 from server.db import Database
 from server.db.models import AuditEntry, Certificate, EnrollmentToken, User
 from tests.fixtures_console import PAYLOAD, Console
-from tests.module_process import ModuleProcess
 from tests.fixtures_server import ADMIN_PASSWORD, ServerProcess, run_cli, write_config
+from tests.module_process import ModuleProcess
 
 BOB_PASSWORD = "bob-password-789"
 AUDREY_PASSWORD = "audrey-password-012"
@@ -34,12 +33,14 @@ MAIL_WAIT_SECONDS = 30  # the outbox runs every 5 s
 
 
 class MailCatcher:
-    async def handle_DATA(self, server, session, envelope):
-        self.messages.append((list(envelope.rcpt_tos), envelope.content))
-        return "250 OK"
+    """The aiosmtpd handler: keeps every mail the server's outbox delivers."""
 
     def __init__(self) -> None:
         self.messages: list[tuple[list[str], bytes]] = []
+
+    async def handle_DATA(self, server, session, envelope):
+        self.messages.append((list(envelope.rcpt_tos), envelope.content))
+        return "250 OK"
 
     def wait(self, timeout: float = MAIL_WAIT_SECONDS) -> tuple[list[str], email.message.EmailMessage]:
         deadline = time.monotonic() + timeout
@@ -407,13 +408,13 @@ def test_other_tenant_and_auditor_cannot_see_or_change(running_server, enrolled_
 
 # --- the tenant scoping of the page queries, on both database backends ----------------------------
 
-T0 = dt.datetime(2026, 11, 1, 9, 0, tzinfo=dt.timezone.utc)
+T0 = dt.datetime(2026, 11, 1, 9, 0, tzinfo=dt.UTC)
 
 
 def _world(session) -> dict:
     """Two tenants, each with a group, a host, a supporter, a token, certificates, audit entries."""
     from server import accounts
-    from server.db.models import CertRole, Certificate, Host, Role
+    from server.db.models import Certificate, CertRole, Host, Role
 
     out = {}
     for name in ("a", "b"):
@@ -440,8 +441,13 @@ def _world(session) -> dict:
 
 def test_page_queries_never_cross_tenants(database, fast_password_hashing):
     from server import accounts
-    from server.console import PageError
-    from server.console import pages_audit, pages_certs, pages_tokens, pages_users
+    from server.console import (
+        PageError,
+        pages_audit,
+        pages_certs,
+        pages_tokens,
+        pages_users,
+    )
 
     with database.session() as s:
         w = _world(s)
@@ -508,7 +514,7 @@ def test_page_queries_never_cross_tenants(database, fast_password_hashing):
         database.call(lambda s: pages_users.change_role(s, s.get(User, a["user"]), a["user"], "auditor"))
     with database.session() as s:
         assert not s.get(User, b["user"]).disabled
-        assert s.get(EnrollmentToken, b["token"]).expires_at > dt.datetime.now(dt.timezone.utc)
+        assert s.get(EnrollmentToken, b["token"]).expires_at > dt.datetime.now(dt.UTC)
         assert all(c.revoked_at is None for c in s.scalars(select(Certificate)))
         assert [e.action for e in s.scalars(select(AuditEntry).order_by(AuditEntry.id))] == [
             "thing.a", "thing.b", "tenant.add"]

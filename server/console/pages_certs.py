@@ -18,7 +18,7 @@ from sqlalchemy import literal, select
 from protocol.identity import SCHEME, Identity, IdentityError, fingerprint
 
 from .. import accounts, certificates, pki
-from ..db.models import CertRole, Certificate, Host, User
+from ..db.models import Certificate, CertRole, Host, User
 from ..pki import utcnow
 from .core import MAX_ROWS, Ctx, PageError, route
 

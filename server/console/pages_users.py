@@ -9,10 +9,12 @@ outbox when a relay is configured, else shown once to the admin to hand over.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 
 from .. import accounts, mail_texts, user_links
 from ..config import parse_duration
@@ -154,7 +156,10 @@ def _add(session, how: InviteContext, name: str, role_text: str, email_text: str
                                     f"a {role.value}")
     tenant = session.get(Tenant, how.tenant_id)
     # A random password nobody learns: the user sets their own through the invitation link.
-    user = accounts.add_user(session, tenant, name, role, accounts.generate_password(), email)
+    try:
+        user = accounts.add_user(session, tenant, name, role, accounts.generate_password(), email)
+    except IntegrityError:  # the same name added at the same moment elsewhere
+        raise accounts.AccountError(f"user {name!r} already exists")
     _set_groups(session, user, groups, how.tenant_id)
     invitation = invite(session, user, how)
     accounts.audit(session, how.actor, "user.add",
