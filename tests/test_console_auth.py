@@ -5,6 +5,7 @@ relay received and opened in the browser.  Screenshots go to test-artifacts/cons
 
 from __future__ import annotations
 
+import datetime as dt
 import email
 import email.policy
 import re
@@ -363,3 +364,97 @@ def test_expired_reset_link_invitation_and_own_password(tmp_path, db_url, relay,
         c.close()
         srv.stop()
     assert audit_actions(db_url, "carla") >= {"password.first", "password.change"}
+
+
+# --- the logic under the pages, against a real database (SQLite and PostgreSQL) -----------------
+
+from server import accounts  # noqa: E402
+from server.config import MailSection  # noqa: E402
+from server.console import auth  # noqa: E402
+from server.db.models import OutboxMail, Role, UserLink  # noqa: E402
+from server.mail import Outbox  # noqa: E402
+
+MAIL = MailSection(smtp_host="127.0.0.1", smtp_port=2525, security="none", username="",
+                   password="", from_address="hausmeister@example.test")
+
+
+def test_totp_step_window_and_format():
+    secret = pyotp.random_base32()
+    totp, now = pyotp.TOTP(secret), time.time()
+    step = totp.timecode(dt.datetime.fromtimestamp(now, dt.timezone.utc))
+    for delta in (-1, 0, 1):
+        assert auth.totp_step(secret, totp.generate_otp(step + delta), now) == step + delta
+    assert auth.totp_step(secret, totp.generate_otp(step + 2), now) is None
+    assert auth.totp_step(secret, totp.generate_otp(step - 2), now) is None
+    code = totp.generate_otp(step)
+    assert auth.totp_step(secret, code[:3] + " " + code[3:], now) == step  # as apps show it
+    for bad in ("", "12345", "1234567", "abcdef", "<b>12</b>", "１２３４５６"):
+        assert auth.totp_step(secret, bad, now) is None
+
+
+@pytest.fixture
+def people(database, fast_password_hashing):
+    def build(s):
+        tenant = accounts.get_or_create_tenant(s, "acme")
+        carla = accounts.add_user(s, tenant, "carla", Role.admin, CARLA_PASSWORD,
+                                  email="carla@example.test")
+        carla.totp_secret = pyotp.random_base32()
+        accounts.add_user(s, tenant, "nomail", Role.admin, CARLA_PASSWORD)
+        off = accounts.add_user(s, tenant, "off", Role.auditor, CARLA_PASSWORD, email="off@example.test")
+        off.disabled = True
+        return carla.id, carla.totp_secret
+    return database, *database.call(build)
+
+
+def test_wrong_codes_count_in_the_lock_out_and_a_code_works_once(people):
+    db, carla_id, secret = people
+    lockouts = accounts.Lockouts(accounts.LockoutPolicy(free_attempts=2, base_seconds=60))
+    used = auth.UsedSteps()
+    totp = pyotp.TOTP(secret)
+
+    def attempt(code: str, source: str = "192.0.2.9"):
+        def run(s):
+            user = s.get(accounts.User, carla_id)
+            auth._check_code(s, lockouts, used, user, secret, code, source)
+        db.call(run)
+
+    code = totp.now()
+    attempt(code)
+    with pytest.raises(accounts.Refused, match="already used"):
+        attempt(code)
+    with pytest.raises(accounts.Refused, match="wrong or expired"):
+        attempt("000000" if code != "000000" else "111111")
+    with pytest.raises(accounts.Refused, match="try again in 60 s"):
+        attempt("000000" if code != "000000" else "111111")
+    # Locked now: even the right next code waits, from any address (the user key).
+    with pytest.raises(accounts.LockedOut):
+        attempt(totp.at(time.time() + 30), source="198.51.100.1")
+    keys = db.call(lambda s: {k for (k,) in s.query(accounts.Lockout.key)})
+    assert keys == {"user:carla", "addr:192.0.2.9", "totp:carla"}
+
+
+def test_forgot_queues_one_mail_only_for_a_user_who_can_get_one(people):
+    db, _, _ = people
+    lockouts = accounts.Lockouts(accounts.LockoutPolicy(free_attempts=5, base_seconds=60))
+    outbox = Outbox(db, MAIL)
+    base = "https://hm.example.test:8443"
+    for name in ("nobody", "nomail", "off", PAYLOAD):
+        db.call(auth._forgot, lockouts, outbox, name, "192.0.2.9", base, 3600.0)
+    assert db.call(lambda s: s.query(OutboxMail).count()) == 0
+    assert db.call(lambda s: s.query(UserLink).count()) == 0
+    db.call(auth._forgot, lockouts, None, "carla", "192.0.2.10", base, 3600.0)  # mail is off
+    assert db.call(lambda s: s.query(UserLink).count()) == 0
+
+    db.call(auth._forgot, lockouts, outbox, "carla", "192.0.2.10", base, 3600.0)
+    [(to, subject, body)] = db.call(lambda s: [(m.to_address, m.subject, m.body_text)
+                                               for m in s.query(OutboxMail)])
+    assert to == "carla@example.test" and "192.0.2.10" in body and "1 hour" in body
+    token = re.search(re.escape(base) + r"/console/reset/([A-Za-z0-9_-]{22})\s", body).group(1)
+    # The stored row holds only the hash of the token.
+    assert db.call(lambda s: [l.token_hash for l in s.query(UserLink)])[0] != token
+    # 5 requests per address are free, the 6th goes through and starts the wait: the 7th waits.
+    db.call(auth._forgot, lockouts, outbox, "carla", "192.0.2.9", base, 3600.0)
+    db.call(auth._forgot, lockouts, outbox, "carla", "192.0.2.9", base, 3600.0)
+    with pytest.raises(accounts.LockedOut):
+        db.call(auth._forgot, lockouts, outbox, "carla", "192.0.2.9", base, 3600.0)
+    db.call(auth._forgot, lockouts, outbox, "carla", "192.0.2.11", base, 3600.0)

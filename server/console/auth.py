@@ -39,6 +39,7 @@ MAX_PASSWORD = 1024
 MAX_CODE = 20
 CONSOLE_ROLES = (Role.admin, Role.auditor)
 PENDING_SECONDS = 300          # a password step waits this long for its TOTP code
+DEFAULT_RESET_TTL = 3600.0     # without a config (bare ``WebPlane``): the config file's default
 FORGOT_FREE_ATTEMPTS = 5       # forgot-password requests per address before the lock-out starts
 
 
@@ -78,7 +79,7 @@ def _used_steps(console) -> UsedSteps:
 def totp_step(secret: str, code: str, now: float | None = None) -> int | None:
     """The time step (within ±1, ``valid_window=1``) whose code is ``code``, or None."""
     code = code.strip().replace(" ", "")
-    if len(code) != 6 or not code.isdigit():
+    if len(code) != 6 or not (code.isascii() and code.isdigit()):
         return None
     totp = pyotp.TOTP(secret)
     moment = dt.datetime.fromtimestamp(time.time() if now is None else now, dt.timezone.utc)
@@ -436,7 +437,8 @@ def forgot(ctx: Ctx):
     if not name or len(name) > MAX_NAME:
         return ctx.page("auth_forgot.html", 400, error="enter your user name", name=name[:MAX_NAME],
                         sent=False, mail_on=mail_on)
-    ttl = parse_duration(ctx.console.config.console.reset_link_ttl)
+    config = ctx.console.config
+    ttl = parse_duration(config.console.reset_link_ttl) if config else DEFAULT_RESET_TTL
 
     def done(_):
         return ctx.page("auth_forgot.html", name=name, sent=True, mail_on=mail_on)
