@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
 import socket
 import urllib.request
@@ -162,3 +163,40 @@ def test_s3_check_passes_and_explains_failures(moto_s3):
     with pytest.raises(S3Error) as caught:
         S3Store(moto_s3.section(endpoint=f"http://127.0.0.1:{dead_port()}")).get("avatars/1.png")
     assert caught.value.code == "EndpointConnectionError"
+
+
+def moto_auth(moto, count: str) -> None:
+    """Turn moto's key checking on ("0") or off ("inf") (a process-wide moto setting)."""
+    urllib.request.urlopen(urllib.request.Request(f"{moto.endpoint}/moto-api/reset-auth",
+                                                  data=count.encode(), method="POST",
+                                                  headers={"Content-Type": "text/plain"}),
+                           timeout=10).close()
+
+
+def test_s3_check_explains_wrong_keys(moto_s3):
+    import boto3
+    iam = boto3.session.Session().client("iam", endpoint_url=moto_s3.endpoint, region_name="us-east-1",
+                                         aws_access_key_id="testing", aws_secret_access_key="testing")
+    iam.create_user(UserName="hausmeister")
+    iam.put_user_policy(UserName="hausmeister", PolicyName="s3", PolicyDocument=json.dumps({
+        "Version": "2012-10-17",
+        "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
+    key = iam.create_access_key(UserName="hausmeister")["AccessKey"]
+    moto_auth(moto_s3, "0")
+    try:
+        def section(access: str, secret: str) -> S3Section:
+            return S3Section(enabled=True, endpoint_url=moto_s3.endpoint, bucket=BUCKET,
+                             region="us-east-1", access_key=access, secret_key=secret, ca_bundle="")
+        good = S3Store(section(key["AccessKeyId"], key["SecretAccessKey"])).test()
+        assert good.ok, good.error
+        with pytest.raises(S3Error) as unknown:
+            S3Store(section("AKIAUNKNOWNKEY000000", "whatever")).get("avatars/1.png")
+        assert unknown.value.code == "InvalidAccessKeyId" and "fix s3.access_key" in str(unknown.value)
+        with pytest.raises(S3Error) as wrong:
+            S3Store(section(key["AccessKeyId"], "wrong-secret")).get("avatars/1.png")
+        assert wrong.value.code == "SignatureDoesNotMatch" and "fix s3.secret_key" in str(wrong.value)
+        # head_bucket has no body: the status alone still gives a clear line
+        report = S3Store(section(key["AccessKeyId"], "wrong-secret")).test()
+        assert not report.ok and "refused the keys" in report.error
+    finally:
+        moto_auth(moto_s3, "inf")

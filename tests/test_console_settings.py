@@ -102,9 +102,19 @@ def gravatar_server():
     httpd.server_close()
 
 
+class RelayHandler(StoreHandler):
+    """Stores mail; refuses the mailbox ``bounce@...`` for good (550)."""
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        if address.startswith("bounce@"):
+            return "550 5.1.1 no such mailbox here"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+
 @pytest.fixture
 def smtp_relay():
-    handler = StoreHandler()
+    handler = RelayHandler()
     controller = Controller(handler, hostname="127.0.0.1", port=free_port(),
                             authenticator=accept_any, auth_require_tls=False)
     controller.start()
@@ -239,8 +249,17 @@ max_upload_kib = {MAX_KIB}
         sender, rcpts, content, login = handler.messages[0]
         assert rcpts == ["ops@example.test"] and b"Hausmeister test mail" in content
         assert login == "relay-user"
-        admin.go("/console/settings")
-        assert "1 sent" in page.locator("#mail-counts").inner_text()
+        page.fill("#mail-to", "bounce@example.test")
+        submit(admin, "#mail-test")
+
+        def counted():
+            admin.go("/console/settings")
+            text = page.locator("#mail-counts").inner_text()
+            return "1 failed" in text and text
+        assert "1 sent" in wait_until(counted, timeout=20, what="the bounce marked failed")
+        failure = page.locator("#mail-failures tr.failure")
+        assert failure.count() == 1 and "bounce@example.test" in failure.inner_text()
+        assert "550" in failure.inner_text()
 
         # S3 test: passes with moto; a missing bucket is a clear error, nothing changed.
         submit(admin, "#s3-test")
