@@ -146,27 +146,43 @@ def _certificates(store: Any) -> list[tuple[str, x509.Certificate]]:
 
 
 class Periodic(Service):
-    """Runs ``tick`` (which returns a Deferred) at start and then every ``interval`` seconds."""
+    """Runs ``tick`` (which returns a Deferred) every ``interval`` seconds, the first time
+    ``first_delay`` after start (the server writes its address in that reactor turn)."""
 
-    def __init__(self, name: str, tick: Callable[[], Any], interval: float, clock: Any = None) -> None:
+    def __init__(self, name: str, tick: Callable[[], Any], interval: float, clock: Any = None,
+                 first_delay: float = 1.0) -> None:
         self.name = name
         self.tick = tick
         self.interval = interval
         self.clock = clock
+        self.first_delay = first_delay
         self._loop: task.LoopingCall | None = None
+        self._first: Any = None
 
     def _safe_tick(self):
         return self.tick().addErrback(lambda f: log.failure("{name}: run failed", f, name=self.name))
 
+    def _begin(self) -> None:
+        self._first = None
+        self._loop = task.LoopingCall(self._safe_tick)
+        self._loop.clock = self._clock()
+        self._loop.start(self.interval, now=True)
+
+    def _clock(self):
+        if self.clock is not None:
+            return self.clock
+        from twisted.internet import reactor
+        return reactor
+
     def startService(self) -> None:
         super().startService()
-        self._loop = task.LoopingCall(self._safe_tick)
-        if self.clock is not None:
-            self._loop.clock = self.clock
-        self._loop.start(self.interval, now=True)
+        self._first = self._clock().callLater(self.first_delay, self._begin)
 
     def stopService(self):
         super().stopService()
+        if self._first is not None and self._first.active():
+            self._first.cancel()
+        self._first = None
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         self._loop = None

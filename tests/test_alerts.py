@@ -148,3 +148,34 @@ def test_no_relay_no_alert_service():
     class App:
         outbox = None
     assert alerts.service(App()) is None
+
+
+def test_periodic_runs_after_start_then_every_interval_and_survives_errors():
+    from twisted.internet import defer
+    from twisted.internet.task import Clock
+
+    clock, runs = Clock(), []
+
+    def tick():
+        runs.append(clock.seconds())
+        if len(runs) == 2:
+            return defer.fail(RuntimeError("database away"))  # logged; the loop goes on
+        return defer.succeed(None)
+
+    service = alerts.Periodic("test", tick, interval=60, clock=clock, first_delay=1.0)
+    service.startService()
+    assert runs == []                 # the server writes its address first
+    clock.advance(1)
+    assert runs == [1]
+    clock.advance(60)
+    clock.advance(60)
+    assert runs == [1, 61, 121]
+    service.stopService()
+    clock.advance(600)
+    assert runs == [1, 61, 121]
+    # Stopped before the first run: nothing runs.
+    early = alerts.Periodic("test", tick, interval=60, clock=clock, first_delay=1.0)
+    early.startService()
+    early.stopService()
+    clock.advance(10)
+    assert runs == [1, 61, 121]

@@ -10,12 +10,20 @@ import email
 import email.policy
 import re
 import time
+import uuid
 from pathlib import Path
 
 import pyotp
 import pytest
 from aiosmtpd.controller import Controller
 
+from server import accounts, mail_texts, user_links
+from server.config import MailSection
+from server.console import auth
+from server.db import Database
+from server.db.models import OutboxMail, Role, User, UserLink
+from server.mail import Outbox
+from server.session_protocol import SessionProtocols, SessionSummary
 from tests.fixtures_console import PAYLOAD, Console
 from tests.fixtures_server import ADMIN_PASSWORD, ServerProcess, free_port, write_config
 
@@ -36,12 +44,17 @@ class Inbox:
         self.messages.append(message)
         return "250 OK"
 
-    def wait(self, count: int) -> list[email.message.EmailMessage]:
+    def wait(self, subject: str, count: int = 1) -> list[email.message.EmailMessage]:
+        """The first ``count`` mails whose subject contains ``subject`` (alerts may come too)."""
         deadline = time.monotonic() + MAIL_WAIT
-        while len(self.messages) < count:
-            assert time.monotonic() < deadline, f"only {len(self.messages)} of {count} mails arrived"
+        while True:
+            found = [m for m in self.messages if subject in m["Subject"]]
+            if len(found) >= count:
+                return found
+            assert time.monotonic() < deadline, (
+                f"{len(found)} of {count} mails with {subject!r} arrived; all: "
+                f"{[m['Subject'] for m in self.messages]}")
             time.sleep(0.1)
-        return self.messages
 
 
 @pytest.fixture
@@ -55,7 +68,8 @@ def relay():
         controller.stop()
 
 
-def mail_server(tmp_path: Path, db_url: str, port: int, console: str = "") -> ServerProcess:
+def mail_server(tmp_path: Path, db_url: str, port: int, console: str = "",
+                extra: str = "") -> ServerProcess:
     """A running server that mails through the relay on ``port``; ``carla`` is an admin with a
     mail address (the ``admin`` of ``init`` has none)."""
     data = tmp_path / "data"
@@ -69,6 +83,7 @@ from_address = "hausmeister@example.test"
 [console]
 totp_issuer = "Hausmeister test"
 {console}
+{extra}
 """)
     srv = ServerProcess(config, data)
     srv.ok("init", "--password-stdin", stdin=ADMIN_PASSWORD + "\n")
@@ -79,14 +94,39 @@ totp_issuer = "Hausmeister test"
 
 def reset_link(message, base: str, purpose: str = "reset") -> str:
     body = message.get_body(("plain",)).get_content()
-    found = re.findall(r"https://\S+/console/%s/[A-Za-z0-9_-]+" % purpose, body)
+    found = re.findall(rf"https://\S+/console/{purpose}/[A-Za-z0-9_-]+", body)
     assert len(found) == 1, body
     assert found[0].startswith(base + "/console/"), (found, base)  # only ever the server itself
     return found[0]
 
 
+def ended_session_of(db_url: str, protocol_dir: Path, supporter: str) -> str:
+    """A session of ``supporter`` (opted in to protocol mails) that ended just now, with its
+    protocol file, written the way the relay and broker record one."""
+    from server.db.models import Session, Tenant
+    sid = str(uuid.uuid4())
+    identity = f"hausmeister:supporter:{supporter}"
+    ended = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=5)
+    start = ended - dt.timedelta(minutes=3)
+    db = Database(db_url)
+    try:
+        def write(s):
+            user = s.query(User).filter_by(name=supporter).one()
+            user.protocol_mail = True
+            s.add(Session(id=sid, tenant_id=user.tenant_id, kind="adhoc", supporter_identity=identity,
+                          peer_address="10.0.0.7", created_at=start, started_at=start,
+                          ended_at=ended, end_reason="supporter ended"))
+            return s.get(Tenant, user.tenant_id).name
+        tenant = db.call(write)
+    finally:
+        db.dispose()
+    protocols = SessionProtocols(protocol_dir)
+    protocols.record(tenant, sid, "file_sent", identity, "192.0.2.1", {"name": "report.pdf"})
+    protocols.ended(tenant, SessionSummary(sid, "adhoc", start, ended, identity, "customer@10.0.0.7"))
+    return sid
+
+
 def audit_actions(db_url: str, actor: str) -> set[str]:
-    from server.db import Database
     from server.db.models import AuditEntry
     db = Database(db_url)
     try:
@@ -112,7 +152,7 @@ def totp_login(c: Console, name: str, password: str) -> None:
 @pytest.mark.e2e
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_totp_set_up_login_reuse_and_turn_off(tmp_path, db_url, relay, browser):
-    inbox, port = relay
+    _, port = relay
     srv = mail_server(tmp_path, db_url, port)
     c = Console(browser, srv.url)
     try:
@@ -236,9 +276,9 @@ def test_forgot_password_mail_link_reset_and_reuse(tmp_path, db_url, relay, brow
         r = c.page.request.post(srv.url + "/console/forgot", form={"user": "carla"}, max_redirects=0)
         assert r.status == 403
 
-        [message] = inbox.wait(1)
+        [message] = inbox.wait("reset the password")
         time.sleep(0.5)
-        assert len(inbox.messages) == 1, [m["Subject"] for m in inbox.messages]
+        assert len(inbox.wait("reset the password")) == 1  # none for the other names
         assert message["X-Envelope-To"] == "carla@example.test"
         assert message["Subject"] == "Hausmeister: reset the password of carla"
         link = reset_link(message, srv.url)
@@ -297,20 +337,22 @@ def test_forgot_password_mail_link_reset_and_reuse(tmp_path, db_url, relay, brow
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
-def test_expired_reset_link_invitation_and_own_password(tmp_path, db_url, relay, browser):
-    from server import mail_texts, user_links
-    from server.db import Database
-    from server.db.models import User
-
+def test_expired_link_invitation_own_password_and_background_mails(tmp_path, db_url, relay, browser):
+    """Also the server's background mails: certificate alerts (every certificate "expires soon"
+    with cert_expiry_days = 3650) and the protocol of a session that just ended."""
     inbox, port = relay
-    srv = mail_server(tmp_path, db_url, port, console='reset_link_ttl = "1s"')
+    srv = mail_server(tmp_path, db_url, port, console='reset_link_ttl = "1s"',
+                      extra="[alerts]\ncert_expiry_days = 3650\n")
+    srv.ok("user", "add", "sam", "--role", "supporter", "--email", "sam@example.test",
+           "--password-stdin", stdin="sam-password-123\n")
+    session_id = ended_session_of(db_url, srv.data_dir / "protocols", "sam")
     c = Console(browser, srv.url)
     try:
         # A reset link that lives 1 s is expired by the time its mail arrives.
         c.go("/console/forgot")
         c.page.fill("#user", "carla")
         submit(c, "#send")
-        [message] = inbox.wait(1)
+        [message] = inbox.wait("reset the password")
         assert "1 second" in message.get_body(("plain",)).get_content()
         response = c.page.goto(reset_link(message, srv.url))
         assert response.status == 410
@@ -360,19 +402,27 @@ def test_expired_reset_link_invitation_and_own_password(tmp_path, db_url, relay,
         c.login("carla", CARLA_PASSWORD)
         assert c.page.url == srv.url + "/console/hosts"
         c.assert_local_only()
+
+        # Background mails: one alert per certificate to the operator admin with a mail address,
+        # and sam's protocol (sam opted in).
+        alerts = inbox.wait("Hausmeister alert: the", 2)
+        assert {m["X-Envelope-To"] for m in alerts} == {"carla@example.test"}
+        assert sorted(m["Subject"].split(" certificate")[0] for m in alerts) == [
+            "Hausmeister alert: the CA", "Hausmeister alert: the server"]
+        assert srv.url in alerts[0].get_body(("plain",)).get_content()
+        [protocol] = inbox.wait(f"protocol of session {session_id}")
+        assert protocol["X-Envelope-To"] == "sam@example.test"
+        text = protocol.get_body(("plain",)).get_content()
+        assert "chain intact" in text and "file_sent" in text and "report.pdf" in text
     finally:
         c.close()
         srv.stop()
     assert audit_actions(db_url, "carla") >= {"password.first", "password.change"}
+    assert len(inbox.wait("Hausmeister alert")) == 2  # each alert once
 
 
 # --- the logic under the pages, against a real database (SQLite and PostgreSQL) -----------------
 
-from server import accounts  # noqa: E402
-from server.config import MailSection  # noqa: E402
-from server.console import auth  # noqa: E402
-from server.db.models import OutboxMail, Role, UserLink  # noqa: E402
-from server.mail import Outbox  # noqa: E402
 
 MAIL = MailSection(smtp_host="127.0.0.1", smtp_port=2525, security="none", username="",
                    password="", from_address="hausmeister@example.test")
@@ -448,7 +498,8 @@ def test_forgot_queues_one_mail_only_for_a_user_who_can_get_one(people):
     db.call(auth._forgot, lockouts, outbox, "carla", "192.0.2.10", base, 3600.0)
     [(to, subject, body)] = db.call(lambda s: [(m.to_address, m.subject, m.body_text)
                                                for m in s.query(OutboxMail)])
-    assert to == "carla@example.test" and "192.0.2.10" in body and "1 hour" in body
+    assert to == "carla@example.test" and subject == "Hausmeister: reset the password of carla"
+    assert "192.0.2.10" in body and "1 hour" in body
     token = re.search(re.escape(base) + r"/console/reset/([A-Za-z0-9_-]{22})\s", body).group(1)
     # The stored row holds only the hash of the token.
     assert db.call(lambda s: [l.token_hash for l in s.query(UserLink)])[0] != token
