@@ -81,12 +81,12 @@ def _inside(base: Path, relative: str) -> Path | None:
     return path
 
 
-def _files_of(base: Path, row: Session) -> list[Path]:
-    if row.protocol_file:
-        path = _inside(base, row.protocol_file)
+def _files_of(base: Path, session_id: str, protocol_file: str | None) -> list[Path]:
+    if protocol_file:
+        path = _inside(base, protocol_file)
         return [path] if path is not None else []
     try:
-        return [p.resolve() for p in find_session(base, row.id)]
+        return [p.resolve() for p in find_session(base, session_id)]
     except ProtocolError:
         return []
 
@@ -107,15 +107,27 @@ def _old_months(base: Path, cutoff: dt.datetime) -> list[Path]:
     return found
 
 
-def _delete_rows(session: DbSession, rows: list[Session], report: SweepReport) -> None:
+def _delete_batch(session: DbSession, base: Path, cutoff: dt.datetime, report: SweepReport) -> int:
+    """Delete up to BATCH ended sessions (rows committed first, then their files)."""
+    rows = session.execute(
+        select(Session.id, Session.tenant_id, Session.protocol_file)
+        .where(Session.ended_at.is_not(None), Session.ended_at < cutoff)
+        .order_by(Session.ended_at, Session.id).limit(BATCH)).all()
+    if not rows:
+        return 0
     ids = [r.id for r in rows]
-    for start in range(0, len(ids), BATCH):
-        chunk = ids[start:start + BATCH]
-        report.events += session.execute(
-            delete(SessionEvent).where(SessionEvent.session_id.in_(chunk))).rowcount or 0
-        session.execute(delete(Session).where(Session.id.in_(chunk)))
-    report.sessions = len(ids)
+    files = [p for r in rows for p in _files_of(base, r.id, r.protocol_file)] if base.is_dir() else []
+    report.events += session.execute(
+        delete(SessionEvent).where(SessionEvent.session_id.in_(ids))).rowcount or 0
+    session.execute(delete(Session).where(Session.id.in_(ids)))
+    session.commit()
+    report.sessions += len(ids)
     report.per_tenant.update(r.tenant_id for r in rows)
+    for path in files:
+        if path.is_file():
+            path.unlink()
+            report.files.append(path)
+    return len(rows)
 
 
 def _existing_ids(session: DbSession, stems: list[str]) -> set[str]:
@@ -168,15 +180,8 @@ def sweep(session: DbSession, protocol_dir: Path | str, days: int,
         return report
     report.cutoff = cutoff = now - dt.timedelta(days=days)
     base = Path(protocol_dir).resolve()
-    rows = list(session.scalars(select(Session).where(Session.ended_at.is_not(None),
-                                                      Session.ended_at < cutoff)))
-    files = [p for row in rows for p in _files_of(base, row)] if base.is_dir() else []
-    _delete_rows(session, rows, report)
-    session.commit()
-    for path in files:
-        if path.is_file():
-            path.unlink()
-            report.files.append(path)
+    while _delete_batch(session, base, cutoff, report) == BATCH:
+        pass
     if base.is_dir():
         for month in _old_months(base, cutoff):
             _sweep_month(session, month, cutoff, report)

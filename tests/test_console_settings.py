@@ -291,6 +291,9 @@ max_upload_kib = {MAX_KIB}
         page.fill("#terms", " ")
         submit(admin, "#terms-save")
         assert "must not be empty" in page.locator("#setting-error").inner_text()
+        r = page.request.post(f"{srv.url}/console/settings/terms", max_redirects=0,
+                              form={"csrf": admin.csrf(), "terms": "x" * 4001})
+        assert r.status == 400 and "at most 4000 characters, got 4001" in r.text()
         submit(admin, "#gravatar-toggle")
         assert page.locator("#gravatar-state").inner_text() == "on"
         admin.shot("settings")

@@ -88,7 +88,8 @@ def test_zero_days_touches_nothing(database, tmp_path):
         AuditEntry.actor == retention.ACTOR))) is None
 
 
-def test_sweep_deletes_old_sessions_files_and_whole_old_months_only(database, tmp_path):
+def test_sweep_deletes_old_sessions_files_and_whole_old_months_only(database, tmp_path, monkeypatch):
+    monkeypatch.setattr(retention, "BATCH", 3)   # 4 old sessions: two batches
     base = tmp_path / "protocols"
     files = scenario(database, base)
     outside = tmp_path / "outside.jsonl"

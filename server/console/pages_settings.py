@@ -20,7 +20,7 @@ from .. import accounts, settings_store
 from ..db.models import OutboxMail
 from ..mail import FAILED, MailDisabled
 from ..s3store import CheckReport
-from .core import Ctx, PageError, route
+from .core import MAX_FORM_BYTES, Ctx, PageError, route
 from .pages_avatars import avatar_store, remember_gravatar
 
 log = Logger()
@@ -164,7 +164,7 @@ def gravatar(ctx: Ctx):
 @route("POST", "settings/terms", roles=("admin",))
 def terms(ctx: Ctx):
     _operator(ctx)
-    text = ctx.field("terms", settings_store.MAX_TERMS + 200)
+    text = ctx.field("terms", MAX_FORM_BYTES)  # the store says what is too long
 
     def apply(clean: str) -> None:
         if ctx.console.broker is not None:
