@@ -389,6 +389,11 @@ def test_expired_link_invitation_own_password_and_background_mails(tmp_path, db_
         c.page.evaluate("document.getElementById('password-form').noValidate = true")
         submit(c, "#change-password")
         assert "too short" in error_text(c)
+        c.page.fill("#current", "not-the-password")
+        c.page.fill("#new", "long-enough-password")
+        c.page.fill("#again", "long-enough-password")
+        submit(c, "#change-password")
+        assert "current password is wrong" in error_text(c)
         r = c.page.request.post(srv.url + "/console/account/password",
                                 form={"current": NEW_PASSWORD, "new": "x" * 12, "again": "x" * 12},
                                 max_redirects=0)

@@ -362,7 +362,11 @@ def account_totp_off(ctx: Ctx):
 
 def _change_password(session, lockouts, user_id: int, current: str, new: str, source: str) -> str:
     user = _me(session, user_id)
-    accounts.authenticate(session, lockouts, user.name, current, source)
+    try:
+        accounts.authenticate(session, lockouts, user.name, current, source)
+    except accounts.Refused as exc:  # counted like a failed login; worded for this form
+        raise accounts.Refused(str(exc).replace("wrong user name or password",
+                                                "the current password is wrong; nothing was changed"))
     user.password_hash = accounts.hash_password(new)
     accounts.audit(session, user.name, "password.change", f"user={user.name}", tenant_id=user.tenant_id)
     return user.name
