@@ -164,6 +164,24 @@ def bucket_keys(moto) -> list[str]:
     return [o["Key"] for o in moto.client().list_objects_v2(Bucket=BUCKET).get("Contents", [])]
 
 
+def portrait() -> bytes:
+    """A JPEG with a face-like drawing (for the screenshot) and camera data to be dropped."""
+    from PIL import ImageDraw
+    img = Image.linear_gradient("L").resize((400, 240)).convert("RGB")
+    img = Image.merge("RGB", (img.getchannel(0), Image.new("L", img.size, 120),
+                              img.getchannel(0).point(lambda v: 255 - v)))
+    draw = ImageDraw.Draw(img)
+    draw.ellipse((140, 40, 260, 200), fill=(240, 200, 160))
+    draw.ellipse((170, 90, 185, 105), fill=(40, 40, 40))
+    draw.ellipse((215, 90, 230, 105), fill=(40, 40, 40))
+    draw.arc((170, 120, 230, 170), 20, 160, fill=(120, 30, 30), width=5)
+    exif = Image.Exif()
+    exif[0x010F] = "SecretCam"
+    out = io.BytesIO()
+    img.save(out, "JPEG", exif=exif)
+    return out.getvalue()
+
+
 def noise_png(side: int) -> bytes:
     out = io.BytesIO()
     Image.effect_noise((side, side), 120).convert("RGB").save(out, "PNG")
@@ -313,7 +331,7 @@ max_upload_kib = {MAX_KIB}
         # Upload: a real picture goes to the S3 bucket, re-encoded, and is served back.
         admin.go("/console/avatar")
         assert "Your initials" in page.locator("#avatar-source").inner_text()
-        original = picture("JPEG", (400, 240))
+        original = portrait()
         page.set_input_files("#picture", files=[{"name": "me.jpg", "mimeType": "image/jpeg",
                                                  "buffer": original}])
         submit(admin, "#upload")
@@ -322,7 +340,7 @@ max_upload_kib = {MAX_KIB}
         assert avatar_key(db_url, "admin") == f"s3:avatars/{ids['admin']}.png"
         expected = avatars.clean_upload(original, MAX_KIB)
         stored = moto_s3.client().get_object(Bucket=BUCKET, Key=f"avatars/{ids['admin']}.png")
-        assert stored["Body"].read() == expected
+        assert stored["Body"].read() == expected and b"SecretCam" not in expected
         served = page.request.get(f"{srv.url}/console/avatar/{ids['admin']}")
         assert served.headers["content-type"] == "image/png" and served.body() == expected
         assert page.locator("#current-avatar").evaluate("img => img.naturalWidth") == 128
