@@ -16,10 +16,10 @@ from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatc
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from protocol.identity import valid_user_name
+from protocol.identity import Identity, IdentityError, valid_user_name
 
 from .db import KeepChanges
-from .db.models import AuditEntry, HostGroup, Lockout, Role, Tenant, User, UserGroup
+from .db.models import AuditEntry, Host, HostGroup, Lockout, Role, Tenant, User, UserGroup
 from .pki import utcnow
 
 Clock = Callable[[], dt.datetime]
@@ -144,6 +144,20 @@ def set_membership(session: Session, user: User, group: HostGroup, member: bool)
 def memberships(session: Session, user: User) -> list[str]:
     return list(session.scalars(select(HostGroup.name).join(UserGroup, UserGroup.group_id == HostGroup.id)
                                 .where(UserGroup.user_id == user.id).order_by(HostGroup.name)))
+
+
+def tenant_of_identity(session: Session, identity: Identity | str) -> Tenant | None:
+    """The tenant a module identity belongs to (via its user or host row), None if gone."""
+    if isinstance(identity, str):
+        try:
+            identity = Identity.parse(identity)
+        except IdentityError:
+            return None
+    if identity.role == "supporter":
+        user = session.scalar(select(User).where(User.name == identity.name))
+        return user.tenant if user else None
+    host = session.get(Host, identity.name)
+    return session.get(Tenant, host.tenant_id) if host else None
 
 
 def audit(session: Session, actor: str, action: str, detail: str = "", now: Clock = utcnow,

@@ -17,7 +17,6 @@ from protocol.identity import Identity, fingerprint
 from . import __version__, accounts, certificates, egress, tls
 from .config import Config
 from .db import Database
-from .db.models import Host, User
 from .broker import Broker, RelayLocator
 from .config import split_endpoint
 from .module_port import ConnectionRegistry, ModulePort
@@ -76,13 +75,8 @@ class RevocationWatcher(service.Service):
 
 
 def _tenant_of(session, identity: Identity) -> str:
-    if identity.role == "supporter":
-        user = session.query(User).filter_by(name=identity.name).one_or_none()
-        return user.tenant.name if user else ""
-    host = session.get(Host, identity.name)
-    if host is None:
-        return ""
-    return session.get(accounts.Tenant, host.tenant_id).name
+    tenant = accounts.tenant_of_identity(session, identity)
+    return tenant.name if tenant else ""
 
 
 class HausmeisterServer(service.MultiService):
@@ -131,8 +125,8 @@ class HausmeisterServer(service.MultiService):
         self.https_port = None
         self.module_port = None
         self.state: dict = {}
-        for service in background.services(self):
-            service.setServiceParent(self)
+        for periodic in background.services(self):
+            periodic.setServiceParent(self)
 
     def _relay_session_ended(self, stats) -> None:
         record_session_end(self.db, stats, self.protocols)

@@ -42,7 +42,7 @@ def is_initialised(config: Config) -> bool:
 def make_folders(config: Config) -> None:
     s = config.server
     for folder, mode in ((s.data_dir, 0o700), (s.cert_dir, 0o700), (s.protocol_dir, 0o750),
-                         (s.recording_dir, 0o750)):
+                         (s.recording_dir, 0o750), (s.downloads_dir, 0o755)):
         folder.mkdir(parents=True, exist_ok=True)
         os.chmod(folder, mode)
 

@@ -144,7 +144,8 @@ class Enrollment:
             raise EnrollmentError(str(exc))
         issued.tenant = user.tenant.name
         accounts.audit(session, user.name, "enroll.supporter",
-                       f"serial={serial_hex(issued.certificate)} from={source}", self.now)
+                       f"serial={serial_hex(issued.certificate)} from={source}", self.now,
+                       tenant_id=user.tenant_id)
         return issued
 
     def enroll_host(self, session: Session, token: str, name: str, csr_pem: str,
@@ -190,7 +191,8 @@ class Enrollment:
                          enrolled_at=moment, last_address=source, online=False))
         self.lockouts.succeeded(session, keys)
         accounts.audit(session, f"host:{host_id}", "enroll.host",
-                       f"name={name} token_id={row.id} from={source}", self.now)
+                       f"name={name} token_id={row.id} from={source}", self.now,
+                       tenant_id=row.tenant_id)
         issued.host_id = host_id
         issued.tenant = session.get(Tenant, row.tenant_id).name
         return issued
@@ -218,7 +220,8 @@ class Enrollment:
             raise EnrollmentError(str(exc))
         row.replaced_by = serial_hex(issued.certificate)
         accounts.audit(session, identity.uri, "certificate.renew",
-                       f"old={row.serial} new={row.replaced_by} from={source}", self.now)
+                       f"old={row.serial} new={row.replaced_by} from={source}", self.now,
+                       tenant_id=getattr(accounts.tenant_of_identity(session, identity), "id", None))
         if identity.role == "host":
             issued.host_id = identity.name
         return issued

@@ -211,8 +211,10 @@ def cmd_cert_revoke(config: Config, args: argparse.Namespace) -> int:
         with db.session() as session:
             rows = certificates.revoke(session, args.target, args.reason)
             for row in rows:
+                tenant = accounts.tenant_of_identity(session, row.identity)
                 accounts.audit(session, args.actor, "certificate.revoke",
-                               f"serial={row.serial} identity={row.identity}")
+                               f"serial={row.serial} identity={row.identity}",
+                               tenant_id=tenant.id if tenant else None)
     except certificates.EnrollmentError as exc:
         raise CLIError(str(exc))
     for row in rows:
@@ -267,7 +269,7 @@ def cmd_user_add(config: Config, args: argparse.Namespace) -> int:
             tenant = accounts.tenant_named(session, args.tenant)
             accounts.add_user(session, tenant, args.name, role, password, args.email)
             accounts.audit(session, args.actor, "user.add", f"name={args.name} role={role.value} "
-                           f"tenant={tenant.name}")
+                           f"tenant={tenant.name}", tenant_id=tenant.id)
     except accounts.AccountError as exc:
         raise CLIError(str(exc))
     print(f"user {args.name} added to tenant {args.tenant} as {role.value}")
@@ -300,7 +302,8 @@ def _change_user(config: Config, args: argparse.Namespace, change: Callable, act
         with db.session() as session:
             user = accounts.user_named(session, args.name)
             detail = change(session, user)
-            accounts.audit(session, args.actor, action, f"name={args.name} {detail}".strip())
+            accounts.audit(session, args.actor, action, f"name={args.name} {detail}".strip(),
+                           tenant_id=user.tenant_id)
     except accounts.AccountError as exc:
         raise CLIError(str(exc))
 
@@ -364,7 +367,8 @@ def cmd_group_add(config: Config, args: argparse.Namespace) -> int:
         with db.session() as session:
             tenant = accounts.tenant_named(session, args.tenant)
             accounts.add_group(session, tenant, args.name)
-            accounts.audit(session, args.actor, "group.add", f"name={args.name} tenant={tenant.name}")
+            accounts.audit(session, args.actor, "group.add", f"name={args.name} tenant={tenant.name}",
+                           tenant_id=tenant.id)
     except accounts.AccountError as exc:
         raise CLIError(str(exc))
     print(f"group {args.name} added to tenant {args.tenant}")
@@ -390,7 +394,8 @@ def cmd_user_groups(config: Config, args: argparse.Namespace) -> int:
                 accounts.set_membership(session, user, accounts.group_named(session, user.tenant, name), False)
             if args.add or args.remove:
                 accounts.audit(session, args.actor, "user.groups",
-                               f"name={args.name} add={args.add or []} remove={args.remove or []}")
+                               f"name={args.name} add={args.add or []} remove={args.remove or []}",
+                               tenant_id=user.tenant_id)
             groups = accounts.memberships(session, user)
     except accounts.AccountError as exc:
         raise CLIError(str(exc))
@@ -458,7 +463,7 @@ def cmd_token_create(config: Config, args: argparse.Namespace) -> int:
             group = accounts.group_named(session, tenant, args.group) if args.group else None
             token, row = certificates.create_token(session, tenant, group, ttl, args.actor)
             accounts.audit(session, args.actor, "token.create",
-                           f"id={row.id} group={args.group} ttl={int(ttl)}s")
+                           f"id={row.id} group={args.group} ttl={int(ttl)}s", tenant_id=tenant.id)
             expires = row.expires_at
     except accounts.AccountError as exc:
         raise CLIError(str(exc))

@@ -270,7 +270,7 @@ class SessionSummary:
                    end_reason=row.end_reason or "")
 
 
-def _csv_text(value: Any) -> str:
+def csv_text(value: Any) -> str:
     """A CSV cell that a spreadsheet shows as text, never runs as a formula."""
     text = "" if value is None else str(value)
     return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
@@ -434,12 +434,12 @@ class ProtocolWriter:
                 if size == 0:
                     writer.writerow(CSV_HEADER)
                 writer.writerow([
-                    summary.session_id, _csv_text(summary.kind),
+                    summary.session_id, csv_text(summary.kind),
                     format_time(summary.started_at) if summary.started_at else "",
                     format_time(summary.ended_at), f"{summary.duration_s:.3f}",
-                    _csv_text(summary.supporter), _csv_text(summary.customer_or_host),
+                    csv_text(summary.supporter), csv_text(summary.customer_or_host),
                     int(summary.bytes_to_peer), int(summary.bytes_to_supporter),
-                    _csv_text(summary.end_reason)])
+                    csv_text(summary.end_reason)])
                 _write_all(fd, out.getvalue().encode("utf-8"))
                 os.fsync(fd)
             finally:
@@ -668,7 +668,7 @@ def _safe(text: str) -> str:
                    for c in text)
 
 
-def _value(value: Any, limit: int = 80) -> str:
+def display_value(value: Any, limit: int = 80) -> str:
     if isinstance(value, str):
         text = value if value and not re.search(r"[\s\"=]", value) else json.dumps(value, ensure_ascii=False)
     else:
@@ -677,7 +677,7 @@ def _value(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-def _records(path: Path) -> Iterator[tuple[int, dict | None]]:
+def records(path: Path) -> Iterator[tuple[int, dict | None]]:
     with open(path, "rb") as fh:
         for n, raw in enumerate(fh, 1):
             try:
@@ -688,14 +688,14 @@ def _records(path: Path) -> Iterator[tuple[int, dict | None]]:
 
 
 #: detail keys shown first in a timeline (the rest follow alphabetically)
-_FIRST = ("by", "reason", "right", "direction", "name", "size", "sha256", "code", "text")
+FIRST_KEYS = ("by", "reason", "right", "direction", "name", "size", "sha256", "code", "text")
 
 
 def render(path: Path) -> str:
     """A readable timeline of one protocol file, with the result of verifying it."""
     path = Path(path)
     rows = []
-    for n, record in _records(path):
+    for n, record in records(path):
         if record is None:
             rows.append((str(n), "", "", "(unreadable line)", ""))
             continue
@@ -705,8 +705,8 @@ def render(path: Path) -> str:
             actor += f" ({address})"
         time = str(record.get("time", "")).replace("T", " ").rstrip("Z")
         detail = record.get("detail") if isinstance(record.get("detail"), dict) else {}
-        keys = [k for k in _FIRST if k in detail] + [k for k in detail if k not in _FIRST]
-        details = " ".join(f"{_safe(k)}={_value(detail[k])}" for k in keys
+        keys = [k for k in FIRST_KEYS if k in detail] + [k for k in detail if k not in FIRST_KEYS]
+        details = " ".join(f"{_safe(k)}={display_value(detail[k])}" for k in keys
                            if detail[k] not in (None, ""))
         rows.append((_safe(str(record.get("seq", n))), _safe(time), _safe(actor),
                      _safe(str(record.get("kind", ""))), details))

@@ -80,6 +80,8 @@ class Console:
         self.templates = Environment(loader=FileSystemLoader(str(OFFLINE_PAGES)), autoescape=True)
         self.templates.filters["when"] = fmt_time
         self.templates.filters["leave"] = leave_url
+        from .pages_help import link_outside_urls  # pages import core, hence here
+        self.templates.filters["outside_links"] = link_outside_urls
 
     def resource(self) -> resource.Resource:
         from . import pages  # noqa: F401  (registers every page's routes)

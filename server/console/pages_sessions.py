@@ -124,7 +124,7 @@ def csv_bytes(header: list[str], rows: list[list[Any]]) -> bytes:
     writer = csv.writer(out)
     writer.writerow(header)
     for row in rows:
-        writer.writerow([sp._csv_text(cell) if isinstance(cell, str) else cell for cell in row])
+        writer.writerow([sp.csv_text(cell) if isinstance(cell, str) else cell for cell in row])
     return out.getvalue().encode("utf-8")
 
 
@@ -198,8 +198,8 @@ def protocol_path(protocol_dir: Path, tenant: str, session_id: str, recorded: st
 def _detail_text(detail: Any) -> str:
     if not isinstance(detail, dict):
         return ""
-    keys = [k for k in sp._FIRST if k in detail] + sorted(k for k in detail if k not in sp._FIRST)
-    return " ".join(f"{k}={sp._value(detail[k], 200)}" for k in keys if detail[k] not in (None, ""))
+    keys = [k for k in sp.FIRST_KEYS if k in detail] + sorted(k for k in detail if k not in sp.FIRST_KEYS)
+    return " ".join(f"{k}={sp.display_value(detail[k], 200)}" for k in keys if detail[k] not in (None, ""))
 
 
 def read_timeline(protocol_dir: Path, tenant: str, session_id: str, recorded: str,
@@ -210,7 +210,7 @@ def read_timeline(protocol_dir: Path, tenant: str, session_id: str, recorded: st
         return Timeline(missing="no protocol file for this session in the protocol folder "
                                 "(written once the session has events)")
     t = Timeline(path=str(path.relative_to(Path(protocol_dir).resolve())))
-    for n, record in sp._records(path):
+    for n, record in sp.records(path):
         t.total = n
         if len(t.events) >= limit:
             continue
