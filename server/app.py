@@ -28,7 +28,7 @@ from . import background
 from .mail import Outbox, OutboxService
 from .session_protocol import SessionProtocols
 from .state import write_state
-from .web import WebPlane
+from .web import MAX_BODY_BYTES, WebPlane
 
 log = Logger()
 
@@ -125,6 +125,7 @@ class HausmeisterServer(service.MultiService):
         self.https_port = None
         self.module_port = None
         self.state: dict = {}
+        self.console = None
         for periodic in background.services(self):
             periodic.setServiceParent(self)
 
@@ -152,7 +153,9 @@ class HausmeisterServer(service.MultiService):
                        self._module_port_number, c.certificates.renew_before_days,
                        console=self.make_console())
         web_ctx = tls.web_context(chain, key, ca, c.certificates.min_tls)
-        self.https_port = self.reactor.listenSSL(c.listen.https_port, web.site(),
+        # a profile picture plus form fields fits; larger bodies are refused unread
+        max_body = max(MAX_BODY_BYTES, (c.avatars.max_upload_kib + 64) * 1024)
+        self.https_port = self.reactor.listenSSL(c.listen.https_port, web.site(max_body),
                                                  tls.ServerContextFactory(web_ctx),
                                                  interface=c.listen.interface,
                                                  backlog=tls.LISTEN_BACKLOG)
@@ -166,12 +169,16 @@ class HausmeisterServer(service.MultiService):
 
     def make_console(self):
         from .console import Console
+        from .console.pages_avatars import remember_gravatar
         c = self.config
-        return Console(self.db, self.enrollment.lockouts, config=c, outbox=self.outbox,
-                       store=self.store, broker=self.broker,
-                       base_url=lambda: self.state.get("https_url", ""),
-                       module_endpoint=lambda: (c.server.public_host, self._module_port_number()),
-                       idle_seconds=c.console.idle_seconds)
+        self.console = Console(self.db, self.enrollment.lockouts, config=c, outbox=self.outbox,
+                               store=self.store, broker=self.broker,
+                               base_url=lambda: self.state.get("https_url", ""),
+                               module_endpoint=lambda: (c.server.public_host,
+                                                        self._module_port_number()),
+                               idle_seconds=c.console.idle_seconds)
+        remember_gravatar(self.console, c.avatars.gravatar)  # the stored setting follows at start
+        return self.console
 
     def write_state(self, https: int, module: int, ca_fingerprint: str) -> None:
         self.state = {"pid": os.getpid(), "version": __version__,

@@ -161,6 +161,10 @@ class StoredSettings(Service):
         broker = getattr(self.app, "broker", None)
         if broker is not None:
             broker.terms = values[SUPPORT_TERMS]
+        console = getattr(self.app, "console", None)
+        if console is not None:
+            from .console.pages_avatars import remember_gravatar
+            remember_gravatar(console, values[GRAVATAR])
         log.info("settings: gravatar={gravatar}, retention {days} days, support terms "
                  "{chars} characters", gravatar=values[GRAVATAR], days=values[RETENTION_DAYS],
                  chars=len(values[SUPPORT_TERMS]))

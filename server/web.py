@@ -102,6 +102,54 @@ class JSONEndpoint(resource.Resource):
         return server.NOT_DONE_YET
 
 
+MAX_BODY_BYTES = 1024 * 1024
+
+
+class BoundedRequest(server.Request):
+    """A request whose body is larger than ``max_body`` is answered 413 without being kept or parsed.
+
+    Twisted would otherwise spool and parse a whole multipart upload before any page sees it.
+    """
+
+    max_body = MAX_BODY_BYTES
+    too_large = False
+    _received = 0
+
+    def gotLength(self, length):
+        if length is not None and length > self.max_body:
+            self.too_large = True
+            length = 0
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self.too_large:
+            return
+        self._received += len(data)
+        if self._received > self.max_body:  # chunked body without a length
+            self.too_large = True
+            self.content.seek(0)
+            self.content.truncate()
+            return
+        super().handleContentChunk(data)
+
+    def requestReceived(self, command, path, version):
+        if self.too_large:  # nothing left to parse
+            self.requestHeaders.removeHeader(b"content-type")
+        super().requestReceived(command, path, version)
+
+    def process(self):
+        if not self.too_large:
+            return super().process()
+        self.setResponseCode(413)
+        _headers(self, b"text/plain; charset=utf-8")
+        self.write(f"request body larger than {self.max_body // 1024} KiB; nothing was stored\n".encode())
+        self.finish()
+
+
+def bounded_request(max_body: int) -> type[BoundedRequest]:
+    return type("BoundedRequest", (BoundedRequest,), {"max_body": max_body})
+
+
 class StaticBytes(resource.Resource):
     isLeaf = True
 
@@ -191,7 +239,8 @@ class WebPlane:
         root.putChild(b"console", self.console.resource())
         return root
 
-    def site(self) -> server.Site:
+    def site(self, max_body: int = MAX_BODY_BYTES) -> server.Site:
         site = server.Site(self.root())
+        site.requestFactory = bounded_request(max_body)
         site.displayTracebacks = False
         return site

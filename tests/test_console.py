@@ -239,3 +239,39 @@ def test_templates_carry_no_outside_url_inline_script_or_style():
                     "<script", " style=", "<style", "javascript:"):
             assert bad not in text, f"{bad!r} in {path.name}"
         assert not re.search(r"\son[a-z]+\s*=", text), f"event handler attribute in {path.name}"
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_oversized_body_is_refused_unread_and_the_server_goes_on(running_server):
+    """A multipart upload far beyond avatars.max_upload_kib gets 413 before Twisted parses or
+    keeps it; the next request is served as usual."""
+    import http.client
+    import ssl
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    port = int(urlsplit(running_server.url).port)
+
+    def post(body, headers: dict, chunked: bool = False) -> tuple[int, bytes]:
+        conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=30)
+        try:
+            conn.request("POST", "/console/avatar", body=body, headers=headers,
+                         encode_chunked=chunked)
+            resp = conn.getresponse()
+            return resp.status, resp.read()
+        finally:
+            conn.close()
+
+    boundary = "hm-boundary"
+    part = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"picture\"; "
+            f"filename=\"big.png\"\r\nContent-Type: image/png\r\n\r\n").encode()
+    body = part + b"\0" * (3 * 1024 * 1024) + f"\r\n--{boundary}--\r\n".encode()
+    status, text = post(body, {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert status == 413 and b"nothing was stored" in text
+    # the same body sent chunked (no length announced) is cut off as well
+    status, text = post(iter([body[i:i + 65536] for i in range(0, len(body), 65536)]),
+                        {"Content-Type": f"multipart/form-data; boundary={boundary}",
+                         "Transfer-Encoding": "chunked"}, chunked=True)
+    assert status == 413
+    status, _ = post(b"csrf=x", {"Content-Type": "application/x-www-form-urlencoded"})
+    assert status in (303, 403)  # an ordinary small POST is handled by the console again

@@ -186,7 +186,7 @@ class Ctx:
         if status is not None:
             self.status = status
         self.request.setResponseCode(self.status)
-        _headers(self.request)
+        self.headers()
         values.setdefault("session", self.session)
         values.setdefault("notice", None)
         values.setdefault("error", None)
@@ -194,17 +194,20 @@ class Ctx:
 
     def redirect(self, to: str) -> bytes:
         self.request.setResponseCode(303)
-        _headers(self.request)
+        self.headers()
         self.request.setHeader(b"Location", to.encode())
         return b""
 
     def download(self, body: bytes, content_type: bytes, filename: str) -> bytes:
         """A file the browser saves (CSV export, CA certificate...)."""
-        _headers(self.request)
+        self.headers()
         self.request.setHeader(b"Content-Type", content_type)
         safe = re.sub(r"[^A-Za-z0-9._-]", "_", filename)[:100] or "download"
         self.request.setHeader(b"Content-Disposition", f'attachment; filename="{safe}"'.encode())
         return body
+
+    def headers(self) -> None:
+        _headers(self.request, self.console.extras.get(IMG_ORIGIN))
 
     def set_cookie(self, session: ConsoleSession) -> None:
         self.request.addCookie(COOKIE, session.id.encode(), path=COOKIE_PATH, secure=True,
@@ -236,11 +239,21 @@ def _first(args: dict[bytes, list[bytes]], name: str, limit: int) -> str:
         return ""
 
 
-def _headers(request: server.Request) -> None:
+IMG_ORIGIN = "img_origin"  # Console.extras key: an outside origin pictures may come from (Gravatar)
+
+
+def csp(img_origin: str | None = None) -> bytes:
+    """The console policy; while the operator has Gravatar on, its origin is allowed for images."""
+    if not img_origin:
+        return CSP
+    return CSP.replace(b"img-src 'self'", b"img-src 'self' " + img_origin.encode("ascii"))
+
+
+def _headers(request: server.Request, img_origin: str | None = None) -> None:
     request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
     for name, value in SECURITY_HEADERS.items():
         request.setHeader(name, value)
-    request.setHeader(b"Content-Security-Policy", CSP)
+    request.setHeader(b"Content-Security-Policy", csp(img_origin))
     request.setHeader(b"Cache-Control", b"no-store")
 
 

@@ -22,11 +22,10 @@ from protocol.runtime import run_blocking
 from .. import accounts, avatars, settings_store
 from ..db.models import User
 from ..web import SECURITY_HEADERS
-from .core import CSP, Ctx, PageError, route
+from .core import CSP, IMG_ORIGIN, Ctx, PageError, route
 
 log = Logger()
 
-IMG_ORIGIN = "img_origin"
 
 
 def avatar_store(console: Any) -> avatars.AvatarStore:
@@ -40,14 +39,6 @@ def avatar_store(console: Any) -> avatars.AvatarStore:
 def remember_gravatar(console: Any, on: bool) -> None:
     """Keep the Gravatar origin the console's img-src must allow (None while Gravatar is off)."""
     console.extras[IMG_ORIGIN] = avatars.origin(console.config.avatars.gravatar_url) if on else None
-
-
-def csp(console: Any) -> bytes:
-    """The console policy, with the Gravatar origin allowed for pictures while Gravatar is on."""
-    extra = console.extras.get(IMG_ORIGIN)
-    if not extra:
-        return CSP
-    return CSP.replace(b"img-src 'self'", b"img-src 'self' " + extra.encode("ascii"))
 
 
 def _user_id(ctx: Ctx) -> int:
@@ -111,7 +102,6 @@ def _page(ctx: Ctx, status: int | None = None, **values: Any):
         body = ctx.page("avatar.html", status, user=user, max_kib=config.avatars.max_upload_kib,
                         storage="the S3 bucket " + config.s3.bucket if config.s3.enabled
                         else "this server's data folder", notice=ctx.take_notice(), **values)
-        ctx.request.setHeader(b"Content-Security-Policy", csp(ctx.console))
         return body
     return ctx.run(_lookup, ctx.console.config, ctx.session.tenant_id, ctx.session.user_id
                    ).addCallback(show)
