@@ -7,76 +7,32 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import email
-import email.policy
 import re
 import shlex
-import socket
-import time
 import uuid
 from urllib.parse import quote, urlsplit
 
 import pytest
-from aiosmtpd.controller import Controller
 from sqlalchemy import delete, select
 
 from server import certificates, user_links
 from server.db import Database
 from server.db.models import AuditEntry, Certificate, EnrollmentToken, User
 from tests.fixtures_console import PAYLOAD, Console
+from tests.fixtures_mail import mail_toml
 from tests.fixtures_server import ADMIN_PASSWORD, ServerProcess, run_cli, write_config
 from tests.module_process import ModuleProcess
 
 BOB_PASSWORD = "bob-password-789"
 AUDREY_PASSWORD = "audrey-password-012"
-MAIL_WAIT_SECONDS = 30  # the outbox runs every 5 s
-
-
-class MailCatcher:
-    """The aiosmtpd handler: keeps every mail the server's outbox delivers."""
-
-    def __init__(self) -> None:
-        self.messages: list[tuple[list[str], bytes]] = []
-
-    async def handle_DATA(self, server, session, envelope):
-        self.messages.append((list(envelope.rcpt_tos), envelope.content))
-        return "250 OK"
-
-    def wait(self, timeout: float = MAIL_WAIT_SECONDS) -> tuple[list[str], email.message.EmailMessage]:
-        deadline = time.monotonic() + timeout
-        while not self.messages:
-            assert time.monotonic() < deadline, "no mail arrived at the relay"
-            time.sleep(0.1)
-        rcpt, content = self.messages.pop(0)
-        return rcpt, email.message_from_bytes(content, policy=email.policy.default)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
-def smtp_relay():
-    catcher = MailCatcher()
-    controller = Controller(catcher, hostname="127.0.0.1", port=free_port())
-    controller.start()
-    yield catcher, controller.port
-    controller.stop()
-
-
-@pytest.fixture
-def mail_server(tmp_path, db_url, smtp_relay):
+def mail_server(tmp_path, db_url, smtp_inbox):
     """A running server whose mail goes to the aiosmtpd relay on loopback."""
-    _, port = smtp_relay
+    _, port = smtp_inbox
     data = tmp_path / "data"
-    config = write_config(tmp_path / "hausmeister.toml", data, db_url, extra=f"""
-[mail]
-smtp_host = "127.0.0.1"
-smtp_port = {port}
-security = "none"
-""")
+    config = write_config(tmp_path / "hausmeister.toml", data, db_url, extra=mail_toml(port))
     srv = ServerProcess(config, data)
     result = srv.cli("init", "--password-stdin", stdin=ADMIN_PASSWORD + "\n")
     assert result.returncode == 0, result.stderr
@@ -110,9 +66,9 @@ def row_id(c: Console, row_selector: str, prefix: str) -> str:
 @pytest.mark.e2e
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_admin_invites_supporter_enrolls_host_with_token_and_revokes_its_certificate(
-        mail_server, smtp_relay, browser, db_url, tmp_path):
+        mail_server, smtp_inbox, browser, db_url, tmp_path):
     srv = mail_server
-    relay, _ = smtp_relay
+    relay, _ = smtp_inbox
     srv.ok("group", "add", "office")
     c = Console(browser, srv.url)
     with contextlib.ExitStack() as stack:
@@ -168,8 +124,8 @@ def test_admin_invites_supporter_enrolls_host_with_token_and_revokes_its_certifi
                            f"{srv.fingerprint} --token {token}")
 
         # The invitation mail reached the relay, with a link that works.
-        rcpt, mail = relay.wait()
-        assert rcpt == ["carla@support.test"]
+        [mail] = relay.wait("your account carla")
+        assert mail["X-Envelope-To"] == "carla@support.test"
         body = mail.get_content()
         link = re.search(re.escape(srv.url) + r"/console/invite/([A-Za-z0-9_-]+)", body)
         assert link, body

@@ -6,8 +6,6 @@ relay received and opened in the browser.  Screenshots go to test-artifacts/cons
 from __future__ import annotations
 
 import datetime as dt
-import email
-import email.policy
 import re
 import time
 import uuid
@@ -15,7 +13,6 @@ from pathlib import Path
 
 import pyotp
 import pytest
-from aiosmtpd.controller import Controller
 
 from server import accounts, mail_texts, user_links
 from server.config import MailSection
@@ -25,47 +22,11 @@ from server.db.models import OutboxMail, Role, User, UserLink
 from server.mail import Outbox
 from server.session_protocol import SessionProtocols, SessionSummary
 from tests.fixtures_console import PAYLOAD, Console
-from tests.fixtures_server import ADMIN_PASSWORD, ServerProcess, free_port, write_config
+from tests.fixtures_mail import mail_toml
+from tests.fixtures_server import ADMIN_PASSWORD, ServerProcess, write_config
 
 CARLA_PASSWORD = "carla-password-1"
 NEW_PASSWORD = "brand-new-password-2"
-MAIL_WAIT = 20.0   # the server's outbox runs every 5 s
-
-
-class Inbox:
-    """What the aiosmtpd relay received."""
-
-    def __init__(self) -> None:
-        self.messages: list[email.message.EmailMessage] = []
-
-    async def handle_DATA(self, server, session, envelope):
-        message = email.message_from_bytes(envelope.content, policy=email.policy.default)
-        message["X-Envelope-To"] = ",".join(envelope.rcpt_tos)
-        self.messages.append(message)
-        return "250 OK"
-
-    def wait(self, subject: str, count: int = 1) -> list[email.message.EmailMessage]:
-        """The first ``count`` mails whose subject contains ``subject`` (alerts may come too)."""
-        deadline = time.monotonic() + MAIL_WAIT
-        while True:
-            found = [m for m in self.messages if subject in m["Subject"]]
-            if len(found) >= count:
-                return found
-            assert time.monotonic() < deadline, (
-                f"{len(found)} of {count} mails with {subject!r} arrived; all: "
-                f"{[m['Subject'] for m in self.messages]}")
-            time.sleep(0.1)
-
-
-@pytest.fixture
-def relay():
-    inbox = Inbox()
-    controller = Controller(inbox, hostname="127.0.0.1", port=free_port())
-    controller.start()
-    try:
-        yield inbox, controller.port
-    finally:
-        controller.stop()
 
 
 def mail_server(tmp_path: Path, db_url: str, port: int, console: str = "",
@@ -73,13 +34,7 @@ def mail_server(tmp_path: Path, db_url: str, port: int, console: str = "",
     """A running server that mails through the relay on ``port``; ``carla`` is an admin with a
     mail address (the ``admin`` of ``init`` has none)."""
     data = tmp_path / "data"
-    config = write_config(tmp_path / "hausmeister.toml", data, db_url, extra=f"""
-[mail]
-smtp_host = "127.0.0.1"
-smtp_port = {port}
-security = "none"
-from_address = "hausmeister@example.test"
-
+    config = write_config(tmp_path / "hausmeister.toml", data, db_url, extra=mail_toml(port) + f"""
 [console]
 totp_issuer = "Hausmeister test"
 {console}
@@ -151,8 +106,8 @@ def totp_login(c: Console, name: str, password: str) -> None:
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
-def test_totp_set_up_login_reuse_and_turn_off(tmp_path, db_url, relay, browser):
-    _, port = relay
+def test_totp_set_up_login_reuse_and_turn_off(tmp_path, db_url, smtp_inbox, browser):
+    _, port = smtp_inbox
     srv = mail_server(tmp_path, db_url, port)
     c = Console(browser, srv.url)
     try:
@@ -245,8 +200,8 @@ def test_totp_set_up_login_reuse_and_turn_off(tmp_path, db_url, relay, browser):
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
-def test_forgot_password_mail_link_reset_and_reuse(tmp_path, db_url, relay, browser):
-    inbox, port = relay
+def test_forgot_password_mail_link_reset_and_reuse(tmp_path, db_url, smtp_inbox, browser):
+    inbox, port = smtp_inbox
     srv = mail_server(tmp_path, db_url, port)
     c = Console(browser, srv.url)
     other = Console(browser, srv.url)
@@ -337,10 +292,10 @@ def test_forgot_password_mail_link_reset_and_reuse(tmp_path, db_url, relay, brow
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
-def test_expired_link_invitation_own_password_and_background_mails(tmp_path, db_url, relay, browser):
+def test_expired_link_invitation_own_password_and_background_mails(tmp_path, db_url, smtp_inbox, browser):
     """Also the server's background mails: certificate alerts (every certificate "expires soon"
     with cert_expiry_days = 3650) and the protocol of a session that just ended."""
-    inbox, port = relay
+    inbox, port = smtp_inbox
     srv = mail_server(tmp_path, db_url, port, console='reset_link_ttl = "1s"',
                       extra="[alerts]\ncert_expiry_days = 3650\n")
     srv.ok("user", "add", "sam", "--role", "supporter", "--email", "sam@example.test",
