@@ -16,7 +16,7 @@ import pytest
 
 from server import accounts, mail_texts, user_links
 from server.config import MailSection
-from server.console import auth
+from server.console import auth, pages_links
 from server.db import Database
 from server.db.models import OutboxMail, Role, User, UserLink
 from server.mail import Outbox
@@ -449,13 +449,13 @@ def test_forgot_queues_one_mail_only_for_a_user_who_can_get_one(people):
     outbox = Outbox(db, MAIL)
     base = "https://hm.example.test:8443"
     for name in ("nobody", "nomail", "off", PAYLOAD):
-        db.call(auth._forgot, lockouts, outbox, name, "192.0.2.9", base, 3600.0)
+        db.call(pages_links._forgot, lockouts, outbox, name, "192.0.2.9", base, 3600.0)
     assert db.call(lambda s: s.query(OutboxMail).count()) == 0
     assert db.call(lambda s: s.query(UserLink).count()) == 0
-    db.call(auth._forgot, lockouts, None, "carla", "192.0.2.10", base, 3600.0)  # mail is off
+    db.call(pages_links._forgot, lockouts, None, "carla", "192.0.2.10", base, 3600.0)  # mail is off
     assert db.call(lambda s: s.query(UserLink).count()) == 0
 
-    db.call(auth._forgot, lockouts, outbox, "carla", "192.0.2.10", base, 3600.0)
+    db.call(pages_links._forgot, lockouts, outbox, "carla", "192.0.2.10", base, 3600.0)
     [(to, subject, body)] = db.call(lambda s: [(m.to_address, m.subject, m.body_text)
                                                for m in s.query(OutboxMail)])
     assert to == "carla@example.test" and subject == "Hausmeister: reset the password of carla"
@@ -464,8 +464,8 @@ def test_forgot_queues_one_mail_only_for_a_user_who_can_get_one(people):
     # The stored row holds only the hash of the token.
     assert db.call(lambda s: [l.token_hash for l in s.query(UserLink)])[0] != token
     # 5 requests per address are free, the 6th goes through and starts the wait: the 7th waits.
-    db.call(auth._forgot, lockouts, outbox, "carla", "192.0.2.9", base, 3600.0)
-    db.call(auth._forgot, lockouts, outbox, "carla", "192.0.2.9", base, 3600.0)
+    db.call(pages_links._forgot, lockouts, outbox, "carla", "192.0.2.9", base, 3600.0)
+    db.call(pages_links._forgot, lockouts, outbox, "carla", "192.0.2.9", base, 3600.0)
     with pytest.raises(accounts.LockedOut):
-        db.call(auth._forgot, lockouts, outbox, "carla", "192.0.2.9", base, 3600.0)
-    db.call(auth._forgot, lockouts, outbox, "carla", "192.0.2.11", base, 3600.0)
+        db.call(pages_links._forgot, lockouts, outbox, "carla", "192.0.2.9", base, 3600.0)
+    db.call(pages_links._forgot, lockouts, outbox, "carla", "192.0.2.11", base, 3600.0)

@@ -1,6 +1,6 @@
 """Imports every page module so that their routes register (see ``core.route``)."""
 
 from . import (  # noqa: F401
-    auth, pages_audit, pages_avatars, pages_certs, pages_download, pages_help, pages_hosts,
-    pages_sessions, pages_settings, pages_tokens, pages_users,
+    auth, pages_account, pages_audit, pages_avatars, pages_certs, pages_download, pages_help,
+    pages_hosts, pages_links, pages_sessions, pages_settings, pages_tokens, pages_users,
 )
