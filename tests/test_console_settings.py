@@ -17,6 +17,7 @@ from PIL import Image
 
 from server import avatars, settings_store
 from server.config import from_mapping
+from server.egress import count_refusals
 from server.db import Database
 from server.db.models import User
 from tests.fixtures_console import PAYLOAD, Console
@@ -445,6 +446,10 @@ max_upload_kib = {MAX_KIB}
     finally:
         again.close()
         srv.stop()
+    # Mail, S3 and Gravatar made the server itself connect only where the config allows: its
+    # egress guard refused nothing (Gravatar pictures are fetched by the browser, not the server).
+    refusals = srv.data_dir / "egress-refusals.jsonl"
+    assert not refusals.exists() or count_refusals(refusals) == 0, refusals.read_text()
 
 
 @pytest.mark.e2e
