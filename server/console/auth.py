@@ -15,12 +15,11 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import hmac
-import threading
 import time
 from dataclasses import dataclass
 
 import pyotp
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select, update
 from twisted.logger import Logger
 
 from .. import accounts
@@ -50,23 +49,12 @@ class LoginResult:
 
 # --- TOTP ---------------------------------------------------------------------------------------
 
-class UsedSteps:
-    """The last accepted TOTP time step per user, so a code works once (in memory)."""
-
-    def __init__(self) -> None:
-        self._last: dict[int, int] = {}
-        self._lock = threading.Lock()
-
-    def accept(self, user_id: int, step: int) -> bool:
-        with self._lock:
-            if step <= self._last.get(user_id, -1):
-                return False
-            self._last[user_id] = step
-            return True
-
-
-def _used_steps(console) -> UsedSteps:
-    return console.extras.setdefault("totp_used_steps", UsedSteps())
+def _accept_step(session, user_id: int, step: int) -> bool:
+    """Record ``step`` as used unless it or a later one already was (one atomic UPDATE)."""
+    return session.execute(
+        update(User).where(User.id == user_id,
+                           or_(User.totp_last_step.is_(None), User.totp_last_step < step))
+        .values(totp_last_step=step)).rowcount == 1
 
 
 def totp_step(secret: str, code: str, now: float | None = None) -> int | None:
@@ -83,13 +71,13 @@ def totp_step(secret: str, code: str, now: float | None = None) -> int | None:
     return None
 
 
-def _check_code(session, lockouts: accounts.Lockouts, used: UsedSteps, user: User, secret: str,
-                code: str, source: str) -> None:
+def _check_code(session, lockouts: accounts.Lockouts, user: User, secret: str, code: str,
+                source: str) -> None:
     """A current, unused code for ``user`` or ``Refused`` (counted in the lock-out)."""
     keys = [f"user:{user.name}", f"addr:{source}", f"totp:{user.name}"]
     lockouts.check(session, keys)
     step = totp_step(secret, code)
-    if step is not None and used.accept(user.id, step):
+    if step is not None and _accept_step(session, user.id, step):
         lockouts.succeeded(session, [f"user:{user.name}", f"totp:{user.name}"])
         return
     wait = lockouts.failed(session, keys)
@@ -121,12 +109,12 @@ def _login(session, lockouts: accounts.Lockouts, name: str, password: str, sourc
                        totp=bool(user.totp_secret), since=time.monotonic())
 
 
-def _login_totp(session, lockouts: accounts.Lockouts, used: UsedSteps, pending: LoginResult,
+def _login_totp(session, lockouts: accounts.Lockouts, pending: LoginResult,
                 code: str, source: str) -> LoginResult:
     user = session.get(User, pending.user_id)
     if user is None or user.disabled or not user.totp_secret:
         raise accounts.AccountError("this login is no longer valid; log in again")
-    _check_code(session, lockouts, used, user, user.totp_secret, code, source)
+    _check_code(session, lockouts, user, user.totp_secret, code, source)
     accounts.audit(session, user.name, "console.login", f"address={source} totp",
                    tenant_id=pending.tenant_id)
     return dataclasses.replace(pending, totp=False)
@@ -219,7 +207,7 @@ def login_totp(ctx: Ctx):
     if pending is None:
         return ctx.redirect("/console/login")
     code = ctx.field("code", MAX_CODE)
-    return ctx.run(_login_totp, ctx.console.lockouts, _used_steps(ctx.console), pending, code,
+    return ctx.run(_login_totp, ctx.console.lockouts, pending, code,
                    ctx.source).addCallbacks(lambda result: _start_session(ctx, result),
                                             _refused(ctx, "auth_totp.html", pending.user,
                                                      name=pending.user))

@@ -10,7 +10,7 @@ from twisted.logger import Logger
 
 from .. import accounts
 from ..db.models import User
-from .auth import MAX_CODE, MAX_PASSWORD, _check_code, _used_steps, totp_uri
+from .auth import MAX_CODE, MAX_PASSWORD, _check_code, totp_uri
 from .core import Ctx, PageError, route
 
 log = Logger()
@@ -76,20 +76,20 @@ def account_totp_new(ctx: Ctx):
     return ctx.redirect("/console/account#totp")
 
 
-def _totp_enable(session, lockouts, used, user_id: int, secret: str, code: str, source: str) -> None:
+def _totp_enable(session, lockouts, user_id: int, secret: str, code: str, source: str) -> None:
     user = _me(session, user_id)
     if user.totp_secret:
         raise accounts.AccountError("TOTP is already on for your user")
-    _check_code(session, lockouts, used, user, secret, code, source)
+    _check_code(session, lockouts, user, secret, code, source)
     user.totp_secret = secret
     accounts.audit(session, user.name, "totp.enable", f"user={user.name}", tenant_id=user.tenant_id)
 
 
-def _totp_disable(session, lockouts, used, user_id: int, code: str, source: str) -> None:
+def _totp_disable(session, lockouts, user_id: int, code: str, source: str) -> None:
     user = _me(session, user_id)
     if not user.totp_secret:
         raise accounts.AccountError("TOTP is not on for your user")
-    _check_code(session, lockouts, used, user, user.totp_secret, code, source)
+    _check_code(session, lockouts, user, user.totp_secret, code, source)
     user.totp_secret = None
     accounts.audit(session, user.name, "totp.disable", f"user={user.name}", tenant_id=user.tenant_id)
 
@@ -113,7 +113,7 @@ def account_totp_confirm(ctx: Ctx):
         _setups(ctx.console).pop(ctx.session.id, None)
         ctx.flash("TOTP is on: from now on the login asks for a code from your app.")
         return ctx.redirect("/console/account")
-    return ctx.run(_totp_enable, ctx.console.lockouts, _used_steps(ctx.console), ctx.session.user_id,
+    return ctx.run(_totp_enable, ctx.console.lockouts, ctx.session.user_id,
                    secret, code, ctx.source).addCallbacks(done, _account_refused(ctx))
 
 
@@ -124,7 +124,7 @@ def account_totp_off(ctx: Ctx):
     def done(_):
         ctx.flash("TOTP is off: the login asks only for the password.")
         return ctx.redirect("/console/account")
-    return ctx.run(_totp_disable, ctx.console.lockouts, _used_steps(ctx.console), ctx.session.user_id,
+    return ctx.run(_totp_disable, ctx.console.lockouts, ctx.session.user_id,
                    code, ctx.source).addCallbacks(done, _account_refused(ctx))
 
 

@@ -71,6 +71,8 @@ class User(Base):
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
     # base32 TOTP secret once the user turned TOTP on (console login asks for a code then)
     totp_secret: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # the last accepted TOTP time step: a code works once, across restarts and server nodes
+    totp_last_step: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     # where an uploaded profile picture lives (``server.avatars``); None: generated initials
     avatar_key: Mapped[str | None] = mapped_column(String(255), nullable=True)
     # opt-in: mail the session protocol to this user after each session
