@@ -477,6 +477,35 @@ def cmd_token_create(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def _protocol_anchors(config: Config, files: list[Path]) -> dict[str, tuple[int, str]] | None:
+    """The ``ended`` line the database recorded per session (None: no database to ask)."""
+    if not bootstrap.is_initialised(config):
+        return None
+    from sqlalchemy import select
+
+    from .db import DatabaseError
+    from .db.models import Session as SessionRow
+    ids = [f.stem for f in files]
+    try:
+        db = _open_db(config)
+    except (DatabaseError, CLIError) as exc:
+        print(f"note: {exc}; checking the hash chains only", file=sys.stderr)
+        return None
+    try:
+        def read(session) -> dict[str, tuple[int, str]]:
+            found = {}
+            for start in range(0, len(ids), 500):
+                rows = session.execute(select(SessionRow.id, SessionRow.protocol_end_seq,
+                                              SessionRow.protocol_end_hash)
+                                       .where(SessionRow.id.in_(ids[start:start + 500]),
+                                              SessionRow.protocol_end_hash.is_not(None)))
+                found.update({sid: (seq, digest) for sid, seq, digest in rows})
+            return found
+        return db.call(read)
+    finally:
+        db.dispose()
+
+
 def cmd_protocol_verify(config: Config, args: argparse.Namespace) -> int:
     from . import session_protocol
     path = Path(args.path)
@@ -484,7 +513,8 @@ def cmd_protocol_verify(config: Config, args: argparse.Namespace) -> int:
         raise CLIError(f"{path} does not exist (give a protocol file or a folder of them)")
     if path.is_dir() and not session_protocol.protocol_files(path):
         raise CLIError(f"no protocol files (*.jsonl) in {path}")
-    result = session_protocol.verify(path)
+    anchors = None if args.no_db else _protocol_anchors(config, session_protocol.protocol_files(path))
+    result = session_protocol.verify(path, anchors)
     if not result.ok:
         raise CLIError(result.summary())
     print(result.summary())
@@ -606,8 +636,11 @@ def build_parser() -> argparse.ArgumentParser:
     proto = sub.add_parser("protocol", help="session protocols: verify the hash chains, show one")
     psub = proto.add_subparsers(dest="protocol_command", metavar="ACTION", required=True)
     s = psub.add_parser("verify", help="check the hash chain of a protocol file, or of every "
-                        "*.jsonl in a folder (exit 1 names the first bad line)")
+                        "*.jsonl in a folder, and each file's end against the database "
+                        "(exit 1 names the first bad line)")
     s.add_argument("path", metavar="FILE|DIR")
+    s.add_argument("--no-db", action="store_true",
+                   help="check the hash chains only (a copy of the files, no database at hand)")
     s.set_defaults(func=cmd_protocol_verify)
     s = psub.add_parser("show", help="print a session's protocol as a readable timeline")
     s.add_argument("session", metavar="SESSION_ID")

@@ -523,6 +523,8 @@ class VerifyResult:
     problems: list[Problem] = field(default_factory=list)
     #: intact files without the server's ``ended`` line (running sessions, or a cut-off tail)
     unended: list[Path] = field(default_factory=list)
+    #: files whose end was checked against the database's record of it
+    anchored: int = 0
 
     @property
     def ok(self) -> bool:
@@ -534,7 +536,8 @@ class VerifyResult:
 
     def summary(self) -> str:
         if self.ok:
-            return f"{self.files} files, {self.events} events, chains intact"
+            anchored = f", {self.anchored} ends match the database" if self.anchored else ""
+            return f"{self.files} files, {self.events} events, chains intact{anchored}"
         more = len(self.problems) - 1
         return str(self.first) + (f" (and {more} more bad file{'s' if more > 1 else ''})" if more else "")
 
@@ -632,8 +635,27 @@ def protocol_files(path: Path) -> list[Path]:
     return _walk(path)[0] if path.is_dir() else [path]
 
 
-def verify(path: Path) -> VerifyResult:
-    """Check one protocol file, or every ``*.jsonl`` below a folder."""
+def check_anchor(path: Path, seq: int, expected_hash: str) -> Problem | None:
+    """Compare the file with the end the database recorded (``sessions.protocol_end_*``).
+
+    The chain alone cannot tell a file whose last lines were cut off, or rewritten with a fresh
+    chain from some line on, from an intact one; the recorded ``ended`` line can.
+    """
+    count = 0
+    for n, record in records(Path(path)):
+        count = n
+        if n == seq:
+            if record is None or record.get("hash") != expected_hash:
+                return Problem(Path(path), seq, "is not the line the database recorded as the "
+                               "session's end: the file was rewritten from here or earlier")
+            return None
+    return Problem(Path(path), 0, f"ends after line {count}, but the database recorded line {seq} "
+                   "as the session's end: lines were removed from the end of the file")
+
+
+def verify(path: Path, anchors: dict[str, tuple[int, str]] | None = None) -> VerifyResult:
+    """Check one protocol file, or every ``*.jsonl`` below a folder; ``anchors`` (session id →
+    recorded ``ended`` seq and hash, from the database) also checks how each file ends."""
     result = VerifyResult()
     path = Path(path)
     if not path.exists():
@@ -645,6 +667,10 @@ def verify(path: Path) -> VerifyResult:
         events, problem, ended = verify_file(file)
         result.files += 1
         result.events += events
+        anchor = (anchors or {}).get(file.stem)
+        if problem is None and anchor is not None:
+            problem = check_anchor(file, *anchor)
+            result.anchored += 1
         if problem:
             result.problems.append(problem)
         elif not ended:
@@ -775,8 +801,9 @@ class SessionProtocols:
         from protocol.runtime import run_blocking
         return run_blocking(self.ended, *args, **kwargs)
 
-    def verify(self, path: Path | None = None) -> VerifyResult:
-        return verify(self.protocol_dir if path is None else path)
+    def verify(self, path: Path | None = None,
+               anchors: dict[str, tuple[int, str]] | None = None) -> VerifyResult:
+        return verify(self.protocol_dir if path is None else path, anchors)
 
     def show(self, session_id: str) -> str:
         return show(self.protocol_dir, session_id)

@@ -316,7 +316,12 @@ def test_session_events_are_stamped_with_the_sender_and_chained(broker, tmp_path
     csv_text = (tmp_path / "protocols" / "acme" / "sessions.csv").read_text()
     assert sid in csv_text and "supporter closed the connection" in csv_text
     with database.session() as s:
-        assert s.get(Session, sid).protocol_file.endswith(f"{sid}.jsonl")
+        row = s.get(Session, sid)
+        assert row.protocol_file.endswith(f"{sid}.jsonl")
+        anchor = (row.protocol_end_seq, row.protocol_end_hash)
+    # the "ended" line is anchored in the database: the file's end is checked against it
+    assert anchor[0] == 5 and len(anchor[1]) == 64
+    assert verify(tmp_path / "protocols", {sid: anchor}).anchored == 1
 
 
 def test_failed_key_confirmation_counts_against_customer_and_nameplate(broker, database):

@@ -13,6 +13,7 @@ import datetime as dt
 import hashlib
 import http.client
 import io
+import json
 import os
 import ssl
 import uuid
@@ -114,6 +115,20 @@ def test_timeline_reads_only_the_tenants_own_protocol(tmp_path):
     own.write_bytes(own.read_bytes()[:-10])  # a cut-off last line
     t = read_timeline(tmp_path, "a", sid, "")
     assert not t.verified and t.broken_line == 6 and "incomplete" in t.problem
+
+
+def test_timeline_end_is_checked_against_the_one_the_database_recorded(tmp_path):
+    sid = str(uuid.uuid4())
+    path = write_protocol(tmp_path, "a", sid)
+    last = json.loads(path.read_bytes().splitlines()[-1])
+    anchor = (last["seq"], last["hash"])
+    t = read_timeline(tmp_path, "a", sid, "", anchor=anchor)
+    assert t.verified and t.anchored
+    path.write_bytes(b"".join(path.read_bytes().splitlines(keepends=True)[:4]))  # tail removed
+    assert read_timeline(tmp_path, "a", sid, "").verified  # the chain alone cannot tell
+    t = read_timeline(tmp_path, "a", sid, "", anchor=anchor)
+    assert not t.verified and t.broken_line == 0
+    assert "ends after line 4" in t.problem and "removed from the end" in t.problem
 
 
 @pytest.mark.e2e

@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from server import session_protocol as sp
 from server.db.models import Session as SessionRow
 from server.session_protocol import (
-    ProtocolError, ProtocolWriter, SessionProtocols, SessionSummary, UnknownSession,
+    ProtocolError, ProtocolWriter, SessionProtocols, SessionSummary, UnknownSession, verify,
 )
 
 from .fixtures_server import run_cli, write_config
@@ -500,6 +500,34 @@ def test_show_marks_a_broken_chain(protocols, clock):
     assert last.startswith("CHAIN BROKEN at line 3: content does not match its hash")
 
 
+def test_the_end_recorded_in_the_database_catches_a_cut_or_rewritten_tail(protocols, clock):
+    """A chain cut after any line, or rebuilt from some line on, still verifies by itself; the
+    ``ended`` line the database recorded (seq and hash) does not match it."""
+    path = typical_session(protocols, clock)
+    ended = json.loads(path.read_bytes().splitlines()[-1])
+    anchor = {SID: (ended["seq"], ended["hash"])}
+    result = verify(path, anchor)
+    assert result.ok and result.anchored == 1
+    assert result.summary() == "1 files, 9 events, chains intact, 1 ends match the database"
+
+    original = path.read_bytes()
+    path.write_bytes(b"".join(original.splitlines(keepends=True)[:6]))  # the last 3 lines cut
+    assert verify(path).ok  # the chain alone cannot tell
+    problem = verify(path, anchor).first
+    assert problem.line == 0 and "ends after line 6" in problem.message
+    assert "database recorded line 9" in problem.message
+
+    # Rewritten from line 7 on with a valid chain (the writer itself continues the cut file): the
+    # new line 9 is another "ended" line than the one the database recorded.
+    for text in ("nothing happened here", "really nothing"):
+        protocols.record("acme", SID, "comment", ALICE, "192.0.2.10", {"text": text})
+    protocols.ended("acme", SessionSummary(SID, "adhoc", JAN31, clock(), ALICE,
+                                           "customer@198.51.100.7", 1, 2, "forged end"), by="relay")
+    assert verify(path).ok and len(path.read_bytes().splitlines()) == 9
+    problem = verify(path, anchor).first
+    assert problem.line == 9 and "rewritten" in problem.message
+
+
 # --- the CLI ----------------------------------------------------------------------------------
 
 def test_cli_protocol_verify_and_show(tmp_path, clock):
@@ -536,3 +564,37 @@ def test_cli_protocol_verify_and_show(tmp_path, clock):
         assert bad.stderr.splitlines() == [
             f"hausmeister-server: error: {path}: line 5: content does not match its hash "
             "(the line was edited after it was written)"]
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_cli_protocol_verify_checks_each_end_against_the_database(server_config, db_url, clock):
+    """On a set-up server `protocol verify` also compares each file's end with the ``ended`` line
+    the database recorded; `--no-db` checks a copy by its chains alone."""
+    from server.db import Database
+    from server.db.models import Session as SessionRow
+
+    srv = server_config
+    protocols = SessionProtocols(srv.data_dir / "protocols", clock=clock)
+    path = typical_session(protocols, clock)
+    ended = json.loads(path.read_bytes().splitlines()[-1])
+    db = Database(db_url)
+    try:
+        with db.session() as s:
+            s.add(SessionRow(id=SID, kind="adhoc", created_at=dt.datetime.now(dt.timezone.utc),
+                             protocol_end_seq=ended["seq"], protocol_end_hash=ended["hash"]))
+    finally:
+        db.dispose()
+
+    ok = srv.cli("protocol", "verify", str(srv.data_dir / "protocols"))
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.splitlines()[0] == "1 files, 9 events, chains intact, 1 ends match the database"
+
+    path.write_bytes(b"".join(path.read_bytes().splitlines(keepends=True)[:6]))
+    cut = srv.cli("protocol", "verify", str(path))
+    assert cut.returncode == 1 and cut.stdout == ""
+    [line] = cut.stderr.splitlines()
+    assert line == (f"hausmeister-server: error: {path}: ends after line 6, but the database "
+                    "recorded line 9 as the session's end: lines were removed from the end of "
+                    "the file")
+    copy = srv.cli("protocol", "verify", "--no-db", str(path))
+    assert copy.returncode == 0 and "without the server's 'ended' line" in copy.stdout

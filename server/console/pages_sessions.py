@@ -103,7 +103,8 @@ def _facts(s: SessionRow, host_name: str | None) -> dict[str, Any]:
             "ended": s.ended_at, "duration_s": duration,
             "bytes_to_peer": s.bytes_to_peer or 0, "bytes_to_supporter": s.bytes_to_supporter or 0,
             "end_reason": s.end_reason or "", "protocol_file": s.protocol_file or "",
-            "protocol_mailed_at": s.protocol_mailed_at}
+            "protocol_mailed_at": s.protocol_mailed_at,
+            "anchor": (s.protocol_end_seq, s.protocol_end_hash) if s.protocol_end_hash else None}
 
 
 @route("GET", "sessions")
@@ -165,6 +166,7 @@ class Timeline:
     broken_line: int = 0                 # 0: the chain holds (or there is no file)
     problem: str = ""
     ended: bool = False
+    anchored: bool = False               # its end matches the one the database recorded
     missing: str = ""                    # why there is no timeline
 
 
@@ -203,8 +205,9 @@ def _detail_text(detail: Any) -> str:
 
 
 def read_timeline(protocol_dir: Path, tenant: str, session_id: str, recorded: str,
-                  limit: int = MAX_TIMELINE) -> Timeline:
-    """Blocking: read and verify the session's protocol (``protocol show`` / ``verify``)."""
+                  limit: int = MAX_TIMELINE, anchor: tuple[int, str] | None = None) -> Timeline:
+    """Blocking: read and verify the session's protocol (``protocol show`` / ``verify``), and its
+    end against the ``ended`` line the database recorded (``anchor``)."""
     path = protocol_path(protocol_dir, tenant, session_id, recorded)
     if path is None:
         return Timeline(missing="no protocol file for this session in the protocol folder "
@@ -216,6 +219,9 @@ def read_timeline(protocol_dir: Path, tenant: str, session_id: str, recorded: st
             continue
         t.events.append(_event(n, record))
     _, problem, t.ended = sp.verify_file(path)
+    if problem is None and anchor is not None:
+        problem = sp.check_anchor(path, *anchor)
+        t.anchored = problem is None
     t.verified = problem is None
     if problem is not None:
         t.broken_line, t.problem = problem.line, problem.message
@@ -241,7 +247,7 @@ def _load(ctx: Ctx, limit: int = MAX_TIMELINE):
     def with_timeline(found: tuple[dict[str, Any], str]):
         facts, tenant = found
         d = run_blocking(read_timeline, protocol_dir, tenant, facts["id"], facts["protocol_file"],
-                         limit)
+                         limit, facts["anchor"])
         return d.addCallback(lambda t: (facts, t))
 
     d = ctx.run(_session_and_tenant, ctx.session.tenant_id, ctx.params["id"])

@@ -170,6 +170,10 @@ class Session(Base):
     end_reason: Mapped[str | None] = mapped_column(String(200), nullable=True)
     protocol_file: Mapped[str | None] = mapped_column(String(500), nullable=True)
     protocol_mailed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # the protocol's "ended" line (seq and hash): anchors the file's hash chain in the database, so
+    # cutting or rewriting the end of the file is caught, not only edits in its middle
+    protocol_end_seq: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    protocol_end_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
 class SessionEvent(Base):

@@ -171,10 +171,16 @@ def _update_session(session, stats: SessionStats) -> tuple[str, SessionSummary] 
     return (tenant.name if tenant else "default"), SessionSummary.from_row(row)
 
 
-def _remember_protocol_file(session, session_id: str, path: str | None) -> None:
+def _remember_protocol_file(session, session_id: str, path: str | None,
+                            ended: dict | None = None) -> None:
+    """The protocol's file, and its ``ended`` line as the anchor of the file's hash chain."""
     row = session.get(Session, session_id)
-    if row is not None and path:
+    if row is None:
+        return
+    if path:
         row.protocol_file = path
+    if ended and row.protocol_end_hash is None:
+        row.protocol_end_seq, row.protocol_end_hash = ended["seq"], ended["hash"]
 
 
 def record_session_end(db: Database, stats: SessionStats,
@@ -195,8 +201,8 @@ def record_session_end(db: Database, stats: SessionStats,
             return None
         tenant, summary = found
         d = blocking(protocols.ended, tenant, summary)
-        d.addCallback(lambda _: db.run(_remember_protocol_file, stats.session_id,
-                                       protocols.file_of(tenant, stats.session_id)))
+        d.addCallback(lambda ended: db.run(_remember_protocol_file, stats.session_id,
+                                           protocols.file_of(tenant, stats.session_id), ended))
         return d
 
     def failed(failure) -> None:
