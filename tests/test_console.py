@@ -143,15 +143,30 @@ def test_admin_of_another_tenant_sees_nothing_of_tenant_a(running_server, enroll
     add_session(db_url, tenant_a, "supporter:alice", "customer:Erika")
     add_session(db_url, "b", "supporter:bert", "customer:Berta")
 
-    srv.ok("user", "add", "sam", "--role", "supporter", "--password-stdin", stdin=BOB_PASSWORD + "\n")
+    srv.ok("user", "add", "sam", "--role", "supporter", "--email", "sam@support.test",
+           "--password-stdin", stdin=BOB_PASSWORD + "\n")
 
+    sam = Console(browser, srv.url)
     bob = Console(browser, srv.url)
     admin = Console(browser, srv.url)
     try:
-        # A supporter's right password still opens no console session.
-        bob.login("sam", BOB_PASSWORD)
-        assert bob.page.url == srv.url + "/console/login"
-        assert "the console is for admins and auditors" in bob.page.locator("#error").inner_text()
+        # A supporter gets the own account only: no tenant pages, but the protocol-mail opt-in.
+        sam.login("sam", BOB_PASSWORD)
+        assert sam.page.url == srv.url + "/console/account"
+        assert sam.page.locator("#nav-hosts").count() == 0
+        assert sam.go("/console/hosts").status == 403
+        assert "needs the role admin or auditor" in sam.page.content()
+        r = sam.page.request.post(srv.url + "/console/users/1/role", max_redirects=0,
+                                  form={"csrf": sam.csrf(), "role": "admin"})
+        assert r.status == 403
+        sam.go("/console/account")
+        assert sam.page.locator("#protocol-mail-state").inner_text().startswith("Off")
+        with sam.page.expect_navigation():
+            sam.page.click("#protocol-mail-toggle")
+        assert "mailed to you" in sam.page.locator("#notice").inner_text()
+        assert "sam@support.test" in sam.page.locator("#protocol-mail-state").inner_text()
+        sam.shot("account-supporter")
+        sam.assert_local_only()
 
         bob.login("bob", BOB_PASSWORD)
         assert bob.page.url == srv.url + "/console/hosts"
@@ -181,6 +196,7 @@ def test_admin_of_another_tenant_sees_nothing_of_tenant_a(running_server, enroll
         bob.assert_local_only()
         admin.assert_local_only()
     finally:
+        sam.close()
         bob.close()
         admin.close()
 

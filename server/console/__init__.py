@@ -1,4 +1,5 @@
-"""The web console under ``/console/``: server-rendered pages for a tenant's admins and auditors.
+"""The web console under ``/console/``: server-rendered pages for a tenant's admins and auditors
+(supporters: the own account only).
 
 ``core`` holds the rules every page keeps (CSRF, login, roles, CSP, escaping, off-reactor DB);
 each ``pages_*`` module holds one area and registers its routes.

@@ -3,8 +3,9 @@ that leave the network (the own account is ``pages_account``, reset and invitati
 ``pages_links``).
 
 Login checks the argon2id hash through ``accounts.authenticate`` under the server's lock-out per
-user and per address; the lock-out message says how long to wait.  Only admins and auditors get a
-console session.  A user with a TOTP secret is not logged in after the password: the session holds
+user and per address; the lock-out message says how long to wait.  Admins and auditors work on their
+tenant's pages; a supporter gets only the own account (password, TOTP, picture, protocol mail).
+A user with a TOTP secret is not logged in after the password: the session holds
 the :class:`LoginResult` in ``pending`` until ``/console/login/totp`` gets a current code.  Wrong
 codes count in the same lock-out (plus ``totp:NAME``, which only a right code clears, so knowing
 the password does not reset the count); a code is accepted once per time step.
@@ -24,14 +25,13 @@ from twisted.logger import Logger
 
 from .. import accounts
 from ..db.models import Role, Tenant, User
-from .core import Ctx, route
+from .core import EVERYONE, Ctx, landing, route
 
 log = Logger()
 
 MAX_NAME = 200
 MAX_PASSWORD = 1024
 MAX_CODE = 20
-CONSOLE_ROLES = (Role.admin, Role.auditor)
 PENDING_SECONDS = 300          # a password step waits this long for its TOTP code
 
 
@@ -96,9 +96,6 @@ def totp_uri(secret: str, user: str, issuer: str) -> str:
 
 def _login(session, lockouts: accounts.Lockouts, name: str, password: str, source: str) -> LoginResult:
     user = accounts.authenticate(session, lockouts, name, password, source)
-    if user.role not in CONSOLE_ROLES:
-        raise accounts.AccountError(
-            f"user {name!r} is a {user.role.value}; the console is for admins and auditors")
     lockouts.check(session, [f"totp:{user.name}"])
     tenant = session.get(Tenant, user.tenant_id)
     first_tenant = session.scalar(select(func.min(Tenant.id)))
@@ -130,7 +127,7 @@ def _start_session(ctx: Ctx, result: LoginResult) -> bytes:
                                        operator=result.operator)
     ctx.set_cookie(fresh)
     log.info("console: {user} logged in from {address}", user=result.user, address=ctx.source)
-    return ctx.redirect("/console/hosts")
+    return ctx.redirect(landing(result.role))
 
 
 def _refused(ctx: Ctx, template: str, who: str, **values):
@@ -143,15 +140,15 @@ def _refused(ctx: Ctx, template: str, who: str, **values):
     return refused
 
 
-@route("GET", "", login=True)
+@route("GET", "", login=True, roles=EVERYONE)
 def home(ctx: Ctx) -> bytes:
-    return ctx.redirect("/console/hosts")
+    return ctx.redirect(landing(ctx.session.role))
 
 
 @route("GET", "login", login=False)
 def login_form(ctx: Ctx) -> bytes:
     if ctx.session.logged_in:
-        return ctx.redirect("/console/hosts")
+        return ctx.redirect(landing(ctx.session.role))
     ctx.session.pending = None
     return ctx.page("login.html", notice=ctx.take_notice(), name="")
 
@@ -160,7 +157,7 @@ def login_form(ctx: Ctx) -> bytes:
 def login(ctx: Ctx):
     session = ctx.session
     if session.logged_in:
-        return ctx.redirect("/console/hosts")
+        return ctx.redirect(landing(ctx.session.role))
     session.pending = None
     name = ctx.field("user", MAX_NAME + 1).strip()
     password = ctx.field("password", MAX_PASSWORD + 1)
@@ -192,7 +189,7 @@ def _pending(ctx: Ctx) -> LoginResult | None:
 @route("GET", "login/totp", login=False)
 def totp_form(ctx: Ctx) -> bytes:
     if ctx.session.logged_in:
-        return ctx.redirect("/console/hosts")
+        return ctx.redirect(landing(ctx.session.role))
     pending = _pending(ctx)
     if pending is None:
         return ctx.redirect("/console/login")
@@ -202,7 +199,7 @@ def totp_form(ctx: Ctx) -> bytes:
 @route("POST", "login/totp", login=False)
 def login_totp(ctx: Ctx):
     if ctx.session.logged_in:
-        return ctx.redirect("/console/hosts")
+        return ctx.redirect(landing(ctx.session.role))
     pending = _pending(ctx)
     if pending is None:
         return ctx.redirect("/console/login")
@@ -213,7 +210,7 @@ def login_totp(ctx: Ctx):
                                                      name=pending.user))
 
 
-@route("POST", "logout", login=True)
+@route("POST", "logout", login=True, roles=EVERYONE)
 def logout(ctx: Ctx):
     session = ctx.session
     ctx.console.sessions.drop(session)

@@ -38,7 +38,13 @@ MAX_FORM_BYTES = 16 * 1024
 MAX_FORM_FIELDS = 40
 MAX_QUERY = 200
 MAX_ROWS = 500
-CONSOLE_ROLES = ("admin", "auditor")
+CONSOLE_ROLES = ("admin", "auditor")          # the tenant's pages
+EVERYONE = ("admin", "auditor", "supporter")   # the own account, picture, logout
+
+
+def landing(role: str | None) -> str:
+    """Where a logged-in user starts: the hosts page, or a supporter's own account."""
+    return "/console/hosts" if role in CONSOLE_ROLES else "/console/account"
 
 CSP = (b"default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; "
        b"frame-ancestors 'none'; base-uri 'none'")

@@ -11,7 +11,7 @@ from twisted.logger import Logger
 from .. import accounts
 from ..db.models import User
 from .auth import MAX_CODE, MAX_PASSWORD, _check_code, totp_uri
-from .core import Ctx, PageError, route
+from .core import EVERYONE, Ctx, PageError, route
 
 log = Logger()
 
@@ -48,12 +48,12 @@ def _account_page(ctx: Ctx, status: int | None = None, error: str | None = None)
     return ctx.run(_account, ctx.session.user_id).addCallback(show)
 
 
-@route("GET", "account")
+@route("GET", "account", roles=EVERYONE)
 def account(ctx: Ctx):
     return _account_page(ctx)
 
 
-@route("GET", "account/totp.svg")
+@route("GET", "account/totp.svg", roles=EVERYONE)
 def account_totp_qr(ctx: Ctx) -> bytes:
     """The QR code of the TOTP set-up being confirmed, drawn here (no outside service)."""
     secret = _setups(ctx.console).get(ctx.session.id)
@@ -70,7 +70,7 @@ def account_totp_qr(ctx: Ctx) -> bytes:
     return out.getvalue()
 
 
-@route("POST", "account/totp/new")
+@route("POST", "account/totp/new", roles=EVERYONE)
 def account_totp_new(ctx: Ctx):
     _setups(ctx.console)[ctx.session.id] = pyotp.random_base32()
     return ctx.redirect("/console/account#totp")
@@ -102,7 +102,7 @@ def _account_refused(ctx: Ctx):
     return refused
 
 
-@route("POST", "account/totp/confirm")
+@route("POST", "account/totp/confirm", roles=EVERYONE)
 def account_totp_confirm(ctx: Ctx):
     secret = _setups(ctx.console).get(ctx.session.id)
     if not secret:
@@ -117,7 +117,7 @@ def account_totp_confirm(ctx: Ctx):
                    secret, code, ctx.source).addCallbacks(done, _account_refused(ctx))
 
 
-@route("POST", "account/totp/off")
+@route("POST", "account/totp/off", roles=EVERYONE)
 def account_totp_off(ctx: Ctx):
     code = ctx.field("code", MAX_CODE)
 
@@ -140,7 +140,7 @@ def _change_password(session, lockouts, user_id: int, current: str, new: str, so
     return user.name
 
 
-@route("POST", "account/password")
+@route("POST", "account/password", roles=EVERYONE)
 def account_password(ctx: Ctx):
     current = ctx.field("current", MAX_PASSWORD)
     new, again = ctx.field("new", MAX_PASSWORD), ctx.field("again", MAX_PASSWORD)
@@ -161,3 +161,27 @@ def account_password(ctx: Ctx):
         return ctx.redirect("/console/account")
     return ctx.run(_change_password, ctx.console.lockouts, old.user_id, current, new,
                    ctx.source).addCallbacks(done, _account_refused(ctx))
+
+
+def _protocol_mail(session, user_id: int, wanted: bool, source: str) -> str:
+    user = _me(session, user_id)
+    if wanted and not user.email:
+        raise accounts.AccountError("you have no mail address; ask an admin to set one first")
+    user.protocol_mail = wanted
+    accounts.audit(session, user.name, "user.protocol_mail",
+                   f"name={user.name} {'on' if wanted else 'off'} address={source}",
+                   tenant_id=user.tenant_id)
+    return ("Session protocols will be mailed to you after each session." if wanted
+            else "Session protocols are no longer mailed to you.")
+
+
+@route("POST", "account/protocol-mail", roles=EVERYONE)
+def account_protocol_mail(ctx: Ctx):
+    """Opt in to (or out of) getting each session's protocol by mail."""
+    wanted = ctx.field("on", 3) == "1"
+
+    def done(message: str) -> bytes:
+        ctx.flash(message)
+        return ctx.redirect("/console/account#protocol-mail")
+    return ctx.run(_protocol_mail, ctx.session.user_id, wanted, ctx.source).addCallbacks(
+        done, _account_refused(ctx))

@@ -22,7 +22,7 @@ from protocol.runtime import run_blocking
 from .. import accounts, avatars, settings_store
 from ..db.models import User
 from ..web import SECURITY_HEADERS
-from .core import CSP, IMG_ORIGIN, Ctx, PageError, route
+from .core import CSP, EVERYONE, IMG_ORIGIN, Ctx, PageError, route
 
 log = Logger()
 
@@ -71,7 +71,7 @@ def _initials(ctx: Ctx, name: str) -> bytes:
     return _image(ctx, avatars.initials_svg(name), b"image/svg+xml")
 
 
-@route("GET", "avatar/{user_id}")
+@route("GET", "avatar/{user_id}", roles=EVERYONE)
 def avatar(ctx: Ctx):
     user_id = _user_id(ctx)
     config = ctx.console.config
@@ -107,7 +107,7 @@ def _page(ctx: Ctx, status: int | None = None, **values: Any):
                    ).addCallback(show)
 
 
-@route("GET", "avatar")
+@route("GET", "avatar", roles=EVERYONE)
 def avatar_page(ctx: Ctx):
     return _page(ctx)
 
@@ -131,7 +131,7 @@ def _forget(ctx: Ctx, old: str | None, new: str | None):
     return d
 
 
-@route("POST", "avatar")
+@route("POST", "avatar", roles=EVERYONE)
 def upload(ctx: Ctx):
     data = (ctx.form.get(b"picture") or [b""])[0]
     max_kib = ctx.console.config.avatars.max_upload_kib
@@ -165,7 +165,7 @@ def upload(ctx: Ctx):
     return d.addCallbacks(done, refused)
 
 
-@route("POST", "avatar/delete")
+@route("POST", "avatar/delete", roles=EVERYONE)
 def delete(ctx: Ctx):
     session = ctx.session
 
