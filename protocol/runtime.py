@@ -4,13 +4,16 @@ blocking work off the reactor thread.
 Logging is ``twisted.logger`` everywhere; ``start_logging`` installs a single observer that writes
 JSON lines (or short text lines for a terminal) to stderr, filtered by ``--log-level``.
 Blocking work (database, disk, boto3) goes through ``run_blocking``, which uses one bounded
-thread pool owned by the reactor.
+thread pool owned by the reactor.  ``tune_gc`` sets up the garbage collector of a long-running
+process (server, relay) once it has started.
 """
 
 from __future__ import annotations
 
 import datetime
+import gc
 import json
+import os
 import sys
 from typing import Any, Callable, TextIO, TypeVar
 
@@ -70,6 +73,36 @@ def start_logging(level: str = "info", fmt: str = "json", stream: TextIO | None 
         _started = True
 
 
+# Generation-0 threshold for long-running processes (CPython's default is 700); see tune_gc.
+GC_THRESHOLDS = (50_000, 50, 100)
+GC_ENV = "HAUSMEISTER_GC"
+
+
+def tune_gc(thresholds: tuple[int, int, int] = GC_THRESHOLDS) -> str:
+    """Keep the garbage collector's pauses short in a server or relay process; call it once,
+    after start-up, before the reactor runs.  Returns what it did (for the start-up log).
+
+    Why: a full collection walks every tracked object; a relay with 750 sessions holds ~130,000
+    of them and one pass took 79 ms, which set its p99 latency (24-68 ms with the collector,
+    4.6-10 ms without it; bench/README.md).  ``gc.freeze()`` moves everything start-up created
+    (modules, classes, configuration: never garbage) out of the collector's view, and a
+    generation-0 threshold of 50,000 instead of 700 makes collections rare while still freeing
+    reference cycles of closed connections; the relay's chunks are bytes, which are not tracked.
+
+    ``HAUSMEISTER_GC=default`` in the environment leaves CPython's settings alone and
+    ``HAUSMEISTER_GC=<n>`` sets the generation-0 threshold to n (benchmarks compare them).
+    """
+    wanted = os.environ.get(GC_ENV, "").strip()
+    if wanted == "default":
+        return f"default (thresholds {gc.get_threshold()})"
+    if wanted:
+        thresholds = (int(wanted), *thresholds[1:])
+    gc.collect()  # so start-up garbage is freed, not frozen for the life of the process
+    gc.freeze()
+    gc.set_threshold(*thresholds)
+    return f"{gc.get_freeze_count()} start-up objects frozen, thresholds {thresholds}"
+
+
 _pool: ThreadPool | None = None
 
 
@@ -98,4 +131,4 @@ def run_blocking(fn: Callable[..., T], *args: Any, **kwargs: Any) -> "Deferred[T
     return deferToThreadPool(reactor, blocking_pool(reactor), fn, *args, **kwargs)
 
 
-__all__ = ["Logger", "start_logging", "run_blocking", "blocking_pool", "json_line"]
+__all__ = ["Logger", "start_logging", "run_blocking", "blocking_pool", "json_line", "tune_gc"]

@@ -127,8 +127,9 @@ def cmd_run(config: Config, args: argparse.Namespace) -> int:
     from twisted.internet import asyncioreactor
     asyncioreactor.install()
     from twisted.internet import reactor
+    from twisted.logger import Logger
 
-    from protocol.runtime import start_logging
+    from protocol.runtime import start_logging, tune_gc
 
     from .app import HausmeisterServer
     if not bootstrap.is_initialised(config):
@@ -147,6 +148,7 @@ def cmd_run(config: Config, args: argparse.Namespace) -> int:
     print(f"CA fingerprint:         {info['ca_fingerprint']}")
     print("Press Ctrl+C to stop.", flush=True)
     reactor.addSystemEventTrigger("before", "shutdown", srv.stopService)
+    Logger(namespace="server.cli").info("garbage collector: {gc}", gc=tune_gc())
     reactor.run()
     return 0
 

@@ -244,6 +244,56 @@ def test_heartbeats_are_flushed_to_the_database_in_batches(broker, world, databa
         assert s.get(Host, world["pc-office"]).last_seen >= first_seen
 
 
+class CountingDB(InlineDB):
+    """InlineDB that counts the transactions the broker asks for."""
+
+    def __init__(self, db) -> None:
+        super().__init__(db)
+        self.transactions = 0
+
+    def run(self, fn, *args):
+        self.transactions += 1
+        return super().run(fn, *args)
+
+
+def test_stop_marks_every_connected_host_offline_in_one_transaction(broker, world, database,
+                                                                     monkeypatch):
+    monkeypatch.setattr("server.broker.IN_BATCH", 2)  # three hosts: two UPDATE batches
+    conns = [host(world[name]) for name in ("pc-office", "pc-lab", "pc-other")]
+    for conn in conns:
+        result_of(broker.host_online(conn, "1"))
+        broker.heartbeat(conn)
+    with database.session() as s:
+        registered = {h.id: h.last_seen for h in s.query(Host) if h.online}
+    assert len(registered) == 3
+    broker.db = counting = CountingDB(database)
+    result_of(broker.stop())
+    assert counting.transactions == 1
+    with database.session() as s:
+        rows = {h.id: h for h in s.query(Host)}
+    assert not any(row.online for row in rows.values())
+    assert all(rows[i].last_seen >= seen for i, seen in registered.items())
+    for conn in conns:  # the reactor closes the connections after the broker stopped
+        broker.connection_lost(conn)
+    assert counting.transactions == 1 and broker.hosts == {}
+
+
+def test_host_registered_while_stopping_still_goes_offline(broker, world, database):
+    office, lab = host(world["pc-office"]), host(world["pc-lab"])
+    result_of(broker.host_online(office, "1"))
+    result_of(broker.stop())
+    # Hellos whose database write was still under way when stop() ran
+    late_lab, office_again = host(world["pc-lab"]), host(world["pc-office"])
+    result_of(broker.host_online(late_lab, "1"))
+    result_of(broker.host_online(office_again, "1"))
+    for conn in (office, office_again, lab, late_lab):
+        broker.connection_lost(conn)
+    assert broker.hosts == {}
+    with database.session() as s:
+        assert not s.get(Host, world["pc-lab"]).online
+        assert not s.get(Host, world["pc-office"]).online
+
+
 def test_visibility_by_tenant_and_group(broker, world):
     names = lambda who: [h["name"] for h in result_of(broker.list_hosts(supporter(who)))]  # noqa: E731
     assert sorted(names("anna")) == ["pc-lab", "pc-office"]   # no groups: the whole tenant

@@ -303,6 +303,8 @@ class RelayService(service.Service):
 def run_relay(config: Config, reactor: Any, ports: list[int] | None = None,
               **relay_options: Any) -> int:
     """Run a relay process until SIGTERM/SIGINT (the reactor is installed and logging started)."""
+    from protocol.runtime import tune_gc
+
     from .. import egress
 
     relay_service = RelayService(config, reactor, ports, **relay_options)
@@ -312,6 +314,7 @@ def run_relay(config: Config, reactor: Any, ports: list[int] | None = None,
     print(f"Relay listening on {config.listen.interface} port(s) "
           f"{', '.join(map(str, relay_service.ports))}", flush=True)
     reactor.addSystemEventTrigger("before", "shutdown", relay_service.stopService)
+    log.info("garbage collector: {gc}", gc=tune_gc())
     reactor.run()
     return 0
 
