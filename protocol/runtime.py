@@ -88,6 +88,8 @@ def tune_gc(thresholds: tuple[int, int, int] = GC_THRESHOLDS) -> str:
     (modules, classes, configuration: never garbage) out of the collector's view, and a
     generation-0 threshold of 50,000 instead of 700 makes collections rare while still freeing
     reference cycles of closed connections; the relay's chunks are bytes, which are not tracked.
+    Measured: no collection at all while a relay served 500-1,000 sessions; the cost is that
+    thousands of connections closing at once are freed in one pause (up to ~120 ms at shutdown).
 
     ``HAUSMEISTER_GC=default`` in the environment leaves CPython's settings alone and
     ``HAUSMEISTER_GC=<n>`` sets the generation-0 threshold to n (benchmarks compare them).
