@@ -97,12 +97,16 @@ def tune_gc(thresholds: tuple[int, int, int] = GC_THRESHOLDS) -> str:
     wanted = os.environ.get(GC_ENV, "").strip()
     if wanted == "default":
         return f"default (thresholds {gc.get_threshold()})"
-    if wanted:
+    ignored = ""
+    if wanted and wanted.isascii() and wanted.isdigit() and int(wanted) > 0:
         thresholds = (int(wanted), *thresholds[1:])
+    elif wanted:
+        ignored = (f"; {GC_ENV}={wanted!r} ignored: use 'default' or a whole number above 0 "
+                   "(the generation-0 threshold)")
     gc.collect()  # so start-up garbage is freed, not frozen for the life of the process
     gc.freeze()
     gc.set_threshold(*thresholds)
-    return f"{gc.get_freeze_count()} start-up objects frozen, thresholds {thresholds}"
+    return f"{gc.get_freeze_count()} start-up objects frozen, thresholds {thresholds}{ignored}"
 
 
 _pool: ThreadPool | None = None

@@ -40,3 +40,10 @@ def test_generation_0_threshold_from_the_environment():
 def test_default_leaves_the_collector_alone(value):
     said, thresholds, frozen = probe(value)
     assert thresholds == [700, 10, 10] and frozen == 0 and said.startswith("default")
+
+
+@pytest.mark.parametrize("value", ["lots", "-5", "0", "１２"])
+def test_a_bad_setting_is_named_in_the_log_and_the_defaults_hold(value):
+    said, thresholds, frozen = probe(value)
+    assert thresholds == [50_000, 50, 100] and frozen > 1000
+    assert f"HAUSMEISTER_GC={value!r} ignored" in said
