@@ -93,6 +93,8 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from zope.interface import Interface
 
+from . import strict_json
+
 log = Logger()
 
 MAX_MESSAGE_BYTES = 64 * 1024
@@ -443,26 +445,13 @@ def encode_message(message: Mapping[str, Any]) -> bytes:
     return data
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise ConsentError(f"key {key[:40]!r} appears twice")
-        result[key] = value
-    return result
-
-
-def _no_constants(name: str) -> Any:
-    raise ConsentError(f"{name} is not JSON")
-
-
 def decode_message(data: bytes) -> dict[str, Any]:
     """Parse and validate one control message received on the CONTROL channel."""
     if len(data) > MAX_MESSAGE_BYTES:
         raise ConsentError(f"control message of {len(data)} bytes exceeds {MAX_MESSAGE_BYTES}")
     try:
         text = bytes(data).decode("utf-8")
-        message = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
+        message = strict_json.loads(text, ConsentError)
     except ConsentError:
         raise
     except (UnicodeDecodeError, ValueError, RecursionError) as e:

@@ -83,6 +83,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterable
 
+from . import strict_json
 from .consent import Role
 
 T_CONTROL = 0x01
@@ -337,25 +338,11 @@ _SCHEMA: dict[str, tuple[str, ...]] = {
 }
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise FileTransferError(f"duplicate key {key!r} in a control message")
-        out[key] = value
-    return out
-
-
-def _refuse_constant(name: str) -> Any:
-    raise FileTransferError(f"{name} is not a number")
-
-
 def _parse_control(body: bytes, max_size: int) -> dict[str, Any]:
     if len(body) > MAX_CONTROL_BYTES:
         raise FileTransferError("control message too long")
     try:
-        message = json.loads(body.decode("utf-8"), object_pairs_hook=_no_duplicates,
-                             parse_constant=_refuse_constant)
+        message = strict_json.loads(body.decode("utf-8"), FileTransferError)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise FileTransferError(f"control message is not JSON: {exc}") from None
     if not isinstance(message, dict):
