@@ -163,17 +163,21 @@ def running_server(server_config):
     server_config.stop()
 
 
+def add_enrolled_supporter(srv: ServerProcess, name: str, home: Path) -> Path:
+    """A supporter user ``name`` whose module the real CLI enrolls in ``home``."""
+    srv.ok("user", "add", name, "--role", "supporter", "--password-stdin",
+           stdin=SUPPORTER_PASSWORD + "\n")
+    result = run_cli("supporter", "enroll", "--server", srv.url, "--ca-fingerprint",
+                     srv.fingerprint, "--user", name, "--password-stdin", "--home", str(home),
+                     stdin=SUPPORTER_PASSWORD + "\n")
+    assert result.returncode == 0, result.stderr
+    return home
+
+
 @pytest.fixture
 def enrolled_supporter(running_server, tmp_path):
     """A supporter user ``alice`` whose module is enrolled in ``tmp_path/alice``."""
-    running_server.ok("user", "add", "alice", "--role", "supporter", "--password-stdin",
-                      stdin=SUPPORTER_PASSWORD + "\n")
-    home = tmp_path / "alice"
-    result = run_cli("supporter", "enroll", "--server", running_server.url, "--ca-fingerprint",
-                     running_server.fingerprint, "--user", "alice", "--password-stdin",
-                     "--home", str(home), stdin=SUPPORTER_PASSWORD + "\n")
-    assert result.returncode == 0, result.stderr
-    return home
+    return add_enrolled_supporter(running_server, "alice", tmp_path / "alice")
 
 
 @pytest.fixture

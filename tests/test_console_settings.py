@@ -22,7 +22,7 @@ from server.db import Database
 from server.db.models import User
 from tests.fixtures_console import PAYLOAD, Console
 from tests.fixtures_server import (
-    ADMIN_PASSWORD, SUPPORTER_PASSWORD, ServerProcess, free_port, run_cli, write_config,
+    ADMIN_PASSWORD, ServerProcess, add_enrolled_supporter, free_port, write_config,
 )
 from tests.module_process import ModuleProcess
 from tests.test_avatars import BUCKET, moto_s3, picture  # noqa: F401 (moto_s3 is a fixture)
@@ -237,12 +237,7 @@ max_upload_kib = {MAX_KIB}
         srv.ok("tenant", "add", "b")
         srv.ok("user", "add", "bob", "--role", "admin", "--tenant", "b", "--password-stdin",
                stdin=BOB_PASSWORD + "\n")
-        srv.ok("user", "add", "alice", "--role", "supporter", "--password-stdin",
-               stdin=SUPPORTER_PASSWORD + "\n")
-        alice = tmp_path / "alice"
-        assert run_cli("supporter", "enroll", *server_args(srv), "--user", "alice",
-                       "--password-stdin", "--home", str(alice),
-                       stdin=SUPPORTER_PASSWORD + "\n").returncode == 0
+        alice = add_enrolled_supporter(srv, "alice", tmp_path / "alice")
         ids = user_ids(db_url)
 
         admin = Console(browser, srv.url)

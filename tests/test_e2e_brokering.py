@@ -167,7 +167,7 @@ def test_host_comes_back_after_server_restart(tmp_path, db_url, enrolled_host_on
 @pytest.fixture
 def enrolled_host_on_fixed_ports(tmp_path, db_url):
     """Server on fixed ports (a restart must come back where the modules know it)."""
-    from .fixtures_server import ADMIN_PASSWORD, SUPPORTER_PASSWORD
+    from .fixtures_server import ADMIN_PASSWORD, add_enrolled_supporter
     data = tmp_path / "data"
     cfg = write_config(tmp_path / "h.toml", data, db_url, extra="""
 [presence]
@@ -186,31 +186,21 @@ heartbeat_seconds = 1.0
                        "--home", str(host_home)).returncode == 0
         assert run_cli("host", "set-password", "--generate",
                        "--home", str(host_home)).returncode == 0
-        srv.ok("user", "add", "sam", "--role", "supporter", "--password-stdin",
-               stdin=SUPPORTER_PASSWORD + "\n")
-        supporter_home = tmp_path / "sam"
-        assert run_cli("supporter", "enroll", *server_args(srv), "--user", "sam",
-                       "--password-stdin", "--home", str(supporter_home),
-                       stdin=SUPPORTER_PASSWORD + "\n").returncode == 0
+        supporter_home = add_enrolled_supporter(srv, "sam", tmp_path / "sam")
         yield srv, host_home, supporter_home
     finally:
         srv.stop()
 
 
 def test_session_through_a_separate_relay_process(tmp_path, db_url):
-    from .fixtures_server import SUPPORTER_PASSWORD, server_with_external_relay
+    from .fixtures_server import add_enrolled_supporter, server_with_external_relay
     srv, relay_port = server_with_external_relay(tmp_path, db_url)
     relay = ModuleProcess("server", "-c", str(srv.config), "run", "--role", "relay")
     supporter = customer = None
     srv.start()
     try:
         relay.wait_for_line(f"relay.*{relay_port}")
-        srv.ok("user", "add", "rita", "--role", "supporter", "--password-stdin",
-               stdin=SUPPORTER_PASSWORD + "\n")
-        home = tmp_path / "rita"
-        assert run_cli("supporter", "enroll", *server_args(srv), "--user", "rita",
-                       "--password-stdin", "--home", str(home),
-                       stdin=SUPPORTER_PASSWORD + "\n").returncode == 0
+        home = add_enrolled_supporter(srv, "rita", tmp_path / "rita")
         supporter = ModuleProcess("supporter", "adhoc", "--pipe", "--answers", "/dev/null",
                                   "--home", str(home))
         code = "".join(supporter.wait_for_line(r"ad-hoc ID: (\d{4}) (\d{4})").groups())

@@ -14,7 +14,7 @@ import pytest
 
 from server.session_protocol import verify
 
-from .fixtures_server import SUPPORTER_PASSWORD, run_cli, server_with_external_relay
+from .fixtures_server import add_enrolled_supporter, run_cli, server_with_external_relay
 from .module_process import ModuleProcess
 from .test_e2e_brokering import answers, server_args, wait_until
 
@@ -38,12 +38,7 @@ def world(tmp_path, db_url):
     srv.start()
     try:
         relay.wait_for_line(f"relay.*{relay_port}")
-        srv.ok("user", "add", "alice", "--role", "supporter", "--password-stdin",
-               stdin=SUPPORTER_PASSWORD + "\n")
-        alice = tmp_path / "alice"
-        assert run_cli("supporter", "enroll", *server_args(srv), "--user", "alice",
-                       "--password-stdin", "--home", str(alice),
-                       stdin=SUPPORTER_PASSWORD + "\n").returncode == 0
+        alice = add_enrolled_supporter(srv, "alice", tmp_path / "alice")
         token = srv.ok("token", "create", "-q").strip()
         pc1 = tmp_path / "pc1"
         assert run_cli("host", "enroll", *server_args(srv), "--token", token, "--name", "pc1",
