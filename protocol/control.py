@@ -19,6 +19,7 @@ SessionReady           server → supporter          the customer joined: relay 
 OfferSession           server → host               a supporter connects: relay details
 OpenRelayLeg           any, first command          turn this connection into a relay leg
 SessionEvent           either party of a session   one line for the session protocol
+SessionEnded           server → both parties       the server ended the session, and why
 =====================  ==========================  =========================================
 """
 
@@ -179,6 +180,26 @@ class SessionEvent(amp.Command):
     errors = ERRORS
 
 
+class SessionEnded(amp.Command):
+    """Server → a party: the server ended (or recorded the end of) a session, and why.
+
+    Sent before the relay legs close where the server ends the session itself (revocation, an
+    unwritable protocol), so a module can name the reason instead of "the peer closed".  The
+    fields are those of ``protocol.session_end.EndReason``; ``text`` is its one line.
+    """
+
+    arguments = [
+        (b"session_id", amp.Unicode()),
+        (b"cause", amp.Unicode()),
+        (b"by", amp.Unicode()),
+        (b"detail", amp.Unicode()),
+        (b"text", amp.Unicode()),
+    ]
+    response: list = []
+    errors = ERRORS
+    requiresAnswer = False
+
+
 class OpenRelayLeg(amp.Command):
     """First and only command of a relay leg; after the answer the connection is raw bytes."""
 
@@ -190,6 +211,6 @@ class OpenRelayLeg(amp.Command):
 __all__ = [
     "PROTOCOL_VERSION", "ControlError", "ALL_ERRORS", "ERRORS", "Hello", "Heartbeat",
     "AllocateNameplate", "JoinAdhoc", "ListHosts", "ConnectHost", "SessionReady", "OfferSession",
-    "OpenRelayLeg", "SessionEvent", "ProtocolVersionMismatch", "NotEnrolled", "WrongState", "Forbidden",
+    "OpenRelayLeg", "SessionEvent", "SessionEnded", "ProtocolVersionMismatch", "NotEnrolled", "WrongState", "Forbidden",
     "UnknownNameplate", "LockedOut", "HostOffline", "UnknownHost", "RelayRefused",
 ]
