@@ -168,6 +168,9 @@ class Session(Base):
     bytes_to_peer: Mapped[int] = mapped_column(BigInteger, default=0)
     bytes_to_supporter: Mapped[int] = mapped_column(BigInteger, default=0)
     end_reason: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    # protocol.session_end: the cause (e.g. emergency_stop) and the party (customer, host, ...)
+    end_cause: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    ended_by: Mapped[str | None] = mapped_column(String(20), nullable=True)
     protocol_file: Mapped[str | None] = mapped_column(String(500), nullable=True)
     protocol_mailed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
     # the protocol's "ended" line (seq and hash): anchors the file's hash chain in the database, so
