@@ -35,6 +35,7 @@ class EndCause(str, enum.Enum):
     CONNECTION_LOST = "connection_lost"      # a party's connection vanished without a word
     SERVER_SHUTDOWN = "server_shutdown"      # the server or relay stopped in order
     SERVER_CRASHED = "server_crashed"        # found unfinished at start-up after a crash
+    SERVER_LOST = "server_lost"              # a module lost its control connection to the server
     ERROR = "error"                          # a protocol error inside the session
 
 
@@ -50,9 +51,10 @@ _TEXT = {
     EndCause.PAIR_TIMEOUT: "the {by} did not reach the relay in time",
     EndCause.REVOKED: "access revoked",
     EndCause.PROTOCOL_UNWRITABLE: "the session protocol could not be written",
-    EndCause.CONNECTION_LOST: "the {by} lost the connection",
+    EndCause.CONNECTION_LOST: "the connection to the {by} was lost",
     EndCause.SERVER_SHUTDOWN: "the server shut down",
     EndCause.SERVER_CRASHED: "server stopped unexpectedly",
+    EndCause.SERVER_LOST: "lost the connection to the server",
     EndCause.ERROR: "error in the {by}'s session",
 }
 

@@ -13,12 +13,14 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from protocol.identity import Identity, fingerprint
+from protocol.session_end import EndCause, EndReason
 
 from . import __version__, accounts, certificates, egress, tls
 from .config import Config
 from .db import Database
 from .broker import Broker, RelayLocator
 from .config import split_endpoint
+from .connection_guard import ConnectionGuard, listen_guarded
 from .module_port import ConnectionRegistry, ModulePort
 from .pki import CertStore
 from .relay.core import Relay
@@ -35,13 +37,25 @@ log = Logger()
 MAIL_INTERVAL_SECONDS = 5.0
 
 
-class RevocationWatcher(service.Service):
-    """Polls the database for revoked serials (another process — the CLI — may revoke)."""
+#: how long a revoked module's control connection stays open after it was told why its
+#: sessions ended (``SessionEnded``), so the notice reaches it before the connection drops
+REVOKED_NOTICE_SECONDS = 0.5
 
-    def __init__(self, db: Database, registry: ConnectionRegistry, interval: float) -> None:
+
+class RevocationWatcher(service.Service):
+    """Polls the database for revoked serials (another process — the CLI, the console — may
+    revoke; disabling a user or removing a host revokes their certificates).  A new revocation
+    ends every live session of that certificate (in-process relay; separate relay processes
+    poll themselves), tells both parties why, then drops the module's connections."""
+
+    def __init__(self, db: Database, registry: ConnectionRegistry, interval: float,
+                 broker=None, relay=None, reactor=None) -> None:
         self.db = db
         self.registry = registry
         self.interval = interval
+        self.broker = broker
+        self.relay = relay
+        self.reactor = reactor
         self.revoked: set[str] = set()
         self._loop: task.LoopingCall | None = None
 
@@ -61,7 +75,31 @@ class RevocationWatcher(service.Service):
         new = revoked - self.revoked
         self.revoked = revoked
         if new:
-            self.registry.drop_revoked(new)
+            yield self.end_sessions_of(new)
+            if self.reactor is not None:
+                self.reactor.callLater(REVOKED_NOTICE_SECONDS, self.registry.drop_revoked, new)
+            else:
+                self.registry.drop_revoked(new)
+
+    @defer.inlineCallbacks
+    def end_sessions_of(self, serials: set[str]):
+        if self.broker is None:
+            return
+        try:
+            details = yield self.db.run(certificates.revocation_details, serials)
+        except Exception:
+            log.failure("could not read why certificates were revoked")
+            details = {}
+
+        def detail(serial: str) -> str:
+            return details.get(serial, f"certificate {serial} revoked")
+        for live, conn in self.broker.sessions_of_serials(serials):
+            end = EndReason(EndCause.REVOKED, "server", detail(conn.serial))
+            log.warn("session {session_id}: {reason}", session_id=live.session_id,
+                     reason=end.text())
+            yield self.broker.end_by_server(live.session_id, end)
+        if self.relay is not None:  # legs whose control connection is already gone
+            self.relay.end_revoked(serials, detail)
 
     def startService(self) -> None:
         super().startService()
@@ -91,7 +129,8 @@ class HausmeisterServer(service.MultiService):
         self.store = CertStore(config.server.cert_dir)
         self.registry = ConnectionRegistry()
         self.revocation = RevocationWatcher(self.db, self.registry,
-                                            config.certificates.revocation_poll_seconds)
+                                            config.certificates.revocation_poll_seconds,
+                                            reactor=reactor)
         self.revocation.load_now()
         self.revocation.setServiceParent(self)
         policy = accounts.LockoutPolicy(config.security.lockout_free_attempts,
@@ -117,6 +156,9 @@ class HausmeisterServer(service.MultiService):
                              flush_seconds=config.presence.flush_seconds,
                              terms=config.adhoc.terms,
                              protocols=self.protocols)
+        self.revocation.broker, self.revocation.relay = self.broker, self.relay
+        if self.relay is not None:
+            self.broker.end_relay_session = self.relay.end_session
         self.outbox = None
         if config.mail.enabled:  # no relay configured: no mail at all
             self.outbox = Outbox(self.db, config.mail)
@@ -124,6 +166,7 @@ class HausmeisterServer(service.MultiService):
                           ).setServiceParent(self)
         self.https_port = None
         self.module_port = None
+        self.guard: ConnectionGuard | None = None
         self.state: dict = {}
         self.console = None
         for periodic in background.services(self):
@@ -145,20 +188,23 @@ class HausmeisterServer(service.MultiService):
         self.broker.start().addErrback(lambda f: log.failure("could not reset host presence", f))
         factory = ModulePort(self.registry, self.broker, self.relay, self.tokens,
                              lambda ident: self.db.run(_tenant_of, ident))
-        self.module_port = self.reactor.listenSSL(c.listen.module_port, factory,
-                                                  tls.ServerContextFactory(module_ctx),
-                                                  interface=c.listen.interface,
-                                                  backlog=tls.LISTEN_BACKLOG)
+        # one guard for both ports: deadlines and caps for connections not yet proved
+        self.guard = ConnectionGuard.from_config(c.limits, self.reactor)
+        self.module_port = listen_guarded(
+            self.reactor, c.listen.module_port, self.guard, "module port",
+            ("Hello or OpenRelayLeg", c.limits.first_command_seconds),
+            tls.ServerContextFactory(module_ctx), factory, c.listen.interface, tls.LISTEN_BACKLOG)
         web = WebPlane(self.db, self.store, self.enrollment, c.server.public_host,
                        self._module_port_number, c.certificates.renew_before_days,
                        console=self.make_console())
         web_ctx = tls.web_context(chain, key, ca, c.certificates.min_tls)
         # a profile picture plus form fields fits; larger bodies are refused unread
         max_body = max(MAX_BODY_BYTES, (c.avatars.max_upload_kib + 64) * 1024)
-        self.https_port = self.reactor.listenSSL(c.listen.https_port, web.site(max_body),
-                                                 tls.ServerContextFactory(web_ctx),
-                                                 interface=c.listen.interface,
-                                                 backlog=tls.LISTEN_BACKLOG)
+        self.https_port = listen_guarded(
+            self.reactor, c.listen.https_port, self.guard, "HTTPS port",
+            ("complete request headers", c.limits.http_header_seconds),
+            tls.ServerContextFactory(web_ctx), web.site(max_body, c.limits.http_header_seconds),
+            c.listen.interface, tls.LISTEN_BACKLOG)
         https, module = self.https_port.getHost().port, self.module_port.getHost().port
         egress.configure(c, own_ports=[https, module],
                          refusals_path=c.server.data_dir / "egress-refusals.jsonl")
@@ -192,6 +238,8 @@ class HausmeisterServer(service.MultiService):
         for port in (self.https_port, self.module_port):
             if port is not None:
                 yield port.stopListening()
+        if self.guard is not None:
+            self.guard.stop()
         yield self.broker.stop()
         yield super().stopService()
         self.db.dispose()

@@ -23,6 +23,7 @@ from twisted.logger import Logger
 from protocol import control
 from protocol.runtime import run_blocking
 from protocol.identity import Identity
+from protocol.session_end import BadEndReason, EndCause, EndReason
 
 from . import accounts
 from .db import Database
@@ -94,6 +95,19 @@ class LiveSession:
     nameplate: str | None = None
     created_at: dt.datetime = field(default_factory=utcnow)
     key_failure_counted: bool = False
+    #: the first end reason a party or the server reported (protocol.session_end)
+    end: EndReason | None = None
+
+    @property
+    def peer_party(self) -> str:
+        return "customer" if self.kind == "adhoc" else "host"
+
+    def party_of(self, conn) -> str | None:
+        if conn is self.supporter:
+            return "supporter"
+        if conn is self.peer:
+            return self.peer_party
+        return None
 
     def guess_keys(self) -> list[str]:
         """Lock-out keys a failed key confirmation counts against."""
@@ -101,11 +115,11 @@ class LiveSession:
             return [f"adhoc-addr:{self.peer.address}", f"nameplate:{self.nameplate}"]
         return [host_password_key(self.supporter.identity.name, self.peer.identity.name)]
 
-    def summary(self, reason: str, bytes_to_peer: int, bytes_to_supporter: int) -> SessionSummary:
+    def summary(self, end: EndReason, bytes_to_peer: int, bytes_to_supporter: int) -> SessionSummary:
         peer = (self.peer.identity.uri if self.peer.identity else f"customer@{self.peer.address}")
         return SessionSummary(self.session_id, self.kind, self.created_at, utcnow(),
                               self.supporter.identity.uri, peer, bytes_to_peer,
-                              bytes_to_supporter, reason)
+                              bytes_to_supporter, end.text()[:200], end.cause.value, end.by)
 
 
 @dataclass
@@ -145,6 +159,9 @@ class Broker:
         self.blocking = blocking
         self.terms = terms
         self.protocols = protocols  # server.session_protocol facade, or None (no protocol files)
+        #: ends a live session on the in-process relay (set by the server; None with separate
+        #: relay processes, which find the server's end request in the database)
+        self.end_relay_session: Callable[[str, EndReason], bool] | None = None
         self.sessions: dict[str, LiveSession] = {}
         self.nameplates: dict[str, Nameplate] = {}
         self.hosts: dict[str, HostPresence] = {}
@@ -258,7 +275,8 @@ class Broker:
         except Exception as exc:
             log.warn("supporter of nameplate {nameplate} is gone: {why}", nameplate=nameplate,
                      why=str(exc))
-            yield self._end_early(live, "supporter gone before the customer joined")
+            yield self._end_early(live, EndReason(EndCause.CONNECTION_LOST, "supporter",
+                                                  "gone before the customer joined"))
             raise control.UnknownNameplate("your supporter is no longer waiting: ask for a new ID")
         log.info("customer {address} joined nameplate {nameplate}: session {session_id}",
                  address=customer.address, nameplate=nameplate, session_id=session_id)
@@ -286,13 +304,13 @@ class Broker:
                                            f, session_id=live.session_id))
         return d
 
-    def _end_early(self, live: LiveSession, reason: str) -> defer.Deferred:
+    def _end_early(self, live: LiveSession, end: EndReason) -> defer.Deferred:
         """A session that never reached the relay: record its end and close its protocol."""
         self.sessions.pop(live.session_id, None)
-        d = self.db.run(_end_session, live.session_id, reason)
+        d = self.db.run(_end_session, live.session_id, end)
         if self.protocols is not None:
             d.addCallback(lambda _: self.blocking(self.protocols.ended, live.tenant,
-                                                  live.summary(reason, 0, 0)))
+                                                  live.summary(end, 0, 0)))
             d.addErrback(lambda f: log.failure("could not close the protocol of session "
                                                "{session_id}", f, session_id=live.session_id))
         return d
@@ -303,6 +321,8 @@ class Broker:
         if live is None or conn not in (live.supporter, live.peer):
             raise control.Forbidden("you are not a party of this session")
         actor = conn.identity.uri if conn.identity else f"customer@{conn.address}"
+        if kind == "ending":
+            return self._party_ending(live, conn, detail)
         d = self._record(live, kind, actor, conn.address, detail)
         if kind == "key_confirmation_failed" and not live.key_failure_counted:
             live.key_failure_counted = True  # both sides report it; it is one guess
@@ -311,6 +331,62 @@ class Broker:
             log.warn("session {session_id}: key confirmation failed (wrong code or password); "
                      "counted against {keys}", session_id=session_id, keys=", ".join(keys))
         return d.addCallback(lambda _: {})
+
+    def _party_ending(self, live: LiveSession, conn, detail: dict) -> defer.Deferred:
+        """A party says why it ends the session, before it closes its relay leg; the first
+        reason heard is the one the ``ended`` line, the session list and the CSV show."""
+        try:
+            end = EndReason.from_fields(detail)
+        except BadEndReason as exc:
+            raise control.WrongState(f"bad end reason: {exc}")
+        if end.by not in ("supporter", live.peer_party):
+            raise control.WrongState(f"an end reason of this session names the supporter or the "
+                                     f"{live.peer_party}, not {end.by!r}")
+        if live.end is None:
+            live.end = end
+            log.info("session {session_id} ending: {reason} (reported by the {party})",
+                     session_id=live.session_id, reason=end.text(), party=live.party_of(conn))
+            d = self.db.run(_report_end, live.session_id, end)
+        else:
+            d = defer.succeed(None)
+        return d.addCallback(lambda _: {})
+
+    def end_by_server(self, session_id: str, end: EndReason) -> defer.Deferred:
+        """The server ends a live session (revocation, unwritable protocol): the reason goes
+        into the row first (a separate relay process reads it from there), both parties are told
+        with ``SessionEnded``, then the in-process relay closes the legs."""
+        live = self.sessions.get(session_id)
+        if live is not None and live.end is None:
+            live.end = end
+        d = self.db.run(_report_end, session_id, end, True)
+        d.addErrback(lambda f: log.failure("could not record the end of session {session_id}",
+                                           f, session_id=session_id))
+
+        def tell_and_close(_):
+            if live is not None:
+                self.notify_ended(live, end)
+            if self.end_relay_session is not None:
+                self.end_relay_session(session_id, end)
+        return d.addCallback(tell_and_close)
+
+    def notify_ended(self, live: LiveSession, end: EndReason) -> None:
+        for conn in (live.supporter, live.peer):
+            try:
+                conn.callRemote(control.SessionEnded, session_id=live.session_id,
+                                text=end.text(), **end.fields())
+            except Exception as exc:  # the connection is already gone
+                log.debug("could not tell {party} that session {session_id} ended: {why}",
+                          party=live.party_of(conn), session_id=live.session_id, why=str(exc))
+
+    def sessions_of_serials(self, serials: set[str]) -> list[tuple[LiveSession, Any]]:
+        """Live sessions one of whose parties connected with a certificate in ``serials``."""
+        found = []
+        for live in list(self.sessions.values()):
+            for conn in (live.supporter, live.peer):
+                if getattr(conn, "serial", None) in serials:
+                    found.append((live, conn))
+                    break
+        return found
 
     def session_ended(self, session_id: str) -> None:
         """The relay closed the session (its protocol is closed where the relay records the end)."""
@@ -426,10 +502,11 @@ class Broker:
                 control.OfferSession, supporter=supporter.identity.name,
                 supporter_fingerprint=supporter.fingerprint or "", **host_ticket.fields())
         except Exception as exc:
-            yield self._end_early(live, f"host did not answer the offer: {exc}")
+            yield self._end_early(live, EndReason(EndCause.CONNECTION_LOST, "host",
+                                                  f"did not answer the offer: {exc}"[:120]))
             raise control.HostOffline(f"host {host.name!r} did not answer: {exc}")
         if not answer["accepted"]:
-            yield self._end_early(live, "host declined")
+            yield self._end_early(live, EndReason(EndCause.DECLINED, "host"))
             raise control.Forbidden(f"host {host.name!r} declined the session")
         yield self._server_event(live, "joined", {"host_id": host.id})
         log.info("{supporter} connects to host {host_id}: session {session_id}",
@@ -510,11 +587,23 @@ def _create_session(session, values: dict, supporter_name: str) -> str:
     return user.tenant.name
 
 
-def _end_session(session, session_id: str, reason: str) -> None:
+def _end_session(session, session_id: str, end: EndReason) -> None:
     row = session.get(Session, session_id)
     if row is not None and row.ended_at is None:
         row.ended_at = utcnow()
-        row.end_reason = reason
+        row.end_reason = end.text()[:200]
+        row.end_cause, row.ended_by = end.cause.value, end.by
+
+
+def _report_end(session, session_id: str, end: EndReason, server: bool = False) -> None:
+    """Keep the first reported end reason of a running session (the server's overrides a
+    party's: a revocation or an unwritable protocol is what ended it)."""
+    row = session.get(Session, session_id)
+    if row is None or row.ended_at is not None:
+        return
+    if row.end_cause is None or (server and row.ended_by != "server"):
+        row.end_reason = end.text()[:200]
+        row.end_cause, row.ended_by = end.cause.value, end.by
 
 
 __all__ = ["Broker", "RelayLocator", "RelayTicket"]

@@ -79,6 +79,19 @@ def revoked_serials(session: Session) -> set[str]:
     return set(session.scalars(select(Certificate.serial).where(Certificate.revoked_at.is_not(None))))
 
 
+def revocation_details(session: Session, serials: set[str] | list[str]) -> dict[str, str]:
+    """Why each of ``serials`` was revoked, as the detail of a session's end reason:
+    ``certificate of hausmeister:supporter:alice revoked (user disabled)``."""
+    wanted = sorted(serials)
+    details: dict[str, str] = {}
+    for start in range(0, len(wanted), 500):
+        for row in session.scalars(select(Certificate).where(
+                Certificate.serial.in_(wanted[start:start + 500]))):
+            details[row.serial] = (f"certificate of {row.identity} revoked "
+                                   f"({row.revocation_reason or 'revoked'})")[:200]
+    return details
+
+
 # --- tokens -----------------------------------------------------------------------------------
 
 def _token_hash(token: str) -> str:

@@ -252,6 +252,9 @@ class SessionSummary:
     bytes_to_peer: int = 0
     bytes_to_supporter: int = 0
     end_reason: str = ""
+    #: ``protocol.session_end``: the cause and the party that ended the session
+    end_cause: str = ""
+    ended_by: str = ""
 
     @property
     def duration_s(self) -> float:
@@ -267,7 +270,9 @@ class SessionSummary:
                    ended_at=row.ended_at or now(), supporter=row.supporter_identity,
                    customer_or_host=peer, bytes_to_peer=row.bytes_to_peer or 0,
                    bytes_to_supporter=row.bytes_to_supporter or 0,
-                   end_reason=row.end_reason or "")
+                   end_reason=row.end_reason or "",
+                   end_cause=getattr(row, "end_cause", None) or "",
+                   ended_by=getattr(row, "ended_by", None) or "")
 
 
 def csv_text(value: Any) -> str:
@@ -403,6 +408,8 @@ class ProtocolWriter:
             if existing is None:
                 detail = {
                     "by": by, "reason": summary.end_reason, "kind": summary.kind,
+                    **({"cause": summary.end_cause, "ended_by": summary.ended_by}
+                       if summary.end_cause else {}),
                     "started": format_time(summary.started_at) if summary.started_at else None,
                     "ended": format_time(summary.ended_at),
                     "duration_s": round(summary.duration_s, 3),

@@ -15,6 +15,7 @@ import pytest
 from twisted.internet import defer, task
 
 from protocol import control
+from protocol.session_end import EndCause, EndReason
 from protocol.identity import Identity
 from server import accounts
 from server.broker import Broker, RelayLocator
@@ -333,7 +334,8 @@ def test_host_that_declines_ends_the_session_record(broker, world, database):
         result_of(broker.connect_host(supporter("anna"), "pc-lab"))
     with database.session() as s:
         rows = s.query(Session).all()
-        assert len(rows) == 1 and rows[0].end_reason == "host declined"
+        assert len(rows) == 1 and rows[0].end_reason == "declined by the host"
+        assert (rows[0].end_cause, rows[0].ended_by) == ("declined", "host")
 
 
 def test_unknown_host_identity_is_refused(broker):
@@ -354,7 +356,8 @@ def test_session_events_are_stamped_with_the_sender_and_chained(broker, tmp_path
     result_of(broker.session_event(anna, sid, "right_requested", {"right": "control"}))
     with pytest.raises(control.Forbidden):
         broker.session_event(supporter("otto"), sid, "chat", {"text": "I am not in it"})
-    stats = SessionStats(sid, 10, 20, None, time.time(), "supporter closed the connection")
+    stats = SessionStats(sid, 10, 20, None, time.time(), "supporter closed the connection",
+                         EndReason(EndCause.CONNECTION_LOST, "supporter"))
     result_of(record_session_end(InlineDB(database), stats, broker.protocols,
                                  blocking=lambda fn, *a: defer.maybeDeferred(fn, *a)))
     broker.session_ended(sid)
@@ -364,7 +367,7 @@ def test_session_events_are_stamped_with_the_sender_and_chained(broker, tmp_path
     result = verify(tmp_path / "protocols")
     assert result.ok and result.events == 5  # created, joined, terms_accepted, right_requested, ended
     csv_text = (tmp_path / "protocols" / "acme" / "sessions.csv").read_text()
-    assert sid in csv_text and "supporter closed the connection" in csv_text
+    assert sid in csv_text and "the connection to the supporter was lost" in csv_text
     with database.session() as s:
         row = s.get(Session, sid)
         assert row.protocol_file.endswith(f"{sid}.jsonl")

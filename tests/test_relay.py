@@ -726,7 +726,8 @@ async def test_a_session_through_a_separate_relay_process(relay_process_config, 
         await until(lambda: recorded() is not None, timeout=10, what="the session record")
         row = recorded()
         assert (row.bytes_to_peer, row.bytes_to_supporter) == (len(to_peer), len(to_supporter))
-        assert row.end_reason == "peer closed the connection"
+        assert row.end_reason == f"the connection to the {'customer' if row.kind == 'adhoc' else 'host'} was lost"
+        assert row.end_cause == "connection_lost"
         assert row.started_at is not None and row.started_at <= row.ended_at
 
         # a leg for a session the database does not know still works; its end is logged

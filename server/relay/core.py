@@ -46,6 +46,8 @@ from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from protocol.session_end import EndCause, EndReason
+
 from .errors import InvalidToken, RelayRefusedError
 from .tokens import RelayTokens, TokenClaims
 
@@ -66,6 +68,27 @@ class SessionStats:
     started_at: float | None  # when both legs were there (None: never paired); reactor seconds
     ended_at: float
     end_reason: str
+    #: the same reason, structured; ``by`` is a relay side ("supporter"/"peer"), "relay" or
+    #: "server" — ``record_session_end`` names the peer (customer or host) from the session row
+    end: EndReason | None = None
+
+
+def _peer_certificate(transport: Any) -> tuple[str | None, str | None]:
+    """(serial in lowercase hex, identity URI) of the leg's client certificate, if it sent one."""
+    try:
+        peer = transport.getPeerCertificate()
+    except Exception:
+        return None, None
+    if peer is None:
+        return None, None
+    cert = peer.to_cryptography()
+    try:
+        from protocol.identity import identity_of
+        identity = identity_of(cert)
+        uri = identity.uri if identity else None
+    except Exception:
+        uri = None
+    return format(cert.serial_number, "x"), uri
 
 
 def unbuffer_tls_writes(transport: Any) -> bool:
@@ -109,6 +132,12 @@ def _describe(reason: Failure | None) -> str:
     return f"connection lost ({reason.getErrorMessage()})"
 
 
+def _lost(side: str, reason: Failure | None) -> EndReason:
+    clean = reason is None or reason.check(ConnectionDone)
+    return EndReason(EndCause.CONNECTION_LOST, side,
+                     "" if clean else reason.getErrorMessage()[:120])
+
+
 @implementer(IPushProducer)
 class RelayLeg:
     """One party's connection to the relay.  Also the producer registered with its partner's
@@ -122,6 +151,9 @@ class RelayLeg:
         self.side = claims.side
         self.peer_address = peer_address
         self.transport = transport
+        #: the client certificate's serial and identity (None for an ad-hoc customer): a
+        #: revoked certificate ends the session (``Relay.end_revoked``)
+        self.serial, self.identity = _peer_certificate(transport)
         self.partner: RelayLeg | None = None
         #: Bytes this leg's client sent that were passed on to the partner.
         self.bytes_forwarded = 0
@@ -170,7 +202,7 @@ class RelayLeg:
             why = f"{self.side} left before the relay partner arrived"
         else:
             why = f"{self.side} {_describe(reason)}"
-        self.relay._end(self.session, why)
+        self.relay._end(self.session, why, _lost(self.side, reason))
 
     # --- IPushProducer, called by the partner's transport -----------------------------------
 
@@ -191,8 +223,9 @@ class RelayLeg:
 
     def _partner_gone(self) -> None:
         if not self.session.ended:
-            side = self.partner.side if self.partner else "partner"
-            self.relay._end(self.session, f"{side} connection lost")
+            side = self.partner.side if self.partner else "peer"
+            self.relay._end(self.session, f"{side} connection lost",
+                            EndReason(EndCause.CONNECTION_LOST, side))
 
     # --- the relay's own controls -----------------------------------------------------------
 
@@ -372,7 +405,10 @@ class Relay:
         for leg in session.legs.values():
             self._log_refusal(session.session_id, leg.side, leg.peer_address,
                               f"relay partner did not arrive within {self.pair_timeout:g} s")
-        self._end(session, f"relay partner did not arrive within {self.pair_timeout:g} s")
+        missing = next((side for side in PARTNER if side not in session.legs), "peer")
+        self._end(session, f"relay partner did not arrive within {self.pair_timeout:g} s",
+                  EndReason(EndCause.PAIR_TIMEOUT, missing,
+                            f"not within {self.pair_timeout:g} s"))
 
     def _idle_check(self, session: _RelaySession) -> None:
         session.idle_timer = None
@@ -380,16 +416,18 @@ class Relay:
             return
         quiet = self.seconds() - session.last_active
         if quiet >= self.idle_timeout:
-            self._end(session, f"idle: no bytes either way for {self.idle_timeout:g} s")
+            self._end(session, f"idle: no bytes either way for {self.idle_timeout:g} s",
+                      EndReason(EndCause.IDLE_TIMEOUT, "relay",
+                                f"no data either way for {self.idle_timeout:g} s"))
         else:
             session.idle_timer = self.reactor.callLater(self.idle_timeout - quiet,
                                                         self._idle_check, session)
 
     def _refuse_leg(self, leg: RelayLeg, reason: str) -> None:
         self._log_refusal(leg.session_id, leg.side, leg.peer_address, reason)
-        self._end(leg.session, reason)
+        self._end(leg.session, reason, EndReason(EndCause.ERROR, leg.side, reason))
 
-    def _end(self, session: _RelaySession, reason: str) -> None:
+    def _end(self, session: _RelaySession, reason: str, end: EndReason | None = None) -> None:
         if session.ended:
             return
         session.ended = True
@@ -409,7 +447,8 @@ class Relay:
             session_id=session.session_id,
             bytes_supporter_to_peer=supporter.bytes_forwarded if supporter else 0,
             bytes_peer_to_supporter=peer.bytes_forwarded if peer else 0,
-            started_at=session.started_at, ended_at=self.seconds(), end_reason=reason)
+            started_at=session.started_at, ended_at=self.seconds(), end_reason=reason,
+            end=end or EndReason(EndCause.ERROR, "relay", reason[:120]))
         log.info("relay session {session_id} ended: {reason} (supporter to peer {to_peer} bytes, "
                  "peer to supporter {to_supporter} bytes)", session_id=session.session_id,
                  reason=reason, to_peer=stats.bytes_supporter_to_peer,
@@ -425,7 +464,37 @@ class Relay:
         """Refuse new legs and end every session (each ``on_ended`` is called before return)."""
         self.accepting = False
         for session in list(self.sessions.values()):
-            self._end(session, reason)
+            self._end(session, reason, EndReason(EndCause.SERVER_SHUTDOWN, "server"))
+
+    def end_session(self, session_id: str, end: EndReason) -> bool:
+        """End a live session for a reason the server decided (an unwritable protocol, ...)."""
+        session = self.sessions.get(session_id)
+        if session is None or session.ended:
+            return False
+        self._end(session, end.text(), end)
+        return True
+
+    def end_revoked(self, revoked: set[str],
+                    detail: Callable[[str], str] | None = None) -> list[str]:
+        """End every session one of whose legs presented a certificate whose serial is in
+        ``revoked``; ``detail(serial)`` says why (e.g. "certificate of … revoked: user disabled").
+        Returns the ended session ids."""
+        ended = []
+        for session in list(self.sessions.values()):
+            for leg in session.legs.values():
+                if leg.serial is not None and leg.serial in revoked:
+                    why = detail(leg.serial) if detail else f"certificate {leg.serial} revoked"
+                    log.warn("relay session {session_id}: the {side} leg's certificate {serial} "
+                             "was revoked; ending the session", session_id=session.session_id,
+                             side=leg.side, serial=leg.serial)
+                    self._end(session, f"access revoked: {why}",
+                              EndReason(EndCause.REVOKED, "server", why))
+                    ended.append(session.session_id)
+                    break
+        return ended
+
+    def live_session_ids(self) -> list[str]:
+        return list(self.sessions)
 
     # --- memory of used tokens and ended sessions -------------------------------------------
 

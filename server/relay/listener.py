@@ -20,6 +20,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import select
 from twisted.application import service
 from twisted.internet import defer, protocol, task
 from twisted.logger import Logger
@@ -28,6 +29,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from protocol.control import OpenRelayLeg, RelayRefused
 from protocol.framing import BoxDecoder, FramingError, encode_box
 from protocol.runtime import run_blocking
+from protocol.session_end import EndCause, EndReason
 
 from .. import certificates, tls
 from ..config import Config
@@ -157,16 +159,43 @@ def _utc(seconds: float | None) -> dt.datetime | None:
     return None if seconds is None else dt.datetime.fromtimestamp(seconds, dt.timezone.utc)
 
 
+def party_of(side: str, kind: str) -> str:
+    """A relay side as the party a person knows: the peer of an ad-hoc session is the customer."""
+    if side == "peer":
+        return "customer" if kind == "adhoc" else "host"
+    return side
+
+
+def final_end_reason(row: Session, stats: SessionStats) -> EndReason:
+    """The reason a session ended: the first one a party or the server reported (kept in the row
+    while the session still ran), else what the relay saw."""
+    if row.end_cause and row.ended_at is None:
+        try:
+            return EndReason(EndCause(row.end_cause), row.ended_by or "server",
+                             _detail_of(row.end_reason or "", row.end_cause, row.ended_by))
+        except ValueError:
+            pass
+    end = stats.end or EndReason(EndCause.ERROR, "relay", stats.end_reason[:120])
+    return EndReason(end.cause, party_of(end.by, row.kind), end.detail)
+
+
+def _detail_of(text: str, cause: str, by: str | None) -> str:
+    head = EndReason(EndCause(cause), by or "server").text()
+    return text[len(head) + 2:] if text.startswith(head + ": ") else ""
+
+
 def _update_session(session, stats: SessionStats) -> tuple[str, SessionSummary] | None:
     row = session.get(Session, stats.session_id)
     if row is None:
         return None
+    end = final_end_reason(row, stats)
     row.ended_at = _utc(stats.ended_at)
     if row.started_at is None and stats.started_at is not None:
         row.started_at = _utc(stats.started_at)
     row.bytes_to_peer = stats.bytes_supporter_to_peer
     row.bytes_to_supporter = stats.bytes_peer_to_supporter
-    row.end_reason = stats.end_reason[:200]
+    row.end_reason = end.text()[:200]
+    row.end_cause, row.ended_by = end.cause.value, end.by
     tenant = session.get(Tenant, row.tenant_id) if row.tenant_id is not None else None
     return (tenant.name if tenant else "default"), SessionSummary.from_row(row)
 
@@ -181,6 +210,24 @@ def _remember_protocol_file(session, session_id: str, path: str | None,
         row.protocol_file = path
     if ended and row.protocol_end_hash is None:
         row.protocol_end_seq, row.protocol_end_hash = ended["seq"], ended["hash"]
+
+
+def server_end_requests(session, session_ids: list[str]) -> dict[str, EndReason]:
+    """Running sessions among ``session_ids`` that the server decided to end (the broker wrote
+    its reason into the row: revocation, unwritable protocol), with that reason."""
+    found: dict[str, EndReason] = {}
+    for start in range(0, len(session_ids), 500):
+        rows = session.scalars(select(Session).where(
+            Session.id.in_(session_ids[start:start + 500]), Session.ended_at.is_(None),
+            Session.ended_by == "server"))
+        for row in rows:
+            try:
+                cause = EndCause(row.end_cause)
+            except ValueError:
+                continue
+            found[row.id] = EndReason(cause, "server",
+                                      _detail_of(row.end_reason or "", row.end_cause, "server"))
+    return found
 
 
 def record_session_end(db: Database, stats: SessionStats,
@@ -247,10 +294,32 @@ class RelayService(service.Service):
 
     @defer.inlineCallbacks
     def _poll_revocations(self):
+        """Every ``revocation_poll_seconds``: end the sessions of newly revoked certificates and
+        those the server asked to end (an unwritable protocol, a revoked party whose leg this
+        relay could not tell by its certificate)."""
         try:
-            self.revoked = yield self.db.run(certificates.revoked_serials)
+            revoked = yield self.db.run(certificates.revoked_serials)
         except Exception:
             log.failure("could not read the revocation list; keeping the previous one")
+            return
+        new, self.revoked = revoked - self.revoked, revoked
+        if new:
+            try:
+                details = yield self.db.run(certificates.revocation_details, new)
+            except Exception:
+                details = {}
+            self.relay.end_revoked(new, lambda serial: details.get(
+                serial, f"certificate {serial} revoked"))
+        live = self.relay.live_session_ids()
+        if not live:
+            return
+        try:
+            requests = yield self.db.run(server_end_requests, live)
+        except Exception:
+            log.failure("could not read the server's session end requests")
+            return
+        for session_id, end in requests.items():
+            self.relay.end_session(session_id, end)
 
     def startService(self) -> None:
         super().startService()
