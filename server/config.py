@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import math
+import os
+import stat
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -490,18 +492,56 @@ def from_mapping(raw: dict[str, Any], base: Path, source: Path | None = None) ->
     return Config(source=source, **built)
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a real config is a few KiB; more is the wrong file
+
+
+def _read_text(path: Path) -> str:
+    """The config file's text, or a one-line ``ConfigError`` naming the file, the problem and the
+    fix.  Opened without blocking and read up to a bound, so a FIFO or a device such as
+    ``/dev/zero`` is refused instead of hanging or filling memory."""
+    example = "see config/hausmeister.example.toml"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist: pass --config with an existing file "
+                          f"({example})")
+    except PermissionError:
+        raise ConfigError(f"config file {path} cannot be read: permission denied; make it readable "
+                          "for the user that runs hausmeister-server (chmod/chown)")
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc.strerror}; pass --config with "
+                          f"a readable TOML file ({example})")
+    mode = os.fstat(fd).st_mode
+    if not (stat.S_ISREG(mode) or stat.S_ISCHR(mode)):  # /dev/null stays usable for the defaults
+        os.close(fd)
+        what = "a folder" if stat.S_ISDIR(mode) else "not a regular file (a pipe or socket)"
+        raise ConfigError(f"config file {path} cannot be read: it is {what}; pass --config with "
+                          f"the TOML file itself ({example})")
+    with os.fdopen(fd, "rb") as file:
+        try:
+            data = file.read(MAX_CONFIG_BYTES + 1)
+        except OSError as exc:
+            raise ConfigError(f"config file {path} cannot be read: {exc.strerror}; pass --config "
+                              f"with a readable TOML file ({example})")
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {path} is larger than {MAX_CONFIG_BYTES >> 20} MiB, so it "
+                          f"is not a Hausmeister config; pass --config with the TOML file ({example})")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {data[exc.start]:#04x} on "
+                          f"line {line}): save it as UTF-8, or pass --config with the TOML file "
+                          f"({example})")
+    return text.removeprefix("\ufeff")  # a byte-order mark some editors write
+
+
 def load(path: str | Path | None) -> Config:
     """Load and validate a config file; ``None`` gives the built-in air-gapped defaults."""
     if path is None:
         return from_mapping({}, Path.cwd())
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist: pass --config with an existing file "
-                          "(see config/hausmeister.example.toml)")
-    except OSError as exc:
-        raise ConfigError(f"config file {path} cannot be read: {exc.strerror}")
+    text = _read_text(path)
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import tomllib
 from pathlib import Path
 
@@ -395,3 +396,63 @@ def test_any_values_give_a_config_or_one_line_error(assignments, extra):
             if isinstance(value, float):
                 assert math.isfinite(value)
     assert config.certificates.renew_before_days < config.certificates.module_days
+
+
+# --- files that cannot be read as a config: one line naming the file, the problem and the fix ---
+
+@pytest.mark.parametrize("content, fragment", [
+    ("[server]\ndata_dir = 'Stra\u00dfe'\n".encode("latin-1"), "is not UTF-8 text (byte 0xdf on line 2)"),
+    (bytes(range(256)) * 4, "is not UTF-8 text (byte 0x80 on line 2)"),
+    (b"\x00\x01\x02garbage", "is not valid TOML"),
+    (b"#" * ((1 << 20) + 1), "is larger than 1 MiB"),
+])
+def test_unreadable_content_is_one_line_naming_file_and_fix(tmp_path, content, fragment):
+    path = tmp_path / "hausmeister.toml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    message = str(info.value)
+    assert "\n" not in message and message.isprintable(), message
+    assert message.startswith(f"config file {path} ") and fragment in message, message
+
+
+def test_byte_order_mark_is_accepted(tmp_path):
+    path = tmp_path / "hausmeister.toml"
+    path.write_bytes(b"\xef\xbb\xbf[listen]\nhttps_port = 9443\n")
+    assert load(path).listen.https_port == 9443
+
+
+def test_pipe_is_refused_without_waiting_for_a_writer(tmp_path):
+    fifo = tmp_path / "config.fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(ConfigError, match="is not a regular file .* pass --config"):
+        load(fifo)
+
+
+def test_endless_device_is_refused_after_a_bounded_read():
+    with pytest.raises(ConfigError, match="/dev/zero is larger than 1 MiB"):
+        load("/dev/zero")
+
+
+_config_bytes = st.one_of(
+    st.binary(max_size=300),
+    st.text(max_size=200).map(lambda t: t.encode("utf-8", "surrogatepass")),
+    st.builds(lambda head, junk, tail: head + junk + tail,
+              st.sampled_from([b"", b"[server]\n", b"[listen]\nhttps_port = ", b"a = \""]),
+              st.binary(max_size=40), st.sampled_from([b"", b"\n", b"\"\n", b"]\n"])),
+)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                   HealthCheck.function_scoped_fixture])
+@given(_config_bytes)
+def test_any_file_bytes_give_a_config_or_one_line_error(tmp_path, content):
+    """Fuzz target for the loader from the file's bytes on: nothing but a one-line ConfigError."""
+    path = tmp_path / "fuzz.toml"
+    path.write_bytes(content)
+    try:
+        load(path)
+    except ConfigError as exc:
+        message = str(exc)
+        assert message.startswith(f"config file {path} ") or message.startswith("config "), message
+        assert "\n" not in message and "\r" not in message, message

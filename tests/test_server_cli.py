@@ -6,6 +6,9 @@ Each refusal is one line on stderr, exit code ≠ 0, and nothing already stored 
 from __future__ import annotations
 
 import hashlib
+import os
+import subprocess
+import sys
 import time
 import json
 from pathlib import Path
@@ -242,3 +245,31 @@ from_address = "hausmeister@example.org"
     finally:
         srv.stop()
         relay.stop()
+
+
+@pytest.mark.parametrize("kind, fragment", [
+    ("latin-1", "is not UTF-8 text (byte 0xe4 on line 2): save it as UTF-8"),
+    ("binary", "is not UTF-8 text"),
+    ("folder", "cannot be read: it is a folder; pass --config with the TOML file itself"),
+    ("unreadable", "cannot be read: permission denied; make it readable"),
+])
+def test_unreadable_config_is_one_line_and_exit_2(tmp_path, kind, fragment):
+    cfg = tmp_path / "bad.toml"
+    command = [sys.executable, "-m", "server.cli", "-c", str(cfg), "check"]
+    if kind == "latin-1":
+        cfg.write_bytes("[server]\ndata_dir = '/srv/M\u00e4rz'\n".encode("latin-1"))
+    elif kind == "binary":
+        cfg.write_bytes(bytes(range(128, 256)) * 8)
+    elif kind == "folder":
+        cfg.mkdir()
+    else:
+        cfg.write_text("[server]\n")
+        cfg.chmod(0o600)
+        if os.getuid() == 0:  # root reads anything: someone else's file, root without DAC override
+            os.chown(cfg, 65534, 65534)
+            command = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", *command]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"hausmeister-server: error: config file {cfg} ") and fragment in lines[0]

@@ -160,7 +160,7 @@ def main_wrapper(prog: str, parser: argparse.ArgumentParser, argv: list[str] | N
         return args.func(args)
     except (ModuleError, enrollment.EnrollmentFailed, ModuleFolderError) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 1
+        return getattr(exc, "exit_code", 1)  # 2 for a usage error such as a bad --server-config
     except KeyboardInterrupt:
         return 130
 

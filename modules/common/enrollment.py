@@ -8,7 +8,9 @@ anchor.  The key pair is generated here and only the CSR leaves the machine.
 from __future__ import annotations
 
 import json
+import os
 import ssl
+import stat
 import tomllib
 import urllib.error
 import urllib.request
@@ -32,18 +34,50 @@ class EnrollmentFailed(RuntimeError):
     """One line for the user: what went wrong and what to do."""
 
 
+class ServerConfigUnusable(EnrollmentFailed):
+    """A ``--server-config`` file that cannot be used; a usage error, so the CLI exits 2."""
+
+    exit_code = 2
+
+
+MAX_SERVER_CONFIG_BYTES = 64 * 1024  # the console's file is a few hundred bytes
+
+
 def read_server_config(path: str) -> tuple[str, str]:
-    """A downloaded server config (TOML or JSON) with ``server`` and ``ca_fingerprint``."""
+    """A downloaded server config (TOML or JSON) with ``server`` and ``ca_fingerprint``.
+
+    Every way the file can be unusable (missing, a folder, unreadable, not UTF-8, too large,
+    neither JSON nor TOML, wrong keys) is one line naming the file, the problem and the fix."""
+    fix = "download it again from the server's console (Download page) and pass it with --server-config"
     try:
-        text = Path(path).read_text()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO must not block us
     except OSError as exc:
-        raise EnrollmentFailed(f"server config {path} cannot be read: {exc.strerror}")
+        raise ServerConfigUnusable(f"server config {path} cannot be read: "
+                                   f"{(exc.strerror or str(exc)).lower()}; {fix}")
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        what = "a folder" if stat.S_ISDIR(mode) else "not a regular file"
+        raise ServerConfigUnusable(f"server config {path} cannot be read: it is {what}; {fix}")
+    with os.fdopen(fd, "rb") as file:
+        data = file.read(MAX_SERVER_CONFIG_BYTES + 1)
+    if len(data) > MAX_SERVER_CONFIG_BYTES:
+        raise ServerConfigUnusable(f"server config {path} is larger than "
+                                   f"{MAX_SERVER_CONFIG_BYTES // 1024} KiB, so it is not one; {fix}")
+    try:
+        text = data.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as exc:
+        raise ServerConfigUnusable(f"server config {path} is not UTF-8 text (byte "
+                                   f"{data[exc.start]:#04x} at offset {exc.start}); {fix}")
     try:
         data = json.loads(text) if text.lstrip().startswith("{") else tomllib.loads(text)
-    except (ValueError, tomllib.TOMLDecodeError) as exc:
-        raise EnrollmentFailed(f"server config {path} is neither JSON nor TOML: {exc}")
-    if not isinstance(data.get("server"), str) or not isinstance(data.get("ca_fingerprint"), str):
-        raise EnrollmentFailed(f"server config {path} needs the keys server and ca_fingerprint")
+    except (ValueError, RecursionError) as exc:  # TOMLDecodeError is a ValueError
+        reason = " ".join(str(exc).split())[:120]
+        raise ServerConfigUnusable(f"server config {path} is neither JSON nor TOML ({reason}); {fix}")
+    if (not isinstance(data, dict) or not isinstance(data.get("server"), str)
+            or not isinstance(data.get("ca_fingerprint"), str)):
+        raise ServerConfigUnusable(f"server config {path} needs the keys server and "
+                                   f"ca_fingerprint as text; {fix}")
     return data["server"], data["ca_fingerprint"]
 
 
