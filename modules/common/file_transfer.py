@@ -342,12 +342,14 @@ def _parse_control(body: bytes, max_size: int) -> dict[str, Any]:
     if len(body) > MAX_CONTROL_BYTES:
         raise FileTransferError("control message too long")
     try:
-        message = strict_json.loads(body.decode("utf-8"), FileTransferError)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise FileTransferError(f"control message is not JSON: {exc}") from None
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise FileTransferError(f"control message is not UTF-8: {exc}") from None
+    message = strict_json.loads(text, FileTransferError)
     if not isinstance(message, dict):
         raise FileTransferError("control message is not a JSON object")
-    keys = _SCHEMA.get(message.get("type"))  # type: ignore[arg-type]
+    kind = message.get("type")
+    keys = _SCHEMA.get(kind) if isinstance(kind, str) else None  # a list or object is unhashable
     if keys is None:
         raise FileTransferError(f"unknown control message type {ascii(message.get('type'))[:40]}")
     if set(message) != set(keys):

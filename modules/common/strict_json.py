@@ -11,8 +11,8 @@ from typing import Any
 
 
 def loads(text: str, error: type[Exception]) -> Any:
-    """Parse ``text``; raises ``error`` for a repeated key or a non-JSON constant, and
-    ``ValueError`` (``json.JSONDecodeError``) / ``RecursionError`` for text that is not JSON."""
+    """Parse ``text``; every way it can fail raises ``error``: a repeated key, a non-JSON
+    constant, text that is not JSON, nesting too deep, an integer too long to convert."""
 
     def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         result: dict[str, Any] = {}
@@ -25,4 +25,9 @@ def loads(text: str, error: type[Exception]) -> Any:
     def no_constants(name: str) -> Any:
         raise error(f"{name} is not JSON")
 
-    return json.loads(text, object_pairs_hook=no_duplicates, parse_constant=no_constants)
+    try:
+        return json.loads(text, object_pairs_hook=no_duplicates, parse_constant=no_constants)
+    except error:
+        raise
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError; int digits over the limit
+        raise error(f"control message is not UTF-8 JSON: {str(exc)[:120]}") from None
