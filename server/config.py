@@ -44,6 +44,20 @@ class ListenSection:
 
 
 @dataclass(frozen=True)
+class LimitsSection:
+    """Deadlines and caps for connections that have not proved themselves yet (TLS handshake,
+    first control command, request headers); see ``server.connection_guard``."""
+
+    tls_handshake_seconds: float
+    first_command_seconds: float
+    http_header_seconds: float
+    pending_per_address: int
+    pending_total: int
+    raise_open_file_limit: bool
+    refusal_log_seconds: float
+
+
+@dataclass(frozen=True)
 class DatabaseSection:
     url: str
 
@@ -164,6 +178,7 @@ class Config:
     source: Path | None
     server: ServerSection
     listen: ListenSection
+    limits: LimitsSection
     database: DatabaseSection
     certificates: CertificateSection
     security: SecuritySection
@@ -225,6 +240,15 @@ SCHEMA: dict[str, tuple[Key, ...]] = {
         Key("interface", "ip", "127.0.0.1"),
         Key("https_port", "port", 8443),
         Key("module_port", "port", 8444),
+    ),
+    "limits": (
+        Key("tls_handshake_seconds", "float", 10.0, minimum=0.05, maximum=600),
+        Key("first_command_seconds", "float", 10.0, minimum=0.05, maximum=600),
+        Key("http_header_seconds", "float", 15.0, minimum=0.05, maximum=600),
+        Key("pending_per_address", "int", 256, minimum=1, maximum=1_000_000),
+        Key("pending_total", "int", 0, minimum=0, maximum=1_000_000),
+        Key("raise_open_file_limit", "bool", True),
+        Key("refusal_log_seconds", "float", 10.0, minimum=0.1, maximum=3600),
     ),
     "database": (Key("url", "dburl", ""),),
     "certificates": (
@@ -432,7 +456,8 @@ def _check(section: str, key: Key, value: Any, base: Path) -> Any:
 
 
 SECTION_TYPES: dict[str, type] = {
-    "server": ServerSection, "listen": ListenSection, "database": DatabaseSection,
+    "server": ServerSection, "listen": ListenSection, "limits": LimitsSection,
+    "database": DatabaseSection,
     "certificates": CertificateSection, "security": SecuritySection, "mail": MailSection,
     "s3": S3Section, "avatars": AvatarSection, "console": ConsoleSection, "alerts": AlertSection,
     "retention": RetentionSection, "egress": EgressSection, "logging": LoggingSection,

@@ -24,6 +24,7 @@ from protocol.framing import encode_box
 from protocol.identity import Identity, fingerprint, identity_of
 
 from . import __version__
+from .connection_guard import settle as settle_pending
 
 log = Logger()
 
@@ -77,9 +78,9 @@ class ModuleConnection(FramedAMP):
             self.port.broker.connection_lost(self)
             log.info("module disconnected: {identity} from {address}", identity=self.name,
                      address=self.address)
-        elif self.relay_leg is None:
-            log.info("connection from {address} closed before the TLS handshake completed: {why}",
-                     address=self.address, why=reason.getErrorMessage())
+        elif self.relay_leg is None:  # the connection guard logs these, rate-limited
+            log.debug("connection from {address} closed before the TLS handshake completed: {why}",
+                      address=self.address, why=reason.getErrorMessage())
         super().connectionLost(reason)
 
     @property
@@ -134,6 +135,8 @@ class ModuleConnection(FramedAMP):
                  identity=self.name, address=self.address, kind=module_kind[:20],
                  version=self.module_version, serial=self.serial)
         identity = self.identity
+        if identity is not None:  # an enrolled module has proved itself; a customer joins first
+            settle_pending(self.transport)
 
         def answer(tenant: str) -> dict:
             return {"server_version": __version__, "identity": self.name,
@@ -176,7 +179,10 @@ class ModuleConnection(FramedAMP):
         except control.ControlError as exc:
             self._refuse(exc)
             raise
-        return self._guarded(self.port.broker.join_adhoc(self, nameplate))
+        def joined(answer):
+            settle_pending(self.transport)
+            return answer
+        return self._guarded(self.port.broker.join_adhoc(self, nameplate).addCallback(joined))
 
     @control.ListHosts.responder
     def list_hosts(self):
@@ -245,6 +251,7 @@ class ModuleConnection(FramedAMP):
             self._answer_error(tag, control.RelayRefused.code, str(exc))
             return
         self.port.registry.discard(self)  # a relay leg is not a module connection
+        settle_pending(self.transport)
         self.transport.write(encode_box({b"_answer": tag,
                                          b"session_id": claims.session_id.encode()}))
         try:

@@ -15,13 +15,14 @@ from cryptography.hazmat.primitives import serialization
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from twisted.internet.defer import Deferred, fail
 from twisted.logger import Logger
-from twisted.web import resource, server
+from twisted.web import http, resource, server
 
 from protocol import enrollment as api
 from protocol.identity import fingerprint
 
 from . import __version__
 from .certificates import Enrollment, EnrollmentError, Issued
+from .connection_guard import note_refusal, settle as settle_pending
 from .db import Database
 from .pki import CertStore, PKIError, cert_pem
 
@@ -105,10 +106,18 @@ class JSONEndpoint(resource.Resource):
 MAX_BODY_BYTES = 1024 * 1024
 
 
-class BoundedRequest(server.Request):
-    """A request whose body is larger than ``max_body`` is answered 413 without being kept or parsed.
+#: After a 413 the rest of the body is thrown away undecrypted, at most this much and this long,
+#: so the client can finish its write and read the answer; then the connection is cut.
+DRAIN_BYTES = 4 * 1024 * 1024
+DRAIN_SECONDS = 2.0
 
-    Twisted would otherwise spool and parse a whole multipart upload before any page sees it.
+
+class BoundedRequest(server.Request):
+    """A request whose body is larger than ``max_body`` is answered 413 as soon as that is known
+    (from Content-Length, or while a chunked body arrives) and its connection is closed: the
+    body is neither parsed, kept nor decrypted.
+
+    Twisted would otherwise read, spool and parse a whole multipart upload before any page sees it.
     """
 
     max_body = MAX_BODY_BYTES
@@ -117,8 +126,10 @@ class BoundedRequest(server.Request):
 
     def gotLength(self, length):
         if length is not None and length > self.max_body:
-            self.too_large = True
-            length = 0
+            self.requestHeaders.removeHeader(b"expect")  # no "100 Continue": we do not want it
+            super().gotLength(0)
+            self._refuse_unread()
+            return
         super().gotLength(length)
 
     def handleContentChunk(self, data: bytes) -> None:
@@ -126,28 +137,103 @@ class BoundedRequest(server.Request):
             return
         self._received += len(data)
         if self._received > self.max_body:  # chunked body without a length
-            self.too_large = True
             self.content.seek(0)
             self.content.truncate()
+            self._refuse_unread()
             return
         super().handleContentChunk(data)
 
-    def requestReceived(self, command, path, version):
-        if self.too_large:  # nothing left to parse
-            self.requestHeaders.removeHeader(b"content-type")
-        super().requestReceived(command, path, version)
+    def _refuse_unread(self) -> None:
+        self.too_large = True
+        channel = self.channel
+        tls = channel.transport
+        address = tls.getPeer().host
+        channel.dataReceived = lambda data: None  # parse nothing more on this connection
+        body = (f"request body larger than {self.max_body // 1024} KiB; nothing was stored\n"
+                .encode())
+        head = [b"HTTP/1.1 413 Request Entity Too Large",
+                b"Content-Type: text/plain; charset=utf-8",
+                b"Content-Length: " + str(len(body)).encode(), b"Connection: close"]
+        head += [name + b": " + value for name, value in SECURITY_HEADERS.items()]
+        tls.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
+        note_refusal(tls, "request body too large",
+                     f"answered 413: request body larger than {self.max_body // 1024} KiB")
+        tcp = getattr(tls, "transport", None)
+        tls.unregisterProducer()  # the channel registered itself; TLS closes only without one
+        tls.loseConnection()      # the answer and TLS close_notify go out
+        if tcp is None or not hasattr(tls, "dataReceived"):
+            return
+        left = [DRAIN_BYTES]
 
-    def process(self):
-        if not self.too_large:
-            return super().process()
-        self.setResponseCode(413)
-        _headers(self, b"text/plain; charset=utf-8")
-        self.write(f"request body larger than {self.max_body // 1024} KiB; nothing was stored\n".encode())
-        self.finish()
+        def drain(data: bytes) -> None:  # below TLS: thrown away without decrypting
+            left[0] -= len(data)
+            if left[0] <= 0:
+                tcp.abortConnection()
+        tls.dataReceived = drain
+        channel.callLater(DRAIN_SECONDS, tcp.abortConnection)
 
 
 def bounded_request(max_body: int) -> type[BoundedRequest]:
     return type("BoundedRequest", (BoundedRequest,), {"max_body": max_body})
+
+
+#: Default deadline for a request's headers (``[limits] http_header_seconds``).
+HEADER_SECONDS = 15.0
+
+
+class HeaderDeadlineChannel(http.HTTPChannel):
+    """``HTTPChannel`` that gives every request ``header_seconds`` for its complete headers.
+
+    Twisted's own timeout is an idle timeout that every byte resets, so a client sending one
+    header line every few seconds (slowloris) would hold the connection for ever.  The first
+    request's deadline (from the end of the TLS handshake) is the connection guard's; for later
+    requests on a kept-alive connection the clock starts with the request's first byte.
+    """
+
+    def __init__(self, header_seconds: float) -> None:
+        super().__init__()
+        self.header_seconds = header_seconds
+        self._between_requests = False
+        self._header_timer = None
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._between_requests and data:
+            self._between_requests = False
+            self._header_timer = self.callLater(self.header_seconds, self._headers_too_slow)
+        super().dataReceived(data)
+
+    def allHeadersReceived(self) -> None:
+        self._cancel_header_timer()
+        settle_pending(self.transport)
+        super().allHeadersReceived()
+
+    def requestDone(self, request) -> None:
+        self._between_requests = self.persistent  # buffered pipelined bytes start the clock
+        super().requestDone(request)
+
+    def _headers_too_slow(self) -> None:
+        self._header_timer = None
+        note_refusal(self.transport, "no complete request headers",
+                     f"closed: no complete request headers within {self.header_seconds:g} s")
+        self.transport.abortConnection()
+
+    def _cancel_header_timer(self) -> None:
+        if self._header_timer is not None and self._header_timer.active():
+            self._header_timer.cancel()
+        self._header_timer = None
+
+    def connectionLost(self, reason) -> None:
+        self._cancel_header_timer()
+        super().connectionLost(reason)
+
+
+class DeadlineSite(server.Site):
+    """``server.Site`` whose connections are ``HeaderDeadlineChannel``s."""
+
+    header_seconds = HEADER_SECONDS
+
+    def protocol(self):
+        return http._GenericHTTPChannelProtocol(HeaderDeadlineChannel(self.header_seconds))
 
 
 class StaticBytes(resource.Resource):
@@ -239,8 +325,10 @@ class WebPlane:
         root.putChild(b"console", self.console.resource())
         return root
 
-    def site(self, max_body: int = MAX_BODY_BYTES) -> server.Site:
-        site = server.Site(self.root())
+    def site(self, max_body: int = MAX_BODY_BYTES,
+             header_seconds: float = HEADER_SECONDS) -> server.Site:
+        site = DeadlineSite(self.root())
+        site.header_seconds = header_seconds
         site.requestFactory = bounded_request(max_body)
         site.displayTracebacks = False
         return site

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Callable, Coroutine
 
 from OpenSSL import SSL
-from twisted.internet import error as net_error
+from twisted.internet import defer as tdefer, error as net_error
 from twisted.protocols import amp
 
 from protocol import control
@@ -18,6 +18,10 @@ from protocol import control
 from . import enrollment
 from .connection import address_of, connect, hello
 from .folder import ModuleFolder, ModuleFolderError, default_home
+
+
+#: How long ``status`` waits for the TLS handshake and the Hello answer together.
+HELLO_TIMEOUT_SECONDS = 30.0
 
 
 class ModuleError(Exception):
@@ -88,14 +92,22 @@ def _explain(exc: BaseException) -> BaseException:
         return exc
     if isinstance(exc, net_error.ConnectionRefusedError):
         return ModuleError("the server's module port refused the connection: is the server running?")
-    if isinstance(exc, (net_error.TimeoutError, net_error.TCPTimedOutError)):
-        return ModuleError("the server's module port did not answer in time")
+    if isinstance(exc, (net_error.TimeoutError, net_error.TCPTimedOutError, tdefer.TimeoutError)):
+        return ModuleError("the server's module port did not answer in time: the server may be "
+                           "busy or unreachable; try again in a minute")
+    if isinstance(exc, net_error.ConnectError):  # e.g. reset at once: the server sheds load
+        why = str(exc).replace("An error occurred while connecting: ", "").rstrip(".")
+        return ModuleError(f"could not connect to the server's module port ({why}): the server "
+                           "may be busy or unreachable; try again in a minute")
     if isinstance(exc, SSL.Error):
         return ModuleError(f"TLS with the server failed ({exc}); the certificate may be revoked, "
                            "expired or from another CA: enroll again")
     if isinstance(exc, net_error.ConnectionLost) or isinstance(exc, net_error.ConnectionDone):
-        return ModuleError("the server closed the connection (a revoked or expired certificate "
-                           "is refused at the handshake): enroll again or ask your administrator")
+        # A refused certificate comes back as a TLS alert (SSL.Error above); a bare close is a
+        # server that is busy (e.g. under a connection flood), restarting or going away.
+        return ModuleError("the server closed the connection before it answered: it may be busy "
+                           "or restarting; try again in a minute (a refused certificate would "
+                           "be reported as a TLS error)")
     if isinstance(exc, control.ControlError):
         return ModuleError(str(exc))
     if isinstance(exc, amp.RemoteAmpError):
@@ -116,7 +128,9 @@ def status(args: argparse.Namespace, kind: str) -> int:
     async def main(reactor):
         conn = await connect(reactor, address_of(folder), folder.ca_path.read_bytes(), folder)
         try:
-            result.update(await hello(conn, kind))
+            answer = tdefer.ensureDeferred(hello(conn, kind))
+            answer.addTimeout(HELLO_TIMEOUT_SECONDS, reactor)
+            result.update(await answer)
         finally:
             conn.transport.loseConnection()
     run_reactor(main)

@@ -33,6 +33,7 @@ from protocol.session_end import EndCause, EndReason
 
 from .. import certificates, tls
 from ..config import Config
+from ..connection_guard import ConnectionGuard, GuardedTLSFactory, GuardedTLSProtocol, settle
 from ..tls import LISTEN_BACKLOG
 from ..db import Database
 from ..db.models import Session, Tenant
@@ -101,6 +102,7 @@ class RelayLegProtocol(protocol.Protocol):
                                              b"_error_description": exc.reason.encode("utf-8")}))
             self.transport.loseConnection()
             return
+        settle(self.transport)  # a valid relay token: no longer a pending connection
         # The answer goes out before this call returns; the relay writes the partner's bytes on a
         # later reactor turn.
         self.transport.write(encode_box({b"_answer": tag, b"session_id": leg.session_id.encode()}))
@@ -145,11 +147,21 @@ class RelayFactory(protocol.Factory):
 
 
 def listen_relay(reactor: Any, port: int, relay: Relay, context_factory: Any,
-                 interface: str = "127.0.0.1", tls_write_aggregation: bool = False):
-    """Listen for relay legs with TLS on ``interface:port`` (0: any free port); an IListeningPort."""
-    tls_factory = TLSMemoryBIOFactory(context_factory, False, RelayFactory(relay), clock=reactor)
+                 interface: str = "127.0.0.1", tls_write_aggregation: bool = False,
+                 guard: ConnectionGuard | None = None):
+    """Listen for relay legs with TLS on ``interface:port`` (0: any free port); an IListeningPort.
+
+    With a ``guard``, connections that have not sent a valid ``OpenRelayLeg`` are held to its
+    deadlines and caps (``[limits]``)."""
+    if guard is None:
+        tls_factory = TLSMemoryBIOFactory(context_factory, False, RelayFactory(relay),
+                                          clock=reactor)
+    else:
+        tls_factory = GuardedTLSFactory(guard, "relay", ("OpenRelayLeg",
+                                                         guard.limits.first_command_seconds),
+                                        context_factory, RelayFactory(relay), clock=reactor)
     if not tls_write_aggregation:  # the relay forwards whole TLS records: nothing to aggregate
-        tls_factory.protocol = TLSMemoryBIOProtocol
+        tls_factory.protocol = TLSMemoryBIOProtocol if guard is None else GuardedTLSProtocol
     return reactor.listenTCP(port, tls_factory, interface=interface, backlog=LISTEN_BACKLOG)
 
 
@@ -283,6 +295,7 @@ class RelayService(service.Service):
         self.protocols = SessionProtocols(config.server.protocol_dir)
         self.revoked: set[str] = set()
         self.listening: list[Any] = []
+        self.guard: ConnectionGuard | None = None
         self._pending: set[defer.Deferred] = set()
         self._poll: task.LoopingCall | None = None
         self.state_path: Path | None = None
@@ -328,10 +341,11 @@ class RelayService(service.Service):
         ctx = tls.module_context(self.store.server_chain(), self.store.server_key(),
                                  self.store.ca_cert(), c.certificates.min_tls,
                                  lambda serial: serial in self.revoked)
+        self.guard = ConnectionGuard.from_config(c.limits, self.reactor)
         for port in self.ports_wanted:
             self.listening.append(listen_relay(self.reactor, port, self.relay,
                                                tls.ServerContextFactory(ctx), c.listen.interface,
-                                               self.relay.tls_write_aggregation))
+                                               self.relay.tls_write_aggregation, self.guard))
         self._poll = task.LoopingCall(self._poll_revocations)
         self._poll.clock = self.reactor
         self._poll.start(c.certificates.revocation_poll_seconds, now=False)
@@ -361,6 +375,8 @@ class RelayService(service.Service):
         for port in self.listening:
             yield port.stopListening()
         self.listening = []
+        if self.guard is not None:
+            self.guard.stop()
         self.relay.close_all("the relay is shutting down")
         if self._pending:
             yield defer.DeferredList(list(self._pending))

@@ -1,0 +1,291 @@
+"""Deadlines and caps for connections that have not proved themselves yet (Twisted side).
+
+``GuardedTLSFactory`` is what a listener hands to ``listenTCP`` instead of ``listenSSL``: it is
+Twisted's TLS wrapper plus admission.  Every accepted connection is *pending* in the process's
+``ConnectionGuard`` until the protocol inside calls ``settle(transport)`` (the module port after
+Hello/OpenRelayLeg/JoinAdhoc, the relay after OpenRelayLeg, the HTTPS plane after the first
+request headers).  Until then it has ``[limits] tls_handshake_seconds`` for TLS and then the
+listener's own deadline for its first command; past a deadline, over the per-address cap, or
+displaced by a newer one when the total is full, it is aborted at once with a reason that goes
+to the rate-limited refusal log (``admission.RefusalLog``).
+
+The guard also raises the soft open-file limit at start-up (so the caps, not ``EMFILE``, decide)
+and gives freed heap back to the system once a flood has drained (``malloc_trim``: OpenSSL's
+per-connection buffers come from glibc's malloc, which otherwise keeps the pages).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import resource
+from typing import Any
+
+from twisted.internet import task
+from twisted.logger import Logger
+from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+
+from .admission import HANDSHAKE, PendingConnections, RefusalLog
+from .config import LimitsSection
+
+log = Logger(namespace="hausmeister.limits")
+
+#: ``pending_total = 0``: a quarter of the open-file limit, at most this many.
+AUTO_TOTAL_MAX = 4096
+AUTO_TOTAL_MIN = 64
+#: A drained flood of at least this many pending connections triggers ``malloc_trim``.
+TRIM_AFTER_PEAK = 256
+
+
+def raise_open_file_limit() -> tuple[int, int]:
+    """Soft RLIMIT_NOFILE up to the hard limit; returns the (soft, hard) now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard_cap = 1 << 20
+    else:
+        hard_cap = hard
+    if soft != resource.RLIM_INFINITY and soft < hard_cap:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard_cap, hard))
+        except (ValueError, OSError) as exc:
+            log.warn("could not raise the open-file limit from {soft} to {hard}: {why}",
+                     soft=soft, hard=hard_cap, why=str(exc))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+def auto_total(open_files: int) -> int:
+    return max(AUTO_TOTAL_MIN, min(AUTO_TOTAL_MAX, open_files // 4))
+
+
+def rss_kib() -> int:
+    try:
+        with open(f"/proc/{os.getpid()}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+_libc = None
+
+
+def trim_heap() -> bool:
+    """Give free heap pages back to the system (glibc ``malloc_trim(0)``); False if unavailable."""
+    global _libc
+    if _libc is None:
+        name = ctypes.util.find_library("c")
+        try:
+            _libc = ctypes.CDLL(name) if name else False
+        except OSError:
+            _libc = False
+    if not _libc or not hasattr(_libc, "malloc_trim"):
+        return False
+    _libc.malloc_trim(0)
+    return True
+
+
+class ConnectionGuard:
+    """The process's pending connections: admission, deadlines, refusal log, memory after floods.
+
+    One guard per process, shared by its listeners, so the caps hold for the process as a whole.
+    """
+
+    def __init__(self, limits: LimitsSection, reactor: Any, total: int | None = None) -> None:
+        self.limits = limits
+        self.reactor = reactor
+        if total is None:
+            total = limits.pending_total or auto_total(
+                resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+        self.pending = PendingConnections(limits.pending_per_address, total)
+        self.refusals = RefusalLog(limits.refusal_log_seconds)
+        self.closed_count = 0       # connections this guard closed (deadline, cap, eviction)
+        self.peak = 0               # most pending at once since the last trim
+        self.trims: list[tuple[int, int]] = []  # (RSS before, RSS after) in KiB, for the benchmark
+        self._sweep: task.LoopingCall | None = None
+        shortest = min(limits.tls_handshake_seconds, limits.first_command_seconds,
+                       limits.http_header_seconds)
+        self.tick = max(0.02, min(1.0, shortest / 4))
+
+    @classmethod
+    def from_config(cls, limits: LimitsSection, reactor: Any) -> "ConnectionGuard":
+        """Raise the open-file limit if configured, size the total cap from it, start sweeping."""
+        soft, hard = (raise_open_file_limit() if limits.raise_open_file_limit
+                      else resource.getrlimit(resource.RLIMIT_NOFILE))
+        guard = cls(limits, reactor)
+        log.info("connection limits: open files {soft} (hard {hard}); pending connections at most "
+                 "{per_address} per address and {total} in all; TLS handshake within {tls:g} s",
+                 soft=soft, hard=hard, per_address=limits.pending_per_address,
+                 total=guard.pending.total, tls=limits.tls_handshake_seconds)
+        guard.start()
+        return guard
+
+    def start(self) -> None:
+        if self._sweep is None:
+            self._sweep = task.LoopingCall(self.sweep)
+            self._sweep.clock = self.reactor
+            self._sweep.start(self.tick, now=False)
+
+    def stop(self) -> None:
+        if self._sweep is not None and self._sweep.running:
+            self._sweep.stop()
+        self._sweep = None
+
+    # --- what the TLS wrapper reports ------------------------------------------------------------
+
+    def admit(self, conn: "_Guarded") -> bool:
+        now = self.reactor.seconds()
+        decision = self.pending.admit(conn, conn.address, self.limits.tls_handshake_seconds, now)
+        if not decision.admitted:
+            self.refuse(conn, "over the per-address cap", f"refused: {decision.reason}")
+            return False
+        if decision.evicted is not None:
+            self.refuse(decision.evicted, "displaced",
+                        f"closed to make room: {self.pending.total} connections are waiting for "
+                        f"their handshake, this was the oldest")
+        self.peak = max(self.peak, len(self.pending))
+        return True
+
+    def handshake_done(self, conn: "_Guarded") -> None:
+        label, seconds = conn.factory.after_handshake
+        self.pending.advance(conn, label, seconds, self.reactor.seconds())
+
+    def settle(self, conn: "_Guarded") -> None:
+        self.pending.settle(conn)
+
+    def lost(self, conn: "_Guarded") -> None:
+        stage = self.pending.stage_of(conn)
+        if self.pending.settle(conn) and not conn.closed_by_guard:
+            what = ("closed by the client during the TLS handshake" if stage == HANDSHAKE
+                    else f"closed by the client before it sent {conn.factory.after_handshake[0]}")
+            self.note(conn, what, what)
+
+    # --- closing -----------------------------------------------------------------------------
+
+    def refuse(self, conn: "_Guarded", kind: str, reason: str) -> None:
+        self.pending.settle(conn)
+        conn.closed_by_guard = True
+        self.closed_count += 1
+        self.note(conn, kind, reason)
+        conn.abortConnection()
+
+    def note(self, conn: "_Guarded", kind: str, reason: str) -> None:
+        listener = conn.factory.listener
+        if self.refusals.note(f"{listener}: {kind}", conn.address, self.reactor.seconds()):
+            log.warn("{listener}: connection from {address} {reason}", listener=listener,
+                     address=conn.address, reason=reason)
+
+    def sweep(self) -> None:
+        now = self.reactor.seconds()
+        for conn, stage, seconds, _ in self.pending.expired(now):
+            if stage == HANDSHAKE:
+                kind, reason = "no TLS handshake", f"closed: no TLS handshake within {seconds:g} s"
+            else:
+                kind, reason = f"no {stage}", f"closed: no {stage} within {seconds:g} s"
+            # expired() already removed it from the pending set
+            conn.closed_by_guard = True
+            self.closed_count += 1
+            self.note(conn, kind, reason)
+            conn.abortConnection()
+        for summary in self.refusals.due(now):
+            log.warn("{kind}: {count} more connections in the last {seconds:.0f} s (most from "
+                     "{address}: {top})", kind=summary.kind, count=summary.suppressed,
+                     seconds=summary.seconds, address=summary.top_address, top=summary.top_count)
+        if self.peak >= TRIM_AFTER_PEAK and len(self.pending) <= self.peak // 10:
+            self._trim()
+
+    def _trim(self) -> None:
+        before = rss_kib()
+        if trim_heap():
+            after = rss_kib()
+            self.trims.append((before, after))
+            log.info("a flood of {peak} pending connections has drained; memory given back to the "
+                     "system: RSS {before} -> {after} MiB", peak=self.peak, before=before // 1024,
+                     after=after // 1024)
+        self.peak = len(self.pending)
+
+
+class _Guarded:
+    """What both TLS wrappers add: report accept, handshake and loss to the factory's guard."""
+
+    address = "?"
+    closed_by_guard = False
+
+    def makeConnection(self, transport) -> None:
+        self.address = transport.getPeer().host
+        super().makeConnection(transport)
+        self.factory.guard.admit(self)  # a refused connection is aborted by the guard
+
+    def _checkHandshakeStatus(self) -> None:
+        was_done = self._handshakeDone
+        super()._checkHandshakeStatus()
+        if self._handshakeDone and not was_done:
+            self.factory.guard.handshake_done(self)
+
+    def settle(self) -> None:
+        """The protocol inside has proved itself: no longer pending."""
+        self.factory.guard.settle(self)
+
+    def connectionLost(self, reason) -> None:
+        self.factory.guard.lost(self)
+        super().connectionLost(reason)
+
+
+class GuardedTLSProtocol(_Guarded, TLSMemoryBIOProtocol):
+    """Guarded TLS without write aggregation (the relay forwards whole TLS records)."""
+
+
+class GuardedBufferingTLS(_Guarded, BufferingTLSTransport):
+    """Guarded TLS with Twisted's small-write aggregation (``listenSSL``'s default)."""
+
+
+class GuardedTLSFactory(TLSMemoryBIOFactory):
+    """``TLSMemoryBIOFactory`` for a listener whose connections the guard watches.
+
+    ``after_handshake`` is (what the connection must send next, seconds it has), e.g.
+    ``("Hello or OpenRelayLeg", 10.0)``; ``listener`` names the port in log lines.
+    """
+
+    protocol = GuardedBufferingTLS
+    noisy = False
+
+    def __init__(self, guard: ConnectionGuard, listener: str, after_handshake: tuple[str, float],
+                 context_factory, wrapped_factory, clock=None) -> None:
+        super().__init__(context_factory, False, wrapped_factory, clock=clock)
+        self.guard = guard
+        self.listener = listener
+        self.after_handshake = after_handshake
+
+    def logPrefix(self) -> str:
+        return self.listener
+
+
+def settle(transport: Any) -> None:
+    """Tell the guard (if any) that the connection behind ``transport`` has proved itself."""
+    if isinstance(transport, _Guarded):
+        transport.settle()
+
+
+def listen_guarded(reactor: Any, port: int, guard: ConnectionGuard, listener: str,
+                   after_handshake: tuple[str, float], context_factory, factory,
+                   interface: str, backlog: int, write_aggregation: bool = True):
+    """``reactor.listenSSL`` with the guard in front; returns the IListeningPort."""
+    tls_factory = GuardedTLSFactory(guard, listener, after_handshake, context_factory, factory,
+                                    clock=reactor)
+    if not write_aggregation:
+        tls_factory.protocol = GuardedTLSProtocol
+    listening = reactor.listenTCP(port, tls_factory, backlog=backlog, interface=interface)
+    listening._type = "TLS"
+    return listening
+
+
+def note_refusal(transport: Any, kind: str, reason: str) -> None:
+    """Log why a connection is refused or closed, through the guard's rate-limited log if the
+    connection has one."""
+    if isinstance(transport, _Guarded):
+        transport.factory.guard.note(transport, kind, reason)
+    else:
+        log.warn("connection from {address} {reason}", address=transport.getPeer().host,
+                 reason=reason)
