@@ -6,8 +6,10 @@ dispatcher sees it.  Sending stays AMP's own (``sendBox``).  Whatever the peer d
 that are not a box, a box that is neither command nor answer nor error, an answer to nothing,
 too many unanswered commands — is logged with the peer's address and a reason, and the
 connection is closed; it never raises out of ``dataReceived``.  Unknown commands are answered by
-AMP with an error box and the connection stays; an argument value that does not parse makes AMP
-answer with a fatal error and close.
+AMP with an error box and the connection stays.  A command the peer got wrong — a name that is
+not printable ASCII, an argument missing or of the wrong type — is one logged line, an error
+answer with the code ``BAD_REQUEST`` that says what was wrong, and a closed connection: one line
+per connection, never a traceback, so a peer cannot fill the log.
 
 ``switch_to_raw`` turns the connection into a plain byte pipe after a box (how a connection
 becomes a relay leg after ``OpenRelayLeg``).  What the commands mean is not this module's
@@ -16,8 +18,10 @@ business: responders live in the server and the modules.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.protocols import amp
 from twisted.python.failure import Failure
@@ -27,6 +31,10 @@ from .framing import DEFAULT_MAX_BOX_BYTES, DEFAULT_MAX_KEYS, Box, BoxDecoder, F
 log = Logger()
 
 DEFAULT_MAX_PENDING_COMMANDS = 32
+
+#: Error code of the answer to a command the peer got wrong (``protocol.control.BadRequest``).
+BAD_REQUEST = b"BAD_REQUEST"
+_COMMAND_NAME = re.compile(rb"[\x21-\x7e]{1,255}")  # printable ASCII, as AMP's locators need
 
 _PENDING = "pending"  # switch_to_raw was called; answers still due or a dispatch still running
 _RAW = "raw"          # every further byte goes to the receiver
@@ -152,6 +160,11 @@ class FramedAMP(amp.AMP):
         if reason is not None:
             self._protocol_violation(reason)
             return
+        name = box.get(amp.COMMAND)
+        if name is not None and amp.ANSWER not in box and amp.ERROR not in box \
+                and not _COMMAND_NAME.fullmatch(name):
+            self._bad_request(box, f"command name {name[:40]!r} is not printable ASCII")
+            return
         try:
             self.ampBoxReceived(amp.AmpBox(box))
         except Exception:
@@ -181,6 +194,43 @@ class FramedAMP(amp.AMP):
                 return f"more than {self.max_pending_commands} commands outstanding"
             return None
         return "box has none of _command, _answer, _error"
+
+    def _wrapWithSerialization(self, aCallable, command):
+        """AMP's responder wrapper, with arguments that do not parse answered as a bad request.
+
+        AMP parses the arguments synchronously before it calls the responder (whose own
+        exceptions become a failed Deferred), so an exception out of ``serialized`` is the
+        peer's: a missing argument or a value of the wrong type.  AMP alone would log it as a
+        critical traceback and answer "UNKNOWN / Unknown Error"."""
+        serialized = super()._wrapWithSerialization(aCallable, command)
+
+        def responder(box):
+            try:
+                return serialized(box)
+            except Exception:
+                return self._bad_request(box, _argument_problem(command, box, self))
+
+        return responder
+
+    def _bad_request(self, box, reason: str) -> defer.Deferred:
+        """Log one line, answer ``BAD_REQUEST`` with the reason (if the peer asked) and close."""
+        if not self._closing:
+            log.warn("closing AMP connection from {peer}: {reason}", peer=self._peer(),
+                     reason=reason)
+        self._closing = True  # no further box from this peer is dispatched
+        tag = box.get(amp.ASK)
+        if tag is not None and tag not in self._answers_due and self.transport is not None:
+            # not dispatched, so AMP will not answer it: answer here, then close
+            self.sendBox(amp.AmpBox({
+                amp.ERROR: tag, amp.ERROR_CODE: BAD_REQUEST,
+                amp.ERROR_DESCRIPTION: reason.encode("utf-8", "replace")}))
+            self.transport.loseConnection()
+            return defer.succeed(None)
+        if tag is not None:  # AMP answers it: a fatal error is sent, then the connection closes
+            return defer.fail(amp.RemoteAmpError(BAD_REQUEST, reason, fatal=True))
+        if self.transport is not None:
+            self.transport.loseConnection()
+        return defer.succeed(None)
 
     def dispatchCommand(self, box):
         tag = box.get(amp.ASK)
@@ -250,3 +300,20 @@ class FramedAMP(amp.AMP):
         if host is None:
             return str(peer)
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _argument_problem(command: type[amp.Command], box, proto) -> str:
+    """Which argument of ``box`` does not parse for ``command``, in one line."""
+    name = command.commandName.decode("ascii", "replace")
+    for key, argument in command.arguments:
+        label = key.decode("ascii", "replace")
+        if key not in box:
+            if getattr(argument, "optional", False):
+                continue
+            return f"{name} without argument {label}"
+        try:
+            argument.fromBox(key, dict(box), {}, proto)
+        except Exception as exc:
+            return (f"{name} argument {label} = {box[key][:40]!r} is not a valid "
+                    f"{type(argument).__name__} ({type(exc).__name__}: {str(exc)[:80]!r})")
+    return f"{name} arguments do not parse"

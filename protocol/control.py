@@ -28,12 +28,20 @@ from __future__ import annotations
 from twisted.protocols import amp
 
 from . import PROTOCOL_VERSION
+from .amp_adapter import BAD_REQUEST
 
 
 class ControlError(Exception):
     """Base of the errors a command may answer with; ``code`` is what travels."""
 
     code = b"ERROR"
+
+
+class BadRequest(ControlError):
+    """The command itself was malformed (a missing or ill-typed argument, a name that is not
+    printable ASCII); ``amp_adapter`` answers it and closes the connection."""
+
+    code = BAD_REQUEST
 
 
 class ProtocolVersionMismatch(ControlError):
@@ -76,7 +84,7 @@ class RelayRefused(ControlError):
     code = b"RELAY_REFUSED"
 
 
-ALL_ERRORS = (ProtocolVersionMismatch, NotEnrolled, WrongState, Forbidden, UnknownNameplate,
+ALL_ERRORS = (BadRequest, ProtocolVersionMismatch, NotEnrolled, WrongState, Forbidden, UnknownNameplate,
               LockedOut, HostOffline, UnknownHost, RelayRefused)
 ERRORS = {cls: cls.code for cls in ALL_ERRORS}
 
@@ -209,7 +217,7 @@ class OpenRelayLeg(amp.Command):
 
 
 __all__ = [
-    "PROTOCOL_VERSION", "ControlError", "ALL_ERRORS", "ERRORS", "Hello", "Heartbeat",
+    "PROTOCOL_VERSION", "BadRequest", "ControlError", "ALL_ERRORS", "ERRORS", "Hello", "Heartbeat",
     "AllocateNameplate", "JoinAdhoc", "ListHosts", "ConnectHost", "SessionReady", "OfferSession",
     "OpenRelayLeg", "SessionEvent", "SessionEnded", "ProtocolVersionMismatch", "NotEnrolled", "WrongState", "Forbidden",
     "UnknownNameplate", "LockedOut", "HostOffline", "UnknownHost", "RelayRefused",

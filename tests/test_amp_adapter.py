@@ -17,6 +17,8 @@ from twisted.test import iosim
 
 from protocol.amp_adapter import DEFAULT_MAX_PENDING_COMMANDS, FramedAMP
 from protocol.control import (
+    ERRORS,
+    BadRequest,
     Heartbeat,
     Hello,
     ListHosts,
@@ -25,7 +27,7 @@ from protocol.control import (
     RelayRefused,
     SessionReady,
 )
-from protocol.framing import encode_box
+from protocol.framing import BoxDecoder, encode_box
 
 PEER = IPv4Address("TCP", "192.0.2.7", 50123)
 
@@ -273,16 +275,96 @@ def test_peer_that_keeps_sending_after_a_refusal_is_aborted():
     assert transport.value() == b""  # and nothing was dispatched
 
 
-def test_malformed_argument_value_is_answered_with_an_error_and_closes():
+class HelloWithout(amp.Command):
+    """A Hello from a module that forgot ``protocol_version``, typed on the caller's side."""
+
+    commandName = b"Hello"
+    arguments = [(b"module_version", amp.Unicode()), (b"module_kind", amp.Unicode())]
+    response: list = []
+    errors = ERRORS
+
+
+def no_tracebacks(events) -> None:
+    assert not [e for e in events if "log_failure" in e or e.get("log_level") in
+                (LogLevel.error, LogLevel.critical)], events
+
+
+def test_missing_argument_is_answered_bad_request_and_closes_with_one_line():
     client, server, pump = connect()
     transport = server.transport
-    hello = Outcome(client.callRemoteString(b"Hello", protocol_version=b"one",
-                                            module_version=b"0.1", module_kind=b"host"))
     with capturedLogs() as events:
+        hello = Outcome(client.callRemote(HelloWithout, module_version="0.1", module_kind="host"))
         pump.flush()
-    assert hello.failure(amp.RemoteAmpError).value.errorCode == amp.UNKNOWN_ERROR_CODE
+    refusal = hello.failure(BadRequest).value
+    assert str(refusal) == "Hello without argument protocol_version"
+    assert [e["reason"] for e in warnings_in(events)] == [
+        "Hello without argument protocol_version"]
+    no_tracebacks(events)
     assert transport.disconnected
-    assert any("invalid literal" in str(e.get("log_failure", "")) for e in events)
+
+
+@pytest.mark.parametrize("arguments, reason", [
+    ({"protocol_version": b"one", "module_version": b"0.1", "module_kind": b"host"},
+     "Hello argument protocol_version = b'one' is not a valid Integer"),
+    ({"protocol_version": b"1", "module_version": b"\xff\xfe", "module_kind": b"host"},
+     "Hello argument module_version = b'\\xff\\xfe' is not a valid Unicode"),
+])
+def test_ill_typed_argument_is_answered_bad_request_and_closes(arguments, reason):
+    client, server, pump = connect()
+    transport = server.transport
+    with capturedLogs() as events:
+        hello = Outcome(client.callRemoteString(b"Hello", **arguments))
+        pump.flush()
+    error = hello.failure(amp.RemoteAmpError).value
+    assert error.errorCode == b"BAD_REQUEST"
+    assert error.description.startswith(reason), error.description
+    assert [e["reason"] for e in warnings_in(events)] == [error.description]
+    no_tracebacks(events)
+    assert transport.disconnected
+
+
+def test_one_way_command_with_missing_arguments_closes_with_one_line():
+    server = Server()
+    transport = on_string_transport(server)
+    with capturedLogs() as events:
+        server.dataReceived(encode_box({b"_command": b"Hello", b"module_kind": b"host"}))
+    assert [e["reason"] for e in warnings_in(events)] == ["Hello without argument protocol_version"]
+    no_tracebacks(events)
+    assert transport.disconnecting and transport.value() == b""  # nothing asked, nothing answered
+
+
+def test_non_ascii_command_names_are_one_line_per_connection_and_an_answer():
+    server = Server()
+    transport = on_string_transport(server)
+    with capturedLogs() as events:
+        # many in one read, and more after: the log gets one line, the peer one answer
+        server.dataReceived(b"".join(encode_box({b"_command": "Hällo".encode(), b"_ask": b"%d" % i})
+                                     for i in range(50)))
+        server.dataReceived(encode_box({b"_command": b"\xff", b"_ask": b"99"}))
+    assert [e["reason"] for e in warnings_in(events)] == [
+        "command name b'H\\xc3\\xa4llo' is not printable ASCII"]
+    no_tracebacks(events)
+    [answer] = BoxDecoder().receive(transport.value())
+    assert answer == {b"_error": b"0", b"_error_code": b"BAD_REQUEST",
+                      b"_error_description": b"command name b'H\\xc3\\xa4llo' is not printable ASCII"}
+    assert transport.disconnected  # aborted: it went on sending after the refusal
+
+
+def test_framed_client_refuses_a_malformed_command_from_the_server_the_same_way():
+    """The modules' side (``ControlClient`` is a FramedAMP too): a server's SessionReady without
+    its relay fields is one line and a BAD_REQUEST answer, not a traceback."""
+    class FramedClient(FramedAMP):
+        @SessionReady.responder
+        def session_ready(self, **fields):
+            raise AssertionError("must not be called without its arguments")
+
+    client, server, pump = connect(server_class=StockServer, client_class=FramedClient)
+    with capturedLogs() as events:
+        ready = Outcome(server.callRemoteString(b"SessionReady", session_id=b"s1"))
+        pump.flush()
+    assert ready.failure(amp.RemoteAmpError).value.errorCode == b"BAD_REQUEST"
+    no_tracebacks(events)
+    assert len(warnings_in(events)) == 1
 
 
 # --- raw bytes after a box ----------------------------------------------------------------------

@@ -143,3 +143,43 @@ def test_relay_leg_with_a_bad_token_is_refused(running_server):
     box = leg.call("OpenRelayLeg", relay_token=b"not-a-token")
     assert error_code(box) == b"RELAY_REFUSED"
     assert leg.closed_by_server()
+
+
+def test_malformed_commands_are_one_logged_line_and_a_precise_answer(running_server,
+                                                                     enrolled_supporter):
+    """Issue 10, finding 8: a Hello without protocol_version (or with a value of the wrong type)
+    and command names that are not ASCII are answered BAD_REQUEST, logged as one line per
+    connection without a traceback, and that connection is closed."""
+    srv = running_server
+    bystander = RawModule(srv, enrolled_supporter)
+    bystander.hello()
+    before = len(srv.log().splitlines())
+
+    forgetful = RawModule(srv, enrolled_supporter)
+    box = forgetful.call("Hello", module_version=b"test", module_kind=b"supporter")
+    assert error_code(box) == b"BAD_REQUEST"
+    assert box[b"_error_description"] == b"Hello without argument protocol_version"
+    assert forgetful.closed_by_server()
+
+    typo = RawModule(srv)
+    box = typo.call("Hello", protocol_version=b"1.0", module_version=b"t", module_kind=b"t")
+    assert error_code(box) == b"BAD_REQUEST" and b"protocol_version" in box[b"_error_description"]
+    assert typo.closed_by_server()
+
+    flooders = []
+    for _ in range(5):  # each sends 200 non-ASCII commands in one go
+        flooder = RawModule(srv)
+        flooder.sock.sendall(b"".join(encode_box({b"_command": "Grüß".encode(), b"_ask": b"%d" % i})
+                                      for i in range(200)))
+        flooders.append(flooder)
+    for flooder in flooders:
+        assert error_code(flooder.read_box()) == b"BAD_REQUEST"
+        assert flooder.closed_by_server()
+
+    assert len(bystander.call("AllocateNameplate")[b"nameplate"]) == 4
+    new_lines = srv.log().splitlines()[before:]
+    assert not [line for line in new_lines if "Traceback" in line or "Unknown Error" in line
+                or '"log_level": "critical"' in line or "Unhandled" in line], new_lines
+    assert sum("without argument protocol_version" in line for line in new_lines) == 1
+    assert sum("protocol_version = b'1.0' is not a valid Integer" in line for line in new_lines) == 1
+    assert sum("is not printable ASCII" in line for line in new_lines) == 5  # one per connection
