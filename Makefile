@@ -2,6 +2,9 @@
 #   make run    install everything and run the server on its embedded defaults (SQLite, own CA,
 #               loopback only); prints the console/module ports and the first admin's password
 #   make test   install everything the tests need (apt and pip) and run the whole test suite
+#   make bundle the offline bundle dist/hausmeister-<version>-offline.tar for an air-gapped
+#               Debian 12 (wheels and .debs from the registries; signed with the release key
+#               in $(HAUSMEISTER_RELEASE_KEY), see packaging/README.md)
 # Needs root (apt-get) on a fresh Debian 12; only the package registries must be reachable.
 
 PYTHON ?= python3
@@ -14,7 +17,7 @@ APT     = DEBIAN_FRONTEND=noninteractive apt-get
 TEST_APT_PACKAGES = postgresql haproxy xvfb xterm x11vnc vncsnapshot tigervnc-viewer xfonts-base xclip chromium
 TEST_BINARIES = /usr/lib/postgresql/*/bin/initdb /usr/sbin/haproxy /usr/bin/Xvfb /usr/bin/xterm /usr/bin/x11vnc /usr/bin/vncsnapshot /usr/bin/xtigervncviewer /usr/bin/xclip /usr/bin/chromium
 
-.PHONY: run test install test-system-packages clean-run
+.PHONY: run test install test-system-packages clean-run bundle
 
 run: install
 	$(VENV)/bin/hausmeister-server --config config/local.toml run
@@ -34,6 +37,10 @@ $(VENV)/.installed: pyproject.toml
 # Debian packages the tests run for real (all on 127.0.0.1; the system PostgreSQL is never used).
 test-system-packages:
 	@ls $(TEST_BINARIES) >/dev/null 2>&1 || { $(APT) update -qq && $(APT) install -y -qq --no-install-recommends $(TEST_APT_PACKAGES); }
+
+bundle: install
+	@$(APT) update -qq
+	$(PY) packaging/build_bundle.py --key "$(HAUSMEISTER_RELEASE_KEY)" $(BUNDLE_ARGS)
 
 clean-run:
 	rm -rf var certs/ca.* certs/server.*
