@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime as dt
 import shutil
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -35,6 +36,7 @@ from .db.models import AlertSent, Role, Tenant, User
 log = Logger(namespace="hausmeister.alerts")
 
 Usage = Callable[[str], Any]   # shutil.disk_usage: .total .used .free
+Render = Callable[..., tuple[str, str]]   # render(language=...) -> (subject, body)
 
 
 @dataclass(frozen=True)
@@ -47,14 +49,14 @@ class AlertPolicy:
     base_url: str
 
 
-def recipients(session: Session) -> list[str]:
-    """Mail addresses of the enabled admins of the operator's (first) tenant."""
+def recipients(session: Session) -> list[tuple[str, str | None]]:
+    """Mail address and language of the enabled admins of the operator's (first) tenant."""
     first = session.scalar(select(func.min(Tenant.id)))
     if first is None:
         return []
-    return [a for a in session.scalars(
-        select(User.email).where(User.tenant_id == first, User.role == Role.admin,
-                                 User.disabled.is_(False), User.email.is_not(None))
+    return [(a, lang) for a, lang in session.execute(
+        select(User.email, User.language).where(User.tenant_id == first, User.role == Role.admin,
+                                                User.disabled.is_(False), User.email.is_not(None))
         .order_by(User.id)) if a and a.strip()]
 
 
@@ -67,8 +69,9 @@ def _existing(path: Path) -> Path:
 
 
 def cert_alerts(certs: Iterable[tuple[str, x509.Certificate]], days: int, now: dt.datetime,
-                base_url: str) -> list[tuple[str, str, str]]:
-    """``(key, subject, body)`` for every certificate that expires within ``days``."""
+                base_url: str) -> list[tuple[str, Render]]:
+    """``(key, render)`` for every certificate that expires within ``days``;
+    ``render(language)`` is the mail's ``(subject, body)`` in that language."""
     if days <= 0:
         return []
     out = []
@@ -79,14 +82,14 @@ def cert_alerts(certs: Iterable[tuple[str, x509.Certificate]], days: int, now: d
             continue
         days_left = left.days if left >= dt.timedelta(0) else -1
         serial = serial_hex(cert)
-        subject, body = mail_texts.cert_expiry_alert(base_url, what, cert.subject.rfc4514_string(),
-                                                     serial, not_after, days_left)
-        out.append((f"cert-expiry:{serial}", subject, body))
+        out.append((f"cert-expiry:{serial}", partial(
+            mail_texts.cert_expiry_alert, base_url, what, cert.subject.rfc4514_string(), serial,
+            not_after, days_left)))
     return out
 
 
-def disk_alerts(policy: AlertPolicy, now: dt.datetime, usage: Usage) -> list[tuple[str, str, str]]:
-    """``(key, subject, body)`` for every folder whose disk has less free space than allowed."""
+def disk_alerts(policy: AlertPolicy, now: dt.datetime, usage: Usage) -> list[tuple[str, Render]]:
+    """``(key, render)`` for every folder whose disk has less free space than allowed."""
     if policy.disk_free_percent <= 0:
         return []
     out = []
@@ -102,9 +105,9 @@ def disk_alerts(policy: AlertPolicy, now: dt.datetime, usage: Usage) -> list[tup
         free_percent = 100.0 * figures.free / figures.total
         if free_percent >= policy.disk_free_percent:
             continue
-        subject, body = mail_texts.disk_alert(policy.base_url, what, str(folder), free_percent,
-                                              figures.free, policy.disk_free_percent)
-        out.append((f"disk:{folder}:{now.date().isoformat()}"[:200], subject, body))
+        out.append((f"disk:{folder}:{now.date().isoformat()}"[:200], partial(
+            mail_texts.disk_alert, policy.base_url, what, str(folder), free_percent, figures.free,
+            policy.disk_free_percent)))
     return out
 
 
@@ -120,10 +123,11 @@ def check(session: Session, outbox: Any, policy: AlertPolicy,
     to = recipients(session)
     if not to:
         log.warn("alerts: {n} alert(s) but no admin of the operator tenant has a mail address: {keys}",
-                 n=len(fresh), keys=", ".join(k for k, _, _ in fresh))
+                 n=len(fresh), keys=", ".join(k for k, _ in fresh))
         return []
-    for key, subject, body in fresh:
-        for address in to:
+    for key, render in fresh:
+        for address, language in to:
+            subject, body = render(language=language)   # in each admin's language
             try:
                 outbox.enqueue(session, address, subject, body)
             except ValueError as exc:  # an address the outbox refuses: the others still get it
@@ -132,7 +136,7 @@ def check(session: Session, outbox: Any, policy: AlertPolicy,
         session.add(AlertSent(key=key, sent_at=now))
         log.info("alerts: {key} mailed to {n} admin(s)", key=key, n=len(to))
     session.flush()
-    return [k for k, _, _ in fresh]
+    return [k for k, _ in fresh]
 
 
 def _certificates(store: Any) -> list[tuple[str, x509.Certificate]]:

@@ -91,10 +91,10 @@ def deliver(session: DbSession, outbox: Any, protocol_dir: Path, base_url: str, 
         if user is None:
             continue
         tenant = session.get(Tenant, row.tenant_id)
-        label = row.id + (f" with {row.peer_identity}" if row.peer_identity else "")
         subject, body = mail_texts.session_protocol(
-            base_url, user.name, label, row.started_at or row.created_at, row.ended_at,
-            protocol_lines(Path(protocol_dir), tenant.name, row.id))
+            base_url, user.name, row.id, row.started_at or row.created_at, row.ended_at,
+            protocol_lines(Path(protocol_dir), tenant.name, row.id), language=user.language,
+            peer=row.peer_identity)
         try:
             outbox.enqueue(session, user.email, subject, body)
         except ValueError as exc:  # an address the outbox refuses: no mail, the scan goes on

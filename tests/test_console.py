@@ -92,7 +92,7 @@ def test_login_pages_csrf_escaping_and_no_outside_requests(running_server, enrol
         row = c.page.locator("tr.session")
         assert row.count() == 1
         text = row.inner_text()
-        for expected in ("adhoc", "supporter:alice", "customer:Erika", "56789", "supporter ended"):
+        for expected in ("ad-hoc", "supporter:alice", "customer:Erika", "56,789", "supporter ended"):
             assert expected in text
         c.shot("sessions")
 

@@ -25,6 +25,7 @@ from twisted.logger import Logger
 
 from .. import accounts
 from ..db.models import Role, Tenant, User
+from ..i18n import Text
 from .core import EVERYONE, Ctx, landing, route
 
 log = Logger()
@@ -45,6 +46,7 @@ class LoginResult:
     operator: bool
     totp: bool = False             # a code is still needed
     since: float = 0.0             # when the password step passed (monotonic)
+    language: str | None = None    # the account's console language, if the user chose one
 
 
 # --- TOTP ---------------------------------------------------------------------------------------
@@ -103,14 +105,15 @@ def _login(session, lockouts: accounts.Lockouts, name: str, password: str, sourc
         accounts.audit(session, user.name, "console.login", f"address={source}", tenant_id=tenant.id)
     return LoginResult(user.name, user.id, user.role.value, tenant.id, tenant.name,
                        operator=user.role == Role.admin and tenant.id == first_tenant,
-                       totp=bool(user.totp_secret), since=time.monotonic())
+                       totp=bool(user.totp_secret), since=time.monotonic(),
+                       language=user.language)
 
 
 def _login_totp(session, lockouts: accounts.Lockouts, pending: LoginResult,
                 code: str, source: str) -> LoginResult:
     user = session.get(User, pending.user_id)
     if user is None or user.disabled or not user.totp_secret:
-        raise accounts.AccountError("this login is no longer valid; log in again")
+        raise accounts.AccountError(Text("this login is no longer valid; log in again"))
     _check_code(session, lockouts, user, user.totp_secret, code, source)
     accounts.audit(session, user.name, "console.login", f"address={source} totp",
                    tenant_id=pending.tenant_id)
@@ -124,7 +127,7 @@ def _logout(session, user: str, tenant_id: int, source: str) -> None:
 def _start_session(ctx: Ctx, result: LoginResult) -> bytes:
     fresh = ctx.console.sessions.login(ctx.session, result.user, result.role, result.tenant_id,
                                        result.tenant, user_id=result.user_id,
-                                       operator=result.operator)
+                                       operator=result.operator, language=result.language)
     ctx.set_cookie(fresh)
     log.info("console: {user} logged in from {address}", user=result.user, address=ctx.source)
     return ctx.redirect(landing(result.role))
@@ -136,7 +139,7 @@ def _refused(ctx: Ctx, template: str, who: str, **values):
         status = 429 if failure.check(accounts.LockedOut) else 401
         log.info("console: login refused for {user!r} from {address}: {reason}",
                  user=who, address=ctx.source, reason=str(failure.value))
-        return ctx.page(template, status, error=str(failure.value), **values)
+        return ctx.page(template, status, error=failure.value, **values)
     return refused
 
 
@@ -163,7 +166,8 @@ def login(ctx: Ctx):
     password = ctx.field("password", MAX_PASSWORD + 1)
     shown_name = name[:MAX_NAME]
     if not name or not password or len(name) > MAX_NAME or len(password) > MAX_PASSWORD:
-        return ctx.page("login.html", 400, error="enter a user name and a password", name=shown_name)
+        return ctx.page("login.html", 400, error=Text("enter a user name and a password"),
+                        name=shown_name)
 
     def done(result: LoginResult) -> bytes:
         if result.totp:
@@ -181,7 +185,7 @@ def _pending(ctx: Ctx) -> LoginResult | None:
         return None
     if time.monotonic() - pending.since > PENDING_SECONDS:
         ctx.session.pending = None
-        ctx.flash("The code was not entered in time; log in again.")
+        ctx.flash(Text("The code was not entered in time; log in again."))
         return None
     return pending
 

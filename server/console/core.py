@@ -25,8 +25,9 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
 from twisted.web import resource, server
 
-from .. import accounts
+from .. import accounts, i18n
 from ..db import Database
+from ..i18n import N_, Plural, Text
 from ..web import OFFLINE_PAGES, SECURITY_HEADERS
 from .sessions import IDLE_SECONDS, ConsoleSession, ConsoleSessions
 
@@ -54,9 +55,12 @@ STATIC_TYPES = {"css": b"text/css; charset=utf-8", "png": b"image/png", "svg": b
 
 
 class PageError(Exception):
-    """Raise in a handler (or its database work) to answer with an error page and a status."""
+    """Raise in a handler (or its database work) to answer with an error page and a status.
 
-    def __init__(self, status: int, message: str) -> None:
+    ``message`` is a :class:`~server.i18n.Text`, translated for the reader when shown.
+    """
+
+    def __init__(self, status: int, message: "str | Text") -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -83,19 +87,53 @@ class Console:
 
     def __post_init__(self) -> None:
         self.sessions = ConsoleSessions(self.idle_seconds, self.clock)
-        self.templates = Environment(loader=FileSystemLoader(str(OFFLINE_PAGES)), autoescape=True)
-        self.templates.filters["when"] = fmt_time
-        self.templates.filters["leave"] = leave_url
-        from .pages_help import link_outside_urls  # pages import core, hence here
-        self.templates.filters["outside_links"] = link_outside_urls
+        self._templates: dict[str, Environment] = {}
+        self.templates = self.templates_for(i18n.DEFAULT)
+
+    def templates_for(self, lang: str) -> Environment:
+        """One Jinja2 environment per language: its catalogue and its date and number formats."""
+        env = self._templates.get(lang)
+        if env is None:
+            env = self._templates[lang] = template_environment(lang)
+        return env
 
     def resource(self) -> resource.Resource:
         from . import pages  # noqa: F401  (registers every page's routes)
         return ConsoleResource(self)
 
 
+#: values from the database shown as words (roles, states, kinds): translated where shown
+TERMS = {
+    "admin": N_("admin"), "supporter": N_("supporter"), "auditor": N_("auditor"),
+    "host": N_("host"), "server": N_("server"), "adhoc": N_("ad-hoc"),
+    "online": N_("online"), "offline": N_("offline"), "active": N_("active"),
+    "disabled": N_("disabled"), "valid": N_("valid"), "expired": N_("expired"),
+    "revoked": N_("revoked"), "used": N_("used"), "unused": N_("unused"),
+    "on": N_("on"), "off": N_("off"), "yes": N_("yes"), "no": N_("no"),
+}
+
+
+def template_environment(lang: str) -> Environment:
+    texts = i18n.texts(lang)
+    env = Environment(loader=FileSystemLoader(str(OFFLINE_PAGES)), autoescape=True,
+                      extensions=["jinja2.ext.i18n"])
+    env.policies["ext.i18n.trimmed"] = True   # msgids without the template's line breaks
+    env.install_gettext_translations(texts.catalogue, newstyle=True)
+    env.filters["when"] = texts.date_time
+    env.filters["number"] = texts.number
+    env.filters["size"] = texts.size
+    env.filters["say"] = texts.say
+    env.filters["term"] = lambda value: texts.gettext(TERMS[value]) if value in TERMS else value
+    env.filters["leave"] = leave_url
+    from .pages_help import link_outside_urls  # pages import core, hence here
+    env.filters["outside_links"] = link_outside_urls
+    env.globals["lang"] = lang
+    env.globals["languages"] = i18n.NAMES
+    return env
+
+
 def fmt_time(value) -> str:
-    return value.strftime("%Y-%m-%d %H:%M:%S UTC") if value else ""
+    return i18n.texts(i18n.DEFAULT).date_time(value)
 
 
 def leave_url(url: str) -> str:
@@ -154,6 +192,23 @@ class Ctx:
         self.status = 200
 
     @property
+    def lang(self) -> str:
+        """The reader's language: chosen on the switch (or stored with the account), else
+        the browser's ``Accept-Language``."""
+        chosen = i18n.known(self.session.language) if self.session is not None else None
+        if chosen:
+            return chosen
+        header = self.request.getHeader(b"accept-language")
+        return i18n.negotiate(header.decode("latin-1") if header else None)
+
+    @property
+    def texts(self) -> i18n.Texts:
+        return i18n.texts(self.lang)
+
+    def _(self, message: str, **values: Any) -> str:
+        return self.texts.gettext(message, **values)
+
+    @property
     def source(self) -> str:
         return self.request.getClientAddress().host
 
@@ -173,7 +228,8 @@ class Ctx:
         """A form value ('' if missing or not UTF-8); longer than ``limit`` → PageError 400."""
         value = _first(self.form, name, limit + 1)
         if len(value) > limit:
-            raise PageError(400, f"the field {name!r} is longer than {limit} characters")
+            raise PageError(400, Text("the field '%(name)s' is longer than %(limit)s characters",
+                                      name=name, limit=limit))
         return value
 
     def fields(self, name: str, limit: int = 1000) -> list[str]:
@@ -184,7 +240,8 @@ class Ctx:
             except UnicodeDecodeError:
                 continue
             if len(text) > limit:
-                raise PageError(400, f"the field {name!r} is longer than {limit} characters")
+                raise PageError(400, Text("the field '%(name)s' is longer than %(limit)s characters",
+                                      name=name, limit=limit))
             out.append(text)
         return out
 
@@ -196,7 +253,24 @@ class Ctx:
         values.setdefault("session", self.session)
         values.setdefault("notice", None)
         values.setdefault("error", None)
-        return self.console.templates.get_template(f"console/{template}").render(**values).encode()
+        texts = self.texts
+        for name, value in values.items():
+            if isinstance(value, (Text, Plural, Exception)):
+                values[name] = self.say(value)
+        values.setdefault("here", self.here())
+        env = self.console.templates_for(texts.lang)
+        return env.get_template(f"console/{template}").render(**values).encode()
+
+    def say(self, message: Any) -> str:
+        """A message for the reader: a ``Text`` translated, an error by its translated text."""
+        if isinstance(message, Exception):
+            message = error_text(message)
+        return self.texts.say(message)
+
+    def here(self) -> str:
+        """This page's path and query, for the language switch to come back to."""
+        uri = self.request.uri.decode("ascii", "replace") if self.request.uri else "/console/"
+        return uri if uri.startswith("/console") and len(uri) <= 1000 else "/console/"
 
     def redirect(self, to: str) -> bytes:
         self.request.setResponseCode(303)
@@ -223,7 +297,7 @@ class Ctx:
         self.request.addCookie(COOKIE, b"", path=COOKIE_PATH, secure=True, httpOnly=True,
                                sameSite="strict", max_age=b"0")
 
-    def flash(self, text: str) -> None:
+    def flash(self, text: "str | Text") -> None:
         """A notice shown once on the next page of this session."""
         if self.session is not None:
             self.session.notice = text
@@ -233,6 +307,96 @@ class Ctx:
             return None
         notice, self.session.notice = self.session.notice, None
         return notice
+
+
+def term(value: str) -> "str | Text":
+    """A role, state or kind from the database as a translatable word."""
+    return Text(TERMS[value]) if value in TERMS else value
+
+
+def role_refusal(roles: tuple[str, ...], role: str | None) -> Text:
+    if len(roles) == 1:
+        return Text("this page needs the role %(needed)s; you are %(role)s",
+                    needed=term(roles[0]), role=term(role or ""))
+    return Text("this page needs the role %(needed)s or %(other)s; you are %(role)s",
+                needed=term(roles[0]), other=term(roles[1]), role=term(role or ""))
+
+
+def error_text(error: Exception) -> "str | Text | Plural":
+    """What a refusal says: its ``Text`` if it carries one, the lock-out with its wait, else the
+    (English) text of an error from outside the console."""
+    if isinstance(error, accounts.LockedOut):
+        return Text("too many failed attempts: try again in %(wait)s s",
+                    wait=max(1, round(error.wait_seconds)))
+    if isinstance(error, PageError):
+        return error.message
+    if error.args and isinstance(error.args[0], (Text, Plural)):
+        return error.args[0]
+    return account_text(str(error))
+
+
+def account_text(message: str) -> "str | Text":
+    """The few messages of ``server.accounts`` a console user meets, as ``Text``."""
+    for pattern, text in ACCOUNT_MESSAGES:
+        m = pattern.fullmatch(message)
+        if m:
+            return Text(text, **m.groupdict())
+    return message
+
+
+_WAIT = r"; try again in (?P<wait>\d+) s"
+ACCOUNT_MESSAGES = [(re.compile(pattern), text) for pattern, text in [
+    (r"wrong user name or password", N_("wrong user name or password")),
+    (r"wrong user name or password" + _WAIT,
+     N_("wrong user name or password; try again in %(wait)s s")),
+    (r"user '(?P<name>.*)' is disabled; ask an administrator",
+     N_("user '%(name)s' is disabled; ask an administrator")),
+    (r"user '(?P<name>.*)' is disabled; ask an administrator" + _WAIT,
+     N_("user '%(name)s' is disabled; ask an administrator; try again in %(wait)s s")),
+    (r"the current password is wrong; nothing was changed",
+     N_("the current password is wrong; nothing was changed")),
+    (r"the current password is wrong; nothing was changed" + _WAIT,
+     N_("the current password is wrong; nothing was changed; try again in %(wait)s s")),
+    (r"this code was already used; wait for the next one",
+     N_("this code was already used; wait for the next one")),
+    (r"this code was already used; wait for the next one" + _WAIT,
+     N_("this code was already used; wait for the next one; try again in %(wait)s s")),
+    (r"wrong or expired code", N_("wrong or expired code")),
+    (r"wrong or expired code" + _WAIT, N_("wrong or expired code; try again in %(wait)s s")),
+    (r"password is too short: use at least (?P<n>\d+) characters",
+     N_("password is too short: use at least %(n)s characters")),
+    (r"user '(?P<name>.*)' already exists", N_("user '%(name)s' already exists")),
+    (r"user name '(?P<name>.*)' is not valid: use letters, digits, \. _ @ - "
+     r"\(at most 100, starting with a letter or digit\)",
+     N_("user name '%(name)s' is not valid: use letters, digits, . _ @ - (at most 100, "
+        "starting with a letter or digit)")),
+    (r"role '(?P<role>.*)' is unknown: use admin, supporter or auditor",
+     N_("role '%(role)s' is unknown: use admin, supporter or auditor")),
+    (r"the two new passwords differ; nothing was changed",
+     N_("the two new passwords differ; nothing was changed")),
+    # server.settings_store: values the settings page refuses
+    (r"support terms: the text must not be empty \(customers accept it before every ad-hoc "
+     r"session\)", N_("support terms: the text must not be empty (customers accept it before "
+                      "every ad-hoc session)")),
+    (r"support terms: at most (?P<max>\d+) characters, got (?P<got>\d+)",
+     N_("support terms: at most %(max)s characters, got %(got)s")),
+    (r"retention: expected a whole number of days from 0 to (?P<max>\d+) \(0 = keep forever\), "
+     r"got (?P<got>.*)", N_("retention: expected a whole number of days from 0 to %(max)s "
+                            "(0 = keep forever), got %(got)s")),
+    # server.avatars: why an upload is refused
+    (r"no file was uploaded: choose a picture first",
+     N_("no file was uploaded: choose a picture first")),
+    (r"the picture is (?P<size>\d+) KiB; at most (?P<max>\d+) KiB is allowed",
+     N_("the picture is %(size)s KiB; at most %(max)s KiB is allowed")),
+    (r"a (?P<kind>\S+) picture is not taken: upload PNG, JPEG, GIF or WebP",
+     N_("a %(kind)s picture is not taken: upload PNG, JPEG, GIF or WebP")),
+    (r"the picture is (?P<size>\d+×\d+) pixels; at most 4096×4096 is allowed",
+     N_("the picture is %(size)s pixels; at most 4096×4096 is allowed")),
+    (r"the file is not a picture: upload PNG, JPEG, GIF or WebP",
+     N_("the file is not a picture: upload PNG, JPEG, GIF or WebP")),
+    (r"the picture is damaged or incomplete \((?P<detail>.*)\); nothing was stored",
+     N_("the picture is damaged or incomplete (%(detail)s); nothing was stored")),
+]]
 
 
 def _first(args: dict[bytes, list[bytes]], name: str, limit: int) -> str:
@@ -322,8 +486,8 @@ class ConsoleResource(resource.Resource):
             form = self._form(request)
             ctx = Ctx(self.c, request, session, params, form)
             if form is None:
-                return ctx.page("error.html", 413, message="the form is too large or not valid; "
-                                "nothing was changed")
+                return ctx.page("error.html", 413, message=Text("the form is too large or not valid; "
+                                "nothing was changed"))
             if not self._csrf_ok(session, form):
                 log.info("console: refused a POST to {path} from {address}: CSRF token missing or wrong",
                          path=request.path.decode(errors="replace"), address=ctx.source)
@@ -332,7 +496,7 @@ class ConsoleResource(resource.Resource):
         if r is None:
             if other:
                 request.setHeader(b"Allow", b"GET, POST")
-                return ctx.page("error.html", 405, message=f"{method} is not allowed here")
+                return ctx.page("error.html", 405, message=Text("%(method)s is not allowed here", method=method))
             return ctx.page("notfound.html", 404)
         if r.login and (session is None or not session.logged_in):
             if method == "POST":
@@ -341,12 +505,12 @@ class ConsoleResource(resource.Resource):
                 session = ctx.session = self.c.sessions.new()
                 ctx.set_cookie(session)
             if expired:
-                session.notice = (f"Your console session ended after {self.c.idle_seconds / 60:g} "
-                                  "minutes without activity; log in again.")
+                session.notice = Text("Your console session ended after %(minutes)s minutes "
+                                      "without activity; log in again.",
+                                      minutes=f"{self.c.idle_seconds / 60:g}")
             return ctx.redirect("/console/login")
         if r.login and session.role not in r.roles:
-            return ctx.page("error.html", 403, message=f"this page needs the role "
-                            f"{' or '.join(r.roles)}; you are {session.role}")
+            return ctx.page("error.html", 403, message=role_refusal(r.roles, session.role))
         if not r.login and session is None:
             session = ctx.session = self.c.sessions.new()
             ctx.set_cookie(session)
@@ -375,7 +539,7 @@ class ConsoleResource(resource.Resource):
             else:
                 log.failure("console request {path} failed", failure,
                             path=request.path.decode(errors="replace"))
-                body = ctx.page("error.html", 500, message="internal server error; see the server log")
+                body = ctx.page("error.html", 500, message=Text("internal server error; see the server log"))
             done(body)
 
         d.addCallbacks(done, failed)

@@ -10,6 +10,7 @@ from twisted.logger import Logger
 
 from .. import accounts
 from ..db.models import User
+from ..i18n import Text
 from .auth import MAX_CODE, MAX_PASSWORD, _check_code, totp_uri
 from .core import EVERYONE, Ctx, PageError, route
 
@@ -24,7 +25,7 @@ def _setups(console) -> dict[str, str]:
 def _me(session, user_id: int) -> User:
     user = session.get(User, user_id)
     if user is None or user.disabled:
-        raise PageError(403, "your user is disabled or gone; log in again")
+        raise PageError(403, Text("your user is disabled or gone; log in again"))
     return user
 
 
@@ -35,7 +36,7 @@ def _account(session, user_id: int) -> dict:
             "protocol_mail": bool(user.protocol_mail)}
 
 
-def _account_page(ctx: Ctx, status: int | None = None, error: str | None = None):
+def _account_page(ctx: Ctx, status: int | None = None, error=None):
     secret = _setups(ctx.console).get(ctx.session.id)
     issuer = ctx.console.config.console.totp_issuer if ctx.console.config else "Hausmeister"
 
@@ -58,7 +59,7 @@ def account_totp_qr(ctx: Ctx) -> bytes:
     """The QR code of the TOTP set-up being confirmed, drawn here (no outside service)."""
     secret = _setups(ctx.console).get(ctx.session.id)
     if not secret:
-        raise PageError(404, "no TOTP set-up in progress; start it on the account page")
+        raise PageError(404, Text("no TOTP set-up in progress; start it on the account page"))
     issuer = ctx.console.config.console.totp_issuer if ctx.console.config else "Hausmeister"
     out = io.BytesIO()
     # A standalone image needs the SVG namespace (an identifier; nothing is fetched from it).
@@ -79,7 +80,7 @@ def account_totp_new(ctx: Ctx):
 def _totp_enable(session, lockouts, user_id: int, secret: str, code: str, source: str) -> None:
     user = _me(session, user_id)
     if user.totp_secret:
-        raise accounts.AccountError("TOTP is already on for your user")
+        raise accounts.AccountError(Text("TOTP is already on for your user"))
     _check_code(session, lockouts, user, secret, code, source)
     user.totp_secret = secret
     accounts.audit(session, user.name, "totp.enable", f"user={user.name}", tenant_id=user.tenant_id)
@@ -88,7 +89,7 @@ def _totp_enable(session, lockouts, user_id: int, secret: str, code: str, source
 def _totp_disable(session, lockouts, user_id: int, code: str, source: str) -> None:
     user = _me(session, user_id)
     if not user.totp_secret:
-        raise accounts.AccountError("TOTP is not on for your user")
+        raise accounts.AccountError(Text("TOTP is not on for your user"))
     _check_code(session, lockouts, user, user.totp_secret, code, source)
     user.totp_secret = None
     accounts.audit(session, user.name, "totp.disable", f"user={user.name}", tenant_id=user.tenant_id)
@@ -98,7 +99,7 @@ def _account_refused(ctx: Ctx):
     def refused(failure):
         failure.trap(accounts.AccountError)
         status = 429 if failure.check(accounts.LockedOut) else 400
-        return _account_page(ctx, status, str(failure.value))
+        return _account_page(ctx, status, failure.value)
     return refused
 
 
@@ -106,12 +107,12 @@ def _account_refused(ctx: Ctx):
 def account_totp_confirm(ctx: Ctx):
     secret = _setups(ctx.console).get(ctx.session.id)
     if not secret:
-        raise PageError(409, "no TOTP set-up in progress; start it again on the account page")
+        raise PageError(409, Text("no TOTP set-up in progress; start it again on the account page"))
     code = ctx.field("code", MAX_CODE)
 
     def done(_):
         _setups(ctx.console).pop(ctx.session.id, None)
-        ctx.flash("TOTP is on: from now on the login asks for a code from your app.")
+        ctx.flash(Text("TOTP is on: from now on the login asks for a code from your app."))
         return ctx.redirect("/console/account")
     return ctx.run(_totp_enable, ctx.console.lockouts, ctx.session.user_id,
                    secret, code, ctx.source).addCallbacks(done, _account_refused(ctx))
@@ -122,7 +123,7 @@ def account_totp_off(ctx: Ctx):
     code = ctx.field("code", MAX_CODE)
 
     def done(_):
-        ctx.flash("TOTP is off: the login asks only for the password.")
+        ctx.flash(Text("TOTP is off: the login asks only for the password."))
         return ctx.redirect("/console/account")
     return ctx.run(_totp_disable, ctx.console.lockouts, ctx.session.user_id,
                    code, ctx.source).addCallbacks(done, _account_refused(ctx))
@@ -145,10 +146,10 @@ def account_password(ctx: Ctx):
     current = ctx.field("current", MAX_PASSWORD)
     new, again = ctx.field("new", MAX_PASSWORD), ctx.field("again", MAX_PASSWORD)
     if new != again:
-        return _account_page(ctx, 400, "the two new passwords differ; nothing was changed")
+        return _account_page(ctx, 400, Text("the two new passwords differ; nothing was changed"))
     if len(new) < accounts.MIN_PASSWORD_LENGTH:
-        return _account_page(ctx, 400, f"the new password is too short: use at least "
-                             f"{accounts.MIN_PASSWORD_LENGTH} characters")
+        return _account_page(ctx, 400, Text("the new password is too short: use at least "
+                                            "%(n)s characters", n=accounts.MIN_PASSWORD_LENGTH))
     old = ctx.session
 
     def done(name: str) -> bytes:
@@ -156,7 +157,7 @@ def account_password(ctx: Ctx):
         ctx.console.sessions.drop_user(name)
         fresh = ctx.console.sessions.login(old, old.user, old.role, old.tenant_id, old.tenant,
                                            user_id=old.user_id, operator=old.operator)
-        fresh.notice = "Your password was changed; other console sessions of your user ended."
+        fresh.notice = Text("Your password was changed; other console sessions of your user ended.")
         ctx.set_cookie(fresh)
         return ctx.redirect("/console/account")
     return ctx.run(_change_password, ctx.console.lockouts, old.user_id, current, new,
@@ -166,13 +167,13 @@ def account_password(ctx: Ctx):
 def _protocol_mail(session, user_id: int, wanted: bool, source: str) -> str:
     user = _me(session, user_id)
     if wanted and not user.email:
-        raise accounts.AccountError("you have no mail address; ask an admin to set one first")
+        raise accounts.AccountError(Text("you have no mail address; ask an admin to set one first"))
     user.protocol_mail = wanted
     accounts.audit(session, user.name, "user.protocol_mail",
                    f"name={user.name} {'on' if wanted else 'off'} address={source}",
                    tenant_id=user.tenant_id)
-    return ("Session protocols will be mailed to you after each session." if wanted
-            else "Session protocols are no longer mailed to you.")
+    return (Text("Session protocols will be mailed to you after each session.") if wanted
+            else Text("Session protocols are no longer mailed to you."))
 
 
 @route("POST", "account/protocol-mail", roles=EVERYONE)
@@ -180,7 +181,7 @@ def account_protocol_mail(ctx: Ctx):
     """Opt in to (or out of) getting each session's protocol by mail."""
     wanted = ctx.field("on", 3) == "1"
 
-    def done(message: str) -> bytes:
+    def done(message: Text) -> bytes:
         ctx.flash(message)
         return ctx.redirect("/console/account#protocol-mail")
     return ctx.run(_protocol_mail, ctx.session.user_id, wanted, ctx.source).addCallbacks(

@@ -22,6 +22,7 @@ from protocol.runtime import run_blocking
 from .. import accounts, avatars, settings_store
 from ..db.models import User
 from ..web import SECURITY_HEADERS
+from ..i18n import Text
 from .core import CSP, EVERYONE, IMG_ORIGIN, Ctx, PageError, route
 
 log = Logger()
@@ -44,14 +45,14 @@ def remember_gravatar(console: Any, on: bool) -> None:
 def _user_id(ctx: Ctx) -> int:
     text = ctx.params.get("user_id", "")
     if not (text.isascii() and text.isdigit()) or len(text) > 12:
-        raise PageError(404, "no such user")
+        raise PageError(404, Text("no such user"))
     return int(text)
 
 
 def _lookup(session, config: Any, tenant_id: int, user_id: int) -> dict[str, Any]:
     user = session.get(User, user_id)
     if user is None or user.tenant_id != tenant_id:
-        raise PageError(404, "no such user in your tenant")
+        raise PageError(404, Text("no such user in your tenant"))
     return {"name": user.name, "email": user.email or "", "key": user.avatar_key,
             "gravatar": settings_store.get(session, config, settings_store.GRAVATAR)}
 
@@ -100,8 +101,9 @@ def _page(ctx: Ctx, status: int | None = None, **values: Any):
         remember_gravatar(ctx.console, user["gravatar"])
         config = ctx.console.config
         body = ctx.page("avatar.html", status, user=user, max_kib=config.avatars.max_upload_kib,
-                        storage="the S3 bucket " + config.s3.bucket if config.s3.enabled
-                        else "this server's data folder", notice=ctx.take_notice(), **values)
+                        storage=Text("the S3 bucket %(bucket)s", bucket=config.s3.bucket)
+                        if config.s3.enabled else Text("this server's data folder"),
+                        notice=ctx.take_notice(), **values)
         return body
     return ctx.run(_lookup, ctx.console.config, ctx.session.tenant_id, ctx.session.user_id
                    ).addCallback(show)
@@ -148,7 +150,7 @@ def upload(ctx: Ctx):
 
     def done(_):
         log.info("console: {user} uploaded a profile picture", user=session.user)
-        ctx.flash("Your picture is saved.")
+        ctx.flash(Text("Your picture is saved."))
         return ctx.redirect("/console/avatar")
 
     def refused(failure):
@@ -158,7 +160,8 @@ def upload(ctx: Ctx):
             log.warn("console: avatar of {user} not stored: {error}", user=session.user,
                      error=str(failure.value))
         status = 400 if failure.check(avatars.AvatarError) else 502
-        return _page(ctx, status, error=f"Not stored: {failure.value}")
+        return _page(ctx, status, error=Text("Not stored: %(reason)s",
+                                             reason=ctx.say(failure.value)))
 
     d = run_blocking(avatars.clean_upload, data, max_kib)
     d.addCallback(store_it).addCallback(record)
@@ -170,8 +173,8 @@ def delete(ctx: Ctx):
     session = ctx.session
 
     def done(old: str | None):
-        ctx.flash("Your picture is deleted; the initials show again." if old else
-                  "You had no uploaded picture.")
+        ctx.flash(Text("Your picture is deleted; the initials show again.") if old else
+                  Text("You had no uploaded picture."))
         return ctx.redirect("/console/avatar")
 
     def cleared(old: str | None):

@@ -19,6 +19,7 @@ from protocol.identity import SCHEME, Identity, IdentityError, fingerprint
 
 from .. import accounts, certificates, pki
 from ..db.models import Certificate, CertRole, Host, User
+from ..i18n import Text
 from ..pki import utcnow
 from .core import MAX_ROWS, Ctx, PageError, route
 
@@ -55,7 +56,7 @@ def tenant_certificates(session, tenant_id: int, operator: bool) -> list[dict[st
     if operator:
         servers = session.scalars(select(Certificate).where(Certificate.role == CertRole.server)
                                   .order_by(Certificate.issued_at.desc()).limit(MAX_ROWS))
-        rows += [_row(c, "this server", now) for c in servers]
+        rows += [_row(c, "", now) for c in servers]  # the template names "this server"
     rows.sort(key=lambda r: (r["issued"], r["serial"]), reverse=True)
     return rows[:MAX_ROWS]
 
@@ -104,9 +105,10 @@ def _revoke(session, tenant_id: int, actor: str, serial: str, reason: str) -> di
     cert = session.get(Certificate, serial)
     if cert is None or not belongs_to(session, cert, tenant_id):
         # Another tenant's serial reads exactly like an unknown one.
-        raise PageError(404, f"there is no certificate with serial {serial} in this tenant")
+        raise PageError(404, Text("there is no certificate with serial %(serial)s in this tenant",
+                                  serial=serial))
     if cert.revoked_at is not None:
-        raise PageError(409, f"certificate {serial} is already revoked")
+        raise PageError(409, Text("certificate %(serial)s is already revoked", serial=serial))
     certificates.revoke(session, cert.serial, reason)
     accounts.audit(session, actor, "certificate.revoke",
                    f"serial={cert.serial} identity={cert.identity} reason={reason}",
@@ -118,12 +120,12 @@ def _revoke(session, tenant_id: int, actor: str, serial: str, reason: str) -> di
 def revoke(ctx: Ctx):
     reason = " ".join(ctx.field("reason", MAX_REASON).split())
     if not reason:
-        raise PageError(400, "give a reason for the revocation; nothing was revoked")
+        raise PageError(400, Text("give a reason for the revocation; nothing was revoked"))
     d = ctx.run(_revoke, ctx.session.tenant_id, ctx.session.user, ctx.params["serial"], reason)
 
     def done(revoked: dict[str, str]):
-        ctx.flash(f"Certificate {revoked['serial']} ({revoked['identity']}) revoked; a module "
-                  "still connected with it is disconnected.")
+        ctx.flash(Text("Certificate %(serial)s (%(identity)s) revoked; a module still connected "
+                       "with it is disconnected.", **revoked))
         return ctx.redirect("/console/certificates")
 
     return d.addCallback(done)

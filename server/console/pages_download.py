@@ -23,6 +23,7 @@ from twisted.web import static
 from protocol.identity import fingerprint
 from protocol.runtime import run_blocking
 
+from ..i18n import Text
 from .core import Ctx, PageError, route
 from .pages_help import link_outside_urls
 
@@ -135,7 +136,7 @@ def download_page(ctx: Ctx):
     def show(found: tuple[list[Offered], int]) -> bytes:
         files, skipped = found
         return ctx.page("download.html", files=files, skipped=skipped, terms=terms,
-                        human_size=human_size, notice=ctx.take_notice(), **facts)
+                        notice=ctx.take_notice(), **facts)
 
     if folder is None:
         return show(([], 0))
@@ -146,7 +147,7 @@ def download_page(ctx: Ctx):
 def customer_settings(ctx: Ctx) -> bytes:
     facts = server_facts(ctx)
     if not facts["fingerprint"]:
-        raise PageError(404, "this server has no CA certificate to name")
+        raise PageError(404, Text("this server has no CA certificate to name"))
     body = settings_file(facts["server"], facts["fingerprint"]).encode()
     return ctx.download(body, b"application/toml; charset=utf-8", SETTINGS_NAME)
 

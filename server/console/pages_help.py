@@ -1,7 +1,8 @@
 """The offline help pages, and turning outside URLs in free text into links to the warning page.
 
-Help and FAQ come from ``offline_pages/help/<topic>.html`` (fragments written for this server,
-shown inside ``console/help.html``): nothing is fetched from anywhere else.  Free text an
+Help and FAQ come from ``offline_pages/help/<topic>.html`` (English) and
+``offline_pages/help/de/<topic>.html`` (German): fragments written for this server, shown inside
+``console/help.html``; nothing is fetched from anywhere else.  Free text an
 operator or a module supplies (support terms...) goes through :func:`link_outside_urls`, which
 escapes it and points every http(s) address at ``/console/leave`` - never at the address itself.
 Help is public: customers are sent here from the download page.
@@ -13,18 +14,20 @@ import re
 
 from markupsafe import Markup, escape
 
+from .. import i18n
+from ..i18n import N_, Text
 from ..web import OFFLINE_PAGES
 from .core import Ctx, PageError, leave_url, route
 
-#: topic slug -> title, in reading order; the fragment is offline_pages/help/<slug>.html
+#: topic slug -> title, in reading order; the fragment is offline_pages/help/[<lang>/]<slug>.html
 TOPICS = {
-    "getting-started": "Getting started",
-    "adhoc-customers": "Ad-hoc sessions for customers",
-    "unattended-hosts": "Unattended hosts",
-    "consent-and-rights": "Consent and rights",
-    "session-protocols": "Session protocols",
-    "air-gap": "The air gap",
-    "troubleshooting": "Troubleshooting",
+    "getting-started": N_("Getting started"),
+    "adhoc-customers": N_("Ad-hoc sessions for customers"),
+    "unattended-hosts": N_("Unattended hosts"),
+    "consent-and-rights": N_("Consent and rights"),
+    "session-protocols": N_("Session protocols"),
+    "air-gap": N_("The air gap"),
+    "troubleshooting": N_("Troubleshooting"),
 }
 
 _URL = re.compile(r"https?://[^\s<>\"'`]+", re.IGNORECASE)
@@ -45,8 +48,7 @@ def link_outside_urls(text: str | None) -> Markup:
         if len(url) <= len("https://"):
             continue
         out.append(escape(text[last:m.start()]))
-        out.append(Markup('<a class="outside" href="{}" title="leaves this network: {}">{}</a>')
-                   .format(leave_url(url), url, url))
+        out.append(Markup('<a class="outside" href="{}">{}</a>').format(leave_url(url), url))
         last = m.start() + len(url)
     out.append(escape(text[last:]))
     return Markup("").join(out)
@@ -57,20 +59,26 @@ def _balanced_paren(url: str) -> bool:
     return url.endswith(")") and url.count("(") >= url.count(")")
 
 
-def help_fragment(topic: str) -> str:
-    return f"help/{topic}.html"
+def help_fragment(topic: str, lang: str = i18n.DEFAULT) -> str:
+    return f"help/{topic}.html" if lang == i18n.DEFAULT else f"help/{lang}/{topic}.html"
+
+
+def _topics(ctx: Ctx) -> dict[str, str]:
+    return {slug: ctx._(title) for slug, title in TOPICS.items()}
 
 
 @route("GET", "help", login=False)
 def help_index(ctx: Ctx) -> bytes:
-    return ctx.page("help.html", topics=TOPICS, topic=None, title="Help and FAQ",
+    return ctx.page("help.html", topics=_topics(ctx), topic=None, title=Text("Help and FAQ"),
                     notice=ctx.take_notice())
 
 
 @route("GET", "help/{topic}", login=False)
 def help_topic(ctx: Ctx) -> bytes:
     topic = ctx.params["topic"]
-    if topic not in TOPICS or not (OFFLINE_PAGES / help_fragment(topic)).is_file():
-        raise PageError(404, f"there is no help page {topic!r}; see the list of topics")
-    return ctx.page("help.html", topics=TOPICS, topic=topic, title=TOPICS[topic],
-                    fragment=help_fragment(topic), base_url=ctx.console.base_url())
+    fragment = help_fragment(topic, ctx.lang)
+    if topic not in TOPICS or not (OFFLINE_PAGES / fragment).is_file():
+        raise PageError(404, Text("there is no help page '%(topic)s'; see the list of topics",
+                                  topic=topic))
+    return ctx.page("help.html", topics=_topics(ctx), topic=topic, title=ctx._(TOPICS[topic]),
+                    fragment=fragment, base_url=ctx.console.base_url())

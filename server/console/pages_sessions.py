@@ -22,6 +22,7 @@ from protocol.runtime import run_blocking
 from .. import session_protocol as sp
 from ..db.models import Host, Tenant
 from ..db.models import Session as SessionRow
+from ..i18n import Text
 from .core import MAX_QUERY, MAX_ROWS, Ctx, PageError, route
 from .pages_help import link_outside_urls
 
@@ -46,10 +47,11 @@ class Filter:
     def from_ctx(cls, ctx: Ctx) -> "Filter":
         kind = ctx.arg("kind", 20).strip()
         if kind and kind not in KINDS:
-            raise PageError(400, f"kind {kind!r}: choose adhoc, host or any")
+            raise PageError(400, Text("kind '%(kind)s': choose adhoc, host or any", kind=kind))
         date_from, date_to = _date(ctx.arg("from", 20), "from"), _date(ctx.arg("to", 20), "to")
         if date_from and date_to and date_from > date_to:
-            raise PageError(400, f"from {date_from} is after to {date_to}: no session can match")
+            raise PageError(400, Text("from %(start)s is after to %(end)s: no session can match",
+                                      start=date_from.isoformat(), end=date_to.isoformat()))
         return cls(ctx.arg("q", MAX_QUERY).strip(), kind, date_from, date_to)
 
     def query_string(self) -> str:
@@ -66,7 +68,8 @@ def _date(text: str, name: str) -> dt.date | None:
     try:
         return dt.date.fromisoformat(text)
     except ValueError:
-        raise PageError(400, f"{name} date {text!r}: expected YYYY-MM-DD, e.g. 2026-11-01") from None
+        raise PageError(400, Text("%(name)s date '%(text)s': expected YYYY-MM-DD, e.g. 2026-11-01",
+                                  name=name, text=text)) from None
 
 
 def _midnight(day: dt.date) -> dt.datetime:
@@ -167,7 +170,7 @@ class Timeline:
     problem: str = ""
     ended: bool = False
     anchored: bool = False               # its end matches the one the database recorded
-    missing: str = ""                    # why there is no timeline
+    missing: Any = ""                    # why there is no timeline (an i18n.Text)
 
 
 def _session_and_tenant(session, tenant_id: int, session_id: str) -> tuple[dict[str, Any], str]:
@@ -175,7 +178,7 @@ def _session_and_tenant(session, tenant_id: int, session_id: str) -> tuple[dict[
         select(SessionRow, Host.name).outerjoin(Host, SessionRow.host_id == Host.id)
         .where(SessionRow.id == session_id, SessionRow.tenant_id == tenant_id)).first()
     if row is None:  # another tenant's session looks exactly like one that does not exist
-        raise PageError(404, f"no session {session_id} in this tenant")
+        raise PageError(404, Text("no session %(id)s in this tenant", id=session_id))
     tenant = session.get(Tenant, tenant_id)
     return _facts(row[0], row[1]), tenant.name
 
@@ -210,8 +213,8 @@ def read_timeline(protocol_dir: Path, tenant: str, session_id: str, recorded: st
     end against the ``ended`` line the database recorded (``anchor``)."""
     path = protocol_path(protocol_dir, tenant, session_id, recorded)
     if path is None:
-        return Timeline(missing="no protocol file for this session in the protocol folder "
-                                "(written once the session has events)")
+        return Timeline(missing=Text("no protocol file for this session in the protocol folder "
+                                     "(written once the session has events)"))
     t = Timeline(path=str(path.relative_to(Path(protocol_dir).resolve())))
     for n, record in sp.records(path):
         t.total = n

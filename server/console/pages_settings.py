@@ -16,8 +16,9 @@ from twisted.logger import Logger
 
 from protocol.runtime import run_blocking
 
-from .. import accounts, settings_store
+from .. import accounts, mail_texts, settings_store
 from ..db.models import OutboxMail
+from ..i18n import Plural, Text
 from ..mail import FAILED, MailDisabled
 from ..s3store import CheckReport
 from .core import MAX_FORM_BYTES, Ctx, PageError, route
@@ -27,13 +28,13 @@ log = Logger()
 
 MAX_ADDRESS = 320
 LAST_FAILURES = 5
-NO_RELAY = "no SMTP relay configured; set [mail] smtp_host in the config file"
+NO_RELAY = Text("no SMTP relay configured; set [mail] smtp_host in the config file")
 
 
 def _operator(ctx: Ctx) -> None:
     if not ctx.session.operator:
-        raise PageError(403, "the settings are server-wide: only admins of the operator's tenant "
-                             "may see or change them")
+        raise PageError(403, Text("the settings are server-wide: only admins of the operator's "
+                                  "tenant may see or change them"))
 
 
 def _state(session, console: Any) -> dict[str, Any]:
@@ -70,10 +71,10 @@ def settings_page(ctx: Ctx):
 
 # --- mail ---------------------------------------------------------------------------------------
 
-def _queue_test_mail(session, outbox: Any, actor: str, tenant_id: int, to: str, base_url: str) -> None:
-    body = (f"This is a test mail from the Hausmeister server {base_url}, sent by {actor} from the "
-            "console's settings page.\n\nIt shows that the SMTP relay in the config file works.\n")
-    outbox.enqueue(session, to, "Hausmeister test mail", body)
+def _queue_test_mail(session, outbox: Any, actor: str, tenant_id: int, to: str, base_url: str,
+                     language: str) -> None:
+    subject, body = mail_texts.test_mail(base_url, actor, language=language)
+    outbox.enqueue(session, to, subject, body)
     accounts.audit(session, actor, "settings.mail_test", f"to={to}", tenant_id=tenant_id)
 
 
@@ -84,20 +85,21 @@ def mail_test(ctx: Ctx):
     if ctx.console.outbox is None or not ctx.console.config.mail.enabled:
         return _render(ctx, 409, mail_error=NO_RELAY, form={"to": to})
     if not to:
-        return _render(ctx, 400, mail_error="enter the address the test mail goes to", form={"to": to})
+        return _render(ctx, 400, mail_error=Text("enter the address the test mail goes to"),
+                       form={"to": to})
 
     def done(_):
-        ctx.flash(f"Test mail to {to} queued; it goes out through the relay within seconds "
-                  "(see the counts below).")
+        ctx.flash(Text("Test mail to %(to)s queued; it goes out through the relay within "
+                       "seconds (see the counts below).", to=to))
         return ctx.redirect("/console/settings")
 
     def refused(failure):
         failure.trap(ValueError, MailDisabled)
-        message = NO_RELAY if failure.check(MailDisabled) else str(failure.value)
+        message = NO_RELAY if failure.check(MailDisabled) else failure.value
         return _render(ctx, 400, mail_error=message, form={"to": to})
 
     d = ctx.run(_queue_test_mail, ctx.console.outbox, ctx.session.user, ctx.session.tenant_id, to,
-                ctx.console.base_url())
+                ctx.console.base_url(), ctx.lang)
     return d.addCallbacks(done, refused)
 
 
@@ -112,8 +114,8 @@ def s3_test(ctx: Ctx):
     _operator(ctx)
     store = avatar_store(ctx.console).s3
     if store is None:
-        return _render(ctx, 409, s3_report=CheckReport(error="S3 is off: set [s3] enabled = true, "
-                                                              "endpoint_url and bucket in the config file"))
+        return _render(ctx, 409, s3_report=CheckReport(error=Text(
+            "S3 is off: set [s3] enabled = true, endpoint_url and bucket in the config file")))
 
     def done(report: CheckReport):
         if not report.ok:
@@ -144,7 +146,7 @@ def _change(ctx: Ctx, key: str, value: Any, message, apply=None):
 
     def refused(failure):
         failure.trap(settings_store.SettingError)
-        return _render(ctx, 400, setting_error=str(failure.value), form={key: value})
+        return _render(ctx, 400, setting_error=failure.value, form={key: value})
 
     d = ctx.run(_store, key, value, ctx.session.user, ctx.session.tenant_id)
     return d.addCallbacks(done, refused)
@@ -155,9 +157,9 @@ def gravatar(ctx: Ctx):
     _operator(ctx)
     value = ctx.field("gravatar", 10)
     return _change(ctx, settings_store.GRAVATAR, value,
-                   lambda on: "Gravatar is on: users with a mail address and no uploaded picture "
-                              "show their Gravatar." if on else
-                              "Gravatar is off: pictures come only from this server.",
+                   lambda on: Text("Gravatar is on: users with a mail address and no uploaded "
+                                   "picture show their Gravatar.") if on else
+                   Text("Gravatar is off: pictures come only from this server."),
                    lambda on: remember_gravatar(ctx.console, on))
 
 
@@ -171,8 +173,10 @@ def terms(ctx: Ctx):
             ctx.console.broker.terms = clean
 
     return _change(ctx, settings_store.SUPPORT_TERMS, text,
-                   lambda clean: f"Support terms saved ({len(clean)} characters); new ad-hoc "
-                                 "sessions show them from now on.", apply)
+                   lambda clean: Plural("Support terms saved (%(num)s character); new ad-hoc "
+                                        "sessions show them from now on.",
+                                        "Support terms saved (%(num)s characters); new ad-hoc "
+                                        "sessions show them from now on.", len(clean)), apply)
 
 
 @route("POST", "settings/retention", roles=("admin",))
@@ -180,6 +184,8 @@ def retention(ctx: Ctx):
     _operator(ctx)
     days = ctx.field("days", 20)
     return _change(ctx, settings_store.RETENTION_DAYS, days,
-                   lambda d: "Retention: protocols are kept forever." if d == 0 else
-                   f"Retention: session protocols older than {d} days are deleted at the next "
-                   "daily run.")
+                   lambda d: Text("Retention: protocols are kept forever.") if d == 0 else
+                   Plural("Retention: session protocols older than %(num)s day are deleted at "
+                          "the next daily run.",
+                          "Retention: session protocols older than %(num)s days are deleted at "
+                          "the next daily run.", d))

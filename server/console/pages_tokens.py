@@ -20,8 +20,9 @@ from protocol.identity import fingerprint
 from .. import accounts, certificates
 from ..config import parse_duration
 from ..db.models import EnrollmentToken, Host, HostGroup, Tenant
+from ..i18n import Text
 from ..pki import utcnow
-from .core import MAX_ROWS, Ctx, PageError, route
+from .core import MAX_ROWS, Ctx, PageError, route, term
 from .pages_users import checked_groups, row_id, tenant_groups
 
 TTL_CHOICES = ("15m", "1h", "1d", "7d", "30d")
@@ -69,9 +70,9 @@ def _create(session, tenant_id: int, actor: str, group_id: str, ttl_text: str) -
     try:
         ttl = parse_duration(ttl_text)
     except ValueError as exc:
-        raise accounts.AccountError(f"lifetime: {exc}")
+        raise accounts.AccountError(Text("lifetime: %(problem)s", problem=str(exc)))
     if ttl > MAX_TTL_SECONDS:
-        raise accounts.AccountError("lifetime: at most 90d; create a new token when one runs out")
+        raise accounts.AccountError(Text("lifetime: at most 90d; create a new token when one runs out"))
     group = None
     if group_id:
         group = checked_groups(session, tenant_id, [group_id])[0]
@@ -111,7 +112,7 @@ def create(ctx: Ctx):
     def refused(failure):
         failure.trap(accounts.AccountError)
         return ctx.run(listing, ctx.session.tenant_id).addCallback(
-            lambda data: ctx.page("tokens.html", 400, error=str(failure.value),
+            lambda data: ctx.page("tokens.html", 400, error=failure.value,
                                   ttls=ttl_choices(default), ttl=ttl, **data))
 
     return d.addCallbacks(shown, refused)
@@ -121,11 +122,13 @@ def _revoke(session, tenant_id: int, actor: str, token_id: str) -> int:
     number = row_id(token_id)
     row = session.get(EnrollmentToken, number) if number is not None else None
     if row is None or row.tenant_id != tenant_id:
-        raise PageError(404, f"there is no enrollment token with id {token_id} in this tenant")
+        raise PageError(404, Text("there is no enrollment token with id %(id)s in this tenant",
+                                  id=token_id))
     now = utcnow()
     state = token_state(row, now)
     if state != "unused":
-        raise PageError(409, f"token {row.id} is {state} already; only an unused token can be revoked")
+        raise PageError(409, Text("token %(id)s is %(state)s already; only an unused token can be "
+                                  "revoked", id=row.id, state=term(state)))
     row.expires_at = row.created_at
     accounts.audit(session, actor, "token.revoke", f"id={row.id}", tenant_id=tenant_id)
     return row.id
@@ -136,7 +139,7 @@ def revoke(ctx: Ctx):
     d = ctx.run(_revoke, ctx.session.tenant_id, ctx.session.user, ctx.params["token_id"])
 
     def done(token_id: int):
-        ctx.flash(f"Token {token_id} revoked: it can no longer enroll a host.")
+        ctx.flash(Text("Token %(id)s revoked: it can no longer enroll a host.", id=token_id))
         return ctx.redirect("/console/tokens")
 
     return d.addCallback(done)

@@ -16,11 +16,12 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from .. import accounts, mail_texts, user_links
+from .. import accounts, certificates, i18n, mail_texts, user_links
 from ..config import parse_duration
 from ..db.models import HostGroup, Role, Tenant, User, UserGroup
+from ..i18n import N_, Text
 from ..mail import _check_address
-from .core import MAX_ROWS, Ctx, PageError, route
+from .core import MAX_ROWS, Ctx, PageError, route, term
 
 ROLES = tuple(r.value for r in Role)
 MAX_NAME = 100
@@ -48,7 +49,7 @@ def tenant_user(session, tenant_id: int, user_id: str) -> User:
     number = row_id(user_id)
     user = session.get(User, number) if number is not None else None
     if user is None or user.tenant_id != tenant_id:
-        raise PageError(404, f"there is no user with id {user_id} in this tenant")
+        raise PageError(404, Text("there is no user with id %(id)s in this tenant", id=user_id))
     return user
 
 
@@ -71,7 +72,8 @@ def _groups_by_user(session, tenant_id: int) -> dict[int, list[str]]:
 def _row(user: User, groups: list[str]) -> dict[str, Any]:
     return {"id": user.id, "name": user.name, "role": user.role.value, "email": user.email or "",
             "groups": groups, "totp": bool(user.totp_secret), "disabled": bool(user.disabled),
-            "protocol_mail": bool(user.protocol_mail), "created": user.created_at}
+            "protocol_mail": bool(user.protocol_mail), "created": user.created_at,
+            "language": user.language or ""}
 
 
 def listing(session, tenant_id: int) -> dict[str, Any]:
@@ -95,7 +97,8 @@ def checked_email(text: str) -> str | None:
     if not text:
         return None
     if len(text) > MAX_EMAIL:
-        raise accounts.AccountError(f"the mail address is longer than {MAX_EMAIL} characters")
+        raise accounts.AccountError(Text("the mail address is longer than %(n)s characters",
+                                         n=MAX_EMAIL))
     try:
         return _check_address(text)
     except ValueError as exc:
@@ -109,7 +112,8 @@ def checked_groups(session, tenant_id: int, ids: list[str]) -> list[HostGroup]:
         number = row_id(raw)
         group = session.get(HostGroup, number) if number is not None else None
         if group is None or group.tenant_id != tenant_id:
-            raise accounts.AccountError(f"there is no host group with id {raw!r} in this tenant")
+            raise accounts.AccountError(Text("there is no host group with id '%(id)s' in this "
+                                             "tenant", id=raw))
         groups.append(group)
     return groups
 
@@ -132,6 +136,7 @@ class InviteContext:
     base_url: str
     ttl: str
     outbox: Any
+    language: str = i18n.DEFAULT   # of the invitation, for a user who has chosen none yet
 
 
 def invite(session, user: User, how: InviteContext) -> Invitation:
@@ -139,28 +144,30 @@ def invite(session, user: User, how: InviteContext) -> Invitation:
     token = user_links.issue(session, user, "invite", parse_duration(how.ttl))
     link = f"{how.base_url}/console/invite/{token}"
     if how.outbox is not None and user.email:
+        language = user.language or how.language
         subject, body = mail_texts.invitation(how.base_url, user.name, how.actor, link,
-                                              mail_texts.ttl_text(parse_duration(how.ttl)))
+                                              parse_duration(how.ttl), language=language)
         how.outbox.enqueue(session, user.email, subject, body)
         return Invitation(user.name, user.email, None)
     return Invitation(user.name, None, link)
 
 
 def _add(session, how: InviteContext, name: str, role_text: str, email_text: str,
-         group_ids: list[str]) -> Invitation:
+         group_ids: list[str], language: str | None = None) -> Invitation:
     role = accounts.parse_role(role_text)
     email = checked_email(email_text)
     groups = checked_groups(session, how.tenant_id, group_ids)
     if groups and role != Role.supporter:
-        raise accounts.AccountError("host groups limit supporters only; leave them empty for "
-                                    f"a {role.value}")
+        raise accounts.AccountError(Text("host groups limit supporters only; leave them empty "
+                                         "for the role %(role)s", role=term(role.value)))
     tenant = session.get(Tenant, how.tenant_id)
     # A random password nobody learns: the user sets their own through the invitation link.
     try:
         user = accounts.add_user(session, tenant, name, role, accounts.generate_password(), email)
     except IntegrityError:  # the same name added at the same moment elsewhere
-        raise accounts.AccountError(f"user {name!r} already exists")
+        raise accounts.AccountError(Text("user '%(name)s' already exists", name=name))
     _set_groups(session, user, groups, how.tenant_id)
+    user.language = i18n.known(language)
     invitation = invite(session, user, how)
     accounts.audit(session, how.actor, "user.add",
                    f"name={name} role={role.value} email={email or '-'} "
@@ -172,14 +179,15 @@ def _add(session, how: InviteContext, name: str, role_text: str, email_text: str
 
 def _invite_context(ctx: Ctx) -> InviteContext:
     return InviteContext(ctx.session.user, ctx.session.tenant_id, ctx.console.base_url(),
-                         ctx.console.config.console.invitation_ttl, ctx.console.outbox)
+                         ctx.console.config.console.invitation_ttl, ctx.console.outbox, ctx.lang)
 
 
-def _invitation_notice(inv: Invitation) -> str:
+def _invitation_notice(inv: Invitation) -> Text:
     if inv.mailed_to:
-        return f"User {inv.user} invited: the invitation mail to {inv.mailed_to} is queued."
-    return (f"User {inv.user} invited. No invitation mail was sent: hand the link below to "
-            f"{inv.user}; it is shown only now.")
+        return Text("User %(user)s invited: the invitation mail to %(address)s is queued.",
+                    user=inv.user, address=inv.mailed_to)
+    return Text("User %(user)s invited. No invitation mail was sent: hand the link below to "
+                "%(user)s; it is shown only now.", user=inv.user)
 
 
 def _show_invitation(ctx: Ctx, inv: Invitation, back: str):
@@ -205,14 +213,15 @@ def users(ctx: Ctx):
 @route("POST", "users/add", roles=("admin",))
 def add(ctx: Ctx):
     form = {"name": ctx.field("name", MAX_NAME * 2).strip(), "role": ctx.field("role", 20),
-            "email": ctx.field("email", MAX_EMAIL * 2), "groups": ctx.fields("groups", 20)}
+            "email": ctx.field("email", MAX_EMAIL * 2), "groups": ctx.fields("groups", 20),
+            "language": ctx.field("language", 10) or ctx.lang}
     d = ctx.run(_add, _invite_context(ctx), form["name"], form["role"], form["email"],
-                form["groups"])
+                form["groups"], form["language"])
 
     def refused(failure):
         failure.trap(accounts.AccountError)
         return ctx.run(listing, ctx.session.tenant_id).addCallback(
-            lambda data: ctx.page("users.html", 400, error=str(failure.value), form=form,
+            lambda data: ctx.page("users.html", 400, error=failure.value, form=form,
                                   roles=ROLES, **data))
 
     return d.addCallbacks(lambda inv: _show_invitation(ctx, inv, "/console/users"), refused)
@@ -227,15 +236,15 @@ def user_page(ctx: Ctx):
 
 # Each change: (session, user, ctx-derived values) → audit detail; raises AccountError to refuse.
 
-def _not_self(user: User, actor_id: int, what: str) -> None:
+def _not_self(user: User, actor_id: int, refusal: Text) -> None:
     if user.id == actor_id:
-        raise accounts.AccountError(f"you cannot {what} yourself; ask another admin")
+        raise accounts.AccountError(refusal)
 
 
 def change_role(session, user, actor_id, role_text):
     role = accounts.parse_role(role_text)
     if role != user.role:
-        _not_self(user, actor_id, "change the role of")
+        _not_self(user, actor_id, Text("you cannot change the role of yourself; ask another admin"))
     old, user.role = user.role, role
     return f"role {old.value} → {role.value}"
 
@@ -249,29 +258,43 @@ def change_email(session, user, actor_id, email_text):
 
 def change_disabled(session, user, actor_id, disabled):
     if disabled:
-        _not_self(user, actor_id, "disable")
+        _not_self(user, actor_id, Text("you cannot disable yourself; ask another admin"))
     user.disabled = disabled
-    return "disabled" if disabled else "enabled"
+    if disabled:  # its modules lose access and its live sessions end (the revocation watchers)
+        revoked = certificates.revoke_identity(session, certificates.supporter_identity(user.name),
+                                               "user disabled")
+        return f"disabled revoked={len(revoked)}" if revoked else "disabled"
+    return "enabled"
 
 
 def reset_totp(session, user, actor_id):
     if not user.totp_secret:
-        raise accounts.AccountError(f"{user.name} has no TOTP to reset")
+        raise accounts.AccountError(Text("%(name)s has no TOTP to reset", name=user.name))
     user.totp_secret = None
     return "TOTP removed; the next login asks only for the password"
 
 
 def change_protocol_mail(session, user, actor_id, wanted):
     if wanted and not user.email:
-        raise accounts.AccountError(f"{user.name} has no mail address; set one first")
+        raise accounts.AccountError(Text("%(name)s has no mail address; set one first",
+                                         name=user.name))
     user.protocol_mail = wanted
     return f"protocol mail {'on' if wanted else 'off'}"
+
+
+def change_language(session, user, actor_id, language_text):
+    language = i18n.known(language_text)
+    if language is None:
+        raise accounts.AccountError(Text("choose one of these languages: %(languages)s",
+                                         languages=", ".join(i18n.NAMES.values())))
+    user.language = language
+    return f"language={language}"
 
 
 def change_groups(session, user, actor_id, group_ids):
     groups = checked_groups(session, user.tenant_id, group_ids)
     if groups and user.role != Role.supporter:
-        raise accounts.AccountError("host groups limit supporters only")
+        raise accounts.AccountError(Text("host groups limit supporters only"))
     names = _set_groups(session, user, groups, user.tenant_id)
     return f"groups={','.join(names) or '-'}"
 
@@ -284,6 +307,19 @@ def _apply(session, tenant_id: int, user_id: str, actor: str, actor_id: int, act
     return user.name
 
 
+#: the notice after each change, by audit action
+SAVED = {
+    "user.role": N_("%(name)s: saved (role)."),
+    "user.email": N_("%(name)s: saved (mail address)."),
+    "user.disable": N_("%(name)s: saved (disabled)."),
+    "user.enable": N_("%(name)s: saved (enabled)."),
+    "user.totp_reset": N_("%(name)s: saved (TOTP reset)."),
+    "user.protocol_mail": N_("%(name)s: saved (protocol mail)."),
+    "user.groups": N_("%(name)s: saved (host groups)."),
+    "user.language": N_("%(name)s: saved (language)."),
+}
+
+
 def _changed(ctx: Ctx, action: str, change: Callable[..., str], *args: Any,
              after: Callable[[str], None] | None = None):
     uid = ctx.params["user_id"]
@@ -294,13 +330,13 @@ def _changed(ctx: Ctx, action: str, change: Callable[..., str], *args: Any,
     def done(name: str):
         if after:
             after(name)
-        ctx.flash(f"{name}: saved ({action.removeprefix('user.').replace('_', ' ')}).")
+        ctx.flash(Text(SAVED[action], name=name))
         return ctx.redirect(back)
 
     def refused(failure):
         failure.trap(accounts.AccountError)
         return ctx.run(detail, ctx.session.tenant_id, uid).addCallback(
-            lambda data: ctx.page("users_edit.html", 400, error=str(failure.value), roles=ROLES,
+            lambda data: ctx.page("users_edit.html", 400, error=failure.value, roles=ROLES,
                                   **data))
 
     return d.addCallbacks(done, refused)
@@ -338,6 +374,11 @@ def post_protocol_mail(ctx: Ctx):
     return _changed(ctx, "user.protocol_mail", change_protocol_mail, ctx.field("on", 3) == "1")
 
 
+@route("POST", "users/{user_id}/language", roles=("admin",))
+def post_language(ctx: Ctx):
+    return _changed(ctx, "user.language", change_language, ctx.field("language", 10))
+
+
 @route("POST", "users/{user_id}/groups", roles=("admin",))
 def post_groups(ctx: Ctx):
     return _changed(ctx, "user.groups", change_groups, ctx.fields("groups", 20))
@@ -346,7 +387,8 @@ def post_groups(ctx: Ctx):
 def _reinvite(session, how: InviteContext, user_id: str) -> Invitation:
     user = tenant_user(session, how.tenant_id, user_id)
     if user.disabled:
-        raise PageError(400, f"{user.name} is disabled; enable the user before inviting again")
+        raise PageError(400, Text("%(name)s is disabled; enable the user before inviting again",
+                                  name=user.name))
     invitation = invite(session, user, how)
     accounts.audit(session, how.actor, "user.invite",
                    f"name={user.name} invitation={'mailed' if invitation.mailed_to else 'shown'}",

@@ -26,7 +26,8 @@ class ConsoleSession:
     tenant_id: int | None = None
     tenant: str | None = None
     operator: bool = False      # an admin of the operator's tenant (the first one): server-wide settings
-    notice: str | None = None   # shown once on the next page (e.g. "session expired")
+    notice: Any = None          # shown once on the next page (e.g. "session expired"; an i18n.Text)
+    language: str | None = None # chosen on the switch or stored with the account; None: the browser's
     pending: Any = None         # a login waiting for its second factor (``auth``)
 
     @property
@@ -71,10 +72,14 @@ class ConsoleSessions:
         return session, False
 
     def login(self, old: ConsoleSession, user: str, role: str, tenant_id: int, tenant: str, *,
-              user_id: int | None = None, operator: bool = False) -> ConsoleSession:
-        """A fresh id and CSRF token for the logged-in user; the pre-login id stops working."""
+              user_id: int | None = None, operator: bool = False,
+              language: str | None = None) -> ConsoleSession:
+        """A fresh id and CSRF token for the logged-in user; the pre-login id stops working.
+
+        The language is the account's, else the one chosen before logging in."""
         self._by_id.pop(old.id, None)
         session = self.new()
+        session.language = language or old.language
         session.user, session.role, session.tenant_id, session.tenant = user, role, tenant_id, tenant
         session.user_id, session.operator = user_id, operator
         return session

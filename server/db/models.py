@@ -77,6 +77,8 @@ class User(Base):
     avatar_key: Mapped[str | None] = mapped_column(String(255), nullable=True)
     # opt-in: mail the session protocol to this user after each session
     protocol_mail: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # console and mail language ('en', 'de'); None: not chosen (browser decides, mails in English)
+    language: Mapped[str | None] = mapped_column(String(8), nullable=True)
     tenant: Mapped[Tenant] = relationship()
 
 
