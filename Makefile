@@ -14,10 +14,11 @@ APT     = DEBIAN_FRONTEND=noninteractive apt-get
 # postgresql: the throwaway cluster the tests start; haproxy: the relay benchmark's peer;
 # Xvfb, xterm, x11vnc, vncsnapshot, TigerVNC: real displays and real VNC peers for screen tests.
 # chromium: the browser Playwright drives in the console tests (never `playwright install`).
-TEST_APT_PACKAGES = postgresql haproxy xvfb xterm x11vnc vncsnapshot tigervnc-viewer xfonts-base xclip chromium
-TEST_BINARIES = /usr/lib/postgresql/*/bin/initdb /usr/sbin/haproxy /usr/bin/Xvfb /usr/bin/xterm /usr/bin/x11vnc /usr/bin/vncsnapshot /usr/bin/xtigervncviewer /usr/bin/xclip /usr/bin/chromium
+# npm: installs the pinned axe-core the accessibility test runs (tests/test_console_a11y.py).
+TEST_APT_PACKAGES = postgresql haproxy xvfb xterm x11vnc vncsnapshot tigervnc-viewer xfonts-base xclip chromium npm
+TEST_BINARIES = /usr/lib/postgresql/*/bin/initdb /usr/sbin/haproxy /usr/bin/Xvfb /usr/bin/xterm /usr/bin/x11vnc /usr/bin/vncsnapshot /usr/bin/xtigervncviewer /usr/bin/xclip /usr/bin/chromium /usr/bin/npm
 
-.PHONY: run test install test-system-packages clean-run bundle
+.PHONY: run test install test-system-packages clean-run bundle translations
 
 run: install
 	$(VENV)/bin/hausmeister-server --config config/local.toml run
@@ -44,3 +45,10 @@ bundle: install
 
 clean-run:
 	rm -rf var certs/ca.* certs/server.*
+
+# The console's and the mails' German catalogue: extract the messages, merge them into the .po
+# (then translate the new ones), compile the .mo.  Both files are committed and shipped.
+translations: install
+	$(VENV)/bin/pybabel extract -F babel.cfg -k N_ -k Text -k Plural:1,2 --no-location --sort-output --project=Hausmeister -o server/locale/messages.pot .
+	$(VENV)/bin/pybabel update -i server/locale/messages.pot -d server/locale -D messages --no-location --width 100
+	$(VENV)/bin/pybabel compile -d server/locale -D messages --statistics
