@@ -84,8 +84,14 @@ class RelayRefused(ControlError):
     code = b"RELAY_REFUSED"
 
 
+class NotRecordable(ControlError):
+    """The server cannot write the session protocol now: no session starts unrecorded."""
+
+    code = b"NOT_RECORDABLE"
+
+
 ALL_ERRORS = (BadRequest, ProtocolVersionMismatch, NotEnrolled, WrongState, Forbidden, UnknownNameplate,
-              LockedOut, HostOffline, UnknownHost, RelayRefused)
+              LockedOut, HostOffline, UnknownHost, RelayRefused, NotRecordable)
 ERRORS = {cls: cls.code for cls in ALL_ERRORS}
 
 
@@ -220,5 +226,5 @@ __all__ = [
     "PROTOCOL_VERSION", "BadRequest", "ControlError", "ALL_ERRORS", "ERRORS", "Hello", "Heartbeat",
     "AllocateNameplate", "JoinAdhoc", "ListHosts", "ConnectHost", "SessionReady", "OfferSession",
     "OpenRelayLeg", "SessionEvent", "SessionEnded", "ProtocolVersionMismatch", "NotEnrolled", "WrongState", "Forbidden",
-    "UnknownNameplate", "LockedOut", "HostOffline", "UnknownHost", "RelayRefused",
+    "UnknownNameplate", "LockedOut", "HostOffline", "UnknownHost", "RelayRefused", "NotRecordable",
 ]

@@ -26,7 +26,9 @@ from .pki import CertStore
 from .relay.core import Relay
 from .relay.listener import record_session_end
 from .relay.tokens import RelayTokens, load_or_create_secret
-from . import background
+from . import background, session_recovery, storage_health
+from . import alerts as background_alerts
+from .pki import utcnow
 from .mail import Outbox, OutboxService
 from .session_protocol import SessionProtocols
 from .state import write_state
@@ -157,6 +159,7 @@ class HausmeisterServer(service.MultiService):
                              terms=config.adhoc.terms,
                              protocols=self.protocols)
         self.revocation.broker, self.revocation.relay = self.broker, self.relay
+        self.broker.on_protocol_failure = self._protocol_failure_alert
         if self.relay is not None:
             self.broker.end_relay_session = self.relay.end_session
         self.outbox = None
@@ -168,12 +171,36 @@ class HausmeisterServer(service.MultiService):
         self.module_port = None
         self.guard: ConnectionGuard | None = None
         self.state: dict = {}
+        self._ending: set[defer.Deferred] = set()
+        self.recovered: list[str] = []
         self.console = None
         for periodic in background.services(self):
             periodic.setServiceParent(self)
 
+    def _protocol_failure_alert(self, problem: str) -> None:
+        """A protocol write failed: the operator's admins get a mail (at most once an hour)."""
+        if self.outbox is None:
+            log.error("session protocols cannot be written ({problem}); no SMTP relay is "
+                      "configured, so no alert mail goes out", problem=problem)
+            return
+        base_url = background_alerts.base_url_of(self)
+        folder = str(self.config.server.protocol_dir)
+        self.db.run(background_alerts.protocol_failure, self.outbox, base_url, folder, problem,
+                    utcnow()).addErrback(lambda f: log.failure("could not queue the alert", f))
+
+    def warn_about_folders(self) -> list[str]:
+        """Start-up: say when the protocol or recordings folder is not writable or nearly full."""
+        lines = []
+        for what, folder, problem in storage_health.folder_problems(
+                storage_health.operator_folders(self.config), self.config.alerts.disk_free_percent):
+            lines.append(f"WARNING: {what} folder: {problem}")
+            log.error("{what} folder: {problem}", what=what, problem=problem)
+        return lines
+
     def _relay_session_ended(self, stats) -> None:
-        record_session_end(self.db, stats, self.protocols)
+        d = record_session_end(self.db, stats, self.protocols)
+        self._ending.add(d)
+        d.addBoth(lambda _: self._ending.discard(d))
         self.broker.session_ended(stats.session_id)
 
     def _module_port_number(self) -> int:
@@ -185,6 +212,7 @@ class HausmeisterServer(service.MultiService):
         chain, key, ca = self.store.server_chain(), self.store.server_key(), self.store.ca_cert()
         module_ctx = tls.module_context(chain, key, ca, c.certificates.min_tls,
                                         self.revocation.is_revoked)
+        self.recovered = session_recovery.recover(self.db, self.protocols, c.server.data_dir)
         self.broker.start().addErrback(lambda f: log.failure("could not reset host presence", f))
         factory = ModulePort(self.registry, self.broker, self.relay, self.tokens,
                              lambda ident: self.db.run(_tenant_of, ident))
@@ -240,6 +268,10 @@ class HausmeisterServer(service.MultiService):
                 yield port.stopListening()
         if self.guard is not None:
             self.guard.stop()
+        if self.relay is not None:  # each session's end is recorded: "the server shut down"
+            self.relay.close_all("the server is shutting down")
+            if self._ending:
+                yield defer.DeferredList(list(self._ending))
         yield self.broker.stop()
         yield super().stopService()
         self.db.dispose()

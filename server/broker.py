@@ -29,7 +29,12 @@ from . import accounts
 from .db import Database
 from .db.models import Host, HostGroup, Role, Session, User, UserGroup
 from .pki import utcnow
-from .session_protocol import SessionSummary
+from . import storage_health
+from .session_protocol import ProtocolError, SessionSummary
+
+#: what a module shows when the server refuses a session it could not record
+NOT_RECORDABLE = ("the server cannot record sessions right now (its protocol folder does not take "
+                  "writes); the operator has been alerted — try again later")
 
 
 def host_password_key(supporter: str, host_id: str) -> str:
@@ -162,6 +167,11 @@ class Broker:
         #: ends a live session on the in-process relay (set by the server; None with separate
         #: relay processes, which find the server's end request in the database)
         self.end_relay_session: Callable[[str, EndReason], bool] | None = None
+        #: why protocols cannot be written now (None: they can); new sessions are refused
+        self.protocol_problem: str | None = None
+        #: alerts the operator's admins (set by the server when mail is configured)
+        self.on_protocol_failure: Callable[[str], None] | None = None
+        self.protocol_probe_seconds = 5.0
         self.sessions: dict[str, LiveSession] = {}
         self.nameplates: dict[str, Nameplate] = {}
         self.hosts: dict[str, HostPresence] = {}
@@ -176,7 +186,8 @@ class Broker:
     def start(self) -> defer.Deferred:
         self._marked_offline = None
         for fn, interval in ((self._expire, min(5.0, self.heartbeat_seconds)),
-                             (self.flush_presence, self.flush_seconds)):
+                             (self.flush_presence, self.flush_seconds),
+                             (self._probe_safely, self.protocol_probe_seconds)):
             loop = task.LoopingCall(fn)
             loop.clock = self.reactor
             loop.start(interval, now=False)
@@ -205,6 +216,10 @@ class Broker:
         d.addErrback(lambda f: log.failure("could not record the hosts offline at shutdown", f))
         return d
 
+    def _probe_safely(self) -> defer.Deferred:
+        return self.probe_protocols().addErrback(
+            lambda f: log.failure("could not probe the protocol folder", f))
+
     def _expire(self) -> None:
         moment = self.reactor.seconds()
         for code, plate in list(self.nameplates.items()):
@@ -222,6 +237,7 @@ class Broker:
 
     def allocate_nameplate(self, supporter) -> tuple[str, float]:
         """A random 4-digit nameplate, unique among live ones, for this supporter's connection."""
+        self.check_recordable()
         if len(self.nameplates) >= 10 ** NAMEPLATE_DIGITS // 2:
             raise control.WrongState("no free ad-hoc ID right now; try again in a minute")
         while True:
@@ -264,6 +280,18 @@ class Broker:
             supporter_address=supporter.address, peer_identity=None,
             peer_address=customer.address, host_id=None), supporter.identity.name)
         live = LiveSession(session_id, tenant, "adhoc", supporter, customer, nameplate)
+        try:  # no session runs that its protocol cannot record
+            yield self._server_event(live, "created", {
+                "kind": "adhoc", "supporter": supporter.identity.uri,
+                "supporter_address": supporter.address, "nameplate": nameplate}, strict=True)
+            yield self._server_event(live, "joined", {
+                "customer_address": customer.address, "terms_sha256": terms_hash(self.terms)},
+                strict=True)
+        except Exception as exc:
+            end = self._protocol_failed(live, exc)
+            yield self._end_early(live, end)
+            self.notify_ended(live, end)
+            raise control.NotRecordable(NOT_RECORDABLE)
         relay_host, relay_port = self.relays.pick()
         supporter_ticket = RelayTicket(session_id, relay_host, relay_port,
                                        self.issue_token(session_id, "supporter"))
@@ -281,28 +309,70 @@ class Broker:
         log.info("customer {address} joined nameplate {nameplate}: session {session_id}",
                  address=customer.address, nameplate=nameplate, session_id=session_id)
         self.sessions[session_id] = live
-        yield self._server_event(live, "created", {
-            "kind": "adhoc", "supporter": supporter.identity.uri,
-            "supporter_address": supporter.address, "nameplate": nameplate})
-        yield self._server_event(live, "joined", {
-            "customer_address": customer.address, "terms_sha256": terms_hash(self.terms)})
         return {**customer_ticket.fields(), "supporter": supporter.identity.name,
                 "terms": self.terms, "supporter_fingerprint": supporter.fingerprint or ""}
 
     # --- session events -----------------------------------------------------------------------
 
-    def _server_event(self, live: LiveSession, kind: str, detail: dict) -> defer.Deferred:
-        return self._record(live, kind, "server", "", detail)
+    def _server_event(self, live: LiveSession, kind: str, detail: dict,
+                      strict: bool = False) -> defer.Deferred:
+        return self._record(live, kind, "server", "", detail, strict)
 
     def _record(self, live: LiveSession, kind: str, actor: str, address: str,
-                detail: dict) -> defer.Deferred:
+                detail: dict, strict: bool = False) -> defer.Deferred:
+        """Append a protocol line.  ``strict``: a failure reaches the caller (a session about to
+        start is refused); otherwise a failed write ends the running session."""
         if self.protocols is None:
             return defer.succeed(None)
         d = self.blocking(self.protocols.record, live.tenant, live.session_id, kind, actor,
-                              address, detail)
-        d.addErrback(lambda f: log.failure("could not write the protocol of session {session_id}",
-                                           f, session_id=live.session_id))
+                          address, detail)
+        if not strict:
+            d.addErrback(self._running_protocol_failed, live)
         return d
+
+    def _running_protocol_failed(self, failure, live: LiveSession) -> None:
+        if failure.check(ProtocolError) and not isinstance(failure.value, OSError):
+            # an event the protocol refuses (too large, ...): the reporter's fault, not the disk's
+            log.warn("session {session_id}: event refused by the protocol: {why}",
+                     session_id=live.session_id, why=str(failure.value))
+            raise control.WrongState(str(failure.value))
+        end = self._protocol_failed(live, failure.value)
+        if live.session_id in self.sessions:
+            self.end_by_server(live.session_id, end)
+        raise control.NotRecordable(NOT_RECORDABLE)
+
+    def _protocol_failed(self, live: LiveSession, exc: BaseException) -> EndReason:
+        """A protocol write failed: remember it (new sessions are refused until the folder takes
+        writes again), alert the operator's admins, and name the end reason."""
+        why = f"{exc.strerror or exc}" if isinstance(exc, OSError) else str(exc)
+        self.protocol_problem = f"protocol folder not writable: {why}"[:200]
+        log.error("session {session_id}: the session protocol could not be written ({why}); "
+                  "new sessions are refused until it can", session_id=live.session_id, why=why)
+        if self.on_protocol_failure is not None:
+            try:
+                self.on_protocol_failure(why)
+            except Exception:
+                log.failure("could not queue the protocol alert")
+        return EndReason(EndCause.PROTOCOL_UNWRITABLE, "server", why[:120])
+
+    def check_recordable(self) -> None:
+        """Refuse a new session while the protocol folder failed its last write or probe."""
+        if self.protocol_problem is not None:
+            raise control.NotRecordable(NOT_RECORDABLE)
+
+    @defer.inlineCallbacks
+    def probe_protocols(self):
+        """Periodic: does the protocol folder take writes (again)?"""
+        if self.protocols is None:
+            return
+        problem = yield self.blocking(storage_health.probe, self.protocols.protocol_dir)
+        if problem is None and self.protocol_problem is not None:
+            log.info("the protocol folder takes writes again: new sessions are allowed")
+        elif problem is not None and self.protocol_problem is None:
+            log.error("{problem}: new sessions are refused until it is fixed", problem=problem)
+            if self.on_protocol_failure is not None:
+                self.on_protocol_failure(problem)
+        self.protocol_problem = problem
 
     def _end_early(self, live: LiveSession, end: EndReason) -> defer.Deferred:
         """A session that never reached the relay: record its end and close its protocol."""
@@ -474,6 +544,7 @@ class Broker:
         if len(matches) > 1:
             raise control.UnknownHost(f"{len(matches)} hosts are named {wanted!r}: use the host id")
         host = matches[0]
+        self.check_recordable()
         wait = yield self.db.run(self.lockouts.wait_seconds,
                                  [host_password_key(supporter.identity.name, host.id)])
         if wait > 0:
@@ -489,11 +560,15 @@ class Broker:
             supporter_address=supporter.address, peer_identity=f"hausmeister:host:{host.id}",
             peer_address=presence.connection.address, host_id=host.id), supporter.identity.name)
         live = LiveSession(session_id, tenant, "host", supporter, presence.connection)
+        try:  # no session runs that its protocol cannot record
+            yield self._server_event(live, "created", {
+                "kind": "host", "supporter": supporter.identity.uri,
+                "supporter_address": supporter.address, "host_id": host.id, "host_name": host.name,
+                "host_address": presence.connection.address}, strict=True)
+        except Exception as exc:
+            yield self._end_early(live, self._protocol_failed(live, exc))
+            raise control.NotRecordable(NOT_RECORDABLE)
         self.sessions[session_id] = live
-        yield self._server_event(live, "created", {
-            "kind": "host", "supporter": supporter.identity.uri,
-            "supporter_address": supporter.address, "host_id": host.id, "host_name": host.name,
-            "host_address": presence.connection.address})
         relay_host, relay_port = self.relays.pick()
         host_ticket = RelayTicket(session_id, relay_host, relay_port,
                                   self.issue_token(session_id, "peer"))
@@ -508,7 +583,13 @@ class Broker:
         if not answer["accepted"]:
             yield self._end_early(live, EndReason(EndCause.DECLINED, "host"))
             raise control.Forbidden(f"host {host.name!r} declined the session")
-        yield self._server_event(live, "joined", {"host_id": host.id})
+        try:
+            yield self._server_event(live, "joined", {"host_id": host.id}, strict=True)
+        except Exception as exc:
+            end = self._protocol_failed(live, exc)
+            yield self._end_early(live, end)
+            self.notify_ended(live, end)
+            raise control.NotRecordable(NOT_RECORDABLE)
         log.info("{supporter} connects to host {host_id}: session {session_id}",
                  supporter=supporter.identity.uri, host_id=host.id, session_id=session_id)
         ticket = RelayTicket(session_id, relay_host, relay_port,

@@ -75,6 +75,23 @@ def revoke(session: Session, target: str, reason: str, now: Clock = utcnow) -> l
     return live
 
 
+def revoke_identity(session: Session, identity: str, reason: str,
+                    now: Clock = utcnow) -> list[Certificate]:
+    """Revoke every live certificate of ``identity`` (none is fine): a disabled user or a removed
+    host loses its module access and, through the revocation watchers, its live sessions."""
+    rows = list(session.scalars(select(Certificate).where(
+        Certificate.identity == identity, Certificate.revoked_at.is_(None))))
+    for row in rows:
+        row.revoked_at = now()
+        row.revocation_reason = reason
+    session.flush()
+    return rows
+
+
+def supporter_identity(user_name: str) -> str:
+    return f"hausmeister:supporter:{user_name}"
+
+
 def revoked_serials(session: Session) -> set[str]:
     return set(session.scalars(select(Certificate.serial).where(Certificate.revoked_at.is_not(None))))
 

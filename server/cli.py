@@ -19,6 +19,7 @@ from . import egress  # first: the guard is installed before anything else can c
 egress.install()
 
 from protocol.identity import fingerprint  # noqa: E402
+from sqlalchemy import select, update  # noqa: E402
 
 from . import __version__, accounts, bootstrap, certificates, pki  # noqa: E402
 from .config import Config, ConfigError, load, parse_duration  # noqa: E402
@@ -142,6 +143,8 @@ def cmd_run(config: Config, args: argparse.Namespace) -> int:
     start_logging(args.log_level or config.logging.level, config.logging.format)
     srv = HausmeisterServer(config, reactor)
     srv.startService()
+    for line in srv.warn_about_folders():
+        print(line, flush=True)
     info = srv.state
     print(f"Console and enrollment: {info['https_url']}/")
     print(f"Module port:            {config.server.public_host}:{info['module_port']}")
@@ -187,6 +190,13 @@ def cmd_check(config: Config, args: argparse.Namespace) -> int:
         problems += 1
     finally:
         db.dispose()
+    from . import storage_health
+    folder_problems = {what: problem for what, _, problem in storage_health.folder_problems(
+        storage_health.operator_folders(config), config.alerts.disk_free_percent)}
+    for what, folder in storage_health.operator_folders(config).items():
+        label = f"{what} folder:"
+        print(f"{label:19}{folder_problems.get(what) or f'{folder} (writable)'}")
+    problems += len(folder_problems)
     refusals = egress.count_refusals(config.server.data_dir / "egress-refusals.jsonl")
     print(f"egress refusals:   {refusals}")
     print("mail:              " + (f"via {config.mail.smtp_host}:{config.mail.smtp_port}"
@@ -325,11 +335,62 @@ def cmd_user_passwd(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_user_disable(config: Config, args: argparse.Namespace) -> int:
+    revoked: list = []
+
     def change(session, user):
         user.disabled = not args.enable
-        return f"disabled={user.disabled}"
+        if user.disabled:  # its modules lose access and its live sessions end
+            revoked.extend(certificates.revoke_identity(
+                session, certificates.supporter_identity(user.name), "user disabled"))
+        return f"disabled={user.disabled}" + (f" revoked={len(revoked)}" if revoked else "")
     _change_user(config, args, change, "user.enable" if args.enable else "user.disable")
     print(f"user {args.name} {'enabled' if args.enable else 'disabled'}")
+    if revoked:
+        print(f"revoked {len(revoked)} certificate(s) of {args.name}: its live sessions end within "
+              f"{config.certificates.revocation_poll_seconds:g} s; enabling the user again needs "
+              "a new enrollment")
+    return 0
+
+
+def cmd_host_list(config: Config, args: argparse.Namespace) -> int:
+    from .db.models import Host, HostGroup, Tenant
+    db = _open_db(config)
+    with db.session() as session:
+        rows = session.execute(
+            select(Host, HostGroup.name, Tenant.name).outerjoin(HostGroup, Host.group_id == HostGroup.id)
+            .join(Tenant, Host.tenant_id == Tenant.id).order_by(Tenant.name, Host.name)).all()
+        print(f"{'NAME':24} {'TENANT':12} {'GROUP':12} {'ONLINE':6} {'LAST SEEN (UTC)':16} ID")
+        for host, group, tenant in rows:
+            seen = f"{host.last_seen:%Y-%m-%d %H:%M}" if host.last_seen else "-"
+            print(f"{host.name[:24]:24} {tenant[:12]:12} {(group or '-')[:12]:12} "
+                  f"{'yes' if host.online else 'no':6} {seen:16} {host.id}")
+    return 0
+
+
+def cmd_host_remove(config: Config, args: argparse.Namespace) -> int:
+    from .db.models import Host, Session as SessionRow
+    db = _open_db(config)
+    with db.session() as session:
+        hosts = list(session.scalars(select(Host).where(
+            (Host.id == args.host) | (Host.name == args.host))))
+        if not hosts:
+            raise CLIError(f"no host {args.host!r} (see `hausmeister-server host list`)")
+        if len(hosts) > 1:
+            raise CLIError(f"{len(hosts)} hosts are named {args.host!r}: give the host id "
+                           "(see `hausmeister-server host list`)")
+        host = hosts[0]
+        revoked = certificates.revoke_identity(session, f"hausmeister:host:{host.id}",
+                                               "host removed")
+        # past sessions keep the host's identity (peer_identity); only the link to the row goes
+        session.execute(update(SessionRow).where(SessionRow.host_id == host.id)
+                        .values(host_id=None))
+        accounts.audit(session, args.actor, "host.remove",
+                       f"id={host.id} name={host.name} revoked={len(revoked)}",
+                       tenant_id=host.tenant_id)
+        name, host_id = host.name, host.id
+        session.delete(host)
+    print(f"host {name} ({host_id}) removed; {len(revoked)} certificate(s) revoked: its live "
+          f"sessions end within {config.certificates.revocation_poll_seconds:g} s")
     return 0
 
 
@@ -673,6 +734,15 @@ def build_parser() -> argparse.ArgumentParser:
     s = gsub.add_parser("list", help="list host groups")
     s.set_defaults(func=cmd_group_list)
 
+    host = sub.add_parser("host", help="enrolled hosts: list, remove")
+    hsub = host.add_subparsers(dest="host_command", metavar="ACTION", required=True)
+    s = hsub.add_parser("list", help="list enrolled hosts")
+    s.set_defaults(func=cmd_host_list)
+    s = hsub.add_parser("remove", help="remove a host: revokes its certificates and ends its "
+                        "live sessions")
+    s.add_argument("host", metavar="NAME|ID")
+    s.set_defaults(func=cmd_host_remove)
+
     token = sub.add_parser("token", help="one-time host enrollment tokens")
     ksub = token.add_subparsers(dest="token_command", metavar="ACTION", required=True)
     s = ksub.add_parser("create", help="create a single-use, expiring host enrollment token")
@@ -681,6 +751,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ttl", help="lifetime such as 15m, 1h, 7d (default: security.token_default_ttl)")
     s.add_argument("-q", "--quiet", action="store_true", help="print only the token")
     s.set_defaults(func=cmd_token_create)
+
+    from .backup import add_commands as add_backup_commands
+    add_backup_commands(sub)
     return p
 
 

@@ -386,3 +386,69 @@ def test_failed_key_confirmation_counts_against_customer_and_nameplate(broker, d
     with database.session() as s:
         assert s.get(accounts.Lockout, "adhoc-addr:127.0.0.44").failures == 1
         assert s.get(accounts.Lockout, f"nameplate:{plate}").failures == 1
+
+
+# --- no session without its protocol -------------------------------------------------------------
+
+@pytest.fixture
+def read_only_later(tmp_path):
+    """A tmpfs of its own for the protocol folder, which the test turns read-only (needs root)."""
+    import subprocess
+    mount = tmp_path / "protocol-disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if done.returncode:
+        pytest.fail(f"cannot mount a tmpfs (needs root): {done.stderr}")
+    yield mount, lambda option: subprocess.run(["mount", "-o", f"remount,{option}", str(mount)],
+                                               check=True)
+    subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_a_running_session_whose_protocol_write_fails_is_ended(broker, read_only_later, database):
+    mount, remount = read_only_later
+    broker.protocols = SessionProtocols(mount)
+    ended, alerts = [], []
+    broker.end_relay_session = lambda sid, end: ended.append((sid, end)) or True
+    broker.on_protocol_failure = alerts.append
+    anna, customer = supporter("anna"), FakeConnection(None, "127.0.0.8")
+    plate, _ = broker.allocate_nameplate(anna)
+    sid = result_of(broker.join_adhoc(customer, plate))["session_id"]
+    remount("ro")
+    with pytest.raises(control.NotRecordable, match="cannot record sessions"):
+        result_of(broker.session_event(customer, sid, "terms_accepted", {"sha256": "x"}))
+    # the relay was told to close the session, both parties were told why, the admins alerted
+    assert [(s, e.cause.value) for s, e in ended] == [(sid, "protocol_unwritable")]
+    for conn in (anna, customer):
+        notices = [kw for command, kw in conn.calls if command is control.SessionEnded]
+        assert notices and notices[0]["cause"] == "protocol_unwritable"
+        assert "could not be written" in notices[0]["text"]
+    assert alerts and "Read-only file system" in alerts[0]
+    with database.session() as s:
+        row = s.get(Session, sid)
+        assert (row.end_cause, row.ended_by) == ("protocol_unwritable", "server")
+    # and no new session starts until the folder takes writes again
+    with pytest.raises(control.NotRecordable):
+        broker.allocate_nameplate(anna)
+    with pytest.raises(control.NotRecordable):
+        result_of(broker.connect_host(anna, "pc-office"))
+    remount("rw")
+    result_of(broker.probe_protocols())
+    assert broker.allocate_nameplate(anna)[0]
+
+
+def test_a_session_is_refused_when_its_first_protocol_line_fails(broker, read_only_later,
+                                                                  database):
+    mount, remount = read_only_later
+    broker.protocols = SessionProtocols(mount)
+    anna, customer = supporter("anna"), FakeConnection(None, "127.0.0.9")
+    plate, _ = broker.allocate_nameplate(anna)
+    remount("ro")
+    with pytest.raises(control.NotRecordable):
+        result_of(broker.join_adhoc(customer, plate))
+    # the supporter never got relay details; it was told why its wait ended
+    kinds = [command for command, _ in anna.calls]
+    assert control.SessionReady not in kinds and control.SessionEnded in kinds
+    with database.session() as s:
+        row = s.query(Session).one()
+        assert row.ended_at is not None and row.end_cause == "protocol_unwritable"

@@ -324,6 +324,11 @@ class RelayService(service.Service):
             self.relay.end_revoked(new, lambda serial: details.get(
                 serial, f"certificate {serial} revoked"))
         live = self.relay.live_session_ids()
+        if self.state_path is not None:
+            try:
+                self.write_state(self.ports)
+            except OSError as exc:
+                log.warn("could not write the relay state file: {why}", why=str(exc))
         if not live:
             return
         try:
@@ -363,8 +368,10 @@ class RelayService(service.Service):
         data_dir = self.config.server.data_dir
         self.state_path = data_dir / f"relay-{os.getpid()}.json"
         tmp = self.state_path.with_suffix(".tmp")
+        # "sessions": what this relay carries, so a server restarting after a crash leaves them
+        # alone (server.session_recovery); refreshed every revocation poll
         tmp.write_text(json.dumps({"pid": os.getpid(), "interface": self.config.listen.interface,
-                                   "ports": ports}))
+                                   "ports": ports, "sessions": self.relay.live_session_ids()}))
         os.replace(tmp, self.state_path)
 
     @defer.inlineCallbacks
