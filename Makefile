@@ -50,5 +50,5 @@ clean-run:
 # (then translate the new ones), compile the .mo.  Both files are committed and shipped.
 translations: install
 	$(VENV)/bin/pybabel extract -F babel.cfg -k N_ -k Text -k Plural:1,2 --no-location --sort-output --project=Hausmeister -o server/locale/messages.pot .
-	$(VENV)/bin/pybabel update -i server/locale/messages.pot -d server/locale -D messages --no-location --width 100
+	$(VENV)/bin/pybabel update -i server/locale/messages.pot -d server/locale -D messages --width 100 --ignore-obsolete
 	$(VENV)/bin/pybabel compile -d server/locale -D messages --statistics

@@ -383,6 +383,8 @@ ACCOUNT_MESSAGES = [(re.compile(pattern), text) for pattern, text in [
     (r"retention: expected a whole number of days from 0 to (?P<max>\d+) \(0 = keep forever\), "
      r"got (?P<got>.*)", N_("retention: expected a whole number of days from 0 to %(max)s "
                             "(0 = keep forever), got %(got)s")),
+    # server.mail: an address the outbox refuses
+    (r"not a single mail address: (?P<address>.*)", N_("not a single mail address: %(address)s")),
     # server.avatars: why an upload is refused
     (r"no file was uploaded: choose a picture first",
      N_("no file was uploaded: choose a picture first")),

@@ -48,7 +48,8 @@ class Filter:
         kind = ctx.arg("kind", 20).strip()
         if kind and kind not in KINDS:
             raise PageError(400, Text("kind '%(kind)s': choose adhoc, host or any", kind=kind))
-        date_from, date_to = _date(ctx.arg("from", 20), "from"), _date(ctx.arg("to", 20), "to")
+        date_from = _date(ctx.arg("from", 20), Text("From"))
+        date_to = _date(ctx.arg("to", 20), Text("To"))
         if date_from and date_to and date_from > date_to:
             raise PageError(400, Text("from %(start)s is after to %(end)s: no session can match",
                                       start=date_from.isoformat(), end=date_to.isoformat()))
@@ -61,15 +62,23 @@ class Filter:
         return urlencode({k: v for k, v in pairs.items() if v})
 
 
-def _date(text: str, name: str) -> dt.date | None:
+def _instant(value) -> dt.datetime | None:
+    """A protocol line's ISO time as a datetime (the page writes it in the reader's locale)."""
+    try:
+        return dt.datetime.fromisoformat(str(value).replace("Z", "+00:00")) if value else None
+    except ValueError:
+        return None
+
+
+def _date(text: str, name: Text) -> dt.date | None:
     text = text.strip()
     if not text:
         return None
     try:
         return dt.date.fromisoformat(text)
     except ValueError:
-        raise PageError(400, Text("%(name)s date '%(text)s': expected YYYY-MM-DD, e.g. 2026-11-01",
-                                  name=name, text=text)) from None
+        raise PageError(400, Text("%(name)s: date '%(text)s': expected YYYY-MM-DD, e.g. "
+                                  "2026-11-01", name=name, text=text)) from None
 
 
 def _midnight(day: dt.date) -> dt.datetime:
@@ -238,6 +247,7 @@ def _event(n: int, record: dict | None) -> dict[str, Any]:
     detail = _detail_text(record.get("detail"))
     return {"line": n, "seq": record.get("seq", ""),
             "time": str(record.get("time", "")).replace("T", " ").replace("Z", " UTC"),
+            "at": _instant(record.get("time")),
             "kind": str(record.get("kind", "")), "actor": str(record.get("actor", "")),
             "address": str(record.get("address") or ""),
             "detail": detail, "detail_html": link_outside_urls(detail)}
