@@ -76,5 +76,7 @@ def needed_packages(with_postgresql: bool = False) -> tuple[list[str], list[str]
 def download(packages: list[str], dest: Path) -> list[Path]:
     """``apt-get download`` the packages into ``dest`` (needs the Debian registry)."""
     dest.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["apt-get", "download", "-q", *packages], cwd=dest, check=True)
+    # root downloads itself (apt's _apt user may not write into a private build folder)
+    subprocess.run(["apt-get", "download", "-q", "-o", "APT::Sandbox::User=root", *packages],
+                   cwd=dest, check=True)
     return sorted(dest.glob("*.deb"))
