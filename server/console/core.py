@@ -268,9 +268,24 @@ class Ctx:
         return self.texts.say(message)
 
     def here(self) -> str:
-        """This page's path and query, for the language switch to come back to."""
+        """Where the language switch comes back to: this page, or after a form was sent (a POST
+        address has no page of its own) the nearest page above it."""
         uri = self.request.uri.decode("ascii", "replace") if self.request.uri else "/console/"
-        return uri if uri.startswith("/console") and len(uri) <= 1000 else "/console/"
+        if not uri.startswith("/console") or len(uri) > 1000:
+            return "/console/"
+        if self.request.method == b"GET":
+            return uri
+        path = uri.split("?", 1)[0].removeprefix("/console").strip("/")
+        sent_to, _, _ = find(self.request.method.decode("ascii", "replace"), path)
+        if sent_to is not None and any(r.method == "GET" and r.pattern == sent_to.pattern
+                                       for r in ROUTES):
+            return "/console/" + path            # a form that posts to its own page (login...)
+        path = path.rpartition("/")[0]
+        while path:
+            if find("GET", path)[0] is not None:
+                return "/console/" + path
+            path = path.rpartition("/")[0]
+        return "/console/"
 
     def redirect(self, to: str) -> bytes:
         self.request.setResponseCode(303)
