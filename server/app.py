@@ -198,7 +198,9 @@ class HausmeisterServer(service.MultiService):
         return lines
 
     def _relay_session_ended(self, stats) -> None:
-        d = record_session_end(self.db, stats, self.protocols)
+        # reports still held for their confirmation go into the protocol before its end
+        d = self.broker.flush_events(stats.session_id)
+        d.addBoth(lambda _: record_session_end(self.db, stats, self.protocols))
         self._ending.add(d)
         d.addBoth(lambda _: self._ending.discard(d))
         self.broker.session_ended(stats.session_id)

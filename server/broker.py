@@ -102,6 +102,11 @@ class LiveSession:
     key_failure_counted: bool = False
     #: the first end reason a party or the server reported (protocol.session_end)
     end: EndReason | None = None
+    #: party reports waiting to be written, in the order they came (``EventCoalescer``)
+    pending: list = field(default_factory=list)
+    writing: bool = False
+    flushing: bool = False  # write held reports without waiting (the session is ending)
+    flushed: list = field(default_factory=list)  # Deferreds fired when the queue is empty
 
     @property
     def peer_party(self) -> str:
@@ -125,6 +130,28 @@ class LiveSession:
         return SessionSummary(self.session_id, self.kind, self.created_at, utcnow(),
                               self.supporter.identity.uri, peer, bytes_to_peer,
                               bytes_to_supporter, end.text()[:200], end.cause.value, end.by)
+
+
+@dataclass(eq=False)
+class PendingEvent:
+    """A party's report of a shared event, held until the other party reports the same event
+    (same kind and ``event_id``) or ``CONFIRM_SECONDS`` pass: one protocol line per event."""
+
+    kind: str
+    detail: dict
+    actor: str
+    address: str
+    parties: set
+    deadline: float
+    waiters: list = field(default_factory=list)
+    shared: bool = True
+
+    def complete(self, now: float) -> bool:
+        return not self.shared or len(self.parties) >= 2 or now >= self.deadline
+
+
+#: how long a report of a shared event waits for the other party's report of it
+CONFIRM_SECONDS = 1.0
 
 
 @dataclass
@@ -392,8 +419,9 @@ class Broker:
             raise control.Forbidden("you are not a party of this session")
         actor = conn.identity.uri if conn.identity else f"customer@{conn.address}"
         if kind == "ending":
-            return self._party_ending(live, conn, detail)
-        d = self._record(live, kind, actor, conn.address, detail)
+            return self.flush_events(session_id).addCallback(
+                lambda _: self._party_ending(live, conn, detail))
+        d = self._coalesce(live, kind, actor, conn.address, detail, live.party_of(conn))
         if kind == "key_confirmation_failed" and not live.key_failure_counted:
             live.key_failure_counted = True  # both sides report it; it is one guess
             keys = live.guess_keys()
@@ -401,6 +429,68 @@ class Broker:
             log.warn("session {session_id}: key confirmation failed (wrong code or password); "
                      "counted against {keys}", session_id=session_id, keys=", ".join(keys))
         return d.addCallback(lambda _: {})
+
+    # --- one protocol line per event --------------------------------------------------------
+
+    def _coalesce(self, live: LiveSession, kind: str, actor: str, address: str, detail: dict,
+                  party: str | None) -> defer.Deferred:
+        """Both parties report what they both saw (a right granted, an emergency stop, a file
+        received), each with the same ``event_id``.  The first report waits for the second; the
+        line written names the other party under ``confirmed_by``.  Reports without an
+        ``event_id`` queue behind them, so the timeline keeps the order the events came in."""
+        waiter: defer.Deferred = defer.Deferred()
+        event_id = detail.get("event_id")
+        if isinstance(event_id, str) and event_id:
+            for entry in live.pending:
+                if (entry.shared and entry.kind == kind and entry.detail.get("event_id") == event_id
+                        and party not in entry.parties):
+                    entry.parties.add(party)
+                    entry.detail = {**entry.detail, "confirmed_by": actor}
+                    entry.waiters.append(waiter)
+                    self._drain(live)
+                    return waiter
+            deadline = self.reactor.seconds() + CONFIRM_SECONDS
+            live.pending.append(PendingEvent(kind, dict(detail), actor, address, {party},
+                                             deadline, [waiter]))
+            self.reactor.callLater(CONFIRM_SECONDS, self._drain, live)
+        else:
+            live.pending.append(PendingEvent(kind, dict(detail), actor, address, {party}, 0.0,
+                                             [waiter], shared=False))
+        self._drain(live)
+        return waiter
+
+    def _drain(self, live: LiveSession, force: bool = False) -> None:
+        """Write the head of the queue when it is complete, one line at a time (in order)."""
+        if live.writing or not live.pending:
+            return
+        head = live.pending[0]
+        if not (force or head.complete(self.reactor.seconds())):
+            return
+        live.pending.pop(0)
+        live.writing = True
+        d = self._record(live, head.kind, head.actor, head.address, head.detail)
+
+        def written(result, failed: bool):
+            live.writing = False
+            for waiter in head.waiters:
+                waiter.callback(None) if not failed else waiter.errback(result)
+            self._drain(live, force=live.flushing)
+            if not live.pending and not live.writing:
+                flushed, live.flushed = live.flushed, []
+                for done in flushed:
+                    done.callback(None)
+        d.addCallbacks(written, written, callbackArgs=(False,), errbackArgs=(True,))
+
+    def flush_events(self, session_id: str) -> defer.Deferred:
+        """Write every held report now (before the session's end is recorded)."""
+        live = self.sessions.get(session_id)
+        if live is None or (not live.pending and not live.writing):
+            return defer.succeed(None)
+        done: defer.Deferred = defer.Deferred()
+        live.flushed.append(done)
+        live.flushing = True
+        self._drain(live, force=True)
+        return done
 
     def _party_ending(self, live: LiveSession, conn, detail: dict) -> defer.Deferred:
         """A party says why it ends the session, before it closes its relay leg; the first
@@ -463,9 +553,11 @@ class Broker:
         self.sessions.pop(session_id, None)
 
     def _forget_sessions_of(self, conn) -> None:
-        # A party's control connection is gone: it can report nothing more for its sessions.
+        # A party's control connection is gone: it can report nothing more for its sessions;
+        # what it reported is written first.
         for session_id, live in list(self.sessions.items()):
             if conn is live.supporter or (conn is live.peer and live.kind == "adhoc"):
+                self.flush_events(session_id)
                 del self.sessions[session_id]
 
     # --- hosts --------------------------------------------------------------------------------

@@ -29,12 +29,16 @@ from .test_e2e_brokering import answers, server_args, wait_until
 pytestmark = pytest.mark.e2e
 
 
-def ended_lines(srv: ServerProcess) -> list[dict]:
+def all_lines(srv: ServerProcess) -> list[dict]:
     lines = []
     for path in sorted((srv.data_dir / "protocols").rglob("*.jsonl")):
         lines += [json.loads(line) for line in path.read_text().splitlines()
                   if line.strip()]
-    return [e for e in lines if e["kind"] == "ended" and e["actor"] == "server"]
+    return lines
+
+
+def ended_lines(srv: ServerProcess) -> list[dict]:
+    return [e for e in all_lines(srv) if e["kind"] == "ended" and e["actor"] == "server"]
 
 
 def session_rows(srv: ServerProcess) -> list[dict]:
@@ -125,6 +129,13 @@ def test_revoking_the_supporter_ends_its_live_session(any_relay, how, tmp_path):
     row = session_rows(srv)[0]
     assert row["ended_at"] and row["end_reason"].startswith("access revoked")
     assert verify(srv.data_dir / "protocols").ok
+    # one line per event, confirmed by the party that saw it too
+    events = all_lines(srv)
+    ids = [(e["kind"], e["detail"]["event_id"]) for e in events if "event_id" in e["detail"]]
+    assert ids and len(ids) == len(set(ids)), ids
+    granted = [e for e in events if e["kind"] == "right_granted"]
+    assert sorted(e["detail"]["right"] for e in granted) == ["control", "view"]
+    assert all(e["detail"].get("confirmed_by") for e in granted), granted
 
 
 def test_removing_a_host_ends_its_session_and_its_service(in_process, tmp_path):

@@ -452,3 +452,46 @@ def test_a_session_is_refused_when_its_first_protocol_line_fails(broker, read_on
     with database.session() as s:
         row = s.query(Session).one()
         assert row.ended_at is not None and row.end_cause == "protocol_unwritable"
+
+
+# --- one protocol line per event -----------------------------------------------------------------
+
+def protocol_lines(tmp_path) -> list[dict]:
+    import json
+    lines = []
+    for path in sorted((tmp_path / "protocols").rglob("*.jsonl")):
+        lines += [json.loads(line) for line in path.read_text().splitlines()]
+    return lines
+
+
+def test_an_event_both_parties_report_is_one_line_confirmed_by_the_other(broker, clock, tmp_path):
+    anna, customer = supporter("anna"), FakeConnection(None, "127.0.0.8")
+    plate, _ = broker.allocate_nameplate(anna)
+    sid = result_of(broker.join_adhoc(customer, plate))["session_id"]
+    granted = {"right": "view", "by": "customer", "event_id": "e1-1"}
+    first = broker.session_event(customer, sid, "right_granted", granted)
+    # a report only one side makes queues behind it: the order of the timeline is kept
+    comment = broker.session_event(anna, sid, "comment", {"by": "supporter", "text": "hi"})
+    assert not first.called and not comment.called
+    result_of(broker.session_event(anna, sid, "right_granted", dict(granted)))
+    assert first.called and comment.called
+    # an event only one party reported is written alone after the confirmation wait
+    lonely = broker.session_event(anna, sid, "right_requested",
+                                  {"right": "files", "by": "supporter", "event_id": "e2-1"})
+    assert not lonely.called
+    clock.advance(1.5)
+    assert lonely.called
+    # the same kind again is a new event (the next event_id) and gets its own line
+    again = broker.session_event(customer, sid, "right_granted", {**granted, "event_id": "e1-2"})
+    # an 'ending' report writes what is held before it answers
+    result_of(broker.session_event(anna, sid, "ending", {"cause": "ended", "by": "supporter"}))
+    assert again.called
+    lines = [(e["kind"], e["actor"], e["detail"].get("confirmed_by")) for e in protocol_lines(tmp_path)]
+    assert lines == [
+        ("created", "server", None), ("joined", "server", None),
+        ("right_granted", "customer@127.0.0.8", "hausmeister:supporter:anna"),
+        ("comment", "hausmeister:supporter:anna", None),
+        ("right_requested", "hausmeister:supporter:anna", None),
+        ("right_granted", "customer@127.0.0.8", None),
+    ]
+    assert verify(tmp_path / "protocols").ok
