@@ -467,26 +467,34 @@ def cmd_user_groups(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_session_list(config: Config, args: argparse.Namespace) -> int:
-    from .db.models import Session
+    from .db.models import Host, Session
     db = _open_db(config)
     with db.session() as session:
-        rows = session.query(Session).order_by(Session.created_at.desc()).limit(args.limit).all()
+        rows = session.execute(select(Session, Host.name).outerjoin(Host, Session.host_id == Host.id)
+                               .order_by(Session.created_at.desc()).limit(args.limit)).all()
         if args.json:
             print(json.dumps([{
                 "id": r.id, "kind": r.kind, "supporter": r.supporter_identity,
                 "supporter_address": r.supporter_address, "peer": r.peer_identity,
-                "peer_address": r.peer_address, "host_id": r.host_id,
+                "peer_address": r.peer_address, "host_id": r.host_id, "host_name": host_name,
                 "created_at": r.created_at.isoformat(),
                 "ended_at": r.ended_at.isoformat() if r.ended_at else None,
                 "bytes_to_peer": r.bytes_to_peer, "bytes_to_supporter": r.bytes_to_supporter,
-                "end_reason": r.end_reason} for r in rows], indent=1))
+                "end_reason": r.end_reason, "end_cause": r.end_cause, "ended_by": r.ended_by}
+                for r, host_name in rows], indent=1))
             return 0
-        print(f"{'STARTED (UTC)':19} {'KIND':6} {'SUPPORTER':28} {'PEER':22} {'BYTES ->/<-':>17}  END")
-        for r in rows:
-            peer = r.peer_identity or f"customer@{r.peer_address}"
+        print(f"{'STARTED (UTC)':19} {'KIND':6} {'SUPPORTER':16} {'CUSTOMER OR HOST':24} "
+              f"{'BYTES ->/<-':>17}  END")
+        for r, host_name in rows:
+            supporter = (r.supporter_identity or "").removeprefix("hausmeister:supporter:")
+            if r.kind == "host":
+                peer = host_name or (r.peer_identity or "").removeprefix("hausmeister:host:")
+                peer += "" if host_name else " (removed)"
+            else:
+                peer = f"customer {r.peer_address or '?'}"
             end = r.end_reason or ("running" if r.ended_at is None else "")
-            print(f"{r.created_at:%Y-%m-%d %H:%M:%S} {r.kind:6} {(r.supporter_identity or '')[-28:]:28} "
-                  f"{peer[-22:]:22} {r.bytes_to_peer:>8}/{r.bytes_to_supporter:<8}  {end}")
+            print(f"{r.created_at:%Y-%m-%d %H:%M:%S} {r.kind:6} {supporter:16} {peer:24} "
+                  f"{r.bytes_to_peer:>8}/{r.bytes_to_supporter:<8}  {end}")
     return 0
 
 
@@ -535,9 +543,24 @@ def cmd_token_create(config: Config, args: argparse.Namespace) -> int:
     else:
         print(f"token:   {token}")
         print(f"expires: {expires:%Y-%m-%d %H:%M:%S} UTC (single use)")
-        print("enroll:  hausmeister-host enroll --server URL --ca-fingerprint FP "
+        url, ca_fingerprint = _server_url_and_fingerprint(config)
+        print(f"enroll:  hausmeister-host enroll --server {url} --ca-fingerprint {ca_fingerprint} "
               f"--token {token} --name NAME")
     return 0
+
+
+def _server_url_and_fingerprint(config: Config) -> tuple[str, str]:
+    """What a module needs to reach this server: the running server's URL (its state file), else
+    the configured one; and the CA fingerprint."""
+    from .state import read_state
+    state = read_state(config.server.data_dir) or {}
+    port = state.get("https_port") or config.listen.https_port
+    url = f"https://{config.server.public_host}:{port}"
+    try:
+        ca_fingerprint = fingerprint(pki.CertStore(config.server.cert_dir).ca_cert())
+    except (OSError, ValueError, pki.PKIError):
+        ca_fingerprint = "FP (no CA yet: run `hausmeister-server init`)"
+    return url, ca_fingerprint
 
 
 def _protocol_anchors(config: Config, files: list[Path]) -> dict[str, tuple[int, str]] | None:

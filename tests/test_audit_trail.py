@@ -283,3 +283,34 @@ def test_a_crash_leaves_no_session_running(tmp_path, db_url):
         assert len(ended_lines(srv)) == 1
     finally:
         srv.stop()
+
+
+def test_token_create_prints_the_real_command_and_session_list_names_the_host(in_process,
+                                                                              tmp_path):
+    srv = in_process
+    out = srv.ok("token", "create")
+    command = next(line for line in out.splitlines() if line.startswith("enroll:"))
+    assert f"--server {srv.url} --ca-fingerprint {srv.fingerprint}" in command
+    # the printed command works as it is (after naming the host)
+    args = command.removeprefix("enroll:").split()[1:]  # drop "hausmeister-host"
+    args[args.index("NAME")] = "reception-pc"
+    home = tmp_path / "reception"
+    assert run_cli("host", *args, "--home", str(home)).returncode == 0
+    assert run_cli("host", "set-password", "--password-stdin", "--home", str(home),
+                   stdin="host-password-2\n").returncode == 0
+    alice = add_enrolled_supporter(srv, "alice", tmp_path / "alice")
+    password = tmp_path / "pw"
+    password.write_text("host-password-2\n")
+    host = ModuleProcess("host", "run", "--pipe", "--home", str(home))
+    try:
+        host.wait_for_line("online; waiting for supporters")
+        done = run_cli("supporter", "connect", "reception-pc", "--pipe", "--answers", "/dev/null",
+                       "--password-file", str(password), "--home", str(alice), stdin="")
+        assert done.returncode == 0, done.stderr
+    finally:
+        host.stop()
+    table = wait_until(lambda: (lambda t: t if "ended by the supporter" in t else None)(
+        srv.ok("session", "list")), what="the ended session in the list")
+    row = next(line for line in table.splitlines() if "reception-pc" in line)
+    assert "alice" in row and "host" in row
+    assert json.loads(srv.ok("session", "list", "--json"))[0]["host_name"] == "reception-pc"
