@@ -18,15 +18,17 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 import os
 import resource
+import time
 from typing import Any
 
 from twisted.internet import task
 from twisted.logger import Logger
 from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 
-from .admission import HANDSHAKE, PendingConnections, RefusalLog
+from .admission import HANDSHAKE, PendingConnections, RefusalLog, address_key
 from .config import LimitsSection
 
 log = Logger(namespace="hausmeister.limits")
@@ -36,6 +38,7 @@ AUTO_TOTAL_MAX = 4096
 AUTO_TOTAL_MIN = 64
 #: A drained flood of at least this many pending connections triggers ``malloc_trim``.
 TRIM_AFTER_PEAK = 256
+RELEASE_ENV = "HAUSMEISTER_FLOOD_RELEASE"
 
 
 def raise_open_file_limit() -> tuple[int, int]:
@@ -172,10 +175,24 @@ class ConnectionGuard:
         conn.abortConnection()
 
     def note(self, conn: "_Guarded", kind: str, reason: str) -> None:
-        listener = conn.factory.listener
-        if self.refusals.note(f"{listener}: {kind}", conn.address, self.reactor.seconds()):
+        self.note_address(conn.factory.listener, conn.address, kind, reason)
+
+    def note_address(self, listener: str, address: str, kind: str, reason: str) -> None:
+        if self.refusals.note(f"{listener}: {kind}", address, self.reactor.seconds()):
             log.warn("{listener}: connection from {address} {reason}", listener=listener,
-                     address=conn.address, reason=reason)
+                     address=address, reason=reason)
+
+    def refuse_early(self, listener: str, address: str) -> bool:
+        """True (and logged) if ``address`` is over its cap: the listener then builds nothing
+        for the connection and closes it at once, the cheapest answer to a flood."""
+        count = self.pending.count_of(address)
+        if count < self.pending.per_address:
+            return False
+        self.closed_count += 1
+        self.note_address(listener, address, "over the per-address cap",
+                          f"refused: {count} connections from {address_key(address)} are already "
+                          "waiting for their handshake")
+        return True
 
     def sweep(self) -> None:
         now = self.reactor.seconds()
@@ -197,13 +214,22 @@ class ConnectionGuard:
             self._trim()
 
     def _trim(self) -> None:
+        """A flood has drained: free its connections' reference cycles now (the tuned collector
+        would leave them for a rare full collection) and hand the freed heap back to the system.
+        ``HAUSMEISTER_FLOOD_RELEASE=nothing|collect|trim`` switches steps off for the benchmark."""
+        how = os.environ.get(RELEASE_ENV, "collect+trim")
         before = rss_kib()
-        if trim_heap():
-            after = rss_kib()
-            self.trims.append((before, after))
-            log.info("a flood of {peak} pending connections has drained; memory given back to the "
-                     "system: RSS {before} -> {after} MiB", peak=self.peak, before=before // 1024,
-                     after=after // 1024)
+        started = time.perf_counter()
+        collected = gc.collect() if how in ("collect", "collect+trim") else 0
+        trimmed = how in ("trim", "collect+trim") and trim_heap()
+        pause_ms = (time.perf_counter() - started) * 1000
+        after = rss_kib()
+        self.trims.append((before, after))
+        log.info("a flood of {peak} pending connections has drained; RSS {before} -> {after} MiB "
+                 "({what}, {objects} objects collected, {pause:.0f} ms)", peak=self.peak,
+                 before=before // 1024, after=after // 1024, objects=collected, pause=pause_ms,
+                 what=(("gc.collect + malloc_trim" if collected else "malloc_trim") if trimmed
+                       else "gc.collect" if how == "collect" else "nothing released"))
         self.peak = len(self.pending)
 
 
@@ -260,6 +286,11 @@ class GuardedTLSFactory(TLSMemoryBIOFactory):
 
     def logPrefix(self) -> str:
         return self.listener
+
+    def buildProtocol(self, addr):
+        if self.guard.refuse_early(self.listener, getattr(addr, "host", "?")):
+            return None  # Twisted closes the accepted socket at once
+        return super().buildProtocol(addr)
 
 
 def settle(transport: Any) -> None:
