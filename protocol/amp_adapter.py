@@ -6,7 +6,8 @@ dispatcher sees it.  Sending stays AMP's own (``sendBox``).  Whatever the peer d
 that are not a box, a box that is neither command nor answer nor error, an answer to nothing,
 too many unanswered commands — is logged with the peer's address and a reason, and the
 connection is closed; it never raises out of ``dataReceived``.  Unknown commands are answered by
-AMP with an error box and the connection stays.  A command the peer got wrong — a name that is
+AMP with an error box and the connection stays (sent without an answer tag, an unknown command
+or one whose responder refuses has nobody to be answered: one line, and the connection closes).  A command the peer got wrong — a name that is
 not printable ASCII, an argument missing or of the wrong type — is one logged line, an error
 answer with the code ``BAD_REQUEST`` that says what was wrong, and a closed connection: one line
 per connection, never a traceback, so a peer cannot fill the log.
@@ -241,6 +242,12 @@ class FramedAMP(amp.AMP):
 
         def finished(result):
             self._one_way_running -= 1
+            if isinstance(result, Failure) and result.check(amp.RemoteAmpError):
+                # an unknown command or a declared error, and no tag to answer it with: AMP
+                # would log a critical traceback and drop the connection; one line instead
+                self._protocol_violation(f"one-way command {box[amp.COMMAND][:40]!r} "
+                                         f"failed: {result.value.description}")
+                return None
             return result
 
         return super().dispatchCommand(box).addBoth(finished)

@@ -333,6 +333,19 @@ def test_one_way_command_with_missing_arguments_closes_with_one_line():
     assert transport.disconnecting and transport.value() == b""  # nothing asked, nothing answered
 
 
+def test_unknown_one_way_command_is_one_line_and_closes():
+    """Without an answer tag there is nobody to tell "unhandled": AMP logged a critical
+    traceback for each such box; one line and a closed connection instead."""
+    server = Server()
+    transport = on_string_transport(server)
+    with capturedLogs() as events:
+        server.dataReceived(encode_box({b"_command": b"NoSuchCommand"}) * 3)
+    assert [e["reason"] for e in warnings_in(events)] == [
+        "one-way command b'NoSuchCommand' failed: Unhandled Command: b'NoSuchCommand'"]
+    no_tracebacks(events)
+    assert transport.disconnecting and transport.value() == b""
+
+
 def test_non_ascii_command_names_are_one_line_per_connection_and_an_answer():
     server = Server()
     transport = on_string_transport(server)

@@ -166,6 +166,10 @@ def test_malformed_commands_are_one_logged_line_and_a_precise_answer(running_ser
     assert error_code(box) == b"BAD_REQUEST" and b"protocol_version" in box[b"_error_description"]
     assert typo.closed_by_server()
 
+    silent = RawModule(srv)  # an unknown command without an answer tag: nobody to answer
+    silent.sock.sendall(encode_box({b"_command": b"NoSuchCommand"}) * 50)
+    assert silent.closed_by_server()
+
     flooders = []
     for _ in range(5):  # each sends 200 non-ASCII commands in one go
         flooder = RawModule(srv)
@@ -179,7 +183,8 @@ def test_malformed_commands_are_one_logged_line_and_a_precise_answer(running_ser
     assert len(bystander.call("AllocateNameplate")[b"nameplate"]) == 4
     new_lines = srv.log().splitlines()[before:]
     assert not [line for line in new_lines if "Traceback" in line or "Unknown Error" in line
-                or '"log_level": "critical"' in line or "Unhandled" in line], new_lines
+                or '"level": "critical"' in line or "unhandled by client" in line], new_lines
     assert sum("without argument protocol_version" in line for line in new_lines) == 1
     assert sum("protocol_version = b'1.0' is not a valid Integer" in line for line in new_lines) == 1
     assert sum("is not printable ASCII" in line for line in new_lines) == 5  # one per connection
+    assert sum("one-way command b'NoSuchCommand' failed" in line for line in new_lines) == 1
