@@ -139,6 +139,32 @@ def check(session: Session, outbox: Any, policy: AlertPolicy,
     return [k for k, _ in fresh]
 
 
+def protocol_failure(session: Session, outbox: Any, base_url: str, folder: str, problem: str,
+                     now: dt.datetime) -> bool:
+    """Mail the operator's admins that a session protocol could not be written (at most once an
+    hour).  True if queued."""
+    key = f"protocol-write:{now:%Y-%m-%dT%H}"
+    if session.get(AlertSent, key) is not None:
+        return False
+    to = recipients(session)
+    if not to:
+        log.warn("alerts: session protocols cannot be written ({problem}) but no admin of the "
+                 "operator tenant has a mail address", problem=problem)
+        return False
+    for address, language in to:
+        subject, body = mail_texts.protocol_failure_alert(base_url, folder, problem,
+                                                          language=language)
+        try:
+            outbox.enqueue(session, address, subject, body)
+        except ValueError as exc:
+            log.warn("alerts: {key} not mailed to {address!r}: {error}", key=key,
+                     address=address, error=str(exc))
+    session.add(AlertSent(key=key, sent_at=now))
+    session.flush()
+    log.info("alerts: {key} mailed to {n} admin(s)", key=key, n=len(to))
+    return True
+
+
 def _certificates(store: Any) -> list[tuple[str, x509.Certificate]]:
     certs = []
     for what, load in (("CA", lambda: store.ca_cert()), ("server", lambda: store.server_chain()[0])):

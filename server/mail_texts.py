@@ -184,3 +184,21 @@ def test_mail(base_url: str, actor: str, language: str | None = None) -> tuple[s
                   "from the console's settings page.", server=base_url, actor=_line(actor)),
         "\n\n", t.gettext("It shows that the SMTP relay in the config file works."), "\n"])
     return t.gettext("Hausmeister test mail"), body
+
+
+def protocol_failure_alert(base_url: str, folder: str, problem: str,
+                           language: str | None = None) -> tuple[str, str]:
+    """Alert: a session protocol could not be written; sessions are ended and refused."""
+    t = _texts(language)
+    subject = t.gettext("Hausmeister alert: session protocols cannot be written")
+    body = "".join([
+        t.gettext("The Hausmeister server %(server)s could not write a session protocol. "
+                  "Running sessions whose protocol failed were ended, and new sessions are "
+                  "refused until the folder takes writes again.", server=base_url), "\n\n",
+        "  ", t.gettext("folder:"), " ", _line(folder), "\n",
+        "  ", t.gettext("problem:"), " ", _line(problem), "\n\n",
+        t.gettext("Make the folder writable (mounted read-write, with free space); the server "
+                  "checks it every few seconds and allows sessions again by itself."), "\n",
+        t.gettext("This alert is sent at most once an hour."), "\n\n",
+        _signature(t)])
+    return _line(subject), body

@@ -21,6 +21,7 @@ import pytest
 
 from server.session_protocol import verify
 
+from .fixtures_mail import mail_toml
 from .fixtures_server import (ADMIN_PASSWORD, ServerProcess, add_enrolled_supporter, run_cli,
                               server_with_external_relay, write_config)
 from .module_process import ModuleProcess
@@ -186,16 +187,21 @@ def small_protocol_disk(tmp_path):
 
 
 @pytest.fixture
-def server_on_small_disk(tmp_path, db_url, small_protocol_disk):
+def server_on_small_disk(tmp_path, db_url, small_protocol_disk, smtp_inbox):
+    inbox, smtp_port = smtp_inbox
     data = tmp_path / "data"
     srv = ServerProcess(write_config(tmp_path / "h.toml", data, db_url, extra=f"""
 [alerts]
 disk_free_percent = 10
+{mail_toml(smtp_port)}
 """), data)
+    srv.inbox = inbox
     text = srv.config.read_text().replace(
         f'data_dir = "{data}"', f'data_dir = "{data}"\nprotocol_dir = "{small_protocol_disk}"')
     srv.config.write_text(text)
     assert srv.cli("init", "--password-stdin", stdin=ADMIN_PASSWORD + "\n").returncode == 0
+    srv.ok("user", "add", "ops", "--role", "admin", "--email", "ops@example.test",
+           "--generate-password")
     srv.start()
     yield srv, small_protocol_disk
     srv.stop()
@@ -215,6 +221,9 @@ def test_no_session_starts_that_its_protocol_cannot_record(server_on_small_disk,
                       "--home", str(alice), timeout=30)
     assert refused.returncode != 0
     assert "cannot record sessions" in refused.stderr, refused.stderr
+    alert = srv.inbox.wait("session protocols cannot be written")[0]
+    assert alert["X-Envelope-To"] == "ops@example.test"
+    assert str(disk) in alert.get_content() and "Read-only file system" in alert.get_content()
     check = srv.cli("check")
     assert check.returncode == 1 and "protocol folder:" in check.stdout
     assert "not writable" in check.stdout, check.stdout
