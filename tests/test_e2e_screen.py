@@ -5,6 +5,7 @@ client attached to the supporter's --vnc-listen port gets a correct picture.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import time
 
@@ -95,3 +96,33 @@ def test_supporter_sees_and_controls_the_host_screen(world, xvfb, tmp_path):  # 
         if supporter:
             supporter.stop()
     assert MARKER not in w["capture"].read_bytes()
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_supporter_refuses_a_screen_beyond_its_limit_before_allocating(world, xvfb,  # noqa: F811
+                                                                      tmp_path):
+    """Issue 10, finding 9: the framebuffer limit is the supporter's to configure; a remote
+    screen beyond it is refused with the size and the limit, and nothing is drawn."""
+    w = world
+    right = tmp_path / "right"
+    right.write_text("right-host-password\n")
+    snapshot = tmp_path / "never.png"
+    host = ModuleProcess("host", "run", "--screen", xvfb.name, "--pipe", "--home", str(w["pc1"]))
+    supporter = None
+    try:
+        host.wait_for_line("online; waiting for supporters")
+        supporter = ModuleProcess(
+            "supporter", "connect", "pc1", "--pipe", "--answers", "/dev/null",
+            "--password-file", str(right), "--snapshot", str(snapshot),
+            "--max-screen", "800x600", "--home", str(w["alice"]))
+        supporter.wait_for_line(re.escape(
+            "the remote screen could not be shown: server desktop size 1024x768 (786,432 pixels) "
+            "is larger than this supporter accepts: at most 800x600 (480,000 pixels, either "
+            "orientation); a larger screen needs --max-screen WxH"), timeout=60)
+        supporter.close_stdin()
+        supporter.wait(timeout=30)
+        assert not snapshot.exists()
+    finally:
+        host.stop()
+        if supporter:
+            supporter.stop()

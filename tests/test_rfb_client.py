@@ -20,7 +20,8 @@ from PIL import Image
 from modules.supporter.rfb_client import (COPY_RECT, DESKTOP_SIZE, LAST_RECT, RAW, RICH_CURSOR,
                                           TIGHT, ZRLE, Bell, CursorShape, DesktopResized,
                                           FramebufferUpdated, Rect, RFBClient, RFBClientError,
-                                          ServerCutText, ServerInit, compress_level,
+                                          ScreenLimit, ServerCutText, ServerInit,
+                                          compress_level,
                                           quality_level, vnc_auth_response)
 from tests.fixtures_x11 import require, start_xvfb, stop_process, wait_for_window
 
@@ -838,3 +839,92 @@ def test_twisted_adapter_fails_first_frame_on_an_oversized_rect():
         assert "5000x5000" in reason
     finally:
         yield port.stopListening()
+
+
+# =============================================================================================
+# the screen limit (checked before the framebuffer is allocated) and CPU per byte received
+# =============================================================================================
+
+
+def test_default_limit_is_8k_in_either_orientation():
+    limit = ScreenLimit()
+    assert (limit.width, limit.height, limit.pixels) == (7680, 4320, 33_177_600)
+    assert limit.refusal("desktop size", 7680, 4320) is None
+    assert limit.refusal("desktop size", 4320, 7680) is None      # a portrait 8K screen
+    assert limit.refusal("desktop size", 7681, 1) is not None      # no side beyond 7680
+    assert limit.refusal("desktop size", 7680, 4321) is not None   # no more pixels than 8K
+    assert ScreenLimit.parse(" 1920 x 1080 ") == ScreenLimit(1920, 1080)
+    for bad in ("1920", "0x5", "20000x10", "axb", "1920x1080x2"):
+        with pytest.raises(ValueError):
+            ScreenLimit.parse(bad)
+
+
+def test_server_init_beyond_the_limit_is_refused_before_allocating():
+    """Issue 10, finding 9: a 46-byte ServerInit declaring 16384x16384 allocated 805 MB."""
+    import tracemalloc
+    client = RFBClient()
+    tracemalloc.start()
+    try:
+        with pytest.raises(RFBClientError) as err:
+            client.receive(handshake(16384, 16384))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert err.value.reason == (
+        "server desktop size 16384x16384 (268,435,456 pixels) is larger than this supporter "
+        "accepts: at most 7680x4320 (33,177,600 pixels, either orientation); a larger screen "
+        "needs --max-screen WxH")
+    assert peak < 1 << 20 and client.framebuffer.size == 0
+
+
+def test_configured_limit_is_kept_on_server_init_and_desktop_size():
+    limit = ScreenLimit(640, 480)
+    assert connected(480, 640, screen_limit=limit).framebuffer.shape == (640, 480, 3)
+    with pytest.raises(RFBClientError, match=r"server desktop size 700x300 \(210,000 pixels\) "
+                                             r"is larger .* at most 640x480"):
+        RFBClient(screen_limit=limit).receive(handshake(700, 300))
+    client = connected(64, 48, screen_limit=limit)
+    with pytest.raises(RFBClientError, match="desktop size 641x480 .* at most 640x480"):
+        client.receive(update(header(0, 0, 641, 480, DESKTOP_SIZE)))
+    assert client.framebuffer.shape == (48, 64, 3)  # the old one was kept, nothing allocated
+    client = connected(64, 48, screen_limit=limit)
+    assert client.receive(update(header(0, 0, 640, 480, DESKTOP_SIZE))) == [
+        DesktopResized(640, 480), FramebufferUpdated((Rect(0, 0, 640, 480, DESKTOP_SIZE),))]
+
+
+def cpu_seconds(client: RFBClient, data: bytes) -> float:
+    start = time.thread_time()
+    client.receive(data)
+    return time.thread_time() - start
+
+
+def zrle_rect(w: int, h: int, tile) -> bytes:
+    z = zlib.compressobj(9)
+    body = b"".join(tile(min(64, w - tx), min(64, h - ty))
+                    for ty in range(0, h, 64) for tx in range(0, w, 64))
+    comp = z.compress(body) + z.flush(zlib.Z_SYNC_FLUSH)
+    return header(0, 0, w, h, ZRLE) + struct.pack(">I", len(comp)) + comp
+
+
+def test_tight_gradient_costs_little_cpu_per_byte():
+    """Issue 10, finding 9: 512x512 gradient from 851 bytes took 1.7 s in a per-pixel loop."""
+    z = zlib.compressobj(9)
+    comp = z.compress(bytes(512 * 512 * 3)) + z.flush(zlib.Z_SYNC_FLUSH)
+    data = update(header(0, 0, 512, 512, TIGHT) + b"\x40\x02" + compact(len(comp)) + comp)
+    assert len(data) < 1024
+    client = connected(512, 512)
+    assert cpu_seconds(client, data) < 0.25          # measured 0.02-0.03 s; was 1.9 s
+    assert (client.framebuffer == 0).all()
+
+
+def test_zrle_run_length_tiles_cost_little_cpu_per_byte():
+    """Issue 10, finding 9: palette-RLE 2048x2048 from 5.7 KB took 2.1 s (a loop per pixel);
+    plain RLE with one-pixel runs was worse (4 s from 26 KB)."""
+    palette_rle = zrle_rect(2048, 2048, lambda tw, th: b"\x82\x00\x00\x00\xff\xff\xff"
+                            + bytes(i & 1 for i in range(tw * th)))
+    plain_rle = zrle_rect(2048, 2048, lambda tw, th: b"\x80" + b"".join(
+        (b"\x00\x00\x00\x00", b"\xff\xff\xff\x00")[i & 1] for i in range(tw * th)))
+    for data, budget in ((update(palette_rle), 0.6), (update(plain_rle), 0.8)):
+        client = connected(2048, 2048)
+        assert cpu_seconds(client, data) < budget    # measured 0.06-0.2 s; was 2.4 s and 4 s
+        assert (client.framebuffer[0, :4] == [[0, 0, 0], [255, 255, 255]] * 2).all()

@@ -130,10 +130,11 @@ class ViewerScreen:
     """Keeps the remote framebuffer; optional local VNC port, snapshot and typed text."""
 
     def __init__(self, reactor, send: Callable[[bytes], None], close: Callable[[], None],
-                 on_event: Callable[[Any], None] | None = None) -> None:
+                 on_event: Callable[[Any], None] | None = None, screen_limit: Any = None) -> None:
+        """``screen_limit``: the largest remote screen accepted (``ScreenLimit``; 8K if None)."""
         from modules.supporter.rfb_twisted import RFBClientProtocol
         self.reactor = reactor
-        self.protocol = RFBClientProtocol(on_event=on_event)
+        self.protocol = RFBClientProtocol(on_event=on_event, screen_limit=screen_limit)
         self.transport = ChannelTransport(send, close)
         self.started = False
         self.vnc_port = None

@@ -349,7 +349,8 @@ class SessionRunner:
             from .screen_session import ViewerScreen
             self.viewer_screen = ViewerScreen(
                 self.reactor, send=lambda out: self._send(Channel.SCREEN, out), close=lambda: None,
-                on_event=self._viewer_screen_event)
+                on_event=self._viewer_screen_event,
+                screen_limit=self.viewer_options.get("max_screen"))
             self.viewer_screen.first_frame.addCallbacks(self._first_frame, lambda f: say(
                 f"the remote screen could not be shown: {f.getErrorMessage()}"))
         self.viewer_screen.received(data)

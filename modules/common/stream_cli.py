@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import io
 import json
@@ -34,6 +35,10 @@ def add_session_options(parser, supporter: bool = False) -> None:
                                  "address, e.g. 127.0.0.1:5901")
         parser.add_argument("--snapshot", metavar="PNG",
                             help="save the remote screen to this PNG file once it has arrived")
+        parser.add_argument("--max-screen", metavar="WxH", type=_screen_limit,
+                            help="the largest remote screen to accept, in either orientation "
+                                 "(default 7680x4320, 8K); a larger one is refused before "
+                                 "memory is set aside for it")
         parser.add_argument("--type", metavar="TEXT",
                             help="type TEXT into the remote screen once it has arrived "
                                  "(needs the control right; \\n is Return)")
@@ -52,6 +57,15 @@ def add_session_options(parser, supporter: bool = False) -> None:
         parser.add_argument("--protocol-copy", metavar="DIR",
                             help="also keep a local copy of this session's events in DIR "
                                  "(one JSON-lines file per session)")
+
+
+def _screen_limit(text: str):
+    """``--max-screen WxH`` → ``ScreenLimit`` (imported here: the viewer needs numpy)."""
+    from modules.supporter.rfb_client import ScreenLimit
+    try:
+        return ScreenLimit.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def consent_ui(args) -> TerminalConsentUI:
@@ -142,6 +156,7 @@ async def run_secure_session(reactor, ticket: dict, ca_pem: bytes, folder: Modul
                            send_files=tuple(getattr(args, "send", ())),
                            receive_dir=getattr(args, "receive_dir", None),
                            viewer={"vnc_listen": getattr(args, "vnc_listen", None),
+                                   "max_screen": getattr(args, "max_screen", None),
                                    "snapshot": getattr(args, "snapshot", None),
                                    "type": (getattr(args, "type", None) or "").replace("\\n", "\n"),
                                    "clipboard": getattr(args, "clipboard", None),

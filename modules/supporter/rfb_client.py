@@ -13,14 +13,19 @@ Decoded encodings: Raw, CopyRect, ZRLE (all subencodings), Tight (basic compress
 zlib streams, copy / palette / gradient filters, fill, JPEG via Pillow); pseudo-encodings
 DesktopSize, LastRect and RichCursor.  Security types None and VNC authentication.
 
-Everything the server declares is checked before it is buffered or written: a rect must lie
-inside the framebuffer, lengths are bounded, zlib output is bounded by what the rect can hold.
-Any violation raises ``RFBClientError`` with a reason; after that the client stays failed.
+Everything the server declares is checked before it is buffered or written: the desktop size
+against the supporter's ``ScreenLimit`` before the framebuffer is allocated (ServerInit and
+DesktopSize), a rect must lie inside the framebuffer, lengths are bounded, zlib output is bounded
+by what the rect can hold.  The decoders whose work is not proportional to the bytes received
+(Tight gradient, ZRLE run-length tiles) are array operations in ``rfb_decode``, never a Python
+step per pixel.  Any violation raises ``RFBClientError`` with a reason; after that the client
+stays failed.
 """
 
 from __future__ import annotations
 
 import io
+import re
 import struct
 from collections import Counter
 import zlib
@@ -28,6 +33,8 @@ from dataclasses import dataclass
 from typing import Generator, Iterable
 
 import numpy as np
+
+from .rfb_decode import ZRLE_TILE, DecodeError, gradient, zrle_tile
 
 # --- encodings -------------------------------------------------------------------------------
 RAW = 0
@@ -61,12 +68,11 @@ SEC_NONE = 1
 SEC_VNC_AUTH = 2
 
 # --- bounds ----------------------------------------------------------------------------------
-MAX_DIMENSION = 16384          # width/height of a desktop we accept
+MAX_DIMENSION = 16384          # the largest --max-screen side one may configure
 MAX_NAME = 4096                # desktop name, failure reasons
 MAX_CUT_TEXT = 1 << 20         # server clipboard text
 MAX_CURSOR = 256               # cursor width/height
 MAX_JPEG = 1 << 22             # Tight compact length maximum is 4 MiB anyway
-ZRLE_TILE = 64
 
 # 32 bpp, depth 24, little-endian, true colour, 255/255/255, shifts 16/8/0
 PIXEL_FORMAT = struct.pack(">BBBBHHHBBB3x", 32, 24, 0, 1, 255, 255, 255, 16, 8, 0)
@@ -78,6 +84,43 @@ class RFBClientError(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+@dataclass(frozen=True)
+class ScreenLimit:
+    """The largest remote screen the supporter accepts: ``width x height`` pixels, in either
+    orientation (a portrait 4320x7680 fits 7680x4320).  Checked before the framebuffer
+    (3 bytes per pixel) is allocated; the default is 8K UHD, the largest screen in real use."""
+
+    width: int = 7680
+    height: int = 4320
+
+    def __post_init__(self) -> None:
+        if not (0 < self.width <= MAX_DIMENSION and 0 < self.height <= MAX_DIMENSION):
+            raise ValueError(f"a screen limit is 1x1 to {MAX_DIMENSION}x{MAX_DIMENSION}, "
+                             f"not {self.width}x{self.height}")
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+    @classmethod
+    def parse(cls, text: str) -> "ScreenLimit":
+        """``7680x4320`` → ScreenLimit; ``ValueError`` with a reason otherwise."""
+        match = re.fullmatch(r"\s*(\d{1,5})\s*[xX×]\s*(\d{1,5})\s*", text)
+        if not match:
+            raise ValueError(f"{text!r} is not a screen size such as 7680x4320")
+        return cls(int(match[1]), int(match[2]))
+
+    def refusal(self, what: str, w: int, h: int) -> str | None:
+        """Why a desktop of ``w x h`` is not accepted, or None."""
+        if w <= 0 or h <= 0:
+            return f"{what} {w}x{h} is not acceptable: it is empty"
+        if max(w, h) > max(self.width, self.height) or w * h > self.pixels:
+            return (f"{what} {w}x{h} ({w * h:,} pixels) is larger than this supporter accepts: "
+                    f"at most {self.width}x{self.height} ({self.pixels:,} pixels, either "
+                    f"orientation); a larger screen needs --max-screen WxH")
+        return None
 
 
 # --- events ----------------------------------------------------------------------------------
@@ -146,10 +189,11 @@ def vnc_auth_response(password: str, challenge: bytes) -> bytes:
 
 class RFBClient:
     def __init__(self, encodings: Iterable[int] = DEFAULT_ENCODINGS, password: str | None = None,
-                 shared: bool = True) -> None:
+                 shared: bool = True, screen_limit: ScreenLimit | None = None) -> None:
         self.encodings = tuple(encodings)
         self.password = password
         self.shared = shared
+        self.screen_limit = screen_limit or ScreenLimit()
         self.width = 0
         self.height = 0
         self.name = ""
@@ -292,8 +336,9 @@ class RFBClient:
                 raise RFBClientError("security handshake failed: " + reason)
         self._out.append(1 if self.shared else 0)
         w, h, bpp, _depth, _be, true_colour, *_ = struct.unpack(">HHBBBBHHHBBB3x", (yield 20))
-        if not (0 < w <= MAX_DIMENSION and 0 < h <= MAX_DIMENSION):
-            raise RFBClientError(f"server desktop size {w}x{h} is not acceptable")
+        refusal = self.screen_limit.refusal("server desktop size", w, h)
+        if refusal:
+            raise RFBClientError(refusal)
         (name_len,) = struct.unpack(">I", (yield 4))
         if name_len > MAX_NAME:
             raise RFBClientError(f"desktop name of {name_len} bytes is too long")
@@ -319,8 +364,9 @@ class RFBClient:
             if enc == LAST_RECT:
                 break
             if enc == DESKTOP_SIZE:
-                if not (0 < w <= MAX_DIMENSION and 0 < h <= MAX_DIMENSION):
-                    raise RFBClientError(f"desktop size {w}x{h} is not acceptable")
+                refusal = self.screen_limit.refusal("desktop size", w, h)
+                if refusal:
+                    raise RFBClientError(refusal)
                 self._resize(w, h)
                 self.decoded["desktop-size"] += 1
                 rects.append(rect)
@@ -389,12 +435,16 @@ class RFBClient:
         if len(raw) > limit or self._zrle.unconsumed_tail:
             raise RFBClientError(f"ZRLE rect {x},{y} {w}x{h} decompresses to too much data")
         pos = 0
-        for ty in range(y, y + h, ZRLE_TILE):
-            th = min(ZRLE_TILE, y + h - ty)
-            for tx in range(x, x + w, ZRLE_TILE):
-                tw = min(ZRLE_TILE, x + w - tx)
-                tile, pos = _zrle_tile(raw, pos, tw, th)
-                self.framebuffer[ty:ty + th, tx:tx + tw] = tile
+        array = np.frombuffer(raw, np.uint8)
+        try:
+            for ty in range(y, y + h, ZRLE_TILE):
+                th = min(ZRLE_TILE, y + h - ty)
+                for tx in range(x, x + w, ZRLE_TILE):
+                    tw = min(ZRLE_TILE, x + w - tx)
+                    tile, pos = zrle_tile(raw, array, pos, tw, th)
+                    self.framebuffer[ty:ty + th, tx:tx + tw] = tile
+        except DecodeError as exc:
+            raise RFBClientError(str(exc)) from None
         if pos != len(raw):
             raise RFBClientError(f"ZRLE rect {x},{y} {w}x{h} has {len(raw) - pos} bytes too many")
 
@@ -464,7 +514,7 @@ class RFBClient:
         if filter_id == 0:
             pixels = np.frombuffer(data, np.uint8).reshape(h, w, 3)
         elif filter_id == 2:
-            pixels = _gradient(np.frombuffer(data, np.uint8).reshape(h, w, 3))
+            pixels = gradient(np.frombuffer(data, np.uint8).reshape(h, w, 3))
         else:
             assert palette is not None
             if len(palette) == 2:
@@ -492,99 +542,3 @@ def _decode_jpeg(data: bytes, w: int, h: int) -> np.ndarray:
         raise
     except Exception as exc:                      # Pillow raises many kinds for broken data
         raise RFBClientError(f"Tight JPEG cannot be decoded: {exc}") from None
-
-
-def _gradient(diff: np.ndarray) -> np.ndarray:
-    """Undo Tight's gradient filter: each component was sent as ``value - clamp(left + up -
-    upleft)`` modulo 256."""
-    h, w, _ = diff.shape
-    out = np.zeros((h + 1, w + 1, 3), np.int32)
-    d = diff.astype(np.int32)
-    for row in range(h):
-        up = out[row]
-        cur = out[row + 1]
-        for col in range(w):
-            pred = np.clip(cur[col] + up[col + 1] - up[col], 0, 255)
-            cur[col + 1] = (pred + d[row, col]) & 0xFF
-    return out[1:, 1:].astype(np.uint8)
-
-
-def _need(raw: bytes, pos: int, n: int) -> None:
-    if pos + n > len(raw):
-        raise RFBClientError("ZRLE tile data ends early")
-
-
-def _zrle_tile(raw: bytes, pos: int, tw: int, th: int) -> tuple[np.ndarray, int]:
-    """Decode one ZRLE tile (CPIXEL = 3 bytes B G R); return RGB pixels and the new position."""
-    _need(raw, pos, 1)
-    sub = raw[pos]
-    pos += 1
-    n = tw * th
-    if sub == 0:                                             # raw cpixels
-        _need(raw, pos, n * 3)
-        px = np.frombuffer(raw, np.uint8, n * 3, pos).reshape(th, tw, 3)[..., ::-1]
-        return px, pos + n * 3
-    if sub == 1:                                             # solid
-        _need(raw, pos, 3)
-        return np.frombuffer(raw, np.uint8, 3, pos)[::-1], pos + 3
-    if 2 <= sub <= 16:                                       # packed palette
-        _need(raw, pos, sub * 3)
-        palette = np.frombuffer(raw, np.uint8, sub * 3, pos).reshape(sub, 3)[:, ::-1]
-        pos += sub * 3
-        bits = 1 if sub == 2 else 2 if sub <= 4 else 4
-        row = (tw * bits + 7) // 8
-        _need(raw, pos, row * th)
-        packed = np.frombuffer(raw, np.uint8, row * th, pos).reshape(th, row)
-        pos += row * th
-        unpacked = np.unpackbits(packed, axis=1).reshape(th, row * 8 // bits, bits)
-        weights = (1 << np.arange(bits - 1, -1, -1)).astype(np.uint8)
-        idx = (unpacked * weights).sum(axis=2)[:, :tw]
-        if idx.max() >= sub:
-            raise RFBClientError(f"ZRLE palette index {int(idx.max())} beyond {sub} colours")
-        return palette[idx], pos
-    if sub == 128 or sub >= 130:                             # plain RLE / palette RLE
-        palette = None
-        if sub >= 130:
-            size = sub - 128
-            _need(raw, pos, size * 3)
-            palette = np.frombuffer(raw, np.uint8, size * 3, pos).reshape(size, 3)[:, ::-1]
-            pos += size * 3
-        out = np.empty((n, 3), np.uint8)
-        done = 0
-        end = len(raw)
-        while done < n:
-            if palette is None:
-                if pos + 3 > end:
-                    raise RFBClientError("ZRLE tile data ends early")
-                colour = raw[pos + 2], raw[pos + 1], raw[pos]
-                pos += 3
-                run_follows = True
-            else:
-                if pos >= end:
-                    raise RFBClientError("ZRLE tile data ends early")
-                index = raw[pos]
-                pos += 1
-                run_follows = bool(index & 0x80)
-                index &= 0x7F
-                if index >= len(palette):
-                    raise RFBClientError(f"ZRLE palette index {index} beyond {len(palette)} "
-                                         f"colours")
-                colour = palette[index]
-            run = 1
-            if run_follows:
-                while True:
-                    if pos >= end:
-                        raise RFBClientError("ZRLE tile data ends early")
-                    b = raw[pos]
-                    pos += 1
-                    run += b
-                    if b != 255:
-                        break
-                    if run > n:
-                        break
-            if done + run > n:
-                raise RFBClientError(f"ZRLE run of {run} pixels overflows the {tw}x{th} tile")
-            out[done:done + run] = colour
-            done += run
-        return out.reshape(th, tw, 3), pos
-    raise RFBClientError(f"ZRLE subencoding {sub} is not defined")

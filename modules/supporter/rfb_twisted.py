@@ -16,13 +16,14 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 
 from .rfb_client import (DEFAULT_ENCODINGS, Event, FramebufferUpdated, RFBClient, RFBClientError,
-                         ServerInit, DesktopResized)
+                         ScreenLimit, ServerInit, DesktopResized)
 
 
 class RFBClientProtocol(Protocol):
     def __init__(self, encodings=DEFAULT_ENCODINGS, password: str | None = None,
-                 on_event: Callable[[Event], None] | None = None) -> None:
-        self.client = RFBClient(encodings=encodings, password=password)
+                 on_event: Callable[[Event], None] | None = None,
+                 screen_limit: ScreenLimit | None = None) -> None:
+        self.client = RFBClient(encodings=encodings, password=password, screen_limit=screen_limit)
         self.on_event = on_event
         self.first_frame: Deferred = Deferred()
         self.ended: Deferred = Deferred()
