@@ -12,6 +12,7 @@ languages go to ``test-artifacts/console/``.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import re
@@ -21,8 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures_console import ARTIFACTS, add_session, tenant_of_admin
+from tests.fixtures_console import ARTIFACTS, tenant_of_admin
 from tests.fixtures_server import ADMIN_PASSWORD
+from tests.test_console_pages import add_session, write_protocol
 
 AXE_VERSION = "4.14.1"
 AXE_CACHE = Path(os.environ.get("HAUSMEISTER_TEST_CACHE",
@@ -129,8 +131,12 @@ def _set_totp(db_url: str, name: str) -> None:
 def _data(srv, db_url: str) -> None:
     """Rows in every table: sessions, users of each role, tokens, an audit trail."""
     tenant = tenant_of_admin(srv)
-    add_session(db_url, tenant, "supporter:sam", "customer:Erika")
-    add_session(db_url, tenant, "supporter:sam", "customer:Jürgen")
+    created = dt.datetime(2026, 11, 1, 9, 0, tzinfo=dt.timezone.utc)
+    newest = add_session(db_url, tenant, "adhoc", "hausmeister:supporter:sam", "customer:Erika",
+                         created + dt.timedelta(days=1))
+    add_session(db_url, tenant, "host", "hausmeister:supporter:sam", "hausmeister:host:pc1", created)
+    write_protocol(srv.data_dir / "protocols", tenant, newest, chat="Guten Tag, see "
+                   "https://example.org/faq")  # the newest is the first row: timeline in the table
     for name, role, password in (("sam", "supporter", SAM_PASSWORD),
                                  ("audrey", "auditor", AUDREY_PASSWORD),
                                  ("tina", "auditor", TINA_PASSWORD)):
@@ -157,6 +163,7 @@ def test_every_page_in_both_languages_passes_axe_and_reflows(running_server, enr
         admin.check("sessions", "/console/sessions")
         admin.page.click("a.details >> nth=0")
         admin.page.wait_for_load_state()
+        assert admin.page.locator("#timeline tr.event").count() >= 6
         admin.check("session-detail")
         admin.check("users", "/console/users")
         if invite_link is None:
