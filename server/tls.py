@@ -43,7 +43,9 @@ class ServerContextFactory:
         return self._context
 
     def serverConnectionForTLS(self, tls_protocol) -> SSL.Connection:
-        return SSL.Connection(self._context, None)
+        connection = SSL.Connection(self._context, None)
+        connection.set_app_data(tls_protocol)  # the verify callback logs through its guard
+        return connection
 
 
 def _base_context(chain: list[x509.Certificate], key, min_tls: str) -> SSL.Context:
@@ -81,26 +83,37 @@ def module_context(chain: list[x509.Certificate], key, ca_cert: x509.Certificate
 
     def verify(conn, cert: crypto.X509, errno: int, depth: int, ok: int) -> bool:
         if not ok:
-            log.warn("module port refused a client certificate at depth {depth}: "
-                     "OpenSSL verify error {errno} ({what})", depth=depth, errno=errno,
-                     what=_verify_error_text(errno), subject=str(cert.get_subject()))
+            _refused(conn, "client certificate refused",
+                     f"module port refused a client certificate at depth {depth}: OpenSSL verify "
+                     f"error {errno} ({_verify_error_text(errno)})")
             return False
         if depth > 0:
             return True
         serial = format(cert.get_serial_number(), "x")
         if is_revoked(serial):
-            log.warn("module port refused revoked certificate {serial}", serial=serial)
+            _refused(conn, "revoked certificate", f"module port refused revoked certificate {serial}")
             return False
         try:
             identity_of(cert.to_cryptography())
         except IdentityError as exc:
-            log.warn("module port refused certificate {serial}: {reason}", serial=serial,
-                     reason=str(exc))
+            _refused(conn, "certificate without identity",
+                     f"module port refused certificate {serial}: {exc}")
             return False
         return True
 
     ctx.set_verify(SSL.VERIFY_PEER, verify)
     return ctx
+
+
+def _refused(conn: SSL.Connection, kind: str, reason: str) -> None:
+    """One line per refusal, or, behind a connection guard, one line per kind and interval (a
+    flood of handshakes with a bad certificate must not fill the log)."""
+    from .connection_guard import note_refusal  # imports config; here to keep tls.py light
+    tls_protocol = conn.get_app_data()
+    if tls_protocol is None or not hasattr(tls_protocol, "getPeer"):
+        log.warn("{reason}", reason=reason)
+        return
+    note_refusal(tls_protocol, kind, reason)
 
 
 def _verify_error_text(errno: int) -> str:
