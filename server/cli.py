@@ -777,6 +777,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .backup import add_commands as add_backup_commands
     add_backup_commands(sub)
+    from .download_signing import add_commands as add_download_commands
+    add_download_commands(sub)
     return p
 
 

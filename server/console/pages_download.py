@@ -23,6 +23,8 @@ from twisted.web import static
 from protocol.identity import fingerprint
 from protocol.runtime import run_blocking
 
+from .. import download_signing
+
 from ..i18n import Text
 from .core import Ctx, PageError, route
 from .pages_help import link_outside_urls
@@ -38,6 +40,7 @@ class Offered:
     name: str
     size: int
     sha256: str
+    signature: str = ""
 
 
 class HashCache:
@@ -85,14 +88,26 @@ def offered_files(folder: Path) -> tuple[list[Offered], int]:
     except OSError:
         return [], 0
     for entry in entries:
-        if not entry.is_file(follow_symlinks=False):
-            continue
+        if not entry.is_file(follow_symlinks=False) or download_signing.is_signature_file(entry.name):
+            continue  # signatures are served beside their file, not offered on their own
         if safe_file(folder, entry.name) is None:
             skipped += 1
             continue
         st = entry.stat(follow_symlinks=False)
         offered.append(Offered(entry.name, st.st_size, _hashes.sha256(Path(entry.path), st)))
     return offered, skipped
+
+
+def offered_and_signed(folder: Path, cert_dir: Path) -> tuple[list[Offered], int, str]:
+    """Blocking: the offered files with their signature state, and the signing key's fingerprint
+    (files new to the folder are signed now; see server/download_signing.py)."""
+    files, skipped = offered_files(folder)
+    if not (Path(cert_dir) / "ca.crt").exists() or not Path(folder).is_dir():
+        return files, skipped, ""
+    key = download_signing.signing_key(cert_dir)
+    states = download_signing.sign_folder(folder, [(f.name, f.sha256) for f in files], key)
+    return ([Offered(f.name, f.size, f.sha256, states.get(f.name, "")) for f in files], skipped,
+            download_signing.fingerprint(key))
 
 
 def server_facts(ctx: Ctx) -> dict[str, str]:
@@ -133,14 +148,30 @@ def download_page(ctx: Ctx):
     terms = link_outside_urls(support_terms(ctx))
     folder = ctx.console.config.server.downloads_dir if ctx.console.config else None
 
-    def show(found: tuple[list[Offered], int]) -> bytes:
-        files, skipped = found
+    def show(found: tuple[list[Offered], int, str]) -> bytes:
+        files, skipped, signing_fingerprint = found
         return ctx.page("download.html", files=files, skipped=skipped, terms=terms,
-                        notice=ctx.take_notice(), **facts)
+                        signing_fingerprint=signing_fingerprint, notice=ctx.take_notice(),
+                        **facts)
 
     if folder is None:
-        return show(([], 0))
-    return run_blocking(offered_files, folder).addCallback(show)
+        return show(([], 0, ""))
+    cert_dir = ctx.console.config.server.cert_dir
+    return run_blocking(offered_and_signed, folder, cert_dir).addCallback(show)
+
+
+@route("GET", "download-signing.pub", login=False)
+def signing_public_key(ctx: Ctx):
+    """The public half of the key that signs the downloads (PEM)."""
+    cert_dir = ctx.console.config.server.cert_dir if ctx.console.config else None
+    if cert_dir is None or not (Path(cert_dir) / download_signing.KEY_NAME).exists():
+        return ctx.page("notfound.html", 404)
+
+    def pem() -> bytes:
+        return download_signing.public_pem(download_signing.signing_key(cert_dir))
+
+    return run_blocking(pem).addCallback(
+        lambda body: ctx.download(body, b"application/x-pem-file", download_signing.PUBLIC_NAME))
 
 
 @route("GET", "customer.toml", login=False)
