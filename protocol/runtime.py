@@ -20,8 +20,8 @@ from typing import Any, Callable, TextIO, TypeVar
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import (
-    FileLogObserver, FilteringLogObserver, LogLevel, LogLevelFilterPredicate, Logger, formatEvent,
-    globalLogBeginner, textFileLogObserver,
+    FileLogObserver, FilteringLogObserver, LogLevel, LogLevelFilterPredicate, Logger,
+    PredicateResult, formatEvent, globalLogBeginner, textFileLogObserver,
 )
 from twisted.python.threadpool import ThreadPool
 
@@ -59,18 +59,32 @@ def json_line(event: dict) -> str:
     return json.dumps(record, ensure_ascii=False) + "\n"
 
 
-def start_logging(level: str = "info", fmt: str = "json", stream: TextIO | None = None) -> None:
-    """Route every ``twisted.logger`` event (and stdlib ``logging``, via Twisted) to one sink."""
+def start_logging(level: str = "info", fmt: str = "json", stream: TextIO | None = None,
+                  quiet_twisted: bool = False) -> None:
+    """Route every ``twisted.logger`` event (and stdlib ``logging``, via Twisted) to one sink.
+    ``quiet_twisted``: Twisted's own chatter ("Starting factory", "connection established")
+    only at level debug (a module's terminal is for people, not for reactor internals)."""
     global _started
     stream = stream or sys.stderr
     observer = (FileLogObserver(stream, json_line) if fmt == "json"
                 else textFileLogObserver(stream))
-    predicate = LogLevelFilterPredicate(defaultLogLevel=LEVELS[level])
-    filtered = FilteringLogObserver(observer, [predicate])
+    predicates = [LogLevelFilterPredicate(defaultLogLevel=LEVELS[level])]
+    if quiet_twisted and level != "debug":
+        predicates.append(_no_twisted_chatter)
+    filtered = FilteringLogObserver(observer, predicates)
     if not _started:
         globalLogBeginner.beginLoggingTo([filtered], redirectStandardIO=False,
                                          discardBuffer=True)
         _started = True
+
+
+def _no_twisted_chatter(event: dict) -> PredicateResult:
+    namespace = event.get("log_namespace", "")
+    level = event.get("log_level")
+    if (namespace.startswith("twisted.") or namespace == "log_legacy") and \
+            level in (LogLevel.debug, LogLevel.info):
+        return PredicateResult.no
+    return PredicateResult.maybe
 
 
 # Generation-0 threshold for long-running processes (CPython's default is 700); see tune_gc.

@@ -735,7 +735,7 @@ async def test_terminal_asks_plain_questions_and_reads_one_line_each(pipe):
     ui.notify(RightGranted(Right.CONTROL, Role.CUSTOMER))
     ui.notify(Comment(Role.SUPPORTER, "never on the customer's screen"))
     ui.notify(Chat(Role.SUPPORTER, "hallo\x1b[2J"))
-    assert out.getvalue().endswith("You granted control.\nThe supporter: hallo[2J\n")
+    assert out.getvalue().endswith("You granted control.\nThe supporter writes: hallo[2J\n")
     pipe.close()
     late = ui.ask("Allow the supporter to see your screen?", Right.VIEW)
     assert await late is False  # end of input: no

@@ -141,7 +141,7 @@ def test_consent_denied_keeps_control_from_the_supporter(world):
     supporter, customer = start_adhoc(w, customer_answers=("y", "y", "n"))
     try:
         customer.wait_for_line("granted view")
-        supporter.wait_for_line("denied")
+        supporter.wait_for_line("The customer refused control")
         customer.send(b"screen bytes")
         supporter.read_exactly(b"screen bytes")       # view was granted
         supporter.send(b"rm -rf / # input")          # control was not: held, never applied
@@ -155,29 +155,12 @@ def test_consent_denied_keeps_control_from_the_supporter(world):
     assert any(e["kind"] == "right_denied" and e["detail"]["right"] == "control" for e in events)
 
 
-def test_emergency_stop_from_the_customer_ends_the_session_at_once(world):
-    w = world
-    supporter, customer = start_adhoc(w)
-    try:
-        customer.wait_for_line("granted control")
-        supporter.wait_for_line("granted control")
-        customer.proc.send_signal(signal.SIGINT)  # the CLI's emergency stop
-        assert customer.wait() in (0, 1, 130)
-        assert supporter.wait() == 0
-        assert "emergency" in supporter.stderr.lower()
-    finally:
-        finish(supporter, customer)
-    events = wait_until(lambda: [e for e in protocol_events(w["srv"])
-                                 if e["kind"] == "emergency_stop"], what="emergency stop event")
-    assert events[0]["detail"]["by"] == "customer"
-
-
 def test_direction_change_lets_the_supporter_show(world):
     w = world
     supporter, customer = start_adhoc(w, supporter_args=("--show-my-screen",))
     try:
-        supporter.wait_for_line("direction changed")
-        customer.wait_for_line("direction changed")
+        supporter.wait_for_line("You now show the screen")
+        customer.wait_for_line("The supporter now shows the screen")
         supporter.send(b"the supporter's screen")
         customer.read_exactly(b"the supporter's screen")
         supporter.close_stdin()
@@ -232,8 +215,8 @@ def test_chat_both_ways_and_supporter_comments_only_in_the_protocol(world):
                              "--chat", "Thanks, the printer is upstairs.",
                              "--answers", answers(w["tmp"], "y", "y", "y"))
     try:
-        customer.wait_for_line("chat from the supporter: Hello, I am Alice from IT.")
-        supporter.wait_for_line("chat from the customer: Thanks, the printer is upstairs.")
+        customer.wait_for_line("The supporter writes: Hello, I am Alice from IT.")
+        supporter.wait_for_line("The customer writes: Thanks, the printer is upstairs.")
         customer.wait_for_line("granted control")
         supporter.close_stdin()
         assert supporter.wait() == 0 and customer.wait() == 0
@@ -294,7 +277,7 @@ def test_files_go_both_ways_with_matching_sha256_as_the_policy_allows(world):
         leftover.unlink()
     host, supporter = session("deny")
     try:
-        supporter.wait_for_line("right denied")
+        supporter.wait_for_line("The host refused files")
         supporter.wait_for_line("granted control")
         time.sleep(1.0)
         supporter.close_stdin()

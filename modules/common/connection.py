@@ -15,6 +15,7 @@ from twisted.protocols import amp
 from protocol import PROTOCOL_VERSION
 from protocol import control
 from protocol.amp_adapter import FramedAMP
+from protocol.session_end import BadEndReason, EndCause, EndReason
 
 from .folder import ModuleFolder
 
@@ -48,6 +49,8 @@ class ControlClient(FramedAMP):
         self.on_session_ready = None   # supporter: (fields) -> None
         self.on_offer = on_offer       # host: (fields) -> Deferred[bool] | bool
         self.lost: defer.Deferred = defer.Deferred()
+        # session id → called with the server's EndReason when it ends that session (SessionEnded)
+        self.session_end_handlers: dict[str, object] = {}
 
     def connectionLost(self, reason) -> None:
         super().connectionLost(reason)
@@ -59,6 +62,17 @@ class ControlClient(FramedAMP):
         if self.on_session_ready is None:
             raise control.WrongState("this module is not waiting for a customer")
         self.on_session_ready(fields)
+        return {}
+
+    @control.SessionEnded.responder
+    def session_ended(self, session_id, cause, by, detail, text):
+        try:
+            reason = EndReason.from_fields({"cause": cause, "by": by, "detail": detail})
+        except BadEndReason as exc:
+            reason = EndReason(EndCause.ERROR, "server", f"unreadable end notice: {exc}")
+        handler = self.session_end_handlers.get(session_id)
+        if handler is not None:
+            handler(reason)
         return {}
 
     @control.OfferSession.responder

@@ -983,7 +983,7 @@ def describe(event: Event, me: Role | None = None) -> str | None:
     if isinstance(event, EmergencyStopped):
         return f"Emergency stop by {name(event.by)}."
     if isinstance(event, Chat):
-        return f"{subject(event.by)}: {event.text}"
+        return f"{subject(event.by)} {'write' if event.by is me else 'writes'}: {event.text}"
     if isinstance(event, SessionEnded):
         return f"Session ended by {name(event.by)}: {event.reason}."
     if isinstance(event, TermsAccepted):

@@ -29,7 +29,7 @@ from typing import Any, TextIO
 from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
-from .consent import Comment, Event, IConsentUI, Right, Role, describe
+from .consent import Comment, Event, IConsentUI, Right, Role, SessionEnded, describe
 
 YES = frozenset({"y", "yes", "j", "ja"})
 
@@ -88,8 +88,8 @@ class TerminalConsentUI:
         return self._put(_Question(f"{_printable(question)} [y/N] "))
 
     def notify(self, event: Event) -> None:
-        if isinstance(event, Comment):
-            return  # comments belong to the protocol, never to this screen
+        if isinstance(event, (Comment, SessionEnded)):
+            return  # comments belong to the protocol; the end is one line of the session's own
         line = describe(event, self._me)
         if not line:
             return

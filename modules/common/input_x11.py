@@ -42,6 +42,11 @@ class XTestInjector:
         self._mask = 0
         self._keys: dict[int, int] = {}          # keysym → keycode pressed for it
         self._shift_down: set[int] = set()       # keycodes of Shift keys the viewer holds
+        # called (from the calling thread) with the count when a key arrives while no window
+        # has the input focus: XTest delivers it, but to no application
+        self.on_unfocused: Callable[[int], None] | None = None
+        self.unfocused_keys = 0
+        self._in_unfocused_run = False
 
     # ------------------------------------------------------------------------------ events
     def pointer(self, mask: int, x: int, y: int) -> bool:
@@ -78,6 +83,7 @@ class XTestInjector:
                 self._shift_down.discard(keycode)
                 self._d.sync()
                 return True
+            self._note_focus()
             keycode, level = self._lookup(keysym)
             if keycode is None:
                 log.info("input: keysym {keysym:#x} is not on the keyboard; dropped", keysym=keysym)
@@ -103,6 +109,27 @@ class XTestInjector:
             self._keys[keysym] = keycode
             self._d.sync()
         return True
+
+    def has_focus(self) -> bool:
+        """Whether typed keys reach a window: the input focus is a real window (not None,
+        not the root), or PointerRoot with the pointer over a window."""
+        from Xlib import X
+        root = self._d.screen().root
+        focus = self._d.get_input_focus().focus
+        if focus in (X.NONE, 0) or focus == root:
+            return False
+        if focus == X.PointerRoot or focus == 1:
+            return bool(root.query_pointer().child)
+        return True
+
+    def _note_focus(self) -> None:
+        if self.has_focus():
+            self._in_unfocused_run = False
+            return
+        self.unfocused_keys += 1
+        if not self._in_unfocused_run and self.on_unfocused is not None:
+            self._in_unfocused_run = True   # one notice per run of keys that went nowhere
+            self.on_unfocused(self.unfocused_keys)
 
     def _lookup(self, keysym: int) -> tuple[int | None, int]:
         """(keycode, level) for ``keysym``; the plain level is preferred."""

@@ -8,12 +8,23 @@ the viewer holds *view*; the viewer's bytes are input, sent once it holds *contr
 by the presenter only while control is granted (enforced on the presenter's side as well:
 input without the right is dropped and reported as ``right_refused``).
 Every consent event and the key confirmation are reported to the server's session protocol.
+
+How a session ends: whoever ends it decides one ``EndReason`` (who and why), reports it as the
+event ``ending`` and waits (at most ``REPORT_WAIT_SECONDS``) until the server took its reports,
+then closes the channel; the peer learns the reason from the ``bye`` (or the emergency stop) and
+reports the same.  A leg that closes without a reason waits ``NOTICE_WAIT_SECONDS`` for the
+server's ``SessionEnded`` notice; a lost control connection ends the session as "lost the
+connection to the server" (nothing more could be recorded).  ``done`` fires with the reason.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import sys
+import unicodedata
+from collections import Counter
 from typing import Any, Callable
 
 from twisted.internet import defer, stdio
@@ -24,12 +35,13 @@ from zope.interface import implementer
 
 from protocol import control
 from protocol.runtime import run_blocking
+from protocol.session_end import BadEndReason, EndCause, EndReason
 
 from .channel import MAX_PAYLOAD, SessionChannel
 from .cli import ModuleError
-from .channel_events import KeyConfirmed
+from .channel_events import Closed, FailureKind, KeyConfirmed
 from .channel_twisted import ChannelFailure, ChannelOverPipe
-from .consent import ConsentDriver, ConsentState, Right
+from .consent import MAX_REASON_CHARS, ConsentDriver, ConsentState, Right
 from .mux import Channel, SessionMux
 from .session_stream import RelayLeg
 
@@ -38,6 +50,9 @@ log = Logger()
 STDIN_HIGH_WATER = 512 * 1024
 FILE_CHUNKS_PER_TURN = 8
 CLIPBOARD_POLL_SECONDS = 1.0
+REPORT_WAIT_SECONDS = 2.0    # how long the end waits for the server to take our reports
+NOTICE_WAIT_SECONDS = 2.0    # how long a cut leg waits for the server's SessionEnded notice
+PEER_CLOSE_SECONDS = 3.0     # the side that ended closes the channel; the other waits this long
 
 
 def say(message: str) -> None:
@@ -62,6 +77,67 @@ def reporter(conn, session_id: str, reactor=None) -> Callable[[str, dict], defer
                                         kind=kind, why=f.getErrorMessage()))
         return d
     return report
+
+
+class EventIds:
+    """Names each reported event so that both parties' reports of one event carry the same
+    ``event_id`` (the server writes one protocol line for them): the n-th occurrence of the
+    same kind with the same shared fields is the same event on both sides, because both apply
+    the control messages in the same order.  File events are named by their transfer's fields
+    only (``saved_as`` or a failure's wording may differ between the sides)."""
+
+    FILE_FIELDS = ("id", "name", "size", "sha256", "direction")
+
+    def __init__(self) -> None:
+        self._seen: Counter[str] = Counter()
+
+    def stamp(self, kind: str, detail: dict) -> dict:
+        shared = ({k: detail.get(k) for k in self.FILE_FIELDS} if kind.startswith("file_")
+                  else detail)
+        key = kind + json.dumps(shared, sort_keys=True, default=str)
+        self._seen[key] += 1
+        digest = hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
+        return {**detail, "event_id": f"{digest}-{self._seen[key]}"}
+
+
+_BYE = re.compile(r"(?P<cause>[a-z_]+) by (?P<by>[a-z]+)(?:: (?P<detail>.*))?\Z", re.S)
+
+
+def bye_text(reason: EndReason) -> str:
+    """What the ``bye`` message carries, so the peer names the same reason."""
+    line = f"{reason.cause.value} by {reason.by}"
+    detail = " ".join("".join(c for c in reason.detail
+                              if unicodedata.category(c) != "Cc").split())
+    return f"{line}: {detail}"[:MAX_REASON_CHARS] if detail else line
+
+
+def reason_of_consent_end(event) -> EndReason:
+    """The end reason a consent ``SessionEnded`` event stands for (ours or the peer's bye)."""
+    by, text = event.by.value, event.reason
+    if text == "emergency stop":
+        return EndReason(EndCause.EMERGENCY_STOP, by)
+    if text in ("terms declined", "terms not accepted in time"):
+        return EndReason(EndCause.DECLINED, by, text)
+    if text.startswith("bad control message"):
+        return EndReason(EndCause.ERROR, by, text)
+    match = _BYE.match(text)
+    if match:
+        try:
+            return EndReason.from_fields({"cause": match["cause"], "by": match["by"],
+                                          "detail": match["detail"] or ""})
+        except BadEndReason:
+            pass
+    return EndReason(EndCause.ENDED, by, "" if text == "ended" else text)
+
+
+def reason_of_channel_failure(failed, me: str, peer: str) -> EndReason:
+    if failed.kind is FailureKind.KEY_CONFIRMATION:
+        return EndReason(EndCause.KEY_FAILED, me, failed.reason)
+    if failed.kind is FailureKind.ABORTED:
+        return EndReason(EndCause.DECLINED, peer, failed.reason)
+    if failed.kind is FailureKind.TRUNCATED:
+        return EndReason(EndCause.CONNECTION_LOST, peer, failed.reason)
+    return EndReason(EndCause.ERROR, me, failed.reason)
 
 
 @implementer(IHalfCloseableProtocol)
@@ -121,7 +197,88 @@ class SessionRunner:
         self._held = bytearray()   # presenter output waiting for the view right
         self._requested = False
         self._finished = False
-        self.done: defer.Deferred = defer.Deferred()
+        self._closing = False
+        self._screen_stopped = False
+        self._typed = False
+        self.end_reason: EndReason | None = None
+        self._ending_reported = False
+        self._control_gone = False
+        self._reason_known: defer.Deferred = defer.Deferred()
+        self._pending: set[defer.Deferred] = set()
+        self.event_ids = EventIds()
+        self.done: defer.Deferred = defer.Deferred()  # fires with the EndReason
+
+    # --- reports and the end reason ----------------------------------------------------------
+
+    def _report(self, kind: str, detail: dict) -> defer.Deferred | None:
+        """Report one event (kept in ``_pending`` until the server answered)."""
+        if self._control_gone:
+            return None
+        d = self.report(kind, detail)
+        if isinstance(d, defer.Deferred) and not d.called:
+            self._pending.add(d)
+
+            def settled(result, d=d):
+                self._pending.discard(d)
+                return result
+            d.addBoth(settled)
+        return d
+
+    def _reports_taken(self, timeout: float = REPORT_WAIT_SECONDS) -> defer.Deferred:
+        """Fires once every report so far was answered, or after ``timeout`` seconds."""
+        pending = [d for d in self._pending if not d.called]
+        done = defer.Deferred()
+        if not pending:
+            done.callback(None)
+            return done
+        timer = self.reactor.callLater(timeout, lambda: done.called or done.callback(None))
+
+        def all_in(_):
+            if timer.active():
+                timer.cancel()
+            if not done.called:
+                done.callback(None)
+        defer.DeferredList([_chain(d) for d in pending], consumeErrors=True).addCallback(all_in)
+        return done
+
+    def _decide(self, reason: EndReason) -> None:
+        """The first reason wins (a later one is the same end seen from elsewhere)."""
+        if self.end_reason is None:
+            self.end_reason = reason
+            if not self._reason_known.called:
+                self._reason_known.callback(reason)
+
+    def _report_ending(self) -> None:
+        if (not self._ending_reported and self.end_reason is not None
+                and self.end_reason.by in ("supporter", "customer", "host")):  # not the server's
+            self._ending_reported = True
+            self._report("ending", self.end_reason.fields())
+
+    def server_ended(self, reason: EndReason) -> None:
+        """The server ended this session (``SessionEnded``): end it here with its reason."""
+        self._decide(reason)
+        self._end_here()
+
+    def control_lost(self, _why=None) -> None:
+        """The control connection to the server is gone: nothing more can be recorded."""
+        self._control_gone = True
+        self._decide(EndReason(EndCause.SERVER_LOST, "server"))
+        self._end_here()
+
+    def end(self, reason: EndReason) -> None:
+        """This side ends the session: report why, tell the peer (``bye``), then close."""
+        self._decide(reason)
+        self._end_here()
+
+    def _end_here(self) -> None:
+        if self._finished:
+            return  # closing already, or the channel is gone and waited for this reason
+        if self.driver is None:   # keys not agreed yet: run() ends with the reason
+            self.over.close()
+        elif not self.consent.ended:
+            self.driver.end(bye_text(self.end_reason))  # → driver.ended → _close
+        else:
+            self._close()
 
     # --- start ------------------------------------------------------------------------------------
 
@@ -129,17 +286,31 @@ class SessionRunner:
         try:
             confirmed: KeyConfirmed = await self.over.confirmed
         except ChannelFailure as exc:
-            await self.report("key_confirmation_failed", {"reason": exc.failed.reason,
-                                                          "kind": exc.failed.kind.value})
+            if self.end_reason is not None:   # the server ended it, or we lost the server
+                self._report_ending()
+                await self._reports_taken()
+                raise SessionError(f"session ended: {self.end_reason.text()}")
+            self._decide(reason_of_channel_failure(exc.failed, self.consent.role.value,
+                                                   self.consent.peer.value))
+            self._report("key_confirmation_failed", {"reason": exc.failed.reason,
+                                                     "kind": exc.failed.kind.value})
+            self._report_ending()
+            await self._reports_taken()
             raise SessionError(f"the session could not be secured: {exc.failed.reason}")
+        if self.end_reason is not None:   # the server ended it while the keys were agreed
+            self.over.close()
+            raise SessionError(f"session ended: {self.end_reason.text()}")
         say(f"end-to-end encrypted; verification code {confirmed.verification_code} "
             f"(compare it with the other side by phone)")
-        self.report("key_confirmed", {"verification_code": confirmed.verification_code,
-                                      "peer": confirmed.peer_identity})
+        self._report("key_confirmed", {"verification_code": confirmed.verification_code,
+                                       "peer": confirmed.peer_identity})
         if self.admit is not None:
             refusal = self.admit(confirmed)
             if refusal:
-                await self.report("refused", {"reason": refusal})
+                self._decide(EndReason(EndCause.DECLINED, self.consent.role.value, refusal))
+                self._report("refused", {"reason": refusal})
+                self._report_ending()
+                await self._reports_taken()
                 self.channel.abort(refusal)
                 self.leg.send(self.channel.data_to_send())  # the peer learns why, authenticated
                 self.leg.close()
@@ -147,9 +318,10 @@ class SessionRunner:
         self.driver = ConsentDriver(self.consent, self.ui, self.reactor,
                                     send=lambda data: self._send(Channel.CONTROL, data),
                                     report=self._consent_event)
-        self.driver.ended.addCallback(lambda event: self._close(f"{event.by.value}: {event.reason}"))
+        self.driver.ended.addCallback(self._consent_ended)
         self.over.ended.addCallback(self._channel_ended)
-        self.reactor.addSystemEventTrigger("before", "shutdown", self._interrupted)
+        self._shutdown_trigger = self.reactor.addSystemEventTrigger(
+            "before", "shutdown", self._interrupted)
         if self.pipe:
             self.stdio = stdio.StandardIO(_Stdio(self), reactor=self.reactor)
             self.stdio.registerProducer(self.leg.transport, True)  # stdout slow: stop reading
@@ -203,9 +375,10 @@ class SessionRunner:
         except FileTransferError as exc:
             if exc.outcome is not None:
                 self._apply_files(exc.outcome)
-            self.report("file_protocol_error", {"reason": exc.reason})
+            self._report("file_protocol_error", {"reason": exc.reason})
             if exc.fatal:
-                self.driver.end(f"file transfer protocol error: {exc.reason}")
+                self.end(EndReason(EndCause.ERROR, self.consent.peer.value,
+                                   f"file transfer protocol error: {exc.reason}"))
             return
         self._apply_files(outcome)
 
@@ -216,7 +389,7 @@ class SessionRunner:
         for event in outcome.events:
             line = event.protocol_event()
             if line is not None:
-                self.report(line["kind"], line["detail"])
+                self._report(line["kind"], self.event_ids.stamp(line["kind"], line["detail"]))
                 say(f"{line['kind'].replace('_', ' ')}: {event.name} ({event.size} bytes)"
                     + (f": {line['detail'].get('reason')}" if line["detail"].get("reason") else ""))
             elif isinstance(event, FileProgress) and event.size:
@@ -272,6 +445,9 @@ class SessionRunner:
         from .screen_session import PresenterScreen
         source, make_injector = self.screen_offer
         injector = make_injector(lambda: self._control_allowed())
+        if hasattr(injector, "on_unfocused"):
+            injector.on_unfocused = lambda count: self.reactor.callFromThread(
+                self._keys_went_nowhere, count)
         def send_screen(data: bytes) -> None:
             # nothing of the screen leaves once view is withdrawn (the RFB stream stays cut)
             if self.consent.allows(Right.VIEW):
@@ -282,6 +458,13 @@ class SessionRunner:
         self.presenter_screen.start()
         say("sharing the screen")
         self._start_clipboard(getattr(source, "display_name", None))
+
+    def _keys_went_nowhere(self, count: int) -> None:
+        """Typed keys arrived while no window here had the input focus: say so, here and in
+        the protocol, instead of letting everyone believe they were typed somewhere."""
+        say(f"keys from the {self.consent.peer.value} arrived while no window had the input "
+            f"focus: they reached no application (click into a window first)")
+        self._report("input_without_focus", {"keys_so_far": count})
 
     # --- the clipboard (text, both ways, with the rights of the screen) ---------------------------
 
@@ -310,7 +493,7 @@ class SessionRunner:
             if first or not text or not self.consent.allows(Right.VIEW):
                 return  # what was there before the session is not the supporter's business
             self.presenter_screen.protocol.send_cut_text(text)
-            self.report("clipboard_sent", {"chars": len(text)})
+            self._report("clipboard_sent", {"chars": len(text)})
         return run_blocking(self.clipboard.get).addCallbacks(
             got, lambda f: log.warn("clipboard: {why}", why=f.getErrorMessage()))
 
@@ -321,7 +504,7 @@ class SessionRunner:
             return
         self._clipboard_seen = text  # not an echo back to the viewer
         run_blocking(self.clipboard.set, text).addCallbacks(
-            lambda _: self.report("clipboard_received", {"chars": len(text)}),
+            lambda _: self._report("clipboard_received", {"chars": len(text)}),
             lambda f: log.warn("clipboard: {why}", why=f.getErrorMessage()))
 
     def _viewer_screen_event(self, event) -> None:
@@ -366,11 +549,23 @@ class SessionRunner:
             port = screen.serve_vnc(options["vnc_listen"])
             say(f"VNC viewers can attach at 127.0.0.1:{port.getHost().port}")
         if options.get("type"):
-            screen.type_text(options["type"])
-            say("typed the text into the remote screen")
+            self._type_when_allowed()
         if options.get("clipboard"):
             screen.protocol.cut_text(options["clipboard"])
             say("sent clipboard text to the remote screen")
+
+    def _type_when_allowed(self) -> None:
+        """--type: once the remote screen is here and control is granted (not before)."""
+        text = self.viewer_options.get("type")
+        screen = self.viewer_screen
+        if (not text or self._typed or screen is None or not screen.first_frame.called
+                or not self.consent.holds(Right.CONTROL)):
+            return
+        self._typed = True
+        screen.type_text(text)
+        say(f"sent {len(text)} key strokes to the remote screen; they reach the window that "
+            f"has the input focus there (when none has it, the other side is told and the "
+            f"protocol records it)")
 
     def _maybe_request(self) -> None:
         """Once the terms are accepted: ask to show our screen, or for the rights we want."""
@@ -390,23 +585,25 @@ class SessionRunner:
     # --- events ------------------------------------------------------------------------------------
 
     def _consent_event(self, event: dict) -> None:
-        self.report(event["kind"], event["detail"])
         kind = event["kind"]
+        if kind != "ended":   # the end is reported once, as ``ending`` with its reason
+            self._report(kind, self.event_ids.stamp(kind, event["detail"]))
         if kind == "terms_accepted":
             self._maybe_request()
         if kind in ("right_revoked", "emergency_stop") and self.presenter_screen is not None \
-                and not self.consent.allows(Right.VIEW):
+                and not self.consent.allows(Right.VIEW) and not self._screen_stopped:
+            self._screen_stopped = True
             self.presenter_screen.stop()
             say("screen sharing stopped")
         if kind in ("right_granted", "direction_changed"):
             self._release_held()
             self._maybe_start_screen()
+            self._type_when_allowed()
             self._offer_files()
-        if kind in ("right_granted", "right_denied", "right_revoked", "direction_changed",
-                    "emergency_stop", "terms_accepted", "right_refused"):
-            say(f"{kind.replace('_', ' ')}: {json.dumps(event['detail'])}")
-        elif kind == "chat":
-            say(f"chat from the {event['detail']['by']}: {event['detail']['text']}")
+        if kind == "right_refused":   # the UI tells people about the rest, in sentences
+            detail = event["detail"]
+            say(f"refused {detail['attempt']} from the {self.consent.peer.value}: it does not "
+                f"hold the {detail['right']} right")
 
     def _record(self, payload: bytes) -> None:
         for item in self.mux.receive(payload):
@@ -472,33 +669,62 @@ class SessionRunner:
     # --- ending ------------------------------------------------------------------------------------
 
     def finish(self, reason: str) -> None:
-        """Our side is done (stdin ended): say bye, then close the channel."""
-        if self.driver is not None and not self.consent.ended:
-            self.driver.end(reason)
+        """Our side is done (stdin ended): the session ends normally, by us."""
+        if not self._finished and not self._closing:
+            self.end(EndReason(EndCause.ENDED, self.consent.role.value))
 
     def emergency_stop(self) -> None:
+        """Revoke every right and end the session at once (the events are reported first)."""
         if self.driver is not None and not self.consent.ended:
-            say("EMERGENCY STOP: control revoked, session ended")
+            say("EMERGENCY STOP: every right revoked, ending the session")
             self.driver.emergency_stop()
+        elif self.driver is None and not self._finished:
+            self.end(EndReason(EndCause.EMERGENCY_STOP, self.consent.role.value))
 
     def _interrupted(self):
-        """Ctrl+C is the CLI's emergency stop: revoke everything and end at once."""
-        if self._finished:
+        """The reactor stops (a second Ctrl+C, or a signal): stop the session on the way out."""
+        if self._finished or self.done.called:
             return None
         self.emergency_stop()
-        d = defer.Deferred()
-        self.reactor.callLater(0.5, d.callback, None)  # let the stop and its report go out
-        return d
+        return self._reports_taken()
 
-    def _close(self, reason: str) -> None:
-        if self._finished:
+    def _consent_ended(self, event) -> None:
+        self._decide(reason_of_consent_end(event))
+        self._close(peer_ended=event.by is self.consent.peer)
+
+    def _close(self, peer_ended: bool = False) -> None:
+        """Report the end, wait (bounded) until the server took our reports, then close.
+        When the peer ended the session, its close comes once the server took *its* report:
+        we answer that close and close ourselves only if it does not come in time."""
+        if self._closing:
             return
+        self._closing = True
         self._finished = True
-        self._end_reason = reason
-        self.over.close()
+        self._report_ending()
+
+        def close(_=None):
+            if not self.over.ended.called:
+                self.over.close()
+        d = self._reports_taken()
+        if peer_ended:
+            d.addCallback(lambda _: self.reactor.callLater(PEER_CLOSE_SECONDS, close))
+        else:
+            d.addCallback(close)
 
     def _channel_ended(self, event) -> None:
         self._finished = True
+        if self.end_reason is None and isinstance(event, Closed):
+            # an authenticated close without a bye: the peer ended it
+            self._decide(EndReason(EndCause.ENDED, self.consent.peer.value))
+        if self.end_reason is None:
+            # the leg was cut: the server may be ending the session and tell us why
+            timer = self.reactor.callLater(NOTICE_WAIT_SECONDS, lambda: self._decide(
+                EndReason(EndCause.CONNECTION_LOST, self.consent.peer.value,
+                          getattr(event, "reason", ""))))
+            self._reason_known.addCallback(lambda r: timer.active() and timer.cancel())
+        self._reason_known.addCallback(lambda _: self._tear_down())
+
+    def _tear_down(self) -> None:
         if self.files is not None:
             self.files.close("session ended")
         for screen in (self.presenter_screen, self.viewer_screen):
@@ -507,7 +733,6 @@ class SessionRunner:
         loop = getattr(self, "_clipboard_loop", None)
         if loop is not None and loop.running:
             loop.stop()
-        reason = getattr(self, "_end_reason", None) or getattr(event, "reason", "closed by the peer")
         try:
             self.leg.transport.unregisterProducer()
         except Exception:
@@ -515,5 +740,28 @@ class SessionRunner:
         if self.stdio is not None:
             self.stdio.unregisterProducer()
             self.stdio.loseConnection()
+        self._report_ending()
+        self._reports_taken().addCallback(lambda _: self._done())
+
+    def _done(self) -> None:
+        trigger = getattr(self, "_shutdown_trigger", None)
+        if trigger is not None:
+            try:
+                self.reactor.removeSystemEventTrigger(trigger)
+            except (ValueError, KeyError):
+                pass
+            self._shutdown_trigger = None
         if not self.done.called:
-            self.done.callback(reason)
+            self.done.callback(self.end_reason)
+
+
+def _chain(d: defer.Deferred) -> defer.Deferred:
+    """A Deferred that fires (with None) when ``d`` fires, leaving ``d``'s result alone."""
+    out: defer.Deferred = defer.Deferred()
+
+    def fire(result):
+        if not out.called:
+            out.callback(None)
+        return result
+    d.addBoth(fire)
+    return out

@@ -14,6 +14,7 @@ from .cli import ModuleError
 from .consent import ConsentState
 from .consent_terminal import TerminalConsentUI, open_answers
 from .folder import ModuleFolder
+from .interrupts import interrupts
 from .session_runner import SessionRunner, reporter, say
 from .session_stream import open_leg
 
@@ -68,7 +69,7 @@ def _screen_limit(text: str):
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def consent_ui(args) -> TerminalConsentUI:
+def consent_ui(args, me=None) -> TerminalConsentUI:
     try:
         answers = open_answers(args.answers)
     except OSError as exc:
@@ -78,7 +79,7 @@ def consent_ui(args) -> TerminalConsentUI:
         say("no terminal to ask questions on: every consent question is answered no "
             "(use --answers to script them)")
         answers = io.StringIO("")
-    return TerminalConsentUI(answers, sys.stderr)
+    return TerminalConsentUI(answers, sys.stderr, me=me)
 
 
 def with_local_copy(report: Callable, folder: Path, session_id: str) -> Callable:
@@ -137,7 +138,8 @@ def screen_offer(args):
 async def run_secure_session(reactor, ticket: dict, ca_pem: bytes, folder: ModuleFolder | None,
                              make_channel: Callable[[str], Any], consent: ConsentState, args,
                              conn, host_password: str | None = None,
-                             admit: Callable | None = None) -> str:
+                             admit: Callable | None = None):
+    """Run one session to its end; returns its ``EndReason`` (after one line saying it)."""
     leg = await open_leg(reactor, ticket["relay_host"], int(ticket["relay_port"]),
                          ticket["relay_token"], ca_pem, folder)
     say(f"session {leg.session_id} connected through the relay; securing it ...")
@@ -145,7 +147,7 @@ async def run_secure_session(reactor, ticket: dict, ca_pem: bytes, folder: Modul
     report = reporter(conn, leg.session_id, reactor)
     if getattr(args, "protocol_copy", None):
         report = with_local_copy(report, Path(args.protocol_copy), leg.session_id)
-    runner = SessionRunner(reactor, leg, make_channel(leg.session_id), consent, consent_ui(args),
+    runner = SessionRunner(reactor, leg, make_channel(leg.session_id), consent, consent_ui(args, consent.role),
                            report, pipe=args.pipe,
                            request_rights=rights,
                            show_my_screen=getattr(args, "show_my_screen", False),
@@ -161,7 +163,27 @@ async def run_secure_session(reactor, ticket: dict, ca_pem: bytes, folder: Modul
                                    "type": (getattr(args, "type", None) or "").replace("\\n", "\n"),
                                    "clipboard": getattr(args, "clipboard", None),
                                    "clipboard_file": getattr(args, "clipboard_file", None)})
-    reason = await runner.run()
-    say(f"session {leg.session_id} ended ({reason}); {leg.bytes_out} bytes sent, "
-        f"{leg.bytes_in} received (encrypted)")
+    conn.session_end_handlers[leg.session_id] = runner.server_ended
+    conn.lost.addBoth(_passing(runner.control_lost))
+    stops = interrupts(reactor)
+    stops.session(runner.emergency_stop)
+    try:
+        reason = await runner.run()
+    finally:
+        stops.session(None)
+        conn.session_end_handlers.pop(leg.session_id, None)
+    say(f"session ended: {reason.text()} ({leg.bytes_out} bytes sent, {leg.bytes_in} received, "
+        f"encrypted)")
     return reason
+
+
+def exit_code(reason) -> int:
+    """A module exits non-zero when its session did not end in order (``EndReason.abnormal``)."""
+    return 1 if reason is not None and reason.abnormal else 0
+
+
+def _passing(callback: Callable[[Any], None]) -> Callable[[Any], Any]:
+    def call(result):
+        callback(result)
+        return result
+    return call

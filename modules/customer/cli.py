@@ -18,7 +18,7 @@ from modules.common.cli import (
 from modules.common.connection import MODULE_VERSION, ServerAddress, connect, hello
 from modules.common.channel import SessionChannel, adhoc_password
 from modules.common.consent import ConsentState
-from modules.common.stream_cli import add_session_options, run_secure_session, say
+from modules.common.stream_cli import add_session_options, exit_code, run_secure_session, say
 from protocol import control
 from modules.common.enrollment import fetch_pinned_ca, server_info
 
@@ -56,6 +56,7 @@ def cmd_join(args: argparse.Namespace) -> int:
     ca = fetch_pinned_ca(server, fp)
     info = server_info(server, ca)
     ca_pem = ca.public_bytes(serialization.Encoding.PEM)
+    ended: dict = {}
 
     async def main(reactor):
         conn = await connect(reactor, ServerAddress(info["module_host"], int(info["module_port"])),
@@ -72,11 +73,12 @@ def cmd_join(args: argparse.Namespace) -> int:
                                   mode="adhoc", ca_certificate=ca,
                                   expected_peer=f"hausmeister:supporter:{ticket['supporter']}",
                                   peer_fingerprint=ticket["supporter_fingerprint"] or None)
-        await run_secure_session(reactor, ticket, ca_pem, None, channel,
-                                 ConsentState("customer", terms=ticket["terms"]), args, conn)
+        ended["reason"] = await run_secure_session(
+            reactor, ticket, ca_pem, None, channel,
+            ConsentState("customer", terms=ticket["terms"]), args, conn)
         conn.transport.loseConnection()
     run_reactor(main)
-    return 0
+    return exit_code(ended.get("reason"))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -20,8 +20,9 @@ from modules.common.connection import MODULE_VERSION, address_of
 from modules.common.channel import Credentials, SessionChannel
 from modules.common.consent import ConsentState
 from modules.common.stream_cli import (
-    add_file_options, add_screen_options, run_secure_session, say,
+    add_file_options, add_screen_options, exit_code, run_secure_session, say,
 )
+from modules.common.interrupts import interrupts
 from modules.remote_host.presence import HostPresence
 
 KIND = "host"
@@ -49,10 +50,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     policy = settings.load_policy(folder)
     ca_pem = folder.ca_path.read_bytes()
     credentials = Credentials.from_pem(folder.cert_path.read_bytes(), folder.key_path.read_bytes())
+    ended: dict = {}
 
     async def main(reactor):
         from protocol.runtime import start_logging
-        start_logging(args.log_level, "text")
+        start_logging(args.log_level, "text", quiet_twisted=True)
         finished: defer.Deferred = defer.Deferred()
         busy = {"session": False}
 
@@ -94,6 +96,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 def done(reason):
                     busy["session"] = False
                     if args.pipe and not finished.called:
+                        ended["reason"] = reason
                         finished.callback(reason)  # --pipe serves one session, then exits
 
                 def failed(failure):
@@ -108,12 +111,14 @@ def cmd_run(args: argparse.Namespace) -> int:
                                 max_backoff=args.max_backoff)
         presence.start()
         await presence.registered
-        say(f"host {folder.identity().name} online; waiting for supporters")
+        interrupts(reactor)  # Ctrl+C: emergency stop of the session; without one, stop
+        say(f"host {folder.identity().name} online; waiting for supporters "
+            f"(Ctrl+C during a session stops that session; otherwise it stops this host)")
         reactor.addSystemEventTrigger("before", "shutdown", presence.stop)
         await finished  # only --pipe finishes (after its one session); otherwise run until stopped
         await presence.stop()
     run_reactor(main)
-    return 0
+    return exit_code(ended.get("reason"))
 
 
 def cmd_set_password(args: argparse.Namespace) -> int:

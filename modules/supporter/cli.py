@@ -18,7 +18,7 @@ from modules.common.cli import (
 from modules.common.connection import MODULE_VERSION, address_of, connect, hello
 from modules.common.channel import Credentials, SessionChannel, adhoc_password
 from modules.common.consent import ConsentState
-from modules.common.stream_cli import add_session_options, run_secure_session, say
+from modules.common.stream_cli import add_session_options, exit_code, run_secure_session, say
 from protocol import control
 
 KIND = "supporter"
@@ -54,6 +54,7 @@ def _control(args: argparse.Namespace):
 
 def cmd_adhoc(args: argparse.Namespace) -> int:
     folder, address, ca_pem = _control(args)
+    ended: dict = {}
 
     async def main(reactor):
         conn = await connect(reactor, address, ca_pem, folder)
@@ -82,11 +83,12 @@ def cmd_adhoc(args: argparse.Namespace) -> int:
         def channel(session_id: str) -> SessionChannel:
             return SessionChannel("supporter", adhoc_password(code), session_id, mode="adhoc",
                                   credentials=credentials_of(folder))
-        await run_secure_session(reactor, ticket, ca_pem, folder, channel,
-                                 ConsentState("supporter", peer="customer"), args, conn)
+        ended["reason"] = await run_secure_session(
+            reactor, ticket, ca_pem, folder, channel, ConsentState("supporter", peer="customer"),
+            args, conn)
         conn.transport.loseConnection()
     run_reactor(main)
-    return 0
+    return exit_code(ended.get("reason"))
 
 
 def cmd_hosts(args: argparse.Namespace) -> int:
@@ -133,6 +135,7 @@ def _host_password(args: argparse.Namespace) -> str:
 def cmd_connect(args: argparse.Namespace) -> int:
     folder, address, ca_pem = _control(args)
     password = _host_password(args)
+    ended: dict = {}
 
     async def main(reactor):
         conn = await connect(reactor, address, ca_pem, folder)
@@ -146,12 +149,12 @@ def cmd_connect(args: argparse.Namespace) -> int:
                                   ca_certificate=folder.ca_certificate(),
                                   expected_peer=f"hausmeister:host:{ticket['host_id']}",
                                   peer_fingerprint=ticket["host_fingerprint"] or None)
-        await run_secure_session(reactor, ticket, ca_pem, folder, channel,
-                                 ConsentState("supporter", peer="host"), args, conn,
-                                 host_password=password)
+        ended["reason"] = await run_secure_session(
+            reactor, ticket, ca_pem, folder, channel, ConsentState("supporter", peer="host"),
+            args, conn, host_password=password)
         conn.transport.loseConnection()
     run_reactor(main)
-    return 0
+    return exit_code(ended.get("reason"))
 
 
 def build_parser() -> argparse.ArgumentParser:
