@@ -124,12 +124,22 @@ def _logout(session, user: str, tenant_id: int, source: str) -> None:
     accounts.audit(session, user, "console.logout", f"address={source}", tenant_id=tenant_id)
 
 
-def _start_session(ctx: Ctx, result: LoginResult) -> bytes:
+def _keep_language(session, user_id: int, language: str) -> None:
+    """The language chosen before logging in becomes the account's if it has none yet."""
+    session.execute(update(User).where(User.id == user_id, User.language.is_(None))
+                    .values(language=language))
+
+
+def _start_session(ctx: Ctx, result: LoginResult):
+    chosen = ctx.session.language
     fresh = ctx.console.sessions.login(ctx.session, result.user, result.role, result.tenant_id,
                                        result.tenant, user_id=result.user_id,
                                        operator=result.operator, language=result.language)
     ctx.set_cookie(fresh)
     log.info("console: {user} logged in from {address}", user=result.user, address=ctx.source)
+    if result.language is None and chosen:
+        return ctx.run(_keep_language, result.user_id, chosen).addCallback(
+            lambda _: ctx.redirect(landing(result.role)))
     return ctx.redirect(landing(result.role))
 
 
