@@ -237,8 +237,11 @@ def test_https_slowloris_headers_are_closed_and_a_large_body_is_refused_unread(t
                                                   total=1000))
     srv.start()
     slow: list = []
+    silent: list = []
     try:
         port = https_port(srv)
+        silent = raw_flood(port, "127.0.0.8", 20)  # no ClientHello at all: the TLS deadline
+        silent_opened = time.monotonic()
         slow = tls_flood(srv, port, "127.0.0.5", 200)
         opened = time.monotonic()
         for s in slow:
@@ -264,6 +267,8 @@ def test_https_slowloris_headers_are_closed_and_a_large_body_is_refused_unread(t
         assert took < header_deadline + 10
         assert console_answers(srv) == 200  # the console answers as usual
         assert len(log_lines(srv, "closed: no complete request headers within 2 s")) <= 2
+        wait_closed(silent, timeout=20)
+        assert time.monotonic() - silent_opened >= 5 - 0.5  # tls_handshake_seconds = 5
 
         # On a kept-alive connection the next request's headers have the same deadline.
         ctx = ssl.create_default_context(cafile=str(srv.cert_dir / "ca.crt"))
@@ -318,7 +323,7 @@ def test_https_slowloris_headers_are_closed_and_a_large_body_is_refused_unread(t
         assert sent < 30 * (1 << 20), f"the server took {sent / (1 << 20):.0f} MiB of the body"
         assert console_answers(srv) == 200
     finally:
-        close_all(slow)
+        close_all(slow, silent)
         srv.stop()
 
 
