@@ -12,11 +12,11 @@ import pytest
 from babel.messages.pofile import read_po
 from sqlalchemy import select
 
-from server import accounts, alerts, i18n, mail_texts, pki
+from server import accounts, alerts, i18n, mail_texts
 from server.db import Database
 from server.db.models import OutboxMail, Role, User
 from server.mail import Outbox
-from tests.fixtures_console import ARTIFACTS, Console
+from tests.fixtures_console import Console
 from tests.fixtures_server import ADMIN_PASSWORD
 from tests.test_alerts import MAIL, T0, certs, nearly_full, policy
 from tests.test_console_admin import mail_server  # noqa: F401  (fixture)

@@ -84,8 +84,12 @@ class Console:
     idle_seconds: float = IDLE_SECONDS
     clock: Callable[[], float] = time.monotonic
     extras: dict[str, Any] = field(default_factory=dict)  # per-area services (avatars, settings...)
+    signin: Any = None                 # server.directory.signin.SignIn; None: local accounts only
 
     def __post_init__(self) -> None:
+        if self.signin is None:
+            from ..directory.signin import SignIn
+            self.signin = SignIn(self.db, self.lockouts)
         self.sessions = ConsoleSessions(self.idle_seconds, self.clock)
         self._templates: dict[str, Environment] = {}
         self.templates = self.templates_for(i18n.DEFAULT)
@@ -130,10 +134,6 @@ def template_environment(lang: str) -> Environment:
     env.globals["lang"] = lang
     env.globals["languages"] = i18n.NAMES
     return env
-
-
-def fmt_time(value) -> str:
-    return i18n.texts(i18n.DEFAULT).date_time(value)
 
 
 def leave_url(url: str) -> str:

@@ -134,14 +134,6 @@ def settings_file(server: str, ca_fingerprint: str) -> str:
             f"ca_fingerprint = {json.dumps(ca_fingerprint)}\n")
 
 
-def human_size(size: int) -> str:
-    for unit in ("bytes", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size} {unit}" if unit == "bytes" else f"{size:.1f} {unit}"
-        size /= 1024
-    return str(size)
-
-
 @route("GET", "download", login=False)
 def download_page(ctx: Ctx):
     facts = server_facts(ctx)
