@@ -15,7 +15,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 
-from .rfb_client import (DEFAULT_ENCODINGS, Event, FramebufferUpdated, RFBClient, RFBClientError,
+from protocol.rfb_client import (DEFAULT_ENCODINGS, Event, FramebufferUpdated, RFBClient, RFBClientError,
                          ScreenLimit, ServerInit, DesktopResized)
 
 
