@@ -342,6 +342,8 @@ def run(args, srv: BenchServer, w: Path) -> int:
     rss_after = rss_kib(srv.pid)
     time.sleep(7)
     rss_after_10s = rss_kib(srv.pid)
+    time.sleep(10)
+    rss_after_20s = rss_kib(srv.pid)
     after_probe = probe_status("supporter", supporter)
 
     delays = sorted(d for f in finals for d in f["delays"])
@@ -373,7 +375,8 @@ def run(args, srv: BenchServer, w: Path) -> int:
     print(f"after the flood: supporter status: {'got in' if after_probe[0] else 'FAILED'} "
           f"in {after_probe[1]:.2f} s")
     print(f"server RSS: before {mib(rss_before)}, during {mib(rss_during)} "
-          f"(peak {mib(peak[0])}), 3 s after {mib(rss_after)}, 10 s after {mib(rss_after_10s)}")
+          f"(peak {mib(peak[0])}), after it {mib(rss_after)} (3 s), {mib(rss_after_10s)} (10 s), "
+          f"{mib(rss_after_20s)} (20 s)")
     trims = [json.loads(line).get("msg", line) for line in srv.log_tail(10**7).splitlines()
              if "has drained" in line]
     print("after the flood: " + ("; ".join(trims) if trims else "not run (or not in this server)"))

@@ -38,6 +38,9 @@ AUTO_TOTAL_MAX = 4096
 AUTO_TOTAL_MIN = 64
 #: A drained flood of at least this many pending connections triggers ``malloc_trim``.
 TRIM_AFTER_PEAK = 256
+#: ... once the pending count has stayed below a tenth of that peak this long (a flood that
+#: comes in waves must not cause a collection pause per wave).
+CALM_SECONDS = 5.0
 RELEASE_ENV = "HAUSMEISTER_FLOOD_RELEASE"
 
 
@@ -106,6 +109,7 @@ class ConnectionGuard:
         self.refusals = RefusalLog(limits.refusal_log_seconds)
         self.closed_count = 0       # connections this guard closed (deadline, cap, eviction)
         self.peak = 0               # most pending at once since the last trim
+        self._calm_since: float | None = None
         self.trims: list[tuple[int, int]] = []  # (RSS before, RSS after) in KiB, for the benchmark
         self._sweep: task.LoopingCall | None = None
         shortest = min(limits.tls_handshake_seconds, limits.first_command_seconds,
@@ -211,7 +215,13 @@ class ConnectionGuard:
                      "{address}: {top})", kind=summary.kind, count=summary.suppressed,
                      seconds=summary.seconds, address=summary.top_address, top=summary.top_count)
         if self.peak >= TRIM_AFTER_PEAK and len(self.pending) <= self.peak // 10:
-            self._trim()
+            if self._calm_since is None:
+                self._calm_since = now
+            elif now - self._calm_since >= CALM_SECONDS:
+                self._trim()
+                self._calm_since = None
+        else:
+            self._calm_since = None
 
     def _trim(self) -> None:
         """A flood has drained: free its connections' reference cycles now (the tuned collector

@@ -96,3 +96,75 @@ def test_refusal_log_gives_one_line_per_kind_and_interval_and_summarises_the_res
     assert "over the per-address cap" not in summaries  # nothing suppressed there
     assert log.due(now=20) == []                         # a quiet interval closes the window
     assert log.note("no TLS handshake", "10.0.0.1", now=31)  # quiet again: its own line
+
+
+# --- the guard's clock-driven side, with a fake clock and connections that record their abort --
+
+class FakeConnection:
+    def __init__(self, factory, address: str) -> None:
+        self.factory, self.address = factory, address
+        self.closed_by_guard = False
+        self.aborted = 0
+
+    def abortConnection(self) -> None:
+        self.aborted += 1
+
+
+def guard_with_clock(**overrides):
+    from types import SimpleNamespace
+
+    from twisted.internet.task import Clock
+
+    from server.config import LimitsSection
+    from server.connection_guard import ConnectionGuard
+    values = dict(tls_handshake_seconds=2.0, first_command_seconds=3.0, http_header_seconds=3.0,
+                  pending_per_address=3, pending_total=5, raise_open_file_limit=False,
+                  refusal_log_seconds=10.0)
+    values.update(overrides)
+    clock = Clock()
+    guard = ConnectionGuard(LimitsSection(**values), clock, total=values["pending_total"])
+    factory = SimpleNamespace(listener="module port", after_handshake=("Hello", 3.0), guard=guard)
+    return guard, clock, factory
+
+
+def test_guard_aborts_at_each_deadline_and_refuses_over_the_address_cap_before_building():
+    guard, clock, factory = guard_with_clock()
+    guard.start()
+    silent, greeted, slow = (FakeConnection(factory, "10.0.0.1") for _ in range(3))
+    for conn in (silent, greeted, slow):
+        assert guard.admit(conn)
+    assert guard.refuse_early("module port", "10.0.0.1")      # a fourth: nothing is built
+    assert not guard.refuse_early("module port", "10.0.0.2")
+    guard.handshake_done(greeted)
+    guard.handshake_done(slow)
+    guard.settle(greeted)                                     # said Hello: no deadline any more
+    clock.advance(1.5)
+    assert (silent.aborted, slow.aborted) == (0, 0)
+    clock.advance(1.0)                                        # 2.5 s: past the TLS deadline
+    assert silent.aborted == 1 and silent.closed_by_guard and slow.aborted == 0
+    clock.advance(1.0)                                        # 3.5 s: past Hello's deadline
+    assert slow.aborted == 1 and greeted.aborted == 0
+    assert len(guard.pending) == 0 and guard.closed_count == 3
+    guard.lost(silent)                                        # its close is not logged twice
+    guard.stop()
+
+
+def test_guard_displaces_the_oldest_handshake_when_full_and_releases_memory_once_calm():
+    from server import connection_guard
+    guard, clock, factory = guard_with_clock(pending_per_address=100, pending_total=300)
+    guard.start()
+    flood = [FakeConnection(factory, f"10.0.{i % 3}.1") for i in range(300)]
+    for conn in flood:
+        assert guard.admit(conn)
+    newcomer = FakeConnection(factory, "192.0.2.1")
+    assert guard.admit(newcomer) and flood[0].aborted == 1 and newcomer.aborted == 0
+    assert guard.peak == 300 >= connection_guard.TRIM_AFTER_PEAK
+    guard.settle(newcomer)
+    clock.advance(2.5)                                        # the flood expires
+    assert all(c.aborted == 1 for c in flood) and len(guard.pending) == 0
+    assert guard.trims == []                                  # not before it stayed calm
+    clock.pump([1.0] * int(connection_guard.CALM_SECONDS + 2))
+    assert len(guard.trims) == 1                              # once, not every sweep
+    clock.pump([1.0] * 10)
+    assert len(guard.trims) == 1
+    guard.stop()
