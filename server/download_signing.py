@@ -126,6 +126,55 @@ def cmd_downloads_sign(config, args) -> int:
     return 1 if any(s != "signed" for s in states.values()) else 0
 
 
+def server_url(config) -> str:
+    """The address the download page names: the running server's, else the configured one."""
+    from .state import read_state
+    state = read_state(config.server.data_dir)
+    if state and state.get("https_url") and isinstance(state.get("pid"), int):
+        try:
+            os.kill(state["pid"], 0)  # only a server that still runs has these ports
+            return state["https_url"]
+        except OSError:
+            pass
+    return f"https://{config.server.public_host}:{config.listen.https_port}"
+
+
+def cmd_downloads_add_customer(config, args) -> int:
+    """Offer the customer one-file with this server's address and CA fingerprint inside."""
+    import sys
+
+    from protocol import embedded_settings
+    from protocol.identity import fingerprint as ca_fingerprint
+
+    from . import pki
+    from .console.pages_download import SAFE_NAME, offered_files
+    store = pki.CertStore(config.server.cert_dir)
+    source = Path(args.file)
+    problem = None
+    if not store.exists():
+        problem = f"no server is set up in {config.server.data_dir}: run `hausmeister-server init` first"
+    elif not source.is_file():
+        problem = f"{source} is not a file: pass the customer one-file from the bundle's modules/"
+    elif not SAFE_NAME.match(source.name):
+        problem = f"{source.name!r} is not a name the download page offers (letters, digits, . _ -)"
+    if problem:
+        print(f"hausmeister-server: error: {problem}", file=sys.stderr)
+        return 2
+    folder = Path(config.server.downloads_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    server = args.server or server_url(config)
+    fp = ca_fingerprint(store.ca_cert())
+    embedded_settings.write_with_settings(source, folder / source.name, server, fp)
+    files, _skipped = offered_files(folder)
+    key = signing_key(config.server.cert_dir)
+    wanted = [(f.name, f.sha256) for f in files if f.name == source.name]
+    sign_folder(folder, wanted, key, force=True)
+    sign_folder(folder, [(f.name, f.sha256) for f in files], key)  # SHA256SUMS for all of them
+    print(f"offered: {folder / source.name} (server {server}, CA fingerprint {fp}), signed by "
+          f"download key {fingerprint(key)}")
+    return 0
+
+
 def add_commands(sub) -> None:
     downloads = sub.add_parser("downloads", help="the files the download page offers: sign")
     dsub = downloads.add_subparsers(dest="downloads_command", metavar="ACTION", required=True)
@@ -133,3 +182,9 @@ def add_commands(sub) -> None:
     s.add_argument("--force", action="store_true",
                    help="also sign files again whose content changed after signing")
     s.set_defaults(func=cmd_downloads_sign)
+    s = dsub.add_parser("add-customer", help="offer the customer one-file with this server's "
+                        "address and CA fingerprint inside, signed")
+    s.add_argument("file", metavar="FILE", help="hausmeister-customer-linux-x86_64 from the bundle")
+    s.add_argument("--server", metavar="URL", help="address to put inside (default: the running "
+                   "server's, else https://public_host:https_port)")
+    s.set_defaults(func=cmd_downloads_add_customer)

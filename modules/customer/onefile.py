@@ -1,0 +1,46 @@
+"""Entry point of the customer module's one-file download (PyInstaller).
+
+The server appends its address and CA fingerprint to the file it offers
+(``protocol.embedded_settings``).  Started without arguments, the module shows which server it
+will use and asks for the 8-digit ID; ``check`` and ``join`` get the embedded server unless
+the customer names one.  Without embedded settings it is the plain ``hausmeister-customer``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from modules.customer import cli
+from protocol import embedded_settings
+
+SERVER_OPTIONS = ("--server", "--ca-fingerprint", "--server-config")
+
+
+def with_embedded(argv: list[str], settings: dict | None, ask=input) -> list[str]:
+    """``argv`` with the embedded server filled in (and the ID asked for when there is none)."""
+    if not settings or any(a.split("=", 1)[0] in SERVER_OPTIONS for a in argv):
+        return argv
+    preset = ["--server", settings["server"], "--ca-fingerprint", settings["ca_fingerprint"]]
+    if not argv:
+        print(f"Hausmeister remote support: server {settings['server']}")
+        print(f"Server fingerprint: {settings['ca_fingerprint']}")
+        code = ask("Enter the 8-digit ID your supporter reads out: ")
+        return ["join", *preset, *code.split()]
+    if argv[0] in ("check", "join"):
+        return [argv[0], *preset, *argv[1:]]
+    if argv[0][:1].isdigit():
+        return ["join", *preset, *argv]
+    return argv
+
+
+def main() -> int:
+    settings = embedded_settings.read(sys.executable)
+    try:
+        argv = with_embedded(sys.argv[1:], settings)
+    except (EOFError, KeyboardInterrupt):
+        return 130
+    return cli.main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
