@@ -264,6 +264,14 @@ class _Guarded:
         """The protocol inside has proved itself: no longer pending."""
         self.factory.guard.settle(self)
 
+    def _tlsShutdownFinished(self, reason) -> None:
+        # The failure of a TLS layer that ends (e.g. EOF where OpenSSL wanted a close_notify)
+        # holds its traceback, whose frames hold the failure: a reference cycle per closed
+        # connection that only a full collection frees.  Its text is all anyone reads.
+        if reason is not None:
+            reason.cleanFailure()
+        super()._tlsShutdownFinished(reason)
+
     def connectionLost(self, reason) -> None:
         self.factory.guard.lost(self)
         super().connectionLost(reason)
