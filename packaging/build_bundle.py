@@ -30,6 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import build_customer_onefile  # noqa: E402
 import debs  # noqa: E402
 import release_key  # noqa: E402
 import wheelhouse  # noqa: E402
@@ -102,6 +103,10 @@ def _build(args: argparse.Namespace, source: Path, origin: str) -> Path:
     if args.debs == "download":
         _base, needed = debs.needed_packages(args.with_postgresql)
         debs.download(needed, deb_dir)
+    modules = stage / "modules"
+    modules.mkdir()
+    if args.customer_onefile == "build":
+        build_customer_onefile.build(modules, source)
     units = stage / "systemd"
     units.mkdir()
     for unit in sorted((HERE / "systemd").iterdir()):
@@ -122,6 +127,7 @@ def _build(args: argparse.Namespace, source: Path, origin: str) -> Path:
             "release_key": public, "release_key_fingerprint": release_key.fingerprint(public),
             "wheels": sorted(p.name for p in wheels.glob("*.whl")),
             "debs": sorted(p.name for p in deb_dir.glob("*.deb")), "debs_needed": needed,
+            "modules": sorted(p.name for p in modules.iterdir()),
             "wheel_source": args.wheels, "source": origin}
     (stage / "BUNDLE.json").write_text(json.dumps(meta, indent=1) + "\n")
     sums = sha256sums(stage)
@@ -152,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--wheel-cache", metavar="DIR", help="with --wheels installed: repack into "
                    "DIR once and reuse those wheels for later bundles")
     p.add_argument("--debs", choices=["download", "none"], default="download")
+    p.add_argument("--customer-onefile", choices=["build", "none"], default="build",
+                   help="build the customer module as one file (PyInstaller) into modules/")
     p.add_argument("--with-postgresql", action="store_true",
                    help="also carry PostgreSQL's Debian packages")
     args = p.parse_args(argv)

@@ -212,6 +212,8 @@ class Layout:
         self.state = self.prefix / "installed.json"
         self.release = self.releases / version
         self.user = args.user
+        self.role = args.role
+        self.host_home = Path(args.host_home)
 
     def server(self, release: Path) -> str:
         return str(release / "venv" / "bin" / "hausmeister-server")
@@ -272,9 +274,11 @@ def make_release(bundle: Path, layout: Layout, meta: dict, python: str) -> None:
     units.mkdir()
     for unit in sorted((bundle / "systemd").iterdir()):
         text = unit.read_text()
+        text = text.replace("/var/lib/hausmeister-host", "\0HOST_HOME\0")
         for default, chosen in (("/opt/hausmeister", str(layout.prefix)),
                                 ("/etc/hausmeister", str(layout.config_dir)),
-                                ("/var/lib/hausmeister", str(layout.data_dir))):
+                                ("/var/lib/hausmeister", str(layout.data_dir)),
+                                ("\0HOST_HOME\0", str(layout.host_home))):
             text = text.replace(default, chosen)
         if layout.user != "hausmeister":
             text = text.replace("User=hausmeister", f"User={layout.user or 'root'}")
@@ -400,6 +404,30 @@ def restore_database(facts: dict, copy: Path, layout: Layout, release: Path) -> 
          "--force", str(copy)], "restoring the PostgreSQL snapshot", user=layout.user)
 
 
+def offer_customer_module(bundle: Path, layout: Layout, release: Path) -> str:
+    """Put the bundle's customer one-file on the download page, with this server inside.
+
+    Not fatal: the server runs without it; the line printed says what happened."""
+    onefiles = sorted((bundle / "modules").glob("hausmeister-customer-*")) \
+        if (bundle / "modules").is_dir() else []
+    if not onefiles:
+        return "no customer one-file in this bundle"
+    kept = release / "modules"
+    kept.mkdir(exist_ok=True)
+    offered = []
+    for onefile in onefiles:
+        shutil.copyfile(onefile, kept / onefile.name)
+        os.chmod(kept / onefile.name, 0o755)
+        try:
+            run([layout.server(release), "--config", str(layout.config), "downloads",
+                 "add-customer", str(kept / onefile.name)], "downloads add-customer",
+                user=layout.user)
+            offered.append(onefile.name)
+        except InstallError as exc:
+            return f"not offered ({exc})"
+    return "offered on the download page, signed: " + ", ".join(offered)
+
+
 def wheel_versions(meta: dict) -> dict[str, str]:
     return {w.split("-")[0].lower(): w.split("-")[1] for w in meta.get("wheels", [])}
 
@@ -436,6 +464,7 @@ def first_install(bundle: Path, layout: Layout, meta: dict, args) -> None:
                   "hausmeister-server init", user=layout.user), end="")
     facts = config_facts(layout, layout.release)
     units = install_units(layout, layout.release)
+    print(f"Customer module:  {offer_customer_module(bundle, layout, layout.release)}")
     enabled = services("enable", layout, args.no_start)
     host = facts["public_host"]
     print(f"Console and enrollment: https://{host}:{facts['https_port']}/")
@@ -482,14 +511,63 @@ def upgrade(bundle: Path, layout: Layout, meta: dict, state: dict, args) -> None
     new_schema = config_facts(layout, layout.release)["schema"]
     for line in what_changed(old_meta, meta, old_schema, new_schema):
         print(line)
+    print(f"Customer module:  {offer_customer_module(bundle, layout, layout.release)}")
     print(f"Kept:             config {layout.config}, data {facts['data_dir']}")
     print(f"Snapshot:         {snapshot} (the database before the upgrade)")
     write_state(layout, meta, args.release_key_b64, new_schema, previous=state["version"])
     prune_releases(layout, keep={meta["version"], state["version"]})
 
 
-def write_state(layout: Layout, meta: dict, key_b64: str, schema, previous=None) -> None:
-    state = {"version": meta["version"], "release_key": key_b64, "schema": schema,
+HOST_UNIT = "hausmeister-host.service"
+
+
+def host_install(layout: Layout, meta: dict, args) -> None:
+    """A maintained machine: the host module enrolled with a one-time token, as a service."""
+    if not args.host_token or not (args.server_config or (args.server and args.ca_fingerprint)):
+        raise InstallError("--role host needs --host-token TOKEN and --server-config FILE (or "
+                           "--server URL --ca-fingerprint FP) from the server's download page", 2)
+    switch_current(layout, layout.release)
+    host = str(layout.release / "venv" / "bin" / "hausmeister-host")
+    target = (["--server-config", args.server_config] if args.server_config
+              else ["--server", args.server, "--ca-fingerprint", args.ca_fingerprint])
+    layout.host_home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    env = {**clean_env(), "HAUSMEISTER_HOME": str(layout.host_home)}
+    print(run([host, "enroll", *target, "--token", args.host_token, "--name", args.host_name],
+              "hausmeister-host enroll", env=env).strip())
+    layout.systemd_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(layout.release / "systemd" / HOST_UNIT, layout.systemd_dir / HOST_UNIT)
+    if not args.no_start and systemd_running():
+        run(["systemctl", "daemon-reload"], "systemctl daemon-reload")
+        run(["systemctl", "enable", "--now", HOST_UNIT], "systemctl enable --now " + HOST_UNIT)
+        print(f"Started:          systemctl status {HOST_UNIT}")
+    else:
+        print(f"Unit:             {layout.systemd_dir / HOST_UNIT} (not started: no systemd here)")
+    write_state(layout, meta, args.release_key_b64, None, role="host")
+
+
+def host_upgrade(layout: Layout, meta: dict, state: dict, args) -> None:
+    old_release = layout.releases / state["version"]
+    running = not args.no_start and systemd_running()
+    try:
+        switch_current(layout, layout.release)
+        shutil.copyfile(layout.release / "systemd" / HOST_UNIT, layout.systemd_dir / HOST_UNIT)
+        if running:
+            run(["systemctl", "daemon-reload"], "systemctl daemon-reload")
+            run(["systemctl", "restart", HOST_UNIT], "systemctl restart " + HOST_UNIT)
+    except InstallError as exc:
+        switch_current(layout, old_release)
+        shutil.copyfile(old_release / "systemd" / HOST_UNIT, layout.systemd_dir / HOST_UNIT)
+        raise InstallError(f"upgrade to {meta['version']} failed ({exc}); rolled back to "
+                           f"{state['version']}")
+    print(f"Hausmeister host module {state['version']} -> {meta['version']}; enrollment in "
+          f"{layout.host_home} kept")
+    write_state(layout, meta, args.release_key_b64, None, previous=state["version"], role="host")
+    prune_releases(layout, keep={meta["version"], state["version"]})
+
+
+def write_state(layout: Layout, meta: dict, key_b64: str, schema, previous=None,
+                role: str = "server") -> None:
+    state = {"version": meta["version"], "release_key": key_b64, "schema": schema, "role": role,
              "previous": previous, "installed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                  time.gmtime())}
     tmp = layout.state.with_suffix(".tmp")
@@ -520,6 +598,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-start", action="store_true", help="write the units but do not "
                    "start or stop anything")
     p.add_argument("--verify-only", action="store_true", help="check the bundle and stop")
+    host = p.add_argument_group("a maintained machine (--role host): the host module as a service")
+    host.add_argument("--role", choices=["server", "host"], default="server")
+    host.add_argument("--host-token", metavar="TOKEN", help="one-time enrollment token")
+    host.add_argument("--server-config", metavar="FILE", help="customer.toml from the download page")
+    host.add_argument("--server", metavar="URL")
+    host.add_argument("--ca-fingerprint", metavar="FP")
+    host.add_argument("--host-name", default=os.uname().nodename)
+    host.add_argument("--host-home", default="/var/lib/hausmeister-host",
+                      help="the host module's folder (key, certificate, policy)")
     return p
 
 
@@ -550,9 +637,15 @@ def main(argv: list[str] | None = None) -> int:
         added = install_debs(bundle, args.no_debs)
         if added:
             print(f"Debian packages:  installed {', '.join(added)}")
-        ensure_user(layout)
+        if state and state.get("role", "server") != args.role:
+            raise InstallError(f"{layout.prefix} holds a {state.get('role', 'server')} install; "
+                               f"pass --role {state.get('role', 'server')}", 2)
+        if args.role == "server":
+            ensure_user(layout)
         make_release(bundle, layout, meta, args.python)
-        if state:
+        if args.role == "host":
+            (host_upgrade(layout, meta, state, args) if state else host_install(layout, meta, args))
+        elif state:
             upgrade(bundle, layout, meta, state, args)
         else:
             first_install(bundle, layout, meta, args)

@@ -167,7 +167,8 @@ def release(tmp_path_factory) -> dict:
     for ver, src in sources.items():
         built = _run([sys.executable, str(PACKAGING / "build_bundle.py"), "--key", str(key),
                       "--out", str(base / "dist"), "--source", str(src), "--wheels", "installed",
-                      "--wheel-cache", str(base / "wheel-cache"), "--debs", "none"], timeout=600)
+                      "--wheel-cache", str(base / "wheel-cache"), "--debs", "none",
+                      "--customer-onefile", "none"], timeout=600)
         assert built.returncode == 0, built.stderr + built.stdout
         tar_path = base / "dist" / f"hausmeister-{ver}-offline.tar"
         unpacked = base / "unpacked" / ver
@@ -243,6 +244,7 @@ def test_bundle_contents_and_signature(release):
 def test_install_offline_then_server_and_modules_work_in_the_namespace(release, installed):
     out = installed["install_output"]
     for line in ("CA fingerprint:", "First admin:      admin", "Admin password:",
+                 "Customer module:  no customer one-file in this bundle",
                  "Console and enrollment: https://127.0.0.1:", "Module port:"):
         assert line in out, out
     prefix = installed["prefix"]
@@ -254,7 +256,8 @@ def test_install_offline_then_server_and_modules_work_in_the_namespace(release, 
     python = prefix / "current" / "venv" / "bin" / "python"
     probe = _run(["unshare", "-n", "sh", "-c",
                   f"ip link set lo up; exec {python} {ROOT}/tests/helpers/installed_probe.py "
-                  f"{prefix} {installed['config']} {installed['data']} {release['base']}"],
+                  f"{prefix} {installed['config']} {installed['data']} {release['base']} "
+                  f"{release['bundles'][release['versions'][0]]}"],
                  timeout=300)
     assert probe.returncode == 0, probe.stderr
     seen = json.loads(probe.stdout.strip().splitlines()[-1])
@@ -262,8 +265,11 @@ def test_install_offline_then_server_and_modules_work_in_the_namespace(release, 
     assert seen["interfaces"] == ["lo"]
     assert seen["https_url"].startswith("https://127.0.0.1:")
     assert seen["console_status"] == 200 and seen["console_has_fingerprint"]
-    assert seen["host_enroll"] == 0, seen["host_enroll_out"]
+    assert seen["host_enroll"] == 0, seen["host_enroll_out"]  # the installer's --role host
+    assert "Unit:" in seen["host_enroll_out"]
     assert seen["host_status"] == 0
+    assert seen["supporter_enroll"] == 0, seen["supporter_enroll_out"]
+    assert seen["session"] == "ok"
     assert seen["customer_check"] == 0, seen["customer_check_out"]
 
 
