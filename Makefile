@@ -14,9 +14,11 @@ APT     = DEBIAN_FRONTEND=noninteractive apt-get
 # postgresql: the throwaway cluster the tests start; haproxy: the relay benchmark's peer;
 # Xvfb, xterm, x11vnc, vncsnapshot, TigerVNC: real displays and real VNC peers for screen tests.
 # chromium: the browser Playwright drives in the console tests (never `playwright install`).
+# slapd, ldap-utils: a real OpenLDAP the directory sign-in tests start on 127.0.0.1 (no system
+# service: debconf is told not to configure one). tinyproxy: the HTTP CONNECT proxy modules go through.
 # npm: installs the pinned axe-core the accessibility test runs (tests/test_console_a11y.py).
-TEST_APT_PACKAGES = postgresql haproxy xvfb xterm x11vnc vncsnapshot tigervnc-viewer xfonts-base xclip chromium npm
-TEST_BINARIES = /usr/lib/postgresql/*/bin/initdb /usr/sbin/haproxy /usr/bin/Xvfb /usr/bin/xterm /usr/bin/x11vnc /usr/bin/vncsnapshot /usr/bin/xtigervncviewer /usr/bin/xclip /usr/bin/chromium /usr/bin/npm
+TEST_APT_PACKAGES = postgresql haproxy xvfb xterm x11vnc vncsnapshot tigervnc-viewer xfonts-base xclip chromium npm slapd ldap-utils tinyproxy
+TEST_BINARIES = /usr/lib/postgresql/*/bin/initdb /usr/sbin/haproxy /usr/bin/Xvfb /usr/bin/xterm /usr/bin/x11vnc /usr/bin/vncsnapshot /usr/bin/xtigervncviewer /usr/bin/xclip /usr/bin/chromium /usr/bin/npm /usr/sbin/slapd /usr/bin/ldapadd /usr/bin/tinyproxy
 
 .PHONY: run test install test-system-packages clean-run bundle translations
 
@@ -37,7 +39,7 @@ $(VENV)/.installed: pyproject.toml
 
 # Debian packages the tests run for real (all on 127.0.0.1; the system PostgreSQL is never used).
 test-system-packages:
-	@ls $(TEST_BINARIES) >/dev/null 2>&1 || { $(APT) update -qq && $(APT) install -y -qq --no-install-recommends $(TEST_APT_PACKAGES); }
+	@ls $(TEST_BINARIES) >/dev/null 2>&1 || { echo 'slapd slapd/no_configuration boolean true' | debconf-set-selections; $(APT) update -qq && $(APT) install -y -qq --no-install-recommends $(TEST_APT_PACKAGES); }
 
 bundle: install
 	@$(APT) update -qq

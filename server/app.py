@@ -22,6 +22,8 @@ from .broker import Broker, RelayLocator
 from .config import split_endpoint
 from .connection_guard import ConnectionGuard, listen_guarded
 from .module_port import ConnectionRegistry, ModulePort
+from .directory.client import Directory
+from .directory.signin import SignIn
 from .pki import CertStore
 from .relay.core import Relay
 from .relay.listener import record_session_end
@@ -142,6 +144,9 @@ class HausmeisterServer(service.MultiService):
         self.protocols = SessionProtocols(config.server.protocol_dir)
         self.enrollment = certificates.Enrollment(self.store, lockouts,
                                                   config.certificates.module_days)
+        # console login and supporter enrollment: local accounts, then the directory if enabled
+        self.signin = SignIn(self.db, lockouts, Directory(config.directory)
+                             if config.directory.enabled else None)
         self.tokens = RelayTokens(load_or_create_secret(config.relay.secret_file),
                                   ttl=config.relay.pair_timeout_seconds)
         external = [split_endpoint(e) for e in config.relay.external]
@@ -226,7 +231,7 @@ class HausmeisterServer(service.MultiService):
             tls.ServerContextFactory(module_ctx), factory, c.listen.interface, tls.LISTEN_BACKLOG)
         web = WebPlane(self.db, self.store, self.enrollment, c.server.public_host,
                        self._module_port_number, c.certificates.renew_before_days,
-                       console=self.make_console())
+                       console=self.make_console(), signin=self.signin)
         web_ctx = tls.web_context(chain, key, ca, c.certificates.min_tls)
         # a profile picture plus form fields fits; larger bodies are refused unread
         max_body = max(MAX_BODY_BYTES, (c.avatars.max_upload_kib + 64) * 1024)
@@ -252,7 +257,7 @@ class HausmeisterServer(service.MultiService):
                                base_url=lambda: self.state.get("https_url", ""),
                                module_endpoint=lambda: (c.server.public_host,
                                                         self._module_port_number()),
-                               idle_seconds=c.console.idle_seconds)
+                               idle_seconds=c.console.idle_seconds, signin=self.signin)
         remember_gravatar(self.console, c.avatars.gravatar)  # the stored setting follows at start
         return self.console
 

@@ -5,8 +5,10 @@ consistent (SQLite's online backup API; ``pg_dump`` for PostgreSQL), the files a
 protocol may then hold lines the database copy does not know yet, never the other way round (the
 database anchors a protocol's last line), and a protocol line being written during the copy is
 left out whole, so every copied chain verifies.  The archive is a tar.gz with ``MANIFEST.json``
-listing every member's SHA-256; with a passphrase the whole archive is encrypted (scrypt +
-AES-256-GCM in 1 MiB chunks whose order and end are authenticated).
+listing every member's SHA-256; with a passphrase or for a backup key the whole archive is
+encrypted (scrypt, or X25519 + HKDF-SHA256, then AES-256-GCM in 1 MiB chunks whose order and end
+are authenticated).  A backup key's private half stays off the server, so a stolen server cannot
+read its own backups.
 
 ``restore SRC`` checks every hash (and that nothing unlisted is inside) before it writes
 anything, refuses an install that already has a CA or users unless ``--force``, puts the files
@@ -35,7 +37,10 @@ from pathlib import Path
 from typing import BinaryIO, Iterator
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 from sqlalchemy import text
 
@@ -68,13 +73,61 @@ def _nonce(base: bytes, index: int) -> bytes:
     return base[:4] + (int.from_bytes(base[4:], "big") ^ index).to_bytes(8, "big")
 
 
-def encrypt_file(source: Path, dest: BinaryIO, passphrase: bytes) -> None:
-    salt, base = os.urandom(16), os.urandom(12)
-    header = MAGIC + json.dumps({"kdf": "scrypt", "n": 2 ** 15, "r": 8, "p": 1,
-                                 "salt": base64.b64encode(salt).decode(),
-                                 "nonce": base64.b64encode(base).decode(),
-                                 "chunk": CHUNK}).encode() + b"\n"
-    aead = AESGCM(_kdf(passphrase, salt))
+@dataclass
+class Secret:
+    """How a backup is encrypted: a passphrase, or an X25519 key (public to write, private to read)."""
+    passphrase: bytes | None = None
+    recipient: X25519PublicKey | None = None
+    identity: X25519PrivateKey | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.passphrase or self.recipient or self.identity)
+
+
+def _raw(public: X25519PublicKey) -> bytes:
+    return public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def _hkdf(shared: bytes, ephemeral: bytes, recipient: bytes) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=ephemeral + recipient,
+                info=b"hausmeister-backup-1").derive(shared)
+
+
+def _new_file_key(secret: Secret) -> tuple[dict, bytes]:
+    if secret.passphrase:
+        salt = os.urandom(16)
+        return ({"kdf": "scrypt", "n": 2 ** 15, "r": 8, "p": 1,
+                 "salt": base64.b64encode(salt).decode()}, _kdf(secret.passphrase, salt))
+    ephemeral = X25519PrivateKey.generate()
+    eph_raw, rec_raw = _raw(ephemeral.public_key()), _raw(secret.recipient)
+    return ({"kdf": "x25519", "ephemeral": base64.b64encode(eph_raw).decode(),
+             "recipient": base64.b64encode(rec_raw).decode()},
+            _hkdf(ephemeral.exchange(secret.recipient), eph_raw, rec_raw))
+
+
+def _file_key(params: dict, secret: Secret) -> bytes:
+    if params.get("kdf") == "scrypt":
+        if not secret.passphrase:
+            raise BackupError("this backup is encrypted with a passphrase: pass --passphrase-file FILE")
+        return _kdf(secret.passphrase, base64.b64decode(params["salt"]))
+    if params.get("kdf") == "x25519":
+        if secret.identity is None:
+            raise BackupError("this backup is encrypted for a backup key: pass --identity "
+                              "PRIVATE_KEY_FILE")
+        eph_raw, rec_raw = base64.b64decode(params["ephemeral"]), base64.b64decode(params["recipient"])
+        if _raw(secret.identity.public_key()) != rec_raw:
+            raise BackupError("this backup is encrypted for another backup key than --identity")
+        shared = secret.identity.exchange(X25519PublicKey.from_public_bytes(eph_raw))
+        return _hkdf(shared, eph_raw, rec_raw)
+    raise BackupError(f"unknown backup encryption {params.get('kdf')!r}")
+
+
+def encrypt_file(source: Path, dest: BinaryIO, secret: Secret) -> None:
+    params, key = _new_file_key(secret)
+    base = os.urandom(12)
+    params.update(nonce=base64.b64encode(base).decode(), chunk=CHUNK)
+    header = MAGIC + json.dumps(params, sort_keys=True).encode() + b"\n"
+    aead = AESGCM(key)
     dest.write(header)
     with open(source, "rb") as fh:
         index, chunk = 0, fh.read(CHUNK)
@@ -89,29 +142,64 @@ def encrypt_file(source: Path, dest: BinaryIO, passphrase: bytes) -> None:
             index, chunk = index + 1, following
 
 
-def decrypt_file(source: BinaryIO, dest: BinaryIO, passphrase: bytes) -> None:
+def decrypt_file(source: BinaryIO, dest: BinaryIO, secret: Secret) -> None:
     magic = source.readline()
-    line = source.readline()
+    line = source.readline(65536)
     try:
         params = json.loads(line)
-        salt, base = base64.b64decode(params["salt"]), base64.b64decode(params["nonce"])
-    except (ValueError, KeyError) as exc:
+        base = base64.b64decode(params["nonce"])
+        key = _file_key(params, secret)
+    except (ValueError, KeyError, TypeError) as exc:
         raise BackupError(f"the backup's encryption header is damaged ({exc})")
     header = magic + line
-    aead = AESGCM(_kdf(passphrase, salt))
+    aead = AESGCM(key)
     index, pending = 0, source.read(4)
     while pending:
-        (size,) = struct.unpack(">I", pending)
+        (size,) = struct.unpack(">I", pending.rjust(4, b"\0"))
+        if size > CHUNK + 16:
+            raise BackupError("the encrypted backup is damaged (a chunk is larger than written)")
         sealed = source.read(size)
         pending = source.read(4)
         try:
             dest.write(aead.decrypt(_nonce(base, index), sealed,
                                     header + struct.pack(">QB", index, not pending)))
         except InvalidTag:
-            raise BackupError("wrong passphrase, or the backup file was changed or cut off")
+            raise BackupError("wrong passphrase or key, or the backup file was changed or cut off")
         index += 1
     if index == 0:
         raise BackupError("the encrypted backup is empty: it was cut off")
+
+
+def create_backup_key(path: Path) -> Path:
+    """A new X25519 backup key: PATH (private, 0600, keep it off this server) and PATH.pub."""
+    if path.exists():
+        raise BackupError(f"{path} exists: a backup key is never overwritten")
+    key = X25519PrivateKey.generate()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                   serialization.NoEncryption()))
+    public = path.with_name(path.name + ".pub")
+    public.write_bytes(key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    return public
+
+
+def _load_key(path: str | None, private: bool):
+    if not path:
+        return None
+    try:
+        data = Path(path).read_bytes()
+        key = (serialization.load_pem_private_key(data, password=None) if private
+               else serialization.load_pem_public_key(data))
+    except (OSError, ValueError, TypeError) as exc:
+        raise BackupError(f"cannot read the backup key {path}: {exc}; create one with "
+                          "`hausmeister-server backup-key create FILE`")
+    wanted = X25519PrivateKey if private else X25519PublicKey
+    if not isinstance(key, wanted):
+        raise BackupError(f"{path} is not an X25519 backup key (`hausmeister-server backup-key "
+                          "create FILE` makes one)")
+    return key
 
 
 def read_passphrase(path: str | None) -> bytes | None:
@@ -218,13 +306,16 @@ class BackupResult:
 
 
 def create(config: Config, config_path: str | None, dest: Path, *, database_only: bool = False,
-           recordings: bool = True, passphrase: bytes | None = None, keep: int | None = None
+           recordings: bool = True, secret: Secret | None = None, keep: int | None = None
            ) -> BackupResult:
     s = config.server
     if not pki.CertStore(s.cert_dir).exists():
         raise BackupError(f"no server is set up in {s.data_dir}: nothing to back up")
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    suffix = ".tar.gz.enc" if passphrase else ".tar.gz"
+    secret = secret or Secret()
+    if secret.passphrase and secret.recipient:
+        raise BackupError("choose --passphrase-file or --recipient, not both")
+    suffix = ".tar.gz.enc" if secret else ".tar.gz"
     if dest.is_dir() or keep is not None:
         dest.mkdir(parents=True, exist_ok=True, mode=0o700)
         target = dest / f"{NAME_PREFIX}{stamp}{suffix}"
@@ -284,8 +375,8 @@ def create(config: Config, config_path: str | None, dest: Path, *, database_only
             tar.addfile(info, io.BytesIO(manifest_bytes))
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as out:
-            if passphrase:
-                encrypt_file(archive, out, passphrase)
+            if secret:
+                encrypt_file(archive, out, secret)
             else:
                 with open(archive, "rb") as fh:
                     shutil.copyfileobj(fh, out)
@@ -305,7 +396,7 @@ def _prune(folder: Path, keep: int) -> None:
 
 # --- restore -------------------------------------------------------------------------------------
 
-def _open_archive(src: Path, passphrase: bytes | None, tmp: Path) -> Path:
+def _open_archive(src: Path, secret: Secret, tmp: Path) -> Path:
     try:
         with open(src, "rb") as fh:
             head = fh.read(len(MAGIC))
@@ -313,11 +404,9 @@ def _open_archive(src: Path, passphrase: bytes | None, tmp: Path) -> Path:
         raise BackupError(f"cannot read {src}: {exc.strerror}")
     if head != MAGIC:
         return src
-    if passphrase is None:
-        raise BackupError(f"{src} is encrypted: pass --passphrase-file FILE")
     plain = tmp / "backup.tar.gz"
     with open(src, "rb") as fh, open(plain, "wb") as out:
-        decrypt_file(fh, out, passphrase)
+        decrypt_file(fh, out, secret)
     return plain
 
 
@@ -419,10 +508,10 @@ class RestoreResult:
 
 
 def restore(config: Config, config_path: str | None, src: Path, *, force: bool = False,
-            database_only: bool = False, passphrase: bytes | None = None) -> RestoreResult:
+            database_only: bool = False, secret: Secret | None = None) -> RestoreResult:
     s = config.server
     with tempfile.TemporaryDirectory(prefix="hausmeister-restore-") as tmp:
-        archive = _open_archive(src, passphrase, Path(tmp))
+        archive = _open_archive(src, secret or Secret(), Path(tmp))
         staging = Path(tmp) / "staging"
         manifest = _unpack_checked(archive, staging)
         if not force:
@@ -477,7 +566,9 @@ def cmd_backup(config: Config, args) -> int:
     try:
         result = create(config, config.source, Path(args.dest),
                         database_only=args.database_only, recordings=not args.no_recordings,
-                        passphrase=read_passphrase(args.passphrase_file), keep=args.keep)
+                        secret=Secret(passphrase=read_passphrase(args.passphrase_file),
+                                      recipient=_load_key(args.recipient, private=False)),
+                        keep=args.keep)
     except BackupError as exc:
         return _say_error(exc)
     counts = ", ".join(f"{v} {k}" for k, v in result.counts.items())
@@ -490,7 +581,8 @@ def cmd_restore(config: Config, args) -> int:
     try:
         result = restore(config, config.source, Path(args.src), force=args.force,
                          database_only=args.database_only,
-                         passphrase=read_passphrase(args.passphrase_file))
+                         secret=Secret(passphrase=read_passphrase(args.passphrase_file),
+                                       identity=_load_key(args.identity, private=True)))
     except BackupError as exc:
         return _say_error(exc)
     counts = ", ".join(f"{v} {k}" for k, v in result.counts.items())
@@ -507,6 +599,16 @@ def cmd_restore(config: Config, args) -> int:
     return 0
 
 
+def cmd_backup_key_create(config: Config, args) -> int:
+    try:
+        public = create_backup_key(Path(args.path))
+    except BackupError as exc:
+        return _say_error(exc)
+    print(f"backup key: {args.path} (private: keep it off this server, you need it to restore)")
+    print(f"public key: {public} (pass it to `backup --recipient`)")
+    return 0
+
+
 def add_commands(sub) -> None:
     """``backup`` and ``restore`` on the ``hausmeister-server`` parser."""
     s = sub.add_parser("backup", help="back up database, CA and keys, config, protocols and "
@@ -515,6 +617,8 @@ def add_commands(sub) -> None:
     s.add_argument("--keep", type=int, metavar="N", help="DEST is a folder: keep the newest N")
     s.add_argument("--passphrase-file", metavar="FILE", help="encrypt with the passphrase in "
                    "FILE (default: $HAUSMEISTER_BACKUP_PASSPHRASE_FILE)")
+    s.add_argument("--recipient", metavar="PUBLIC_KEY", help="encrypt for this backup key "
+                   "(X25519 PEM from `backup-key create`); only its private half can restore")
     s.add_argument("--no-recordings", action="store_true",
                    help="leave recordings out; the manifest keeps their hashes")
     s.add_argument("--database-only", action="store_true", help="only the database")
@@ -523,7 +627,13 @@ def add_commands(sub) -> None:
                        "hash first)")
     s.add_argument("src", metavar="SRC")
     s.add_argument("--passphrase-file", metavar="FILE")
+    s.add_argument("--identity", metavar="PRIVATE_KEY", help="the backup key's private half")
     s.add_argument("--force", action="store_true",
                    help="replace the CA, users and data of a non-empty install")
     s.add_argument("--database-only", action="store_true", help="only the database")
     s.set_defaults(func=cmd_restore)
+    s = sub.add_parser("backup-key", help="a key pair for backups only its private half can read")
+    ksub = s.add_subparsers(dest="backup_key_command", metavar="ACTION", required=True)
+    s = ksub.add_parser("create", help="write FILE (private, keep it off this server) and FILE.pub")
+    s.add_argument("path", metavar="FILE")
+    s.set_defaults(func=cmd_backup_key_create)

@@ -165,6 +165,18 @@ class Enrollment:
             raise EnrollmentRefused(str(exc))
         except accounts.AccountError as exc:
             raise EnrollmentError(str(exc))
+        return self._enroll_supporter(session, user, csr_pem, source)
+
+    def enroll_user(self, session: Session, user_id: int, csr_pem: str, source: str) -> Issued:
+        """A supporter module for a user whose password was already checked (``directory.signin``:
+        a local account or the directory)."""
+        user = session.get(User, user_id)
+        if user is None or user.disabled:
+            raise EnrollmentError("this user is disabled or gone; ask an administrator")
+        return self._enroll_supporter(session, user, csr_pem, source)
+
+    def _enroll_supporter(self, session: Session, user: User, csr_pem: str, source: str) -> Issued:
+        user_name = user.name
         if user.role not in (Role.supporter, Role.admin):
             raise EnrollmentError(f"user {user_name!r} has role {user.role.value}; "
                                   "only supporters and admins can enroll a supporter module")

@@ -181,6 +181,42 @@ class Config:
     limits: LimitsSection
     database: DatabaseSection
     certificates: CertificateSection
+@dataclass(frozen=True)
+class DirectoryGroup:
+    """One mapping of ``[directory] groups``: members of ``group`` (a DN) get ``role`` in ``tenant``."""
+
+    group: str
+    role: str
+    tenant: str
+
+
+@dataclass(frozen=True)
+class DirectorySection:
+    """Sign-in against the organisation's LDAP or Active Directory (``server.directory``)."""
+
+    enabled: bool
+    servers: tuple[str, ...]
+    security: str
+    allow_plain: bool
+    ca_bundle: str
+    timeout_seconds: float
+    bind_dn: str
+    bind_password: str
+    user_base: str
+    user_filter: str
+    user_bind_template: str
+    name_attribute: str
+    mail_attribute: str
+    group_lookup: str
+    group_base: str
+    groups: tuple[DirectoryGroup, ...]
+    sync_interval: str
+
+    @property
+    def sync_seconds(self) -> float:
+        return parse_duration(self.sync_interval)
+
+
     security: SecuritySection
     mail: MailSection
     s3: S3Section
@@ -208,6 +244,7 @@ class Config:
 
 @dataclass(frozen=True)
 class Key:
+    directory: DirectorySection
     name: str
     kind: str  # str, int, float, bool, path, list, choice, port, duration, url, host
     default: Any
@@ -341,6 +378,25 @@ def parse_duration(text: str) -> float:
 
 def split_endpoint(text: str) -> tuple[str, int | None]:
     """'host:port', '[v6]:port', 'host:*' or 'host' → (host, port or None for any port)."""
+    "directory": (
+        Key("enabled", "bool", False),
+        Key("servers", "ldapurllist", []),
+        Key("security", "choice", "ldaps", choices=("ldaps", "starttls", "plain")),
+        Key("allow_plain", "bool", False),
+        Key("ca_bundle", "str", ""),
+        Key("timeout_seconds", "float", 5.0, minimum=0.1, maximum=120),
+        Key("bind_dn", "str", ""),
+        Key("bind_password", "str", ""),
+        Key("user_base", "str", ""),
+        Key("user_filter", "str", "(&(objectClass=inetOrgPerson)(uid={user}))"),
+        Key("user_bind_template", "str", ""),
+        Key("name_attribute", "str", "uid"),
+        Key("mail_attribute", "str", "mail"),
+        Key("group_lookup", "choice", "memberof", choices=("memberof", "member", "in_chain")),
+        Key("group_base", "str", ""),
+        Key("groups", "groupmap", []),
+        Key("sync_interval", "duration", "5m"),
+    ),
     if text.startswith("["):
         host, bracket, rest = text[1:].partition("]")
         if not bracket or (rest and not rest.startswith(":")):
@@ -440,7 +496,9 @@ def _check(section: str, key: Key, value: Any, base: Path) -> Any:
                 key.maximum is not None and value > key.maximum):
             raise _fail(section, key, value, f"expected a number from {key.minimum:g} to {key.maximum:g}")
         return float(value)
-    if kind in ("list", "iplist", "endpointlist"):
+    if kind == "groupmap":
+        return _check_groupmap(section, key, value)
+    if kind in ("list", "iplist", "endpointlist", "ldapurllist"):
         if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
             raise _fail(section, key, value, "expected a list of non-empty strings")
         for item in value:
@@ -474,12 +532,74 @@ def from_mapping(raw: dict[str, Any], base: Path, source: Path | None = None) ->
     """Validate a parsed TOML mapping; unknown sections and keys are errors, not silence."""
     for section, body in raw.items():
         if section not in SCHEMA:
+                elif kind == "ldapurllist":
+                    _check_ldap_url(item)
             raise ConfigError(f"config section [{_show(section)}] is unknown: allowed sections are "
                               + ", ".join(SCHEMA))
         if not isinstance(body, dict):
             raise ConfigError(f"config section [{section}] must be a table, got {body!r}")
         known = {k.name for k in SCHEMA[section]}
         for name in body:
+def _check_ldap_url(text: str) -> None:
+    parts = urlsplit(text)
+    if parts.scheme not in ("ldap", "ldaps") or not parts.hostname or parts.path not in ("", "/"):
+        raise ValueError("expected ldaps://HOST[:PORT] or ldap://HOST[:PORT]")
+    parts.port  # raises ValueError for a port out of range
+
+
+ROLES = ("admin", "supporter", "auditor")
+
+
+def _check_groupmap(section: str, key: Key, value: Any) -> tuple[DirectoryGroup, ...]:
+    shape = ('expected a list of tables like { group = "cn=helpdesk,ou=groups,dc=example,dc=org", '
+             'role = "supporter", tenant = "default" }')
+    if not isinstance(value, list):
+        raise _fail(section, key, value, shape)
+    mapped = []
+    for item in value:
+        if (not isinstance(item, dict) or set(item) != {"group", "role", "tenant"}
+                or not all(isinstance(v, str) and v.strip() for v in item.values())):
+            raise _fail(section, key, item, shape)
+        if item["role"] not in ROLES:
+            raise _fail(section, key, item, "role must be one of " + ", ".join(ROLES))
+        mapped.append(DirectoryGroup(item["group"].strip(), item["role"], item["tenant"].strip()))
+    return tuple(mapped)
+
+
+def _check_directory(d: dict[str, Any]) -> None:
+    """The rules between the keys of [directory]; only checked when it is turned on."""
+    def fail(name: str, why: str) -> ConfigError:
+        return ConfigError(f"config key directory.{name} = {d[name]!r} is invalid: {why}")
+    if not d["enabled"]:
+        return
+    if not d["servers"]:
+        raise fail("servers", 'give at least one server, e.g. ["ldaps://dc1.example.org:636"]')
+    if d["security"] == "plain" and not d["allow_plain"]:
+        raise fail("security", "plain LDAP sends passwords unencrypted; use ldaps or starttls, "
+                   "or set directory.allow_plain = true if you really mean it")
+    scheme = "ldaps" if d["security"] == "ldaps" else "ldap"
+    for url in d["servers"]:
+        if urlsplit(url).scheme != scheme:
+            raise fail("servers", f"with security = {d['security']!r} every server must start "
+                       f"with {scheme}://")
+    if d["ca_bundle"] and not Path(d["ca_bundle"]).is_file():
+        raise fail("ca_bundle", "no such file; give the absolute path of the PEM file of the CA "
+                   "that signed the directory's certificate, or \"\" for the system's CAs")
+    for name in ("bind_dn", "bind_password", "user_base"):
+        if not d[name]:
+            raise fail(name, "must be set when the directory is enabled (a read-only service "
+                       "account finds users and lets the periodic sync take access from removed ones)")
+    if "{user}" not in d["user_filter"]:
+        raise fail("user_filter", "must contain {user} where the login name goes")
+    if d["user_bind_template"] and "{user}" not in d["user_bind_template"]:
+        raise fail("user_bind_template", 'must contain {user}, e.g. "{user}@corp.example.org"')
+    if d["group_lookup"] == "member" and not d["group_base"]:
+        raise fail("group_base", 'must be set with group_lookup = "member" (where groups are searched)')
+    if not d["groups"]:
+        raise fail("groups", "map at least one directory group to a role and tenant; only "
+                   "members of a mapped group may sign in")
+
+
             if name not in known:
                 raise ConfigError(f"config key {section}.{_show(name)} is unknown: allowed keys in "
                                   f"[{section}] are " + ", ".join(sorted(known)))
@@ -487,6 +607,7 @@ def from_mapping(raw: dict[str, Any], base: Path, source: Path | None = None) ->
     for section, keys in SCHEMA.items():
         body = raw.get(section, {})
         values = {k.name: _check(section, k, body.get(k.name, k.default), base) for k in keys}
+    "directory": DirectorySection,
         sections[section] = values
     server = sections["server"]
     if server["data_dir"] is None:
@@ -535,6 +656,7 @@ def _read_text(path: Path) -> str:
                           "for the user that runs hausmeister-server (chmod/chown)")
     except OSError as exc:
         raise ConfigError(f"config file {path} cannot be read: {exc.strerror}; pass --config with "
+    _check_directory(sections["directory"])
                           f"a readable TOML file ({example})")
     mode = os.fstat(fd).st_mode
     if not (stat.S_ISREG(mode) or stat.S_ISCHR(mode)):  # /dev/null stays usable for the defaults

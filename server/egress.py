@@ -19,6 +19,7 @@ The allow-list (``EgressPolicy.from_config``)
       and a missing host mean a Unix socket, which is always allowed);
     * the SMTP relay ``mail.smtp_host``:``mail.smtp_port`` when ``mail.smtp_host`` is set;
     * the S3 endpoint from ``s3.endpoint_url`` when ``s3.enabled`` (port 443/80 by scheme);
+    * each directory server in ``directory.servers`` when ``directory.enabled`` (636/389 by scheme);
     * every ``egress.allow`` entry: ``host:port``, ``host:*`` (any port), ``[v6]:port``.
     Host names are resolved once, when the policy is built, to their IP addresses; the name is
     kept as well, so a connect by that name is allowed too.  A connect to a name that is *not*
@@ -238,6 +239,11 @@ class EgressPolicy:
                            "mail.smtp_host"))
         if config.s3.enabled and config.s3.endpoint_url:
             wanted.append(_url_endpoint(config.s3.endpoint_url, "s3.endpoint_url"))
+        if config.directory.enabled:
+            for url in config.directory.servers:
+                parts = urlsplit(url)
+                default = 636 if parts.scheme == "ldaps" else 389
+                wanted.append((parts.hostname or "", parts.port or default, "directory.servers"))
         for item in config.egress.allow:
             try:
                 host, port = split_endpoint(item)

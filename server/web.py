@@ -254,9 +254,13 @@ class WebPlane:
 
     def __init__(self, db: Database, store: CertStore, enrollment: Enrollment,
                  module_host: str, module_port: Callable[[], int], renew_before_days: int,
-                 console: Any = None) -> None:
+                 console: Any = None, signin: Any = None) -> None:
         self.db = db
         self.console = console
+        if signin is None:
+            from .directory.signin import SignIn
+            signin = SignIn(db, enrollment.lockouts)
+        self.signin = signin  # the password check: local accounts, then the directory
         self.store = store
         self.enrollment = enrollment
         self.module_host = module_host
@@ -289,8 +293,24 @@ class WebPlane:
 
     def enroll_supporter(self, request: server.Request, f: dict[str, str]) -> Deferred:
         source = request.getClientAddress().host
-        d = self.db.run(self.enrollment.enroll_supporter, f["user"], f["password"], f["csr"], source)
+        d = self.signin.authenticate(f["user"], f["password"], source)
+        d.addErrback(self._enrollment_refused)
+        d.addCallback(lambda user_id: self.db.run(self.enrollment.enroll_user, user_id, f["csr"],
+                                                  source))
         return d.addCallback(self._issued)
+
+    @staticmethod
+    def _enrollment_refused(failure):
+        """A refused sign-in as the enrollment API's answer (the English text, one line)."""
+        from . import accounts
+        from .directory.signin import DirectoryDown
+        failure.trap(accounts.AccountError)
+        error = EnrollmentError(str(failure.value))
+        if failure.check(DirectoryDown):
+            error.status = 503
+        elif failure.check(accounts.LockedOut):
+            error.status = 429
+        raise error
 
     def enroll_host(self, request: server.Request, f: dict[str, str]) -> Deferred:
         source = request.getClientAddress().host

@@ -143,3 +143,31 @@ def test_damaged_or_changed_backups_are_refused(server_config, tmp_path, db_url)
     shutil.rmtree(tmp_path / "fresh-data", ignore_errors=True)
     restored = fresh.cli("restore", str(backup))
     assert restored.returncode == 0, restored.stderr
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_backup_for_a_backup_key_restores_only_with_its_private_half(server_config, tmp_path):
+    srv = server_config
+    key = tmp_path / "backup.key"
+    made = srv.cli("backup-key", "create", str(key))
+    assert made.returncode == 0, made.stderr
+    assert oct(key.stat().st_mode & 0o777) == "0o600"
+    backup = tmp_path / "b.tar.gz.enc"
+    assert srv.cli("backup", "--recipient", f"{key}.pub", str(backup)).returncode == 0
+    fresh = ServerProcess(write_config(tmp_path / "fresh.toml", tmp_path / "fresh-data",
+                                       f"sqlite:///{tmp_path / 'fresh.db'}"),
+                          tmp_path / "fresh-data")
+    assert "pass --identity" in _one_line_error(fresh.cli("restore", str(backup)))
+    other = tmp_path / "other.key"
+    assert srv.cli("backup-key", "create", str(other)).returncode == 0
+    assert "another backup key" in _one_line_error(
+        fresh.cli("restore", "--identity", str(other), str(backup)))
+    assert "not an X25519 backup key" in _one_line_error(
+        fresh.cli("restore", "--identity", str(srv.cert_dir / "ca.key"), str(backup)))
+    cut = tmp_path / "cut.tar.gz.enc"
+    cut.write_bytes(backup.read_bytes()[:-100])
+    assert "changed or cut off" in _one_line_error(
+        fresh.cli("restore", "--identity", str(key), str(cut)))
+    restored = fresh.cli("restore", "--identity", str(key), str(backup))
+    assert restored.returncode == 0, restored.stderr
+    assert fresh.ok("user", "list") == srv.ok("user", "list")

@@ -2,8 +2,10 @@
 that leave the network (the own account is ``pages_account``, reset and invitation links
 ``pages_links``).
 
-Login checks the argon2id hash through ``accounts.authenticate`` under the server's lock-out per
-user and per address; the lock-out message says how long to wait.  Admins and auditors work on their
+Login checks the password through ``directory.signin.SignIn`` (a local account's argon2id hash,
+else the organisation's directory when one is configured) under the server's lock-out per user
+and per address; the lock-out message says how long to wait, and a directory that cannot be
+reached says so (local break-glass admins still get in).  Admins and auditors work on their
 tenant's pages; a supporter gets only the own account (password, TOTP, picture, protocol mail).
 A user with a TOTP secret is not logged in after the password: the session holds
 the :class:`LoginResult` in ``pending`` until ``/console/login/totp`` gets a current code.  Wrong
@@ -24,6 +26,7 @@ from sqlalchemy import func, or_, select, update
 from twisted.logger import Logger
 
 from .. import accounts
+from ..directory.signin import DirectoryDown
 from ..db.models import Role, Tenant, User
 from ..i18n import Text
 from .core import EVERYONE, Ctx, landing, route
@@ -96,8 +99,11 @@ def totp_uri(secret: str, user: str, issuer: str) -> str:
 
 # --- login and logout ---------------------------------------------------------------------------
 
-def _login(session, lockouts: accounts.Lockouts, name: str, password: str, source: str) -> LoginResult:
-    user = accounts.authenticate(session, lockouts, name, password, source)
+def _login(session, lockouts: accounts.Lockouts, user_id: int, source: str) -> LoginResult:
+    """The login of a user whose password ``SignIn`` accepted (local or directory)."""
+    user = session.get(User, user_id)
+    if user is None or user.disabled:
+        raise accounts.AccountError(Text("this login is no longer valid; log in again"))
     lockouts.check(session, [f"totp:{user.name}"])
     tenant = session.get(Tenant, user.tenant_id)
     first_tenant = session.scalar(select(func.min(Tenant.id)))
@@ -143,10 +149,17 @@ def _start_session(ctx: Ctx, result: LoginResult):
     return ctx.redirect(landing(result.role))
 
 
+def _directory(ctx: Ctx) -> bool:
+    """Whether directory accounts sign in here (the login page says so)."""
+    return getattr(ctx.console.signin, "directory", None) is not None
+
+
 def _refused(ctx: Ctx, template: str, who: str, **values):
     def refused(failure) -> bytes:
         failure.trap(accounts.AccountError)
         status = 429 if failure.check(accounts.LockedOut) else 401
+        if failure.check(DirectoryDown):
+            status = 503
         log.info("console: login refused for {user!r} from {address}: {reason}",
                  user=who, address=ctx.source, reason=str(failure.value))
         return ctx.page(template, status, error=failure.value, **values)
@@ -163,7 +176,7 @@ def login_form(ctx: Ctx) -> bytes:
     if ctx.session.logged_in:
         return ctx.redirect(landing(ctx.session.role))
     ctx.session.pending = None
-    return ctx.page("login.html", notice=ctx.take_notice(), name="")
+    return ctx.page("login.html", notice=ctx.take_notice(), name="", directory=_directory(ctx))
 
 
 @route("POST", "login", login=False)
@@ -177,7 +190,7 @@ def login(ctx: Ctx):
     shown_name = name[:MAX_NAME]
     if not name or not password or len(name) > MAX_NAME or len(password) > MAX_PASSWORD:
         return ctx.page("login.html", 400, error=Text("enter a user name and a password"),
-                        name=shown_name)
+                        name=shown_name, directory=_directory(ctx))
 
     def done(result: LoginResult) -> bytes:
         if result.totp:
@@ -185,8 +198,10 @@ def login(ctx: Ctx):
             return ctx.redirect("/console/login/totp")
         return _start_session(ctx, result)
 
-    return ctx.run(_login, ctx.console.lockouts, name, password, ctx.source).addCallbacks(
-        done, _refused(ctx, "login.html", shown_name, name=shown_name))
+    d = ctx.console.signin.authenticate(name, password, ctx.source)
+    d.addCallback(lambda user_id: ctx.run(_login, ctx.console.lockouts, user_id, ctx.source))
+    return d.addCallbacks(done, _refused(ctx, "login.html", shown_name, name=shown_name,
+                                         directory=_directory(ctx)))
 
 
 def _pending(ctx: Ctx) -> LoginResult | None:

@@ -81,6 +81,9 @@ class User(Base):
     language: Mapped[str | None] = mapped_column(String(8), nullable=True)
     tenant: Mapped[Tenant] = relationship()
 
+    # set for a user who signs in through the directory (``server.directory``): the password is
+    # checked there, never here, and the directory sync may disable the user
+    directory_dn: Mapped[str | None] = mapped_column(String(1024), nullable=True)
 
 class HostGroup(Base):
     __tablename__ = "host_groups"
