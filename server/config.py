@@ -168,20 +168,6 @@ class RelaySection:
 
 
 @dataclass(frozen=True)
-class LoggingSection:
-    level: str
-    format: str
-
-
-@dataclass(frozen=True)
-class Config:
-    source: Path | None
-    server: ServerSection
-    listen: ListenSection
-    limits: LimitsSection
-    database: DatabaseSection
-    certificates: CertificateSection
-@dataclass(frozen=True)
 class DirectoryGroup:
     """One mapping of ``[directory] groups``: members of ``group`` (a DN) get ``role`` in ``tenant``."""
 
@@ -217,6 +203,20 @@ class DirectorySection:
         return parse_duration(self.sync_interval)
 
 
+@dataclass(frozen=True)
+class LoggingSection:
+    level: str
+    format: str
+
+
+@dataclass(frozen=True)
+class Config:
+    source: Path | None
+    server: ServerSection
+    listen: ListenSection
+    limits: LimitsSection
+    database: DatabaseSection
+    certificates: CertificateSection
     security: SecuritySection
     mail: MailSection
     s3: S3Section
@@ -229,6 +229,7 @@ class DirectorySection:
     adhoc: AdhocSection
     presence: PresenceSection
     relay: RelaySection
+    directory: DirectorySection
 
     @property
     def database_url(self) -> str:
@@ -244,7 +245,6 @@ class DirectorySection:
 
 @dataclass(frozen=True)
 class Key:
-    directory: DirectorySection
     name: str
     kind: str  # str, int, float, bool, path, list, choice, port, duration, url, host
     default: Any
@@ -353,6 +353,25 @@ SCHEMA: dict[str, tuple[Key, ...]] = {
         Key("missed_heartbeats", "int", 3, minimum=1, maximum=100),
         Key("flush_seconds", "float", 10.0, minimum=0.05, maximum=3600),
     ),
+    "directory": (
+        Key("enabled", "bool", False),
+        Key("servers", "ldapurllist", []),
+        Key("security", "choice", "ldaps", choices=("ldaps", "starttls", "plain")),
+        Key("allow_plain", "bool", False),
+        Key("ca_bundle", "str", ""),
+        Key("timeout_seconds", "float", 5.0, minimum=0.1, maximum=120),
+        Key("bind_dn", "str", ""),
+        Key("bind_password", "str", ""),
+        Key("user_base", "str", ""),
+        Key("user_filter", "str", "(&(objectClass=inetOrgPerson)(uid={user}))"),
+        Key("user_bind_template", "str", ""),
+        Key("name_attribute", "str", "uid"),
+        Key("mail_attribute", "str", "mail"),
+        Key("group_lookup", "choice", "memberof", choices=("memberof", "member", "in_chain")),
+        Key("group_base", "str", ""),
+        Key("groups", "groupmap", []),
+        Key("sync_interval", "duration", "5m"),
+    ),
     "logging": (
         Key("level", "choice", "info", choices=LOG_LEVELS),
         Key("format", "choice", "json", choices=("json", "text")),
@@ -378,25 +397,6 @@ def parse_duration(text: str) -> float:
 
 def split_endpoint(text: str) -> tuple[str, int | None]:
     """'host:port', '[v6]:port', 'host:*' or 'host' → (host, port or None for any port)."""
-    "directory": (
-        Key("enabled", "bool", False),
-        Key("servers", "ldapurllist", []),
-        Key("security", "choice", "ldaps", choices=("ldaps", "starttls", "plain")),
-        Key("allow_plain", "bool", False),
-        Key("ca_bundle", "str", ""),
-        Key("timeout_seconds", "float", 5.0, minimum=0.1, maximum=120),
-        Key("bind_dn", "str", ""),
-        Key("bind_password", "str", ""),
-        Key("user_base", "str", ""),
-        Key("user_filter", "str", "(&(objectClass=inetOrgPerson)(uid={user}))"),
-        Key("user_bind_template", "str", ""),
-        Key("name_attribute", "str", "uid"),
-        Key("mail_attribute", "str", "mail"),
-        Key("group_lookup", "choice", "memberof", choices=("memberof", "member", "in_chain")),
-        Key("group_base", "str", ""),
-        Key("groups", "groupmap", []),
-        Key("sync_interval", "duration", "5m"),
-    ),
     if text.startswith("["):
         host, bracket, rest = text[1:].partition("]")
         if not bracket or (rest and not rest.startswith(":")):
@@ -507,39 +507,14 @@ def _check(section: str, key: Key, value: Any, base: Path) -> Any:
                     ipaddress.ip_address(item)
                 elif kind == "endpointlist":
                     split_endpoint(item)
+                elif kind == "ldapurllist":
+                    _check_ldap_url(item)
             except ValueError as exc:
                 raise _fail(section, key, value, f"entry {item!r}: {exc}")
         return tuple(value)
     raise AssertionError(kind)
 
 
-SECTION_TYPES: dict[str, type] = {
-    "server": ServerSection, "listen": ListenSection, "limits": LimitsSection,
-    "database": DatabaseSection,
-    "certificates": CertificateSection, "security": SecuritySection, "mail": MailSection,
-    "s3": S3Section, "avatars": AvatarSection, "console": ConsoleSection, "alerts": AlertSection,
-    "retention": RetentionSection, "egress": EgressSection, "logging": LoggingSection,
-    "adhoc": AdhocSection, "presence": PresenceSection, "relay": RelaySection,
-}
-
-
-def _show(name: str) -> str:
-    """A TOML key as written in a one-line message (quoted if it holds unprintable characters)."""
-    return name if name.isprintable() else repr(name)
-
-
-def from_mapping(raw: dict[str, Any], base: Path, source: Path | None = None) -> Config:
-    """Validate a parsed TOML mapping; unknown sections and keys are errors, not silence."""
-    for section, body in raw.items():
-        if section not in SCHEMA:
-                elif kind == "ldapurllist":
-                    _check_ldap_url(item)
-            raise ConfigError(f"config section [{_show(section)}] is unknown: allowed sections are "
-                              + ", ".join(SCHEMA))
-        if not isinstance(body, dict):
-            raise ConfigError(f"config section [{section}] must be a table, got {body!r}")
-        known = {k.name for k in SCHEMA[section]}
-        for name in body:
 def _check_ldap_url(text: str) -> None:
     parts = urlsplit(text)
     if parts.scheme not in ("ldap", "ldaps") or not parts.hostname or parts.path not in ("", "/"):
@@ -600,6 +575,32 @@ def _check_directory(d: dict[str, Any]) -> None:
                    "members of a mapped group may sign in")
 
 
+SECTION_TYPES: dict[str, type] = {
+    "server": ServerSection, "listen": ListenSection, "limits": LimitsSection,
+    "database": DatabaseSection,
+    "certificates": CertificateSection, "security": SecuritySection, "mail": MailSection,
+    "s3": S3Section, "avatars": AvatarSection, "console": ConsoleSection, "alerts": AlertSection,
+    "retention": RetentionSection, "egress": EgressSection, "logging": LoggingSection,
+    "adhoc": AdhocSection, "presence": PresenceSection, "relay": RelaySection,
+    "directory": DirectorySection,
+}
+
+
+def _show(name: str) -> str:
+    """A TOML key as written in a one-line message (quoted if it holds unprintable characters)."""
+    return name if name.isprintable() else repr(name)
+
+
+def from_mapping(raw: dict[str, Any], base: Path, source: Path | None = None) -> Config:
+    """Validate a parsed TOML mapping; unknown sections and keys are errors, not silence."""
+    for section, body in raw.items():
+        if section not in SCHEMA:
+            raise ConfigError(f"config section [{_show(section)}] is unknown: allowed sections are "
+                              + ", ".join(SCHEMA))
+        if not isinstance(body, dict):
+            raise ConfigError(f"config section [{section}] must be a table, got {body!r}")
+        known = {k.name for k in SCHEMA[section]}
+        for name in body:
             if name not in known:
                 raise ConfigError(f"config key {section}.{_show(name)} is unknown: allowed keys in "
                                   f"[{section}] are " + ", ".join(sorted(known)))
@@ -607,7 +608,6 @@ def _check_directory(d: dict[str, Any]) -> None:
     for section, keys in SCHEMA.items():
         body = raw.get(section, {})
         values = {k.name: _check(section, k, body.get(k.name, k.default), base) for k in keys}
-    "directory": DirectorySection,
         sections[section] = values
     server = sections["server"]
     if server["data_dir"] is None:
@@ -631,6 +631,7 @@ def _check_directory(d: dict[str, Any]) -> None:
         if bundle and not Path(bundle).is_file():
             raise ConfigError(f"config key {section}.ca_bundle = {bundle!r} is invalid: no such file; "
                               "give the absolute path of a PEM file or \"\" for the system's CAs")
+    _check_directory(sections["directory"])
     s3 = sections["s3"]
     if s3["enabled"] and not (s3["endpoint_url"] and s3["bucket"]):
         raise ConfigError("config key s3.enabled = true is invalid: set s3.endpoint_url and s3.bucket too")
@@ -656,7 +657,6 @@ def _read_text(path: Path) -> str:
                           "for the user that runs hausmeister-server (chmod/chown)")
     except OSError as exc:
         raise ConfigError(f"config file {path} cannot be read: {exc.strerror}; pass --config with "
-    _check_directory(sections["directory"])
                           f"a readable TOML file ({example})")
     mode = os.fstat(fd).st_mode
     if not (stat.S_ISREG(mode) or stat.S_ISCHR(mode)):  # /dev/null stays usable for the defaults

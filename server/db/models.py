@@ -79,11 +79,11 @@ class User(Base):
     protocol_mail: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     # console and mail language ('en', 'de'); None: not chosen (browser decides, mails in English)
     language: Mapped[str | None] = mapped_column(String(8), nullable=True)
-    tenant: Mapped[Tenant] = relationship()
-
     # set for a user who signs in through the directory (``server.directory``): the password is
     # checked there, never here, and the directory sync may disable the user
     directory_dn: Mapped[str | None] = mapped_column(String(1024), nullable=True)
+    tenant: Mapped[Tenant] = relationship()
+
 
 class HostGroup(Base):
     __tablename__ = "host_groups"
