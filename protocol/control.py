@@ -20,6 +20,9 @@ OfferSession           server → host               a supporter connects: relay
 OpenRelayLeg           any, first command          turn this connection into a relay leg
 SessionEvent           either party of a session   one line for the session protocol
 SessionEnded           server → both parties       the server ended the session, and why
+RecordingStart         either party of a session   may/must I record? keys, where to resume
+RecordingChunk         the recording party         file bytes at an offset (resumable, idempotent)
+RecordingEnd           the recording party         the recording is closed (FINAL record sent)
 =====================  ==========================  =========================================
 """
 
@@ -90,8 +93,14 @@ class NotRecordable(ControlError):
     code = b"NOT_RECORDABLE"
 
 
+class RecordingRefused(ControlError):
+    """The server cannot take this recording (storage failed, quota, a damaged upload)."""
+
+    code = b"RECORDING_REFUSED"
+
+
 ALL_ERRORS = (BadRequest, ProtocolVersionMismatch, NotEnrolled, WrongState, Forbidden, UnknownNameplate,
-              LockedOut, HostOffline, UnknownHost, RelayRefused, NotRecordable)
+              LockedOut, HostOffline, UnknownHost, RelayRefused, NotRecordable, RecordingRefused)
 ERRORS = {cls: cls.code for cls in ALL_ERRORS}
 
 
@@ -214,6 +223,56 @@ class SessionEnded(amp.Command):
     requiresAnswer = False
 
 
+#: the largest file bytes one RecordingChunk carries (an AMP value holds at most 64 KiB)
+MAX_RECORDING_CHUNK = 48 * 1024
+
+
+class RecordingStart(amp.Command):
+    """A party asks whether to record its screen in this session (``protocol.recording``).
+
+    ``policy`` is off, on or required; with off nothing else matters.  ``public_keys`` is a JSON
+    list of PEM X25519 keys to wrap the recording key for (operator first).  A party that
+    recorded before (reconnect, server restart) gets the same ``recording_id`` and the offset to
+    resume at; ``stall_seconds`` is how long the server waits for a chunk before a ``required``
+    session ends.  The module must not start its screen under ``required`` before this answer.
+    """
+
+    arguments = [(b"session_id", amp.Unicode())]
+    response = [
+        (b"policy", amp.Unicode()),
+        (b"input", amp.Unicode()),
+        (b"recording_id", amp.Unicode()),
+        (b"next_offset", amp.Integer()),
+        (b"public_keys", amp.Unicode()),
+        (b"max_chunk", amp.Integer()),
+        (b"stall_seconds", amp.Float()),
+        (b"buffer_bytes", amp.Integer()),
+    ]
+    errors = ERRORS
+
+
+class RecordingChunk(amp.Command):
+    """File bytes at ``offset``.  The answer is the offset the server expects next: bytes it
+    already holds are skipped (a resent chunk changes nothing), a gap is not written and the
+    answer tells the module where to resume."""
+
+    arguments = [
+        (b"recording_id", amp.Unicode()),
+        (b"offset", amp.Integer()),
+        (b"data", amp.String()),
+    ]
+    response = [(b"next_offset", amp.Integer())]
+    errors = ERRORS
+
+
+class RecordingEnd(amp.Command):
+    """The module closed the recording (its FINAL record is among the bytes sent)."""
+
+    arguments = [(b"recording_id", amp.Unicode()), (b"size", amp.Integer())]
+    response = [(b"sha256", amp.Unicode()), (b"complete", amp.Boolean())]
+    errors = ERRORS
+
+
 class OpenRelayLeg(amp.Command):
     """First and only command of a relay leg; after the answer the connection is raw bytes."""
 
@@ -227,4 +286,5 @@ __all__ = [
     "AllocateNameplate", "JoinAdhoc", "ListHosts", "ConnectHost", "SessionReady", "OfferSession",
     "OpenRelayLeg", "SessionEvent", "SessionEnded", "ProtocolVersionMismatch", "NotEnrolled", "WrongState", "Forbidden",
     "UnknownNameplate", "LockedOut", "HostOffline", "UnknownHost", "RelayRefused", "NotRecordable",
+    "RecordingRefused", "RecordingStart", "RecordingChunk", "RecordingEnd", "MAX_RECORDING_CHUNK",
 ]

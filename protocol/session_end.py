@@ -32,6 +32,7 @@ class EndCause(str, enum.Enum):
     PAIR_TIMEOUT = "pair_timeout"            # the partner never reached the relay
     REVOKED = "revoked"                      # certificate revoked, user disabled, host removed
     PROTOCOL_UNWRITABLE = "protocol_unwritable"  # the session protocol could not be written
+    RECORDING_FAILED = "recording_failed"    # a required recording could not be made or stored
     CONNECTION_LOST = "connection_lost"      # a party's connection vanished without a word
     SERVER_SHUTDOWN = "server_shutdown"      # the server or relay stopped in order
     SERVER_CRASHED = "server_crashed"        # found unfinished at start-up after a crash
@@ -51,6 +52,7 @@ _TEXT = {
     EndCause.PAIR_TIMEOUT: "the {by} did not reach the relay in time",
     EndCause.REVOKED: "access revoked",
     EndCause.PROTOCOL_UNWRITABLE: "the session protocol could not be written",
+    EndCause.RECORDING_FAILED: "the required session recording could not be made",
     EndCause.CONNECTION_LOST: "the connection to the {by} was lost",
     EndCause.SERVER_SHUTDOWN: "the server shut down",
     EndCause.SERVER_CRASHED: "server stopped unexpectedly",

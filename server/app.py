@@ -164,6 +164,10 @@ class HausmeisterServer(service.MultiService):
                              terms=config.adhoc.terms,
                              protocols=self.protocols)
         self.revocation.broker, self.revocation.relay = self.broker, self.relay
+        from .recordings.receiver import RecordingReceiver
+        from .recordings.storage import storage_for
+        self.recordings = RecordingReceiver(self.db, config, storage_for(config), self.broker,
+                                            reactor)
         self.broker.on_protocol_failure = self._protocol_failure_alert
         if self.relay is not None:
             self.broker.end_relay_session = self.relay.end_session
@@ -205,6 +209,8 @@ class HausmeisterServer(service.MultiService):
     def _relay_session_ended(self, stats) -> None:
         # reports still held for their confirmation go into the protocol before its end
         d = self.broker.flush_events(stats.session_id)
+        # recordings are finalised (their hashes written) before the protocol's end
+        d.addBoth(lambda _: self.recordings.session_ended(stats.session_id))
         d.addBoth(lambda _: record_session_end(self.db, stats, self.protocols))
         self._ending.add(d)
         d.addBoth(lambda _: self._ending.discard(d))
@@ -223,6 +229,8 @@ class HausmeisterServer(service.MultiService):
         self.broker.start().addErrback(lambda f: log.failure("could not reset host presence", f))
         factory = ModulePort(self.registry, self.broker, self.relay, self.tokens,
                              lambda ident: self.db.run(_tenant_of, ident))
+        factory.recordings = self.recordings
+        self.recordings.start()
         # one guard for both ports: deadlines and caps for connections not yet proved
         self.guard = ConnectionGuard.from_config(c.limits, self.reactor)
         self.module_port = listen_guarded(
@@ -270,6 +278,7 @@ class HausmeisterServer(service.MultiService):
 
     @defer.inlineCallbacks
     def stopService(self):
+        self.recordings.stop()
         for port in (self.https_port, self.module_port):
             if port is not None:
                 yield port.stopListening()

@@ -357,6 +357,14 @@ class Broker:
             d.addErrback(self._running_protocol_failed, live)
         return d
 
+    def server_line(self, session_id: str, tenant: str, kind: str, detail: dict) -> defer.Deferred:
+        """A line the server writes into a session's protocol for another part of the server (a
+        recording's start and SHA-256), also after the session left ``sessions`` but before its
+        ``ended`` line.  A failure reaches the caller."""
+        if self.protocols is None:
+            return defer.succeed(None)
+        return self.blocking(self.protocols.record, tenant, session_id, kind, "server", "", detail)
+
     def _running_protocol_failed(self, failure, live: LiveSession) -> None:
         if failure.check(ProtocolError) and not isinstance(failure.value, OSError):
             # an event the protocol refuses (too large, ...): the reporter's fault, not the disk's

@@ -603,6 +603,10 @@ def cmd_protocol_verify(config: Config, args: argparse.Namespace) -> int:
     result = session_protocol.verify(path, anchors)
     if not result.ok:
         raise CLIError(result.summary())
+    from .recordings.cli import protocol_recording_problems
+    broken = protocol_recording_problems(config, session_protocol.protocol_files(path))
+    if broken:
+        raise CLIError("; ".join(broken))
     print(result.summary())
     if result.unended:
         print(f"{len(result.unended)} session(s) without the server's 'ended' line (still running, "
@@ -779,6 +783,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_backup_commands(sub)
     from .download_signing import add_commands as add_download_commands
     add_download_commands(sub)
+    from .recordings.cli import add_commands as add_recording_commands
+    add_recording_commands(sub)
     return p
 
 

@@ -137,6 +137,19 @@ class RetentionSection:
 
 
 @dataclass(frozen=True)
+class RecordingSection:
+    """Session recordings (``server.recordings``): where they go and how strict the upload is."""
+
+    storage: str              # folder | s3
+    default_policy: str       # off | on | required, where neither tenant nor host group says
+    input: str                # off | masked | on: input events in recordings
+    stall_seconds: float      # under 'required': an upload silent this long ends the session
+    auditor_key: str          # PEM public key of an auditor (private half kept elsewhere)
+    module_buffer_mib: int    # what a recording module holds unacknowledged before giving up
+    quota_mib: int            # per tenant; 0 = no quota
+
+
+@dataclass(frozen=True)
 class EgressSection:
     allow: tuple[str, ...]
 
@@ -224,6 +237,7 @@ class Config:
     console: ConsoleSection
     alerts: AlertSection
     retention: RetentionSection
+    recording: RecordingSection
     egress: EgressSection
     logging: LoggingSection
     adhoc: AdhocSection
@@ -336,6 +350,15 @@ SCHEMA: dict[str, tuple[Key, ...]] = {
         Key("check_interval", "duration", "1h"),
     ),
     "retention": (Key("protocol_days", "int", 0, minimum=0, maximum=36500),),
+    "recording": (
+        Key("storage", "choice", "folder", choices=("folder", "s3")),
+        Key("default_policy", "choice", "off", choices=("off", "on", "required")),
+        Key("input", "choice", "off", choices=("off", "masked", "on")),
+        Key("stall_seconds", "float", 30.0, minimum=0.5, maximum=3600),
+        Key("auditor_key", "str", ""),
+        Key("module_buffer_mib", "int", 64, minimum=1, maximum=4096),
+        Key("quota_mib", "int", 0, minimum=0, maximum=100_000_000),
+    ),
     "egress": (Key("allow", "endpointlist", []),),
     "adhoc": (
         Key("nameplate_ttl", "duration", "10m"),
@@ -580,7 +603,7 @@ SECTION_TYPES: dict[str, type] = {
     "database": DatabaseSection,
     "certificates": CertificateSection, "security": SecuritySection, "mail": MailSection,
     "s3": S3Section, "avatars": AvatarSection, "console": ConsoleSection, "alerts": AlertSection,
-    "retention": RetentionSection, "egress": EgressSection, "logging": LoggingSection,
+    "retention": RetentionSection, "recording": RecordingSection, "egress": EgressSection, "logging": LoggingSection,
     "adhoc": AdhocSection, "presence": PresenceSection, "relay": RelaySection,
     "directory": DirectorySection,
 }
@@ -635,6 +658,13 @@ def from_mapping(raw: dict[str, Any], base: Path, source: Path | None = None) ->
     s3 = sections["s3"]
     if s3["enabled"] and not (s3["endpoint_url"] and s3["bucket"]):
         raise ConfigError("config key s3.enabled = true is invalid: set s3.endpoint_url and s3.bucket too")
+    rec = sections["recording"]
+    if rec["storage"] == "s3" and not s3["enabled"]:
+        raise ConfigError("config key recording.storage = 's3' is invalid: turn on [s3] (enabled, "
+                          "endpoint_url, bucket) or store recordings in the folder")
+    if rec["auditor_key"] and not Path(rec["auditor_key"]).is_file():
+        raise ConfigError(f"config key recording.auditor_key = {rec['auditor_key']!r} is invalid: no "
+                          "such file; give the path of the auditor's PEM public key or \"\"")
     built = {name: SECTION_TYPES[name](**values) for name, values in sections.items()}
     return Config(source=source, **built)
 

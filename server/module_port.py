@@ -14,6 +14,7 @@ import time
 from typing import Callable
 
 from twisted.internet import defer, protocol
+from twisted.internet.error import ConnectionLost
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -31,6 +32,16 @@ log = Logger()
 EVENT_KIND = re.compile(r"^[a-z][a-z_]{0,39}$")
 MAX_EVENT_DETAIL = 16 * 1024
 SERVER_KINDS = frozenset({"created", "joined"})
+
+
+class _ClosedSender:
+    """The box sender of a closed connection: sending fails the way AMP expects."""
+
+    def sendBox(self, box) -> None:
+        raise ConnectionLost("the module's connection is closed")
+
+
+_CLOSED_SENDER = _ClosedSender()
 
 
 @implementer(IHandshakeListener)
@@ -82,6 +93,12 @@ class ModuleConnection(FramedAMP):
             log.debug("connection from {address} closed before the TLS handshake completed: {why}",
                       address=self.address, why=reason.getErrorMessage())
         super().connectionLost(reason)
+        # AMP refers to itself (box receiver and sender, responder locator): without these
+        # references a closed connection is freed at once instead of by a full collection.
+        # A later callRemote still fails cleanly (AMP checks the recorded loss first), and an
+        # answer that is ready only now is dropped as AMP drops it on a lost connection.
+        self.boxReceiver = self.locator = None
+        self.boxSender = _CLOSED_SENDER
 
     @property
     def name(self) -> str:
@@ -224,6 +241,41 @@ class ModuleConnection(FramedAMP):
             raise
         return self._guarded(d)
 
+    # --- session recordings (server.recordings.receiver) ---------------------------------------
+
+    def _recordings(self):
+        self._require(None)
+        if self.port.recordings is None:
+            raise control.WrongState("this server takes no recordings")
+        return self.port.recordings
+
+    @control.RecordingStart.responder
+    def recording_start(self, session_id: str):
+        try:
+            d = self._recordings().start_recording(self, session_id)
+        except control.ControlError as exc:
+            self._refuse(exc)
+            raise
+        return self._guarded(d)
+
+    @control.RecordingChunk.responder
+    def recording_chunk(self, recording_id: str, offset: int, data: bytes):
+        try:
+            d = self._recordings().chunk(self, recording_id, offset, data)
+        except control.ControlError as exc:
+            self._refuse(exc)
+            raise
+        return self._guarded(d)
+
+    @control.RecordingEnd.responder
+    def recording_end(self, recording_id: str, size: int):
+        try:
+            d = self._recordings().end(self, recording_id, size)
+        except control.ControlError as exc:
+            self._refuse(exc)
+            raise
+        return self._guarded(d)
+
     def ampBoxReceived(self, box) -> None:
         """``OpenRelayLeg`` is handled here, not by a responder: the answer must be on the wire
         before the relay may write the partner's first bytes to this transport."""
@@ -308,6 +360,7 @@ class ModulePort(protocol.Factory):
         self.relay = relay
         self.tokens = tokens
         self.tenant_of = tenant_of
+        self.recordings = None  # server.recordings.receiver.RecordingReceiver, set by the server
 
     def buildProtocol(self, addr) -> ModuleConnection:
         conn = ModuleConnection(self)

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from server.session_protocol import ProtocolWriter
+from tests.test_e2e_brokering import wait_until
+from tests.test_e2e_sessions import finish, protocol_events, start_adhoc
 from tests.fixtures_server import (ServerProcess, add_enrolled_supporter, run_cli,
                                    write_config)
 
@@ -53,10 +54,20 @@ def test_backup_while_running_then_restore_into_a_fresh_install(request, running
     enrolled = run_cli("host", "enroll", "--server", srv.url, "--ca-fingerprint", srv.fingerprint,
                        "--token", token, "--name", "pc1", "--home", str(host_home))
     assert enrolled.returncode == 0, enrolled.stderr
-    protocols = srv.data_dir / "protocols"
-    writer = ProtocolWriter(protocols)
-    for kind in ("created", "joined", "key_confirmed"):
-        writer.append("default", "s" + "1" * 31, {"kind": kind, "actor": "server"})
+    # one real ad-hoc session, so there is a session row and a protocol anchored in it
+    supporter, customer = start_adhoc({"alice": tmp_path / "alice", "srv": srv, "tmp": tmp_path})
+    try:
+        customer.wait_for_line("granted control")
+        supporter.wait_for_line("granted control")
+        customer.send(b"bytes of the customer")
+        supporter.read_exactly(b"bytes of the customer")
+        supporter.close_stdin()
+        assert supporter.wait() == 0 and customer.wait() == 0
+    finally:
+        finish(supporter, customer)
+    wait_until(lambda: [e for e in protocol_events(srv) if e["kind"] == "ended"
+                        and e["actor"] == "server"], what="the session's ended line")
+    sessions_before = srv.ok("session", "list", "--json")
     passphrase = tmp_path / "passphrase"
     passphrase.write_text("correct horse battery staple\n")
     users_before = srv.ok("user", "list")
@@ -96,6 +107,8 @@ def test_backup_while_running_then_restore_into_a_fresh_install(request, running
     assert (tmp_path / "hausmeister.toml.from-backup").is_file()
     assert fresh.ok("user", "list") == users_before
     assert fresh.ok("cert", "list") == certs_before
+    assert fresh.ok("session", "list", "--json") == sessions_before
+    assert '"ended_at": null' not in sessions_before and "alice" in sessions_before
     verified = fresh.cli("protocol", "verify", str(fresh.data_dir / "protocols"))
     assert verified.returncode == 0, verified.stdout + verified.stderr
     fresh.start()

@@ -185,6 +185,7 @@ class SessionRunner:
         self.viewer_options = viewer or {}
         self.presenter_screen = None
         self.viewer_screen = None
+        self.recorder = None  # modules.common.recorder.SessionRecorder, when this side records
         self.send_files = list(send_files)
         self.receive_dir = receive_dir
         self.files = None  # FileTransfers, once the session is set up
@@ -212,6 +213,8 @@ class SessionRunner:
 
     def _report(self, kind: str, detail: dict) -> defer.Deferred | None:
         """Report one event (kept in ``_pending`` until the server answered)."""
+        if self.recorder is not None:
+            self.recorder.event(kind, detail)  # the recording holds the session's events too
         if self._control_gone:
             return None
         d = self.report(kind, detail)
@@ -264,6 +267,10 @@ class SessionRunner:
         self._control_gone = True
         self._decide(EndReason(EndCause.SERVER_LOST, "server"))
         self._end_here()
+
+    def recording_failed(self, why: str) -> None:
+        """The policy requires a recording and it cannot be made: the session ends."""
+        self.end(EndReason(EndCause.RECORDING_FAILED, self.consent.role.value, why[:160]))
 
     def end(self, reason: EndReason) -> None:
         """This side ends the session: report why, tell the peer (``bye``), then close."""
@@ -442,6 +449,11 @@ class SessionRunner:
         if (self.screen_offer is None or self.presenter_screen is not None
                 or not self.consent.is_presenter or not self.consent.allows(Right.VIEW)):
             return
+        if self.recorder is not None and not self.recorder.may_show():
+            # under a 'required' policy no screen runs before its recording does
+            if self.recorder.may_show() is None:
+                self.recorder.when_ready().addCallback(lambda _: self._maybe_start_screen())
+            return
         from .screen_session import PresenterScreen
         source, make_injector = self.screen_offer
         injector = make_injector(lambda: self._control_allowed())
@@ -452,6 +464,8 @@ class SessionRunner:
             # nothing of the screen leaves once view is withdrawn (the RFB stream stays cut)
             if self.consent.allows(Right.VIEW):
                 self._send(Channel.SCREEN, data)
+                if self.recorder is not None:
+                    self.recorder.rfb_out(data)  # exactly the bytes the viewer gets
         self.presenter_screen = PresenterScreen(
             source, injector, send=send_screen,
             close=lambda: None, on_cut_text=self._clipboard_from_viewer)
@@ -525,6 +539,8 @@ class SessionRunner:
         if self.consent.is_presenter:
             if self.presenter_screen is not None:
                 self.presenter_screen.received(data)  # RFB client messages; input is gated
+                if self.recorder is not None:
+                    self.recorder.rfb_in(data)
             return
         if not self.consent.holds(Right.VIEW):
             return
@@ -725,6 +741,10 @@ class SessionRunner:
         self._reason_known.addCallback(lambda _: self._tear_down())
 
     def _tear_down(self) -> None:
+        if self.recorder is not None:  # the FINAL record goes up before the end is reported
+            closing = self.recorder.close()
+            self._pending.add(closing)
+            closing.addBoth(lambda r: self._pending.discard(closing) or r)
         if self.files is not None:
             self.files.close("session ended")
         for screen in (self.presenter_screen, self.viewer_screen):

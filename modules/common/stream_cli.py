@@ -164,6 +164,8 @@ async def run_secure_session(reactor, ticket: dict, ca_pem: bytes, folder: Modul
                                    "clipboard": getattr(args, "clipboard", None),
                                    "clipboard_file": getattr(args, "clipboard_file", None)})
     conn.session_end_handlers[leg.session_id] = runner.server_ended
+    from .recorder import attach as attach_recorder
+    attach_recorder(runner, conn, reactor, leg.session_id)  # when this side can show its screen
     conn.lost.addBoth(_passing(runner.control_lost))
     stops = interrupts(reactor)
     stops.session(runner.emergency_stop)

@@ -57,6 +57,8 @@ class Tenant(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(100), unique=True)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    # session recordings: off | on | required; None: the config's recording.default_policy
+    recording_policy: Mapped[str | None] = mapped_column(String(16), nullable=True)
 
 
 class User(Base):
@@ -91,6 +93,8 @@ class HostGroup(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"))
     name: Mapped[str] = mapped_column(String(100))
+    # session recordings for this group's hosts: off | on | required; None: the tenant's policy
+    recording_policy: Mapped[str | None] = mapped_column(String(16), nullable=True)
     tenant: Mapped[Tenant] = relationship()
 
 
@@ -251,6 +255,33 @@ class Setting(Base):
     value: Mapped[str] = mapped_column(Text)  # JSON
     changed_by: Mapped[str] = mapped_column(String(100))
     changed_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+
+
+class Recording(Base):
+    """One uploaded session recording (``server.recordings``); the file itself (encrypted) lives
+    in the recordings folder or the S3 bucket under ``location``.
+
+    ``status``: ``uploading`` (the module is sending), ``complete`` (the module closed it) or
+    ``incomplete`` (the session ended without the FINAL record: kept up to its last whole record).
+    """
+
+    __tablename__ = "recordings"
+    __table_args__ = (UniqueConstraint("session_id", "party"),)
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    session_id: Mapped[str] = mapped_column(ForeignKey("sessions.id"), index=True)
+    tenant_id: Mapped[int | None] = mapped_column(ForeignKey("tenants.id"), nullable=True, index=True)
+    party: Mapped[str] = mapped_column(String(20))       # supporter | host | customer
+    storage: Mapped[str] = mapped_column(String(10))     # folder | s3
+    location: Mapped[str] = mapped_column(String(500))   # path under recording_dir, or S3 key
+    key_id: Mapped[str] = mapped_column(String(32))
+    policy: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16), default="uploading")
+    size: Mapped[int] = mapped_column(BigInteger, default=0)
+    records: Mapped[int] = mapped_column(Integer, default=0)
+    sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    started_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    ended_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    last_chunk_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
 
 class AlertSent(Base):

@@ -1,0 +1,288 @@
+"""The session recorder of the module that shows its screen (issue 12).
+
+Asks the server at the start of a session whether to record (``RecordingStart``); if so it writes
+the ``.hmrec`` file with ``protocol.recording.Writer`` (encrypted here, for the operator's and an
+auditor's key) from what the session really sends: the RFB server→client bytes as they leave,
+the client→server messages a player needs, the session events and, if the policy asks, input.
+The file bytes are uploaded while the session runs, one ``RecordingChunk`` (≤ 48 KiB) in flight
+at a time, from a bounded buffer of unacknowledged bytes: a slow upload never stalls the screen;
+a full buffer gives the recording up (and, under ``required``, ends the session with that
+reason).  The server answers every chunk with the offset it expects next, so a resend after a
+reconnect is harmless.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import time
+from typing import Any, Callable
+
+from twisted.internet import defer, task
+from twisted.logger import Logger
+
+from protocol import control, recording
+
+log = Logger()
+
+FLUSH_SECONDS = 1.0
+UPLOAD_HIGH_WATER = 512 * 1024   # flush at once when this much plaintext waits
+
+
+class SessionRecorder:
+    def __init__(self, reactor, conn, session_id: str, party: str, *,
+                 screen_size: tuple[int, int] = (0, 0), parties: dict | None = None,
+                 on_failed: Callable[[str], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.reactor = reactor
+        self.conn = conn
+        self.session_id = session_id
+        self.party = party
+        self.screen_size = screen_size
+        self.parties = parties or {}
+        self.on_failed = on_failed
+        self.clock = clock
+        self.policy: str | None = None      # None until the server answered
+        self.input_mode = "off"
+        self.recording_id = ""
+        self.writer: recording.Writer | None = None
+        self.failed: str | None = None
+        self.closed = False
+        self._t0 = clock()
+        self._buffer = bytearray()         # bytes not yet acknowledged, from offset self._acked
+        self._acked = 0
+        self._in_flight = False
+        self._max_chunk = control.MAX_RECORDING_CHUNK
+        self._limit = 64 << 20
+        self._stall = 30.0
+        self._last_record = clock()
+        self._ready: list[defer.Deferred] = []
+        self._drained: list[defer.Deferred] = []
+        self._client_stream = recording.ClientStream()
+        self._loop: task.LoopingCall | None = None
+        self.bytes_recorded = 0
+
+    # --- start --------------------------------------------------------------------------------
+
+    def start(self) -> defer.Deferred:
+        d = self.conn.callRemote(control.RecordingStart, session_id=self.session_id)
+        d.addCallbacks(self._started, self._refused)
+        return d
+
+    def _started(self, answer: dict) -> None:
+        self.policy = answer["policy"]
+        if self.policy == "off":
+            self._fire_ready()
+            return
+        self.input_mode = answer["input"]
+        self.recording_id = answer["recording_id"]
+        self._max_chunk = min(control.MAX_RECORDING_CHUNK, max(1024, answer["max_chunk"]))
+        self._limit = max(1 << 20, answer["buffer_bytes"])
+        self._stall = answer["stall_seconds"]
+        try:
+            recipients = [recording.load_public(pem) for pem in json.loads(answer["public_keys"])]
+            header = {"session_id": self.session_id, "tenant": self.parties.get("tenant", ""),
+                      "recorder": self.party, "parties": self.parties,
+                      "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds"),
+                      "screen": list(self.screen_size), "input": self.input_mode}
+            self.writer = recording.Writer(header, recipients)
+        except (ValueError, recording.RecordingError) as exc:
+            self._fail(f"the server's recording keys are unusable: {exc}")
+            return
+        if answer["next_offset"]:
+            # the server holds bytes of an earlier recorder of this party (another process):
+            # their key is lost with it, so this recording cannot continue that file
+            self._fail("the server holds an earlier recording of this party that this module "
+                       "cannot continue")
+            return
+        self._append(self.writer.start())
+        self._loop = task.LoopingCall(self._tick)
+        self._loop.clock = self.reactor
+        self._loop.start(FLUSH_SECONDS, now=False)
+        log.info("recording session {session_id} ({policy}), recording {rid}",
+                 session_id=self.session_id, policy=self.policy, rid=self.recording_id)
+        self._fire_ready()
+
+    def _refused(self, failure) -> None:
+        why = failure.getErrorMessage()
+        self.policy = self.policy or "required"  # the server refused: no screen without it
+        self._fail(f"the server refused the recording: {why}")
+        self._fire_ready()
+
+    def _fire_ready(self) -> None:
+        ready, self._ready = self._ready, []
+        for d in ready:
+            d.callback(self.may_show())
+
+    # --- what the session asks ----------------------------------------------------------------
+
+    @property
+    def active(self) -> bool:
+        return self.writer is not None and not self.failed and not self.closed
+
+    def may_show(self) -> bool | None:
+        """None: not known yet; False: the policy requires a recording that is not running."""
+        if self.policy is None:
+            return None
+        return self.policy != "required" or self.active
+
+    def when_ready(self) -> defer.Deferred:
+        d: defer.Deferred = defer.Deferred()
+        if self.policy is not None:
+            d.callback(self.may_show())
+        else:
+            self._ready.append(d)
+        return d
+
+    def _t(self) -> int:
+        return int((self.clock() - self._t0) * 1000)
+
+    def rfb_out(self, data: bytes) -> None:
+        if self.active:
+            self.writer.add(recording.RFB_OUT, self._t(), data)
+            self._maybe_flush()
+
+    def rfb_in(self, data: bytes) -> None:
+        if not self.active:
+            return
+        t = self._t()
+        for item in self._client_stream.feed(data):
+            if item[0] == "rfb_in":
+                self.writer.add(recording.RFB_IN, t, item[1])
+            elif self.input_mode != "off":
+                if item[0] == "key":
+                    key = None if self.input_mode == "masked" else item[2]
+                    payload = {"key": key, "down": item[1]}
+                elif item[0] == "pointer":
+                    payload = {"buttons": item[1], "x": item[2], "y": item[3]}
+                else:
+                    payload = {"cut_text": None if self.input_mode == "masked" else item[1]}
+                self.writer.add(recording.INPUT, t, json.dumps(payload).encode())
+
+    def event(self, kind: str, detail: dict) -> None:
+        if self.active:
+            try:
+                self.writer.event(self._t(), kind, detail)
+            except (TypeError, ValueError):
+                self.writer.event(self._t(), kind, {"detail": str(detail)[:2000]})
+
+    def restart_rfb(self) -> None:
+        """A new RFB stream starts (the screen restarted after a direction change)."""
+        self._client_stream = recording.ClientStream()
+        self.event("rfb_restart", {})
+
+    # --- writing and uploading ----------------------------------------------------------------
+
+    def _maybe_flush(self) -> None:
+        if self.writer.pending >= UPLOAD_HIGH_WATER:
+            self._append(self.writer.flush())
+
+    def _tick(self) -> None:
+        if not self.active:
+            return
+        if self.writer.pending or self.clock() - self._last_record > self._stall / 3:
+            if not self.writer.pending:
+                self.writer.add(recording.EVENT, self._t(), b'{"kind":"alive"}')
+            self._append(self.writer.flush())
+
+    def _append(self, data: bytes) -> None:
+        if not data:
+            return
+        self._last_record = self.clock()
+        self.bytes_recorded += len(data)
+        self._buffer += data
+        if len(self._buffer) > self._limit:
+            self._fail(f"the recording upload fell {len(self._buffer) >> 20} MiB behind (the "
+                       "server or the network is too slow)")
+            return
+        self._pump()
+
+    def _pump(self) -> None:
+        if self._in_flight or not self._buffer or self.recording_id == "":
+            if not self._buffer and not self._in_flight:
+                drained, self._drained = self._drained, []
+                for d in drained:
+                    d.callback(None)
+            return
+        piece = bytes(self._buffer[:self._max_chunk])
+        self._in_flight = True
+        d = self.conn.callRemote(control.RecordingChunk, recording_id=self.recording_id,
+                                 offset=self._acked, data=piece)
+        d.addCallbacks(self._acknowledged, self._chunk_failed)
+
+    def _acknowledged(self, answer: dict) -> None:
+        self._in_flight = False
+        expected = answer["next_offset"]
+        if expected < self._acked:
+            self._fail(f"the server lost recording bytes (it expects byte {expected}, "
+                       f"{self._acked} were acknowledged)")
+            return
+        del self._buffer[:expected - self._acked]
+        self._acked = expected
+        self._pump()
+
+    def _chunk_failed(self, failure) -> None:
+        self._in_flight = False
+        self._fail(f"the recording upload failed: {failure.getErrorMessage()}")
+
+    def _fail(self, why: str) -> None:
+        if self.failed:
+            return
+        self.failed = why
+        self._buffer.clear()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        log.error("session {session_id}: recording given up: {why}", session_id=self.session_id,
+                  why=why)
+        drained, self._drained = self._drained, []
+        for d in drained:
+            d.callback(None)
+        if self.on_failed is not None and self.policy == "required":
+            self.on_failed(why)
+
+    # --- end ----------------------------------------------------------------------------------
+
+    def close(self) -> defer.Deferred:
+        """Write the FINAL record, upload what is left and tell the server (``RecordingEnd``)."""
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        if not self.active:
+            self.closed = True
+            return defer.succeed(None)
+        self._append(self.writer.close())
+        self.closed = True
+        if self.failed:
+            return defer.succeed(None)
+        done: defer.Deferred = defer.Deferred()
+        self._drained.append(done)
+        self._pump()
+
+        def end(_):
+            if self.failed:
+                return None
+            return self.conn.callRemote(control.RecordingEnd, recording_id=self.recording_id,
+                                        size=self._acked)
+        done.addCallback(end)
+        done.addErrback(lambda f: log.warn("recording end not confirmed: {why}",
+                                           why=f.getErrorMessage()))
+        return done
+
+    def stats(self) -> dict[str, Any]:
+        return {"bytes": self.bytes_recorded, "acknowledged": self._acked,
+                "buffered": len(self._buffer)}
+
+
+def attach(runner, conn, reactor, session_id: str) -> SessionRecorder | None:
+    """Give a session runner whose side can show its screen a recorder, and ask the server."""
+    if getattr(runner, "screen_offer", None) is None:
+        return None
+    source = runner.screen_offer[0]
+    try:
+        size = tuple(source.size())
+    except Exception:  # a source that cannot say yet: the RFB stream holds the size anyway
+        size = (0, 0)
+    recorder = SessionRecorder(reactor, conn, session_id, runner.consent.role.value,
+                               screen_size=size, on_failed=runner.recording_failed)
+    runner.recorder = recorder
+    recorder.start()
+    return recorder

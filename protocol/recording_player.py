@@ -1,0 +1,93 @@
+"""Plays a recording's screen: recorded entries in, framebuffer pictures at given times out.
+
+Sans-I/O: the caller reads the file (``protocol.recording.Reader``) and hands over entries in
+order; ``frame_at(t_ms)`` advances the RFB stream up to that time and returns the picture.  The
+RFB server→client bytes are decoded by the same ``protocol.rfb_client.RFBClient`` the supporter
+uses (the recorded viewer spoke to the presenter with exactly that client, so the pixel format
+and encodings match).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from . import recording
+from .rfb_client import RFBClient, RFBClientError
+
+
+class PlaybackError(ValueError):
+    """The recorded screen stream cannot be decoded; the message says where."""
+
+
+class ScreenPlayer:
+    def __init__(self) -> None:
+        self.client = RFBClient()
+        self.t_ms = 0
+        self.events: list[tuple[int, dict]] = []
+        self.inputs: list[tuple[int, dict]] = []
+        self._queue: list[recording.Entry] = []
+
+    def feed(self, entry: recording.Entry) -> None:
+        self._queue.append(entry)
+
+    @property
+    def framebuffer(self) -> np.ndarray | None:
+        return self.client.framebuffer if self.client.framebuffer is not None and \
+            self.client.framebuffer.size else None
+
+    def advance(self, t_ms: int) -> None:
+        """Apply every queued entry up to ``t_ms``."""
+        i = 0
+        for i, entry in enumerate(self._queue):  # noqa: B007
+            if entry.t_ms > t_ms:
+                break
+            self._apply(entry)
+        else:
+            i = len(self._queue)
+        del self._queue[:i]
+        self.t_ms = t_ms
+
+    def _apply(self, entry: recording.Entry) -> None:
+        if entry.kind == recording.RFB_OUT:
+            try:
+                self.client.receive(entry.payload)
+                self.client.data_to_send()  # the handshake's answers go nowhere
+            except RFBClientError as exc:
+                raise PlaybackError(f"the recorded screen at {entry.t_ms} ms cannot be decoded: "
+                                    f"{exc.reason}") from None
+        elif entry.kind == recording.EVENT:
+            try:
+                self.events.append((entry.t_ms, entry.json()))
+            except ValueError:
+                pass
+        elif entry.kind == recording.INPUT:
+            try:
+                self.inputs.append((entry.t_ms, entry.json()))
+            except ValueError:
+                pass
+
+
+def frames(entries: Iterable[recording.Entry], fps: float,
+           end_ms: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+    """``(t_ms, RGB picture)`` every 1/fps seconds from the first picture on (the first frame
+    once the screen's first update arrived), up to the last entry (or ``end_ms``)."""
+    player = ScreenPlayer()
+    step = 1000.0 / fps
+    n = 0
+    last_t = 0
+    for entry in entries:
+        last_t = max(last_t, entry.t_ms)
+        while n * step < entry.t_ms:
+            player.advance(int(n * step))
+            if player.framebuffer is not None:
+                yield int(n * step), player.framebuffer
+            n += 1
+        player.feed(entry)
+    stop = last_t if end_ms is None else end_ms
+    while n * step <= stop + step:
+        player.advance(int(n * step))
+        if player.framebuffer is not None:
+            yield int(n * step), player.framebuffer
+        n += 1

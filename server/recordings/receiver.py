@@ -1,0 +1,413 @@
+"""Takes recording uploads over the module port and enforces the recording policy.
+
+``RecordingStart`` resolves the policy (host group, else tenant, else ``recording.default_policy``)
+and opens (or resumes) the recording; ``RecordingChunk`` writes file bytes at the end of what is
+stored, after checking their framing with ``protocol.recording.Reader`` (no key needed);
+``RecordingEnd`` and the end of the session finalise it: the trailing part of a cut-off upload is
+dropped, the file's SHA-256 goes into the ``recordings`` row and, as a ``recording`` line, into
+the session protocol's hash chain.
+
+Under ``required`` a watchdog ends the session (``recording_failed``, both parties told) when no
+recording has started, or an upload has been silent, for ``recording.stall_seconds``, and when
+storage fails.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from sqlalchemy import func, select
+from twisted.internet import defer, task
+from twisted.logger import Logger
+
+from protocol import control, recording
+from protocol.runtime import run_blocking
+from protocol.session_end import EndCause, EndReason
+
+from ..db.models import Host, HostGroup, Recording, Session, Tenant
+from . import keys
+from .storage import FolderStorage, StorageFailed, location_of
+
+log = Logger()
+
+POLICIES = ("off", "on", "required")
+END_GRACE_SECONDS = 3.0
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+@dataclass
+class Upload:
+    """One recording being uploaded."""
+
+    id: str
+    session_id: str
+    tenant: str
+    party: str
+    policy: str
+    location: str
+    size: int
+    reader: recording.Reader
+    last_chunk: float
+    lock: defer.DeferredLock = field(default_factory=defer.DeferredLock)
+    ended: bool = False
+    failed: str | None = None
+    finished: defer.Deferred | None = None
+
+
+@dataclass
+class Watch:
+    """A live session whose policy is known."""
+
+    policy: str
+    since: float
+
+
+class RecordingReceiver:
+    def __init__(self, db, config, storage: FolderStorage, broker, reactor,
+                 blocking: Callable[..., defer.Deferred] = run_blocking) -> None:
+        self.db = db
+        self.config = config
+        self.storage = storage
+        self.broker = broker
+        self.reactor = reactor
+        self.blocking = blocking
+        self.uploads: dict[str, Upload] = {}
+        self.watched: dict[str, Watch] = {}
+        self._resolving: set[str] = set()
+        self._loop: task.LoopingCall | None = None
+        self.stall_seconds = config.recording.stall_seconds
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        keys.ensure(self.config.server.cert_dir)
+        self._loop = task.LoopingCall(self.check)
+        self._loop.clock = self.reactor
+        self._loop.start(min(1.0, self.stall_seconds / 4), now=False)
+
+    def stop(self) -> None:
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+
+    # --- RecordingStart -------------------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def start_recording(self, conn, session_id: str):
+        live = self.broker.sessions.get(session_id)
+        party = live.party_of(conn) if live is not None else None
+        if party is None:
+            raise control.Forbidden("you are not a party of this live session")
+        policy, tenant_id = yield self.db.run(_policy_of, session_id,
+                                              self.config.recording.default_policy)
+        self.watched.setdefault(session_id, Watch(policy, self.reactor.seconds()))
+        self.watched[session_id].policy = policy
+        answer = {"policy": policy, "input": self.config.recording.input, "recording_id": "",
+                  "next_offset": 0, "public_keys": "[]", "max_chunk": control.MAX_RECORDING_CHUNK,
+                  "stall_seconds": self.stall_seconds,
+                  "buffer_bytes": self.config.recording.module_buffer_mib << 20}
+        if policy == "off":
+            return answer
+        problem = yield self.blocking(self._storage_problem, tenant_id)
+        if problem is not None:
+            yield self._refuse(live, policy, problem)
+            raise control.RecordingRefused(f"the server cannot store recordings: {problem}")
+        try:
+            public = keys.public_keys(self.config.server.cert_dir, self.config.recording.auditor_key)
+        except keys.KeyProblem as exc:
+            yield self._refuse(live, policy, str(exc))
+            raise control.RecordingRefused(str(exc))
+        existing = next((u for u in self.uploads.values()
+                         if u.session_id == session_id and u.party == party and not u.ended), None)
+        if existing is None:
+            row = yield self.db.run(_find, session_id, party)
+            if row is not None and row["status"] == "uploading":
+                existing = yield self._resume(row, live.tenant)
+        if existing is None:
+            now = utcnow()
+            upload = Upload(str(uuid.uuid4()), session_id, live.tenant, party, policy,
+                            location_of(live.tenant, session_id, party, now), 0,
+                            recording.Reader(), self.reactor.seconds())
+            yield self.db.run(_create, upload, tenant_id, self.storage.kind,
+                              recording.key_id(public[0]), now)
+            self.uploads[upload.id] = upload
+            self.broker.server_line(session_id, live.tenant, "recording_started", {
+                "recording_id": upload.id, "party": party, "policy": policy,
+                "key_id": recording.key_id(public[0]),
+                "auditor_key_id": recording.key_id(public[1]) if len(public) > 1 else ""},
+            ).addErrback(lambda f: log.failure("could not write recording_started", f))
+            log.info("session {session_id}: the {party} records ({policy}), recording {rid}",
+                     session_id=session_id, party=party, policy=policy, rid=upload.id)
+            existing = upload
+        existing.last_chunk = self.reactor.seconds()
+        answer.update(recording_id=existing.id, next_offset=existing.size,
+                      public_keys=json.dumps([recording.public_pem(k) for k in public]))
+        return answer
+
+    def _storage_problem(self, tenant_id: int | None) -> str | None:
+        problem = self.storage.probe()
+        if problem is None and self.config.recording.quota_mib and tenant_id is not None:
+            used = self.db.call(_tenant_usage, tenant_id)
+            if used >= self.config.recording.quota_mib << 20:
+                problem = (f"the tenant's recording quota ({self.config.recording.quota_mib} MiB) "
+                           "is used up: raise recording.quota_mib or delete old recordings")
+        return problem
+
+    @defer.inlineCallbacks
+    def _resume(self, row: dict, tenant: str):
+        """A recording the server was taking before it restarted: its stored bytes, re-framed."""
+        reader = recording.Reader()
+        size = 0
+        try:
+            for chunk in (yield self.blocking(lambda: list(self.storage.read(row["location"])))):
+                reader.receive(chunk)
+                size += len(chunk)
+        except (StorageFailed, recording.RecordingError) as exc:
+            log.warn("recording {rid} cannot be resumed ({why}): it starts again", rid=row["id"],
+                     why=str(exc))
+            return None
+        if reader.trailing():
+            yield self.blocking(self.storage.truncate, row["location"], reader.whole_end)
+        upload = Upload(row["id"], row["session_id"], tenant, row["party"], row["policy"],
+                        row["location"], reader.whole_end, reader, self.reactor.seconds())
+        if reader.trailing():  # keep the reader's buffer in step with the truncated file
+            upload.reader = recording.Reader()
+            for chunk in (yield self.blocking(lambda: list(self.storage.read(row["location"])))):
+                upload.reader.receive(chunk)
+        self.uploads[upload.id] = upload
+        log.info("recording {rid} resumes at byte {size}", rid=upload.id, size=upload.size)
+        return upload
+
+    def _refuse(self, live, policy: str, problem: str) -> defer.Deferred:
+        log.error("session {session_id}: recording refused: {problem}",
+                  session_id=live.session_id, problem=problem)
+        if policy != "required":
+            return defer.succeed(None)
+        return self.broker.end_by_server(
+            live.session_id, EndReason(EndCause.RECORDING_FAILED, "server", problem[:160]))
+
+    # --- RecordingChunk ---------------------------------------------------------------------------
+
+    def chunk(self, conn, recording_id: str, offset: int, data: bytes) -> defer.Deferred:
+        upload = self._own(conn, recording_id)
+        if len(data) > control.MAX_RECORDING_CHUNK:
+            raise control.WrongState(f"a recording chunk holds at most "
+                                     f"{control.MAX_RECORDING_CHUNK} bytes")
+        return upload.lock.run(self._write, upload, offset, data)
+
+    @defer.inlineCallbacks
+    def _write(self, upload: Upload, offset: int, data: bytes):
+        if upload.failed:
+            raise control.RecordingRefused(upload.failed)
+        if upload.ended:
+            raise control.WrongState("this recording is closed")
+        if offset < 0 or offset > upload.size:
+            return {"next_offset": upload.size}  # a gap: the module resends from here
+        new = data[upload.size - offset:]
+        upload.last_chunk = self.reactor.seconds()
+        if not new:
+            return {"next_offset": upload.size}
+        try:
+            upload.reader.receive(new)
+        except recording.RecordingError as exc:
+            why = f"the uploaded recording is damaged at {exc}"
+            yield self._fail(upload, why)
+            raise control.RecordingRefused(why)
+        try:
+            yield self.blocking(self.storage.append, upload.location, upload.size, new)
+        except StorageFailed as exc:
+            yield self._fail(upload, str(exc))
+            raise control.RecordingRefused(f"storage failed: {exc}")
+        upload.size += len(new)
+        self.db.run(_progress, upload.id, upload.size, upload.reader.next_counter, utcnow()
+                    ).addErrback(lambda f: log.failure("could not note recording progress", f))
+        return {"next_offset": upload.size}
+
+    def _own(self, conn, recording_id: str) -> Upload:
+        upload = self.uploads.get(recording_id)
+        if upload is None:
+            raise control.WrongState("unknown recording: ask RecordingStart again")
+        live = self.broker.sessions.get(upload.session_id)
+        if live is None or live.party_of(conn) != upload.party:
+            raise control.Forbidden("this recording is not yours")
+        return upload
+
+    def _fail(self, upload: Upload, why: str) -> defer.Deferred:
+        upload.failed = why
+        log.error("recording {rid} of session {session_id} failed: {why}", rid=upload.id,
+                  session_id=upload.session_id, why=why)
+        if self._policy(upload.session_id) == "required" and upload.session_id in self.broker.sessions:
+            return self.broker.end_by_server(upload.session_id, EndReason(
+                EndCause.RECORDING_FAILED, "server", why[:160]))
+        return defer.succeed(None)
+
+    def _policy(self, session_id: str) -> str:
+        watch = self.watched.get(session_id)
+        return watch.policy if watch else "off"
+
+    # --- RecordingEnd and the session's end -------------------------------------------------------
+
+    def end(self, conn, recording_id: str, size: int) -> defer.Deferred:
+        upload = self._own(conn, recording_id)
+        return upload.lock.run(self._finish, upload).addCallback(
+            lambda row: {"sha256": row["sha256"] or "", "complete": row["status"] == "complete"})
+
+    def session_ended(self, session_id: str) -> defer.Deferred:
+        """The relay closed the session: give uploads a moment to finish, then finalise them (before
+        the protocol's ``ended`` line is written)."""
+        self.watched.pop(session_id, None)
+        open_uploads = [u for u in self.uploads.values() if u.session_id == session_id]
+        if not open_uploads:
+            return defer.succeed(None)
+
+        def finalise(_=None):
+            return defer.DeferredList([u.lock.run(self._finish, u) for u in open_uploads],
+                                      consumeErrors=True)
+        if all(u.reader.final for u in open_uploads):
+            return finalise()
+        return task.deferLater(self.reactor, END_GRACE_SECONDS, lambda: None).addCallback(finalise)
+
+    @defer.inlineCallbacks
+    def _finish(self, upload: Upload):
+        if upload.ended:
+            row = yield self.db.run(_find, upload.session_id, upload.party)
+            return row
+        upload.ended = True
+        complete = upload.reader.final
+        sha256, size = None, upload.size
+        try:
+            if upload.reader.trailing():
+                yield self.blocking(self.storage.truncate, upload.location, upload.reader.whole_end)
+            sha256, size = yield self.blocking(self.storage.finish, upload.location)
+        except StorageFailed as exc:
+            log.error("recording {rid}: {why}", rid=upload.id, why=str(exc))
+            upload.failed = upload.failed or str(exc)
+        status = "complete" if complete and not upload.failed else "incomplete"
+        row = yield self.db.run(_close, upload.id, status, sha256, size,
+                                upload.reader.next_counter, utcnow())
+        self.uploads.pop(upload.id, None)
+        detail = {"recording_id": upload.id, "party": upload.party, "status": status,
+                  "sha256": sha256 or "", "size": size, "records": upload.reader.next_counter,
+                  "storage": self.storage.kind, "location": upload.location}
+        if upload.failed:
+            detail["problem"] = upload.failed[:200]
+        try:
+            yield self.broker.server_line(upload.session_id, upload.tenant, "recording", detail)
+        except Exception as exc:
+            log.error("recording {rid}: its hash could not go into the protocol: {why}",
+                      rid=upload.id, why=str(exc))
+        log.info("recording {rid} of session {session_id}: {status}, {size} bytes, sha256 {sha}",
+                 rid=upload.id, session_id=upload.session_id, status=status, size=size,
+                 sha=sha256)
+        return row
+
+    # --- the watchdog -----------------------------------------------------------------------------
+
+    def check(self) -> None:
+        """Periodic: under ``required``, a session without a live recording ends."""
+        now = self.reactor.seconds()
+        for session_id, live in list(self.broker.sessions.items()):
+            watch = self.watched.get(session_id)
+            if watch is None:
+                if session_id not in self._resolving:
+                    self._resolving.add(session_id)
+                    d = self.db.run(_policy_of, session_id, self.config.recording.default_policy)
+                    d.addCallback(lambda found, sid=session_id: self.watched.setdefault(
+                        sid, Watch(found[0], now)))
+                    d.addErrback(lambda f: log.failure("could not read a recording policy", f))
+                    d.addBoth(lambda _, sid=session_id: self._resolving.discard(sid))
+                continue
+            if watch.policy != "required" or live.end is not None:
+                continue
+            uploads = [u for u in self.uploads.values() if u.session_id == session_id]
+            if not uploads:
+                if now - watch.since > self.stall_seconds:
+                    self._end(session_id, f"no recording started within {self.stall_seconds:g} s")
+                continue
+            for upload in uploads:
+                if not upload.ended and now - upload.last_chunk > self.stall_seconds:
+                    self._end(session_id, f"the {upload.party}'s recording upload stalled for "
+                                          f"{now - upload.last_chunk:.0f} s")
+                    break
+        for session_id in list(self.watched):
+            if session_id not in self.broker.sessions:
+                self.watched.pop(session_id, None)
+
+    def _end(self, session_id: str, why: str) -> None:
+        log.error("session {session_id} ends: {why} (recording policy 'required')",
+                  session_id=session_id, why=why)
+        self.watched.pop(session_id, None)
+        self.broker.end_by_server(session_id, EndReason(EndCause.RECORDING_FAILED, "server", why))
+
+
+# --- database work ------------------------------------------------------------------------------
+
+def _policy_of(session, session_id: str, default: str) -> tuple[str, int | None]:
+    row = session.get(Session, session_id)
+    if row is None:
+        return default, None
+    if row.host_id:
+        host = session.get(Host, row.host_id)
+        if host is not None and host.group_id is not None:
+            group = session.get(HostGroup, host.group_id)
+            if group is not None and group.recording_policy:
+                return group.recording_policy, row.tenant_id
+    if row.tenant_id is not None:
+        tenant = session.get(Tenant, row.tenant_id)
+        if tenant is not None and tenant.recording_policy:
+            return tenant.recording_policy, row.tenant_id
+    return default, row.tenant_id
+
+
+def _as_dict(row: Recording) -> dict:
+    return {c: getattr(row, c) for c in ("id", "session_id", "tenant_id", "party", "storage",
+                                         "location", "key_id", "policy", "status", "size",
+                                         "records", "sha256", "started_at", "ended_at")}
+
+
+def _find(session, session_id: str, party: str) -> dict | None:
+    row = session.scalar(select(Recording).where(Recording.session_id == session_id,
+                                                 Recording.party == party))
+    return None if row is None else _as_dict(row)
+
+
+def _create(session, upload: Upload, tenant_id, storage: str, key_id: str, now) -> None:
+    session.add(Recording(id=upload.id, session_id=upload.session_id, tenant_id=tenant_id,
+                          party=upload.party, storage=storage, location=upload.location,
+                          key_id=key_id, policy=upload.policy, status="uploading", size=0,
+                          records=0, started_at=now))
+
+
+def _progress(session, recording_id: str, size: int, records: int, now) -> None:
+    row = session.get(Recording, recording_id)
+    if row is not None and row.status == "uploading":
+        row.size, row.records, row.last_chunk_at = size, records, now
+
+
+def _close(session, recording_id: str, status: str, sha256, size: int, records: int, now) -> dict:
+    row = session.get(Recording, recording_id)
+    row.status, row.sha256, row.size, row.records, row.ended_at = status, sha256, size, records, now
+    return _as_dict(row)
+
+
+def _tenant_usage(session, tenant_id: int) -> int:
+    return session.scalar(select(func.coalesce(func.sum(Recording.size), 0))
+                          .where(Recording.tenant_id == tenant_id)) or 0
+
+
+def close_orphans(session, live_ids: set[str]) -> list[dict]:
+    """Start-up: uploads the last server run left open are incomplete now."""
+    rows = session.scalars(select(Recording).where(Recording.status == "uploading")).all()
+    found = []
+    for row in rows:
+        if row.session_id not in live_ids:
+            row.status = "incomplete"
+            row.ended_at = row.ended_at or utcnow()
+            found.append(_as_dict(row))
+    return found

@@ -1,0 +1,172 @@
+"""Session recordings end to end (issue 12): a host on Xvfb shows an xterm, the policy says
+``on``, the host module records and uploads while the session runs; the server keeps the
+encrypted file in the recordings folder, anchors its SHA-256 in the protocol, verifies it and
+exports an MP4 whose last frame is the Xvfb screen.  Tampering is named by ``recording verify``
+and ``protocol verify``; kill -9 of the host leaves an incomplete recording that still exports;
+``required`` with an unwritable folder ends the session with that reason."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+
+from .fixtures_server import ADMIN_PASSWORD, ServerProcess, add_enrolled_supporter, run_cli, write_config
+from .fixtures_x11 import xvfb  # noqa: F401 - fixture
+from .module_process import ModuleProcess
+from .test_e2e_brokering import wait_until
+from .test_e2e_screen import screen_of
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def rec_world(tmp_path, db_url):
+    data = tmp_path / "data"
+    srv = ServerProcess(write_config(tmp_path / "h.toml", data, db_url,
+                                     extra="\n[recording]\nstall_seconds = 4.0\n"), data)
+    assert srv.cli("init", "--password-stdin", stdin=ADMIN_PASSWORD + "\n").returncode == 0
+    srv.start()
+    try:
+        alice = add_enrolled_supporter(srv, "alice", tmp_path / "alice")
+        token = srv.ok("token", "create", "-q").strip()
+        pc1 = tmp_path / "pc1"
+        args = ["--server", srv.url, "--ca-fingerprint", srv.fingerprint]
+        assert run_cli("host", "enroll", *args, "--token", token, "--name", "pc1",
+                       "--home", str(pc1)).returncode == 0
+        assert run_cli("host", "set-password", "--password-stdin", "--home", str(pc1),
+                       stdin="right-host-password\n").returncode == 0
+        right = tmp_path / "right"
+        right.write_text("right-host-password\n")
+        yield {"srv": srv, "alice": alice, "pc1": pc1, "right": right, "tmp": tmp_path}
+    finally:
+        srv.stop()
+
+
+def recordings(srv) -> list[dict]:
+    return json.loads(srv.ok("recording", "list", "--json"))
+
+
+def start_session(w, display, snapshot):
+    host = ModuleProcess("host", "run", "--screen", display, "--pipe", "--home", str(w["pc1"]))
+    host.wait_for_line("online; waiting for supporters")
+    supporter = ModuleProcess("supporter", "connect", "pc1", "--pipe", "--answers", "/dev/null",
+                              "--password-file", str(w["right"]), "--snapshot", str(snapshot),
+                              "--home", str(w["alice"]))
+    return host, supporter
+
+
+def last_frame(path) -> np.ndarray:
+    import av
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        frame = None
+        for frame in container.decode(stream):
+            pass
+        return frame.to_ndarray(format="rgb24"), float(stream.duration * stream.time_base) \
+            if stream.duration else None
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_recorded_session_exports_to_the_screen_and_tampering_is_named(rec_world, xvfb, tmp_path):  # noqa: F811
+    w, srv = rec_world, rec_world["srv"]
+    srv.ok("recording", "policy", "on")
+    xvfb.xterm("recorded-term", geometry="80x24+0+0", bg="darkgreen")
+    host, supporter = start_session(w, xvfb.name, tmp_path / "seen.png")
+    try:
+        supporter.wait_for_line("snapshot saved", timeout=60)
+        time.sleep(1.5)  # the screen is still; what the recording ends with is this picture
+        expected = screen_of(xvfb.name)
+        supporter.close_stdin()
+        assert supporter.wait(timeout=30) == 0
+        assert host.wait(timeout=30) == 0
+    finally:
+        host.stop()
+        supporter.stop()
+    wait_until(lambda: any(r["status"] != "uploading" for r in recordings(srv)), timeout=30,
+               what="the recording's end")
+    [rec] = recordings(srv)
+    assert rec["party"] == "host" and rec["status"] == "complete", rec
+    stored = srv.data_dir / "recordings" / rec["location"]
+    assert stored.stat().st_size == rec["size"] > 1000
+    assert b"xterm" not in stored.read_bytes()  # encrypted at rest
+    assert "ok   " in srv.ok("recording", "verify")
+    out = tmp_path / "session.mp4"
+    said = srv.ok("recording", "export", rec["session_id"], "--mp4", str(out))
+    assert "x real time" in said
+    picture, _ = last_frame(out)
+    assert picture.shape[:2] == (768, 1024)
+    diff = float(np.abs(picture.astype(np.int16) - expected).mean())
+    assert diff < 6.0, diff  # H.264 tolerance
+    protocol_files = list((srv.data_dir / "protocols").rglob("*.jsonl"))
+    lines = [json.loads(x) for f in protocol_files for x in f.read_text().splitlines()]
+    anchored = [x for x in lines if x["kind"] == "recording"]
+    assert anchored and anchored[0]["detail"]["sha256"] == rec["sha256"]
+    assert srv.cli("protocol", "verify", str(srv.data_dir / "protocols")).returncode == 0
+    audit = srv.ok("recording", "list")  # (the export is in the audit log: checked below)
+    assert rec["session_id"] in audit
+    # tampering: one byte of the stored file
+    data = bytearray(stored.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    stored.write_bytes(bytes(data))
+    bad = srv.cli("recording", "verify")
+    assert bad.returncode != 0 and rec["session_id"] in bad.stdout and "BAD" in bad.stdout
+    bad = srv.cli("protocol", "verify", str(srv.data_dir / "protocols"))
+    assert bad.returncode != 0 and rec["location"] in bad.stderr and "changed" in bad.stderr
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_killed_host_leaves_an_incomplete_recording_that_exports(rec_world, xvfb, tmp_path):  # noqa: F811
+    w, srv = rec_world, rec_world["srv"]
+    srv.ok("recording", "policy", "on")
+    xvfb.xterm("killed-term", geometry="80x24+0+0", bg="darkred")
+    host, supporter = start_session(w, xvfb.name, tmp_path / "seen.png")
+    try:
+        supporter.wait_for_line("snapshot saved", timeout=60)
+        wait_until(lambda: recordings(srv) and recordings(srv)[0]["size"] > 1000, timeout=20,
+                   what="recording bytes on the server")
+        time.sleep(1.5)  # a few more records
+        os.kill(host.proc.pid, signal.SIGKILL)
+        supporter.wait(timeout=60)
+    finally:
+        host.stop()
+        supporter.stop()
+    wait_until(lambda: recordings(srv)[0]["status"] != "uploading", timeout=60,
+               what="the cut-off recording finalised")
+    [rec] = recordings(srv)
+    assert rec["status"] == "incomplete" and rec["sha256"]
+    assert "incomplete" in srv.ok("recording", "verify")
+    out = tmp_path / "cut.mp4"
+    said = srv.ok("recording", "export", rec["session_id"], "--mp4", str(out))
+    assert "incomplete" in said
+    picture, _ = last_frame(out)
+    assert picture.shape[:2] == (768, 1024) and picture.mean() > 5
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_required_with_unwritable_storage_ends_the_session_with_that_reason(rec_world, xvfb,  # noqa: F811
+                                                                            tmp_path):
+    w, srv = rec_world, rec_world["srv"]
+    srv.ok("recording", "policy", "required")
+    folder = srv.data_dir / "recordings"
+    if folder.exists():
+        folder.rmdir()
+    folder.write_text("a file where the recordings folder belongs (root ignores modes)\n")
+    try:
+        host, supporter = start_session(w, xvfb.name, tmp_path / "never.png")
+        try:
+            supporter.wait_for_line("recording could not be made", timeout=60)
+            supporter.wait(timeout=60)
+        finally:
+            host.stop()
+            supporter.stop()
+    finally:
+        folder.unlink()
+    assert not (tmp_path / "never.png").exists()
+    listed = json.loads(srv.ok("session", "list", "--json"))
+    assert listed[0]["end_cause"] == "recording_failed", listed[0]
+    assert "recording refused" in srv.log() and "cannot be created" in srv.log()
