@@ -5,9 +5,11 @@ so the customer starts the file and types the 8-digit ID, nothing else.  PyInsta
 loader finds its own archive from the end of the file by a search, so bytes after it do no harm.
 Layout at the very end of the file::
 
-    <JSON {"server": ..., "ca_fingerprint": ...}> <length: 4 bytes, big-endian> MAGIC
+    <JSON {"server": ..., "ca_fingerprint": ..., "download_key": ...}> <length: 4 bytes> MAGIC
 
-The settings are not secret; they are covered by the download's signature like every other byte.
+``download_key`` (base64 of the server's raw Ed25519 download-signing key) is what the module
+checks an update's signature against before it replaces itself.  The settings are not secret;
+they are covered by the download's signature like every other byte.
 """
 
 from __future__ import annotations
@@ -21,9 +23,11 @@ MAGIC = b"\nHAUSMEISTER-EMBEDDED-SETTINGS-1\n"
 MAX_JSON = 4096
 
 
-def trailer(server: str, ca_fingerprint: str) -> bytes:
-    payload = json.dumps({"server": server, "ca_fingerprint": ca_fingerprint},
-                         sort_keys=True).encode()
+def trailer(server: str, ca_fingerprint: str, download_key: str = "") -> bytes:
+    settings = {"server": server, "ca_fingerprint": ca_fingerprint}
+    if download_key:
+        settings["download_key"] = download_key
+    payload = json.dumps(settings, sort_keys=True).encode()
     if len(payload) > MAX_JSON:
         raise ValueError("embedded settings are limited to 4 KiB")
     return payload + struct.pack(">I", len(payload)) + MAGIC
@@ -61,7 +65,8 @@ def read(path: str | os.PathLike) -> dict | None:
     return settings
 
 
-def write_with_settings(source: Path, dest: Path, server: str, ca_fingerprint: str) -> None:
+def write_with_settings(source: Path, dest: Path, server: str, ca_fingerprint: str,
+                        download_key: str = "") -> None:
     """``dest`` = ``source`` without any old trailer, plus these settings (mode 0755)."""
     with open(source, "rb") as fh:
         size = os.fstat(fh.fileno()).st_size
@@ -76,6 +81,6 @@ def write_with_settings(source: Path, dest: Path, server: str, ca_fingerprint: s
                     raise OSError(f"{source} shrank while it was copied")
                 out.write(chunk)
                 left -= len(chunk)
-            out.write(trailer(server, ca_fingerprint))
+            out.write(trailer(server, ca_fingerprint, download_key))
     os.chmod(tmp, 0o755)
     tmp.replace(dest)

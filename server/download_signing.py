@@ -164,9 +164,11 @@ def cmd_downloads_add_customer(config, args) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     server = args.server or server_url(config)
     fp = ca_fingerprint(store.ca_cert())
-    embedded_settings.write_with_settings(source, folder / source.name, server, fp)
-    files, _skipped = offered_files(folder)
     key = signing_key(config.server.cert_dir)
+    raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    embedded_settings.write_with_settings(source, folder / source.name, server, fp,
+                                          base64.b64encode(raw).decode())
+    files, _skipped = offered_files(folder)
     wanted = [(f.name, f.sha256) for f in files if f.name == source.name]
     sign_folder(folder, wanted, key, force=True)
     sign_folder(folder, [(f.name, f.sha256) for f in files], key)  # SHA256SUMS for all of them

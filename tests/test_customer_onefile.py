@@ -92,8 +92,9 @@ def test_downloaded_onefile_finds_its_server_and_asks_for_the_id(onefile, runnin
     download.parent.mkdir()
     download.write_bytes(body)
     download.chmod(0o755)
-    assert embedded_settings.read(download) == {"server": srv.url,
-                                                "ca_fingerprint": srv.fingerprint}
+    embedded = embedded_settings.read(download)
+    assert embedded["server"] == srv.url and embedded["ca_fingerprint"] == srv.fingerprint
+    assert embedded["download_key"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("HAUSMEISTER")}
     env["HOME"] = str(tmp_path / "home")
     check = subprocess.run([str(download), "check"], capture_output=True, text=True, timeout=120,
@@ -109,3 +110,26 @@ def test_downloaded_onefile_finds_its_server_and_asks_for_the_id(onefile, runnin
     assert "Enter the 8-digit ID your supporter reads out:" in started.stdout
     assert started.returncode != 0
     assert "this ID is unknown or expired" in started.stderr, started.stderr
+
+    # update: a file swapped on the server (changed after signing) is not taken ...
+    served = srv.data_dir / "downloads" / onefile.name
+    original = served.read_bytes()
+    served.write_bytes(original + b"\0")
+    before = download.read_bytes()
+    refused = subprocess.run([str(download), "update"], capture_output=True, text=True,
+                             timeout=120, env=env, cwd=tmp_path)
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1 and "does not carry a valid signature" in lines[0], refused.stderr
+    assert download.read_bytes() == before
+    # ... a different file the operator put there on purpose (and so signed) is.
+    assert srv.cli("downloads", "add-customer", "--server", srv.url + "/",
+                   str(onefile)).returncode == 0
+    done = subprocess.run([str(download), "update"], capture_output=True, text=True,
+                          timeout=120, env=env, cwd=tmp_path)
+    assert done.returncode == 0 and "signature checked" in done.stdout, done.stderr
+    assert download.read_bytes() == served.read_bytes() != before
+    assert embedded_settings.read(download)["server"] == srv.url + "/"
+    again = subprocess.run([str(download), "check"], capture_output=True, text=True, timeout=120,
+                           env=env, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr

@@ -3,14 +3,17 @@
 The server appends its address and CA fingerprint to the file it offers
 (``protocol.embedded_settings``).  Started without arguments, the module shows which server it
 will use and asks for the 8-digit ID; ``check`` and ``join`` get the embedded server unless
-the customer names one.  Without embedded settings it is the plain ``hausmeister-customer``.
+the customer names one; ``update`` replaces the file with the server's signed newer download
+(``modules.customer.update``).  Without embedded settings it is the plain ``hausmeister-customer``.
 """
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
-from modules.customer import cli
+from modules.common.cli import ModuleError
+from modules.customer import cli, update
 from protocol import embedded_settings
 
 SERVER_OPTIONS = ("--server", "--ca-fingerprint", "--server-config")
@@ -35,6 +38,13 @@ def with_embedded(argv: list[str], settings: dict | None, ask=input) -> list[str
 
 def main() -> int:
     settings = embedded_settings.read(sys.executable)
+    if sys.argv[1:] == ["update"]:
+        try:
+            print(update.update(Path(sys.executable), settings))
+            return 0
+        except ModuleError as exc:
+            print(f"hausmeister-customer: error: {exc}", file=sys.stderr)
+            return 1
     try:
         argv = with_embedded(sys.argv[1:], settings)
     except (EOFError, KeyboardInterrupt):

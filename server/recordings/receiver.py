@@ -59,6 +59,7 @@ class Upload:
     ended: bool = False
     failed: str | None = None
     finished: defer.Deferred | None = None
+    owner: Any = None  # the control connection (or its identity) that uploads it
 
 
 @dataclass
@@ -146,6 +147,7 @@ class RecordingReceiver:
                      session_id=session_id, party=party, policy=policy, rid=upload.id)
             existing = upload
         existing.last_chunk = self.reactor.seconds()
+        existing.owner = conn
         answer.update(recording_id=existing.id, next_offset=existing.size,
                       public_keys=json.dumps([recording.public_pem(k) for k in public]))
         return answer
@@ -233,8 +235,7 @@ class RecordingReceiver:
         upload = self.uploads.get(recording_id)
         if upload is None:
             raise control.WrongState("unknown recording: ask RecordingStart again")
-        live = self.broker.sessions.get(upload.session_id)
-        if live is None or live.party_of(conn) != upload.party:
+        if conn is not upload.owner:  # also after the relay closed, until it is finalised
             raise control.Forbidden("this recording is not yours")
         return upload
 
@@ -269,9 +270,16 @@ class RecordingReceiver:
         def finalise(_=None):
             return defer.DeferredList([u.lock.run(self._finish, u) for u in open_uploads],
                                       consumeErrors=True)
-        if all(u.reader.final for u in open_uploads):
-            return finalise()
-        return task.deferLater(self.reactor, END_GRACE_SECONDS, lambda: None).addCallback(finalise)
+
+        @defer.inlineCallbacks
+        def wait_then_finalise():
+            # the recorder's last chunks and RecordingEnd may still be on their way
+            deadline = self.reactor.seconds() + END_GRACE_SECONDS
+            while (self.reactor.seconds() < deadline
+                   and not all(u.reader.final or u.ended for u in open_uploads)):
+                yield task.deferLater(self.reactor, 0.1, lambda: None)
+            yield finalise()
+        return wait_then_finalise()
 
     @defer.inlineCallbacks
     def _finish(self, upload: Upload):
