@@ -7,6 +7,7 @@ and ``protocol verify``; kill -9 of the host leaves an incomplete recording that
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -19,16 +20,17 @@ from .fixtures_server import ADMIN_PASSWORD, ServerProcess, add_enrolled_support
 from .fixtures_x11 import xvfb  # noqa: F401 - fixture
 from .module_process import ModuleProcess
 from .test_e2e_brokering import wait_until
+from .test_avatars import moto_s3  # noqa: F401 - fixture
 from .test_e2e_screen import screen_of
 
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture
-def rec_world(tmp_path, db_url):
+@contextlib.contextmanager
+def recording_world(tmp_path, db_url, extra: str = ""):
     data = tmp_path / "data"
     srv = ServerProcess(write_config(tmp_path / "h.toml", data, db_url,
-                                     extra="\n[recording]\nstall_seconds = 4.0\n"), data)
+                                     extra="\n[recording]\nstall_seconds = 4.0\n" + extra), data)
     assert srv.cli("init", "--password-stdin", stdin=ADMIN_PASSWORD + "\n").returncode == 0
     srv.start()
     try:
@@ -45,6 +47,12 @@ def rec_world(tmp_path, db_url):
         yield {"srv": srv, "alice": alice, "pc1": pc1, "right": right, "tmp": tmp_path}
     finally:
         srv.stop()
+
+
+@pytest.fixture
+def rec_world(tmp_path, db_url):
+    with recording_world(tmp_path, db_url) as world:
+        yield world
 
 
 def recordings(srv) -> list[dict]:
@@ -170,3 +178,47 @@ def test_required_with_unwritable_storage_ends_the_session_with_that_reason(rec_
     listed = json.loads(srv.ok("session", "list", "--json"))
     assert listed[0]["end_cause"] == "recording_failed", listed[0]
     assert "recording refused" in srv.log() and "cannot be created" in srv.log()
+
+
+def record_one_session(w, display, tmp_path) -> np.ndarray:
+    """A session under policy on that ends normally; the screen it ended with."""
+    host, supporter = start_session(w, display, tmp_path / "seen.png")
+    try:
+        supporter.wait_for_line("snapshot saved", timeout=60)
+        time.sleep(1.5)
+        expected = screen_of(display)
+        supporter.close_stdin()
+        assert supporter.wait(timeout=30) == 0
+        assert host.wait(timeout=30) == 0
+    finally:
+        host.stop()
+        supporter.stop()
+    return expected
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_recording_goes_to_s3_and_exports_from_there(tmp_path, db_url, xvfb, moto_s3):  # noqa: F811
+    moto_s3.client().create_bucket(Bucket="hm-recordings")
+    extra = (f'storage = "s3"\n\n[s3]\nenabled = true\nendpoint_url = "{moto_s3.endpoint}"\n'
+             'bucket = "hm-recordings"\naccess_key = "testing"\nsecret_key = "testing"\n')
+    with recording_world(tmp_path, db_url, extra) as w:
+        srv = w["srv"]
+        srv.ok("recording", "policy", "on")
+        xvfb.xterm("s3-term", geometry="80x24+0+0", bg="navy")
+        expected = record_one_session(w, xvfb.name, tmp_path)
+        wait_until(lambda: any(r["status"] != "uploading" for r in recordings(srv)), timeout=30,
+                   what="the recording's end")
+        [rec] = recordings(srv)
+        assert rec["status"] == "complete" and rec["storage"] == "s3", rec
+        head = moto_s3.client().head_object(Bucket="hm-recordings",
+                                            Key="recordings/" + rec["location"])
+        assert head["ContentLength"] == rec["size"]
+        assert not list((srv.data_dir / "recording-spool").rglob("*.hmrec"))  # spool emptied
+        assert not (srv.data_dir / "recordings").exists() or not list(
+            (srv.data_dir / "recordings").rglob("*.hmrec"))
+        assert "ok   " in srv.ok("recording", "verify")
+        out = tmp_path / "s3.mp4"
+        srv.ok("recording", "export", rec["session_id"], "--mp4", str(out))
+        picture, _ = last_frame(out)
+        assert float(np.abs(picture.astype(np.int16) - expected).mean()) < 6.0
+        assert srv.cli("protocol", "verify", str(srv.data_dir / "protocols")).returncode == 0
