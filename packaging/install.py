@@ -254,7 +254,8 @@ def _chown(path: Path, user: str) -> None:
         shutil.chown(path, user, user)
 
 
-def make_release(bundle: Path, layout: Layout, meta: dict, python: str) -> None:
+def make_release(bundle: Path, layout: Layout, meta: dict, python: str,
+                 compile_bytecode: bool = True) -> None:
     """A fresh virtualenv with the bundle's wheels, from nothing but the bundle."""
     if layout.release.exists():
         shutil.rmtree(layout.release)
@@ -268,6 +269,7 @@ def make_release(bundle: Path, layout: Layout, meta: dict, python: str) -> None:
     target = meta["name"] + (f"[{','.join(meta['extras'])}]" if meta.get("extras") else "")
     run([str(venv / "bin" / "python"), f"{pip_wheels[-1]}/pip", "install", "-q", "--no-index",
          "--find-links", str(wheels), "--no-cache-dir", "--disable-pip-version-check",
+         "--compile" if compile_bytecode else "--no-compile",
          f"{target}=={meta['version']}", "pip"], "pip install --no-index from the bundle")
     (layout.release / "BUNDLE.json").write_text(json.dumps(meta, indent=1))
     units = layout.release / "systemd"
@@ -598,6 +600,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-start", action="store_true", help="write the units but do not "
                    "start or stop anything")
     p.add_argument("--verify-only", action="store_true", help="check the bundle and stop")
+    p.add_argument("--no-compile", action="store_true", help="skip byte-compiling (install in "
+                   "half the time; Python then compiles in memory at every start)")
     host = p.add_argument_group("a maintained machine (--role host): the host module as a service")
     host.add_argument("--role", choices=["server", "host"], default="server")
     host.add_argument("--host-token", metavar="TOKEN", help="one-time enrollment token")
@@ -642,7 +646,7 @@ def main(argv: list[str] | None = None) -> int:
                                f"pass --role {state.get('role', 'server')}", 2)
         if args.role == "server":
             ensure_user(layout)
-        make_release(bundle, layout, meta, args.python)
+        make_release(bundle, layout, meta, args.python, not args.no_compile)
         if args.role == "host":
             (host_upgrade(layout, meta, state, args) if state else host_install(layout, meta, args))
         elif state:

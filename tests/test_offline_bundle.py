@@ -367,7 +367,7 @@ def test_upgrade_keeps_data_migrates_and_failed_upgrade_rolls_back(release, inst
     ca_before = (site["data"] / "certs" / "ca.crt").read_bytes()
     key_before = (site["data"] / "certs" / "ca.key").read_bytes()
 
-    result = _install(release["bundles"][post1], site)
+    result = _install(release["bundles"][post1], site, "--no-compile")
     assert result.returncode == 0, result.stderr + result.stdout
     assert f"Hausmeister {first} -> {post1}" in result.stdout
     assert "-> 9901 (migrated)" in result.stdout
@@ -385,7 +385,7 @@ def test_upgrade_keeps_data_migrates_and_failed_upgrade_rolls_back(release, inst
     again = _install(release["bundles"][post1], site)
     assert again.returncode == 0 and "already installed" in again.stdout
 
-    failed = _install(release["bundles"][post2], site)
+    failed = _install(release["bundles"][post2], site, "--no-compile")
     assert failed.returncode == 1
     line = _one_error_line(failed)
     assert f"upgrade to {post2} failed" in line and f"rolled back to {post1}" in line

@@ -100,7 +100,7 @@ def main() -> int:
                      "--prefix", str(host_prefix), "--host-home", str(host_home),
                      "--systemd-dir", str(work / "host-units"), "--user", "",
                      "--server", info["https_url"], "--ca-fingerprint", info["ca_fingerprint"],
-                     "--host-token", token, "--host-name", "netns-pc")
+                     "--host-token", token, "--host-name", "netns-pc", "--no-compile")
         result["host_enroll"] = enroll.returncode
         result["host_enroll_out"] = (enroll.stdout + enroll.stderr)[-600:]
         host_bin = host_prefix / "current" / "venv" / "bin" / "hausmeister-host"
