@@ -184,3 +184,18 @@ def test_backup_for_a_backup_key_restores_only_with_its_private_half(server_conf
     restored = fresh.cli("restore", "--identity", str(key), str(backup))
     assert restored.returncode == 0, restored.stderr
     assert fresh.ok("user", "list") == srv.ok("user", "list")
+
+
+def test_database_only_snapshot_and_forced_restore_undo_a_change(server_config, tmp_path):
+    """What the installer does around an upgrade: snapshot the database, put it back on failure."""
+    srv = server_config
+    snapshot = tmp_path / "db-snapshot"
+    made = srv.cli("backup", "--database-only", str(snapshot))
+    assert made.returncode == 0, made.stderr
+    srv.ok("user", "add", "late", "--role", "auditor", "--generate-password")
+    assert "late" in srv.ok("user", "list")
+    assert "not empty" in _one_line_error(srv.cli("restore", "--database-only", str(snapshot)))
+    restored = srv.cli("restore", "--database-only", "--force", str(snapshot))
+    assert restored.returncode == 0, restored.stderr
+    assert "late" not in srv.ok("user", "list")
+    assert "admin" in srv.ok("user", "list")

@@ -277,7 +277,8 @@ def test_units_verify_clean(installed):
     if shutil.which("systemd-analyze") is None:
         pytest.skip("systemd-analyze is not installed")
     for unit in ("hausmeister-server.service", "hausmeister-backup.service",
-                 "hausmeister-backup.timer", "hausmeister-relay@.service"):
+                 "hausmeister-backup.timer", "hausmeister-relay@.service",
+                 "hausmeister-host.service"):
         path = installed["units"] / unit
         if unit.endswith("@.service"):  # an instance name makes a template verifiable
             path = installed["units"] / "hausmeister-relay@9001.service"
