@@ -168,3 +168,38 @@ def test_guard_displaces_the_oldest_handshake_when_full_and_releases_memory_once
     clock.pump([1.0] * 10)
     assert len(guard.trims) == 1
     guard.stop()
+
+
+def test_a_closed_module_connection_is_freed_without_the_cycle_collector_and_fails_late_calls():
+    """A flood of closed connections must not wait for a full collection to give memory back;
+    an answer or a call that comes after the close fails the way AMP expects, quietly."""
+    import gc
+    import weakref
+
+    from twisted.internet.error import ConnectionDone
+    from twisted.internet.testing import StringTransport
+    from twisted.protocols import amp
+    from twisted.python.failure import Failure
+
+    from protocol import control
+    from server.module_port import ConnectionRegistry, ModuleConnection, ModulePort
+
+    port = ModulePort(ConnectionRegistry(), None, None, None, None)
+    conn = ModuleConnection(port)
+    conn.makeConnection(StringTransport())
+    conn.connectionLost(Failure(ConnectionDone()))
+    gone = weakref.ref(conn)
+    gc.disable()
+    try:
+        del conn
+        assert gone() is None  # freed by reference counting alone
+    finally:
+        gc.enable()
+
+    late = ModuleConnection(port)
+    late.makeConnection(StringTransport())
+    late.connectionLost(Failure(ConnectionDone()))
+    failed = []
+    late.callRemote(control.Heartbeat).addErrback(lambda f: failed.append(f.type))
+    assert failed == [ConnectionDone]
+    late._safeEmit(amp.AmpBox(answer=b"late"))  # dropped, nothing raised
