@@ -16,6 +16,7 @@ import time
 import numpy as np
 import pytest
 
+from .fixtures_console import ARTIFACTS, browser  # noqa: F401 - fixture
 from .fixtures_server import ADMIN_PASSWORD, ServerProcess, add_enrolled_supporter, run_cli, write_config
 from .fixtures_x11 import xvfb  # noqa: F401 - fixture
 from .module_process import ModuleProcess
@@ -80,7 +81,8 @@ def last_frame(path) -> np.ndarray:
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
-def test_recorded_session_exports_to_the_screen_and_tampering_is_named(rec_world, xvfb, tmp_path):  # noqa: F811
+def test_recorded_session_exports_to_the_screen_and_tampering_is_named(rec_world, xvfb, tmp_path,  # noqa: F811
+                                                                      browser):  # noqa: F811
     w, srv = rec_world, rec_world["srv"]
     srv.ok("recording", "policy", "on")
     xvfb.xterm("recorded-term", geometry="80x24+0+0", bg="darkgreen")
@@ -115,8 +117,8 @@ def test_recorded_session_exports_to_the_screen_and_tampering_is_named(rec_world
     anchored = [x for x in lines if x["kind"] == "recording"]
     assert anchored and anchored[0]["detail"]["sha256"] == rec["sha256"]
     assert srv.cli("protocol", "verify", str(srv.data_dir / "protocols")).returncode == 0
-    audit = srv.ok("recording", "list")  # (the export is in the audit log: checked below)
-    assert rec["session_id"] in audit
+    for lang in ("en", "de"):
+        console_plays(browser, srv, rec["session_id"], lang)
     # tampering: one byte of the stored file
     data = bytearray(stored.read_bytes())
     data[len(data) // 2] ^= 0x40
@@ -222,3 +224,40 @@ def test_recording_goes_to_s3_and_exports_from_there(tmp_path, db_url, xvfb, mot
         picture, _ = last_frame(out)
         assert float(np.abs(picture.astype(np.int16) - expected).mean()) < 6.0
         assert srv.cli("protocol", "verify", str(srv.data_dir / "protocols")).returncode == 0
+
+
+def console_plays(browser, srv, session_id: str, lang: str) -> None:  # noqa: F811
+    """The session page plays the recording in Chromium: the video has its duration and runs."""
+    context = browser.new_context(ignore_https_errors=True, locale=lang,
+                                  extra_http_headers={"Accept-Language": lang},
+                                  viewport={"width": 1280, "height": 800})
+    page = context.new_page()
+    csp_seen = []
+    page.on("response", lambda r: csp_seen.append(r.headers.get("content-security-policy", ""))
+            if "/console/sessions/" in r.url else None)
+    try:
+        page.goto(srv.url + "/console/login")
+        page.fill("#user", "admin")
+        page.fill("#password", ADMIN_PASSWORD)
+        with page.expect_navigation():
+            page.click("#login")
+        page.goto(f"{srv.url}/console/sessions/{session_id}")
+        video = "#video-host"
+        wait_until(lambda: page.evaluate(f"document.querySelector('{video}').readyState") >= 1,
+                   timeout=90, what="the video's metadata (the MP4 is made on demand)")
+        duration = page.evaluate(f"document.querySelector('{video}').duration")
+        assert duration > 1.0, duration
+        page.evaluate(f"(() => {{ const v = document.querySelector('{video}'); v.muted = true; "
+                      f"v.currentTime = 0; return v.play(); }})()")
+        wait_until(lambda: page.evaluate(f"document.querySelector('{video}').currentTime") > 0.5,
+                   timeout=30, what="the video playing")
+        assert page.locator("a.video-time").count() > 0  # protocol times link into the video
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / f"recording-{lang}.png"), full_page=False)
+        assert csp_seen and all("script-src" not in c and "default-src 'none'" in c
+                                for c in csp_seen if c)
+        page.goto(f"{srv.url}/console/audit")
+        body = page.content()
+        assert "recording.play" in body and "recording.export" in body
+    finally:
+        context.close()

@@ -249,6 +249,8 @@ class SessionRecorder:
         if not self.active:
             self.closed = True
             return defer.succeed(None)
+        # the end's time, so a still screen plays until the session really ended
+        self.writer.event(self._t(), "recording_closed", {})
         self._append(self.writer.close())
         self.closed = True
         if self.failed:

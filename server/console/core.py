@@ -47,7 +47,7 @@ def landing(role: str | None) -> str:
     """Where a logged-in user starts: the hosts page, or a supporter's own account."""
     return "/console/hosts" if role in CONSOLE_ROLES else "/console/account"
 
-CSP = (b"default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; "
+CSP = (b"default-src 'none'; style-src 'self'; img-src 'self'; media-src 'self'; form-action 'self'; "
        b"frame-ancestors 'none'; base-uri 'none'")
 
 STATIC_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*\.(css|png|svg)$")

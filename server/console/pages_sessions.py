@@ -269,9 +269,16 @@ def _load(ctx: Ctx, limit: int = MAX_TIMELINE):
 
 @route("GET", "sessions/{id}")
 def session_detail(ctx: Ctx):
+    from .pages_recordings import link_times, recordings_of
     d = _load(ctx)
-    return d.addCallback(lambda found: ctx.page("sessions_detail.html", s=found[0], t=found[1],
-                                                max_timeline=MAX_TIMELINE))
+
+    def with_recordings(found):
+        def show(recs):
+            link_times(found[1].events, recs)
+            return ctx.page("sessions_detail.html", s=found[0], t=found[1], recordings=recs,
+                            max_timeline=MAX_TIMELINE)
+        return ctx.run(recordings_of, ctx.session.tenant_id, found[0]["id"]).addCallback(show)
+    return d.addCallback(with_recordings)
 
 
 PROTOCOL_CSV_HEADER = ["line", "seq", "time", "kind", "actor", "address", "detail",
