@@ -447,6 +447,34 @@ def what_changed(old_meta: dict, new_meta: dict, old_schema, new_schema) -> list
 
 # --- the two paths ----------------------------------------------------------------------------
 
+def restore_backup(layout: Layout, data: Path, args) -> str:
+    """``--restore``: the new install starts from a backup instead of ``init``.  The backup and
+    its key are copied into the data folder for the service user and removed afterwards."""
+    staged = []
+    try:
+        def stage(path: str) -> str:
+            source = Path(path)
+            if not source.is_file():
+                raise InstallError(f"{path}: no such file", 2)
+            copy = data / f".restore-{len(staged)}-{source.name}"
+            shutil.copyfile(source, copy)
+            os.chmod(copy, 0o600)
+            _chown(copy, layout.user)
+            staged.append(copy)
+            return str(copy)
+
+        cmd = [layout.server(layout.release), "--config", str(layout.config), "restore",
+               stage(args.restore)]
+        if args.restore_passphrase_file:
+            cmd += ["--passphrase-file", stage(args.restore_passphrase_file)]
+        if args.restore_identity:
+            cmd += ["--identity", stage(args.restore_identity)]
+        return run(cmd, "hausmeister-server restore", user=layout.user)
+    finally:
+        for copy in staged:
+            copy.unlink(missing_ok=True)
+
+
 def first_install(bundle: Path, layout: Layout, meta: dict, args) -> None:
     wrote = write_config(bundle, layout)
     facts = config_facts(layout, layout.release)
@@ -461,6 +489,8 @@ def first_install(bundle: Path, layout: Layout, meta: dict, args) -> None:
         run([layout.server(layout.release), "--config", str(layout.config), "migrate"],
             "hausmeister-server migrate", user=layout.user)
         print(f"Data folder:      {data} (kept; schema migrated)")
+    elif args.restore:
+        print(restore_backup(layout, data, args), end="")
     else:
         print(run([layout.server(layout.release), "--config", str(layout.config), "init"],
                   "hausmeister-server init", user=layout.user), end="")
@@ -600,6 +630,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-start", action="store_true", help="write the units but do not "
                    "start or stop anything")
     p.add_argument("--verify-only", action="store_true", help="check the bundle and stop")
+    p.add_argument("--restore", metavar="BACKUP", help="first install: start from this backup "
+                   "(hausmeister-server backup) instead of a new CA and admin")
+    p.add_argument("--restore-passphrase-file", metavar="FILE")
+    p.add_argument("--restore-identity", metavar="BACKUP_KEY")
     p.add_argument("--no-compile", action="store_true", help="skip byte-compiling (install in "
                    "half the time; Python then compiles in memory at every start)")
     host = p.add_argument_group("a maintained machine (--role host): the host module as a service")

@@ -401,6 +401,28 @@ def test_upgrade_keeps_data_migrates_and_failed_upgrade_rolls_back(release, inst
     assert state["version"] == post1
 
 
+def test_fresh_install_from_a_backup(release, installed, tmp_path):
+    """Disaster recovery: a new machine installs the bundle and starts from the backup."""
+    server = installed["prefix"] / "current" / "venv" / "bin" / "hausmeister-server"
+    backup = tmp_path / "backup.tar.gz.enc"
+    passphrase = tmp_path / "passphrase"
+    passphrase.write_text("recovery passphrase\n")
+    made = _run([str(server), "--config", str(installed["config"]), "backup", "--passphrase-file",
+                 str(passphrase), str(backup)])
+    assert made.returncode == 0, made.stderr
+    users = _run([str(server), "--config", str(installed["config"]), "user", "list"]).stdout
+    site = _site(tmp_path / "new-machine")
+    result = _install(release["bundles"][release["versions"][1]], site, "--no-compile",
+                      "--restore", str(backup), "--restore-passphrase-file", str(passphrase))
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert "restored" in result.stdout and "Admin password" not in result.stdout
+    ca = (installed["data"] / "certs" / "ca.crt").read_bytes()
+    assert (site["data"] / "certs" / "ca.crt").read_bytes() == ca
+    new_server = site["prefix"] / "current" / "venv" / "bin" / "hausmeister-server"
+    assert _run([str(new_server), "--config", str(site["config"]), "user", "list"]).stdout == users
+    assert not list(site["data"].glob(".restore-*"))  # the staged copies are gone
+
+
 def test_bundle_of_another_release_key_is_refused_by_an_installation(release, installed, tmp_path):
     """A bundle that is self-consistent but made with a different key cannot upgrade."""
     bundle = tmp_path / "foreign"
