@@ -24,6 +24,7 @@ from .connection_guard import ConnectionGuard, listen_guarded
 from .module_port import ConnectionRegistry, ModulePort
 from .directory.client import Directory
 from .directory.signin import SignIn
+from .single_port import PlaneSplit
 from .pki import CertStore
 from .relay.core import Relay
 from .relay.listener import record_session_end
@@ -178,6 +179,7 @@ class HausmeisterServer(service.MultiService):
                           ).setServiceParent(self)
         self.https_port = None
         self.module_port = None
+        self.single_port = None
         self.guard: ConnectionGuard | None = None
         self.state: dict = {}
         self._ending: set[defer.Deferred] = set()
@@ -217,6 +219,8 @@ class HausmeisterServer(service.MultiService):
         self.broker.session_ended(stats.session_id)
 
     def _module_port_number(self) -> int:
+        if self.config.listen.single_port:  # modules are told the one port that gets through
+            return self.config.listen.single_port
         return self.module_port.getHost().port if self.module_port else self.config.listen.module_port
 
     def startService(self) -> None:
@@ -243,11 +247,22 @@ class HausmeisterServer(service.MultiService):
         web_ctx = tls.web_context(chain, key, ca, c.certificates.min_tls)
         # a profile picture plus form fields fits; larger bodies are refused unread
         max_body = max(MAX_BODY_BYTES, (c.avatars.max_upload_kib + 64) * 1024)
+        site = web.site(max_body, c.limits.http_header_seconds)
         self.https_port = listen_guarded(
             self.reactor, c.listen.https_port, self.guard, "HTTPS port",
             ("complete request headers", c.limits.http_header_seconds),
-            tls.ServerContextFactory(web_ctx), web.site(max_body, c.limits.http_header_seconds),
-            c.listen.interface, tls.LISTEN_BACKLOG)
+            tls.ServerContextFactory(web_ctx), site, c.listen.interface, tls.LISTEN_BACKLOG)
+        if c.listen.single_port:  # browsers and modules on one port, split by ALPN
+            single_ctx = tls.single_port_context(chain, key, ca, c.certificates.min_tls,
+                                                 self.revocation.is_revoked)
+            self.single_port = listen_guarded(
+                self.reactor, c.listen.single_port, self.guard, "single port",
+                ("request headers or Hello", max(c.limits.first_command_seconds,
+                                                 c.limits.http_header_seconds)),
+                tls.ServerContextFactory(single_ctx), PlaneSplit(factory, site),
+                c.listen.interface, tls.LISTEN_BACKLOG)
+            log.info("single port {host}:{port}: browsers (http/1.1) and modules (hausmeister/1) "
+                     "by ALPN", host=c.listen.interface, port=c.listen.single_port)
         https, module = self.https_port.getHost().port, self.module_port.getHost().port
         egress.configure(c, own_ports=[https, module],
                          refusals_path=c.server.data_dir / "egress-refusals.jsonl")
@@ -273,13 +288,14 @@ class HausmeisterServer(service.MultiService):
         self.state = {"pid": os.getpid(), "version": __version__,
                       "interface": self.config.listen.interface, "https_port": https,
                       "module_port": module, "ca_fingerprint": ca_fingerprint,
+                      "single_port": self.config.listen.single_port,
                       "https_url": f"https://{self.config.server.public_host}:{https}"}
         write_state(self.config.server.data_dir, self.state)
 
     @defer.inlineCallbacks
     def stopService(self):
         self.recordings.stop()
-        for port in (self.https_port, self.module_port):
+        for port in (self.https_port, self.module_port, self.single_port):
             if port is not None:
                 yield port.stopListening()
         if self.guard is not None:

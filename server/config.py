@@ -41,6 +41,7 @@ class ListenSection:
     interface: str
     https_port: int
     module_port: int
+    single_port: int = 0  # 0: off; else browsers and modules also share this port (ALPN)
 
 
 @dataclass(frozen=True)
@@ -291,12 +292,13 @@ SCHEMA: dict[str, tuple[Key, ...]] = {
         Key("interface", "ip", "127.0.0.1"),
         Key("https_port", "port", 8443),
         Key("module_port", "port", 8444),
+        Key("single_port", "port", 0),
     ),
     "limits": (
         Key("tls_handshake_seconds", "float", 10.0, minimum=0.05, maximum=600),
         Key("first_command_seconds", "float", 10.0, minimum=0.05, maximum=600),
         Key("http_header_seconds", "float", 15.0, minimum=0.05, maximum=600),
-        Key("pending_per_address", "int", 256, minimum=1, maximum=1_000_000),
+        Key("pending_per_address", "int", 1024, minimum=1, maximum=1_000_000),
         Key("pending_total", "int", 0, minimum=0, maximum=1_000_000),
         Key("raise_open_file_limit", "bool", True),
         Key("refusal_log_seconds", "float", 10.0, minimum=0.1, maximum=3600),
@@ -654,6 +656,10 @@ def from_mapping(raw: dict[str, Any], base: Path, source: Path | None = None) ->
         if bundle and not Path(bundle).is_file():
             raise ConfigError(f"config key {section}.ca_bundle = {bundle!r} is invalid: no such file; "
                               "give the absolute path of a PEM file or \"\" for the system's CAs")
+    if listen["single_port"] and listen["single_port"] in (listen["https_port"],
+                                                          listen["module_port"]):
+        raise ConfigError(f"config key listen.single_port = {listen['single_port']} is invalid: "
+                          "it must differ from listen.https_port and listen.module_port")
     _check_directory(sections["directory"])
     s3 = sections["s3"]
     if s3["enabled"] and not (s3["endpoint_url"] and s3["bucket"]):
@@ -724,4 +730,3 @@ def load(path: str | Path | None) -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}")
     return from_mapping(raw, path.resolve().parent, path.resolve())
-

@@ -80,6 +80,49 @@ def module_context(chain: list[x509.Certificate], key, ca_cert: x509.Certificate
     ctx = _base_context(chain, key, min_tls)
     ctx.get_cert_store().add_cert(crypto.X509.from_cryptography(ca_cert))
     ctx.set_client_ca_list([crypto.X509.from_cryptography(ca_cert).get_subject()])
+    ctx.set_verify(SSL.VERIFY_PEER, _module_verifier(is_revoked))
+    return ctx
+
+
+#: ALPN names on the single port: modules (control connections and relay legs) and browsers
+ALPN_MODULE = b"hausmeister/1"
+ALPN_WEB = b"http/1.1"
+
+
+def _select_plane(conn: SSL.Connection, offered: list[bytes]):
+    if ALPN_MODULE in offered:
+        return ALPN_MODULE
+    if ALPN_WEB in offered:
+        return ALPN_WEB
+    return SSL.NO_OVERLAPPING_PROTOCOLS  # e.g. only h2 offered: no ALPN, served as web
+
+
+def single_port_context(chain: list[x509.Certificate], key, ca_cert: x509.Certificate,
+                        min_tls: str, is_revoked: Callable[[str], bool]) -> SSL.Context:
+    """Browsers and modules on one port.  ALPN picks the plane while the ClientHello is read,
+    before the client's certificate arrives; the certificate is then judged exactly as that
+    plane's own port judges it (module: chain, revocation and identity; web: anything).
+    No session resumption here: a resumed session skips certificate verification, so a session
+    begun as web could otherwise come back as a module with an unchecked certificate."""
+    ctx = _base_context(chain, key, min_tls)
+    ctx.get_cert_store().add_cert(crypto.X509.from_cryptography(ca_cert))
+    ctx.set_client_ca_list([crypto.X509.from_cryptography(ca_cert).get_subject()])
+    ctx.set_options(SSL.OP_NO_TICKET)
+    ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+    module_verify = _module_verifier(is_revoked)
+
+    def verify(conn, cert: crypto.X509, errno: int, depth: int, ok: int) -> bool:
+        if conn.get_alpn_proto_negotiated() == ALPN_MODULE:
+            return module_verify(conn, cert, errno, depth, ok)
+        return True  # a browser, or the renewal endpoint, which checks the certificate itself
+
+    ctx.set_verify(SSL.VERIFY_PEER, verify)
+    ctx.set_alpn_select_callback(_select_plane)
+    return ctx
+
+
+def _module_verifier(is_revoked: Callable[[str], bool]):
+    """The module port's judgement of a client certificate, for OpenSSL's verify callback."""
 
     def verify(conn, cert: crypto.X509, errno: int, depth: int, ok: int) -> bool:
         if not ok:
@@ -101,8 +144,7 @@ def module_context(chain: list[x509.Certificate], key, ca_cert: x509.Certificate
             return False
         return True
 
-    ctx.set_verify(SSL.VERIFY_PEER, verify)
-    return ctx
+    return verify
 
 
 def _refused(conn: SSL.Connection, kind: str, reason: str) -> None:

@@ -15,7 +15,7 @@ from twisted.protocols import amp
 
 from protocol import control
 
-from . import enrollment
+from . import enrollment, proxy
 from .connection import address_of, connect, hello
 from .folder import ModuleFolder, ModuleFolderError, default_home
 
@@ -90,6 +90,8 @@ def run_reactor(main: Callable[[Any], Coroutine]) -> None:
 def _explain(exc: BaseException) -> BaseException:
     if isinstance(exc, (ModuleError, enrollment.EnrollmentFailed, ModuleFolderError)):
         return exc
+    if isinstance(exc, proxy.ProxyError):
+        return ModuleError(str(exc))
     if isinstance(exc, net_error.ConnectionRefusedError):
         return ModuleError("the server's module port refused the connection: is the server running?")
     if isinstance(exc, (net_error.TimeoutError, net_error.TCPTimedOutError, tdefer.TimeoutError)):
@@ -140,6 +142,8 @@ def status(args: argparse.Namespace, kind: str) -> int:
     print(f"identity:    {result['identity']} (role {result['role']}, tenant {result['tenant']})")
     print(f"certificate: serial {cert.serial_number:x}, valid until "
           f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC")
+    through = proxy.proxy_for(address_of(folder).host)
+    print(f"path:        {'through the proxy ' + through.shown if through else 'direct'} (TLS)")
     return 0
 
 
@@ -168,11 +172,33 @@ def add_status_renew(sub, kind: str) -> None:
     s.set_defaults(func=lambda a: renew_command(a, kind))
 
 
+def _proxy_first(argv: list[str]) -> list[str]:
+    """``--proxy URL`` may stand anywhere on the command line; argparse wants it before the
+    command, where the option is declared."""
+    front, rest, i = [], [], 0
+    while i < len(argv):
+        if argv[i] == "--proxy" and i + 1 < len(argv):
+            front += argv[i:i + 2]
+            i += 2
+            continue
+        (front if argv[i].startswith("--proxy=") else rest).append(argv[i])
+        i += 1
+    return front + rest
+
+
 def main_wrapper(prog: str, parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
-    args = parser.parse_args(argv)
+    parser.add_argument("--proxy", metavar="URL",
+                        help="reach the server through this HTTP proxy with CONNECT, e.g. "
+                             "http://user:password@proxy.lan:3128 (default: $https_proxy)")
+    args = parser.parse_args(_proxy_first(list(sys.argv[1:] if argv is None else argv)))
+    try:
+        proxy.configure(args.proxy)
+    except ValueError as exc:
+        print(f"{prog}: error: --proxy: {exc}", file=sys.stderr)
+        return 2
     try:
         return args.func(args)
-    except (ModuleError, enrollment.EnrollmentFailed, ModuleFolderError) as exc:
+    except (ModuleError, enrollment.EnrollmentFailed, ModuleFolderError, proxy.ProxyError) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return getattr(exc, "exit_code", 1)  # 2 for a usage error such as a bad --server-config
     except KeyboardInterrupt:

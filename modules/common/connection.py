@@ -18,8 +18,10 @@ from protocol.amp_adapter import FramedAMP
 from protocol.session_end import BadEndReason, EndCause, EndReason
 
 from .folder import ModuleFolder
+from .proxy import tcp_endpoint
 
 MODULE_VERSION = "0.1.0"
+ALPN_MODULE = b"hausmeister/1"
 
 
 @dataclass
@@ -36,7 +38,10 @@ def client_tls(host: str, ca_pem: bytes, folder: ModuleFolder | None) -> ssl.IOp
             serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
             serialization.NoEncryption())
         client_cert = ssl.PrivateCertificate.loadPEM(key_pem + folder.cert_path.read_bytes())
+    # ALPN names the module plane, so a server's single port (listen.single_port) can tell us
+    # from browsers; the module port itself ignores it
     return ssl.optionsForClientTLS(host, trustRoot=trust, clientCertificate=client_cert,
+                                   acceptableProtocols=[ALPN_MODULE],
                                    extraCertificateOptions={
                                        "raiseMinimumTo": ssl.TLSVersion.TLSv1_2})
 
@@ -86,8 +91,7 @@ class ControlClient(FramedAMP):
 def endpoint_for(reactor, address: ServerAddress, ca_pem: bytes, folder: ModuleFolder | None,
                  timeout: float = 15):
     tls = client_tls(address.host, ca_pem, folder)
-    return endpoints.wrapClientTLS(
-        tls, endpoints.TCP4ClientEndpoint(reactor, address.host, address.port, timeout=timeout))
+    return endpoints.wrapClientTLS(tls, tcp_endpoint(reactor, address.host, address.port, timeout))
 
 
 async def connect(reactor, address: ServerAddress, ca_pem: bytes,

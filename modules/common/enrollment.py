@@ -27,6 +27,7 @@ from protocol.identity import (
     Identity, IdentityError, fingerprint, identity_of, make_csr, normalise_fingerprint,
 )
 
+from . import proxy
 from .folder import ModuleFolder
 
 
@@ -120,8 +121,14 @@ def _request(url: str, body: dict[str, Any] | None, ctx: ssl.SSLContext, timeout
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(url, data=data, method="POST" if body is not None else "GET",
                                  headers={"Content-Type": "application/json"})
+    parts = urlsplit(url)
+    through = proxy.proxy_for(parts.hostname or "")
+    # an explicit handler either way: the environment was already read by proxy_for (no_proxy)
+    opener = urllib.request.build_opener(
+        urllib.request.ProxyHandler({"https": through.url()} if through else {}),
+        urllib.request.HTTPSHandler(context=ctx))
     try:
-        with urllib.request.urlopen(req, context=ctx, timeout=timeout) as resp:
+        with opener.open(req, timeout=timeout) as resp:
             return resp.read()
     except urllib.error.HTTPError as exc:
         try:
@@ -134,6 +141,12 @@ def _request(url: str, body: dict[str, Any] | None, ctx: ssl.SSLContext, timeout
         if isinstance(reason, ssl.SSLCertVerificationError):
             raise EnrollmentFailed(f"the server's certificate does not verify against the pinned CA: "
                                    f"{reason.verify_message}")
+        if through is not None and "Tunnel connection failed" in str(reason):
+            status = str(reason).split("Tunnel connection failed:", 1)[1].strip()
+            raise EnrollmentFailed(f"the proxy {through.shown} refused CONNECT to "
+                                   f"{parts.hostname}:{parts.port or 443}: {status}")
+        if through is not None:
+            raise EnrollmentFailed(f"cannot reach {url} through the proxy {through.shown}: {reason}")
         raise EnrollmentFailed(f"cannot reach {url}: {reason}")
     except (OSError, ssl.SSLError) as exc:
         raise EnrollmentFailed(f"cannot reach {url}: {exc}")

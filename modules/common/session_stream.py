@@ -17,6 +17,7 @@ from protocol.control import OpenRelayLeg
 
 from .connection import client_tls
 from .folder import ModuleFolder
+from .proxy import tcp_endpoint
 
 log = Logger()
 
@@ -76,7 +77,6 @@ class RelayLeg(FramedAMP):
 async def open_leg(reactor, relay_host: str, relay_port: int, token: str, ca_pem: bytes,
                    folder: ModuleFolder | None, timeout: float = 15) -> RelayLeg:
     tls = client_tls(relay_host, ca_pem, folder)
-    endpoint = endpoints.wrapClientTLS(
-        tls, endpoints.TCP4ClientEndpoint(reactor, relay_host, relay_port, timeout=timeout))
+    endpoint = endpoints.wrapClientTLS(tls, tcp_endpoint(reactor, relay_host, relay_port, timeout))
     leg = await endpoints.connectProtocol(endpoint, RelayLeg())
     return await leg.start(token)
