@@ -272,6 +272,10 @@ def measure(args, w: Path, n: int, workers_n: int, hold: float, database_url: st
     srv = BenchServer.create(w, fixed_ports=True, database_url=database_url, extra=f"""
 [presence]
 heartbeat_seconds = {args.heartbeat}
+
+[limits]
+# every simulated host connects from 127.0.0.1; in the field each has its own address
+pending_per_address = {n + 100}
 """)
     t = time.monotonic()
     creds = enroll_hosts(srv, n)
