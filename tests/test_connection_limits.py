@@ -307,6 +307,13 @@ def test_https_slowloris_headers_are_closed_and_a_large_body_is_refused_unread(t
             assert answer.startswith(b"HTTP/1.1 413 ")
             assert b"Connection: close" in answer and b"nothing was stored" in answer
 
+        # A client that asks first (Expect: 100-continue, as curl does) gets the 413 instead.
+        with ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10),
+                             server_hostname="127.0.0.1") as s:
+            s.sendall(head.replace(b"\r\n\r\n", b"\r\nExpect: 100-continue\r\n\r\n"))
+            answer = s.recv(65536)
+            assert answer.startswith(b"HTTP/1.1 413 "), answer[:80]
+
         # A client that keeps pushing the 50 MB is cut off long before it gets them all out.
         sent = 0
         started = time.monotonic()
