@@ -60,6 +60,43 @@ def say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+class SessionDelegate:
+    """What a session tells its front-end.  The CLI prints (``CliDelegate``); the apps show it in
+    windows.  Consent events and questions go to the consent UI (``IConsentUI``) instead; every
+    method here may be left as it is."""
+
+    def status(self, text: str) -> None:
+        """A line about what the session is doing, for people."""
+
+    def secured(self, verification_code: str, peer: str | None) -> None:
+        """The keys are agreed: the code both sides compare by phone."""
+
+    def remote_screen(self, screen) -> None:
+        """The viewer's first full frame arrived (``screen.protocol.framebuffer``)."""
+
+    def screen_updated(self, rects) -> None:
+        """Remote pixels changed: ``rects`` are (x, y, w, h) areas of the framebuffer."""
+
+    def sharing(self, active: bool) -> None:
+        """This side's screen is (no longer) being shown to the peer."""
+
+    def remote_clipboard(self, text: str) -> None:
+        """The peer's clipboard text arrived."""
+
+    def file_event(self, event) -> None:
+        """A file transfer changed (``modules.common.file_transfer`` events, progress too)."""
+
+    def ended(self, reason) -> None:
+        """The session is over, for ``reason`` (``EndReason``)."""
+
+
+class CliDelegate(SessionDelegate):
+    """The command line's front-end: status lines on stderr."""
+
+    def status(self, text: str) -> None:
+        say(text)
+
+
 class SessionError(ModuleError):
     """The session could not be set up or was refused; one line for the user."""
 
@@ -166,10 +203,12 @@ class SessionRunner:
                  admit: Callable[[KeyConfirmed], str | None] | None = None,
                  chat: tuple[str, ...] = (), comments: tuple[str, ...] = (),
                  screen: Any = None, viewer: dict | None = None,
-                 send_files: tuple[str, ...] = (), receive_dir: str | None = None) -> None:
+                 send_files: tuple[str, ...] = (), receive_dir: str | None = None,
+                 delegate: SessionDelegate | None = None) -> None:
         """``screen``: (source, make_injector(allowed)) when this side can show its display;
         ``viewer``: options for showing the remote screen (vnc_listen, snapshot, type)."""
         self.reactor = reactor
+        self.delegate = delegate or CliDelegate()
         self.leg = leg
         self.channel = channel
         self.consent = consent
@@ -189,6 +228,7 @@ class SessionRunner:
         self.send_files = list(send_files)
         self.receive_dir = receive_dir
         self.files = None  # FileTransfers, once the session is set up
+        self._prepared: list = []   # files ready to offer once the files right allows
         self._paused = False
         self._pump_scheduled = False
         self.mux = SessionMux()
@@ -307,8 +347,10 @@ class SessionRunner:
         if self.end_reason is not None:   # the server ended it while the keys were agreed
             self.over.close()
             raise SessionError(f"session ended: {self.end_reason.text()}")
-        say(f"end-to-end encrypted; verification code {confirmed.verification_code} "
-            f"(compare it with the other side by phone)")
+        self.delegate.status(f"end-to-end encrypted; verification code "
+                             f"{confirmed.verification_code} (compare it with the other side by "
+                             f"phone)")
+        self.delegate.secured(confirmed.verification_code, confirmed.peer_identity)
         self._report("key_confirmed", {"verification_code": confirmed.verification_code,
                                        "peer": confirmed.peer_identity})
         if self.admit is not None:
@@ -341,6 +383,72 @@ class SessionRunner:
         self._maybe_start_screen()
         return await self.done
 
+    # --- commands: what a front-end (CLI or app) asks of the session ------------------------
+
+    def _command(self, action: Callable[[], None]) -> bool:
+        """Run a consent command; a refusal of this side's own usage becomes a status line."""
+        from .consent import ConsentUsageError
+        if self.driver is None or self.consent.ended:
+            return False
+        try:
+            action()
+        except ConsentUsageError as exc:
+            self.delegate.status(str(exc))
+            return False
+        return True
+
+    def request(self, right: str) -> bool:
+        """Viewer: ask the presenter for ``right`` (view, control, files)."""
+        return self._command(lambda: self.driver.request(right))
+
+    def revoke(self, right: str) -> bool:
+        """Presenter: take ``right`` back at once."""
+        return self._command(lambda: self.driver.revoke(right))
+
+    def show_my_screen(self) -> bool:
+        """Ask that the direction swap (this side would show its screen)."""
+        return self._command(self.driver.request_direction if self.driver else lambda: None)
+
+    def chat(self, text: str) -> bool:
+        return self._command(lambda: self.driver.chat(text))
+
+    def comment(self, text: str) -> bool:
+        """Supporter: a note for the session protocol only."""
+        return self._command(lambda: self.driver.comment(text))
+
+    def end_session(self) -> None:
+        """This side's person ends the session normally."""
+        self.end(EndReason(EndCause.ENDED, self.consent.role.value))
+
+    def send_file(self, path: str) -> defer.Deferred:
+        """Offer the file at ``path`` (sent once the files right allows it)."""
+        from .file_transfer import prepare
+        d = run_blocking(prepare, path)
+        d.addCallback(self._prepared.append)
+        d.addCallback(lambda _: self._offer_files())
+        d.addErrback(lambda f: self.delegate.status(f"cannot send {path}: {f.getErrorMessage()}"))
+        return d
+
+    def receive_files_into(self, folder: str | None) -> None:
+        """Where files from the peer go (None: every offer is refused)."""
+        from pathlib import Path
+        self.receive_dir = folder
+        if self.files is not None:
+            self.files.download_dir = Path(folder).resolve() if folder else None
+
+    def pointer(self, mask: int, x: int, y: int) -> None:
+        """Viewer: a pointer event on the remote screen (sent only while control is held)."""
+        if self.viewer_screen is not None and self.consent.holds(Right.CONTROL):
+            self.viewer_screen.protocol.pointer(mask, x, y)
+
+    def key(self, down: bool, keysym: int) -> None:
+        if self.viewer_screen is not None and self.consent.holds(Right.CONTROL):
+            self.viewer_screen.protocol.key(down, keysym)
+
+    def send_clipboard(self, text: str) -> None:
+        if self.viewer_screen is not None and self.consent.holds(Right.CONTROL):
+            self.viewer_screen.protocol.cut_text(text)
+
     # --- files -----------------------------------------------------------------------------------
 
     def _setup_files(self) -> None:
@@ -356,13 +464,12 @@ class SessionRunner:
             return True
         self.files = FileTransfers(Path(self.receive_dir) if self.receive_dir else None,
                                    role=consent.role, allowed=allowed, auto_accept=True)
-        self._prepared: list = []
         for path in self.send_files:
             from .file_transfer import prepare
             d = run_blocking(prepare, path)
             d.addCallback(self._prepared.append)
             d.addCallback(lambda _: self._offer_files())
-            d.addErrback(lambda f, path=path: say(f"cannot send {path}: {f.getErrorMessage()}"))
+            d.addErrback(lambda f, path=path: self.delegate.status(f"cannot send {path}: {f.getErrorMessage()}"))
 
     def _files_right(self) -> bool:
         if self.consent.is_presenter:
@@ -394,15 +501,18 @@ class SessionRunner:
         for message in outcome.messages:
             self._send(Channel.FILE, message)
         for event in outcome.events:
+            self.delegate.file_event(event)
             line = event.protocol_event()
             if line is not None:
                 self._report(line["kind"], self.event_ids.stamp(line["kind"], line["detail"]))
-                say(f"{line['kind'].replace('_', ' ')}: {event.name} ({event.size} bytes)"
-                    + (f": {line['detail'].get('reason')}" if line["detail"].get("reason") else ""))
+                reason = line["detail"].get("reason")
+                self.delegate.status(f"{line['kind'].replace('_', ' ')}: {event.name} "
+                                     f"({event.size} bytes)" + (f": {reason}" if reason else ""))
             elif isinstance(event, FileProgress) and event.size:
                 step = max(1, event.size // 4)
                 if event.transferred // step != (event.transferred - 16 * 1024) // step:
-                    say(f"file {event.name}: {100 * event.transferred // event.size} %")
+                    self.delegate.status(f"file {event.name}: "
+                                         f"{100 * event.transferred // event.size} %")
         self._pump_files()
 
     # IPushProducer for the relay leg's transport
@@ -470,13 +580,14 @@ class SessionRunner:
             source, injector, send=send_screen,
             close=lambda: None, on_cut_text=self._clipboard_from_viewer)
         self.presenter_screen.start()
-        say("sharing the screen")
+        self.delegate.status("sharing the screen")
+        self.delegate.sharing(True)
         self._start_clipboard(getattr(source, "display_name", None))
 
     def _keys_went_nowhere(self, count: int) -> None:
         """Typed keys arrived while no window here had the input focus: say so, here and in
         the protocol, instead of letting everyone believe they were typed somewhere."""
-        say(f"keys from the {self.consent.peer.value} arrived while no window had the input "
+        self.delegate.status(f"keys from the {self.consent.peer.value} arrived while no window had the input "
             f"focus: they reached no application (click into a window first)")
         self._report("input_without_focus", {"keys_so_far": count})
 
@@ -491,7 +602,7 @@ class SessionRunner:
         try:
             self.clipboard = XClipboard(display)
         except ClipboardError as exc:
-            say(str(exc))
+            self.delegate.status(str(exc))
             return
         self._clipboard_seen: str | None = None
         self._clipboard_loop = task.LoopingCall(self._poll_clipboard)
@@ -522,9 +633,12 @@ class SessionRunner:
             lambda f: log.warn("clipboard: {why}", why=f.getErrorMessage()))
 
     def _viewer_screen_event(self, event) -> None:
-        from modules.supporter.rfb_client import ServerCutText
-        if isinstance(event, ServerCutText):
-            say(f"remote clipboard: {len(event.text)} characters")
+        from modules.supporter.rfb_client import FramebufferUpdated, ServerCutText
+        if isinstance(event, FramebufferUpdated):
+            self.delegate.screen_updated([(r.x, r.y, r.width, r.height) for r in event.rects])
+        elif isinstance(event, ServerCutText):
+            self.delegate.remote_clipboard(event.text)
+            self.delegate.status(f"remote clipboard: {len(event.text)} characters")
             target = self.viewer_options.get("clipboard_file")
             if target:
                 with open(target, "w", encoding="utf-8") as fh:
@@ -550,25 +664,26 @@ class SessionRunner:
                 self.reactor, send=lambda out: self._send(Channel.SCREEN, out), close=lambda: None,
                 on_event=self._viewer_screen_event,
                 screen_limit=self.viewer_options.get("max_screen"))
-            self.viewer_screen.first_frame.addCallbacks(self._first_frame, lambda f: say(
+            self.viewer_screen.first_frame.addCallbacks(self._first_frame, lambda f: self.delegate.status(
                 f"the remote screen could not be shown: {f.getErrorMessage()}"))
         self.viewer_screen.received(data)
 
     def _first_frame(self, _framebuffer) -> None:
         options, screen = self.viewer_options, self.viewer_screen
         height, width = screen.protocol.framebuffer.shape[:2]
-        say(f"remote screen {width}x{height} received")
+        self.delegate.status(f"remote screen {width}x{height} received")
+        self.delegate.remote_screen(screen)
         if options.get("snapshot"):
             screen.snapshot(options["snapshot"])
-            say(f"snapshot saved to {options['snapshot']}")
+            self.delegate.status(f"snapshot saved to {options['snapshot']}")
         if options.get("vnc_listen"):
             port = screen.serve_vnc(options["vnc_listen"])
-            say(f"VNC viewers can attach at 127.0.0.1:{port.getHost().port}")
+            self.delegate.status(f"VNC viewers can attach at 127.0.0.1:{port.getHost().port}")
         if options.get("type"):
             self._type_when_allowed()
         if options.get("clipboard"):
             screen.protocol.cut_text(options["clipboard"])
-            say("sent clipboard text to the remote screen")
+            self.delegate.status("sent clipboard text to the remote screen")
 
     def _type_when_allowed(self) -> None:
         """--type: once the remote screen is here and control is granted (not before)."""
@@ -579,7 +694,7 @@ class SessionRunner:
             return
         self._typed = True
         screen.type_text(text)
-        say(f"sent {len(text)} key strokes to the remote screen; they reach the window that "
+        self.delegate.status(f"sent {len(text)} key strokes to the remote screen; they reach the window that "
             f"has the input focus there (when none has it, the other side is told and the "
             f"protocol records it)")
 
@@ -610,7 +725,8 @@ class SessionRunner:
                 and not self.consent.allows(Right.VIEW) and not self._screen_stopped:
             self._screen_stopped = True
             self.presenter_screen.stop()
-            say("screen sharing stopped")
+            self.delegate.status("screen sharing stopped")
+            self.delegate.sharing(False)
         if kind in ("right_granted", "direction_changed"):
             self._release_held()
             self._maybe_start_screen()
@@ -618,7 +734,7 @@ class SessionRunner:
             self._offer_files()
         if kind == "right_refused":   # the UI tells people about the rest, in sentences
             detail = event["detail"]
-            say(f"refused {detail['attempt']} from the {self.consent.peer.value}: it does not "
+            self.delegate.status(f"refused {detail['attempt']} from the {self.consent.peer.value}: it does not "
                 f"hold the {detail['right']} right")
 
     def _record(self, payload: bytes) -> None:
@@ -692,7 +808,7 @@ class SessionRunner:
     def emergency_stop(self) -> None:
         """Revoke every right and end the session at once (the events are reported first)."""
         if self.driver is not None and not self.consent.ended:
-            say("EMERGENCY STOP: every right revoked, ending the session")
+            self.delegate.status("EMERGENCY STOP: every right revoked, ending the session")
             self.driver.emergency_stop()
         elif self.driver is None and not self._finished:
             self.end(EndReason(EndCause.EMERGENCY_STOP, self.consent.role.value))
@@ -706,7 +822,12 @@ class SessionRunner:
 
     def _consent_ended(self, event) -> None:
         self._decide(reason_of_consent_end(event))
-        self._close(peer_ended=event.by is self.consent.peer)
+        peer_ended = event.by is self.consent.peer
+        if peer_ended and self.end_reason.by == self.consent.peer.value:
+            # the peer ended it and reports ``ending`` itself before it closes; a second report
+            # of the same end would only race with the first one at the server
+            self._ending_reported = True
+        self._close(peer_ended=peer_ended)
 
     def _close(self, peer_ended: bool = False) -> None:
         """Report the end, wait (bounded) until the server took our reports, then close.
@@ -772,6 +893,7 @@ class SessionRunner:
                 pass
             self._shutdown_trigger = None
         if not self.done.called:
+            self.delegate.ended(self.end_reason)
             self.done.callback(self.end_reason)
 
 
@@ -785,3 +907,35 @@ def _chain(d: defer.Deferred) -> defer.Deferred:
         return result
     d.addBoth(fire)
     return out
+
+
+async def open_session(reactor, conn, ticket: dict, ca_pem: bytes, folder,
+                       make_channel: Callable[[str], SessionChannel], consent: ConsentState,
+                       ui: Any, *, delegate: SessionDelegate | None = None,
+                       wrap_report: Callable[[Callable, str], Callable] | None = None,
+                       **options: Any) -> SessionRunner:
+    """Open the relay leg of ``ticket`` and set up the session on it; the caller awaits
+    ``runner.run()``.  The control connection ``conn`` carries the reports, the server's
+    ``SessionEnded`` for this session and, when it is lost, the session's end."""
+    from .session_stream import open_leg
+    leg = await open_leg(reactor, ticket["relay_host"], int(ticket["relay_port"]),
+                         ticket["relay_token"], ca_pem, folder)
+    report = reporter(conn, leg.session_id, reactor)
+    if wrap_report is not None:
+        report = wrap_report(report, leg.session_id)
+    runner = SessionRunner(reactor, leg, make_channel(leg.session_id), consent, ui, report,
+                           delegate=delegate, **options)
+    conn.session_end_handlers[leg.session_id] = runner.server_ended
+    from .recorder import attach as attach_recorder
+    attach_recorder(runner, conn, reactor, leg.session_id)  # when this side can show its screen
+
+    def forget(result):
+        conn.session_end_handlers.pop(leg.session_id, None)
+        return result
+    runner.done.addBoth(forget)
+
+    def lost(result):
+        runner.control_lost(result)
+        return result
+    conn.lost.addBoth(lost)
+    return runner

@@ -15,8 +15,7 @@ from .consent import ConsentState
 from .consent_terminal import TerminalConsentUI, open_answers
 from .folder import ModuleFolder
 from .interrupts import interrupts
-from .session_runner import SessionRunner, reporter, say
-from .session_stream import open_leg
+from .session_runner import CliDelegate, open_session, say
 
 
 def add_session_options(parser, supporter: bool = False) -> None:
@@ -140,52 +139,48 @@ async def run_secure_session(reactor, ticket: dict, ca_pem: bytes, folder: Modul
                              conn, host_password: str | None = None,
                              admit: Callable | None = None):
     """Run one session to its end; returns its ``EndReason`` (after one line saying it)."""
-    leg = await open_leg(reactor, ticket["relay_host"], int(ticket["relay_port"]),
-                         ticket["relay_token"], ca_pem, folder)
+    copy = getattr(args, "protocol_copy", None)
+    runner = await open_session(
+        reactor, conn, ticket, ca_pem, folder, make_channel, consent,
+        consent_ui(args, consent.role), delegate=CliDelegate(),
+        wrap_report=(lambda report, sid: with_local_copy(report, Path(copy), sid)) if copy else None,
+        pipe=args.pipe, host_password=host_password, admit=admit, screen=screen_offer(args),
+        **session_options(args))
+    return await run_to_end(reactor, runner)
+
+
+async def run_to_end(reactor, runner):
+    """The CLI's part of a session: Ctrl+C is its emergency stop; one line says how it ended."""
+    leg = runner.leg
     say(f"session {leg.session_id} connected through the relay; securing it ...")
-    rights = tuple(r.strip() for r in getattr(args, "request", "").split(",") if r.strip())
-    report = reporter(conn, leg.session_id, reactor)
-    if getattr(args, "protocol_copy", None):
-        report = with_local_copy(report, Path(args.protocol_copy), leg.session_id)
-    runner = SessionRunner(reactor, leg, make_channel(leg.session_id), consent, consent_ui(args, consent.role),
-                           report, pipe=args.pipe,
-                           request_rights=rights,
-                           show_my_screen=getattr(args, "show_my_screen", False),
-                           host_password=host_password, admit=admit,
-                           chat=tuple(getattr(args, "chat", ())),
-                           comments=tuple(getattr(args, "comment", ())),
-                           screen=screen_offer(args),
-                           send_files=tuple(getattr(args, "send", ())),
-                           receive_dir=getattr(args, "receive_dir", None),
-                           viewer={"vnc_listen": getattr(args, "vnc_listen", None),
-                                   "max_screen": getattr(args, "max_screen", None),
-                                   "snapshot": getattr(args, "snapshot", None),
-                                   "type": (getattr(args, "type", None) or "").replace("\\n", "\n"),
-                                   "clipboard": getattr(args, "clipboard", None),
-                                   "clipboard_file": getattr(args, "clipboard_file", None)})
-    conn.session_end_handlers[leg.session_id] = runner.server_ended
-    from .recorder import attach as attach_recorder
-    attach_recorder(runner, conn, reactor, leg.session_id)  # when this side can show its screen
-    conn.lost.addBoth(_passing(runner.control_lost))
     stops = interrupts(reactor)
     stops.session(runner.emergency_stop)
     try:
         reason = await runner.run()
     finally:
         stops.session(None)
-        conn.session_end_handlers.pop(leg.session_id, None)
     say(f"session ended: {reason.text()} ({leg.bytes_out} bytes sent, {leg.bytes_in} received, "
         f"encrypted)")
     return reason
 
 
+def session_options(args) -> dict:
+    """The session's options from a CLI's arguments (``SessionRunner`` keyword arguments)."""
+    rights = tuple(r.strip() for r in getattr(args, "request", "").split(",") if r.strip())
+    return dict(request_rights=rights,
+                show_my_screen=getattr(args, "show_my_screen", False),
+                chat=tuple(getattr(args, "chat", ())),
+                comments=tuple(getattr(args, "comment", ())),
+                send_files=tuple(getattr(args, "send", ())),
+                receive_dir=getattr(args, "receive_dir", None),
+                viewer={"vnc_listen": getattr(args, "vnc_listen", None),
+                        "snapshot": getattr(args, "snapshot", None),
+                        "type": (getattr(args, "type", None) or "").replace("\\n", "\n"),
+                        "clipboard": getattr(args, "clipboard", None),
+                        "clipboard_file": getattr(args, "clipboard_file", None),
+                        "max_screen": getattr(args, "max_screen", None)})
+
+
 def exit_code(reason) -> int:
     """A module exits non-zero when its session did not end in order (``EndReason.abnormal``)."""
     return 1 if reason is not None and reason.abnormal else 0
-
-
-def _passing(callback: Callable[[Any], None]) -> Callable[[Any], Any]:
-    def call(result):
-        callback(result)
-        return result
-    return call

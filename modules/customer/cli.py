@@ -13,14 +13,15 @@ import sys
 from cryptography.hazmat.primitives import serialization
 
 from modules.common.cli import (
-    ModuleError, add_server_options, main_wrapper, run_reactor, server_and_fingerprint,
+    add_server_options, main_wrapper, run_reactor, server_and_fingerprint,
 )
 from modules.common.connection import MODULE_VERSION, ServerAddress, connect, hello
-from modules.common.channel import SessionChannel, adhoc_password
-from modules.common.consent import ConsentState
-from modules.common.stream_cli import add_session_options, exit_code, run_secure_session, say
-from protocol import control
 from modules.common.enrollment import fetch_pinned_ca, server_info
+from modules.common.session_runner import CliDelegate
+from modules.common.stream_cli import (
+    add_session_options, consent_ui, exit_code, run_to_end, say, screen_offer, session_options,
+)
+from modules.customer.join import join, parse_adhoc_id
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -43,40 +44,23 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def parse_adhoc_id(text: str) -> tuple[str, str]:
-    digits = "".join(text.split()).replace("-", "")
-    if len(digits) != 8 or not digits.isdigit():
-        raise ModuleError(f"{text!r} is not an ad-hoc ID: it has 8 digits, like 1234 5678")
-    return digits[:4], digits[4:]
-
-
 def cmd_join(args: argparse.Namespace) -> int:
-    nameplate, secret = parse_adhoc_id(" ".join(args.id))
+    adhoc_id = " ".join(args.id)
+    parse_adhoc_id(adhoc_id)   # a wrong ID is refused before anything goes out
     server, fp = server_and_fingerprint(args)
-    ca = fetch_pinned_ca(server, fp)
-    info = server_info(server, ca)
-    ca_pem = ca.public_bytes(serialization.Encoding.PEM)
     ended: dict = {}
 
     async def main(reactor):
-        conn = await connect(reactor, ServerAddress(info["module_host"], int(info["module_port"])),
-                             ca_pem, None)
-        await hello(conn, "customer")
+        def make_ui(ticket, consent):
+            say(f"joined the session of supporter {ticket['supporter']}")
+            return consent_ui(args, consent.role)
+        conn, runner = await join(reactor, server, fp, adhoc_id, make_ui,
+                                  delegate=CliDelegate(), pipe=args.pipe,
+                                  screen=screen_offer(args), **session_options(args))
         try:
-            ticket = await conn.callRemote(control.JoinAdhoc, nameplate=nameplate)
-        except (control.UnknownNameplate, control.LockedOut) as exc:
-            raise ModuleError(str(exc))
-        say(f"joined the session of supporter {ticket['supporter']}")
-
-        def channel(session_id: str) -> SessionChannel:
-            return SessionChannel("peer", adhoc_password(nameplate + secret), session_id,
-                                  mode="adhoc", ca_certificate=ca,
-                                  expected_peer=f"hausmeister:supporter:{ticket['supporter']}",
-                                  peer_fingerprint=ticket["supporter_fingerprint"] or None)
-        ended["reason"] = await run_secure_session(
-            reactor, ticket, ca_pem, None, channel,
-            ConsentState("customer", terms=ticket["terms"]), args, conn)
-        conn.transport.loseConnection()
+            ended["reason"] = await run_to_end(reactor, runner)
+        finally:
+            conn.transport.loseConnection()
     run_reactor(main)
     return exit_code(ended.get("reason"))
 
@@ -95,7 +79,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("id", nargs="+", help="the 8-digit ID your supporter read out, e.g. 1234 5678")
     add_session_options(s)
     s.set_defaults(func=cmd_join)
+    s = sub.add_parser("gui", help="the customer's window: type the ID, answer each question, "
+                       "stop everything with one button")
+    add_server_options(s)
+    s.add_argument("--language", choices=["de", "en"], help="default: the system's language")
+    s.add_argument("--screen", metavar="DISPLAY",
+                   help="the X display to share (default: $DISPLAY, the one the window is on)")
+    s.set_defaults(func=cmd_gui)
     return p
+
+
+def cmd_gui(args: argparse.Namespace) -> int:
+    from modules.customer.gui import run
+    return run(args)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,7 +8,6 @@ import socket
 import sys
 
 from twisted.internet import defer
-from twisted.logger import Logger
 
 from modules.common import enrollment
 from modules.common.cli import (
@@ -16,17 +15,17 @@ from modules.common.cli import (
     read_secret, run_reactor, server_and_fingerprint,
 )
 from modules.remote_host import settings
-from modules.common.connection import MODULE_VERSION, address_of
-from modules.common.channel import Credentials, SessionChannel
-from modules.common.consent import ConsentState
+from modules.common.connection import MODULE_VERSION
+from modules.common.consent import Role
+from modules.common.session_runner import CliDelegate
 from modules.common.stream_cli import (
-    add_file_options, add_screen_options, exit_code, run_secure_session, say,
+    add_file_options, add_screen_options, consent_ui, exit_code, say, screen_offer,
+    session_options,
 )
 from modules.common.interrupts import interrupts
-from modules.remote_host.presence import HostPresence
+from modules.remote_host.service import HostService
 
 KIND = "host"
-log = Logger()
 
 
 def cmd_enroll(args: argparse.Namespace) -> int:
@@ -46,77 +45,32 @@ def cmd_run(args: argparse.Namespace) -> int:
     folder.require_enrolled(KIND)
     if folder.renewal_due():
         enrollment.renew(folder)
-    salt, secret = settings.load_secret(folder)
-    policy = settings.load_policy(folder)
-    ca_pem = folder.ca_path.read_bytes()
-    credentials = Credentials.from_pem(folder.cert_path.read_bytes(), folder.key_path.read_bytes())
+    screen = screen_offer(args)
     ended: dict = {}
 
     async def main(reactor):
         from protocol.runtime import start_logging
         start_logging(args.log_level, "text", quiet_twisted=True)
-        finished: defer.Deferred = defer.Deferred()
-        busy = {"session": False}
+        stops = interrupts(reactor)  # Ctrl+C: emergency stop of the session; without one, stop
 
-        def admit(confirmed) -> str | None:
-            supporter = (confirmed.peer_identity or "").rsplit(":", 1)[-1]
-            if not policy.admits(supporter):
-                return f"supporter {supporter} is not on this host's allow-list"
-            return None
+        def on_change() -> None:
+            runner = service.runner
+            stops.session(runner.emergency_stop if runner is not None else None)
 
-        def on_offer(offer: dict):
-            if not policy.admits(offer["supporter"]):
-                log.warn("declined session {session_id}: supporter {supporter} is not on this "
-                         "host's allow-list", **offer)
-                return False
-            if not args.pipe and not args.screen:
-                log.warn("declined session {session_id} from {supporter}: nothing to share "
-                         "(run with --screen DISPLAY or --pipe)", **offer)
-                return False
-            if busy["session"]:
-                log.warn("declined session {session_id} from {supporter}: already in a session",
-                         **offer)
-                return False
-            busy["session"] = True
-            say(f"supporter {offer['supporter']} connects: session {offer['session_id']}")
-
-            def channel(session_id: str) -> SessionChannel:
-                return SessionChannel("peer", secret, session_id, mode="host", host_salt=salt,
-                                      credentials=credentials,
-                                      ca_certificate=folder.ca_certificate(),
-                                      expected_peer=f"hausmeister:supporter:{offer['supporter']}",
-                                      peer_fingerprint=offer["supporter_fingerprint"] or None)
-
-            def serve():
-                consent = ConsentState("host", policy={
-                    "view": policy.view, "control": policy.control, "files": policy.files})
-                d = defer.ensureDeferred(run_secure_session(
-                    reactor, offer, ca_pem, folder, channel, consent, args,
-                    presence.connection, admit=admit))
-                def done(reason):
-                    busy["session"] = False
-                    if args.pipe and not finished.called:
-                        ended["reason"] = reason
-                        finished.callback(reason)  # --pipe serves one session, then exits
-
-                def failed(failure):
-                    # e.g. a wrong password: the host stays online for the right one
-                    busy["session"] = False
-                    say(f"session {offer['session_id']} failed: {failure.getErrorMessage()}")
-                d.addCallbacks(done, failed)
-            reactor.callLater(0, serve)  # answer the offer first, then open the relay leg
-            return True
-
-        presence = HostPresence(reactor, folder, address_of(folder), on_offer,
-                                max_backoff=args.max_backoff)
-        presence.start()
-        await presence.registered
-        interrupts(reactor)  # Ctrl+C: emergency stop of the session; without one, stop
+        service = HostService(
+            reactor, folder, make_ui=lambda: consent_ui(args, Role.HOST),
+            make_delegate=lambda offer: CliDelegate(), screen=screen, pipe=args.pipe,
+            options=session_options(args), max_backoff=args.max_backoff, on_change=on_change,
+            tell=say)
+        await service.start()
         say(f"host {folder.identity().name} online; waiting for supporters "
             f"(Ctrl+C during a session stops that session; otherwise it stops this host)")
-        reactor.addSystemEventTrigger("before", "shutdown", presence.stop)
-        await finished  # only --pipe finishes (after its one session); otherwise run until stopped
-        await presence.stop()
+        reactor.addSystemEventTrigger("before", "shutdown", service.stop)
+        if args.pipe:   # --pipe serves one session, then exits
+            ended["reason"] = await service.sessions
+            await service.stop()
+        else:
+            await defer.Deferred()  # run until stopped
     run_reactor(main)
     return exit_code(ended.get("reason"))
 
@@ -210,7 +164,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warn", "error", "critical"])
     s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("gui", help="the host's status window: online state, the session, "
+                       "emergency stop, policy and password")
+    add_home(s, KIND)
+    add_screen_options(s)
+    s.add_argument("--language", choices=["de", "en"], help="default: the system's language")
+    s.set_defaults(func=cmd_gui)
     return p
+
+
+def cmd_gui(args: argparse.Namespace) -> int:
+    from modules.remote_host.gui import run
+    return run(args)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
-
 import json
-import secrets
-
-from twisted.internet import defer
+import sys
 
 from modules.common import enrollment
 from modules.common.cli import (
@@ -16,10 +12,12 @@ from modules.common.cli import (
     read_secret, run_reactor, server_and_fingerprint,
 )
 from modules.common.connection import MODULE_VERSION, address_of, connect, hello
-from modules.common.channel import Credentials, SessionChannel, adhoc_password
-from modules.common.consent import ConsentState
-from modules.common.stream_cli import add_session_options, exit_code, run_secure_session, say
-from protocol import control
+from modules.common.consent import Role
+from modules.common.session_runner import CliDelegate
+from modules.common.stream_cli import (
+    add_session_options, consent_ui, exit_code, run_to_end, say, session_options,
+)
+from modules.supporter.sessions import AdhocInvitation, connect_host, list_hosts
 
 KIND = "supporter"
 
@@ -38,10 +36,6 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     return 0
 
 
-def credentials_of(folder) -> Credentials:
-    return Credentials.from_pem(folder.cert_path.read_bytes(), folder.key_path.read_bytes())
-
-
 def format_adhoc_id(nameplate: str, secret: str) -> str:
     return f"{nameplate} {secret}"
 
@@ -52,6 +46,19 @@ def _control(args: argparse.Namespace):
     return folder, address_of(folder), folder.ca_path.read_bytes()
 
 
+def _options(args: argparse.Namespace) -> dict:
+    return dict(delegate=CliDelegate(), pipe=args.pipe, screen=None,
+                wrap_report=_local_copy(args), **session_options(args))
+
+
+def _local_copy(args: argparse.Namespace):
+    from pathlib import Path
+
+    from modules.common.stream_cli import with_local_copy
+    copy = getattr(args, "protocol_copy", None)
+    return (lambda report, sid: with_local_copy(report, Path(copy), sid)) if copy else None
+
+
 def cmd_adhoc(args: argparse.Namespace) -> int:
     folder, address, ca_pem = _control(args)
     ended: dict = {}
@@ -59,33 +66,15 @@ def cmd_adhoc(args: argparse.Namespace) -> int:
     async def main(reactor):
         conn = await connect(reactor, address, ca_pem, folder)
         await hello(conn, KIND)
-        waiting: defer.Deferred = defer.Deferred()
-
-        def customer_joined(ticket: dict) -> None:
-            if not waiting.called:
-                waiting.callback(ticket)
-
-        def server_gone(why: str) -> None:
-            if not waiting.called:
-                waiting.errback(ModuleError(f"the server closed the connection while waiting: {why}"))
-        conn.on_session_ready = customer_joined
-        conn.lost.addCallback(server_gone)
-        answer = await conn.callRemote(control.AllocateNameplate)
-        # The secret half is drawn here and never sent to the server (SPAKE2 uses it later).
-        secret = f"{secrets.randbelow(10_000):04d}"
-        say(f"ad-hoc ID: {format_adhoc_id(answer['nameplate'], secret)}  "
-            f"(valid {int(answer['expires_in'] // 60)} min; tell it to your customer)")
+        invitation = await AdhocInvitation(conn).allocate()
+        say(f"ad-hoc ID: {format_adhoc_id(invitation.nameplate, invitation.secret)}  "
+            f"(valid {int(invitation.expires_in // 60)} min; tell it to your customer)")
         say("waiting for the customer ...")
-        ticket = await waiting
+        ticket = await invitation.joined
         say(f"customer joined from {ticket['peer_address']}")
-        code = f"{answer['nameplate']}{secret}"
-
-        def channel(session_id: str) -> SessionChannel:
-            return SessionChannel("supporter", adhoc_password(code), session_id, mode="adhoc",
-                                  credentials=credentials_of(folder))
-        ended["reason"] = await run_secure_session(
-            reactor, ticket, ca_pem, folder, channel, ConsentState("supporter", peer="customer"),
-            args, conn)
+        runner = await invitation.session(reactor, folder, ticket,
+                                          consent_ui(args, Role.SUPPORTER), **_options(args))
+        ended["reason"] = await run_to_end(reactor, runner)
         conn.transport.loseConnection()
     run_reactor(main)
     return exit_code(ended.get("reason"))
@@ -98,7 +87,7 @@ def cmd_hosts(args: argparse.Namespace) -> int:
     async def main(reactor):
         conn = await connect(reactor, address, ca_pem, folder)
         await hello(conn, KIND)
-        hosts.extend((await conn.callRemote(control.ListHosts))["hosts"])
+        hosts.extend(await list_hosts(conn))
         conn.transport.loseConnection()
     run_reactor(main)
     if args.json:
@@ -140,18 +129,11 @@ def cmd_connect(args: argparse.Namespace) -> int:
     async def main(reactor):
         conn = await connect(reactor, address, ca_pem, folder)
         await hello(conn, KIND)
-        ticket = await conn.callRemote(control.ConnectHost, host=args.host)
-        say(f"host {ticket['host_name']} ({ticket['host_id']}) accepted the session")
-
-        def channel(session_id: str) -> SessionChannel:
-            return SessionChannel("supporter", None, session_id, mode="host",
-                                  credentials=credentials_of(folder),
-                                  ca_certificate=folder.ca_certificate(),
-                                  expected_peer=f"hausmeister:host:{ticket['host_id']}",
-                                  peer_fingerprint=ticket["host_fingerprint"] or None)
-        ended["reason"] = await run_secure_session(
-            reactor, ticket, ca_pem, folder, channel, ConsentState("supporter", peer="host"),
-            args, conn, host_password=password)
+        runner = await connect_host(
+            reactor, conn, folder, args.host, password, consent_ui(args, Role.SUPPORTER),
+            on_accepted=lambda ticket: say(f"host {ticket['host_name']} ({ticket['host_id']}) "
+                                           f"accepted the session"), **_options(args))
+        ended["reason"] = await run_to_end(reactor, runner)
         conn.transport.loseConnection()
     run_reactor(main)
     return exit_code(ended.get("reason"))
@@ -191,7 +173,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--password-stdin", action="store_true",
                    help="read the host's session password from standard input (not with --pipe)")
     s.set_defaults(func=cmd_connect)
+
+    s = sub.add_parser("gui", help="the supporter's window: host list, double-click into a live "
+                       "viewer, ad-hoc sessions (enrolls on the first start)")
+    add_home(s, KIND)
+    s.add_argument("--server", help="preset for the enrollment dialog")
+    s.add_argument("--ca-fingerprint", metavar="FP", help="preset for the enrollment dialog")
+    s.add_argument("--language", choices=["de", "en"], help="default: the system's language")
+    s.set_defaults(func=cmd_gui)
     return p
+
+
+def cmd_gui(args: argparse.Namespace) -> int:
+    from modules.supporter.gui import run
+    return run(args)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,192 @@
+"""German and English for the three apps through Qt's translation system.
+
+The apps write English source strings with ``t("...")`` (whole sentences with ``{name}``
+placeholders, never pieced together) and Qt asks the installed ``QTranslator`` for them; the
+German catalogue below is that translator's table.  The language follows the system locale
+unless ``--language de|en`` (or ``set_language``) says otherwise.
+"""
+
+from __future__ import annotations
+
+from PySide6.QtCore import QCoreApplication, QLocale, QTranslator
+
+CONTEXT = "hausmeister"
+
+GERMAN: dict[str, str] = {
+    # common
+    "Hausmeister Support": "Hausmeister-Fernwartung",
+    "Server": "Server",
+    "Server address": "Serveradresse",
+    "CA fingerprint (compare it with what your administrator gave you)":
+        "CA-Fingerabdruck (mit dem vergleichen, den Ihre Administration Ihnen gegeben hat)",
+    "User name": "Benutzername",
+    "Password": "Passwort",
+    "Cancel": "Abbrechen",
+    "OK": "OK",
+    "Yes": "Ja",
+    "No": "Nein",
+    "Close": "Schließen",
+    "Language": "Sprache",
+    "English": "Englisch",
+    "German": "Deutsch",
+    "End session": "Sitzung beenden",
+    "EMERGENCY STOP": "NOT-AUS",
+    "Emergency stop (Ctrl+F12)": "Not-Aus (Strg+F12)",
+    "Session ended: {reason}": "Sitzung beendet: {reason}",
+    "Verification code: {code}": "Prüfcode: {code}",
+    "Compare this code with the other side by phone.":
+        "Vergleichen Sie diesen Code telefonisch mit der Gegenseite.",
+    "Chat": "Chat",
+    "Send": "Senden",
+    "Type a message": "Nachricht eingeben",
+    "{who} writes: {text}": "{who} schreibt: {text}",
+    "You write: {text}": "Sie schreiben: {text}",
+    "Connecting ...": "Verbinde ...",
+    "Connected, securing the session ...": "Verbunden, sichere die Sitzung ...",
+    "Error: {message}": "Fehler: {message}",
+    "the supporter": "der Supporter",
+    "the customer": "der Kunde",
+    "the host": "der Rechner",
+    "you": "Sie",
+    # rights and consent
+    "view": "Ansehen",
+    "control": "Steuern",
+    "files": "Dateien",
+    "Allow {who} to see your screen?": "Darf {who} Ihren Bildschirm sehen?",
+    "Allow {who} to control your mouse and keyboard?":
+        "Darf {who} Maus und Tastatur steuern?",
+    "Allow {who} to transfer files to and from this computer?":
+        "Darf {who} Dateien mit diesem Computer austauschen?",
+    "{who} asks you to show your screen instead. Show your screen?":
+        "{who} bittet Sie, stattdessen Ihren Bildschirm zu zeigen. Bildschirm zeigen?",
+    "Question from {who}": "Frage von {who}",
+    "Allow": "Erlauben",
+    "Refuse": "Ablehnen",
+    "Support terms": "Support-Bedingungen",
+    "Please read the terms of this support session.":
+        "Bitte lesen Sie die Bedingungen dieser Support-Sitzung.",
+    "Accept": "Annehmen",
+    "Decline": "Ablehnen",
+    "{who} granted {right}.": "{who} hat „{right}“ erlaubt.",
+    "{who} refused {right}: {reason}": "{who} hat „{right}“ abgelehnt: {reason}",
+    "{who} took back {right}: {reason}": "{who} hat „{right}“ zurückgenommen: {reason}",
+    "Emergency stop by {who}.": "Not-Aus durch {who}.",
+    "You granted {right}.": "Sie haben „{right}“ erlaubt.",
+    "You refused {right}: {reason}": "Sie haben „{right}“ abgelehnt: {reason}",
+    "You took back {right}: {reason}": "Sie haben „{right}“ zurückgenommen: {reason}",
+    "You accepted the support terms.": "Sie haben die Support-Bedingungen angenommen.",
+    "{who} now shows the screen.": "{who} zeigt jetzt den Bildschirm.",
+    "The customer accepted the support terms.": "Der Kunde hat die Support-Bedingungen angenommen.",
+    "{who} is viewing your screen": "{who} sieht Ihren Bildschirm",
+    "{who} is controlling your screen": "{who} steuert Ihren Bildschirm",
+    # customer app
+    "Get help from your supporter": "Hilfe von Ihrem Supporter",
+    "Type the 8-digit ID your supporter read out to you:":
+        "Geben Sie die 8-stellige ID ein, die Ihr Supporter Ihnen genannt hat:",
+    "Connect": "Verbinden",
+    "The ID has 8 digits, like 1234 5678.": "Die ID hat 8 Ziffern, zum Beispiel 1234 5678.",
+    "Connected with {supporter}.": "Verbunden mit {supporter}.",
+    "No server is set up: place customer.toml from the download page beside the app.":
+        "Kein Server eingerichtet: Legen Sie die customer.toml von der Download-Seite neben die App.",
+    "Incoming file": "Eingehende Datei",
+    "{who} wants to send you the file {name} ({size}). Accept it?":
+        "{who} möchte Ihnen die Datei {name} ({size}) senden. Annehmen?",
+    "File {name}: {percent} %": "Datei {name}: {percent} %",
+    "File {name} received.": "Datei {name} empfangen.",
+    "File {name} sent.": "Datei {name} gesendet.",
+    # supporter app
+    "Hosts": "Rechner",
+    "Search": "Suchen",
+    "All groups": "Alle Gruppen",
+    "Name": "Name",
+    "Group": "Gruppe",
+    "Status": "Status",
+    "Last seen": "Zuletzt gesehen",
+    "Address": "Adresse",
+    "online": "online",
+    "offline": "offline",
+    "never": "nie",
+    "Refresh": "Aktualisieren",
+    "New ad-hoc session": "Neue Ad-hoc-Sitzung",
+    "Session password of {host}": "Sitzungspasswort von {host}",
+    "Connecting to {host} ...": "Verbinde mit {host} ...",
+    "Tell your customer this ID:": "Nennen Sie Ihrem Kunden diese ID:",
+    "Waiting for the customer ...": "Warte auf den Kunden ...",
+    "Customer joined from {address}.": "Kunde verbunden von {address}.",
+    "Fit to window": "An Fenster anpassen",
+    "Request view": "Ansehen anfragen",
+    "Request control": "Steuern anfragen",
+    "Request files": "Dateien anfragen",
+    "Show my screen": "Meinen Bildschirm zeigen",
+    "Send file ...": "Datei senden ...",
+    "Received files go to ...": "Empfangene Dateien nach ...",
+    "Send Ctrl+Alt+Del": "Strg+Alt+Entf senden",
+    "Comment for the protocol": "Kommentar für das Protokoll",
+    "Rights: {rights}": "Rechte: {rights}",
+    "none": "keine",
+    "Session {time}": "Sitzung {time}",
+    "Enroll this supporter module": "Dieses Supporter-Modul registrieren",
+    "Enroll": "Registrieren",
+    "Hosts: {count}, online: {online}": "Rechner: {count}, online: {online}",
+    # host window
+    "Hausmeister host": "Hausmeister-Rechner",
+    "Online at {server}": "Online bei {server}",
+    "Offline, reconnecting to {server} ...": "Offline, verbinde erneut mit {server} ...",
+    "No session": "Keine Sitzung",
+    "Session with {supporter}": "Sitzung mit {supporter}",
+    "Policy": "Richtlinie",
+    "allow": "erlauben",
+    "deny": "verweigern",
+    "ask": "fragen",
+    "Supporters: {names}": "Supporter: {names}",
+    "any supporter the server lets through": "jeder Supporter, den der Server zulässt",
+    "The policy can be changed only by this host's administrator.":
+        "Die Richtlinie kann nur die Administration dieses Rechners ändern.",
+    "Set host password ...": "Rechner-Passwort setzen ...",
+    "New session password (at least 8 characters):":
+        "Neues Sitzungspasswort (mindestens 8 Zeichen):",
+    "The session password is too short: use at least 8 characters.":
+        "Das Sitzungspasswort ist zu kurz: mindestens 8 Zeichen.",
+    "Session password set.": "Sitzungspasswort gesetzt.",
+}
+
+
+class CatalogueTranslator(QTranslator):
+    """A ``QTranslator`` whose table is a Python dict (English source → translation)."""
+
+    def __init__(self, table: dict[str, str], parent=None) -> None:
+        super().__init__(parent)
+        self.table = table
+
+    def translate(self, context, source_text, disambiguation=None, n=-1):  # noqa: N802
+        if context != CONTEXT:
+            return None
+        return self.table.get(source_text)
+
+    def isEmpty(self) -> bool:  # noqa: N802
+        return not self.table
+
+
+_installed: CatalogueTranslator | None = None
+
+
+def system_language() -> str:
+    return "de" if QLocale.system().name().lower().startswith("de") else "en"
+
+
+def install_translation(app, language: str | None = None) -> str:
+    """Install the translator for ``language`` (None: the system locale); returns it."""
+    global _installed
+    language = language or system_language()
+    if _installed is not None:
+        app.removeTranslator(_installed)
+        _installed = None
+    if language == "de":
+        _installed = CatalogueTranslator(GERMAN, app)
+        app.installTranslator(_installed)
+    return language
+
+
+def t(text: str) -> str:
+    """The translation of ``text`` (an English source string) in the installed language."""
+    return QCoreApplication.translate(CONTEXT, text)

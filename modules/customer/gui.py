@@ -1,0 +1,339 @@
+"""``hausmeister-customer gui``: one small window for a customer who is not technical.
+
+Type the 8 digits, read the terms, say yes or no to each right in its own dialog; while the
+screen is seen or controlled an always-on-top bar says so, with the emergency stop (also
+Ctrl+F12 while the app has the focus).  The session itself is ``SessionRunner``: this window
+only shows what it reports and passes on what the person does."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from PySide6.QtCore import QRegularExpression, Qt, Signal
+from PySide6.QtGui import QKeySequence, QRegularExpressionValidator, QShortcut
+from PySide6.QtWidgets import (
+    QComboBox, QHBoxLayout, QLabel, QLineEdit, QMainWindow, QProgressBar, QPushButton,
+    QTextBrowser, QVBoxLayout, QWidget,
+)
+from twisted.internet import defer
+
+from ..common.consent import Chat, Event, Right, RightGranted, RightRevoked, Role
+from ..common.folder import default_home
+from ..common.qt.consent_dialogs import DialogConsentUI
+from ..common.qt.i18n import install_translation, t
+from ..common.session_runner import SessionDelegate
+from .join import join, parse_adhoc_id
+
+CONFIG_NAME = "customer.toml"
+
+RED_BUTTON = ("QPushButton { background: #c62828; color: white; font-weight: bold; "
+              "border-radius: 6px; padding: 10px 18px; } "
+              "QPushButton:disabled { background: #d9a3a3; }")
+
+
+def find_server_config(explicit: str | None = None) -> str | None:
+    """The customer.toml the download page offers: passed once, beside the app, or kept."""
+    import sys
+    kept = default_home("customer") / CONFIG_NAME
+    if explicit:
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        kept.write_bytes(Path(explicit).read_bytes())   # passed once: kept for next time
+        return str(kept)
+    for place in (Path(sys.argv[0]).resolve().parent / CONFIG_NAME, Path.cwd() / CONFIG_NAME,
+                  kept):
+        if place.is_file():
+            return str(place)
+    return None
+
+
+class SharingBar(QWidget):
+    """Always on top while the screen is seen or controlled: who, and the emergency stop."""
+
+    def __init__(self, stop) -> None:
+        super().__init__(None, Qt.Window | Qt.WindowStaysOnTopHint | Qt.FramelessWindowHint
+                         | Qt.Tool)
+        self.setObjectName("sharing-bar")
+        self.setStyleSheet("#sharing-bar { background: #fff3cd; border: 2px solid #c62828; }")
+        layout = QHBoxLayout(self)
+        self.label = QLabel()
+        font = self.label.font()
+        font.setPointSizeF(font.pointSizeF() * 1.4)
+        font.setBold(True)
+        self.label.setFont(font)
+        layout.addWidget(self.label, 1)
+        self.stop_button = QPushButton(t("EMERGENCY STOP"))
+        self.stop_button.setStyleSheet(RED_BUTTON)
+        self.stop_button.clicked.connect(stop)
+        layout.addWidget(self.stop_button)
+        self.resize(720, 64)
+
+    def show_text(self, text: str) -> None:
+        self.label.setText(text)
+        screen = self.screen().availableGeometry() if self.screen() else None
+        if screen is not None:
+            self.move(screen.center().x() - self.width() // 2, screen.top())
+        self.show()
+        self.raise_()
+
+
+class CustomerWindow(QMainWindow, SessionDelegate):
+    """The customer's window; ``connect_clicked`` starts a session on ``reactor``."""
+
+    event_shown = Signal(str)
+
+    def __init__(self, reactor, server: str | None, fingerprint: str | None,
+                 language: str = "en", share_display: str | None = None,
+                 receive_dir: str | None = None) -> None:
+        QMainWindow.__init__(self)
+        self.reactor = reactor
+        self.server, self.fingerprint = server, fingerprint
+        self.language = language
+        self.share_display = share_display if share_display is not None else os.environ.get("DISPLAY")
+        self.receive_dir = receive_dir or str(Path.home() / "Downloads" / "Hausmeister")
+        self.runner = None
+        self.conn = None
+        self.supporter = ""
+        self.ui: DialogConsentUI | None = None
+        self.end_text: str | None = None
+        self.bar = SharingBar(self.emergency_stop)
+        self._build()
+        QShortcut(QKeySequence("Ctrl+F12"), self, activated=self.emergency_stop,
+                  context=Qt.ApplicationShortcut)
+        self.retranslate()
+
+    # --- layout --------------------------------------------------------------------------------
+    def _build(self) -> None:
+        central = QWidget()
+        layout = QVBoxLayout(central)
+        top = QHBoxLayout()
+        self.title = QLabel()
+        font = self.title.font()
+        font.setPointSizeF(font.pointSizeF() * 1.6)
+        font.setBold(True)
+        self.title.setFont(font)
+        top.addWidget(self.title, 1)
+        self.language_box = QComboBox()
+        self.language_box.addItem("English", "en")
+        self.language_box.addItem("Deutsch", "de")
+        self.language_box.setCurrentIndex(1 if self.language == "de" else 0)
+        self.language_box.currentIndexChanged.connect(self._language_changed)
+        top.addWidget(self.language_box)
+        layout.addLayout(top)
+        self.prompt = QLabel()
+        self.prompt.setWordWrap(True)
+        layout.addWidget(self.prompt)
+        digits = QHBoxLayout()
+        big = self.font()
+        big.setPointSizeF(big.pointSizeF() * 2.2)
+        self.first = QLineEdit()
+        self.second = QLineEdit()
+        for field in (self.first, self.second):
+            field.setValidator(QRegularExpressionValidator(QRegularExpression(r"\d{0,4}")))
+            field.setMaxLength(4)
+            field.setFont(big)
+            field.setAlignment(Qt.AlignCenter)
+            field.setFixedWidth(150)
+            digits.addWidget(field)
+        self.first.textChanged.connect(lambda text: len(text) == 4 and self.second.setFocus())
+        self.second.returnPressed.connect(self.connect_clicked)
+        self.connect_button = QPushButton()
+        self.connect_button.setFont(big)
+        self.connect_button.clicked.connect(self.connect_clicked)
+        digits.addWidget(self.connect_button)
+        digits.addStretch(1)
+        layout.addLayout(digits)
+        self.status_label = QLabel()
+        self.status_label.setWordWrap(True)
+        status_font = self.status_label.font()
+        status_font.setPointSizeF(status_font.pointSizeF() * 1.25)
+        self.status_label.setFont(status_font)
+        layout.addWidget(self.status_label)
+        self.code = QLabel()
+        layout.addWidget(self.code)
+        self.log = QTextBrowser()
+        self.log.setMinimumHeight(160)
+        layout.addWidget(self.log, 1)
+        chat = QHBoxLayout()
+        self.chat_field = QLineEdit()
+        self.chat_field.returnPressed.connect(self.send_chat)
+        self.chat_button = QPushButton()
+        self.chat_button.clicked.connect(self.send_chat)
+        chat.addWidget(self.chat_field, 1)
+        chat.addWidget(self.chat_button)
+        layout.addLayout(chat)
+        self.progress = QProgressBar()
+        self.progress.setVisible(False)
+        layout.addWidget(self.progress)
+        bottom = QHBoxLayout()
+        self.stop_button = QPushButton()
+        self.stop_button.setStyleSheet(RED_BUTTON)
+        stop_font = self.stop_button.font()
+        stop_font.setPointSizeF(stop_font.pointSizeF() * 1.4)
+        self.stop_button.setFont(stop_font)
+        self.stop_button.clicked.connect(self.emergency_stop)
+        self.end_button = QPushButton()
+        self.end_button.clicked.connect(self.end_session)
+        bottom.addWidget(self.stop_button, 1)
+        bottom.addWidget(self.end_button)
+        layout.addLayout(bottom)
+        self.setCentralWidget(central)
+        self.resize(760, 620)
+        self._in_session(False)
+
+    def retranslate(self) -> None:
+        self.setWindowTitle(t("Hausmeister Support"))
+        self.title.setText(t("Get help from your supporter"))
+        self.prompt.setText(t("Type the 8-digit ID your supporter read out to you:"))
+        self.connect_button.setText(t("Connect"))
+        self.chat_field.setPlaceholderText(t("Type a message"))
+        self.chat_button.setText(t("Send"))
+        self.stop_button.setText(t("Emergency stop (Ctrl+F12)"))
+        self.end_button.setText(t("End session"))
+        self.bar.stop_button.setText(t("EMERGENCY STOP"))
+        if not self.server:
+            self.status_label.setText(t("No server is set up: place customer.toml from the download "
+                                  "page beside the app."))
+        self._update_bar()
+
+    def _language_changed(self) -> None:
+        from PySide6.QtWidgets import QApplication
+        self.language = self.language_box.currentData()
+        install_translation(QApplication.instance(), self.language)
+        self.retranslate()
+
+    def _in_session(self, active: bool) -> None:
+        for widget in (self.first, self.second, self.connect_button):
+            widget.setEnabled(not active and bool(self.server))
+        for widget in (self.chat_field, self.chat_button, self.stop_button, self.end_button):
+            widget.setEnabled(active)
+
+    def show_line(self, text: str) -> None:
+        self.log.append(text)
+        self.event_shown.emit(text)
+
+    # --- what the person does ------------------------------------------------------------------
+    def connect_clicked(self) -> None:
+        adhoc_id = f"{self.first.text()} {self.second.text()}"
+        try:
+            parse_adhoc_id(adhoc_id)
+        except Exception:
+            self.status_label.setText(t("The ID has 8 digits, like 1234 5678."))
+            return
+        self._in_session(True)
+        self.status_label.setText(t("Connecting ..."))
+        defer.ensureDeferred(self._session(adhoc_id)).addErrback(self._failed)
+
+    async def _session(self, adhoc_id: str) -> None:
+        from ..common.stream_cli import screen_offer
+        from argparse import Namespace
+        screen = screen_offer(Namespace(screen=self.share_display)) if self.share_display else None
+
+        def make_ui(ticket, consent):
+            self.supporter = ticket["supporter"]
+            self.ui = DialogConsentUI(self, Role.CUSTOMER, Role.SUPPORTER, self.supporter,
+                                      self._consent_event)
+            return self.ui
+        self.conn, self.runner = await join(
+            self.reactor, self.server, self.fingerprint, adhoc_id, make_ui,
+            delegate=self, pipe=False, screen=screen, receive_dir=self.receive_dir)
+        Path(self.receive_dir).mkdir(parents=True, exist_ok=True)
+        self.status_label.setText(t("Connected with {supporter}.").format(supporter=self.supporter))
+        try:
+            await self.runner.run()
+        finally:
+            self.conn.transport.loseConnection()
+
+    def _failed(self, failure) -> None:
+        self._in_session(False)
+        self.bar.hide()
+        if self.end_text is None:
+            self.status_label.setText(t("Error: {message}").format(message=failure.getErrorMessage()))
+
+    def emergency_stop(self) -> None:
+        if self.runner is not None and not self.runner.done.called:
+            self.runner.emergency_stop()
+
+    def end_session(self) -> None:
+        if self.runner is not None and not self.runner.done.called:
+            self.runner.end_session()
+
+    def send_chat(self) -> None:
+        text = self.chat_field.text().strip()
+        if text and self.runner is not None and self.runner.chat(text):
+            self.chat_field.clear()
+
+    # --- what the session reports --------------------------------------------------------------
+    def _consent_event(self, event: Event, sentence: str | None) -> None:
+        if sentence:
+            self.show_line(sentence)
+        if isinstance(event, (RightGranted, RightRevoked)) or not isinstance(event, Chat):
+            self._update_bar()
+
+    def _update_bar(self) -> None:
+        runner = self.runner
+        if runner is None or runner.done.called or runner.consent.ended or \
+                not runner.consent.is_presenter:
+            self.bar.hide()
+            return
+        granted = runner.consent.granted
+        who = self.supporter or t("the supporter")
+        if Right.CONTROL in granted:
+            self.bar.show_text(t("{who} is controlling your screen").format(who=who))
+        elif Right.VIEW in granted:
+            self.bar.show_text(t("{who} is viewing your screen").format(who=who))
+        else:
+            self.bar.hide()
+
+    def status(self, text: str) -> None:  # noqa: F811 - SessionDelegate.status
+        pass  # the window shows events as sentences; the CLI's status lines are not for it
+
+    def secured(self, verification_code: str, peer: str | None) -> None:
+        self.code.setText(t("Verification code: {code}").format(code=verification_code) + "  —  "
+                          + t("Compare this code with the other side by phone."))
+
+    def file_event(self, event) -> None:
+        from ..common.file_transfer import FileCompleted, FileProgress
+        if isinstance(event, FileProgress) and event.size:
+            self.progress.setVisible(True)
+            self.progress.setValue(100 * event.transferred // event.size)
+        elif isinstance(event, FileCompleted):
+            self.progress.setValue(100)
+            self.show_line(t("File {name} received.").format(name=event.name))
+
+    def ended(self, reason) -> None:
+        self.end_text = reason.text()
+        self.bar.hide()
+        self.status_label.setText(t("Session ended: {reason}").format(reason=reason.text()))
+        self._in_session(False)
+
+    def closeEvent(self, event) -> None:  # noqa: N802
+        self.emergency_stop()
+        self.bar.close()
+        super().closeEvent(event)
+
+
+def run(args) -> int:
+    from ..common.cli import ModuleError
+    from ..common.enrollment import read_server_config
+    from ..common.qt.app import run_app
+    from ..common.qt.i18n import system_language
+    path = find_server_config(getattr(args, "server_config", None))
+    server = fingerprint = None
+    if args.server and args.ca_fingerprint:
+        server, fingerprint = args.server, args.ca_fingerprint
+    elif path:
+        try:
+            server, fingerprint = read_server_config(path)
+        except Exception as exc:
+            raise ModuleError(str(exc))
+    windows: list[Any] = []
+
+    def main(app, reactor):
+        window = CustomerWindow(reactor, server, fingerprint,
+                                language=args.language or system_language(),
+                                share_display=args.screen)
+        windows.append(window)
+        window.show()
+    return run_app("hausmeister-customer", args.language, main)

@@ -1,0 +1,250 @@
+"""``hausmeister-host gui``: the host's status window for the person sitting at it.
+
+Online state and server, the current session with the supporter's name and rights, an
+emergency-stop button, the policy (editable only by the host's administrator) and the host
+password.  The service is ``HostService`` (the same as ``host run``); the window only shows it."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from PySide6.QtCore import Qt
+from PySide6.QtGui import QKeySequence, QShortcut
+from PySide6.QtWidgets import (
+    QComboBox, QFormLayout, QGroupBox, QHBoxLayout, QInputDialog, QLabel, QLineEdit,
+    QMainWindow, QPushButton, QTextBrowser, QVBoxLayout, QWidget,
+)
+
+from ..common.consent import Event, Right, Role
+from ..common.qt.consent_dialogs import DialogConsentUI
+from ..common.qt.i18n import install_translation, t
+from ..common.session_runner import SessionDelegate
+from . import settings
+from .service import HostService
+
+RED_BUTTON = ("QPushButton { background: #c62828; color: white; font-weight: bold; "
+              "border-radius: 6px; padding: 10px 18px; } "
+              "QPushButton:disabled { background: #d9a3a3; }")
+
+
+def is_administrator() -> bool:
+    """The policy is the machine's: only its administrator (root) changes it here."""
+    return hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+class HostWindow(QMainWindow, SessionDelegate):
+    def __init__(self, reactor, folder, screen: Any = None, language: str = "en",
+                 admin: bool | None = None) -> None:
+        QMainWindow.__init__(self)
+        self.reactor = reactor
+        self.folder = folder
+        self.language = language
+        self.admin = is_administrator() if admin is None else admin
+        self.service = HostService(reactor, folder, make_ui=self._make_ui,
+                                   make_delegate=lambda offer: self, screen=screen,
+                                   on_change=self.refresh, tell=self._tell)
+        self.ui: DialogConsentUI | None = None
+        self.last_end: str | None = None
+        self._build()
+        QShortcut(QKeySequence("Ctrl+F12"), self, activated=self.emergency_stop,
+                  context=Qt.ApplicationShortcut)
+        self.retranslate()
+
+    # --- layout --------------------------------------------------------------------------------
+    def _build(self) -> None:
+        central = QWidget()
+        layout = QVBoxLayout(central)
+        self.online_label = QLabel()
+        big = self.online_label.font()
+        big.setPointSizeF(big.pointSizeF() * 1.4)
+        big.setBold(True)
+        self.online_label.setFont(big)
+        layout.addWidget(self.online_label)
+        self.session_label = QLabel()
+        self.session_label.setFont(big)
+        layout.addWidget(self.session_label)
+        self.rights_label = QLabel()
+        layout.addWidget(self.rights_label)
+        self.code_label = QLabel()
+        layout.addWidget(self.code_label)
+        self.stop_button = QPushButton()
+        self.stop_button.setStyleSheet(RED_BUTTON)
+        self.stop_button.clicked.connect(self.emergency_stop)
+        layout.addWidget(self.stop_button)
+        self.policy_box = QGroupBox()
+        form = QFormLayout(self.policy_box)
+        self.policy_fields: dict[str, QComboBox] = {}
+        self.policy_names: dict[str, QLabel] = {}
+        for right in settings.RIGHTS:
+            box = QComboBox()
+            for value in settings.CHOICES:
+                box.addItem(value, value)
+            box.currentIndexChanged.connect(self._policy_changed)
+            label = QLabel()
+            self.policy_fields[right] = box
+            self.policy_names[right] = label
+            form.addRow(label, box)
+        self.supporters_label = QLabel()
+        self.supporters_label.setWordWrap(True)
+        form.addRow(self.supporters_label)
+        self.admin_note = QLabel()
+        self.admin_note.setWordWrap(True)
+        form.addRow(self.admin_note)
+        layout.addWidget(self.policy_box)
+        buttons = QHBoxLayout()
+        self.password_button = QPushButton()
+        self.password_button.clicked.connect(self.set_password)
+        buttons.addWidget(self.password_button)
+        buttons.addStretch(1)
+        self.language_box = QComboBox()
+        self.language_box.addItem("English", "en")
+        self.language_box.addItem("Deutsch", "de")
+        self.language_box.setCurrentIndex(1 if self.language == "de" else 0)
+        self.language_box.currentIndexChanged.connect(self._language_changed)
+        buttons.addWidget(self.language_box)
+        layout.addLayout(buttons)
+        self.log = QTextBrowser()
+        self.log.setMinimumHeight(120)
+        layout.addWidget(self.log, 1)
+        self.setCentralWidget(central)
+        self.resize(640, 620)
+
+    def retranslate(self) -> None:
+        self.setWindowTitle(t("Hausmeister host"))
+        self.stop_button.setText(t("Emergency stop (Ctrl+F12)"))
+        self.policy_box.setTitle(t("Policy"))
+        for right, label in self.policy_names.items():
+            label.setText(t(right))
+            box = self.policy_fields[right]
+            for index in range(box.count()):
+                box.setItemText(index, t(box.itemData(index)))
+        self.password_button.setText(t("Set host password ..."))
+        self.admin_note.setText("" if self.admin else t(
+            "The policy can be changed only by this host's administrator."))
+        self.refresh()
+
+    def _language_changed(self) -> None:
+        from PySide6.QtWidgets import QApplication
+        self.language = self.language_box.currentData()
+        install_translation(QApplication.instance(), self.language)
+        self.retranslate()
+
+    # --- state ---------------------------------------------------------------------------------
+    def start(self):
+        return self.service.start()
+
+    def refresh(self) -> None:
+        service = self.service
+        server = service.server
+        self.online_label.setText(
+            t("Online at {server}").format(server=server) if service.online
+            else t("Offline, reconnecting to {server} ...").format(server=server))
+        runner, offer = service.runner, service.offer
+        if offer is not None:
+            self.session_label.setText(t("Session with {supporter}").format(
+                supporter=offer["supporter"]))
+        else:
+            self.session_label.setText(t("No session"))
+        granted = sorted(runner.consent.granted, key=lambda r: list(Right).index(r)) \
+            if runner is not None and not runner.consent.ended else []
+        self.rights_label.setText(t("Rights: {rights}").format(
+            rights=", ".join(t(r.value) for r in granted) if granted else t("none")))
+        self.stop_button.setEnabled(runner is not None and not runner.done.called)
+        if offer is None:
+            self.code_label.setText("")
+        policy = service.policy
+        for right, box in self.policy_fields.items():
+            box.blockSignals(True)
+            box.setCurrentIndex(settings.CHOICES.index(getattr(policy, right)))
+            box.setEnabled(self.admin)
+            box.blockSignals(False)
+        self.supporters_label.setText(t("Supporters: {names}").format(
+            names=", ".join(policy.supporters) if policy.supporters
+            else t("any supporter the server lets through")))
+        self.password_button.setEnabled(self.admin)
+
+    def _policy_changed(self) -> None:
+        if not self.admin:
+            return
+        policy = self.service.policy
+        for right, box in self.policy_fields.items():
+            setattr(policy, right, box.currentData())
+        settings.save_policy(self.folder, policy)
+
+    def _make_ui(self):
+        supporter = (self.service.offer or {}).get("supporter", "")
+        self.ui = DialogConsentUI(self, Role.HOST, Role.SUPPORTER, supporter, self._consent_event)
+        return self.ui
+
+    def _consent_event(self, event: Event, sentence: str | None) -> None:
+        if sentence:
+            self.log.append(sentence)
+        self.refresh()
+
+    def _tell(self, text: str) -> None:
+        pass  # the service's lines are for the terminal; the window shows its own sentences
+
+    # --- what the person does ------------------------------------------------------------------
+    def emergency_stop(self) -> None:
+        runner = self.service.runner
+        if runner is not None and not runner.done.called:
+            runner.emergency_stop()
+
+    def set_password(self, password: str | None = None) -> bool:
+        from ..common.channel import new_host_secret
+        if not self.admin:
+            return False
+        if password is None:
+            password, ok = QInputDialog.getText(self, t("Set host password ..."),
+                                                t("New session password (at least 8 characters):"),
+                                                QLineEdit.Password)
+            if not ok:
+                return False
+        if len(password) < 8:
+            self.log.append(t("The session password is too short: use at least 8 characters."))
+            return False
+        salt, secret = new_host_secret(password)
+        settings.save_secret(self.folder, salt, secret)
+        self.service.reload_secret()
+        self.log.append(t("Session password set."))
+        return True
+
+    # --- SessionDelegate -------------------------------------------------------------------------
+    def secured(self, verification_code: str, peer: str | None) -> None:
+        self.code_label.setText(t("Verification code: {code}").format(code=verification_code))
+        self.refresh()
+
+    def sharing(self, active: bool) -> None:
+        self.refresh()
+
+    def ended(self, reason) -> None:
+        self.last_end = reason.text()
+        self.log.append(t("Session ended: {reason}").format(reason=reason.text()))
+        self.reactor.callLater(0, self.refresh)
+
+    def closeEvent(self, event) -> None:  # noqa: N802
+        self.service.stop()
+        super().closeEvent(event)
+
+
+def run(args) -> int:
+    from ..common.cli import folder_of
+    from ..common.qt.app import run_app
+    from ..common.qt.i18n import system_language
+    from ..common.stream_cli import screen_offer
+    folder = folder_of(args, "host")
+    folder.require_enrolled("host")
+    if args.screen is None:
+        args.screen = os.environ.get("DISPLAY")
+    screen = screen_offer(args)
+    windows: list[Any] = []
+
+    def main(app, reactor):
+        window = HostWindow(reactor, folder, screen=screen,
+                            language=args.language or system_language())
+        windows.append(window)
+        window.show()
+        window.start().addErrback(lambda f: window.log.append(
+            t("Error: {message}").format(message=f.getErrorMessage())))
+    return run_app("hausmeister-host", args.language, main)

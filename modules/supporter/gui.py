@@ -1,0 +1,559 @@
+"""``hausmeister-supporter gui``: the supporter's host list and live viewer.
+
+The first start asks for the server, shows the CA fingerprint for comparison and enrolls;
+afterwards the certificate renews itself when due.  The main window lists the hosts (search,
+group filter, online first); double-click or Enter on a host asks for its password and opens
+the session in a tab: the remote screen drawn as RFB updates arrive, keyboard and mouse while
+control is granted, clipboard both ways, rights, direction, files (button or drag and drop)
+with progress, chat, protocol comments, the verification code, a timer and the end.  Every
+session is a ``SessionRunner``; these widgets only show it and pass on commands."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from PySide6.QtCore import QSortFilterProxyModel, Qt, QTimer
+from PySide6.QtGui import QAction, QStandardItem, QStandardItemModel
+from PySide6.QtWidgets import (
+    QApplication, QCheckBox, QComboBox, QDialog, QDialogButtonBox, QFileDialog, QFormLayout,
+    QHBoxLayout, QInputDialog, QLabel, QLineEdit, QMainWindow, QProgressBar, QPushButton,
+    QSplitter, QTableView, QTabWidget, QTextBrowser, QToolBar, QToolButton, QVBoxLayout, QWidget,
+)
+from twisted.internet import defer
+
+from protocol.runtime import run_blocking
+
+from ..common import enrollment
+from ..common.connection import address_of, connect, hello
+from ..common.consent import (
+    Event, Right, RightDenied, RightRevoked, Role,
+)
+from ..common.folder import ModuleFolder
+from ..common.qt.consent_dialogs import DialogConsentUI
+from ..common.qt.i18n import install_translation, t
+from ..common.qt.viewer import CTRL_ALT_DEL, FramebufferWidget, scrollable
+from ..common.session_runner import SessionDelegate
+from .sessions import AdhocInvitation, connect_host, list_hosts
+
+KIND = "supporter"
+HOST_ID = Qt.UserRole + 1
+SORT_KEY = Qt.UserRole + 2
+
+
+class EnrollDialog(QDialog):
+    """First start: the server, its CA fingerprint (shown to compare), user and password."""
+
+    def __init__(self, parent=None, server: str = "", fingerprint: str = "") -> None:
+        super().__init__(parent)
+        self.setWindowTitle(t("Enroll this supporter module"))
+        form = QFormLayout(self)
+        self.server = QLineEdit(server)
+        self.fingerprint = QLineEdit(fingerprint)
+        self.fingerprint.setMinimumWidth(520)
+        self.user = QLineEdit()
+        self.password = QLineEdit()
+        self.password.setEchoMode(QLineEdit.Password)
+        form.addRow(t("Server address"), self.server)
+        form.addRow(QLabel(t("CA fingerprint (compare it with what your administrator gave you)")))
+        form.addRow(self.fingerprint)
+        form.addRow(t("User name"), self.user)
+        form.addRow(t("Password"), self.password)
+        self.message = QLabel()
+        self.message.setWordWrap(True)
+        self.message.setStyleSheet("color: #b00020")
+        form.addRow(self.message)
+        buttons = QDialogButtonBox()
+        self.enroll_button = buttons.addButton(t("Enroll"), QDialogButtonBox.ActionRole)
+        buttons.addButton(t("Cancel"), QDialogButtonBox.RejectRole)
+        buttons.rejected.connect(self.reject)
+        form.addRow(buttons)
+
+
+class SessionTab(QWidget, SessionDelegate):
+    """One session: viewer, toolbar, chat, comments, files, rights, code and timer."""
+
+    def __init__(self, window: "SupporterWindow", title: str, peer: Role, peer_name: str) -> None:
+        QWidget.__init__(self)
+        self.window = window
+        self.title = title
+        self.runner = None
+        self.viewer: FramebufferWidget | None = None
+        self.started = time.monotonic()
+        self.end_text: str | None = None
+        self.ui = DialogConsentUI(self, Role.SUPPORTER, peer, peer_name, self._consent_event)
+        self.receive_dir = window.receive_dir
+        self.setAcceptDrops(True)
+        layout = QVBoxLayout(self)
+        self.toolbar = QToolBar()
+        self.actions: dict[str, QAction] = {}
+        for key, text, slot in (
+                ("view", "Request view", lambda: self._request("view")),
+                ("control", "Request control", lambda: self._request("control")),
+                ("files", "Request files", lambda: self._request("files")),
+                ("direction", "Show my screen", self._show_my_screen),
+                ("send", "Send file ...", self._choose_file),
+                ("inbox", "Received files go to ...", self._choose_inbox),
+                ("cad", "Send Ctrl+Alt+Del", self._ctrl_alt_del),
+                ("end", "End session", self.end_session)):
+            action = QAction(t(text), self)
+            action.triggered.connect(slot)
+            if key != "end":
+                self.toolbar.addAction(action)
+            self.actions[key] = action
+        layout.addWidget(self.toolbar)
+        header = QHBoxLayout()
+        header.setSpacing(28)
+        self.code_label = QLabel()
+        self.timer_label = QLabel()
+        self.rights_label = QLabel()
+        for label in (self.code_label, self.rights_label, self.timer_label):
+            header.addWidget(label)
+        header.addStretch(1)
+        self.fit = QCheckBox(t("Fit to window"))
+        self.fit.setChecked(True)
+        self.fit.toggled.connect(self._fit_changed)
+        header.addWidget(self.fit)
+        end_button = QToolButton()
+        end_button.setDefaultAction(self.actions["end"])
+        end_button.setStyleSheet("QToolButton { background: #c62828; color: white; "
+                                 "font-weight: bold; padding: 4px 12px; border-radius: 4px; }")
+        header.addWidget(end_button)
+        layout.addLayout(header)
+        self.notice = QLabel()
+        self.notice.setWordWrap(True)
+        self.notice.setStyleSheet("color: #b00020; font-weight: bold")
+        layout.addWidget(self.notice)
+        split = QSplitter()
+        self.screen_area = QWidget()
+        self.screen_layout = QVBoxLayout(self.screen_area)
+        self.screen_layout.setContentsMargins(0, 0, 0, 0)
+        self.waiting = QLabel(t("Connecting ..."))
+        self.waiting.setAlignment(Qt.AlignCenter)
+        self.screen_layout.addWidget(self.waiting)
+        split.addWidget(self.screen_area)
+        side = QWidget()
+        side_layout = QVBoxLayout(side)
+        side_layout.addWidget(QLabel(t("Chat")))
+        self.chat_log = QTextBrowser()
+        side_layout.addWidget(self.chat_log, 1)
+        self.chat_field = QLineEdit()
+        self.chat_field.setPlaceholderText(t("Type a message"))
+        self.chat_field.returnPressed.connect(self._chat)
+        side_layout.addWidget(self.chat_field)
+        self.comment_field = QLineEdit()
+        self.comment_field.setPlaceholderText(t("Comment for the protocol"))
+        self.comment_field.returnPressed.connect(self._comment)
+        side_layout.addWidget(self.comment_field)
+        self.progress = QProgressBar()
+        self.progress.setVisible(False)
+        side_layout.addWidget(self.progress)
+        split.addWidget(side)
+        split.setStretchFactor(0, 4)
+        split.setStretchFactor(1, 1)
+        layout.addWidget(split, 1)
+        self.clock = QTimer(self)
+        self.clock.timeout.connect(self._tick)
+        self.clock.start(1000)
+        self._tick()
+        self._refresh()
+        QApplication.clipboard().dataChanged.connect(self._local_clipboard)
+
+    # --- state ---------------------------------------------------------------------------------
+    def attach(self, runner) -> None:
+        self.runner = runner
+        self._refresh()
+
+    def _tick(self) -> None:
+        if self.end_text is None:
+            seconds = int(time.monotonic() - self.started)
+            self.timer_label.setText(t("Session {time}").format(
+                time=f"{seconds // 60:02d}:{seconds % 60:02d}"))
+
+    def _refresh(self) -> None:
+        runner = self.runner
+        live = runner is not None and not runner.done.called and runner.driver is not None
+        held = runner.consent.granted if live and not runner.consent.is_presenter else frozenset()
+        self.rights_label.setText(t("Rights: {rights}").format(
+            rights=", ".join(t(r.value) for r in Right if r in held) or t("none")))
+        for key in ("view", "control", "files"):
+            self.actions[key].setEnabled(live and Right(key) not in held)
+        for key in ("direction", "send", "end"):
+            self.actions[key].setEnabled(live)
+        self.actions["cad"].setEnabled(live and Right.CONTROL in held)
+        self.chat_field.setEnabled(live)
+        self.comment_field.setEnabled(live)
+
+    def _consent_event(self, event: Event, sentence: str | None) -> None:
+        if sentence:
+            self.chat_log.append(sentence)
+        if isinstance(event, (RightDenied, RightRevoked)) and sentence:
+            self.notice.setText(sentence)     # shown in the window, not only in a log
+        self._refresh()
+
+    # --- commands ------------------------------------------------------------------------------
+    def _request(self, right: str) -> None:
+        if self.runner is not None:
+            self.runner.request(right)
+
+    def _show_my_screen(self) -> None:
+        if self.runner is not None:
+            self.runner.show_my_screen()
+
+    def _chat(self) -> None:
+        text = self.chat_field.text().strip()
+        if text and self.runner is not None and self.runner.chat(text):
+            self.chat_field.clear()
+
+    def _comment(self) -> None:
+        text = self.comment_field.text().strip()
+        if text and self.runner is not None and self.runner.comment(text):
+            self.comment_field.clear()
+
+    def send_file(self, path: str):
+        if self.runner is not None:
+            return self.runner.send_file(path)
+        return None
+
+    def _choose_file(self) -> None:
+        dialog = QFileDialog(self, t("Send file ..."))
+        dialog.setFileMode(QFileDialog.ExistingFiles)
+        dialog.filesSelected.connect(lambda paths: [self.send_file(p) for p in paths])
+        dialog.open()
+
+    def _choose_inbox(self) -> None:
+        dialog = QFileDialog(self, t("Received files go to ..."), self.receive_dir)
+        dialog.setFileMode(QFileDialog.Directory)
+        dialog.fileSelected.connect(self.set_inbox)
+        dialog.open()
+
+    def set_inbox(self, folder: str) -> None:
+        self.receive_dir = folder
+        if self.runner is not None:
+            self.runner.receive_files_into(folder)
+
+    def dragEnterEvent(self, event) -> None:  # noqa: N802
+        if event.mimeData().hasUrls():
+            event.acceptProposedAction()
+
+    def dropEvent(self, event) -> None:  # noqa: N802
+        for url in event.mimeData().urls():
+            if url.isLocalFile():
+                self.send_file(url.toLocalFile())
+
+    def _ctrl_alt_del(self) -> None:
+        if self.viewer is not None:
+            self.viewer.send_keys(CTRL_ALT_DEL)
+
+    def _fit_changed(self, fit: bool) -> None:
+        if self.viewer is not None:
+            self.viewer.set_fit(fit)
+
+    def end_session(self) -> None:
+        if self.runner is not None and not self.runner.done.called:
+            self.runner.end_session()
+
+    def _local_clipboard(self) -> None:
+        text = QApplication.clipboard().text()
+        if text and self.runner is not None and text != getattr(self, "_from_remote", None):
+            self.runner.send_clipboard(text)   # only while control is held (the runner checks)
+
+    def _control_held(self) -> bool:
+        runner = self.runner
+        return runner is not None and not runner.done.called and runner.consent.holds("control")
+
+    # --- SessionDelegate -----------------------------------------------------------------------
+    def secured(self, verification_code: str, peer: str | None) -> None:
+        self.code_label.setText(t("Verification code: {code}").format(code=verification_code))
+        self._refresh()
+
+    def remote_screen(self, screen) -> None:
+        self.viewer = FramebufferWidget(
+            lambda: screen.protocol.framebuffer, self.runner.pointer, self.runner.key,
+            self._control_held)
+        self.waiting.hide()
+        self.screen_layout.addWidget(scrollable(self.viewer))
+        self.viewer.set_fit(self.fit.isChecked())
+        self.viewer.setFocus()
+
+    def screen_updated(self, rects) -> None:
+        if self.viewer is not None:
+            self.viewer.screen_changed(rects)
+
+    def remote_clipboard(self, text: str) -> None:
+        self._from_remote = text
+        QApplication.clipboard().setText(text)
+
+    def file_event(self, event) -> None:
+        from ..common.file_transfer import FileCompleted, FileFailed, FileProgress
+        if isinstance(event, FileProgress) and event.size:
+            self.progress.setVisible(True)
+            self.progress.setFormat(f"{event.name}: %p %")
+            self.progress.setValue(100 * event.transferred // event.size)
+        elif isinstance(event, FileCompleted):
+            self.progress.setVisible(True)
+            self.progress.setValue(100)
+            self.chat_log.append(t("File {name} received.").format(name=event.name)
+                                 if event.direction == self.runner.files.incoming_direction
+                                 else t("File {name} sent.").format(name=event.name))
+        elif isinstance(event, FileFailed):
+            self.notice.setText(f"{event.name}: {event.reason}")
+
+    def ended(self, reason) -> None:
+        self.end_text = reason.text()
+        self.notice.setText(t("Session ended: {reason}").format(reason=reason.text()))
+        self._refresh()
+
+
+class SupporterWindow(QMainWindow):
+    def __init__(self, reactor, folder: ModuleFolder, language: str = "en") -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.folder = folder
+        self.language = language
+        self.conn = None
+        self.hosts: list[dict] = []
+        self.sessions: list[SessionTab] = []
+        self.receive_dir = str(Path.home() / "Downloads" / "Hausmeister")
+        self.tabs = QTabWidget()
+        self.tabs.setTabsClosable(True)
+        self.tabs.tabCloseRequested.connect(self._close_tab)
+        self.setCentralWidget(self.tabs)
+        page = QWidget()
+        layout = QVBoxLayout(page)
+        bar = QHBoxLayout()
+        self.search = QLineEdit()
+        self.search.textChanged.connect(self._filter)
+        self.group = QComboBox()
+        self.group.currentIndexChanged.connect(self._filter)
+        self.refresh_button = QPushButton()
+        self.refresh_button.clicked.connect(lambda: defer.ensureDeferred(self.load_hosts()))
+        self.adhoc_button = QPushButton()
+        self.adhoc_button.clicked.connect(self.new_adhoc)
+        self.language_box = QComboBox()
+        self.language_box.addItem("English", "en")
+        self.language_box.addItem("Deutsch", "de")
+        self.language_box.setCurrentIndex(1 if language == "de" else 0)
+        self.language_box.currentIndexChanged.connect(self._language_changed)
+        for widget in (self.search, self.group, self.refresh_button, self.adhoc_button,
+                       self.language_box):
+            bar.addWidget(widget, 1 if widget is self.search else 0)
+        layout.addLayout(bar)
+        self.model = QStandardItemModel(0, 5)
+        self.proxy = QSortFilterProxyModel()
+        self.proxy.setSourceModel(self.model)
+        self.proxy.setFilterCaseSensitivity(Qt.CaseInsensitive)
+        self.proxy.setFilterKeyColumn(-1)
+        self.proxy.setSortRole(SORT_KEY)
+        self.table = QTableView()
+        self.table.setModel(self.proxy)
+        self.table.setEditTriggers(QTableView.NoEditTriggers)
+        self.table.setSelectionBehavior(QTableView.SelectRows)
+        self.table.setSelectionMode(QTableView.SingleSelection)
+        self.table.verticalHeader().hide()
+        header = self.table.horizontalHeader()
+        header.setMinimumSectionSize(110)
+        header.setSectionResizeMode(header.ResizeMode.ResizeToContents)
+        header.setSectionResizeMode(1, header.ResizeMode.Stretch)
+        self.table.activated.connect(self.open_host)   # double-click or Enter
+        layout.addWidget(self.table, 1)
+        self.status_label = QLabel()
+        layout.addWidget(self.status_label)
+        self.tabs.addTab(page, "")
+        self.tabs.tabBar().setTabButton(0, self.tabs.tabBar().ButtonPosition.RightSide, None)
+        self.resize(1280, 800)
+        self.retranslate()
+
+    def retranslate(self) -> None:
+        self.setWindowTitle(t("Hausmeister Support"))
+        self.search.setPlaceholderText(t("Search"))
+        self.refresh_button.setText(t("Refresh"))
+        self.adhoc_button.setText(t("New ad-hoc session"))
+        self.tabs.setTabText(0, t("Hosts"))
+        self.model.setHorizontalHeaderLabels([t("Status"), t("Name"), t("Group"), t("Last seen"),
+                                              t("Address")])
+        self._fill()
+
+    def _language_changed(self) -> None:
+        self.language = self.language_box.currentData()
+        install_translation(QApplication.instance(), self.language)
+        self.retranslate()
+
+    # --- the server ----------------------------------------------------------------------------
+    async def start(self) -> None:
+        if self.folder.renewal_due():
+            await run_blocking(enrollment.renew, self.folder)
+        self.conn = await self._connection()
+        await self.load_hosts()
+
+    async def _connection(self):
+        conn = await connect(self.reactor, address_of(self.folder),
+                             self.folder.ca_path.read_bytes(), self.folder)
+        await hello(conn, KIND)
+        return conn
+
+    async def load_hosts(self) -> None:
+        self.hosts = await list_hosts(self.conn)
+        self._fill()
+
+    def _fill(self) -> None:
+        self.model.removeRows(0, self.model.rowCount())
+        groups = sorted({h["group"] for h in self.hosts if h["group"]})
+        current = self.group.currentData()
+        self.group.blockSignals(True)
+        self.group.clear()
+        self.group.addItem(t("All groups"), "")
+        for group in groups:
+            self.group.addItem(group, group)
+        self.group.setCurrentIndex(max(0, self.group.findData(current or "")))
+        self.group.blockSignals(False)
+        for host in self.hosts:
+            seen = host["last_seen"][:16].replace("T", " ") if host["last_seen"] else t("never")
+            cells = [t("online") if host["online"] else t("offline"), host["name"],
+                     host["group"], seen, host["address"]]
+            row = [QStandardItem(text) for text in cells]
+            for item in row:
+                item.setData(host["host_id"], HOST_ID)
+                item.setData(f"{0 if host['online'] else 1}{host['name'].lower()}", SORT_KEY)
+            if host["online"]:
+                row[0].setForeground(Qt.darkGreen)
+            self.model.appendRow(row)
+        self.proxy.sort(0)
+        self.table.resizeColumnsToContents()
+        online = sum(1 for h in self.hosts if h["online"])
+        self.status_label.setText(t("Hosts: {count}, online: {online}").format(
+            count=len(self.hosts), online=online))
+        self._filter()
+
+    def _filter(self) -> None:
+        self.proxy.setFilterFixedString(self.search.text())
+        group = self.group.currentData() or ""
+        for row in range(self.proxy.rowCount()):
+            index = self.proxy.index(row, 2)
+            self.table.setRowHidden(row, bool(group) and index.data() != group)
+
+    # --- sessions ------------------------------------------------------------------------------
+    def open_host(self, index) -> None:
+        host_id = index.data(HOST_ID)
+        name = self.proxy.index(index.row(), 1).data()
+        dialog = QInputDialog(self)
+        dialog.setWindowTitle(t("Session password of {host}").format(host=name))
+        dialog.setLabelText(t("Session password of {host}").format(host=name))
+        dialog.setTextEchoMode(QLineEdit.Password)
+        dialog.textValueSelected.connect(lambda password: self.connect_host(host_id, name,
+                                                                             password))
+        self.password_dialog = dialog
+        dialog.open()
+
+    def connect_host(self, host_id: str, name: str, password: str) -> SessionTab:
+        tab = SessionTab(self, name, Role.HOST, name)
+        self._add(tab)
+
+        async def run():
+            runner = await connect_host(self.reactor, self.conn, self.folder, host_id, password,
+                                        tab.ui, delegate=tab, pipe=False,
+                                        request_rights=("view", "control"),
+                                        receive_dir=tab.receive_dir)
+            tab.attach(runner)
+            return await runner.run()
+        defer.ensureDeferred(run()).addErrback(lambda f: tab.notice.setText(
+            t("Error: {message}").format(message=f.getErrorMessage())))
+        return tab
+
+    def new_adhoc(self) -> SessionTab:
+        tab = SessionTab(self, "ad-hoc", Role.CUSTOMER, t("the customer"))
+        self._add(tab)
+        big = QLabel()
+        font = big.font()
+        font.setPointSizeF(font.pointSizeF() * 3)
+        font.setBold(True)
+        big.setFont(font)
+        big.setAlignment(Qt.AlignCenter)
+        prompt = QLabel(t("Tell your customer this ID:"))
+        prompt.setAlignment(Qt.AlignCenter)
+        box = QWidget()
+        box_layout = QVBoxLayout(box)
+        box_layout.addStretch(1)
+        box_layout.addWidget(prompt)
+        box_layout.addWidget(big)
+        box_layout.addStretch(1)
+        tab.waiting.hide()
+        tab.screen_layout.addWidget(box)
+        tab.adhoc_label = big
+
+        async def run():
+            conn = await self._connection()   # one control connection per ad-hoc ID
+            invitation = await AdhocInvitation(conn).allocate()
+            tab.adhoc_id = invitation.adhoc_id
+            big.setText(invitation.adhoc_id)
+            self.tabs.setTabText(self.tabs.indexOf(tab), invitation.adhoc_id)
+            tab.chat_log.append(t("Waiting for the customer ..."))
+            ticket = await invitation.joined
+            tab.chat_log.append(t("Customer joined from {address}.").format(
+                address=ticket["peer_address"]))
+            runner = await invitation.session(self.reactor, self.folder, ticket, tab.ui,
+                                              delegate=tab, pipe=False,
+                                              request_rights=("view", "control"),
+                                              receive_dir=tab.receive_dir)
+            tab.attach(runner)
+            box.hide()
+            tab.waiting.show()
+            try:
+                return await runner.run()
+            finally:
+                conn.transport.loseConnection()
+        defer.ensureDeferred(run()).addErrback(lambda f: tab.notice.setText(
+            t("Error: {message}").format(message=f.getErrorMessage())))
+        return tab
+
+    def _add(self, tab: SessionTab) -> None:
+        self.sessions.append(tab)
+        self.tabs.addTab(tab, tab.title)
+        self.tabs.setCurrentWidget(tab)
+
+    def _close_tab(self, index: int) -> None:
+        tab = self.tabs.widget(index)
+        if isinstance(tab, SessionTab):
+            tab.end_session()
+            self.tabs.removeTab(index)
+
+    def closeEvent(self, event) -> None:  # noqa: N802
+        for tab in self.sessions:
+            tab.end_session()
+        if self.conn is not None:
+            self.conn.transport.loseConnection()
+        super().closeEvent(event)
+
+
+def run(args) -> int:
+    from ..common.cli import folder_of
+    from ..common.qt.app import run_app
+    from ..common.qt.i18n import system_language
+    folder = folder_of(args, KIND)
+    language = args.language or system_language()
+    windows: list[Any] = []
+
+    def main(app, reactor):
+        def open_main():
+            window = SupporterWindow(reactor, folder, language)
+            windows.append(window)
+            window.show()
+            defer.ensureDeferred(window.start()).addErrback(lambda f: window.status_label.setText(
+                t("Error: {message}").format(message=f.getErrorMessage())))
+        if folder.is_enrolled():
+            open_main()
+            return
+        dialog = EnrollDialog(None, getattr(args, "server", "") or "",
+                              getattr(args, "ca_fingerprint", "") or "")
+        windows.append(dialog)
+
+        def enroll():
+            d = run_blocking(enrollment.enroll_supporter, folder, dialog.server.text().strip(),
+                             dialog.fingerprint.text().strip(), dialog.user.text().strip(),
+                             dialog.password.text())
+            d.addCallbacks(lambda _: (dialog.done(1), open_main()),
+                           lambda f: dialog.message.setText(f.getErrorMessage()))
+        dialog.enroll_button.clicked.connect(enroll)
+        dialog.show()
+    return run_app("hausmeister-supporter", args.language, main)

@@ -1,0 +1,88 @@
+"""The supporter's ways into a session, for the CLI and the app alike: an unattended host by
+id or name (``ConnectHost`` + the host password) or an ad-hoc customer (an 8-digit ID whose
+last four digits never leave this machine)."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any, Callable
+
+from twisted.internet import defer
+
+from protocol import control
+
+from ..common.channel import Credentials, SessionChannel, adhoc_password
+from ..common.consent import ConsentState
+from ..common.folder import ModuleFolder
+from ..common.session_runner import SessionRunner, open_session
+
+
+def credentials_of(folder: ModuleFolder) -> Credentials:
+    return Credentials.from_pem(folder.cert_path.read_bytes(), folder.key_path.read_bytes())
+
+
+async def list_hosts(conn) -> list[dict]:
+    return (await conn.callRemote(control.ListHosts))["hosts"]
+
+
+async def connect_host(reactor, conn, folder: ModuleFolder, host: str, password: str, ui: Any,
+                       on_accepted: Callable[[dict], None] | None = None,
+                       **options: Any) -> SessionRunner:
+    """Ask the server for a session with ``host``; the host password keys the channel."""
+    ticket = await conn.callRemote(control.ConnectHost, host=host)
+    if on_accepted is not None:
+        on_accepted(ticket)
+
+    def channel(session_id: str) -> SessionChannel:
+        return SessionChannel("supporter", None, session_id, mode="host",
+                              credentials=credentials_of(folder),
+                              ca_certificate=folder.ca_certificate(),
+                              expected_peer=f"hausmeister:host:{ticket['host_id']}",
+                              peer_fingerprint=ticket["host_fingerprint"] or None)
+    return await open_session(reactor, conn, ticket, folder.ca_path.read_bytes(), folder,
+                              channel, ConsentState("supporter", peer="host"), ui,
+                              host_password=password, **options)
+
+
+class AdhocInvitation:
+    """One ad-hoc ID: ``nameplate`` + ``secret`` (drawn here, never sent); ``joined`` fires
+    with the server's ticket when the customer arrives."""
+
+    def __init__(self, conn) -> None:
+        self.conn = conn
+        self.nameplate = ""
+        self.secret = f"{secrets.randbelow(10_000):04d}"
+        self.expires_in = 0.0
+        self.joined: defer.Deferred = defer.Deferred()
+
+    @property
+    def adhoc_id(self) -> str:
+        return f"{self.nameplate} {self.secret}"
+
+    async def allocate(self) -> "AdhocInvitation":
+        def customer_joined(ticket: dict) -> None:
+            if not self.joined.called:
+                self.joined.callback(ticket)
+
+        def server_gone(why) -> Any:
+            if not self.joined.called:
+                from ..common.cli import ModuleError
+                self.joined.errback(ModuleError(
+                    f"the server closed the connection while waiting: {why}"))
+            return why
+        self.conn.on_session_ready = customer_joined
+        self.conn.lost.addBoth(server_gone)
+        answer = await self.conn.callRemote(control.AllocateNameplate)
+        self.nameplate, self.expires_in = answer["nameplate"], answer["expires_in"]
+        return self
+
+    async def session(self, reactor, folder: ModuleFolder, ticket: dict, ui: Any,
+                      **options: Any) -> SessionRunner:
+        code = f"{self.nameplate}{self.secret}"
+
+        def channel(session_id: str) -> SessionChannel:
+            return SessionChannel("supporter", adhoc_password(code), session_id, mode="adhoc",
+                                  credentials=credentials_of(folder))
+        return await open_session(reactor, self.conn, ticket, folder.ca_path.read_bytes(),
+                                  folder, channel, ConsentState("supporter", peer="customer"),
+                                  ui, **options)

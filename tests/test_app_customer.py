@@ -1,0 +1,91 @@
+"""The customer app (``hausmeister-customer gui``) against the real server, with a real
+supporter CLI on the other side: it takes the ID, shows the terms, grants view and control
+through its dialogs, shows the always-on-top bar, and its emergency-stop button ends the
+session on both sides with the right reason in the protocol.  Screenshots in both languages."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import pytest_twisted
+from PySide6.QtTest import QTest
+
+from .fixtures_qt import qt_app, screenshot, until  # noqa: F401 - fixture
+from .fixtures_server import run_cli
+from .fixtures_x11 import xvfb  # noqa: F401 - fixture
+from .module_process import ModuleProcess
+from .test_e2e_brokering import wait_until
+
+pytestmark = pytest.mark.e2e
+
+
+def ended_lines(srv) -> list[dict]:
+    lines = []
+    for path in sorted((srv.data_dir / "protocols").rglob("*.jsonl")):
+        lines += [json.loads(line) for line in path.read_text().splitlines()]
+    return [e for e in lines if e["kind"] == "ended" and e["actor"] == "server"]
+
+
+@pytest.mark.parametrize("language", ["en", "de"])
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+@pytest_twisted.ensureDeferred
+async def test_customer_app_consents_and_stops(qt_app, running_server, enrolled_supporter,  # noqa: F811
+                                               xvfb, tmp_path, language):  # noqa: F811
+    from twisted.internet import reactor
+
+    # (the reactor runs this test: wait for the other processes with ``until``, never blocking)
+    from modules.common.qt.i18n import install_translation
+    from modules.customer.gui import CustomerWindow
+    srv = running_server
+    install_translation(qt_app, language)
+    supporter = ModuleProcess("supporter", "adhoc", "--pipe", "--answers", "/dev/null",
+                              "--chat", "Hello, I am Alice.", "--home", str(enrolled_supporter))
+    window = CustomerWindow(reactor, srv.url, srv.fingerprint, language=language,
+                            share_display=xvfb.name, receive_dir=str(tmp_path / "inbox"))
+    try:
+        window.show()
+        nameplate, secret = supporter.wait_for_line(r"ad-hoc ID: (\d{4}) (\d{4})").groups()
+        screenshot(window, f"customer-start-{language}")
+        QTest.keyClicks(window.first, nameplate)
+        QTest.keyClicks(window.second, secret)
+        assert window.second.text() == secret
+        window.connect_button.click()
+        terms = await until(lambda: window.ui and window.ui.open and window.ui.open[0],
+                            what="the terms dialog")
+        screenshot(terms, f"customer-terms-{language}")
+        terms.yes_button.click()
+        for right in ("view", "control"):
+            question = await until(lambda: window.ui.open and window.ui.open[0],
+                                   what=f"the question for {right}")
+            screenshot(question, f"customer-question-{right}-{language}")
+            assert "alice" in question.findChild(type(window.title)).text()
+            question.yes_button.click()
+        await until(lambda: window.bar.isVisible() and "alice" in window.bar.label.text()
+                    and window.runner.consent.allows("control"), what="the sharing bar")
+        await until(lambda: "granted control" in supporter.stderr, what="the supporter's grant")
+        await until(lambda: "Alice" in window.log.toPlainText(), what="the chat line")
+        screenshot(window, f"customer-session-{language}")
+        screenshot(window.bar, f"customer-sharing-bar-{language}")
+        assert window.log.toPlainText().count("Hello, I am Alice.") == 1
+        window.bar.stop_button.click()          # the big red button
+        await until(lambda: window.runner.done.called, what="the end of the session")
+        await until(lambda: supporter.proc.poll() is not None and "session ended" in
+                    supporter.stderr, what="the supporter's exit")
+        assert "session ended: emergency stop by the customer" in supporter.stderr
+        assert supporter.proc.returncode == 1
+        assert not window.bar.isVisible()
+        assert window.end_text == "emergency stop by the customer"
+        screenshot(window, f"customer-ended-{language}")
+    finally:
+        supporter.stop()
+        window.close()
+    line = wait_until(lambda: ended_lines(srv), what="the protocol's ended line")[0]
+    assert (line["detail"]["cause"], line["detail"]["ended_by"]) == ("emergency_stop", "customer")
+
+
+def test_customer_app_without_a_display_says_so_in_one_line():
+    result = run_cli("customer", "gui", env={"DISPLAY": "", "QT_QPA_PLATFORM": "xcb"})
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0
+    assert "no display" in result.stderr

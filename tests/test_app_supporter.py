@@ -1,0 +1,122 @@
+"""The supporter app (``hausmeister-supporter gui``) against the real server and relay, with a
+real ``host run --screen`` on an Xvfb display: the host list shows the enrolled host online, a
+double-click asks for the password and opens a viewer whose pixels are the host's screen, a
+click and typed keys in the viewer run a command in the host's xterm, a file goes each way with
+the progress bar at 100 %, and the ad-hoc action shows the 8-digit ID large.  Screenshots of
+every window and dialog in both languages."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import numpy as np
+import pytest
+import pytest_twisted
+from PySide6.QtCore import QPoint, Qt
+from PySide6.QtTest import QTest
+
+from .fixtures_qt import qt_app, screenshot, until  # noqa: F401 - fixture
+from .fixtures_server import run_cli
+from .fixtures_x11 import xvfb  # noqa: F401 - fixture
+from .module_process import ModuleProcess
+from .test_e2e_screen import focus, screen_of
+from .test_e2e_sessions import world  # noqa: F401 - fixture
+
+pytestmark = pytest.mark.e2e
+
+
+def picture_of(widget) -> np.ndarray:
+    image = widget.grab().toImage().convertToFormat(widget.grab().toImage().Format.Format_RGB888)
+    width, height = image.width(), image.height()
+    data = np.frombuffer(image.constBits(), np.uint8, image.bytesPerLine() * height)
+    return data.reshape(height, image.bytesPerLine())[:, :width * 3].reshape(height, width, 3)
+
+
+@pytest.mark.parametrize("language", ["en", "de"])
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+@pytest_twisted.ensureDeferred
+async def test_supporter_app_lists_connects_views_controls_and_moves_files(
+        qt_app, world, xvfb, tmp_path, language):  # noqa: F811
+    from twisted.internet import reactor
+
+    from modules.common.folder import ModuleFolder
+    from modules.common.qt.i18n import install_translation
+    from modules.supporter.gui import EnrollDialog, SupporterWindow
+    w = world
+    assert run_cli("host", "policy", "--view", "allow", "--control", "allow", "--files",
+                   "allow", "--home", str(w["pc1"])).returncode == 0
+    term = xvfb.xterm("host-term", geometry="80x24+0+0", bg="darkblue")
+    focus(xvfb.name, term.window)
+    to_host, from_host = tmp_path / "report.bin", tmp_path / "host-log.bin"
+    to_host.write_bytes(os.urandom(300_000))
+    from_host.write_bytes(os.urandom(200_000))
+    host_inbox, my_inbox = tmp_path / "host-inbox", tmp_path / "my-inbox"
+    host_inbox.mkdir()
+    my_inbox.mkdir()
+    marker = tmp_path / "typed-in-the-viewer"
+    host = ModuleProcess("host", "run", "--screen", xvfb.name, "--send", str(from_host),
+                         "--receive-dir", str(host_inbox), "--home", str(w["pc1"]))
+    install_translation(qt_app, language)
+    window = SupporterWindow(reactor, ModuleFolder(w["alice"]), language)
+    window.receive_dir = str(my_inbox)
+    try:
+        enroll = EnrollDialog(None, w["srv"].url, w["srv"].fingerprint)
+        enroll.show()
+        screenshot(enroll, f"supporter-enroll-{language}")
+        enroll.close()
+        window.show()
+        await until(lambda: "online; waiting for supporters" in host.stderr, what="host online")
+        await window.start()
+        await until(lambda: window.proxy.rowCount() == 1, what="the host list")
+        first = window.proxy.index(0, 1)
+        assert first.data() == "pc1"
+        assert window.proxy.index(0, 0).data() == ("online" if language == "en" else "online")
+        screenshot(window, f"supporter-hosts-{language}")
+        # double-click on the host → its password → a session tab with the viewer
+        where = window.table.visualRect(first).center()
+        QTest.mouseClick(window.table.viewport(), Qt.LeftButton, Qt.NoModifier, where)
+        QTest.mouseDClick(window.table.viewport(), Qt.LeftButton, Qt.NoModifier, where)
+        dialog = await until(lambda: getattr(window, "password_dialog", None), what="password")
+        screenshot(dialog, f"supporter-password-{language}")
+        dialog.setTextValue("right-host-password")
+        dialog.accept()
+        tab = await until(lambda: window.sessions and window.sessions[0], what="session tab")
+        await until(lambda: tab.viewer is not None and tab._control_held(),
+                    what="the viewer with control")
+        tab.fit.setChecked(False)   # 1:1: the widget's pixels are the remote framebuffer
+        await until(lambda: tab.viewer.width() == 1024, what="1:1 size")
+        seen = picture_of(tab.viewer).astype(np.int16)
+        assert seen.shape[:2] == (768, 1024)
+        assert float(np.abs(seen - screen_of(xvfb.name)).mean()) < 6.0
+        # a click into the xterm, then keys: a command runs on the host
+        QTest.mouseClick(tab.viewer, Qt.LeftButton, Qt.NoModifier, QPoint(100, 100))
+        QTest.keyClicks(tab.viewer, f"touch {marker}")
+        QTest.keyClick(tab.viewer, Qt.Key_Return)
+        await until(marker.exists, what="the typed command's file")
+        # files both ways
+        tab.actions["files"].trigger()
+        await until(lambda: tab.runner.consent.holds("files"), what="the files right")
+        tab.send_file(str(to_host))
+        await until(lambda: (host_inbox / "report.bin").exists() and tab.progress.value() == 100,
+                    what="the file on the host")
+        await until(lambda: (my_inbox / "host-log.bin").exists(), what="the host's file")
+        digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
+        assert digest(host_inbox / "report.bin") == digest(to_host)
+        assert digest(my_inbox / "host-log.bin") == digest(from_host)
+        tab.fit.setChecked(True)
+        await until(lambda: tab.viewer.width() < 1024, what="fit to the window")
+        screenshot(window, f"supporter-session-{language}")
+        tab.actions["end"].trigger()
+        await until(lambda: tab.end_text is not None, what="the end")
+        assert tab.end_text == "ended by the supporter"
+        await until(lambda: "session ended: ended by the supporter" in host.stderr,
+                    what="the host's end line")
+        # the ad-hoc action: the 8-digit ID, large
+        adhoc = window.new_adhoc()
+        await until(lambda: len(adhoc.adhoc_label.text().replace(" ", "")) == 8,
+                    what="the ad-hoc ID")
+        screenshot(window, f"supporter-adhoc-{language}")
+    finally:
+        window.close()
+        host.stop()
