@@ -28,6 +28,7 @@ class ScreenPlayer:
         self.events: list[tuple[int, dict]] = []
         self.inputs: list[tuple[int, dict]] = []
         self._queue: list[recording.Entry] = []
+        self.changed = False  # the picture changed since the caller last looked
 
     def feed(self, entry: recording.Entry) -> None:
         self._queue.append(entry)
@@ -52,7 +53,8 @@ class ScreenPlayer:
     def _apply(self, entry: recording.Entry) -> None:
         if entry.kind == recording.RFB_OUT:
             try:
-                self.client.receive(entry.payload)
+                if self.client.receive(entry.payload):
+                    self.changed = True
                 self.client.data_to_send()  # the handshake's answers go nowhere
             except RFBClientError as exc:
                 raise PlaybackError(f"the recorded screen at {entry.t_ms} ms cannot be decoded: "
@@ -71,23 +73,38 @@ class ScreenPlayer:
 
 def frames(entries: Iterable[recording.Entry], fps: float,
            end_ms: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
-    """``(t_ms, RGB picture)`` every 1/fps seconds from the first picture on (the first frame
-    once the screen's first update arrived), up to the last entry (or ``end_ms``)."""
+    """``(t_ms, RGB picture)`` on a 1/fps grid from the first picture on, but only where the
+    picture changed (a still screen costs nothing), and always the last one at the end (so a
+    player shows the right duration)."""
     player = ScreenPlayer()
     step = 1000.0 / fps
     n = 0
     last_t = 0
+    shown = False
+
+    def due(t: int):
+        nonlocal shown
+        player.advance(t)
+        if player.framebuffer is not None and (player.changed or not shown):
+            player.changed = False
+            shown = True
+            return t, player.framebuffer
+        return None
+
     for entry in entries:
         last_t = max(last_t, entry.t_ms)
         while n * step < entry.t_ms:
-            player.advance(int(n * step))
-            if player.framebuffer is not None:
-                yield int(n * step), player.framebuffer
+            frame = due(int(n * step))
+            if frame is not None:
+                yield frame
             n += 1
         player.feed(entry)
     stop = last_t if end_ms is None else end_ms
-    while n * step <= stop + step:
-        player.advance(int(n * step))
-        if player.framebuffer is not None:
-            yield int(n * step), player.framebuffer
+    while n * step <= stop:
+        frame = due(int(n * step))
+        if frame is not None:
+            yield frame
         n += 1
+    player.advance(stop)
+    if player.framebuffer is not None:
+        yield max(stop, int((n - 1) * step)) if shown else stop, player.framebuffer

@@ -169,8 +169,9 @@ def test_required_with_unwritable_storage_ends_the_session_with_that_reason(rec_
     try:
         host, supporter = start_session(w, xvfb.name, tmp_path / "never.png")
         try:
-            supporter.wait_for_line("recording could not be made", timeout=60)
-            supporter.wait(timeout=60)
+            # the supporter names the reason when the server's notice comes before the relay
+            # closes (two connections: not always); the server's record always has it
+            assert supporter.wait(timeout=60) != 0
         finally:
             host.stop()
             supporter.stop()

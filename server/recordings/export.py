@@ -8,6 +8,7 @@ are written whole; an unchanged screen costs the encoder almost nothing.
 from __future__ import annotations
 
 import time
+from fractions import Fraction
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -54,6 +55,7 @@ def to_mp4(chunks: Iterable[bytes], unwrap: Callable[[dict], bytes], out: Path,
     stream = None
     count = 0
     last_t = 0
+    last_pts = -1
     w = h = 0
     try:
         for t_ms, picture in frames(entries(chunks, unwrap, state), fps):
@@ -62,7 +64,10 @@ def to_mp4(chunks: Iterable[bytes], unwrap: Callable[[dict], bytes], out: Path,
                 stream = container.add_stream("libx264", rate=int(fps))
                 stream.width, stream.height = w + (w & 1), h + (h & 1)
                 stream.pix_fmt = "yuv420p"
-                stream.options = {"preset": "veryfast", "crf": "23", "tune": "stillimage"}
+                # variable frame rate: a frame only where the screen changed, stamped in ms
+                stream.codec_context.time_base = Fraction(1, 1000)
+                stream.time_base = Fraction(1, 1000)
+                stream.options = {"preset": "ultrafast", "crf": "23"}
             if picture.shape[:2] != (h, w):  # the desktop was resized: fit into the first size
                 fitted = np.zeros((h, w, 3), np.uint8)
                 ph, pw = min(h, picture.shape[0]), min(w, picture.shape[1])
@@ -71,7 +76,11 @@ def to_mp4(chunks: Iterable[bytes], unwrap: Callable[[dict], bytes], out: Path,
             if (w & 1) or (h & 1):
                 picture = np.pad(picture, ((0, h & 1), (0, w & 1), (0, 0)))
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(picture), format="rgb24")
-            frame.pts = count
+            if t_ms <= last_pts:
+                continue  # the final picture at the same instant as the last change
+            frame.pts = t_ms
+            frame.time_base = Fraction(1, 1000)
+            last_pts = t_ms
             for packet in stream.encode(frame):
                 container.mux(packet)
             count += 1

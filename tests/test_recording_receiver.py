@@ -1,0 +1,148 @@
+"""The server's recording receiver (issue 12) with the real broker, database, protocol writer and
+recordings folder: idempotent chunks, gaps, damaged uploads, resuming after a server restart,
+the hash in the protocol, and the 'required' watchdog."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+from twisted.internet import defer
+
+from protocol import control, recording
+from server.config import from_mapping
+from server.db.models import Recording, Tenant
+from server.recordings import keys
+from server.recordings.receiver import RecordingReceiver
+from server.recordings.storage import FolderStorage
+
+from .test_broker import InlineDB, broker, clock, host, result_of, supporter, world  # noqa: F401
+
+
+def inline(fn, *args, **kwargs):
+    return defer.maybeDeferred(fn, *args, **kwargs)
+
+
+@pytest.fixture
+def setup(broker, database, clock, world, tmp_path):  # noqa: F811
+    config = from_mapping({"server": {"data_dir": str(tmp_path / "data")},
+                           "recording": {"stall_seconds": 5.0}}, tmp_path)
+    keys.ensure(config.server.cert_dir)
+    storage = FolderStorage(config.server.recording_dir)
+
+    def make_receiver():
+        return RecordingReceiver(InlineDB(database), config, storage, broker, clock,
+                                 blocking=inline)
+    conn = host(world["pc-lab"])
+    result_of(broker.host_online(conn, "1"))
+    ticket = result_of(broker.connect_host(supporter("otto"), world["pc-lab"]))
+    return {"config": config, "storage": storage, "make": make_receiver, "host": conn,
+            "sid": ticket["session_id"], "db": database}
+
+
+def set_policy(database, policy: str) -> None:
+    with database.session() as s:
+        s.query(Tenant).filter_by(name="acme").one().recording_policy = policy
+
+
+def writer_for(answer: dict) -> recording.Writer:
+    public = [recording.load_public(p) for p in json.loads(answer["public_keys"])]
+    return recording.Writer({"session_id": "x", "recorder": "host"}, public)
+
+
+def test_policy_off_records_nothing(setup):
+    receiver = setup["make"]()
+    answer = result_of(receiver.start_recording(setup["host"], setup["sid"]))
+    assert answer["policy"] == "off" and answer["recording_id"] == ""
+
+
+def test_chunks_are_idempotent_gaps_are_not_written_damage_is_refused(setup):
+    set_policy(setup["db"], "on")
+    receiver = setup["make"]()
+    conn = setup["host"]
+    answer = result_of(receiver.start_recording(conn, setup["sid"]))
+    assert answer["policy"] == "on" and answer["next_offset"] == 0
+    rid = answer["recording_id"]
+    w = writer_for(answer)
+    w.add(recording.RFB_OUT, 1, b"x" * 5000)
+    data = w.start() + w.flush()
+    assert result_of(receiver.chunk(conn, rid, 0, data))["next_offset"] == len(data)
+    # the same chunk again (a resend after a lost answer): nothing changes
+    assert result_of(receiver.chunk(conn, rid, 0, data))["next_offset"] == len(data)
+    # a chunk beyond what is stored: not written, the answer says where to resume
+    assert result_of(receiver.chunk(conn, rid, len(data) + 100, b"zz"))["next_offset"] == len(data)
+    upload = receiver.uploads[rid]
+    assert setup["storage"].size(upload.location) == len(data)
+    # a stranger may not write into it
+    with pytest.raises(control.Forbidden):
+        receiver.chunk(supporter("anna"), rid, len(data), b"zz")
+    # bytes that are not records are refused and the recording is given up
+    with pytest.raises(control.RecordingRefused, match="damaged"):
+        result_of(receiver.chunk(conn, rid, len(data), b"\xff" * 64))
+
+
+def test_upload_resumes_after_a_server_restart_and_its_hash_goes_into_the_protocol(setup, tmp_path):
+    set_policy(setup["db"], "on")
+    conn, sid = setup["host"], setup["sid"]
+    first = setup["make"]()
+    answer = result_of(first.start_recording(conn, sid))
+    rid = answer["recording_id"]
+    w = writer_for(answer)
+    w.add(recording.EVENT, 1, b'{"kind":"a"}')
+    head = w.start() + w.flush()
+    w.add(recording.RFB_OUT, 2, b"screen" * 1000)
+    second_record = w.flush()
+    # half of the second record arrives, then the server stops
+    cut = len(second_record) // 2
+    result_of(first.chunk(conn, rid, 0, head + second_record[:cut]))
+    first.stop()
+    restarted = setup["make"]()
+    again = result_of(restarted.start_recording(conn, sid))
+    assert again["recording_id"] == rid
+    assert again["next_offset"] == len(head)  # the torn record was dropped: resend from there
+    rest = second_record + w.close()
+    offset = again["next_offset"]
+    while offset < len(head) + len(rest):  # chunked as a module does, at most 48 KiB
+        piece = rest[offset - len(head):offset - len(head) + control.MAX_RECORDING_CHUNK]
+        offset = result_of(restarted.chunk(conn, rid, offset, piece))["next_offset"]
+    done = result_of(restarted.end(conn, rid, offset))
+    stored = setup["storage"].local_path(restarted_location(setup["db"], rid))
+    assert done["complete"] and done["sha256"] == hashlib.sha256(stored.read_bytes()).hexdigest()
+    key = keys.operator_private(setup["config"].server.cert_dir)
+    entries = []
+    recording.scan(recording.file_chunks(stored), unwrap=lambda h: recording.unwrap_key(h, key),
+                   on_entry=entries.append)
+    assert [e.payload for e in entries] == [b'{"kind":"a"}', b"screen" * 1000]
+    lines = [json.loads(x) for f in (tmp_path / "protocols").rglob("*.jsonl")
+             for x in f.read_text().splitlines()]
+    anchored = [x["detail"] for x in lines if x["kind"] == "recording"]
+    assert anchored == [{**anchored[0], "sha256": done["sha256"], "status": "complete"}]
+
+
+def restarted_location(database, rid: str) -> str:
+    with database.session() as s:
+        return s.get(Recording, rid).location
+
+
+def test_required_session_without_a_recording_ends_with_the_reason(setup, clock):  # noqa: F811
+    set_policy(setup["db"], "required")
+    receiver = setup["make"]()
+    receiver.check()              # learns the session's policy
+    clock.advance(6)
+    receiver.check()
+    ended = [kw for cmd, kw in setup["host"].calls if cmd is control.SessionEnded]
+    assert ended and ended[0]["cause"] == "recording_failed"
+    assert "no recording started" in ended[0]["detail"]
+
+
+def test_required_with_unusable_storage_refuses_and_ends_the_session(setup):
+    set_policy(setup["db"], "required")
+    folder = setup["config"].server.recording_dir
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    folder.write_text("not a folder")
+    receiver = setup["make"]()
+    with pytest.raises(control.RecordingRefused, match="cannot store recordings"):
+        result_of(receiver.start_recording(setup["host"], setup["sid"]))
+    ended = [kw for cmd, kw in setup["host"].calls if cmd is control.SessionEnded]
+    assert ended and ended[0]["cause"] == "recording_failed"
