@@ -61,6 +61,8 @@ def initialise(config: Config, force: bool = False, admin_name: str = "admin",
         store.write_ca(ca_key, ca_cert)
         created_ca = True
     ca_cert = store.ca_cert()
+    from .recordings import keys as recording_keys
+    recording_keys.ensure(s.cert_dir)  # the operator's recording key (back it up with the CA)
     db = Database(config.database_url)
     try:
         db.migrate()

@@ -119,6 +119,19 @@ def test_recorded_session_exports_to_the_screen_and_tampering_is_named(rec_world
     assert srv.cli("protocol", "verify", str(srv.data_dir / "protocols")).returncode == 0
     for lang in ("en", "de"):
         console_plays(browser, srv, rec["session_id"], lang)
+    # wrong or missing keys: one line each, nothing written, nothing deleted
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    from protocol import recording
+    stranger = tmp_path / "stranger.pem"
+    stranger.write_bytes(recording.private_pem(X25519PrivateKey.generate()))
+    for key, said in ((stranger, "not readable with key"), (tmp_path / "nope.pem", "cannot be read")):
+        wrong = srv.cli("recording", "export", rec["session_id"], "--mp4", str(tmp_path / "w.mp4"),
+                        "--key", str(key))
+        assert wrong.returncode == 1 and said in wrong.stderr, wrong.stderr
+        assert len(wrong.stderr.strip().splitlines()) == 1
+        assert not (tmp_path / "w.mp4").exists() and not (tmp_path / "w.mp4.part").exists()
+    assert stored.stat().st_size == rec["size"]
     # tampering: one byte of the stored file
     data = bytearray(stored.read_bytes())
     data[len(data) // 2] ^= 0x40
@@ -257,6 +270,11 @@ def console_plays(browser, srv, session_id: str, lang: str) -> None:  # noqa: F8
         page.screenshot(path=str(ARTIFACTS / f"recording-{lang}.png"), full_page=False)
         assert csp_seen and all("script-src" not in c and "default-src 'none'" in c
                                 for c in csp_seen if c)
+        page.goto(f"{srv.url}/console/settings")
+        tenant_policy = page.locator("#recording-tenant").inner_text()
+        assert tenant_policy == {"en": "on", "de": "an"}.get(lang, tenant_policy), tenant_policy
+        page.locator("#recording-section").scroll_into_view_if_needed()
+        page.screenshot(path=str(ARTIFACTS / f"recording-settings-{lang}.png"), full_page=False)
         page.goto(f"{srv.url}/console/audit")
         body = page.content()
         assert "recording.play" in body and "recording.export" in body

@@ -146,3 +146,14 @@ def test_required_with_unusable_storage_refuses_and_ends_the_session(setup):
         result_of(receiver.start_recording(setup["host"], setup["sid"]))
     ended = [kw for cmd, kw in setup["host"].calls if cmd is control.SessionEnded]
     assert ended and ended[0]["cause"] == "recording_failed"
+
+
+def test_policy_on_with_unusable_storage_goes_on_unrecorded(setup):
+    set_policy(setup["db"], "on")
+    folder = setup["config"].server.recording_dir
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    folder.write_text("not a folder")
+    receiver = setup["make"]()
+    answer = result_of(receiver.start_recording(setup["host"], setup["sid"]))
+    assert answer["policy"] == "off" and answer["recording_id"] == ""
+    assert not [kw for cmd, kw in setup["host"].calls if cmd is control.SessionEnded]

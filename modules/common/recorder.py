@@ -105,8 +105,16 @@ class SessionRecorder:
 
     def _refused(self, failure) -> None:
         why = failure.getErrorMessage()
-        self.policy = self.policy or "required"  # the server refused: no screen without it
-        self._fail(f"the server refused the recording: {why}")
+        if failure.check(control.RecordingRefused):
+            # the server refuses only under 'required' (it ends the session too): no screen
+            self.policy = "required"
+            self._fail(f"the server refused the recording: {why}")
+        else:
+            # a server without recordings (older version) or a lost connection: under
+            # 'required' the server ends the session itself
+            log.warn("session {session_id}: no recording: {why}", session_id=self.session_id,
+                     why=why)
+            self.policy = "off"
         self._fire_ready()
 
     def _fire_ready(self) -> None:

@@ -60,7 +60,25 @@ def _render(ctx: Ctx, status: int | None = None, **extra: Any):
         values.update(extra)
         values.setdefault("form", {})
         return ctx.page("settings.html", status, **values)
-    return ctx.run(_state, ctx.console).addCallback(show)
+    def with_recording(state: dict[str, Any]):
+        def add(policies: dict[str, Any]) -> dict[str, Any]:
+            state["recording"] = policies
+            return state
+        return ctx.run(_recording_policies, ctx.session.tenant_id, ctx.console.config).addCallback(add)
+    return ctx.run(_state, ctx.console).addCallback(with_recording).addCallback(show)
+
+
+def _recording_policies(session, tenant_id: int, config: Any) -> dict[str, Any]:
+    """The recording policy of this tenant and its host groups (set with ``hausmeister-server
+    recording policy``; shown here, read only)."""
+    from ..db.models import HostGroup, Tenant
+    tenant = session.get(Tenant, tenant_id)
+    groups = session.scalars(select(HostGroup).where(HostGroup.tenant_id == tenant_id)
+                             .order_by(HostGroup.name))
+    return {"default": config.recording.default_policy, "storage": config.recording.storage,
+            "tenant": tenant.recording_policy if tenant else None, "tenant_name": tenant.name if tenant else "",
+            "groups": [(g.name, g.recording_policy) for g in groups],
+            "auditor_key": bool(config.recording.auditor_key), "input": config.recording.input}
 
 
 @route("GET", "settings", roles=("admin",))

@@ -19,13 +19,30 @@ from . import keys
 from .storage import StorageFailed, storage_named
 
 
-class _Problem(Exception):
-    pass
+class RecordingCLIError(Exception):
+    """One line for the operator; the command exits 1 (``hausmeister-server: error: ...``)."""
 
 
 def _cli_error():
-    from ..cli import CLIError
-    return CLIError
+    return RecordingCLIError
+
+
+def _one_line_errors(command):
+    """Problems become one line and exit 1 here (``server.cli`` may run as ``__main__``, so its
+    ``CLIError`` class is not necessarily the one ``main`` catches)."""
+    import functools
+    import sys
+
+    @functools.wraps(command)
+    def run(config, args) -> int:
+        from ..cli import CLIError
+        from ..db import DatabaseError
+        try:
+            return command(config, args)
+        except (RecordingCLIError, CLIError, DatabaseError, keys.KeyProblem) as exc:
+            print(f"hausmeister-server: error: {exc}", file=sys.stderr)
+            return 1
+    return run
 
 
 def _db(config):
@@ -82,6 +99,7 @@ def _audit(config, actor: str, action: str, detail: str, tenant_id) -> None:
         db.dispose()
 
 
+@_one_line_errors
 def cmd_keygen(config, args) -> int:
     try:
         kid = keys.create(config.server.cert_dir, force=args.force)
@@ -92,6 +110,7 @@ def cmd_keygen(config, args) -> int:
     return 0
 
 
+@_one_line_errors
 def cmd_policy(config, args) -> int:
     from .. import accounts
     from ..db.models import HostGroup
@@ -121,6 +140,7 @@ def cmd_policy(config, args) -> int:
     return 0
 
 
+@_one_line_errors
 def cmd_list(config, args) -> int:
     db = _db(config)
     try:
@@ -145,6 +165,7 @@ def cmd_list(config, args) -> int:
     return 0
 
 
+@_one_line_errors
 def cmd_show(config, args) -> int:
     row = _one(config, args.session, args.party)
     header = {}
@@ -195,6 +216,7 @@ def verify_row(config, row, unwrap) -> str | None:
     return None
 
 
+@_one_line_errors
 def cmd_verify(config, args) -> int:
     unwrap = _unwrap(config, args.key)
     db = _db(config)
@@ -221,6 +243,7 @@ def cmd_verify(config, args) -> int:
     return 0
 
 
+@_one_line_errors
 def cmd_export(config, args) -> int:
     from .export import to_mp4
     row = _one(config, args.session, args.party)
@@ -244,6 +267,7 @@ def cmd_export(config, args) -> int:
     return 0
 
 
+@_one_line_errors
 def cmd_delete(config, args) -> int:
     from ..db.models import Recording
     row = _one(config, args.session, args.party)

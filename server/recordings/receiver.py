@@ -116,14 +116,18 @@ class RecordingReceiver:
         if policy == "off":
             return answer
         problem = yield self.blocking(self._storage_problem, tenant_id)
+        public: list = []
+        if problem is None:
+            try:
+                public = keys.public_keys(self.config.server.cert_dir,
+                                          self.config.recording.auditor_key)
+            except keys.KeyProblem as exc:
+                problem = str(exc)
         if problem is not None:
             yield self._refuse(live, policy, problem)
+            if policy != "required":  # 'on': the session goes on unrecorded (logged above)
+                return {**answer, "policy": "off"}
             raise control.RecordingRefused(f"the server cannot store recordings: {problem}")
-        try:
-            public = keys.public_keys(self.config.server.cert_dir, self.config.recording.auditor_key)
-        except keys.KeyProblem as exc:
-            yield self._refuse(live, policy, str(exc))
-            raise control.RecordingRefused(str(exc))
         existing = next((u for u in self.uploads.values()
                          if u.session_id == session_id and u.party == party and not u.ended), None)
         if existing is None:
