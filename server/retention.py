@@ -11,6 +11,7 @@ What goes, and what stays (conservative on purpose — a protocol is evidence):
 * a month folder ``<tenant>/YYYY/MM`` only when the whole month lies before the cut-off: its
   ``*.jsonl`` files older than the cut-off whose session has no row any more; the folder (and an
   emptied year folder) is removed only once nothing else is left in it.
+* the recordings of each deleted session (rows and files, folder or S3).
 * ``<tenant>/sessions.csv`` (the billing list) is never touched.
 
 Every run that deleted something is written to the audit log (per tenant and server-wide).
@@ -35,7 +36,7 @@ from twisted.internet import task
 from protocol.runtime import Logger
 
 from . import accounts, settings_store
-from .db.models import Session, SessionEvent
+from .db.models import Recording, Session, SessionEvent
 from .session_protocol import check_session_id, find_session, ProtocolError
 
 log = Logger(namespace="hausmeister.retention")
@@ -56,6 +57,7 @@ class SweepReport:
     cutoff: dt.datetime | None = None
     sessions: int = 0
     events: int = 0
+    recordings: int = 0
     files: list[Path] = field(default_factory=list)
     folders: list[Path] = field(default_factory=list)
     per_tenant: Counter = field(default_factory=Counter)
@@ -67,6 +69,7 @@ class SweepReport:
     def summary(self) -> str:
         return (f"cut-off {self.cutoff:%Y-%m-%d %H:%M} UTC: {self.sessions} sessions, "
                 f"{self.events} events, {len(self.files)} protocol files, "
+                f"{self.recordings} recordings, "
                 f"{len(self.folders)} folders deleted")
 
 
@@ -107,8 +110,10 @@ def _old_months(base: Path, cutoff: dt.datetime) -> list[Path]:
     return found
 
 
-def _delete_batch(session: DbSession, base: Path, cutoff: dt.datetime, report: SweepReport) -> int:
-    """Delete up to BATCH ended sessions (rows committed first, then their files)."""
+def _delete_batch(session: DbSession, base: Path, cutoff: dt.datetime, report: SweepReport,
+                  recordings: Any = None) -> int:
+    """Delete up to BATCH ended sessions (rows committed first, then their files) with their
+    recordings (``recordings(storage, location)`` removes a recording's file)."""
     rows = session.execute(
         select(Session.id, Session.tenant_id, Session.protocol_file)
         .where(Session.ended_at.is_not(None), Session.ended_at < cutoff)
@@ -119,6 +124,9 @@ def _delete_batch(session: DbSession, base: Path, cutoff: dt.datetime, report: S
     files = [p for r in rows for p in _files_of(base, r.id, r.protocol_file)] if base.is_dir() else []
     report.events += session.execute(
         delete(SessionEvent).where(SessionEvent.session_id.in_(ids))).rowcount or 0
+    stored = session.execute(select(Recording.storage, Recording.location)
+                             .where(Recording.session_id.in_(ids))).all()
+    session.execute(delete(Recording).where(Recording.session_id.in_(ids)))
     session.execute(delete(Session).where(Session.id.in_(ids)))
     session.commit()
     report.sessions += len(ids)
@@ -127,6 +135,14 @@ def _delete_batch(session: DbSession, base: Path, cutoff: dt.datetime, report: S
         if path.is_file():
             path.unlink()
             report.files.append(path)
+    for kind, location in stored:
+        report.recordings += 1
+        if recordings is not None:
+            try:
+                recordings(kind, location)
+            except Exception as exc:  # the row is gone; the file is the operator's to remove
+                log.error("retention: recording {location} not deleted: {why}",
+                          location=location, why=str(exc))
     return len(rows)
 
 
@@ -168,7 +184,7 @@ def _audit(session: DbSession, days: int, report: SweepReport) -> None:
 
 
 def sweep(session: DbSession, protocol_dir: Path | str, days: int,
-          now: dt.datetime | None = None) -> SweepReport:
+          now: dt.datetime | None = None, recordings: Any = None) -> SweepReport:
     """Delete what is older than ``days`` (see the module text); ``days == 0`` touches nothing.
 
     The row deletions are committed before any file is removed, so a failure part-way leaves at
@@ -180,7 +196,7 @@ def sweep(session: DbSession, protocol_dir: Path | str, days: int,
         return report
     report.cutoff = cutoff = now - dt.timedelta(days=days)
     base = Path(protocol_dir).resolve()
-    while _delete_batch(session, base, cutoff, report) == BATCH:
+    while _delete_batch(session, base, cutoff, report, recordings) == BATCH:
         pass
     if base.is_dir():
         for month in _old_months(base, cutoff):
@@ -192,7 +208,9 @@ def sweep(session: DbSession, protocol_dir: Path | str, days: int,
 
 def _run(session: DbSession, config: Any, now: dt.datetime) -> SweepReport:
     days = settings_store.get(session, config, settings_store.RETENTION_DAYS)
-    return sweep(session, config.server.protocol_dir, days, now)
+    from .recordings.storage import storage_named
+    return sweep(session, config.server.protocol_dir, days, now,
+                 recordings=lambda kind, location: storage_named(config, kind).delete(location))
 
 
 class RetentionService(Service):

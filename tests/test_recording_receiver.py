@@ -157,3 +157,34 @@ def test_policy_on_with_unusable_storage_goes_on_unrecorded(setup):
     answer = result_of(receiver.start_recording(setup["host"], setup["sid"]))
     assert answer["policy"] == "off" and answer["recording_id"] == ""
     assert not [kw for cmd, kw in setup["host"].calls if cmd is control.SessionEnded]
+
+
+def test_retention_deletes_old_sessions_with_their_recordings(setup, tmp_path):
+    """The retention sweep takes a session's recordings (rows and files) with the session."""
+    import datetime as dt
+
+    from server import retention
+    from server.db.models import Session
+    set_policy(setup["db"], "on")
+    receiver = setup["make"]()
+    conn, sid = setup["host"], setup["sid"]
+    answer = result_of(receiver.start_recording(conn, sid))
+    w = writer_for(answer)
+    data = w.start() + w.close()
+    result_of(receiver.chunk(conn, answer["recording_id"], 0, data))
+    result_of(receiver.end(conn, answer["recording_id"], len(data)))
+    stored = setup["storage"].local_path(restarted_location(setup["db"], answer["recording_id"]))
+    assert stored.is_file()
+    old = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=40)
+    with setup["db"].session() as s:
+        row = s.get(Session, sid)
+        row.created_at = row.started_at = old
+        row.ended_at = old + dt.timedelta(minutes=5)
+    storage = setup["storage"]
+    with setup["db"].session() as s:
+        report = retention.sweep(s, tmp_path / "protocols", 30,
+                                 recordings=lambda kind, location: storage.delete(location))
+    assert report.sessions == 1 and report.recordings == 1
+    assert not stored.exists()
+    with setup["db"].session() as s:
+        assert s.get(Recording, answer["recording_id"]) is None
