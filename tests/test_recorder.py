@@ -1,0 +1,124 @@
+"""The module's recorder (modules.common.recorder): what it writes is what the screen sent, one
+chunk in flight, and a slow upload never blocks the screen: a full buffer gives the recording up
+(ending the session under 'required') instead of stalling."""
+
+from __future__ import annotations
+
+import json
+
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from twisted.internet import defer, task
+
+from modules.common.recorder import SessionRecorder
+from protocol import control, recording
+
+KEY = X25519PrivateKey.generate()
+
+
+class ControlLink:
+    """The server's side of RecordingStart/Chunk/End as the module sees it over its control
+    connection; ``answer_chunks`` False models a server (or network) that stopped answering."""
+
+    def __init__(self, policy: str = "on", buffer_bytes: int = 1 << 20) -> None:
+        self.policy = policy
+        self.buffer_bytes = buffer_bytes
+        self.stored = bytearray()
+        self.in_flight = 0
+        self.most_in_flight = 0
+        self.answer_chunks = True
+        self.ended = False
+        self.waiting: list[defer.Deferred] = []
+
+    def callRemote(self, command, **kw):
+        if command is control.RecordingStart:
+            return defer.succeed({
+                "policy": self.policy, "input": "masked", "recording_id": "r1", "next_offset": 0,
+                "public_keys": json.dumps([recording.public_pem(KEY.public_key())]),
+                "max_chunk": control.MAX_RECORDING_CHUNK, "stall_seconds": 30.0,
+                "buffer_bytes": self.buffer_bytes})
+        if command is control.RecordingChunk:
+            assert len(kw["data"]) <= control.MAX_RECORDING_CHUNK
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+            if not self.answer_chunks:
+                d = defer.Deferred()
+                self.waiting.append(d)
+                return d
+            self.in_flight -= 1
+            if kw["offset"] == len(self.stored):
+                self.stored += kw["data"]
+            return defer.succeed({"next_offset": len(self.stored)})
+        if command is control.RecordingEnd:
+            self.ended = True
+            return defer.succeed({"sha256": "", "complete": True})
+        raise AssertionError(command)
+
+
+def entries_of(data: bytes) -> list[recording.Entry]:
+    found = []
+    reader = recording.Reader(unwrap=lambda h: recording.unwrap_key(h, KEY))
+    for item in reader.receive(data):
+        if isinstance(item, recording.Entry):
+            found.append(item)
+    assert reader.complete
+    return found
+
+
+def test_records_what_the_screen_sent_and_masks_keys():
+    link = ControlLink()
+    clock = task.Clock()
+    rec = SessionRecorder(clock, link, "s1", "host", screen_size=(640, 480))
+    rec.start()
+    assert rec.may_show() is True
+    big = bytes(range(256)) * 1000          # more than one chunk
+    rec.rfb_out(b"RFB 003.008\n")
+    rec.rfb_out(big)
+    rec.rfb_in(b"RFB 003.008\n\x01\x01" + b"\x04\x01\x00\x00\x00\x00\x00\x61")
+    rec.event("chat", {"text": "hello"})
+    clock.advance(1.0)
+    done = rec.close()
+    assert done.called and link.ended and link.most_in_flight == 1
+    got = entries_of(bytes(link.stored))
+    assert b"".join(e.payload for e in got if e.kind == recording.RFB_OUT) == b"RFB 003.008\n" + big
+    keys = [e.json() for e in got if e.kind == recording.INPUT]
+    assert keys == [{"key": None, "down": True}]          # masked: a key, but not which
+    assert any(e.kind == recording.EVENT and e.json().get("text") == "hello" for e in got)
+
+
+def test_a_stalled_upload_never_blocks_the_screen_and_ends_a_required_session():
+    link = ControlLink(policy="required", buffer_bytes=1 << 20)
+    clock = task.Clock()
+    failures: list[str] = []
+    rec = SessionRecorder(clock, link, "s1", "host", on_failed=failures.append)
+    rec.start()
+    link.answer_chunks = False
+    frame = b"\x00" * 200_000
+    for _ in range(20):                     # 4 MB of screen while the server says nothing
+        rec.rfb_out(frame)                  # returns at once every time
+        clock.advance(1.0)
+    assert link.most_in_flight == 1
+    assert failures and "fell" in failures[0] and "behind" in failures[0]
+    assert not rec.active and rec.stats()["buffered"] == 0   # the buffer is freed
+
+
+def test_policy_on_overflow_gives_up_the_recording_but_not_the_session():
+    link = ControlLink(policy="on", buffer_bytes=1 << 20)
+    clock = task.Clock()
+    failures: list[str] = []
+    rec = SessionRecorder(clock, link, "s1", "host", on_failed=failures.append)
+    rec.start()
+    link.answer_chunks = False
+    for _ in range(10):
+        rec.rfb_out(b"\x00" * 300_000)
+        clock.advance(1.0)
+    assert rec.failed and not failures
+    assert rec.may_show() is True
+
+
+def test_a_server_without_recordings_does_not_hold_the_screen_back():
+    class OldServer:
+        def callRemote(self, command, **kw):
+            return defer.fail(RuntimeError("Unhandled Command: 'RecordingStart'"))
+    rec = SessionRecorder(task.Clock(), OldServer(), "s1", "host")
+    rec.start()
+    assert rec.policy == "off" and rec.may_show() is True
