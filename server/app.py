@@ -25,6 +25,7 @@ from .module_port import ConnectionRegistry, ModulePort
 from .directory.client import Directory
 from .directory.signin import SignIn
 from .single_port import PlaneSplit
+from .ws_tunnel import tunnel_resource
 from .pki import CertStore
 from .relay.core import Relay
 from .relay.listener import record_session_end
@@ -244,6 +245,7 @@ class HausmeisterServer(service.MultiService):
         web = WebPlane(self.db, self.store, self.enrollment, c.server.public_host,
                        self._module_port_number, c.certificates.renew_before_days,
                        console=self.make_console(), signin=self.signin)
+        web.module_tunnel = tunnel_resource(tls.ServerContextFactory(module_ctx), factory)
         web_ctx = tls.web_context(chain, key, ca, c.certificates.min_tls)
         # a profile picture plus form fields fits; larger bodies are refused unread
         max_body = max(MAX_BODY_BYTES, (c.avatars.max_upload_kib + 64) * 1024)

@@ -261,6 +261,7 @@ class WebPlane:
             from .directory.signin import SignIn
             signin = SignIn(db, enrollment.lockouts)
         self.signin = signin  # the password check: local accounts, then the directory
+        self.module_tunnel: resource.Resource | None = None
         self.store = store
         self.enrollment = enrollment
         self.module_host = module_host
@@ -339,6 +340,8 @@ class WebPlane:
         enroll.putChild(b"supporter", JSONEndpoint(self.enroll_supporter, api.SUPPORTER_FIELDS))
         enroll.putChild(b"host", JSONEndpoint(self.enroll_host, api.HOST_FIELDS))
         apiv1.putChild(b"renew", JSONEndpoint(self.renew, api.RENEW_FIELDS))
+        if self.module_tunnel is not None:  # modules over a WebSocket (server.ws_tunnel)
+            apiv1.putChild(b"module-tunnel", self.module_tunnel)
         if self.console is None:
             from .console import Console  # imports this module, hence here
             self.console = Console(self.db, self.enrollment.lockouts)

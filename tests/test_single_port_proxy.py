@@ -197,3 +197,62 @@ def test_enrollment_presence_and_a_session_through_a_connect_only_proxy(tmp_path
                 proc.stop()
         proxy.stop()
         srv.stop()
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_session_through_a_websocket_over_the_proxy(tmp_path, db_url):
+    """--websocket: the module's mutual TLS runs inside a WebSocket on the single port (ALPN
+    http/1.1, so the server sees web traffic), through the CONNECT-only proxy."""
+    srv, port = single_port_server(tmp_path, db_url)
+    proxy = Tinyproxy(tmp_path / "proxy", connect_ports=[port]).start()
+    via_env = {**NO_ENV_PROXY, "https_proxy": proxy.url}
+    host = supporter = None
+    try:
+        single_url = f"https://127.0.0.1:{port}"
+        srv.ok("user", "add", "alice", "--role", "supporter", "--password-stdin",
+               stdin=SUPPORTER_PASSWORD + "\n")
+        alice = tmp_path / "alice"
+        enroll_supporter(srv, single_url, alice, env=via_env)
+        token = srv.ok("token", "create", "-q").strip()
+        pc1 = tmp_path / "pc1"
+        assert run_cli("host", "enroll", "--server", single_url, "--ca-fingerprint",
+                       srv.fingerprint, "--token", token, "--name", "pc1", "--home", str(pc1),
+                       env=via_env).returncode == 0
+        assert run_cli("host", "set-password", "--password-stdin", "--home", str(pc1),
+                       stdin="right-host-password\n").returncode == 0
+
+        status = run_cli("supporter", "status", "--websocket", "--home", str(alice), env=via_env)
+        assert status.returncode == 0, status.stderr
+        assert "hausmeister:supporter:alice" in status.stdout      # mutual TLS inside the tunnel
+        assert "(WebSocket over TLS)" in status.stdout
+        host = ModuleProcess("host", "run", "--websocket", "--pipe", "--home", str(pc1),
+                             env=via_env)
+        host.wait_for_line("online; waiting for supporters")
+        password = tmp_path / "host-password"
+        password.write_text("right-host-password\n")
+        supporter = ModuleProcess("supporter", "connect", "pc1", "--pipe", "--answers", "/dev/null",
+                                  "--password-file", str(password), "--home", str(alice),
+                                  "--websocket", env=via_env)
+        supporter.wait_for_line("verification code")
+        supporter.wait_for_line("granted control")
+        payload = bytes(range(256)) * 800   # ~200 KB: many WebSocket messages each way
+        host.send(payload)
+        supporter.read_exactly(payload)
+        supporter.send(b"keys through the websocket")
+        host.read_exactly(b"keys through the websocket")
+        supporter.close_stdin()
+        assert supporter.wait() == 0 and host.wait() == 0
+        # status, host and supporter control connections and both relay legs were tunnels
+        assert srv.log().count("module tunnel (WebSocket) opened") >= 5, srv.log()[-3000:]
+
+        # a revoked certificate is refused inside the tunnel as on the module port
+        srv.ok("cert", "revoke", "hausmeister:supporter:alice")
+        refused = run_cli("supporter", "status", "--websocket", "--no-renew", "--home", str(alice),
+                          env=via_env)
+        assert refused.returncode == 1 and len(refused.stderr.strip().splitlines()) == 1
+    finally:
+        for proc in (supporter, host):
+            if proc is not None:
+                proc.stop()
+        proxy.stop()
+        srv.stop()

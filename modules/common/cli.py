@@ -15,7 +15,7 @@ from twisted.protocols import amp
 
 from protocol import control
 
-from . import enrollment, proxy
+from . import enrollment, proxy, ws_tunnel
 from .connection import address_of, connect, hello
 from .folder import ModuleFolder, ModuleFolderError, default_home
 
@@ -143,7 +143,9 @@ def status(args: argparse.Namespace, kind: str) -> int:
     print(f"certificate: serial {cert.serial_number:x}, valid until "
           f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC")
     through = proxy.proxy_for(address_of(folder).host)
-    print(f"path:        {'through the proxy ' + through.shown if through else 'direct'} (TLS)")
+    transport = "WebSocket over TLS" if ws_tunnel.enabled() else "TLS"
+    print(f"path:        {'through the proxy ' + through.shown if through else 'direct'} "
+          f"({transport})")
     return 0
 
 
@@ -173,10 +175,14 @@ def add_status_renew(sub, kind: str) -> None:
 
 
 def _proxy_first(argv: list[str]) -> list[str]:
-    """``--proxy URL`` may stand anywhere on the command line; argparse wants it before the
-    command, where the option is declared."""
+    """``--proxy URL`` and ``--websocket`` may stand anywhere on the command line; argparse
+    wants them before the command, where they are declared."""
     front, rest, i = [], [], 0
     while i < len(argv):
+        if argv[i] == "--websocket":
+            front.append(argv[i])
+            i += 1
+            continue
         if argv[i] == "--proxy" and i + 1 < len(argv):
             front += argv[i:i + 2]
             i += 2
@@ -190,7 +196,11 @@ def main_wrapper(prog: str, parser: argparse.ArgumentParser, argv: list[str] | N
     parser.add_argument("--proxy", metavar="URL",
                         help="reach the server through this HTTP proxy with CONNECT, e.g. "
                              "http://user:password@proxy.lan:3128 (default: $https_proxy)")
+    parser.add_argument("--websocket", action="store_true",
+                        help="connect through a WebSocket over TLS, where only web traffic "
+                             "passes (needs the server's single port, listen.single_port)")
     args = parser.parse_args(_proxy_first(list(sys.argv[1:] if argv is None else argv)))
+    ws_tunnel.configure(args.websocket)
     try:
         proxy.configure(args.proxy)
     except ValueError as exc:

@@ -18,6 +18,7 @@ from protocol.amp_adapter import FramedAMP
 from protocol.session_end import BadEndReason, EndCause, EndReason
 
 from .folder import ModuleFolder
+from . import ws_tunnel
 from .proxy import tcp_endpoint
 
 MODULE_VERSION = "0.1.0"
@@ -91,7 +92,15 @@ class ControlClient(FramedAMP):
 def endpoint_for(reactor, address: ServerAddress, ca_pem: bytes, folder: ModuleFolder | None,
                  timeout: float = 15):
     tls = client_tls(address.host, ca_pem, folder)
-    return endpoints.wrapClientTLS(tls, tcp_endpoint(reactor, address.host, address.port, timeout))
+    return endpoints.wrapClientTLS(tls, path_to(reactor, address.host, address.port, ca_pem, timeout))
+
+
+def path_to(reactor, host: str, port: int, ca_pem: bytes, timeout: float = 15):
+    """What the module's TLS runs on: TCP (direct or through the proxy), or with
+    ``--websocket`` a WebSocket tunnel on the server's single port."""
+    if ws_tunnel.enabled():
+        return ws_tunnel.WebSocketTunnelEndpoint(reactor, host, port, ca_pem, timeout)
+    return tcp_endpoint(reactor, host, port, timeout)
 
 
 async def connect(reactor, address: ServerAddress, ca_pem: bytes,

@@ -15,7 +15,7 @@ from __future__ import annotations
 import base64
 import os
 from dataclasses import dataclass
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 from twisted.internet import defer, endpoints, protocol
 
@@ -48,7 +48,7 @@ class Proxy:
 
     def url(self) -> str:
         """For urllib's ProxyHandler (with the credentials)."""
-        auth = f"{self.user}:{self.password}@" if self.user else ""
+        auth = f"{quote(self.user, safe='')}:{quote(self.password, safe='')}@" if self.user else ""
         return f"http://{auth}{self.host}:{self.port}"
 
 
@@ -58,6 +58,8 @@ def parse_proxy(url: str) -> Proxy:
     try:
         port = parts.port
     except ValueError:
+        raise ValueError(f"proxy {url!r} has a port that is not 1-65535")
+    if port == 0:
         raise ValueError(f"proxy {url!r} has a port that is not 1-65535")
     if parts.scheme != "http" or not parts.hostname or parts.path not in ("", "/"):
         raise ValueError(f"proxy {url!r} must look like http://[user:password@]host:port")

@@ -15,9 +15,8 @@ from twisted.python.failure import Failure
 from protocol.amp_adapter import FramedAMP
 from protocol.control import OpenRelayLeg
 
-from .connection import client_tls
+from .connection import client_tls, path_to
 from .folder import ModuleFolder
-from .proxy import tcp_endpoint
 
 log = Logger()
 
@@ -77,6 +76,6 @@ class RelayLeg(FramedAMP):
 async def open_leg(reactor, relay_host: str, relay_port: int, token: str, ca_pem: bytes,
                    folder: ModuleFolder | None, timeout: float = 15) -> RelayLeg:
     tls = client_tls(relay_host, ca_pem, folder)
-    endpoint = endpoints.wrapClientTLS(tls, tcp_endpoint(reactor, relay_host, relay_port, timeout))
+    endpoint = endpoints.wrapClientTLS(tls, path_to(reactor, relay_host, relay_port, ca_pem, timeout))
     leg = await endpoints.connectProtocol(endpoint, RelayLeg())
     return await leg.start(token)

@@ -1,0 +1,108 @@
+"""Reaching the server through a WebSocket over TLS, where only web traffic passes
+(``--websocket`` on any module command).
+
+The module opens ``wss://HOST:PORT/api/v1/module-tunnel`` to its usual server address (which
+must be the server's single port, ``listen.single_port``, where browsers and modules share one
+port), through the HTTP proxy if one is set, and runs its own mutual TLS inside the WebSocket's
+binary messages: the server checks the module's certificate exactly as on the module port, and
+the end-to-end session channel inside is unchanged.  The outer TLS is pinned to the server's CA
+as well.  Not here: the WebSocket framing itself (``twisted.web.websocket``).
+"""
+
+from __future__ import annotations
+
+from twisted.internet import defer, endpoints, ssl
+from twisted.web.iweb import IAgentEndpointFactory
+from twisted.web.websocket import WebSocketClientEndpoint
+from zope.interface import implementer
+
+from protocol.message_pipe import MessagePipe
+
+from .proxy import tcp_endpoint
+
+PATH = "/api/v1/module-tunnel"
+
+_enabled = False
+
+
+def configure(enabled: bool) -> None:
+    global _enabled
+    _enabled = bool(enabled)
+
+
+def enabled() -> bool:
+    return _enabled
+
+
+@implementer(IAgentEndpointFactory)
+class _OuterTLS:
+    """The WebSocket's own TLS: pinned to the server's CA, ALPN http/1.1, via the proxy if set."""
+
+    def __init__(self, reactor, ca_pem: bytes, timeout: float) -> None:
+        self.reactor, self.ca_pem, self.timeout = reactor, ca_pem, timeout
+
+    def endpointForURI(self, uri):
+        host = uri.host.decode()
+        tls = ssl.optionsForClientTLS(host, trustRoot=ssl.Certificate.loadPEM(self.ca_pem),
+                                      acceptableProtocols=[b"http/1.1"],
+                                      extraCertificateOptions={
+                                          "raiseMinimumTo": ssl.TLSVersion.TLSv1_2})
+        return endpoints.wrapClientTLS(tls, tcp_endpoint(self.reactor, host, uri.port,
+                                                         self.timeout))
+
+
+class _TunnelEnd:
+    def __init__(self) -> None:
+        self.ws = None
+        self.inner = None
+
+    def negotiationStarted(self, transport) -> None:
+        self.ws = transport
+
+    def negotiationFinished(self) -> None:
+        pass
+
+    def bytesMessageReceived(self, data) -> None:
+        if self.inner is not None:
+            self.inner.dataReceived(bytes(data))
+
+    def textMessageReceived(self, message: str) -> None:
+        self.ws.loseConnection(1003)
+
+    def pongReceived(self, payload: bytes) -> None:
+        pass
+
+    def connectionLost(self, reason) -> None:
+        if self.inner is not None:
+            inner, self.inner = self.inner, None
+            inner.connectionLost(reason)
+
+
+class _OneEnd:
+    def __init__(self, end: _TunnelEnd) -> None:
+        self.end = end
+
+    def buildProtocol(self, url: str) -> _TunnelEnd:
+        return self.end
+
+
+class WebSocketTunnelEndpoint:
+    """An ``IStreamClientEndpoint`` whose connections are WebSocket tunnels to the server."""
+
+    def __init__(self, reactor, host: str, port: int, ca_pem: bytes, timeout: float = 15) -> None:
+        self.reactor, self.ca_pem, self.timeout = reactor, ca_pem, timeout
+        netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self.url = f"https://{netloc}{PATH}"
+
+    def connect(self, factory) -> defer.Deferred:
+        return defer.ensureDeferred(self._connect(factory))
+
+    async def _connect(self, factory):
+        end = _TunnelEnd()
+        outer = WebSocketClientEndpoint(_OuterTLS(self.reactor, self.ca_pem, self.timeout),
+                                        self.url)
+        await defer.ensureDeferred(outer.connect(_OneEnd(end)))
+        inner = factory.buildProtocol(end.ws.transport.getPeer())
+        end.inner = inner
+        inner.makeConnection(MessagePipe(end.ws, end.ws.transport))
+        return inner
