@@ -197,9 +197,10 @@ def run_workload(name: str, seconds: float, video: bool, tmp: Path) -> dict:
     server = None
     ffmpeg = None
     try:
-        t1 = disp.xterm("typing", geometry="100x50+0+0", extra=(
+        # overlapping windows, so raising one (every 5 s) redraws what the other covered
+        t1 = disp.xterm("typing", geometry="140x50+0+0", extra=(
             "-e", sys.executable, "-c", typing_script(seconds + 5)))
-        t2 = disp.xterm("listing", geometry="100x50+960+0", bg="darkblue", extra=(
+        t2 = disp.xterm("listing", geometry="140x50+500+200", bg="darkblue", extra=(
             "-e", sys.executable, "-c", listing_script(seconds + 5)))
         port = free_port()
         server = subprocess.Popen([sys.executable, __file__, "--serve", disp.name, str(port)],

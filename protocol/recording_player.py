@@ -61,9 +61,12 @@ class ScreenPlayer:
                                     f"{exc.reason}") from None
         elif entry.kind == recording.EVENT:
             try:
-                self.events.append((entry.t_ms, entry.json()))
+                event = entry.json()
             except ValueError:
-                pass
+                return
+            self.events.append((entry.t_ms, event))
+            if event.get("kind") == "rfb_restart" and self.client.initialised:
+                self.client = RFBClient()  # a new stream (direction change): decode afresh
         elif entry.kind == recording.INPUT:
             try:
                 self.inputs.append((entry.t_ms, entry.json()))

@@ -148,6 +148,7 @@ class RecordingSection:
     auditor_key: str          # PEM public key of an auditor (private half kept elsewhere)
     module_buffer_mib: int    # what a recording module holds unacknowledged before giving up
     quota_mib: int            # per tenant; 0 = no quota
+    supporter_records: bool = False  # the supporter's module records what it views too
 
 
 @dataclass(frozen=True)
@@ -360,6 +361,7 @@ SCHEMA: dict[str, tuple[Key, ...]] = {
         Key("auditor_key", "str", ""),
         Key("module_buffer_mib", "int", 64, minimum=1, maximum=4096),
         Key("quota_mib", "int", 0, minimum=0, maximum=100_000_000),
+        Key("supporter_records", "bool", False),
     ),
     "egress": (Key("allow", "endpointlist", []),),
     "adhoc": (

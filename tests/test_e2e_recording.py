@@ -280,3 +280,24 @@ def console_plays(browser, srv, session_id: str, lang: str) -> None:  # noqa: F8
         assert "recording.play" in body and "recording.export" in body
     finally:
         context.close()
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_supporter_records_too_when_configured(tmp_path, db_url, xvfb):  # noqa: F811
+    with recording_world(tmp_path, db_url, "supporter_records = true\n") as w:
+        srv = w["srv"]
+        srv.ok("recording", "policy", "on")
+        xvfb.xterm("both-ends", geometry="80x24+0+0", bg="darkcyan")
+        expected = record_one_session(w, xvfb.name, tmp_path)
+        wait_until(lambda: len(recordings(srv)) == 2 and all(
+            r["status"] != "uploading" for r in recordings(srv)), timeout=30,
+            what="both recordings' ends")
+        by_party = {r["party"]: r for r in recordings(srv)}
+        assert set(by_party) == {"host", "supporter"}
+        assert all(r["status"] == "complete" for r in by_party.values()), by_party
+        assert srv.ok("recording", "verify").count("ok   ") == 2
+        out = tmp_path / "supporter.mp4"
+        srv.ok("recording", "export", by_party["supporter"]["session_id"], "--party", "supporter",
+               "--mp4", str(out))
+        picture, _ = last_frame(out)
+        assert float(np.abs(picture.astype(np.int16) - expected).mean()) < 6.0

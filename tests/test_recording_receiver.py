@@ -188,3 +188,20 @@ def test_retention_deletes_old_sessions_with_their_recordings(setup, tmp_path):
     assert not stored.exists()
     with setup["db"].session() as s:
         assert s.get(Recording, answer["recording_id"]) is None
+
+
+def test_a_recorder_gone_silent_is_closed_as_incomplete_and_not_reopened(setup, clock):  # noqa: F811
+    set_policy(setup["db"], "on")
+    receiver = setup["make"]()
+    conn, sid = setup["host"], setup["sid"]
+    answer = result_of(receiver.start_recording(conn, sid))
+    w = writer_for(answer)
+    data = w.start() + w.flush()
+    result_of(receiver.chunk(conn, answer["recording_id"], 0, data))
+    clock.advance(61)
+    receiver.check()
+    with setup["db"].session() as s:
+        row = s.get(Recording, answer["recording_id"])
+        assert row.status == "incomplete" and row.sha256
+    again = result_of(receiver.start_recording(conn, sid))
+    assert again["policy"] == "off"   # 'on': the session goes on; the closed file stays as it is

@@ -175,9 +175,11 @@ class SessionRecorder:
                 self.writer.event(self._t(), kind, {"detail": str(detail)[:2000]})
 
     def restart_rfb(self) -> None:
-        """A new RFB stream starts (the screen restarted after a direction change)."""
+        """A new RFB stream starts (the first screen, or a new one after a direction change):
+        a player starts decoding afresh here."""
         self._client_stream = recording.ClientStream()
-        self.event("rfb_restart", {})
+        if self.active:
+            self.writer.event(self._t(), "rfb_restart", {})
 
     # --- writing and uploading ----------------------------------------------------------------
 
@@ -282,15 +284,16 @@ class SessionRecorder:
                 "buffered": len(self._buffer)}
 
 
-def attach(runner, conn, reactor, session_id: str) -> SessionRecorder | None:
-    """Give a session runner whose side can show its screen a recorder, and ask the server."""
-    if getattr(runner, "screen_offer", None) is None:
-        return None
-    source = runner.screen_offer[0]
-    try:
-        size = tuple(source.size())
-    except Exception:  # a source that cannot say yet: the RFB stream holds the size anyway
-        size = (0, 0)
+def attach(runner, conn, reactor, session_id: str) -> SessionRecorder:
+    """Give a session runner a recorder and ask the server whether to record: the side that
+    shows its screen records by the policy, the supporter's side too if the server says so."""
+    size: tuple = (0, 0)
+    offer = getattr(runner, "screen_offer", None)
+    if offer is not None:
+        try:
+            size = tuple(offer[0].size())
+        except Exception:  # a source that cannot say yet: the RFB stream holds the size anyway
+            pass
     recorder = SessionRecorder(reactor, conn, session_id, runner.consent.role.value,
                                screen_size=size, on_failed=runner.recording_failed)
     runner.recorder = recorder

@@ -565,6 +565,8 @@ class SessionRunner:
                 self.recorder.when_ready().addCallback(lambda _: self._maybe_start_screen())
             return
         from .screen_session import PresenterScreen
+        if self.recorder is not None:
+            self.recorder.restart_rfb()  # a new RFB stream (also after a direction change)
         source, make_injector = self.screen_offer
         injector = make_injector(lambda: self._control_allowed())
         if hasattr(injector, "on_unfocused"):
@@ -660,13 +662,22 @@ class SessionRunner:
             return
         if self.viewer_screen is None:
             from .screen_session import ViewerScreen
+            if self.recorder is not None:
+                self.recorder.restart_rfb()
             self.viewer_screen = ViewerScreen(
-                self.reactor, send=lambda out: self._send(Channel.SCREEN, out), close=lambda: None,
+                self.reactor, send=self._send_viewer_screen, close=lambda: None,
                 on_event=self._viewer_screen_event,
                 screen_limit=self.viewer_options.get("max_screen"))
             self.viewer_screen.first_frame.addCallbacks(self._first_frame, lambda f: self.delegate.status(
                 f"the remote screen could not be shown: {f.getErrorMessage()}"))
         self.viewer_screen.received(data)
+        if self.recorder is not None:
+            self.recorder.rfb_out(data)  # the viewer records the same bytes it was sent
+
+    def _send_viewer_screen(self, out: bytes) -> None:
+        self._send(Channel.SCREEN, out)
+        if self.recorder is not None:
+            self.recorder.rfb_in(out)
 
     def _first_frame(self, _framebuffer) -> None:
         options, screen = self.viewer_options, self.viewer_screen
@@ -927,7 +938,7 @@ async def open_session(reactor, conn, ticket: dict, ca_pem: bytes, folder,
                            delegate=delegate, **options)
     conn.session_end_handlers[leg.session_id] = runner.server_ended
     from .recorder import attach as attach_recorder
-    attach_recorder(runner, conn, reactor, leg.session_id)  # when this side can show its screen
+    attach_recorder(runner, conn, reactor, leg.session_id)  # the server says whether to record
 
     def forget(result):
         conn.session_end_handlers.pop(leg.session_id, None)

@@ -109,6 +109,8 @@ class RecordingReceiver:
                                               self.config.recording.default_policy)
         self.watched.setdefault(session_id, Watch(policy, self.reactor.seconds()))
         self.watched[session_id].policy = policy
+        if party == "supporter" and not self.config.recording.supporter_records:
+            policy = "off"  # the side that shows records; the supporter only if configured
         answer = {"policy": policy, "input": self.config.recording.input, "recording_id": "",
                   "next_offset": 0, "public_keys": "[]", "max_chunk": control.MAX_RECORDING_CHUNK,
                   "stall_seconds": self.stall_seconds,
@@ -134,6 +136,12 @@ class RecordingReceiver:
             row = yield self.db.run(_find, session_id, party)
             if row is not None and row["status"] == "uploading":
                 existing = yield self._resume(row, live.tenant)
+            elif row is not None:  # closed already (its recorder went silent): not reopened
+                why = f"the {party}'s recording of this session was already closed ({row['status']})"
+                yield self._refuse(live, policy, why)
+                if policy != "required":
+                    return {**answer, "policy": "off"}
+                raise control.RecordingRefused(why)
         if existing is None:
             now = utcnow()
             upload = Upload(str(uuid.uuid4()), session_id, live.tenant, party, policy,
@@ -350,6 +358,15 @@ class RecordingReceiver:
         for session_id in list(self.watched):
             if session_id not in self.broker.sessions:
                 self.watched.pop(session_id, None)
+        # a recorder silent far beyond its keep-alives is gone (killed, or its session ended on
+        # a separate relay process): what arrived is kept, marked incomplete
+        silent_limit = max(60.0, 4 * self.stall_seconds)
+        for upload in list(self.uploads.values()):
+            if not upload.ended and now - upload.last_chunk > silent_limit:
+                log.warn("recording {rid}: nothing for {s:.0f} s: closed as incomplete",
+                         rid=upload.id, s=now - upload.last_chunk)
+                upload.lock.run(self._finish, upload).addErrback(
+                    lambda f: log.failure("could not close a silent recording", f))
 
     def _end(self, session_id: str, why: str) -> None:
         log.error("session {session_id} ends: {why} (recording policy 'required')",
