@@ -27,7 +27,7 @@ from protocol.session_end import BadEndReason, EndCause, EndReason
 
 from . import accounts
 from .db import Database
-from .db.models import Host, HostGroup, Role, Session, User, UserGroup
+from .db.models import Host, HostGroup, Role, Session, Tenant, User, UserGroup
 from .pki import utcnow
 from . import storage_health
 from .session_protocol import ProtocolError, SessionSummary
@@ -308,12 +308,11 @@ class Broker:
             peer_address=customer.address, host_id=None), supporter.identity.name)
         live = LiveSession(session_id, tenant, "adhoc", supporter, customer, nameplate)
         try:  # no session runs that its protocol cannot record
-            yield self._server_event(live, "created", {
-                "kind": "adhoc", "supporter": supporter.identity.uri,
-                "supporter_address": supporter.address, "nameplate": nameplate}, strict=True)
-            yield self._server_event(live, "joined", {
-                "customer_address": customer.address, "terms_sha256": terms_hash(self.terms)},
-                strict=True)
+            yield self._server_events(live, [
+                ("created", {"kind": "adhoc", "supporter": supporter.identity.uri,
+                             "supporter_address": supporter.address, "nameplate": nameplate}),
+                ("joined", {"customer_address": customer.address,
+                            "terms_sha256": terms_hash(self.terms)})])
         except Exception as exc:
             end = self._protocol_failed(live, exc)
             yield self._end_early(live, end)
@@ -344,6 +343,13 @@ class Broker:
     def _server_event(self, live: LiveSession, kind: str, detail: dict,
                       strict: bool = False) -> defer.Deferred:
         return self._record(live, kind, "server", "", detail, strict)
+
+    def _server_events(self, live: LiveSession, events: list[tuple[str, dict]]) -> defer.Deferred:
+        """Several server lines in one write and one fsync (all on disk, or the caller fails)."""
+        if self.protocols is None:
+            return defer.succeed(None)
+        return self.blocking(self.protocols.record_many, live.tenant, live.session_id,
+                             [(kind, "server", "", detail) for kind, detail in events])
 
     def _record(self, live: LiveSession, kind: str, actor: str, address: str,
                 detail: dict, strict: bool = False) -> defer.Deferred:
@@ -572,12 +578,15 @@ class Broker:
 
     @defer.inlineCallbacks
     def host_online(self, conn, module_version: str):
+        """Record the host online; returns its tenant's name (the Hello answer needs it: one
+        database round trip per host Hello instead of two)."""
         host_id = conn.identity.name
         old = self.hosts.get(host_id)
-        tenant_id = yield self.db.run(_host_came_online, host_id, conn.address, module_version,
-                                      self.now())
-        if tenant_id is None:
+        came = yield self.db.run(_host_came_online, host_id, conn.address, module_version,
+                                 self.now())
+        if came is None:
             raise control.NotEnrolled("this host is not known to the server: enroll it again")
+        tenant_id, tenant_name = came
         if old is not None and old.connection is not conn:
             log.warn("host {host_id} connected again from {address}: the newest connection wins",
                      host_id=host_id, address=conn.address)
@@ -587,6 +596,7 @@ class Broker:
             # registered while stopping: stop()'s bulk write did not cover this connection
             self._marked_offline.discard(host_id)
         log.info("host {host_id} online from {address}", host_id=host_id, address=conn.address)
+        return tenant_name
 
     def heartbeat(self, conn) -> None:
         if conn.identity is not None and conn.identity.role == "host":
@@ -704,15 +714,19 @@ def _mark_all_offline(session) -> None:
     session.execute(update(Host).where(Host.online.is_(True)).values(online=False))
 
 
-def _host_came_online(session, host_id: str, address: str, version: str, moment) -> int | None:
-    host = session.get(Host, host_id)
-    if host is None:
+def _host_came_online(session, host_id: str, address: str, version: str,
+                      moment) -> tuple[int, str] | None:
+    """(tenant id, tenant name) of the host, now marked online; None if it is not enrolled."""
+    found = session.execute(select(Host, Tenant.name).outerjoin(Tenant, Tenant.id == Host.tenant_id)
+                            .where(Host.id == host_id)).first()
+    if found is None:
         return None
+    host, tenant_name = found
     host.online = True
     host.last_seen = moment
     host.last_address = address
     host.module_version = version[:40]
-    return host.tenant_id
+    return host.tenant_id, tenant_name or ""
 
 
 def _host_went_offline(session, host_id: str, moment) -> None:

@@ -162,10 +162,10 @@ class ModuleConnection(FramedAMP):
                     "heartbeat_seconds": self.port.broker.heartbeat_seconds}
         if identity is None:
             return answer("")
-        d = self.port.tenant_of(identity)
-        if identity.role == "host":
-            d.addCallback(lambda tenant: self.port.broker.host_online(self, module_version)
-                          .addCallback(lambda _: tenant))
+        if identity.role == "host":  # one transaction marks it online and names its tenant
+            d = self.port.broker.host_online(self, module_version)
+        else:
+            d = self.port.tenant_of(identity)
         return self._guarded(d.addCallback(answer))
 
     @control.Heartbeat.responder

@@ -355,38 +355,52 @@ class ProtocolWriter:
         Returns the record as written (with seq, time, session, prev and hash).  The line is on
         disk (fsynced) when this returns.
         """
+        return self.append_many(tenant, session_id, [event])[0]
+
+    def append_many(self, tenant: str, session_id: str, events: list[dict]) -> list[dict]:
+        """Append several events in order with one write and one fsync: all of them are on disk
+        when this returns, or (an error) none was written.  A session's first lines (created,
+        joined) cost one fsync instead of one each."""
         check_session_id(session_id)
         folder = tenant_folder(tenant)
-        clean = _clean_event(event)
-        if clean["kind"] == ENDED and clean["actor"] == SERVER:
+        clean = [_clean_event(event) for event in events]
+        if any(c["kind"] == ENDED and c["actor"] == SERVER for c in clean):
             raise ProtocolError("the server's 'ended' line is written by finish(), once per session")
+        if not clean:
+            return []
         with self._locks.hold((folder, session_id)):
             now = self.clock()
             path = self._path(folder, session_id, now)
-            record = self._append_to(path, session_id, clean, now)
+            records = self._append_to(path, session_id, clean, now)
             self._remember((folder, session_id), path)
-            return record
+            return records
 
-    def _append_to(self, path: Path, session_id: str, event: dict, now: dt.datetime) -> dict:
+    def _append_to(self, path: Path, session_id: str, events: list[dict],
+                   now: dt.datetime) -> list[dict]:
         fd, created = _open_append(path)
         try:
             _flock(fd)
             seq, prev, unterminated = _tail_state(fd, session_id)
-            record = {"seq": seq, "time": format_time(now), "session": session_id, **event,
-                      "prev": prev}
-            record["hash"] = line_hash(record)
-            line = canonical(record) + b"\n"
-            if len(line) > MAX_LINE_BYTES:
-                raise ProtocolError(f"event {event['kind']!r} is {len(line)} bytes as a protocol "
-                                    f"line; at most {MAX_LINE_BYTES} are allowed")
+            records, lines = [], [b"\n"] if unterminated else []
+            for event in events:
+                record = {"seq": seq, "time": format_time(now), "session": session_id, **event,
+                          "prev": prev}
+                record["hash"] = line_hash(record)
+                line = canonical(record) + b"\n"
+                if len(line) > MAX_LINE_BYTES:
+                    raise ProtocolError(f"event {event['kind']!r} is {len(line)} bytes as a "
+                                        f"protocol line; at most {MAX_LINE_BYTES} are allowed")
+                records.append(record)
+                lines.append(line)
+                seq, prev = seq + 1, hashlib.sha256(line).hexdigest()
             # a line cut off by a crash stays as it is (verify reports it); the chain goes on
-            _write_all(fd, (b"\n" if unterminated else b"") + line)
+            _write_all(fd, b"".join(lines))
             os.fsync(fd)
         finally:
             os.close(fd)
         if created:
             _fsync_dir(path.parent)
-        return record
+        return records
 
     # -- ending
 
@@ -417,8 +431,8 @@ class ProtocolWriter:
                     "bytes_to_supporter": summary.bytes_to_supporter,
                     "supporter": summary.supporter, "customer_or_host": summary.customer_or_host,
                 }
-                record = self._append_to(path, summary.session_id, {
-                    "kind": ENDED, "actor": SERVER, "address": None, "detail": detail}, now)
+                record, = self._append_to(path, summary.session_id, [{
+                    "kind": ENDED, "actor": SERVER, "address": None, "detail": detail}], now)
                 self._remember((folder, summary.session_id), path)
             else:
                 record = existing
@@ -790,6 +804,13 @@ class SessionProtocols:
         or ``server``.  ProtocolError for an event the protocol cannot take."""
         return self.writer.append(tenant, session_id, {"kind": kind, "actor": actor,
                                                        "address": address, "detail": detail or {}})
+
+    def record_many(self, tenant: str, session_id: str,
+                    events: list[tuple[str, str, str | None, dict]]) -> list[dict]:
+        """Append (kind, actor, address, detail) events with one fsync (see ``append_many``)."""
+        return self.writer.append_many(tenant, session_id, [
+            {"kind": kind, "actor": actor, "address": address, "detail": detail or {}}
+            for kind, actor, address, detail in events])
 
     def ended(self, tenant: str, session: SessionSummary | Any, by: str | None = None) -> dict:
         """The session's ``ended`` line and CSV row (once; see ``ProtocolWriter.finish``)."""

@@ -377,10 +377,10 @@ async def test_idle_timeout_closes_both_legs(relay_factory):
     # activity keeps the session alive past the idle timeout
     for _ in range(6):
         supporter.transport.write(b"x")
+        quiet_from = time.monotonic()  # the relay sees the last byte after this
         await sleep(0.1)
     assert not supporter.closed and not peer.closed
     await until(lambda: peer.count == 6, what="keep-alive bytes")
-    quiet_from = time.monotonic()
     await supporter.lost
     await peer.lost
     assert 0.3 <= time.monotonic() - quiet_from < 5

@@ -159,6 +159,38 @@ def test_every_line_is_fsynced_before_append_returns(protocols, monkeypatch):
         assert json.loads(lines_of(path)[-1])["detail"] == {"n": n}
 
 
+def test_record_many_writes_a_chain_with_one_fsync_or_nothing(protocols, monkeypatch):
+    synced: list[tuple[int, int]] = []
+    real_fsync = os.fsync
+
+    def counting_fsync(fd):
+        st_ = os.fstat(fd)
+        if stat.S_ISREG(st_.st_mode):
+            synced.append((st_.st_ino, st_.st_size))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(sp.os, "fsync", counting_fsync)
+    path = protocols.protocol_dir / "acme/2025/01" / f"{SID}.jsonl"
+    written = protocols.record_many("acme", SID, [
+        ("created", "server", "", {"kind": "adhoc", "nameplate": "1234"}),
+        ("joined", "server", "", {"customer_address": "198.51.100.7"})])
+    info = path.stat()
+    assert synced == [(info.st_ino, info.st_size)]  # both lines, then one fsync of the file
+    assert [json.loads(line) for line in lines_of(path)] == written
+    assert [r["seq"] for r in written] == [1, 2]
+    assert written[1]["prev"] == hashlib.sha256(lines_of(path)[0] + b"\n").hexdigest()
+    protocols.record("acme", SID, "comment", ALICE, None, {"n": 3})  # the chain goes on
+    # one bad event in a batch: nothing of the batch is written
+    for bad in ({"text": "x" * sp.MAX_LINE_BYTES}, None):
+        events = [("chat", ALICE, None, {"text": "fine"})]
+        events.append(("chat", ALICE, None, bad) if bad else ("ended", "server", None, {}))
+        with pytest.raises(ProtocolError):
+            protocols.record_many("acme", SID, events)
+    assert len(lines_of(path)) == 3 and protocols.record_many("acme", SID, []) == []
+    result = sp.verify(path)
+    assert result.ok and result.events == 3
+
+
 def test_layout_per_tenant_and_month_with_restrictive_modes(protocols, clock):
     os.umask(0o022)
     protocols.record("acme", SID, "created", ALICE)

@@ -259,10 +259,12 @@ def record_session_end(db: Database, stats: SessionStats,
         if protocols is None:
             return None
         tenant, summary = found
-        d = blocking(protocols.ended, tenant, summary)
-        d.addCallback(lambda ended: db.run(_remember_protocol_file, stats.session_id,
-                                           protocols.file_of(tenant, stats.session_id), ended))
-        return d
+
+        def close_protocol() -> None:  # one hand-off to the pool instead of two
+            ended = protocols.ended(tenant, summary)  # the line is on disk before its anchor
+            db.call(_remember_protocol_file, stats.session_id,
+                    protocols.file_of(tenant, stats.session_id), ended)
+        return blocking(close_protocol)
 
     def failed(failure) -> None:
         log.failure("could not record the end of relay session {session_id}", failure,
