@@ -256,3 +256,48 @@ def test_directory_down_says_so_and_the_break_glass_admin_still_works(tmp_path, 
         assert "directory sync skipped" in srv.log()
     finally:
         srv.stop()
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_lock_out_and_totp_apply_to_directory_users(tmp_path, slapd: Slapd, db_url, browser):
+    import pyotp
+    from server.db.models import User
+    srv = directory_server(tmp_path, slapd, db_url)  # lock-out: 2 free attempts, then 30 s
+    try:
+        c = Console(browser, srv.url)
+        try:
+            c.login("alice", password_of("alice"))     # creates her local shadow entry
+            assert c.page.url == srv.url + "/console/account"
+            c.context.clear_cookies()
+            secret = pyotp.random_base32()
+            db = Database(db_url)
+            try:
+                with db.session() as s:
+                    s.scalars(select(User).where(User.name == "alice")).one().totp_secret = secret
+            finally:
+                db.dispose()
+            c.login("alice", password_of("alice"))     # the directory password is not enough
+            assert c.page.url == srv.url + "/console/login/totp"
+            c.page.fill("#code", "000000" if pyotp.TOTP(secret).now() != "000000" else "111111")
+            with c.page.expect_navigation():
+                c.page.click("#verify")
+            assert "wrong or expired code" in c.page.locator("#error").inner_text()
+            c.page.fill("#code", pyotp.TOTP(secret).now())
+            with c.page.expect_navigation():
+                c.page.click("#verify")
+            assert c.page.url == srv.url + "/console/account"
+            assert "alice" in shown_user(c)
+            c.context.clear_cookies()
+
+            # last, as it locks this address out too: wrong directory passwords count
+            for _ in range(3):
+                c.login("dave", "not-his-password")
+            assert "try again in" in c.page.locator("#error").inner_text()
+            c.login("dave", password_of("dave"))       # the right password while locked out
+            assert "too many failed attempts" in c.page.locator("#error").inner_text()
+            assert c.page.url == srv.url + "/console/login"
+        finally:
+            c.close()
+    finally:
+        srv.stop()
