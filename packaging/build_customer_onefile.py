@@ -3,7 +3,8 @@
 
     .venv/bin/python packaging/build_customer_onefile.py [--out DIR] [--source DIR]
 
-The result, ``hausmeister-customer-linux-x86_64``, goes into the offline bundle; the installed
+The result, ``hausmeister-customer-linux-x86_64``, is the customer's window (PySide6) on a
+desktop and the terminal module elsewhere; it goes into the offline bundle; the installed
 server appends its own address and CA fingerprint when it puts the file on its download page
 (``hausmeister-server downloads add-customer FILE``).  Needs PyInstaller (in the test extras).
 """
@@ -28,8 +29,8 @@ def build(out: Path, source: Path = ROOT) -> Path:
         subprocess.run([sys.executable, "-m", "PyInstaller", "--onefile", "--noconfirm",
                         "--log-level", "WARN", "--name", NAME, "--paths", str(source),
                         "--distpath", str(out), "--workpath", tmp, "--specpath", tmp,
-                        # the terminal module needs no Qt (the desktop app will bring its own)
-                        "--exclude-module", "PySide6", "--exclude-module", "qasync",
+                        # the window (modules/customer/gui.py) is imported lazily: name it
+                        "--hidden-import", "modules.customer.gui",
                         str(source / "modules" / "customer" / "onefile.py")], check=True)
     path = out / NAME
     print(f"{path}: {path.stat().st_size / 2**20:.1f} MiB, {time.monotonic() - started:.0f} s")

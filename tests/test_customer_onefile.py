@@ -10,6 +10,7 @@ import os
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from modules.customer.onefile import with_embedded
 from protocol import embedded_settings
 from protocol.download_signature import verify_file
+from tests.fixtures_x11 import stop_process, wait_for_window, xvfb  # noqa: F401 - fixture
 from tests.test_console_pages import raw_get
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,6 +55,10 @@ def test_embedded_settings_fill_in_only_what_the_customer_left_out():
     own = ["check", "--server-config", "x.toml"]
     assert with_embedded(own, SETTINGS) == own
     assert with_embedded(["check"], None) == ["check"]
+    assert with_embedded([], SETTINGS, desktop=True) == ["gui", "--server", SETTINGS["server"],
+                                                         "--ca-fingerprint",
+                                                         SETTINGS["ca_fingerprint"]]
+    assert with_embedded([], None, desktop=True) == ["gui"]
 
 
 @pytest.fixture(scope="module")
@@ -95,8 +101,9 @@ def test_downloaded_onefile_finds_its_server_and_asks_for_the_id(onefile, runnin
     embedded = embedded_settings.read(download)
     assert embedded["server"] == srv.url and embedded["ca_fingerprint"] == srv.fingerprint
     assert embedded["download_key"]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HAUSMEISTER")}
-    env["HOME"] = str(tmp_path / "home")
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("HAUSMEISTER") and k not in ("DISPLAY", "WAYLAND_DISPLAY")}
+    env["HOME"] = str(tmp_path / "home")  # a terminal: no desktop
     check = subprocess.run([str(download), "check"], capture_output=True, text=True, timeout=120,
                            env=env, cwd=tmp_path)
     assert check.returncode == 0, check.stderr
@@ -133,3 +140,43 @@ def test_downloaded_onefile_finds_its_server_and_asks_for_the_id(onefile, runnin
     again = subprocess.run([str(download), "check"], capture_output=True, text=True, timeout=120,
                            env=env, cwd=tmp_path)
     assert again.returncode == 0, again.stderr
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_onefile_opens_the_customer_window_on_a_desktop(onefile, running_server, db_url, xvfb,
+                                                        tmp_path):
+    """Double-clicked on a desktop: the customer's window with the server preset, ready for the
+    ID (Xvfb, the real xcb platform, the one-file exactly as downloaded)."""
+    import mss
+    import mss.tools
+
+    srv = running_server
+    assert srv.cli("downloads", "add-customer", str(onefile)).returncode == 0
+    status, body = raw_get(srv.url, "/console/download/" + onefile.name)
+    assert status == 200
+    download = tmp_path / onefile.name
+    download.write_bytes(body)
+    download.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HAUSMEISTER", "QT_"))}
+    env.update(DISPLAY=xvfb.name, HOME=str(tmp_path / "home"), LANG="C.UTF-8",
+               LANGUAGE="en", QT_QPA_PLATFORM="xcb")
+    log = tmp_path / "app.log"
+    with open(log, "wb") as out:
+        app = subprocess.Popen([str(download)], env=env, stdout=out, stderr=subprocess.STDOUT,
+                               cwd=tmp_path)
+    try:
+        try:
+            wait_for_window(xvfb.name, "Hausmeister Support", timeout=90)
+        except TimeoutError:
+            pytest.fail(f"no customer window: {log.read_text(errors='replace')[-2000:]}")
+        time.sleep(1.0)  # let Qt paint the first frame before the screenshot
+        assert app.poll() is None, log.read_text(errors="replace")
+        shots = ROOT / "test-artifacts" / "apps"
+        shots.mkdir(parents=True, exist_ok=True)
+        with mss.mss(display=xvfb.name) as screen:
+            grab = screen.grab(screen.monitors[1])
+            mss.tools.to_png(grab.rgb, grab.size, output=str(shots / "customer-onefile-en.png"))
+    finally:
+        stop_process(app)
+    assert "No server is set up" not in log.read_text(errors="replace")
