@@ -288,6 +288,13 @@ def test_lock_out_and_totp_apply_to_directory_users(tmp_path, slapd: Slapd, db_u
                 c.page.click("#verify")
             assert c.page.url == srv.url + "/console/account"
             assert "alice" in shown_user(c)
+            # her password lives in the directory: the console does not pretend to change it
+            c.page.fill("#current", password_of("alice"))
+            c.page.fill("#new", "a-brand-new-password")
+            c.page.fill("#again", "a-brand-new-password")
+            with c.page.expect_navigation():
+                c.page.click("#change-password")
+            assert "change it there" in c.page.locator("#error").inner_text()
             c.context.clear_cookies()
 
             # last, as it locks this address out too: wrong directory passwords count

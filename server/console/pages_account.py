@@ -131,6 +131,9 @@ def account_totp_off(ctx: Ctx):
 
 def _change_password(session, lockouts, user_id: int, current: str, new: str, source: str) -> str:
     user = _me(session, user_id)
+    if user.directory_dn is not None:
+        raise accounts.AccountError(Text("your password is your organisation's directory "
+                                         "password; change it there"))
     try:
         accounts.authenticate(session, lockouts, user.name, current, source)
     except accounts.Refused as exc:  # counted like a failed login; worded for this form

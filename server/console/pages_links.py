@@ -44,9 +44,10 @@ def _forgot(session, lockouts: accounts.Lockouts, outbox, name: str, source: str
     lockouts.check(session, key)
     lockouts.failed(session, key)  # every request counts: this throttles mail floods per address
     user = session.scalar(select(User).where(User.name == name))
-    if user is None or user.disabled or not user.email or outbox is None:
-        log.info("console: no reset mail for {user!r} (unknown, disabled, no mail address or "
-                 "mail off) from {address}", user=name, address=source)
+    if (user is None or user.disabled or not user.email or outbox is None
+            or user.directory_dn is not None):  # a directory password is reset in the directory
+        log.info("console: no reset mail for {user!r} (unknown, disabled, no mail address, "
+                 "directory user or mail off) from {address}", user=name, address=source)
         return
     token = user_links.issue(session, user, "reset", ttl_seconds)
     link = f"{base_url}/console/reset/{token}"
