@@ -27,6 +27,21 @@ def ended_lines(srv) -> list[dict]:
     return [e for e in lines if e["kind"] == "ended" and e["actor"] == "server"]
 
 
+def press_ctrl_f12(display: str) -> None:
+    """What the customer's fingers do, on the X display (XTest), wherever the focus is."""
+    from Xlib import X, XK
+    from Xlib import display as xdisplay
+    from Xlib.ext import xtest
+    d = xdisplay.Display(display)
+    ctrl = d.keysym_to_keycode(XK.string_to_keysym("Control_L"))
+    f12 = d.keysym_to_keycode(XK.string_to_keysym("F12"))
+    for kind, code in ((X.KeyPress, ctrl), (X.KeyPress, f12), (X.KeyRelease, f12),
+                       (X.KeyRelease, ctrl)):
+        xtest.fake_input(d, kind, code)
+    d.sync()
+    d.close()
+
+
 @pytest.mark.parametrize("language", ["en", "de"])
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 @pytest_twisted.ensureDeferred
@@ -68,7 +83,10 @@ async def test_customer_app_consents_and_stops(qt_app, running_server, enrolled_
         screenshot(window, f"customer-session-{language}")
         screenshot(window.bar, f"customer-sharing-bar-{language}")
         assert window.log.toPlainText().count("Hello, I am Alice.") == 1
-        window.bar.stop_button.click()          # the big red button
+        if language == "en":
+            window.bar.stop_button.click()      # the big red button
+        else:                                   # Ctrl+F12 on the X display (grabbed there)
+            press_ctrl_f12(xvfb.name)
         await until(lambda: window.runner.done.called, what="the end of the session")
         await until(lambda: supporter.proc.poll() is not None and "session ended" in
                     supporter.stderr, what="the supporter's exit")

@@ -101,6 +101,14 @@ class CustomerWindow(QMainWindow, SessionDelegate):
         self._build()
         QShortcut(QKeySequence("Ctrl+F12"), self, activated=self.emergency_stop,
                   context=Qt.ApplicationShortcut)
+        self.hotkey = None
+        if self.share_display:
+            try:   # Ctrl+F12 on the whole X display, whichever window has the keyboard
+                from ..common.qt.hotkey_x11 import GlobalHotkey
+                self.hotkey = GlobalHotkey(self.share_display,
+                                           lambda: reactor.callFromThread(self.emergency_stop))
+            except Exception as exc:
+                self.log.append(t("Error: {message}").format(message=f"Ctrl+F12: {exc}"))
         self.retranslate()
 
     # --- layout --------------------------------------------------------------------------------
@@ -310,6 +318,8 @@ class CustomerWindow(QMainWindow, SessionDelegate):
 
     def closeEvent(self, event) -> None:  # noqa: N802
         self.emergency_stop()
+        if self.hotkey is not None:
+            self.hotkey.close()
         self.bar.close()
         super().closeEvent(event)
 
