@@ -80,7 +80,8 @@ def _build(args: argparse.Namespace, source: Path, origin: str) -> Path:
     public = release_key.public_b64(key)
     project = wheelhouse.read_project(source)
     version = project["version"]
-    extras = wheelhouse.bundle_extras(project)
+    extras = wheelhouse.bundle_extras(project) if args.extras is None else \
+        [e for e in args.extras.split(",") if e and e != "none"]
     out = Path(args.out).resolve()
     stage = out / f"hausmeister-{version}"
     if stage.exists():
@@ -158,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--wheel-cache", metavar="DIR", help="with --wheels installed: repack into "
                    "DIR once and reuse those wheels for later bundles")
     p.add_argument("--debs", choices=["download", "none"], default="download")
+    p.add_argument("--extras", help="optional dependency groups to carry, comma-separated, or "
+                   "'none' (default: all but test, i.e. the desktop apps' Qt for hosts)")
     p.add_argument("--customer-onefile", choices=["build", "none"], default="build",
                    help="build the customer module as one file (PyInstaller) into modules/")
     p.add_argument("--with-postgresql", action="store_true",

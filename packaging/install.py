@@ -266,7 +266,9 @@ def make_release(bundle: Path, layout: Layout, meta: dict, python: str,
     pip_wheels = sorted(wheels.glob("pip-*.whl"))
     if not pip_wheels:
         raise InstallError("the bundle has no pip wheel in wheels/", 2)
-    target = meta["name"] + (f"[{','.join(meta['extras'])}]" if meta.get("extras") else "")
+    # the server needs no desktop app; a maintained machine gets the apps' extras (its window)
+    extras = meta.get("extras") if layout.role == "host" else []
+    target = meta["name"] + (f"[{','.join(extras)}]" if extras else "")
     run([str(venv / "bin" / "python"), f"{pip_wheels[-1]}/pip", "install", "-q", "--no-index",
          "--find-links", str(wheels), "--no-cache-dir", "--disable-pip-version-check",
          "--compile" if compile_bytecode else "--no-compile",

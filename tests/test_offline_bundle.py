@@ -1,8 +1,10 @@
 """The offline bundle, installed with no network: build, verify, install, upgrade, roll back.
 
 The bundles are built from a frozen copy of this checkout with ``--wheels installed`` (the wheels
-are repacked from the test environment, so no registry is needed) and ``--debs none`` (fetching
-.debs needs Debian's registry; the dependency closure itself is computed offline below).  Every
+are repacked from the test environment, so no registry is needed), ``--debs none`` (fetching
+.debs needs Debian's registry; the dependency closure itself is computed offline below) and
+``--extras none`` (the desktop apps' Qt wheels are packed the same way but would add 250 MB and
+minutes to every install here; the customer one-file has its own test).  Every
 install runs in a network namespace that has only ``lo`` (``unshare -n``), with all ``PIP_*``
 variables and pip configuration files neutralised by the installer, so only the bundle can serve
 pip.  The installs share one prefix in this order: 0.1.0 fresh → upgrade to .post1 (one new
@@ -168,7 +170,7 @@ def release(tmp_path_factory) -> dict:
         built = _run([sys.executable, str(PACKAGING / "build_bundle.py"), "--key", str(key),
                       "--out", str(base / "dist"), "--source", str(src), "--wheels", "installed",
                       "--wheel-cache", str(base / "wheel-cache"), "--debs", "none",
-                      "--customer-onefile", "none"], timeout=600)
+                      "--customer-onefile", "none", "--extras", "none"], timeout=600)
         assert built.returncode == 0, built.stderr + built.stdout
         tar_path = base / "dist" / f"hausmeister-{ver}-offline.tar"
         unpacked = base / "unpacked" / ver
