@@ -80,6 +80,11 @@ def module_context(chain: list[x509.Certificate], key, ca_cert: x509.Certificate
     ctx = _base_context(chain, key, min_tls)
     ctx.get_cert_store().add_cert(crypto.X509.from_cryptography(ca_cert))
     ctx.set_client_ca_list([crypto.X509.from_cryptography(ca_cert).get_subject()])
+    # No session resumption: a resumed session skips the verify callback, i.e. the chain and
+    # revocation checks, so a revoked module holding a ticket could come back (it could before:
+    # tests/test_module_port.py).  OpenSSL still sends TLS 1.3 tickets; none can be resumed.
+    ctx.set_options(SSL.OP_NO_TICKET)
+    ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
     ctx.set_verify(SSL.VERIFY_PEER, _module_verifier(is_revoked))
     return ctx
 

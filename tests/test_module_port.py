@@ -188,3 +188,22 @@ def test_malformed_commands_are_one_logged_line_and_a_precise_answer(running_ser
     assert sum("protocol_version = b'1.0' is not a valid Integer" in line for line in new_lines) == 1
     assert sum("is not printable ASCII" in line for line in new_lines) == 5  # one per connection
     assert sum("one-way command b'NoSuchCommand' failed" in line for line in new_lines) == 1
+
+
+def test_the_module_port_resumes_no_tls_session(running_server, enrolled_host):
+    """A resumed TLS session skips the certificate chain and revocation checks (OpenSSL does not
+    call the verify callback), so a client offering its earlier session gets a full handshake."""
+    srv = running_server
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(cadata=(srv.cert_dir / "ca.crt").read_text())
+    ctx.load_cert_chain(enrolled_host / "cert.pem", enrolled_host / "key.pem")
+    sessions = []
+    for offered in (None, "first"):
+        raw = socket.create_connection(("127.0.0.1", srv.module_port), timeout=10)
+        with ctx.wrap_socket(raw, server_hostname="127.0.0.1",
+                             session=sessions[0] if offered else None) as sock:
+            module = RawModule.__new__(RawModule)
+            module.sock, module.decoder, module.tag = sock, BoxDecoder(), 0
+            assert module.hello()[b"role"] == b"host"  # reading the answer reads any ticket too
+            assert not sock.session_reused  # the server resumed it before 2026-12-05
+            sessions.append(sock.session)
