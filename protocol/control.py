@@ -20,6 +20,7 @@ OfferSession           server → host               a supporter connects: relay
 OpenRelayLeg           any, first command          turn this connection into a relay leg
 SessionEvent           either party of a session   one line for the session protocol
 SessionEnded           server → both parties       the server ended the session, and why
+HostPresenceChanged    server → supporter          a listed host came online or went offline
 RecordingStart         either party of a session   may/must I record? keys, where to resume
 RecordingChunk         the recording party         file bytes at an offset (resumable, idempotent)
 RecordingEnd           the recording party         the recording is closed (FINAL record sent)
@@ -273,6 +274,21 @@ class RecordingEnd(amp.Command):
     errors = ERRORS
 
 
+class HostPresenceChanged(amp.Command):
+    """Server → a supporter: a host it was shown by ``ListHosts`` came online or went offline
+    (pushed, so a host list stays current without polling)."""
+
+    arguments = [
+        (b"host_id", amp.Unicode()),
+        (b"online", amp.Boolean()),
+        (b"last_seen", amp.Unicode()),
+        (b"address", amp.Unicode()),
+    ]
+    response: list = []
+    errors = ERRORS
+    requiresAnswer = False
+
+
 class OpenRelayLeg(amp.Command):
     """First and only command of a relay leg; after the answer the connection is raw bytes."""
 
@@ -284,7 +300,7 @@ class OpenRelayLeg(amp.Command):
 __all__ = [
     "PROTOCOL_VERSION", "BadRequest", "ControlError", "ALL_ERRORS", "ERRORS", "Hello", "Heartbeat",
     "AllocateNameplate", "JoinAdhoc", "ListHosts", "ConnectHost", "SessionReady", "OfferSession",
-    "OpenRelayLeg", "SessionEvent", "SessionEnded", "ProtocolVersionMismatch", "NotEnrolled", "WrongState", "Forbidden",
+    "OpenRelayLeg", "SessionEvent", "SessionEnded", "HostPresenceChanged", "ProtocolVersionMismatch", "NotEnrolled", "WrongState", "Forbidden",
     "UnknownNameplate", "LockedOut", "HostOffline", "UnknownHost", "RelayRefused", "NotRecordable",
     "RecordingRefused", "RecordingStart", "RecordingChunk", "RecordingEnd", "MAX_RECORDING_CHUNK",
 ]

@@ -202,6 +202,8 @@ class Broker:
         self.sessions: dict[str, LiveSession] = {}
         self.nameplates: dict[str, Nameplate] = {}
         self.hosts: dict[str, HostPresence] = {}
+        #: supporter connection → host ids it was shown by ListHosts (told of their presence)
+        self.presence_watchers: dict[Any, set[str]] = {}
         self._dirty: set[str] = set()
         self._loops: list[task.LoopingCall] = []
         # Set by stop(): hosts it marked offline in bulk; their connections closing at shutdown
@@ -596,6 +598,7 @@ class Broker:
             # registered while stopping: stop()'s bulk write did not cover this connection
             self._marked_offline.discard(host_id)
         log.info("host {host_id} online from {address}", host_id=host_id, address=conn.address)
+        self._tell_presence(host_id, True, conn.address)
         return tenant_name
 
     def heartbeat(self, conn) -> None:
@@ -611,6 +614,7 @@ class Broker:
             return
         if conn.identity.role == "supporter":
             self.release_nameplates(conn)
+            self.presence_watchers.pop(conn, None)
             return
         presence = self.hosts.get(conn.identity.name)
         if presence is not None and presence.connection is conn:
@@ -619,6 +623,7 @@ class Broker:
             if self._marked_offline is not None and conn.identity.name in self._marked_offline:
                 return  # stop() has written it offline already
             log.info("host {host_id} offline", host_id=conn.identity.name)
+            self._tell_presence(conn.identity.name, False, conn.address)
             self.db.run(_host_went_offline, conn.identity.name, self.now()).addErrback(
                 lambda f: log.failure("could not record host offline", f))
 
@@ -642,7 +647,20 @@ class Broker:
                           "address": host.last_address or "",
                           "module_version": host.module_version or ""})
         hosts.sort(key=lambda h: (not h["online"], h["name"].lower(), h["host_id"]))
+        self.presence_watchers[supporter] = {h["host_id"] for h in hosts}
         return hosts
+
+    def _tell_presence(self, host_id: str, online: bool, address: str) -> None:
+        """Push a host's new presence to the supporters whose list shows it (no polling)."""
+        seen = self.now().isoformat()
+        for conn, shown in list(self.presence_watchers.items()):
+            if host_id in shown:
+                try:
+                    conn.callRemote(control.HostPresenceChanged, host_id=host_id, online=online,
+                                    last_seen=seen, address=address or "")
+                except Exception as exc:  # the supporter is going away
+                    log.debug("could not tell {who} about host {host_id}: {why}",
+                              who=conn.address, host_id=host_id, why=str(exc))
 
     @defer.inlineCallbacks
     def connect_host(self, supporter, wanted: str):

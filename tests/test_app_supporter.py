@@ -112,6 +112,11 @@ async def test_supporter_app_lists_connects_views_controls_and_moves_files(
         assert tab.end_text == "ended by the supporter"
         await until(lambda: "session ended: ended by the supporter" in host.stderr,
                     what="the host's end line")
+        # the host goes away: the server pushes it, the list shows it offline (no Refresh)
+        host.stop()
+        await until(lambda: window.proxy.index(0, 0).data() == ("offline" if language == "en"
+                                                                else "offline"),
+                    what="the host offline in the list")
         # the ad-hoc action: the 8-digit ID, large
         adhoc = window.new_adhoc()
         await until(lambda: len(adhoc.adhoc_label.text().replace(" ", "")) == 8,

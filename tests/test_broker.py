@@ -199,6 +199,22 @@ def test_adhoc_session_is_recorded(broker, database):
 
 # --- hosts -------------------------------------------------------------------------------------
 
+def test_presence_is_pushed_to_supporters_whose_list_shows_the_host(broker, world):
+    anna, never_listed = supporter("anna"), supporter("bert")
+    result_of(broker.list_hosts(anna))
+    office = host(world["pc-office"], "127.0.0.21")
+    result_of(broker.host_online(office, "1"))
+    broker.connection_lost(office)
+    pushed = [(kw["host_id"], kw["online"], kw["address"]) for cmd, kw in anna.calls
+              if cmd is control.HostPresenceChanged]
+    assert pushed == [(world["pc-office"], True, "127.0.0.21"),
+                      (world["pc-office"], False, "127.0.0.21")]
+    assert never_listed.calls == []          # only who was shown the host hears of it
+    broker.connection_lost(anna)
+    result_of(broker.host_online(host(world["pc-office"]), "1"))
+    assert len([c for c, _ in anna.calls if c is control.HostPresenceChanged]) == 2
+
+
 def test_host_presence_online_offline_and_db(broker, world, database, clock):
     conn = host(world["pc-office"], "127.0.0.20")
     # the Hello answer's tenant comes from the same transaction that marks the host online

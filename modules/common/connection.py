@@ -57,6 +57,7 @@ class ControlClient(FramedAMP):
         self.lost: defer.Deferred = defer.Deferred()
         # session id → called with the server's EndReason when it ends that session (SessionEnded)
         self.session_end_handlers: dict[str, object] = {}
+        self.on_host_presence = None   # supporter: (fields) -> None, pushed by the server
 
     def connectionLost(self, reason) -> None:
         super().connectionLost(reason)
@@ -79,6 +80,12 @@ class ControlClient(FramedAMP):
         handler = self.session_end_handlers.get(session_id)
         if handler is not None:
             handler(reason)
+        return {}
+
+    @control.HostPresenceChanged.responder
+    def host_presence_changed(self, **fields):
+        if self.on_host_presence is not None:
+            self.on_host_presence(fields)
         return {}
 
     @control.OfferSession.responder

@@ -385,7 +385,17 @@ class SupporterWindow(QMainWindow):
         if self.folder.renewal_due():
             await run_blocking(enrollment.renew, self.folder)
         self.conn = await self._connection()
+        self.conn.on_host_presence = self.host_presence
         await self.load_hosts()
+
+    def host_presence(self, fields: dict) -> None:
+        """The server pushed a listed host's new presence: update its row (no polling)."""
+        for host in self.hosts:
+            if host["host_id"] == fields["host_id"]:
+                host["online"] = fields["online"]
+                host["last_seen"] = fields["last_seen"]
+                host["address"] = fields["address"] or host["address"]
+        self._fill()
 
     async def _connection(self):
         conn = await connect(self.reactor, address_of(self.folder),
