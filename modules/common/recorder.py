@@ -65,7 +65,8 @@ class SessionRecorder:
     # --- start --------------------------------------------------------------------------------
 
     def start(self) -> defer.Deferred:
-        d = self.conn.callRemote(control.RecordingStart, session_id=self.session_id)
+        d = defer.maybeDeferred(self.conn.callRemote, control.RecordingStart,
+                                session_id=self.session_id)
         d.addCallbacks(self._started, self._refused)
         return d
 
