@@ -138,7 +138,7 @@ def shown_user(c: Console) -> str:
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("db_url", ["sqlite", "postgresql"], indirect=True)
 def test_console_login_enroll_and_sync_against_the_directory(tmp_path, slapd: Slapd, db_url,
                                                              browser):
     srv = directory_server(tmp_path, slapd, db_url)
