@@ -266,6 +266,13 @@ def console_plays(browser, srv, session_id: str, lang: str) -> None:  # noqa: F8
         wait_until(lambda: page.evaluate(f"document.querySelector('{video}').currentTime") > 0.5,
                    timeout=30, what="the video playing")
         assert page.locator("a.video-time").count() > 0  # protocol times link into the video
+        # the protocol's events are the video's captions (WebVTT through the same CSP)
+        page.evaluate(f"document.querySelector('{video}').textTracks[0].mode = 'showing'")
+        wait_until(lambda: page.evaluate(
+            f"(document.querySelector('{video}').textTracks[0].cues || []).length") > 0,
+            timeout=20, what="the captions track")
+        vtt = context.request.get(f"{srv.url}/console/sessions/{session_id}/recordings/host.vtt")
+        assert vtt.status == 200 and vtt.text().startswith("WEBVTT") and "right_granted" in vtt.text()
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / f"recording-{lang}.png"), full_page=False)
         assert csp_seen and all("script-src" not in c and "default-src 'none'" in c

@@ -113,13 +113,36 @@ def parse_range(header: str, size: int) -> tuple[int, int] | None:
     return start, min(end, start + MAX_PIECE - 1)
 
 
+def _vtt_time(seconds: float) -> str:
+    ms = int(round(seconds * 1000))
+    return f"{ms // 3600000:02d}:{ms // 60000 % 60:02d}:{ms // 1000 % 60:02d}.{ms % 1000:03d}"
+
+
+def captions(events: list[dict[str, Any]], rec: dict) -> bytes:
+    """The session's protocol events as WebVTT cues at their time in the recording (the
+    video's captions: what happened, for people who cannot see the screen, and for everyone)."""
+    lines = ["WEBVTT", ""]
+    timed = [e for e in events if isinstance(e.get("at"), dt.datetime)]
+    for n, e in enumerate(timed):
+        start = (e["at"] - rec["started_at"]).total_seconds()
+        if start < 0 or (rec["ended_at"] is not None and e["at"] > rec["ended_at"]):
+            continue
+        end = start + 4.0
+        text = f"{e['kind']} ({e['actor']})" + (f": {e['detail'][:160]}" if e["detail"] else "")
+        text = text.replace("-->", "->").replace("\n", " ")
+        lines += [str(n + 1), f"{_vtt_time(start)} --> {_vtt_time(end)}", text, ""]
+    return "\n".join(lines).encode()
+
+
 @route("GET", "sessions/{id}/recordings/{file}")
 def recording_video(ctx: Ctx):
-    m = re.fullmatch(r"(host|customer|supporter)\.mp4", ctx.params["file"])
+    m = re.fullmatch(r"(host|customer|supporter)\.(mp4|vtt)", ctx.params["file"])
     if not m:
         raise PageError(404, Text("no such recording"))
     party = m[1]
     config = ctx.console.config
+    if m[2] == "vtt":
+        return _captions(ctx, party)
 
     @defer.inlineCallbacks
     def serve():
@@ -158,6 +181,24 @@ def recording_video(ctx: Ctx):
         request.setHeader(b"Content-Length", str(end - start + 1).encode())
         return body
     return serve()
+
+
+def _captions(ctx: Ctx, party: str):
+    from .pages_sessions import _load
+
+    def answer(found):
+        facts, timeline = found
+
+        def with_recordings(recs):
+            rec = next((r for r in recs if r["party"] == party), None)
+            if rec is None:
+                raise PageError(404, Text("no such recording"))
+            body = captions(timeline.events, rec)
+            ctx.headers()
+            ctx.request.setHeader(b"Content-Type", b"text/vtt; charset=utf-8")
+            return body
+        return ctx.run(recordings_of, ctx.session.tenant_id, facts["id"]).addCallback(with_recordings)
+    return _load(ctx).addCallback(answer)
 
 
 def _audit_play(session, actor: str, rec: dict, address: str) -> None:
