@@ -202,6 +202,15 @@ def cmd_check(config: Config, args: argparse.Namespace) -> int:
     print("mail:              " + (f"via {config.mail.smtp_host}:{config.mail.smtp_port}"
                                    if config.mail.enabled else "off (no SMTP relay set)"))
     print("S3:                " + (config.s3.endpoint_url if config.s3.enabled else "off"))
+    if config.directory.enabled:
+        from .directory.client import Directory, DirectoryUnavailable
+        try:
+            print(f"directory:         {Directory(config.directory).probe()}")
+        except DirectoryUnavailable as exc:
+            print(f"directory:         {exc}")
+            problems += 1
+    else:
+        print("directory:         off (local accounts only)")
     print("Gravatar:          " + ("on" if config.avatars.gravatar else "off"))
     return 1 if problems else 0
 

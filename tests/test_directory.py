@@ -162,6 +162,8 @@ def test_console_login_enroll_and_sync_against_the_directory(tmp_path, slapd: Sl
             c.close()
         users = srv.ok("user", "list")
         assert "alice" in users and "adam" in users and "bob" not in users
+        assert f"directory:         127.0.0.1:{slapd.ldaps_port} (ldaps, service account bound)" \
+            in srv.ok("check")
 
         # the supporter module enrolls with the directory password, through the real CLI
         home = tmp_path / "alice-module"
@@ -244,6 +246,9 @@ def test_directory_down_says_so_and_the_break_glass_admin_still_works(tmp_path, 
         finally:
             english.close()
             german.close()
+        check = srv.cli("check")
+        assert check.returncode == 1 and "directory:         no directory server answered" \
+            in check.stdout, check.stdout
         down = run_cli("supporter", "enroll", "--server", srv.url, "--ca-fingerprint",
                        srv.fingerprint, "--user", "alice", "--password-stdin", "--home",
                        str(tmp_path / "alice-module"), stdin=password_of("alice") + "\n")

@@ -228,6 +228,19 @@ class Directory:
 
     # --- what the server asks ------------------------------------------------------------------
 
+    def probe(self) -> str:
+        """For ``hausmeister-server check``: the service account binds and the user base is
+        there, or ``DirectoryUnavailable`` saying what is wrong."""
+        service = self._service()
+        try:
+            if not self._search(service, self.section.user_base, "(objectClass=*)", [],
+                                scope=ldap3.BASE):
+                raise DirectoryUnavailable(f"user_base {self.section.user_base!r} was not found")
+            server = service.server
+            return f"{server.host}:{server.port} ({self.section.security}, service account bound)"
+        finally:
+            service.unbind()
+
     def authenticate(self, login: str, password: str) -> DirectoryAccount:
         """The account behind ``login`` if ``password`` is right and a mapped group admits it."""
         if not login or len(login) > MAX_NAME or not login.isprintable():
