@@ -71,6 +71,8 @@ def start_logging(level: str = "info", fmt: str = "json", stream: TextIO | None 
     predicates = [LogLevelFilterPredicate(defaultLogLevel=LEVELS[level])]
     if quiet_twisted and level != "debug":
         predicates.append(_no_twisted_chatter)
+    elif level != "debug":
+        predicates.append(_no_amp_connection_lines)
     filtered = FilteringLogObserver(observer, predicates)
     if not _started:
         globalLogBeginner.beginLoggingTo([filtered], redirectStandardIO=False,
@@ -83,6 +85,16 @@ def _no_twisted_chatter(event: dict) -> PredicateResult:
     level = event.get("log_level")
     if (namespace.startswith("twisted.") or namespace == "log_legacy") and \
             level in (LogLevel.debug, LogLevel.info):
+        return PredicateResult.no
+    return PredicateResult.maybe
+
+
+def _no_amp_connection_lines(event: dict) -> PredicateResult:
+    """Twisted's AMP logs "connection established" and "connection lost" at info for every
+    connection: 6 of the 13 lines of an ad-hoc set-up and 2 of a host's 4 at registration, each
+    formatted and written (bench/README.md).  Our own lines say who connected; debug keeps them."""
+    if event.get("log_namespace") == "twisted.protocols.amp" and \
+            event.get("log_level") == LogLevel.info:
         return PredicateResult.no
     return PredicateResult.maybe
 
