@@ -245,7 +245,9 @@ class HausmeisterServer(service.MultiService):
         web = WebPlane(self.db, self.store, self.enrollment, c.server.public_host,
                        self._module_port_number, c.certificates.renew_before_days,
                        console=self.make_console(), signin=self.signin)
-        web.module_tunnel = tunnel_resource(tls.ServerContextFactory(module_ctx), factory)
+        web.module_tunnel = tunnel_resource(
+            tls.ServerContextFactory(module_ctx), factory,
+            c.limits.tls_handshake_seconds + c.limits.first_command_seconds, self.reactor)
         web_ctx = tls.web_context(chain, key, ca, c.certificates.min_tls)
         # a profile picture plus form fields fits; larger bodies are refused unread
         max_body = max(MAX_BODY_BYTES, (c.avatars.max_upload_kib + 64) * 1024)

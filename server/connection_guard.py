@@ -315,8 +315,9 @@ class GuardedTLSFactory(TLSMemoryBIOFactory):
 
 
 def settle(transport: Any) -> None:
-    """Tell the guard (if any) that the connection behind ``transport`` has proved itself."""
-    if isinstance(transport, _Guarded):
+    """Tell the guard (if any) that the connection behind ``transport`` has proved itself.
+    A module's connection inside a WebSocket tunnel (``ws_tunnel``) has a deadline of its own."""
+    if isinstance(transport, _Guarded) or getattr(transport, "tunnel_deadline", None) is not None:
         transport.settle()
 
 

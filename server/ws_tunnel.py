@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from twisted.web.websocket import WebSocketResource
 
@@ -28,12 +28,31 @@ log = Logger(namespace="hausmeister.ws_tunnel")
 PATH = b"module-tunnel"
 
 
+class _TunnelTLS(TLSMemoryBIOProtocol):
+    """The module's TLS inside a tunnel.  Like a connection on the module port it must finish
+    its handshake and first command (Hello, OpenRelayLeg) within a deadline, or it is closed:
+    an upgraded WebSocket that never speaks must not hold a connection for ever."""
+
+    tunnel_deadline = None
+
+    def settle(self) -> None:  # called by the module port (connection_guard.settle)
+        if self.tunnel_deadline is not None and self.tunnel_deadline.active():
+            self.tunnel_deadline.cancel()
+        self.tunnel_deadline = False
+
+    def connectionLost(self, reason) -> None:
+        self.settle()
+        super().connectionLost(reason)
+
+
 class _TunnelEnd:
     """One WebSocket: its messages are the inner TLS connection's bytes."""
 
-    def __init__(self, tls_factory: TLSMemoryBIOFactory, request) -> None:
+    def __init__(self, tls_factory: TLSMemoryBIOFactory, request, deadline: float, clock) -> None:
         self.tls_factory = tls_factory
         self.request = request
+        self.deadline = deadline
+        self.clock = clock
         self.inner = None
 
     def negotiationStarted(self, transport) -> None:
@@ -49,7 +68,15 @@ class _TunnelEnd:
         self.request.channel.setTimeout(None)
         log.info("module tunnel (WebSocket) opened from {address}", address=outer.getPeer().host)
         self.inner = self.tls_factory.buildProtocol(outer.getPeer())
+        self.inner.tunnel_deadline = self.clock.callLater(self.deadline, self._too_slow, outer)
         self.inner.makeConnection(MessagePipe(self.ws, outer))
+
+    def _too_slow(self, outer) -> None:
+        log.info("module tunnel from {address} closed: no handshake and first command within "
+                 "{seconds:g} s", address=outer.getPeer().host, seconds=self.deadline)
+        if self.inner is not None:
+            self.inner.tunnel_deadline = False
+        outer.abortConnection()
 
     def bytesMessageReceived(self, data) -> None:
         if self.inner is not None:
@@ -68,12 +95,19 @@ class _TunnelEnd:
 
 
 class _TunnelFactory:
-    def __init__(self, module_context_factory: Any, module_factory: Any) -> None:
+    def __init__(self, module_context_factory: Any, module_factory: Any, deadline: float,
+                 clock) -> None:
         self.tls_factory = TLSMemoryBIOFactory(module_context_factory, False, module_factory)
+        self.tls_factory.protocol = _TunnelTLS
+        self.deadline = deadline
+        self.clock = clock
 
     def buildProtocol(self, request) -> _TunnelEnd:
-        return _TunnelEnd(self.tls_factory, request)
+        return _TunnelEnd(self.tls_factory, request, self.deadline, self.clock)
 
 
-def tunnel_resource(module_context_factory: Any, module_factory: Any) -> WebSocketResource:
-    return WebSocketResource(_TunnelFactory(module_context_factory, module_factory))
+def tunnel_resource(module_context_factory: Any, module_factory: Any, deadline: float,
+                    clock) -> WebSocketResource:
+    """``deadline``: seconds for the inner TLS handshake and first command together."""
+    return WebSocketResource(_TunnelFactory(module_context_factory, module_factory, deadline,
+                                            clock))

@@ -30,10 +30,10 @@ pytestmark = pytest.mark.e2e
 NO_ENV_PROXY = {"https_proxy": "", "HTTPS_PROXY": "", "no_proxy": "", "NO_PROXY": ""}
 
 
-def single_port_server(tmp_path, db_url) -> tuple[ServerProcess, int]:
+def single_port_server(tmp_path, db_url, extra: str = "") -> tuple[ServerProcess, int]:
     port = free_port()
     data = tmp_path / "data"
-    config = write_config(tmp_path / "hausmeister.toml", data, db_url)
+    config = write_config(tmp_path / "hausmeister.toml", data, db_url, extra=extra)
     config.write_text(config.read_text().replace("module_port = 0",
                                                  f"module_port = 0\nsingle_port = {port}"))
     srv = ServerProcess(config, data)
@@ -244,6 +244,7 @@ def test_a_session_through_a_websocket_over_the_proxy(tmp_path, db_url):
         assert supporter.wait() == 0 and host.wait() == 0
         # status, host and supporter control connections and both relay legs were tunnels
         assert srv.log().count("module tunnel (WebSocket) opened") >= 5, srv.log()[-3000:]
+        assert "no handshake and first command" not in srv.log()  # proved in time: no deadline
 
         # a revoked certificate is refused inside the tunnel as on the module port
         srv.ok("cert", "revoke", "hausmeister:supporter:alice")
@@ -255,4 +256,61 @@ def test_a_session_through_a_websocket_over_the_proxy(tmp_path, db_url):
             if proc is not None:
                 proc.stop()
         proxy.stop()
+        srv.stop()
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_silent_websocket_tunnel_is_closed_at_the_module_deadline(tmp_path, db_url):
+    """An upgraded tunnel that never starts its inner TLS is closed like a silent connection on
+    the module port (handshake + first-command deadline), not held for ever."""
+    import time
+    srv, port = single_port_server(tmp_path, db_url, extra="""
+[limits]
+tls_handshake_seconds = 1.0
+first_command_seconds = 1.0
+""")
+    try:
+        sock = tls_to(srv, port, "http/1.1")
+        sock.sendall(b"GET /api/v1/module-tunnel HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                     b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                     b"Sec-WebSocket-Version: 13\r\n\r\n")
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = sock.recv(4096)
+            assert chunk, head
+            head += chunk
+        assert head.startswith(b"HTTP/1.1 101"), head
+        opened = time.monotonic()
+        sock.settimeout(30)
+        try:
+            while sock.recv(4096):
+                pass
+        except (ssl.SSLError, ConnectionResetError):
+            pass
+        waited = time.monotonic() - opened
+        assert 1.5 <= waited < 20, waited
+        assert "module tunnel from 127.0.0.1 closed: no handshake and first command within 2 s" \
+            in srv.log()
+
+        # a host that proved itself in time keeps its tunnel well past that deadline
+        token = srv.ok("token", "create", "-q").strip()
+        pc1 = tmp_path / "pc1"
+        assert run_cli("host", "enroll", "--server", f"https://127.0.0.1:{port}",
+                       "--ca-fingerprint", srv.fingerprint, "--token", token, "--name", "pc1",
+                       "--home", str(pc1), env=NO_ENV_PROXY).returncode == 0
+        assert run_cli("host", "set-password", "--password-stdin", "--home", str(pc1),
+                       stdin="right-host-password\n").returncode == 0
+        host = ModuleProcess("host", "--websocket", "run", "--pipe", "--home", str(pc1),
+                             env=NO_ENV_PROXY)
+        try:
+            host.wait_for_line("online; waiting for supporters")
+            time.sleep(4)  # twice the deadline: a tunnel that settled must not be cut by it
+            assert host.proc.poll() is None
+            assert srv.log().count("no handshake and first command") == 1
+            listed = [line.split() for line in srv.ok("host", "list").splitlines()]
+            assert any(row[:1] == ["pc1"] and "yes" in row for row in listed), listed
+        finally:
+            host.stop()
+    finally:
         srv.stop()
