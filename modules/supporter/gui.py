@@ -463,6 +463,7 @@ class SupporterWindow(QMainWindow):
         async def run():
             runner = await connect_host(self.reactor, self.conn, self.folder, host_id, password,
                                         tab.ui, delegate=tab, pipe=False,
+                                        screen=self.own_screen(),
                                         request_rights=("view", "control"),
                                         receive_dir=tab.receive_dir)
             tab.attach(runner)
@@ -504,6 +505,7 @@ class SupporterWindow(QMainWindow):
                 address=ticket["peer_address"]))
             runner = await invitation.session(self.reactor, self.folder, ticket, tab.ui,
                                               delegate=tab, pipe=False,
+                                              screen=self.own_screen(),
                                               request_rights=("view", "control"),
                                               receive_dir=tab.receive_dir)
             tab.attach(runner)
@@ -516,6 +518,20 @@ class SupporterWindow(QMainWindow):
         defer.ensureDeferred(run()).addErrback(lambda f: tab.notice.setText(
             t("Error: {message}").format(message=f.getErrorMessage())))
         return tab
+
+    def own_screen(self):
+        """This desktop's display, for "Show my screen" (None where there is none)."""
+        import os
+        from argparse import Namespace
+
+        from ..common.stream_cli import screen_offer
+        display = os.environ.get("DISPLAY")
+        if not display:
+            return None
+        try:
+            return screen_offer(Namespace(screen=display, window=None, hide_background=False))
+        except Exception:
+            return None
 
     def _add(self, tab: SessionTab) -> None:
         self.sessions.append(tab)
