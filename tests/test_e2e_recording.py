@@ -22,6 +22,7 @@ from .fixtures_x11 import xvfb  # noqa: F401 - fixture
 from .module_process import ModuleProcess
 from .test_e2e_brokering import wait_until
 from .test_avatars import moto_s3  # noqa: F401 - fixture
+from .test_console_a11y import WCAG_TAGS, axe_source  # noqa: F401 - fixture
 from .test_e2e_screen import screen_of
 
 pytestmark = pytest.mark.e2e
@@ -82,7 +83,7 @@ def last_frame(path) -> np.ndarray:
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_recorded_session_exports_to_the_screen_and_tampering_is_named(rec_world, xvfb, tmp_path,  # noqa: F811
-                                                                      browser):  # noqa: F811
+                                                                      browser, axe_source):  # noqa: F811
     w, srv = rec_world, rec_world["srv"]
     srv.ok("recording", "policy", "on")
     xvfb.xterm("recorded-term", geometry="80x24+0+0", bg="darkgreen")
@@ -118,7 +119,7 @@ def test_recorded_session_exports_to_the_screen_and_tampering_is_named(rec_world
     assert anchored and anchored[0]["detail"]["sha256"] == rec["sha256"]
     assert srv.cli("protocol", "verify", str(srv.data_dir / "protocols")).returncode == 0
     for lang in ("en", "de"):
-        console_plays(browser, srv, rec["session_id"], lang)
+        console_plays(browser, srv, rec["session_id"], lang, axe_source)
     # wrong or missing keys: one line each, nothing written, nothing deleted
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
@@ -240,7 +241,7 @@ def test_recording_goes_to_s3_and_exports_from_there(tmp_path, db_url, xvfb, mot
         assert srv.cli("protocol", "verify", str(srv.data_dir / "protocols")).returncode == 0
 
 
-def console_plays(browser, srv, session_id: str, lang: str) -> None:  # noqa: F811
+def console_plays(browser, srv, session_id: str, lang: str, axe: str) -> None:  # noqa: F811
     """The session page plays the recording in Chromium: the video has its duration and runs."""
     context = browser.new_context(ignore_https_errors=True, locale=lang,
                                   extra_http_headers={"Accept-Language": lang},
@@ -266,6 +267,15 @@ def console_plays(browser, srv, session_id: str, lang: str) -> None:  # noqa: F8
         wait_until(lambda: page.evaluate(f"document.querySelector('{video}').currentTime") > 0.5,
                    timeout=30, what="the video playing")
         assert page.locator("a.video-time").count() > 0  # protocol times link into the video
+        # accessible (axe-core, WCAG 2.x A/AA) and readable at 320 px with the video on it
+        page.evaluate(axe + "\n;0")  # DevTools evaluation: the page's CSP does not apply
+        violations = page.evaluate(
+            "async (tags) => (await axe.run(document, {runOnly: {type: 'tag', values: tags},"
+            " resultTypes: ['violations']})).violations.map(v => v.id + ': ' + v.help)", WCAG_TAGS)
+        assert violations == [], violations
+        page.set_viewport_size({"width": 320, "height": 640})
+        assert page.evaluate("document.documentElement.scrollWidth") <= 320 + 1
+        page.set_viewport_size({"width": 1280, "height": 800})
         # the protocol's events are the video's captions (WebVTT through the same CSP)
         page.evaluate(f"document.querySelector('{video}').textTracks[0].mode = 'showing'")
         wait_until(lambda: page.evaluate(
