@@ -102,7 +102,9 @@ class LiveSession:
     key_failure_counted: bool = False
     #: the first end reason a party or the server reported (protocol.session_end)
     end: EndReason | None = None
-    #: party reports waiting to be written, in the order they came (``EventCoalescer``)
+    #: fires when the first reported end reason is in the database
+    end_written: defer.Deferred = field(default_factory=lambda: defer.succeed(None))
+    #: party reports waiting to be written, in the order they came (``_coalesce``)
     pending: list = field(default_factory=list)
     writing: bool = False
     flushing: bool = False  # write held reports without waiting (the session is ending)
@@ -522,10 +524,14 @@ class Broker:
             live.end = end
             log.info("session {session_id} ending: {reason} (reported by the {party})",
                      session_id=live.session_id, reason=end.text(), party=live.party_of(conn))
-            d = self.db.run(_report_end, live.session_id, end)
-        else:
-            d = defer.succeed(None)
-        return d.addCallback(lambda _: {})
+            live.end_written = self.db.run(_report_end, live.session_id, end).addErrback(
+                lambda f: log.failure("could not record why session {session_id} ends", f,
+                                      session_id=live.session_id))
+        # every answer waits until the first reason is in the row: a party closes its leg after
+        # the answer, and a separate relay process reads the reason from the row
+        written: defer.Deferred = defer.Deferred()
+        live.end_written.addBoth(lambda result: (written.callback(None), result)[1])
+        return written.addCallback(lambda _: {})
 
     def end_by_server(self, session_id: str, end: EndReason) -> defer.Deferred:
         """The server ends a live session (revocation, unwritable protocol): the reason goes
