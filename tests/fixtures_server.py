@@ -174,6 +174,19 @@ def add_enrolled_supporter(srv: ServerProcess, name: str, home: Path) -> Path:
     return home
 
 
+def add_enrolled_host(srv: ServerProcess, name: str, home: Path, password: str) -> Path:
+    """A host ``name`` that the real CLI enrolls with a fresh token into ``home`` and gives the
+    host password ``password``."""
+    token = srv.ok("token", "create", "-q").strip()
+    result = run_cli("host", "enroll", "--server", srv.url, "--ca-fingerprint", srv.fingerprint,
+                     "--token", token, "--name", name, "--home", str(home))
+    assert result.returncode == 0, result.stderr
+    result = run_cli("host", "set-password", "--password-stdin", "--home", str(home),
+                     stdin=password + "\n")
+    assert result.returncode == 0, result.stderr
+    return home
+
+
 @pytest.fixture
 def enrolled_supporter(running_server, tmp_path):
     """A supporter user ``alice`` whose module is enrolled in ``tmp_path/alice``."""

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import time
@@ -22,7 +21,8 @@ import pytest
 from server.session_protocol import verify
 
 from .fixtures_mail import mail_toml
-from .fixtures_server import (ADMIN_PASSWORD, ServerProcess, add_enrolled_supporter, run_cli,
+from .fixtures_server import (ADMIN_PASSWORD, ServerProcess, add_enrolled_host,
+                              add_enrolled_supporter, run_cli,
                               server_with_external_relay, write_config)
 from .module_process import ModuleProcess
 from .test_e2e_brokering import answers, server_args, wait_until
@@ -142,12 +142,7 @@ def test_revoking_the_supporter_ends_its_live_session(any_relay, how, tmp_path):
 def test_removing_a_host_ends_its_session_and_its_service(in_process, tmp_path):
     srv = in_process
     alice = add_enrolled_supporter(srv, "alice", tmp_path / "alice")
-    token = srv.ok("token", "create", "-q").strip()
-    pc1 = tmp_path / "pc1"
-    assert run_cli("host", "enroll", *server_args(srv), "--token", token, "--name", "pc1",
-                   "--home", str(pc1)).returncode == 0
-    assert run_cli("host", "set-password", "--password-stdin", "--home", str(pc1),
-                   stdin="host-password-1\n").returncode == 0
+    pc1 = add_enrolled_host(srv, "pc1", tmp_path / "pc1", "host-password-1")
     password = tmp_path / "pw"
     password.write_text("host-password-1\n")
     host = ModuleProcess("host", "run", "--pipe", "--home", str(pc1))

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from .fixtures_console import ARTIFACTS, browser  # noqa: F401 - fixture
-from .fixtures_server import ADMIN_PASSWORD, ServerProcess, add_enrolled_supporter, run_cli, write_config
+from .fixtures_server import (ADMIN_PASSWORD, ServerProcess, add_enrolled_host, add_enrolled_supporter,
+                              write_config)
 from .fixtures_x11 import xvfb  # noqa: F401 - fixture
 from .module_process import ModuleProcess
 from .test_e2e_brokering import wait_until
@@ -37,13 +38,7 @@ def recording_world(tmp_path, db_url, extra: str = ""):
     srv.start()
     try:
         alice = add_enrolled_supporter(srv, "alice", tmp_path / "alice")
-        token = srv.ok("token", "create", "-q").strip()
-        pc1 = tmp_path / "pc1"
-        args = ["--server", srv.url, "--ca-fingerprint", srv.fingerprint]
-        assert run_cli("host", "enroll", *args, "--token", token, "--name", "pc1",
-                       "--home", str(pc1)).returncode == 0
-        assert run_cli("host", "set-password", "--password-stdin", "--home", str(pc1),
-                       stdin="right-host-password\n").returncode == 0
+        pc1 = add_enrolled_host(srv, "pc1", tmp_path / "pc1", "right-host-password")
         right = tmp_path / "right"
         right.write_text("right-host-password\n")
         yield {"srv": srv, "alice": alice, "pc1": pc1, "right": right, "tmp": tmp_path}

@@ -7,14 +7,14 @@ can assert what the server side could see: ciphertext only.
 from __future__ import annotations
 
 import json
-import signal
 import time
 
 import pytest
 
 from server.session_protocol import verify
 
-from .fixtures_server import add_enrolled_supporter, run_cli, server_with_external_relay
+from .fixtures_server import (add_enrolled_host, add_enrolled_supporter, run_cli,
+                              server_with_external_relay)
 from .module_process import ModuleProcess
 from .test_e2e_brokering import answers, server_args, wait_until
 
@@ -39,12 +39,7 @@ def world(tmp_path, db_url):
     try:
         relay.wait_for_line(f"relay.*{relay_port}")
         alice = add_enrolled_supporter(srv, "alice", tmp_path / "alice")
-        token = srv.ok("token", "create", "-q").strip()
-        pc1 = tmp_path / "pc1"
-        assert run_cli("host", "enroll", *server_args(srv), "--token", token, "--name", "pc1",
-                       "--home", str(pc1)).returncode == 0
-        assert run_cli("host", "set-password", "--password-stdin", "--home", str(pc1),
-                       stdin="right-host-password\n").returncode == 0
+        pc1 = add_enrolled_host(srv, "pc1", tmp_path / "pc1", "right-host-password")
         yield {"srv": srv, "alice": alice, "pc1": pc1, "capture": capture, "tmp": tmp_path}
     finally:
         relay.stop()
@@ -268,10 +263,13 @@ def test_files_go_both_ways_with_matching_sha256_as_the_policy_allows(world):
     digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
     assert digest(inbox_host / "report.bin") == digest(to_host)
     assert digest(inbox_supporter / "host-log.bin") == digest(to_supporter)
-    completed = {(e["actor"].split(":")[1], e["detail"]["name"], e["detail"]["sha256"])
-                 for e in protocol_events(w["srv"]) if e["kind"] == "file_completed"}
-    assert ("host", "report.bin", digest(to_host)) in completed
-    assert ("supporter", "host-log.bin", digest(to_supporter)) in completed
+    # one protocol line per transfer, reported by one side and confirmed by the other
+    completed = [e for e in protocol_events(w["srv"]) if e["kind"] == "file_completed"]
+    assert sorted((e["detail"]["name"], e["detail"]["sha256"]) for e in completed) == sorted([
+        ("host-log.bin", digest(to_supporter)), ("report.bin", digest(to_host))])
+    for line in completed:
+        parties = {line["actor"].split(":")[1], line["detail"]["confirmed_by"].split(":")[1]}
+        assert parties == {"host", "supporter"}, line
 
     # With files denied by the host's policy nothing moves either way.
     for leftover in list(inbox_host.iterdir()) + list(inbox_supporter.iterdir()):
