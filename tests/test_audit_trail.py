@@ -102,6 +102,7 @@ def any_relay(request, tmp_path, db_url):
         srv.stop()
 
 
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # PostgreSQL: the broker tests
 @pytest.mark.parametrize("how", ["cert revoke", "user disable"])
 def test_revoking_the_supporter_ends_its_live_session(any_relay, how, tmp_path):
     srv = any_relay
@@ -139,6 +140,7 @@ def test_revoking_the_supporter_ends_its_live_session(any_relay, how, tmp_path):
     assert all(e["detail"].get("confirmed_by") for e in granted), granted
 
 
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # the database is not what is tested
 def test_removing_a_host_ends_its_session_and_its_service(in_process, tmp_path):
     srv = in_process
     alice = add_enrolled_supporter(srv, "alice", tmp_path / "alice")
@@ -206,6 +208,7 @@ def remount(mount, option: str) -> None:
     subprocess.run(["mount", "-o", f"remount,{option}", str(mount)], check=True)
 
 
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # the database is not what is tested
 def test_no_session_starts_that_its_protocol_cannot_record(server_on_small_disk, tmp_path):
     srv, disk = server_on_small_disk
     alice = add_enrolled_supporter(srv, "alice", tmp_path / "alice")
@@ -234,6 +237,7 @@ def test_no_session_starts_that_its_protocol_cannot_record(server_on_small_disk,
         probe.stop()
 
 
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # the database is not what is tested
 def test_check_warns_about_a_nearly_full_protocol_disk(server_on_small_disk):
     srv, disk = server_on_small_disk
     filler = disk / "filler.bin"
@@ -289,6 +293,7 @@ def test_a_crash_leaves_no_session_running(tmp_path, db_url):
         srv.stop()
 
 
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # the database is not what is tested
 def test_token_create_prints_the_real_command_and_session_list_names_the_host(in_process,
                                                                               tmp_path):
     srv = in_process
