@@ -188,5 +188,5 @@ def add_commands(sub) -> None:
                         "address and CA fingerprint inside, signed")
     s.add_argument("file", metavar="FILE", help="hausmeister-customer-linux-x86_64 from the bundle")
     s.add_argument("--server", metavar="URL", help="address to put inside (default: the running "
-                   "server's, else https://public_host:https_port)")
+                   "server's, else https://PUBLIC_HOST:HTTPS_PORT)")
     s.set_defaults(func=cmd_downloads_add_customer)

@@ -195,7 +195,7 @@ def _proxy_first(argv: list[str]) -> list[str]:
 def main_wrapper(prog: str, parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
     parser.add_argument("--proxy", metavar="URL",
                         help="reach the server through this HTTP proxy with CONNECT, e.g. "
-                             "http://user:password@proxy.lan:3128 (default: $https_proxy)")
+                             "http://USER:PASSWORD@proxy.lan:3128 (default: $https_proxy)")
     parser.add_argument("--websocket", action="store_true",
                         help="connect through a WebSocket over TLS, where only web traffic "
                              "passes (needs the server's single port, listen.single_port)")

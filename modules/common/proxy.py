@@ -53,7 +53,7 @@ class Proxy:
 
 
 def parse_proxy(url: str) -> Proxy:
-    """``http://[user:password@]host:port`` → Proxy, or ValueError saying what is wrong."""
+    """``http://HOST:PORT`` or ``http://USER:PASSWORD@HOST:PORT`` → Proxy, or ValueError saying what is wrong."""
     parts = urlsplit(url.strip() if "://" in url else f"http://{url.strip()}")
     try:
         port = parts.port
@@ -62,7 +62,7 @@ def parse_proxy(url: str) -> Proxy:
     if port == 0:
         raise ValueError(f"proxy {url!r} has a port that is not 1-65535")
     if parts.scheme != "http" or not parts.hostname or parts.path not in ("", "/"):
-        raise ValueError(f"proxy {url!r} must look like http://[user:password@]host:port")
+        raise ValueError(f"proxy {url!r} must look like http://HOST:PORT or http://USER:PASSWORD@HOST:PORT")
     return Proxy(parts.hostname, port or 3128, unquote(parts.username or ""),
                  unquote(parts.password or ""))
 
