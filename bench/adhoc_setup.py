@@ -57,9 +57,9 @@ def rusage_cpu() -> float:
 async def run(reactor, args) -> int:
     from twisted.internet import defer, endpoints
 
-    from modules.common.connection import ControlClient, ServerAddress, client_tls, connect, hello
-    from modules.common.folder import ModuleFolder
-    from modules.common.session_stream import RelayLeg
+    from modules.common.link.connection import ControlClient, ServerAddress, client_tls, connect, hello
+    from modules.common.link.folder import ModuleFolder
+    from modules.common.link.session_stream import RelayLeg
     from protocol import control
 
     print(machine_line())

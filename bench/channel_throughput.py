@@ -41,9 +41,9 @@ if str(ROOT) not in sys.path:
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # noqa: E402
 
-from modules.common.channel import (MAX_PAYLOAD, Credentials, SessionChannel,  # noqa: E402
+from modules.common.session.channel import (MAX_PAYLOAD, Credentials, SessionChannel,  # noqa: E402
                                     adhoc_password)
-from modules.common.channel_events import Closed, Failed, KeyConfirmed, Record  # noqa: E402
+from modules.common.session.channel_events import Closed, Failed, KeyConfirmed, Record  # noqa: E402
 from protocol.framing import BoxDecoder, encode_box  # noqa: E402
 from protocol.identity import Identity, make_csr  # noqa: E402
 from server import pki  # noqa: E402 - the benchmark makes its own certificates

@@ -61,8 +61,8 @@ def worker_main(args) -> int:
     from twisted.internet import reactor, task
     from twisted.logger import globalLogBeginner
 
-    from modules.common.connection import ServerAddress
-    from modules.common.folder import ModuleFolder
+    from modules.common.link.connection import ServerAddress
+    from modules.common.link.folder import ModuleFolder
     from modules.remote_host.presence import HostPresence
 
     from collections import Counter

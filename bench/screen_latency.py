@@ -48,8 +48,8 @@ def serve(display: str, port: int, max_fps: float) -> None:
     """--serve: our RFB server for ``display`` on 127.0.0.1:port (runs until killed)."""
     from twisted.internet import reactor
 
-    from modules.common.rfb_twisted import listen_vnc
-    from modules.common.screen import ScreenSource
+    from modules.common.screen.rfb_twisted import listen_vnc
+    from modules.common.screen.capture_x11 import ScreenSource
     listen_vnc(reactor, f"127.0.0.1:{port}", ScreenSource(display), max_fps=max_fps)
     print("ready", flush=True)
     reactor.run()

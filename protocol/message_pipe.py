@@ -1,7 +1,7 @@
 """A byte stream carried in WebSocket binary messages, as a Twisted transport.
 
 The module's TLS connection runs over it when it reaches the server through a WebSocket (server:
-``server.ws_tunnel``, module: ``modules.common.ws_tunnel``): each write is one message, and
+``server.ws_tunnel``, module: ``modules.common.link.ws_tunnel``): each write is one message, and
 pausing or aborting acts on the connection the WebSocket itself runs on.
 """
 

@@ -1,6 +1,6 @@
 """A minimal, independent RFB client decoder for tests and benchmarks.
 
-Written from RFC 6143 / the rfbproto document, not from ``modules.common.rfb_server``: it keeps a
+Written from RFC 6143 / the rfbproto document, not from ``modules.common.screen.rfb_server``: it keeps a
 framebuffer (numpy RGB) and decodes Raw, CopyRect, ZRLE, Tight (zlib, palette, fill, JPEG via
 Pillow), RichCursor, DesktopSize and ExtendedDesktopSize for 32bpp little-endian RGB888 and any
 other true-colour pixel format.  ``BlockingRFBClient`` speaks it over a socket (no reactor).

@@ -26,9 +26,9 @@ async def test_host_window_shows_the_session_and_stops_it(qt_app, world, xvfb,  
                                                           language):
     from twisted.internet import reactor
 
-    from modules.common.folder import ModuleFolder
+    from modules.common.link.folder import ModuleFolder
     from modules.common.qt.i18n import install_translation
-    from modules.common.stream_cli import screen_offer
+    from modules.common.terminal.stream_cli import screen_offer
     from modules.remote_host.gui import HostWindow
     w = world
     assert run_cli("host", "policy", "--view", "allow", "--control", "allow",

@@ -40,7 +40,7 @@ async def test_supporter_app_lists_connects_views_controls_and_moves_files(
         qt_app, world, xvfb, tmp_path, language):  # noqa: F811
     from twisted.internet import reactor
 
-    from modules.common.folder import ModuleFolder
+    from modules.common.link.folder import ModuleFolder
     from modules.common.qt.i18n import install_translation
     from modules.supporter.gui import EnrollDialog, SupporterWindow
     w = world

@@ -23,12 +23,12 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from twisted.internet import protocol
 from twisted.internet.defer import Deferred
 
-from modules.common.channel import (HOST_KDF, MAX_HELLO, MAX_PAYLOAD, MAX_RECORD, ChannelError,
+from modules.common.session.channel import (HOST_KDF, MAX_HELLO, MAX_PAYLOAD, MAX_RECORD, ChannelError,
                                     Credentials, HostKdf, SessionChannel, adhoc_password,
                                     derive_host_secret, new_host_secret)
-from modules.common.channel_events import (Closed, Failed, FailureKind, HostSaltReceived,
+from modules.common.session.channel_events import (Closed, Failed, FailureKind, HostSaltReceived,
                                            KeyConfirmed, Record)
-from modules.common.channel_twisted import ChannelFailure, ChannelOverPipe
+from modules.common.session.channel_twisted import ChannelFailure, ChannelOverPipe
 from protocol.identity import Identity, make_csr
 from server import pki
 

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from twisted.internet import defer, task
 from zope.interface import implementer
 
-from modules.common.consent import (
+from modules.common.session.consent import (
     MAX_MESSAGE_BYTES,
     SCHEMA,
     Chat,
@@ -48,7 +48,7 @@ from modules.common.consent import (
     terms_sha256,
     validate_message,
 )
-from modules.common.consent_terminal import TerminalConsentUI
+from modules.common.terminal.consent_terminal import TerminalConsentUI
 
 FAST = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 TERMS = "Support terms of Example GmbH.\nWe record this session.\tÄÖÜ ✓"
@@ -796,7 +796,7 @@ async def test_customer_consent_runs_through_the_terminal_end_to_end(pipe):
 
 
 def test_answers_can_come_from_an_inherited_descriptor_or_a_file(tmp_path):
-    from modules.common.consent_terminal import open_answers
+    from modules.common.terminal.consent_terminal import open_answers
 
     r, w = os.pipe()
     os.write(w, b"y\n")

@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from modules.common.consent import Role
-from modules.common.file_transfer import (
+from modules.common.session.consent import Role
+from modules.common.session.file_transfer import (
     CHUNK_HEADER_BYTES, MAX_CHUNK_DATA, MAX_MESSAGE, TO_PEER, TO_SUPPORTER, FileAccepted,
     FileCompleted, FileFailed, FileOffered, FileProgress, FileRejected, FileSent,
     FileTransferError, FileTransfers, Outcome, name_problem, prepare, protocol_events)
-from modules.common.mux import Channel, SessionMux
+from modules.common.session.mux import Channel, SessionMux
 
 Usage = namedtuple("Usage", "total used free")
 PLENTY = lambda path: Usage(10**12, 0, 10**12)  # noqa: E731

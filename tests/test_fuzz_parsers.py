@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from modules.common.consent import ConsentError, Role, decode_message
-from modules.common.file_transfer import FileTransferError, FileTransfers
+from modules.common.session.consent import ConsentError, Role, decode_message
+from modules.common.session.file_transfer import FileTransferError, FileTransfers
 
 # --- JSON of any shape ----------------------------------------------------------------------
 

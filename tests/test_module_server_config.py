@@ -8,7 +8,7 @@ import os
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from modules.common.enrollment import EnrollmentFailed, ServerConfigUnusable, read_server_config
+from modules.common.link.enrollment import EnrollmentFailed, ServerConfigUnusable, read_server_config
 
 from .fixtures_server import run_cli
 

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from modules.common.mux import (
+from modules.common.session.mux import (
     HEADER_BYTES,
     MAX_PIECE,
     Channel,
@@ -24,7 +24,7 @@ from modules.common.mux import (
 FAST = settings(max_examples=150, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
-RECORD = 65519  # what modules.common.channel can seal in one record
+RECORD = 65519  # what modules.common.session.channel can seal in one record
 _PATTERN = bytes(range(256)) * 512  # 128 KiB to cut long payloads from
 ROOMY = {c: ChannelSpec(weight=None if c is Channel.CONTROL else w, limit=1 << 30,
                         max_message=64 * 1024 if c is Channel.CONTROL else None)

@@ -1,4 +1,4 @@
-"""The module's reading of an HTTP proxy's answer to CONNECT (``modules.common.proxy``), sans I/O:
+"""The module's reading of an HTTP proxy's answer to CONNECT (``modules.common.link.proxy``), sans I/O:
 split anywhere it reads the same; garbage and endless headers are a ValueError, never a hang or a
 crash; the proxy setting is parsed or refused in one line."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from modules.common.proxy import MAX_REPLY, ConnectReply, _bypassed, parse_proxy
+from modules.common.link.proxy import MAX_REPLY, ConnectReply, _bypassed, parse_proxy
 
 REPLY = b"HTTP/1.1 200 Connection established\r\nProxy-agent: tinyproxy/1.11.1\r\n\r\n"
 

@@ -1,4 +1,4 @@
-"""The module's recorder (modules.common.recorder): what it writes is what the screen sent, one
+"""The module's recorder (modules.common.session.recorder): what it writes is what the screen sent, one
 chunk in flight, and a slow upload never blocks the screen: a full buffer gives the recording up
 (ending the session under 'required') instead of stalling."""
 
@@ -9,7 +9,7 @@ import json
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from twisted.internet import defer, task
 
-from modules.common.recorder import SessionRecorder
+from modules.common.session.recorder import SessionRecorder
 from protocol import control, recording
 
 KEY = X25519PrivateKey.generate()

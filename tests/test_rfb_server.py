@@ -18,12 +18,12 @@ from twisted.internet import threads
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import globalLogPublisher
 
-from modules.common.rfb_server import (
+from modules.common.screen.rfb_server import (
     COPYRECT, DESKTOP_SIZE, EXTENDED_DESKTOP_SIZE, RAW, RICH_CURSOR, TIGHT, ZRLE, ClientCutText,
     ClientInit, Cursor, FramebufferUpdateRequest, KeyEvent, Move, PointerEvent, Rect, RFBError,
     RFBServer, SetEncodings, SetPixelFormat, as_rgb,
 )
-from modules.common.screen import DamageTracker, ScreenSource, find_scroll, tile_damage
+from modules.common.screen.capture_x11 import DamageTracker, ScreenSource, find_scroll, tile_damage
 from tests.fixtures_x11 import require, wait_for_window, xvfb, xvfb_factory  # noqa: F401
 from tests.rfb_decoder import PF, BlockingRFBClient, Decoder
 
@@ -435,7 +435,7 @@ async def run_tool(*args: str, env: dict | None = None, timeout: int = 20) -> tu
 async def test_vncsnapshot_matches_the_screen(xvfb, tmp_path, encodings):
     from twisted.internet import reactor
 
-    from modules.common.rfb_twisted import listen_vnc
+    from modules.common.screen.rfb_twisted import listen_vnc
     require("vncsnapshot")
     xvfb.xterm("snap", geometry="60x20+30+40", bg="#208040",
                extra=("-e", "sh", "-c", "ls -la /usr/bin | head -40; sleep 60"))
@@ -465,7 +465,7 @@ async def test_vncsnapshot_matches_the_screen(xvfb, tmp_path, encodings):
 async def test_tigervnc_viewer_shows_our_screen(xvfb, xvfb_factory):
     from twisted.internet import reactor
 
-    from modules.common.rfb_twisted import listen_vnc
+    from modules.common.screen.rfb_twisted import listen_vnc
     viewer_display = xvfb_factory("1280x1024")
     xvfb.xterm("magenta", geometry="50x15+200+200", bg="#ff00ff")
     src = ScreenSource(xvfb.name)
@@ -512,8 +512,8 @@ def type_text(client: BlockingRFBClient, text: str) -> None:
 async def test_keys_typed_through_rfb_run_a_command_only_with_control(xvfb, tmp_path):
     from twisted.internet import reactor
 
-    from modules.common.input_x11 import XTestInjector
-    from modules.common.rfb_twisted import listen_vnc
+    from modules.common.screen.input_x11 import XTestInjector
+    from modules.common.screen.rfb_twisted import listen_vnc
     xvfb.xterm("typing", geometry="80x24+0+0")
     granted = {"control": False}
     injector = XTestInjector(xvfb.name, lambda: granted["control"])

@@ -8,9 +8,9 @@ import unicodedata
 
 from hypothesis import given, strategies as st
 
-from modules.common.channel_events import Failed, FailureKind
-from modules.common.consent import ConsentState, Role, SessionEnded, encode_message
-from modules.common.session_runner import (
+from modules.common.session.channel_events import Failed, FailureKind
+from modules.common.session.consent import ConsentState, Role, SessionEnded, encode_message
+from modules.common.session.session_runner import (
     EventIds, bye_text, reason_of_channel_failure, reason_of_consent_end,
 )
 from protocol.session_end import PARTIES, EndCause, EndReason

@@ -12,13 +12,13 @@ import sys
 
 from cryptography.hazmat.primitives import serialization
 
-from modules.common.cli import (
+from modules.common.terminal.cli import (
     add_server_options, main_wrapper, run_reactor, server_and_fingerprint,
 )
-from modules.common.connection import MODULE_VERSION, ServerAddress, connect, hello
-from modules.common.enrollment import fetch_pinned_ca, server_info
-from modules.common.session_runner import CliDelegate
-from modules.common.stream_cli import (
+from modules.common.link.connection import MODULE_VERSION, ServerAddress, connect, hello
+from modules.common.link.enrollment import fetch_pinned_ca, server_info
+from modules.common.session.session_runner import CliDelegate
+from modules.common.terminal.stream_cli import (
     add_session_options, consent_ui, exit_code, run_to_end, say, screen_offer, session_options,
 )
 from modules.customer.join import join, parse_adhoc_id

@@ -19,11 +19,11 @@ from PySide6.QtWidgets import (
 )
 from twisted.internet import defer
 
-from ..common.consent import Chat, Event, Right, RightGranted, RightRevoked, Role
-from ..common.folder import default_home
+from ..common.session.consent import Chat, Event, Right, RightGranted, RightRevoked, Role
+from ..common.link.folder import default_home
 from ..common.qt.consent_dialogs import DialogConsentUI
 from ..common.qt.i18n import install_translation, t
-from ..common.session_runner import SessionDelegate
+from ..common.session.session_runner import SessionDelegate
 from .join import join, parse_adhoc_id
 
 CONFIG_NAME = "customer.toml"
@@ -234,7 +234,7 @@ class CustomerWindow(QMainWindow, SessionDelegate):
         defer.ensureDeferred(self._session(adhoc_id)).addErrback(self._failed)
 
     async def _session(self, adhoc_id: str) -> None:
-        from ..common.stream_cli import screen_offer
+        from ..common.terminal.stream_cli import screen_offer
         from argparse import Namespace
         screen = screen_offer(Namespace(screen=self.share_display)) if self.share_display else None
 
@@ -302,7 +302,7 @@ class CustomerWindow(QMainWindow, SessionDelegate):
                           + t("Compare this code with the other side by phone."))
 
     def file_event(self, event) -> None:
-        from ..common.file_transfer import FileCompleted, FileProgress
+        from ..common.session.file_transfer import FileCompleted, FileProgress
         if isinstance(event, FileProgress) and event.size:
             self.progress.setVisible(True)
             self.progress.setValue(100 * event.transferred // event.size)
@@ -325,8 +325,8 @@ class CustomerWindow(QMainWindow, SessionDelegate):
 
 
 def run(args) -> int:
-    from ..common.cli import ModuleError
-    from ..common.enrollment import read_server_config
+    from ..common.terminal.cli import ModuleError
+    from ..common.link.enrollment import read_server_config
     from ..common.qt.app import run_app
     from ..common.qt.i18n import system_language
     path = find_server_config(getattr(args, "server_config", None))

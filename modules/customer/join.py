@@ -11,12 +11,12 @@ from cryptography.hazmat.primitives import serialization
 from protocol import control
 from protocol.runtime import run_blocking
 
-from ..common.channel import SessionChannel, adhoc_password
-from ..common.cli import ModuleError
-from ..common.connection import ServerAddress, connect, hello
-from ..common.consent import ConsentState
-from ..common.enrollment import fetch_pinned_ca, server_info
-from ..common.session_runner import SessionRunner, open_session
+from ..common.session.channel import SessionChannel, adhoc_password
+from ..common.terminal.cli import ModuleError
+from ..common.link.connection import ServerAddress, connect, hello
+from ..common.session.consent import ConsentState
+from ..common.link.enrollment import fetch_pinned_ca, server_info
+from ..common.session.session_runner import SessionRunner, open_session
 
 
 def parse_adhoc_id(text: str) -> tuple[str, str]:

@@ -9,20 +9,20 @@ import sys
 
 from twisted.internet import defer
 
-from modules.common import enrollment
-from modules.common.cli import (
+from modules.common.link import enrollment
+from modules.common.terminal.cli import (
     ModuleError, add_home, add_server_options, add_status_renew, folder_of, main_wrapper,
     read_secret, run_reactor, server_and_fingerprint,
 )
 from modules.remote_host import settings
-from modules.common.connection import MODULE_VERSION
-from modules.common.consent import Role
-from modules.common.session_runner import CliDelegate
-from modules.common.stream_cli import (
+from modules.common.link.connection import MODULE_VERSION
+from modules.common.session.consent import Role
+from modules.common.session.session_runner import CliDelegate
+from modules.common.terminal.stream_cli import (
     add_file_options, add_screen_options, consent_ui, exit_code, say, screen_offer,
     session_options,
 )
-from modules.common.interrupts import interrupts
+from modules.common.terminal.interrupts import interrupts
 from modules.remote_host.service import HostService
 
 KIND = "host"
@@ -76,7 +76,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_set_password(args: argparse.Namespace) -> int:
-    from modules.common.channel import new_host_secret
+    from modules.common.session.channel import new_host_secret
     folder = folder_of(args, KIND)
     folder.require_enrolled(KIND)
     if args.generate:

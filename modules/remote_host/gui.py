@@ -16,10 +16,10 @@ from PySide6.QtWidgets import (
     QMainWindow, QPushButton, QTextBrowser, QVBoxLayout, QWidget,
 )
 
-from ..common.consent import Event, Right, Role
+from ..common.session.consent import Event, Right, Role
 from ..common.qt.consent_dialogs import DialogConsentUI
 from ..common.qt.i18n import install_translation, t
-from ..common.session_runner import SessionDelegate
+from ..common.session.session_runner import SessionDelegate
 from . import settings
 from .service import HostService
 
@@ -192,7 +192,7 @@ class HostWindow(QMainWindow, SessionDelegate):
             runner.emergency_stop()
 
     def set_password(self, password: str | None = None) -> bool:
-        from ..common.channel import new_host_secret
+        from ..common.session.channel import new_host_secret
         if not self.admin:
             return False
         if password is None:
@@ -229,10 +229,10 @@ class HostWindow(QMainWindow, SessionDelegate):
 
 
 def run(args) -> int:
-    from ..common.cli import folder_of
+    from ..common.terminal.cli import folder_of
     from ..common.qt.app import run_app
     from ..common.qt.i18n import system_language
-    from ..common.stream_cli import screen_offer
+    from ..common.terminal.stream_cli import screen_offer
     folder = folder_of(args, "host")
     folder.require_enrolled("host")
     if args.screen is None:

@@ -19,8 +19,8 @@ from twisted.logger import Logger
 
 from protocol import control
 
-from ..common.connection import ControlClient, ServerAddress, endpoint_for, hello
-from ..common.folder import ModuleFolder
+from ..common.link.connection import ControlClient, ServerAddress, endpoint_for, hello
+from ..common.link.folder import ModuleFolder
 
 log = Logger()
 

@@ -10,11 +10,11 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ..common.channel import Credentials, SessionChannel
-from ..common.connection import address_of
-from ..common.consent import ConsentState
-from ..common.folder import ModuleFolder
-from ..common.session_runner import SessionDelegate, SessionRunner, open_session
+from ..common.session.channel import Credentials, SessionChannel
+from ..common.link.connection import address_of
+from ..common.session.consent import ConsentState
+from ..common.link.folder import ModuleFolder
+from ..common.session.session_runner import SessionDelegate, SessionRunner, open_session
 from . import settings
 from .presence import HostPresence
 

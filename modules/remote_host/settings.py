@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 
 from protocol.files import write_private, write_public
 
-from ..common.folder import ModuleFolder, ModuleFolderError
+from ..common.link.folder import ModuleFolder, ModuleFolderError
 
 CHOICES = ("allow", "deny", "ask")
 RIGHTS = ("view", "control", "files")

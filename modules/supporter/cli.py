@@ -6,15 +6,15 @@ import argparse
 import json
 import sys
 
-from modules.common import enrollment
-from modules.common.cli import (
+from modules.common.link import enrollment
+from modules.common.terminal.cli import (
     ModuleError, add_home, add_server_options, add_status_renew, folder_of, main_wrapper,
     read_secret, run_reactor, server_and_fingerprint,
 )
-from modules.common.connection import MODULE_VERSION, address_of, connect, hello
-from modules.common.consent import Role
-from modules.common.session_runner import CliDelegate
-from modules.common.stream_cli import (
+from modules.common.link.connection import MODULE_VERSION, address_of, connect, hello
+from modules.common.session.consent import Role
+from modules.common.session.session_runner import CliDelegate
+from modules.common.terminal.stream_cli import (
     add_session_options, consent_ui, exit_code, run_to_end, say, session_options,
 )
 from modules.supporter.sessions import AdhocInvitation, connect_host, list_hosts
@@ -54,7 +54,7 @@ def _options(args: argparse.Namespace) -> dict:
 def _local_copy(args: argparse.Namespace):
     from pathlib import Path
 
-    from modules.common.stream_cli import with_local_copy
+    from modules.common.terminal.stream_cli import with_local_copy
     copy = getattr(args, "protocol_copy", None)
     return (lambda report, sid: with_local_copy(report, Path(copy), sid)) if copy else None
 

@@ -25,16 +25,16 @@ from twisted.internet import defer
 
 from protocol.runtime import run_blocking
 
-from ..common import enrollment
-from ..common.connection import address_of, connect, hello
-from ..common.consent import (
+from ..common.link import enrollment
+from ..common.link.connection import address_of, connect, hello
+from ..common.session.consent import (
     Event, Right, RightDenied, RightRevoked, Role,
 )
-from ..common.folder import ModuleFolder
+from ..common.link.folder import ModuleFolder
 from ..common.qt.consent_dialogs import DialogConsentUI
 from ..common.qt.i18n import install_translation, t
 from ..common.qt.viewer import CTRL_ALT_DEL, FramebufferWidget, scrollable
-from ..common.session_runner import SessionDelegate
+from ..common.session.session_runner import SessionDelegate
 from .sessions import AdhocInvitation, connect_host, list_hosts
 
 KIND = "supporter"
@@ -286,7 +286,7 @@ class SessionTab(QWidget, SessionDelegate):
         QApplication.clipboard().setText(text)
 
     def file_event(self, event) -> None:
-        from ..common.file_transfer import FileCompleted, FileFailed, FileProgress
+        from ..common.session.file_transfer import FileCompleted, FileFailed, FileProgress
         if isinstance(event, FileProgress) and event.size:
             self.progress.setVisible(True)
             self.progress.setFormat(f"{event.name}: %p %")
@@ -524,7 +524,7 @@ class SupporterWindow(QMainWindow):
         import os
         from argparse import Namespace
 
-        from ..common.stream_cli import screen_offer
+        from ..common.terminal.stream_cli import screen_offer
         display = os.environ.get("DISPLAY")
         if not display:
             return None
@@ -553,7 +553,7 @@ class SupporterWindow(QMainWindow):
 
 
 def run(args) -> int:
-    from ..common.cli import folder_of
+    from ..common.terminal.cli import folder_of
     from ..common.qt.app import run_app
     from ..common.qt.i18n import system_language
     folder = folder_of(args, KIND)

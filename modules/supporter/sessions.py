@@ -11,10 +11,10 @@ from twisted.internet import defer
 
 from protocol import control
 
-from ..common.channel import Credentials, SessionChannel, adhoc_password
-from ..common.consent import ConsentState
-from ..common.folder import ModuleFolder
-from ..common.session_runner import SessionRunner, open_session
+from ..common.session.channel import Credentials, SessionChannel, adhoc_password
+from ..common.session.consent import ConsentState
+from ..common.link.folder import ModuleFolder
+from ..common.session.session_runner import SessionRunner, open_session
 
 
 def credentials_of(folder: ModuleFolder) -> Credentials:
@@ -66,7 +66,7 @@ class AdhocInvitation:
 
         def server_gone(why) -> Any:
             if not self.joined.called:
-                from ..common.cli import ModuleError
+                from ..common.terminal.cli import ModuleError
                 self.joined.errback(ModuleError(
                     f"the server closed the connection while waiting: {why}"))
             return why

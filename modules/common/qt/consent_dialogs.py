@@ -15,7 +15,7 @@ from PySide6.QtWidgets import (
 from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
-from ..consent import (
+from modules.common.session.consent import (
     Chat, Comment, DirectionChanged, DirectionDenied, EmergencyStopped, Event, IConsentUI, Right,
     RightDenied, RightGranted, RightRevoked, Role, SessionEnded, TermsAccepted,
 )

@@ -14,8 +14,8 @@ from twisted.internet.defer import Deferred
 
 from protocol.runtime import run_blocking
 
-from .channel import HOST_KDF, HostKdf, Mode, Role, SessionChannel, derive_host_secret
-from .channel_events import (Closed, Event, Failed, FailureKind, HostSaltReceived, KeyConfirmed,
+from modules.common.session.channel import HOST_KDF, HostKdf, Mode, Role, SessionChannel, derive_host_secret
+from modules.common.session.channel_events import (Closed, Event, Failed, FailureKind, HostSaltReceived, KeyConfirmed,
                              Record)
 
 

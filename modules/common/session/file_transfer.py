@@ -83,8 +83,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterable
 
-from . import strict_json
-from .consent import Role
+from modules.common.session import strict_json
+from modules.common.session.consent import Role
 
 T_CONTROL = 0x01
 T_CHUNK = 0x02

@@ -29,7 +29,7 @@ from typing import Any, TextIO
 from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
-from .consent import Comment, Event, IConsentUI, Right, Role, SessionEnded, describe
+from modules.common.session.consent import Comment, Event, IConsentUI, Right, Role, SessionEnded, describe
 
 YES = frozenset({"y", "yes", "j", "ja"})
 

@@ -17,9 +17,9 @@ from protocol import control
 from protocol.amp_adapter import FramedAMP
 from protocol.session_end import BadEndReason, EndCause, EndReason
 
-from .folder import ModuleFolder
-from . import ws_tunnel
-from .proxy import tcp_endpoint
+from modules.common.link.folder import ModuleFolder
+from modules.common.link import ws_tunnel
+from modules.common.link.proxy import tcp_endpoint
 
 MODULE_VERSION = "0.1.0"
 ALPN_MODULE = b"hausmeister/1"

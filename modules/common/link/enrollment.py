@@ -27,8 +27,8 @@ from protocol.identity import (
     Identity, IdentityError, fingerprint, identity_of, make_csr, normalise_fingerprint,
 )
 
-from . import proxy
-from .folder import ModuleFolder
+from modules.common.link import proxy
+from modules.common.link.folder import ModuleFolder
 
 
 class EnrollmentFailed(RuntimeError):

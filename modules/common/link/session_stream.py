@@ -15,8 +15,8 @@ from twisted.python.failure import Failure
 from protocol.amp_adapter import FramedAMP
 from protocol.control import OpenRelayLeg
 
-from .connection import client_tls, path_to
-from .folder import ModuleFolder
+from modules.common.link.connection import client_tls, path_to
+from modules.common.link.folder import ModuleFolder
 
 log = Logger()
 

@@ -37,13 +37,13 @@ from protocol import control
 from protocol.runtime import run_blocking
 from protocol.session_end import BadEndReason, EndCause, EndReason
 
-from .channel import MAX_PAYLOAD, SessionChannel
-from .cli import ModuleError
-from .channel_events import Closed, FailureKind, KeyConfirmed
-from .channel_twisted import ChannelFailure, ChannelOverPipe
-from .consent import MAX_REASON_CHARS, ConsentDriver, ConsentState, Right
-from .mux import Channel, SessionMux
-from .session_stream import RelayLeg
+from modules.common.session.channel import MAX_PAYLOAD, SessionChannel
+from modules.common.terminal.cli import ModuleError
+from modules.common.session.channel_events import Closed, FailureKind, KeyConfirmed
+from modules.common.session.channel_twisted import ChannelFailure, ChannelOverPipe
+from modules.common.session.consent import MAX_REASON_CHARS, ConsentDriver, ConsentState, Right
+from modules.common.session.mux import Channel, SessionMux
+from modules.common.link.session_stream import RelayLeg
 
 log = Logger()
 
@@ -84,7 +84,7 @@ class SessionDelegate:
         """The peer's clipboard text arrived."""
 
     def file_event(self, event) -> None:
-        """A file transfer changed (``modules.common.file_transfer`` events, progress too)."""
+        """A file transfer changed (``modules.common.session.file_transfer`` events, progress too)."""
 
     def ended(self, reason) -> None:
         """The session is over, for ``reason`` (``EndReason``)."""
@@ -224,7 +224,7 @@ class SessionRunner:
         self.viewer_options = viewer or {}
         self.presenter_screen = None
         self.viewer_screen = None
-        self.recorder = None  # modules.common.recorder.SessionRecorder, when this side records
+        self.recorder = None  # modules.common.session.recorder.SessionRecorder, when this side records
         self.send_files = list(send_files)
         self.receive_dir = receive_dir
         self.files = None  # FileTransfers, once the session is set up
@@ -387,7 +387,7 @@ class SessionRunner:
 
     def _command(self, action: Callable[[], None]) -> bool:
         """Run a consent command; a refusal of this side's own usage becomes a status line."""
-        from .consent import ConsentUsageError
+        from modules.common.session.consent import ConsentUsageError
         if self.driver is None or self.consent.ended:
             return False
         try:
@@ -422,7 +422,7 @@ class SessionRunner:
 
     def send_file(self, path: str) -> defer.Deferred:
         """Offer the file at ``path`` (sent once the files right allows it)."""
-        from .file_transfer import prepare
+        from modules.common.session.file_transfer import prepare
         d = run_blocking(prepare, path)
         d.addCallback(self._prepared.append)
         d.addCallback(lambda _: self._offer_files())
@@ -454,7 +454,7 @@ class SessionRunner:
     def _setup_files(self) -> None:
         from pathlib import Path
 
-        from .file_transfer import FileTransfers
+        from modules.common.session.file_transfer import FileTransfers
         consent = self.consent
 
         def allowed(attempt: str) -> bool:
@@ -465,7 +465,7 @@ class SessionRunner:
         self.files = FileTransfers(Path(self.receive_dir) if self.receive_dir else None,
                                    role=consent.role, allowed=allowed, auto_accept=True)
         for path in self.send_files:
-            from .file_transfer import prepare
+            from modules.common.session.file_transfer import prepare
             d = run_blocking(prepare, path)
             d.addCallback(self._prepared.append)
             d.addCallback(lambda _: self._offer_files())
@@ -483,7 +483,7 @@ class SessionRunner:
             self._apply_files(self.files.offer(self._prepared.pop(0)))
 
     def _file_data(self, payload: bytes, end: bool) -> None:
-        from .file_transfer import FileTransferError
+        from modules.common.session.file_transfer import FileTransferError
         try:
             outcome = self.files.receive(payload, end)
         except FileTransferError as exc:
@@ -497,7 +497,7 @@ class SessionRunner:
         self._apply_files(outcome)
 
     def _apply_files(self, outcome) -> None:
-        from .file_transfer import FileProgress
+        from modules.common.session.file_transfer import FileProgress
         for message in outcome.messages:
             self._send(Channel.FILE, message)
         for event in outcome.events:
@@ -564,7 +564,7 @@ class SessionRunner:
             if self.recorder.may_show() is None:
                 self.recorder.when_ready().addCallback(lambda _: self._maybe_start_screen())
             return
-        from .screen_session import PresenterScreen
+        from modules.common.screen.screen_session import PresenterScreen
         if self.recorder is not None:
             self.recorder.restart_rfb()  # a new RFB stream (also after a direction change)
         source, make_injector = self.screen_offer
@@ -598,7 +598,7 @@ class SessionRunner:
     def _start_clipboard(self, display: str | None) -> None:
         from twisted.internet import task
 
-        from .clipboard_x11 import ClipboardError, XClipboard
+        from modules.common.screen.clipboard_x11 import ClipboardError, XClipboard
         if display is None:
             return
         try:
@@ -661,7 +661,7 @@ class SessionRunner:
         if not self.consent.holds(Right.VIEW):
             return
         if self.viewer_screen is None:
-            from .screen_session import ViewerScreen
+            from modules.common.screen.screen_session import ViewerScreen
             if self.recorder is not None:
                 self.recorder.restart_rfb()
             self.viewer_screen = ViewerScreen(
@@ -928,7 +928,7 @@ async def open_session(reactor, conn, ticket: dict, ca_pem: bytes, folder,
     """Open the relay leg of ``ticket`` and set up the session on it; the caller awaits
     ``runner.run()``.  The control connection ``conn`` carries the reports, the server's
     ``SessionEnded`` for this session and, when it is lost, the session's end."""
-    from .session_stream import open_leg
+    from modules.common.link.session_stream import open_leg
     leg = await open_leg(reactor, ticket["relay_host"], int(ticket["relay_port"]),
                          ticket["relay_token"], ca_pem, folder)
     report = reporter(conn, leg.session_id, reactor)
@@ -937,7 +937,7 @@ async def open_session(reactor, conn, ticket: dict, ca_pem: bytes, folder,
     runner = SessionRunner(reactor, leg, make_channel(leg.session_id), consent, ui, report,
                            delegate=delegate, **options)
     conn.session_end_handlers[leg.session_id] = runner.server_ended
-    from .recorder import attach as attach_recorder
+    from modules.common.session.recorder import attach as attach_recorder
     attach_recorder(runner, conn, reactor, leg.session_id)  # the server says whether to record
 
     def forget(result):

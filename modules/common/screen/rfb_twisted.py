@@ -19,10 +19,10 @@ from twisted.internet import defer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
-from modules.common.rfb_server import (
+from modules.common.screen.rfb_server import (
     ClientCutText, FramebufferUpdateRequest, KeyEvent, PointerEvent, RFBError, RFBServer,
 )
-from modules.common.screen import DamageTracker
+from modules.common.screen.capture_x11 import DamageTracker
 from protocol.runtime import run_blocking
 
 __all__ = ["RFBServerProtocol", "RFBServerFactory", "listen_vnc"]

@@ -18,8 +18,8 @@ from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.logger import Logger
 
-from .rfb_twisted import RFBServerProtocol, listen_vnc
-from .screen import Capture, DamageTracker
+from modules.common.screen.rfb_twisted import RFBServerProtocol, listen_vnc
+from modules.common.screen.capture_x11 import Capture, DamageTracker
 
 log = Logger()
 

@@ -93,7 +93,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from zope.interface import Interface
 
-from . import strict_json
+from modules.common.session import strict_json
 
 log = Logger()
 

@@ -26,7 +26,7 @@ from typing import Protocol
 
 import numpy as np
 
-from modules.common.rfb_server import Cursor, Move, Rect
+from modules.common.screen.rfb_server import Cursor, Move, Rect
 
 __all__ = ["ScreenSource", "Capture", "CaptureBackend", "DamageTracker", "tile_damage", "find_scroll"]
 

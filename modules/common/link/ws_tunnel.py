@@ -18,7 +18,7 @@ from zope.interface import implementer
 
 from protocol.message_pipe import MessagePipe
 
-from .proxy import tcp_endpoint
+from modules.common.link.proxy import tcp_endpoint
 
 PATH = "/api/v1/module-tunnel"
 

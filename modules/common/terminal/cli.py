@@ -15,9 +15,13 @@ from twisted.protocols import amp
 
 from protocol import control
 
-from . import enrollment, proxy, ws_tunnel
-from .connection import address_of, connect, hello
-from .folder import ModuleFolder, ModuleFolderError, default_home
+from modules.common.link import enrollment
+
+from modules.common.link import proxy
+
+from modules.common.link import ws_tunnel
+from modules.common.link.connection import address_of, connect, hello
+from modules.common.link.folder import ModuleFolder, ModuleFolderError, default_home
 
 
 #: How long ``status`` waits for the TLS handshake and the Hello answer together.

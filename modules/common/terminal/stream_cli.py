@@ -10,12 +10,12 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from .cli import ModuleError
-from .consent import ConsentState
-from .consent_terminal import TerminalConsentUI, open_answers
-from .folder import ModuleFolder
-from .interrupts import interrupts
-from .session_runner import CliDelegate, open_session, say
+from modules.common.terminal.cli import ModuleError
+from modules.common.session.consent import ConsentState
+from modules.common.terminal.consent_terminal import TerminalConsentUI, open_answers
+from modules.common.link.folder import ModuleFolder
+from modules.common.terminal.interrupts import interrupts
+from modules.common.session.session_runner import CliDelegate, open_session, say
 
 
 def add_session_options(parser, supporter: bool = False) -> None:
@@ -117,8 +117,8 @@ def screen_offer(args):
     display = getattr(args, "screen", None)
     if not display:
         return None
-    from .input_x11 import XTestInjector
-    from .screen import ScreenSource
+    from modules.common.screen.input_x11 import XTestInjector
+    from modules.common.screen.capture_x11 import ScreenSource
     window = getattr(args, "window", None)
     if window and window.isdigit():
         window = int(window)

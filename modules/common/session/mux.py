@@ -6,11 +6,11 @@ channel (``send``), asks for the next record payload whenever the channel can ta
 returns ``ChannelData`` events.  The mux never touches a socket, a reactor or a clock.  It is
 responsible for framing, the order in which channels get the link, and bounded send queues; it is
 not responsible for what a channel's bytes mean (consent messages, RFB, file chunks, ``--pipe``
-bytes) nor for encryption (``modules.common.channel``).
+bytes) nor for encryption (``modules.common.session.channel``).
 
 Logical channels (``Channel``)::
 
-    CONTROL 0   whole JSON control messages (``modules.common.consent``), reassembled on receipt
+    CONTROL 0   whole JSON control messages (``modules.common.session.consent``), reassembled on receipt
     SCREEN  1   opaque byte stream (RFB)
     FILE    2   opaque byte stream of the file-transfer layer
     DATA    3   opaque byte stream (the CLI's ``--pipe``)

@@ -57,7 +57,7 @@ from spake2 import SPAKE2_A, SPAKE2_B
 from protocol.identity import (Identity, IdentityError, fingerprint, identity_of,
                                normalise_fingerprint)
 
-from .channel_events import (Closed, Event, Failed, FailureKind, HostSaltReceived, KeyConfirmed,
+from modules.common.session.channel_events import (Closed, Event, Failed, FailureKind, HostSaltReceived, KeyConfirmed,
                              Record)
 
 VERSION = 1
