@@ -325,7 +325,7 @@ class CustomerWindow(QMainWindow, SessionDelegate):
 
 
 def run(args) -> int:
-    from ..common.terminal.cli import ModuleError
+    from ..common.errors import ModuleError
     from ..common.link.enrollment import read_server_config
     from ..common.qt.app import run_app
     from ..common.qt.i18n import system_language

@@ -12,7 +12,7 @@ from protocol import control
 from protocol.runtime import run_blocking
 
 from ..common.session.channel import SessionChannel, adhoc_password
-from ..common.terminal.cli import ModuleError
+from ..common.errors import ModuleError
 from ..common.link.connection import ServerAddress, connect, hello
 from ..common.session.consent import ConsentState
 from ..common.link.enrollment import fetch_pinned_ca, server_info

@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from modules.common.terminal.cli import ModuleError
+from modules.common.errors import ModuleError
 from modules.customer import cli, update
 from protocol import embedded_settings
 

@@ -21,7 +21,7 @@ from urllib.parse import quote
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from modules.common.terminal.cli import ModuleError
+from modules.common.errors import ModuleError
 from modules.common.link.enrollment import EnrollmentFailed, fetch_pinned_ca, trusting
 from protocol import embedded_settings
 from protocol.download_signature import SIG_SUFFIX, verify_file

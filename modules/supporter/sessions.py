@@ -66,7 +66,7 @@ class AdhocInvitation:
 
         def server_gone(why) -> Any:
             if not self.joined.called:
-                from ..common.terminal.cli import ModuleError
+                from ..common.errors import ModuleError
                 self.joined.errback(ModuleError(
                     f"the server closed the connection while waiting: {why}"))
             return why

@@ -38,7 +38,7 @@ from protocol.runtime import run_blocking
 from protocol.session_end import BadEndReason, EndCause, EndReason
 
 from modules.common.session.channel import MAX_PAYLOAD, SessionChannel
-from modules.common.terminal.cli import ModuleError
+from modules.common.errors import ModuleError
 from modules.common.session.channel_events import Closed, FailureKind, KeyConfirmed
 from modules.common.session.channel_twisted import ChannelFailure, ChannelOverPipe
 from modules.common.session.consent import MAX_REASON_CHARS, ConsentDriver, ConsentState, Right

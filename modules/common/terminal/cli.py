@@ -15,6 +15,7 @@ from twisted.protocols import amp
 
 from protocol import control
 
+from modules.common.errors import ModuleError  # noqa: F401 (printed as <prog>: error: ...)
 from modules.common.link import enrollment
 
 from modules.common.link import proxy
@@ -26,10 +27,6 @@ from modules.common.link.folder import ModuleFolder, ModuleFolderError, default_
 
 #: How long ``status`` waits for the TLS handshake and the Hello answer together.
 HELLO_TIMEOUT_SECONDS = 30.0
-
-
-class ModuleError(Exception):
-    """Printed as ``<prog>: error: <message>``; exit code 1."""
 
 
 def add_home(parser: argparse.ArgumentParser, kind: str) -> None:

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from modules.common.terminal.cli import ModuleError
+from modules.common.errors import ModuleError
 from modules.common.session.consent import ConsentState
 from modules.common.terminal.consent_terminal import TerminalConsentUI, open_answers
 from modules.common.link.folder import ModuleFolder
