@@ -24,6 +24,8 @@ from modules.common.screen.rfb_server import (
     RFBServer, SetEncodings, SetPixelFormat, as_rgb,
 )
 from modules.common.screen.capture_x11 import DamageTracker, ScreenSource, find_scroll, tile_damage
+from modules.common.terminal.stream_cli import window_choice
+from tests.fixtures_server import run_cli
 from tests.fixtures_x11 import require, wait_for_window, xvfb, xvfb_factory  # noqa: F401
 from tests.rfb_decoder import PF, BlockingRFBClient, Decoder
 
@@ -420,6 +422,20 @@ def test_screen_source_window_background_pause(xvfb):
         assert paused.damage == [] and paused.frame is first.frame
         src.paused = False
         assert src.capture().damage
+        # Window choice (issue 16 §5): the two xterms are listed with their ids, and the
+        # command line prints the same list (`--list-windows`), ids that `--window` takes.
+        listed = {w.title: w for w in src.windows()}
+        assert listed["shown"].id == term.window and listed["later"].id != term.window
+        assert listed["shown"].rect.x == 100 and listed["shown"].rect.y == 50
+        printed = run_cli("host", "run", "--screen", xvfb.name, "--list-windows")
+        assert printed.returncode == 0, printed.stderr
+        assert f"0x{term.window:08x}  " in printed.stdout
+        assert {line.rsplit("  ", 1)[-1] for line in printed.stdout.splitlines()} >= {
+            "shown", "later"}
+        src.select_window(window_choice(f"0x{listed['later'].id:08x}"))
+        assert 100 < src.size()[0] < 250      # 20 columns, not the screen
+        unusable = run_cli("customer", "join", "--list-windows")
+        assert unusable.returncode == 2 and "--screen DISPLAY" in unusable.stderr
     finally:
         src.close()
 

@@ -19,7 +19,8 @@ from modules.common.link.connection import MODULE_VERSION, ServerAddress, connec
 from modules.common.link.enrollment import fetch_pinned_ca, server_info
 from modules.common.session.session_runner import CliDelegate
 from modules.common.terminal.stream_cli import (
-    add_session_options, consent_ui, exit_code, run_to_end, say, screen_offer, session_options,
+    add_session_options, consent_ui, exit_code, print_windows, run_to_end, say, screen_offer,
+    session_options,
 )
 from modules.customer.join import join, parse_adhoc_id
 
@@ -45,6 +46,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_join(args: argparse.Namespace) -> int:
+    if args.list_windows:
+        return print_windows(args)
     adhoc_id = " ".join(args.id)
     parse_adhoc_id(adhoc_id)   # a wrong ID is refused before anything goes out
     server, fp = server_and_fingerprint(args)
@@ -76,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("join", help="join a supporter's session with the 8-digit ID (the default: "
                        "`hausmeister-customer 1234 5678` means `join 1234 5678`)")
     add_server_options(s)
-    s.add_argument("id", nargs="+", help="the 8-digit ID your supporter read out, e.g. 1234 5678")
+    s.add_argument("id", nargs="*", help="the 8-digit ID your supporter read out, e.g. 1234 5678")
     add_session_options(s)
     s.set_defaults(func=cmd_join)
     s = sub.add_parser("gui", help="the customer's window: type the ID, answer each question, "

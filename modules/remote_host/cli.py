@@ -19,7 +19,7 @@ from modules.common.link.connection import MODULE_VERSION
 from modules.common.session.consent import Role
 from modules.common.session.session_runner import CliDelegate
 from modules.common.terminal.stream_cli import (
-    add_file_options, add_screen_options, consent_ui, exit_code, say, screen_offer,
+    add_file_options, add_screen_options, consent_ui, exit_code, print_windows, say, screen_offer,
     session_options,
 )
 from modules.common.terminal.interrupts import interrupts
@@ -41,6 +41,8 @@ def cmd_enroll(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if args.list_windows:
+        return print_windows(args)
     folder = folder_of(args, KIND)
     folder.require_enrolled(KIND)
     if folder.renewal_due():

@@ -28,7 +28,8 @@ import numpy as np
 
 from modules.common.screen.rfb_server import Cursor, Move, Rect
 
-__all__ = ["ScreenSource", "Capture", "CaptureBackend", "DamageTracker", "tile_damage", "find_scroll"]
+__all__ = ["ScreenSource", "Capture", "CaptureBackend", "DamageTracker", "WindowInfo", "tile_damage",
+           "find_scroll"]
 
 TILE = 64
 
@@ -41,6 +42,20 @@ class Capture:
     damage: list[Rect]
     moves: list[Move] = field(default_factory=list)
     cursor: Cursor | None = None
+
+
+@dataclass(frozen=True)
+class WindowInfo:
+    """One top-level window the showing side may share: its id (what ``select_window`` and
+    ``--window`` take), its title and where it is on the screen."""
+    id: int
+    title: str
+    rect: Rect
+
+    def line(self) -> str:
+        """How ``--list-windows`` prints it: id, geometry, title."""
+        r = self.rect
+        return f"0x{self.id:08x}  {r.w}x{r.h}+{r.x}+{r.y}  {self.title}"
 
 
 class CaptureBackend(Protocol):
@@ -210,6 +225,14 @@ class ScreenSource:
             else:
                 self._window = self._find_window(window)
             self._last = None
+
+    def windows(self) -> list[WindowInfo]:
+        """The mapped top-level windows with a title, in stacking order (bottom first) — what
+        a person picks from to share one window (blocking: X round trips)."""
+        with self._lock:
+            return [WindowInfo(w.id, name, rect)
+                    for w, name, rect in self._toplevels(mapped_only=True, with_names=True)
+                    if name]
 
     def _find_window(self, title: str) -> int:
         candidates = []

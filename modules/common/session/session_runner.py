@@ -445,6 +445,43 @@ class SessionRunner:
         if self.viewer_screen is not None and self.consent.holds(Right.CONTROL):
             self.viewer_screen.protocol.key(down, keysym)
 
+    def windows(self) -> defer.Deferred:
+        """The top-level windows this side could share (``WindowInfo`` list; empty when it
+        shows no X display)."""
+        source = self.screen_offer[0] if self.screen_offer else None
+        if source is None or not hasattr(source, "windows"):
+            return defer.succeed([])
+        return run_blocking(source.windows)
+
+    def share_window(self, window: int | str | None) -> defer.Deferred:
+        """Share only ``window`` (an id from ``windows()``, or a title) or, with None, the whole
+        screen again; the change is logged.  Fires with the chosen ``WindowInfo`` (None: the
+        whole screen); a window that is gone fails with ``LookupError``."""
+        source = self.screen_offer[0] if self.screen_offer else None
+        if source is None or not hasattr(source, "select_window"):
+            return defer.fail(LookupError("this side shows no screen it could narrow to a window"))
+
+        def choose():
+            if window is None:
+                source.select_window(None)
+                return None
+            listed = source.windows()
+            info = next((w for w in listed if window in (w.id, w.title)), None) or next(
+                (w for w in listed if isinstance(window, str) and window in w.title), None)
+            if info is None:
+                raise LookupError(f"no window {window!r} to share: it is closed or not mapped")
+            source.select_window(info.id)
+            return info
+
+        def chosen(info):
+            detail = ({"window": f"0x{info.id:08x}", "title": info.title[:200]} if info
+                      else {"window": "screen"})
+            self._report("window_shared", self.event_ids.stamp("window_shared", detail))
+            self.delegate.status("sharing the whole screen" if info is None
+                                 else f"sharing only the window {info.title!r}")
+            return info
+        return run_blocking(choose).addCallback(chosen)
+
     def send_clipboard(self, text: str) -> None:
         if self.viewer_screen is not None and self.consent.holds(Right.CONTROL):
             self.viewer_screen.protocol.cut_text(text)

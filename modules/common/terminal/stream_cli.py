@@ -108,6 +108,8 @@ def add_screen_options(parser) -> None:
                         help="share this X display (e.g. :0) once the supporter may see it")
     parser.add_argument("--window", metavar="TITLE|ID",
                         help="share only this window (its title or X window id), not the screen")
+    parser.add_argument("--list-windows", action="store_true",
+                        help="print the windows of --screen that --window can share, then exit")
     parser.add_argument("--hide-background", action="store_true",
                         help="show a flat colour instead of the desktop background")
 
@@ -119,9 +121,7 @@ def screen_offer(args):
         return None
     from modules.common.screen.input_x11 import XTestInjector
     from modules.common.screen.capture_x11 import ScreenSource
-    window = getattr(args, "window", None)
-    if window and window.isdigit():
-        window = int(window)
+    window = window_choice(getattr(args, "window", None))
     try:
         source = ScreenSource(display, window=window,
                               hide_background=getattr(args, "hide_background", False))
@@ -129,9 +129,47 @@ def screen_offer(args):
         raise ModuleError(f"cannot share X display {display}: {exc}")
 
     def injector(allowed):
-        # pointer positions are relative to the shared window
-        return XTestInjector(display, allowed, origin=source.origin if window else None)
+        # pointer positions are relative to the shared area (a window may be chosen later)
+        return XTestInjector(display, allowed, origin=source.origin)
     return source, injector
+
+
+def window_choice(text: str | None) -> int | str | None:
+    """``--window``: an X window id (decimal, or hex as ``--list-windows`` prints it) or a
+    title."""
+    if not text:
+        return None
+    try:
+        return int(text, 16) if text.lower().startswith("0x") else int(text, 10)
+    except ValueError:
+        return text
+
+
+def print_windows(args) -> int:
+    """``--list-windows``: one line per window of ``--screen`` (id, geometry, title)."""
+    display = getattr(args, "screen", None)
+    if not display:
+        raise _usage("--list-windows needs the display to look at: add --screen DISPLAY (e.g. :0)")
+    from modules.common.screen.capture_x11 import ScreenSource
+    try:
+        source = ScreenSource(display, with_cursor=False)
+    except Exception as exc:
+        raise ModuleError(f"cannot open X display {display}: {exc}")
+    try:
+        windows = source.windows()
+    finally:
+        source.close()
+    if not windows:
+        print(f"no windows with a title on {display}")
+    for window in windows:
+        print(window.line())
+    return 0
+
+
+def _usage(text: str) -> ModuleError:
+    error = ModuleError(text)
+    error.exit_code = 2
+    return error
 
 
 async def run_secure_session(reactor, ticket: dict, ca_pem: bytes, folder: ModuleFolder | None,
