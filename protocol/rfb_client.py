@@ -11,7 +11,9 @@ for 32 bpp little-endian true colour (red shift 16, green 8, blue 0), so a pixel
 
 Decoded encodings: Raw, CopyRect, ZRLE (all subencodings), Tight (basic compression with four
 zlib streams, copy / palette / gradient filters, fill, JPEG via Pillow); pseudo-encodings
-DesktopSize, LastRect and RichCursor.  Security types None and VNC authentication.
+DesktopSize, LastRect, RichCursor and Extended Clipboard (UTF-8 clipboard text both ways with a
+server that offers it, ``rfb_ext_clipboard``; Latin-1 otherwise).  Security types None and VNC
+authentication.
 
 Everything the server declares is checked before it is buffered or written: the desktop size
 against the supporter's ``ScreenLimit`` before the framebuffer is allocated (ServerInit and
@@ -34,7 +36,9 @@ from typing import Generator, Iterable
 
 import numpy as np
 
+from . import rfb_ext_clipboard as ext_clipboard
 from .rfb_decode import ZRLE_TILE, DecodeError, gradient, zrle_tile
+from .rfb_ext_clipboard import EXTENDED_CLIPBOARD, ExtClipboardError
 
 # --- encodings -------------------------------------------------------------------------------
 RAW = 0
@@ -61,7 +65,7 @@ def quality_level(level: int) -> int:
 
 
 DEFAULT_ENCODINGS = (TIGHT, ZRLE, COPY_RECT, RAW, RICH_CURSOR, DESKTOP_SIZE, LAST_RECT,
-                     compress_level(6), quality_level(8))
+                     EXTENDED_CLIPBOARD, compress_level(6), quality_level(8))
 
 # --- security --------------------------------------------------------------------------------
 SEC_NONE = 1
@@ -209,6 +213,7 @@ class RFBClient:
         self._events: list[Event] = []
         self._zrle = zlib.decompressobj()
         self._tight = [zlib.decompressobj() for _ in range(4)]
+        self.clipboard = ext_clipboard.ClipboardPeer(ext_clipboard.CLIENT)
         self._gen = self._run()
         self._need = next(self._gen)
 
@@ -265,6 +270,10 @@ class RFBClient:
         return struct.pack(">BBHH", 5, mask, max(0, x), max(0, y))
 
     def cut_text(self, text: str) -> bytes:
+        """Our clipboard text for the server: UTF-8 if it offered the extended clipboard."""
+        extended = self.clipboard.send_text(text)
+        if extended is not None:
+            return extended
         data = text.encode("latin-1", "replace")
         return struct.pack(">BxxxI", 6, len(data)) + data
 
@@ -282,13 +291,31 @@ class RFBClient:
             elif kind == 2:
                 self._events.append(Bell())
             elif kind == 3:
-                (length,) = struct.unpack(">3xI", (yield 7))
+                (length,) = struct.unpack(">3xi", (yield 7))
+                if length < 0:
+                    yield from self._extended_cut_text(-length)
+                    continue
                 if length > MAX_CUT_TEXT:
                     raise RFBClientError(f"server cut text of {length} bytes is too long")
                 text = (yield length) if length else b""
                 self._events.append(ServerCutText(text.decode("latin-1")))
             else:
                 raise RFBClientError(f"unknown server message type {kind}")
+
+    def _extended_cut_text(self, length: int) -> _Reader:
+        """ServerCutText with a negative length: an Extended Clipboard message."""
+        if EXTENDED_CLIPBOARD not in self.encodings:
+            raise RFBClientError("extended clipboard message, which this client did not ask for")
+        if length > ext_clipboard.MAX_MESSAGE_BYTES:
+            raise RFBClientError(f"extended clipboard message of {length} bytes is too long")
+        payload = yield length
+        try:
+            reply, text = self.clipboard.handle(ext_clipboard.parse(payload))
+        except ExtClipboardError as exc:
+            raise RFBClientError(f"extended clipboard: {exc}") from None
+        self._out += reply
+        if text is not None:
+            self._events.append(ServerCutText(text))
 
     def _reason(self) -> _Reader:
         (length,) = struct.unpack(">I", (yield 4))

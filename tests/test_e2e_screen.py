@@ -22,6 +22,9 @@ from .test_e2e_sessions import MARKER, world  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.e2e
 
+TO_HOST = "vom Supporter: Grüße, Äpfel, Öl, Übung, ß — 你好世界"
+TO_SUPPORTER = "vom Host: Größe über Maß — 日本語のテキスト, 한국어"
+
 
 def screen_of(display: str) -> np.ndarray:
     with mss.MSS(display=display) as sct:
@@ -61,7 +64,7 @@ def test_supporter_sees_and_controls_the_host_screen(world, xvfb, tmp_path):  # 
             "supporter", "connect", "pc1", "--pipe", "--answers", "/dev/null",
             "--password-file", str(right), "--snapshot", str(snapshot),
             "--vnc-listen", f"127.0.0.1:{vnc_port}",
-            "--type", f"touch {marker}\\n", "--clipboard", "from the supporter's clipboard",
+            "--type", f"touch {marker}\\n", "--clipboard", TO_HOST,
             "--clipboard-file", str(clipboard_out), "--home", str(w["alice"]))
         supporter.wait_for_line("snapshot saved", timeout=60)
         # What the supporter sees is the host's screen (lossless encodings here: exact-ish).
@@ -78,15 +81,16 @@ def test_supporter_sees_and_controls_the_host_screen(world, xvfb, tmp_path):  # 
         time.sleep(0.5)  # the xterm may still be echoing; compare with a fresh grab
         picture = np.asarray(Image.open(out).convert("RGB"))
         assert mean_difference(picture, xvfb.name) < 8.0  # JPEG tolerance
-        # Clipboard text both ways (the rights of the screen: control in, view out).
+        # Clipboard text both ways (the rights of the screen: control in, view out), in UTF-8
+        # through the RFB Extended Clipboard (issue 16 §4): umlauts and CJK arrive unchanged.
         xclip = [require("xclip"), "-selection", "clipboard"]
-        wait_until(lambda: subprocess.run(xclip + ["-o"], env=xvfb.env, capture_output=True,
-                                          text=True).stdout == "from the supporter's clipboard",
+        wait_until(lambda: subprocess.run(xclip + ["-o"], env=xvfb.env,
+                                          capture_output=True).stdout.decode() == TO_HOST,
                    timeout=20, what="the supporter's clipboard on the host")
-        subprocess.run(xclip + ["-i"], env=xvfb.env, input=b"from the host's clipboard",
+        subprocess.run(xclip + ["-i"], env=xvfb.env, input=TO_SUPPORTER.encode(),
                        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_until(lambda: clipboard_out.exists() and
-                   clipboard_out.read_text() == "from the host's clipboard",
+                   clipboard_out.read_text(encoding="utf-8") == TO_SUPPORTER,
                    timeout=20, what="the host's clipboard at the supporter")
         supporter.close_stdin()
         assert supporter.wait(timeout=30) == 0

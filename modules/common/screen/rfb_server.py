@@ -13,7 +13,8 @@ encoding the client announced: Tight (7, zlib + JPEG for photo-like tiles when t
 quality level), ZRLE (16), Raw (0); CopyRect (1) for moves the caller reports.  A client that
 announced no encodings or only unknown ones gets Raw.  Pseudo-encodings: RichCursor (-239),
 DesktopSize (-223), ExtendedDesktopSize (-308), Tight quality (-32..-23) and compression
-(-256..-247) levels.  Rectangles are always clipped to the framebuffer.
+(-256..-247) levels, Extended Clipboard (0xC0A1E5CE: clipboard text in UTF-8 both ways, see
+``protocol.rfb_ext_clipboard``; clients without it get Latin-1 as RFC 6143 says).  Rectangles are always clipped to the framebuffer.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Protocol, Sequence
 
 import numpy as np
+
+from protocol import rfb_ext_clipboard as ext_clipboard
+from protocol.rfb_ext_clipboard import EXTENDED_CLIPBOARD, ExtClipboardError
 
 __all__ = [
     "RFBServer", "RFBError", "PixelFormat", "Rect", "Move", "Cursor",
@@ -340,6 +344,8 @@ class RFBServer:
         self._zrle = zlib.compressobj(6)
         self._tight = [zlib.compressobj(6) for _ in range(4)]
         self._tight_level = 6
+        self.clipboard = ext_clipboard.ClipboardPeer(ext_clipboard.SERVER)
+        self._clipboard_announced = False
 
     def _source_size(self) -> tuple[int, int]:
         src = self._source
@@ -460,7 +466,9 @@ class RFBServer:
             return PointerEvent(mask, x, y)
         if kind == 6:
             (length,) = struct.unpack(">i", buf[4:8])
-            if length < 0 or length > MAX_CUT_TEXT:
+            if length < 0:
+                return self._extended_cut_text(-length)
+            if length > MAX_CUT_TEXT:
                 raise RFBError(f"cut text length {length} refused")
             if len(buf) < 8 + length:
                 return None
@@ -477,8 +485,29 @@ class RFBServer:
             self._ext_size_reply = self._ext_desktop_size(1, 1)
         return SetDesktopSize(w, h)
 
+    def _extended_cut_text(self, length: int) -> Any:
+        """ClientCutText with a negative length: an Extended Clipboard message."""
+        if not self._clipboard_announced:
+            raise RFBError("extended clipboard message from a client that did not announce "
+                           "the extended clipboard")
+        if length > ext_clipboard.MAX_MESSAGE_BYTES:
+            raise RFBError(f"extended clipboard message of {length} bytes refused")
+        if len(self._buf) < 8 + length:
+            return None
+        payload = bytes(self._buf[8:8 + length])
+        del self._buf[:8 + length]
+        try:
+            reply, text = self.clipboard.handle(ext_clipboard.parse(payload))
+        except ExtClipboardError as exc:
+            raise RFBError(f"extended clipboard: {exc}") from None
+        self._out += reply
+        return True if text is None else ClientCutText(text)
+
     def _set_encodings(self, encs: list[int]) -> None:
         self.encodings = encs
+        if EXTENDED_CLIPBOARD in encs and not self._clipboard_announced:
+            self._clipboard_announced = True
+            self._out += ext_clipboard.caps(ext_clipboard.SERVER)
         self._tight_level = 6
         for e in encs:
             if e in COMPRESS_LEVELS:
@@ -517,9 +546,13 @@ class RFBServer:
 
     # ----------------------------------------------------------------------------- update
     def cut_text(self, text: str) -> bytes:
-        """ServerCutText: the presenter's clipboard text (Latin-1, as RFC 6143 says)."""
+        """ServerCutText: the presenter's clipboard text, in UTF-8 to a client with the extended
+        clipboard, else Latin-1 (as RFC 6143 says; other characters become "?")."""
         if not self.ready:
             return b""
+        extended = self.clipboard.send_text(text)
+        if extended is not None:
+            return extended
         data = text.encode("latin-1", "replace")
         return struct.pack("!B3xI", 3, len(data)) + data
 
