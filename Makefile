@@ -17,10 +17,12 @@ APT     = DEBIAN_FRONTEND=noninteractive apt-get
 # slapd, ldap-utils: a real OpenLDAP the directory sign-in tests start on 127.0.0.1 (no system
 # service: debconf is told not to configure one). tinyproxy: the HTTP CONNECT proxy modules go through.
 # npm: installs the pinned axe-core the accessibility test runs (tests/test_console_a11y.py).
+# sway, wayvnc, foot: a headless Wayland desktop served by a real local VNC server, the screen source
+# of tests/test_e2e_vnc_screen.py (a host's --screen vnc://127.0.0.1:PORT).
 # libxcb-keysyms1, libxcb-icccm4: Qt's xcb platform for the customer one-file on Xvfb (PyInstaller
 # bundles the xcb libraries it finds at build time).
-TEST_APT_PACKAGES = postgresql haproxy xvfb xterm x11vnc vncsnapshot tigervnc-viewer xfonts-base xclip chromium npm slapd ldap-utils tinyproxy libxcb-keysyms1 libxcb-icccm4
-TEST_BINARIES = /usr/lib/postgresql/*/bin/initdb /usr/sbin/haproxy /usr/bin/Xvfb /usr/bin/xterm /usr/bin/x11vnc /usr/bin/vncsnapshot /usr/bin/xtigervncviewer /usr/bin/xclip /usr/bin/chromium /usr/bin/npm /usr/sbin/slapd /usr/bin/ldapadd /usr/bin/tinyproxy /usr/lib/x86_64-linux-gnu/libxcb-keysyms.so.1 /usr/lib/x86_64-linux-gnu/libxcb-icccm.so.4
+TEST_APT_PACKAGES = postgresql haproxy xvfb xterm x11vnc vncsnapshot tigervnc-viewer xfonts-base xclip chromium npm slapd ldap-utils tinyproxy libxcb-keysyms1 libxcb-icccm4 sway wayvnc foot
+TEST_BINARIES = /usr/lib/postgresql/*/bin/initdb /usr/sbin/haproxy /usr/bin/Xvfb /usr/bin/xterm /usr/bin/x11vnc /usr/bin/vncsnapshot /usr/bin/xtigervncviewer /usr/bin/xclip /usr/bin/chromium /usr/bin/npm /usr/sbin/slapd /usr/bin/ldapadd /usr/bin/tinyproxy /usr/lib/x86_64-linux-gnu/libxcb-keysyms.so.1 /usr/lib/x86_64-linux-gnu/libxcb-icccm.so.4 /usr/bin/sway /usr/bin/swaymsg /usr/bin/wayvnc /usr/bin/foot
 
 .PHONY: run test install test-system-packages clean-run bundle translations
 

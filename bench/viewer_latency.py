@@ -3,7 +3,7 @@
     python bench/viewer_latency.py                     # ~1 min
     python bench/viewer_latency.py --samples 40 --fps-seconds 4 --idle-seconds 5
 
-The viewer is the app's own: ``RFBClientProtocol`` (modules/supporter/rfb_twisted.py) feeding
+The viewer is the app's own: ``RFBClientProtocol`` (modules/common/screen/rfb_client_twisted.py) feeding
 ``FramebufferWidget`` (modules/common/qt/viewer.py) on Qt's offscreen platform, Twisted on
 qasync's loop exactly as ``hausmeister-supporter gui`` runs it.  It connects over 127.0.0.1 to
 our RFB server (``listen_vnc`` + ``ScreenSource`` in its own process, as a host module runs it)
@@ -51,7 +51,7 @@ class Viewer:
 
         from modules.common.qt.viewer import FramebufferWidget
         from modules.supporter.rfb_client import FramebufferUpdated
-        from modules.supporter.rfb_twisted import RFBClientProtocol
+        from modules.common.screen.rfb_client_twisted import RFBClientProtocol
         self.FramebufferUpdated = FramebufferUpdated
         self.protocol = RFBClientProtocol(on_event=self._event)
         viewer = self

@@ -755,7 +755,7 @@ def test_keys_typed_through_x11vnc_run_a_command(x_display, x11vnc):
     from twisted.internet import reactor
     from twisted.internet.protocol import ClientFactory
     from twisted.internet.task import deferLater
-    from modules.supporter.rfb_twisted import RFBClientProtocol
+    from modules.common.screen.rfb_client_twisted import RFBClientProtocol
 
     display, home = x_display
     proto = RFBClientProtocol(encodings=(ZRLE, RICH_CURSOR, DESKTOP_SIZE, LAST_RECT))
@@ -813,7 +813,7 @@ def test_twisted_adapter_fails_first_frame_on_an_oversized_rect():
     """A hostile server on loopback: the adapter reports the reason and drops the connection."""
     from twisted.internet import reactor
     from twisted.internet.protocol import ClientFactory, Factory, Protocol
-    from modules.supporter.rfb_twisted import RFBClientProtocol
+    from modules.common.screen.rfb_client_twisted import RFBClientProtocol
 
     received = bytearray()
 

@@ -47,7 +47,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     folder.require_enrolled(KIND)
     if folder.renewal_due():
         enrollment.renew(folder)
-    screen = screen_offer(args)
+    screen = screen_offer(with_saved_screen(args, folder))
     ended: dict = {}
 
     async def main(reactor):
@@ -92,6 +92,35 @@ def cmd_set_password(args: argparse.Namespace) -> int:
     print("session password set; this host stores only its argon2id hash")
     if args.generate:
         print(f"password: {password}   <- shown once; supporters type it to connect")
+    return 0
+
+
+def with_saved_screen(args: argparse.Namespace, folder) -> argparse.Namespace:
+    """``--screen`` as given, or else the screen this host was configured to share."""
+    if getattr(args, "screen", None) is None:
+        saved = settings.load_screen(folder)
+        if saved.source:
+            args.screen = saved.source
+            if getattr(args, "screen_password_file", None) is None:
+                args.screen_password_file = saved.password_file
+    return args
+
+
+def cmd_screen(args: argparse.Namespace) -> int:
+    folder = folder_of(args, KIND)
+    folder.require_enrolled(KIND)
+    if args.clear:
+        setting = settings.ScreenSetting()
+        settings.save_screen(folder, setting)
+    elif args.screen or args.screen_password_file:
+        setting = settings.ScreenSetting(args.screen, args.screen_password_file)
+        if args.screen and args.screen.lower().startswith("vnc://"):
+            screen_offer(args)   # the checks of `run`: loopback only, password file readable
+        settings.save_screen(folder, setting)
+    else:
+        setting = settings.load_screen(folder)
+    print(f"screen: {setting.source or 'none configured (run takes --screen)'}"
+          + (f"   password file: {setting.password_file}" if setting.password_file else ""))
     return 0
 
 
@@ -151,6 +180,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--any-supporter", action="store_true",
                    help="drop the supporter allow-list")
     s.set_defaults(func=cmd_policy)
+
+    s = sub.add_parser("screen", help="show or set the screen run and gui share without "
+                       "--screen: an X display or a VNC server on this machine")
+    add_home(s, KIND)
+    s.add_argument("--screen", metavar="DISPLAY|vnc://127.0.0.1:5900",
+                   help="an X display (:0) or a VNC server on this machine "
+                        "(vnc://127.0.0.1:5900: wayvnc, gnome-remote-desktop, x11vnc, x0vncserver)")
+    s.add_argument("--screen-password-file", metavar="FILE",
+                   help="the VNC server's password is the first line of FILE (the path is "
+                        "stored, not the password)")
+    s.add_argument("--clear", action="store_true", help="forget the configured screen")
+    s.set_defaults(func=cmd_screen)
 
     s = sub.add_parser("run", help="stay connected to the server and accept sessions")
     add_home(s, KIND)

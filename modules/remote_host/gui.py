@@ -235,6 +235,8 @@ def run(args) -> int:
     from ..common.terminal.stream_cli import screen_offer
     folder = folder_of(args, "host")
     folder.require_enrolled("host")
+    from .cli import with_saved_screen
+    with_saved_screen(args, folder)
     if args.screen is None:
         args.screen = os.environ.get("DISPLAY")
     screen = screen_offer(args)

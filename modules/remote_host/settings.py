@@ -5,6 +5,10 @@
   that value is the SPAKE2 password, so neither the server nor the relay can test guesses.
 - ``policy.json``: what this host allows without a person present (view, control, files: allow,
   deny or ask the logged-in user) and, optionally, which supporters may connect at all.
+- ``screen.json``: which screen ``run`` and ``gui`` share when no ``--screen`` is given: an X
+  display (``:0``) or a VNC server on this machine (``vnc://127.0.0.1:5900``) with the path of its
+  password file (the path only: the password stays in that file, readable by whom the operator
+  chose).
 """
 
 from __future__ import annotations
@@ -81,3 +85,41 @@ def load_secret(folder: ModuleFolder) -> tuple[bytes, bytes]:
         return base64.b64decode(data["salt"]), base64.b64decode(data["secret"])
     except (ValueError, KeyError, TypeError) as exc:
         raise ModuleFolderError(f"{path} is broken ({exc}): set the password again")
+
+
+@dataclass
+class ScreenSetting:
+    source: str | None = None           # ":0" or "vnc://127.0.0.1:5900"; None: not configured
+    password_file: str | None = None    # for a VNC source that asks for a password
+
+    def validate(self) -> "ScreenSetting":
+        from ..common.screen.capture_vnc import VncSourceError, is_vnc_url, parse_vnc_url
+        if self.password_file and not is_vnc_url(self.source):
+            raise ModuleFolderError("a screen password file applies only to a VNC source "
+                                    "(vnc://127.0.0.1:5900)")
+        if is_vnc_url(self.source):
+            try:
+                parse_vnc_url(self.source)
+            except VncSourceError as exc:
+                raise ModuleFolderError(str(exc)) from None
+        return self
+
+
+def screen_path(folder: ModuleFolder):
+    return folder.path / "screen.json"
+
+
+def load_screen(folder: ModuleFolder) -> ScreenSetting:
+    path = screen_path(folder)
+    if not path.exists():
+        return ScreenSetting()
+    try:
+        data = json.loads(path.read_text())
+        return ScreenSetting(**data).validate()
+    except (ValueError, TypeError) as exc:
+        raise ModuleFolderError(f"host screen setting {path} is broken ({exc}): set it again "
+                                "with `hausmeister-host screen`")
+
+
+def save_screen(folder: ModuleFolder, setting: ScreenSetting) -> None:
+    write_public(screen_path(folder), json.dumps(asdict(setting.validate()), indent=1).encode())

@@ -3,7 +3,7 @@
 The presenter runs the RFB server (``rfb_twisted.RFBServerProtocol``) on its X display, started
 once the viewer may see it; key and pointer events reach the display only while *control* is
 granted (the injector asks the consent driver, which reports refusals).  The viewer runs the
-RFB client (``modules.supporter.rfb_twisted.RFBClientProtocol``) and keeps the framebuffer; with
+RFB client (``modules.common.screen.rfb_client_twisted.RFBClientProtocol``) and keeps the framebuffer; with
 ``--vnc-listen`` it also serves that framebuffer on a loopback port, so a standard VNC viewer
 can watch and type — its input goes back through the session like the viewer's own.
 """
@@ -132,7 +132,7 @@ class ViewerScreen:
     def __init__(self, reactor, send: Callable[[bytes], None], close: Callable[[], None],
                  on_event: Callable[[Any], None] | None = None, screen_limit: Any = None) -> None:
         """``screen_limit``: the largest remote screen accepted (``ScreenLimit``; 8K if None)."""
-        from modules.supporter.rfb_twisted import RFBClientProtocol
+        from modules.common.screen.rfb_client_twisted import RFBClientProtocol
         self.reactor = reactor
         self.protocol = RFBClientProtocol(on_event=on_event, screen_limit=screen_limit)
         self.transport = ChannelTransport(send, close)

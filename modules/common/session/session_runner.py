@@ -35,7 +35,7 @@ from zope.interface import implementer
 
 from protocol import control
 from protocol.runtime import run_blocking
-from protocol.session_end import BadEndReason, EndCause, EndReason
+from protocol.session_end import MAX_DETAIL_CHARS, BadEndReason, EndCause, EndReason
 
 from modules.common.session.channel import MAX_PAYLOAD, SessionChannel
 from modules.common.errors import ModuleError
@@ -240,6 +240,7 @@ class SessionRunner:
         self._finished = False
         self._closing = False
         self._screen_stopped = False
+        self._source_connecting = False
         self._typed = False
         self.end_reason: EndReason | None = None
         self._ending_reported = False
@@ -602,9 +603,12 @@ class SessionRunner:
                 self.recorder.when_ready().addCallback(lambda _: self._maybe_start_screen())
             return
         from modules.common.screen.screen_session import PresenterScreen
+        source, make_injector = self.screen_offer
+        if not getattr(source, "connected", True):
+            self._connect_screen_source(source)  # a local VNC server: only now that view is on
+            return
         if self.recorder is not None:
             self.recorder.restart_rfb()  # a new RFB stream (also after a direction change)
-        source, make_injector = self.screen_offer
         injector = make_injector(lambda: self._control_allowed())
         if hasattr(injector, "on_unfocused"):
             injector.on_unfocused = lambda count: self.reactor.callFromThread(
@@ -622,6 +626,38 @@ class SessionRunner:
         self.delegate.status("sharing the screen")
         self.delegate.sharing(True)
         self._start_clipboard(getattr(source, "display_name", None))
+
+    def _connect_screen_source(self, source) -> None:
+        """A screen from a local RFB server (``capture_vnc.VncSource``): connected once view is
+        granted, never before; if it fails, or later breaks, the session ends with its reason."""
+        if self._source_connecting:
+            return
+        self._source_connecting = True
+        self.delegate.status(f"connecting to the local screen {source.describe()} ...")
+        source.on_lost = self._screen_source_failed
+
+        def connected(_):
+            self._source_connecting = False
+            if self._finished or not self.consent.allows(Right.VIEW):
+                source.disconnect()
+                return
+            self._maybe_start_screen()
+
+        def failed(failure):
+            self._source_connecting = False
+            if not self._finished and self.consent.allows(Right.VIEW):
+                self._screen_source_failed(failure.getErrorMessage())
+        source.connect().addCallbacks(connected, failed)
+
+    def _screen_source_failed(self, reason: str) -> None:
+        self.end(EndReason(EndCause.ERROR, self.consent.role.value, reason[:MAX_DETAIL_CHARS]))
+
+    def _disconnect_screen_source(self) -> None:
+        """Nothing more from the local screen server (view withdrawn, emergency stop, the end)."""
+        if self.screen_offer is not None:
+            disconnect = getattr(self.screen_offer[0], "disconnect", None)
+            if disconnect is not None:
+                disconnect()
 
     def _keys_went_nowhere(self, count: int) -> None:
         """Typed keys arrived while no window here had the input focus: say so, here and in
@@ -769,6 +805,8 @@ class SessionRunner:
             self._report(kind, self.event_ids.stamp(kind, event["detail"]))
         if kind == "terms_accepted":
             self._maybe_request()
+        if kind in ("right_revoked", "emergency_stop") and not self.consent.allows(Right.VIEW):
+            self._disconnect_screen_source()  # at once, before anything is reported or closed
         if kind in ("right_revoked", "emergency_stop") and self.presenter_screen is not None \
                 and not self.consent.allows(Right.VIEW) and not self._screen_stopped:
             self._screen_stopped = True
@@ -919,6 +957,7 @@ class SessionRunner:
         for screen in (self.presenter_screen, self.viewer_screen):
             if screen is not None:
                 screen.stop()
+        self._disconnect_screen_source()
         loop = getattr(self, "_clipboard_loop", None)
         if loop is not None and loop.running:
             loop.stop()

@@ -104,8 +104,12 @@ def add_file_options(parser) -> None:
 
 
 def add_screen_options(parser) -> None:
-    parser.add_argument("--screen", metavar="DISPLAY",
-                        help="share this X display (e.g. :0) once the supporter may see it")
+    parser.add_argument("--screen", metavar="DISPLAY|vnc://127.0.0.1:5900",
+                        help="share this X display (e.g. :0), or the screen of a VNC server on "
+                             "this machine (vnc://127.0.0.1:5900: wayvnc, gnome-remote-desktop, "
+                             "x11vnc, x0vncserver), once the supporter may see it")
+    parser.add_argument("--screen-password-file", metavar="FILE",
+                        help="the password of the VNC server --screen names (its first line)")
     parser.add_argument("--window", metavar="TITLE|ID",
                         help="share only this window (its title or X window id), not the screen")
     parser.add_argument("--list-windows", action="store_true",
@@ -117,11 +121,25 @@ def add_screen_options(parser) -> None:
 def screen_offer(args):
     """(capture source, injector factory) for sharing the display ``args`` name, or None."""
     display = getattr(args, "screen", None)
+    password_file = getattr(args, "screen_password_file", None)
     if not display:
+        if password_file:
+            raise _usage("--screen-password-file needs --screen vnc://127.0.0.1:5900")
         return None
+    window = getattr(args, "window", None)
+    from modules.common.screen.capture_vnc import VncSourceError, is_vnc_url, vnc_screen_offer
+    if is_vnc_url(display):
+        try:
+            return vnc_screen_offer(display, password_file, window=window,
+                                    hide_background=getattr(args, "hide_background", False))
+        except VncSourceError as exc:
+            raise _usage(str(exc)) from None
+    if password_file:
+        raise _usage(f"--screen-password-file applies to a VNC server "
+                     f"(--screen vnc://127.0.0.1:5900), not to the X display {display}")
     from modules.common.screen.input_x11 import XTestInjector
     from modules.common.screen.capture_x11 import ScreenSource
-    window = window_choice(getattr(args, "window", None))
+    window = window_choice(window)
     try:
         source = ScreenSource(display, window=window,
                               hide_background=getattr(args, "hide_background", False))
@@ -150,6 +168,10 @@ def print_windows(args) -> int:
     display = getattr(args, "screen", None)
     if not display:
         raise _usage("--list-windows needs the display to look at: add --screen DISPLAY (e.g. :0)")
+    from modules.common.screen.capture_vnc import is_vnc_url
+    if is_vnc_url(display):
+        raise _usage(f"--list-windows needs an X display: the VNC server at {display} decides "
+                     "what it shows")
     from modules.common.screen.capture_x11 import ScreenSource
     try:
         source = ScreenSource(display, with_cursor=False)

@@ -1,0 +1,254 @@
+"""The VNC source (``modules.common.screen.capture_vnc``) against RFB servers on 127.0.0.1:0.
+
+The well-behaved local server is our own ``RFBServer`` (``listen_vnc``) over a fixed picture, with
+an injector that records what reaches it; the misbehaving ones are raw protocols writing bytes.
+What is checked: loopback only, the input filter (control), the release of held keys on
+disconnect, and one clear reason for a wrong password or a broken server, before and after the
+first frame.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+import pytest_twisted
+from twisted.internet import defer
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import deferLater
+
+from modules.common.screen.capture_vnc import (VncAddress, VncInjector, VncSource, VncSourceError,
+                                               parse_vnc_url, read_password_file, vnc_screen_offer)
+from modules.common.screen.capture_x11 import Capture, DamageTracker
+from modules.common.screen.rfb_twisted import listen_vnc
+
+
+@pytest.mark.parametrize("url, address", [
+    ("vnc://127.0.0.1:5900", VncAddress("127.0.0.1", 5900)),
+    ("vnc://127.0.0.1", VncAddress("127.0.0.1", 5900)),
+    ("VNC://127.1.2.3:5901", VncAddress("127.1.2.3", 5901)),
+    ("vnc://localhost:5902", VncAddress("127.0.0.1", 5902)),
+    ("vnc://[::1]:5903", VncAddress("::1", 5903)),
+])
+def test_loopback_addresses_are_accepted(url, address):
+    assert parse_vnc_url(url) == address
+
+
+@pytest.mark.parametrize("url, why", [
+    ("vnc://192.0.2.7:5900", "must run on this machine"),
+    ("vnc://10.0.0.1", "must run on this machine"),
+    ("vnc://vnc.example.lan:5900", "must run on this machine"),   # never resolved
+    ("vnc://[2001:db8::1]:5900", "must run on this machine"),
+    ("vnc://user:pw@127.0.0.1:5900", "--screen-password-file"),
+    ("vnc://127.0.0.1:5900/x", "not a VNC address"),
+    ("vnc://127.0.0.1:99999", "not a VNC address"),
+])
+def test_other_addresses_are_refused_in_one_line(url, why):
+    with pytest.raises(VncSourceError) as caught:
+        parse_vnc_url(url)
+    message = str(caught.value)
+    assert why in message and "\n" not in message and message.startswith(f"--screen {url}")
+
+
+def test_password_file_and_options_a_vnc_source_lacks(tmp_path):
+    good = tmp_path / "pw"
+    good.write_text("s3cret!x\nsecond line is not the password\n")
+    assert read_password_file(good) == "s3cret!x"
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(VncSourceError, match="first line is empty"):
+        read_password_file(tmp_path / "empty")
+    with pytest.raises(VncSourceError, match="No such file"):
+        read_password_file(tmp_path / "missing")
+    with pytest.raises(VncSourceError, match="--window does not apply"):
+        vnc_screen_offer("vnc://127.0.0.1:5900", window="term")
+    with pytest.raises(VncSourceError, match="--hide-background does not apply"):
+        vnc_screen_offer("vnc://127.0.0.1:5900", hide_background=True)
+
+
+# --- a real local RFB server: ours, over a fixed picture ------------------------------------------
+class Picture:
+    """A capture source with a fixed picture (what the local server shows)."""
+    paused = False
+    hide_background = False
+
+    def __init__(self, w: int = 320, h: int = 200) -> None:
+        rng = np.random.default_rng(5)
+        self.frame = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+    def size(self):
+        return self.frame.shape[1], self.frame.shape[0]
+
+    def capture(self, tracker=None):
+        damage, moves = (tracker or DamageTracker(False)).update(self.frame)
+        return Capture(self.frame, damage, moves, None)
+
+
+class Received:
+    """The local server's injector: records what reaches the local desktop."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple] = []
+
+    def key(self, down, keysym):
+        self.events.append(("key", down, keysym))
+
+    def pointer(self, mask, x, y):
+        self.events.append(("pointer", mask, x, y))
+
+    def release_all(self):
+        pass
+
+
+async def until(check, what: str, timeout: float = 10.0):
+    from twisted.internet import reactor
+    for _ in range(int(timeout / 0.02)):
+        if check():
+            return
+        await deferLater(reactor, 0.02, lambda: None)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def off_reactor(fn, *args):
+    from twisted.internet import threads
+    return threads.deferToThread(fn, *args)
+
+
+@pytest_twisted.ensureDeferred
+async def test_frames_arrive_and_input_passes_only_while_control_is_granted():
+    from twisted.internet import reactor
+    picture, received = Picture(), Received()
+    port = listen_vnc(reactor, "127.0.0.1:0", picture, received)
+    source = VncSource(VncAddress("127.0.0.1", port.getHost().port))
+    try:
+        with pytest.raises(VncSourceError, match="not connected"):
+            source.size()
+        assert not source.connected
+        await source.connect()
+        assert source.connected and source.size() == (320, 200)
+        first = await off_reactor(source.capture)
+        assert np.array_equal(first.frame, picture.frame) and first.damage
+        again = await off_reactor(source.capture)
+        assert again.damage == [] and again.moves == []     # nothing new: no comparison even
+        control = {"granted": False}
+        injector = VncInjector(source, lambda: control["granted"])
+        assert await off_reactor(injector.key, True, 0x61) is False
+        assert await off_reactor(injector.pointer, 1, 10, 10) is False
+        control["granted"] = True
+        assert await off_reactor(injector.key, True, 0x62) is True      # 'b' held down
+        assert await off_reactor(injector.pointer, 1, 5000, 7) is True  # clipped to the screen
+        await until(lambda: len(received.events) == 2, "the granted events")
+        assert received.events == [("key", True, 0x62), ("pointer", 1, 319, 7)]
+        # control withdrawn: the next event is refused and what the viewer held is released
+        control["granted"] = False
+        assert await off_reactor(injector.key, False, 0x62) is False
+        await until(lambda: len(received.events) == 4, "the releases")
+        assert received.events[2:] == [("key", False, 0x62), ("pointer", 0, 319, 7)]
+        # held again, then the screen stops: released before the connection closes
+        control["granted"] = True
+        await off_reactor(injector.key, True, 0xFF0D)
+        await until(lambda: len(received.events) == 5, "Return held")
+        source.disconnect()
+        assert not source.connected
+        await until(lambda: not port.factory.connections[-1].transport.connected,
+                    "the local server sees the close")
+        assert received.events[5:] == [("key", False, 0xFF0D)]
+        with pytest.raises(VncSourceError, match="not connected"):
+            source.capture()
+        # a later screen (the next session) connects again
+        await source.connect()
+        assert source.connections == 2
+        source.disconnect()
+    finally:
+        source.disconnect()
+        await port.stopListening()
+
+
+class Scripted(Protocol):
+    """A broken local server: writes ``script`` (a list of byte strings, each after the client's
+    next message), then nothing."""
+
+    def __init__(self, script: list[bytes]) -> None:
+        self.script = list(script)
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.script.pop(0))
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.script:
+            self.transport.write(self.script.pop(0))
+
+
+def server_init(w: int, h: int) -> bytes:
+    return struct.pack(">HH", w, h) + bytes(16) + struct.pack(">I", 4) + b"test"
+
+
+async def reason_for(script: list[bytes], password: str | None = None) -> str:
+    from twisted.internet import reactor
+    port = reactor.listenTCP(0, Factory.forProtocol(lambda: Scripted(script)),
+                             interface="127.0.0.1")
+    source = VncSource(VncAddress("127.0.0.1", port.getHost().port), password,
+                       connect_seconds=5)
+    try:
+        with pytest.raises(VncSourceError) as caught:
+            await source.connect()
+        assert not source.connected
+        return str(caught.value)
+    finally:
+        source.disconnect()
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_broken_or_refusing_local_server_gives_one_clear_reason():
+    where = "the local VNC server vnc://127.0.0.1:"
+    # wrong password: VNC authentication, the server says no (RFB 3.8 gives a reason)
+    reason = await reason_for([b"RFB 003.008\n", b"\x01\x02", bytes(16),
+                               struct.pack(">II", 1, 21) + b"Authentication failed"],
+                              password="wrong")
+    assert where in reason and "refused the password" in reason
+    assert "Authentication failed" in reason and "--screen-password-file" in reason
+    # a security type this module does not speak (VeNCrypt only)
+    reason = await reason_for([b"RFB 003.008\n\x01\x13"])
+    assert "asks for a security type this module does not speak" in reason
+    # not RFB at all
+    reason = await reason_for([b"HTTP/1.1 400 \r\n\r\n"])
+    assert "broke the RFB protocol: not an RFB server" in reason
+    # a desktop that is absurd, and a message type that does not exist
+    reason = await reason_for([b"RFB 003.008\n\x01\x01", struct.pack(">I", 0),
+                               server_init(0, 0)])
+    assert "broke the RFB protocol" in reason and "0x0" in reason
+    reason = await reason_for([b"RFB 003.008\n\x01\x01", struct.pack(">I", 0),
+                               server_init(64, 64) + b"\x63"])
+    assert "broke the RFB protocol: unknown server message type 99" in reason
+    for line in (reason,):
+        assert "\n" not in line
+    # nothing listens there
+    from twisted.internet import reactor
+    port = reactor.listenTCP(0, Factory.forProtocol(Protocol), interface="127.0.0.1")
+    free = port.getHost().port
+    await port.stopListening()
+    source = VncSource(VncAddress("127.0.0.1", free))
+    with pytest.raises(VncSourceError, match="is not running .connection refused."):
+        await source.connect()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_server_that_breaks_after_the_first_frame_is_reported_once():
+    from twisted.internet import reactor
+    raw = struct.pack(">BxH", 0, 1) + struct.pack(">HHHHi", 0, 0, 2, 2, 0) + bytes(16)
+    script = [b"RFB 003.008\n\x01\x01", struct.pack(">I", 0), server_init(2, 2),
+              raw, b"\x00\x00\x00\x01" + struct.pack(">HHHHi", 9, 9, 9, 9, 0)]  # outside 2x2
+    port = reactor.listenTCP(0, Factory.forProtocol(lambda: Scripted(script)),
+                             interface="127.0.0.1")
+    source = VncSource(VncAddress("127.0.0.1", port.getHost().port))
+    lost: list[str] = []
+    source.on_lost = lost.append
+    try:
+        await source.connect()
+        await until(lambda: lost, "the report of the broken stream")
+        assert len(lost) == 1 and "broke the RFB protocol: rect 9,9 9x9 is outside" in lost[0]
+        assert not source.connected
+    finally:
+        source.disconnect()
+        await port.stopListening()
