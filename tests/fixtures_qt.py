@@ -1,10 +1,15 @@
-"""The Qt apps inside a test: one QApplication (Qt's offscreen platform: the windows are real
-widgets, drawn and grabbed without a window system; the screens they share are Xvfb displays),
-its events pumped by the test's Twisted reactor, and screenshots into test-artifacts/apps/."""
+"""The Qt apps inside a test: one QApplication on Qt's real X11 platform (xcb) on its own Xvfb
+display, shared by the whole test session (a QApplication cannot change its display, and one
+Xvfb start instead of one per test keeps the suite fast); its events are pumped by the test's
+Twisted reactor; screenshots go to test-artifacts/apps/.  The screens the apps *share* are other
+Xvfb displays (fixtures_x11.xvfb), so what a test types on a host never lands in the app.
+
+The fixtures are registered once, as a plugin (conftest.py), so every module gets the same
+display; the session's end deletes the QApplication before its display stops (Qt's xcb platform
+ends the process when its X connection breaks)."""
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -12,15 +17,39 @@ import pytest
 from twisted.internet import task
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "apps"
+QT_SCREEN = "1280x800"    # the size the apps are checked at
+
+
+@pytest.fixture(scope="session")
+def qt_display():
+    """The Xvfb display the test session's QApplication draws on (xcb platform)."""
+    from .fixtures_x11 import start_xvfb
+    display = start_xvfb(QT_SCREEN)
+    try:
+        yield display
+    finally:
+        from PySide6.QtWidgets import QApplication
+        app = QApplication.instance()
+        if app is not None:
+            import shiboken6
+            for widget in app.topLevelWidgets():
+                widget.close()
+            app.processEvents()
+            shiboken6.delete(app)
+        display.stop()
 
 
 @pytest.fixture
-def qt_app():
-    os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+def qt_app(qt_display):
+    from PySide6.QtWidgets import QApplication
     from twisted.internet import reactor
 
     from modules.common.qt.app import qt_application
+    if QApplication.instance() is None:
+        # the command line's -platform/-display win over the environment's QT_QPA_PLATFORM
+        QApplication(["hausmeister-test", "-platform", "xcb", "-display", qt_display.name])
     app = qt_application("en")
+    assert app.platformName() == "xcb", app.platformName()
     pump = task.LoopingCall(app.processEvents)
     pump.clock = reactor
     pump.start(0.01)
@@ -47,7 +76,8 @@ async def until(predicate, timeout: float = 30, what: str = "condition"):
 
 
 def screenshot(widget, name: str) -> Path:
-    """Save ``widget`` (a window or dialog) as test-artifacts/apps/<name>.png."""
+    """Save ``widget`` (a window or dialog, drawn by Qt on the xcb display) as
+    test-artifacts/apps/<name>.png."""
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     path = ARTIFACTS / f"{name}.png"
     assert widget.grab().save(str(path)), path

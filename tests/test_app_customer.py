@@ -1,11 +1,15 @@
 """The customer app (``hausmeister-customer gui``) against the real server, with a real
-supporter CLI on the other side: it takes the ID, shows the terms, grants view and control
-through its dialogs, shows the always-on-top bar, and its emergency-stop button ends the
-session on both sides with the right reason in the protocol.  Screenshots in both languages."""
+supporter CLI on the other side: it takes the ID, shows the terms, grants view, control and
+files through its dialogs, shows the always-on-top bar, asks about each file the supporter
+sends in its own dialog (accept into a folder of the customer's choice, decline, cancel while
+it arrives), and its emergency-stop button ends the session on both sides with the right
+reason in the protocol.  Screenshots in both languages."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 
 import pytest
 import pytest_twisted
@@ -54,10 +58,17 @@ async def test_customer_app_consents_and_stops(qt_app, running_server, enrolled_
     from modules.customer.gui import CustomerWindow
     srv = running_server
     install_translation(qt_app, language)
+    small, big = tmp_path / "notes.txt", tmp_path / "driver-setup.bin"
+    small.write_bytes(os.urandom(150_000))
+    big.write_bytes(os.urandom(2_000_000))
+    inbox, chosen = tmp_path / "inbox", tmp_path / "chosen"
+    chosen.mkdir()
     supporter = ModuleProcess("supporter", "adhoc", "--pipe", "--answers", "/dev/null",
-                              "--chat", "Hello, I am Alice.", "--home", str(enrolled_supporter))
+                              "--chat", "Hello, I am Alice.", "--request", "view,control,files",
+                              "--send", str(small), "--send", str(big),
+                              "--home", str(enrolled_supporter))
     window = CustomerWindow(reactor, srv.url, srv.fingerprint, language=language,
-                            share_display=xvfb.name, receive_dir=str(tmp_path / "inbox"))
+                            share_display=xvfb.name, receive_dir=str(inbox))
     try:
         window.show()
         nameplate, secret = supporter.wait_for_line(r"ad-hoc ID: (\d{4}) (\d{4})").groups()
@@ -70,7 +81,7 @@ async def test_customer_app_consents_and_stops(qt_app, running_server, enrolled_
                             what="the terms dialog")
         screenshot(terms, f"customer-terms-{language}")
         terms.yes_button.click()
-        for right in ("view", "control"):
+        for right in ("view", "control", "files"):
             question = await until(lambda: window.ui.open and window.ui.open[0],
                                    what=f"the question for {right}")
             screenshot(question, f"customer-question-{right}-{language}")
@@ -83,6 +94,49 @@ async def test_customer_app_consents_and_stops(qt_app, running_server, enrolled_
         screenshot(window, f"customer-session-{language}")
         screenshot(window.bar, f"customer-sharing-bar-{language}")
         assert window.log.toPlainText().count("Hello, I am Alice.") == 1
+        # each file the supporter sends waits for the customer, in its own dialog
+        await until(lambda: len(window.file_dialogs) == 2, what="two file dialogs")
+        dialogs = {d.offer.name: d for d in window.file_dialogs.values()}
+        first, second = dialogs[small.name], dialogs[big.name]
+        assert not (inbox / small.name).exists() and not (chosen / small.name).exists()
+        assert str(inbox) in first.folder_label.text()
+        screenshot(first, f"customer-file-offer-{language}")
+        digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
+        if language == "en":
+            first.set_folder(str(chosen))           # what "Change folder ..." leads to
+            first.accept_button.click()
+            await until(lambda: first.outcome, what="the first file's end")
+            assert first.outcome == "saved" and first.progress.value() == 100
+            assert digest(chosen / small.name) == digest(small)
+            screenshot(first, f"customer-file-saved-{language}")
+            # the second is cancelled as soon as its first bytes are in
+            second.progressed.connect(lambda _: second.cancel_button.isVisible()
+                                      and second.cancel_button.click())
+            second.accept_button.click()
+            await until(lambda: second.outcome, what="the second file's end")
+            assert second.outcome == "failed"
+            screenshot(second, f"customer-file-cancelled-{language}")
+            await until(lambda: f"file completed: {small.name}" in supporter.stderr
+                        and f"file failed: {big.name}" in supporter.stderr,
+                        what="the supporter's file lines")
+            assert "cancelled by the customer" in supporter.stderr
+            assert not (inbox / big.name).exists()
+        else:
+            first.decline_button.click()
+            await until(lambda: first.outcome, what="the first file's end")
+            assert first.outcome == "declined"
+            second.accept_button.click()
+            await until(lambda: second.outcome, what="the second file's end")
+            assert second.outcome == "saved"
+            assert digest(inbox / big.name) == digest(big)
+            screenshot(second, f"customer-file-saved-{language}")
+            await until(lambda: f"file rejected: {small.name}" in supporter.stderr
+                        and f"file completed: {big.name}" in supporter.stderr,
+                        what="the supporter's file lines")
+            assert "declined by the customer" in supporter.stderr
+            assert not (inbox / small.name).exists()
+        for dialog in (first, second):
+            dialog.close_button.click()
         if language == "en":
             window.bar.stop_button.click()      # the big red button
         else:                                   # Ctrl+F12 on the X display (grabbed there)

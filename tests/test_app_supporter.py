@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
+import subprocess
 
 import numpy as np
 import pytest
@@ -18,7 +20,7 @@ from PySide6.QtTest import QTest
 
 from .fixtures_qt import qt_app, screenshot, until  # noqa: F401 - fixture
 from .fixtures_server import run_cli
-from .fixtures_x11 import xvfb  # noqa: F401 - fixture
+from .fixtures_x11 import wait_for_window, xvfb  # noqa: F401 - fixture
 from .module_process import ModuleProcess
 from .test_e2e_screen import focus, screen_of
 from .test_e2e_sessions import world  # noqa: F401 - fixture
@@ -31,6 +33,38 @@ def picture_of(widget) -> np.ndarray:
     width, height = image.width(), image.height()
     data = np.frombuffer(image.constBits(), np.uint8, image.bytesPerLine() * height)
     return data.reshape(height, image.bytesPerLine())[:, :width * 3].reshape(height, width, 3)
+
+
+class KeyWitness:
+    """xev on the host's display, holding its keyboard focus: which keys reached an
+    application there (xev prints every KeyPress/KeyRelease with its keycode)."""
+
+    def __init__(self, display) -> None:
+        self.proc = subprocess.Popen(["xev", "-event", "keyboard", "-name", "key-witness"],
+                                     env=display.env, stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL)
+        display.children.append(self.proc)          # stopped (by PID) with the display
+        os.set_blocking(self.proc.stdout.fileno(), False)
+        self.output = b""
+        self.window = wait_for_window(display.name, "key-witness")
+
+    def events(self) -> list[tuple[str, int]]:
+        try:
+            self.output += os.read(self.proc.stdout.fileno(), 1 << 16) or b""
+        except BlockingIOError:
+            pass
+        return [(kind, int(code)) for kind, code in re.findall(
+            rb"(KeyPress|KeyRelease) event.*?keycode (\d+)", self.output, re.S)
+            for kind, code in [(kind.decode(), code)]]
+
+
+def keycodes(display: str, keysyms) -> list[int]:
+    from Xlib import display as xdisplay
+    d = xdisplay.Display(display)
+    try:
+        return [d.keysym_to_keycode(k) for k in keysyms]
+    finally:
+        d.close()
 
 
 @pytest.mark.parametrize("language", ["en", "de"])
@@ -82,6 +116,7 @@ async def test_supporter_app_lists_connects_views_controls_and_moves_files(
         dialog.setTextValue("right-host-password")
         dialog.accept()
         tab = await until(lambda: window.sessions and window.sessions[0], what="session tab")
+        assert not tab.keys_button.isEnabled()      # no keys menu before control and a screen
         await until(lambda: tab.viewer is not None and tab._control_held(),
                     what="the viewer with control")
         tab.fit.setChecked(False)   # 1:1: the widget's pixels are the remote framebuffer
@@ -94,6 +129,25 @@ async def test_supporter_app_lists_connects_views_controls_and_moves_files(
         QTest.keyClicks(tab.viewer, f"touch {marker}")
         QTest.keyClick(tab.viewer, Qt.Key_Return)
         await until(marker.exists, what="the typed command's file")
+        # keys the supporter's own desktop would grab, from the "Send keys" menu: each reaches
+        # an application on the host's display as real key events (xev holds the focus there)
+        from modules.common.qt.viewer import REMOTE_KEY_COMBOS
+        assert tab.keys_button.isEnabled()
+        witness = KeyWitness(xvfb)
+        focus(xvfb.name, witness.window)
+        expected = []
+        for label, keysyms in REMOTE_KEY_COMBOS:
+            tab.key_actions[label].trigger()
+            codes = keycodes(xvfb.name, keysyms)
+            expected += [("KeyPress", c) for c in codes]
+            expected += [("KeyRelease", c) for c in reversed(codes)]
+        await until(lambda: len(witness.events()) >= len(expected), what="the keys at xev")
+        assert witness.events() == expected
+        tab.keys_menu.popup(tab.keys_button.mapToGlobal(tab.keys_button.rect().bottomLeft()))
+        await until(lambda: tab.keys_menu.isVisible(), what="the keys menu")
+        screenshot(tab.keys_menu, f"supporter-keys-menu-{language}")
+        tab.keys_menu.hide()
+        focus(xvfb.name, term.window)
         # files both ways
         tab.actions["files"].trigger()
         await until(lambda: tab.runner.consent.holds("files"), what="the files right")

@@ -22,11 +22,13 @@ from twisted.internet import defer
 from ..common.session.consent import Chat, Event, Right, RightGranted, RightRevoked, Role
 from ..common.link.folder import default_home
 from ..common.qt.consent_dialogs import DialogConsentUI
+from ..common.qt.file_offer_dialog import FileOfferDialog
 from ..common.qt.i18n import install_translation, t
 from ..common.session.session_runner import SessionDelegate
 from .join import join, parse_adhoc_id
 
 CONFIG_NAME = "customer.toml"
+DECLINED = "declined by the customer"        # what the supporter and the protocol read
 
 RED_BUTTON = ("QPushButton { background: #c62828; color: white; font-weight: bold; "
               "border-radius: 6px; padding: 10px 18px; } "
@@ -97,6 +99,7 @@ class CustomerWindow(QMainWindow, SessionDelegate):
         self.supporter = ""
         self.ui: DialogConsentUI | None = None
         self.end_text: str | None = None
+        self.file_dialogs: dict[str, FileOfferDialog] = {}   # transfer id → its dialog
         self.bar = SharingBar(self.emergency_stop)
         self._build()
         QShortcut(QKeySequence("Ctrl+F12"), self, activated=self.emergency_stop,
@@ -245,7 +248,8 @@ class CustomerWindow(QMainWindow, SessionDelegate):
             return self.ui
         self.conn, self.runner = await join(
             self.reactor, self.server, self.fingerprint, adhoc_id, make_ui,
-            delegate=self, pipe=False, screen=screen, receive_dir=self.receive_dir)
+            delegate=self, pipe=False, screen=screen, receive_dir=self.receive_dir,
+            ask_files=True)     # every file is the customer's decision, in its own dialog
         Path(self.receive_dir).mkdir(parents=True, exist_ok=True)
         self.status_label.setText(t("Connected with {supporter}.").format(supporter=self.supporter))
         try:
@@ -301,14 +305,40 @@ class CustomerWindow(QMainWindow, SessionDelegate):
         self.code.setText(t("Verification code: {code}").format(code=verification_code) + "  —  "
                           + t("Compare this code with the other side by phone."))
 
+    def file_offer(self, offer) -> None:
+        """The supporter offers a file: its own dialog asks (accept, decline, where)."""
+        dialog = FileOfferDialog(self, self.supporter or t("the supporter"), offer,
+                                 self.receive_dir)
+        runner = self.runner
+        dialog.accepted_into.connect(lambda folder: runner.accept_file(offer.id, folder))
+        dialog.declined.connect(lambda: runner.reject_file(offer.id, DECLINED))
+        dialog.cancelled.connect(lambda: runner.cancel_file(offer.id, "cancelled by the customer"))
+        self.file_dialogs[offer.id] = dialog
+        dialog.show()
+        dialog.raise_()
+
     def file_event(self, event) -> None:
-        from ..common.session.file_transfer import FileCompleted, FileProgress
+        from ..common.session.file_transfer import (
+            FileCompleted, FileFailed, FileProgress, FileRejected,
+        )
+        incoming = self.runner is not None and self.runner.files is not None and \
+            event.direction == self.runner.files.incoming_direction
+        dialog = self.file_dialogs.get(event.id)
+        if dialog is not None:
+            dialog.file_event(event)
         if isinstance(event, FileProgress) and event.size:
             self.progress.setVisible(True)
+            self.progress.setFormat(f"{event.name}: %p %")
             self.progress.setValue(100 * event.transferred // event.size)
         elif isinstance(event, FileCompleted):
             self.progress.setValue(100)
-            self.show_line(t("File {name} received.").format(name=event.name))
+            self.show_line(t("File {name} received.").format(name=event.name) if incoming
+                           else t("File {name} sent.").format(name=event.name))
+        elif isinstance(event, FileRejected) and incoming and event.reason == DECLINED:
+            self.show_line(t("You declined the file {name}.").format(name=event.name))
+        elif isinstance(event, (FileFailed, FileRejected)):
+            self.show_line(t("The file {name} was not transferred: {reason}").format(
+                name=event.name, reason=event.reason))
 
     def ended(self, reason) -> None:
         self.end_text = reason.text()
@@ -320,6 +350,8 @@ class CustomerWindow(QMainWindow, SessionDelegate):
         self.emergency_stop()
         if self.hotkey is not None:
             self.hotkey.close()
+        for dialog in self.file_dialogs.values():
+            dialog.close()
         self.bar.close()
         super().closeEvent(event)
 

@@ -18,7 +18,7 @@ from PySide6.QtCore import QSortFilterProxyModel, Qt, QTimer
 from PySide6.QtGui import QAction, QStandardItem, QStandardItemModel
 from PySide6.QtWidgets import (
     QApplication, QCheckBox, QComboBox, QDialog, QDialogButtonBox, QFileDialog, QFormLayout,
-    QHBoxLayout, QInputDialog, QLabel, QLineEdit, QMainWindow, QProgressBar, QPushButton,
+    QHBoxLayout, QInputDialog, QLabel, QLineEdit, QMainWindow, QMenu, QProgressBar, QPushButton,
     QSplitter, QTableView, QTabWidget, QTextBrowser, QToolBar, QToolButton, QVBoxLayout, QWidget,
 )
 from twisted.internet import defer
@@ -33,7 +33,7 @@ from ..common.session.consent import (
 from ..common.link.folder import ModuleFolder
 from ..common.qt.consent_dialogs import DialogConsentUI
 from ..common.qt.i18n import install_translation, t
-from ..common.qt.viewer import CTRL_ALT_DEL, FramebufferWidget, scrollable
+from ..common.qt.viewer import REMOTE_KEY_COMBOS, FramebufferWidget, scrollable
 from ..common.session.session_runner import SessionDelegate
 from .sessions import AdhocInvitation, connect_host, list_hosts
 
@@ -79,6 +79,7 @@ class SessionTab(QWidget, SessionDelegate):
         self.window = window
         self.title = title
         self.runner = None
+        self.task: defer.Deferred | None = None
         self.viewer: FramebufferWidget | None = None
         self.started = time.monotonic()
         self.end_text: str | None = None
@@ -95,13 +96,26 @@ class SessionTab(QWidget, SessionDelegate):
                 ("direction", "Show my screen", self._show_my_screen),
                 ("send", "Send file ...", self._choose_file),
                 ("inbox", "Received files go to ...", self._choose_inbox),
-                ("cad", "Send Ctrl+Alt+Del", self._ctrl_alt_del),
                 ("end", "End session", self.end_session)):
             action = QAction(t(text), self)
             action.triggered.connect(slot)
             if key != "end":
                 self.toolbar.addAction(action)
             self.actions[key] = action
+        # keys the local desktop would grab (Ctrl+Alt+Del, Alt+Tab, ...), as real key events
+        self.keys_menu = QMenu(t("Send keys"), self)
+        self.key_actions: dict[str, QAction] = {}
+        for label, keysyms in REMOTE_KEY_COMBOS:
+            action = self.keys_menu.addAction(t(label))
+            action.triggered.connect(lambda _checked=False, keys=keysyms: self.send_keys(keys))
+            self.key_actions[label] = action
+        self.keys_button = QToolButton()
+        self.keys_button.setText(t("Send keys"))
+        self.keys_button.setMenu(self.keys_menu)
+        self.keys_button.setPopupMode(QToolButton.InstantPopup)
+        self.keys_button.setToolTip(t("Keys your own desktop would keep, sent to the remote "
+                                      "screen (only while you have control)"))
+        self.toolbar.addWidget(self.keys_button)
         layout.addWidget(self.toolbar)
         header = QHBoxLayout()
         header.setSpacing(28)
@@ -161,6 +175,17 @@ class SessionTab(QWidget, SessionDelegate):
         QApplication.clipboard().dataChanged.connect(self._local_clipboard)
 
     # --- state ---------------------------------------------------------------------------------
+    def start(self, coroutine) -> None:
+        """Run the tab's session set-up; closing the tab cancels it while it waits."""
+        self.task = defer.ensureDeferred(coroutine)
+        self.task.addErrback(self._failed)
+
+    def _failed(self, failure) -> None:
+        import shiboken6
+        if failure.check(defer.CancelledError) or not shiboken6.isValid(self.notice):
+            return None
+        self.notice.setText(t("Error: {message}").format(message=failure.getErrorMessage()))
+
     def attach(self, runner) -> None:
         self.runner = runner
         self._refresh()
@@ -181,7 +206,10 @@ class SessionTab(QWidget, SessionDelegate):
             self.actions[key].setEnabled(live and Right(key) not in held)
         for key in ("direction", "send", "end"):
             self.actions[key].setEnabled(live)
-        self.actions["cad"].setEnabled(live and Right.CONTROL in held)
+        control = live and Right.CONTROL in held and self.viewer is not None
+        self.keys_button.setEnabled(control)
+        for action in self.key_actions.values():
+            action.setEnabled(control)
         self.chat_field.setEnabled(live)
         self.comment_field.setEnabled(live)
 
@@ -242,9 +270,11 @@ class SessionTab(QWidget, SessionDelegate):
             if url.isLocalFile():
                 self.send_file(url.toLocalFile())
 
-    def _ctrl_alt_del(self) -> None:
-        if self.viewer is not None:
-            self.viewer.send_keys(CTRL_ALT_DEL)
+    def send_keys(self, keysyms: tuple[int, ...]) -> None:
+        """Press ``keysyms`` together on the remote screen and release them (the viewer and
+        the session send nothing without control)."""
+        if self.viewer is not None and self._control_held():
+            self.viewer.send_keys(keysyms)
 
     def _fit_changed(self, fit: bool) -> None:
         if self.viewer is not None:
@@ -253,6 +283,8 @@ class SessionTab(QWidget, SessionDelegate):
     def end_session(self) -> None:
         if self.runner is not None and not self.runner.done.called:
             self.runner.end_session()
+        elif self.runner is None and self.task is not None and not self.task.called:
+            self.task.cancel()      # still connecting, or an ad-hoc ID nobody used yet
 
     def _local_clipboard(self) -> None:
         text = QApplication.clipboard().text()
@@ -276,6 +308,7 @@ class SessionTab(QWidget, SessionDelegate):
         self.screen_layout.addWidget(scrollable(self.viewer))
         self.viewer.set_fit(self.fit.isChecked())
         self.viewer.setFocus()
+        self._refresh()
 
     def screen_updated(self, rects) -> None:
         if self.viewer is not None:
@@ -468,8 +501,7 @@ class SupporterWindow(QMainWindow):
                                         receive_dir=tab.receive_dir)
             tab.attach(runner)
             return await runner.run()
-        defer.ensureDeferred(run()).addErrback(lambda f: tab.notice.setText(
-            t("Error: {message}").format(message=f.getErrorMessage())))
+        tab.start(run())
         return tab
 
     def new_adhoc(self) -> SessionTab:
@@ -495,28 +527,27 @@ class SupporterWindow(QMainWindow):
 
         async def run():
             conn = await self._connection()   # one control connection per ad-hoc ID
-            invitation = await AdhocInvitation(conn).allocate()
-            tab.adhoc_id = invitation.adhoc_id
-            big.setText(invitation.adhoc_id)
-            self.tabs.setTabText(self.tabs.indexOf(tab), invitation.adhoc_id)
-            tab.chat_log.append(t("Waiting for the customer ..."))
-            ticket = await invitation.joined
-            tab.chat_log.append(t("Customer joined from {address}.").format(
-                address=ticket["peer_address"]))
-            runner = await invitation.session(self.reactor, self.folder, ticket, tab.ui,
-                                              delegate=tab, pipe=False,
-                                              screen=self.own_screen(),
-                                              request_rights=("view", "control"),
-                                              receive_dir=tab.receive_dir)
-            tab.attach(runner)
-            box.hide()
-            tab.waiting.show()
             try:
+                invitation = await AdhocInvitation(conn).allocate()
+                tab.adhoc_id = invitation.adhoc_id
+                big.setText(invitation.adhoc_id)
+                self.tabs.setTabText(self.tabs.indexOf(tab), invitation.adhoc_id)
+                tab.chat_log.append(t("Waiting for the customer ..."))
+                ticket = await invitation.joined
+                tab.chat_log.append(t("Customer joined from {address}.").format(
+                    address=ticket["peer_address"]))
+                runner = await invitation.session(self.reactor, self.folder, ticket, tab.ui,
+                                                  delegate=tab, pipe=False,
+                                                  screen=self.own_screen(),
+                                                  request_rights=("view", "control"),
+                                                  receive_dir=tab.receive_dir)
+                tab.attach(runner)
+                box.hide()
+                tab.waiting.show()
                 return await runner.run()
             finally:
-                conn.transport.loseConnection()
-        defer.ensureDeferred(run()).addErrback(lambda f: tab.notice.setText(
-            t("Error: {message}").format(message=f.getErrorMessage())))
+                conn.transport.loseConnection()   # the unused ID goes with it
+        tab.start(run())
         return tab
 
     def own_screen(self):

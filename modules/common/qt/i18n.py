@@ -94,6 +94,14 @@ GERMAN: dict[str, str] = {
     "File {name}: {percent} %": "Datei {name}: {percent} %",
     "File {name} received.": "Datei {name} empfangen.",
     "File {name} sent.": "Datei {name} gesendet.",
+    "Save in: {folder}": "Speichern in: {folder}",
+    "{name} ({size}) from {who}": "{name} ({size}) von {who}",
+    "Change folder ...": "Ordner ändern ...",
+    "Saved as {path}": "Gespeichert als {path}",
+    "The file was not received: {reason}": "Die Datei wurde nicht empfangen: {reason}",
+    "You declined the file {name}.": "Sie haben die Datei {name} abgelehnt.",
+    "The file {name} was not transferred: {reason}":
+        "Die Datei {name} wurde nicht übertragen: {reason}",
     # supporter app
     "Hosts": "Rechner",
     "Search": "Suchen",
@@ -120,7 +128,18 @@ GERMAN: dict[str, str] = {
     "Show my screen": "Meinen Bildschirm zeigen",
     "Send file ...": "Datei senden ...",
     "Received files go to ...": "Empfangene Dateien nach ...",
-    "Send Ctrl+Alt+Del": "Strg+Alt+Entf senden",
+    "Send keys": "Tasten senden",
+    "Keys your own desktop would keep, sent to the remote screen (only while you have control)":
+        "Tasten, die Ihr eigener Desktop für sich behielte, an den entfernten Bildschirm senden "
+        "(nur solange Sie steuern dürfen)",
+    "Ctrl+Alt+Del": "Strg+Alt+Entf",
+    "Ctrl+Alt+Backspace": "Strg+Alt+Rücktaste",
+    "Alt+Tab": "Alt+Tab",
+    "Alt+F4": "Alt+F4",
+    "Windows key (Super)": "Windows-Taste (Super)",
+    "Ctrl+Esc": "Strg+Esc",
+    "Print Screen": "Druck",
+    "Alt+Print Screen": "Alt+Druck",
     "Comment for the protocol": "Kommentar für das Protokoll",
     "Rights: {rights}": "Rechte: {rights}",
     "none": "keine",
@@ -168,6 +187,7 @@ class CatalogueTranslator(QTranslator):
 
 
 _installed: CatalogueTranslator | None = None
+_language = "en"
 
 
 def system_language() -> str:
@@ -176,8 +196,9 @@ def system_language() -> str:
 
 def install_translation(app, language: str | None = None) -> str:
     """Install the translator for ``language`` (None: the system locale); returns it."""
-    global _installed
+    global _installed, _language
     language = language or system_language()
+    _language = language
     if _installed is not None:
         app.removeTranslator(_installed)
         _installed = None
@@ -185,6 +206,12 @@ def install_translation(app, language: str | None = None) -> str:
         _installed = CatalogueTranslator(GERMAN, app)
         app.installTranslator(_installed)
     return language
+
+
+def locale():
+    """The ``QLocale`` of the installed language (numbers, sizes, dates in the windows)."""
+    return QLocale(QLocale.German, QLocale.Germany) if _language == "de" \
+        else QLocale(QLocale.English, QLocale.UnitedStates)
 
 
 def t(text: str) -> str:

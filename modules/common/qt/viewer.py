@@ -26,6 +26,20 @@ for _n in range(1, 13):
 
 CTRL_ALT_DEL = (0xFFE3, 0xFFE9, 0xFFFF)
 
+# Keys the supporter's own desktop would take for itself (or that no keyboard event could carry
+# to the viewer): sent from the viewer's "Send keys" menu as real RFB key events, pressed in this
+# order and released in reverse.  The labels are the English source strings of the menu.
+REMOTE_KEY_COMBOS: tuple[tuple[str, tuple[int, ...]], ...] = (
+    ("Ctrl+Alt+Del", CTRL_ALT_DEL),
+    ("Ctrl+Alt+Backspace", (0xFFE3, 0xFFE9, 0xFF08)),
+    ("Alt+Tab", (0xFFE9, 0xFF09)),
+    ("Alt+F4", (0xFFE9, 0xFFC1)),
+    ("Windows key (Super)", (0xFFEB,)),
+    ("Ctrl+Esc", (0xFFE3, 0xFF1B)),
+    ("Print Screen", (0xFF61,)),
+    ("Alt+Print Screen", (0xFFE9, 0xFF61)),
+)
+
 
 def keysym_of(key: int, text: str) -> int | None:
     """The X keysym for a Qt key event (None: nothing to send)."""

@@ -402,6 +402,7 @@ class _Incoming:
     hasher: Any = None
     received: int = 0
     resume: "_Partial | None" = None
+    folder: Path | None = None      # where it is stored (chosen at accept)
 
     def close(self) -> None:
         if self.fd is not None:
@@ -514,20 +515,30 @@ class FileTransfers:
 
     # --- receiving side: the user's decisions ---------------------------------------------------
 
-    def accept(self, transfer_id: str) -> Outcome:
-        """Accept an incoming offer (resuming a kept partial file if there is one).  Refuses it
+    def accept(self, transfer_id: str, folder: str | os.PathLike | None = None) -> Outcome:
+        """Accept an incoming offer (resuming a kept partial file if there is one), stored in
+        ``folder`` (the person's choice for this file; default ``download_dir``).  Refuses it
         instead (``file_rejected``) if the free space no longer suffices or the file cannot be
         created."""
         self._check_open()
         inc = self._in.get(transfer_id)
         if inc is None or inc.state != "offered":
             raise ValueError(f"no incoming offer {transfer_id} waits for an answer")
+        where = Path(folder).resolve() if folder is not None else self.download_dir
+        if inc.resume is not None and inc.resume.part.parent != where:
+            _unlink(inc.resume.part)   # kept in another folder: start again from byte 0 there
+            inc.resume = None
+        if where != self.download_dir:
+            try:
+                self._check_inside(where / inc.name, where)
+            except FileTransferError as exc:
+                return self.reject(transfer_id, exc.reason)
         resume_fd = self._reopen(inc.resume) if inc.resume is not None else None
         if inc.resume is not None and resume_fd is None:
             _unlink(inc.resume.part)   # changed or gone since the cancel: start from byte 0
             inc.resume = None
         offset = inc.resume.received if inc.resume else 0
-        problem = self._space_problem(inc.size - offset, exclude=inc.id)
+        problem = self._space_problem(inc.size - offset, exclude=inc.id, where=where)
         if problem:
             if resume_fd is not None:
                 os.close(resume_fd)
@@ -538,13 +549,14 @@ class FileTransfers:
                 os.lseek(fd, offset, os.SEEK_SET)
                 inc.resume = None
             else:
-                part, hasher = self.download_dir / f".hausmeister-{inc.id}.part", hashlib.sha256()
-                self._check_inside(part)
+                part, hasher = where / f".hausmeister-{inc.id}.part", hashlib.sha256()
+                self._check_inside(part, where)
                 fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
                              | getattr(os, "O_BINARY", 0), 0o600)
         except OSError as exc:
             return self.reject(transfer_id, f"cannot create the file: {exc.strerror or exc}")
         inc.part, inc.fd, inc.hasher, inc.received, inc.state = part, fd, hasher, offset, "receiving"
+        inc.folder = where
         return Outcome([_control(type="accept", id=inc.id, offset=offset)],
                        [FileAccepted(inc.id, inc.name, inc.size, inc.sha256,
                                      self.incoming_direction, offset=offset)])
@@ -729,7 +741,7 @@ class FileTransfers:
         try:
             os.fsync(inc.fd)
             inc.close()
-            final = self._store(inc.part, inc.name)
+            final = self._store(inc.part, inc.name, inc.folder or self.download_dir)
         except (OSError, FileTransferError) as exc:
             reason = f"cannot store the file: {getattr(exc, 'strerror', None) or exc}"
             out = Outcome([_control(type="cancel", id=inc.id, reason=_safe_text(reason))])
@@ -780,32 +792,36 @@ class FileTransfers:
         os.close(fd)
         return None
 
-    def _space_problem(self, needed: int, exclude: str | None = None) -> str | None:
+    def _space_problem(self, needed: int, exclude: str | None = None,
+                       where: Path | None = None) -> str | None:
+        where = where or self.download_dir
         reserved = sum(inc.size - inc.received for inc in self._in.values()
-                       if inc.state == "receiving" and inc.id != exclude)
+                       if inc.state == "receiving" and inc.id != exclude
+                       and (inc.folder or self.download_dir) == where)
         try:
-            free = self.free_space(self.download_dir).free
+            free = self.free_space(where).free
         except OSError as exc:
             return f"cannot tell the free space: {exc.strerror or exc}"
         if needed + reserved > free:
             return f"not enough free space ({needed} bytes needed, {max(free - reserved, 0)} free)"
         return None
 
-    def _check_inside(self, target: Path) -> None:
+    def _check_inside(self, target: Path, folder: Path | None = None) -> None:
         """Lexically and after ``resolve()``: ``target`` is an entry of ``download_dir``.  An
         existing symlink there is fine: files are only ever created with O_EXCL or link(),
         which never follow one."""
-        lexical = target.parent == self.download_dir and target.name not in ("", ".", "..")
+        folder = folder or self.download_dir
+        lexical = target.parent == folder and target.name not in ("", ".", "..")
         if lexical and not target.is_symlink():
-            lexical = target.resolve().parent == self.download_dir
+            lexical = target.resolve().parent == folder
         if not lexical:
             raise FileTransferError("the file would land outside the download directory")
 
-    def _store(self, part: Path, name: str) -> Path:
-        """Give the verified part file its name without ever replacing a file."""
+    def _store(self, part: Path, name: str, folder: Path) -> Path:
+        """Give the verified part file its name in ``folder`` without ever replacing a file."""
         for n in range(10_000):
-            candidate = self.download_dir / (name if n == 0 else _numbered(name, n))
-            self._check_inside(candidate)
+            candidate = folder / (name if n == 0 else _numbered(name, n))
+            self._check_inside(candidate, folder)
             try:
                 os.link(part, candidate, follow_symlinks=False)
             except FileExistsError:

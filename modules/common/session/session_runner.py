@@ -86,6 +86,13 @@ class SessionDelegate:
     def file_event(self, event) -> None:
         """A file transfer changed (``modules.common.session.file_transfer`` events, progress too)."""
 
+    def file_offer(self, offer) -> None:
+        """An incoming file waits for this side's answer (only in a session set up with
+        ``ask_files``; otherwise offers that pass the checks are accepted at once): answer
+        with the runner's ``accept_file`` or ``reject_file``.  ``offer`` is the
+        ``FileOffered`` event; a later ``file_event`` for its id (rejected, failed: e.g. the
+        sender cancelled, the session ended) means the question is moot."""
+
     def ended(self, reason) -> None:
         """The session is over, for ``reason`` (``EndReason``)."""
 
@@ -204,9 +211,12 @@ class SessionRunner:
                  chat: tuple[str, ...] = (), comments: tuple[str, ...] = (),
                  screen: Any = None, viewer: dict | None = None,
                  send_files: tuple[str, ...] = (), receive_dir: str | None = None,
+                 ask_files: bool = False,
                  delegate: SessionDelegate | None = None) -> None:
         """``screen``: (source, make_injector(allowed)) when this side can show its display;
-        ``viewer``: options for showing the remote screen (vnc_listen, snapshot, type)."""
+        ``viewer``: options for showing the remote screen (vnc_listen, snapshot, type);
+        ``ask_files``: each incoming file waits for the delegate's answer (``file_offer``)
+        instead of being accepted into ``receive_dir`` at once."""
         self.reactor = reactor
         self.delegate = delegate or CliDelegate()
         self.leg = leg
@@ -227,6 +237,7 @@ class SessionRunner:
         self.recorder = None  # modules.common.session.recorder.SessionRecorder, when this side records
         self.send_files = list(send_files)
         self.receive_dir = receive_dir
+        self.ask_files = ask_files
         self.files = None  # FileTransfers, once the session is set up
         self._prepared: list = []   # files ready to offer once the files right allows
         self._paused = False
@@ -437,6 +448,29 @@ class SessionRunner:
         if self.files is not None:
             self.files.download_dir = Path(folder).resolve() if folder else None
 
+    def accept_file(self, transfer_id: str, folder: str | None = None) -> bool:
+        """Take an incoming file (asked through ``file_offer``), stored in ``folder`` (default:
+        ``receive_dir``).  False if it no longer waits (cancelled by the sender, session over)."""
+        return self._file_command(lambda: self.files.accept(transfer_id, folder))
+
+    def reject_file(self, transfer_id: str, reason: str = "declined") -> bool:
+        """Refuse an incoming file; the sender learns ``reason``."""
+        return self._file_command(lambda: self.files.reject(transfer_id, reason))
+
+    def cancel_file(self, transfer_id: str, reason: str = "cancelled") -> bool:
+        """Stop a transfer under way, in either direction."""
+        return self._file_command(lambda: self.files.cancel(transfer_id, reason))
+
+    def _file_command(self, action: Callable[[], Any]) -> bool:
+        if self.files is None or self._finished:
+            return False
+        try:
+            outcome = action()
+        except ValueError:      # no longer waiting or under way: the events said so already
+            return False
+        self._apply_files(outcome)
+        return True
+
     def pointer(self, mask: int, x: int, y: int) -> None:
         """Viewer: a pointer event on the remote screen (sent only while control is held)."""
         if self.viewer_screen is not None and self.consent.holds(Right.CONTROL):
@@ -501,7 +535,8 @@ class SessionRunner:
                 return self.driver.enforce(Right.FILES, attempt)
             return True
         self.files = FileTransfers(Path(self.receive_dir) if self.receive_dir else None,
-                                   role=consent.role, allowed=allowed, auto_accept=True)
+                                   role=consent.role, allowed=allowed,
+                                   auto_accept=not self.ask_files)
         for path in self.send_files:
             from modules.common.session.file_transfer import prepare
             d = run_blocking(prepare, path)
@@ -535,11 +570,14 @@ class SessionRunner:
         self._apply_files(outcome)
 
     def _apply_files(self, outcome) -> None:
-        from modules.common.session.file_transfer import FileProgress
+        from modules.common.session.file_transfer import FileOffered, FileProgress
         for message in outcome.messages:
             self._send(Channel.FILE, message)
+        waiting = {offer.id for offer in self.files.pending_offers()} if self.ask_files else ()
         for event in outcome.events:
             self.delegate.file_event(event)
+            if isinstance(event, FileOffered) and event.id in waiting:
+                self.delegate.file_offer(event)
             line = event.protocol_event()
             if line is not None:
                 self._report(line["kind"], self.event_ids.stamp(line["kind"], line["detail"]))
@@ -953,7 +991,8 @@ class SessionRunner:
             self._pending.add(closing)
             closing.addBoth(lambda r: self._pending.discard(closing) or r)
         if self.files is not None:
-            self.files.close("session ended")
+            for event in self.files.close("session ended").events:
+                self.delegate.file_event(event)   # e.g. a question about a file is moot now
         for screen in (self.presenter_screen, self.viewer_screen):
             if screen is not None:
                 screen.stop()
