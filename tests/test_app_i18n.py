@@ -27,7 +27,8 @@ def source_strings() -> set[str]:
     # the supporter's toolbar: ("key", "English text", slot) rows, translated as t(text)
     toolbar = (ROOT / "modules" / "supporter" / "gui.py").read_text(encoding="utf-8")
     found |= set(re.findall(r'\("\w+", "([^"]+)", (?:lambda|self\.)', toolbar))
-    from modules.common.qt.consent_dialogs import QUESTIONS
+    from modules.common.qt.consent_dialogs import END_SENTENCES, QUESTIONS, REASONS
+    found |= {text for pair in END_SENTENCES.values() for text in pair} | set(REASONS)
     from modules.common.qt.viewer import REMOTE_KEY_COMBOS
     from modules.common.session.consent import Right
     from modules.remote_host import settings

@@ -21,7 +21,7 @@ from twisted.internet import defer
 
 from ..common.session.consent import Chat, Event, Right, RightGranted, RightRevoked, Role
 from ..common.link.folder import default_home
-from ..common.qt.consent_dialogs import DialogConsentUI
+from ..common.qt.consent_dialogs import DialogConsentUI, end_sentence
 from ..common.qt.file_offer_dialog import FileOfferDialog
 from ..common.qt.i18n import install_translation, t
 from ..common.session.session_runner import SessionDelegate
@@ -343,7 +343,8 @@ class CustomerWindow(QMainWindow, SessionDelegate):
     def ended(self, reason) -> None:
         self.end_text = reason.text()
         self.bar.hide()
-        self.status_label.setText(t("Session ended: {reason}").format(reason=reason.text()))
+        self.status_label.setText(t("Session ended: {reason}").format(
+            reason=end_sentence(reason, Role.CUSTOMER, self.ui.names if self.ui else None)))
         self._in_session(False)
 
     def closeEvent(self, event) -> None:  # noqa: N802

@@ -17,7 +17,7 @@ from PySide6.QtWidgets import (
 )
 
 from ..common.session.consent import Event, Right, Role
-from ..common.qt.consent_dialogs import DialogConsentUI
+from ..common.qt.consent_dialogs import DialogConsentUI, capital, end_sentence
 from ..common.qt.i18n import install_translation, t
 from ..common.session.session_runner import SessionDelegate
 from . import settings
@@ -115,7 +115,7 @@ class HostWindow(QMainWindow, SessionDelegate):
         self.stop_button.setText(t("Emergency stop (Ctrl+F12)"))
         self.policy_box.setTitle(t("Policy"))
         for right, label in self.policy_names.items():
-            label.setText(t(right))
+            label.setText(capital(t(right)))
             box = self.policy_fields[right]
             for index in range(box.count()):
                 box.setItemText(index, t(box.itemData(index)))
@@ -220,7 +220,8 @@ class HostWindow(QMainWindow, SessionDelegate):
 
     def ended(self, reason) -> None:
         self.last_end = reason.text()
-        self.log.append(t("Session ended: {reason}").format(reason=reason.text()))
+        self.log.append(t("Session ended: {reason}").format(
+            reason=end_sentence(reason, Role.HOST, self.ui.names if self.ui else None)))
         self.reactor.callLater(0, self.refresh)
 
     def closeEvent(self, event) -> None:  # noqa: N802

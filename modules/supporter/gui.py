@@ -31,7 +31,7 @@ from ..common.session.consent import (
     Event, Right, RightDenied, RightRevoked, Role,
 )
 from ..common.link.folder import ModuleFolder
-from ..common.qt.consent_dialogs import DialogConsentUI
+from ..common.qt.consent_dialogs import DialogConsentUI, end_sentence
 from ..common.qt.i18n import install_translation, t
 from ..common.qt.viewer import REMOTE_KEY_COMBOS, FramebufferWidget, scrollable
 from ..common.session.session_runner import SessionDelegate
@@ -95,7 +95,7 @@ class SessionTab(QWidget, SessionDelegate):
                 ("files", "Request files", lambda: self._request("files")),
                 ("direction", "Show my screen", self._show_my_screen),
                 ("send", "Send file ...", self._choose_file),
-                ("inbox", "Received files go to ...", self._choose_inbox),
+                ("inbox", "Folder for received files ...", self._choose_inbox),
                 ("end", "End session", self.end_session)):
             action = QAction(t(text), self)
             action.triggered.connect(slot)
@@ -166,6 +166,7 @@ class SessionTab(QWidget, SessionDelegate):
         split.addWidget(side)
         split.setStretchFactor(0, 4)
         split.setStretchFactor(1, 1)
+        split.setSizes([920, 340])      # the remote screen gets the room, not the chat
         layout.addWidget(split, 1)
         self.clock = QTimer(self)
         self.clock.timeout.connect(self._tick)
@@ -179,12 +180,19 @@ class SessionTab(QWidget, SessionDelegate):
         """Run the tab's session set-up; closing the tab cancels it while it waits."""
         self.task = defer.ensureDeferred(coroutine)
         self.task.addErrback(self._failed)
+        self._refresh()
 
     def _failed(self, failure) -> None:
         import shiboken6
-        if failure.check(defer.CancelledError) or not shiboken6.isValid(self.notice):
-            return None
-        self.notice.setText(t("Error: {message}").format(message=failure.getErrorMessage()))
+        if not shiboken6.isValid(self.notice):
+            return None        # the tab is gone already
+        if failure.check(defer.CancelledError):
+            self.end_text = "ended by the supporter"
+            self.notice.setText(t("Session ended: {reason}").format(
+                reason=t("You ended the session.")))
+        else:
+            self.notice.setText(t("Error: {message}").format(message=failure.getErrorMessage()))
+        self._refresh()
 
     def attach(self, runner) -> None:
         self.runner = runner
@@ -204,8 +212,10 @@ class SessionTab(QWidget, SessionDelegate):
             rights=", ".join(t(r.value) for r in Right if r in held) or t("none")))
         for key in ("view", "control", "files"):
             self.actions[key].setEnabled(live and Right(key) not in held)
-        for key in ("direction", "send", "end"):
+        for key in ("direction", "send"):
             self.actions[key].setEnabled(live)
+        waiting = runner is None and self.task is not None and not self.task.called
+        self.actions["end"].setEnabled(live or waiting)   # also: give up an unused ad-hoc ID
         control = live and Right.CONTROL in held and self.viewer is not None
         self.keys_button.setEnabled(control)
         for action in self.key_actions.values():
@@ -251,7 +261,7 @@ class SessionTab(QWidget, SessionDelegate):
         dialog.open()
 
     def _choose_inbox(self) -> None:
-        dialog = QFileDialog(self, t("Received files go to ..."), self.receive_dir)
+        dialog = QFileDialog(self, t("Folder for received files ..."), self.receive_dir)
         dialog.setFileMode(QFileDialog.Directory)
         dialog.fileSelected.connect(self.set_inbox)
         dialog.open()
@@ -335,7 +345,8 @@ class SessionTab(QWidget, SessionDelegate):
 
     def ended(self, reason) -> None:
         self.end_text = reason.text()
-        self.notice.setText(t("Session ended: {reason}").format(reason=reason.text()))
+        self.notice.setText(t("Session ended: {reason}").format(
+            reason=end_sentence(reason, Role.SUPPORTER, self.ui.names)))
         self._refresh()
 
 
@@ -484,6 +495,9 @@ class SupporterWindow(QMainWindow):
         dialog.setWindowTitle(t("Session password of {host}").format(host=name))
         dialog.setLabelText(t("Session password of {host}").format(host=name))
         dialog.setTextEchoMode(QLineEdit.Password)
+        dialog.setOkButtonText(t("Connect"))
+        dialog.setCancelButtonText(t("Cancel"))
+        dialog.setMinimumWidth(420)
         dialog.textValueSelected.connect(lambda password: self.connect_host(host_id, name,
                                                                              password))
         self.password_dialog = dialog

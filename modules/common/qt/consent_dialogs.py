@@ -15,6 +15,8 @@ from PySide6.QtWidgets import (
 from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
+from protocol.session_end import EndCause, EndReason
+
 from modules.common.session.consent import (
     Chat, Comment, DirectionChanged, DirectionDenied, EmergencyStopped, Event, IConsentUI, Right,
     RightDenied, RightGranted, RightRevoked, Role, SessionEnded, TermsAccepted,
@@ -42,6 +44,50 @@ def capital(text: str) -> str:
     return text[:1].upper() + text[1:]
 
 
+# How a session ended, as a whole sentence: one for this side's own doing (German conjugates
+# "Sie haben" differently from "der Kunde hat") and one naming the other party.
+END_SENTENCES: dict[EndCause, tuple[str, str]] = {
+    EndCause.EMERGENCY_STOP: ("You pressed the emergency stop.", "{who} pressed the emergency stop."),
+    EndCause.ENDED: ("You ended the session.", "{who} ended the session."),
+    EndCause.DECLINED: ("You declined the session.", "{who} declined the session."),
+    EndCause.RIGHT_WITHDRAWN: ("You withdrew the right to view.",
+                               "{who} withdrew the right to view."),
+    EndCause.PAIR_TIMEOUT: ("You did not reach the relay in time.",
+                            "{who} did not reach the relay in time."),
+    EndCause.CONNECTION_LOST: ("The connection was lost ({who}).",
+                               "The connection was lost ({who})."),
+    EndCause.ERROR: ("Error in the session ({who}).", "Error in the session ({who})."),
+    EndCause.KEY_FAILED: ("The keys did not match (wrong ID or password).",) * 2,
+    EndCause.IDLE_TIMEOUT: ("Nothing happened for too long.",) * 2,
+    EndCause.REVOKED: ("Access was revoked.",) * 2,
+    EndCause.PROTOCOL_UNWRITABLE: ("The session protocol could not be written.",) * 2,
+    EndCause.RECORDING_FAILED: ("The required recording could not be made.",) * 2,
+    EndCause.SERVER_SHUTDOWN: ("The server shut down.",) * 2,
+    EndCause.SERVER_CRASHED: ("The server stopped unexpectedly.",) * 2,
+    EndCause.SERVER_LOST: ("The connection to the server was lost.",) * 2,
+}
+REASONS = ("emergency stop", "revoked", "ended", "terms declined", "terms not accepted in time")
+
+
+def end_sentence(reason: EndReason, me: Role | None,
+                 names: dict[Role, str] | None = None) -> str:
+    """The translated sentence for how the session ended (the details stay as reported)."""
+    try:
+        by: Role | None = Role(reason.by)
+    except ValueError:
+        by = None
+    mine, other = END_SENTENCES[reason.cause]
+    if by is None:
+        who = t({"server": "the server", "relay": "the relay"}.get(reason.by, "the server"))
+    else:
+        who = role_name(by, me, names)
+    sentence = t(mine if by is me and by is not None else other).format(who=who)
+    sentence = capital(sentence)
+    if reason.detail:
+        return t("{sentence} ({detail})").format(sentence=sentence, detail=t(reason.detail))
+    return sentence
+
+
 def describe_event(event: Event, me: Role | None, names: dict[Role, str] | None = None) -> str | None:
     """One translated sentence about ``event`` for a window (None: nothing to show)."""
     def who(role: Role) -> str:
@@ -52,27 +98,27 @@ def describe_event(event: Event, me: Role | None, names: dict[Role, str] | None 
         return t("You granted {right}.").format(right=t(event.right.value))
     if mine and isinstance(event, RightDenied):
         return t("You refused {right}: {reason}").format(right=t(event.right.value),
-                                                          reason=event.reason)
+                                                          reason=t(event.reason))
     if mine and isinstance(event, RightRevoked):
         return t("You took back {right}: {reason}").format(right=t(event.right.value),
-                                                           reason=event.reason)
+                                                           reason=t(event.reason))
     if mine and isinstance(event, TermsAccepted):
         return t("You accepted the support terms.")
     if isinstance(event, RightGranted):
         return t("{who} granted {right}.").format(who=who(event.by), right=t(event.right.value))
     if isinstance(event, RightDenied):
         return t("{who} refused {right}: {reason}").format(
-            who=who(event.by), right=t(event.right.value), reason=event.reason)
+            who=who(event.by), right=t(event.right.value), reason=t(event.reason))
     if isinstance(event, RightRevoked):
         return t("{who} took back {right}: {reason}").format(
-            who=who(event.by), right=t(event.right.value), reason=event.reason)
+            who=who(event.by), right=t(event.right.value), reason=t(event.reason))
     if isinstance(event, EmergencyStopped):
-        return t("Emergency stop by {who}.").format(who=role_name(event.by, me, names))
+        return end_sentence(EndReason(EndCause.EMERGENCY_STOP, event.by.value), me, names)
     if isinstance(event, DirectionChanged):
         return t("{who} now shows the screen.").format(who=who(event.presenter))
     if isinstance(event, DirectionDenied):
         return t("{who} refused {right}: {reason}").format(
-            who=who(event.by), right=t("view"), reason=event.reason)
+            who=who(event.by), right=t("view"), reason=t(event.reason))
     if isinstance(event, Chat):
         if event.by is me:
             return t("You write: {text}").format(text=event.text)

@@ -8,7 +8,7 @@ unless ``--language de|en`` (or ``set_language``) says otherwise.
 
 from __future__ import annotations
 
-from PySide6.QtCore import QCoreApplication, QLocale, QTranslator
+from PySide6.QtCore import QCoreApplication, QLibraryInfo, QLocale, QTranslator
 
 CONTEXT = "hausmeister"
 
@@ -70,7 +70,37 @@ GERMAN: dict[str, str] = {
     "{who} granted {right}.": "{who} hat „{right}“ erlaubt.",
     "{who} refused {right}: {reason}": "{who} hat „{right}“ abgelehnt: {reason}",
     "{who} took back {right}: {reason}": "{who} hat „{right}“ zurückgenommen: {reason}",
-    "Emergency stop by {who}.": "Not-Aus durch {who}.",
+    "You pressed the emergency stop.": "Sie haben den Not-Aus ausgelöst.",
+    "{who} pressed the emergency stop.": "{who} hat den Not-Aus ausgelöst.",
+    "You ended the session.": "Sie haben die Sitzung beendet.",
+    "{who} ended the session.": "{who} hat die Sitzung beendet.",
+    "You declined the session.": "Sie haben die Sitzung abgelehnt.",
+    "{who} declined the session.": "{who} hat die Sitzung abgelehnt.",
+    "You withdrew the right to view.": "Sie haben das Recht zum Ansehen zurückgenommen.",
+    "{who} withdrew the right to view.": "{who} hat das Recht zum Ansehen zurückgenommen.",
+    "You did not reach the relay in time.": "Sie haben das Relay nicht rechtzeitig erreicht.",
+    "{who} did not reach the relay in time.": "{who} hat das Relay nicht rechtzeitig erreicht.",
+    "The connection was lost ({who}).": "Die Verbindung ist abgebrochen ({who}).",
+    "Error in the session ({who}).": "Fehler in der Sitzung ({who}).",
+    "The keys did not match (wrong ID or password).":
+        "Die Schlüssel passten nicht zusammen (falsche ID oder falsches Passwort).",
+    "Nothing happened for too long.": "Zu lange ist nichts geschehen.",
+    "Access was revoked.": "Der Zugang wurde entzogen.",
+    "The session protocol could not be written.":
+        "Das Sitzungsprotokoll konnte nicht geschrieben werden.",
+    "The required recording could not be made.":
+        "Die vorgeschriebene Aufzeichnung konnte nicht erstellt werden.",
+    "The server shut down.": "Der Server wurde beendet.",
+    "The server stopped unexpectedly.": "Der Server wurde unerwartet beendet.",
+    "The connection to the server was lost.": "Die Verbindung zum Server ist abgebrochen.",
+    "{sentence} ({detail})": "{sentence} ({detail})",
+    "the server": "der Server",
+    "the relay": "das Relay",
+    "emergency stop": "Not-Aus",
+    "revoked": "widerrufen",
+    "ended": "beendet",
+    "terms declined": "Bedingungen abgelehnt",
+    "terms not accepted in time": "Bedingungen nicht rechtzeitig angenommen",
     "You granted {right}.": "Sie haben „{right}“ erlaubt.",
     "You refused {right}: {reason}": "Sie haben „{right}“ abgelehnt: {reason}",
     "You took back {right}: {reason}": "Sie haben „{right}“ zurückgenommen: {reason}",
@@ -127,7 +157,7 @@ GERMAN: dict[str, str] = {
     "Request files": "Dateien anfragen",
     "Show my screen": "Meinen Bildschirm zeigen",
     "Send file ...": "Datei senden ...",
-    "Received files go to ...": "Empfangene Dateien nach ...",
+    "Folder for received files ...": "Ordner für empfangene Dateien ...",
     "Send keys": "Tasten senden",
     "Keys your own desktop would keep, sent to the remote screen (only while you have control)":
         "Tasten, die Ihr eigener Desktop für sich behielte, an den entfernten Bildschirm senden "
@@ -187,6 +217,7 @@ class CatalogueTranslator(QTranslator):
 
 
 _installed: CatalogueTranslator | None = None
+_qt_installed: QTranslator | None = None     # Qt's own (the standard dialogs' buttons)
 _language = "en"
 
 
@@ -196,15 +227,20 @@ def system_language() -> str:
 
 def install_translation(app, language: str | None = None) -> str:
     """Install the translator for ``language`` (None: the system locale); returns it."""
-    global _installed, _language
+    global _installed, _qt_installed, _language
     language = language or system_language()
     _language = language
-    if _installed is not None:
-        app.removeTranslator(_installed)
-        _installed = None
+    for translator in (_installed, _qt_installed):
+        if translator is not None:
+            app.removeTranslator(translator)
+    _installed = _qt_installed = None
     if language == "de":
         _installed = CatalogueTranslator(GERMAN, app)
         app.installTranslator(_installed)
+        qt_own = QTranslator(app)
+        if qt_own.load("qtbase_de", QLibraryInfo.path(QLibraryInfo.TranslationsPath)):
+            _qt_installed = qt_own
+            app.installTranslator(qt_own)
     return language
 
 
