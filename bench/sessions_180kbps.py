@@ -23,6 +23,14 @@ Set-up, all on 127.0.0.1:
   the load generator and the kernel add by themselves.  "Added" latency = relay percentile minus
   direct percentile.
 
+``--trace FILE`` (e.g. ``bench/traces/office_1080p.csv``, recorded with ``bench/screen_trace.py``)
+replaces the fixed chunks by a real screen session: every relay flow replays the trace's RFB
+writes — their sizes as the session channel puts them on the leg (a 4-byte mux frame header per
+16 KiB piece, 21 bytes per sealed record of at most 64 KiB) and their timing — looping, each flow
+from another offset so the sessions' bursts do not line up.  The trace's own mean rate is what
+each session carries (printed), unless ``--trace-rate-kbps`` stretches or compresses its time
+axis to another mean rate.  Each chunk then starts with its length.
+
 N goes up in ``--steps``; each step adds pairs, warms up, then measures ``--window`` seconds.  It
 stops when p99 added latency exceeds ``--max-p99-ms`` (5 ms), the relay's CPU is saturated,
 the relay no longer delivers the offered rate, or the load generator itself runs out of CPU.
@@ -33,6 +41,7 @@ Never fails on timing; exits 1 only if something is broken (misrouted bytes, ref
 from __future__ import annotations
 
 import argparse
+import heapq
 import os
 import resource
 import select
@@ -263,6 +272,175 @@ class Streamer:
         return {"lat": lat, "sent": sent, "max_lag": max_lag}
 
 
+
+# --- replaying a recorded screen session --------------------------------------------------------
+
+TRACE_HEADER = struct.Struct("<IdI")  # chunk length, send time, flow id
+MUX_PIECE, MUX_FRAME, RECORD_PAYLOAD, RECORD_OVERHEAD = 16384, 4, 65519, 21
+
+
+def wire_chunks(write_bytes: int) -> list[int]:
+    """What one RFB write becomes on a relay leg: sealed records of mux frames (sizes)."""
+    pieces = -(-write_bytes // MUX_PIECE)
+    payload = write_bytes + MUX_FRAME * pieces
+    out = []
+    while payload > 0:
+        part = min(payload, RECORD_PAYLOAD)
+        out.append(max(part + RECORD_OVERHEAD, TRACE_HEADER.size))
+        payload -= part
+    return out
+
+
+def load_trace(path: Path, rate_kbps: float | None) -> tuple[list[tuple[float, int]], float]:
+    """[(seconds since start, wire bytes)], duration in seconds — time-scaled if asked."""
+    events: list[tuple[float, int]] = []
+    duration = 0.0
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line.startswith("# duration_s="):
+            duration = float(line.split("=", 1)[1])
+        if not line or line.startswith("#") or line.startswith("ms,"):
+            continue
+        ms, n = line.split(",")
+        for size in wire_chunks(int(n)):
+            events.append((float(ms) / 1000, size))
+    if not events:
+        raise SystemExit(f"{path}: no writes in the trace")
+    duration = max(duration, events[-1][0] + 0.001)
+    if rate_kbps:
+        scale = sum(n for _, n in events) * 8 / duration / (rate_kbps * 1000)
+        events = [(t * scale, n) for t, n in events]
+        duration *= scale
+    return events, duration
+
+
+class TraceStreamer(Streamer):
+    """Every flow replays the trace, looping, from its own offset."""
+
+    def __init__(self, events: list[tuple[float, int]], duration: float) -> None:
+        super().__init__(TRACE_HEADER.size, 8)
+        self.events = events
+        self.duration = duration
+        self.mean_chunk = sum(n for _, n in events) / len(events)
+        self.period = duration / len(events)  # mean seconds between two chunks of one flow
+        self.pads = {}
+        self.heap: list[tuple[float, int, int]] = []  # (due, flow index, event index)
+        self.t0 = time.perf_counter()
+        self.sent_bytes = {"relay": 0, "direct": 0}
+        self.received_bytes = {"relay": 0, "direct": 0}
+        self.loops: dict[int, list[float]] = {}  # flow index -> [start time of its current loop]
+
+    def add(self, flow: Flow) -> None:
+        super().add(flow)
+        index = len(self.flows) - 1
+        # spread the flows' offsets over the trace (golden ratio: no two flows line up)
+        offset = ((index * 0.6180339887) % 1.0) * self.duration
+        events, start = self.events, 0
+        while start < len(events) and events[start][0] < offset:
+            start += 1
+        if start == len(events):
+            start = 0
+        now = time.perf_counter()
+        loop_t0 = now - (events[start][0] if start else 0.0)
+        self.loops[index] = [loop_t0]
+        heapq.heappush(self.heap, (loop_t0 + events[start][0], index, start))
+
+    def _chunk(self, size: int, fid: int) -> bytes:
+        pad = self.pads.get(size)
+        if pad is None:
+            pad = self.pads[size] = bytes(size - TRACE_HEADER.size)
+        return TRACE_HEADER.pack(size, time.perf_counter(), fid) + pad
+
+    def _receive(self, flow: Flow, lat: dict[str, array], window_start: float) -> None:
+        rx = flow.rx
+        buf = flow.buf
+        while True:
+            try:
+                data = rx.recv(262144)
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
+                return
+            except (ssl.SSLError, OSError):
+                data = b""
+            if not data:
+                self.closed_by_peer += 1
+                self.ep.unregister(rx.fileno())
+                del self.by_fd[rx.fileno()]
+                return
+            now = time.perf_counter()
+            buf += data
+            pos, end = 0, len(buf)
+            unpack = TRACE_HEADER.unpack_from
+            samples = lat[flow.kind]
+            while end - pos >= TRACE_HEADER.size:
+                size, sent, got = unpack(buf, pos)
+                if size < TRACE_HEADER.size or end - pos < size:
+                    break
+                if got != flow.fid:
+                    self.misrouted += 1
+                elif sent >= window_start:
+                    samples.append(now - sent)
+                    self.received_bytes[flow.kind] += size
+                pos += size
+                flow.received += 1
+            if pos:
+                del buf[:pos]
+            if not rx.pending():
+                return
+
+    def run(self, seconds: float, window_start: float, send: bool = True) -> dict:
+        lat = {"relay": array("d"), "direct": array("d")}
+        flows, events, heap = self.flows, self.events, self.heap
+        n_events = len(events)
+        t_end = time.perf_counter() + seconds
+        by_fd, poll, receive = self.by_fd, self.ep.poll, self._receive
+        loops = self.loops
+        sent = 0
+        max_lag = 0.0
+        pop, push = heapq.heappop, heapq.heappush
+        while True:
+            now = time.perf_counter()
+            if now >= t_end:
+                break
+            if send and heap:
+                while heap and heap[0][0] <= now:
+                    due, index, ev = pop(heap)
+                    lag = now - due
+                    if lag > max_lag:
+                        max_lag = lag
+                    flow = flows[index]
+                    size = events[ev][1]
+                    data = flow.pending if flow.pending is not None else self._chunk(size, flow.fid)
+                    try:
+                        flow.tx.send(data)
+                        flow.pending = None
+                        if due >= window_start:
+                            self.sent_bytes[flow.kind] += size
+                    except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError):
+                        flow.pending = data
+                        self.blocked_sends += 1
+                    sent += 1
+                    ev += 1
+                    state = loops[index]
+                    if ev == n_events:
+                        ev = 0
+                        state[0] += self.duration
+                    push(heap, (state[0] + events[ev][0], index, ev))
+                wait = max(0.0, min(heap[0][0] if heap else t_end, t_end) - time.perf_counter())
+            else:
+                # not sending: shift every schedule so nothing is due in a burst afterwards
+                wait = max(0.0, t_end - now)
+            for fd, _ev in poll(min(wait, 0.05)):
+                flow = by_fd.get(fd)
+                if flow is not None:
+                    receive(flow, lat, window_start)
+        if not send:
+            shift = seconds
+            self.heap = [(due + shift, i, ev) for due, i, ev in heap]
+            heapq.heapify(self.heap)
+            for state in loops.values():
+                state[0] += shift
+        return {"lat": lat, "sent": sent, "max_lag": max_lag}
+
 def rusage_cpu() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
@@ -280,6 +458,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="bytes per chunk (default 1024: ~22 chunks/s per flow at 180 kb/s)")
     p.add_argument("--rate-kbps", type=float, default=180.0,
                    help="kilobits per second per flow (default 180)")
+    p.add_argument("--trace", type=Path, metavar="CSV",
+                   help="replay a recorded screen session (bench/screen_trace.py) instead of "
+                        "fixed chunks, e.g. bench/traces/office_1080p.csv")
+    p.add_argument("--trace-rate-kbps", type=float, default=None,
+                   help="with --trace: scale the trace's time axis to this mean rate per flow "
+                        "(default: the rate recorded)")
     p.add_argument("--duplex", action="store_true",
                    help="stream the rate in both directions of each session (default: peer -> "
                         "supporter only)")
@@ -320,10 +504,30 @@ def main(argv: list[str] | None = None) -> int:
     print(f"relay pinned: {'taskset -c ' + args.relay_cpus if relay_pin else 'no'}; "
           f"load generator pinned: {'CPU ' + args.loadgen_cpus if loadgen_pinned else 'no'}")
     per_flow = rate_bits / 8
-    print(f"each session: {args.rate_kbps:g} kb/s = {per_flow:,.0f} B/s "
-          f"{'each way' if args.duplex else 'peer -> supporter'}, {args.chunk}-byte chunks "
-          f"({per_flow / args.chunk:.1f} chunks/s per flow); window {args.window:g} s after "
-          f"{args.warmup:g} s warm-up; {args.probes} direct probe flows")
+    trace = None
+    if args.trace:
+        if not args.trace.is_file():
+            p.error(f"--trace {args.trace}: no such file (record one with bench/screen_trace.py)")
+        trace = load_trace(args.trace, args.trace_rate_kbps)
+        events, duration = trace
+        trace_bytes = sum(n for _, n in events)
+        per_flow = trace_bytes / duration
+        args.rate_kbps = per_flow * 8 / 1000
+        args.chunk = round(trace_bytes / len(events))
+        sizes = sorted(n for _, n in events)
+        print(f"each session replays {args.trace.name}: {len(events)} chunks in {duration:.1f} s "
+              f"(looped), mean {args.rate_kbps:.1f} kb/s = {per_flow:,.0f} B/s "
+              f"{'each way' if args.duplex else 'peer -> supporter'}, "
+              f"{len(events) / duration:.1f} chunks/s per flow, chunk bytes median "
+              f"{sizes[len(sizes) // 2]}, p90 {sizes[int(len(sizes) * 0.9)]}, max {sizes[-1]}; "
+              f"window {args.window:g} s after {args.warmup:g} s warm-up; {args.probes} direct "
+              "probe flows (same trace)")
+    else:
+        print(f"each session: {args.rate_kbps:g} kb/s = {per_flow:,.0f} B/s "
+              f"{'each way' if args.duplex else 'peer -> supporter'}, {args.chunk}-byte chunks "
+              f"({per_flow / args.chunk:.1f} chunks/s per flow); window {args.window:g} s after "
+              f"{args.warmup:g} s warm-up; {args.probes} direct probe flows")
+    args.chunks_per_flow = per_flow / args.chunk
 
     results: list[dict] = []
     broken = False
@@ -336,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"relay process pid {relay.pid} on 127.0.0.1:{port}, affinity "
               f"{sorted(os.sched_getaffinity(relay.pid))}")
         ctx = client_context(srv.ca_pem)
-        streamer = Streamer(args.chunk, rate_bits)
+        streamer = TraceStreamer(*trace) if trace else Streamer(args.chunk, rate_bits)
         relay_core = single_cpu(os.sched_getaffinity(relay.pid))
         gen_core = single_cpu(os.sched_getaffinity(0))
         direct = DirectServer(config.server.cert_dir)
@@ -481,8 +685,10 @@ def report(results: list[dict], args, directions: int) -> None:
     best = max(ok, key=lambda r: r["N"]) if ok else None
     target = 3000
     mode = "each way" if args.duplex else "one way"
+    if args.trace:
+        mode += f", replaying {args.trace.name}"
     last = kept[-1]
-    chunks_per_session = directions * args.rate_kbps * 1000 / 8 / args.chunk
+    chunks_per_session = directions * args.chunks_per_flow
     busiest = max(kept, key=lambda r: r["relay_cpu"])
     if busiest["relay_cpu"] > 20:
         cap = 1e6 / (busiest["us_chunk"] * chunks_per_session)

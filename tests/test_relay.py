@@ -212,9 +212,10 @@ def _is_error(box: dict | None, code: bytes = b"RELAY_REFUSED") -> bool:
 
 # --- bytes flow -------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("record_splice", [True, False], ids=["record-splice", "twisted-tls"])
 @pytest_twisted.ensureDeferred
-async def test_bytes_flow_both_ways_with_counters_and_early_bytes(relay_factory):
-    r = relay_factory()
+async def test_bytes_flow_both_ways_with_counters_and_early_bytes(relay_factory, record_splice):
+    r = relay_factory(record_splice=record_splice)
     sid, sup_token, peer_token = r.session_tokens()
     early = b"sent in the same packet as the command"
     supporter, answer = await r.leg(sup_token, early=early)
@@ -232,6 +233,9 @@ async def test_bytes_flow_both_ways_with_counters_and_early_bytes(relay_factory)
     assert bytes(peer.received) == early + to_peer
     assert bytes(supporter.received) == to_supporter
     session = r.relay.sessions[sid]
+    # the paired legs' records went through record_splice (or, switched off, Twisted's TLS)
+    assert r.relay.spliced_sessions == int(record_splice)
+    assert all((leg.splice is not None) == record_splice for leg in session.legs.values())
     assert session.legs["supporter"].bytes_forwarded == len(early) + len(to_peer)
     assert session.legs["peer"].bytes_forwarded == len(to_supporter)
 
@@ -452,6 +456,7 @@ async def test_a_peer_that_stops_reading_pauses_the_sender_and_keeps_memory_boun
         held.append(_outgoing_bytes(peer_leg.transport))
         await sleep(0.01)
 
+    assert sup_leg.splice is not None  # back-pressure holds on the fast path too
     assert sup_leg.pause_count >= 1
     assert not sup_leg._reading  # the relay stopped reading from the supporter
     # what the relay holds for the peer: its transport's buffer plus at most one read

@@ -48,6 +48,7 @@ from zope.interface import implementer
 
 from protocol.session_end import EndCause, EndReason
 
+from . import record_splice
 from .errors import InvalidToken, RelayRefusedError
 from .tokens import RelayTokens, TokenClaims
 
@@ -144,7 +145,7 @@ class RelayLeg:
     transport: the partner's transport pauses it when it cannot send fast enough."""
 
     def __init__(self, relay: "Relay", session: "_RelaySession", claims: TokenClaims,
-                 transport: Any, peer_address: str) -> None:
+                 transport: Any, peer_address: str, splice_ok: bool = False) -> None:
         self.relay = relay
         self.session = session
         self.session_id = claims.session_id
@@ -167,6 +168,10 @@ class RelayLeg:
         self._throttled = False  # paused because the partner's transport is full
         self._reading = True
         self._abort_call = None
+        #: the glue delivers our bytes only through ``data_received`` (nothing held back), so
+        #: the fast path may read this leg's socket itself once paired (``record_splice``)
+        self.splice_ok = splice_ok
+        self.splice: record_splice.SpliceSide | None = None
 
     def __repr__(self) -> str:
         return f"<RelayLeg {self.session_id} {self.side} from {self.peer_address}>"
@@ -259,6 +264,8 @@ class RelayLeg:
         self.closed = True
         self._write = None
         self._pending = None
+        if self.splice is not None:
+            self.splice.detach()  # closing goes Twisted's way (close_notify, flush, abort)
         if self.lost:
             return
         transport = self.transport
@@ -306,7 +313,7 @@ class Relay:
                  on_ended: Callable[[SessionStats], None] | None = None,
                  max_pending: int = MAX_PENDING, pause_pending: int = PAUSE_PENDING,
                  close_grace: float = 10.0, leg_buffer_bytes: int | None = LEG_BUFFER_BYTES,
-                 tls_write_aggregation: bool = False) -> None:
+                 tls_write_aggregation: bool = False, record_splice: bool = True) -> None:
         self.tokens = tokens
         self.reactor = reactor
         self.seconds = reactor.seconds
@@ -318,6 +325,9 @@ class Relay:
         self.close_grace = close_grace
         self.tls_write_aggregation = tls_write_aggregation
         self.leg_buffer_bytes = leg_buffer_bytes
+        #: move records of paired legs in C calls (``record_splice``) where the glue allows it
+        self.record_splice = record_splice and not tls_write_aggregation
+        self.spliced_sessions = 0  # how many sessions went on the fast path (tests, benchmarks)
         self.sessions: dict[str, _RelaySession] = {}
         self.accepting = True
         self._used_nonces: dict[str, float] = {}
@@ -326,8 +336,13 @@ class Relay:
 
     # --- the glue's entry point -------------------------------------------------------------
 
-    def open_leg(self, token: str, transport: Any, peer_address: str) -> RelayLeg:
-        """Admit ``transport`` as a relay leg, or raise ``RelayRefusedError`` (logged here)."""
+    def open_leg(self, token: str, transport: Any, peer_address: str,
+                 splice_ok: bool = False) -> RelayLeg:
+        """Admit ``transport`` as a relay leg, or raise ``RelayRefusedError`` (logged here).
+
+        ``splice_ok``: the glue passes every byte after the answer straight to
+        ``data_received`` (nothing held back for a later turn), so once paired the relay may
+        read the leg's socket itself (``record_splice``)."""
         self._expire_memory()
         try:
             claims = self.tokens.verify(token)
@@ -341,7 +356,7 @@ class Relay:
             raise
         self._remember(claims.expires_at, "nonce", claims.nonce)
         self._used_nonces[claims.nonce] = claims.expires_at
-        leg = RelayLeg(self, session, claims, transport, peer_address)
+        leg = RelayLeg(self, session, claims, transport, peer_address, splice_ok)
         tune_leg_transport(transport, self.leg_buffer_bytes, self.tls_write_aggregation)
         session.legs[claims.side] = leg
         partner = session.legs.get(PARTNER[claims.side])
@@ -395,8 +410,13 @@ class Relay:
                  second_address=arriving.peer_address)
 
     def _activate(self, session: _RelaySession, leg: RelayLeg) -> None:
-        if not session.ended:
-            leg._start_splicing()
+        if session.ended:
+            return
+        leg._start_splicing()
+        partner = leg.partner
+        if (self.record_splice and leg.splice_ok and partner is not None and partner.splice_ok
+                and not session.ended and record_splice.attach_pair(leg, partner)):
+            self.spliced_sessions += 1
 
     def _pair_timed_out(self, session: _RelaySession) -> None:
         session.pair_timer = None

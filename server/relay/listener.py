@@ -96,7 +96,8 @@ class RelayLegProtocol(protocol.Protocol):
             return
         token = box.get(b"relay_token", b"").decode("utf-8", "replace")
         try:
-            leg = self.relay.open_leg(token, self.transport, self.address)
+            # splice_ok: every later byte goes straight to the leg (``dataReceived`` above)
+            leg = self.relay.open_leg(token, self.transport, self.address, splice_ok=True)
         except RelayRefusedError as exc:  # logged by the relay with session, side and address
             self.transport.write(encode_box({b"_error": tag, b"_error_code": RelayRefused.code,
                                              b"_error_description": exc.reason.encode("utf-8")}))

@@ -6,7 +6,7 @@ Usage: python -m tests.helpers.relay_tap CAPTURE_FILE -c CONFIG run --role relay
 
 import sys
 
-from server.relay import core
+from server.relay import core, record_splice
 
 
 def main() -> int:
@@ -17,6 +17,7 @@ def main() -> int:
         capture.write(data)
         original(self, data)
     core.RelayLeg.data_received = tapped
+    record_splice.observer = capture.write  # the fast path of paired legs
     from server.cli import main as server_main
     return server_main(sys.argv[2:])
 
