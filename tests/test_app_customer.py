@@ -24,6 +24,10 @@ from .test_e2e_brokering import wait_until
 pytestmark = pytest.mark.e2e
 
 
+def t_pause(language: str) -> str:
+    return {"en": "Pause screen", "de": "Bildschirm anhalten"}[language]
+
+
 def ended_lines(srv) -> list[dict]:
     lines = []
     for path in sorted((srv.data_dir / "protocols").rglob("*.jsonl")):
@@ -137,6 +141,16 @@ async def test_customer_app_consents_and_stops(qt_app, running_server, enrolled_
             assert not (inbox / small.name).exists()
         for dialog in (first, second):
             dialog.close_button.click()
+        # the pause button on the bar (issue 16 §2): a thin call into the session core
+        window.bar.pause_button.click()
+        await until(lambda: "The customer paused the screen" in supporter.stderr,
+                    what="the supporter's paused line")
+        await until(lambda: window.bar.pause_button.text() != t_pause(language),
+                    what="the button's resume text")
+        screenshot(window.bar, f"customer-sharing-bar-paused-{language}")
+        window.bar.pause_button.click()
+        await until(lambda: "The customer resumed the screen" in supporter.stderr,
+                    what="the supporter's resumed line")
         if language == "en":
             window.bar.stop_button.click()      # the big red button
         else:                                   # Ctrl+F12 on the X display (grabbed there)

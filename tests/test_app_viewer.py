@@ -68,3 +68,24 @@ def test_nothing_goes_out_without_control(qt_app):  # noqa: F811
     QTest.mouseClick(widget, Qt.LeftButton, Qt.NoModifier, QPoint(10, 10))
     assert events == []
     widget.close()
+
+
+def test_paused_mark_keeps_the_last_picture(qt_app):  # noqa: F811
+    """Issue 16 §2: while the other side paused its screen the picture stays, dimmed, with a
+    mark saying so (screenshot in test-artifacts)."""
+    from .fixtures_qt import screenshot
+    widget = make_widget([])
+    widget.resize(1280, 800)
+    qt_app.processEvents()
+    widget.set_paused("Angehalten von Anna Kundin: Das letzte Bild bleibt stehen, bis es weitergeht.")
+    qt_app.processEvents()
+    path = screenshot(widget, "viewer-paused-de")
+    image = widget.grab().toImage()
+    picture, band = image.pixelColor(640, 100), image.pixelColor(640, 380)
+    assert 60 < picture.red() < 200                        # the picture, dimmed, still there
+    assert (band.red(), band.green()) == (255, 243)        # the mark's band
+    widget.set_paused(None)
+    qt_app.processEvents()
+    assert widget.grab().toImage().pixelColor(640, 100).red() == 200
+    assert path.exists()
+    widget.close()

@@ -420,6 +420,57 @@ def test_crossing_direction_requests_and_stale_messages_settle_on_one_direction(
     assert pair.peer.state.handle({"type": "revoke", "right": "view", "epoch": 0}) == Outcome([], [])
 
 
+def test_screen_streams_switch_at_the_grant_and_the_ack():
+    """Issue 16 §3: SCREEN bytes from before a change that arrive after it are told apart: each
+    side's stream switches epochs where it sent direction_grant or direction_ack."""
+    for asker in ("viewer", "presenter", "both"):
+        pair = adhoc()
+        supporter, customer = pair.supporter.state, pair.peer.state
+        if asker in ("viewer", "both"):
+            pair.supporter.take(supporter.request_direction())
+        if asker in ("presenter", "both"):
+            pair.peer.take(customer.request_direction())
+        if asker == "presenter":
+            pair.deliver(pair.peer)
+            pair.supporter.take(supporter.answer(pair.supporter.events[-1], True))
+            # the supporter shows now; the customer's old screen bytes are still coming
+            assert supporter.epoch == 1 and not supporter.screen_in_step
+        else:
+            pair.deliver(pair.supporter)
+            if asker == "viewer":   # the customer swapped at once; the supporter's stream is old
+                assert customer.epoch == 1 and not customer.screen_in_step
+        pair.flush()
+        for side in (supporter, customer):
+            assert side.epoch == 1 and side.screen_in_step, asker
+        assert supporter.is_presenter
+
+
+def test_pause_and_resume_by_the_side_that_shows():
+    pair = adhoc()
+    ask_and_answer(pair, Right.VIEW, True)
+    supporter, customer = pair.supporter.state, pair.peer.state
+    with pytest.raises(ConsentUsageError, match="only the side that shows"):
+        supporter.pause()
+    pair.peer.take(customer.pause())
+    assert customer.pause() == Outcome([], [])          # paused already: nothing
+    pair.flush()
+    assert supporter.paused and customer.paused
+    assert pair.supporter.kinds()[-1] == pair.peer.kinds()[-1] == "screen_paused"
+    assert pair.supporter.events[-1].detail() == {"by": "customer"}
+    with pytest.raises(ConsentError, match="paused already"):
+        supporter.handle({"type": "pause", "epoch": 0})
+    with pytest.raises(ConsentError, match="sent to the side that shows"):
+        customer.handle({"type": "resume", "epoch": 0})
+    pair.peer.take(customer.resume())
+    pair.flush()
+    assert not supporter.paused and pair.supporter.kinds()[-1] == "screen_resumed"
+    # a direction change ends a pause
+    pair.peer.take(customer.pause())
+    pair.supporter.take(supporter.request_direction())
+    pair.flush()
+    assert not supporter.paused and not customer.paused and supporter.is_presenter
+
+
 def test_host_policy_decides_instead_of_a_person():
     pair = host({"view": "allow", "control": "allow", "files": "deny"})
     for right in Right:

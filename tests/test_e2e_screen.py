@@ -6,6 +6,7 @@ client attached to the supporter's --vnc-listen port gets a correct picture.
 from __future__ import annotations
 
 import re
+import signal
 import subprocess
 import time
 
@@ -18,7 +19,7 @@ from .fixtures_x11 import require, xvfb  # noqa: F401 - fixture
 from .module_process import ModuleProcess
 from .fixtures_server import free_port
 from .test_e2e_brokering import wait_until
-from .test_e2e_sessions import MARKER, world  # noqa: F401 - fixture
+from .test_e2e_sessions import MARKER, protocol_events, world  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.e2e
 
@@ -92,6 +93,28 @@ def test_supporter_sees_and_controls_the_host_screen(world, xvfb, tmp_path):  # 
         wait_until(lambda: clipboard_out.exists() and
                    clipboard_out.read_text(encoding="utf-8") == TO_SUPPORTER,
                    timeout=20, what="the host's clipboard at the supporter")
+        # Pause (issue 16 §2): Ctrl+Z at the host stops the screen; the supporter keeps the last
+        # picture, and nothing at all crosses the relay while the host's screen changes.
+        relayed = w["capture"]
+        host.proc.send_signal(signal.SIGTSTP)
+        supporter.wait_for_line("The host paused the screen; the last picture stays")
+        host.wait_for_line("You paused the screen")
+        before = relayed.stat().st_size
+        xvfb.xterm("while-paused", geometry="30x8+600+450", bg="red")
+        time.sleep(1.5)   # a 30-fps screen would have sent ~45 updates by now
+        assert relayed.stat().st_size == before, "bytes crossed the relay during the pause"
+        held = tmp_path / "held.jpg"
+        subprocess.run(["timeout", "30", require("vncsnapshot"), "-quality", "95",
+                        f"127.0.0.1::{vnc_port}", str(held)], check=True, capture_output=True)
+        red = np.array([255, 0, 0])
+        assert np.abs(screen_of(xvfb.name)[500, 700] - red).sum() < 30        # on the host ...
+        assert np.abs(np.asarray(Image.open(held).convert("RGB"))[500, 700].astype(int)
+                      - red).sum() > 200                                       # ... not shown
+        assert relayed.stat().st_size == before
+        host.proc.send_signal(signal.SIGTSTP)
+        supporter.wait_for_line("The host resumed the screen")
+        wait_until(lambda: relayed.stat().st_size > before + 1000, timeout=20,
+                   what="screen updates after the resume")
         supporter.close_stdin()
         assert supporter.wait(timeout=30) == 0
         assert host.wait(timeout=30) == 0
@@ -100,6 +123,9 @@ def test_supporter_sees_and_controls_the_host_screen(world, xvfb, tmp_path):  # 
         if supporter:
             supporter.stop()
     assert MARKER not in w["capture"].read_bytes()
+    kinds = [(e["kind"], e["detail"].get("by")) for e in protocol_events(w["srv"])]
+    assert kinds.count(("screen_paused", "host")) == 1      # both report it: one line
+    assert kinds.count(("screen_resumed", "host")) == 1
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)

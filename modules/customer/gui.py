@@ -53,7 +53,7 @@ def find_server_config(explicit: str | None = None) -> str | None:
 class SharingBar(QWidget):
     """Always on top while the screen is seen or controlled: who, and the emergency stop."""
 
-    def __init__(self, stop) -> None:
+    def __init__(self, stop, toggle_pause=None) -> None:
         super().__init__(None, Qt.Window | Qt.WindowStaysOnTopHint | Qt.FramelessWindowHint
                          | Qt.Tool)
         self.setObjectName("sharing-bar")
@@ -68,8 +68,12 @@ class SharingBar(QWidget):
         self.stop_button = QPushButton(t("EMERGENCY STOP"))
         self.stop_button.setStyleSheet(RED_BUTTON)
         self.stop_button.clicked.connect(stop)
+        self.pause_button = QPushButton(t("Pause screen"))
+        if toggle_pause is not None:
+            self.pause_button.clicked.connect(toggle_pause)
+        layout.addWidget(self.pause_button)
         layout.addWidget(self.stop_button)
-        self.resize(720, 64)
+        self.resize(820, 64)
 
     def show_text(self, text: str) -> None:
         self.label.setText(text)
@@ -101,6 +105,7 @@ class CustomerWindow(QMainWindow, SessionDelegate):
         self.end_text: str | None = None
         self.file_dialogs: dict[str, FileOfferDialog] = {}   # transfer id → its dialog
         self.bar = SharingBar(self.emergency_stop)
+        self.bar = SharingBar(self.emergency_stop, self.toggle_pause)
         self._build()
         QShortcut(QKeySequence("Ctrl+F12"), self, activated=self.emergency_stop,
                   context=Qt.ApplicationShortcut)
@@ -271,6 +276,10 @@ class CustomerWindow(QMainWindow, SessionDelegate):
         if self.runner is not None and not self.runner.done.called:
             self.runner.end_session()
 
+    def toggle_pause(self) -> None:
+        if self.runner is not None and not self.runner.done.called:
+            self.runner.toggle_pause()
+
     def send_chat(self) -> None:
         text = self.chat_field.text().strip()
         if text and self.runner is not None and self.runner.chat(text):
@@ -291,7 +300,11 @@ class CustomerWindow(QMainWindow, SessionDelegate):
             return
         granted = runner.consent.granted
         who = self.supporter or t("the supporter")
-        if Right.CONTROL in granted:
+        self.bar.pause_button.setText(t("Resume screen") if runner.consent.paused
+                                      else t("Pause screen"))
+        if runner.consent.paused and Right.VIEW in granted:
+            self.bar.show_text(t("Screen paused: {who} sees the last picture").format(who=who))
+        elif Right.CONTROL in granted:
             self.bar.show_text(t("{who} is controlling your screen").format(who=who))
         elif Right.VIEW in granted:
             self.bar.show_text(t("{who} is viewing your screen").format(who=who))

@@ -57,7 +57,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         def on_change() -> None:
             runner = service.runner
-            stops.session(runner.emergency_stop if runner is not None else None)
+            stops.session(runner.emergency_stop if runner is not None else None,
+                          runner.toggle_pause if runner is not None else None)
 
         service = HostService(
             reactor, folder, make_ui=lambda: consent_ui(args, Role.HOST),

@@ -72,6 +72,9 @@ class HostWindow(QMainWindow, SessionDelegate):
         self.stop_button.setStyleSheet(RED_BUTTON)
         self.stop_button.clicked.connect(self.emergency_stop)
         layout.addWidget(self.stop_button)
+        self.pause_button = QPushButton()
+        self.pause_button.clicked.connect(self.toggle_pause)
+        layout.addWidget(self.pause_button)
         self.policy_box = QGroupBox()
         form = QFormLayout(self.policy_box)
         self.policy_fields: dict[str, QComboBox] = {}
@@ -151,6 +154,10 @@ class HostWindow(QMainWindow, SessionDelegate):
         self.rights_label.setText(t("Rights: {rights}").format(
             rights=", ".join(t(r.value) for r in granted) if granted else t("none")))
         self.stop_button.setEnabled(runner is not None and not runner.done.called)
+        showing = runner is not None and not runner.done.called and runner.consent.is_presenter
+        self.pause_button.setEnabled(showing and runner.consent.terms_accepted)
+        self.pause_button.setText(t("Resume screen") if showing and runner.consent.paused
+                                  else t("Pause screen"))
         if offer is None:
             self.code_label.setText("")
         policy = service.policy
@@ -190,6 +197,11 @@ class HostWindow(QMainWindow, SessionDelegate):
         runner = self.service.runner
         if runner is not None and not runner.done.called:
             runner.emergency_stop()
+
+    def toggle_pause(self) -> None:
+        runner = self.service.runner
+        if runner is not None and not runner.done.called:
+            runner.toggle_pause()
 
     def set_password(self, password: str | None = None) -> bool:
         from ..common.session.channel import new_host_secret

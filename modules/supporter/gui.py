@@ -80,6 +80,7 @@ class SessionTab(QWidget, SessionDelegate):
         self.title = title
         self.runner = None
         self.task: defer.Deferred | None = None
+        self.peer_name = peer_name
         self.viewer: FramebufferWidget | None = None
         self.started = time.monotonic()
         self.end_text: str | None = None
@@ -315,7 +316,8 @@ class SessionTab(QWidget, SessionDelegate):
             lambda: screen.protocol.framebuffer, self.runner.pointer, self.runner.key,
             self._control_held)
         self.waiting.hide()
-        self.screen_layout.addWidget(scrollable(self.viewer))
+        self.viewer_area = scrollable(self.viewer)
+        self.screen_layout.addWidget(self.viewer_area)
         self.viewer.set_fit(self.fit.isChecked())
         self.viewer.setFocus()
         self._refresh()
@@ -323,6 +325,19 @@ class SessionTab(QWidget, SessionDelegate):
     def screen_updated(self, rects) -> None:
         if self.viewer is not None:
             self.viewer.screen_changed(rects)
+
+    def screen_paused(self, paused: bool) -> None:
+        if self.viewer is not None and not self.runner.consent.is_presenter:
+            who = self.peer_name
+            self.viewer.set_paused(t("Paused by {who}: the last picture stays until the screen "
+                                     "is resumed.").format(who=who) if paused else None)
+
+    def remote_screen_closed(self) -> None:
+        if self.viewer is not None:   # the direction changed: the new screen comes anew
+            self.viewer_area.setParent(None)
+            self.viewer_area.deleteLater()
+            self.viewer = None
+            self.waiting.show()
 
     def remote_clipboard(self, text: str) -> None:
         self._from_remote = text

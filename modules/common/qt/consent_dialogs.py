@@ -19,7 +19,8 @@ from protocol.session_end import EndCause, EndReason
 
 from modules.common.session.consent import (
     Chat, Comment, DirectionChanged, DirectionDenied, EmergencyStopped, Event, IConsentUI, Right,
-    RightDenied, RightGranted, RightRevoked, Role, SessionEnded, TermsAccepted,
+    RightDenied, RightGranted, RightRevoked, Role, ScreenPaused, ScreenResumed, SessionEnded,
+    TermsAccepted,
 )
 from .i18n import t
 
@@ -116,6 +117,12 @@ def describe_event(event: Event, me: Role | None, names: dict[Role, str] | None 
         return end_sentence(EndReason(EndCause.EMERGENCY_STOP, event.by.value), me, names)
     if isinstance(event, DirectionChanged):
         return t("{who} now shows the screen.").format(who=who(event.presenter))
+    if isinstance(event, ScreenPaused):
+        return (t("You paused the screen: the other side sees the last picture.") if mine else
+                t("{who} paused the screen.").format(who=who(event.by)))
+    if isinstance(event, ScreenResumed):
+        return (t("You resumed the screen.") if mine else
+                t("{who} resumed the screen.").format(who=who(event.by)))
     if isinstance(event, DirectionDenied):
         return t("{who} refused {right}: {reason}").format(
             who=who(event.by), right=t("view"), reason=t(event.reason))

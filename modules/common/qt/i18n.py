@@ -108,6 +108,17 @@ GERMAN: dict[str, str] = {
     "{who} now shows the screen.": "{who} zeigt jetzt den Bildschirm.",
     "The customer accepted the support terms.": "Der Kunde hat die Support-Bedingungen angenommen.",
     "{who} is viewing your screen": "{who} sieht Ihren Bildschirm",
+    "Pause screen": "Bildschirm anhalten",
+    "Resume screen": "Bildschirm fortsetzen",
+    "You paused the screen: the other side sees the last picture.":
+        "Sie haben den Bildschirm angehalten: Die Gegenseite sieht das letzte Bild.",
+    "You resumed the screen.": "Sie zeigen den Bildschirm wieder.",
+    "{who} paused the screen.": "{who} hat den Bildschirm angehalten.",
+    "{who} resumed the screen.": "{who} zeigt den Bildschirm wieder.",
+    "Paused by {who}: the last picture stays until the screen is resumed.":
+        "Angehalten von {who}: Das letzte Bild bleibt stehen, bis es weitergeht.",
+    "Screen paused: {who} sees the last picture":
+        "Bildschirm angehalten: {who} sieht das letzte Bild",
     "{who} is controlling your screen": "{who} steuert Ihren Bildschirm",
     # customer app
     "Get help from your supporter": "Hilfe von Ihrem Supporter",

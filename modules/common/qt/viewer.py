@@ -1,7 +1,8 @@
 """The remote screen in a widget: the RFB client's framebuffer drawn as updates arrive, fit to
 the window or 1:1 (in a scroll area), with the mouse (buttons, wheel) and the keyboard
 forwarded as RFB events.  Whether input may go out is the session's business (the presenter
-enforces *control*); the widget forwards only while ``input_enabled`` says so."""
+enforces *control*); the widget forwards only while ``input_enabled`` says so.  While the other
+side has paused its screen the last picture stays, dimmed, with a mark (``set_paused``)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any, Callable
 
 import numpy as np
 from PySide6.QtCore import QRect, QSize, Qt
-from PySide6.QtGui import QImage, QPainter
+from PySide6.QtGui import QColor, QImage, QPainter
 from PySide6.QtWidgets import QScrollArea, QSizePolicy, QWidget
 
 SPECIAL_KEYS = {
@@ -70,6 +71,7 @@ class FramebufferWidget(QWidget):
         self._mask = 0
         self._pressed: dict[int, int] = {}   # native scan code → keysym sent for it
         self.frames_painted = 0
+        self.paused_text: str | None = None
         self.setFocusPolicy(Qt.StrongFocus)
         self.setMouseTracking(True)
         self.setAttribute(Qt.WA_OpaquePaintEvent, True)
@@ -102,6 +104,11 @@ class FramebufferWidget(QWidget):
         return QRect((self.width() - scaled.width()) // 2, (self.height() - scaled.height()) // 2,
                      scaled.width(), scaled.height())
 
+    def set_paused(self, text: str | None) -> None:
+        """Mark the picture as paused with ``text`` (translated by the caller), or unmark it."""
+        self.paused_text = text
+        self.update()
+
     def screen_changed(self, rects=None) -> None:
         """New pixels arrived (``rects``: remote (x, y, w, h) areas; None: everything)."""
         if not self.fit and self.size() != self.remote_size():
@@ -123,7 +130,22 @@ class FramebufferWidget(QWidget):
             painter.setRenderHint(QPainter.SmoothPixmapTransform, self.fit)
             painter.drawImage(self._target(), image)
             self.frames_painted += 1
+        if self.paused_text:
+            self._paint_paused(painter)
         painter.end()
+
+    def _paint_paused(self, painter: QPainter) -> None:
+        """The last picture, dimmed, and a band with the mark across the visible part."""
+        visible = self.visibleRegion().boundingRect()
+        painter.fillRect(visible, QColor(0, 0, 0, 110))
+        font = painter.font()
+        font.setPointSizeF(max(font.pointSizeF(), 9.0) * 1.6)
+        font.setBold(True)
+        painter.setFont(font)
+        band = QRect(visible.x(), visible.center().y() - 32, visible.width(), 64)
+        painter.fillRect(band, QColor(255, 243, 205))
+        painter.setPen(QColor(0x5d, 0x40, 0x37))
+        painter.drawText(band, Qt.AlignCenter | Qt.TextWordWrap, self.paused_text)
 
     # --- input ---------------------------------------------------------------------------------
     def _remote_point(self, pos) -> tuple[int, int] | None:

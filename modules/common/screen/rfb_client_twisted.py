@@ -33,6 +33,7 @@ class RFBClientProtocol(Protocol):
         self.ended: Deferred = Deferred()
         self.error: str | None = None
         self.updates = 0
+        self.input_paused = False   # the presenter paused its screen: no input goes out
         self._painted: np.ndarray | None = None
         self.updates_wanted: Callable[[], bool] | None = None
         self._request_owed = False
@@ -65,16 +66,20 @@ class RFBClientProtocol(Protocol):
 
     # --- sending ---------------------------------------------------------------------------
     def key(self, down: bool, keysym: int) -> None:
-        self._send(self.client.key(down, keysym))
+        if not self.input_paused:
+            self._send(self.client.key(down, keysym))
 
     def press(self, keysym: int) -> None:
-        self._send(self.client.key(True, keysym) + self.client.key(False, keysym))
+        if not self.input_paused:
+            self._send(self.client.key(True, keysym) + self.client.key(False, keysym))
 
     def pointer(self, mask: int, x: int, y: int) -> None:
-        self._send(self.client.pointer(mask, x, y))
+        if not self.input_paused:
+            self._send(self.client.pointer(mask, x, y))
 
     def cut_text(self, text: str) -> None:
-        self._send(self.client.cut_text(text))
+        if not self.input_paused:
+            self._send(self.client.cut_text(text))
 
     def close(self) -> None:
         self.transport.loseConnection()

@@ -48,6 +48,7 @@ class RFBServerProtocol(Protocol):
         self._last_capture = 0.0
         self._input: defer.Deferred = defer.succeed(None)
         self._closed = False
+        self.paused = False
 
     @property
     def clock(self) -> Any:
@@ -61,8 +62,22 @@ class RFBServerProtocol(Protocol):
             self.bytes_sent += len(data)
             self.transport.write(data)
 
+    def pause(self) -> None:
+        """Capture and send nothing until ``resume`` (a frame being captured is dropped)."""
+        self.paused = True
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+
+    def resume(self) -> None:
+        """Show the screen again: the next update repaints everything (what changed during the
+        pause is not known to the tracker)."""
+        if self.paused:
+            self.paused = False
+            self.tracker = DamageTracker(getattr(self.source, "detect_scroll", True))
+            self._schedule()
+
     def send_cut_text(self, text: str) -> None:
-        if self.rfb is not None:
+        if self.rfb is not None and not self.paused:
             self._write(self.rfb.cut_text(text))
 
     def connectionMade(self) -> None:
@@ -108,7 +123,8 @@ class RFBServerProtocol(Protocol):
 
     # ------------------------------------------------------------------------------ frames
     def _schedule(self) -> None:
-        if (self._closed or self._capturing or self.rfb is None or not self.rfb.ready
+        if (self._closed or self.paused or self._capturing or self.rfb is None
+                or not self.rfb.ready
                 or (self._timer is not None and self._timer.active())):
             return
         if not self.rfb.update_pending:
@@ -128,7 +144,7 @@ class RFBServerProtocol(Protocol):
         d.addBoth(self._capture_done)
 
     def _captured(self, cap: Any) -> None:
-        if self._closed:
+        if self._closed or self.paused:
             return
         self._write(self.rfb.update(cap.frame, cap.damage, moves=cap.moves, cursor=cap.cursor))
 

@@ -120,7 +120,14 @@ class PresenterScreen:
         if self.started and not self.stopped:
             self.protocol.dataReceived(data)
 
+    def pause(self) -> None:
+        self.protocol.pause()
+
+    def resume(self) -> None:
+        self.protocol.resume()
+
     def stop(self) -> None:
+        self.transport.disconnecting = True   # nothing of this screen leaves any more
         if self.started and not self.stopped:
             self.stopped = True
             self.protocol.connectionLost(None)
@@ -167,6 +174,7 @@ class ViewerScreen:
         Image.fromarray(self.protocol.framebuffer).save(path)
 
     def stop(self) -> None:
+        self.transport.disconnecting = True   # input of a local VNC viewer goes nowhere now
         if self.vnc_port is not None:
             self.vnc_port.stopListening()
         if self.started:

@@ -31,6 +31,12 @@ Rules:
   ``view`` policy).  After a change the new viewer holds ``view`` (showing is being viewed) and
   nothing else.  Messages about rights carry the direction ``epoch`` (number of changes so far);
   one from an earlier epoch crossed the change on the wire and is dropped.
+* The side that receives ``direction_grant`` answers ``direction_ack``: each side's SCREEN
+  stream then has a marker where it switched epochs (the grant, or the ack), so bytes of the old
+  screen that crossed the change on the wire are dropped (``screen_in_step``).
+* Pause: the presenter may pause its screen (``pause``) and resume it; the viewer keeps the last
+  picture marked "paused".  Nothing of the screen is captured or sent meanwhile (the caller's
+  part); a direction change ends a pause.
 * Emergency stop, from either side: every right is revoked and the session ends at once.
 * Comments are the supporter's notes for the protocol: they are never sent (a ``comment`` message
   is in the schema for later multi-party sessions; today receiving one is an error).
@@ -50,6 +56,9 @@ Control messages (UTF-8 JSON objects, at most 64 KiB; exactly these keys, no oth
     {"type": "direction_request", "epoch": E}             either
     {"type": "direction_grant", "epoch": E}               answer to direction_request
     {"type": "direction_deny", "reason": S, "epoch": E}   answer to direction_request
+    {"type": "direction_ack", "epoch": E}                 answer to direction_grant  E: the new one
+    {"type": "pause", "epoch": E}                         presenter -> viewer
+    {"type": "resume", "epoch": E}                        presenter -> viewer
     {"type": "chat", "text": C}                           either (after terms)    C: 1-2000 chars
     {"type": "comment", "text": C}                        supporter <-> supporter only
     {"type": "bye", "reason": S}                          either
@@ -73,6 +82,8 @@ what they see; ``by`` names the role that acted::
     DirectionRequested direction_requested {"by"}
     DirectionChanged  direction_changed   {"presenter", "epoch"}
     DirectionDenied   direction_denied    {"by", "reason"}
+    ScreenPaused      screen_paused       {"by"}
+    ScreenResumed     screen_resumed      {"by"}
     EmergencyStopped  emergency_stop      {"by"}
     Chat              chat                {"by", "text"}
     Comment           comment             {"by", "text"}
@@ -281,6 +292,26 @@ class DirectionDenied(Event):
 
 
 @dataclass(frozen=True)
+class ScreenPaused(Event):
+    """The presenter paused its screen: the viewer keeps the last picture, marked paused."""
+
+    kind: ClassVar[str] = "screen_paused"
+    by: Role
+
+    def detail(self) -> dict[str, Any]:
+        return {"by": self.by.value}
+
+
+@dataclass(frozen=True)
+class ScreenResumed(Event):
+    kind: ClassVar[str] = "screen_resumed"
+    by: Role
+
+    def detail(self) -> dict[str, Any]:
+        return {"by": self.by.value}
+
+
+@dataclass(frozen=True)
 class EmergencyStopped(Event):
     kind: ClassVar[str] = "emergency_stop"
     by: Role
@@ -406,6 +437,9 @@ SCHEMA: Mapping[str, Mapping[str, Callable[[Any], Any]]] = {
     "direction_request": {"epoch": _epoch},
     "direction_grant": {"epoch": _epoch},
     "direction_deny": {"reason": _reason, "epoch": _epoch},
+    "direction_ack": {"epoch": _epoch},
+    "pause": {"epoch": _epoch},
+    "resume": {"epoch": _epoch},
     "chat": {"text": _chat_text},
     "comment": {"text": _chat_text},
     "bye": {"reason": _reason},
@@ -506,6 +540,8 @@ class ConsentState:
         self.answer_timeout = answer_timeout
         self.terms_timeout = terms_timeout
         self.epoch = 0
+        self.peer_screen_epoch = 0   # the epoch the peer's SCREEN stream is in (its markers)
+        self.paused = False          # the presenter paused its screen
         self.ended = False
         self._started = False
         self._terms_shown: str | None = None       # sha256 of the terms on screen (customer)
@@ -548,6 +584,12 @@ class ConsentState:
     def holds(self, right: Right | str) -> bool:
         """On the viewer: does this side hold ``right``?"""
         return not self.ended and not self.is_presenter and Right(right) in self._granted
+
+    @property
+    def screen_in_step(self) -> bool:
+        """Do SCREEN bytes from the peer belong to the current direction?  False between our
+        change and the peer's marker: they are the old screen's and must be dropped."""
+        return self.peer_screen_epoch == self.epoch
 
     def awaiting(self) -> dict[Key, float]:
         """Questions to this side that wait for an answer, with their deadlines."""
@@ -642,6 +684,26 @@ class ConsentState:
         return Outcome([{"type": "direction_request", "epoch": self.epoch}],
                        [DirectionRequested(self.role)])
 
+    def pause(self) -> Outcome:
+        """The presenter pauses its screen (nothing if paused already)."""
+        return self._set_paused(True)
+
+    def resume(self) -> Outcome:
+        """The presenter shows its screen again (nothing if it is not paused)."""
+        return self._set_paused(False)
+
+    def _set_paused(self, paused: bool) -> Outcome:
+        if self.ended:
+            return _nothing()
+        self._usable("pause the screen")
+        if not self.is_presenter:
+            raise ConsentUsageError("only the side that shows its screen pauses it")
+        if self.paused is paused:
+            return _nothing()
+        self.paused = paused
+        return Outcome([{"type": "pause" if paused else "resume", "epoch": self.epoch}],
+                       [(ScreenPaused if paused else ScreenResumed)(self.role)])
+
     def emergency_stop(self) -> Outcome:
         """Revoke everything and end the session at once."""
         if self.ended:
@@ -716,6 +778,12 @@ class ConsentState:
                                                    "emergency_stop"):
             raise ConsentError(f"{kind} before the support terms were accepted")
         epoch = message.get("epoch")
+        # the peer's screen stream switches epochs where it sent a grant or an ack (even one
+        # that is stale here because both sides asked at once)
+        if kind == "direction_grant" and epoch < MAX_EPOCH:
+            self.peer_screen_epoch = max(self.peer_screen_epoch, min(epoch + 1, self.epoch))
+        elif kind == "direction_ack":
+            self.peer_screen_epoch = max(self.peer_screen_epoch, min(epoch, self.epoch))
         if epoch is not None:
             if epoch > self.epoch:
                 raise ConsentError(f"{kind} for direction epoch {epoch}, we are at {self.epoch}")
@@ -815,7 +883,26 @@ class ConsentState:
     def _on_direction_grant(self, message: dict[str, Any], now: float) -> Outcome:
         if Question.DIRECTION not in self._requested:
             raise ConsentError("direction_grant without a direction request")
-        return Outcome([], self._swap())
+        events = self._swap()
+        self.peer_screen_epoch = self.epoch    # the grant was the peer's marker
+        return Outcome([{"type": "direction_ack", "epoch": self.epoch}], events)
+
+    def _on_direction_ack(self, message: dict[str, Any], now: float) -> Outcome:
+        return _nothing()   # the marker itself is all it says (``handle`` noted it)
+
+    def _on_pause(self, message: dict[str, Any], now: float) -> Outcome:
+        return self._peer_paused(True)
+
+    def _on_resume(self, message: dict[str, Any], now: float) -> Outcome:
+        return self._peer_paused(False)
+
+    def _peer_paused(self, paused: bool) -> Outcome:
+        if self.is_presenter:
+            raise ConsentError(f"{'pause' if paused else 'resume'} sent to the side that shows")
+        if self.paused is paused:
+            raise ConsentError(f"the screen was {'paused' if paused else 'not paused'} already")
+        self.paused = paused
+        return Outcome([], [(ScreenPaused if paused else ScreenResumed)(self.peer)])
 
     def _on_direction_deny(self, message: dict[str, Any], now: float) -> Outcome:
         if Question.DIRECTION not in self._requested:
@@ -903,6 +990,7 @@ class ConsentState:
         """The direction changes: new presenter, new epoch, no rights but view, no questions."""
         self.presenter = self.peer if self.is_presenter else self.role
         self.epoch += 1
+        self.paused = False
         self._granted = {Right.VIEW}
         self._refusals.clear()
         self._asked = {k: d for k, d in self._asked.items() if k is Question.TERMS}
@@ -980,6 +1068,12 @@ def describe(event: Event, me: Role | None = None) -> str | None:
                f"the screen."
     if isinstance(event, DirectionDenied):
         return f"{subject(event.by)} refused to change the direction ({event.reason})."
+    if isinstance(event, ScreenPaused):
+        return f"{subject(event.by)} paused the screen" + (
+            "; the other side sees the last picture." if event.by is me
+            else "; the last picture stays until it resumes.")
+    if isinstance(event, ScreenResumed):
+        return f"{subject(event.by)} resumed the screen."
     if isinstance(event, EmergencyStopped):
         return f"Emergency stop by {name(event.by)}."
     if isinstance(event, Chat):
@@ -1032,6 +1126,12 @@ class ConsentDriver:
 
     def emergency_stop(self) -> None:
         self.apply(self.state.emergency_stop())
+
+    def pause(self) -> None:
+        self.apply(self.state.pause())
+
+    def resume(self) -> None:
+        self.apply(self.state.resume())
 
     def chat(self, text: str) -> None:
         self.apply(self.state.chat(text))
@@ -1103,7 +1203,8 @@ __all__ = [
     "ConsentUsageError", "DEFAULT_HOST_POLICY", "DirectionChanged", "DirectionDenied",
     "DirectionRequested", "EmergencyStopped", "Event", "IConsentUI", "MAX_MESSAGE_BYTES",
     "Outcome", "Question", "Right", "RightDenied", "RightGranted", "RightRefused",
-    "RightRequested", "RightRevoked", "Role", "SCHEMA", "SessionEnded", "TermsAccepted",
+    "RightRequested", "RightRevoked", "Role", "SCHEMA", "ScreenPaused", "ScreenResumed",
+    "SessionEnded", "TermsAccepted",
     "TermsShown", "decode_message", "describe", "encode_message", "question_for", "terms_sha256",
     "validate_message",
 ]

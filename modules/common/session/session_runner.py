@@ -80,6 +80,13 @@ class SessionDelegate:
     def sharing(self, active: bool) -> None:
         """This side's screen is (no longer) being shown to the peer."""
 
+    def screen_paused(self, paused: bool) -> None:
+        """The presenter paused (resumed) the screen: a viewer keeps the last picture and marks
+        it paused; the presenter shows that nothing is being sent."""
+
+    def remote_screen_closed(self) -> None:
+        """The remote screen is gone (the direction changed): stop showing it."""
+
     def remote_clipboard(self, text: str) -> None:
         """The peer's clipboard text arrived."""
 
@@ -421,6 +428,17 @@ class SessionRunner:
         """Ask that the direction swap (this side would show its screen)."""
         return self._command(self.driver.request_direction if self.driver else lambda: None)
 
+    def pause(self) -> bool:
+        """Presenter: stop capturing and sending the screen; the viewer keeps the last picture."""
+        return self._command(lambda: self.driver.pause())
+
+    def resume(self) -> bool:
+        return self._command(lambda: self.driver.resume())
+
+    def toggle_pause(self) -> bool:
+        """The CLI's key (Ctrl+Z) and the apps' button: pause, or resume a paused screen."""
+        return self.resume() if self.consent.paused else self.pause()
+
     def chat(self, text: str) -> bool:
         return self._command(lambda: self.driver.chat(text))
 
@@ -472,7 +490,8 @@ class SessionRunner:
         return True
 
     def pointer(self, mask: int, x: int, y: int) -> None:
-        """Viewer: a pointer event on the remote screen (sent only while control is held)."""
+        """Viewer: a pointer event on the remote screen (sent only while control is held and
+        the screen is not paused)."""
         if self.viewer_screen is not None and self.consent.holds(Right.CONTROL):
             self.viewer_screen.protocol.pointer(mask, x, y)
 
@@ -661,6 +680,8 @@ class SessionRunner:
             source, injector, send=send_screen,
             close=lambda: None, on_cut_text=self._clipboard_from_viewer)
         self.presenter_screen.start()
+        if self.consent.paused:
+            self.presenter_screen.pause()
         self.delegate.status("sharing the screen")
         self.delegate.sharing(True)
         self._start_clipboard(getattr(source, "display_name", None))
@@ -696,6 +717,31 @@ class SessionRunner:
             disconnect = getattr(self.screen_offer[0], "disconnect", None)
             if disconnect is not None:
                 disconnect()
+    def _close_screens(self) -> None:
+        """A direction change: the old RFB stream ends on both sides; what the old side still
+        sends is dropped (``ConsentState.screen_in_step``) and a new stream starts."""
+        if self.presenter_screen is not None:
+            self.presenter_screen.stop()
+            self.presenter_screen = None
+            self._screen_stopped = False
+            self._disconnect_screen_source()   # a local VNC server: reconnected when shown again
+            self.delegate.sharing(False)
+        if self.screen_offer is not None and hasattr(self.screen_offer[0], "paused"):
+            self.screen_offer[0].paused = False   # a change ends a pause
+        if self.viewer_screen is not None:
+            self.viewer_screen.stop()
+            self.viewer_screen = None
+            self.delegate.remote_screen_closed()
+
+    def _screen_paused(self, paused: bool) -> None:
+        if self.consent.is_presenter and self.screen_offer is not None \
+                and hasattr(self.screen_offer[0], "paused"):
+            self.screen_offer[0].paused = paused   # a local VNC server is asked for nothing
+        if self.presenter_screen is not None:
+            (self.presenter_screen.pause if paused else self.presenter_screen.resume)()
+        if self.viewer_screen is not None:
+            self.viewer_screen.protocol.input_paused = paused
+        self.delegate.screen_paused(paused)
 
     def _keys_went_nowhere(self, count: int) -> None:
         """Typed keys arrived while no window here had the input focus: say so, here and in
@@ -710,8 +756,8 @@ class SessionRunner:
         from twisted.internet import task
 
         from modules.common.screen.clipboard_x11 import ClipboardError, XClipboard
-        if display is None:
-            return
+        if display is None or getattr(self, "_clipboard_loop", None) is not None:
+            return   # no display, or polled already (the screen restarted after a change)
         try:
             self.clipboard = XClipboard(display)
         except ClipboardError as exc:
@@ -725,10 +771,11 @@ class SessionRunner:
     def _poll_clipboard(self):
         def got(text: str) -> None:
             first = self._clipboard_seen is None
-            if text == self._clipboard_seen or self._finished:
-                return
+            if text == self._clipboard_seen or self._finished or self.consent.paused:
+                return   # while paused nothing is sent; the change goes out after the resume
             self._clipboard_seen = text
-            if first or not text or not self.consent.allows(Right.VIEW):
+            if (first or not text or not self.consent.allows(Right.VIEW)
+                    or self.presenter_screen is None):
                 return  # what was there before the session is not the supporter's business
             self.presenter_screen.protocol.send_cut_text(text)
             self._report("clipboard_sent", {"chars": len(text)})
@@ -763,6 +810,8 @@ class SessionRunner:
         return blockingCallFromThread(self.reactor, self.driver.enforce, Right.CONTROL, "input")
 
     def _screen_data(self, data: bytes) -> None:
+        if not self.consent.screen_in_step:
+            return   # the old screen's bytes, sent before the peer saw the direction change
         if self.consent.is_presenter:
             if self.presenter_screen is not None:
                 self.presenter_screen.received(data)  # RFB client messages; input is gated
@@ -775,12 +824,14 @@ class SessionRunner:
             from modules.common.screen.screen_session import ViewerScreen
             if self.recorder is not None:
                 self.recorder.restart_rfb()
-            self.viewer_screen = ViewerScreen(
+            screen = self.viewer_screen = ViewerScreen(
                 self.reactor, send=self._send_viewer_screen, close=lambda: None,
                 on_event=self._viewer_screen_event,
                 screen_limit=self.viewer_options.get("max_screen"))
-            self.viewer_screen.first_frame.addCallbacks(self._first_frame, lambda f: self.delegate.status(
-                f"the remote screen could not be shown: {f.getErrorMessage()}"))
+            screen.first_frame.addCallbacks(
+                lambda _fb: self._first_frame(screen),
+                lambda f: None if screen is not self.viewer_screen else self.delegate.status(
+                    f"the remote screen could not be shown: {f.getErrorMessage()}"))
         self.viewer_screen.received(data)
         if self.recorder is not None:
             self.recorder.rfb_out(data)  # the viewer records the same bytes it was sent
@@ -790,8 +841,10 @@ class SessionRunner:
         if self.recorder is not None:
             self.recorder.rfb_in(out)
 
-    def _first_frame(self, _framebuffer) -> None:
-        options, screen = self.viewer_options, self.viewer_screen
+    def _first_frame(self, screen) -> None:
+        if screen is not self.viewer_screen:
+            return   # the direction changed meanwhile
+        options = self.viewer_options
         height, width = screen.protocol.framebuffer.shape[:2]
         self.delegate.status(f"remote screen {width}x{height} received")
         self.delegate.remote_screen(screen)
@@ -799,8 +852,13 @@ class SessionRunner:
             screen.snapshot(options["snapshot"])
             self.delegate.status(f"snapshot saved to {options['snapshot']}")
         if options.get("vnc_listen"):
-            port = screen.serve_vnc(options["vnc_listen"])
-            self.delegate.status(f"VNC viewers can attach at 127.0.0.1:{port.getHost().port}")
+            try:
+                port = screen.serve_vnc(options["vnc_listen"])
+            except Exception as exc:  # e.g. the port of the screen before a direction change
+                self.delegate.status(f"cannot serve the remote screen to VNC viewers at "
+                                     f"{options['vnc_listen']}: {exc}")
+            else:
+                self.delegate.status(f"VNC viewers can attach at 127.0.0.1:{port.getHost().port}")
         if options.get("type"):
             self._type_when_allowed()
         if options.get("clipboard"):
@@ -851,6 +909,10 @@ class SessionRunner:
             self.presenter_screen.stop()
             self.delegate.status("screen sharing stopped")
             self.delegate.sharing(False)
+        if kind == "direction_changed":
+            self._close_screens()   # the new presenter starts its screen with the view right
+        if kind in ("screen_paused", "screen_resumed"):
+            self._screen_paused(kind == "screen_paused")
         if kind in ("right_granted", "direction_changed"):
             self._release_held()
             self._maybe_start_screen()

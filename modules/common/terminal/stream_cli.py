@@ -214,7 +214,7 @@ async def run_to_end(reactor, runner):
     leg = runner.leg
     say(f"session {leg.session_id} connected through the relay; securing it ...")
     stops = interrupts(reactor)
-    stops.session(runner.emergency_stop)
+    stops.session(runner.emergency_stop, runner.toggle_pause)
     try:
         reason = await runner.run()
     finally:
