@@ -10,7 +10,8 @@ u32 of flags (formats in bits 0-15, one action in bits 24-31)::
     request  "send me these formats"             (no payload)
     peek     "tell me which formats you have"    (no payload)
     notify   "I have these formats now"          (no payload)
-    provide  a zlib stream (one per message) of, per format bit set: u32 size, data
+    provide  a zlib stream (one per message, flushed, not finished) of, per format bit set:
+             u32 size, data
 
 Only the text format is used here: UTF-8 with CRLF line ends and a terminating NUL (what
 TigerVNC, the spec's reference, writes).  This module is sans-I/O and shared by both ends: our
@@ -148,8 +149,12 @@ def provide(kind: int, text: str | None) -> bytes:
     if text is None:
         return message(kind, PROVIDE)
     data = encode_text(text)
-    return message(kind, PROVIDE | TEXT,
-                   zlib.compress(struct.pack(">I", len(data)) + data, 6))
+    # A fresh zlib stream per message, flushed but not finished, as TigerVNC writes it:
+    # LibVNCServer (x11vnc) treats the end of a stream (Z_STREAM_END) as an inflation error and
+    # drops the connection.
+    deflater = zlib.compressobj(6)
+    body = deflater.compress(struct.pack(">I", len(data)) + data) + deflater.flush(zlib.Z_SYNC_FLUSH)
+    return message(kind, PROVIDE | TEXT, body)
 
 
 SERVER, CLIENT = 3, 6    # the cut-text message type each end sends

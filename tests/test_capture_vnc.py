@@ -3,7 +3,7 @@
 The well-behaved local server is our own ``RFBServer`` (``listen_vnc``) over a fixed picture, with
 an injector that records what reaches it; the misbehaving ones are raw protocols writing bytes.
 What is checked: loopback only, the input filter (control), the release of held keys on
-disconnect, and one clear reason for a wrong password or a broken server, before and after the
+disconnect, the clipboard both ways in UTF-8, and one clear reason for a wrong password or a broken server, before and after the
 first frame.
 """
 
@@ -117,8 +117,8 @@ def off_reactor(fn, *args):
 @pytest_twisted.ensureDeferred
 async def test_frames_arrive_and_input_passes_only_while_control_is_granted():
     from twisted.internet import reactor
-    picture, received = Picture(), Received()
-    port = listen_vnc(reactor, "127.0.0.1:0", picture, received)
+    picture, received, clipboard_in = Picture(), Received(), []
+    port = listen_vnc(reactor, "127.0.0.1:0", picture, received, on_cut_text=clipboard_in.append)
     source = VncSource(VncAddress("127.0.0.1", port.getHost().port))
     try:
         with pytest.raises(VncSourceError, match="not connected"):
@@ -130,6 +130,12 @@ async def test_frames_arrive_and_input_passes_only_while_control_is_granted():
         assert np.array_equal(first.frame, picture.frame) and first.damage
         again = await off_reactor(source.capture)
         assert again.damage == [] and again.moves == []     # nothing new: no comparison even
+        # the local server's clipboard, both ways, in UTF-8 (its Extended Clipboard)
+        port.factory.connections[-1].send_cut_text("Grüße aus 東京")
+        await until(lambda: source.clipboard.get() == "Grüße aus 東京", "the server's clipboard")
+        await off_reactor(source.clipboard.set, "zurück nach 大阪")
+        await until(lambda: clipboard_in == ["zurück nach 大阪"], "our clipboard at the server")
+        assert source.clipboard.get() == "zurück nach 大阪"   # an echo would not be news
         control = {"granted": False}
         injector = VncInjector(source, lambda: control["granted"])
         assert await off_reactor(injector.key, True, 0x61) is False
@@ -153,8 +159,10 @@ async def test_frames_arrive_and_input_passes_only_while_control_is_granted():
         await until(lambda: not port.factory.connections[-1].transport.connected,
                     "the local server sees the close")
         assert received.events[5:] == [("key", False, 0xFF0D)]
+        still = source.capture()   # a capture that was under way gets the last frame, still
+        assert still.damage == [] and np.array_equal(still.frame, picture.frame)
         with pytest.raises(VncSourceError, match="not connected"):
-            source.capture()
+            source.capture(DamageTracker())
         # a later screen (the next session) connects again
         await source.connect()
         assert source.connections == 2
@@ -252,3 +260,20 @@ async def test_a_server_that_breaks_after_the_first_frame_is_reported_once():
     finally:
         source.disconnect()
         await port.stopListening()
+
+
+def test_extended_clipboard_provide_is_a_flushed_unfinished_zlib_stream():
+    """LibVNCServer (x11vnc 0.9.16) drops a client whose provide ends its zlib stream
+    (Z_STREAM_END is an "inflation error" there); TigerVNC only flushes.  Found through the
+    VNC source: each provide is a fresh stream, sync-flushed, and still reads back."""
+    import zlib
+
+    from protocol import rfb_ext_clipboard as ext
+    wire = ext.provide(ext.CLIENT, "grün 東京")
+    body = wire[8 + 4:]                                  # header, then the flags
+    inflater = zlib.decompressobj()
+    data = inflater.decompress(body)
+    assert not inflater.eof and body.endswith(b"\x00\x00\xff\xff")   # flushed, not finished
+    assert ext.decode_text(data[4:]) == "grün 東京"
+    assert ext.parse(wire[8:]).text == "grün 東京"
+    assert ext.provide(ext.CLIENT, "grün 東京") == wire  # no state carried between messages

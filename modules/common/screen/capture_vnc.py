@@ -19,7 +19,8 @@ serves it inside the session's encrypted channel.  So the module keeps every che
 Only loopback addresses are accepted: the RFB stream between the module and the local server is
 not encrypted, so it must not leave the machine.  Security types: None and VNC password (from a
 file, first line).  Not here: choosing a window (the local server decides what it shows), hiding
-the background, the clipboard.
+the background.  The clipboard is the local server's (``VncClipboard``): what it announces goes
+to the viewer with the rights of the screen, like the X clipboard does.
 """
 
 from __future__ import annotations
@@ -40,9 +41,9 @@ from twisted.python.failure import Failure
 from modules.common.screen.capture_x11 import Capture, DamageTracker
 from modules.common.screen.rfb_client_twisted import RFBClientProtocol
 from modules.common.screen.rfb_server import Cursor
-from protocol.rfb_client import (COPY_RECT, DESKTOP_SIZE, LAST_RECT, RAW, RICH_CURSOR,
-                                 CursorShape, DesktopResized, FramebufferUpdated, RFBClientError,
-                                 ScreenLimit)
+from protocol.rfb_client import (COPY_RECT, DESKTOP_SIZE, EXTENDED_CLIPBOARD, LAST_RECT, RAW,
+                                 RICH_CURSOR, CursorShape, DesktopResized, FramebufferUpdated,
+                                 RFBClientError, ScreenLimit, ServerCutText)
 
 __all__ = ["VncAddress", "VncSource", "VncInjector", "VncSourceError", "is_vnc_url",
            "parse_vnc_url", "read_password_file", "vnc_screen_offer", "LOCAL_ENCODINGS"]
@@ -55,8 +56,10 @@ CLOSE_SECONDS = 2.0         # a closing connection that has not gone by then is 
 MAX_PASSWORD_FILE = 4096
 
 # Raw first: on loopback it costs neither side any compression, and its decoding is one array
-# copy; CopyRect for moves; the cursor as a shape; size changes; LastRect for servers that use it.
-LOCAL_ENCODINGS = (RAW, COPY_RECT, RICH_CURSOR, DESKTOP_SIZE, LAST_RECT)
+# copy; CopyRect for moves; the cursor as a shape; size changes; LastRect for servers that use it;
+# the clipboard in UTF-8 where the server offers it.
+LOCAL_ENCODINGS = (RAW, COPY_RECT, RICH_CURSOR, DESKTOP_SIZE, LAST_RECT, EXTENDED_CLIPBOARD)
+MAX_CLIPBOARD_CHARS = 256 * 1024
 
 
 class VncSourceError(Exception):
@@ -170,6 +173,7 @@ class VncSource:
         self._mask = 0
         self._pointer = (0, 0)
         self.connections = 0     # how often the local server was connected (for tests and logs)
+        self.clipboard = VncClipboard(self)
 
     @property
     def reactor(self) -> Any:
@@ -305,6 +309,12 @@ class VncSource:
         self._mask, self._pointer = mask & 0xFF, (x, y)
         protocol.pointer(mask & 0xFF, x, y)
 
+    def send_cut_text(self, text: str) -> None:
+        protocol = self._protocol
+        if protocol is not None and self.connected:
+            self.clipboard.text = text    # the server may echo it: not news for the viewer
+            protocol.cut_text(text)
+
     def release_input(self) -> None:
         """Key-ups for every held key, buttons up: nothing stays pressed on the local server."""
         protocol = self._protocol
@@ -336,6 +346,8 @@ class VncSource:
         """Reactor thread, under the lock (inside ``dataReceived``)."""
         if isinstance(event, (FramebufferUpdated, DesktopResized)):
             self._version += 1
+        elif isinstance(event, ServerCutText):
+            self.clipboard.text = event.text[:MAX_CLIPBOARD_CHARS]
         elif isinstance(event, CursorShape):
             if event.width and event.height:
                 rgba = np.frombuffer(event.rgba, np.uint8).reshape(event.height, event.width, 4)
@@ -357,6 +369,8 @@ class VncSource:
         with self._lock:
             protocol = self._protocol
             if protocol is None or not protocol.client.initialised:
+                if tracker.prev is not None:   # disconnected meanwhile: the last frame, still
+                    return Capture(tracker.prev, [], [], None)
                 raise VncSourceError(f"the local VNC server {self.address} is not connected")
             fb = protocol.client.framebuffer
             version, cursor = self._version, self._cursor
@@ -368,6 +382,23 @@ class VncSource:
         self._seen[tracker] = version
         damage, moves = tracker.update(frame)
         return Capture(frame, damage, moves, cursor)
+
+
+class VncClipboard:
+    """The local server's clipboard with the X clipboard's interface (``get``/``set``, called
+    from the blocking pool): ``get`` is the last text the server announced (ServerCutText),
+    ``set`` sends ours (ClientCutText; the session calls it only while control is granted)."""
+
+    def __init__(self, source: VncSource) -> None:
+        self.source = source
+        self.text = ""
+
+    def get(self) -> str:
+        return self.text
+
+    def set(self, text: str) -> None:
+        self.source.reactor.callFromThread(self.source.send_cut_text,
+                                           text[:MAX_CLIPBOARD_CHARS])
 
 
 class VncInjector:

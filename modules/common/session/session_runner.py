@@ -684,7 +684,8 @@ class SessionRunner:
             self.presenter_screen.pause()
         self.delegate.status("sharing the screen")
         self.delegate.sharing(True)
-        self._start_clipboard(getattr(source, "display_name", None))
+        self._start_clipboard(getattr(source, "display_name", None),
+                              getattr(source, "clipboard", None))
 
     def _connect_screen_source(self, source) -> None:
         """A screen from a local RFB server (``capture_vnc.VncSource``): connected once view is
@@ -709,6 +710,10 @@ class SessionRunner:
         source.connect().addCallbacks(connected, failed)
 
     def _screen_source_failed(self, reason: str) -> None:
+        if self.presenter_screen is not None and not self._screen_stopped:
+            self._screen_stopped = True
+            self.presenter_screen.stop()
+            self.delegate.sharing(False)
         self.end(EndReason(EndCause.ERROR, self.consent.role.value, reason[:MAX_DETAIL_CHARS]))
 
     def _disconnect_screen_source(self) -> None:
@@ -752,17 +757,24 @@ class SessionRunner:
 
     # --- the clipboard (text, both ways, with the rights of the screen) ---------------------------
 
-    def _start_clipboard(self, display: str | None) -> None:
+    def _start_clipboard(self, display: str | None, clipboard: Any = None) -> None:
+        """The clipboard of the shown screen: the source's own (a local VNC server's), else
+        the X display's (xclip); polled either way, with the rights of the screen."""
         from twisted.internet import task
 
         from modules.common.screen.clipboard_x11 import ClipboardError, XClipboard
-        if display is None or getattr(self, "_clipboard_loop", None) is not None:
-            return   # no display, or polled already (the screen restarted after a change)
-        try:
-            self.clipboard = XClipboard(display)
-        except ClipboardError as exc:
-            self.delegate.status(str(exc))
+        if getattr(self, "_clipboard_loop", None) is not None:
+            return   # polled already (the screen restarted after a change)
+        if clipboard is not None:
+            self.clipboard = clipboard
+        elif display is None:
             return
+        else:
+            try:
+                self.clipboard = XClipboard(display)
+            except ClipboardError as exc:
+                self.delegate.status(str(exc))
+                return
         self._clipboard_seen: str | None = None
         self._clipboard_loop = task.LoopingCall(self._poll_clipboard)
         self._clipboard_loop.clock = self.reactor
