@@ -15,7 +15,8 @@ from modules.common.link.connection import MODULE_VERSION, address_of, connect, 
 from modules.common.session.consent import Role
 from modules.common.session.session_runner import CliDelegate
 from modules.common.terminal.stream_cli import (
-    add_session_options, consent_ui, exit_code, run_to_end, say, session_options,
+    add_session_options, consent_ui, exit_code, print_windows, run_to_end, say, screen_offer,
+    session_options,
 )
 from modules.supporter.sessions import AdhocInvitation, connect_host, list_hosts
 
@@ -47,7 +48,7 @@ def _control(args: argparse.Namespace):
 
 
 def _options(args: argparse.Namespace) -> dict:
-    return dict(delegate=CliDelegate(), pipe=args.pipe, screen=None,
+    return dict(delegate=CliDelegate(), pipe=args.pipe, screen=screen_offer(args),
                 wrap_report=_local_copy(args), **session_options(args))
 
 
@@ -60,6 +61,8 @@ def _local_copy(args: argparse.Namespace):
 
 
 def cmd_adhoc(args: argparse.Namespace) -> int:
+    if args.list_windows:
+        return print_windows(args)
     folder, address, ca_pem = _control(args)
     ended: dict = {}
 
@@ -122,6 +125,8 @@ def _host_password(args: argparse.Namespace) -> str:
 
 
 def cmd_connect(args: argparse.Namespace) -> int:
+    if args.list_windows:
+        return print_windows(args)
     folder, address, ca_pem = _control(args)
     password = _host_password(args)
     ended: dict = {}

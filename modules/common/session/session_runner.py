@@ -233,7 +233,7 @@ class SessionRunner:
         self.report = report
         self.pipe = pipe
         self.request_rights = request_rights
-        self.show_my_screen = show_my_screen
+        self.show_my_screen_first = show_my_screen   # (the method is show_my_screen)
         self.admit = admit
         self.chat_lines = chat
         self.comment_lines = comments
@@ -899,7 +899,7 @@ class SessionRunner:
             self.driver.chat(text)
         for text in self.comment_lines:
             self.driver.comment(text)  # goes to the protocol only, never to the peer
-        if self.show_my_screen:
+        if self.show_my_screen_first:
             self.driver.request_direction()
             return
         for right in self.request_rights:

@@ -27,14 +27,15 @@ def add_session_options(parser, supporter: bool = False) -> None:
     add_file_options(parser)
     parser.add_argument("--chat", action="append", default=[], metavar="TEXT",
                         help="send this chat message once the session is set up (repeatable)")
-    if not supporter:
-        add_screen_options(parser)
+    add_screen_options(parser)   # the supporter shows its screen after a direction change
+    # ... and the other side then sees it
+    parser.add_argument("--vnc-listen", metavar="HOST:PORT",
+                        help="show the remote screen to any VNC viewer on this loopback "
+                             "address, e.g. 127.0.0.1:5901")
+    parser.add_argument("--snapshot", metavar="PNG",
+                        help="save the remote screen to this PNG file once it has arrived "
+                             "(again after each direction change)")
     if supporter:
-        parser.add_argument("--vnc-listen", metavar="HOST:PORT",
-                            help="show the remote screen to any VNC viewer on this loopback "
-                                 "address, e.g. 127.0.0.1:5901")
-        parser.add_argument("--snapshot", metavar="PNG",
-                            help="save the remote screen to this PNG file once it has arrived")
         parser.add_argument("--max-screen", metavar="WxH", type=_screen_limit,
                             help="the largest remote screen to accept, in either orientation "
                                  "(default 7680x4320, 8K); a larger one is refused before "
@@ -168,6 +169,9 @@ def print_windows(args) -> int:
     display = getattr(args, "screen", None)
     if not display:
         raise _usage("--list-windows needs the display to look at: add --screen DISPLAY (e.g. :0)")
+    if display.startswith("vnc://"):
+        raise _usage("--list-windows looks at an X display (--screen :0); a VNC server shows "
+                     "its whole screen")
     from modules.common.screen.capture_vnc import is_vnc_url
     if is_vnc_url(display):
         raise _usage(f"--list-windows needs an X display: the VNC server at {display} decides "

@@ -1,0 +1,143 @@
+"""The screen follows a direction change (issue 16 §3), with screens on two Xvfb displays.
+
+A supporter CLI (``adhoc --screen B --snapshot``) and a customer run through the session core
+(``join`` with a recording delegate, as the apps use it) share one server: the supporter sees
+the customer's display A; the customer asks the supporter to show instead, the supporter
+agrees, and the customer sees display B; the customer takes the screen back and the supporter
+sees A again.  Both changes are in the protocol.  Then the customer narrows what it shows to one
+window through the core (issue 16 §5)."""
+
+from __future__ import annotations
+
+from argparse import Namespace
+
+import mss
+import numpy as np
+import pytest
+import pytest_twisted
+from PIL import Image
+from twisted.internet import defer
+from zope.interface import implementer
+
+from modules.common.session.consent import IConsentUI
+from modules.common.session.session_runner import SessionDelegate
+
+from .fixtures_qt import until
+from .fixtures_x11 import xvfb_factory  # noqa: F401 - fixture
+from .module_process import ModuleProcess
+from .test_e2e_brokering import wait_until
+from .test_e2e_sessions import protocol_events
+
+pytestmark = pytest.mark.e2e
+
+
+def grab(display: str) -> np.ndarray:
+    with mss.MSS(display=display) as sct:
+        return np.asarray(sct.grab(sct.monitors[0]))[..., 2::-1].astype(np.int16)
+
+
+def difference(picture: np.ndarray, display: str) -> float:
+    return float(np.abs(picture.astype(np.int16) - grab(display)).mean())
+
+
+@implementer(IConsentUI)
+class YesUI:
+    """The customer at the keyboard says yes to the terms and to every question."""
+
+    def show_terms(self, text):
+        return defer.succeed(True)
+
+    def ask(self, question, right):
+        return defer.succeed(True)
+
+    def notify(self, event):
+        pass
+
+
+class Screens(SessionDelegate):
+    """What the core told the customer's front-end about the remote screen."""
+
+    def __init__(self) -> None:
+        self.shown: list = []      # each remote screen, as its first full frame arrived
+        self.closed = 0
+
+    def remote_screen(self, screen) -> None:
+        self.shown.append(screen)
+
+    def remote_screen_closed(self) -> None:
+        self.closed += 1
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+@pytest_twisted.ensureDeferred
+async def test_the_screen_follows_a_direction_change_and_back(
+        running_server, enrolled_supporter, xvfb_factory, tmp_path):  # noqa: F811
+    from twisted.internet import reactor
+
+    from modules.common.terminal.stream_cli import screen_offer
+    from modules.customer.join import join
+    srv = running_server
+    customer_display, supporter_display = xvfb_factory("800x600"), xvfb_factory("640x480")
+    customer_display.xterm("customer-term", geometry="60x20+20+20", bg="darkgreen")
+    supporter_display.xterm("supporter-term", geometry="40x10+200+150", bg="darkred")
+    snapshot = tmp_path / "supporter-sees.png"
+    answers = tmp_path / "supporter-answers"
+    answers.write_text("y\n")           # the supporter agrees to show its screen
+    supporter = ModuleProcess("supporter", "adhoc", "--pipe", "--answers", str(answers),
+                              "--screen", supporter_display.name, "--snapshot", str(snapshot),
+                              "--home", str(enrolled_supporter))
+    screens = Screens()
+    conn = runner = None
+    try:
+        nameplate, secret = supporter.wait_for_line(r"ad-hoc ID: (\d{4}) (\d{4})").groups()
+        conn, runner = await join(
+            reactor, srv.url, srv.fingerprint, f"{nameplate} {secret}",
+            lambda ticket, consent: YesUI(), delegate=screens, pipe=False,
+            screen=screen_offer(Namespace(screen=customer_display.name)))
+        session = defer.ensureDeferred(runner.run())
+
+        def snapshots() -> int:
+            return supporter.stderr.count("snapshot saved")
+
+        # 1. the supporter sees the customer's display
+        await until(lambda: snapshots() == 1, timeout=60, what="the supporter's first snapshot")
+        assert difference(np.asarray(Image.open(snapshot).convert("RGB")),
+                          customer_display.name) < 3
+        # 2. the customer asks the supporter to show; it agrees: the customer sees display B
+        assert runner.show_my_screen()
+        await until(lambda: screens.shown, timeout=60, what="the supporter's screen")
+        assert runner.consent.presenter.value == "supporter"
+        seen = screens.shown[0].protocol.framebuffer
+        assert seen.shape[:2] == (480, 640)
+        assert difference(seen, supporter_display.name) < 3
+        # 3. the customer takes the screen back: the supporter sees display A again
+        assert runner.show_my_screen()
+        await until(lambda: snapshots() == 2, timeout=60, what="the supporter's second snapshot")
+        assert screens.closed == 1 and runner.consent.is_presenter
+        picture = np.asarray(Image.open(snapshot).convert("RGB"))
+        assert picture.shape[:2] == (600, 800)
+        assert difference(picture, customer_display.name) < 3
+        # 4. window choice through the core: only the xterm is shown now, and logged
+        listed = await runner.windows()
+        assert "customer-term" in [w.title for w in listed]
+        chosen = await runner.share_window("customer-term")
+        width, height = runner.screen_offer[0].size()
+        assert chosen.title == "customer-term"
+        assert abs(width - chosen.rect.w) <= 4 and abs(height - chosen.rect.h) <= 4  # border
+        with pytest.raises(LookupError):
+            await runner.share_window("no-such-window")
+        runner.end_session()
+        await session
+        await until(lambda: supporter.proc.poll() is not None, what="the supporter's exit")
+        assert supporter.proc.returncode == 0, supporter.stderr
+    finally:
+        supporter.stop()
+        if conn is not None:
+            conn.transport.loseConnection()
+    events = wait_until(lambda: [e for e in protocol_events(srv)
+                                 if e["kind"] == "ended" and e["actor"] == "server"]
+                        and protocol_events(srv), what="the protocol's end")
+    changes = [e["detail"]["presenter"] for e in events if e["kind"] == "direction_changed"]
+    assert changes == ["supporter", "customer"]
+    shared = [e["detail"] for e in events if e["kind"] == "window_shared"]
+    assert shared and shared[0]["title"] == "customer-term"
