@@ -121,6 +121,9 @@ class CustomerWindow(QMainWindow, SessionDelegate):
 
     # --- layout --------------------------------------------------------------------------------
     def _build(self) -> None:
+        base = self.font()                 # big type for people who are not technical
+        base.setPointSizeF(base.pointSizeF() * 1.15)
+        self.setFont(base)
         central = QWidget()
         layout = QVBoxLayout(central)
         top = QHBoxLayout()
@@ -195,7 +198,7 @@ class CustomerWindow(QMainWindow, SessionDelegate):
         bottom.addWidget(self.end_button)
         layout.addLayout(bottom)
         self.setCentralWidget(central)
-        self.resize(760, 620)
+        self.resize(820, 660)
         self._in_session(False)
 
     def retranslate(self) -> None:
