@@ -1,24 +1,29 @@
-"""Screen change on the host → pixel painted in the supporter app's viewer widget, 1920x1080.
+"""Screen change on the host → pixel in the supporter app's viewer, 1920x1080, against
+TigerVNC's viewer (xtigervncviewer) on the same RFB source.
 
-    python bench/viewer_latency.py                     # ~1 min
+    python bench/viewer_latency.py                     # ~2-3 min
     python bench/viewer_latency.py --samples 40 --fps-seconds 4 --idle-seconds 5
 
-The viewer is the app's own: ``RFBClientProtocol`` (modules/common/screen/rfb_client_twisted.py) feeding
-``FramebufferWidget`` (modules/common/qt/viewer.py) on Qt's offscreen platform, Twisted on
-qasync's loop exactly as ``hausmeister-supporter gui`` runs it.  It connects over 127.0.0.1 to
-our RFB server (``listen_vnc`` + ``ScreenSource`` in its own process, as a host module runs it)
-and, for comparison, to x11vnc serving the same Xvfb display.  Not included: the session's
-AES-GCM channel and the relay hop (bench/channel_throughput.py and relay_throughput.py measure
-those).  Figures:
+The viewer is the app's own: ``RFBClientProtocol`` (modules/common/screen/rfb_client_twisted.py)
+feeding ``FramebufferWidget`` (modules/common/qt/viewer.py) as a window on Qt's X11 platform
+(xcb) on a second Xvfb (the *viewer display*), Twisted on qasync's loop exactly as
+``hausmeister-supporter gui`` runs it.  It connects over 127.0.0.1 to our RFB server
+(``listen_vnc`` + ``ScreenSource`` in its own process, as a host module runs it) and to x11vnc
+serving the same source Xvfb.  Not included: the session's AES-GCM channel and the relay hop
+(bench/channel_throughput.py and relay_throughput.py measure those).  Two ways of timing:
 
-* **latency**: a 120×120 square changes colour at a random spot (XFillRectangle + XSync); time
-  until the widget has *painted* a frame showing the new colour at its centre.
-* **full-screen fps**: four full-screen pictures alternate as fast as the widget paints each
-  one completely (two probe pixels, top-left and bottom-right).
-* **idle CPU**: the viewer process's CPU time while the remote screen stays still.
+* **painted** (our viewer only): a paint hook records when the widget *painted* a frame
+  showing the change.
+* **on screen** (both viewers, the same way): a separate watcher process polls the viewer
+  display's pixels (XGetImage, 1x1) and stamps when the change is visible there.  TigerVNC's
+  viewer (full screen, its default encodings) and ours (a frameless 1:1 window at 0,0) both
+  show x11vnc's picture of the same source, so the server side is identical.
 
-TigerVNC's viewer offers no hook to see when it painted a frame, so it is not in the table; the
-x11vnc column shows what our viewer does with a C server behind it.  Nothing fails on timing.
+Figures: **latency**: a 120x120 square changes colour at a random spot (XFillRectangle +
+XSync), time until its centre shows the new colour (within 24 per channel: JPEG);
+**full-screen fps**: four full-screen pictures alternate as fast as each is shown completely
+(two solid probe squares); **idle CPU**: our viewer process's CPU while the remote screen
+stays still.  Nothing fails on timing; the last lines give the ratios against TigerVNC.
 """
 
 from __future__ import annotations
@@ -43,10 +48,76 @@ from screen_latency import Painter, free_port, wait_port  # noqa: E402
 from tests.fixtures_x11 import start_xvfb, stop_process  # noqa: E402
 
 
+TOLERANCE = 24     # per channel: JPEG (Tight) may shift a flat colour a little
+LOW = 200          # probes below TigerVNC's "Press F8" notice at the top of the screen
+
+
+def watch_main(display: str) -> None:
+    """The watcher process: for each stdin line ``x y r g b [x y r g b ...]`` poll those pixels
+    of ``display`` until all match (within TOLERANCE) and print the ``perf_counter`` time (the
+    parent's clock too: CLOCK_MONOTONIC), or ``timeout`` after 10 s."""
+    from Xlib import X
+    from Xlib import display as xdisplay
+    d = xdisplay.Display(display)
+    root = d.screen().root
+    for line in sys.stdin:
+        values = [int(v) for v in line.split()]
+        probes = [values[i:i + 5] for i in range(0, len(values), 5)]
+        deadline = time.perf_counter() + 10
+        shown = None
+        while shown is None and time.perf_counter() < deadline:
+            for x, y, r, g, b in probes:
+                px = root.get_image(x, y, 1, 1, X.ZPixmap, 0xFFFFFFFF).data
+                if max(abs(px[2] - r), abs(px[1] - g), abs(px[0] - b)) > TOLERANCE:
+                    break
+            else:
+                shown = time.perf_counter()
+                break
+            time.sleep(0.0003)
+        print("timeout" if shown is None else f"{shown:.6f}", flush=True)
+
+
+class Watcher:
+    """The bench's end of the watcher process (its answers come through the reactor, so the
+    viewer in this process keeps running while we wait)."""
+
+    def __init__(self, reactor, display: str) -> None:
+        from twisted.internet import protocol
+        watcher = self
+        self.waiting: list = []
+
+        class Lines(protocol.ProcessProtocol):
+            buffer = b""
+
+            def outReceived(self, data):  # noqa: N802
+                self.buffer += data
+                while b"\n" in self.buffer:
+                    line, self.buffer = self.buffer.split(b"\n", 1)
+                    d = watcher.waiting.pop(0)
+                    d.callback(None if line == b"timeout" else float(line))
+        self.process = reactor.spawnProcess(
+            Lines(), sys.executable, [sys.executable, str(Path(__file__).resolve()),
+                                      "--watch", display],
+            env={**os.environ, "DISPLAY": display}, path=str(ROOT))
+
+    def when_shown(self, probes):
+        """A Deferred firing with the time the viewer display showed every (x, y, rgb)."""
+        from twisted.internet import defer
+        d = defer.Deferred()
+        self.waiting.append(d)
+        self.process.write((" ".join(f"{x} {y} {r} {g} {b}" for x, y, (r, g, b) in probes)
+                            + "\n").encode())
+        return d
+
+    def close(self) -> None:
+        self.process.closeStdin()
+
+
 class Viewer:
     """The app's viewer on one RFB connection; remembers when it painted what."""
 
     def __init__(self, reactor, port: int) -> None:
+        from PySide6.QtCore import Qt
         from twisted.internet import endpoints
 
         from modules.common.qt.viewer import FramebufferWidget
@@ -68,8 +139,9 @@ class Viewer:
         self.painted: list[tuple[float, list]] = []   # (time, probe pixels at paint time)
         self.widget = ProbedWidget(lambda: self.protocol.framebuffer, lambda *a: None,
                                    lambda *a: None, lambda: False)
-        self.widget.resize(1920, 1080)
+        self.widget.setWindowFlags(Qt.FramelessWindowHint)
         self.widget.set_fit(False)
+        self.widget.move(0, 0)
         self.widget.show()
         self.connected = endpoints.connectProtocol(
             endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port), self.protocol)
@@ -149,11 +221,67 @@ async def idle_cpu(seconds: float) -> float:
     return used / (time.perf_counter() - t0)
 
 
+async def latency_on_screen(watcher: Watcher, painter: Painter, samples: int,
+                            current: np.ndarray) -> list[float]:
+    """Change → visible on the viewer display (either viewer), through the watcher process;
+    ``current`` is what the source shows (kept up to date here)."""
+    rnd = random.Random(11)
+    out = []
+    for _ in range(samples):
+        await sleep(rnd.uniform(0.06, 0.12))
+        x, y = rnd.randrange(0, painter.w - 120), rnd.randrange(LOW, painter.h - 120)
+        while True:
+            rgb = (rnd.randrange(256), rnd.randrange(256), rnd.randrange(256))
+            old = current[y + 60, x + 60]
+            if max(abs(int(old[i]) - rgb[i]) for i in range(3)) > 3 * TOLERANCE:
+                break
+        shown = watcher.when_shown([(x + 60, y + 60, rgb)])
+        t0 = time.perf_counter()
+        painter.square(x, y, 120, rgb)
+        current[y:y + 120, x:x + 120] = rgb
+        at = await shown
+        if at is not None:
+            out.append((at - t0) * 1000)
+    return out
+
+
+def add_probe_squares(painter: Painter, pics) -> list[tuple[int, int]]:
+    """Two solid 60x60 squares per picture (bottom-left, bottom-right), a colour per picture,
+    so no probe pixel sits on JPEG-blurred glyph edges; returns their centres."""
+    w, h = painter.w, painter.h
+    spots = [(60, h - 90), (w - 90, h - 90)]
+    for i, (pix, img) in enumerate(zip(painter.pixmaps, pics)):
+        for k, (x, y) in enumerate(spots):
+            rgb = ((i * 83 + k * 40) % 256, 255 - i * 60, (i * 140 + 90 * k) % 256)
+            painter.gc.change(foreground=(rgb[0] << 16) | (rgb[1] << 8) | rgb[2])
+            pix.fill_rectangle(painter.gc, x - 30, y - 30, 60, 60)
+            img[y - 30:y + 30, x - 30:x + 30] = rgb
+    painter.d.sync()
+    return spots
+
+
+async def fps_on_screen(watcher: Watcher, painter: Painter, pics, spots,
+                        seconds: float) -> float:
+    frames, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        i = frames % len(pics)
+        shown = watcher.when_shown([(x, y, tuple(int(v) for v in pics[i][y, x]))
+                                    for x, y in spots])
+        painter.show_picture(i)
+        if await shown is None:
+            break
+        frames += 1
+    return frames / (time.perf_counter() - start)
+
+
 def pct(values: list[float], p: float) -> float:
     return float(np.percentile(values, p)) if values else float("nan")
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["--watch"]:
+        watch_main(sys.argv[2])
+        return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", default="1920x1080")
     ap.add_argument("--samples", type=int, default=100)
@@ -161,9 +289,9 @@ def main() -> None:
     ap.add_argument("--idle-seconds", type=float, default=10)
     ap.add_argument("--max-fps", type=float, default=30, help="our server's capture rate cap")
     args = ap.parse_args()
-    os.environ["QT_QPA_PLATFORM"] = "offscreen"
     width, height = map(int, args.size.split("x"))
     display = start_xvfb(args.size)
+    viewer_display = start_xvfb(args.size)      # where both viewers show their window
     procs = []
     try:
         ours, x11vnc = free_port(), free_port()
@@ -179,19 +307,28 @@ def main() -> None:
 
         import qasync
         from PySide6.QtWidgets import QApplication
-        app = QApplication.instance() or QApplication([])
+        app = QApplication.instance() or QApplication(
+            ["viewer-bench", "-platform", "xcb", "-display", viewer_display.name])
         app.setQuitOnLastWindowClosed(False)
         loop = qasync.QEventLoop(app)
         asyncio.set_event_loop(loop)
         from twisted.internet import asyncioreactor
         asyncioreactor.install(loop)
         from twisted.internet import defer, reactor
-        results: dict[str, tuple] = {}
+        painted: dict[str, tuple] = {}
+        on_screen: dict[str, tuple] = {}
+
+        async def blank(painter) -> np.ndarray:
+            painter.square(0, 0, max(width, height), (0, 0, 0))
+            await sleep(1.0)                         # every viewer has caught up
+            return np.zeros((height, width, 3), np.uint8)
 
         async def scenario():
             painter = Painter(display.name, width, height)
             pics = painter.prepare_pictures()
-            painter.square(0, 0, width, (0, 0, 0))
+            spots = add_probe_squares(painter, pics)
+            await blank(painter)
+            watcher = Watcher(reactor, viewer_display.name)
             for name, port in (("hausmeister", ours), ("x11vnc", x11vnc)):
                 viewer = Viewer(reactor, port)
                 await viewer.connected
@@ -204,9 +341,32 @@ def main() -> None:
                 rate = await full_screen_fps(viewer, painter, pics, args.fps_seconds)
                 await sleep(1.0)      # the last frame settles
                 cpu = await idle_cpu(args.idle_seconds)
-                results[name] = (lat, rate, cpu, viewer.widget.frames_painted)
+                painted[name] = (lat, rate, cpu, viewer.widget.frames_painted)
+                if port == x11vnc:    # the same window, timed on the viewer display
+                    lat = await latency_on_screen(watcher, painter, args.samples,
+                                                  await blank(painter))
+                    rate = await fps_on_screen(watcher, painter, pics, spots, args.fps_seconds)
+                    on_screen["hausmeister viewer"] = (lat, rate)
                 viewer.protocol.transport.loseConnection()
                 viewer.widget.close()
+            # TigerVNC's viewer, full screen on the viewer display, on the same x11vnc
+            await blank(painter)
+            tiger = subprocess.Popen(
+                ["xtigervncviewer", "-FullScreen", "-Shared", f"127.0.0.1::{x11vnc}"],
+                env={**os.environ, "DISPLAY": viewer_display.name},
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            procs.append(tiger)
+            ready = watcher.when_shown([(width // 2, height // 2, (250, 20, 200))])
+            painter.square(width // 2 - 60, height // 2 - 60, 120, (250, 20, 200))
+            if await ready is None:
+                print("xtigervncviewer: the remote screen never showed", file=sys.stderr)
+            else:
+                await sleep(1.0)
+                lat = await latency_on_screen(watcher, painter, args.samples,
+                                              await blank(painter))
+                rate = await fps_on_screen(watcher, painter, pics, spots, args.fps_seconds)
+                on_screen["TigerVNC viewer"] = (lat, rate)
+            watcher.close()
             painter.close()
 
         def done(result):
@@ -217,23 +377,35 @@ def main() -> None:
             return result
         reactor.callWhenRunning(lambda: defer.ensureDeferred(scenario()).addBoth(done))
         reactor.run()
-        print(f"display {display.name} {args.size}; viewer: the app's RFBClientProtocol + "
-              f"FramebufferWidget (Qt offscreen, qasync); our server's capture cap "
-              f"{args.max_fps:g} fps")
-        print(f"\n{'server':12} {'p50 ms':>8} {'p95 ms':>8} {'n':>4} {'fps full':>9} "
+        print(f"source {display.name}, viewer display {viewer_display.name}, {args.size}; our "
+              f"viewer: the app's RFBClientProtocol + FramebufferWidget (Qt xcb, qasync); our "
+              f"server's capture cap {args.max_fps:g} fps; load average "
+              f"{os.getloadavg()[0]:.1f}")
+        print("\npainted in our viewer's widget (paint hook), by the server behind it")
+        print(f"{'server':12} {'p50 ms':>8} {'p95 ms':>8} {'n':>4} {'fps full':>9} "
               f"{'idle CPU':>9} {'paints':>7}")
-        for name, (lat, rate, cpu, paints) in results.items():
+        for name, (lat, rate, cpu, paints) in painted.items():
             print(f"{name:12} {pct(lat, 50):8.1f} {pct(lat, 95):8.1f} {len(lat):4d} {rate:9.1f} "
                   f"{cpu:9.1%} {paints:7d}")
-        if "hausmeister" in results:
-            lat, rate, cpu, _ = results["hausmeister"]
-            print(f"\nlatency p50 {pct(lat, 50):.1f} ms (target <= 60: "
+        print("\non the viewer display (watcher process, XGetImage), both viewers on x11vnc")
+        print(f"{'viewer':20} {'p50 ms':>8} {'p95 ms':>8} {'n':>4} {'fps full':>9}")
+        for name, (lat, rate) in on_screen.items():
+            print(f"{name:20} {pct(lat, 50):8.1f} {pct(lat, 95):8.1f} {len(lat):4d} {rate:9.1f}")
+        if len(on_screen) == 2:
+            (ol, orate), (tl, trate) = on_screen["hausmeister viewer"], on_screen["TigerVNC viewer"]
+            print(f"\nours / TigerVNC: latency p50 {pct(ol, 50) / pct(tl, 50):.2f}x, p95 "
+                  f"{pct(ol, 95) / pct(tl, 95):.2f}x (lower is better); full-screen fps "
+                  f"{orate / trate if trate else float('nan'):.2f}x (target >= 1)")
+        if "hausmeister" in painted:
+            lat, rate, cpu, _ = painted["hausmeister"]
+            print(f"\nour viewer + our server: latency p50 {pct(lat, 50):.1f} ms (target <= 60: "
                   f"{'met' if pct(lat, 50) <= 60 else 'NOT met'}), p95 {pct(lat, 95):.1f} ms "
                   f"(target <= 100: {'met' if pct(lat, 95) <= 100 else 'NOT met'}); viewer idle "
                   f"CPU {cpu:.1%} of a core (target <= 2 %: {'met' if cpu <= 0.02 else 'NOT met'})")
     finally:
         for p in procs:
             stop_process(p)
+        viewer_display.stop()
         display.stop()
 
 

@@ -179,6 +179,20 @@ async def one_session(qt_app, w, xvfb, term, host, tmp_path,  # noqa: F811 - the
         digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
         assert digest(host_inbox / to_host.name) == digest(to_host)
         assert digest(my_inbox / from_host.name) == digest(from_host)
+        # a file sent can be cancelled from beside its progress bar (here at its first bytes)
+        big = tmp_path / f"big-{language}.bin"
+        big.write_bytes(os.urandom(3_000_000))
+
+        def cancel_at_once(_value):
+            if tab.cancel_transfer.isVisible() and tab.progress.format().startswith(big.name):
+                tab.cancel_transfer.click()
+        tab.progress.valueChanged.connect(cancel_at_once)
+        tab.send_file(str(big))
+        await until(lambda: f"file failed: {big.name}" in host.stderr, what="the host's cancel")
+        tab.progress.valueChanged.disconnect(cancel_at_once)
+        assert "cancelled by the supporter" in host.stderr
+        assert big.name in tab.notice.text() and not tab.cancel_transfer.isVisible()
+        assert not (host_inbox / big.name).exists()
         tab.fit.setChecked(True)
         await until(lambda: tab.viewer.width() < 1024, what="fit to the window")
         screenshot(window, f"supporter-session-{language}")

@@ -318,8 +318,8 @@ class CustomerWindow(QMainWindow, SessionDelegate):
         pass  # the window shows events as sentences; the CLI's status lines are not for it
 
     def secured(self, verification_code: str, peer: str | None) -> None:
-        self.code.setText(t("Verification code: {code}").format(code=verification_code) + "  —  "
-                          + t("Compare this code with the other side by phone."))
+        self.code.setText(t("Verification code: {code} (compare it with the other side by "
+                            "phone)").format(code=verification_code))
 
     def file_offer(self, offer) -> None:
         """The supporter offers a file: its own dialog asks (accept, decline, where)."""

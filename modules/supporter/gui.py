@@ -161,9 +161,16 @@ class SessionTab(QWidget, SessionDelegate):
         self.comment_field.setPlaceholderText(t("Comment for the protocol"))
         self.comment_field.returnPressed.connect(self._comment)
         side_layout.addWidget(self.comment_field)
+        transfer = QHBoxLayout()
         self.progress = QProgressBar()
         self.progress.setVisible(False)
-        side_layout.addWidget(self.progress)
+        transfer.addWidget(self.progress, 1)
+        self.cancel_transfer = QPushButton(t("Cancel"))
+        self.cancel_transfer.setVisible(False)
+        self.cancel_transfer.clicked.connect(self._cancel_transfer)
+        transfer.addWidget(self.cancel_transfer)
+        side_layout.addLayout(transfer)
+        self.transfer_id: str | None = None     # the transfer the progress bar shows
         split.addWidget(side)
         split.setStretchFactor(0, 4)
         split.setStretchFactor(1, 1)
@@ -207,7 +214,8 @@ class SessionTab(QWidget, SessionDelegate):
 
     def _refresh(self) -> None:
         runner = self.runner
-        live = runner is not None and not runner.done.called and runner.driver is not None
+        live = (runner is not None and not runner.done.called and runner.driver is not None
+                and self.end_text is None)
         held = runner.consent.granted if live and not runner.consent.is_presenter else frozenset()
         self.rights_label.setText(t("Rights: {rights}").format(
             rights=", ".join(t(r.value) for r in Right if r in held) or t("none")))
@@ -343,10 +351,18 @@ class SessionTab(QWidget, SessionDelegate):
         self._from_remote = text
         QApplication.clipboard().setText(text)
 
+    def _cancel_transfer(self) -> None:
+        if self.runner is not None and self.transfer_id is not None:
+            self.runner.cancel_file(self.transfer_id, "cancelled by the supporter")
+
     def file_event(self, event) -> None:
-        from ..common.session.file_transfer import FileCompleted, FileFailed, FileProgress
+        from ..common.session.file_transfer import (
+            FileCompleted, FileFailed, FileProgress, FileRejected,
+        )
         if isinstance(event, FileProgress) and event.size:
+            self.transfer_id = event.id
             self.progress.setVisible(True)
+            self.cancel_transfer.setVisible(event.transferred < event.size)
             self.progress.setFormat(f"{event.name}: %p %")
             self.progress.setValue(100 * event.transferred // event.size)
         elif isinstance(event, FileCompleted):
@@ -355,8 +371,13 @@ class SessionTab(QWidget, SessionDelegate):
             self.chat_log.append(t("File {name} received.").format(name=event.name)
                                  if event.direction == self.runner.files.incoming_direction
                                  else t("File {name} sent.").format(name=event.name))
-        elif isinstance(event, FileFailed):
-            self.notice.setText(f"{event.name}: {event.reason}")
+        elif isinstance(event, (FileFailed, FileRejected)):
+            self.notice.setText(t("The file {name} was not transferred: {reason}").format(
+                name=event.name, reason=event.reason))
+        if isinstance(event, (FileCompleted, FileFailed, FileRejected)) and \
+                event.id == self.transfer_id:
+            self.cancel_transfer.setVisible(False)
+            self.transfer_id = None
 
     def ended(self, reason) -> None:
         self.end_text = reason.text()
@@ -512,11 +533,14 @@ class SupporterWindow(QMainWindow):
         dialog.setTextEchoMode(QLineEdit.Password)
         dialog.setOkButtonText(t("Connect"))
         dialog.setCancelButtonText(t("Cancel"))
-        dialog.setMinimumWidth(420)
         dialog.textValueSelected.connect(lambda password: self.connect_host(host_id, name,
                                                                              password))
         self.password_dialog = dialog
         dialog.open()
+        field = dialog.findChild(QLineEdit)
+        if field is not None:                # room for a long password, not a 15-char box
+            field.setMinimumWidth(380)
+            dialog.adjustSize()
 
     def connect_host(self, host_id: str, name: str, password: str) -> SessionTab:
         tab = SessionTab(self, name, Role.HOST, name)

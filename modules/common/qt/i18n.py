@@ -34,8 +34,8 @@ GERMAN: dict[str, str] = {
     "Emergency stop (Ctrl+F12)": "Not-Aus (Strg+F12)",
     "Session ended: {reason}": "Sitzung beendet: {reason}",
     "Verification code: {code}": "Prüfcode: {code}",
-    "Compare this code with the other side by phone.":
-        "Vergleichen Sie diesen Code telefonisch mit der Gegenseite.",
+    "Verification code: {code} (compare it with the other side by phone)":
+        "Prüfcode: {code} (vergleichen Sie ihn telefonisch mit der Gegenseite)",
     "Chat": "Chat",
     "Send": "Senden",
     "Type a message": "Nachricht eingeben",
