@@ -48,7 +48,8 @@ def capital(text: str) -> str:
 # How a session ended, as a whole sentence: one for this side's own doing (German conjugates
 # "Sie haben" differently from "der Kunde hat") and one naming the other party.
 END_SENTENCES: dict[EndCause, tuple[str, str]] = {
-    EndCause.EMERGENCY_STOP: ("You pressed the emergency stop.", "{who} pressed the emergency stop."),
+    EndCause.EMERGENCY_STOP: ("You pressed the emergency stop.",
+                              "{who} pressed the emergency stop."),
     EndCause.ENDED: ("You ended the session.", "{who} ended the session."),
     EndCause.DECLINED: ("You declined the session.", "{who} declined the session."),
     EndCause.RIGHT_WITHDRAWN: ("You withdrew the right to view.",
