@@ -104,7 +104,6 @@ class CustomerWindow(QMainWindow, SessionDelegate):
         self.ui: DialogConsentUI | None = None
         self.end_text: str | None = None
         self.file_dialogs: dict[str, FileOfferDialog] = {}   # transfer id → its dialog
-        self.bar = SharingBar(self.emergency_stop)
         self.bar = SharingBar(self.emergency_stop, self.toggle_pause)
         self._build()
         QShortcut(QKeySequence("Ctrl+F12"), self, activated=self.emergency_stop,
