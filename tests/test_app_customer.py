@@ -180,8 +180,10 @@ async def one_session(qt_app, srv, enrolled_supporter, xvfb, tmp_path,  # noqa: 
                ("emergency_stop", "customer") for line in lines)
 
 
-def test_customer_app_without_a_display_says_so_in_one_line():
-    result = run_cli("customer", "gui", env={"DISPLAY": "", "QT_QPA_PLATFORM": "xcb"})
-    assert result.returncode == 2
-    assert result.stderr.strip().count("\n") == 0
-    assert "no display" in result.stderr
+def test_apps_without_a_display_say_so_in_one_line(tmp_path):
+    for kind in ("customer", "supporter"):   # (the host's app needs an enrolled host first)
+        result = run_cli(kind, "gui", *(("--home", str(tmp_path)) if kind == "supporter" else ()),
+                         env={"DISPLAY": "", "QT_QPA_PLATFORM": "xcb"})
+        assert result.returncode == 2, (kind, result.stderr)
+        assert result.stderr.strip().count("\n") == 0, result.stderr
+        assert f"hausmeister-{kind}: error: no display" in result.stderr

@@ -377,6 +377,7 @@ class SessionTab(QWidget, SessionDelegate):
         if isinstance(event, (FileCompleted, FileFailed, FileRejected)) and \
                 event.id == self.transfer_id:
             self.cancel_transfer.setVisible(False)
+            self.progress.setVisible(isinstance(event, FileCompleted))   # no stale "0 %"
             self.transfer_id = None
 
     def ended(self, reason) -> None:
