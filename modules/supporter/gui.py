@@ -208,7 +208,7 @@ class SessionTab(QWidget, SessionDelegate):
 
     def _tick(self) -> None:
         if self.end_text is None:
-            seconds = int(time.monotonic() - self.started)
+            seconds = round(time.monotonic() - self.started)   # a coarse tick may come early
             self.timer_label.setText(t("Session {time}").format(
                 time=f"{seconds // 60:02d}:{seconds % 60:02d}"))
 
