@@ -217,6 +217,26 @@ def test_manual_accept_and_reject(tmp_path):
         peer.ft.accept(offers[1].id)
 
 
+def test_accept_into_a_folder_the_person_chose(tmp_path):
+    """The customer app's dialog: this file goes to another folder than the usual one; the
+    partial file lives there too (so storing it is a rename in one file system)."""
+    sup, peer = make_pair(tmp_path, peer_kw={"auto_accept": False})
+    chosen = tmp_path / "chosen"
+    chosen.mkdir()
+    data = os.urandom(100_000)
+    sup.apply(sup.ft.offer(write(tmp_path, "report.pdf", data)))
+    pump(sup, peer)
+    offer = peer.ft.pending_offers()[0]
+    peer.apply(peer.ft.accept(offer.id, chosen))
+    pump(sup, peer, stop=lambda s, p: p.of(FileProgress))
+    assert [n for n in listing(chosen) if n.endswith(".part")] and not listing(tmp_path / "peer_in")
+    pump(sup, peer)
+    assert (chosen / "report.pdf").read_bytes() == data
+    assert listing(tmp_path / "peer_in") == [] and listing(chosen) == ["report.pdf"]
+    assert peer.of(FileCompleted)[0].path == chosen / "report.pdf"
+    assert len(sup.of(FileCompleted)) == 1
+
+
 # --- names ----------------------------------------------------------------------------------------
 
 BAD_NAMES = ["../x", "../../etc/passwd", "/etc/passwd", "/", "", ".", "..", "a/b", "a\\b",
