@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import struct
 
+import ipaddress
+
 import numpy as np
 import pytest
 import pytest_twisted
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet import defer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 
-from modules.common.screen.capture_vnc import (VncAddress, VncInjector, VncSource, VncSourceError,
+from modules.common.screen.capture_vnc import (LOCAL_ENCODINGS, VncAddress, VncInjector, VncSource, VncSourceError,
                                                parse_vnc_url, read_password_file, vnc_screen_offer)
 from modules.common.screen.capture_x11 import Capture, DamageTracker
 from modules.common.screen.rfb_twisted import listen_vnc
@@ -48,7 +52,26 @@ def test_other_addresses_are_refused_in_one_line(url, why):
     with pytest.raises(VncSourceError) as caught:
         parse_vnc_url(url)
     message = str(caught.value)
-    assert why in message and "\n" not in message and message.startswith(f"--screen {url}")
+    assert why in message and "\n" not in message and message.startswith("--screen vnc://")
+    assert "pw@" not in message   # a password typed into the address is not echoed
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.text(max_size=60),
+                 st.builds(lambda host, port: f"vnc://{host}:{port}",
+                           st.one_of(st.ip_addresses().map(
+                               lambda a: f"[{a}]" if a.version == 6 else str(a)),
+                               st.text(max_size=20)),
+                           st.integers(-5, 70000))))
+def test_any_text_is_a_loopback_address_or_one_refusal(text):
+    """Whatever is typed after --screen: a loopback address, or one line (never a resolve, never
+    another exception)."""
+    try:
+        address = parse_vnc_url(text)
+    except VncSourceError as exc:
+        assert str(exc).isprintable() and str(exc).startswith("--screen ")
+        return
+    assert ipaddress.ip_address(address.host).is_loopback and 0 <= address.port <= 65535
 
 
 def test_password_file_and_options_a_vnc_source_lacks(tmp_path):
@@ -126,6 +149,9 @@ async def test_frames_arrive_and_input_passes_only_while_control_is_granted():
         assert not source.connected
         await source.connect()
         assert source.connected and source.size() == (320, 200)
+        # the encodings the local server is asked for are the module's own, whatever a viewer
+        # asks of the module's server
+        assert port.factory.connections[-1].rfb.encodings == list(LOCAL_ENCODINGS)
         first = await off_reactor(source.capture)
         assert np.array_equal(first.frame, picture.frame) and first.damage
         again = await off_reactor(source.capture)

@@ -85,16 +85,19 @@ class VncAddress:
 def parse_vnc_url(text: str) -> VncAddress:
     """``vnc://127.0.0.1:5900`` (port 5900 if left out; ``localhost`` is 127.0.0.1) → address.
     Anything but a loopback address is refused: the local RFB stream is not encrypted."""
+    shown = text if "@" not in text else "vnc://USER:PASSWORD@" + text.rsplit("@", 1)[1]
+    if not shown.isprintable() or len(shown) > 200:   # one line, whatever was typed
+        shown = repr(shown[:200])
     try:
         parts = urlsplit(text)
         port = parts.port
         host = parts.hostname
     except ValueError as exc:
-        raise VncSourceError(f"--screen {text}: not a VNC address ({exc}); "
+        raise VncSourceError(f"--screen {shown}: not a VNC address ({exc}); "
                              "use vnc://127.0.0.1:5900") from None
     if parts.scheme.lower() != "vnc" or not host or parts.path not in ("", "/") \
             or parts.query or parts.fragment or parts.username or parts.password:
-        raise VncSourceError(f"--screen {text}: not a VNC address; use vnc://127.0.0.1:5900 "
+        raise VncSourceError(f"--screen {shown}: not a VNC address; use vnc://127.0.0.1:5900 "
                              "(a password goes in --screen-password-file)")
     if host == "localhost":
         host = "127.0.0.1"
@@ -103,7 +106,7 @@ def parse_vnc_url(text: str) -> VncAddress:
     except ValueError:
         loopback = False
     if not loopback:
-        raise VncSourceError(f"--screen {text}: the VNC server must run on this machine; give a "
+        raise VncSourceError(f"--screen {shown}: the VNC server must run on this machine; give a "
                              "loopback address such as vnc://127.0.0.1:5900 (its stream is not "
                              "encrypted, so it never leaves the machine)")
     return VncAddress(host, DEFAULT_PORT if port is None else port)
