@@ -25,6 +25,7 @@ from twisted.internet.task import deferLater
 from modules.common.screen.capture_vnc import (LOCAL_ENCODINGS, VncAddress, VncInjector, VncSource, VncSourceError,
                                                parse_vnc_url, read_password_file, vnc_screen_offer)
 from modules.common.screen.capture_x11 import Capture, DamageTracker
+from modules.common.screen.rfb_server import Rect
 from modules.common.screen.rfb_twisted import listen_vnc
 
 
@@ -156,6 +157,18 @@ async def test_frames_arrive_and_input_passes_only_while_control_is_granted():
         assert np.array_equal(first.frame, picture.frame) and first.damage
         again = await off_reactor(source.capture)
         assert again.damage == [] and again.moves == []     # nothing new: no comparison even
+        # the damage is what the local server updated, not a comparison of frames
+        tracker = DamageTracker()
+        assert (await off_reactor(source.capture, tracker)).damage == [Rect(0, 0, 320, 200)]
+        changed = picture.frame.copy()
+        changed[50:60, 70:90] = 0
+        picture.frame = changed
+        for _ in range(500):
+            update = await off_reactor(source.capture, tracker)
+            if update.damage:
+                break
+            await deferLater(reactor, 0.02, lambda: None)
+        assert update.damage == [Rect(64, 0, 64, 64)] and np.array_equal(update.frame, changed)
         # the local server's clipboard, both ways, in UTF-8 (its Extended Clipboard)
         port.factory.connections[-1].send_cut_text("Grüße aus 東京")
         await until(lambda: source.clipboard.get() == "Grüße aus 東京", "the server's clipboard")
@@ -186,7 +199,7 @@ async def test_frames_arrive_and_input_passes_only_while_control_is_granted():
                     "the local server sees the close")
         assert received.events[5:] == [("key", False, 0xFF0D)]
         still = source.capture()   # a capture that was under way gets the last frame, still
-        assert still.damage == [] and np.array_equal(still.frame, picture.frame)
+        assert still.damage == [] and np.array_equal(still.frame, first.frame)
         with pytest.raises(VncSourceError, match="not connected"):
             source.capture(DamageTracker())
         # a later screen (the next session) connects again
