@@ -62,6 +62,16 @@ def qt_app(qt_display):
     app.processEvents()
 
 
+@pytest.fixture
+def app_world(running_server, enrolled_supporter, tmp_path):
+    """What the app tests run against: the server (its relay inside it), supporter alice and
+    host pc1 with its password.  Lighter than test_e2e_sessions' ``world`` (no tapped relay
+    process: these tests are about the apps, not what the relay sees)."""
+    from .fixtures_server import add_enrolled_host
+    pc1 = add_enrolled_host(running_server, "pc1", tmp_path / "pc1", "right-host-password")
+    return {"srv": running_server, "alice": enrolled_supporter, "pc1": pc1, "tmp": tmp_path}
+
+
 async def until(predicate, timeout: float = 30, what: str = "condition"):
     """Wait (letting the reactor and Qt run) until ``predicate()`` is truthy; return it."""
     from twisted.internet import reactor

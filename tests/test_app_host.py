@@ -14,14 +14,14 @@ from .fixtures_qt import qt_app, screenshot, until  # noqa: F401 - fixture
 from .fixtures_server import run_cli
 from .fixtures_x11 import xvfb  # noqa: F401 - fixture
 from .module_process import ModuleProcess
-from .test_e2e_sessions import world  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 @pytest_twisted.ensureDeferred
-async def test_host_window_shows_the_session_and_stops_it(qt_app, world, xvfb):  # noqa: F811
+async def test_host_window_shows_the_session_and_stops_it(qt_app, app_world,  # noqa: F811
+                                                          xvfb):  # noqa: F811
     """Both languages, one after the other, against one server (a start costs more than a run)."""
     from twisted.internet import reactor
 
@@ -29,7 +29,7 @@ async def test_host_window_shows_the_session_and_stops_it(qt_app, world, xvfb): 
     from modules.common.qt.i18n import install_translation
     from modules.common.terminal.stream_cli import screen_offer
     from modules.remote_host.gui import HostWindow
-    w = world
+    w = app_world
     assert run_cli("host", "policy", "--view", "allow", "--control", "allow",
                    "--home", str(w["pc1"])).returncode == 0
     right = w["tmp"] / "right"

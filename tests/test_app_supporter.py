@@ -23,7 +23,6 @@ from .fixtures_server import run_cli
 from .fixtures_x11 import wait_for_window, xvfb  # noqa: F401 - fixture
 from .module_process import ModuleProcess
 from .test_e2e_screen import focus, screen_of
-from .test_e2e_sessions import world  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.e2e
 
@@ -70,9 +69,9 @@ def keycodes(display: str, keysyms) -> list[int]:
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 @pytest_twisted.ensureDeferred
 async def test_supporter_app_lists_connects_views_controls_and_moves_files(
-        qt_app, world, xvfb, tmp_path):  # noqa: F811
+        qt_app, app_world, xvfb, tmp_path):  # noqa: F811
     """Both languages against one server and one host (a server start costs more than a run)."""
-    w = world
+    w = app_world
     assert run_cli("host", "policy", "--view", "allow", "--control", "allow", "--files",
                    "allow", "--home", str(w["pc1"])).returncode == 0
     term = xvfb.xterm("host-term", geometry="80x24+0+0", bg="darkblue")
