@@ -202,6 +202,11 @@ async def test_frames_arrive_and_input_passes_only_while_control_is_granted():
         assert still.damage == [] and np.array_equal(still.frame, first.frame)
         with pytest.raises(VncSourceError, match="not connected"):
             source.capture(DamageTracker())
+        # a screen that stops while the source connects: cancelled, not an error
+        connecting = source.connect()
+        source.disconnect()
+        with pytest.raises(defer.CancelledError):
+            await connecting
         # a later screen (the next session) connects again
         await source.connect()
         assert source.connections == 2
@@ -316,3 +321,26 @@ def test_extended_clipboard_provide_is_a_flushed_unfinished_zlib_stream():
     assert ext.decode_text(data[4:]) == "grün 東京"
     assert ext.parse(wire[8:]).text == "grün 東京"
     assert ext.provide(ext.CLIENT, "grün 東京") == wire  # no state carried between messages
+
+
+def test_screen_options_that_do_not_fit_are_one_line_and_exit_2(tmp_path):
+    from argparse import Namespace
+
+    from modules.common.terminal.stream_cli import screen_offer
+    from modules.common.terminal.cli import ModuleError
+    password = tmp_path / "pw"
+    password.write_text("secret\n")
+    for args, why in (
+            (Namespace(screen=":0", screen_password_file=str(password)), "applies to a VNC server"),
+            (Namespace(screen=None, screen_password_file=str(password)), "needs --screen vnc://"),
+            (Namespace(screen="vnc://192.0.2.1", screen_password_file=None), "on this machine"),
+            (Namespace(screen="vnc://127.0.0.1:5999", screen_password_file=str(tmp_path / "no")),
+             "No such file")):
+        with pytest.raises(ModuleError) as caught:
+            screen_offer(args)
+        assert why in str(caught.value) and caught.value.exit_code == 2
+    source, make_injector = screen_offer(Namespace(screen="vnc://127.0.0.1:5999",
+                                                   screen_password_file=str(password)))
+    assert isinstance(source, VncSource) and source.password == "secret"
+    assert not source.connected   # nothing is connected before a session shows the screen
+    assert isinstance(make_injector(lambda: False), VncInjector)

@@ -201,7 +201,8 @@ class VncSource:
 
     def connect(self) -> defer.Deferred:
         """Connect to the local server; fires (None) once its first full frame is decoded,
-        fails with ``VncSourceError`` (one line) otherwise."""
+        fails with ``VncSourceError`` (one line) otherwise, or with ``CancelledError`` if
+        ``disconnect()`` came first."""
         if self.connected:
             return defer.succeed(None)
         waiter: defer.Deferred = defer.Deferred()
@@ -224,8 +225,7 @@ class VncSource:
         def connected(_):
             self._connecting = None
             if self._protocol is not protocol:
-                raise VncSourceError(f"the local VNC server {self.address}: disconnected "
-                                     "while connecting")
+                raise defer.CancelledError("disconnected while connecting")
             self.connections += 1
             protocol.ended.addCallback(lambda error: self._ended(protocol, error))
             log.info("screen: connected to the local VNC server {address} "
@@ -236,10 +236,11 @@ class VncSource:
 
         def failed(failure):
             self._connecting = None
-            if self._protocol is protocol:
-                self._protocol = None
-                if protocol.transport is not None:
-                    protocol.transport.abortConnection()
+            if self._protocol is not protocol:   # disconnect() while connecting: not an error
+                raise defer.CancelledError("disconnected while connecting")
+            self._protocol = None
+            if protocol.transport is not None:
+                protocol.transport.abortConnection()
             raise VncSourceError(self._reason(failure.value, protocol))
         def settle(result):
             waiters, self._waiters = self._waiters, []

@@ -705,6 +705,8 @@ class SessionRunner:
 
         def failed(failure):
             self._source_connecting = False
+            if failure.check(defer.CancelledError):
+                return   # we disconnected it meanwhile (view withdrawn, direction changed)
             if not self._finished and self.consent.allows(Right.VIEW):
                 self._screen_source_failed(failure.getErrorMessage())
         source.connect().addCallbacks(connected, failed)
