@@ -268,6 +268,30 @@ async def test_one_leg_aborting_tears_down_the_other_and_on_ended_fires_once(rel
     assert (r.ended[0].bytes_supporter_to_peer, r.ended[0].bytes_peer_to_supporter) == (5, 0)
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_forged_record_on_a_spliced_leg_ends_the_session_through_twisted_tls(
+        relay_factory):
+    """Bytes that are not a valid TLS record (injected below the client's TLS) fail
+    authentication in the fast path's SSL_read; the leg goes back to Twisted's TLS, which
+    closes it, and the session ends with a TLS error.  Nothing forged reaches the partner."""
+    r = relay_factory()
+    sid, sup_token, peer_token = r.session_tokens()
+    supporter, _ = await r.leg(sup_token)
+    peer, _ = await r.leg(peer_token)
+    supporter.transport.write(b"hello")
+    await until(lambda: peer.count == 5, what="hello")
+    session = r.relay.sessions[sid]
+    assert session.legs["supporter"].splice is not None
+    forged = bytes([23, 3, 3, 0, 40]) + os.urandom(40)  # application-data header, random body
+    supporter.transport.transport.write(forged)  # the TCP transport under the client's TLS
+    await peer.lost
+    await supporter.lost
+    assert len(r.ended) == 1
+    assert r.ended[0].end_reason.startswith("supporter connection lost")
+    assert bytes(peer.received) == b"hello"
+    assert r.ended[0].bytes_supporter_to_peer == 5
+
+
 # --- token refusals ---------------------------------------------------------------------------
 
 @pytest_twisted.ensureDeferred
