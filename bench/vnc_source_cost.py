@@ -24,7 +24,6 @@ import argparse
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -34,13 +33,13 @@ sys.path.insert(0, str(ROOT))
 from tests.fixtures_x11 import require, start_xvfb, stop_process  # noqa: E402
 
 DRAWER = r"""
-import sys, time, random
+import os, sys, time, random
 from Xlib import X, display
 d = display.Display(sys.argv[1]); root = d.screen().root; seconds = float(sys.argv[2])
 w, h = root.get_geometry().width, root.get_geometry().height
 gc = root.create_gc(foreground=0x204060)
 rnd = random.Random(7)
-noise = [bytes(rnd.getrandbits(8) for _ in range(640 * 40 * 4)) for _ in range(9)]
+noise = [os.urandom(640 * 40 * 4) for _ in range(9)]
 end = time.monotonic() + seconds; frame = 0
 while time.monotonic() < end:
     x = (frame * 16) % (w - 640); y = 200

@@ -9,7 +9,6 @@ is a failure, not a skip: ``make test`` installs sway, wayvnc and foot.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import time
 from dataclasses import dataclass

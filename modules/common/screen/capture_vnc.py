@@ -242,6 +242,7 @@ class VncSource:
             if protocol.transport is not None:
                 protocol.transport.abortConnection()
             raise VncSourceError(self._reason(failure.value, protocol))
+
         def settle(result):
             waiters, self._waiters = self._waiters, []
             for w in waiters:
