@@ -18,11 +18,12 @@ APT     = DEBIAN_FRONTEND=noninteractive apt-get
 # service: debconf is told not to configure one). tinyproxy: the HTTP CONNECT proxy modules go through.
 # npm: installs the pinned axe-core the accessibility test runs (tests/test_console_a11y.py).
 # sway, wayvnc, foot: a headless Wayland desktop served by a real local VNC server, the screen source
-# of tests/test_e2e_vnc_screen.py (a host's --screen vnc://127.0.0.1:PORT).
+# of tests/test_e2e_vnc_screen.py (a host's --screen vnc://127.0.0.1:PORT); tigervnc-scraping-server:
+# TigerVNC's x0vncserver as another local VNC server (tests/test_capture_vnc.py).
 # libxcb-keysyms1, libxcb-icccm4: Qt's xcb platform for the customer one-file on Xvfb (PyInstaller
 # bundles the xcb libraries it finds at build time).
-TEST_APT_PACKAGES = postgresql haproxy xvfb xterm x11vnc vncsnapshot tigervnc-viewer xfonts-base xclip chromium npm slapd ldap-utils tinyproxy libxcb-keysyms1 libxcb-icccm4 sway wayvnc foot
-TEST_BINARIES = /usr/lib/postgresql/*/bin/initdb /usr/sbin/haproxy /usr/bin/Xvfb /usr/bin/xterm /usr/bin/x11vnc /usr/bin/vncsnapshot /usr/bin/xtigervncviewer /usr/bin/xclip /usr/bin/chromium /usr/bin/npm /usr/sbin/slapd /usr/bin/ldapadd /usr/bin/tinyproxy /usr/lib/x86_64-linux-gnu/libxcb-keysyms.so.1 /usr/lib/x86_64-linux-gnu/libxcb-icccm.so.4 /usr/bin/sway /usr/bin/swaymsg /usr/bin/wayvnc /usr/bin/foot
+TEST_APT_PACKAGES = postgresql haproxy xvfb xterm x11vnc vncsnapshot tigervnc-viewer xfonts-base xclip chromium npm slapd ldap-utils tinyproxy libxcb-keysyms1 libxcb-icccm4 sway wayvnc foot tigervnc-scraping-server
+TEST_BINARIES = /usr/lib/postgresql/*/bin/initdb /usr/sbin/haproxy /usr/bin/Xvfb /usr/bin/xterm /usr/bin/x11vnc /usr/bin/vncsnapshot /usr/bin/xtigervncviewer /usr/bin/xclip /usr/bin/chromium /usr/bin/npm /usr/sbin/slapd /usr/bin/ldapadd /usr/bin/tinyproxy /usr/lib/x86_64-linux-gnu/libxcb-keysyms.so.1 /usr/lib/x86_64-linux-gnu/libxcb-icccm.so.4 /usr/bin/sway /usr/bin/swaymsg /usr/bin/wayvnc /usr/bin/foot /usr/bin/x0vncserver
 
 .PHONY: run test install test-system-packages clean-run bundle translations
 

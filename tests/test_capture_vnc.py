@@ -28,6 +28,8 @@ from modules.common.screen.capture_x11 import Capture, DamageTracker
 from modules.common.screen.rfb_server import Rect
 from modules.common.screen.rfb_twisted import listen_vnc
 
+from .fixtures_x11 import require, stop_process, xvfb  # noqa: F401 - fixture
+
 
 @pytest.mark.parametrize("url, address", [
     ("vnc://127.0.0.1:5900", VncAddress("127.0.0.1", 5900)),
@@ -344,3 +346,63 @@ def test_screen_options_that_do_not_fit_are_one_line_and_exit_2(tmp_path):
     assert isinstance(source, VncSource) and source.password == "secret"
     assert not source.connected   # nothing is connected before a session shows the screen
     assert isinstance(make_injector(lambda: False), VncInjector)
+
+
+def tigervnc_password_file(path, password: str) -> None:
+    """TigerVNC's (and vncpasswd's) password file: the password, 8 bytes, DES-encrypted with the
+    well-known fixed key (obfuscation, not protection)."""
+    from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
+    from cryptography.hazmat.primitives.ciphers import Cipher, modes
+    key = bytes.fromhex("e84ad660c4721ae0")
+    enc = Cipher(TripleDES(key * 3), modes.ECB()).encryptor()
+    path.write_bytes(enc.update(password.encode()[:8].ljust(8, b"\0")) + enc.finalize())
+
+
+@pytest_twisted.ensureDeferred
+async def test_tigervnc_x0vncserver_with_a_password(xvfb, tmp_path):  # noqa: F811
+    """TigerVNC's x0vncserver (VncAuth; its default VeNCrypt is not spoken): the picture is the
+    display's, and keys typed through the source run a command in an xterm."""
+    import mss
+    from twisted.internet import reactor
+
+    from .fixtures_server import free_port
+    from .fixtures_wayland import listening
+    from .test_e2e_screen import focus
+    term = xvfb.xterm("x0-term", geometry="80x24+0+0", bg="darkgreen")
+    focus(xvfb.name, term.window)
+    password = tmp_path / "passwd"
+    tigervnc_password_file(password, "s3cret!x")
+    port = free_port()
+    server = xvfb.spawn([require("x0vncserver"), "-display", xvfb.name, "-rfbport", str(port),
+                         "-localhost", "-SecurityTypes", "VncAuth", "-PasswordFile",
+                         str(password)])
+    await until(lambda: listening(port) or server.poll() is not None, "x0vncserver listening")
+    assert server.poll() is None, "x0vncserver exited at start"
+    source = VncSource(VncAddress("127.0.0.1", port), "s3cret!x")
+    try:
+        await source.connect()
+        assert source.size() == (1024, 768)
+        await until(lambda: np.abs(source.capture().frame.astype(np.int16) - grab(mss, xvfb.name))
+                    .mean() < 1.0, "the source's picture to match the display")
+        marker = tmp_path / "typed-through-x0vncserver"
+        injector = VncInjector(source, lambda: True)
+        for char in f"touch {marker}\n":
+            keysym = 0xFF0D if char == "\n" else ord(char)
+            shifted = char == "_"       # a viewer holds Shift itself; x0vncserver adds none
+            if shifted:
+                await off_reactor(injector.key, True, 0xFFE1)
+            await off_reactor(injector.key, True, keysym)
+            await off_reactor(injector.key, False, keysym)
+            if shifted:
+                await off_reactor(injector.key, False, 0xFFE1)
+        await until(marker.exists, "the typed command's file")
+    finally:
+        source.disconnect()
+    wrong = VncSource(VncAddress("127.0.0.1", port), "guessed", reactor=reactor)
+    with pytest.raises(VncSourceError, match="refused the password"):
+        await wrong.connect()
+
+
+def grab(mss, display: str) -> np.ndarray:
+    with mss.MSS(display=display) as sct:
+        return np.asarray(sct.grab(sct.monitors[0]))[..., 2::-1].astype(np.int16)
