@@ -236,9 +236,16 @@ class RecordingStart(amp.Command):
     recorded before (reconnect, server restart) gets the same ``recording_id`` and the offset to
     resume at; ``stall_seconds`` is how long the server waits for a chunk before a ``required``
     session ends.  The module must not start its screen under ``required`` before this answer.
+
+    ``presenting``: the party shows its screen now (a supporter after a direction change): the
+    side that shows records, so it gets the policy even where a supporter otherwise records
+    nothing.  ``resume_token`` lets this recorder continue the upload over a new control
+    connection (``RecordingResume``) after a connection loss or a server restart.
+    ``split_keys``: the recording key is split into one share per public key (XOR), so opening
+    the recording needs every key holder (an auditor's key whose private half the server lacks).
     """
 
-    arguments = [(b"session_id", amp.Unicode())]
+    arguments = [(b"session_id", amp.Unicode()), (b"presenting", amp.Boolean(optional=True))]
     response = [
         (b"policy", amp.Unicode()),
         (b"input", amp.Unicode()),
@@ -248,7 +255,20 @@ class RecordingStart(amp.Command):
         (b"max_chunk", amp.Integer()),
         (b"stall_seconds", amp.Float()),
         (b"buffer_bytes", amp.Integer()),
+        (b"resume_token", amp.Unicode(optional=True)),
+        (b"split_keys", amp.Boolean(optional=True)),
     ]
+    errors = ERRORS
+
+
+class RecordingResume(amp.Command):
+    """A recorder whose control connection was lost (or whose server restarted) continues its
+    upload on a new connection: ``resume_token`` is what ``RecordingStart`` answered.  The answer
+    is the offset the server holds; the module sends on from there (also after its session
+    ended: the bytes it still holds, the FINAL record among them, then ``RecordingEnd``)."""
+
+    arguments = [(b"recording_id", amp.Unicode()), (b"resume_token", amp.Unicode())]
+    response = [(b"next_offset", amp.Integer())]
     errors = ERRORS
 
 

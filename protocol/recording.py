@@ -40,13 +40,19 @@ The header JSON::
      "started_at": "2026-12-05T18:00:00.000+00:00", "screen": [1280, 800],
      "key_id": "<id of the operator's recording key>", "input": "off" | "masked" | "on",
      "nonce_prefix": "<8 hex>", "wrapped_keys": [{"key_id": "...", "alg": "X25519-HKDF-SHA256-AESGCM",
-     "ephemeral": "<base64 raw X25519>", "wrapped": "<base64>"}, ...]}
+     "ephemeral": "<base64 raw X25519>", "wrapped": "<base64>"}, ...],
+     "key_split": "xor"   (only with split knowledge, see below)}
 
 Key wrapping (``X25519-HKDF-SHA256-AESGCM``): a fresh X25519 key pair per recipient; KEK =
 HKDF-SHA256(ECDH(ephemeral, recipient), salt = ephemeral || recipient public, info =
 "hausmeister recording key wrap v1"); wrapped = AES-256-GCM(KEK, nonce 0^12, recording key, aad =
 key_id).  Whoever holds one recipient's private key opens the recording; the operator's key lives
 in the server's certificate folder, an auditor's private key need not be on the server at all.
+
+Split knowledge (header ``"key_split": "xor"``): instead of the recording key itself, each
+recipient's entry wraps a *share* (32 random bytes; the last share is the key XOR all others), so
+the key exists only where every recipient's private key is at hand: with an auditor's key whose
+private half the server does not hold, neither the operator nor the auditor alone can watch.
 
 Why this shape: records are independent and counted, so a file cut off anywhere reads up to its
 last whole record (``Reader`` reports ``complete=False``), a reordered, dropped or altered record
@@ -148,6 +154,9 @@ def wrap_key(recording_key: bytes, recipient: X25519PublicKey) -> dict:
 def unwrap_key(header: dict, private: X25519PrivateKey) -> bytes:
     """The recording key from the header's wrapped key for ``private``; RecordingError if the
     recording was not made for this key or the wrapped key was altered."""
+    if is_split(header):
+        raise RecordingError("this recording's key is split among its recipients (split "
+                             "knowledge): it opens only with every holder's key together")
     kid = key_id(private.public_key())
     for entry in header.get("wrapped_keys", []):
         if isinstance(entry, dict) and entry.get("key_id") == kid:
@@ -173,6 +182,37 @@ def unwrap_key(header: dict, private: X25519PrivateKey) -> bytes:
                          f"(it is wrapped for: {held or 'no key'})")
 
 
+def is_split(header: dict) -> bool:
+    """The recording key is split among its recipients (every one is needed to open it)."""
+    return header.get("key_split") == "xor"
+
+
+def open_key(header: dict, privates: Iterable[X25519PrivateKey]) -> bytes:
+    """The recording key from the private keys at hand: any one recipient's key, or with
+    ``key_split`` every recipient's share; RecordingError names the keys that are missing."""
+    privates = list(privates)
+    if not is_split(header):
+        last: RecordingError | None = None
+        for private in privates:
+            try:
+                return unwrap_key(header, private)
+            except RecordingError as exc:
+                last = exc
+        raise last or RecordingError("no recording key given")
+    by_id = {key_id(p.public_key()): p for p in privates}
+    entries = [e for e in header.get("wrapped_keys", []) if isinstance(e, dict)]
+    missing = [str(e.get("key_id")) for e in entries if e.get("key_id") not in by_id]
+    if missing or not entries:
+        raise RecordingError("this recording's key is split among its recipients (split "
+                             f"knowledge): it also needs the private key {', '.join(missing)}")
+    key = bytes(32)
+    for entry in entries:
+        one = {k: v for k, v in header.items() if k != "key_split"}
+        share = unwrap_key({**one, "wrapped_keys": [entry]}, by_id[entry["key_id"]])
+        key = bytes(a ^ b for a, b in zip(key, share))
+    return key
+
+
 # --- writer ----------------------------------------------------------------------------------
 
 @dataclass
@@ -185,16 +225,26 @@ class Writer:
     recipients: list[X25519PublicKey]
     key: bytes = field(default_factory=lambda: AESGCM.generate_key(256))
     nonce_prefix: bytes = field(default_factory=lambda: os.urandom(4))
+    split: bool = False   # split knowledge: each recipient gets a share, all are needed
 
     def __post_init__(self) -> None:
         if not self.recipients:
             raise RecordingError("a recording needs at least one recipient key")
         if self.header.get("input", "off") not in INPUT_MODES:
             raise RecordingError("input must be off, masked or on")
+        split = self.split and len(self.recipients) > 1
+        if split:
+            shares = [os.urandom(32) for _ in self.recipients[1:]]
+            last = self.key
+            for share in shares:
+                last = bytes(a ^ b for a, b in zip(last, share))
+            wrapped = [wrap_key(s, r) for s, r in zip([last, *shares], self.recipients)]
+        else:
+            wrapped = [wrap_key(self.key, r) for r in self.recipients]
         self.header = {**self.header, "format": FORMAT, "version": VERSION,
                        "key_id": key_id(self.recipients[0]), "nonce_prefix": self.nonce_prefix.hex(),
-                       "input": self.header.get("input", "off"),
-                       "wrapped_keys": [wrap_key(self.key, r) for r in self.recipients]}
+                       "input": self.header.get("input", "off"), "wrapped_keys": wrapped,
+                       **({"key_split": "xor"} if split else {})}
         self.header_bytes = json.dumps(self.header, sort_keys=True, separators=(",", ":")).encode()
         if len(self.header_bytes) > MAX_HEADER:
             raise RecordingError("the recording header is larger than 64 KiB")
@@ -553,6 +603,7 @@ class ClientStream:
 __all__ = [
     "MAGIC", "VERSION", "RFB_OUT", "RFB_IN", "EVENT", "INPUT", "FINAL", "RecordingError",
     "Writer", "Reader", "Header", "Entry", "RecordSeen", "Summary", "scan", "file_chunks",
-    "key_id", "wrap_key", "unwrap_key", "load_public", "load_private", "public_pem", "private_pem",
+    "key_id", "wrap_key", "unwrap_key", "open_key", "is_split", "load_public", "load_private",
+    "public_pem", "private_pem",
     "ClientStream",
 ]

@@ -168,8 +168,9 @@ class HausmeisterServer(service.MultiService):
         self.revocation.broker, self.revocation.relay = self.broker, self.relay
         from .recordings.receiver import RecordingReceiver
         from .recordings.storage import storage_for
-        self.recordings = RecordingReceiver(self.db, config, storage_for(config), self.broker,
-                                            reactor)
+        self.recordings = RecordingReceiver(  # resume tokens stay good across a restart
+            self.db, config, storage_for(config), self.broker, reactor,
+            resume_secret=load_or_create_secret(config.relay.secret_file))
         self.broker.on_protocol_failure = self._protocol_failure_alert
         if self.relay is not None:
             self.broker.end_relay_session = self.relay.end_session

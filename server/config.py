@@ -147,8 +147,9 @@ class RecordingSection:
     stall_seconds: float      # under 'required': an upload silent this long ends the session
     auditor_key: str          # PEM public key of an auditor (private half kept elsewhere)
     module_buffer_mib: int    # what a recording module holds unacknowledged before giving up
-    quota_mib: int            # per tenant; 0 = no quota
+    quota_mib: float          # per tenant; 0 = no quota
     supporter_records: bool = False  # the supporter's module records what it views too
+    resume_seconds: float = 120.0    # how long an upload waits for its recorder to come back
 
 
 @dataclass(frozen=True)
@@ -360,8 +361,9 @@ SCHEMA: dict[str, tuple[Key, ...]] = {
         Key("stall_seconds", "float", 30.0, minimum=0.5, maximum=3600),
         Key("auditor_key", "str", ""),
         Key("module_buffer_mib", "int", 64, minimum=1, maximum=4096),
-        Key("quota_mib", "int", 0, minimum=0, maximum=100_000_000),
+        Key("quota_mib", "float", 0, minimum=0, maximum=100_000_000),
         Key("supporter_records", "bool", False),
+        Key("resume_seconds", "float", 120.0, minimum=1, maximum=86400),
     ),
     "egress": (Key("allow", "endpointlist", []),),
     "adhoc": (

@@ -84,6 +84,8 @@ class ModuleConnection(FramedAMP):
                   identity=self.name, address=self.address, serial=self.serial)
 
     def connectionLost(self, reason) -> None:
+        if self.port.recordings is not None:  # its uploads wait for a RecordingResume
+            self.port.recordings.owner_lost(self)
         if self in self.port.registry:
             self.port.registry.discard(self)
             self.port.broker.connection_lost(self)
@@ -250,9 +252,18 @@ class ModuleConnection(FramedAMP):
         return self.port.recordings
 
     @control.RecordingStart.responder
-    def recording_start(self, session_id: str):
+    def recording_start(self, session_id: str, presenting: bool | None = None):
         try:
-            d = self._recordings().start_recording(self, session_id)
+            d = self._recordings().start_recording(self, session_id, bool(presenting))
+        except control.ControlError as exc:
+            self._refuse(exc)
+            raise
+        return self._guarded(d)
+
+    @control.RecordingResume.responder
+    def recording_resume(self, recording_id: str, resume_token: str):
+        try:
+            d = self._recordings().resume(self, recording_id, resume_token)
         except control.ControlError as exc:
             self._refuse(exc)
             raise

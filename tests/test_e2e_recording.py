@@ -33,7 +33,7 @@ pytestmark = pytest.mark.e2e
 def recording_world(tmp_path, db_url, extra: str = ""):
     data = tmp_path / "data"
     srv = ServerProcess(write_config(tmp_path / "h.toml", data, db_url,
-                                     extra="\n[recording]\nstall_seconds = 4.0\n" + extra), data)
+                                     extra="\n[recording]\nstall_seconds = 4.0\nresume_seconds = 4.0\n" + extra), data)
     assert srv.cli("init", "--password-stdin", stdin=ADMIN_PASSWORD + "\n").returncode == 0
     srv.start()
     try:

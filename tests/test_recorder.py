@@ -122,3 +122,93 @@ def test_a_server_without_recordings_does_not_hold_the_screen_back():
     rec = SessionRecorder(task.Clock(), OldServer(), "s1", "host")
     rec.start()
     assert rec.policy == "off" and rec.may_show() is True
+
+
+class LosableLink(ControlLink):
+    """A control connection that can be lost (``lose``); answers RecordingResume like the server
+    (the offset it holds) and remembers the presenting flag and tokens it saw."""
+
+    def __init__(self, stored: bytearray | None = None, **kw) -> None:
+        super().__init__(**kw)
+        if stored is not None:
+            self.stored = stored
+        self.lost = defer.Deferred()
+        self.resumed_with: list[str] = []
+        self.started_with: list[dict] = []
+
+    def lose(self) -> None:
+        from twisted.internet import error
+        from twisted.python.failure import Failure
+        for d in self.waiting:
+            d.errback(Failure(error.ConnectionLost("gone")))
+        self.waiting.clear()
+        self.lost.callback("gone")
+
+    def callRemote(self, command, **kw):
+        if command is control.RecordingStart:
+            self.started_with.append(kw)
+            answer = super().callRemote(command, **kw)
+            answer.addCallback(lambda a: {**a, "resume_token": "t0k"})
+            return answer
+        if command is control.RecordingResume:
+            self.resumed_with.append(kw["resume_token"])
+            return defer.succeed({"next_offset": len(self.stored)})
+        return super().callRemote(command, **kw)
+
+
+def test_a_lost_connection_keeps_the_bytes_and_the_upload_resumes_on_the_next():
+    from modules.common.session import recorder as recorder_module
+    first = LosableLink()
+    clock = task.Clock()
+    rec = SessionRecorder(clock, first, "s1", "host")
+    rec.start()
+    rec.rfb_out(b"before")
+    clock.advance(1.0)
+    assert len(first.stored) > 0
+    first.answer_chunks = False
+    rec.rfb_out(b"in flight when the connection went")
+    clock.advance(1.0)
+    first.lose()
+    rec.rfb_out(b"while away")
+    done = rec.close()                       # the session ended meanwhile: FINAL is kept too
+    assert not done.called and recorder_module.waiting_count() == 1
+    second = LosableLink(stored=first.stored)  # the server kept what it acknowledged
+    recorder_module.resume_waiting(second)
+    assert second.resumed_with == ["t0k"] and done.called and second.ended
+    assert recorder_module.waiting_count() == 0
+    payload = b"".join(e.payload for e in entries_of(bytes(second.stored))
+                       if e.kind == recording.RFB_OUT)
+    assert payload == b"before" + b"in flight when the connection went" + b"while away"
+
+
+def test_split_keys_need_every_holder_and_a_supporter_records_once_it_presents():
+    auditor = X25519PrivateKey.generate()
+
+    class SplitLink(LosableLink):
+        def callRemote(self, command, **kw):
+            if command is control.RecordingStart and self.policy == "on" and not kw.get("presenting"):
+                self.started_with.append(kw)
+                return defer.succeed({"policy": "off", "input": "off", "recording_id": "",
+                                      "next_offset": 0, "public_keys": "[]", "max_chunk": 1,
+                                      "stall_seconds": 30.0, "buffer_bytes": 1})
+            d = super().callRemote(command, **kw)
+            if command is control.RecordingStart:
+                d.addCallback(lambda a: {**a, "split_keys": True, "public_keys": json.dumps(
+                    [recording.public_pem(KEY.public_key()),
+                     recording.public_pem(auditor.public_key())])})
+            return d
+    link = SplitLink()
+    clock = task.Clock()
+    rec = SessionRecorder(clock, link, "s1", "supporter")
+    rec.start()
+    assert rec.policy == "off" and not rec.active       # a viewing supporter records nothing
+    assert rec.starts_presenting() and link.started_with[-1].get("presenting") is True
+    assert rec.active and not rec.starts_presenting()   # asked once
+    rec.rfb_out(b"the supporter's screen")
+    rec.close()
+    data = bytes(link.stored)
+    with __import__("pytest").raises(recording.RecordingError, match="split"):
+        entries_of(data)                                 # the operator's key alone: no
+    reader = recording.Reader(unwrap=lambda h: recording.open_key(h, [KEY, auditor]))
+    got = [i for i in reader.receive(data) if isinstance(i, recording.Entry)]
+    assert reader.complete and any(e.payload == b"the supporter's screen" for e in got)

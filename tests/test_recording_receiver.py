@@ -31,9 +31,9 @@ def setup(broker, database, clock, world, tmp_path):  # noqa: F811
     keys.ensure(config.server.cert_dir)
     storage = FolderStorage(config.server.recording_dir)
 
-    def make_receiver():
+    def make_receiver(config=config):
         return RecordingReceiver(InlineDB(database), config, storage, broker, clock,
-                                 blocking=inline)
+                                 blocking=inline, resume_secret=b"s" * 32)
     conn = host(world["pc-lab"])
     result_of(broker.host_online(conn, "1"))
     ticket = result_of(broker.connect_host(supporter("otto"), world["pc-lab"]))
@@ -98,11 +98,13 @@ def test_upload_resumes_after_a_server_restart_and_its_hash_goes_into_the_protoc
     result_of(first.chunk(conn, rid, 0, head + second_record[:cut]))
     first.stop()
     restarted = setup["make"]()
-    again = result_of(restarted.start_recording(conn, sid))
-    assert again["recording_id"] == rid
-    assert again["next_offset"] == len(head)  # the torn record was dropped: resend from there
+    # the recorder comes back on a new connection with its token: a wrong one is refused
+    with pytest.raises(control.Forbidden):
+        result_of(restarted.resume(conn, rid, "0" * 64))
+    again = result_of(restarted.resume(conn, rid, answer["resume_token"]))
+    assert again["next_offset"] == len(head) + cut  # the stored prefix stays: send on from there
     rest = second_record + w.close()
-    offset = again["next_offset"]
+    offset = len(head)  # the module resends what it holds; what the server has is skipped
     while offset < len(head) + len(rest):  # chunked as a module does, at most 48 KiB
         piece = rest[offset - len(head):offset - len(head) + control.MAX_RECORDING_CHUNK]
         offset = result_of(restarted.chunk(conn, rid, offset, piece))["next_offset"]
@@ -118,6 +120,88 @@ def test_upload_resumes_after_a_server_restart_and_its_hash_goes_into_the_protoc
              for x in f.read_text().splitlines()]
     anchored = [x["detail"] for x in lines if x["kind"] == "recording"]
     assert anchored == [{**anchored[0], "sha256": done["sha256"], "status": "complete"}]
+
+
+def test_a_lost_connection_keeps_the_upload_open_for_its_recorder(setup, clock, world):  # noqa: F811
+    """The session ends while the recorder's connection is gone: the upload is not finalised;
+    the recorder resumes on a new connection and closes it complete (its hash after the end)."""
+    set_policy(setup["db"], "on")
+    receiver = setup["make"]()
+    conn, sid = setup["host"], setup["sid"]
+    answer = result_of(receiver.start_recording(conn, sid))
+    rid = answer["recording_id"]
+    w = writer_for(answer)
+    w.add(recording.EVENT, 1, b'{"kind":"a"}')
+    head = w.start() + w.flush()
+    result_of(receiver.chunk(conn, rid, 0, head))
+    receiver.owner_lost(conn)
+    result_of(receiver.session_ended(sid))
+    assert receiver.uploads[rid].ended is False           # waits for its recorder
+    clock.advance(setup["config"].recording.resume_seconds - 1)
+    receiver.check()
+    assert rid in receiver.uploads
+    back = host(world["pc-lab"])   # the module's new control connection
+    assert result_of(receiver.resume(back, rid, answer["resume_token"]))["next_offset"] == len(head)
+    with pytest.raises(control.Forbidden):     # the old connection is no longer its owner
+        receiver.chunk(conn, rid, 0, b"")
+    tail = w.close()
+    result_of(receiver.chunk(back, rid, len(head), tail))
+    assert result_of(receiver.end(back, rid, len(head) + len(tail)))["complete"]
+
+
+def test_quota_is_enforced_during_the_upload(setup, tmp_path, clock):  # noqa: F811
+    """'on': the recording stops at the quota, the session goes on; 'required': the session ends
+    with the reason, both parties told."""
+    from server.config import from_mapping
+    for policy in ("on", "required"):
+        set_policy(setup["db"], policy)
+        config = from_mapping({"server": {"data_dir": str(tmp_path / "data")},
+                               "recording": {"stall_seconds": 5.0, "quota_mib": 0.01}}, tmp_path)
+        receiver = setup["make"](config)
+        conn, sid = setup["host"], setup["sid"]
+        if policy == "required":  # a fresh session: the first one's recording is closed
+            receiver.check()
+        answer = result_of(receiver.start_recording(conn, sid))
+        assert answer["policy"] == policy, answer
+        rid = answer["recording_id"]
+        w = writer_for(answer)
+        w.add(recording.RFB_OUT, 1, b"x" * 4000)
+        first = w.start() + w.flush()
+        assert result_of(receiver.chunk(conn, rid, 0, first))["next_offset"] == len(first)
+        w.add(recording.RFB_OUT, 2, b"y" * 20000)             # beyond 0.01 MiB
+        with pytest.raises(control.RecordingRefused, match="quota"):
+            result_of(receiver.chunk(conn, rid, len(first), w.flush()))
+        ended = [kw for cmd, kw in setup["host"].calls if cmd is control.SessionEnded]
+        if policy == "on":
+            assert not ended
+            closing = receiver.session_ended(sid)
+            clock.advance(4)
+            result_of(closing)
+            with setup["db"].session() as s:
+                row = s.get(Recording, rid)
+                assert row.status == "incomplete" and row.size == len(first)
+                s.delete(row)   # the next round starts from no usage
+        else:
+            assert ended and ended[0]["cause"] == "recording_failed"
+            assert "quota" in ended[0]["detail"]
+
+
+def test_required_session_whose_upload_stalls_ends_with_the_reason(setup, clock):  # noqa: F811
+    set_policy(setup["db"], "required")
+    receiver = setup["make"]()
+    conn, sid = setup["host"], setup["sid"]
+    receiver.check()
+    answer = result_of(receiver.start_recording(conn, sid))
+    w = writer_for(answer)
+    result_of(receiver.chunk(conn, answer["recording_id"], 0, w.start() + w.flush()))
+    clock.advance(4)
+    receiver.check()
+    assert not [kw for cmd, kw in conn.calls if cmd is control.SessionEnded]
+    clock.advance(2)            # 6 s without a chunk, stall_seconds is 5
+    receiver.check()
+    ended = [kw for cmd, kw in conn.calls if cmd is control.SessionEnded]
+    assert ended and ended[0]["cause"] == "recording_failed"
+    assert "upload stalled" in ended[0]["detail"]
 
 
 def restarted_location(database, rid: str) -> str:

@@ -21,6 +21,7 @@ from protocol import control
 
 from ..common.link.connection import ControlClient, ServerAddress, endpoint_for, hello
 from ..common.link.folder import ModuleFolder
+from ..common.session.recorder import resume_waiting as resume_recordings
 
 log = Logger()
 
@@ -78,6 +79,7 @@ class HostPresence:
                  identity=answer["identity"], every=answer["heartbeat_seconds"])
         conn.lost.addCallback(self._lost)
         self._start_heartbeat(conn, answer["heartbeat_seconds"])
+        resume_recordings(conn)  # uploads cut off by a connection loss or a server restart
         if not self.registered.called:
             self.registered.callback(answer)
 

@@ -3,7 +3,9 @@
 Modules wrap each recording's key for every public key the server hands out at ``RecordingStart``:
 the operator's (its private half beside the CA, so ``recording export`` and the console can open
 recordings) and, if ``recording.auditor_key`` names one, an auditor's whose private half stays
-with the auditor (split knowledge: ``recording export --key`` with that file).
+with the auditor.  With an auditor key the recording key is split between the two (split
+knowledge): watching needs the operator's key here *and* the auditor's (``recording export --key``
+with the auditor's file); the console cannot play such a recording on its own.
 """
 
 from __future__ import annotations
@@ -99,15 +101,18 @@ def public_keys(cert_dir: Path, auditor_key: str) -> list[X25519PublicKey]:
 
 
 def unwrapper(cert_dir: Path, extra: X25519PrivateKey | None = None):
-    """``unwrap(header) -> key`` trying the given key, else the operator's current and old keys."""
+    """``unwrap(header) -> key`` from the given key (an auditor's, or the operator's from
+    elsewhere) together with the operator's current and old keys found here: one of them opens
+    a recording wrapped for each; a split one (``key_split``) needs the share of every holder."""
     def unwrap(header: dict) -> bytes:
-        candidates = [extra] if extra is not None else (
-            [operator_private(cert_dir)] + old_private_keys(cert_dir))
-        last: Exception | None = None
-        for key in candidates:
-            try:
-                return recording.unwrap_key(header, key)
-            except recording.RecordingError as exc:
-                last = exc
-        raise recording.RecordingError(str(last))
+        if extra is not None and not recording.is_split(header):
+            return recording.unwrap_key(header, extra)  # the key given is the one to use
+        candidates = [extra] if extra is not None else []
+        try:
+            candidates.append(operator_private(cert_dir))
+        except KeyProblem:
+            if extra is None:
+                raise
+        candidates += old_private_keys(cert_dir)
+        return recording.open_key(header, candidates)
     return unwrap

@@ -9,13 +9,23 @@ the session protocol's hash chain.
 
 Under ``required`` a watchdog ends the session (``recording_failed``, both parties told) when no
 recording has started, or an upload has been silent, for ``recording.stall_seconds``, and when
-storage fails.
+storage fails or the tenant's quota is used up (under ``on`` only the recording stops there).
+
+An upload outlives its control connection and the server process: ``RecordingStart`` hands the
+module a resume token (an HMAC of the recording id under the server's secret), and with it
+``RecordingResume`` continues the upload over a new connection, also after the session ended and
+after a server restart (the stored bytes are re-read and framed).  An upload whose recorder does
+not come back within ``recording.resume_seconds`` is closed as incomplete: its last whole record
+is kept, its hash goes into the protocol (after the ``ended`` line when the session is over).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import hmac
 import json
+import os
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -60,6 +70,8 @@ class Upload:
     failed: str | None = None
     finished: defer.Deferred | None = None
     owner: Any = None  # the control connection (or its identity) that uploads it
+    owner_gone: bool = False  # that connection was lost: the recorder may come back (resume)
+    tenant_id: int | None = None
 
 
 @dataclass
@@ -72,7 +84,8 @@ class Watch:
 
 class RecordingReceiver:
     def __init__(self, db, config, storage: FolderStorage, broker, reactor,
-                 blocking: Callable[..., defer.Deferred] = run_blocking) -> None:
+                 blocking: Callable[..., defer.Deferred] = run_blocking,
+                 resume_secret: bytes | None = None) -> None:
         self.db = db
         self.config = config
         self.storage = storage
@@ -84,6 +97,14 @@ class RecordingReceiver:
         self._resolving: set[str] = set()
         self._loop: task.LoopingCall | None = None
         self.stall_seconds = config.recording.stall_seconds
+        self.resume_seconds = config.recording.resume_seconds
+        self.quota_bytes = int(config.recording.quota_mib * (1 << 20))
+        # a secret that survives a restart (the relay token secret file), so a token stays good
+        self._resume_key = hmac.new(resume_secret or os.urandom(32),
+                                    b"hausmeister recording resume v1", hashlib.sha256).digest()
+        self._usage: dict[int, int] = {}     # tenant id -> recording bytes stored (quota)
+        self._started_at = reactor.seconds()
+        self._orphans_closed = False
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -99,8 +120,11 @@ class RecordingReceiver:
 
     # --- RecordingStart -------------------------------------------------------------------------
 
+    def resume_token(self, recording_id: str) -> str:
+        return hmac.new(self._resume_key, recording_id.encode(), hashlib.sha256).hexdigest()
+
     @defer.inlineCallbacks
-    def start_recording(self, conn, session_id: str):
+    def start_recording(self, conn, session_id: str, presenting: bool = False):
         live = self.broker.sessions.get(session_id)
         party = live.party_of(conn) if live is not None else None
         if party is None:
@@ -109,7 +133,7 @@ class RecordingReceiver:
                                               self.config.recording.default_policy)
         self.watched.setdefault(session_id, Watch(policy, self.reactor.seconds()))
         self.watched[session_id].policy = policy
-        if party == "supporter" and not self.config.recording.supporter_records:
+        if party == "supporter" and not self.config.recording.supporter_records and not presenting:
             policy = "off"  # the side that shows records; the supporter only if configured
         answer = {"policy": policy, "input": self.config.recording.input, "recording_id": "",
                   "next_offset": 0, "public_keys": "[]", "max_chunk": control.MAX_RECORDING_CHUNK,
@@ -146,7 +170,7 @@ class RecordingReceiver:
             now = utcnow()
             upload = Upload(str(uuid.uuid4()), session_id, live.tenant, party, policy,
                             location_of(live.tenant, session_id, party, now), 0,
-                            recording.Reader(), self.reactor.seconds())
+                            recording.Reader(), self.reactor.seconds(), tenant_id=tenant_id)
             yield self.db.run(_create, upload, tenant_id, self.storage.kind,
                               recording.key_id(public[0]), now)
             self.uploads[upload.id] = upload
@@ -159,23 +183,72 @@ class RecordingReceiver:
                      session_id=session_id, party=party, policy=policy, rid=upload.id)
             existing = upload
         existing.last_chunk = self.reactor.seconds()
-        existing.owner = conn
+        existing.owner, existing.owner_gone = conn, False
         answer.update(recording_id=existing.id, next_offset=existing.size,
-                      public_keys=json.dumps([recording.public_pem(k) for k in public]))
+                      public_keys=json.dumps([recording.public_pem(k) for k in public]),
+                      resume_token=self.resume_token(existing.id), split_keys=len(public) > 1)
         return answer
+
+    def _quota_text(self) -> str:
+        return (f"the tenant's recording quota ({self.config.recording.quota_mib:g} MiB) is used "
+                "up: raise recording.quota_mib or delete old recordings")
 
     def _storage_problem(self, tenant_id: int | None) -> str | None:
         problem = self.storage.probe()
-        if problem is None and self.config.recording.quota_mib and tenant_id is not None:
+        if problem is None and self.quota_bytes and tenant_id is not None:
             used = self.db.call(_tenant_usage, tenant_id)
-            if used >= self.config.recording.quota_mib << 20:
-                problem = (f"the tenant's recording quota ({self.config.recording.quota_mib} MiB) "
-                           "is used up: raise recording.quota_mib or delete old recordings")
+            self._usage[tenant_id] = used
+            if used >= self.quota_bytes:
+                problem = self._quota_text()
         return problem
+
+    # --- RecordingResume ------------------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def resume(self, conn, recording_id: str, token: str):
+        """The recorder of ``recording_id`` is back on a new control connection (after a
+        connection loss or a server restart): it sends on from the offset answered."""
+        if not hmac.compare_digest(self.resume_token(recording_id), str(token)):
+            raise control.Forbidden("this resume token is not the one of that recording")
+        upload = self.uploads.get(recording_id)
+        if upload is None:
+            row = yield self.db.run(_find_by_id, recording_id)
+            if row is None:
+                raise control.WrongState("unknown recording")
+            if row["status"] != "uploading":
+                raise control.RecordingRefused(f"the recording was closed already ({row['status']}) "
+                                               "while its recorder was away")
+            upload = self.uploads.get(recording_id)  # resumed meanwhile by another call
+            if upload is None:
+                upload = yield self._resume(row, row["tenant"])
+                if upload is None:
+                    raise control.RecordingRefused("the stored part of the recording cannot be read")
+            if self.quota_bytes and row["tenant_id"] is not None:
+                self._usage[row["tenant_id"]] = yield self.db.run(_tenant_usage, row["tenant_id"])
+        if upload.ended:
+            raise control.RecordingRefused("the recording was closed already while its recorder "
+                                           "was away")
+        if upload.failed:
+            raise control.RecordingRefused(upload.failed)
+        upload.owner, upload.owner_gone = conn, False
+        upload.last_chunk = self.reactor.seconds()
+        log.info("recording {rid} of session {session_id}: its recorder is back; resuming at byte "
+                 "{size}", rid=upload.id, session_id=upload.session_id, size=upload.size)
+        return {"next_offset": upload.size}
+
+    def owner_lost(self, conn) -> None:
+        """A control connection closed: its uploads wait ``resume_seconds`` for their recorder."""
+        now = self.reactor.seconds()
+        for upload in self.uploads.values():
+            if upload.owner is conn and not upload.ended:
+                upload.owner_gone = True
+                upload.last_chunk = now
 
     @defer.inlineCallbacks
     def _resume(self, row: dict, tenant: str):
-        """A recording the server was taking before it restarted: its stored bytes, re-framed."""
+        """A recording the server was taking before it restarted: its stored bytes, re-framed.
+        A record cut off at the end stays: it is a prefix of what the recorder sends on (the
+        recorder resends from the stored size); finalising without it drops it."""
         reader = recording.Reader()
         size = 0
         try:
@@ -183,17 +256,11 @@ class RecordingReceiver:
                 reader.receive(chunk)
                 size += len(chunk)
         except (StorageFailed, recording.RecordingError) as exc:
-            log.warn("recording {rid} cannot be resumed ({why}): it starts again", rid=row["id"],
-                     why=str(exc))
+            log.warn("recording {rid} cannot be resumed ({why})", rid=row["id"], why=str(exc))
             return None
-        if reader.trailing():
-            yield self.blocking(self.storage.truncate, row["location"], reader.whole_end)
         upload = Upload(row["id"], row["session_id"], tenant, row["party"], row["policy"],
-                        row["location"], reader.whole_end, reader, self.reactor.seconds())
-        if reader.trailing():  # keep the reader's buffer in step with the truncated file
-            upload.reader = recording.Reader()
-            for chunk in (yield self.blocking(lambda: list(self.storage.read(row["location"])))):
-                upload.reader.receive(chunk)
+                        row["location"], size, reader, self.reactor.seconds(),
+                        tenant_id=row["tenant_id"])
         self.uploads[upload.id] = upload
         log.info("recording {rid} resumes at byte {size}", rid=upload.id, size=upload.size)
         return upload
@@ -227,6 +294,11 @@ class RecordingReceiver:
         upload.last_chunk = self.reactor.seconds()
         if not new:
             return {"next_offset": upload.size}
+        used = self._usage.get(upload.tenant_id) if upload.tenant_id is not None else None
+        if self.quota_bytes and used is not None and used + len(new) > self.quota_bytes:
+            why = self._quota_text()
+            yield self._fail(upload, why)
+            raise control.RecordingRefused(why)
         try:
             upload.reader.receive(new)
         except recording.RecordingError as exc:
@@ -239,6 +311,8 @@ class RecordingReceiver:
             yield self._fail(upload, str(exc))
             raise control.RecordingRefused(f"storage failed: {exc}")
         upload.size += len(new)
+        if used is not None:
+            self._usage[upload.tenant_id] = used + len(new)
         self.db.run(_progress, upload.id, upload.size, upload.reader.next_counter, utcnow()
                     ).addErrback(lambda f: log.failure("could not note recording progress", f))
         return {"next_offset": upload.size}
@@ -273,22 +347,27 @@ class RecordingReceiver:
 
     def session_ended(self, session_id: str) -> defer.Deferred:
         """The relay closed the session: give uploads a moment to finish, then finalise them (before
-        the protocol's ``ended`` line is written)."""
+        the protocol's ``ended`` line is written).  An upload whose recorder lost its control
+        connection stays open for ``resume_seconds``: the recorder may come back with the rest."""
         self.watched.pop(session_id, None)
         open_uploads = [u for u in self.uploads.values() if u.session_id == session_id]
         if not open_uploads:
             return defer.succeed(None)
 
+        def waiting_for_resume(u: Upload) -> bool:
+            return u.owner_gone and not u.reader.final and not u.ended
+
         def finalise(_=None):
-            return defer.DeferredList([u.lock.run(self._finish, u) for u in open_uploads],
-                                      consumeErrors=True)
+            return defer.DeferredList([u.lock.run(self._finish, u) for u in open_uploads
+                                       if not waiting_for_resume(u)], consumeErrors=True)
 
         @defer.inlineCallbacks
         def wait_then_finalise():
             # the recorder's last chunks and RecordingEnd may still be on their way
             deadline = self.reactor.seconds() + END_GRACE_SECONDS
             while (self.reactor.seconds() < deadline
-                   and not all(u.reader.final or u.ended for u in open_uploads)):
+                   and not all(u.reader.final or u.ended or waiting_for_resume(u)
+                               for u in open_uploads)):
                 yield task.deferLater(self.reactor, 0.1, lambda: None)
             yield finalise()
         return wait_then_finalise()
@@ -359,14 +438,39 @@ class RecordingReceiver:
             if session_id not in self.broker.sessions:
                 self.watched.pop(session_id, None)
         # a recorder silent far beyond its keep-alives is gone (killed, or its session ended on
-        # a separate relay process): what arrived is kept, marked incomplete
+        # a separate relay process), and one whose connection was lost did not come back within
+        # resume_seconds: what arrived is kept, marked incomplete
         silent_limit = max(60.0, 4 * self.stall_seconds)
         for upload in list(self.uploads.values()):
-            if not upload.ended and now - upload.last_chunk > silent_limit:
+            away = upload.owner_gone or upload.session_id not in self.broker.sessions
+            limit = self.resume_seconds if away else silent_limit
+            if not upload.ended and now - upload.last_chunk > limit:
                 log.warn("recording {rid}: nothing for {s:.0f} s: closed as incomplete",
                          rid=upload.id, s=now - upload.last_chunk)
                 upload.lock.run(self._finish, upload).addErrback(
                     lambda f: log.failure("could not close a silent recording", f))
+        if not self._orphans_closed and now - self._started_at > self.resume_seconds:
+            self._orphans_closed = True
+            self._close_orphans().addErrback(
+                lambda f: log.failure("could not close recordings left open by the last run", f))
+
+    @defer.inlineCallbacks
+    def _close_orphans(self):
+        """Uploads the last server run left open whose recorder did not come back within
+        ``resume_seconds`` of this start: kept to their last whole record, incomplete."""
+        rows = yield self.db.run(_open_rows)
+        for row in rows:
+            if row["id"] in self.uploads:
+                continue
+            upload = yield self._resume(row, row["tenant"])
+            if upload is None:
+                yield self.db.run(_close, row["id"], "incomplete", None, row["size"],
+                                  row["records"], utcnow())
+                continue
+            log.warn("recording {rid} of session {session_id}: its recorder did not come back "
+                     "after the restart: closed as incomplete", rid=upload.id,
+                     session_id=upload.session_id)
+            yield upload.lock.run(self._finish, upload)
 
     def _end(self, session_id: str, why: str) -> None:
         log.error("session {session_id} ends: {why} (recording policy 'required')",
@@ -400,6 +504,21 @@ def _as_dict(row: Recording) -> dict:
                                          "records", "sha256", "started_at", "ended_at")}
 
 
+def _with_tenant(session, row: Recording) -> dict:
+    tenant = session.get(Tenant, row.tenant_id) if row.tenant_id is not None else None
+    return {**_as_dict(row), "tenant": tenant.name if tenant else "default"}
+
+
+def _find_by_id(session, recording_id: str) -> dict | None:
+    row = session.get(Recording, recording_id)
+    return None if row is None else _with_tenant(session, row)
+
+
+def _open_rows(session) -> list[dict]:
+    return [_with_tenant(session, row) for row in
+            session.scalars(select(Recording).where(Recording.status == "uploading")).all()]
+
+
 def _find(session, session_id: str, party: str) -> dict | None:
     row = session.scalar(select(Recording).where(Recording.session_id == session_id,
                                                  Recording.party == party))
@@ -428,15 +547,3 @@ def _close(session, recording_id: str, status: str, sha256, size: int, records: 
 def _tenant_usage(session, tenant_id: int) -> int:
     return session.scalar(select(func.coalesce(func.sum(Recording.size), 0))
                           .where(Recording.tenant_id == tenant_id)) or 0
-
-
-def close_orphans(session, live_ids: set[str]) -> list[dict]:
-    """Start-up: uploads the last server run left open are incomplete now."""
-    rows = session.scalars(select(Recording).where(Recording.status == "uploading")).all()
-    found = []
-    for row in rows:
-        if row.session_id not in live_ids:
-            row.status = "incomplete"
-            row.ended_at = row.ended_at or utcnow()
-            found.append(_as_dict(row))
-    return found

@@ -9,6 +9,12 @@ at a time, from a bounded buffer of unacknowledged bytes: a slow upload never st
 a full buffer gives the recording up (and, under ``required``, ends the session with that
 reason).  The server answers every chunk with the offset it expects next, so a resend after a
 reconnect is harmless.
+
+A lost control connection (or a server restart) does not lose the recording: the recorder keeps
+what was not acknowledged (the FINAL record too, once its session ended) and, when the module is
+connected again (``resume_waiting``), continues with ``RecordingResume`` from the offset the
+server holds.  The side that shows records: a supporter that starts showing after a direction
+change asks again (``presenting``) and records from there.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import json
 import time
 from typing import Any, Callable
 
-from twisted.internet import defer, task
+from twisted.internet import defer, error, task
 from twisted.logger import Logger
 
 from protocol import control, recording
@@ -27,6 +33,20 @@ log = Logger()
 
 FLUSH_SECONDS = 1.0
 UPLOAD_HIGH_WATER = 512 * 1024   # flush at once when this much plaintext waits
+
+# recorders whose control connection was lost while they held bytes the server has not
+# acknowledged: they go on with the next connection the module makes (``resume_waiting``)
+_away: set["SessionRecorder"] = set()
+
+
+def resume_waiting(conn) -> None:
+    """The module is connected again: every recorder that lost its connection resumes on it."""
+    for recorder in list(_away):
+        recorder.reconnected(conn)
+
+
+def waiting_count() -> int:
+    return len(_away)
 
 
 class SessionRecorder:
@@ -61,14 +81,33 @@ class SessionRecorder:
         self._client_stream = recording.ClientStream()
         self._loop: task.LoopingCall | None = None
         self.bytes_recorded = 0
+        self.resume_token = ""
+        self.split_keys = False
+        self._asked_presenting = False
+        self._generation = 0     # bumped per connection: answers from a lost one are ignored
+        self._ended = False      # RecordingEnd answered
+        self._watch(conn)
 
     # --- start --------------------------------------------------------------------------------
 
-    def start(self) -> defer.Deferred:
-        d = defer.maybeDeferred(self.conn.callRemote, control.RecordingStart,
-                                session_id=self.session_id)
+    def start(self, presenting: bool = False) -> defer.Deferred:
+        args = {"session_id": self.session_id}
+        if presenting:
+            args["presenting"] = True
+            self._asked_presenting = True
+        d = defer.maybeDeferred(self.conn.callRemote, control.RecordingStart, **args)
         d.addCallbacks(self._started, self._refused)
         return d
+
+    def starts_presenting(self) -> bool:
+        """This side starts showing its screen (a supporter after a direction change): ask the
+        server again as the presenter.  True if asked (``when_ready`` says when to show)."""
+        if (self.policy != "off" or self._asked_presenting or self.party != "supporter"
+                or self.failed or self.closed or self.conn is None):
+            return False
+        self.policy = None
+        self.start(presenting=True)
+        return True
 
     def _started(self, answer: dict) -> None:
         self.policy = answer["policy"]
@@ -80,13 +119,15 @@ class SessionRecorder:
         self._max_chunk = min(control.MAX_RECORDING_CHUNK, max(1024, answer["max_chunk"]))
         self._limit = max(1 << 20, answer["buffer_bytes"])
         self._stall = answer["stall_seconds"]
+        self.resume_token = answer.get("resume_token") or ""
+        self.split_keys = bool(answer.get("split_keys"))
         try:
             recipients = [recording.load_public(pem) for pem in json.loads(answer["public_keys"])]
             header = {"session_id": self.session_id, "tenant": self.parties.get("tenant", ""),
                       "recorder": self.party, "parties": self.parties,
                       "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds"),
                       "screen": list(self.screen_size), "input": self.input_mode}
-            self.writer = recording.Writer(header, recipients)
+            self.writer = recording.Writer(header, recipients, split=self.split_keys)
         except (ValueError, recording.RecordingError) as exc:
             self._fail(f"the server's recording keys are unusable: {exc}")
             return
@@ -209,6 +250,8 @@ class SessionRecorder:
         self._pump()
 
     def _pump(self) -> None:
+        if self.conn is None:
+            return  # waiting for the module's next connection
         if self._in_flight or not self._buffer or self.recording_id == "":
             if not self._buffer and not self._in_flight:
                 drained, self._drained = self._drained, []
@@ -217,14 +260,20 @@ class SessionRecorder:
             return
         piece = bytes(self._buffer[:self._max_chunk])
         self._in_flight = True
-        d = self.conn.callRemote(control.RecordingChunk, recording_id=self.recording_id,
-                                 offset=self._acked, data=piece)
-        d.addCallbacks(self._acknowledged, self._chunk_failed)
+        generation = self._generation
+        d = defer.maybeDeferred(self.conn.callRemote, control.RecordingChunk,
+                                recording_id=self.recording_id, offset=self._acked, data=piece)
+        d.addCallbacks(self._acknowledged, self._chunk_failed, callbackArgs=(generation,),
+                       errbackArgs=(generation,))
 
-    def _acknowledged(self, answer: dict) -> None:
+    def _acknowledged(self, answer: dict, generation: int = 0) -> None:
+        if generation != self._generation:
+            return  # the answer of a connection given up meanwhile
         self._in_flight = False
-        expected = answer["next_offset"]
-        if expected < self._acked:
+        self._take_offset(answer["next_offset"])
+
+    def _take_offset(self, expected: int) -> None:
+        if expected < self._acked or expected > self._acked + len(self._buffer):
             self._fail(f"the server lost recording bytes (it expects byte {expected}, "
                        f"{self._acked} were acknowledged)")
             return
@@ -232,14 +281,69 @@ class SessionRecorder:
         self._acked = expected
         self._pump()
 
-    def _chunk_failed(self, failure) -> None:
+    def _chunk_failed(self, failure, generation: int = 0) -> None:
+        if generation != self._generation:
+            return
         self._in_flight = False
+        if failure.check(error.ConnectionClosed):
+            self._connection_lost(self.conn)  # the bytes stay: they go on the next connection
+            return
         self._fail(f"the recording upload failed: {failure.getErrorMessage()}")
+
+    # --- connection loss and resuming ---------------------------------------------------------
+
+    def _watch(self, conn) -> None:
+        lost = getattr(conn, "lost", None)
+        if isinstance(lost, defer.Deferred):
+            lost.addBoth(lambda result: (self._connection_lost(conn), result)[1])
+
+    def _connection_lost(self, conn) -> None:
+        if conn is not self.conn or conn is None:
+            return
+        self.conn = None
+        self._generation += 1
+        self._in_flight = False
+        if self.recording_id and self.resume_token and not self.failed and not self._ended:
+            _away.add(self)
+            log.warn("session {session_id}: the control connection is gone; the recording "
+                     "keeps {n} bytes for the next one", session_id=self.session_id,
+                     n=len(self._buffer) + self.writer.pending if self.writer else 0)
+
+    def reconnected(self, conn) -> None:
+        """The module has a new control connection: continue the upload on it."""
+        if self.conn is not None or self.failed or self._ended:
+            _away.discard(self)
+            return
+        self.conn = conn
+        self._watch(conn)
+        generation = self._generation
+        d = defer.maybeDeferred(conn.callRemote, control.RecordingResume,
+                                recording_id=self.recording_id, resume_token=self.resume_token)
+
+        def resumed(answer):
+            if generation != self._generation:
+                return
+            _away.discard(self)
+            log.info("session {session_id}: recording {rid} resumes at byte {offset}",
+                     session_id=self.session_id, rid=self.recording_id,
+                     offset=answer["next_offset"])
+            self._take_offset(answer["next_offset"])
+
+        def refused(failure):
+            if generation != self._generation:
+                return
+            if failure.check(error.ConnectionClosed):
+                self._connection_lost(conn)
+                return
+            _away.discard(self)
+            self._fail(f"the recording could not be resumed: {failure.getErrorMessage()}")
+        d.addCallbacks(resumed, refused)
 
     def _fail(self, why: str) -> None:
         if self.failed:
             return
         self.failed = why
+        _away.discard(self)
         self._buffer.clear()
         if self._loop is not None and self._loop.running:
             self._loop.stop()
@@ -271,10 +375,16 @@ class SessionRecorder:
         self._pump()
 
         def end(_):
-            if self.failed:
-                return None
-            return self.conn.callRemote(control.RecordingEnd, recording_id=self.recording_id,
-                                        size=self._acked)
+            if self.failed or self.conn is None:
+                return None  # the server holds the FINAL record: it closes the recording itself
+            d = self.conn.callRemote(control.RecordingEnd, recording_id=self.recording_id,
+                                     size=self._acked)
+
+            def ended(answer):
+                self._ended = True
+                _away.discard(self)
+                return answer
+            return d.addCallback(ended)
         done.addCallback(end)
         done.addErrback(lambda f: log.warn("recording end not confirmed: {why}",
                                            why=f.getErrorMessage()))
