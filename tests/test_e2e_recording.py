@@ -19,7 +19,7 @@ import pytest
 from .fixtures_console import ARTIFACTS, browser  # noqa: F401 - fixture
 from .fixtures_server import (ADMIN_PASSWORD, ServerProcess, add_enrolled_host, add_enrolled_supporter,
                               write_config)
-from .fixtures_x11 import xvfb  # noqa: F401 - fixture
+from .fixtures_x11 import xvfb, xvfb_factory  # noqa: F401 - fixture
 from .module_process import ModuleProcess
 from .test_e2e_brokering import wait_until
 from .test_avatars import moto_s3  # noqa: F401 - fixture
@@ -166,32 +166,6 @@ def test_killed_host_leaves_an_incomplete_recording_that_exports(rec_world, xvfb
     assert picture.shape[:2] == (768, 1024) and picture.mean() > 5
 
 
-@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
-def test_required_with_unwritable_storage_ends_the_session_with_that_reason(rec_world, xvfb,  # noqa: F811
-                                                                            tmp_path):
-    w, srv = rec_world, rec_world["srv"]
-    srv.ok("recording", "policy", "required")
-    folder = srv.data_dir / "recordings"
-    if folder.exists():
-        folder.rmdir()
-    folder.write_text("a file where the recordings folder belongs (root ignores modes)\n")
-    try:
-        host, supporter = start_session(w, xvfb.name, tmp_path / "never.png")
-        try:
-            # the supporter names the reason when the server's notice comes before the relay
-            # closes (two connections: not always); the server's record always has it
-            assert supporter.wait(timeout=60) != 0
-        finally:
-            host.stop()
-            supporter.stop()
-    finally:
-        folder.unlink()
-    assert not (tmp_path / "never.png").exists()
-    listed = json.loads(srv.ok("session", "list", "--json"))
-    assert listed[0]["end_cause"] == "recording_failed", listed[0]
-    assert "recording refused" in srv.log() and "cannot be created" in srv.log()
-
-
 def record_one_session(w, display, tmp_path) -> np.ndarray:
     """A session under policy on that ends normally; the screen it ended with."""
     host, supporter = start_session(w, display, tmp_path / "seen.png")
@@ -313,3 +287,119 @@ def test_supporter_records_too_when_configured(tmp_path, db_url, xvfb):  # noqa:
                "--mp4", str(out))
         picture, _ = last_frame(out)
         assert float(np.abs(picture.astype(np.int16) - expected).mean()) < 6.0
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_direction_change_stall_quota_and_unwritable_storage(tmp_path, db_url, xvfb,  # noqa: F811
+                                                              xvfb_factory):  # noqa: F811
+    """One server, five sessions: (1) after a direction change the supporter, who now shows its
+    screen, records it (and the host's recording, as the viewer, holds it too); under 'required'
+    (2) a host whose upload stalls (SIGSTOP) has its session ended with the reason, both told;
+    (3) the tenant's quota reached during the upload ends the session; (4) under 'on' the quota
+    stops only the recording and the session goes on; (5) 'required' with unwritable storage
+    refuses the session with that reason."""
+    with recording_world(tmp_path, db_url, "quota_mib = 0.5\n") as w:
+        srv = w["srv"]
+        srv.ok("recording", "policy", "on")
+        xvfb.xterm("host-term", geometry="80x24+0+0", bg="darkgreen")
+        mine = xvfb_factory()
+        mine.xterm("supporter-term", geometry="60x20+100+100", bg="purple")
+        host = ModuleProcess("host", "run", "--screen", xvfb.name, "--home", str(w["pc1"]))
+        supporter = None
+        try:
+            host.wait_for_line("online; waiting for supporters")
+
+            def connect(*extra: str) -> ModuleProcess:
+                return ModuleProcess("supporter", "connect", "pc1", "--pipe", "--answers",
+                                     "/dev/null", "--password-file", str(w["right"]),
+                                     "--home", str(w["alice"]), *extra)
+
+            # 1. direction change: the side that shows records
+            supporter = connect("--show-my-screen", "--screen", mine.name)
+            supporter.wait_for_line("You now show the screen")
+            wait_until(lambda: len(recordings(srv)) == 2 and all(
+                r["size"] > 2000 for r in recordings(srv)), timeout=30,
+                what="both recordings with screen bytes")
+            time.sleep(1.5)
+            shown = screen_of(mine.name)
+            supporter.close_stdin()
+            assert supporter.wait(timeout=30) == 0
+            wait_until(lambda: all(r["status"] != "uploading" for r in recordings(srv)),
+                       timeout=30, what="both recordings closed")
+            by_party = {r["party"]: r for r in recordings(srv)}
+            assert {p: r["status"] for p, r in by_party.items()} == {
+                "host": "complete", "supporter": "complete"}, by_party
+            for party in ("supporter", "host"):
+                out = tmp_path / f"direction-{party}.mp4"
+                srv.ok("recording", "export", by_party[party]["session_id"], "--party", party,
+                       "--mp4", str(out))
+                picture, _ = last_frame(out)
+                assert float(np.abs(picture.astype(np.int16) - shown).mean()) < 6.0, party
+
+            # 2. required: an upload that stalls ends the session (stall_seconds = 4)
+            srv.ok("recording", "policy", "required")
+            supporter = connect("--snapshot", str(tmp_path / "stall.png"))
+            supporter.wait_for_line("snapshot saved", timeout=60)
+            os.kill(host.proc.pid, signal.SIGSTOP)
+            try:
+                assert supporter.wait(timeout=60) != 0
+            finally:
+                os.kill(host.proc.pid, signal.SIGCONT)
+            ended = json.loads(srv.ok("session", "list", "--json"))[0]
+            assert ended["end_cause"] == "recording_failed", ended
+            assert "upload stalled" in srv.log()
+            wait_until(lambda: host.stderr.count("session ended") >= 2, timeout=60,
+                       what="the stopped host learning that its session ended")
+
+            # 3. required: the quota runs out during the upload (a screen that keeps changing)
+            xvfb.xterm("busy-term", geometry="120x40+0+0", bg="black",
+                       extra=("-e", "/bin/sh", "-c", "while :; do od -An -tx1 -N64 /dev/urandom; done"))
+            supporter = connect("--snapshot", str(tmp_path / "quota.png"))
+            assert supporter.wait(timeout=90) != 0
+            ended = json.loads(srv.ok("session", "list", "--json"))[0]
+            assert ended["end_cause"] == "recording_failed" and "quota" in ended["end_reason"], ended
+            host.wait_for_line("session ended.*quota", timeout=60)
+
+            # 4. on: the quota stops the recording, not the session
+            quota_hit = next(r for r in recordings(srv) if r["session_id"] == ended["id"])
+            srv.ok("recording", "delete", quota_hit["session_id"])
+            srv.ok("recording", "policy", "on")
+            hit = "failed: the tenant's recording quota"
+            before = srv.log().count(hit)
+            supporter = connect("--snapshot", str(tmp_path / "on.png"))
+            supporter.wait_for_line("snapshot saved", timeout=60)
+            wait_until(lambda: srv.log().count(hit) > before, timeout=60,
+                       what="the quota reached under 'on'")
+            supporter.send(b"still here")  # the session goes on
+            supporter.close_stdin()
+            assert supporter.wait(timeout=30) == 0
+            newest = json.loads(srv.ok("session", "list", "--json"))[0]
+            assert newest["end_cause"] != "recording_failed", newest
+            wait_until(lambda: all(r["status"] != "uploading" for r in recordings(srv)),
+                       timeout=30, what="the stopped recording closed")
+            last = next(r for r in recordings(srv) if r["session_id"] == newest["id"])
+            assert last["status"] == "incomplete" and last["size"] <= 0.5 * 2**20, last
+            assert srv.cli("protocol", "verify", str(srv.data_dir / "protocols")).returncode == 0
+
+            # 5. required + unwritable storage: the session is refused with that reason
+            srv.ok("recording", "policy", "required")
+            folder = srv.data_dir / "recordings"
+            aside = folder.with_name("recordings-aside")
+            folder.rename(aside)
+            folder.write_text("a file where the recordings folder belongs (root ignores modes)\n")
+            try:
+                # the supporter names the reason when the server's notice comes before the relay
+                # closes (two connections: not always); the server's record always has it
+                supporter = connect("--snapshot", str(tmp_path / "never.png"))
+                assert supporter.wait(timeout=60) != 0
+            finally:
+                folder.unlink()
+                aside.rename(folder)
+            assert not (tmp_path / "never.png").exists()
+            refused = json.loads(srv.ok("session", "list", "--json"))[0]
+            assert refused["end_cause"] == "recording_failed", refused
+            assert "recording refused" in srv.log() and "cannot be created" in srv.log()
+        finally:
+            host.stop()
+            if supporter:
+                supporter.stop()

@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from protocol import recording
 
+from .fixtures_console import ARTIFACTS, browser  # noqa: F401 - fixture
 from .fixtures_server import (ADMIN_PASSWORD, ServerProcess, add_enrolled_host, add_enrolled_supporter,
                               free_port, write_config)
 from .fixtures_x11 import xvfb  # noqa: F401 - fixture
@@ -66,7 +67,8 @@ def one_session(w, display, tmp_path, name: str):
 
 
 @pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
-def test_uploads_resume_after_a_connection_loss_and_a_server_restart(tmp_path, db_url, xvfb):  # noqa: F811
+def test_uploads_resume_after_a_connection_loss_and_a_server_restart(tmp_path, db_url, xvfb,  # noqa: F811
+                                                                    browser):  # noqa: F811
     auditor = X25519PrivateKey.generate()
     auditor_pem = tmp_path / "auditor.pem"           # stays with the auditor, never the server
     auditor_pem.write_bytes(recording.private_pem(auditor))
@@ -101,7 +103,7 @@ auditor_key = "{auditor_pub}"
         host.wait_for_line("online; waiting for supporters")
 
         # 1. the host's connections are cut (a network loss) while the server runs
-        supporter, expected_cut = one_session(w, xvfb.name, tmp_path, "cut")
+        supporter, _ = one_session(w, xvfb.name, tmp_path, "cut")
         assert cut_connections(host.proc.pid, module_port) >= 1
         assert supporter.wait(timeout=60) != 0
         wait_until(lambda: all(r["status"] != "uploading" for r in recordings(srv)), timeout=60,
@@ -123,6 +125,8 @@ auditor_key = "{auditor_pub}"
         second = next(r for r in recordings(srv) if r["session_id"] != first["session_id"])
         assert second["status"] == "complete", second
         assert host.proc.poll() is None
+        for lang in ("en", "de"):
+            console_says_auditor_needed(browser, srv, second["session_id"], lang)
     finally:
         if host:
             host.stop()
@@ -154,10 +158,35 @@ auditor_key = "{auditor_pub}"
     refused = srv.cli("recording", "export", second["session_id"], "--mp4", str(out))
     assert refused.returncode == 1 and len(refused.stderr.strip().splitlines()) == 1
     assert "split" in refused.stderr and not out.exists(), refused.stderr
-    for rec, expected in ((first, expected_cut), (second, expected_crash)):
-        out = tmp_path / f"{rec['session_id']}.mp4"
-        srv.ok("recording", "export", rec["session_id"], "--mp4", str(out), "--key", str(auditor_pem))
-        picture, _ = last_frame(out)
-        assert float(np.abs(picture.astype(np.int16) - expected).mean()) < 6.0
+    out = tmp_path / "with-auditor.mp4"   # the crash's recording ends with the screen it left
+    srv.ok("recording", "export", second["session_id"], "--mp4", str(out), "--key", str(auditor_pem))
+    picture, _ = last_frame(out)
+    assert float(np.abs(picture.astype(np.int16) - expected_crash).mean()) < 6.0
     assert not re.search(r"Traceback", log), log[-3000:]
     assert os.path.exists(auditor_pem)
+
+
+def console_says_auditor_needed(browser, srv, session_id: str, lang: str) -> None:  # noqa: F811
+    """The session page says the auditor's key is needed instead of offering a video that cannot
+    be made; the video address answers 409 with the same reason."""
+    context = browser.new_context(ignore_https_errors=True, locale=lang,
+                                  extra_http_headers={"Accept-Language": lang},
+                                  viewport={"width": 1280, "height": 800})
+    page = context.new_page()
+    try:
+        page.goto(srv.url + "/console/login")
+        page.fill("#user", "admin")
+        page.fill("#password", ADMIN_PASSWORD)
+        with page.expect_navigation():
+            page.click("#login")
+        page.goto(f"{srv.url}/console/sessions/{session_id}")
+        said = page.locator("#split-host").inner_text()
+        assert {"en": "auditor", "de": "Prüfer"}[lang] in said, said
+        assert page.locator("video").count() == 0
+        page.locator("#recording-host").scroll_into_view_if_needed()
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / f"recording-split-{lang}.png"), full_page=False)
+        video = context.request.get(f"{srv.url}/console/sessions/{session_id}/recordings/host.mp4")
+        assert video.status == 409 and {"en": "auditor", "de": "Prüfer"}[lang] in video.text()
+    finally:
+        context.close()

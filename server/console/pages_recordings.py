@@ -43,9 +43,31 @@ def recordings_of(session, tenant_id: int, session_id: str) -> list[dict[str, An
             for r in rows]
 
 
+def with_split_flags(config, recs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Blocking: mark recordings whose key is split with an auditor (``split``): the console
+    cannot open them on its own, the auditor's private key is not on the server."""
+    from protocol import recording
+
+    from ..recordings.storage import StorageFailed, storage_named
+    for rec in recs:
+        rec["split"] = False
+        if config is None or rec["status"] == "uploading":
+            continue
+        try:
+            reader = recording.Reader()
+            for chunk in storage_named(config, rec["storage"]).read(rec["location"], 64 << 10):
+                reader.receive(chunk)
+                if reader.header is not None:
+                    rec["split"] = recording.is_split(reader.header.fields)
+                    break
+        except (StorageFailed, recording.RecordingError, OSError):
+            pass  # unreadable: playing it says why
+    return recs
+
+
 def link_times(events: list[dict[str, Any]], recordings: list[dict[str, Any]]) -> None:
     """Each timeline event gets ``video_t`` (seconds into the first playable recording)."""
-    playable = [r for r in recordings if r["status"] != "uploading"]
+    playable = [r for r in recordings if r["status"] != "uploading" and not r.get("split")]
     if not playable:
         return
     first = playable[0]
@@ -153,6 +175,11 @@ def recording_video(ctx: Ctx):
         if rec["status"] == "uploading":
             raise PageError(409, Text("the recording is still being uploaded; play it once the "
                                       "session has ended"))
+        yield run_blocking(with_split_flags, config, [rec])
+        if rec["split"]:
+            raise PageError(409, Text("this recording's key is split with the auditor's key: "
+                                      "the console cannot play it; the auditor exports it with "
+                                      "their key (hausmeister-server recording export --key)"))
         try:
             path = yield mp4_for(config, rec)
         except Exception as exc:

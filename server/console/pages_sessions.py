@@ -269,7 +269,7 @@ def _load(ctx: Ctx, limit: int = MAX_TIMELINE):
 
 @route("GET", "sessions/{id}")
 def session_detail(ctx: Ctx):
-    from .pages_recordings import link_times, recordings_of
+    from .pages_recordings import link_times, recordings_of, with_split_flags
     d = _load(ctx)
 
     def with_recordings(found):
@@ -277,7 +277,9 @@ def session_detail(ctx: Ctx):
             link_times(found[1].events, recs)
             return ctx.page("sessions_detail.html", s=found[0], t=found[1], recordings=recs,
                             max_timeline=MAX_TIMELINE)
-        return ctx.run(recordings_of, ctx.session.tenant_id, found[0]["id"]).addCallback(show)
+        d = ctx.run(recordings_of, ctx.session.tenant_id, found[0]["id"])
+        d.addCallback(lambda recs: run_blocking(with_split_flags, ctx.console.config, recs))
+        return d.addCallback(show)
     return d.addCallback(with_recordings)
 
 

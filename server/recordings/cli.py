@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import sys
 from pathlib import Path
 
 from sqlalchemy import select
@@ -293,11 +294,22 @@ def cmd_delete(config, args) -> int:
         with db.session() as session:
             session.delete(session.get(Recording, row.id))
             from .. import accounts
+            from ..db.models import Tenant
             accounts.audit(session, args.actor, "recording.delete",
                            f"session={row.session_id} party={row.party} sha256={row.sha256}",
                            tenant_id=row.tenant_id)
+            tenant = session.get(Tenant, row.tenant_id) if row.tenant_id is not None else None
     finally:
         db.dispose()
+    # the session's protocol says so too (hash-chained): protocol verify then expects no file
+    from ..session_protocol import ProtocolError, SessionProtocols
+    try:
+        SessionProtocols(config.server.protocol_dir).record(
+            tenant.name if tenant else "default", row.session_id, "recording_deleted",
+            str(args.actor), None, {"recording_id": row.id, "party": row.party,
+                                    "location": row.location, "sha256": row.sha256 or ""})
+    except (OSError, ProtocolError) as exc:
+        print(f"note: the session protocol could not say so: {exc}", file=sys.stderr)
     print(f"deleted the {row.party}'s recording of session {row.session_id}")
     return 0
 
@@ -345,12 +357,15 @@ def protocol_recording_problems(config, files) -> list[str]:
     from ..session_protocol import records
     problems = []
     for file in files:
-        for n, record in records(Path(file)):
+        lines = list(records(Path(file)))
+        deleted = {(r.get("detail") or {}).get("location") for _, r in lines
+                   if r and r.get("kind") == "recording_deleted"}  # `recording delete`, audited
+        for n, record in lines:
             if not record or record.get("kind") != "recording":
                 continue
             detail = record.get("detail") or {}
             location, expected = detail.get("location"), detail.get("sha256")
-            if not location or not expected:
+            if not location or not expected or location in deleted:
                 continue
             digest = hashlib.sha256()
             try:
