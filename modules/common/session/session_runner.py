@@ -654,8 +654,8 @@ class SessionRunner:
         if (self.screen_offer is None or self.presenter_screen is not None
                 or not self.consent.is_presenter or not self.consent.allows(Right.VIEW)):
             return
-        if self.recorder is not None and self.recorder.starts_presenting():
-            pass  # the side that shows records: asked again as the presenter (below: wait)
+        if self.recorder is not None:  # the side that shows records: ask as the presenter
+            self.recorder.starts_presenting()  # (a supporter after a direction change)
         if self.recorder is not None and not self.recorder.may_show():
             # under a 'required' policy no screen runs before its recording does
             if self.recorder.may_show() is None:
