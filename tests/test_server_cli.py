@@ -58,6 +58,10 @@ def test_first_start_sets_itself_up_and_prints_the_admin(tmp_path, db_url):
     data = tmp_path / "data"
     srv = ServerProcess(write_config(tmp_path / "h.toml", data, db_url), data).start()
     try:
+        # the state file says "listening" a moment before the summary lines are flushed
+        deadline = time.monotonic() + 20
+        while "Press Ctrl+C" not in srv.log() and time.monotonic() < deadline:
+            time.sleep(0.05)
         out = srv.log()
         assert "First start" in out and "Admin password:" in out and "Module port:" in out
         assert (data / "certs" / "ca.key").stat().st_mode & 0o077 == 0
