@@ -26,7 +26,7 @@ from .fixtures_x11 import require, stop_process, xvfb  # noqa: F401 - fixture
 from .module_process import ModuleProcess
 from .test_e2e_brokering import wait_until
 from .test_e2e_screen import focus, mean_difference
-from .test_e2e_sessions import MARKER, world  # noqa: F401 - fixture
+from .test_e2e_sessions import MARKER, protocol_events, world  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.e2e
 
@@ -59,7 +59,8 @@ def test_screens_from_wayvnc_and_x11vnc(world, wayland, xvfb, tmp_path):  # noqa
 
 
 def wayvnc_bridge(w, wayland, tmp_path):  # noqa: F811
-    """wayvnc on headless sway, configured as the host's screen; control asked of the user."""
+    """wayvnc on headless sway, configured as the host's screen; view and control asked of the
+    logged-in user (answers through a FIFO, one at a time)."""
     tmp_path.mkdir()
     pc1 = str(w["pc1"])
     # a screen off this machine is refused in one line, before anything is stored
@@ -70,7 +71,7 @@ def wayvnc_bridge(w, wayland, tmp_path):  # noqa: F811
     # the host is configured to share wayvnc's screen; control is the logged-in user's to grant
     configured = run_cli("host", "screen", "--screen", wayland.vnc_url, "--home", pc1)
     assert configured.returncode == 0 and wayland.vnc_url in configured.stdout
-    assert run_cli("host", "policy", "--view", "allow", "--control", "ask",
+    assert run_cli("host", "policy", "--view", "ask", "--control", "ask",
                    "--home", pc1).returncode == 0
     answers = tmp_path / "host-answers"
     os.mkfifo(answers)
@@ -86,6 +87,14 @@ def wayvnc_bridge(w, wayland, tmp_path):  # noqa: F811
         supporter = supporter_for(w, tmp_path, "--snapshot", str(snapshot),
                                   "--vnc-listen", f"127.0.0.1:{vnc_port}",
                                   "--type", f"touch {typed}\\n")
+        # view is asked of the logged-in user: until the answer, wayvnc is not even connected
+        host.wait_for_line("verification code", timeout=60)
+        wait_until(lambda: any(e["kind"] == "right_requested" and
+                               e["detail"].get("right") == "control"
+                               for e in protocol_events(w["srv"])),
+                   timeout=30, what="the supporter's requests in the protocol")
+        assert established_to(wayland.vnc_port) == 0 and not snapshot.exists()
+        os.write(answer_fd, b"y\n")   # view
         supporter.wait_for_line("snapshot saved", timeout=60)
         host.wait_for_line(re.escape(f"connecting to the local screen {wayland.vnc_url}"))
         # what the supporter sees is wayvnc's own frame (raw on loopback, lossless both legs)
@@ -103,7 +112,7 @@ def wayvnc_bridge(w, wayland, tmp_path):  # noqa: F811
         host.wait_for_line("refused input from the supporter: it does not hold the control "
                            "right", timeout=30)
         # the logged-in user grants control: the supporter's --type runs in foot
-        os.write(answer_fd, b"y\n")
+        os.write(answer_fd, b"y\n")   # control
         supporter.wait_for_line("granted control", timeout=30)
         wait_until(typed.exists, timeout=30, what="the typed command's file")
         assert not not_typed.exists()   # keys are applied in order: these never arrived
@@ -136,7 +145,8 @@ def start_x11vnc(display: str, password: str, log) -> tuple[subprocess.Popen, in
 def x11vnc_bridge(w, xvfb, tmp_path):  # noqa: F811
     """The same bridge against x11vnc on Xvfb, with VNC authentication: wrong, then right."""
     tmp_path.mkdir()
-    assert run_cli("host", "policy", "--control", "allow", "--home", str(w["pc1"])).returncode == 0
+    assert run_cli("host", "policy", "--view", "allow", "--control", "allow",
+                   "--home", str(w["pc1"])).returncode == 0
     term = xvfb.xterm("host-term", geometry="80x24+0+0", bg="darkblue")
     focus(xvfb.name, term.window)
     with open(tmp_path / "x11vnc.log", "wb") as log:
