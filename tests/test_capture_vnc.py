@@ -406,3 +406,32 @@ async def test_tigervnc_x0vncserver_with_a_password(xvfb, tmp_path):  # noqa: F8
 def grab(mss, display: str) -> np.ndarray:
     with mss.MSS(display=display) as sct:
         return np.asarray(sct.grab(sct.monitors[0]))[..., 2::-1].astype(np.int16)
+
+
+def test_host_screen_setting_round_trip_and_refusals(tmp_path):
+    """``hausmeister-host screen`` keeps the source and the password file's path (never the
+    password); ``run`` takes it when no --screen is given."""
+    from argparse import Namespace
+
+    from modules.common.link.folder import ModuleFolder, ModuleFolderError
+    from modules.remote_host import settings
+    from modules.remote_host.cli import with_saved_screen
+    folder = ModuleFolder(tmp_path)
+    assert settings.load_screen(folder) == settings.ScreenSetting()
+    settings.save_screen(folder, settings.ScreenSetting("vnc://127.0.0.1:5901", "/etc/vnc-pw"))
+    assert settings.load_screen(folder) == settings.ScreenSetting("vnc://127.0.0.1:5901",
+                                                                  "/etc/vnc-pw")
+    args = with_saved_screen(Namespace(screen=None, screen_password_file=None), folder)
+    assert (args.screen, args.screen_password_file) == ("vnc://127.0.0.1:5901", "/etc/vnc-pw")
+    given = with_saved_screen(Namespace(screen=":0", screen_password_file=None), folder)
+    assert (given.screen, given.screen_password_file) == (":0", None)   # --screen wins, alone
+    with pytest.raises(ModuleFolderError, match="must run on this machine"):
+        settings.save_screen(folder, settings.ScreenSetting("vnc://198.51.100.4"))
+    with pytest.raises(ModuleFolderError, match="applies only to a VNC source"):
+        settings.save_screen(folder, settings.ScreenSetting(":0", "/etc/vnc-pw"))
+    settings.screen_path(folder).write_text('{"source": ":0", "oops": 1}')
+    with pytest.raises(ModuleFolderError, match="broken"):
+        settings.load_screen(folder)
+    settings.screen_path(folder).write_text('{"source": 5}')
+    with pytest.raises(ModuleFolderError, match="is not text"):
+        settings.load_screen(folder)

@@ -94,6 +94,9 @@ class ScreenSetting:
 
     def validate(self) -> "ScreenSetting":
         from ..common.screen.capture_vnc import VncSourceError, is_vnc_url, parse_vnc_url
+        for name in ("source", "password_file"):
+            if not isinstance(getattr(self, name), (str, type(None))):
+                raise ModuleFolderError(f"screen {name} = {getattr(self, name)!r} is not text")
         if self.password_file and not is_vnc_url(self.source):
             raise ModuleFolderError("a screen password file applies only to a VNC source "
                                     "(vnc://127.0.0.1:5900)")
