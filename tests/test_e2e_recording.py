@@ -1,7 +1,8 @@
 """Session recordings end to end (issue 12): a host on Xvfb shows an xterm, the policy says
 ``on``, the host module records and uploads while the session runs; the server keeps the
 encrypted file in the recordings folder, anchors its SHA-256 in the protocol, verifies it and
-exports an MP4 whose last frame is the Xvfb screen.  Tampering is named by ``recording verify``
+exports an MP4 whose last frame is the Xvfb screen (and whose frame at the time of an earlier
+screenshot is that screenshot).  Tampering is named by ``recording verify``
 and ``protocol verify``; kill -9 of the host leaves an incomplete recording that still exports;
 ``required`` with an unwritable folder ends the session with that reason, as do a stalled upload
 and a used-up quota; after a direction change the side that shows records."""
@@ -9,6 +10,7 @@ and a used-up quota; after a direction change the side that shows records."""
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import json
 import os
 import signal
@@ -66,6 +68,18 @@ def start_session(w, display, snapshot):
     return host, supporter
 
 
+def frame_at(path, seconds: float) -> np.ndarray:
+    """The picture the video shows ``seconds`` after its start (the last frame at or before)."""
+    import av
+    with av.open(str(path)) as container:
+        shown = None
+        for frame in container.decode(container.streams.video[0]):
+            if frame.time is not None and frame.time > seconds:
+                break
+            shown = frame
+        return shown.to_ndarray(format="rgb24")
+
+
 def last_frame(path) -> np.ndarray:
     import av
     with av.open(str(path)) as container:
@@ -86,6 +100,10 @@ def test_recorded_session_exports_to_the_screen_and_tampering_is_named(rec_world
     host, supporter = start_session(w, xvfb.name, tmp_path / "seen.png")
     try:
         supporter.wait_for_line("snapshot saved", timeout=60)
+        time.sleep(1.0)  # a still screen, taken at a known time ...
+        early, early_at = screen_of(xvfb.name), time.time()
+        time.sleep(1.0)
+        xvfb.xterm("later-term", geometry="40x10+500+400", bg="darkred")  # ... then a change
         time.sleep(1.5)  # the screen is still; what the recording ends with is this picture
         expected = screen_of(xvfb.name)
         supporter.close_stdin()
@@ -109,6 +127,14 @@ def test_recorded_session_exports_to_the_screen_and_tampering_is_named(rec_world
     assert picture.shape[:2] == (768, 1024)
     diff = float(np.abs(picture.astype(np.int16) - expected).mean())
     assert diff < 6.0, diff  # H.264 tolerance
+    # the frame at the time of the earlier screenshot shows that screenshot, not the end
+    started = dt.datetime.fromisoformat(rec["started_at"])
+    started = started if started.tzinfo else started.replace(tzinfo=dt.timezone.utc)
+    then = frame_at(out, early_at - started.timestamp())
+    assert float(np.abs(then.astype(np.int16) - early).mean()) < 6.0
+    later = (slice(410, 500), slice(510, 700))  # where the later xterm opened
+    assert float(np.abs(early[later] - expected[later]).mean()) > 30   # it did change there
+    assert float(np.abs(then[later].astype(np.int16) - early[later]).mean()) < 10
     protocol_files = list((srv.data_dir / "protocols").rglob("*.jsonl"))
     lines = [json.loads(x) for f in protocol_files for x in f.read_text().splitlines()]
     anchored = [x for x in lines if x["kind"] == "recording"]
