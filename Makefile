@@ -30,8 +30,12 @@ TEST_BINARIES = /usr/lib/postgresql/*/bin/initdb /usr/sbin/haproxy /usr/bin/Xvfb
 run: install
 	$(VENV)/bin/hausmeister-server --config config/local.toml run
 
+# Test files run in parallel, one worker per core (a file's tests stay on one worker, so its
+# module-scoped servers start once); every fixture picks free ports, displays and temp folders.
+TEST_WORKERS ?= 2
+
 test: install test-system-packages
-	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 install: $(VENV)/.installed
 
