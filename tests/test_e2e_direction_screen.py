@@ -1,9 +1,9 @@
 """The screen follows a direction change (issue 16 §3), with screens on two Xvfb displays.
 
 A supporter CLI (``adhoc --screen B --snapshot``) and a customer run through the session core
-(``join`` with a recording delegate, as the apps use it) share one server: the supporter sees
+(``join``, with the customer app's window as its delegate) share one server: the supporter sees
 the customer's display A; the customer asks the supporter to show instead, the supporter
-agrees, and the customer sees display B; the customer takes the screen back and the supporter
+agrees, and the customer's app shows display B in a window of its own; the customer takes the screen back and the supporter
 sees A again.  Both changes are in the protocol.  Then the customer narrows what it shows to one
 window through the core (issue 16 §5)."""
 
@@ -20,9 +20,8 @@ from twisted.internet import defer
 from zope.interface import implementer
 
 from modules.common.session.consent import IConsentUI
-from modules.common.session.session_runner import SessionDelegate
 
-from .fixtures_qt import until
+from .fixtures_qt import qt_app, screenshot, until  # noqa: F401 - fixture
 from .fixtures_x11 import xvfb_factory  # noqa: F401 - fixture
 from .module_process import ModuleProcess
 from .test_e2e_brokering import wait_until
@@ -54,26 +53,13 @@ class YesUI:
         pass
 
 
-class Screens(SessionDelegate):
-    """What the core told the customer's front-end about the remote screen."""
-
-    def __init__(self) -> None:
-        self.shown: list = []      # each remote screen, as its first full frame arrived
-        self.closed = 0
-
-    def remote_screen(self, screen) -> None:
-        self.shown.append(screen)
-
-    def remote_screen_closed(self) -> None:
-        self.closed += 1
-
-
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 @pytest_twisted.ensureDeferred
 async def test_the_screen_follows_a_direction_change_and_back(
-        running_server, enrolled_supporter, xvfb_factory, tmp_path):  # noqa: F811
+        qt_app, running_server, enrolled_supporter, xvfb_factory, tmp_path):  # noqa: F811
     from twisted.internet import reactor
 
+    from modules.customer.gui import CustomerWindow
     from modules.common.terminal.stream_cli import screen_offer
     from modules.customer.join import join
     srv = running_server
@@ -86,14 +72,15 @@ async def test_the_screen_follows_a_direction_change_and_back(
     supporter = ModuleProcess("supporter", "adhoc", "--pipe", "--answers", str(answers),
                               "--screen", supporter_display.name, "--snapshot", str(snapshot),
                               "--home", str(enrolled_supporter))
-    screens = Screens()
+    window = CustomerWindow(reactor, srv.url, srv.fingerprint, share_display=customer_display.name)
     conn = runner = None
     try:
         nameplate, secret = supporter.wait_for_line(r"ad-hoc ID: (\d{4}) (\d{4})").groups()
         conn, runner = await join(
             reactor, srv.url, srv.fingerprint, f"{nameplate} {secret}",
-            lambda ticket, consent: YesUI(), delegate=screens, pipe=False,
+            lambda ticket, consent: YesUI(), delegate=window, pipe=False,
             screen=screen_offer(Namespace(screen=customer_display.name)))
+        window.runner, window.supporter = runner, "alice"
         session = defer.ensureDeferred(runner.run())
 
         def snapshots() -> int:
@@ -105,15 +92,19 @@ async def test_the_screen_follows_a_direction_change_and_back(
                           customer_display.name) < 3
         # 2. the customer asks the supporter to show; it agrees: the customer sees display B
         assert runner.show_my_screen()
-        await until(lambda: screens.shown, timeout=60, what="the supporter's screen")
+        await until(lambda: window.remote_window is not None, timeout=60,
+                    what="the supporter's screen in the customer's app")
         assert runner.consent.presenter.value == "supporter"
-        seen = screens.shown[0].protocol.framebuffer
+        seen = window.remote_window.viewer.framebuffer()
         assert seen.shape[:2] == (480, 640)
         assert difference(seen, supporter_display.name) < 3
+        assert window.remote_window.windowTitle() == "Screen of alice"
+        await until(lambda: window.remote_window.viewer.frames_painted, what="the painted screen")
+        screenshot(window.remote_window, "customer-remote-screen-en")
         # 3. the customer takes the screen back: the supporter sees display A again
         assert runner.show_my_screen()
         await until(lambda: snapshots() == 2, timeout=60, what="the supporter's second snapshot")
-        assert screens.closed == 1 and runner.consent.is_presenter
+        assert window.remote_window is None and runner.consent.is_presenter
         picture = np.asarray(Image.open(snapshot).convert("RGB"))
         assert picture.shape[:2] == (600, 800)
         assert difference(picture, customer_display.name) < 3
@@ -127,11 +118,12 @@ async def test_the_screen_follows_a_direction_change_and_back(
         with pytest.raises(LookupError):
             await runner.share_window("no-such-window")
         runner.end_session()
-        await session
+        await until(lambda: session.called, timeout=60, what="the customer's end of the session")
         await until(lambda: supporter.proc.poll() is not None, what="the supporter's exit")
         assert supporter.proc.returncode == 0, supporter.stderr
     finally:
         supporter.stop()
+        window.close()
         if conn is not None:
             conn.transport.loseConnection()
     events = wait_until(lambda: [e for e in protocol_events(srv)

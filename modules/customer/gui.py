@@ -24,6 +24,7 @@ from ..common.link.folder import default_home
 from ..common.qt.consent_dialogs import DialogConsentUI, end_sentence
 from ..common.qt.file_offer_dialog import FileOfferDialog
 from ..common.qt.i18n import install_translation, t
+from ..common.qt.viewer import RemoteScreenDelegate
 from ..common.session.session_runner import SessionDelegate
 from .join import join, parse_adhoc_id
 
@@ -84,7 +85,7 @@ class SharingBar(QWidget):
         self.raise_()
 
 
-class CustomerWindow(QMainWindow, SessionDelegate):
+class CustomerWindow(QMainWindow, RemoteScreenDelegate, SessionDelegate):
     """The customer's window; ``connect_clicked`` starts a session on ``reactor``."""
 
     event_shown = Signal(str)
@@ -355,8 +356,19 @@ class CustomerWindow(QMainWindow, SessionDelegate):
             self.show_line(t("The file {name} was not transferred: {reason}").format(
                 name=event.name, reason=event.reason))
 
+    def _screen_runner(self):
+        return self.runner
+
+    def _screen_title(self) -> str:
+        return t("Screen of {who}").format(who=self.supporter or t("the supporter"))
+
+    def _paused_text(self) -> str:
+        return t("Paused by {who}: the last picture stays until the screen is resumed.").format(
+            who=self.supporter or t("the supporter"))
+
     def ended(self, reason) -> None:
         self.end_text = reason.text()
+        self.remote_screen_closed()
         self.bar.hide()
         self.status_label.setText(t("Session ended: {reason}").format(
             reason=end_sentence(reason, Role.CUSTOMER, self.ui.names if self.ui else None)))

@@ -19,6 +19,7 @@ from PySide6.QtWidgets import (
 from ..common.session.consent import Event, Right, Role
 from ..common.qt.consent_dialogs import DialogConsentUI, capital, end_sentence
 from ..common.qt.i18n import install_translation, t
+from ..common.qt.viewer import RemoteScreenDelegate
 from ..common.session.session_runner import SessionDelegate
 from . import settings
 from .service import HostService
@@ -33,7 +34,7 @@ def is_administrator() -> bool:
     return hasattr(os, "geteuid") and os.geteuid() == 0
 
 
-class HostWindow(QMainWindow, SessionDelegate):
+class HostWindow(QMainWindow, RemoteScreenDelegate, SessionDelegate):
     def __init__(self, reactor, folder, screen: Any = None, language: str = "en",
                  admin: bool | None = None) -> None:
         QMainWindow.__init__(self)
@@ -230,8 +231,22 @@ class HostWindow(QMainWindow, SessionDelegate):
     def sharing(self, active: bool) -> None:
         self.refresh()
 
+    def _screen_runner(self):
+        return self.service.runner
+
+    def _supporter(self) -> str:
+        return (self.service.offer or {}).get("supporter") or t("the supporter")
+
+    def _screen_title(self) -> str:
+        return t("Screen of {who}").format(who=self._supporter())
+
+    def _paused_text(self) -> str:
+        return t("Paused by {who}: the last picture stays until the screen is resumed.").format(
+            who=self._supporter())
+
     def ended(self, reason) -> None:
         self.last_end = reason.text()
+        self.remote_screen_closed()
         self.log.append(t("Session ended: {reason}").format(
             reason=end_sentence(reason, Role.HOST, self.ui.names if self.ui else None)))
         self.reactor.callLater(0, self.refresh)

@@ -95,6 +95,7 @@ class SessionTab(QWidget, SessionDelegate):
                 ("control", "Request control", lambda: self._request("control")),
                 ("files", "Request files", lambda: self._request("files")),
                 ("direction", "Show my screen", self._show_my_screen),
+                ("pause", "Pause screen", self._toggle_pause),
                 ("send", "Send file ...", self._choose_file),
                 ("inbox", "Folder for received files ...", self._choose_inbox),
                 ("end", "End session", self.end_session)):
@@ -223,6 +224,10 @@ class SessionTab(QWidget, SessionDelegate):
             self.actions[key].setEnabled(live and Right(key) not in held)
         for key in ("direction", "send"):
             self.actions[key].setEnabled(live)
+        showing = live and runner.consent.is_presenter    # after a direction change
+        self.actions["pause"].setEnabled(showing)
+        self.actions["pause"].setText(t("Resume screen") if showing and runner.consent.paused
+                                      else t("Pause screen"))
         waiting = runner is None and self.task is not None and not self.task.called
         self.actions["end"].setEnabled(live or waiting)   # also: give up an unused ad-hoc ID
         control = live and Right.CONTROL in held and self.viewer is not None
@@ -247,6 +252,10 @@ class SessionTab(QWidget, SessionDelegate):
     def _show_my_screen(self) -> None:
         if self.runner is not None:
             self.runner.show_my_screen()
+
+    def _toggle_pause(self) -> None:
+        if self.runner is not None:
+            self.runner.toggle_pause()
 
     def _chat(self) -> None:
         text = self.chat_field.text().strip()

@@ -109,6 +109,7 @@ GERMAN: dict[str, str] = {
     "The customer accepted the support terms.": "Der Kunde hat die Support-Bedingungen angenommen.",
     "{who} is viewing your screen": "{who} sieht Ihren Bildschirm",
     "Pause screen": "Bildschirm anhalten",
+    "Screen of {who}": "Bildschirm von {who}",
     "Resume screen": "Bildschirm fortsetzen",
     "You paused the screen: the other side sees the last picture.":
         "Sie haben den Bildschirm angehalten: Die Gegenseite sieht das letzte Bild.",

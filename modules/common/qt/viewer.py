@@ -239,3 +239,54 @@ def scrollable(widget: FramebufferWidget) -> QScrollArea:
     area.setWidgetResizable(True)
     area.setAlignment(Qt.AlignCenter)
     return area
+
+
+class RemoteScreenWindow(QWidget):
+    """The other side's screen in a window of its own, for the apps whose person usually shows
+    (customer, host): after a direction change the supporter's screen appears here.  Input goes
+    out only while ``input_enabled`` (the session holds *control*)."""
+
+    def __init__(self, title: str, framebuffer: Callable[[], np.ndarray],
+                 pointer: Callable[[int, int, int], Any], key: Callable[[bool, int], Any],
+                 input_enabled: Callable[[], bool]) -> None:
+        from PySide6.QtWidgets import QVBoxLayout
+        super().__init__(None, Qt.Window)
+        self.setWindowTitle(title)
+        self.viewer = FramebufferWidget(framebuffer, pointer, key, input_enabled)
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.addWidget(self.viewer)
+        size = self.viewer.remote_size()
+        self.resize(min(size.width(), 1280) or 800, min(size.height(), 800) or 600)
+
+
+class RemoteScreenDelegate:
+    """The session-delegate calls about the remote screen for a window that shows it in a
+    ``RemoteScreenWindow``; the window provides ``_screen_runner()`` and ``_screen_title()``
+    (translated) and ``_paused_text()`` (translated)."""
+
+    remote_window: RemoteScreenWindow | None = None
+
+    def remote_screen(self, screen) -> None:
+        runner = self._screen_runner()
+        self.remote_screen_closed()
+        self.remote_window = RemoteScreenWindow(
+            self._screen_title(), lambda: screen.protocol.framebuffer, runner.pointer,
+            runner.key, lambda: not runner.done.called and runner.consent.holds("control"))
+        self.remote_window.show()
+
+    def screen_updated(self, rects) -> None:
+        if self.remote_window is not None:
+            self.remote_window.viewer.screen_changed(rects)
+
+    def screen_paused(self, paused: bool) -> None:
+        runner = self._screen_runner()
+        if self.remote_window is not None and runner is not None \
+                and not runner.consent.is_presenter:
+            self.remote_window.viewer.set_paused(self._paused_text() if paused else None)
+
+    def remote_screen_closed(self) -> None:
+        if self.remote_window is not None:
+            self.remote_window.close()
+            self.remote_window.deleteLater()
+            self.remote_window = None
