@@ -212,3 +212,36 @@ def test_split_keys_need_every_holder_and_a_supporter_records_once_it_presents()
     reader = recording.Reader(unwrap=lambda h: recording.open_key(h, [KEY, auditor]))
     got = [i for i in reader.receive(data) if isinstance(i, recording.Entry)]
     assert reader.complete and any(e.payload == b"the supporter's screen" for e in got)
+
+
+def test_an_exiting_module_waits_until_the_cut_off_recording_is_up_or_the_time_is_over():
+    from modules.common.session import recorder as recorder_module
+    clock = task.Clock()
+    first = LosableLink()
+    rec = SessionRecorder(clock, first, "s2", "host")
+    rec.start()
+    rec.rfb_out(b"screen")
+    first.lose()
+    rec.close()
+    done: list = []
+    recorder_module.settled(clock, 30.0).addCallback(done.append)
+    clock.advance(5)
+    assert not done                      # still away: the module waits
+    second = LosableLink(stored=first.stored)
+    recorder_module.resume_waiting(second)
+    clock.advance(0.2)
+    assert done and second.ended
+    # nobody comes back: the wait ends at its limit
+    third = LosableLink()
+    rec = SessionRecorder(clock, third, "s3", "host")
+    rec.start()
+    third.lose()
+    rec.close()
+    done.clear()
+    recorder_module.settled(clock, 30.0).addCallback(done.append)
+    clock.advance(29.0)
+    assert not done
+    clock.advance(1.2)
+    assert done
+    rec._fail("test over")                         # leave no recorder behind for other tests
+    assert recorder_module.waiting_count() == 0

@@ -17,6 +17,7 @@ from modules.common.terminal.cli import (
 from modules.remote_host import settings
 from modules.common.link.connection import MODULE_VERSION
 from modules.common.session.consent import Role
+from modules.common.session import recorder
 from modules.common.session.session_runner import CliDelegate
 from modules.common.terminal.stream_cli import (
     add_file_options, add_screen_options, consent_ui, exit_code, print_windows, say, screen_offer,
@@ -26,6 +27,7 @@ from modules.common.terminal.interrupts import interrupts
 from modules.remote_host.service import HostService
 
 KIND = "host"
+RESUME_WAIT_SECONDS = 60.0  # --pipe: how long a cut-off recording may take to go up on exit
 
 
 def cmd_enroll(args: argparse.Namespace) -> int:
@@ -71,6 +73,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         reactor.addSystemEventTrigger("before", "shutdown", service.stop)
         if args.pipe:   # --pipe serves one session, then exits
             ended["reason"] = await service.sessions
+            if recorder.waiting_count():  # cut off by a lost connection: sent once back
+                say(f"waiting up to {RESUME_WAIT_SECONDS:.0f} s to upload the rest of the "
+                    f"session recording")
+                await recorder.settled(reactor, RESUME_WAIT_SECONDS)
             await service.stop()
         else:
             await defer.Deferred()  # run until stopped

@@ -49,6 +49,18 @@ def waiting_count() -> int:
     return len(_away)
 
 
+def settled(reactor, timeout: float) -> defer.Deferred:
+    """Fires once no recorder holds bytes for a later connection (all resumed and closed, or
+    given up), or after ``timeout`` seconds: a module that is about to exit waits with this."""
+    deadline = reactor.seconds() + timeout
+
+    def check():
+        if not _away or reactor.seconds() >= deadline:
+            return None
+        return task.deferLater(reactor, 0.2, check)
+    return defer.maybeDeferred(check)
+
+
 class SessionRecorder:
     def __init__(self, reactor, conn, session_id: str, party: str, *,
                  screen_size: tuple[int, int] = (0, 0), parties: dict | None = None,
@@ -311,9 +323,11 @@ class SessionRecorder:
 
     def reconnected(self, conn) -> None:
         """The module has a new control connection: continue the upload on it."""
-        if self.conn is not None or self.failed or self._ended:
+        if self.failed or self._ended:
             _away.discard(self)
             return
+        if self.conn is not None:
+            return  # resuming on a connection already; it leaves ``_away`` once it is closed
         self.conn = conn
         self._watch(conn)
         generation = self._generation
@@ -323,7 +337,6 @@ class SessionRecorder:
         def resumed(answer):
             if generation != self._generation:
                 return
-            _away.discard(self)
             log.info("session {session_id}: recording {rid} resumes at byte {offset}",
                      session_id=self.session_id, rid=self.recording_id,
                      offset=answer["next_offset"])
@@ -376,7 +389,8 @@ class SessionRecorder:
 
         def end(_):
             if self.failed or self.conn is None:
-                return None  # the server holds the FINAL record: it closes the recording itself
+                _away.discard(self)  # the server holds the FINAL record: it closes it itself
+                return None
             d = self.conn.callRemote(control.RecordingEnd, recording_id=self.recording_id,
                                      size=self._acked)
 
