@@ -20,7 +20,7 @@ from modules.common.session.consent import Role
 from modules.common.session import recorder
 from modules.common.session.session_runner import CliDelegate
 from modules.common.terminal.stream_cli import (
-    add_file_options, add_screen_options, consent_ui, exit_code, print_windows, say, screen_offer,
+    add_file_options, add_screen_options, add_viewer_options, consent_ui, exit_code, print_windows, say, screen_offer,
     session_options,
 )
 from modules.common.terminal.interrupts import interrupts
@@ -203,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("run", help="stay connected to the server and accept sessions")
     add_home(s, KIND)
     add_screen_options(s)
+    add_viewer_options(s)   # the supporter's screen, after a direction change
     add_file_options(s)
     s.add_argument("--pipe", action="store_true",
                    help="serve one session with stdin/stdout as its stream, then exit")

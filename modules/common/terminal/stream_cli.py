@@ -28,36 +28,45 @@ def add_session_options(parser, supporter: bool = False) -> None:
     parser.add_argument("--chat", action="append", default=[], metavar="TEXT",
                         help="send this chat message once the session is set up (repeatable)")
     add_screen_options(parser)   # the supporter shows its screen after a direction change
-    # ... and the other side then sees it
+    add_viewer_options(parser)   # ... and the other side then sees it
+    if supporter:
+        add_supporter_options(parser)
+
+
+def add_viewer_options(parser) -> None:
+    """How whoever views shows the remote screen (every side, after a direction change)."""
     parser.add_argument("--vnc-listen", metavar="HOST:PORT",
                         help="show the remote screen to any VNC viewer on this loopback "
                              "address, e.g. 127.0.0.1:5901")
     parser.add_argument("--snapshot", metavar="PNG",
                         help="save the remote screen to this PNG file once it has arrived "
                              "(again after each direction change)")
-    if supporter:
-        parser.add_argument("--max-screen", metavar="WxH", type=_screen_limit,
-                            help="the largest remote screen to accept, in either orientation "
-                                 "(default 7680x4320, 8K); a larger one is refused before "
-                                 "memory is set aside for it")
-        parser.add_argument("--type", metavar="TEXT",
-                            help="type TEXT into the remote screen once it has arrived "
-                                 "(needs the control right; \\n is Return)")
-        parser.add_argument("--clipboard", metavar="TEXT",
-                            help="put TEXT on the remote clipboard (needs control)")
-        parser.add_argument("--clipboard-file", metavar="FILE",
-                            help="write the remote clipboard's text to FILE whenever it changes")
-        parser.add_argument("--request", default="view,control", metavar="RIGHTS",
-                            help="rights to ask for, comma-separated: view, control, files "
-                                 "(default view,control)")
-        parser.add_argument("--show-my-screen", action="store_true",
-                            help="ask to show your own screen instead (a direction change)")
-        parser.add_argument("--comment", action="append", default=[], metavar="TEXT",
-                            help="a note for the session protocol only; the customer never "
-                                 "sees it (repeatable)")
-        parser.add_argument("--protocol-copy", metavar="DIR",
-                            help="also keep a local copy of this session's events in DIR "
-                                 "(one JSON-lines file per session)")
+
+
+def add_supporter_options(parser) -> None:
+    """What only the supporter asks for: rights, its notes, and what it does on the remote screen."""
+    parser.add_argument("--max-screen", metavar="WxH", type=_screen_limit,
+                        help="the largest remote screen to accept, in either orientation "
+                             "(default 7680x4320, 8K); a larger one is refused before "
+                             "memory is set aside for it")
+    parser.add_argument("--type", metavar="TEXT",
+                        help="type TEXT into the remote screen once it has arrived "
+                             "(needs the control right; \\n is Return)")
+    parser.add_argument("--clipboard", metavar="TEXT",
+                        help="put TEXT on the remote clipboard (needs control)")
+    parser.add_argument("--clipboard-file", metavar="FILE",
+                        help="write the remote clipboard's text to FILE whenever it changes")
+    parser.add_argument("--request", default="view,control", metavar="RIGHTS",
+                        help="rights to ask for, comma-separated: view, control, files "
+                             "(default view,control)")
+    parser.add_argument("--show-my-screen", action="store_true",
+                        help="ask to show your own screen instead (a direction change)")
+    parser.add_argument("--comment", action="append", default=[], metavar="TEXT",
+                        help="a note for the session protocol only; the customer never "
+                             "sees it (repeatable)")
+    parser.add_argument("--protocol-copy", metavar="DIR",
+                        help="also keep a local copy of this session's events in DIR "
+                             "(one JSON-lines file per session)")
 
 
 def _screen_limit(text: str):
