@@ -12,6 +12,7 @@ from __future__ import annotations
 import struct
 
 import ipaddress
+import os
 
 import numpy as np
 import pytest
@@ -335,6 +336,9 @@ def test_screen_options_that_do_not_fit_are_one_line_and_exit_2(tmp_path):
     for args, why in (
             (Namespace(screen=":0", screen_password_file=str(password)), "applies to a VNC server"),
             (Namespace(screen=None, screen_password_file=str(password)), "needs --screen vnc://"),
+            (Namespace(screen=None, screen_owner="root"), "--screen-owner needs --screen vnc://"),
+            (Namespace(screen="vnc://127.0.0.1", screen_owner="no-such-user-here"),
+             "no such user"),
             (Namespace(screen="vnc://192.0.2.1", screen_password_file=None), "on this machine"),
             (Namespace(screen="vnc://127.0.0.1:5999", screen_password_file=str(tmp_path / "no")),
              "No such file")):
@@ -418,11 +422,13 @@ def test_host_screen_setting_round_trip_and_refusals(tmp_path):
     from modules.remote_host.cli import with_saved_screen
     folder = ModuleFolder(tmp_path)
     assert settings.load_screen(folder) == settings.ScreenSetting()
-    settings.save_screen(folder, settings.ScreenSetting("vnc://127.0.0.1:5901", "/etc/vnc-pw"))
-    assert settings.load_screen(folder) == settings.ScreenSetting("vnc://127.0.0.1:5901",
-                                                                  "/etc/vnc-pw")
-    args = with_saved_screen(Namespace(screen=None, screen_password_file=None), folder)
-    assert (args.screen, args.screen_password_file) == ("vnc://127.0.0.1:5901", "/etc/vnc-pw")
+    saved = settings.ScreenSetting("vnc://127.0.0.1:5901", "/etc/vnc-pw", "alice")
+    settings.save_screen(folder, saved)
+    assert settings.load_screen(folder) == saved
+    args = with_saved_screen(Namespace(screen=None, screen_password_file=None,
+                                       screen_owner=None), folder)
+    assert (args.screen, args.screen_password_file, args.screen_owner) == (
+        "vnc://127.0.0.1:5901", "/etc/vnc-pw", "alice")
     given = with_saved_screen(Namespace(screen=":0", screen_password_file=None), folder)
     assert (given.screen, given.screen_password_file) == (":0", None)   # --screen wins, alone
     with pytest.raises(ModuleFolderError, match="must run on this machine"):
@@ -435,3 +441,36 @@ def test_host_screen_setting_round_trip_and_refusals(tmp_path):
     settings.screen_path(folder).write_text('{"source": 5}')
     with pytest.raises(ModuleFolderError, match="is not text"):
         settings.load_screen(folder)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_listener_of_another_user_is_refused_before_anything_is_sent(tmp_path):
+    """A loopback port is anyone's: a VNC "server" another user started there (while the real
+    one is down) would get the supporter's keys.  Refused, unless it is the named owner's."""
+    import subprocess
+
+    from modules.common.screen.capture_vnc import listener_uids
+    from .fixtures_server import free_port
+    from .fixtures_wayland import listening
+    if os.getuid() != 0:
+        pytest.skip("starting a listener as another user needs root (the test machine is)")
+    port = free_port()
+    impostor = subprocess.Popen(   # the system's python: the venv may not be nobody's to run
+        ["/usr/bin/python3", "-c", "import socket, time; s = socket.socket(); "
+         f"s.bind(('127.0.0.1', {port})); s.listen(); time.sleep(60)"],
+        user=65534, group=65534, extra_groups=[], cwd="/")
+    try:
+        await until(lambda: listening(port), "the impostor listening")
+        address = VncAddress("127.0.0.1", port)
+        assert listener_uids(address) == {65534}
+        with pytest.raises(VncSourceError) as caught:
+            await VncSource(address).connect()
+        message = str(caught.value)
+        assert "is run by nobody (uid 65534), not by root:" in message
+        assert "add --screen-owner nobody" in message and "nothing was sent" in message
+        # named as the owner, it is connected to (and then fails as the non-server it is)
+        with pytest.raises(VncSourceError) as caught:
+            await VncSource(address, owner="nobody", connect_seconds=1).connect()
+        assert "is run by" not in str(caught.value)
+    finally:
+        stop_process(impostor)

@@ -110,6 +110,8 @@ def with_saved_screen(args: argparse.Namespace, folder) -> argparse.Namespace:
             args.screen = saved.source
             if getattr(args, "screen_password_file", None) is None:
                 args.screen_password_file = saved.password_file
+            if getattr(args, "screen_owner", None) is None:
+                args.screen_owner = saved.owner
     return args
 
 
@@ -119,15 +121,17 @@ def cmd_screen(args: argparse.Namespace) -> int:
     if args.clear:
         setting = settings.ScreenSetting()
         settings.save_screen(folder, setting)
-    elif args.screen or args.screen_password_file:
-        setting = settings.ScreenSetting(args.screen, args.screen_password_file)
+    elif args.screen or args.screen_password_file or args.screen_owner:
+        setting = settings.ScreenSetting(args.screen, args.screen_password_file,
+                                         args.screen_owner)
         if args.screen and args.screen.lower().startswith("vnc://"):
             screen_offer(args)   # the checks of `run`: loopback only, password file readable
         settings.save_screen(folder, setting)
     else:
         setting = settings.load_screen(folder)
     print(f"screen: {setting.source or 'none configured (run takes --screen)'}"
-          + (f"   password file: {setting.password_file}" if setting.password_file else ""))
+          + (f"   password file: {setting.password_file}" if setting.password_file else "")
+          + (f"   owner: {setting.owner}" if setting.owner else ""))
     return 0
 
 
@@ -197,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--screen-password-file", metavar="FILE",
                    help="the VNC server's password is the first line of FILE (the path is "
                         "stored, not the password)")
+    s.add_argument("--screen-owner", metavar="USER",
+                   help="the desktop user whose VNC server it is (this module runs as root; "
+                        "a listener of anyone else is refused)")
     s.add_argument("--clear", action="store_true", help="forget the configured screen")
     s.set_defaults(func=cmd_screen)
 

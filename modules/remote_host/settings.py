@@ -8,7 +8,7 @@
 - ``screen.json``: which screen ``run`` and ``gui`` share when no ``--screen`` is given: an X
   display (``:0``) or a VNC server on this machine (``vnc://127.0.0.1:5900``) with the path of its
   password file (the path only: the password stays in that file, readable by whom the operator
-  chose).
+  chose) and the user whose VNC server it is.
 """
 
 from __future__ import annotations
@@ -91,15 +91,16 @@ def load_secret(folder: ModuleFolder) -> tuple[bytes, bytes]:
 class ScreenSetting:
     source: str | None = None           # ":0" or "vnc://127.0.0.1:5900"; None: not configured
     password_file: str | None = None    # for a VNC source that asks for a password
+    owner: str | None = None            # the user whose VNC server it is (the host runs as root)
 
     def validate(self) -> "ScreenSetting":
         from ..common.screen.capture_vnc import VncSourceError, is_vnc_url, parse_vnc_url
-        for name in ("source", "password_file"):
+        for name in ("source", "password_file", "owner"):
             if not isinstance(getattr(self, name), (str, type(None))):
                 raise ModuleFolderError(f"screen {name} = {getattr(self, name)!r} is not text")
-        if self.password_file and not is_vnc_url(self.source):
-            raise ModuleFolderError("a screen password file applies only to a VNC source "
-                                    "(vnc://127.0.0.1:5900)")
+        if (self.password_file or self.owner) and not is_vnc_url(self.source):
+            raise ModuleFolderError("a screen password file or owner applies only to a VNC "
+                                    "source (vnc://127.0.0.1:5900)")
         if is_vnc_url(self.source):
             try:
                 parse_vnc_url(self.source)

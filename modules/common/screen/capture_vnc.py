@@ -17,7 +17,10 @@ serves it inside the session's encrypted channel.  So the module keeps every che
   control goes or the connection ends.
 
 Only loopback addresses are accepted: the RFB stream between the module and the local server is
-not encrypted, so it must not leave the machine.  Security types: None and VNC password (from a
+not encrypted, so it must not leave the machine.  A loopback port belongs to whoever listens on it
+first, so before connecting the module checks who owns the listening socket (Linux: the uid in
+/proc/net/tcp): this module's user, root, or the user named by ``--screen-owner`` (the desktop's
+user, when the host module runs as root); anyone else's listener is refused.  Security types: None and VNC password (from a
 file, first line).  Not here: choosing a window (the local server decides what it shows), hiding
 the background.  The clipboard is the local server's (``VncClipboard``): what it announces goes
 to the viewer with the rights of the screen, like the X clipboard does.
@@ -26,6 +29,8 @@ to the viewer with the rights of the screen, like the X clipboard does.
 from __future__ import annotations
 
 import ipaddress
+import os
+import pwd
 import threading
 import weakref
 from collections import deque
@@ -129,6 +134,56 @@ def read_password_file(path: str | Path) -> str:
     return line.decode("latin-1")
 
 
+def _proc_address(hexed: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    raw = bytes.fromhex(hexed)
+    if len(raw) == 4:
+        return ipaddress.IPv4Address(raw[::-1])
+    address = ipaddress.IPv6Address(b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4)))
+    return address.ipv4_mapped or address
+
+
+def listener_uids(address: VncAddress) -> set[int] | None:
+    """The uids owning TCP sockets that listen for ``address`` (its own address or all
+    addresses, that port); None where /proc/net is not there to tell."""
+    target = ipaddress.ip_address(address.host)
+    found, readable = set(), False
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as fh:
+                lines = fh.read().splitlines()[1:]
+        except OSError:
+            continue
+        readable = True
+        for line in lines:
+            fields = line.split()
+            if len(fields) < 8 or fields[3] != "0A":          # LISTEN
+                continue
+            local, _, port = fields[1].rpartition(":")
+            if int(port, 16) != address.port:
+                continue
+            listening = _proc_address(local)
+            if listening == target or listening.is_unspecified:
+                found.add(int(fields[7]))
+    return found if readable else None
+
+
+def user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
+
+
+def owner_uid(owner: str | int) -> int:
+    """``--screen-owner``: a user name or a numeric uid."""
+    if isinstance(owner, int) or str(owner).isdigit():
+        return int(owner)
+    try:
+        return pwd.getpwnam(owner).pw_uid
+    except KeyError:
+        raise VncSourceError(f"--screen-owner {owner}: no such user on this machine") from None
+
+
 class _LocalClient(RFBClientProtocol):
     """The RFB client towards the local server; decoding holds the source's lock, so a capture
     (in the blocking pool) never sees a half-written framebuffer."""
@@ -159,9 +214,11 @@ class VncSource:
 
     def __init__(self, address: VncAddress, password: str | None = None, *, reactor: Any = None,
                  connect_seconds: float = CONNECT_SECONDS,
-                 screen_limit: ScreenLimit | None = None) -> None:
+                 screen_limit: ScreenLimit | None = None, owner: str | int | None = None) -> None:
+        """``owner``: the user whose VNC server this is, besides this module's user and root."""
         self.address = address
         self.password = password
+        self.owners = {os.getuid(), 0} | ({owner_uid(owner)} if owner is not None else set())
         self.connect_seconds = connect_seconds
         self.screen_limit = screen_limit
         self.on_lost: Callable[[str], None] | None = None
@@ -205,6 +262,10 @@ class VncSource:
         ``disconnect()`` came first."""
         if self.connected:
             return defer.succeed(None)
+        if self._connecting is None:
+            refusal = self._foreign_listener()
+            if refusal:
+                return defer.fail(VncSourceError(refusal))
         waiter: defer.Deferred = defer.Deferred()
         self._waiters.append(waiter)
         if self._connecting is not None:
@@ -251,6 +312,18 @@ class VncSource:
         d.addCallbacks(connected, failed)
         d.addBoth(settle)
         return waiter
+
+    def _foreign_listener(self) -> str | None:
+        """Why the socket listening on our address is not trusted, or None."""
+        uids = listener_uids(self.address)
+        foreign = sorted((uids or set()) - self.owners)
+        if not foreign:
+            return None
+        names = ", ".join(f"{user_name(uid)} (uid {uid})" for uid in foreign)
+        trusted = " and ".join(sorted(user_name(uid) for uid in self.owners))
+        return (f"the local VNC server {self.address} is run by {names}, not by {trusted}: "
+                f"if it is the desktop's VNC server, add --screen-owner "
+                f"{user_name(foreign[0])}; nothing was sent to it")
 
     def _reason(self, exc: BaseException, protocol: _LocalClient) -> str:
         where = f"the local VNC server {self.address}"
@@ -477,7 +550,8 @@ class VncInjector:
 
 
 def vnc_screen_offer(url: str, password_file: str | None = None, *, window: Any = None,
-                     hide_background: bool = False, reactor: Any = None):
+                     hide_background: bool = False, owner: str | None = None,
+                     reactor: Any = None):
     """(source, injector factory) for ``--screen vnc://...``; ``VncSourceError`` (one line) for
     an address off this machine, an unreadable password file or options a VNC source lacks."""
     address = parse_vnc_url(url)
@@ -488,5 +562,5 @@ def vnc_screen_offer(url: str, password_file: str | None = None, *, window: Any 
         raise VncSourceError(f"--hide-background does not apply to --screen {url}: the VNC "
                              "server's picture is shared as it is")
     password = read_password_file(password_file) if password_file else None
-    source = VncSource(address, password, reactor=reactor)
+    source = VncSource(address, password, reactor=reactor, owner=owner)
     return source, lambda allowed: VncInjector(source, allowed)

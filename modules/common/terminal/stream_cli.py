@@ -120,6 +120,10 @@ def add_screen_options(parser) -> None:
                              "x11vnc, x0vncserver), once the supporter may see it")
     parser.add_argument("--screen-password-file", metavar="FILE",
                         help="the password of the VNC server --screen names (its first line)")
+    parser.add_argument("--screen-owner", metavar="USER",
+                        help="the user whose VNC server --screen names, when it is not this "
+                             "module's user or root (a host module running as root sharing "
+                             "the desktop user's wayvnc); anyone else's listener is refused")
     parser.add_argument("--window", metavar="TITLE|ID",
                         help="share only this window (its title or X window id), not the screen")
     parser.add_argument("--list-windows", action="store_true",
@@ -132,21 +136,24 @@ def screen_offer(args):
     """(capture source, injector factory) for sharing the display ``args`` name, or None."""
     display = getattr(args, "screen", None)
     password_file = getattr(args, "screen_password_file", None)
+    owner = getattr(args, "screen_owner", None)
     if not display:
-        if password_file:
-            raise _usage("--screen-password-file needs --screen vnc://127.0.0.1:5900")
+        if password_file or owner:
+            option = "--screen-password-file" if password_file else "--screen-owner"
+            raise _usage(f"{option} needs --screen vnc://127.0.0.1:5900")
         return None
     window = getattr(args, "window", None)
     from modules.common.screen.capture_vnc import VncSourceError, is_vnc_url, vnc_screen_offer
     if is_vnc_url(display):
         try:
-            return vnc_screen_offer(display, password_file, window=window,
+            return vnc_screen_offer(display, password_file, window=window, owner=owner,
                                     hide_background=getattr(args, "hide_background", False))
         except VncSourceError as exc:
             raise _usage(str(exc)) from None
-    if password_file:
-        raise _usage(f"--screen-password-file applies to a VNC server "
-                     f"(--screen vnc://127.0.0.1:5900), not to the X display {display}")
+    if password_file or owner:
+        option = "--screen-password-file" if password_file else "--screen-owner"
+        raise _usage(f"{option} applies to a VNC server (--screen vnc://127.0.0.1:5900), "
+                     f"not to the X display {display}")
     from modules.common.screen.input_x11 import XTestInjector
     from modules.common.screen.capture_x11 import ScreenSource
     window = window_choice(window)
