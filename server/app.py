@@ -30,7 +30,7 @@ from .pki import CertStore
 from .relay.core import Relay
 from .relay.listener import record_session_end
 from .relay.tokens import RelayTokens, load_or_create_secret
-from . import background, session_recovery, storage_health
+from . import background, cluster, session_recovery, storage_health
 from . import alerts as background_alerts
 from .pki import utcnow
 from .mail import Outbox, OutboxService
@@ -174,10 +174,32 @@ class HausmeisterServer(service.MultiService):
         self.broker.on_protocol_failure = self._protocol_failure_alert
         if self.relay is not None:
             self.broker.end_relay_session = self.relay.end_session
+        # several nodes on one PostgreSQL (server.cluster): None on one node
+        self.node_name: str | None = None
+        self.nodes = self.bus = None
+        if config.cluster.enabled:
+            self.node_name = config.cluster.node_name
+            # a further node shares what `init` made (database, certificates); its own folder
+            # holds only its state file
+            config.server.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self.nodes = cluster.NodeRegistry(self.db, self.node_name, "server",
+                                              config.cluster.node_timeout_seconds, reactor)
+            self.nodes.setServiceParent(self)
+            self.bus = cluster.NodeBus(self.db, self.node_name, reactor,
+                                       config.cluster.call_timeout_seconds)
+            self.broker.node = self.node_name
+            self.broker.attach_bus(self.bus)
+            session_recovery.DeadNodeSweeper(
+                self.db, self.protocols, self.broker, self.node_name,
+                config.cluster.node_timeout_seconds,
+                config.relay.pair_timeout_seconds + config.cluster.node_timeout_seconds,
+                reactor).setServiceParent(self)
         self.outbox = None
         if config.mail.enabled:  # no relay configured: no mail at all
             self.outbox = Outbox(self.db, config.mail)
-            OutboxService(self.outbox, interval=MAIL_INTERVAL_SECONDS, reactor=reactor
+            # one node delivers at a time (an advisory lock on PostgreSQL)
+            OutboxService(self.outbox, interval=MAIL_INTERVAL_SECONDS, reactor=reactor,
+                          runner=cluster.SingleRunner(self.db, cluster.OUTBOX_LOCK)
                           ).setServiceParent(self)
         self.https_port = None
         self.module_port = None
@@ -231,7 +253,12 @@ class HausmeisterServer(service.MultiService):
         chain, key, ca = self.store.server_chain(), self.store.server_key(), self.store.ca_cert()
         module_ctx = tls.module_context(chain, key, ca, c.certificates.min_tls,
                                         self.revocation.is_revoked)
-        self.recovered = session_recovery.recover(self.db, self.protocols, c.server.data_dir)
+        if self.nodes is not None:  # known to the others before anything is recovered or heard
+            self.nodes.register_now()
+            self.bus.start()
+        self.recovered = session_recovery.recover(
+            self.db, self.protocols, c.server.data_dir, self.node_name,
+            c.cluster.node_timeout_seconds if self.nodes is not None else None)
         self.broker.start().addErrback(lambda f: log.failure("could not reset host presence", f))
         factory = ModulePort(self.registry, self.broker, self.relay, self.tokens,
                              lambda ident: self.db.run(_tenant_of, ident))
@@ -294,7 +321,8 @@ class HausmeisterServer(service.MultiService):
                       "interface": self.config.listen.interface, "https_port": https,
                       "module_port": module, "ca_fingerprint": ca_fingerprint,
                       "single_port": self.config.listen.single_port,
-                      "https_url": f"https://{self.config.server.public_host}:{https}"}
+                      "https_url": f"https://{self.config.server.public_host}:{https}",
+                      "node": self.node_name}
         write_state(self.config.server.data_dir, self.state)
 
     @defer.inlineCallbacks
@@ -311,4 +339,6 @@ class HausmeisterServer(service.MultiService):
                 yield defer.DeferredList(list(self._ending))
         yield self.broker.stop()
         yield super().stopService()
+        if self.bus is not None:
+            self.bus.stop()
         self.db.dispose()

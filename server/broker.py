@@ -31,6 +31,8 @@ from .db.models import Host, HostGroup, Role, Session, Tenant, User, UserGroup
 from .pki import utcnow
 from . import storage_health
 from .session_protocol import ProtocolError, SessionSummary
+from .broker_nodes import (PRESENCE_BATCH_SECONDS, NodeCalls, RemoteParty, _drop_nameplates,
+                           _take_nameplate)
 
 #: what a module shows when the server refuses a session it could not record
 NOT_RECORDABLE = ("the server cannot record sessions right now (its protocol folder does not take "
@@ -86,6 +88,7 @@ class HostPresence:
     host_id: str
     last_heartbeat: float
     tenant_id: int = 0
+
 
 
 @dataclass
@@ -173,7 +176,7 @@ class RelayLocator:
         return choice
 
 
-class Broker:
+class Broker(NodeCalls):
     def __init__(self, db: Database, lockouts: accounts.Lockouts, issue_token: Callable[[str, str], str],
                  relays: RelayLocator, reactor, nameplate_ttl: float = 600.0,
                  heartbeat_seconds: float = 30.0, missed_heartbeats: int = 3,
@@ -206,6 +209,14 @@ class Broker:
         self.hosts: dict[str, HostPresence] = {}
         #: supporter connection → host ids it was shown by ListHosts (told of their presence)
         self.presence_watchers: dict[Any, set[str]] = {}
+        #: several nodes (server.cluster): this node's name, the bus to the others, the nodes
+        #: alive at the last look, and the parties connected here of sessions another node set
+        #: up (session id -> (that node, the connection))
+        self.node: str | None = None
+        self.bus: Any = None
+        self.live_nodes: set[str] = set()
+        self.remote_parties: dict[str, tuple[str, Any]] = {}
+        self._presence_out: list[list] = []
         self._dirty: set[str] = set()
         self._loops: list[task.LoopingCall] = []
         # Set by stop(): hosts it marked offline in bulk; their connections closing at shutdown
@@ -223,7 +234,7 @@ class Broker:
             loop.clock = self.reactor
             loop.start(interval, now=False)
             self._loops.append(loop)
-        return self.db.run(_mark_all_offline)
+        return self.db.run(_mark_all_offline, self.node)
 
     def stop(self) -> defer.Deferred:
         """Stop the loops and mark every host connected here offline in one transaction.
@@ -243,7 +254,7 @@ class Broker:
         if not marked:
             return defer.succeed(None)
         log.info("stopping: marking {n} connected hosts offline", n=len(marked))
-        d = self.db.run(_hosts_went_offline, sorted(marked), self.now())
+        d = self.db.run(_hosts_went_offline, sorted(marked), self.now(), self.node)
         d.addErrback(lambda f: log.failure("could not record the hosts offline at shutdown", f))
         return d
 
@@ -275,6 +286,9 @@ class Broker:
             code = f"{secrets.randbelow(10 ** NAMEPLATE_DIGITS):0{NAMEPLATE_DIGITS}d}"
             if code not in self.nameplates:
                 break
+        return self._hold_nameplate(code, supporter)
+
+    def _hold_nameplate(self, code: str, supporter) -> tuple[str, float]:
         self.nameplates[code] = Nameplate(code, supporter,
                                           self.reactor.seconds() + self.nameplate_ttl)
         log.info("nameplate {nameplate} allocated for {supporter}", nameplate=code,
@@ -282,9 +296,14 @@ class Broker:
         return code, self.nameplate_ttl
 
     def release_nameplates(self, supporter) -> None:
+        released = []
         for code, plate in list(self.nameplates.items()):
             if plate.supporter is supporter:
                 del self.nameplates[code]
+                released.append(code)
+        if released and self.bus is not None:
+            self.db.run(_drop_nameplates, released, self.node).addErrback(
+                lambda f: log.failure("could not release nameplates", f))
 
     @defer.inlineCallbacks
     def join_adhoc(self, customer, nameplate: str):
@@ -294,6 +313,13 @@ class Broker:
             raise control.LockedOut(f"too many wrong IDs from your address: try again in "
                                     f"{max(1, round(wait))} s")
         plate = self.nameplates.get(nameplate)
+        if self.bus is not None:  # several nodes: the database row makes the ID single-use
+            owner = yield self.db.run(_take_nameplate, nameplate, self.now())
+            if owner is not None and owner != self.node:
+                answer = yield self._join_elsewhere(owner, customer, nameplate)
+                return answer
+            if owner is None:
+                plate = None
         if plate is None or plate.expires_at <= self.reactor.seconds():
             self.nameplates.pop(nameplate, None)
             wait = yield self.db.run(self.lockouts.failed, keys)
@@ -304,12 +330,21 @@ class Broker:
                 message += f"; try again in {max(1, round(wait))} s"
             raise control.UnknownNameplate(message)
         del self.nameplates[nameplate]  # single use
+        answer = yield self._join_here(customer, plate)
+        return answer
+
+    @defer.inlineCallbacks
+    def _join_here(self, customer, plate: Nameplate):
+        """The customer (here, or a ``RemoteParty`` on another node) joins this node's
+        supporter: the session is set up here."""
+        nameplate = plate.code
         supporter = plate.supporter
         session_id = str(uuid.uuid4())
         tenant = yield self.db.run(_create_session, dict(
             id=session_id, kind="adhoc", supporter_identity=supporter.identity.uri,
             supporter_address=supporter.address, peer_identity=None,
-            peer_address=customer.address, host_id=None), supporter.identity.name)
+            peer_address=customer.address, host_id=None, node=self.node),
+            supporter.identity.name)
         live = LiveSession(session_id, tenant, "adhoc", supporter, customer, nameplate)
         try:  # no session runs that its protocol cannot record
             yield self._server_events(live, [
@@ -422,6 +457,7 @@ class Broker:
     def _end_early(self, live: LiveSession, end: EndReason) -> defer.Deferred:
         """A session that never reached the relay: record its end and close its protocol."""
         self.sessions.pop(live.session_id, None)
+        self._tell_forget(live)
         d = self.db.run(_end_session, live.session_id, end)
         if self.protocols is not None:
             d.addCallback(lambda _: self.blocking(self.protocols.ended, live.tenant,
@@ -431,8 +467,13 @@ class Broker:
         return d
 
     def session_event(self, conn, session_id: str, kind: str, detail: dict) -> defer.Deferred:
-        """A party's report; stamped with the identity of the connection it came over."""
+        """A party's report; stamped with the identity of the connection it came over.  A party
+        of a session another node set up reports to that node."""
         live = self.sessions.get(session_id)
+        if live is None:
+            remote = self.remote_parties.get(session_id)
+            if remote is not None and remote[1] is conn and self.bus is not None:
+                return self._forward_event(remote[0], session_id, kind, detail)
         if live is None or conn not in (live.supporter, live.peer):
             raise control.Forbidden("you are not a party of this session")
         actor = conn.identity.uri if conn.identity else f"customer@{conn.address}"
@@ -572,7 +613,9 @@ class Broker:
 
     def session_ended(self, session_id: str) -> None:
         """The relay closed the session (its protocol is closed where the relay records the end)."""
-        self.sessions.pop(session_id, None)
+        live = self.sessions.pop(session_id, None)
+        if live is not None:
+            self._tell_forget(live)
 
     def _forget_sessions_of(self, conn) -> None:
         # A party's control connection is gone: it can report nothing more for its sessions;
@@ -581,6 +624,10 @@ class Broker:
             if conn is live.supporter or (conn is live.peer and live.kind == "adhoc"):
                 self.flush_events(session_id)
                 del self.sessions[session_id]
+                self._tell_forget(live)
+        for session_id, (_node, party) in list(self.remote_parties.items()):
+            if party is conn:
+                del self.remote_parties[session_id]
 
     # --- hosts --------------------------------------------------------------------------------
 
@@ -591,10 +638,12 @@ class Broker:
         host_id = conn.identity.name
         old = self.hosts.get(host_id)
         came = yield self.db.run(_host_came_online, host_id, conn.address, module_version,
-                                 self.now())
+                                 self.now(), self.node)
         if came is None:
             raise control.NotEnrolled("this host is not known to the server: enroll it again")
-        tenant_id, tenant_name = came
+        tenant_id, tenant_name, elsewhere = came
+        if elsewhere and self.bus is not None:  # the newest connection wins on every node
+            self.bus.tell(elsewhere, "drop_host", {"host_id": host_id})
         if old is not None and old.connection is not conn:
             log.warn("host {host_id} connected again from {address}: the newest connection wins",
                      host_id=host_id, address=conn.address)
@@ -630,7 +679,8 @@ class Broker:
                 return  # stop() has written it offline already
             log.info("host {host_id} offline", host_id=conn.identity.name)
             self._tell_presence(conn.identity.name, False, conn.address)
-            self.db.run(_host_went_offline, conn.identity.name, self.now()).addErrback(
+            self.db.run(_host_went_offline, conn.identity.name, self.now(),
+                        self.node).addErrback(
                 lambda f: log.failure("could not record host offline", f))
 
     def flush_presence(self) -> defer.Deferred:
@@ -646,7 +696,7 @@ class Broker:
         rows = yield self.db.run(_visible_hosts, supporter.identity.name)
         hosts = []
         for host, group_name in rows:
-            online = host.id in self.hosts
+            online = host.id in self.hosts or self._online_elsewhere(host)
             hosts.append({"host_id": host.id, "name": host.name, "group": group_name or "",
                           "online": online,
                           "last_seen": host.last_seen.isoformat() if host.last_seen else "",
@@ -657,8 +707,18 @@ class Broker:
         return hosts
 
     def _tell_presence(self, host_id: str, online: bool, address: str) -> None:
-        """Push a host's new presence to the supporters whose list shows it (no polling)."""
+        """Push a host's new presence to the supporters whose list shows it (no polling); with
+        several nodes to those of the other nodes too (batched: one message per quarter
+        second, not one per host when thousands come back after a restart)."""
         seen = self.now().isoformat()
+        self.push_presence(host_id, online, seen, address)
+        if self.bus is not None:
+            self._presence_out.append([host_id, online, seen, address or ""])
+            if len(self._presence_out) == 1:
+                self.reactor.callLater(PRESENCE_BATCH_SECONDS, self._send_presence)
+
+    def push_presence(self, host_id: str, online: bool, seen: str, address: str) -> None:
+        """Tell this node's supporters whose list shows the host."""
         for conn, shown in list(self.presence_watchers.items()):
             if host_id in shown:
                 try:
@@ -685,20 +745,26 @@ class Broker:
             raise control.LockedOut(f"too many wrong passwords for host {host.name!r}: try again "
                                     f"in {max(1, round(wait))} s")
         presence = self.hosts.get(host.id)
-        if presence is None:
+        if presence is not None:
+            party = presence.connection
+        elif self._online_elsewhere(host):  # another node holds the host: offer it through that
+            party = RemoteParty(self, host.node, Identity("host", host.id),
+                                host.last_address or "")
+        else:
             seen = f"; last seen {host.last_seen:%Y-%m-%d %H:%M} UTC" if host.last_seen else ""
             raise control.HostOffline(f"host {host.name!r} is offline{seen}")
         session_id = str(uuid.uuid4())
         tenant = yield self.db.run(_create_session, dict(
             id=session_id, kind="host", supporter_identity=supporter.identity.uri,
             supporter_address=supporter.address, peer_identity=f"hausmeister:host:{host.id}",
-            peer_address=presence.connection.address, host_id=host.id), supporter.identity.name)
-        live = LiveSession(session_id, tenant, "host", supporter, presence.connection)
+            peer_address=party.address, host_id=host.id, node=self.node),
+            supporter.identity.name)
+        live = LiveSession(session_id, tenant, "host", supporter, party)
         try:  # no session runs that its protocol cannot record
             yield self._server_event(live, "created", {
                 "kind": "host", "supporter": supporter.identity.uri,
                 "supporter_address": supporter.address, "host_id": host.id, "host_name": host.name,
-                "host_address": presence.connection.address}, strict=True)
+                "host_address": party.address}, strict=True)
         except Exception as exc:
             yield self._end_early(live, self._protocol_failed(live, exc))
             raise control.NotRecordable(NOT_RECORDABLE)
@@ -707,9 +773,19 @@ class Broker:
         host_ticket = RelayTicket(session_id, relay_host, relay_port,
                                   self.issue_token(session_id, "peer"))
         try:
-            answer = yield presence.connection.callRemote(
-                control.OfferSession, supporter=supporter.identity.name,
-                supporter_fingerprint=supporter.fingerprint or "", **host_ticket.fields())
+            if isinstance(party, RemoteParty):
+                party.session_id = session_id
+                answer = yield self.bus.call(party.node, "offer", {
+                    "host_id": host.id, "supporter": supporter.identity.name,
+                    "supporter_fingerprint": supporter.fingerprint or "", **host_ticket.fields()})
+                party.address, party.fingerprint = answer["address"], answer["fingerprint"]
+                party.serial = answer["serial"] or None
+                log.info("host {host_id} is on node {node}: offered through it",
+                         host_id=host.id, node=party.node)
+            else:
+                answer = yield party.callRemote(
+                    control.OfferSession, supporter=supporter.identity.name,
+                    supporter_fingerprint=supporter.fingerprint or "", **host_ticket.fields())
         except Exception as exc:
             yield self._end_early(live, EndReason(EndCause.CONNECTION_LOST, "host",
                                                   f"did not answer the offer: {exc}"[:120]))
@@ -729,33 +805,45 @@ class Broker:
         ticket = RelayTicket(session_id, relay_host, relay_port,
                              self.issue_token(session_id, "supporter"))
         return {**ticket.fields(), "host_id": host.id, "host_name": host.name,
-                "host_fingerprint": presence.connection.fingerprint or ""}
+                "host_fingerprint": party.fingerprint or ""}
 
 
 # --- database work (runs in the blocking pool) -------------------------------------------------
 
-def _mark_all_offline(session) -> None:
-    session.execute(update(Host).where(Host.online.is_(True)).values(online=False))
+
+
+
+def _held_by(node: str | None):
+    """Hosts whose control connection this node holds (one node: every host)."""
+    return Host.node.is_(None) if node is None else Host.node == node
+
+
+def _mark_all_offline(session, node: str | None = None) -> None:
+    session.execute(update(Host).where(Host.online.is_(True), _held_by(node))
+                    .values(online=False))
 
 
 def _host_came_online(session, host_id: str, address: str, version: str,
-                      moment) -> tuple[int, str] | None:
-    """(tenant id, tenant name) of the host, now marked online; None if it is not enrolled."""
+                      moment, node: str | None = None) -> tuple[int, str, str | None] | None:
+    """(tenant id, tenant name, the other node that held it until now) of the host, now marked
+    online here; None if it is not enrolled."""
     found = session.execute(select(Host, Tenant.name).outerjoin(Tenant, Tenant.id == Host.tenant_id)
                             .where(Host.id == host_id)).first()
     if found is None:
         return None
     host, tenant_name = found
+    elsewhere = host.node if host.online and host.node not in (None, node) else None
     host.online = True
+    host.node = node
     host.last_seen = moment
     host.last_address = address
     host.module_version = version[:40]
-    return host.tenant_id, tenant_name or ""
+    return host.tenant_id, tenant_name or "", elsewhere
 
 
-def _host_went_offline(session, host_id: str, moment) -> None:
+def _host_went_offline(session, host_id: str, moment, node: str | None = None) -> None:
     host = session.get(Host, host_id)
-    if host is not None:
+    if host is not None and host.node == node:  # not when it came back on another node already
         host.online = False
         host.last_seen = moment
 
@@ -770,8 +858,11 @@ def _update_hosts(session, host_ids: list[str], **values) -> None:
         session.execute(update(Host).where(Host.id.in_(batch)).values(**values))
 
 
-def _hosts_went_offline(session, host_ids: list[str], moment) -> None:
-    _update_hosts(session, host_ids, online=False, last_seen=moment)
+def _hosts_went_offline(session, host_ids: list[str], moment, node: str | None = None) -> None:
+    for start in range(0, len(host_ids), IN_BATCH):
+        batch = host_ids[start:start + IN_BATCH]
+        session.execute(update(Host).where(Host.id.in_(batch), _held_by(node))
+                        .values(online=False, last_seen=moment))
 
 
 def _touch_hosts(session, host_ids: list[str], moment) -> None:

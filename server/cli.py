@@ -335,6 +335,7 @@ def cmd_user_passwd(config: Config, args: argparse.Namespace) -> int:
     def change(session, user):
         user.password_hash = accounts.hash_password(password)
         accounts.Lockouts(accounts.LockoutPolicy()).succeeded(session, [f"user:{user.name}"])
+        end_for_user(session, user.name)  # logged in with the old password: log in again
         return ""
     _change_user(config, args, change, "user.passwd")
     print(f"password of {args.name} changed")
@@ -343,12 +344,18 @@ def cmd_user_passwd(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def end_for_user(session, name: str) -> int:
+    from .console.sessions import end_for_user as end_console_sessions
+    return end_console_sessions(session, name)
+
+
 def cmd_user_disable(config: Config, args: argparse.Namespace) -> int:
     revoked: list = []
 
     def change(session, user):
         user.disabled = not args.enable
         if user.disabled:  # its modules lose access and its live sessions end
+            end_for_user(session, user.name)  # its console logins too, on every node
             revoked.extend(certificates.revoke_identity(
                 session, certificates.supporter_identity(user.name), "user disabled"))
         return f"disabled={user.disabled}" + (f" revoked={len(revoked)}" if revoked else "")

@@ -12,6 +12,7 @@ import dataclasses
 import ipaddress
 import math
 import os
+import re
 import stat
 import tomllib
 from dataclasses import dataclass
@@ -220,6 +221,16 @@ class DirectorySection:
 
 
 @dataclass(frozen=True)
+class ClusterSection:
+    """Several server nodes on one PostgreSQL (``node_name`` unique per node)."""
+
+    enabled: bool
+    node_name: str
+    node_timeout_seconds: float
+    call_timeout_seconds: float
+
+
+@dataclass(frozen=True)
 class LoggingSection:
     level: str
     format: str
@@ -247,6 +258,7 @@ class Config:
     presence: PresenceSection
     relay: RelaySection
     directory: DirectorySection
+    cluster: ClusterSection
 
     @property
     def database_url(self) -> str:
@@ -400,6 +412,12 @@ SCHEMA: dict[str, tuple[Key, ...]] = {
         Key("group_base", "str", ""),
         Key("groups", "groupmap", []),
         Key("sync_interval", "duration", "5m"),
+    ),
+    "cluster": (
+        Key("enabled", "bool", False),
+        Key("node_name", "str", ""),
+        Key("node_timeout_seconds", "float", 15.0, minimum=1.0, maximum=3600),
+        Key("call_timeout_seconds", "float", 10.0, minimum=0.5, maximum=600),
     ),
     "logging": (
         Key("level", "choice", "info", choices=LOG_LEVELS),
@@ -604,6 +622,26 @@ def _check_directory(d: dict[str, Any]) -> None:
                    "members of a mapped group may sign in")
 
 
+NODE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,39}")
+
+
+def _check_cluster(cluster: dict[str, Any], database: dict[str, Any],
+                   relay: dict[str, Any]) -> None:
+    """Several nodes need what they can share: PostgreSQL, separate relay processes, a name."""
+    if not cluster["enabled"]:
+        return
+    if not str(database["url"]).startswith("postgresql"):
+        raise ConfigError("config key cluster.enabled = true is invalid: several server nodes "
+                          "share one PostgreSQL; set database.url = \"postgresql+psycopg://...\"")
+    if not relay["external"]:
+        raise ConfigError("config key cluster.enabled = true is invalid: with several nodes the "
+                          "relays run as their own processes; list them in relay.external and "
+                          "start them with `hausmeister-server run --role relay`")
+    if not NODE_NAME.fullmatch(cluster["node_name"]):
+        raise ConfigError(f"config key cluster.node_name = {cluster['node_name']!r} is invalid: "
+                          "give each node its own name of 1-40 of a-z 0-9 _ - (e.g. \"node-a\")")
+
+
 SECTION_TYPES: dict[str, type] = {
     "server": ServerSection, "listen": ListenSection, "limits": LimitsSection,
     "database": DatabaseSection,
@@ -611,7 +649,7 @@ SECTION_TYPES: dict[str, type] = {
     "s3": S3Section, "avatars": AvatarSection, "console": ConsoleSection, "alerts": AlertSection,
     "retention": RetentionSection, "recording": RecordingSection, "egress": EgressSection, "logging": LoggingSection,
     "adhoc": AdhocSection, "presence": PresenceSection, "relay": RelaySection,
-    "directory": DirectorySection,
+    "directory": DirectorySection, "cluster": ClusterSection,
 }
 
 
@@ -675,6 +713,7 @@ def from_mapping(raw: dict[str, Any], base: Path, source: Path | None = None) ->
     if rec["auditor_key"] and not Path(rec["auditor_key"]).is_file():
         raise ConfigError(f"config key recording.auditor_key = {rec['auditor_key']!r} is invalid: no "
                           "such file; give the path of the auditor's PEM public key or \"\"")
+    _check_cluster(sections["cluster"], sections["database"], sections["relay"])
     built = {name: SECTION_TYPES[name](**values) for name, values in sections.items()}
     return Config(source=source, **built)
 

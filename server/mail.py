@@ -39,7 +39,7 @@ from sqlalchemy.orm import Session
 from twisted.application.service import Service
 from twisted.internet import defer, task
 
-from protocol.runtime import Logger
+from protocol.runtime import Logger, run_blocking
 
 from .config import MailSection
 from .db import Database
@@ -273,8 +273,11 @@ class Outbox:
 class OutboxService(Service):
     """Runs ``outbox.deliver_due`` every ``interval`` seconds (needs the asyncio reactor)."""
 
-    def __init__(self, outbox: Outbox, interval: float = 15.0, reactor: Any = None) -> None:
+    def __init__(self, outbox: Outbox, interval: float = 15.0, reactor: Any = None,
+                 runner: Any = None) -> None:
         self.outbox = outbox
+        #: server.cluster.SingleRunner: with several nodes only the lock holder delivers
+        self.runner = runner
         self.interval = interval
         self._reactor = reactor
         self._loop: task.LoopingCall | None = None
@@ -287,7 +290,13 @@ class OutboxService(Service):
         """One delivery run; a run still busy from the last tick is not overlapped."""
         if self._running_run is not None:
             return defer.succeed(None)
-        d = defer.Deferred.fromFuture(asyncio.ensure_future(self.outbox.deliver_due(self._run_db)))
+        if self.runner is not None and self.runner.shared:
+            d = run_blocking(self.runner.holds)
+            d.addCallback(lambda mine: defer.Deferred.fromFuture(asyncio.ensure_future(
+                self.outbox.deliver_due(self._run_db))) if mine else None)
+        else:
+            d = defer.Deferred.fromFuture(asyncio.ensure_future(
+                self.outbox.deliver_due(self._run_db)))
 
         def done(result: Any) -> Any:
             self._running_run = None
@@ -319,6 +328,9 @@ class OutboxService(Service):
             self._loop.stop()
         self._loop = None
         running, self._running_run = self._running_run, None
+        if self.runner is not None and self.runner.shared:  # another node takes over at once
+            release = run_blocking(self.runner.release)
+            running = release if running is None else defer.DeferredList([running, release])
         if running is None:
             return defer.succeed(None)
         waiter: defer.Deferred = defer.Deferred()

@@ -180,11 +180,11 @@ class ModuleConnection(FramedAMP):
     def allocate_nameplate(self):
         try:
             self._require("supporter")
-            nameplate, expires_in = self.port.broker.allocate_nameplate(self)
         except control.ControlError as exc:
             self._refuse(exc)
             raise
-        return {"nameplate": nameplate, "expires_in": expires_in}
+        return self._guarded(self.port.broker.reserve_nameplate(self).addCallback(
+            lambda found: {"nameplate": found[0], "expires_in": found[1]}))
 
     @control.JoinAdhoc.responder
     def join_adhoc(self, nameplate: str):

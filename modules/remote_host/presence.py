@@ -36,7 +36,8 @@ def full_jitter(base: float = 1.0, cap: float = 60.0,
 class HostPresence:
     """Keeps one registered control connection; ``on_offer`` decides on session offers."""
 
-    def __init__(self, reactor, folder: ModuleFolder, address: ServerAddress,
+    def __init__(self, reactor, folder: ModuleFolder,
+                 address: "ServerAddress | list[ServerAddress]",
                  on_offer: Callable[[dict], object], max_backoff: float = 60.0) -> None:
         self.reactor = reactor
         self.folder = folder

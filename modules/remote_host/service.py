@@ -11,7 +11,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ..common.session.channel import Credentials, SessionChannel
-from ..common.link.connection import address_of
+from ..common.link.connection import addresses_of
 from ..common.session.consent import ConsentState
 from ..common.link.folder import ModuleFolder
 from ..common.session.session_runner import SessionDelegate, SessionRunner, open_session
@@ -51,7 +51,7 @@ class HostService:
         self.busy = False
         self._stopped: defer.Deferred | None = None
         self.sessions: defer.Deferred = defer.Deferred()  # first session's end (for --pipe)
-        self.presence = HostPresence(reactor, folder, address_of(folder), self.on_offer,
+        self.presence = HostPresence(reactor, folder, addresses_of(folder), self.on_offer,
                                      max_backoff=max_backoff)
 
     @property

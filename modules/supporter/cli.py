@@ -11,7 +11,7 @@ from modules.common.terminal.cli import (
     ModuleError, add_home, add_server_options, add_status_renew, folder_of, main_wrapper,
     read_secret, run_reactor, server_and_fingerprint,
 )
-from modules.common.link.connection import MODULE_VERSION, address_of, connect, hello
+from modules.common.link.connection import MODULE_VERSION, addresses_of, connect, hello
 from modules.common.session.consent import Role
 from modules.common.session.session_runner import CliDelegate
 from modules.common.terminal.stream_cli import (
@@ -44,7 +44,7 @@ def format_adhoc_id(nameplate: str, secret: str) -> str:
 def _control(args: argparse.Namespace):
     folder = folder_of(args, KIND)
     folder.require_enrolled(KIND)
-    return folder, address_of(folder), folder.ca_path.read_bytes()
+    return folder, addresses_of(folder), folder.ca_path.read_bytes()
 
 
 def _options(args: argparse.Namespace) -> dict:

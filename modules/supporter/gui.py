@@ -26,7 +26,7 @@ from twisted.internet import defer
 from protocol.runtime import run_blocking
 
 from ..common.link import enrollment
-from ..common.link.connection import address_of, connect, hello
+from ..common.link.connection import addresses_of, connect, hello
 from ..common.session.consent import (
     Event, Right, RightDenied, RightRevoked, Role,
 )
@@ -488,7 +488,7 @@ class SupporterWindow(QMainWindow):
         self._fill()
 
     async def _connection(self):
-        conn = await connect(self.reactor, address_of(self.folder),
+        conn = await connect(self.reactor, addresses_of(self.folder),
                              self.folder.ca_path.read_bytes(), self.folder)
         await hello(conn, KIND)
         return conn

@@ -143,10 +143,10 @@ def _start_session(ctx: Ctx, result: LoginResult):
                                        operator=result.operator, language=result.language)
     ctx.set_cookie(fresh)
     log.info("console: {user} logged in from {address}", user=result.user, address=ctx.source)
+    d = fresh.saved  # in the database before the browser comes back (maybe to another node)
     if result.language is None and chosen:
-        return ctx.run(_keep_language, result.user_id, chosen).addCallback(
-            lambda _: ctx.redirect(landing(result.role)))
-    return ctx.redirect(landing(result.role))
+        d.addCallback(lambda _: ctx.run(_keep_language, result.user_id, chosen))
+    return d.addCallback(lambda _: ctx.redirect(landing(result.role)))
 
 
 def _directory(ctx: Ctx) -> bool:
@@ -242,9 +242,9 @@ def login_totp(ctx: Ctx):
 @route("POST", "logout", login=True, roles=EVERYONE)
 def logout(ctx: Ctx):
     session = ctx.session
-    ctx.console.sessions.drop(session)
+    d = ctx.console.sessions.drop(session)
     ctx.clear_cookie()
-    d = ctx.run(_logout, session.user, session.tenant_id, ctx.source)
+    d.addCallback(lambda _: ctx.run(_logout, session.user, session.tenant_id, ctx.source))
     return d.addCallback(lambda _: ctx.redirect("/console/login"))
 
 

@@ -90,7 +90,7 @@ class Console:
         if self.signin is None:
             from ..directory.signin import SignIn
             self.signin = SignIn(self.db, self.lockouts)
-        self.sessions = ConsoleSessions(self.idle_seconds, self.clock)
+        self.sessions = ConsoleSessions(self.idle_seconds, self.clock, db=self.db)
         self._templates: dict[str, Environment] = {}
         self.templates = self.templates_for(i18n.DEFAULT)
 
@@ -471,13 +471,14 @@ class ConsoleResource(resource.Resource):
         except UnicodeDecodeError:
             return "?"
 
-    def _session(self, request: server.Request) -> tuple[ConsoleSession | None, bool]:
+    def _session(self, request: server.Request) -> Deferred:
+        """``(session, expired)``: a logged-in session comes from the database (any node)."""
         raw = request.getCookie(COOKIE)
         try:
             sid = raw.decode("ascii") if raw else None
         except UnicodeDecodeError:
             sid = None
-        return self.c.sessions.get(sid)
+        return self.c.sessions.lookup(sid)
 
     def _form(self, request: server.Request) -> dict[bytes, list[bytes]] | None:
         ctype = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
@@ -496,7 +497,35 @@ class ConsoleResource(resource.Resource):
         path = self._path(request)
         if method == "GET" and path.startswith("static/"):
             return self._static(request, path[len("static/"):])
-        session, expired = self._session(request)
+        state: dict[str, Any] = {}
+
+        def found(result) -> None:
+            session, expired = result
+            body = self._render_for(request, method, path, session, expired)
+            if state.get("waiting"):
+                if body is not server.NOT_DONE_YET:
+                    _finish(request, body)
+            else:
+                state["body"] = body
+
+        def failed(failure) -> None:
+            log.failure("console: could not read the console session", failure)
+            ctx = Ctx(self.c, request, None, {}, None)
+            found_body = ctx.page("error.html", 503, message=Text(
+                "the database cannot be reached; try again in a moment"))
+            if state.get("waiting"):
+                _finish(request, found_body)
+            else:
+                state["body"] = found_body
+
+        self._session(request).addCallbacks(found, failed)
+        if "body" in state:
+            return state["body"]
+        state["waiting"] = True
+        return server.NOT_DONE_YET
+
+    def _render_for(self, request: server.Request, method: str, path: str,
+                    session: ConsoleSession | None, expired: bool):
         r, params, other = find(method, path)
         form = None
         if method == "POST":

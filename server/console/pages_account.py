@@ -157,12 +157,16 @@ def account_password(ctx: Ctx):
 
     def done(name: str) -> bytes:
         # Other browsers logged in as this user end; this one continues with a fresh id.
-        ctx.console.sessions.drop_user(name)
-        fresh = ctx.console.sessions.login(old, old.user, old.role, old.tenant_id, old.tenant,
-                                           user_id=old.user_id, operator=old.operator)
-        fresh.notice = Text("Your password was changed; other console sessions of your user ended.")
-        ctx.set_cookie(fresh)
-        return ctx.redirect("/console/account")
+        d = ctx.console.sessions.drop_user(name)
+
+        def fresh_session(_):
+            fresh = ctx.console.sessions.login(old, old.user, old.role, old.tenant_id, old.tenant,
+                                               user_id=old.user_id, operator=old.operator)
+            fresh.notice = Text("Your password was changed; other console sessions of your user "
+                                "ended.")
+            ctx.set_cookie(fresh)
+            return fresh.saved.addCallback(lambda _: ctx.redirect("/console/account"))
+        return d.addCallback(fresh_session)
     return ctx.run(_change_password, ctx.console.lockouts, old.user_id, current, new,
                    ctx.source).addCallbacks(done, _account_refused(ctx))
 

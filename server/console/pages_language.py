@@ -37,6 +37,7 @@ def switch_language(ctx: Ctx):
     ctx.session.language = lang
     back = back_to(ctx.field("back", 1000))
     if ctx.session.logged_in and ctx.session.user_id is not None:
-        return ctx.run(_remember, ctx.session.user_id, lang).addCallback(
-            lambda _: ctx.redirect(back))
+        d = ctx.console.sessions.save_language(ctx.session)
+        d.addCallback(lambda _: ctx.run(_remember, ctx.session.user_id, lang))
+        return d.addCallback(lambda _: ctx.redirect(back))
     return ctx.redirect(back)

@@ -177,7 +177,9 @@ def _link_submit(ctx: Ctx, purpose: str):
                                n=accounts.MIN_PASSWORD_LENGTH))
 
     def done(name: str) -> bytes:
-        ended = ctx.console.sessions.drop_user(name)
+        return ctx.console.sessions.drop_user(name).addCallback(ended_sessions, name)
+
+    def ended_sessions(ended: int, name: str) -> bytes:
         log.info("console: {user} set a password by {purpose} link from {address} "
                  "({n} console sessions ended)", user=name, purpose=purpose, address=ctx.source, n=ended)
         if ctx.session is not None and ctx.session.user == name:

@@ -15,6 +15,7 @@ from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
+from twisted.internet.defer import maybeDeferred
 
 from .. import accounts, certificates, i18n, mail_texts, user_links
 from ..config import parse_duration
@@ -328,9 +329,9 @@ def _changed(ctx: Ctx, action: str, change: Callable[..., str], *args: Any,
                 action, change, args)
 
     def done(name: str):
-        if after:
-            after(name)
         ctx.flash(Text(SAVED[action], name=name))
+        if after:  # e.g. the user's console sessions end on every node before the answer
+            return maybeDeferred(after, name).addCallback(lambda _: ctx.redirect(back))
         return ctx.redirect(back)
 
     def refused(failure):

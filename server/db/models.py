@@ -13,6 +13,7 @@ from sqlalchemy import (
     BigInteger, Boolean, DateTime, Enum, ForeignKey, Index, Integer, String, Text,
     UniqueConstraint, false,
 )
+from sqlalchemy import text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
@@ -118,6 +119,8 @@ class Host(Base):
     last_address: Mapped[str | None] = mapped_column(String(64), nullable=True)
     module_version: Mapped[str | None] = mapped_column(String(40), nullable=True)
     online: Mapped[bool] = mapped_column(Boolean, default=False)
+    # the server node that holds the host's control connection (several nodes on one database)
+    node: Mapped[str | None] = mapped_column(String(64), nullable=True)
     group: Mapped[HostGroup | None] = relationship()
 
 
@@ -186,6 +189,14 @@ class Session(Base):
     # cutting or rewriting the end of the file is caught, not only edits in its middle
     protocol_end_seq: Mapped[int | None] = mapped_column(Integer, nullable=True)
     protocol_end_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # the server node whose broker set the session up: its crash recovery is that node's job, or
+    # a live node's once that node stopped heartbeating (server.session_recovery)
+    node: Mapped[str | None] = mapped_column(String(64), nullable=True)
+
+    # the unfinished sessions per node, which every node's dead-node sweep looks at
+    __table_args__ = (Index("ix_sessions_unfinished_node", "node",
+                            postgresql_where=text("ended_at IS NULL"),
+                            sqlite_where=text("ended_at IS NULL")),)
 
 
 class SessionEvent(Base):
@@ -290,3 +301,53 @@ class AlertSent(Base):
     __tablename__ = "alerts_sent"
     key: Mapped[str] = mapped_column(String(200), primary_key=True)
     sent_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+
+
+class ConsoleSessionRow(Base):
+    """A logged-in console session, shared by every server node (a login works on each, a
+    restart logs nobody out).  Only the SHA-256 of the cookie value is stored."""
+
+    __tablename__ = "console_sessions"
+    id_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    csrf: Mapped[str] = mapped_column(String(64))
+    user_name: Mapped[str] = mapped_column(String(200), index=True)
+    user_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    role: Mapped[str] = mapped_column(String(20))
+    tenant_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    tenant: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    operator: Mapped[bool] = mapped_column(Boolean, default=False)
+    language: Mapped[str | None] = mapped_column(String(10), nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    last_active: Mapped[dt.datetime] = mapped_column(UTCDateTime, index=True)
+
+
+class ServerNode(Base):
+    """A running ``hausmeister-server run`` node (several may share one PostgreSQL), or a relay
+    process (``kind`` relay, with the sessions it carries); each refreshes ``seen_at``."""
+
+    __tablename__ = "server_nodes"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(10))  # server | relay
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    seen_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    sessions: Mapped[str] = mapped_column(Text, default="")  # relay: live session ids, one a line
+
+
+class RelayTokenUse(Base):
+    """A relay token's nonce once a relay process admitted its leg: single use across every
+    relay process (several nodes); kept until the token expires."""
+
+    __tablename__ = "relay_token_uses"
+    nonce: Mapped[str] = mapped_column(String(32), primary_key=True)
+    expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, index=True)
+
+
+class NameplateRow(Base):
+    """A live ad-hoc nameplate; the primary key keeps it unique across server nodes."""
+
+    __tablename__ = "nameplates"
+    code: Mapped[str] = mapped_column(String(8), primary_key=True)
+    node: Mapped[str] = mapped_column(String(64))
+    supporter: Mapped[str] = mapped_column(String(255))
+    expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, index=True)

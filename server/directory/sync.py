@@ -32,6 +32,11 @@ log = Logger(namespace="hausmeister.directory")
 REMOVED_REASON = "removed from the directory"
 
 
+def end_for_user(session, name: str) -> int:
+    from ..console.sessions import end_for_user as end_console_sessions
+    return end_console_sessions(session, name)
+
+
 def directory_users(session) -> list[str]:
     return list(session.scalars(select(User.name).where(User.directory_dn.is_not(None),
                                                         User.disabled.is_(False))
@@ -48,6 +53,7 @@ def apply(session, verdicts: dict[str, DirectoryAccount | str]) -> list[str]:
         identity = certificates.supporter_identity(name)
         if isinstance(verdict, str):
             user.disabled = True
+            end_for_user(session, name)  # console logins end on every node
             revoked = certificates.revoke_identity(session, identity, REMOVED_REASON)
             accounts.audit(session, "directory", "user.disable",
                            f"{name}: {verdict}; {len(revoked)} certificate(s) revoked",

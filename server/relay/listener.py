@@ -17,6 +17,8 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +42,7 @@ from ..db.models import Session, Tenant
 from ..pki import CertStore
 from ..session_protocol import SessionProtocols, SessionSummary
 from .core import Relay, RelayLeg, SessionStats
-from .errors import RelayRefusedError
+from .errors import InvalidToken, RelayRefusedError
 from .tokens import RelayTokens, load_or_create_secret
 
 log = Logger(namespace="hausmeister.relay")
@@ -53,9 +55,13 @@ _COMMAND = OpenRelayLeg.commandName  # b"OpenRelayLeg"
 class RelayLegProtocol(protocol.Protocol):
     """One connection to a relay process: the ``OpenRelayLeg`` handshake, then raw bytes."""
 
-    def __init__(self, relay: Relay, command_timeout: float) -> None:
+    def __init__(self, relay: Relay, command_timeout: float, claim=None) -> None:
         self.relay = relay
         self.command_timeout = command_timeout
+        #: several relay processes: ``claim(claims)`` -> Deferred[bool], the token's first use
+        self.claim = claim
+        self.claiming: bytearray | None = None  # bytes that came while the claim was asked
+        self.gone = False
         self.decoder: BoxDecoder | None = BoxDecoder(max_box_bytes=MAX_COMMAND_BYTES, max_keys=8)
         self.leg: RelayLeg | None = None
         self.address = "?"
@@ -69,6 +75,9 @@ class RelayLegProtocol(protocol.Protocol):
         leg = self.leg
         if leg is not None:
             leg.data_received(data)
+            return
+        if self.claiming is not None:
+            self.claiming += data
             return
         decoder = self.decoder
         if decoder is None:
@@ -95,6 +104,37 @@ class RelayLegProtocol(protocol.Protocol):
                          f"got {shown!r}")
             return
         token = box.get(b"relay_token", b"").decode("utf-8", "replace")
+        if self.claim is not None:
+            try:
+                claims = self.relay.tokens.verify(token)
+            except InvalidToken:
+                claims = None  # open_leg refuses it with the reason and logs it
+            if claims is not None:
+                self.claiming = bytearray(rest)
+                self.claim(claims).addCallbacks(
+                    lambda first: self._claimed(first, tag, token),
+                    lambda failure: self._claimed(None, tag, token, failure))
+                return
+        self._open(tag, token, rest)
+
+    def _claimed(self, first: bool | None, tag: bytes, token: str, failure=None) -> None:
+        rest, self.claiming = bytes(self.claiming or b""), None
+        if self.gone:
+            return
+        if first:
+            self._open(tag, token, rest)
+            return
+        if failure is not None:
+            log.failure("relay: could not check a relay token's single use", failure)
+        reason = ("relay token already used" if first is False
+                  else "the relay cannot check relay tokens right now (database)")
+        log.warn("relay refused connection from {address}: {reason}", address=self.address,
+                 reason=reason, session_id=None, side=None)
+        self.transport.write(encode_box({b"_error": tag, b"_error_code": RelayRefused.code,
+                                         b"_error_description": reason.encode("utf-8")}))
+        self.transport.loseConnection()
+
+    def _open(self, tag: bytes, token: str, rest: bytes) -> None:
         try:
             # splice_ok: every later byte goes straight to the leg (``dataReceived`` above)
             leg = self.relay.open_leg(token, self.transport, self.address, splice_ok=True)
@@ -130,6 +170,7 @@ class RelayLegProtocol(protocol.Protocol):
 
     def connectionLost(self, reason) -> None:
         self._cancel_timer()
+        self.gone = True
         if self.leg is not None:
             self.leg.connection_lost(reason)
 
@@ -137,30 +178,31 @@ class RelayLegProtocol(protocol.Protocol):
 class RelayFactory(protocol.Factory):
     noisy = False
 
-    def __init__(self, relay: Relay, command_timeout: float | None = None) -> None:
+    def __init__(self, relay: Relay, command_timeout: float | None = None, claim=None) -> None:
         self.relay = relay
         self.command_timeout = relay.pair_timeout if command_timeout is None else command_timeout
+        self.claim = claim
 
     def buildProtocol(self, addr) -> RelayLegProtocol:
-        proto = RelayLegProtocol(self.relay, self.command_timeout)
+        proto = RelayLegProtocol(self.relay, self.command_timeout, self.claim)
         proto.factory = self
         return proto
 
 
 def listen_relay(reactor: Any, port: int, relay: Relay, context_factory: Any,
                  interface: str = "127.0.0.1", tls_write_aggregation: bool = False,
-                 guard: ConnectionGuard | None = None):
+                 guard: ConnectionGuard | None = None, claim=None):
     """Listen for relay legs with TLS on ``interface:port`` (0: any free port); an IListeningPort.
 
     With a ``guard``, connections that have not sent a valid ``OpenRelayLeg`` are held to its
     deadlines and caps (``[limits]``)."""
     if guard is None:
-        tls_factory = TLSMemoryBIOFactory(context_factory, False, RelayFactory(relay),
+        tls_factory = TLSMemoryBIOFactory(context_factory, False, RelayFactory(relay, claim=claim),
                                           clock=reactor)
     else:
         tls_factory = GuardedTLSFactory(guard, "relay", ("OpenRelayLeg",
                                                          guard.limits.first_command_seconds),
-                                        context_factory, RelayFactory(relay), clock=reactor)
+                                        context_factory, RelayFactory(relay, claim=claim), clock=reactor)
     if not tls_write_aggregation:  # the relay forwards whole TLS records: nothing to aggregate
         tls_factory.protocol = TLSMemoryBIOProtocol if guard is None else GuardedTLSProtocol
     return reactor.listenTCP(port, tls_factory, interface=interface, backlog=LISTEN_BACKLOG)
@@ -243,6 +285,20 @@ def server_end_requests(session, session_ids: list[str]) -> dict[str, EndReason]
     return found
 
 
+def claim_token(session, nonce: str, expires_at: dt.datetime, now: dt.datetime) -> bool:
+    """True the first time a relay process claims ``nonce``; False after (any process)."""
+    from sqlalchemy import delete
+    from sqlalchemy.exc import IntegrityError
+    from ..db.models import RelayTokenUse
+    session.execute(delete(RelayTokenUse).where(RelayTokenUse.expires_at < now))
+    try:
+        with session.begin_nested():
+            session.add(RelayTokenUse(nonce=nonce, expires_at=expires_at))
+    except IntegrityError:
+        return False
+    return True
+
+
 def record_session_end(db: Database, stats: SessionStats,
                        protocols: SessionProtocols | None = None,
                        blocking=run_blocking) -> defer.Deferred:
@@ -302,6 +358,11 @@ class RelayService(service.Service):
         self._pending: set[defer.Deferred] = set()
         self._poll: task.LoopingCall | None = None
         self.state_path: Path | None = None
+        self.registry = None  # server.cluster.NodeRegistry with several nodes
+
+    def _claim(self, claims) -> defer.Deferred:
+        """Several relay processes: a token opens one leg at one of them, not one at each."""
+        return self.db.run(claim_token, claims.nonce, _utc(claims.expires_at), _utc(time.time()))
 
     def _ended(self, stats: SessionStats) -> None:
         d = record_session_end(self.db, stats, self.protocols)
@@ -353,10 +414,18 @@ class RelayService(service.Service):
         for port in self.ports_wanted:
             self.listening.append(listen_relay(self.reactor, port, self.relay,
                                                tls.ServerContextFactory(ctx), c.listen.interface,
-                                               self.relay.tls_write_aggregation, self.guard))
+                                               self.relay.tls_write_aggregation, self.guard,
+                                               self._claim if c.cluster.enabled else None))
         self._poll = task.LoopingCall(self._poll_revocations)
         self._poll.clock = self.reactor
         self._poll.start(c.certificates.revocation_poll_seconds, now=False)
+        if c.cluster.enabled:  # the nodes' crash recovery leaves what this relay carries alone
+            from ..cluster import NodeRegistry
+            name = f"relay-{socket.gethostname()}-{os.getpid()}"[:64]
+            self.registry = NodeRegistry(self.db, name, "relay", c.cluster.node_timeout_seconds,
+                                         self.reactor, sessions=self.relay.live_session_ids)
+            self.registry.register_now()
+            self.registry.startService()
         ports = [p.getHost().port for p in self.listening]
         self.write_state(ports)
         log.info("Hausmeister relay listening on {interface} port(s) {ports}",
@@ -390,6 +459,8 @@ class RelayService(service.Service):
         self.relay.close_all("the relay is shutting down")
         if self._pending:
             yield defer.DeferredList(list(self._pending))
+        if self.registry is not None:
+            yield self.registry.stopService()
         if self.state_path is not None:
             self.state_path.unlink(missing_ok=True)
         self.db.dispose()

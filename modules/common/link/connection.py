@@ -20,6 +20,7 @@ from protocol.session_end import BadEndReason, EndCause, EndReason
 from modules.common.link.folder import ModuleFolder
 from modules.common.link import ws_tunnel
 from modules.common.link.proxy import tcp_endpoint
+from modules.common.link.servers import FailoverEndpoint, server_list
 
 MODULE_VERSION = "0.1.0"
 ALPN_MODULE = b"hausmeister/1"
@@ -96,8 +97,15 @@ class ControlClient(FramedAMP):
             lambda accepted: {"accepted": bool(accepted)})
 
 
-def endpoint_for(reactor, address: ServerAddress, ca_pem: bytes, folder: ModuleFolder | None,
-                 timeout: float = 15):
+def endpoint_for(reactor, address: "ServerAddress | list[ServerAddress]", ca_pem: bytes,
+                 folder: ModuleFolder | None, timeout: float = 15):
+    """The module's TLS endpoint to the server; given several addresses (the nodes of a server
+    with several nodes), one that tries them in turn (``servers.FailoverEndpoint``)."""
+    if isinstance(address, list):
+        if len(address) == 1:
+            return endpoint_for(reactor, address[0], ca_pem, folder, timeout)
+        return FailoverEndpoint([endpoint_for(reactor, a, ca_pem, folder, timeout)
+                                 for a in address], [f"{a.host}:{a.port}" for a in address])
     tls = client_tls(address.host, ca_pem, folder)
     return endpoints.wrapClientTLS(tls, path_to(reactor, address.host, address.port, ca_pem, timeout))
 
@@ -110,7 +118,7 @@ def path_to(reactor, host: str, port: int, ca_pem: bytes, timeout: float = 15):
     return tcp_endpoint(reactor, host, port, timeout)
 
 
-async def connect(reactor, address: ServerAddress, ca_pem: bytes,
+async def connect(reactor, address: "ServerAddress | list[ServerAddress]", ca_pem: bytes,
                   folder: ModuleFolder | None, timeout: float = 15) -> ControlClient:
     endpoint = endpoint_for(reactor, address, ca_pem, folder, timeout)
     return await endpoints.connectProtocol(endpoint, ControlClient())
@@ -122,6 +130,11 @@ async def hello(conn: amp.AMP, module_kind: str) -> dict:
 
 
 def address_of(folder: ModuleFolder) -> ServerAddress:
-    settings = folder.settings()
-    return ServerAddress(settings["module_host"], int(settings["module_port"]))
+    """The first server address (what a status line shows)."""
+    return addresses_of(folder)[0]
+
+
+def addresses_of(folder: ModuleFolder) -> list[ServerAddress]:
+    """Every server address of the folder, in the order they are tried."""
+    return [ServerAddress(host, port) for host, port in server_list(folder)]
 

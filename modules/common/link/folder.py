@@ -79,6 +79,16 @@ class ModuleFolder:
                 serialization.NoEncryption()))
         write_public(self.cert_path, cert_pem)
         write_public(self.ca_path, ca_pem)
+        if "servers" not in settings and self.settings_path.exists():
+            try:  # a renewal keeps the server list the operator set
+                kept = json.loads(self.settings_path.read_text()).get("servers")
+            except (OSError, ValueError, AttributeError):
+                kept = None
+            if kept:
+                settings = {**settings, "servers": kept}
+        self.save_settings(settings)
+
+    def save_settings(self, settings: dict[str, Any]) -> None:
         write_public(self.settings_path, json.dumps(settings, indent=1).encode())
 
     def certificate(self) -> x509.Certificate:

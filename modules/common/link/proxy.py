@@ -236,6 +236,6 @@ class HTTPConnectEndpoint:
 def tcp_endpoint(reactor, host: str, port: int, timeout: float = 15):
     """Where a module's TLS connection to ``host:port`` starts: direct, or through the proxy."""
     chosen = proxy_for(host)
-    if chosen is None:
-        return endpoints.TCP4ClientEndpoint(reactor, host, port, timeout=timeout)
+    if chosen is None:  # every address of a name is tried (one DNS name for several nodes)
+        return endpoints.HostnameEndpoint(reactor, host, port, timeout=timeout)
     return HTTPConnectEndpoint(reactor, chosen, host, port, timeout)

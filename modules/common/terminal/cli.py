@@ -21,12 +21,19 @@ from modules.common.link import enrollment
 from modules.common.link import proxy
 
 from modules.common.link import ws_tunnel
-from modules.common.link.connection import address_of, connect, hello
+from modules.common.link.connection import address_of, addresses_of, connect, hello
+from modules.common.link.servers import ServersError, server_list, set_servers
 from modules.common.link.folder import ModuleFolder, ModuleFolderError, default_home
 
 
 #: How long ``status`` waits for the TLS handshake and the Hello answer together.
 HELLO_TIMEOUT_SECONDS = 30.0
+
+
+class UsageError(ModuleError):
+    """A command line the module cannot use: exit 2."""
+
+    exit_code = 2
 
 
 def add_home(parser: argparse.ArgumentParser, kind: str) -> None:
@@ -129,7 +136,7 @@ def status(args: argparse.Namespace, kind: str) -> int:
     result: dict = {}
 
     async def main(reactor):
-        conn = await connect(reactor, address_of(folder), folder.ca_path.read_bytes(), folder)
+        conn = await connect(reactor, addresses_of(folder), folder.ca_path.read_bytes(), folder)
         try:
             answer = tdefer.ensureDeferred(hello(conn, kind))
             answer.addTimeout(HELLO_TIMEOUT_SECONDS, reactor)
@@ -173,6 +180,27 @@ def add_status_renew(sub, kind: str) -> None:
     add_home(s, kind)
     s.add_argument("--force", action="store_true", help="renew even if not due yet")
     s.set_defaults(func=lambda a: renew_command(a, kind))
+    s = sub.add_parser("servers", help="show or set the server addresses this module tries in "
+                       "turn (the nodes of a server with several nodes)")
+    add_home(s, kind)
+    s.add_argument("address", nargs="*", metavar="HOST:PORT",
+                   help="module ports to try, first one first (e.g. node-a.lan:8444 "
+                        "node-b.lan:8444); --reset goes back to the enrolled one")
+    s.add_argument("--reset", action="store_true", help="use only the address from enrollment")
+    s.set_defaults(func=lambda a: servers_command(a, kind))
+
+
+def servers_command(args: argparse.Namespace, kind: str) -> int:
+    folder = folder_of(args, kind)
+    folder.require_enrolled(kind)
+    if args.address or args.reset:
+        try:
+            set_servers(folder, [] if args.reset else args.address)
+        except ServersError as exc:
+            raise UsageError(f"{exc}; nothing was changed")
+    for host, port in server_list(folder):
+        print(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+    return 0
 
 
 def _proxy_first(argv: list[str]) -> list[str]:
