@@ -1,8 +1,9 @@
 """Session recordings survive what cuts an upload short (issue 12, real server, modules, Xvfb):
-the host's control connection is cut (``ss -K``) while the server runs, and in a second session
-the server is killed (``kill -9``) and started again on the same ports.  Each time the session
-ends, the host module comes back and sends the rest it kept (the FINAL record too): both
-recordings end complete, verify, and export to the screen the session ended with.
+the host's control connection is cut (``ss -K``) while the server runs, in a second session
+the server is killed (``kill -9``) and started again on the same ports, and in a third an ad-hoc
+customer's connections are cut.  Each time the session ends, the recording module comes back and
+sends the rest it kept (the FINAL record too): the recordings end complete, verify, and export to
+the screen the session ended with.
 
 The database is PostgreSQL here: what resumes after the restart is in its ``recordings`` rows.
 An auditor key is configured (its private half only in this test's folder): the recording key
@@ -125,6 +126,32 @@ auditor_key = "{auditor_pub}"
         second = next(r for r in recordings(srv) if r["session_id"] != first["session_id"])
         assert second["status"] == "complete", second
         assert host.proc.poll() is None
+
+        # 3. an ad-hoc customer (no certificate) whose connections are cut sends the rest of
+        #    its recording over a new connection before the module exits
+        adhoc = ModuleProcess("supporter", "adhoc", "--pipe", "--answers", "/dev/null",
+                              "--snapshot", str(tmp_path / "adhoc.png"), "--home", str(w["alice"]))
+        supporter = adhoc
+        nameplate, secret = adhoc.wait_for_line(r"ad-hoc ID: (\d{4}) (\d{4})").groups()
+        yes = tmp_path / "yes"
+        yes.write_text("y\ny\ny\n")
+        customer = ModuleProcess("customer", "--server", srv.url, "--ca-fingerprint",
+                                 srv.fingerprint, f"{nameplate} {secret}", "--pipe", "--answers",
+                                 str(yes), "--screen", xvfb.name)
+        try:
+            adhoc.wait_for_line("snapshot saved", timeout=60)
+            wait_until(lambda: any(r["party"] == "customer" and r["size"] > 1000
+                                   for r in recordings(srv)), timeout=20,
+                       what="the customer's recording on the server")
+            assert cut_connections(customer.proc.pid, module_port) >= 1
+            assert adhoc.wait(timeout=60) != 0
+            customer.wait(timeout=90)
+            assert "the session recording is complete on the server" in customer.stderr, \
+                customer.stderr
+        finally:
+            customer.stop()
+        [third] = [r for r in recordings(srv) if r["party"] == "customer"]
+        assert third["status"] == "complete", third
         for lang in ("en", "de"):
             console_says_auditor_needed(browser, srv, second["session_id"], lang)
     finally:
@@ -134,16 +161,16 @@ auditor_key = "{auditor_pub}"
             supporter.stop()
         srv.stop()
     log = srv.log()
-    assert log.count("its recorder is back") >= 2, log[-3000:]
+    assert log.count("its recorder is back") >= 3, log[-3000:]
 
     # nothing lost: both verify (records authenticated with both keys), their hashes are in the
     # protocols (after the 'ended' line the crash recovery wrote), protocol verify agrees
     said = srv.ok("recording", "verify", "--key", str(auditor_pem))
-    assert said.count("ok   ") == 2, said
+    assert said.count("ok   ") == 3, said
     without = srv.ok("recording", "verify")  # the operator alone: hash and framing only
-    assert without.count("ok   ") == 2 and "auditor's key" in without, without
+    assert without.count("ok   ") == 3 and "auditor's key" in without, without
     assert srv.cli("protocol", "verify", str(data / "protocols")).returncode == 0
-    for rec in (first, second):
+    for rec in (first, second, third):
         lines = [json.loads(x) for f in (data / "protocols").rglob(f"{rec['session_id']}.jsonl")
                  for x in f.read_text().splitlines()]
         kinds = [x["kind"] for x in lines]

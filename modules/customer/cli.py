@@ -22,7 +22,10 @@ from modules.common.terminal.stream_cli import (
     add_session_options, consent_ui, exit_code, print_windows, run_to_end, say, screen_offer,
     session_options,
 )
-from modules.customer.join import join, parse_adhoc_id
+from modules.common.session import recorder
+from modules.customer.join import join, parse_adhoc_id, upload_cut_off_recording
+
+RESUME_WAIT_SECONDS = 60.0  # how long a recording cut off by a lost connection may take to go up
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -63,7 +66,14 @@ def cmd_join(args: argparse.Namespace) -> int:
         try:
             ended["reason"] = await run_to_end(reactor, runner)
         finally:
-            conn.transport.loseConnection()
+            if conn.transport is not None:  # None once the connection was lost
+                conn.transport.loseConnection()
+        if recorder.waiting_count():  # the connection was lost while the screen was recorded
+            say(f"uploading the rest of the session recording (up to "
+                f"{RESUME_WAIT_SECONDS:.0f} s) ...")
+            done = await upload_cut_off_recording(reactor, server, fp, RESUME_WAIT_SECONDS)
+            say("the session recording is complete on the server" if done else
+                "the rest of the session recording could not be uploaded")
     run_reactor(main)
     return exit_code(ended.get("reason"))
 
