@@ -488,8 +488,8 @@ class RFBServer:
     def _extended_cut_text(self, length: int) -> Any:
         """ClientCutText with a negative length: an Extended Clipboard message."""
         if not self._clipboard_announced:
-            raise RFBError("extended clipboard message from a client that did not announce "
-                           "the extended clipboard")
+            raise RFBError(f"cut text length -{length} (an extended clipboard message) from a "
+                           f"client that did not announce the extended clipboard")
         if length > ext_clipboard.MAX_MESSAGE_BYTES:
             raise RFBError(f"extended clipboard message of {length} bytes refused")
         if len(self._buf) < 8 + length:
