@@ -5,7 +5,7 @@ certificates, the relay secret and the protocol folder.  A host connects to node
 to node A: the session runs (offer and reports through LISTEN/NOTIFY).  A console login on A works
 on B with the same cookie.  A customer on node B joins the ad-hoc ID of a supporter on node A.
 ``kill -9`` node B: a running host fails over to A within 60 s and the cut session's protocol is
-closed once.  The crash recovery
+closed once; B started again takes the same console cookie.  The crash recovery
 of a dead node's sessions is checked on the database alone (what a live node ends, what it
 leaves to a relay or to a node still alive).
 """
@@ -24,6 +24,7 @@ from pathlib import Path
 from urllib.parse import urlencode, urlsplit
 
 import pytest
+import pytest_twisted
 from sqlalchemy import select
 
 from server.db import Database
@@ -219,9 +220,13 @@ def test_two_nodes_share_hosts_console_and_survive_a_node_killed(tmp_path, db_ur
         assert row.ended_at is not None and row.protocol_end_hash == ended[0]["hash"]
         assert verify(tmp_path / "shared" / "protocols").ok
 
-        # the console still works on A, and shows the host online there
+        # the console still works on A; node B started again: the same login works there (a
+        # restart logs nobody out)
         status, _, page = console.request(node_a.url, "GET", "/console/hosts")
         assert status == 200 and "pc1" in page
+        node_b.start()
+        status, _, page = console.request(node_b.url, "GET", "/console/hosts")
+        assert status == 200 and "pc2" in page
         print(f"host back on node A {back_after:.1f} s after kill -9 of node B")
     finally:
         for proc in (supporter, host, locals().get("staying")):
@@ -302,4 +307,49 @@ def test_a_live_node_ends_only_what_a_dead_node_left_open(database):
         assert second.holds() and not first.holds()
         second.release()
     finally:
+        other.dispose()
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+@pytest_twisted.ensureDeferred
+async def test_the_node_bus_calls_answers_refuses_and_broadcasts_in_order(database):
+    """Two nodes' buses on one PostgreSQL (in this process, each with its own connections):
+    a call and its answer, a refusal with the module-facing error code, a node that does not
+    answer, and messages to one node arriving in the order they were sent."""
+    from twisted.internet import reactor, task
+
+    from protocol import control
+    from server.cluster import NodeBus, NodeCallFailed
+
+    other = Database(database.url)
+    a = NodeBus(database, "node-a", reactor, call_timeout=5)
+    b = NodeBus(other, "node-b", reactor, call_timeout=5)
+    seen: list[tuple[str, int]] = []
+
+    def refuse(sender, body):
+        raise control.HostOffline("the host is not connected to this node")
+    b.handlers.update({"echo": lambda sender, body: {"asked_by": sender, **body},
+                       "refuse": refuse})
+    a.handlers["seen"] = lambda sender, body: seen.append((sender, body["n"]))
+    try:
+        await a.start()
+        await b.start()
+        assert await a.call("node-b", "echo", {"x": 1}) == {"asked_by": "node-a", "x": 1}
+        with pytest.raises(NodeCallFailed) as refused:
+            await a.call("node-b", "refuse", {})
+        assert refused.value.code == "HOST_OFFLINE" and "not connected" in refused.value.message
+        with pytest.raises(NodeCallFailed, match="did not answer"):
+            await a.call("node-gone", "echo", {}, timeout=0.5)
+        for n in range(20):
+            b.tell("node-a", "seen", {"n": n})
+        b.broadcast("seen", {"n": 99})  # every other node; b does not hear itself
+        deadline = time.monotonic() + 20
+        while len(seen) < 21 and time.monotonic() < deadline:
+            await task.deferLater(reactor, 0.05, lambda: None)
+        # in order per destination; the broadcast goes its own way
+        assert [n for _, n in seen if n != 99] == list(range(20)) and ("node-b", 99) in seen
+        assert {sender for sender, _ in seen} == {"node-b"}
+    finally:
+        a.stop()
+        b.stop()
         other.dispose()
