@@ -149,6 +149,31 @@ def test_a_lost_connection_keeps_the_upload_open_for_its_recorder(setup, clock, 
     assert result_of(receiver.end(back, rid, len(head) + len(tail)))["complete"]
 
 
+def test_a_recorder_back_at_another_node_is_not_closed_by_the_first(setup, clock, world):  # noqa: F811
+    """Several nodes: the recorder's connection to node A is lost and it resumes at node B; A,
+    which still holds the upload, lets it go instead of closing it as incomplete."""
+    set_policy(setup["db"], "on")
+    node_a, node_b = setup["make"](), setup["make"]()
+    conn, sid = setup["host"], setup["sid"]
+    answer = result_of(node_a.start_recording(conn, sid))
+    rid = answer["recording_id"]
+    w = writer_for(answer)
+    head = w.start() + w.flush()
+    result_of(node_a.chunk(conn, rid, 0, head))
+    node_a.owner_lost(conn)
+    at_b = host(world["pc-lab"])
+    assert result_of(node_b.resume(at_b, rid, answer["resume_token"]))["next_offset"] == len(head)
+    w.add(recording.EVENT, 1, b'{"kind":"b"}')
+    more = w.flush()
+    result_of(node_b.chunk(at_b, rid, len(head), more))
+    clock.advance(setup["config"].recording.resume_seconds + 1)
+    node_a.check()
+    assert rid not in node_a.uploads
+    tail = w.close()
+    result_of(node_b.chunk(at_b, rid, len(head) + len(more), tail))
+    assert result_of(node_b.end(at_b, rid, len(head) + len(more) + len(tail)))["complete"]
+
+
 def test_quota_is_enforced_during_the_upload(setup, tmp_path, clock):  # noqa: F811
     """'on': the recording stops at the quota, the session goes on; 'required': the session ends
     with the reason, both parties told."""

@@ -30,7 +30,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
@@ -105,6 +105,8 @@ class RecordingReceiver:
         self._usage: dict[int, int] = {}     # tenant id -> recording bytes stored (quota)
         self._started_at = reactor.seconds()
         self._orphans_closed = False
+        # several nodes on one database: this node closes only what its own sessions left open
+        self.node = config.cluster.node_name if config.cluster.enabled else None
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -445,9 +447,7 @@ class RecordingReceiver:
             away = upload.owner_gone or upload.session_id not in self.broker.sessions
             limit = self.resume_seconds if away else silent_limit
             if not upload.ended and now - upload.last_chunk > limit:
-                log.warn("recording {rid}: nothing for {s:.0f} s: closed as incomplete",
-                         rid=upload.id, s=now - upload.last_chunk)
-                upload.lock.run(self._finish, upload).addErrback(
+                upload.lock.run(self._close_silent, upload, now).addErrback(
                     lambda f: log.failure("could not close a silent recording", f))
         if not self._orphans_closed and now - self._started_at > self.resume_seconds:
             self._orphans_closed = True
@@ -455,10 +455,24 @@ class RecordingReceiver:
                 lambda f: log.failure("could not close recordings left open by the last run", f))
 
     @defer.inlineCallbacks
+    def _close_silent(self, upload: Upload, now: float):
+        if upload.ended or upload.id not in self.uploads:
+            return None
+        row = yield self.db.run(_find_by_id, upload.id)
+        if row is not None and row["status"] == "uploading" and row["size"] != upload.size:
+            # its recorder came back on another server node, which writes it now
+            log.info("recording {rid} goes on at another node; this one lets it go", rid=upload.id)
+            self.uploads.pop(upload.id, None)
+            return None
+        log.warn("recording {rid}: nothing for {s:.0f} s: closed as incomplete",
+                 rid=upload.id, s=now - upload.last_chunk)
+        return (yield self._finish(upload))
+
+    @defer.inlineCallbacks
     def _close_orphans(self):
         """Uploads the last server run left open whose recorder did not come back within
         ``resume_seconds`` of this start: kept to their last whole record, incomplete."""
-        rows = yield self.db.run(_open_rows)
+        rows = yield self.db.run(_open_rows, self.node)
         for row in rows:
             if row["id"] in self.uploads:
                 continue
@@ -514,9 +528,12 @@ def _find_by_id(session, recording_id: str) -> dict | None:
     return None if row is None else _with_tenant(session, row)
 
 
-def _open_rows(session) -> list[dict]:
-    return [_with_tenant(session, row) for row in
-            session.scalars(select(Recording).where(Recording.status == "uploading")).all()]
+def _open_rows(session, node: str | None = None) -> list[dict]:
+    query = select(Recording).where(Recording.status == "uploading")
+    if node is not None:  # only what this node's sessions left open
+        query = query.join(Session, Recording.session_id == Session.id).where(
+            or_(Session.node == node, Session.node.is_(None)))
+    return [_with_tenant(session, row) for row in session.scalars(query).all()]
 
 
 def _find(session, session_id: str, party: str) -> dict | None:
