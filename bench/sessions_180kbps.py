@@ -88,6 +88,16 @@ class BrokenBench(RuntimeError):
     pass
 
 
+class _Closed:
+    """Stands in for a leg the relay closed: every send fails quietly."""
+
+    def send(self, data: bytes) -> int:
+        raise BlockingIOError
+
+    def close(self) -> None:
+        pass
+
+
 # --- set-up -------------------------------------------------------------------------------------
 
 def _read_box(sock: ssl.SSLSocket, timeout: float = 30) -> tuple[dict, bytes]:
@@ -184,6 +194,13 @@ class Streamer:
         self.by_fd[flow.rx.fileno()] = flow
         self.ep.register(flow.rx.fileno(), select.EPOLLIN)
 
+    def send_failed(self, flow: Flow) -> None:
+        """The relay closed a leg we send on: counted as broken (reported, exit 1)."""
+        self.closed_by_peer += 1
+        flow.pending = None
+        if flow in self.flows:
+            flow.tx = _Closed()
+
     def _receive(self, flow: Flow, lat: dict[str, array], window_start: float) -> None:
         rx = flow.rx
         buf = flow.buf
@@ -230,6 +247,8 @@ class Streamer:
         except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError):
             flow.pending = data  # retried (same bytes) in this flow's next slot
             self.blocked_sends += 1
+        except (ssl.SSLError, OSError):
+            self.send_failed(flow)
 
     def run(self, seconds: float, window_start: float, send: bool = True) -> dict:
         """Stream for ``seconds``; latencies of chunks sent after ``window_start`` are kept."""
@@ -340,7 +359,8 @@ class TraceStreamer(Streamer):
             start += 1
         if start == len(events):
             start = 0
-        now = time.perf_counter()
+        # on the clock of the schedules: they resume where the last sending run stopped
+        now = getattr(self, "stopped_at", None) or time.perf_counter()
         loop_t0 = now - (events[start][0] if start else 0.0)
         self.loops[index] = [loop_t0]
         heapq.heappush(self.heap, (loop_t0 + events[start][0], index, start))
@@ -389,6 +409,8 @@ class TraceStreamer(Streamer):
 
     def run(self, seconds: float, window_start: float, send: bool = True) -> dict:
         lat = {"relay": array("d"), "direct": array("d")}
+        if send:
+            self._resume_schedules()
         flows, events, heap = self.flows, self.events, self.heap
         n_events = len(events)
         t_end = time.perf_counter() + seconds
@@ -418,6 +440,9 @@ class TraceStreamer(Streamer):
                     except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError):
                         flow.pending = data
                         self.blocked_sends += 1
+                    except (ssl.SSLError, OSError):
+                        self.send_failed(flow)
+                        continue  # this flow sends no more
                     sent += 1
                     ev += 1
                     state = loops[index]
@@ -433,13 +458,21 @@ class TraceStreamer(Streamer):
                 flow = by_fd.get(fd)
                 if flow is not None:
                     receive(flow, lat, window_start)
-        if not send:
-            shift = seconds
-            self.heap = [(due + shift, i, ev) for due, i, ev in heap]
-            heapq.heapify(self.heap)
-            for state in loops.values():
-                state[0] += shift
+        if send:
+            self.stopped_at = time.perf_counter()
         return {"lat": lat, "sent": sent, "max_lag": max_lag}
+
+    def _resume_schedules(self) -> None:
+        """Time spent outside ``run`` (opening pairs) and in runs that did not send does not
+        count: every flow's schedule moves on by that much, so no step starts with a burst."""
+        stopped = getattr(self, "stopped_at", None)
+        if stopped is None:
+            return
+        shift = time.perf_counter() - stopped
+        self.heap = [(due + shift, i, ev) for due, i, ev in self.heap]
+        heapq.heapify(self.heap)
+        for state in self.loops.values():
+            state[0] += shift
 
 def rusage_cpu() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF)
@@ -484,6 +517,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="%% of a core other processes may use during a window (default 10)")
     p.add_argument("--setup-threads", type=int, default=8,
                    help="threads opening relay legs in parallel (8)")
+    p.add_argument("--keep-going", action="store_true",
+                   help="measure every step even after p99 or delivery failed (CPU per chunk "
+                        "on a machine too loaded for latency); still stops at saturation")
     p.add_argument("--keep", action="store_true", help="keep the temporary folder (logs)")
     args = p.parse_args(argv)
 
@@ -595,7 +631,10 @@ def main(argv: list[str] | None = None) -> int:
                     broken = True
                     break
                 why = stop_reason(row, args.max_p99_ms)
-                if why:
+                if why and args.keep_going and not why.startswith(("the relay process is",
+                                                                   "the load generator")):
+                    print(f"going on (--keep-going): {why}")
+                elif why:
                     print(f"stopping: {why}")
                     break
             pool.shutdown()
