@@ -35,6 +35,7 @@ async def test_host_window_shows_the_session_and_stops_it(qt_app, app_world,  # 
     right = w["tmp"] / "right"
     right.write_text("right-host-password\n")
     screen = screen_offer(Namespace(screen=xvfb.name, window=None, hide_background=False))
+    xvfb.xterm("host-term", geometry="40x10+30+30")
     for language in ("en", "de"):
         install_translation(qt_app, language)
         window = HostWindow(reactor, ModuleFolder(w["pc1"]), screen=screen, language=language,
@@ -59,6 +60,8 @@ async def test_host_window_shows_the_session_and_stops_it(qt_app, app_world,  # 
             assert "Steuern" in window.rights_label.text() if language == "de" \
                 else "control" in window.rights_label.text()
             screenshot(window, f"host-session-{language}")
+            if language == "en":     # what the host shows: one window, then the screen again
+                await share_from_the_host_window(window, "host-term")
             window.stop_button.click()
             await until(lambda: supporter.proc.poll() is not None
                         and "session ended" in supporter.stderr, what="the supporter's end")
@@ -77,3 +80,25 @@ async def test_host_window_shows_the_session_and_stops_it(qt_app, app_world,  # 
                 supporter.stop()
             await window.service.stop()
             window.close()
+
+
+async def share_from_the_host_window(window, title: str) -> None:
+    """The host's share button opens the picker; a window chosen there is what the session
+    core shares (its size is the source's size) until the whole screen is chosen again."""
+    source = window.service.runner.screen_offer[0]
+    whole = source.size()
+    assert window.share_button.isEnabled()
+    window.share_button.click()
+    picker = window.picker
+    await until(lambda: picker.choices.count() > 1, what="the host's listed windows")
+    assert picker.select_title(title)
+    picker.share_button.click()
+    await until(lambda: f"You share only the window {title}." in window.log.toPlainText(),
+                what="the host's line about the shared window")
+    assert source.size() != whole and source.size()[0] < 400
+    window.share_button.click()
+    picker = window.picker
+    picker.share_button.click()                  # the first row: the whole screen
+    await until(lambda: "You share the whole screen again." in window.log.toPlainText(),
+                what="the host's line about the whole screen")
+    assert source.size() == whole

@@ -5,10 +5,12 @@ A supporter CLI (``adhoc --screen B --snapshot``) and a customer run through the
 the customer's display A; the customer asks the supporter to show instead, the supporter
 agrees, and the customer's app shows display B in a window of its own; the customer takes the screen back and the supporter
 sees A again.  Both changes are in the protocol.  Then the customer narrows what it shows to one
-window through the core (issue 16 §5)."""
+window with the app's picker (issue 16 §5): a VNC viewer on the supporter's side gets only that
+window, then the whole screen again; both choices are in the protocol."""
 
 from __future__ import annotations
 
+import re
 from argparse import Namespace
 
 import mss
@@ -20,10 +22,12 @@ from twisted.internet import defer
 from zope.interface import implementer
 
 from modules.common.session.consent import IConsentUI
+from protocol.runtime import run_blocking
 
 from .fixtures_qt import qt_app, screenshot, until  # noqa: F401 - fixture
 from .fixtures_x11 import xvfb_factory  # noqa: F401 - fixture
 from .module_process import ModuleProcess
+from .rfb_decoder import RAW, BlockingRFBClient
 from .test_e2e_brokering import wait_until
 from .test_e2e_sessions import protocol_events
 
@@ -37,6 +41,40 @@ def grab(display: str) -> np.ndarray:
 
 def difference(picture: np.ndarray, display: str) -> float:
     return float(np.abs(picture.astype(np.int16) - grab(display)).mean())
+
+
+def vnc_picture(port: int) -> np.ndarray:
+    """What a VNC viewer attached to the supporter's ``--vnc-listen`` port sees (blocking)."""
+    client = BlockingRFBClient("127.0.0.1", port, [RAW], timeout=20)
+    try:
+        client.request(incremental=False)
+        client.next_update()
+        return client.decoder.fb.astype(np.int16)
+    finally:
+        client.close()
+
+
+async def open_picker(qt_app, window, language: str):  # noqa: F811 - the fixture's app
+    """The customer presses the bar's share button; the picker lists the windows."""
+    from modules.common.qt.i18n import install_translation
+    install_translation(qt_app, language)
+    window.bar.share_button.click()
+    picker = window.picker
+    await until(lambda: picker.choices.count() > 1, what="the listed windows")
+    return picker
+
+
+async def vnc_sees(port: int, shape: tuple[int, int], timeout: float = 30) -> np.ndarray:
+    """The VNC viewer's picture once its size is ``shape`` (it follows a size change)."""
+    from twisted.internet import reactor, task
+    deadline = reactor.seconds() + timeout
+    while True:                    # one look is one short loopback connection
+        seen = await run_blocking(vnc_picture, port)
+        if abs(seen.shape[0] - shape[0]) <= 4 and abs(seen.shape[1] - shape[1]) <= 4:
+            return seen
+        if reactor.seconds() > deadline:
+            raise AssertionError(f"the VNC viewer still sees {seen.shape[:2]}, not {shape}")
+        await task.deferLater(reactor, 0.05, lambda: None)
 
 
 @implementer(IConsentUI)
@@ -71,6 +109,7 @@ async def test_the_screen_follows_a_direction_change_and_back(
     answers.write_text("y\n")           # the supporter agrees to show its screen
     supporter = ModuleProcess("supporter", "adhoc", "--pipe", "--answers", str(answers),
                               "--screen", supporter_display.name, "--snapshot", str(snapshot),
+                              "--vnc-listen", "127.0.0.1:0",
                               "--home", str(enrolled_supporter))
     window = CustomerWindow(reactor, srv.url, srv.fingerprint, share_display=customer_display.name)
     conn = runner = None
@@ -108,13 +147,35 @@ async def test_the_screen_follows_a_direction_change_and_back(
         picture = np.asarray(Image.open(snapshot).convert("RGB"))
         assert picture.shape[:2] == (600, 800)
         assert difference(picture, customer_display.name) < 3
-        # 4. window choice through the core: only the xterm is shown now, and logged
-        listed = await runner.windows()
-        assert "customer-term" in [w.title for w in listed]
-        chosen = await runner.share_window("customer-term")
-        width, height = runner.screen_offer[0].size()
-        assert chosen.title == "customer-term"
-        assert abs(width - chosen.rect.w) <= 4 and abs(height - chosen.rect.h) <= 4  # border
+        # 4. the customer picks one window in the app (German, then English): the supporter's
+        #    VNC viewer gets only that window; then the whole screen again
+        def vnc_ports() -> list[str]:
+            return re.findall(r"VNC viewers can attach at 127\.0\.0\.1:(\d+)", supporter.stderr)
+        await until(lambda: len(vnc_ports()) == 2, what="the supporter's second VNC port")
+        port = int(vnc_ports()[-1])
+        picker = await open_picker(qt_app, window, "de")
+        assert picker.choices.item(0).text() == "Ganzer Bildschirm"
+        assert picker.select_title("customer-term")
+        screenshot(picker, "customer-window-picker-de")
+        picker.close()
+        picker = await open_picker(qt_app, window, "en")
+        assert picker.select_title("customer-term")
+        screenshot(picker, "customer-window-picker-en")
+        picker.share_button.click()
+        await until(lambda: "You share only the window customer-term." in window.log.toPlainText(),
+                    what="the app's line about the shared window")
+        term = next(w for w in await runner.windows() if w.title == "customer-term")
+        region = grab(customer_display.name)[term.rect.y:term.rect.y + term.rect.h,
+                                              term.rect.x:term.rect.x + term.rect.w]
+        seen = await vnc_sees(port, (term.rect.h, term.rect.w))
+        h, w = min(seen.shape[0], region.shape[0]), min(seen.shape[1], region.shape[1])
+        assert float(np.abs(seen[:h, :w] - region[:h, :w]).mean()) < 8
+        picker = await open_picker(qt_app, window, "en")
+        picker.choices.setCurrentRow(0)                         # the whole screen again
+        picker.share_button.click()
+        await until(lambda: "You share the whole screen again." in window.log.toPlainText(),
+                    what="the app's line about the whole screen")
+        assert difference(await vnc_sees(port, (600, 800)), customer_display.name) < 8
         with pytest.raises(LookupError):
             await runner.share_window("no-such-window")
         runner.end_session()
@@ -132,4 +193,4 @@ async def test_the_screen_follows_a_direction_change_and_back(
     changes = [e["detail"]["presenter"] for e in events if e["kind"] == "direction_changed"]
     assert changes == ["supporter", "customer"]
     shared = [e["detail"] for e in events if e["kind"] == "window_shared"]
-    assert shared and shared[0]["title"] == "customer-term"
+    assert [d.get("title", d["window"]) for d in shared] == ["customer-term", "screen"]

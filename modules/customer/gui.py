@@ -25,6 +25,7 @@ from ..common.qt.consent_dialogs import DialogConsentUI, end_sentence
 from ..common.qt.file_offer_dialog import FileOfferDialog
 from ..common.qt.i18n import install_translation, t
 from ..common.qt.viewer import RemoteScreenDelegate
+from ..common.qt.window_picker import BUTTON_TEXT, WindowPicker, shared_sentence
 from ..common.session.session_runner import SessionDelegate
 from .join import join, parse_adhoc_id
 
@@ -54,7 +55,7 @@ def find_server_config(explicit: str | None = None) -> str | None:
 class SharingBar(QWidget):
     """Always on top while the screen is seen or controlled: who, and the emergency stop."""
 
-    def __init__(self, stop, toggle_pause=None) -> None:
+    def __init__(self, stop, toggle_pause=None, pick_window=None) -> None:
         super().__init__(None, Qt.Window | Qt.WindowStaysOnTopHint | Qt.FramelessWindowHint
                          | Qt.Tool)
         self.setObjectName("sharing-bar")
@@ -72,9 +73,13 @@ class SharingBar(QWidget):
         self.pause_button = QPushButton(t("Pause screen"))
         if toggle_pause is not None:
             self.pause_button.clicked.connect(toggle_pause)
+        self.share_button = QPushButton(t(BUTTON_TEXT))
+        if pick_window is not None:
+            self.share_button.clicked.connect(pick_window)
+        layout.addWidget(self.share_button)
         layout.addWidget(self.pause_button)
         layout.addWidget(self.stop_button)
-        self.resize(820, 64)
+        self.resize(1100, 64)
 
     def show_text(self, text: str) -> None:
         self.label.setText(text)
@@ -105,7 +110,8 @@ class CustomerWindow(QMainWindow, RemoteScreenDelegate, SessionDelegate):
         self.ui: DialogConsentUI | None = None
         self.end_text: str | None = None
         self.file_dialogs: dict[str, FileOfferDialog] = {}   # transfer id → its dialog
-        self.bar = SharingBar(self.emergency_stop, self.toggle_pause)
+        self.picker: WindowPicker | None = None
+        self.bar = SharingBar(self.emergency_stop, self.toggle_pause, self.pick_window)
         self._build()
         QShortcut(QKeySequence("Ctrl+F12"), self, activated=self.emergency_stop,
                   context=Qt.ApplicationShortcut)
@@ -211,6 +217,7 @@ class CustomerWindow(QMainWindow, RemoteScreenDelegate, SessionDelegate):
         self.stop_button.setText(t("Emergency stop (Ctrl+F12)"))
         self.end_button.setText(t("End session"))
         self.bar.stop_button.setText(t("EMERGENCY STOP"))
+        self.bar.share_button.setText(t(BUTTON_TEXT))
         if not self.server:
             self.status_label.setText(t("No server is set up: place customer.toml from the download "
                                   "page beside the app."))
@@ -282,6 +289,18 @@ class CustomerWindow(QMainWindow, RemoteScreenDelegate, SessionDelegate):
     def toggle_pause(self) -> None:
         if self.runner is not None and not self.runner.done.called:
             self.runner.toggle_pause()
+
+    def pick_window(self) -> WindowPicker | None:
+        """The whole screen or one window: the picker lists, the session core narrows."""
+        if self.runner is None or self.runner.done.called or not self.runner.consent.is_presenter:
+            return None
+        if self.picker is not None:
+            self.picker.close()
+        self.picker = WindowPicker(self.bar, self.runner, self.supporter or t("the supporter"))
+        self.picker.shared.connect(lambda info: self.show_line(shared_sentence(info)))
+        self.picker.show()
+        self.picker.raise_()
+        return self.picker
 
     def send_chat(self) -> None:
         text = self.chat_field.text().strip()
@@ -370,6 +389,8 @@ class CustomerWindow(QMainWindow, RemoteScreenDelegate, SessionDelegate):
         self.end_text = reason.text()
         self.remote_screen_closed()
         self.bar.hide()
+        if self.picker is not None:
+            self.picker.close()
         self.status_label.setText(t("Session ended: {reason}").format(
             reason=end_sentence(reason, Role.CUSTOMER, self.ui.names if self.ui else None)))
         self._in_session(False)
@@ -380,6 +401,8 @@ class CustomerWindow(QMainWindow, RemoteScreenDelegate, SessionDelegate):
             self.hotkey.close()
         for dialog in self.file_dialogs.values():
             dialog.close()
+        if self.picker is not None:
+            self.picker.close()
         self.bar.close()
         super().closeEvent(event)
 

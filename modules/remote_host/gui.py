@@ -20,6 +20,7 @@ from ..common.session.consent import Event, Right, Role
 from ..common.qt.consent_dialogs import DialogConsentUI, capital, end_sentence
 from ..common.qt.i18n import install_translation, t
 from ..common.qt.viewer import RemoteScreenDelegate
+from ..common.qt.window_picker import BUTTON_TEXT, WindowPicker, shared_sentence
 from ..common.session.session_runner import SessionDelegate
 from . import settings
 from .service import HostService
@@ -47,6 +48,7 @@ class HostWindow(QMainWindow, RemoteScreenDelegate, SessionDelegate):
                                    on_change=self.refresh, tell=self._tell)
         self.ui: DialogConsentUI | None = None
         self.last_end: str | None = None
+        self.picker: WindowPicker | None = None
         self._build()
         QShortcut(QKeySequence("Ctrl+F12"), self, activated=self.emergency_stop,
                   context=Qt.ApplicationShortcut)
@@ -76,6 +78,9 @@ class HostWindow(QMainWindow, RemoteScreenDelegate, SessionDelegate):
         self.pause_button = QPushButton()
         self.pause_button.clicked.connect(self.toggle_pause)
         layout.addWidget(self.pause_button)
+        self.share_button = QPushButton()
+        self.share_button.clicked.connect(self.pick_window)
+        layout.addWidget(self.share_button)
         self.policy_box = QGroupBox()
         form = QFormLayout(self.policy_box)
         self.policy_fields: dict[str, QComboBox] = {}
@@ -117,6 +122,7 @@ class HostWindow(QMainWindow, RemoteScreenDelegate, SessionDelegate):
     def retranslate(self) -> None:
         self.setWindowTitle(t("Hausmeister host"))
         self.stop_button.setText(t("Emergency stop (Ctrl+F12)"))
+        self.share_button.setText(t(BUTTON_TEXT))
         self.policy_box.setTitle(t("Policy"))
         for right, label in self.policy_names.items():
             label.setText(capital(t(right)))
@@ -157,6 +163,7 @@ class HostWindow(QMainWindow, RemoteScreenDelegate, SessionDelegate):
         self.stop_button.setEnabled(runner is not None and not runner.done.called)
         showing = runner is not None and not runner.done.called and runner.consent.is_presenter
         self.pause_button.setEnabled(showing and runner.consent.terms_accepted)
+        self.share_button.setEnabled(showing and runner.consent.terms_accepted)
         self.pause_button.setText(t("Resume screen") if showing and runner.consent.paused
                                   else t("Pause screen"))
         if offer is None:
@@ -204,6 +211,18 @@ class HostWindow(QMainWindow, RemoteScreenDelegate, SessionDelegate):
         if runner is not None and not runner.done.called:
             runner.toggle_pause()
 
+    def pick_window(self) -> WindowPicker | None:
+        """The whole screen or one window: the picker lists, the session core narrows."""
+        runner = self.service.runner
+        if runner is None or runner.done.called or not runner.consent.is_presenter:
+            return None
+        if self.picker is not None:
+            self.picker.close()
+        self.picker = WindowPicker(self, runner, self._supporter())
+        self.picker.shared.connect(lambda info: self.log.append(shared_sentence(info)))
+        self.picker.show()
+        return self.picker
+
     def set_password(self, password: str | None = None) -> bool:
         from ..common.session.channel import new_host_secret
         if not self.admin:
@@ -247,6 +266,8 @@ class HostWindow(QMainWindow, RemoteScreenDelegate, SessionDelegate):
     def ended(self, reason) -> None:
         self.last_end = reason.text()
         self.remote_screen_closed()
+        if self.picker is not None:
+            self.picker.close()
         self.log.append(t("Session ended: {reason}").format(
             reason=end_sentence(reason, Role.HOST, self.ui.names if self.ui else None)))
         self.reactor.callLater(0, self.refresh)

@@ -34,6 +34,7 @@ from ..common.link.folder import ModuleFolder
 from ..common.qt.consent_dialogs import DialogConsentUI, end_sentence
 from ..common.qt.i18n import install_translation, t
 from ..common.qt.viewer import REMOTE_KEY_COMBOS, FramebufferWidget, scrollable
+from ..common.qt.window_picker import WindowPicker, shared_sentence
 from ..common.session.session_runner import SessionDelegate
 from .sessions import AdhocInvitation, connect_host, list_hosts
 
@@ -84,6 +85,7 @@ class SessionTab(QWidget, SessionDelegate):
         self.viewer: FramebufferWidget | None = None
         self.started = time.monotonic()
         self.end_text: str | None = None
+        self.picker: WindowPicker | None = None
         self.ui = DialogConsentUI(self, Role.SUPPORTER, peer, peer_name, self._consent_event)
         self.receive_dir = window.receive_dir
         self.setAcceptDrops(True)
@@ -96,6 +98,7 @@ class SessionTab(QWidget, SessionDelegate):
                 ("files", "Request files", lambda: self._request("files")),
                 ("direction", "Show my screen", self._show_my_screen),
                 ("pause", "Pause screen", self._toggle_pause),
+                ("window", "Share: whole screen / one window ...", self.pick_window),
                 ("send", "Send file ...", self._choose_file),
                 ("inbox", "Folder for received files ...", self._choose_inbox),
                 ("end", "End session", self.end_session)):
@@ -226,6 +229,7 @@ class SessionTab(QWidget, SessionDelegate):
             self.actions[key].setEnabled(live)
         showing = live and runner.consent.is_presenter    # after a direction change
         self.actions["pause"].setEnabled(showing)
+        self.actions["window"].setEnabled(showing)
         self.actions["pause"].setText(t("Resume screen") if showing and runner.consent.paused
                                       else t("Pause screen"))
         waiting = runner is None and self.task is not None and not self.task.called
@@ -256,6 +260,18 @@ class SessionTab(QWidget, SessionDelegate):
     def _toggle_pause(self) -> None:
         if self.runner is not None:
             self.runner.toggle_pause()
+
+    def pick_window(self) -> WindowPicker | None:
+        """The whole screen or one window: the picker lists, the session core narrows."""
+        runner = self.runner
+        if runner is None or runner.done.called or not runner.consent.is_presenter:
+            return None
+        if self.picker is not None:
+            self.picker.close()
+        self.picker = WindowPicker(self, runner, self.peer_name)
+        self.picker.shared.connect(lambda info: self.chat_log.append(shared_sentence(info)))
+        self.picker.show()
+        return self.picker
 
     def _chat(self) -> None:
         text = self.chat_field.text().strip()
@@ -391,6 +407,8 @@ class SessionTab(QWidget, SessionDelegate):
 
     def ended(self, reason) -> None:
         self.end_text = reason.text()
+        if self.picker is not None:
+            self.picker.close()
         self.notice.setText(t("Session ended: {reason}").format(
             reason=end_sentence(reason, Role.SUPPORTER, self.ui.names)))
         self._refresh()

@@ -121,6 +121,14 @@ GERMAN: dict[str, str] = {
     "Screen paused: {who} sees the last picture":
         "Bildschirm angehalten: {who} sieht das letzte Bild",
     "{who} is controlling your screen": "{who} steuert Ihren Bildschirm",
+    # what is shared: the whole screen or one window (all three apps)
+    "Share: whole screen / one window ...": "Teilen: ganzer Bildschirm / ein Fenster ...",
+    "What may {who} see?": "Was darf {who} sehen?",
+    "Whole screen": "Ganzer Bildschirm",
+    "Window: {title} ({width} × {height})": "Fenster: {title} ({width} × {height})",
+    "Share": "Teilen",
+    "You share the whole screen again.": "Sie teilen wieder den ganzen Bildschirm.",
+    "You share only the window {title}.": "Sie teilen nur das Fenster „{title}“.",
     # customer app
     "Get help from your supporter": "Hilfe von Ihrem Supporter",
     "Type the 8-digit ID your supporter read out to you:":
