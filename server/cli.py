@@ -19,7 +19,7 @@ from . import egress  # first: the guard is installed before anything else can c
 egress.install()
 
 from protocol.identity import fingerprint  # noqa: E402
-from sqlalchemy import select, update  # noqa: E402
+from sqlalchemy import func, select, update  # noqa: E402
 
 from . import __version__, accounts, bootstrap, certificates, pki  # noqa: E402
 from .config import Config, ConfigError, load, parse_duration  # noqa: E402
@@ -365,6 +365,35 @@ def cmd_user_disable(config: Config, args: argparse.Namespace) -> int:
         print(f"revoked {len(revoked)} certificate(s) of {args.name}: its live sessions end within "
               f"{config.certificates.revocation_poll_seconds:g} s; enabling the user again needs "
               "a new enrollment")
+    return 0
+
+
+def cmd_node_list(config: Config, args: argparse.Namespace) -> int:
+    """Several nodes on one database: the server nodes and relay processes, and which live."""
+    from .db.models import Host, ServerNode
+    from .pki import utcnow
+    db = _open_db(config)
+    timeout = config.cluster.node_timeout_seconds
+    with db.session() as session:
+        nodes = session.scalars(select(ServerNode).order_by(ServerNode.kind.desc(),
+                                                            ServerNode.name)).all()
+        hosts = dict(session.execute(select(Host.node, func.count()).where(
+            Host.online.is_(True), Host.node.is_not(None)).group_by(Host.node)).all())
+        now = utcnow()
+        if not nodes:
+            print("no server node or relay process is registered (one node runs with "
+                  "[cluster] off and does not register)")
+            return 0
+        print(f"{'NAME':32} {'KIND':6} {'STATE':5} {'PID':>7} {'STARTED (UTC)':16} "
+              f"{'SEEN':>6} {'HOSTS':>6} SESSIONS")
+        for node in nodes:
+            quiet = (now - node.seen_at).total_seconds()
+            state = "live" if quiet <= timeout else "dead"
+            carried = len([s for s in (node.sessions or "").split("\n") if s])
+            print(f"{node.name[:32]:32} {node.kind:6} {state:5} {node.pid:>7} "
+                  f"{node.started_at:%Y-%m-%d %H:%M} {quiet:5.0f}s "
+                  f"{hosts.get(node.name, 0) if node.kind == 'server' else '-':>6} "
+                  f"{carried if node.kind == 'relay' else '-'}")
     return 0
 
 
@@ -731,6 +760,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--add", action="append", metavar="GROUP", help="grant a group (repeatable)")
     s.add_argument("--remove", action="append", metavar="GROUP", help="withdraw a group (repeatable)")
     s.set_defaults(func=cmd_user_groups)
+
+    node = sub.add_parser("node", help="several server nodes: which nodes and relay processes "
+                          "share this database")
+    nsub = node.add_subparsers(dest="node_command", metavar="ACTION", required=True)
+    s = nsub.add_parser("list", help="server nodes and relay processes: live or dead (no "
+                        "heartbeat for cluster.node_timeout_seconds), hosts, relayed sessions")
+    s.set_defaults(func=cmd_node_list)
 
     sess = sub.add_parser("session", help="session records")
     ssub = sess.add_subparsers(dest="session_command", metavar="ACTION", required=True)

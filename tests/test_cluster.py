@@ -199,6 +199,10 @@ def test_two_nodes_share_hosts_console_and_survive_a_node_killed(tmp_path, db_ur
         joined = db.call(lambda s: s.scalars(select(Session).where(Session.kind == "adhoc")).one())
         assert joined.node == "node-a"
 
+        listed = node_a.ok("node", "list")
+        assert re.search(r"node-a +server +live", listed) and re.search(r"node-b +server +live +\d+ .* 2 +-", listed), listed
+        assert re.search(r"relay-\S+ +relay +live", listed), listed
+
         # --- kill -9 node B: the host is back on node A, the cut session is closed ----------
         killed_at = time.monotonic()
         node_b.process.send_signal(signal.SIGKILL)
