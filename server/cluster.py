@@ -48,7 +48,8 @@ ALL_NODES = "hausmeister__all"
 
 
 def channel_of(node: str) -> str:
-    return "hausmeister_" + node.replace("-", "_")
+    """The node's channel, exactly its name (LISTEN quotes it): node-a and node_a differ."""
+    return "hausmeister_" + node
 
 
 class NodeCallFailed(Exception):
@@ -320,6 +321,10 @@ class NodeBus:
         def not_sent(failure):
             gone = self._pending.pop(call_id, None)
             if gone is not None and not gone.called:
+                if not failure.check(NodeCallFailed):
+                    failure = Failure(NodeCallFailed(
+                        "unreachable", f"could not reach node {node}: "
+                        f"{failure.getErrorMessage()}"))
                 gone.errback(failure)
         self.send(node, {"op": op, "call": call_id, "body": body}).addErrback(not_sent)
         return answer
