@@ -69,9 +69,10 @@ def keycodes(display: str, keysyms) -> list[int]:
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 @pytest_twisted.ensureDeferred
 async def test_supporter_app_lists_connects_views_controls_and_moves_files(
-        qt_app, app_world, xvfb, tmp_path):  # noqa: F811
+        qt_app, app_world, xvfb, tmp_path, monkeypatch):  # noqa: F811
     """Both languages against one server and one host (a server start costs more than a run)."""
     w = app_world
+    monkeypatch.setenv("DISPLAY", xvfb.name)    # the supporter's own screen, if it shows
     assert run_cli("host", "policy", "--view", "allow", "--control", "allow", "--files",
                    "allow", "--home", str(w["pc1"])).returncode == 0
     term = xvfb.xterm("host-term", geometry="80x24+0+0", bg="darkblue")
@@ -195,6 +196,8 @@ async def one_session(qt_app, w, xvfb, term, host, tmp_path,  # noqa: F811 - the
         tab.fit.setChecked(True)
         await until(lambda: tab.viewer.width() < 1024, what="fit to the window")
         screenshot(window, f"supporter-session-{language}")
+        if language == "en":     # the supporter shows its screen and narrows it to one window
+            await share_from_the_supporter_tab(tab, term.title)
         tab.actions["end"].trigger()
         await until(lambda: tab.end_text is not None, what="the end")
         assert tab.end_text == "ended by the supporter"
@@ -211,3 +214,22 @@ async def one_session(qt_app, w, xvfb, term, host, tmp_path,  # noqa: F811 - the
     except BaseException:
         window.close()
         raise
+
+
+async def share_from_the_supporter_tab(tab, title: str) -> None:
+    """After "Show my screen" the tab's share action opens the picker; the window chosen there
+    is what the session core now captures (the source's size is the window's)."""
+    assert not tab.actions["window"].isEnabled()          # not while the host shows
+    tab.actions["direction"].trigger()
+    await until(lambda: tab.runner.consent.is_presenter and tab.actions["window"].isEnabled(),
+                what="the supporter showing its screen")
+    tab.actions["window"].trigger()
+    picker = tab.picker
+    await until(lambda: picker.choices.count() > 1, what="the supporter's listed windows")
+    assert picker.select_title(title)
+    picker.share_button.click()
+    await until(lambda: f"You share only the window {title}." in tab.chat_log.toPlainText(),
+                what="the tab's line about the shared window")
+    info = next(w for w in await tab.runner.windows() if w.title == title)
+    width, height = tab.runner.screen_offer[0].size()
+    assert abs(width - info.rect.w) <= 4 and abs(height - info.rect.h) <= 4
