@@ -113,6 +113,8 @@ class NodeCalls:
             answer = yield self.bus.call(owner, "join", {"nameplate": nameplate,
                                                          "address": customer.address})
         except NodeCallFailed as exc:
+            if exc.code == control.UnknownNameplate.code.decode():  # a wrong ID counts here too
+                yield self.db.run(self.lockouts.failed, [f"adhoc-addr:{customer.address}"])
             raise self._as_control_error(exc, owner)
         self.remote_parties[answer["session_id"]] = (owner, customer)
         log.info("customer {address} joined nameplate {nameplate} of node {node}: session "
