@@ -124,7 +124,8 @@ class Viewer:
         from modules.supporter.rfb_client import FramebufferUpdated
         from modules.common.screen.rfb_client_twisted import RFBClientProtocol
         self.FramebufferUpdated = FramebufferUpdated
-        self.protocol = RFBClientProtocol(on_event=self._event)
+        self.protocol = RFBClientProtocol(on_event=self._event, decode_thread=True,
+                                          call_in_reactor=reactor.callFromThread)
         viewer = self
 
         class ProbedWidget(FramebufferWidget):
@@ -138,7 +139,8 @@ class Viewer:
         self.probes: list[tuple[int, int]] = []
         self.painted: list[tuple[float, list]] = []   # (time, probe pixels at paint time)
         self.widget = ProbedWidget(lambda: self.protocol.framebuffer, lambda *a: None,
-                                   lambda *a: None, lambda: False)
+                                   lambda *a: None, lambda: False,
+                                   lock=self.protocol.framebuffer_lock)
         self.widget.setWindowFlags(Qt.FramelessWindowHint)
         self.widget.set_fit(False)
         self.widget.move(0, 0)

@@ -32,7 +32,7 @@ import struct
 from collections import Counter
 import zlib
 from dataclasses import dataclass
-from typing import Generator, Iterable
+from typing import Callable, Generator, Iterable
 
 import numpy as np
 
@@ -214,6 +214,9 @@ class RFBClient:
         self._zrle = zlib.decompressobj()
         self._tight = [zlib.decompressobj() for _ in range(4)]
         self.clipboard = ext_clipboard.ClipboardPeer(ext_clipboard.CLIENT)
+        # called with the rects right after a FramebufferUpdate is complete, before any later
+        # byte is decoded: a decoder thread publishes a consistent picture from here
+        self.update_applied: Callable[[tuple[Rect, ...]], None] | None = None
         self._gen = self._run()
         self._need = next(self._gen)
 
@@ -223,18 +226,22 @@ class RFBClient:
             raise RFBClientError(f"client already failed: {self.failure}")
         self._buf += data
         pos = 0
+        view = memoryview(self._buf)
         try:
             while len(self._buf) - pos >= self._need:
-                chunk = bytes(self._buf[pos:pos + self._need])
+                chunk = bytes(view[pos:pos + self._need])
                 pos += self._need
                 self._need = self._gen.send(chunk)
         except RFBClientError as exc:
             self.failure = exc.reason
+            view.release()
             self._buf.clear()
             raise
         except StopIteration:               # the reader never returns; defensive
             self.failure = "protocol reader ended"
             raise RFBClientError(self.failure) from None
+        finally:
+            view.release()
         del self._buf[:pos]
         events, self._events = self._events, []
         return events
@@ -428,7 +435,10 @@ class RFBClient:
             else:
                 raise RFBClientError(f"rect with encoding {enc} that was not asked for")
             rects.append(rect)
-        self._events.append(FramebufferUpdated(tuple(rects)))
+        done = tuple(rects)
+        if self.update_applied is not None:
+            self.update_applied(done)
+        self._events.append(FramebufferUpdated(done))
 
     def _rich_cursor(self, hx: int, hy: int, w: int, h: int) -> _Reader:
         if w > MAX_CURSOR or h > MAX_CURSOR:

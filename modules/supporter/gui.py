@@ -347,7 +347,7 @@ class SessionTab(QWidget, SessionDelegate):
     def remote_screen(self, screen) -> None:
         self.viewer = FramebufferWidget(
             lambda: screen.protocol.framebuffer, self.runner.pointer, self.runner.key,
-            self._control_held)
+            self._control_held, lock=screen.protocol.framebuffer_lock)
         self.waiting.hide()
         self.viewer_area = scrollable(self.viewer)
         self.screen_layout.addWidget(self.viewer_area)
@@ -579,7 +579,8 @@ class SupporterWindow(QMainWindow):
                                         tab.ui, delegate=tab, pipe=False,
                                         screen=self.own_screen(),
                                         request_rights=("view", "control"),
-                                        receive_dir=tab.receive_dir)
+                                        receive_dir=tab.receive_dir,
+                                        viewer={"decode_thread": True})
             tab.attach(runner)
             return await runner.run()
         tab.start(run())
@@ -621,7 +622,8 @@ class SupporterWindow(QMainWindow):
                                                   delegate=tab, pipe=False,
                                                   screen=self.own_screen(),
                                                   request_rights=("view", "control"),
-                                                  receive_dir=tab.receive_dir)
+                                                  receive_dir=tab.receive_dir,
+                                                  viewer={"decode_thread": True})
                 tab.attach(runner)
                 box.hide()
                 tab.waiting.show()

@@ -6,6 +6,7 @@ side has paused its screen the last picture stays, dimmed, with a mark (``set_pa
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable
 
 import numpy as np
@@ -61,9 +62,13 @@ class FramebufferWidget(QWidget):
     keysym)`` are the RFB client's sending methods."""
 
     def __init__(self, framebuffer: Callable[[], np.ndarray], pointer: Callable[[int, int, int], Any],
-                 key: Callable[[bool, int], Any], input_enabled: Callable[[], bool]) -> None:
+                 key: Callable[[bool, int], Any], input_enabled: Callable[[], bool],
+                 lock: Any = None) -> None:
+        """``lock``: held while painting (the RFB client's ``framebuffer_lock``, so a decoder
+        thread never changes the picture mid-paint)."""
         super().__init__()
         self.framebuffer = framebuffer
+        self.lock = lock if lock is not None else contextlib.nullcontext()
         self.send_pointer = pointer
         self.send_key = key
         self.input_enabled = input_enabled
@@ -116,20 +121,28 @@ class FramebufferWidget(QWidget):
         if rects is None or self.fit:
             self.update()
             return
+        if len(rects) > 8:   # one repaint of the area they span, not a call per rect
+            x0 = min(r[0] for r in rects)
+            y0 = min(r[1] for r in rects)
+            x1 = max(r[0] + r[2] for r in rects)
+            y1 = max(r[1] + r[3] for r in rects)
+            self.update(QRect(x0, y0, x1 - x0, y1 - y0))
+            return
         for x, y, w, h in rects:
             self.update(QRect(x, y, w, h))
 
     def paintEvent(self, event) -> None:  # noqa: N802
         painter = QPainter(self)
         painter.fillRect(self.rect(), Qt.black)
-        fb = self.framebuffer()
-        if fb.size:
-            fb = np.ascontiguousarray(fb)
-            image = QImage(fb.data, fb.shape[1], fb.shape[0], fb.strides[0],
-                           QImage.Format_RGB888)
-            painter.setRenderHint(QPainter.SmoothPixmapTransform, self.fit)
-            painter.drawImage(self._target(), image)
-            self.frames_painted += 1
+        with self.lock:
+            fb = self.framebuffer()
+            if fb.size:
+                fb = np.ascontiguousarray(fb)
+                image = QImage(fb.data, fb.shape[1], fb.shape[0], fb.strides[0],
+                               QImage.Format_RGB888)
+                painter.setRenderHint(QPainter.SmoothPixmapTransform, self.fit)
+                painter.drawImage(self._target(), image)
+                self.frames_painted += 1
         if self.paused_text:
             self._paint_paused(painter)
         painter.end()

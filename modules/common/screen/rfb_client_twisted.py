@@ -8,10 +8,20 @@ and by the presenter's VNC source (``capture_vnc``: a local RFB server as the sc
 
 ``updates_wanted``: when set and it returns False after an update, no new request goes out until
 ``resume_updates()`` (a paused source asks its server for nothing).
+
+``decode_thread=True`` (the supporter's viewer): the bytes are decoded in a thread of their own
+(``FrameDecoder``) so the GUI loop that runs the reactor keeps handling input while a large
+update decodes.  The decoder writes the client's back buffer; ``framebuffer`` is then a front
+buffer that only ever holds whole FramebufferUpdates: at the end of each update the decoder
+copies what changed into it while holding ``framebuffer_lock``, and whoever draws the front
+buffer holds that lock too (a memory copy, never a decode).  Events and the handshake's answers
+are handed to the reactor thread in the order they arose.
 """
 
 from __future__ import annotations
 
+import queue
+import threading
 from typing import Callable
 
 import numpy as np
@@ -19,6 +29,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 
+from protocol.rfb_client import DESKTOP_SIZE as DESKTOP_SIZE_ENCODING
 from protocol.rfb_client import (DEFAULT_ENCODINGS, Event, FramebufferUpdated, RFBClient, RFBClientError,
                          ScreenLimit, ServerInit, DesktopResized)
 
@@ -26,8 +37,18 @@ from protocol.rfb_client import (DEFAULT_ENCODINGS, Event, FramebufferUpdated, R
 class RFBClientProtocol(Protocol):
     def __init__(self, encodings=DEFAULT_ENCODINGS, password: str | None = None,
                  on_event: Callable[[Event], None] | None = None,
-                 screen_limit: ScreenLimit | None = None) -> None:
+                 screen_limit: ScreenLimit | None = None, decode_thread: bool = False,
+                 call_in_reactor: Callable[..., None] | None = None) -> None:
+        """``call_in_reactor(f, *args)`` runs ``f`` on the reactor thread (default: the global
+        reactor's ``callFromThread``); only used with ``decode_thread``."""
         self.client = RFBClient(encodings=encodings, password=password, screen_limit=screen_limit)
+        self.framebuffer_lock = threading.Lock()
+        self._decoder: FrameDecoder | None = None
+        if decode_thread:
+            if call_in_reactor is None:
+                from twisted.internet import reactor
+                call_in_reactor = reactor.callFromThread
+            self._decoder = FrameDecoder(self, call_in_reactor)
         self.on_event = on_event
         self.first_frame: Deferred = Deferred()
         self.ended: Deferred = Deferred()
@@ -40,24 +61,43 @@ class RFBClientProtocol(Protocol):
 
     @property
     def framebuffer(self) -> np.ndarray:
+        """The picture to show: whole updates only (with ``decode_thread``, the front buffer)."""
+        if self._decoder is not None:
+            return self._decoder.front
         return self.client.framebuffer
 
     # --- Twisted ---------------------------------------------------------------------------
     def dataReceived(self, data: bytes) -> None:
+        if self._decoder is not None:
+            self._decoder.feed(data)
+            return
         try:
             events = self.client.receive(data)
         except RFBClientError as exc:
-            self.error = exc.reason
-            self._send(self.client.data_to_send())
-            self.transport.loseConnection()
-            if not self.first_frame.called:
-                self.first_frame.errback(Failure(exc))
+            self._failed(exc, self.client.data_to_send())
             return
-        self._send(self.client.data_to_send())
+        self._decoded(self.client.data_to_send(), events)
+
+    def _failed(self, exc: RFBClientError, out: bytes) -> None:
+        self.error = exc.reason
+        self._send(out)
+        if self.transport is not None:
+            self.transport.loseConnection()
+        if not self.first_frame.called:
+            self.first_frame.errback(Failure(exc))
+
+    def _decoded(self, out: bytes, events: list[Event]) -> None:
+        self._send(out)
         for event in events:
             self._handle(event)
 
     def connectionLost(self, reason: Failure = None) -> None:
+        if self._decoder is not None and self._decoder.running:
+            self._decoder.finish(lambda: self._lost())   # after the bytes already received
+            return
+        self._lost()
+
+    def _lost(self) -> None:
         if not self.first_frame.called:
             self.first_frame.errback(Failure(RFBClientError(
                 self.error or "connection closed before the first full frame")))
@@ -107,10 +147,82 @@ class RFBClientProtocol(Protocol):
                         self._painted[r.y:r.y + r.height, r.x:r.x + r.width] = True
                 if self._painted.all():
                     self._painted = None
-                    self.first_frame.callback(self.client.framebuffer)
+                    self.first_frame.callback(self.framebuffer)
             if self.updates_wanted is not None and not self.updates_wanted():
                 self._request_owed = True
             else:
                 self._send(self.client.request_update(True))
         if self.on_event is not None:
             self.on_event(event)
+
+
+class FrameDecoder:
+    """Decodes an ``RFBClientProtocol``'s bytes in a daemon thread (see the module docstring).
+
+    Bytes that queued up while a chunk was decoded are decoded together (fewer steps); the
+    client's answers and events go to the reactor thread with ``call_in_reactor``."""
+
+    def __init__(self, protocol: RFBClientProtocol, call_in_reactor: Callable[..., None]) -> None:
+        self.protocol = protocol
+        self.client = protocol.client
+        self.call_in_reactor = call_in_reactor
+        self.front = np.zeros((0, 0, 3), np.uint8)
+        self.running = True
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.client.update_applied = self._publish
+        self._thread = threading.Thread(target=self._run, name="rfb-decoder", daemon=True)
+        self._thread.start()
+
+    def feed(self, data: bytes) -> None:
+        self._queue.put(data)
+
+    def finish(self, then: Callable[[], None]) -> None:
+        """Decode what was fed, stop, then run ``then`` on the reactor thread."""
+        self._queue.put(then)
+
+    def _publish(self, rects) -> None:
+        """Decoder thread, at the end of a FramebufferUpdate: copy what changed to the front."""
+        back = self.client.framebuffer
+        with self.protocol.framebuffer_lock:
+            if self.front.shape != back.shape:
+                self.front = back.copy()
+                return
+            areas = [r for r in rects if r.encoding >= 0 or r.encoding == DESKTOP_SIZE_ENCODING]
+            if not areas:
+                return
+            if len(areas) <= 8:
+                for r in areas:
+                    self.front[r.y:r.y + r.height, r.x:r.x + r.width] = \
+                        back[r.y:r.y + r.height, r.x:r.x + r.width]
+                return
+            x0 = min(r.x for r in areas)
+            y0 = min(r.y for r in areas)
+            x1 = max(r.x + r.width for r in areas)
+            y1 = max(r.y + r.height for r in areas)
+            self.front[y0:y1, x0:x1] = back[y0:y1, x0:x1]
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            chunks = []
+            while isinstance(item, bytes):
+                chunks.append(item)
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    item = None
+                    break
+            if chunks and self.client.failure is None:
+                data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                try:
+                    events = self.client.receive(data)
+                except RFBClientError as exc:
+                    self.call_in_reactor(self.protocol._failed, exc, self.client.data_to_send())
+                else:
+                    if events or self.client._out:
+                        self.call_in_reactor(self.protocol._decoded, self.client.data_to_send(),
+                                             events)
+            if callable(item):                     # finish(): the connection went away
+                self.running = False
+                self.call_in_reactor(item)
+                return

@@ -137,11 +137,16 @@ class ViewerScreen:
     """Keeps the remote framebuffer; optional local VNC port, snapshot and typed text."""
 
     def __init__(self, reactor, send: Callable[[bytes], None], close: Callable[[], None],
-                 on_event: Callable[[Any], None] | None = None, screen_limit: Any = None) -> None:
-        """``screen_limit``: the largest remote screen accepted (``ScreenLimit``; 8K if None)."""
+                 on_event: Callable[[Any], None] | None = None, screen_limit: Any = None,
+                 decode_thread: bool = False) -> None:
+        """``screen_limit``: the largest remote screen accepted (``ScreenLimit``; 8K if None);
+        ``decode_thread``: decode off the reactor thread (a GUI viewer: input stays responsive)."""
         from modules.common.screen.rfb_client_twisted import RFBClientProtocol
         self.reactor = reactor
-        self.protocol = RFBClientProtocol(on_event=on_event, screen_limit=screen_limit)
+        self.protocol = RFBClientProtocol(on_event=on_event, screen_limit=screen_limit,
+                                          decode_thread=decode_thread,
+                                          call_in_reactor=reactor.callFromThread
+                                          if decode_thread else None)
         self.transport = ChannelTransport(send, close)
         self.started = False
         self.vnc_port = None

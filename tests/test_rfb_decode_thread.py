@@ -1,0 +1,101 @@
+"""The viewer's decoder thread (``RFBClientProtocol(decode_thread=True)``): while a large update
+decodes, the reactor thread is free (input goes out at once) and the picture others draw holds
+only whole updates.  Event-based: the decoder is held at a gate, nothing is timed."""
+
+from __future__ import annotations
+
+import queue
+import threading
+
+import numpy as np
+from twisted.internet.testing import StringTransport
+
+from modules.common.screen.rfb_client_twisted import RFBClientProtocol
+from protocol.rfb_client import FramebufferUpdated, ServerInit
+from tests.test_rfb_client import handshake, raw_rect, update
+
+W, H = 1920, 1080
+WAIT = 60
+
+
+class Reactor:
+    """Stands in for ``reactor.callFromThread``: the test thread runs what was handed over."""
+
+    def __init__(self) -> None:
+        self.calls: queue.SimpleQueue = queue.SimpleQueue()
+
+    def call(self, f, *args) -> None:
+        self.calls.put((f, args))
+
+    def run_until(self, done) -> None:
+        while not done():
+            f, args = self.calls.get(timeout=WAIT)
+            f(*args)
+
+
+def test_input_goes_out_and_the_picture_stays_whole_while_a_large_update_decodes():
+    reactor = Reactor()
+    events = []
+    protocol = RFBClientProtocol(on_event=events.append, decode_thread=True,
+                                 call_in_reactor=reactor.call)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    protocol.dataReceived(handshake(W, H))
+    reactor.run_until(lambda: any(isinstance(e, ServerInit) for e in events))
+    assert threading.current_thread() is threading.main_thread()
+
+    rng = np.random.default_rng(7)
+    picture = rng.integers(0, 256, (H, W, 3), np.uint8)
+    top, bottom = raw_rect(0, 0, picture[:H // 2]), raw_rect(0, H // 2, picture[H // 2:])
+    message = update(top, bottom)
+    first_half = len(message) - len(bottom)
+
+    # the decoder decodes the first rect, then waits at the gate before the second
+    real_receive = protocol.client.receive
+    first_done, at_gate, open_gate = threading.Event(), threading.Event(), threading.Event()
+
+    def gated(data: bytes):
+        if data == message[first_half:]:
+            at_gate.set()
+            assert open_gate.wait(WAIT)
+        result = real_receive(data)
+        first_done.set()
+        return result
+    protocol.client.receive = gated
+
+    transport.clear()
+    protocol.dataReceived(message[:first_half])
+    assert first_done.wait(WAIT)
+    protocol.dataReceived(message[first_half:])
+    assert at_gate.wait(WAIT)
+    # mid-update: the top half is in the client's back buffer, not in the picture shown
+    assert np.array_equal(protocol.client.framebuffer[:H // 2], picture[:H // 2])
+    with protocol.framebuffer_lock:
+        assert not protocol.framebuffer.any()
+    # input goes out from this thread at once, before the update is done
+    protocol.pointer(1, 10, 20)
+    protocol.key(True, 0x61)
+    sent = transport.value()
+    assert sent == protocol.client.pointer(1, 10, 20) + protocol.client.key(True, 0x61)
+    assert not any(isinstance(e, FramebufferUpdated) for e in events)
+
+    open_gate.set()
+    reactor.run_until(lambda: any(isinstance(e, FramebufferUpdated) for e in events))
+    with protocol.framebuffer_lock:
+        assert np.array_equal(protocol.framebuffer, picture)
+    assert protocol.first_frame.called
+    # the adapter asked for the next update from the reactor thread, after the input
+    assert transport.value().endswith(protocol.client.request_update(True))
+
+    # bytes still queued are decoded before the end is reported, and a bad stream still fails
+    ended = []
+    protocol.ended.addCallback(ended.append)
+    protocol.dataReceived(update(raw_rect(0, 0, picture[:4, :4] ^ 0xFF)))
+    protocol.dataReceived(b"\x63")                    # unknown server message type
+    reactor.run_until(lambda: protocol.error is not None)
+    assert "unknown server message type" in protocol.error
+    assert transport.disconnecting
+    protocol.connectionLost(None)
+    reactor.run_until(lambda: ended)
+    assert ended == [protocol.error]
+    assert np.array_equal(protocol.framebuffer[:4, :4], picture[:4, :4] ^ 0xFF)
