@@ -501,6 +501,157 @@ async def test_a_peer_that_stops_reading_pauses_the_sender_and_keeps_memory_boun
     assert pusher.limit > stalled_at
 
 
+# --- one leg closes: the partner is always closed, the end recorded once --------------------
+
+def _reset(client) -> None:
+    """Close the client's socket with a TCP reset (SO_LINGER 0), no close_notify, no FIN."""
+    import socket
+    import struct
+    sock = client.transport.transport.getHandle()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    client.transport.transport.abortConnection()
+
+
+def _half_close(client) -> None:
+    """A FIN without close_notify (the client's TLS is bypassed); the client still reads."""
+    import socket
+    client.transport.transport.getHandle().shutdown(socket.SHUT_WR)
+
+
+CLOSE_PATHS = {
+    "close_notify": lambda c: c.transport.loseConnection(),
+    "fin": _half_close,
+    "rst": _reset,
+    "alert": lambda c: c.transport.transport.write(bytes([23, 3, 3, 0, 40]) + os.urandom(40)),
+}
+
+
+@pytest.mark.parametrize("how", sorted(CLOSE_PATHS))
+@pytest_twisted.ensureDeferred
+async def test_a_spliced_leg_closing_any_way_closes_its_partner_at_once(relay_factory, how):
+    """close_notify, a bare FIN, a reset or a record that fails authentication on one leg, mid
+    transfer: the other leg is closed well before ``close_grace`` (no abort needed) and the
+    session's end is recorded once, naming the leg that went."""
+    r = relay_factory(close_grace=60)
+    sid, sup_token, peer_token = r.session_tokens()
+    supporter, _ = await r.leg(sup_token)
+    peer, _ = await r.leg(peer_token)
+    supporter.transport.write(b"hello")
+    await until(lambda: peer.count == 5, what="hello")
+    assert all(leg.splice is not None for leg in r.relay.sessions[sid].legs.values())
+    peer.transport.write(os.urandom(512 * 1024))  # in flight while the supporter goes
+    CLOSE_PATHS[how](supporter)
+    await until(lambda: peer.closed, what="the peer leg closed")
+    if how == "fin":
+        await until(lambda: supporter.closed, what="the supporter leg closed")
+    assert len(r.ended) == 1 and r.ended[0].session_id == sid
+    assert r.ended[0].end_reason.startswith("supporter "), r.ended[0].end_reason
+    assert sid not in r.relay.sessions
+
+
+@pytest_twisted.ensureDeferred
+async def test_both_spliced_legs_closing_at_once_end_the_session_once(relay_factory):
+    r = relay_factory(close_grace=60)
+    sid, sup_token, peer_token = r.session_tokens()
+    supporter, _ = await r.leg(sup_token)
+    peer, _ = await r.leg(peer_token)
+    supporter.transport.write(b"a")
+    peer.transport.write(b"b")
+    await until(lambda: peer.count == 1 and supporter.count == 1, what="first bytes")
+    _half_close(supporter)
+    _half_close(peer)
+    await until(lambda: peer.closed and supporter.closed, what="both legs closed")
+    await sleep(0.05)
+    assert len(r.ended) == 1 and sid not in r.relay.sessions
+
+
+@pytest.mark.parametrize("record_splice", [True, False], ids=["record-splice", "twisted-tls"])
+@pytest_twisted.ensureDeferred
+async def test_a_revoked_session_mid_transfer_closes_both_legs(relay_factory, record_splice):
+    r = relay_factory(close_grace=60, record_splice=record_splice)
+    sid, sup_token, peer_token = r.session_tokens()
+    supporter, _ = await r.leg(sup_token)
+    peer, _ = await r.leg(peer_token)
+    supporter.transport.write(b"hello")
+    await until(lambda: peer.count == 5, what="hello")
+    peer.transport.write(os.urandom(512 * 1024))
+    supporter.transport.write(os.urandom(512 * 1024))
+    from protocol.session_end import EndCause, EndReason
+    assert r.relay.end_session(sid, EndReason(EndCause.REVOKED, "server", "test"))
+    await until(lambda: peer.closed and supporter.closed, what="both legs closed")
+    assert len(r.ended) == 1 and r.ended[0].end.cause == EndCause.REVOKED
+
+
+async def _stall_towards(r, sender, receiver, sid: str, receiving_side: str):
+    """``receiver``'s client stops reading and ``sender`` pushes until the relay holds more than
+    the receiving leg's buffer and has paused the sending leg."""
+    receiver.keep = False
+    receiver.transport.pauseProducing()
+    session = r.relay.sessions[sid]
+    sending_leg = session.legs["peer" if receiving_side == "supporter" else "supporter"]
+    pusher = Pusher(sender.transport, 256 * 1024 * 1024)
+    sender.transport.registerProducer(pusher, True)
+    pusher.resumeProducing()
+    await until(lambda: not sending_leg._reading, timeout=20, what="the relay pauses the sender")
+    receiving_tcp = session.legs[receiving_side].transport.transport
+    assert receiving_tcp.producerPaused
+    return pusher
+
+
+@pytest.mark.parametrize("record_splice", [True, False], ids=["record-splice", "twisted-tls"])
+@pytest_twisted.ensureDeferred
+async def test_a_leg_that_closes_while_the_relay_still_holds_its_bytes_closes_its_partner(
+        relay_factory, record_splice):
+    """The supporter's client, busy, stops reading while the peer sends (its relay TCP buffer
+    full, the peer leg paused), then closes with a close_notify and reads on until the relay's
+    close_notify.  The relay's TCP transport drains with its producer paused: Twisted then
+    resumes the producer instead of closing, and nothing reads or writes that connection any
+    more — unless the relay lets go of it.  The peer leg must be closed and the end recorded
+    (this was the e2e hang: a supporter gone, the customer's leg open)."""
+    r = relay_factory(close_grace=60, record_splice=record_splice)
+    sid, sup_token, peer_token = r.session_tokens()
+    supporter, _ = await r.leg(sup_token)
+    peer, _ = await r.leg(peer_token)
+    supporter.transport.write(b"hello")
+    await until(lambda: peer.count == 5, what="hello")
+    pusher = await _stall_towards(r, peer, supporter, sid, "supporter")
+    pusher.stopProducing()  # the peer's client sends nothing more (its own TCP may hold some)
+    peer.transport.unregisterProducer()
+    supporter.transport.loseConnection()  # close_notify; the client waits for the relay's
+    sup_tcp = r.relay.sessions[sid].legs["supporter"].transport.transport
+    await until(lambda: sup_tcp.disconnecting, what="the relay closing the supporter's TCP")
+    supporter.transport.resumeProducing()  # reads the rest, then the relay's close_notify
+    await until(lambda: supporter.closed, timeout=20, what="the supporter's client closed")
+    await until(lambda: peer.closed, timeout=10, what="the peer leg closed")
+    assert len(r.ended) == 1, r.ended
+    assert r.ended[0].end_reason == "supporter closed the connection"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_session_ended_while_the_relay_holds_bytes_for_a_stalled_leg_aborts_it_after_grace(
+        relay_factory):
+    """The relay ends a spliced session (here: revocation) while a peer that reads nothing has
+    bytes queued in its TCP transport: the supporter is closed at once, the peer leg aborted
+    after ``close_grace``, the end recorded once."""
+    from protocol.session_end import EndCause, EndReason
+    r = relay_factory(close_grace=0.5)
+    sid, sup_token, peer_token = r.session_tokens()
+    supporter, _ = await r.leg(sup_token)
+    peer, _ = await r.leg(peer_token)
+    supporter.transport.write(b"hello")
+    await until(lambda: peer.count == 5, what="hello")
+    pusher = await _stall_towards(r, supporter, peer, sid, "peer")
+    pusher.stopProducing()
+    supporter.transport.unregisterProducer()
+    peer_leg = r.relay.sessions[sid].legs["peer"]
+    assert r.relay.end_session(sid, EndReason(EndCause.REVOKED, "server", "test"))
+    await until(lambda: supporter.closed, timeout=10, what="the supporter leg closed")
+    await until(lambda: peer_leg.lost, timeout=10, what="the relay aborting the peer leg")
+    peer.transport.resumeProducing()  # the client reads again and finds the connection gone
+    await until(lambda: peer.closed, timeout=10, what="the peer's client closed")
+    assert len(r.ended) == 1 and r.ended[0].end.cause == EndCause.REVOKED
+
+
 # --- bad first boxes --------------------------------------------------------------------------
 
 @pytest_twisted.ensureDeferred

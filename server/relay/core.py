@@ -127,6 +127,13 @@ def tune_leg_transport(transport: Any, buffer_bytes: int | None,
         tcp.setTcpNoDelay(True)  # small records must not wait for a delayed ACK
 
 
+def _tcp_closing(transport: Any) -> bool:
+    """The TCP connection under a leg's transport is closing (``loseConnection`` was called on
+    it, e.g. by its TLS layer after a close_notify or an alert)."""
+    tcp = transport.transport if isinstance(transport, TLSMemoryBIOProtocol) else transport
+    return bool(getattr(tcp, "disconnecting", False)) and bool(getattr(tcp, "connected", False))
+
+
 def _describe(reason: Failure | None) -> str:
     if reason is None or reason.check(ConnectionDone):
         return "closed the connection"
@@ -218,6 +225,14 @@ class RelayLeg:
 
     def resumeProducing(self) -> None:
         self._throttled = False
+        partner = self.partner
+        if partner is not None and not partner.lost and _tcp_closing(partner.transport):
+            # The partner's TLS ended (its client's close_notify or an alert) while its TCP
+            # buffer held more than ``bufferSize``: the buffer has now drained, and Twisted
+            # resumes a paused producer *instead of* closing -- the connection would then never
+            # close (nothing reads or writes it any more), and the session never end.  Let go
+            # of it so it closes; its ``connection_lost`` ends the session with the real reason.
+            partner.transport.unregisterProducer()
         self._update_reading()
 
     def stopProducing(self) -> None:
