@@ -3,7 +3,9 @@ supporter CLI on the other side: it takes the ID, shows the terms, grants view, 
 files through its dialogs, shows the always-on-top bar, asks about each file the supporter
 sends in its own dialog (accept into a folder of the customer's choice, decline, cancel while
 it arrives), and its emergency-stop button ends the session on both sides with the right
-reason in the protocol.  Screenshots in both languages."""
+reason in the protocol.  Last, a recorded session whose connections are cut (``ss -K``): the
+window uploads the rest of the recording over a new connection, says so in one line and does
+not close before it is done.  Screenshots in both languages."""
 
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ from .fixtures_qt import qt_app, screenshot, until  # noqa: F401 - fixture
 from .fixtures_server import run_cli
 from .fixtures_x11 import xvfb  # noqa: F401 - fixture
 from .module_process import ModuleProcess
+from .test_e2e_recording import recordings
+from .test_e2e_recording_resume import cut_connections
 
 pytestmark = pytest.mark.e2e
 
@@ -59,6 +63,7 @@ async def test_customer_app_consents_and_stops(qt_app, running_server, enrolled_
         folder.mkdir()
         await one_session(qt_app, running_server, enrolled_supporter, xvfb, folder, language,
                           number)
+    await recorded_session_cut_off(qt_app, running_server, enrolled_supporter, xvfb, tmp_path)
 
 
 async def one_session(qt_app, srv, enrolled_supporter, xvfb, tmp_path,  # noqa: F811 - fixtures
@@ -178,6 +183,71 @@ async def one_session(qt_app, srv, enrolled_supporter, xvfb, tmp_path,  # noqa: 
     assert len(lines) == number
     assert all((line["detail"]["cause"], line["detail"]["ended_by"]) ==
                ("emergency_stop", "customer") for line in lines)
+
+
+async def recorded_session_cut_off(qt_app, srv, enrolled_supporter, xvfb,  # noqa: F811
+                                   tmp_path) -> None:
+    """The connections are cut while the customer's screen is recorded: the window sends the
+    rest over a new connection (as the CLI does), shows one line meanwhile and a close asked
+    for then waits until the recording is complete on the server."""
+    from twisted.internet import reactor
+
+    from modules.common.qt.i18n import install_translation
+    from modules.customer.gui import CustomerWindow
+    from PySide6.QtCore import QEvent
+    from PySide6.QtWidgets import QApplication
+    install_translation(qt_app, "en")
+    srv.ok("recording", "policy", "on")
+    supporter = ModuleProcess("supporter", "adhoc", "--pipe", "--answers", "/dev/null",
+                              "--request", "view", "--home", str(enrolled_supporter))
+    window = CustomerWindow(reactor, srv.url, srv.fingerprint, language="en",
+                            share_display=xvfb.name, receive_dir=str(tmp_path / "inbox"))
+    seen: dict = {}
+
+    def uploading(text: str) -> None:
+        """Right when the line appears (before the upload can finish): look at it in both
+        languages, then ask the window to close."""
+        if window.upload_label.state != "uploading" or seen:
+            return
+        for index, language in ((0, "en"), (1, "de")):
+            window.language_box.setCurrentIndex(index)
+            QApplication.sendPostedEvents(None, QEvent.LayoutRequest)  # sizes of the new texts
+            seen[language] = window.upload_label.text()
+            screenshot(window, f"customer-recording-upload-{language}")
+        window.language_box.setCurrentIndex(0)
+        window.close()
+        seen["visible after close"] = window.isVisible()
+    window.event_shown.connect(uploading)
+    try:
+        window.show()
+        nameplate, secret = supporter.wait_for_line(r"ad-hoc ID: (\d{4}) (\d{4})").groups()
+        QTest.keyClicks(window.first, nameplate)
+        QTest.keyClicks(window.second, secret)
+        window.connect_button.click()
+        for what in ("the terms dialog", "the question for view"):
+            dialog = await until(lambda: window.ui and window.ui.open and window.ui.open[0],
+                                 what=what)
+            dialog.yes_button.click()
+        recorder = await until(lambda: window.runner and window.runner.recorder
+                               and window.runner.recorder.stats()["acknowledged"] > 1000
+                               and window.runner.recorder, what="recording bytes on the server")
+        assert cut_connections(os.getpid(), window.conn.transport.getPeer().port) >= 1
+        await until(lambda: window.runner.done.called, what="the end of the cut-off session")
+        await until(lambda: window.upload_label.state in ("complete", "incomplete"), timeout=60,
+                    what="the rest of the recording sent")
+        assert window.upload_label.state == "complete", window.upload_label.text()
+        assert seen == {"en": "Uploading the rest of the session recording …",
+                        "de": "Der Rest der Sitzungsaufzeichnung wird hochgeladen …",
+                        "visible after close": True}, seen
+        assert recorder.closed and not recorder.failed
+        await until(lambda: not window.isVisible(), what="the window closing after the upload")
+        rows = await until(lambda: [r for r in recordings(srv) if r["status"] != "uploading"],
+                           what="the recording closed on the server")
+        assert [r["status"] for r in rows] == ["complete"], rows
+        await until(lambda: supporter.proc.poll() is not None, what="the supporter's exit")
+    finally:
+        supporter.stop()
+        window.close()
 
 
 def test_apps_without_a_display_say_so_in_one_line(tmp_path):

@@ -1,10 +1,13 @@
 """The host's status window (``hausmeister-host gui``) against the real server and relay, with a
 real supporter CLI connecting: online state, the supporter's name and rights during the
 session, the emergency-stop button ending it on both sides, the host staying online after.
-Screenshots in both languages."""
+Last, a recorded session whose connections are cut (``ss -K``): the window comes back online,
+the rest of the recording goes up (the presence resumes it), one line says so meanwhile, and a
+close asked for then waits until it is done.  Screenshots in both languages."""
 
 from __future__ import annotations
 
+import os
 from argparse import Namespace
 
 import pytest
@@ -14,6 +17,8 @@ from .fixtures_qt import qt_app, screenshot, until  # noqa: F401 - fixture
 from .fixtures_server import run_cli
 from .fixtures_x11 import xvfb  # noqa: F401 - fixture
 from .module_process import ModuleProcess
+from .test_e2e_recording import recordings
+from .test_e2e_recording_resume import cut_connections
 
 pytestmark = pytest.mark.e2e
 
@@ -80,6 +85,67 @@ async def test_host_window_shows_the_session_and_stops_it(qt_app, app_world,  # 
                 supporter.stop()
             await window.service.stop()
             window.close()
+    right.write_text("a-new-host-password\n")
+    await recorded_session_cut_off(qt_app, w, screen, right)
+
+
+async def recorded_session_cut_off(qt_app, w, screen, right) -> None:
+    from twisted.internet import reactor
+
+    from modules.common.link.folder import ModuleFolder
+    from modules.common.qt.i18n import install_translation
+    from modules.remote_host.gui import HostWindow
+    from PySide6.QtCore import QEvent
+    from PySide6.QtWidgets import QApplication
+    install_translation(qt_app, "en")
+    w["srv"].ok("recording", "policy", "on")
+    window = HostWindow(reactor, ModuleFolder(w["pc1"]), screen=screen, language="en",
+                        admin=True)
+    seen: dict = {}
+
+    def shown(state: str) -> None:
+        """Right when the line appears (before the upload can finish): both languages, then
+        a close, which waits."""
+        if state != "uploading" or seen:
+            return
+        for index, language in ((0, "en"), (1, "de")):
+            window.language_box.setCurrentIndex(index)
+            QApplication.sendPostedEvents(None, QEvent.LayoutRequest)  # sizes of the new texts
+            seen[language] = window.upload_label.text()
+            screenshot(window, f"host-recording-upload-{language}")
+        window.language_box.setCurrentIndex(0)
+        window.close()
+        seen["visible after close"] = window.isVisible()
+    window.upload_label.state_shown.connect(shown)
+    supporter = None
+    try:
+        window.show()
+        await window.start()
+        supporter = ModuleProcess("supporter", "connect", "pc1", "--pipe", "--answers",
+                                  "/dev/null", "--password-file", str(right),
+                                  "--home", str(w["alice"]))
+        recorder = await until(lambda: window.service.runner and window.service.runner.recorder
+                               and window.service.runner.recorder.stats()["acknowledged"] > 1000
+                               and window.service.runner.recorder,
+                               what="recording bytes on the server")
+        port = window.service.presence.connection.transport.getPeer().port
+        assert cut_connections(os.getpid(), port) >= 1
+        await until(lambda: window.upload_label.state in ("complete", "incomplete"), timeout=60,
+                    what="the rest of the recording sent")
+        assert window.upload_label.state == "complete"
+        assert seen == {"en": "Uploading the rest of the session recording …",
+                        "de": "Der Rest der Sitzungsaufzeichnung wird hochgeladen …",
+                        "visible after close": True}, seen
+        assert recorder.closed and not recorder.failed
+        await until(lambda: not window.isVisible(), what="the window closing after the upload")
+        rows = await until(lambda: [r for r in recordings(w["srv"]) if r["status"] != "uploading"],
+                           what="the recording closed on the server")
+        assert [r["status"] for r in rows] == ["complete"], rows
+    finally:
+        if supporter is not None:
+            supporter.stop()
+        await window.service.stop()
+        window.close()
 
 
 async def share_from_the_host_window(window, title: str) -> None:

@@ -32,6 +32,8 @@ def source_strings() -> set[str]:
     from modules.common.qt.viewer import REMOTE_KEY_COMBOS
     from modules.common.qt.window_picker import BUTTON_TEXT
     found.add(BUTTON_TEXT)
+    from modules.common.qt.recording_upload import UPLOAD_LINES
+    found |= set(UPLOAD_LINES.values())
     from modules.common.session.consent import Right
     from modules.remote_host import settings
     found |= set(QUESTIONS.values()) | {label for label, _ in REMOTE_KEY_COMBOS}

@@ -23,9 +23,8 @@ from modules.common.terminal.stream_cli import (
     session_options,
 )
 from modules.common.session import recorder
+from modules.common.session.recorder import RESUME_WAIT_SECONDS
 from modules.customer.join import join, parse_adhoc_id, upload_cut_off_recording
-
-RESUME_WAIT_SECONDS = 60.0  # how long a recording cut off by a lost connection may take to go up
 
 
 def cmd_check(args: argparse.Namespace) -> int:

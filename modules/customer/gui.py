@@ -24,10 +24,12 @@ from ..common.link.folder import default_home
 from ..common.qt.consent_dialogs import DialogConsentUI, end_sentence
 from ..common.qt.file_offer_dialog import FileOfferDialog
 from ..common.qt.i18n import install_translation, t
+from ..common.qt.recording_upload import UploadLine
 from ..common.qt.viewer import RemoteScreenDelegate
 from ..common.qt.window_picker import BUTTON_TEXT, WindowPicker, shared_sentence
+from ..common.session import recorder
 from ..common.session.session_runner import SessionDelegate
-from .join import join, parse_adhoc_id
+from .join import join, parse_adhoc_id, upload_cut_off_recording
 
 CONFIG_NAME = "customer.toml"
 DECLINED = "declined by the customer"        # what the supporter and the protocol read
@@ -109,8 +111,12 @@ class CustomerWindow(QMainWindow, RemoteScreenDelegate, SessionDelegate):
         self.supporter = ""
         self.ui: DialogConsentUI | None = None
         self.end_text: str | None = None
+        self.end_reason = None            # the last session's end, shown in the language chosen
+        self.verification_code: str | None = None
         self.file_dialogs: dict[str, FileOfferDialog] = {}   # transfer id → its dialog
         self.picker: WindowPicker | None = None
+        self.uploading: defer.Deferred | None = None
+        self._close_after_upload = False
         self.bar = SharingBar(self.emergency_stop, self.toggle_pause, self.pick_window)
         self._build()
         QShortcut(QKeySequence("Ctrl+F12"), self, activated=self.emergency_stop,
@@ -175,6 +181,8 @@ class CustomerWindow(QMainWindow, RemoteScreenDelegate, SessionDelegate):
         status_font.setPointSizeF(status_font.pointSizeF() * 1.25)
         self.status_label.setFont(status_font)
         layout.addWidget(self.status_label)
+        self.upload_label = UploadLine()    # the rest of a cut-off recording going up
+        layout.addWidget(self.upload_label)
         self.code = QLabel()
         layout.addWidget(self.code)
         self.log = QTextBrowser()
@@ -221,6 +229,11 @@ class CustomerWindow(QMainWindow, RemoteScreenDelegate, SessionDelegate):
         if not self.server:
             self.status_label.setText(t("No server is set up: place customer.toml from the download "
                                   "page beside the app."))
+        if self.verification_code is not None:
+            self._show_code()
+        if self.end_reason is not None:
+            self._show_end()
+        self.upload_label.retranslate()
         self._update_bar()
 
     def _language_changed(self) -> None:
@@ -248,6 +261,8 @@ class CustomerWindow(QMainWindow, RemoteScreenDelegate, SessionDelegate):
             self.status_label.setText(t("The ID has 8 digits, like 1234 5678."))
             return
         self._in_session(True)
+        self.end_reason = self.verification_code = None
+        self.upload_label.show_state(None)
         self.status_label.setText(t("Connecting ..."))
         defer.ensureDeferred(self._session(adhoc_id)).addErrback(self._failed)
 
@@ -270,7 +285,29 @@ class CustomerWindow(QMainWindow, RemoteScreenDelegate, SessionDelegate):
         try:
             await self.runner.run()
         finally:
-            self.conn.transport.loseConnection()
+            if self.conn.transport is not None:   # None once the connection was lost
+                self.conn.transport.loseConnection()
+        if recorder.waiting_count():   # the connection was lost while the screen was recorded
+            await self._upload_rest()
+
+    async def _upload_rest(self) -> None:
+        """Send what the recorder kept over a new connection (the session core does it, as
+        for the CLI); the window says so and does not close before it is done (bounded)."""
+        self.uploading = defer.ensureDeferred(upload_cut_off_recording(
+            self.reactor, self.server, self.fingerprint, recorder.RESUME_WAIT_SECONDS))
+        self._show_upload("uploading")
+        try:
+            done = await self.uploading
+        except Exception:
+            done = False
+        self.uploading = None
+        self._show_upload("complete" if done else "incomplete")
+        if self._close_after_upload:
+            self.close()
+
+    def _show_upload(self, state: str) -> None:
+        self.upload_label.show_state(state)
+        self.event_shown.emit(self.upload_label.text())
 
     def _failed(self, failure) -> None:
         self._in_session(False)
@@ -337,8 +374,13 @@ class CustomerWindow(QMainWindow, RemoteScreenDelegate, SessionDelegate):
         pass  # the window shows events as sentences; the CLI's status lines are not for it
 
     def secured(self, verification_code: str, peer: str | None) -> None:
+        self.verification_code = verification_code
+        self._show_code()
+
+    def _show_code(self) -> None:
+        code = self.verification_code
         self.code.setText(t("Verification code: {code} (compare it with the other side by "
-                            "phone)").format(code=verification_code))
+                            "phone)").format(code=code))
 
     def file_offer(self, offer) -> None:
         """The supporter offers a file: its own dialog asks (accept, decline, where)."""
@@ -391,12 +433,21 @@ class CustomerWindow(QMainWindow, RemoteScreenDelegate, SessionDelegate):
         self.bar.hide()
         if self.picker is not None:
             self.picker.close()
+        self.end_reason = reason
+        self._show_end()
+        self._in_session(False)
+
+    def _show_end(self) -> None:
+        reason = self.end_reason
         self.status_label.setText(t("Session ended: {reason}").format(
             reason=end_sentence(reason, Role.CUSTOMER, self.ui.names if self.ui else None)))
-        self._in_session(False)
 
     def closeEvent(self, event) -> None:  # noqa: N802
         self.emergency_stop()
+        if self.uploading is not None:   # closes itself once the recording is up (or given up)
+            self._close_after_upload = True
+            event.ignore()
+            return
         if self.hotkey is not None:
             self.hotkey.close()
         for dialog in self.file_dialogs.values():

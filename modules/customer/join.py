@@ -15,6 +15,7 @@ from ..common.session.channel import SessionChannel, adhoc_password
 from ..common.errors import ModuleError
 from ..common.link.connection import ServerAddress, connect, hello
 from ..common.session.consent import ConsentState
+from ..common.session.recorder import RESUME_WAIT_SECONDS, send_the_rest
 from ..common.link.enrollment import fetch_pinned_ca, server_info
 from ..common.session.session_runner import SessionRunner, open_session
 
@@ -65,30 +66,14 @@ async def join(reactor, server: str, fingerprint: str, adhoc_id: str,
 
 
 async def upload_cut_off_recording(reactor, server: str, fingerprint: str,
-                                   timeout: float = 60.0) -> bool:
+                                   timeout: float = RESUME_WAIT_SECONDS) -> bool:
     """After a session whose control connection was lost while this module recorded: connect
     again (as a customer, no certificate needed) and send the rest of the recording with its
     resume token.  True once nothing is left to send; bounded by ``timeout`` seconds."""
-    from twisted.internet import task
-
-    from ..common.session import recorder
-    deadline = reactor.seconds() + timeout
-    delay = 0.5
-    while recorder.waiting_count() and reactor.seconds() < deadline:
-        try:
-            ca, info = await run_blocking(pinned_server, server, fingerprint)
-            conn = await connect(reactor, ServerAddress(info["module_host"],
-                                                        int(info["module_port"])),
-                                 ca.public_bytes(serialization.Encoding.PEM), None)
-            await hello(conn, "customer")
-        except Exception:  # the server is not back yet: try again a little later
-            await task.deferLater(reactor, delay, lambda: None)
-            delay = min(delay * 2, 5.0)
-            continue
-        try:
-            recorder.resume_waiting(conn)
-            await recorder.settled(reactor, max(0.0, deadline - reactor.seconds()))
-        finally:
-            if conn.transport is not None:
-                conn.transport.loseConnection()
-    return not recorder.waiting_count()
+    async def connect_again():
+        ca, info = await run_blocking(pinned_server, server, fingerprint)
+        conn = await connect(reactor, ServerAddress(info["module_host"], int(info["module_port"])),
+                             ca.public_bytes(serialization.Encoding.PEM), None)
+        await hello(conn, "customer")
+        return conn
+    return await send_the_rest(reactor, connect_again, timeout)

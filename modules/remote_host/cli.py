@@ -27,7 +27,7 @@ from modules.common.terminal.interrupts import interrupts
 from modules.remote_host.service import HostService
 
 KIND = "host"
-RESUME_WAIT_SECONDS = 60.0  # --pipe: how long a cut-off recording may take to go up on exit
+RESUME_WAIT_SECONDS = recorder.RESUME_WAIT_SECONDS  # --pipe: how long a cut-off recording may take to go up on exit
 
 
 def cmd_enroll(args: argparse.Namespace) -> int:

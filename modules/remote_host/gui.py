@@ -10,6 +10,7 @@ import os
 from typing import Any
 
 from PySide6.QtCore import Qt
+from twisted.internet import defer
 from PySide6.QtGui import QKeySequence, QShortcut
 from PySide6.QtWidgets import (
     QComboBox, QFormLayout, QGroupBox, QHBoxLayout, QInputDialog, QLabel, QLineEdit,
@@ -19,8 +20,10 @@ from PySide6.QtWidgets import (
 from ..common.session.consent import Event, Right, Role
 from ..common.qt.consent_dialogs import DialogConsentUI, capital, end_sentence
 from ..common.qt.i18n import install_translation, t
+from ..common.qt.recording_upload import UploadLine
 from ..common.qt.viewer import RemoteScreenDelegate
 from ..common.qt.window_picker import BUTTON_TEXT, WindowPicker, shared_sentence
+from ..common.session import recorder
 from ..common.session.session_runner import SessionDelegate
 from . import settings
 from .service import HostService
@@ -48,7 +51,11 @@ class HostWindow(QMainWindow, RemoteScreenDelegate, SessionDelegate):
                                    on_change=self.refresh, tell=self._tell)
         self.ui: DialogConsentUI | None = None
         self.last_end: str | None = None
+        self.verification_code: str | None = None   # shown in the language chosen
         self.picker: WindowPicker | None = None
+        self.uploading: defer.Deferred | None = None   # the rest of a cut-off recording
+        self._close_after_upload = False
+        self._unwatch = recorder.watch_waiting(self._recording_waits)
         self._build()
         QShortcut(QKeySequence("Ctrl+F12"), self, activated=self.emergency_stop,
                   context=Qt.ApplicationShortcut)
@@ -71,6 +78,8 @@ class HostWindow(QMainWindow, RemoteScreenDelegate, SessionDelegate):
         layout.addWidget(self.rights_label)
         self.code_label = QLabel()
         layout.addWidget(self.code_label)
+        self.upload_label = UploadLine()
+        layout.addWidget(self.upload_label)
         self.stop_button = QPushButton()
         self.stop_button.setStyleSheet(RED_BUTTON)
         self.stop_button.clicked.connect(self.emergency_stop)
@@ -132,6 +141,7 @@ class HostWindow(QMainWindow, RemoteScreenDelegate, SessionDelegate):
         self.password_button.setText(t("Set host password ..."))
         self.admin_note.setText("" if self.admin else t(
             "The policy can be changed only by this host's administrator."))
+        self.upload_label.retranslate()
         self.refresh()
 
     def _language_changed(self) -> None:
@@ -167,7 +177,9 @@ class HostWindow(QMainWindow, RemoteScreenDelegate, SessionDelegate):
         self.pause_button.setText(t("Resume screen") if showing and runner.consent.paused
                                   else t("Pause screen"))
         if offer is None:
-            self.code_label.setText("")
+            self.verification_code = None
+        self.code_label.setText(t("Verification code: {code}").format(
+            code=self.verification_code) if self.verification_code else "")
         policy = service.policy
         for right, box in self.policy_fields.items():
             box.blockSignals(True)
@@ -244,7 +256,7 @@ class HostWindow(QMainWindow, RemoteScreenDelegate, SessionDelegate):
 
     # --- SessionDelegate -------------------------------------------------------------------------
     def secured(self, verification_code: str, peer: str | None) -> None:
-        self.code_label.setText(t("Verification code: {code}").format(code=verification_code))
+        self.verification_code = verification_code
         self.refresh()
 
     def sharing(self, active: bool) -> None:
@@ -272,7 +284,27 @@ class HostWindow(QMainWindow, RemoteScreenDelegate, SessionDelegate):
             reason=end_sentence(reason, Role.HOST, self.ui.names if self.ui else None)))
         self.reactor.callLater(0, self.refresh)
 
+    def _recording_waits(self) -> None:
+        if self.uploading is None:
+            self.uploading = defer.ensureDeferred(self._upload_rest())
+            self.upload_label.show_state("uploading")
+
+    async def _upload_rest(self) -> None:
+        """The connection was lost while the screen was recorded: the presence resumes the
+        upload once it is back (session core); the window says so and does not close (or go
+        offline) before it is done, at most ``RESUME_WAIT_SECONDS``."""
+        done = await recorder.all_resumed(self.reactor, recorder.RESUME_WAIT_SECONDS)
+        self.upload_label.show_state("complete" if done else "incomplete")
+        self.uploading = None
+        if self._close_after_upload:
+            self.close()
+
     def closeEvent(self, event) -> None:  # noqa: N802
+        if self.uploading is not None:   # closes itself once the recording is up (or given up)
+            self._close_after_upload = True
+            event.ignore()
+            return
+        self._unwatch()
         self.service.stop()
         super().closeEvent(event)
 

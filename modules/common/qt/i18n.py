@@ -33,6 +33,12 @@ GERMAN: dict[str, str] = {
     "EMERGENCY STOP": "NOT-AUS",
     "Emergency stop (Ctrl+F12)": "Not-Aus (Strg+F12)",
     "Session ended: {reason}": "Sitzung beendet: {reason}",
+    "Uploading the rest of the session recording …":
+        "Der Rest der Sitzungsaufzeichnung wird hochgeladen …",
+    "The session recording is complete on the server.":
+        "Die Sitzungsaufzeichnung ist vollständig auf dem Server.",
+    "The rest of the session recording could not be uploaded.":
+        "Der Rest der Sitzungsaufzeichnung konnte nicht hochgeladen werden.",
     "Verification code: {code}": "Prüfcode: {code}",
     "Verification code: {code} (compare it with the other side by phone)":
         "Prüfcode: {code} (vergleichen Sie ihn telefonisch mit der Gegenseite)",

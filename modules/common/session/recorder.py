@@ -32,11 +32,21 @@ from protocol import control, recording
 log = Logger()
 
 FLUSH_SECONDS = 1.0
+RESUME_WAIT_SECONDS = 60.0  # how long a module about to exit waits for a cut-off recording
 UPLOAD_HIGH_WATER = 512 * 1024   # flush at once when this much plaintext waits
 
 # recorders whose control connection was lost while they held bytes the server has not
 # acknowledged: they go on with the next connection the module makes (``resume_waiting``)
 _away: set["SessionRecorder"] = set()
+# front-ends that say when a recording waits for the next connection (the host's window)
+_watchers: list[Callable[[], None]] = []
+
+
+def watch_waiting(callback: Callable[[], None]) -> Callable[[], None]:
+    """``callback()`` runs whenever a recorder starts waiting for the next connection; returns
+    the function that stops it."""
+    _watchers.append(callback)
+    return lambda: callback in _watchers and _watchers.remove(callback)
 
 
 def resume_waiting(conn) -> None:
@@ -49,6 +59,14 @@ def waiting_count() -> int:
     return len(_away)
 
 
+async def all_resumed(reactor, timeout: float = RESUME_WAIT_SECONDS) -> bool:
+    """Wait (bounded) until no recorder waits any more; True if every one that waited sent its
+    rest, False if one gave up or the time ran out."""
+    waiting = set(_away)
+    await settled(reactor, timeout)
+    return not _away and not any(r.failed for r in waiting)
+
+
 def settled(reactor, timeout: float) -> defer.Deferred:
     """Fires once no recorder holds bytes for a later connection (all resumed and closed, or
     given up), or after ``timeout`` seconds: a module that is about to exit waits with this."""
@@ -59,6 +77,33 @@ def settled(reactor, timeout: float) -> defer.Deferred:
             return None
         return task.deferLater(reactor, 0.2, check)
     return defer.maybeDeferred(check)
+
+
+async def send_the_rest(reactor, connect: Callable[[], Any],
+                        timeout: float = RESUME_WAIT_SECONDS) -> bool:
+    """A module whose own connection does not come back by itself (the ad-hoc customer, CLI and
+    app alike): ``connect()`` makes a new control connection (``hello`` done), every recorder
+    that lost its connection resumes on it; the server being away is retried with back-off.
+    True once nothing is left to send; bounded by ``timeout`` seconds."""
+    deadline = reactor.seconds() + timeout
+    delay = 0.5
+    waiting = set(_away)
+    while _away and reactor.seconds() < deadline:
+        try:
+            conn = await connect()
+        except Exception as exc:  # the server is not back yet: try again a little later
+            log.info("recording resume: no connection yet ({why})", why=str(exc))
+            await task.deferLater(reactor, min(delay, max(0.0, deadline - reactor.seconds())),
+                                  lambda: None)
+            delay = min(delay * 2, 5.0)
+            continue
+        try:
+            resume_waiting(conn)
+            await settled(reactor, max(0.0, deadline - reactor.seconds()))
+        finally:
+            if conn.transport is not None:
+                conn.transport.loseConnection()
+    return not _away and not any(r.failed for r in waiting)
 
 
 class SessionRecorder:
@@ -317,6 +362,8 @@ class SessionRecorder:
         self._in_flight = False
         if self.recording_id and self.resume_token and not self.failed and not self._ended:
             _away.add(self)
+            for callback in list(_watchers):
+                callback()
             log.warn("session {session_id}: the control connection is gone; the recording "
                      "keeps {n} bytes for the next one", session_id=self.session_id,
                      n=len(self._buffer) + self.writer.pending if self.writer else 0)
