@@ -45,6 +45,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from modules.common.screen.capture_x11 import Capture, DamageTracker
+from modules.common.screen.control_gate import ControlGate
 from modules.common.screen.rfb_client_twisted import RFBClientProtocol
 from modules.common.screen.rfb_server import Cursor, Rect
 from protocol.rfb_client import (COPY_RECT, DESKTOP_SIZE, EXTENDED_CLIPBOARD, LAST_RECT, RAW,
@@ -513,25 +514,14 @@ class VncClipboard:
                                            text[:MAX_CLIPBOARD_CHARS])
 
 
-class VncInjector:
+class VncInjector(ControlGate):
     """Pointer and key events for the local server, only while control is granted.  Called from
     the blocking pool (``allowed`` may wait for the reactor); the events are sent from the
     reactor thread, in order.  A refused event releases whatever the viewer still holds."""
 
     def __init__(self, source: VncSource, allowed: Callable[[], bool]) -> None:
+        super().__init__(allowed)
         self.source = source
-        self.allowed = allowed
-        self.refused = 0
-
-    def _check(self, what: str) -> bool:
-        if self.allowed():
-            return True
-        self.refused += 1
-        if self.refused & (self.refused - 1) == 0:
-            log.warn("input: {what} dropped, remote control is not granted "
-                     "(refusal {count})", what=what, count=self.refused)
-        self.release_all()
-        return False
 
     def pointer(self, mask: int, x: int, y: int) -> bool:
         if not self._check("pointer event"):

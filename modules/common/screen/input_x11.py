@@ -19,6 +19,8 @@ from typing import Callable
 
 from twisted.logger import Logger
 
+from modules.common.screen.control_gate import ControlGate
+
 __all__ = ["XTestInjector"]
 
 log = Logger()
@@ -26,7 +28,7 @@ log = Logger()
 _SHIFT_KEYSYMS = (0xFFE1, 0xFFE2)     # Shift_L, Shift_R
 
 
-class XTestInjector:
+class XTestInjector(ControlGate):
     def __init__(self, display: str, allowed: Callable[[], bool], *,
                  origin: Callable[[], tuple[int, int]] | None = None):
         """``origin``: top-left of the shared area on the screen (a shared window), added to
@@ -35,9 +37,8 @@ class XTestInjector:
         self._d = xdisplay.Display(display)
         if not self._d.has_extension("XTEST"):
             raise RuntimeError(f"display {display} has no XTEST extension")
-        self.allowed = allowed
+        super().__init__(allowed)
         self.origin = origin or (lambda: (0, 0))
-        self.refused = 0
         self._lock = threading.Lock()
         self._mask = 0
         self._keys: dict[int, int] = {}          # keysym → keycode pressed for it
@@ -147,16 +148,6 @@ class XTestInjector:
         return best
 
     # ------------------------------------------------------------------------------ control
-    def _check(self, what: str) -> bool:
-        if self.allowed():
-            return True
-        self.refused += 1
-        if self.refused & (self.refused - 1) == 0:
-            log.warn("input: {what} dropped, remote control is not granted "
-                     "(refusal {count})", what=what, count=self.refused)
-        self.release_all()
-        return False
-
     def release_all(self) -> None:
         """Release every key and button the viewer holds (control withdrawn, session ended)."""
         from Xlib import X
