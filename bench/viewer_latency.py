@@ -116,7 +116,8 @@ class Watcher:
 class Viewer:
     """The app's viewer on one RFB connection; remembers when it painted what."""
 
-    def __init__(self, reactor, port: int) -> None:
+    def __init__(self, reactor, port: int, prefer: str = "tight",
+                 decode_thread: bool = False) -> None:
         from PySide6.QtCore import Qt
         from twisted.internet import endpoints
 
@@ -124,7 +125,11 @@ class Viewer:
         from modules.supporter.rfb_client import FramebufferUpdated
         from modules.common.screen.rfb_client_twisted import RFBClientProtocol
         self.FramebufferUpdated = FramebufferUpdated
-        self.protocol = RFBClientProtocol(on_event=self._event, decode_thread=True,
+        from protocol.rfb_client import DEFAULT_ENCODINGS, TIGHT, ZRLE
+        first = {"tight": TIGHT, "zrle": ZRLE}[prefer]
+        encodings = (first,) + tuple(e for e in DEFAULT_ENCODINGS if e != first)
+        self.protocol = RFBClientProtocol(on_event=self._event, decode_thread=decode_thread,
+                                          encodings=encodings,
                                           call_in_reactor=reactor.callFromThread)
         viewer = self
 
@@ -290,6 +295,11 @@ def main() -> None:
     ap.add_argument("--fps-seconds", type=float, default=5)
     ap.add_argument("--idle-seconds", type=float, default=10)
     ap.add_argument("--max-fps", type=float, default=30, help="our server's capture rate cap")
+    ap.add_argument("--prefer", choices=("tight", "zrle"), default="tight",
+                    help="the encoding our viewer asks for first (the app asks for Tight)")
+    ap.add_argument("--decode-thread", action="store_true",
+                    help="decode in a thread of its own (RFBClientProtocol decode_thread; the "
+                         "app does not yet, see bench/README.md)")
     args = ap.parse_args()
     width, height = map(int, args.size.split("x"))
     display = start_xvfb(args.size)
@@ -332,7 +342,7 @@ def main() -> None:
             await blank(painter)
             watcher = Watcher(reactor, viewer_display.name)
             for name, port in (("hausmeister", ours), ("x11vnc", x11vnc)):
-                viewer = Viewer(reactor, port)
+                viewer = Viewer(reactor, port, args.prefer, args.decode_thread)
                 await viewer.connected
                 try:
                     await viewer.protocol.first_frame
@@ -380,8 +390,9 @@ def main() -> None:
         reactor.callWhenRunning(lambda: defer.ensureDeferred(scenario()).addBoth(done))
         reactor.run()
         print(f"source {display.name}, viewer display {viewer_display.name}, {args.size}; our "
-              f"viewer: the app's RFBClientProtocol + FramebufferWidget (Qt xcb, qasync); our "
-              f"server's capture cap {args.max_fps:g} fps; load average "
+              f"viewer: the app's RFBClientProtocol + FramebufferWidget (Qt xcb, qasync; "
+              f"{'decoder thread' if args.decode_thread else 'decoding on the GUI loop'}, "
+              f"{args.prefer} first); our server's capture cap {args.max_fps:g} fps; load average "
               f"{os.getloadavg()[0]:.1f}")
         print("\npainted in our viewer's widget (paint hook), by the server behind it")
         print(f"{'server':12} {'p50 ms':>8} {'p95 ms':>8} {'n':>4} {'fps full':>9} "

@@ -579,8 +579,7 @@ class SupporterWindow(QMainWindow):
                                         tab.ui, delegate=tab, pipe=False,
                                         screen=self.own_screen(),
                                         request_rights=("view", "control"),
-                                        receive_dir=tab.receive_dir,
-                                        viewer={"decode_thread": True})
+                                        receive_dir=tab.receive_dir)
             tab.attach(runner)
             return await runner.run()
         tab.start(run())
@@ -622,8 +621,7 @@ class SupporterWindow(QMainWindow):
                                                   delegate=tab, pipe=False,
                                                   screen=self.own_screen(),
                                                   request_rights=("view", "control"),
-                                                  receive_dir=tab.receive_dir,
-                                                  viewer={"decode_thread": True})
+                                                  receive_dir=tab.receive_dir)
                 tab.attach(runner)
                 box.hide()
                 tab.waiting.show()

@@ -21,6 +21,7 @@ are handed to the reactor thread in the order they arose.
 from __future__ import annotations
 
 import queue
+import sys
 import threading
 from typing import Callable
 
@@ -155,6 +156,8 @@ class RFBClientProtocol(Protocol):
         if self.on_event is not None:
             self.on_event(event)
 
+SWITCH_INTERVAL = 0.0005   # seconds; see FrameDecoder
+
 
 class FrameDecoder:
     """Decodes an ``RFBClientProtocol``'s bytes in a daemon thread (see the module docstring).
@@ -170,6 +173,11 @@ class FrameDecoder:
         self.running = True
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self.client.update_applied = self._publish
+        # The GIL passes between a busy thread and a waiting one every switch interval (5 ms by
+        # default); the reactor thread gives it up at every socket read and Qt call, so with
+        # 5 ms it could wait that long each time while a large update decodes.
+        if sys.getswitchinterval() > SWITCH_INTERVAL:
+            sys.setswitchinterval(SWITCH_INTERVAL)
         self._thread = threading.Thread(target=self._run, name="rfb-decoder", daemon=True)
         self._thread.start()
 
