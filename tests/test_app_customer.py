@@ -215,6 +215,7 @@ async def recorded_session_cut_off(qt_app, srv, enrolled_supporter, xvfb,  # noq
             seen[language] = window.upload_label.text()
             screenshot(window, f"customer-recording-upload-{language}")
         window.language_box.setCurrentIndex(0)
+        seen["connect while uploading"] = window.connect_button.isEnabled()
         window.close()
         seen["visible after close"] = window.isVisible()
     window.event_shown.connect(uploading)
@@ -238,7 +239,7 @@ async def recorded_session_cut_off(qt_app, srv, enrolled_supporter, xvfb,  # noq
         assert window.upload_label.state == "complete", window.upload_label.text()
         assert seen == {"en": "Uploading the rest of the session recording …",
                         "de": "Der Rest der Sitzungsaufzeichnung wird hochgeladen …",
-                        "visible after close": True}, seen
+                        "connect while uploading": False, "visible after close": True}, seen
         assert recorder.closed and not recorder.failed
         await until(lambda: not window.isVisible(), what="the window closing after the upload")
         rows = await until(lambda: [r for r in recordings(srv) if r["status"] != "uploading"],

@@ -295,12 +295,15 @@ class CustomerWindow(QMainWindow, RemoteScreenDelegate, SessionDelegate):
         for the CLI); the window says so and does not close before it is done (bounded)."""
         self.uploading = defer.ensureDeferred(upload_cut_off_recording(
             self.reactor, self.server, self.fingerprint, recorder.RESUME_WAIT_SECONDS))
+        for widget in (self.first, self.second, self.connect_button):
+            widget.setEnabled(False)     # no new session beside the upload of the last one
         self._show_upload("uploading")
         try:
             done = await self.uploading
         except Exception:
             done = False
         self.uploading = None
+        self._in_session(False)
         self._show_upload("complete" if done else "incomplete")
         if self._close_after_upload:
             self.close()
