@@ -94,3 +94,18 @@ def tenant_of_admin(srv) -> str:
         if fields and fields[0] == "admin":
             return fields[2]
     raise AssertionError(f"admin not in user list:\n{out}")
+
+
+def admin_page(browser, srv, lang: str, password: str):
+    """A new browser context in ``lang`` at 1280x800, signed in to ``srv``'s console as the first
+    admin; returns ``(context, page)`` (the caller closes the context)."""
+    context = browser.new_context(ignore_https_errors=True, locale=lang,
+                                  extra_http_headers={"Accept-Language": lang},
+                                  viewport={"width": 1280, "height": 800})
+    page = context.new_page()
+    page.goto(srv.url + "/console/login")
+    page.fill("#user", "admin")
+    page.fill("#password", password)
+    with page.expect_navigation():
+        page.click("#login")
+    return context, page

@@ -19,7 +19,7 @@ import time
 import numpy as np
 import pytest
 
-from .fixtures_console import ARTIFACTS, browser  # noqa: F401 - fixture
+from .fixtures_console import ARTIFACTS, admin_page, browser  # noqa: F401 - fixture
 from .fixtures_server import (ADMIN_PASSWORD, ServerProcess, add_enrolled_host, add_enrolled_supporter,
                               write_config)
 from .fixtures_x11 import xvfb, xvfb_factory  # noqa: F401 - fixture
@@ -239,19 +239,11 @@ def test_recording_goes_to_s3_and_exports_from_there(tmp_path, db_url, xvfb, mot
 
 def console_plays(browser, srv, session_id: str, lang: str, axe: str) -> None:  # noqa: F811
     """The session page plays the recording in Chromium: the video has its duration and runs."""
-    context = browser.new_context(ignore_https_errors=True, locale=lang,
-                                  extra_http_headers={"Accept-Language": lang},
-                                  viewport={"width": 1280, "height": 800})
-    page = context.new_page()
+    context, page = admin_page(browser, srv, lang, ADMIN_PASSWORD)
     csp_seen = []
     page.on("response", lambda r: csp_seen.append(r.headers.get("content-security-policy", ""))
             if "/console/sessions/" in r.url else None)
     try:
-        page.goto(srv.url + "/console/login")
-        page.fill("#user", "admin")
-        page.fill("#password", ADMIN_PASSWORD)
-        with page.expect_navigation():
-            page.click("#login")
         page.goto(f"{srv.url}/console/sessions/{session_id}")
         video = "#video-host"
         wait_until(lambda: page.evaluate(f"document.querySelector('{video}').readyState") >= 1,

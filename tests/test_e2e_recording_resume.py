@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from protocol import recording
 
-from .fixtures_console import ARTIFACTS, browser  # noqa: F401 - fixture
+from .fixtures_console import ARTIFACTS, admin_page, browser  # noqa: F401 - fixture
 from .fixtures_server import (ADMIN_PASSWORD, ServerProcess, add_enrolled_host, add_enrolled_supporter,
                               free_port, write_config)
 from .fixtures_x11 import xvfb  # noqa: F401 - fixture
@@ -196,16 +196,8 @@ auditor_key = "{auditor_pub}"
 def console_says_auditor_needed(browser, srv, session_id: str, lang: str) -> None:  # noqa: F811
     """The session page says the auditor's key is needed instead of offering a video that cannot
     be made; the video address answers 409 with the same reason."""
-    context = browser.new_context(ignore_https_errors=True, locale=lang,
-                                  extra_http_headers={"Accept-Language": lang},
-                                  viewport={"width": 1280, "height": 800})
-    page = context.new_page()
+    context, page = admin_page(browser, srv, lang, ADMIN_PASSWORD)
     try:
-        page.goto(srv.url + "/console/login")
-        page.fill("#user", "admin")
-        page.fill("#password", ADMIN_PASSWORD)
-        with page.expect_navigation():
-            page.click("#login")
         page.goto(f"{srv.url}/console/sessions/{session_id}")
         said = page.locator("#split-host").inner_text()
         assert {"en": "auditor", "de": "Prüfer"}[lang] in said, said
