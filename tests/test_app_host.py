@@ -26,7 +26,7 @@ pytestmark = pytest.mark.e2e
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 @pytest_twisted.ensureDeferred
 async def test_host_window_shows_the_session_and_stops_it(qt_app, app_world,  # noqa: F811
-                                                          xvfb):  # noqa: F811
+                                                          xvfb, monkeypatch):  # noqa: F811
     """Both languages, one after the other, against one server (a start costs more than a run)."""
     from twisted.internet import reactor
 
@@ -87,6 +87,8 @@ async def test_host_window_shows_the_session_and_stops_it(qt_app, app_world,  # 
             window.close()
     right.write_text("a-new-host-password\n")
     await recorded_session_cut_off(qt_app, w, screen, right)
+    monkeypatch.setattr("modules.common.session.recorder.RESUME_WAIT_SECONDS", 0.0)
+    await rest_up_after_the_bounded_wait(w, screen, right)
 
 
 async def recorded_session_cut_off(qt_app, w, screen, right) -> None:
@@ -141,6 +143,44 @@ async def recorded_session_cut_off(qt_app, w, screen, right) -> None:
         rows = await until(lambda: [r for r in recordings(w["srv"]) if r["status"] != "uploading"],
                            what="the recording closed on the server")
         assert [r["status"] for r in rows] == ["complete"], rows
+    finally:
+        if supporter is not None:
+            supporter.stop()
+        await window.service.stop()
+        window.close()
+
+
+async def rest_up_after_the_bounded_wait(w, screen, right) -> None:
+    """The window's bounded wait (made 0 s here) runs out before the presence is back: the line
+    says "could not be uploaded", and once the presence resumes the upload after all, it says
+    the recording is complete instead of keeping the stale failure."""
+    from twisted.internet import reactor
+
+    from modules.common.link.folder import ModuleFolder
+    from modules.remote_host.gui import HostWindow
+    window = HostWindow(reactor, ModuleFolder(w["pc1"]), screen=screen, language="en",
+                        admin=True)
+    states: list[str] = []
+    window.upload_label.state_shown.connect(states.append)
+    supporter = None
+    try:
+        window.show()
+        await window.start()
+        supporter = ModuleProcess("supporter", "connect", "pc1", "--pipe", "--answers",
+                                  "/dev/null", "--password-file", str(right),
+                                  "--home", str(w["alice"]))
+        recorder = await until(lambda: window.service.runner and window.service.runner.recorder
+                               and window.service.runner.recorder.stats()["acknowledged"] > 1000
+                               and window.service.runner.recorder,
+                               what="recording bytes on the server")
+        port = window.service.presence.connection.transport.getPeer().port
+        assert cut_connections(os.getpid(), port) >= 1
+        await until(lambda: "complete" in states, timeout=60,
+                    what="the line following the late upload")
+        assert states == ["uploading", "incomplete", "complete"], states
+        assert window.upload_label.text() == "The session recording is complete on the server."
+        assert recorder.closed and not recorder.failed
+        assert window.late_upload is None
     finally:
         if supporter is not None:
             supporter.stop()

@@ -6,6 +6,7 @@ password.  The service is ``HostService`` (the same as ``host run``); the window
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -55,6 +56,7 @@ class HostWindow(QMainWindow, RemoteScreenDelegate, SessionDelegate):
         self.picker: WindowPicker | None = None
         self.uploading: defer.Deferred | None = None   # the rest of a cut-off recording
         self._close_after_upload = False
+        self.late_upload: defer.Deferred | None = None  # follows a rest that came up late
         self._unwatch = recorder.watch_waiting(self._recording_waits)
         self._build()
         QShortcut(QKeySequence("Ctrl+F12"), self, activated=self.emergency_stop,
@@ -285,25 +287,46 @@ class HostWindow(QMainWindow, RemoteScreenDelegate, SessionDelegate):
         self.reactor.callLater(0, self.refresh)
 
     def _recording_waits(self) -> None:
-        if self.uploading is None:
-            self.uploading = defer.ensureDeferred(self._upload_rest())
-            self.upload_label.show_state("uploading")
-
-    async def _upload_rest(self) -> None:
         """The connection was lost while the screen was recorded: the presence resumes the
         upload once it is back (session core); the window says so and does not close (or go
         offline) before it is done, at most ``RESUME_WAIT_SECONDS``."""
-        done = await recorder.all_resumed(self.reactor, recorder.RESUME_WAIT_SECONDS)
+        if self.uploading is not None:
+            return
+        self._stop_following()
+        self.uploading = defer.Deferred()   # first: a close asked from here on waits for it
+        self.upload_label.show_state("uploading")
+        self.uploading.addCallback(self._rest_waited)
+        defer.ensureDeferred(recorder.all_resumed(self.reactor, recorder.RESUME_WAIT_SECONDS)
+                             ).chainDeferred(self.uploading)   # may fire at once
+
+    def _rest_waited(self, done: bool) -> None:
         self.upload_label.show_state("complete" if done else "incomplete")
         self.uploading = None
         if self._close_after_upload:
             self.close()
+        elif not done and recorder.waiting_count():
+            self.late_upload = defer.ensureDeferred(self._follow_late_upload())
+            self.late_upload.addErrback(lambda f: f.trap(defer.CancelledError))
+
+    async def _follow_late_upload(self) -> None:
+        """The bounded wait ran out but the host stays online: the presence still resumes the
+        upload whenever the server is back, and the line then says what became of it (the line
+        no longer claims a failure after the rest did go up)."""
+        done = await recorder.all_resumed(self.reactor, math.inf)
+        self.late_upload = None
+        self.upload_label.show_state("complete" if done else "incomplete")
+
+    def _stop_following(self) -> None:
+        if self.late_upload is not None:
+            self.late_upload.cancel()
+            self.late_upload = None
 
     def closeEvent(self, event) -> None:  # noqa: N802
         if self.uploading is not None:   # closes itself once the recording is up (or given up)
             self._close_after_upload = True
             event.ignore()
             return
+        self._stop_following()
         self._unwatch()
         self.service.stop()
         super().closeEvent(event)
