@@ -194,6 +194,7 @@ GERMAN: dict[str, str] = {
     "Alt+F4": "Alt+F4",
     "Windows key (Super)": "Windows-Taste (Super)",
     "Ctrl+Esc": "Strg+Esc",
+    "Ctrl+Shift+Esc": "Strg+Umschalt+Esc",
     "Print Screen": "Druck",
     "Alt+Print Screen": "Alt+Druck",
     "Comment for the protocol": "Kommentar für das Protokoll",

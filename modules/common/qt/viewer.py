@@ -38,6 +38,7 @@ REMOTE_KEY_COMBOS: tuple[tuple[str, tuple[int, ...]], ...] = (
     ("Alt+F4", (0xFFE9, 0xFFC1)),
     ("Windows key (Super)", (0xFFEB,)),
     ("Ctrl+Esc", (0xFFE3, 0xFF1B)),
+    ("Ctrl+Shift+Esc", (0xFFE3, 0xFFE1, 0xFF1B)),
     ("Print Screen", (0xFF61,)),
     ("Alt+Print Screen", (0xFFE9, 0xFF61)),
 )

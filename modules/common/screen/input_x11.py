@@ -2,9 +2,10 @@
 
 ``XTestInjector`` turns RFB ``PointerEvent``/``KeyEvent`` into XTest fake input.  Keys come as
 X11 keysyms (RFC 6143 §7.5.4); each is mapped to a keycode of the current keyboard mapping, with
-Shift pressed around it if the keysym sits on the shifted level (and held Shift released around it
-if it sits on the plain level).  Keys and buttons the viewer holds are tracked and released when
-control is withdrawn or the injector is closed, so nothing stays stuck.
+Shift pressed around it if a character keysym sits on the shifted level (and held Shift released
+around it if it sits on the plain level); function keys keep a held Shift (Ctrl+Shift+Esc).  Keys
+and buttons the viewer holds are tracked and released when control is withdrawn or the injector
+is closed, so nothing stays stuck.
 
 Every event first asks ``allowed()`` (the session passes
 ``lambda: driver.enforce(Right.CONTROL, "input")``, which reports refusals itself); a refused
@@ -26,6 +27,14 @@ __all__ = ["XTestInjector"]
 log = Logger()
 
 _SHIFT_KEYSYMS = (0xFFE1, 0xFFE2)     # Shift_L, Shift_R
+
+
+def _is_printable(keysym: int) -> bool:
+    """Keysyms that stand for a character (Latin-1 and the other character sets below the
+    function-key range 0xFF00, and Unicode keysyms): for these the keysym already says whether
+    the character is shifted, so Shift is pressed or released to match.  Function and modifier
+    keys are pressed as they come, with whatever Shift the viewer holds."""
+    return keysym < 0xFF00 or keysym >= 0x01000000
 
 
 class XTestInjector(ControlGate):
@@ -92,6 +101,8 @@ class XTestInjector(ControlGate):
             if keysym in _SHIFT_KEYSYMS:
                 self._shift_down.add(keycode)
                 xtest.fake_input(self._d, X.KeyPress, keycode)
+            elif not _is_printable(keysym):   # Esc, F-keys, arrows: a held Shift is meant
+                xtest.fake_input(self._d, X.KeyPress, keycode)   # (Ctrl+Shift+Esc, Shift+Tab)
             else:
                 shift = self._d.keysym_to_keycode(_SHIFT_KEYSYMS[0])
                 need_shift = level % 2 == 1
