@@ -37,7 +37,7 @@ from typing import Callable, Generator, Iterable
 import numpy as np
 
 from . import rfb_ext_clipboard as ext_clipboard
-from .rfb_decode import ZRLE_TILE, DecodeError, gradient, zrle_tile
+from .rfb_decode import ZRLE_TILE, DecodeError, gradient, tight_palette, zrle_tile
 from .rfb_ext_clipboard import EXTENDED_CLIPBOARD, ExtClipboardError
 
 # --- encodings -------------------------------------------------------------------------------
@@ -554,15 +554,10 @@ class RFBClient:
             pixels = gradient(np.frombuffer(data, np.uint8).reshape(h, w, 3))
         else:
             assert palette is not None
-            if len(palette) == 2:
-                rows = np.frombuffer(data, np.uint8).reshape(h, (w + 7) // 8)
-                idx = np.unpackbits(rows, axis=1)[:, :w]
-            else:
-                idx = np.frombuffer(data, np.uint8).reshape(h, w)
-                if idx.max() >= len(palette):
-                    raise RFBClientError(f"Tight palette index {int(idx.max())} beyond "
-                                         f"{len(palette)} colours")
-            pixels = palette[idx]
+            try:
+                pixels = tight_palette(palette, data, w, h)
+            except DecodeError as exc:
+                raise RFBClientError(str(exc)) from None
         self.framebuffer[y:y + h, x:x + w] = pixels
 
 
