@@ -66,6 +66,13 @@ async def test_customer_app_consents_and_stops(qt_app, running_server, enrolled_
     await recorded_session_cut_off(qt_app, running_server, enrolled_supporter, xvfb, tmp_path)
 
 
+UNKNOWN_ID = {
+    "en": "There is no session with this ID. Check the eight digits with your supporter and try "
+          "again.",
+    "de": "Zu dieser ID gibt es keine Sitzung. Prüfen Sie die acht Ziffern mit Ihrem Supporter "
+          "und versuchen Sie es noch einmal."}
+
+
 async def one_session(qt_app, srv, enrolled_supporter, xvfb, tmp_path,  # noqa: F811 - fixtures
                       language: str, number: int) -> None:
     from twisted.internet import reactor
@@ -89,6 +96,15 @@ async def one_session(qt_app, srv, enrolled_supporter, xvfb, tmp_path,  # noqa: 
         window.show()
         nameplate, secret = supporter.wait_for_line(r"ad-hoc ID: (\d{4}) (\d{4})").groups()
         screenshot(window, f"customer-start-{language}")
+        # a mistyped first half: the window says in plain words that no session has this ID
+        QTest.keyClicks(window.first, f"{(int(nameplate) + 1) % 10000:04d}")
+        QTest.keyClicks(window.second, secret)
+        window.connect_button.click()
+        await until(lambda: window.status_label.text() == UNKNOWN_ID[language]
+                    and window.connect_button.isEnabled(), what="the unknown ID said")
+        screenshot(window, f"customer-unknown-id-{language}")
+        window.first.clear()
+        window.second.clear()
         QTest.keyClicks(window.first, nameplate)
         QTest.keyClicks(window.second, secret)
         assert window.second.text() == secret

@@ -34,6 +34,8 @@ def source_strings() -> set[str]:
     found.add(BUTTON_TEXT)
     from modules.common.qt.recording_upload import UPLOAD_LINES
     found |= set(UPLOAD_LINES.values())
+    from modules.common.qt.error_text import SENTENCES, WRONG_SECRET
+    found |= set(SENTENCES.values()) | {WRONG_SECRET}
     from modules.common.session.consent import Right
     from modules.remote_host import settings
     found |= set(QUESTIONS.values()) | {label for label, _ in REMOTE_KEY_COMBOS}

@@ -97,6 +97,13 @@ async def test_supporter_app_lists_connects_views_controls_and_moves_files(
         host.stop()
 
 
+WRONG_PASSWORD = {
+    "en": "The password or ID does not match, so the session was not started. Check it and try "
+          "again.",
+    "de": "Passwort oder ID stimmen nicht, die Sitzung wurde nicht gestartet. Prüfen Sie die "
+          "Angabe und versuchen Sie es noch einmal."}
+
+
 async def one_session(qt_app, w, xvfb, term, host, tmp_path,  # noqa: F811 - the fixture
                       language: str, number: int):
     """The host list, a double-click into the viewer, a click and keys, the keys menu, files
@@ -128,15 +135,29 @@ async def one_session(qt_app, w, xvfb, term, host, tmp_path,  # noqa: F811 - the
         assert first.data() == "pc1"
         assert window.proxy.index(0, 0).data() == "online"
         screenshot(window, f"supporter-hosts-{language}")
-        # double-click on the host → its password → a session tab with the viewer
+        # double-click on the host → its password; a wrong one: the tab says so in words
         where = window.table.visualRect(first).center()
         QTest.mouseClick(window.table.viewport(), Qt.LeftButton, Qt.NoModifier, where)
         QTest.mouseDClick(window.table.viewport(), Qt.LeftButton, Qt.NoModifier, where)
         dialog = await until(lambda: getattr(window, "password_dialog", None), what="password")
         screenshot(dialog, f"supporter-password-{language}")
+        dialog.setTextValue("not-the-host-password")
+        dialog.accept()
+        wrong = await until(lambda: window.sessions and window.sessions[-1], what="session tab")
+        await until(lambda: wrong.notice.text(), what="the wrong password said in the tab")
+        assert wrong.notice.text() == WRONG_PASSWORD[language], wrong.notice.text()
+        assert wrong.viewer is None and not wrong.waiting.isVisible()
+        assert not wrong.actions["end"].isEnabled()
+        screenshot(window, f"supporter-wrong-password-{language}")
+        window._close_tab(window.tabs.indexOf(wrong))
+        # the right one → a session tab with the viewer
+        window.password_dialog = None
+        QTest.mouseDClick(window.table.viewport(), Qt.LeftButton, Qt.NoModifier, where)
+        dialog = await until(lambda: window.password_dialog, what="password")
         dialog.setTextValue("right-host-password")
         dialog.accept()
-        tab = await until(lambda: window.sessions and window.sessions[0], what="session tab")
+        tab = await until(lambda: window.sessions[-1] is not wrong and window.sessions[-1],
+                          what="session tab")
         assert not tab.keys_button.isEnabled()      # no keys menu before control and a screen
         await until(lambda: tab.viewer is not None and tab._control_held(),
                     what="the viewer with control")

@@ -23,6 +23,7 @@ from ..common.session.consent import Chat, Event, Right, RightGranted, RightRevo
 from ..common.link.folder import default_home
 from ..common.qt.consent_dialogs import DialogConsentUI, end_sentence
 from ..common.qt.file_offer_dialog import FileOfferDialog
+from ..common.qt.error_text import error_sentence
 from ..common.qt.i18n import install_translation, t
 from ..common.qt.recording_upload import UploadLine
 from ..common.qt.viewer import RemoteScreenDelegate
@@ -316,7 +317,7 @@ class CustomerWindow(QMainWindow, RemoteScreenDelegate, SessionDelegate):
         self._in_session(False)
         self.bar.hide()
         if self.end_text is None:
-            self.status_label.setText(t("Error: {message}").format(message=failure.getErrorMessage()))
+            self.status_label.setText(error_sentence(failure))
 
     def emergency_stop(self) -> None:
         if self.runner is not None and not self.runner.done.called:

@@ -50,7 +50,7 @@ async def join(reactor, server: str, fingerprint: str, adhoc_id: str,
         ticket = await conn.callRemote(control.JoinAdhoc, nameplate=nameplate)
     except (control.UnknownNameplate, control.LockedOut) as exc:
         conn.transport.loseConnection()
-        raise ModuleError(str(exc))
+        raise ModuleError(str(exc)) from exc
     if on_joined is not None:
         on_joined(ticket)
 

@@ -32,6 +32,7 @@ from ..common.session.consent import (
 )
 from ..common.link.folder import ModuleFolder
 from ..common.qt.consent_dialogs import DialogConsentUI, end_sentence
+from ..common.qt.error_text import error_sentence
 from ..common.qt.i18n import install_translation, t
 from ..common.qt.viewer import REMOTE_KEY_COMBOS, FramebufferWidget, scrollable
 from ..common.qt.window_picker import WindowPicker, shared_sentence
@@ -137,7 +138,8 @@ class SessionTab(QWidget, SessionDelegate):
         end_button = QToolButton()
         end_button.setDefaultAction(self.actions["end"])
         end_button.setStyleSheet("QToolButton { background: #c62828; color: white; "
-                                 "font-weight: bold; padding: 4px 12px; border-radius: 4px; }")
+                                 "font-weight: bold; padding: 4px 12px; border-radius: 4px; } "
+                                 "QToolButton:disabled { background: #d9a3a3; }")
         header.addWidget(end_button)
         layout.addLayout(header)
         self.notice = QLabel()
@@ -203,7 +205,9 @@ class SessionTab(QWidget, SessionDelegate):
             self.notice.setText(t("Session ended: {reason}").format(
                 reason=t("You ended the session.")))
         else:
-            self.notice.setText(t("Error: {message}").format(message=failure.getErrorMessage()))
+            self.notice.setText(error_sentence(failure))
+        self.end_text = self.end_text or "the session could not be set up"   # the timer stops
+        self.waiting.hide()                  # no "Connecting ..." under a failed set-up
         self._refresh()
 
     def attach(self, runner) -> None:

@@ -50,6 +50,23 @@ GERMAN: dict[str, str] = {
     "Connecting ...": "Verbinde ...",
     "Connected, securing the session ...": "Verbunden, sichere die Sitzung ...",
     "Error: {message}": "Fehler: {message}",
+    "There is no session with this ID. Check the eight digits with your supporter and try again.":
+        "Zu dieser ID gibt es keine Sitzung. Prüfen Sie die acht Ziffern mit Ihrem Supporter und "
+        "versuchen Sie es noch einmal.",
+    "Too many wrong attempts. Wait a few minutes, then try again.":
+        "Zu viele falsche Versuche. Warten Sie einige Minuten und versuchen Sie es dann noch "
+        "einmal.",
+    "This computer is offline right now. Try again once it is online.":
+        "Dieser Rechner ist gerade nicht erreichbar. Versuchen Sie es, sobald er online ist.",
+    "The server does not know this computer (any more).":
+        "Der Server kennt diesen Rechner nicht (mehr).",
+    "The server cannot record sessions right now, so none starts. Try again later or tell your "
+    "administrator.":
+        "Der Server kann Sitzungen gerade nicht aufzeichnen, daher startet keine. Versuchen Sie "
+        "es später noch einmal oder wenden Sie sich an Ihre Administration.",
+    "The password or ID does not match, so the session was not started. Check it and try again.":
+        "Passwort oder ID stimmen nicht, die Sitzung wurde nicht gestartet. Prüfen Sie die Angabe "
+        "und versuchen Sie es noch einmal.",
     "the supporter": "der Supporter",
     "the customer": "der Kunde",
     "the host": "der Rechner",

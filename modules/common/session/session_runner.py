@@ -362,7 +362,7 @@ class SessionRunner:
                                                      "kind": exc.failed.kind.value})
             self._report_ending()
             await self._reports_taken()
-            raise SessionError(f"the session could not be secured: {exc.failed.reason}")
+            raise SessionError(f"the session could not be secured: {exc.failed.reason}") from exc
         if self.end_reason is not None:   # the server ended it while the keys were agreed
             self.over.close()
             raise SessionError(f"session ended: {self.end_reason.text()}")
