@@ -21,6 +21,7 @@ OpenRelayLeg           any, first command          turn this connection into a r
 SessionEvent           either party of a session   one line for the session protocol
 SessionEnded           server → both parties       the server ended the session, and why
 HostPresenceChanged    server → supporter          a listed host came online or went offline
+ServerGoingAway        server → module, last box   a clean shutdown: when to come back, spread how
 RecordingStart         either party of a session   may/must I record? keys, where to resume
 RecordingChunk         the recording party         file bytes at an offset (resumable, idempotent)
 RecordingEnd           the recording party         the recording is closed (FINAL record sent)
@@ -309,6 +310,18 @@ class HostPresenceChanged(amp.Command):
     requiresAnswer = False
 
 
+class ServerGoingAway(amp.Command):
+    """Server → a module, the last box before a clean shutdown closes the connection: expect
+    the server to listen again in ``back_in`` seconds and come back at a random moment within
+    ``spread`` seconds after that, with the back-off started afresh (a planned restart is not a
+    failure; thousands of hosts spread out instead of all growing their back-off)."""
+
+    arguments = [(b"back_in", amp.Float()), (b"spread", amp.Float())]
+    response: list = []
+    errors = ERRORS
+    requiresAnswer = False
+
+
 class OpenRelayLeg(amp.Command):
     """First and only command of a relay leg; after the answer the connection is raw bytes."""
 
@@ -320,7 +333,7 @@ class OpenRelayLeg(amp.Command):
 __all__ = [
     "PROTOCOL_VERSION", "BadRequest", "ControlError", "ALL_ERRORS", "ERRORS", "Hello", "Heartbeat",
     "AllocateNameplate", "JoinAdhoc", "ListHosts", "ConnectHost", "SessionReady", "OfferSession",
-    "OpenRelayLeg", "SessionEvent", "SessionEnded", "HostPresenceChanged", "ProtocolVersionMismatch", "NotEnrolled", "WrongState", "Forbidden",
+    "OpenRelayLeg", "SessionEvent", "SessionEnded", "HostPresenceChanged", "ServerGoingAway", "ProtocolVersionMismatch", "NotEnrolled", "WrongState", "Forbidden",
     "UnknownNameplate", "LockedOut", "HostOffline", "UnknownHost", "RelayRefused", "NotRecordable",
     "RecordingRefused", "RecordingStart", "RecordingChunk", "RecordingEnd", "MAX_RECORDING_CHUNK",
 ]

@@ -338,6 +338,10 @@ class HausmeisterServer(service.MultiService):
             if self._ending:
                 yield defer.DeferredList(list(self._ending))
         yield self.broker.stop()
+        back_in, spread = self.config.presence.going_away(len(self.broker.hosts))
+        told = self.registry.close_for_shutdown(back_in, spread)
+        log.info("told {n} modules to come back in {back_in:g} s, spread over {spread:g} s",
+                 n=told, back_in=back_in, spread=spread)
         yield super().stopService()
         if self.bus is not None:
             self.bus.stop()

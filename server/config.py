@@ -173,6 +173,13 @@ class PresenceSection:
     heartbeat_seconds: float
     missed_heartbeats: int
     flush_seconds: float
+    restart_seconds: float
+    reconnects_per_second: float
+
+    def going_away(self, hosts: int) -> tuple[float, float]:
+        """(back in, spread) for a clean shutdown's notice to ``hosts`` connected hosts: they
+        return over ``hosts / reconnects_per_second`` seconds (at least 2) after the restart."""
+        return self.restart_seconds, max(2.0, hosts / self.reconnects_per_second)
 
 
 @dataclass(frozen=True)
@@ -393,6 +400,8 @@ SCHEMA: dict[str, tuple[Key, ...]] = {
         Key("heartbeat_seconds", "float", 30.0, minimum=0.05, maximum=3600),
         Key("missed_heartbeats", "int", 3, minimum=1, maximum=100),
         Key("flush_seconds", "float", 10.0, minimum=0.05, maximum=3600),
+        Key("restart_seconds", "float", 5.0, minimum=0, maximum=600),
+        Key("reconnects_per_second", "float", 500.0, minimum=1, maximum=100000),
     ),
     "directory": (
         Key("enabled", "bool", False),

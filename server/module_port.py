@@ -16,6 +16,7 @@ from typing import Callable
 from twisted.internet import defer, protocol
 from twisted.internet.error import ConnectionLost
 from twisted.internet.interfaces import IHandshakeListener
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -89,8 +90,9 @@ class ModuleConnection(FramedAMP):
         if self in self.port.registry:
             self.port.registry.discard(self)
             self.port.broker.connection_lost(self)
-            log.info("module disconnected: {identity} from {address}", identity=self.name,
-                     address=self.address)
+            if not self.port.registry.closing:  # at shutdown one line says how many closed
+                log.info("module disconnected: {identity} from {address}", identity=self.name,
+                         address=self.address)
         elif self.relay_leg is None:  # the connection guard logs these, rate-limited
             log.debug("connection from {address} closed before the TLS handshake completed: {why}",
                       address=self.address, why=reason.getErrorMessage())
@@ -339,6 +341,7 @@ class ConnectionRegistry:
 
     def __init__(self) -> None:
         self._connections: set[ModuleConnection] = set()
+        self.closing = False  # set by close_for_shutdown: the server is going away
 
     def add(self, conn: ModuleConnection) -> None:
         self._connections.add(conn)
@@ -351,6 +354,37 @@ class ConnectionRegistry:
 
     def __len__(self) -> int:
         return len(self._connections)
+
+    def close_for_shutdown(self, back_in: float, spread: float) -> int:
+        """Tell every greeted module that the server is going away cleanly (``ServerGoingAway``:
+        come back in ``back_in`` s, spread over ``spread`` s) and close its connection.
+
+        The notice is one box, encoded once; each connection encrypts it and its TCP transport
+        closes once it is written (no TLS close_notify round trip).  The broker has marked the
+        hosts offline already, so the closing connections write nothing."""
+        self.closing = True
+        notice = encode_box({b"_command": b"ServerGoingAway",
+                             b"back_in": repr(float(back_in)).encode(),
+                             b"spread": repr(float(spread)).encode()})
+        told = 0
+        for conn in list(self._connections):
+            tls = conn.transport
+            if tls is None or conn.relay_leg is not None:
+                continue
+            if conn.greeted:
+                aggregator = getattr(tls, "_aggregator", None)  # BufferingTLSTransport's
+                if aggregator is not None:
+                    aggregator.flush()
+                # past the aggregation, which would write it on the next reactor iteration
+                (TLSMemoryBIOProtocol.write if isinstance(tls, TLSMemoryBIOProtocol)
+                 else type(tls).write)(tls, notice)
+                told += 1
+            tcp = getattr(tls, "transport", tls)
+            if hasattr(tcp, "doWrite"):
+                # into the kernel now: the reactor's shutdown drops what is still buffered
+                tcp.doWrite()
+            tcp.loseConnection()
+        return told
 
     def drop_revoked(self, revoked: set[str]) -> int:
         dropped = 0

@@ -149,17 +149,30 @@ def test_flood_of_wrong_ids_locks_out_the_address(running_server):
 
 
 def test_host_comes_back_after_server_restart(tmp_path, db_url, enrolled_host_on_fixed_ports):
+    """A clean shutdown tells the host when to come back (no back-off growth); a host the
+    server then refuses logs one line per attempt and never an "Unhandled Error"."""
     srv, host_home, supporter_home = enrolled_host_on_fixed_ports
     host = ModuleProcess("host", "run", "--max-backoff", "0.5", "--home", str(host_home))
     try:
         host.wait_for_line("online; waiting for supporters")
         srv.stop()
-        host.wait_for_line("lost the server")
+        notice = host.wait_for_line(r"the server is shutting down cleanly: trying again in about "
+                                    r"(\d+) s, spread over (\d+) s")
+        assert notice.groups() == ("5", "2")  # presence.restart_seconds; 1 host: the minimum
+        host.wait_for_line("the server closed the connection for its shutdown")
+        assert "told 1 modules to come back in 5 s, spread over 2 s" in srv.log()
         srv.start()
         wait_until(lambda: json.loads(run_cli("supporter", "hosts", "--json", "--home",
                                               str(supporter_home)).stdout or "[{}]")[0].get("online"),
                    timeout=30, what="host online again")
         assert host.proc.poll() is None
+
+        srv.ok("host", "remove", "kiosk")  # revoked: its connection drops, every retry is refused
+        host.wait_for_line("lost the server \\(")
+        host.wait_for_line("lost the server before it answered Hello \\(.+\\)")
+        wait_until(lambda: host.stderr.count("before it answered Hello") >= 2, timeout=30,
+                   what="a second refused attempt")
+        assert "Unhandled" not in host.stderr and "Traceback" not in host.stderr, host.stderr
     finally:
         host.stop()
 

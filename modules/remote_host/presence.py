@@ -4,11 +4,19 @@ States, top to bottom: *connecting* (ClientService dials the module port) → *r
 answered; the server lists us online) → *heartbeating* (a Heartbeat every ``heartbeat_seconds``;
 one that is not answered in time aborts the connection) → on any loss *backing off*: the next
 attempt waits a random time in [0, min(cap, base·2^attempt)] ("full jitter"), so thousands of
-hosts coming back after a server restart do not arrive in the same second.
+hosts coming back after a server failure do not arrive in the same second.  A server that shuts
+down cleanly says so first (``ServerGoingAway``): then the first attempt waits until it should
+listen again plus a random part of the spread it asks for, and the back-off starts afresh —
+a planned restart does not grow every host's back-off towards the cap (``ReconnectSchedule``).
+
+A connection that is refused or lost before ``Hello`` is answered counts as a failed attempt
+(its back-off grows) and logs one line; ``ClientService`` is told of it only as a connection
+that ended, the one loss its state machine handles at every point.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from typing import Callable
 
@@ -26,11 +34,50 @@ from ..common.session.recorder import resume_waiting as resume_recordings
 log = Logger()
 
 
-def full_jitter(base: float = 1.0, cap: float = 60.0,
-                rand: Callable[[float, float], float] = random.uniform) -> Callable[[int], float]:
-    def delay(attempt: int) -> float:
-        return rand(0.0, min(cap, base * 2 ** min(attempt, 32)))
-    return delay
+#: bounds on what a server's going-away notice may ask of a host (seconds)
+MAX_NOTICE_BACK_IN = 600.0
+MAX_NOTICE_SPREAD = 600.0
+
+
+class ReconnectSchedule:
+    """How long the host waits before its next connection attempt (sans-I/O: clock and random
+    source passed in).
+
+    ``failed()`` after every attempt that did not end registered; ``registered()`` when one
+    did; ``going_away(back_in, spread)`` when the server announced a clean shutdown.  ``delay()``
+    is asked once per wait."""
+
+    def __init__(self, now: Callable[[], float], base: float = 1.0, cap: float = 60.0,
+                 rand: Callable[[float, float], float] = random.uniform) -> None:
+        self.now = now
+        self.base = base
+        self.cap = cap
+        self.rand = rand
+        self.failures = 0
+        #: (moment the server expects to listen again, spread), until the first wait after it
+        self.notice: tuple[float, float] | None = None
+
+    def registered(self) -> None:
+        self.failures = 0
+
+    def failed(self) -> None:
+        self.failures += 1
+
+    def going_away(self, back_in: float, spread: float) -> bool:
+        """Remember a clean shutdown's notice; False (ignored) if its numbers make no sense."""
+        if not (math.isfinite(back_in) and math.isfinite(spread)) or back_in < 0 or spread < 0:
+            return False
+        self.notice = (self.now() + min(back_in, MAX_NOTICE_BACK_IN),
+                       min(spread, MAX_NOTICE_SPREAD))
+        return True
+
+    def delay(self) -> float:
+        if self.notice is not None:  # the wait right after a clean shutdown: no back-off yet
+            back_at, spread = self.notice
+            self.notice = None
+            self.failures = 0
+            return min(self.cap, max(0.0, back_at - self.now()) + self.rand(0.0, spread))
+        return self.rand(0.0, min(self.cap, self.base * 2 ** min(self.failures, 32)))
 
 
 class HostPresence:
@@ -46,14 +93,18 @@ class HostPresence:
         self.registered_count = 0
         self.connection: ControlClient | None = None
         self.registered: defer.Deferred = defer.Deferred()
+        self.schedule = ReconnectSchedule(reactor.seconds, cap=max_backoff)
         ca_pem = folder.ca_path.read_bytes()
         endpoint = endpoint_for(reactor, address, ca_pem, folder)
         factory = Factory()
         # ClientService hands prepareConnection a proxy: attributes set on it would not reach
-        # the protocol, so the offer handler goes in at construction.
-        factory.protocol = lambda: ControlClient(on_offer=self.on_offer)
+        # the protocol, so the handlers go in at construction.
+        factory.protocol = lambda: ControlClient(on_offer=self.on_offer,
+                                                 on_going_away=self._going_away)
+        # ClientService counts its own attempts, but resets them whenever a connection is made,
+        # also one whose Hello then fails: the schedule keeps the host's own count.
         self.service = ClientService(endpoint, factory,
-                                     retryPolicy=full_jitter(cap=max_backoff),
+                                     retryPolicy=lambda _attempt: self._next_delay(),
                                      clock=reactor, prepareConnection=self._register)
         self._heartbeat: task.LoopingCall | None = None
 
@@ -66,13 +117,33 @@ class HostPresence:
         self._stop_heartbeat()
         return self.service.stopService()
 
+    def _next_delay(self) -> float:
+        delay = self.schedule.delay()
+        self.schedule.failed()  # until a registration says otherwise
+        return delay
+
+    def _going_away(self, back_in: float, spread: float) -> None:
+        if self.schedule.going_away(back_in, spread):
+            log.info("the server is shutting down cleanly: trying again in about {back_in:.0f} "
+                     "s, spread over {spread:.0f} s", back_in=back_in, spread=spread)
+
     @defer.inlineCallbacks
     def _register(self, conn: ControlClient):
         try:
             answer = yield hello(conn, "host")
         except Exception as exc:
-            log.warn("the server refused this host: {why}", why=str(exc))
-            raise
+            # Not re-raised: ClientService's state machine has no transition for a connection
+            # that ends while (or after) prepareConnection failed — it logged an "Unhandled
+            # Error" per refused host.  As a made connection that ends, it is retried normally;
+            # the schedule's failure count (not ClientService's) sets the wait.
+            if conn._lost is None:
+                log.warn("the server refused this host: {why}", why=str(exc))
+                conn.transport.abortConnection()
+            else:
+                log.warn("lost the server before it answered Hello ({why}): reconnecting with "
+                         "back-off", why=conn._lost.getErrorMessage())
+            return
+        self.schedule.registered()
         self.state = "registered"
         self.registered_count += 1
         self.connection = conn
@@ -109,4 +180,7 @@ class HostPresence:
         self._stop_heartbeat()
         if self.state != "stopped":
             self.state = "backing off"
-            log.warn("lost the server ({why}); reconnecting with back-off", why=why)
+            if self.schedule.notice is not None:  # announced: nothing went wrong
+                log.info("the server closed the connection for its shutdown; reconnecting later")
+            else:
+                log.warn("lost the server ({why}); reconnecting with back-off", why=why)

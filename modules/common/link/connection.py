@@ -51,8 +51,9 @@ def client_tls(host: str, ca_pem: bytes, folder: ModuleFolder | None) -> ssl.IOp
 class ControlClient(FramedAMP):
     """The module's control connection; the server's calls go to the handlers set here."""
 
-    def __init__(self, on_offer=None) -> None:
+    def __init__(self, on_offer=None, on_going_away=None) -> None:
         super().__init__()
+        self.on_going_away = on_going_away  # (back_in, spread) -> None: a clean shutdown
         self.on_session_ready = None   # supporter: (fields) -> None
         self.on_offer = on_offer       # host: (fields) -> Deferred[bool] | bool
         self.lost: defer.Deferred = defer.Deferred()
@@ -87,6 +88,12 @@ class ControlClient(FramedAMP):
     def host_presence_changed(self, **fields):
         if self.on_host_presence is not None:
             self.on_host_presence(fields)
+        return {}
+
+    @control.ServerGoingAway.responder
+    def server_going_away(self, back_in, spread):
+        if self.on_going_away is not None:
+            self.on_going_away(back_in, spread)
         return {}
 
     @control.OfferSession.responder
