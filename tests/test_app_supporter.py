@@ -97,6 +97,23 @@ async def test_supporter_app_lists_connects_views_controls_and_moves_files(
         host.stop()
 
 
+def drop_file_on(widget, path) -> None:
+    """What Qt delivers when a file is dragged onto ``widget`` and dropped: the enter event
+    (which must be accepted — by the widget or, through Qt's propagation, the session tab
+    around it) and the drop, with the file's URL as the drag's data."""
+    from PySide6.QtCore import QMimeData, QPointF, QUrl
+    from PySide6.QtGui import QDragEnterEvent, QDropEvent
+    from PySide6.QtWidgets import QApplication
+    data = QMimeData()
+    data.setUrls([QUrl.fromLocalFile(str(path))])
+    where = widget.rect().center()
+    enter = QDragEnterEvent(where, Qt.CopyAction, data, Qt.LeftButton, Qt.NoModifier)
+    QApplication.sendEvent(widget, enter)
+    assert enter.isAccepted(), "the session tab refused a dragged file"
+    drop = QDropEvent(QPointF(where), Qt.CopyAction, data, Qt.LeftButton, Qt.NoModifier)
+    QApplication.sendEvent(widget, drop)
+
+
 WRONG_PASSWORD = {
     "en": "The password or ID does not match, so the session was not started. Check it and try "
           "again.",
@@ -193,7 +210,7 @@ async def one_session(qt_app, w, xvfb, term, host, tmp_path,  # noqa: F811 - the
         # files both ways
         tab.actions["files"].trigger()
         await until(lambda: tab.runner.consent.holds("files"), what="the files right")
-        tab.send_file(str(to_host))
+        drop_file_on(tab.viewer, to_host)  # dragged from a file manager onto the remote screen
         await until(lambda: (host_inbox / to_host.name).exists() and tab.progress.value() == 100,
                     what="the file on the host")
         await until(lambda: (my_inbox / from_host.name).exists(), what="the host's file")
