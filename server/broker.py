@@ -217,6 +217,9 @@ class Broker(NodeCalls):
         self.live_nodes: set[str] = set()
         self.remote_parties: dict[str, tuple[str, Any]] = {}
         self._presence_out: list[list] = []
+        #: hosts whose Hello waits for the next batch write (``host_online``)
+        self._arrivals: list[tuple[Any, str, defer.Deferred]] = []
+        self._arrivals_writing = False
         self._dirty: set[str] = set()
         self._loops: list[task.LoopingCall] = []
         # Set by stop(): hosts it marked offline in bulk; their connections closing at shutdown
@@ -631,19 +634,51 @@ class Broker(NodeCalls):
 
     # --- hosts --------------------------------------------------------------------------------
 
-    @defer.inlineCallbacks
-    def host_online(self, conn, module_version: str):
-        """Record the host online; returns its tenant's name (the Hello answer needs it: one
-        database round trip per host Hello instead of two)."""
+    def host_online(self, conn, module_version: str) -> defer.Deferred:
+        """Record the host online; fires with its tenant's name (the Hello answer needs it).
+
+        Hellos are written in batches: one transaction for every host that said Hello while
+        the previous batch was being written (a quiet server writes each at once; thousands
+        coming back after a restart share a few hundred transactions instead of one each)."""
+        waiter: defer.Deferred = defer.Deferred()
+        self._arrivals.append((conn, module_version, waiter))
+        if not self._arrivals_writing:
+            self._write_arrivals()
+        return waiter
+
+    def _write_arrivals(self) -> None:
+        batch, self._arrivals = self._arrivals, []
+        self._arrivals_writing = True
+        rows = [(conn.identity.name, conn.address, version) for conn, version, _ in batch]
+        d = self.db.run(_hosts_came_online, rows, self.now(), self.node)
+
+        def written(found: list) -> None:
+            for (conn, _, waiter), came in zip(batch, found):
+                try:
+                    tenant = self._came_online(conn, came)
+                except Exception:
+                    waiter.errback()
+                else:
+                    waiter.callback(tenant)
+
+        def failed(failure) -> None:
+            for _, _, waiter in batch:
+                waiter.errback(failure)
+
+        def next_batch(_) -> None:
+            self._arrivals_writing = False
+            if self._arrivals:
+                self._write_arrivals()
+        d.addCallbacks(written, failed).addBoth(next_batch)
+
+    def _came_online(self, conn, came) -> str:
         host_id = conn.identity.name
-        old = self.hosts.get(host_id)
-        came = yield self.db.run(_host_came_online, host_id, conn.address, module_version,
-                                 self.now(), self.node)
         if came is None:
             raise control.NotEnrolled("this host is not known to the server: enroll it again")
         tenant_id, tenant_name, elsewhere = came
         if elsewhere and self.bus is not None:  # the newest connection wins on every node
             self.bus.tell(elsewhere, "drop_host", {"host_id": host_id})
+        old = self.hosts.get(host_id)
         if old is not None and old.connection is not conn:
             log.warn("host {host_id} connected again from {address}: the newest connection wins",
                      host_id=host_id, address=conn.address)
@@ -652,7 +687,9 @@ class Broker(NodeCalls):
         if self._marked_offline is not None:
             # registered while stopping: stop()'s bulk write did not cover this connection
             self._marked_offline.discard(host_id)
-        log.info("host {host_id} online from {address}", host_id=host_id, address=conn.address)
+        log.info("host {host_id} online from {address} ({version}, serial {serial})",
+                 host_id=host_id, address=conn.address,
+                 version=getattr(conn, "module_version", ""), serial=getattr(conn, "serial", None))
         self._tell_presence(host_id, True, conn.address)
         return tenant_name
 
@@ -823,22 +860,27 @@ def _mark_all_offline(session, node: str | None = None) -> None:
                     .values(online=False))
 
 
-def _host_came_online(session, host_id: str, address: str, version: str,
-                      moment, node: str | None = None) -> tuple[int, str, str | None] | None:
-    """(tenant id, tenant name, the other node that held it until now) of the host, now marked
-    online here; None if it is not enrolled."""
-    found = session.execute(select(Host, Tenant.name).outerjoin(Tenant, Tenant.id == Host.tenant_id)
-                            .where(Host.id == host_id)).first()
-    if found is None:
-        return None
-    host, tenant_name = found
-    elsewhere = host.node if host.online and host.node not in (None, node) else None
-    host.online = True
-    host.node = node
-    host.last_seen = moment
-    host.last_address = address
-    host.module_version = version[:40]
-    return host.tenant_id, tenant_name or "", elsewhere
+def _hosts_came_online(session, arrivals: list[tuple[str, str, str]], moment,
+                       node: str | None = None) -> list[tuple[int, str, str | None] | None]:
+    """Mark hosts online here, in one transaction: for each (host id, address, module version)
+    its (tenant id, tenant name, the other node that held it until now), or None if it is not
+    enrolled.  One SELECT per 1,000 hosts and one executemany UPDATE."""
+    ids = sorted({host_id for host_id, _, _ in arrivals})
+    known: dict[str, tuple] = {}
+    for start in range(0, len(ids), IN_BATCH):
+        query = (select(Host.id, Host.tenant_id, Host.online, Host.node, Tenant.name)
+                 .outerjoin(Tenant, Tenant.id == Host.tenant_id)
+                 .where(Host.id.in_(ids[start:start + IN_BATCH])))
+        for host_id, tenant_id, online, held_by, tenant_name in session.execute(query):
+            known[host_id] = (tenant_id, tenant_name or "",
+                              held_by if online and held_by not in (None, node) else None)
+    found = [known.get(host_id) for host_id, _, _ in arrivals]
+    updates = {host_id: {"id": host_id, "online": True, "node": node, "last_seen": moment,
+                         "last_address": address, "module_version": version[:40]}
+               for host_id, address, version in arrivals if host_id in known}
+    if updates:
+        session.execute(update(Host), list(updates.values()))
+    return found
 
 
 def _host_went_offline(session, host_id: str, moment, node: str | None = None) -> None:

@@ -73,8 +73,11 @@ class ModuleConnection(FramedAMP):
             tcp.setTcpNoDelay(True)  # control commands are small; no delayed-ACK waits
 
     def handshakeCompleted(self) -> None:
-        peer = self.transport.getPeerCertificate()
-        if peer is not None:
+        facts = getattr(self.transport, "peer_facts", None)  # server.tls's verify callback
+        if facts is not None:
+            del self.transport.peer_facts
+            self.identity, self.serial, self.fingerprint, self.not_after = facts
+        elif (peer := self.transport.getPeerCertificate()) is not None:
             cert = peer.to_cryptography()
             self.identity = identity_of(cert)
             self.serial = format(cert.serial_number, "x")
@@ -152,10 +155,11 @@ class ModuleConnection(FramedAMP):
             raise exc
         self.greeted = True
         self.module_version = module_version[:40]
-        log.info("module connected: {identity} from {address} ({kind} {version}, serial {serial})",
-                 identity=self.name, address=self.address, kind=module_kind[:20],
-                 version=self.module_version, serial=self.serial)
         identity = self.identity
+        if identity is None or identity.role != "host":  # a host's line: "host ... online"
+            log.info("module connected: {identity} from {address} ({kind} {version}, serial "
+                     "{serial})", identity=self.name, address=self.address, kind=module_kind[:20],
+                     version=self.module_version, serial=self.serial)
         if identity is not None:  # an enrolled module has proved itself; a customer joins first
             settle_pending(self.transport)
 

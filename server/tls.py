@@ -9,7 +9,7 @@ renewal endpoint uses it, and checks it itself.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from cryptography import x509
 from OpenSSL import SSL, crypto
@@ -17,7 +17,7 @@ from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from protocol.identity import IdentityError, identity_of
+from protocol.identity import Identity, IdentityError, fingerprint, identity_of
 
 log = Logger()
 
@@ -141,15 +141,30 @@ def _module_verifier(is_revoked: Callable[[str], bool]):
         if is_revoked(serial):
             _refused(conn, "revoked certificate", f"module port refused revoked certificate {serial}")
             return False
+        parsed = cert.to_cryptography()
         try:
-            identity_of(cert.to_cryptography())
+            identity = identity_of(parsed)
         except IdentityError as exc:
             _refused(conn, "certificate without identity",
                      f"module port refused certificate {serial}: {exc}")
             return False
+        tls_protocol = conn.get_app_data()
+        if tls_protocol is not None:  # the connection takes these, not the certificate objects
+            tls_protocol.peer_facts = PeerFacts(identity, serial, fingerprint(parsed),
+                                                parsed.not_valid_after_utc.isoformat())
         return True
 
     return verify
+
+
+class PeerFacts(NamedTuple):
+    """What a module connection keeps of the client certificate the verify callback accepted
+    (parsed once, in the handshake; no certificate object stays with the connection)."""
+
+    identity: Identity
+    serial: str
+    fingerprint: str
+    not_after: str
 
 
 def _refused(conn: SSL.Connection, kind: str, reason: str) -> None:
