@@ -26,6 +26,7 @@ stays failed.
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import re
 import struct
@@ -37,6 +38,7 @@ from typing import Callable, Generator, Iterable
 import numpy as np
 
 from . import rfb_ext_clipboard as ext_clipboard
+from . import rfb_h264
 from .rfb_decode import ZRLE_TILE, DecodeError, gradient, tight_palette, zrle_tile
 from .rfb_ext_clipboard import EXTENDED_CLIPBOARD, ExtClipboardError
 
@@ -45,6 +47,7 @@ RAW = 0
 COPY_RECT = 1
 TIGHT = 7
 ZRLE = 16
+H264 = rfb_h264.H264
 DESKTOP_SIZE = -223
 LAST_RECT = -224
 RICH_CURSOR = -239
@@ -64,8 +67,11 @@ def quality_level(level: int) -> int:
     return -32 + level
 
 
-DEFAULT_ENCODINGS = (TIGHT, ZRLE, COPY_RECT, RAW, RICH_CURSOR, DESKTOP_SIZE, LAST_RECT,
-                     EXTENDED_CLIPBOARD, compress_level(6), quality_level(8))
+# H.264 (Open H.264, decoded with PyAV) only where PyAV is installed; a server sends it for
+# video-like changes only, Tight stays its encoding for the rest
+DEFAULT_ENCODINGS = ((TIGHT,) + ((H264,) if importlib.util.find_spec("av") else ())
+                     + (ZRLE, COPY_RECT, RAW, RICH_CURSOR, DESKTOP_SIZE, LAST_RECT,
+                        EXTENDED_CLIPBOARD, compress_level(6), quality_level(8)))
 
 # --- security --------------------------------------------------------------------------------
 SEC_NONE = 1
@@ -213,6 +219,7 @@ class RFBClient:
         self._events: list[Event] = []
         self._zrle = zlib.decompressobj()
         self._tight = [zlib.decompressobj() for _ in range(4)]
+        self._h264: rfb_h264.H264Contexts | None = None     # created with the first H.264 rect
         self.clipboard = ext_clipboard.ClipboardPeer(ext_clipboard.CLIENT)
         # called with the rects right after a FramebufferUpdate is complete, before any later
         # byte is decoded: a decoder thread publishes a consistent picture from here
@@ -432,6 +439,8 @@ class RFBClient:
                 self.decoded["zrle"] += 1
             elif enc == TIGHT:
                 yield from self._tight_rect(x, y, w, h)
+            elif enc == H264 and H264 in self.encodings:
+                yield from self._h264_rect(x, y, w, h)
             else:
                 raise RFBClientError(f"rect with encoding {enc} that was not asked for")
             rects.append(rect)
@@ -484,6 +493,24 @@ class RFBClient:
             raise RFBClientError(str(exc)) from None
         if pos != len(raw):
             raise RFBClientError(f"ZRLE rect {x},{y} {w}x{h} has {len(raw) - pos} bytes too many")
+
+    # --- Open H.264 ---------------------------------------------------------------------------
+    def _h264_rect(self, x: int, y: int, w: int, h: int) -> _Reader:
+        try:
+            length, flags = rfb_h264.parse_header((yield 8), w, h)
+        except rfb_h264.H264Error as exc:
+            raise RFBClientError(str(exc)) from None
+        data = (yield length) if length else b""
+        if self._h264 is None:
+            self._h264 = rfb_h264.H264Contexts(
+                lambda fw, fh: self.screen_limit.refusal("H.264 picture", fw, fh))
+        try:
+            pixels = self._h264.decode(x, y, w, h, flags, data)
+        except rfb_h264.H264Error as exc:
+            raise RFBClientError(str(exc)) from None
+        if pixels is not None:
+            self.framebuffer[y:y + h, x:x + w] = pixels
+        self.decoded["h264"] += 1
 
     # --- Tight -------------------------------------------------------------------------------
     def _compact_length(self) -> _Reader:

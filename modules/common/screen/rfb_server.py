@@ -4,14 +4,19 @@
 client sent to ``receive()`` (typed events back; malformed input raises ``RFBError``), sends what
 ``data_to_send()`` returns (handshake replies), and, whenever the client has a pending
 ``FramebufferUpdateRequest`` (``update_pending``), turns a frame into a FramebufferUpdate with
-``update(frame, damage)``.
+``update(frame, damage)``.  ``prepare_update`` + ``PreparedUpdate.encode`` split that in two: the
+decision (cheap, with the state the client's messages change) and the encoding (the expensive
+part, which only touches encoder state, so the caller may run it in a worker thread).
 
 Frames are ``numpy`` uint8 arrays H×W×3 (RGB) or H×W×4 (BGRX, what mss/X11 deliver: passed
 through untouched to clients using the matching 32bpp format).  The server converts them to the client's pixel
 format (true colour, 8/16/32 bpp, any shifts, either byte order) and encodes them with the best
 encoding the client announced: Tight (7, zlib + JPEG for photo-like tiles when the client sent a
 quality level), ZRLE (16), Raw (0); CopyRect (1) for moves the caller reports.  A client that
-announced no encodings or only unknown ones gets Raw.  Pseudo-encodings: RichCursor (-239),
+announced no encodings or only unknown ones gets Raw.  A client that also announced Open H.264
+(50) gets full-screen and moving-picture changes as H.264 frames of the whole screen (one
+context; ``_VideoMode`` decides, ``h264_encoder`` encodes) and, a few quiet updates after the
+last of them, the whole screen once more in its lossless encoding.  Pseudo-encodings: RichCursor (-239),
 DesktopSize (-223), ExtendedDesktopSize (-308), Tight quality (-32..-23) and compression
 (-256..-247) levels, Extended Clipboard (0xC0A1E5CE: clipboard text in UTF-8 both ways, see
 ``protocol.rfb_ext_clipboard``; clients without it get Latin-1 as RFC 6143 says).  Rectangles are always clipped to the framebuffer.
@@ -28,10 +33,11 @@ from typing import Any, Iterable, Protocol, Sequence
 import numpy as np
 
 from protocol import rfb_ext_clipboard as ext_clipboard
+from protocol import rfb_h264
 from protocol.rfb_ext_clipboard import EXTENDED_CLIPBOARD, ExtClipboardError
 
 __all__ = [
-    "RFBServer", "RFBError", "PixelFormat", "Rect", "Move", "Cursor",
+    "RFBServer", "RFBError", "PreparedUpdate", "H264", "PixelFormat", "Rect", "Move", "Cursor",
     "ClientInit", "SetPixelFormat", "SetEncodings", "FramebufferUpdateRequest", "KeyEvent",
     "PointerEvent", "ClientCutText", "SetDesktopSize",
     "RAW", "COPYRECT", "TIGHT", "ZRLE", "RICH_CURSOR", "DESKTOP_SIZE", "EXTENDED_DESKTOP_SIZE",
@@ -39,6 +45,7 @@ __all__ = [
 ]
 
 RAW, COPYRECT, TIGHT, ZRLE = 0, 1, 7, 16
+H264 = rfb_h264.H264
 RICH_CURSOR = -239
 DESKTOP_SIZE = -223
 EXTENDED_DESKTOP_SIZE = -308
@@ -342,6 +349,8 @@ class RFBServer:
         self._owed: list[Rect] = []
         self._ext_size_reply: bytes | None = None
         self._zrle = zlib.compressobj(6)
+        self._video = _VideoMode()
+        self._h264_encoder: Any = None       # created by the first H.264 frame (encode side)
         self._tight = [zlib.compressobj(6) for _ in range(4)]
         self._tight_level = 6
         self.clipboard = ext_clipboard.ClipboardPeer(ext_clipboard.SERVER)
@@ -564,8 +573,17 @@ class RFBServer:
         ``damage``: rects changed since the previous ``update`` (None: everything).  ``moves``:
         areas that moved (sent as CopyRect when the client supports it, as pixels otherwise).
         ``cursor``: the current cursor image (sent when it changed, if the client asked)."""
+        prepared = self.prepare_update(frame, damage, moves=moves, cursor=cursor)
+        return b"" if prepared is None else prepared.encode()
+
+    def prepare_update(self, frame: np.ndarray, damage: Iterable[Rect | tuple] | None = None,
+                       *, moves: Sequence[Move] = (),
+                       cursor: Cursor | None = None) -> "PreparedUpdate | None":
+        """What ``update`` would send, decided but not yet encoded (None: nothing to send).
+        The pending request counts as answered; the caller must send ``encode()``'s bytes (the
+        encoders' streams have moved on), updates in the order they were prepared."""
         if self._state != _STATE_NORMAL or self._pending is None:
-            return b""
+            return None
         rects: list[bytes] = []
         if self._ext_size_reply is not None:
             rects.append(self._ext_size_reply)
@@ -639,15 +657,45 @@ class RFBServer:
         if cursor is not None and RICH_CURSOR in self.encodings and not cursor.same(self._sent_cursor):
             cursor_rect = self._rich_cursor(cursor)
             self._sent_cursor = cursor
-        if not parts and not copy_rects and not cursor_rect and not rects:
-            return b""
+        h264 = False
+        if H264 in self.encodings and _h264_encoder_available():
+            full = (self._pending_full is None and region == screen and not owed_before)
+            changed = sum(r.w * r.h for r in parts) / max(screen.w * screen.h, 1)
+            choice = self._video.choose(changed, full)
+            if choice == _VideoMode.VIDEO:
+                h264, parts, copy_rects = True, [], []
+            elif choice == _VideoMode.REFRESH:
+                parts, copy_rects = [screen], []
+        if not h264 and not parts and not copy_rects and not cursor_rect and not rects:
+            return None
         self._pending = self._pending_full = None
         rects.extend(copy_rects)
         if cursor_rect:
             rects.append(cursor_rect)
-        for r in parts:
-            rects.extend(self._encode(frame, r))
+        return PreparedUpdate(self, frame, rects, parts, h264, self.encoding, self.pixel_format,
+                              self.jpeg_quality)
+
+    def _encode_prepared(self, p: "PreparedUpdate") -> bytes:
+        rects = list(p.head)
+        if p.h264:
+            rects.append(self._encode_h264(p.frame))
+        for r in p.parts:
+            rects.extend(self._encode(p.frame, r, p.encoding, p.pixel_format, p.jpeg_quality))
         return struct.pack(">BxH", 0, len(rects)) + b"".join(rects)
+
+    def _encode_h264(self, frame: np.ndarray) -> bytes:
+        """The whole frame as one H.264 rect (the screen's context); a new encoder (first
+        frame, new size) starts with a key frame and tells the client to drop old contexts."""
+        from modules.common.screen.h264_encoder import H264Encoder
+        h, w = frame.shape[:2]
+        enc = self._h264_encoder
+        flags = 0
+        if enc is None or (enc.width, enc.height) != (w, h):
+            enc = self._h264_encoder = H264Encoder(w, h)
+            flags = rfb_h264.RESET_ALL_CONTEXTS
+        data = enc.encode(frame)
+        return (struct.pack(">HHHHi", 0, 0, w, h, H264) + rfb_h264.header(len(data), flags)
+                + data)
 
     def _ext_desktop_size(self, reason: int, status: int) -> bytes:
         return (struct.pack(">HHHHi", reason, status, self.width, self.height,
@@ -663,22 +711,21 @@ class RFBServer:
                             min(cursor.hot_y, max(h - 1, 0)), w, h, RICH_CURSOR)
                 + pixels.tobytes() + mask.tobytes())
 
-    def _encode(self, frame: np.ndarray, r: Rect) -> list[bytes]:
+    def _encode(self, frame: np.ndarray, r: Rect, enc: int, pf: PixelFormat,
+                quality: int | None) -> list[bytes]:
         region = frame[r.y:r.y + r.h, r.x:r.x + r.w]
-        enc = self.encoding
         if enc == TIGHT:
-            return self._encode_tight(as_rgb(region), r)
-        if _is_native(frame, self.pixel_format):
+            return self._encode_tight(as_rgb(region), r, pf, quality)
+        if _is_native(frame, pf):
             pixels = region
         else:
-            pixels = to_client_pixels(as_rgb(region), self.pixel_format)
+            pixels = to_client_pixels(as_rgb(region), pf)
         if enc == ZRLE:
-            return [self._encode_zrle(pixels, r)]
+            return [self._encode_zrle(pixels, r, pf)]
         return [struct.pack(">HHHHi", r.x, r.y, r.w, r.h, RAW)
                 + np.ascontiguousarray(pixels).tobytes()]
 
-    def _encode_zrle(self, pixels: np.ndarray, r: Rect) -> bytes:
-        pf = self.pixel_format
+    def _encode_zrle(self, pixels: np.ndarray, r: Rect, pf: PixelFormat) -> bytes:
         cpix = compact_pixels(pixels, pf)
         out = io.BytesIO()
         for ty in range(0, r.h, TILE):
@@ -705,9 +752,10 @@ class RFBServer:
         data = z.compress(raw) + z.flush(zlib.Z_SYNC_FLUSH)
         return _compact_len(len(data)) + data
 
-    def _encode_tight(self, rgb: np.ndarray, r: Rect) -> list[bytes]:
-        pf = self.pixel_format
-        quality = self.jpeg_quality if pf.bits_per_pixel == 32 else None
+    def _encode_tight(self, rgb: np.ndarray, r: Rect, pf: PixelFormat,
+                      quality: int | None) -> list[bytes]:
+        if pf.bits_per_pixel != 32:
+            quality = None
         packed_rgb = pf.tight_rgb()
         out = []
         for ty in range(0, r.h, TILE):
@@ -742,6 +790,85 @@ class RFBServer:
                     continue
                 out.append(head + b"\x00" + self._tight_zlib(0, tpix.tobytes()))
         return out
+
+
+@dataclass(eq=False)
+class PreparedUpdate:
+    """A FramebufferUpdate decided by ``RFBServer.prepare_update``, not yet encoded.  It holds
+    the client's pixel format and encodings as they were when it was decided, so messages the
+    client sends meanwhile do not change it half-way."""
+    server: RFBServer = field(repr=False)
+    frame: np.ndarray = field(repr=False)
+    head: list[bytes] = field(repr=False)       # pseudo-rects and CopyRects, already encoded
+    parts: list[Rect]
+    h264: bool
+    encoding: int
+    pixel_format: PixelFormat
+    jpeg_quality: int | None
+
+    @property
+    def pixels(self) -> int:
+        """How many pixels encoding it touches (a hint for where to run it)."""
+        if self.h264:
+            return int(self.frame.shape[0] * self.frame.shape[1])
+        return sum(r.w * r.h for r in self.parts)
+
+    def encode(self) -> bytes:
+        return self.server._encode_prepared(self)
+
+
+class _VideoMode:
+    """Whether an update goes out as H.264 (to a client that announced it).
+
+    VIDEO for a full-screen change (``ENTER`` of the screen changed at once) or a moving
+    picture (``MOTION`` of it changing in ``STREAK`` updates in a row, e.g. a video in a
+    window); once sending video, it stays while at least ``STAY`` changes.  Text-like and small
+    changes stay in the client's lossless encoding.  H.264 is lossy, so ``REFRESH_AFTER``
+    updates after the last H.264 frame the whole screen is sent once more losslessly.  Both
+    only for incremental requests of the whole screen (``full``); a non-incremental request is
+    answered in the lossless encoding anyway."""
+
+    NORMAL, VIDEO, REFRESH = "normal", "video", "refresh"
+    ENTER = 0.30
+    MOTION = 0.04
+    STREAK = 4
+    STAY = 0.01
+    REFRESH_AFTER = 3
+
+    def __init__(self) -> None:
+        self.active = False       # the last update went out as H.264
+        self.lossy = False        # the client shows H.264 pixels not yet repainted losslessly
+        self.streak = 0
+        self.quiet = 0
+
+    def choose(self, changed: float, full: bool) -> str:
+        """``changed``: share of the screen this update repaints (0..1)."""
+        self.streak = self.streak + 1 if full and changed >= self.MOTION else 0
+        if full and (changed >= self.ENTER or self.streak >= self.STREAK
+                     or (self.active and changed >= self.STAY)):
+            self.active = self.lossy = True
+            self.quiet = 0
+            return self.VIDEO
+        self.active = False
+        if not self.lossy or not full:
+            return self.NORMAL
+        self.quiet += 1
+        if self.quiet >= self.REFRESH_AFTER:
+            self.lossy = False
+            self.quiet = 0
+            return self.REFRESH
+        return self.NORMAL
+
+
+_h264_ok: bool | None = None
+
+
+def _h264_encoder_available() -> bool:
+    global _h264_ok
+    if _h264_ok is None:
+        from modules.common.screen.h264_encoder import available
+        _h264_ok = available()
+    return _h264_ok
 
 
 def _union(a: Rect, b: Rect) -> Rect:

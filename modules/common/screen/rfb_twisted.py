@@ -4,7 +4,10 @@
 to the injector (which checks the CONTROL right itself), and while the client has a pending
 FramebufferUpdateRequest pulls frames from the source at most ``max_fps`` times a second.
 Capture and input block on X round trips, so they run through ``protocol.runtime.run_blocking``;
-input events stay in order (one chain per connection).
+input events stay in order (one chain per connection).  So does encoding an update larger than
+``INLINE_PIXELS`` (a full-screen Tight or H.264 frame takes tens of milliseconds; zlib, JPEG,
+swscale and x264 release the GIL): the update is decided on the reactor thread, encoded in the
+pool, written when done; the next capture waits for it, so updates go out in order.
 
 ``listen_vnc(reactor, "127.0.0.1:5901", source, injector)`` serves the source on a local TCP
 port so a standard VNC viewer can attach.
@@ -25,9 +28,11 @@ from modules.common.screen.rfb_server import (
 from modules.common.screen.capture_x11 import DamageTracker
 from protocol.runtime import run_blocking
 
-__all__ = ["RFBServerProtocol", "RFBServerFactory", "listen_vnc"]
+__all__ = ["RFBServerProtocol", "RFBServerFactory", "listen_vnc", "INLINE_PIXELS"]
 
 log = Logger()
+
+INLINE_PIXELS = 256 * 256    # smaller updates are encoded on the reactor (no thread hop)
 
 
 class RFBServerProtocol(Protocol):
@@ -143,10 +148,28 @@ class RFBServerProtocol(Protocol):
         d.addErrback(lambda f: log.failure("screen: capture failed", f))
         d.addBoth(self._capture_done)
 
-    def _captured(self, cap: Any) -> None:
+    def _captured(self, cap: Any) -> Any:
         if self._closed or self.paused:
-            return
-        self._write(self.rfb.update(cap.frame, cap.damage, moves=cap.moves, cursor=cap.cursor))
+            return None
+        prepared = self.rfb.prepare_update(cap.frame, cap.damage, moves=cap.moves,
+                                           cursor=cap.cursor)
+        if prepared is None:
+            return None
+        # once prepared, it goes out even if a pause comes meanwhile: the encoders' zlib and
+        # H.264 streams already count it
+        if prepared.pixels <= INLINE_PIXELS:
+            d = defer.maybeDeferred(prepared.encode)
+        else:
+            d = run_blocking(prepared.encode)
+        d.addCallbacks(self._write, self._encode_failed)
+        return d
+
+    def _encode_failed(self, failure: Any) -> None:
+        """The client's decoder state can no longer be trusted: end the connection."""
+        log.failure("rfb: encoding an update failed, closing the connection", failure)
+        if not self._closed:
+            self._closed = True
+            self.transport.loseConnection()
 
     def _capture_done(self, _: Any) -> None:
         self._capturing = False

@@ -1,0 +1,359 @@
+"""Open H.264 (RFB encoding 50): the rect framing (hypothesis on hostile headers and payloads),
+our server's adaptive choice against our own client (sans-I/O), and end to end on Xvfb: our
+client asking for H.264 sees the screen within a tolerance and then exactly, while vncsnapshot
+on the same server still gets Tight and a correct picture."""
+
+from __future__ import annotations
+
+import os
+import struct
+import time
+
+import numpy as np
+import pytest
+import pytest_twisted
+from hypothesis import HealthCheck, given, settings, strategies as st
+from PIL import Image
+from twisted.internet import threads
+
+from modules.common.screen.h264_encoder import H264Encoder
+from modules.common.screen.rfb_server import TIGHT as SERVER_TIGHT
+from modules.common.screen.rfb_server import Rect as DamageRect
+from modules.common.screen.rfb_server import RFBServer
+from protocol import rfb_h264
+from protocol.rfb_client import (COPY_RECT, DESKTOP_SIZE, H264, LAST_RECT, RICH_CURSOR, TIGHT,
+                                 ZRLE, RFBClient, RFBClientError, ServerInit)
+from tests.fixtures_x11 import require, xvfb  # noqa: F401
+
+pytest.importorskip("av")
+
+W, H = 320, 240
+LOSSLESS_WITH_H264 = (TIGHT, H264, ZRLE, COPY_RECT, RICH_CURSOR, DESKTOP_SIZE, LAST_RECT)
+
+
+def picture(seed: int, h: int = H, w: int = W) -> np.ndarray:
+    """Coloured bands with text-like blocks and a smooth gradient: what a desktop shows."""
+    rng = np.random.default_rng(seed)
+    img = np.zeros((h, w, 3), np.uint8)
+    for b, colour in enumerate(rng.integers(0, 256, (6, 3))):
+        img[b * h // 6:(b + 1) * h // 6] = colour
+    glyphs = np.kron(rng.random((h // 16 + 1, w // 8 + 1)) < 0.3, np.ones((16, 8), bool))
+    img[glyphs[:h, :w]] = (250, 250, 250)
+    yy, xx = np.mgrid[0:h // 4, 0:w]
+    img[:h // 4, :, 0] = (xx * 255 // max(w - 1, 1)).astype(np.uint8)
+    img[:h // 4, :, 1] = (yy * 255 // max(h // 4 - 1, 1)).astype(np.uint8)
+    return img
+
+
+def bgrx(img: np.ndarray) -> np.ndarray:
+    out = np.full(img.shape[:2] + (4,), 255, np.uint8)
+    out[..., :3] = img[..., ::-1]
+    return out
+
+
+def pair(w: int = W, h: int = H, encodings=LOSSLESS_WITH_H264) -> tuple[RFBServer, RFBClient]:
+    """Our server and our client, handshake done, byte for byte through memory."""
+    server, client = RFBServer((w, h), name="t"), RFBClient(encodings=encodings)
+    events = client.receive(server.initial())
+    for _ in range(4):
+        server.receive(client.data_to_send())
+        events += client.receive(server.data_to_send())
+    assert events == [ServerInit(w, h, "t")]
+    server.receive(client.data_to_send())               # SetPixelFormat + SetEncodings
+    return server, client
+
+
+def exchange(server: RFBServer, client: RFBClient, frame: np.ndarray, damage=None,
+             incremental: bool = True) -> list:
+    """One request and its answer; the rects' encodings (None: nothing was sent)."""
+    server.receive(client.request_update(incremental))
+    data = server.update(frame, damage)
+    if not data:
+        return None
+    (update,) = client.receive(data)
+    return [r.encoding for r in update.rects]
+
+
+def close_to(got: np.ndarray, want: np.ndarray) -> None:
+    """What H.264 at our settings delivers for text-like pictures: 4:2:0 and quantisation
+    smear the edges of the glyph blocks, flat areas and the gradient stay within a few levels
+    (PSNR 28 dB or more; the lossless repaint follows)."""
+    err = np.abs(got.astype(int) - want.astype(int))
+    psnr = 10 * np.log10(255 ** 2 / max(float((err ** 2).mean()), 1e-9))
+    assert psnr >= 28 and err.mean() < 6, (psnr, err.mean())
+    assert np.percentile(err, 50) <= 3, np.percentile(err, 50)
+
+
+# ------------------------------------------------------------------------------ framing
+@settings(max_examples=300, deadline=None)
+@given(st.binary(min_size=8, max_size=8), st.integers(0, 4000), st.integers(0, 4000))
+def test_header_parse_bounds_or_refuses(data, w, h):
+    try:
+        length, flags = rfb_h264.parse_header(data, w, h)
+    except rfb_h264.H264Error as exc:
+        assert str(exc)
+        return
+    assert (length, flags) == struct.unpack(">II", data)
+    assert length <= rfb_h264.max_length(w, h)
+    assert length == 0 or (w and h)
+
+
+def test_header_round_trip_and_limits():
+    assert rfb_h264.parse_header(rfb_h264.header(1234, 3), 64, 64) == (1234, 3)
+    with pytest.raises(rfb_h264.H264Error, match="declares"):
+        rfb_h264.parse_header(rfb_h264.header(rfb_h264.max_length(64, 64) + 1), 64, 64)
+    with pytest.raises(rfb_h264.H264Error, match="0x64"):
+        rfb_h264.parse_header(rfb_h264.header(10), 0, 64)
+    with pytest.raises(rfb_h264.H264Error, match="7 bytes"):
+        rfb_h264.parse_header(b"\0" * 7, 8, 8)
+
+
+def _key_frame(w: int = 32, h: int = 32) -> bytes:
+    return H264Encoder(w, h).encode(picture(1, h, w))
+
+
+KEY_32 = None
+
+
+def key_32() -> bytes:
+    global KEY_32
+    if KEY_32 is None:
+        KEY_32 = _key_frame()
+    return KEY_32
+
+
+def h264_rect(x, y, w, h, data: bytes, flags: int = 0, length: int | None = None) -> bytes:
+    return (struct.pack(">HHHHi", x, y, w, h, H264)
+            + struct.pack(">II", len(data) if length is None else length, flags) + data)
+
+
+def connected(w: int = 64, h: int = 48, encodings=LOSSLESS_WITH_H264) -> RFBClient:
+    server, client = pair(w, h, encodings)
+    return client
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(0, 80), st.integers(0, 60), st.integers(0, 80), st.integers(0, 60),
+       st.integers(0, 2 ** 32 - 1), st.integers(0, 2 ** 32 - 1),
+       st.one_of(st.binary(max_size=300), st.sampled_from(["key", "key-cut", "key-flipped"])))
+def test_hostile_h264_rects_raise_only_rfb_client_error(x, y, w, h, length, flags, payload):
+    """Any header and payload (random bytes, a real key frame cut short or with a bit flipped,
+    a rect outside the screen or smaller than the picture): a clear error or a picture, never
+    anything else."""
+    client = connected(64, 48)
+    if payload == "key":
+        data = key_32()
+    elif payload == "key-cut":
+        data = key_32()[:len(key_32()) // 2]
+    elif payload == "key-flipped":
+        data = bytearray(key_32())
+        data[len(data) // 2] ^= 0x55
+        data = bytes(data)
+    else:
+        data = payload
+    if length % 3:                    # mostly the true length; sometimes any number at all
+        length = len(data)
+    message = struct.pack(">BxH", 0, 1) + h264_rect(x, y, w, h, data, flags, length)
+    try:
+        client.receive(message)
+    except RFBClientError as exc:
+        assert exc.reason
+        with pytest.raises(RFBClientError, match="already failed"):
+            client.receive(b"\0")
+    assert client.framebuffer.shape == (48, 64, 3)
+
+
+def test_h264_rect_errors_are_named():
+    client = connected(64, 48)
+    with pytest.raises(RFBClientError, match="cannot be decoded|no whole picture"):
+        client.receive(struct.pack(">BxH", 0, 1) + h264_rect(0, 0, 32, 32, b"\x00\x00\x01" + b"\x41" * 40))
+    client = connected(64, 48)
+    with pytest.raises(RFBClientError, match="smaller than its rect"):
+        client.receive(struct.pack(">BxH", 0, 1) + h264_rect(0, 0, 48, 40, key_32()))
+    client = connected(64, 48, encodings=(TIGHT, ZRLE))       # did not ask for H.264
+    with pytest.raises(RFBClientError, match="encoding 50 that was not asked for"):
+        client.receive(struct.pack(">BxH", 0, 1) + h264_rect(0, 0, 32, 32, key_32()))
+
+
+def test_contexts_are_per_rect_reset_by_flags_and_at_most_64():
+    client = connected(1024, 64)
+    data = key_32()
+    for i in range(rfb_h264.MAX_CONTEXTS + 1):
+        client.receive(struct.pack(">BxH", 0, 1) + h264_rect(i * 8, 0, 32, 32, data))
+    contexts = client._h264
+    assert len(contexts) == rfb_h264.MAX_CONTEXTS and contexts.frames == 65
+    assert (0, 0, 32, 32) not in contexts._contexts             # the oldest went first
+    client.receive(struct.pack(">BxH", 0, 1)
+                   + h264_rect(8, 0, 32, 32, b"", rfb_h264.RESET_CONTEXT))
+    assert len(contexts) == rfb_h264.MAX_CONTEXTS - 1
+    client.receive(struct.pack(">BxH", 0, 1)
+                   + h264_rect(0, 0, 32, 32, b"", rfb_h264.RESET_ALL_CONTEXTS | 0xF0))
+    assert len(contexts) == 0
+    alone = rfb_h264.H264Contexts().decode(0, 0, 32, 32, 0, data)   # one context by itself
+    assert np.array_equal(client.framebuffer[:32, 512:544], alone)
+
+
+# ------------------------------------------------------------------ server's adaptive choice
+def test_full_screen_changes_go_as_h264_then_a_lossless_repaint():
+    server, client = pair()
+    first = picture(0)
+    assert exchange(server, client, bgrx(first), incremental=False) == [TIGHT] * 20
+    assert np.array_equal(client.framebuffer, first)
+    for seed in (1, 2, 3):                                    # full-screen changes: video
+        frame = picture(seed)
+        assert exchange(server, client, bgrx(frame)) == [H264]
+        close_to(client.framebuffer, frame)
+    assert not np.array_equal(client.framebuffer, frame)      # lossy, as expected
+    small = frame.copy()
+    small[100:120, 100:120] = (1, 2, 3)
+    damage = [DamageRect(100, 100, 20, 20)]                   # 0.5 % of the screen
+    assert exchange(server, client, bgrx(small), damage) == [TIGHT]   # small: Tight
+    assert exchange(server, client, bgrx(small), []) is None          # quiet...
+    assert exchange(server, client, bgrx(small), []) == [TIGHT] * 20  # ...then the repaint
+    assert np.array_equal(client.framebuffer, small)
+    assert exchange(server, client, bgrx(small), []) is None          # and only once
+    assert client.decoded["h264"] == 3
+
+
+def test_a_moving_picture_in_a_window_goes_as_h264_after_a_streak():
+    server, client = pair()
+    frame = picture(0)
+    exchange(server, client, frame, incremental=False)
+    window = DamageRect(64, 64, 128, 64)                      # 10.7 % of the screen
+    kinds = []
+    for i in range(6):
+        frame = frame.copy()
+        frame[64:128, 64:192] = picture(10 + i, 64, 128)
+        kinds.append(exchange(server, client, frame, [window]))
+    assert kinds[:3] == [[TIGHT] * 2] * 3
+    assert kinds[3:] == [[H264]] * 3
+    close_to(client.framebuffer, frame)
+
+
+def test_odd_sizes_are_padded_and_cropped():
+    server, client = pair(161, 97)
+    exchange(server, client, picture(0, 97, 161), incremental=False)
+    frame = picture(5, 97, 161)
+    assert exchange(server, client, frame) == [H264]
+    close_to(client.framebuffer, frame)
+
+
+def test_clients_without_h264_never_get_it():
+    server, client = pair(encodings=(TIGHT, ZRLE, COPY_RECT))
+    exchange(server, client, picture(0), incremental=False)
+    for seed in (1, 2, 3):
+        assert set(exchange(server, client, picture(seed))) == {TIGHT}
+        assert np.array_equal(client.framebuffer, picture(seed))
+    assert server._h264_encoder is None
+
+
+def test_first_h264_frame_resets_all_contexts_and_later_ones_do_not():
+    server, client = pair()
+    exchange(server, client, picture(0), incremental=False)
+    flags = []
+    for seed in (1, 2):
+        server.receive(client.request_update(True))
+        data = server.update(picture(seed), None)
+        flags.append(struct.unpack(">I", data[4 + 12 + 4:4 + 12 + 8])[0])
+        client.receive(data)
+    assert flags == [rfb_h264.RESET_ALL_CONTEXTS, 0]
+
+
+def test_prepared_update_keeps_the_pixel_format_it_was_decided_with():
+    """The reactor decides, a worker encodes: a SetEncodings arriving in between does not
+    change the update already decided."""
+    server, client = pair(encodings=(TIGHT, ZRLE))
+    server.receive(client.request_update(False))
+    prepared = server.prepare_update(picture(0), None)
+    server.receive(client.set_encodings((ZRLE,)))
+    (update,) = client.receive(prepared.encode())
+    assert {r.encoding for r in update.rects} == {SERVER_TIGHT}
+    assert np.array_equal(client.framebuffer, picture(0))
+
+
+# -------------------------------------------------------------------------- end to end
+def _show(display: str, img: np.ndarray, window=None):
+    """A full-screen window showing ``img`` (put_image in bands), synced."""
+    from Xlib import X
+    from Xlib import display as xdisplay
+    if window is None:
+        d = xdisplay.Display(display)
+        screen = d.screen()
+        win = screen.root.create_window(0, 0, img.shape[1], img.shape[0], 0, screen.root_depth,
+                                        override_redirect=True,
+                                        background_pixel=screen.black_pixel)
+        win.map()
+        gc = win.create_gc()
+        window = (d, win, gc)
+    d, win, gc = window
+    h, w = img.shape[:2]
+    px = bgrx(img)
+    for y in range(0, h, 32):
+        chunk = px[y:y + 32]
+        win.put_image(gc, 0, y, w, chunk.shape[0], X.ZPixmap, 24, 0, chunk.tobytes())
+    d.sync()
+    return window
+
+
+def _screen(display: str) -> np.ndarray:
+    import mss
+    with mss.MSS(display=display) as sct:
+        return np.asarray(sct.grab(sct.monitors[0]))[..., 2::-1].copy()
+
+
+async def _until(reactor, predicate, timeout: float = 20.0, what: str = "") -> None:
+    from twisted.internet import task
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await task.deferLater(reactor, 0.05, lambda: None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_e2e_our_client_gets_h264_and_vncsnapshot_still_gets_tight(xvfb, tmp_path):
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+
+    from modules.common.screen.capture_x11 import ScreenSource
+    from modules.common.screen.rfb_client_twisted import RFBClientProtocol
+    from modules.common.screen.rfb_twisted import listen_vnc
+    require("vncsnapshot")
+    size = (768, 1024)
+    window = _show(xvfb.name, picture(0, *size))
+    src = ScreenSource(xvfb.name)
+    port = listen_vnc(reactor, "127.0.0.1:0", src)
+    viewer = RFBClientProtocol(encodings=LOSSLESS_WITH_H264)
+    try:
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port),
+                              viewer)
+        first = await viewer.first_frame
+        assert np.array_equal(first, _screen(xvfb.name))
+        # a full-screen change: the viewer shows it from H.264, close to the screen ...
+        changed = picture(7, *size)
+        await threads.deferToThread(_show, xvfb.name, changed, window)
+        await _until(reactor, lambda: viewer.client.decoded["h264"] >= 1, what="an H.264 rect")
+        await _until(reactor, lambda: np.abs(viewer.framebuffer.astype(int)
+                                            - changed.astype(int)).mean() < 6,
+                     what="the changed picture")
+        close_to(viewer.framebuffer, changed)
+        # ... and exactly once the screen is quiet (the lossless repaint)
+        await _until(reactor, lambda: np.array_equal(viewer.framebuffer, changed),
+                     what="the lossless repaint")
+        # a standard viewer on the same server: no H.264 announced, Tight, a correct picture
+        snap = tmp_path / "snap.jpg"
+        from twisted.internet.utils import getProcessOutputAndValue
+        out, err, code = await getProcessOutputAndValue(
+            "/usr/bin/timeout", ("20", "vncsnapshot", "-quality", "95", "-encodings", "tight",
+                                 f"127.0.0.1::{port.getHost().port}", str(snap)),
+            env=os.environ)
+        assert code == 0, out + err
+        got = np.asarray(Image.open(snap).convert("RGB")).astype(int)
+        assert np.abs(got - changed.astype(int)).mean() < 2.5
+        ours, standard = port.factory.connections
+        assert ours.rfb._h264_encoder is not None
+        assert standard.rfb.encoding == SERVER_TIGHT and standard.rfb._h264_encoder is None
+    finally:
+        viewer.transport.loseConnection()
+        await port.stopListening()
+        window[0].close()
+        src.close()
