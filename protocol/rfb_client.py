@@ -10,7 +10,8 @@ for 32 bpp little-endian true colour (red shift 16, green 8, blue 0), so a pixel
 ``B G R X``, a ZRLE CPIXEL is ``B G R`` and a Tight TPIXEL is ``R G B``.
 
 Decoded encodings: Raw, CopyRect, ZRLE (all subencodings), Tight (basic compression with four
-zlib streams, copy / palette / gradient filters, fill, JPEG via Pillow); pseudo-encodings
+zlib streams, copy / palette / gradient filters, fill, JPEG via Pillow), Open H.264 (PyAV,
+``rfb_h264``: announced where PyAV is installed); pseudo-encodings
 DesktopSize, LastRect, RichCursor and Extended Clipboard (UTF-8 clipboard text both ways with a
 server that offers it, ``rfb_ext_clipboard``; Latin-1 otherwise).  Security types None and VNC
 authentication.

@@ -45,6 +45,14 @@ def picture(seed: int, h: int = H, w: int = W) -> np.ndarray:
     return img
 
 
+def photo(seed: int, h: int = H, w: int = W) -> np.ndarray:
+    """A frame of a smooth colourful picture panning ``seed`` steps: what a video shows."""
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    xx += 12 * seed
+    return np.stack([128 + 100 * np.sin(xx / 47 + yy / 71), 128 + 100 * np.sin(xx / 31),
+                     128 + 100 * np.cos(yy / 43 - xx / 101)], axis=2).astype(np.uint8)
+
+
 def bgrx(img: np.ndarray) -> np.ndarray:
     out = np.full(img.shape[:2] + (4,), 255, np.uint8)
     out[..., :3] = img[..., ::-1]
@@ -194,13 +202,13 @@ def test_contexts_are_per_rect_reset_by_flags_and_at_most_64():
 
 
 # ------------------------------------------------------------------ server's adaptive choice
-def test_full_screen_changes_go_as_h264_then_a_lossless_repaint():
+def test_full_screen_video_goes_as_h264_then_a_lossless_repaint():
     server, client = pair()
     first = picture(0)
     assert exchange(server, client, bgrx(first), incremental=False) == [TIGHT] * 20
     assert np.array_equal(client.framebuffer, first)
     for seed in (1, 2, 3):                                    # full-screen changes: video
-        frame = picture(seed)
+        frame = photo(seed)
         assert exchange(server, client, bgrx(frame)) == [H264]
         close_to(client.framebuffer, frame)
     assert not np.array_equal(client.framebuffer, frame)      # lossy, as expected
@@ -215,6 +223,24 @@ def test_full_screen_changes_go_as_h264_then_a_lossless_repaint():
     assert client.decoded["h264"] == 3
 
 
+def test_one_text_like_full_screen_change_stays_tight_a_series_goes_h264():
+    """A window switch: sharp edges on flat colours, smaller and exact in Tight.  A series of
+    them (scrolling, switching): H.264, far cheaper to encode and decode."""
+    server, client = pair()
+    exchange(server, client, picture(0), incremental=False)
+    assert set(exchange(server, client, bgrx(picture(1)))) == {TIGHT}
+    assert np.array_equal(client.framebuffer, picture(1))
+    assert exchange(server, client, bgrx(picture(1)), []) is None     # no change: no break
+    assert exchange(server, client, bgrx(picture(2))) == [H264]
+    close_to(client.framebuffer, picture(2))
+    assert exchange(server, client, bgrx(picture(3))) == [H264]
+    for _ in range(2):
+        assert exchange(server, client, bgrx(picture(3)), []) is None
+    assert set(exchange(server, client, bgrx(picture(3)), [])) == {TIGHT}   # the repaint
+    assert np.array_equal(client.framebuffer, picture(3))
+    assert set(exchange(server, client, bgrx(picture(4)))) == {TIGHT}      # a new series
+
+
 def test_a_moving_picture_in_a_window_goes_as_h264_after_a_streak():
     server, client = pair()
     frame = picture(0)
@@ -223,7 +249,7 @@ def test_a_moving_picture_in_a_window_goes_as_h264_after_a_streak():
     kinds = []
     for i in range(6):
         frame = frame.copy()
-        frame[64:128, 64:192] = picture(10 + i, 64, 128)
+        frame[64:128, 64:192] = photo(i, 64, 128)
         kinds.append(exchange(server, client, frame, [window]))
     assert kinds[:3] == [[TIGHT] * 2] * 3
     assert kinds[3:] == [[H264]] * 3
@@ -233,7 +259,7 @@ def test_a_moving_picture_in_a_window_goes_as_h264_after_a_streak():
 def test_odd_sizes_are_padded_and_cropped():
     server, client = pair(161, 97)
     exchange(server, client, picture(0, 97, 161), incremental=False)
-    frame = picture(5, 97, 161)
+    frame = photo(5, 97, 161)
     assert exchange(server, client, frame) == [H264]
     close_to(client.framebuffer, frame)
 
@@ -242,8 +268,8 @@ def test_clients_without_h264_never_get_it():
     server, client = pair(encodings=(TIGHT, ZRLE, COPY_RECT))
     exchange(server, client, picture(0), incremental=False)
     for seed in (1, 2, 3):
-        assert set(exchange(server, client, picture(seed))) == {TIGHT}
-        assert np.array_equal(client.framebuffer, picture(seed))
+        assert set(exchange(server, client, photo(seed))) == {TIGHT}
+        assert np.array_equal(client.framebuffer, photo(seed))
     assert server._h264_encoder is None
 
 
@@ -253,7 +279,7 @@ def test_first_h264_frame_resets_all_contexts_and_later_ones_do_not():
     flags = []
     for seed in (1, 2):
         server.receive(client.request_update(True))
-        data = server.update(picture(seed), None)
+        data = server.update(photo(seed), None)
         flags.append(struct.unpack(">I", data[4 + 12 + 4:4 + 12 + 8])[0])
         client.receive(data)
     assert flags == [rfb_h264.RESET_ALL_CONTEXTS, 0]
@@ -329,7 +355,8 @@ async def test_e2e_our_client_gets_h264_and_vncsnapshot_still_gets_tight(xvfb, t
         first = await viewer.first_frame
         assert np.array_equal(first, _screen(xvfb.name))
         # a full-screen change: the viewer shows it from H.264, close to the screen ...
-        changed = picture(7, *size)
+        changed = photo(7, *size)
+        changed[300:500, 200:800] = picture(7, 200, 600)         # text in a video
         await threads.deferToThread(_show, xvfb.name, changed, window)
         await _until(reactor, lambda: viewer.client.decoded["h264"] >= 1, what="an H.264 rect")
         await _until(reactor, lambda: np.abs(viewer.framebuffer.astype(int)

@@ -661,7 +661,9 @@ class RFBServer:
         if H264 in self.encodings and _h264_encoder_available():
             full = (self._pending_full is None and region == screen and not owed_before)
             changed = sum(r.w * r.h for r in parts) / max(screen.w * screen.h, 1)
-            choice = self._video.choose(changed, full)
+            photo = (_photo_share(frame, parts)
+                     if full and (changed >= _VideoMode.MOTION or self._video.active) else 0.0)
+            choice = self._video.choose(changed, full, photo)
             if choice == _VideoMode.VIDEO:
                 h264, parts, copy_rects = True, [], []
             elif choice == _VideoMode.REFRESH:
@@ -820,15 +822,22 @@ class PreparedUpdate:
 class _VideoMode:
     """Whether an update goes out as H.264 (to a client that announced it).
 
-    VIDEO for a full-screen change (``ENTER`` of the screen changed at once) or a moving
-    picture (``MOTION`` of it changing in ``STREAK`` updates in a row, e.g. a video in a
-    window); once sending video, it stays while at least ``STAY`` changes.  Text-like and small
-    changes stay in the client's lossless encoding.  H.264 is lossy, so ``REFRESH_AFTER``
-    updates after the last H.264 frame the whole screen is sent once more losslessly.  Both
-    only for incremental requests of the whole screen (``full``); a non-incremental request is
-    answered in the lossless encoding anyway."""
+    VIDEO for a change that is full-screen (``ENTER`` of the screen at once) and photo-like
+    (``PHOTO`` of its sampled tiles hold many colours), for the second full-screen change in a
+    row whatever it shows (a series: scrolling, switching, a slide show), and for a photo-like
+    change of ``MOTION`` of the screen in ``STREAK`` updates in a row (a video in a window);
+    once sending video, it stays while at least ``STAY`` changes.  A single text-like
+    full-screen change (a window switch, a new page) and small changes stay in the client's
+    lossless encoding: for sharp edges on flat colour that is smaller and exact; H.264 is the
+    cheaper one to encode and decode by far (``bench/screen_frame_cost.py``), which is what a
+    series needs.  H.264 is lossy, so after ``REFRESH_AFTER`` updates that were not video
+    (nothing changed, or only a little) the whole screen is sent once more losslessly.  All of
+    this only for incremental requests of the whole screen (``full``); a non-incremental
+    request is answered in the lossless encoding anyway.  An update in which nothing changed
+    does not break a series (the capture may just have come between two changes)."""
 
     NORMAL, VIDEO, REFRESH = "normal", "video", "refresh"
+    PHOTO = 0.5
     ENTER = 0.30
     MOTION = 0.04
     STREAK = 4
@@ -836,28 +845,62 @@ class _VideoMode:
     REFRESH_AFTER = 3
 
     def __init__(self) -> None:
-        self.active = False       # the last update went out as H.264
+        self.active = False       # the last update that changed something went out as H.264
         self.lossy = False        # the client shows H.264 pixels not yet repainted losslessly
-        self.streak = 0
+        self.full_streak = 0      # full-screen changes in a row
+        self.motion_streak = 0    # photo-like changes of MOTION or more in a row
         self.quiet = 0
 
-    def choose(self, changed: float, full: bool) -> str:
-        """``changed``: share of the screen this update repaints (0..1)."""
-        self.streak = self.streak + 1 if full and changed >= self.MOTION else 0
-        if full and (changed >= self.ENTER or self.streak >= self.STREAK
-                     or (self.active and changed >= self.STAY)):
-            self.active = self.lossy = True
-            self.quiet = 0
-            return self.VIDEO
-        self.active = False
-        if not self.lossy or not full:
+    def choose(self, changed: float, full: bool, photo: float = 1.0) -> str:
+        """``changed``: share of the screen this update repaints (0..1); ``photo``: share of
+        its sampled tiles that look like a photo or video."""
+        if not full:
+            return self.NORMAL
+        if changed > 0:
+            big = changed >= self.ENTER
+            self.full_streak = self.full_streak + 1 if big else 0
+            moving = changed >= self.MOTION and photo >= self.PHOTO
+            self.motion_streak = self.motion_streak + 1 if moving else 0
+            if ((big and (photo >= self.PHOTO or self.full_streak >= 2))
+                    or self.motion_streak >= self.STREAK
+                    or (self.active and changed >= self.STAY)):
+                self.active = self.lossy = True
+                self.quiet = 0
+                return self.VIDEO
+            self.active = False
+        if not self.lossy:
             return self.NORMAL
         self.quiet += 1
-        if self.quiet >= self.REFRESH_AFTER:
-            self.lossy = False
-            self.quiet = 0
-            return self.REFRESH
-        return self.NORMAL
+        if self.quiet < self.REFRESH_AFTER:
+            return self.NORMAL
+        self.lossy = self.active = False
+        self.quiet = self.full_streak = self.motion_streak = 0
+        return self.REFRESH
+
+
+PHOTO_COLOURS = 24      # a 64x64 tile with more colours is photo-like (Tight's JPEG rule)
+PHOTO_SAMPLES = 24
+
+
+def _photo_share(frame: np.ndarray, parts: list[Rect]) -> float:
+    """Share of up to ``PHOTO_SAMPLES`` tiles, spread evenly over ``parts``, with more than
+    ``PHOTO_COLOURS`` colours (text and UI: a few colours per tile; photos and video: many)."""
+    tiles = [(y, x) for r in parts for y in range(r.y, r.y + r.h, TILE)
+             for x in range(r.x, r.x + r.w, TILE)]
+    if not tiles:
+        return 0.0
+    step = max(1, len(tiles) // PHOTO_SAMPLES)
+    chosen = tiles[step // 2::step][:PHOTO_SAMPLES]
+    photo = 0
+    for y, x in chosen:
+        if frame.shape[2] == 4 and frame.flags.c_contiguous:      # BGRX: one uint32 a pixel
+            values = frame.view(np.uint32)[y:y + TILE, x:x + TILE, 0]
+        else:
+            rgb = frame[y:y + TILE, x:x + TILE, :3].astype(np.uint32)
+            values = rgb[..., 0] << 16 | rgb[..., 1] << 8 | rgb[..., 2]
+        if len(np.unique(values)) > PHOTO_COLOURS:
+            photo += 1
+    return photo / len(chosen)
 
 
 _h264_ok: bool | None = None
