@@ -112,6 +112,9 @@ def _relay_fields() -> list:
         (b"relay_host", amp.Unicode()),
         (b"relay_port", amp.Integer()),
         (b"relay_token", amp.Unicode()),
+        # how long the relay keeps a session without a byte either way: the modules send
+        # keep-alives well within it, so a quiet session that is still open is not cut
+        (b"relay_idle_seconds", amp.Float(optional=True)),
     ]
 
 

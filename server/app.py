@@ -157,7 +157,8 @@ class HausmeisterServer(service.MultiService):
             idle_timeout=config.relay.idle_timeout_seconds,
             on_ended=self._relay_session_ended)
         locator = RelayLocator((config.server.public_host, self._module_port_number),
-                               [(h, p or config.relay.port) for h, p in external])
+                               [(h, p or config.relay.port) for h, p in external],
+                               idle_seconds=config.relay.idle_timeout_seconds)
         self.broker = Broker(self.db, lockouts, self.tokens.issue, locator, reactor,
                              nameplate_ttl=config.adhoc.nameplate_ttl_seconds,
                              heartbeat_seconds=config.presence.heartbeat_seconds,

@@ -69,10 +69,12 @@ class RelayTicket:
     relay_host: str
     relay_port: int
     relay_token: str
+    idle_seconds: float | None = None
 
     def fields(self) -> dict[str, Any]:
         return {"session_id": self.session_id, "relay_host": self.relay_host,
-                "relay_port": self.relay_port, "relay_token": self.relay_token}
+                "relay_port": self.relay_port, "relay_token": self.relay_token,
+                "relay_idle_seconds": self.idle_seconds}
 
 
 @dataclass
@@ -165,6 +167,7 @@ class RelayLocator:
 
     internal: tuple[str, Callable[[], int]]
     external: list[tuple[str, int]] = field(default_factory=list)
+    idle_seconds: float | None = None   # the relays' idle timeout, told to the modules
     _next: int = 0
 
     def pick(self) -> tuple[str, int]:
@@ -362,9 +365,11 @@ class Broker(NodeCalls):
             raise control.NotRecordable(NOT_RECORDABLE)
         relay_host, relay_port = self.relays.pick()
         supporter_ticket = RelayTicket(session_id, relay_host, relay_port,
-                                       self.issue_token(session_id, "supporter"))
+                                       self.issue_token(session_id, "supporter"),
+                                       self.relays.idle_seconds)
         customer_ticket = RelayTicket(session_id, relay_host, relay_port,
-                                      self.issue_token(session_id, "peer"))
+                                      self.issue_token(session_id, "peer"),
+                                      self.relays.idle_seconds)
         try:
             yield supporter.callRemote(control.SessionReady, nameplate=nameplate,
                                        peer_address=customer.address, **supporter_ticket.fields())
@@ -808,7 +813,8 @@ class Broker(NodeCalls):
         self.sessions[session_id] = live
         relay_host, relay_port = self.relays.pick()
         host_ticket = RelayTicket(session_id, relay_host, relay_port,
-                                  self.issue_token(session_id, "peer"))
+                                  self.issue_token(session_id, "peer"),
+                                  self.relays.idle_seconds)
         try:
             if isinstance(party, RemoteParty):
                 party.session_id = session_id
@@ -840,7 +846,8 @@ class Broker(NodeCalls):
         log.info("{supporter} connects to host {host_id}: session {session_id}",
                  supporter=supporter.identity.uri, host_id=host.id, session_id=session_id)
         ticket = RelayTicket(session_id, relay_host, relay_port,
-                             self.issue_token(session_id, "supporter"))
+                             self.issue_token(session_id, "supporter"),
+                             self.relays.idle_seconds)
         return {**ticket.fields(), "host_id": host.id, "host_name": host.name,
                 "host_fingerprint": party.fingerprint or ""}
 

@@ -181,7 +181,8 @@ class NodeCalls:
             answer = yield conn.callRemote(
                 control.OfferSession, supporter=body["supporter"],
                 supporter_fingerprint=body["supporter_fingerprint"],
-                **{k: body[k] for k in ("session_id", "relay_host", "relay_port", "relay_token")})
+                **{k: body[k] for k in ("session_id", "relay_host", "relay_port", "relay_token")},
+                relay_idle_seconds=body.get("relay_idle_seconds"))
         except Exception:
             self.remote_parties.pop(session_id, None)
             raise

@@ -11,7 +11,7 @@ import signal
 
 import pytest
 
-from .fixtures_server import run_cli
+from .fixtures_server import add_enrolled_supporter, run_cli
 from .fixtures_x11 import xvfb  # noqa: F401 - fixture
 from .module_process import ModuleProcess
 from .test_e2e_brokering import wait_until
@@ -169,3 +169,40 @@ def test_server_killed_with_the_in_process_relay(running_server, enrolled_suppor
         assert customer.wait() == 1 and supporter.wait() == 1
     finally:
         finish(supporter, *([customer] if customer else []))
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_quiet_session_outlives_the_relay_idle_timeout(tmp_path, db_url):
+    """Nothing to show or type for longer than the relay's idle timeout (people talking on the
+    phone, a screen that does not change): the session stays up — the server tells the modules
+    the relay's idle timeout in the ticket and a quiet side sends keep-alives within it — and
+    ends only when a person ends it.  (The relay's own idle end of dead legs: test_relay.)"""
+    import time
+
+    from .fixtures_server import ADMIN_PASSWORD, ServerProcess, write_config
+    data = tmp_path / "data"
+    srv = ServerProcess(write_config(tmp_path / "h.toml", data, db_url, extra="""
+[relay]
+idle_timeout_seconds = 1.5
+"""), data)
+    assert srv.cli("init", "--password-stdin", stdin=ADMIN_PASSWORD + "\n").returncode == 0
+    srv.start()
+    try:
+        w = {"srv": srv, "alice": add_enrolled_supporter(srv, "alice", tmp_path / "alice"),
+             "tmp": tmp_path}
+        supporter, customer = start_adhoc(w)
+        try:
+            customer.wait_for_line("granted control")
+            supporter.wait_for_line("granted control")
+            time.sleep(4.5)     # three idle timeouts without a byte of either person
+            assert supporter.proc.poll() is None and customer.proc.poll() is None, \
+                supporter.stderr + customer.stderr
+            supporter.close_stdin()
+            for side in (customer, supporter):
+                side.wait_for_line("session ended: ended by the supporter")
+            assert supporter.wait() == 0 and customer.wait() == 0
+        finally:
+            finish(supporter, customer)
+        assert end_causes(srv) == [("ended", "supporter")]
+    finally:
+        srv.stop()

@@ -62,6 +62,7 @@ Control messages (UTF-8 JSON objects, at most 64 KiB; exactly these keys, no oth
     {"type": "chat", "text": C}                           either (after terms)    C: 1-2000 chars
     {"type": "comment", "text": C}                        supporter <-> supporter only
     {"type": "bye", "reason": S}                          either
+    {"type": "keepalive"}                                 either (any time)       ignored
 
 Texts hold no control characters (``chat``/``terms`` may hold newlines and tabs), no lone
 surrogates.  Anything else — unknown type, missing or extra key, wrong type, bad size, unknown
@@ -443,6 +444,7 @@ SCHEMA: Mapping[str, Mapping[str, Callable[[Any], Any]]] = {
     "chat": {"text": _chat_text},
     "comment": {"text": _chat_text},
     "bye": {"reason": _reason},
+    "keepalive": {},
 }
 
 
@@ -717,6 +719,14 @@ class ConsentState:
         text = self._local_text(text)
         return Outcome([{"type": "chat", "text": text}], [Chat(self.role, text)])
 
+    def keepalive(self) -> Outcome:
+        """A message that means nothing: sent when the session was quiet for a while, so the
+        relay (which ends a session without a byte either way for its idle timeout) keeps a
+        session both people still have open."""
+        if self.ended:
+            return _nothing()
+        return Outcome([{"type": "keepalive"}], [])
+
     def comment(self, text: str) -> Outcome:
         """A supporter's note for the protocol; nothing is sent to the peer."""
         if self.role is not Role.SUPPORTER:
@@ -775,7 +785,7 @@ class ConsentState:
             return _nothing()  # crossed our end on the wire
         kind = message["type"]
         if not self.terms_accepted and kind not in ("terms", "terms_accepted", "request", "bye",
-                                                   "emergency_stop"):
+                                                   "emergency_stop", "keepalive"):
             raise ConsentError(f"{kind} before the support terms were accepted")
         epoch = message.get("epoch")
         # the peer's screen stream switches epochs where it sent a grant or an ack (even one
@@ -918,6 +928,9 @@ class ConsentState:
 
     def _on_bye(self, message: dict[str, Any], now: float) -> Outcome:
         return self._end(self.peer, message["reason"], send=False)
+
+    def _on_keepalive(self, message: dict[str, Any], now: float) -> Outcome:
+        return _nothing()
 
     # --- internals ----------------------------------------------------------------------------
 
@@ -1135,6 +1148,9 @@ class ConsentDriver:
 
     def chat(self, text: str) -> None:
         self.apply(self.state.chat(text))
+
+    def keepalive(self) -> None:
+        self.apply(self.state.keepalive())
 
     def comment(self, text: str) -> None:
         self.apply(self.state.comment(text))

@@ -27,7 +27,7 @@ import unicodedata
 from collections import Counter
 from typing import Any, Callable
 
-from twisted.internet import defer, stdio
+from twisted.internet import defer, stdio, task
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -53,6 +53,15 @@ CLIPBOARD_POLL_SECONDS = 1.0
 REPORT_WAIT_SECONDS = 2.0    # how long the end waits for the server to take our reports
 NOTICE_WAIT_SECONDS = 2.0    # how long a cut leg waits for the server's SessionEnded notice
 PEER_CLOSE_SECONDS = 3.0     # the side that ended closes the channel; the other waits this long
+KEEPALIVE_SECONDS = 25.0     # at most this long without a record of ours (relay idle ≥ 30 s)
+
+
+def keepalive_interval(relay_idle_seconds: float | None) -> float:
+    """How often a quiet session sends a keep-alive: a third of the relay's idle timeout (the
+    server says it in the ticket), at most ``KEEPALIVE_SECONDS``."""
+    if not relay_idle_seconds or relay_idle_seconds <= 0:
+        return KEEPALIVE_SECONDS
+    return max(0.05, min(KEEPALIVE_SECONDS, relay_idle_seconds / 3))
 
 
 def say(message: str) -> None:
@@ -218,7 +227,7 @@ class SessionRunner:
                  chat: tuple[str, ...] = (), comments: tuple[str, ...] = (),
                  screen: Any = None, viewer: dict | None = None,
                  send_files: tuple[str, ...] = (), receive_dir: str | None = None,
-                 ask_files: bool = False,
+                 ask_files: bool = False, keepalive_seconds: float = KEEPALIVE_SECONDS,
                  delegate: SessionDelegate | None = None) -> None:
         """``screen``: (source, make_injector(allowed)) when this side can show its display;
         ``viewer``: options for showing the remote screen (vnc_listen, snapshot, type);
@@ -267,6 +276,9 @@ class SessionRunner:
         self._pending: set[defer.Deferred] = set()
         self.event_ids = EventIds()
         self.done: defer.Deferred = defer.Deferred()  # fires with the EndReason
+        self.keepalive_seconds = keepalive_seconds
+        self._keepalive: task.LoopingCall | None = None
+        self._sent_since_tick = False
 
     # --- reports and the end reason ----------------------------------------------------------
 
@@ -398,6 +410,9 @@ class SessionRunner:
         self.leg.transport.registerProducer(self, True)
         self._setup_files()
         self.driver.start()
+        self._keepalive = task.LoopingCall(self._keep_alive)
+        self._keepalive.clock = self.reactor
+        self._keepalive.start(self.keepalive_seconds, now=False)
         self._maybe_request()
         self._maybe_start_screen()
         return await self.done
@@ -764,7 +779,6 @@ class SessionRunner:
     def _start_clipboard(self, display: str | None, clipboard: Any = None) -> None:
         """The clipboard of the shown screen: the source's own (a local VNC server's), else
         the X display's (xclip); polled either way, with the rights of the screen."""
-        from twisted.internet import task
 
         from modules.common.screen.clipboard_x11 import ClipboardError, XClipboard
         if getattr(self, "_clipboard_loop", None) is not None:
@@ -990,6 +1004,7 @@ class SessionRunner:
     def _send(self, channel: Channel, data: bytes) -> None:
         if self._finished and channel != Channel.CONTROL:
             return
+        self._sent_since_tick = True
         self.mux.send(channel, data)
         while True:
             record = self.mux.next_record(MAX_PAYLOAD)
@@ -1000,6 +1015,13 @@ class SessionRunner:
             except Exception as exc:  # channel already closed or failed
                 log.info("record not sent: {why}", why=str(exc))
                 break
+
+    def _keep_alive(self) -> None:
+        """Once per interval: a keep-alive if nothing of ours went out since the last tick
+        (a screen that does not change and people who only talk on the phone send nothing)."""
+        if not self._sent_since_tick and self.driver is not None and not self._finished:
+            self.driver.keepalive()
+        self._sent_since_tick = False
 
     # --- ending ------------------------------------------------------------------------------------
 
@@ -1076,9 +1098,9 @@ class SessionRunner:
             if screen is not None:
                 screen.stop()
         self._disconnect_screen_source()
-        loop = getattr(self, "_clipboard_loop", None)
-        if loop is not None and loop.running:
-            loop.stop()
+        for loop in (getattr(self, "_clipboard_loop", None), self._keepalive):
+            if loop is not None and loop.running:
+                loop.stop()
         try:
             self.leg.transport.unregisterProducer()
         except Exception:
@@ -1128,6 +1150,7 @@ async def open_session(reactor, conn, ticket: dict, ca_pem: bytes, folder,
     report = reporter(conn, leg.session_id, reactor)
     if wrap_report is not None:
         report = wrap_report(report, leg.session_id)
+    options.setdefault("keepalive_seconds", keepalive_interval(ticket.get("relay_idle_seconds")))
     runner = SessionRunner(reactor, leg, make_channel(leg.session_id), consent, ui, report,
                            delegate=delegate, **options)
     conn.session_end_handlers[leg.session_id] = runner.server_ended
