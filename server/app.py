@@ -270,7 +270,11 @@ class HausmeisterServer(service.MultiService):
         self.module_port = listen_guarded(
             self.reactor, c.listen.module_port, self.guard, "module port",
             ("Hello or OpenRelayLeg", c.limits.first_command_seconds),
-            tls.ServerContextFactory(module_ctx), factory, c.listen.interface, tls.LISTEN_BACKLOG)
+            tls.ServerContextFactory(module_ctx), factory, c.listen.interface, tls.LISTEN_BACKLOG,
+            # control boxes are written whole and the TCP transport sends one iteration's writes
+            # in one go: aggregation would only add a timer per answer (every heartbeat) and an
+            # object per connection; relay legs turn it off anyway (server.relay.core)
+            write_aggregation=False)
         web = WebPlane(self.db, self.store, self.enrollment, c.server.public_host,
                        self._module_port_number, c.certificates.renew_before_days,
                        console=self.make_console(), signin=self.signin)

@@ -89,7 +89,12 @@ def test_commands_out_of_order_or_for_another_role_are_refused(running_server, e
     assert error_code(customer.call("JoinAdhoc", nameplate=b"1234")) == b"WRONG_STATE"  # once only
 
     host = RawModule(srv, enrolled_host)
-    host.hello()
+    assert error_code(host.call("Heartbeat")) == b"WRONG_STATE"  # no Hello yet
+    answer = host.hello()  # identity and expiry from what the verify callback parsed
+    assert answer[b"role"] == b"host" and answer[b"identity"].startswith(b"hausmeister:host:")
+    assert answer[b"certificate_not_after"].startswith(b"20")
+    beat = host.call("Heartbeat")  # answered without AMP's responder machinery, same box
+    assert beat[b"_answer"] == str(host.tag).encode() and float(beat[b"server_time"]) > 0
     assert error_code(host.call("AllocateNameplate")) == b"FORBIDDEN"
     assert error_code(host.call("ConnectHost", host=b"pc1")) == b"FORBIDDEN"
 
