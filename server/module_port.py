@@ -375,9 +375,11 @@ class ConnectionRegistry:
         """Tell every greeted module that the server is going away cleanly (``ServerGoingAway``:
         come back in ``back_in`` s, spread over ``spread`` s) and close its connection.
 
-        The notice is one box, encoded once; each connection encrypts it and its TCP transport
-        closes once it is written (no TLS close_notify round trip).  The broker has marked the
-        hosts offline already, so the closing connections write nothing."""
+        The notice is one box, encoded once; each connection encrypts it and sends it at once,
+        then its socket is closed here and taken off the reactor, so the reactor's shutdown does
+        not run the TLS, AMP and broker teardown for each of them (~1.4 ms each, 28 s for 20,000
+        hosts, during which the hosts would have been refused and backed off).  The broker has
+        marked the hosts offline already and the process is about to exit."""
         self.closing = True
         notice = encode_box({b"_command": b"ServerGoingAway",
                              b"back_in": repr(float(back_in)).encode(),
@@ -388,18 +390,16 @@ class ConnectionRegistry:
             if tls is None or conn.relay_leg is not None:
                 continue
             if conn.greeted:
-                aggregator = getattr(tls, "_aggregator", None)  # BufferingTLSTransport's
-                if aggregator is not None:
-                    aggregator.flush()
-                # past the aggregation, which would write it on the next reactor iteration
-                (TLSMemoryBIOProtocol.write if isinstance(tls, TLSMemoryBIOProtocol)
-                 else type(tls).write)(tls, notice)
+                if getattr(tls, "_aggregator", None) is not None:  # the single port's TLS
+                    tls._aggregator.flush()  # past the aggregation: it would write too late
+                    TLSMemoryBIOProtocol.write(tls, notice)
+                else:
+                    tls.write(notice)
                 told += 1
             tcp = getattr(tls, "transport", tls)
-            if hasattr(tcp, "doWrite"):
-                # into the kernel now: the reactor's shutdown drops what is still buffered
-                tcp.doWrite()
-            tcp.loseConnection()
+            if not _close_socket_now(tcp):
+                tcp.loseConnection()
+        self._connections.clear()
         return told
 
     def drop_revoked(self, revoked: set[str]) -> int:
@@ -409,6 +409,23 @@ class ConnectionRegistry:
                 conn.abort(f"certificate {conn.serial} was revoked")
                 dropped += 1
         return dropped
+
+
+def _close_socket_now(tcp) -> bool:
+    """Write what ``tcp`` (a Twisted TCP transport) holds, close its socket and take it off the
+    reactor, without ``connectionLost``; False if it is not such a transport (a tunnel)."""
+    sock = getattr(tcp, "socket", None)
+    if sock is None or not hasattr(tcp, "doWrite") or tcp.disconnected:
+        return False
+    tcp.doWrite()  # the notice into the kernel, which sends it before the FIN
+    tcp.reactor.removeReader(tcp)
+    tcp.reactor.removeWriter(tcp)
+    tcp.connected, tcp.disconnected = False, True  # a late write is dropped, not attempted
+    try:
+        sock.close()
+    except OSError:
+        pass
+    return True
 
 
 class ModulePort(protocol.Factory):

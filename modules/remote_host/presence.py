@@ -163,6 +163,8 @@ class HostPresence:
             d.addTimeout(every * 2, self.reactor)
 
             def missed(failure):
+                if conn._lost is not None:  # the connection ended: _lost says so, once
+                    return None
                 log.warn("heartbeat not answered ({why}): reconnecting", why=failure.getErrorMessage())
                 conn.transport.abortConnection()
             return d.addErrback(missed)
