@@ -31,6 +31,8 @@ from .db.models import Host, HostGroup, Role, Session, Tenant, User, UserGroup
 from .pki import utcnow
 from . import storage_health
 from .session_protocol import ProtocolError, SessionSummary
+from .session_recovery import anchor_protocol
+from .cluster import NodeCallFailed
 from .broker_nodes import (PRESENCE_BATCH_SECONDS, NodeCalls, RemoteParty, _drop_nameplates,
                            _take_nameplate)
 
@@ -468,11 +470,16 @@ class Broker(NodeCalls):
         self._tell_forget(live)
         d = self.db.run(_end_session, live.session_id, end)
         if self.protocols is not None:
-            d.addCallback(lambda _: self.blocking(self.protocols.ended, live.tenant,
-                                                  live.summary(end, 0, 0)))
+            d.addCallback(lambda _: self.blocking(self._close_protocol, live, end))
             d.addErrback(lambda f: log.failure("could not close the protocol of session "
                                                "{session_id}", f, session_id=live.session_id))
         return d
+
+    def _close_protocol(self, live: LiveSession, end: EndReason) -> None:
+        """In the pool: the ``ended`` line, then its anchor in the session's row."""
+        ended = self.protocols.ended(live.tenant, live.summary(end, 0, 0))
+        self.db.call(anchor_protocol, live.session_id,
+                     self.protocols.file_of(live.tenant, live.session_id), ended)
 
     def session_event(self, conn, session_id: str, kind: str, detail: dict) -> defer.Deferred:
         """A party's report; stamped with the identity of the connection it came over.  A party
@@ -832,6 +839,10 @@ class Broker(NodeCalls):
         except Exception as exc:
             yield self._end_early(live, EndReason(EndCause.CONNECTION_LOST, "host",
                                                   f"did not answer the offer: {exc}"[:120]))
+            if isinstance(exc, NodeCallFailed) and exc.code in ("timeout", "unreachable"):
+                raise control.HostOffline(
+                    f"host {host.name!r} did not answer: its server node {party.node} did not "
+                    f"answer in time (it may be down); try again in a minute")
             raise control.HostOffline(f"host {host.name!r} did not answer: {exc}")
         if not answer["accepted"]:
             yield self._end_early(live, EndReason(EndCause.DECLINED, "host"))

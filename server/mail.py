@@ -282,6 +282,7 @@ class OutboxService(Service):
         self._reactor = reactor
         self._loop: task.LoopingCall | None = None
         self._running_run: defer.Deferred | None = None
+        self._holding = False  # whether the last tick held the outbox lock
 
     def _run_db(self, fn: Callable[..., Any], *args: Any) -> Awaitable[Any]:
         return self.outbox.db.run(fn, *args).asFuture(asyncio.get_running_loop())
@@ -293,7 +294,7 @@ class OutboxService(Service):
         if self.runner is not None and self.runner.shared:
             d = run_blocking(self.runner.holds)
             d.addCallback(lambda mine: defer.Deferred.fromFuture(asyncio.ensure_future(
-                self.outbox.deliver_due(self._run_db))) if mine else None)
+                self.outbox.deliver_due(self._run_db))) if self._lock_held(mine) else None)
         else:
             d = defer.Deferred.fromFuture(asyncio.ensure_future(
                 self.outbox.deliver_due(self._run_db)))
@@ -309,6 +310,18 @@ class OutboxService(Service):
         d.addErrback(failed)
         self._running_run = d if not d.called else None
         return d
+
+    def _lock_held(self, mine: bool) -> bool:
+        """Say when this node takes over or loses the delivery (several nodes: one at a time)."""
+        if mine != self._holding:
+            self._holding = mine
+            if mine:
+                log.info("mail outbox: this node delivers the mail now (it holds the outbox "
+                         "lock)")
+            else:
+                log.warn("mail outbox: another node holds the outbox lock now; this node stops "
+                         "delivering")
+        return mine
 
     def startService(self) -> None:
         super().startService()

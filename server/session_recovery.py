@@ -88,7 +88,9 @@ def _unfinished(session, keep: set[str], node: str | None = None,
     return found
 
 
-def _anchor(session, session_id: str, path: str | None, ended: dict) -> None:
+def anchor_protocol(session, session_id: str, path: str | None, ended: dict) -> None:
+    """The session's protocol file and its ``ended`` line as the anchor of the file's hash
+    chain (a file cut after its end is then caught by ``protocol verify``)."""
     row = session.get(Session, session_id)
     if row is None:
         return
@@ -117,7 +119,7 @@ def _close_protocols(db: Database, protocols: SessionProtocols | None,
             continue
         try:
             ended = protocols.ended(tenant, summary, "server")
-            db.call(_anchor, summary.session_id, protocols.file_of(tenant, summary.session_id),
+            db.call(anchor_protocol, summary.session_id, protocols.file_of(tenant, summary.session_id),
                     ended)
         except Exception:
             log.failure("could not close the protocol of session {session_id}",

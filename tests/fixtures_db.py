@@ -7,6 +7,7 @@ it (``fresh_postgres_url``).  ``db_url`` / ``database`` run a test once per back
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import pwd
@@ -159,9 +160,10 @@ def postgres_url() -> Iterator[str]:
         cluster.remove()
 
 
-@pytest.fixture
-def fresh_postgres_url(postgres_url: str) -> Iterator[str]:
-    """URL of a new, empty database in the session's cluster; dropped after the test."""
+@contextlib.contextmanager
+def new_postgres_database(postgres_url: str) -> Iterator[str]:
+    """URL of a new, empty database in the session's cluster, dropped on leaving (for fixtures
+    of a wider scope than one test)."""
     from sqlalchemy.engine import make_url
     url = make_url(postgres_url)
     name = f"t_{uuid.uuid4().hex[:16]}"
@@ -172,6 +174,13 @@ def fresh_postgres_url(postgres_url: str) -> Iterator[str]:
     finally:
         with _connect(url.port) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def fresh_postgres_url(postgres_url: str) -> Iterator[str]:
+    """URL of a new, empty database in the session's cluster; dropped after the test."""
+    with new_postgres_database(postgres_url) as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgresql"], ids=["sqlite", "postgresql"])

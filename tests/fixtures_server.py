@@ -93,7 +93,7 @@ class ServerProcess:
         return result.stdout
 
     def start(self, timeout: float = 30) -> "ServerProcess":
-        self.log_path = self.data_dir.parent / "server.log"
+        self.log_path = self.log_path or self.data_dir.parent / "server.log"
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "server.cli", "-c", str(self.config), "--log-level", "debug", "run"],

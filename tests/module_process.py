@@ -69,6 +69,24 @@ class ModuleProcess:
                                          f"(exit {self.proc.poll()}):\n" + "\n".join(self._err))
                 self._cond.wait(min(left, 0.2))
 
+    def wait_for_output(self, pattern: str, timeout: float = 30) -> re.Match:
+        """The first stdout text (from what was not read yet) matching ``pattern``; stdout up
+        to the end of that match is consumed."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                match = regex.search(self._out.decode(errors="replace"))
+                if match:
+                    del self._out[:len(match.string[:match.end()].encode())]
+                    return match
+                left = deadline - time.monotonic()
+                if left <= 0 or self.proc.poll() is not None:
+                    raise AssertionError(f"no stdout matching {pattern!r} (exit "
+                                         f"{self.proc.poll()}): {bytes(self._out)[-2000:]!r}"
+                                         "\nstderr:\n" + "\n".join(self._err))
+                self._cond.wait(min(left, 0.2))
+
     def read_exactly(self, expected: bytes, timeout: float = 30) -> None:
         deadline = time.monotonic() + timeout
         with self._cond:

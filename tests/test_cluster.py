@@ -13,15 +13,10 @@ leaves to a relay or to a node still alive).
 from __future__ import annotations
 
 import datetime as dt
-import http.client
-import json
 import re
 import signal
-import ssl
 import time
 import uuid
-from pathlib import Path
-from urllib.parse import urlencode, urlsplit
 
 import pytest
 import pytest_twisted
@@ -34,86 +29,13 @@ from server.session_protocol import verify
 from modules.common.link.folder import ModuleFolder
 from modules.common.link.servers import ServersError, parse_server, set_servers
 
-from .fixtures_server import (ADMIN_PASSWORD, ServerProcess, add_enrolled_host,
-                              add_enrolled_supporter, free_port, run_cli)
+from .fixtures_cluster import Console, hosts_node, node_config, protocol_lines
+from .fixtures_server import (ADMIN_PASSWORD, add_enrolled_host, add_enrolled_supporter,
+                              free_port, run_cli)
 from .module_process import ModuleProcess
 from .test_e2e_brokering import answers, server_args, wait_until
 
 pytestmark = pytest.mark.e2e
-
-
-def node_config(tmp_path: Path, name: str, db_url: str, relay_port: int) -> ServerProcess:
-    shared = tmp_path / "shared"
-    data = tmp_path / name
-    config = tmp_path / f"{name}.toml"
-    config.write_text(f"""
-[server]
-data_dir = "{data}"
-cert_dir = "{shared}/certs"
-protocol_dir = "{shared}/protocols"
-recording_dir = "{shared}/recordings"
-
-[listen]
-https_port = 0
-module_port = 0
-
-[database]
-url = "{db_url}"
-
-[certificates]
-revocation_poll_seconds = 0.5
-
-[relay]
-port = {relay_port}
-external = ["127.0.0.1:{relay_port}"]
-secret_file = "{shared}/relay.secret"
-
-[cluster]
-enabled = true
-node_name = "{name}"
-node_timeout_seconds = 3
-""")
-    return ServerProcess(config, data)
-
-
-class Console:
-    """A browser's view of the console cookie: one cookie, sent to whichever node."""
-
-    def __init__(self, ca_file: Path) -> None:
-        self.tls = ssl.create_default_context(cafile=str(ca_file))
-        self.tls.check_hostname = False  # the node is reached by address; the CA is pinned
-        self.cookie = ""
-
-    def request(self, base_url: str, method: str, path: str, form: dict | None = None):
-        parts = urlsplit(base_url)
-        conn = http.client.HTTPSConnection(parts.hostname, parts.port, context=self.tls,
-                                           timeout=30)
-        headers = {"Cookie": f"hm_console={self.cookie}"} if self.cookie else {}
-        body = None
-        if form is not None:
-            body = urlencode(form)
-            headers["Content-Type"] = "application/x-www-form-urlencoded"
-        conn.request(method, path, body=body, headers=headers)
-        response = conn.getresponse()
-        page = response.read().decode(errors="replace")
-        for header, value in response.getheaders():
-            found = re.match(r"hm_console=([^;]*)", value) if header.lower() == "set-cookie" else None
-            if found:
-                self.cookie = found.group(1)
-        conn.close()
-        return response.status, response.getheader("Location") or "", page
-
-
-def hosts_node(db: Database) -> dict[str, tuple[str | None, bool]]:
-    return {name: (node, online) for name, node, online in db.call(
-        lambda s: s.execute(select(Host.name, Host.node, Host.online)).all())}
-
-
-def protocol_lines(tmp_path: Path, session_id: str) -> list[dict]:
-    lines = []
-    for path in (tmp_path / "shared" / "protocols").rglob(f"*{session_id}*.jsonl"):
-        lines += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return lines
 
 
 @pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)

@@ -83,6 +83,32 @@ def cmd_adhoc(args: argparse.Namespace) -> int:
     return exit_code(ended.get("reason"))
 
 
+def _print_hosts(hosts: list, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(hosts, indent=1), flush=True)
+        return
+    if not hosts:
+        print("no hosts you may reach", flush=True)
+        return
+    print(f"{'STATUS':8} {'NAME':24} {'GROUP':14} {'LAST SEEN':20} {'ADDRESS':16} HOST ID")
+    for h in hosts:
+        seen = h["last_seen"][:19].replace("T", " ") if h["last_seen"] else "never"
+        print(f"{'online' if h['online'] else 'offline':8} {h['name'][:24]:24} {h['group'][:14]:14} "
+              f"{seen:20} {h['address'][:16]:16} {h['host_id']}")
+    sys.stdout.flush()
+
+
+def _print_change(hosts: list, fields: dict, as_json: bool) -> None:
+    """One line per presence change the server pushes (``--watch``)."""
+    name = next((h["name"] for h in hosts if h["host_id"] == fields["host_id"]), "")
+    if as_json:
+        print(json.dumps({**fields, "name": name}), flush=True)
+        return
+    seen = fields["last_seen"][:19].replace("T", " ") if fields["last_seen"] else "never"
+    print(f"{'online' if fields['online'] else 'offline':8} {name[:24]:24} {seen:20} "
+          f"{fields['address'][:16]:16} {fields['host_id']}", flush=True)
+
+
 def cmd_hosts(args: argparse.Namespace) -> int:
     folder, address, ca_pem = _control(args)
     hosts: list = []
@@ -91,19 +117,18 @@ def cmd_hosts(args: argparse.Namespace) -> int:
         conn = await connect(reactor, address, ca_pem, folder)
         await hello(conn, KIND)
         hosts.extend(await list_hosts(conn))
-        conn.transport.loseConnection()
+        if not args.watch:
+            conn.transport.loseConnection()
+            return
+        # the server pushes each listed host's changes (no polling) until the connection ends
+        _print_hosts(hosts, args.json)
+        conn.on_host_presence = lambda fields: _print_change(hosts, fields, args.json)
+        why = await conn.lost
+        raise ModuleError(f"lost the connection to the server ({why}): run `hosts --watch` "
+                          "again")
     run_reactor(main)
-    if args.json:
-        print(json.dumps(hosts, indent=1))
-        return 0
-    if not hosts:
-        print("no hosts you may reach")
-        return 0
-    print(f"{'STATUS':8} {'NAME':24} {'GROUP':14} {'LAST SEEN':20} {'ADDRESS':16} HOST ID")
-    for h in hosts:
-        seen = h["last_seen"][:19].replace("T", " ") if h["last_seen"] else "never"
-        print(f"{'online' if h['online'] else 'offline':8} {h['name'][:24]:24} {h['group'][:14]:14} "
-              f"{seen:20} {h['address'][:16]:16} {h['host_id']}")
+    if not args.watch:
+        _print_hosts(hosts, args.json)
     return 0
 
 
@@ -167,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("hosts", help="list the hosts you may reach, online first")
     add_home(s, KIND)
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    s.add_argument("--watch", action="store_true",
+                   help="stay connected and print a line whenever a listed host comes online or "
+                   "goes offline (pushed by the server; Ctrl+C ends)")
     s.set_defaults(func=cmd_hosts)
 
     s = sub.add_parser("connect", help="start a session with an unattended host")

@@ -438,6 +438,9 @@ class RelayService(service.Service):
     def write_state(self, ports: list[int]) -> None:
         """``relay-<pid>.json`` in the data folder: which ports this relay process listens on."""
         data_dir = self.config.server.data_dir
+        # a relay on its own machine shares what `init` made (database, certificates, secret);
+        # its own folder holds only this file
+        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.state_path = data_dir / f"relay-{os.getpid()}.json"
         tmp = self.state_path.with_suffix(".tmp")
         # "sessions": what this relay carries, so a server restarting after a crash leaves them
