@@ -12,12 +12,17 @@ feeding ``FramebufferWidget`` (modules/common/qt/viewer.py) as a window on Qt's 
 serving the same source Xvfb.  Not included: the session's AES-GCM channel and the relay hop
 (bench/channel_throughput.py and relay_throughput.py measure those).  Two ways of timing:
 
-* **painted** (our viewer only): a paint hook records when the widget *painted* a frame
-  showing the change.
+* **painted** (our viewer only): a paint hook fires when the widget *painted* a frame
+  showing the change (event-driven: nothing in the viewer's process polls while it waits).
 * **on screen** (both viewers, the same way): a separate watcher process polls the viewer
   display's pixels (XGetImage, 1x1) and stamps when the change is visible there.  TigerVNC's
   viewer (full screen, its default encodings) and ours (a frameless 1:1 window at 0,0) both
-  show x11vnc's picture of the same source, so the server side is identical.
+  show x11vnc's picture of the same source, so the server side is identical; ours is also
+  timed this way on our own server.
+
+Our viewer runs as the app ships it: decoding in its own thread (``--gui-loop``: on the GUI
+loop, as before) and asking for the next update when one starts (``--late-request``: after it
+was decoded, as before).
 
 Figures: **latency**: a 120x120 square changes colour at a random spot (XFillRectangle +
 XSync), time until its centre shows the new colour (within 24 per channel: JPEG);
@@ -117,7 +122,7 @@ class Viewer:
     """The app's viewer on one RFB connection; remembers when it painted what."""
 
     def __init__(self, reactor, port: int, prefer: str = "tight",
-                 decode_thread: bool = False) -> None:
+                 decode_thread: bool = False, request_early: bool = True) -> None:
         from PySide6.QtCore import Qt
         from twisted.internet import endpoints
 
@@ -129,6 +134,7 @@ class Viewer:
         first = {"tight": TIGHT, "zrle": ZRLE}[prefer]
         encodings = (first,) + tuple(e for e in DEFAULT_ENCODINGS if e != first)
         self.protocol = RFBClientProtocol(on_event=self._event, decode_thread=decode_thread,
+                                          request_early=request_early,
                                           encodings=encodings,
                                           call_in_reactor=reactor.callFromThread)
         viewer = self
@@ -136,13 +142,12 @@ class Viewer:
         class ProbedWidget(FramebufferWidget):
             def paintEvent(self, event):  # noqa: N802
                 super().paintEvent(event)
-                fb = viewer.protocol.framebuffer
-                if fb.size:
-                    viewer.painted.append((time.perf_counter(), [
-                        tuple(int(v) for v in fb[y, x]) for x, y in viewer.probes]))
-                    del viewer.painted[:-4]
+                if viewer.waiting is not None:
+                    viewer._painted()
+        self.reactor = reactor
         self.probes: list[tuple[int, int]] = []
-        self.painted: list[tuple[float, list]] = []   # (time, probe pixels at paint time)
+        # (since, wanted probe pixels, Deferred): checked at each paint, nothing polls
+        self.waiting: tuple[float, list, object] | None = None
         self.widget = ProbedWidget(lambda: self.protocol.framebuffer, lambda *a: None,
                                    lambda *a: None, lambda: False,
                                    lock=self.protocol.framebuffer_lock)
@@ -157,28 +162,37 @@ class Viewer:
         if isinstance(event, self.FramebufferUpdated):
             self.widget.screen_changed([(r.x, r.y, r.width, r.height) for r in event.rects])
 
-    def shows(self, since: float, want: list) -> float | None:
-        """When a paint after ``since`` showed ``want`` at the probes (None: not yet)."""
-        for at, pixels in self.painted:
-            if at >= since and pixels == want:
-                return at
-        return None
+    def _painted(self) -> None:
+        since, want, d = self.waiting
+        at = time.perf_counter()
+        with self.protocol.framebuffer_lock:
+            fb = self.protocol.framebuffer
+            pixels = [tuple(int(v) for v in fb[y, x]) for x, y in self.probes] if fb.size else []
+        if at >= since and pixels == want:
+            self.waiting = None
+            self.reactor.callLater(0, d.callback, at)
+
+    def shown(self, since: float, want: list, timeout: float):
+        """A Deferred firing with the time of the first paint after ``since`` that showed
+        ``want`` at the probes, or None after ``timeout`` s.  Event-driven (the paint hook),
+        so the measurement takes no GIL turns from the decoder while it waits."""
+        from twisted.internet import defer
+        d = defer.Deferred()
+        self.waiting = (since, want, d)
+
+        def expire():
+            if self.waiting is not None and self.waiting[2] is d:
+                self.waiting = None
+                d.callback(None)
+        timer = self.reactor.callLater(timeout, expire)
+        d.addBoth(lambda r: (timer.cancel() if timer.active() else None, r)[1])
+        return d
 
 
 def sleep(seconds: float):
     """A pause on the reactor (the scenario is a Twisted coroutine on qasync's loop)."""
     from twisted.internet import reactor, task
     return task.deferLater(reactor, seconds, lambda: None)
-
-
-async def until(predicate, timeout: float = 5.0):
-    deadline = time.perf_counter() + timeout
-    while time.perf_counter() < deadline:
-        value = predicate()
-        if value is not None and value is not False:
-            return value
-        await sleep(0.001)
-    return None
 
 
 async def latency(viewer: Viewer, painter: Painter, samples: int) -> list[float]:
@@ -193,10 +207,10 @@ async def latency(viewer: Viewer, painter: Painter, samples: int) -> list[float]
             if tuple(int(v) for v in fb[y + 60, x + 60]) != rgb:
                 break
         viewer.probes = [(x + 60, y + 60)]
-        viewer.painted.clear()
+        shown = viewer.shown(0.0, [rgb], 5)     # no paint before the change shows rgb
         painter.square(x, y, 120, rgb)
         t0 = time.perf_counter()
-        shown = await until(lambda: viewer.shows(t0, [rgb]))
+        shown = await shown
         if shown is not None:
             out.append((shown - t0) * 1000)
     return out
@@ -209,10 +223,9 @@ async def full_screen_fps(viewer: Viewer, painter: Painter, pics, seconds: float
     while time.perf_counter() - start < seconds:
         i = frames % len(pics)
         want = [tuple(int(v) for v in pics[i][5, 5]), tuple(int(v) for v in pics[i][-9, -3])]
-        viewer.painted.clear()
-        t0 = time.perf_counter()
+        shown = viewer.shown(time.perf_counter(), want, 10)
         painter.show_picture(i)
-        if await until(lambda: viewer.shows(t0, want), timeout=10) is None:
+        if await shown is None:
             break
         frames += 1
     return frames / (time.perf_counter() - start)
@@ -297,9 +310,11 @@ def main() -> None:
     ap.add_argument("--max-fps", type=float, default=30, help="our server's capture rate cap")
     ap.add_argument("--prefer", choices=("tight", "zrle"), default="tight",
                     help="the encoding our viewer asks for first (the app asks for Tight)")
-    ap.add_argument("--decode-thread", action="store_true",
-                    help="decode in a thread of its own (RFBClientProtocol decode_thread; the "
-                         "app does not yet, see bench/README.md)")
+    ap.add_argument("--gui-loop", action="store_true",
+                    help="decode on the GUI loop (before: the app decodes in a thread of its own)")
+    ap.add_argument("--late-request", action="store_true",
+                    help="ask for the next update only after one is decoded (before: the app "
+                         "asks when an update starts)")
     args = ap.parse_args()
     width, height = map(int, args.size.split("x"))
     display = start_xvfb(args.size)
@@ -342,7 +357,8 @@ def main() -> None:
             await blank(painter)
             watcher = Watcher(reactor, viewer_display.name)
             for name, port in (("hausmeister", ours), ("x11vnc", x11vnc)):
-                viewer = Viewer(reactor, port, args.prefer, args.decode_thread)
+                viewer = Viewer(reactor, port, args.prefer, not args.gui_loop,
+                                not args.late_request)
                 await viewer.connected
                 try:
                     await viewer.protocol.first_frame
@@ -354,11 +370,12 @@ def main() -> None:
                 await sleep(1.0)      # the last frame settles
                 cpu = await idle_cpu(args.idle_seconds)
                 painted[name] = (lat, rate, cpu, viewer.widget.frames_painted)
-                if port == x11vnc:    # the same window, timed on the viewer display
-                    lat = await latency_on_screen(watcher, painter, args.samples,
-                                                  await blank(painter))
-                    rate = await fps_on_screen(watcher, painter, pics, spots, args.fps_seconds)
-                    on_screen["hausmeister viewer"] = (lat, rate)
+                # the same window, timed on the viewer display by the watcher process
+                lat = await latency_on_screen(watcher, painter, args.samples,
+                                              await blank(painter))
+                rate = await fps_on_screen(watcher, painter, pics, spots, args.fps_seconds)
+                on_screen["hausmeister viewer" if port == x11vnc else "hausmeister, own server"] \
+                    = (lat, rate)
                 viewer.protocol.transport.loseConnection()
                 viewer.widget.close()
             # TigerVNC's viewer, full screen on the viewer display, on the same x11vnc
@@ -391,20 +408,25 @@ def main() -> None:
         reactor.run()
         print(f"source {display.name}, viewer display {viewer_display.name}, {args.size}; our "
               f"viewer: the app's RFBClientProtocol + FramebufferWidget (Qt xcb, qasync; "
-              f"{'decoder thread' if args.decode_thread else 'decoding on the GUI loop'}, "
+              f"{'decoding on the GUI loop' if args.gui_loop else 'decoder thread'}, next "
+              f"request {'after' if args.late_request else 'at the start of'} each update, "
               f"{args.prefer} first); our server's capture cap {args.max_fps:g} fps; load average "
               f"{os.getloadavg()[0]:.1f}")
+        print("asked of x11vnc: ours Tight, compression level 6, JPEG quality 8; TigerVNC "
+              "Tight, compression level 2, quality 8 (its bandwidth auto-select on loopback; "
+              "x11vnc logs both, and sends the same bytes for levels 2 and 6 here)")
         print("\npainted in our viewer's widget (paint hook), by the server behind it")
         print(f"{'server':12} {'p50 ms':>8} {'p95 ms':>8} {'n':>4} {'fps full':>9} "
               f"{'idle CPU':>9} {'paints':>7}")
         for name, (lat, rate, cpu, paints) in painted.items():
             print(f"{name:12} {pct(lat, 50):8.1f} {pct(lat, 95):8.1f} {len(lat):4d} {rate:9.1f} "
                   f"{cpu:9.1%} {paints:7d}")
-        print("\non the viewer display (watcher process, XGetImage), both viewers on x11vnc")
-        print(f"{'viewer':20} {'p50 ms':>8} {'p95 ms':>8} {'n':>4} {'fps full':>9}")
+        print("\non the viewer display (watcher process, XGetImage); both viewers on x11vnc, "
+              "ours also on our server")
+        print(f"{'viewer':24} {'p50 ms':>8} {'p95 ms':>8} {'n':>4} {'fps full':>9}")
         for name, (lat, rate) in on_screen.items():
-            print(f"{name:20} {pct(lat, 50):8.1f} {pct(lat, 95):8.1f} {len(lat):4d} {rate:9.1f}")
-        if len(on_screen) == 2:
+            print(f"{name:24} {pct(lat, 50):8.1f} {pct(lat, 95):8.1f} {len(lat):4d} {rate:9.1f}")
+        if "hausmeister viewer" in on_screen and "TigerVNC viewer" in on_screen:
             (ol, orate), (tl, trate) = on_screen["hausmeister viewer"], on_screen["TigerVNC viewer"]
             print(f"\nours / TigerVNC: latency p50 {pct(ol, 50) / pct(tl, 50):.2f}x, p95 "
                   f"{pct(ol, 95) / pct(tl, 95):.2f}x (lower is better); full-screen fps "

@@ -225,6 +225,9 @@ class RFBClient:
         # called with the rects right after a FramebufferUpdate is complete, before any later
         # byte is decoded: a decoder thread publishes a consistent picture from here
         self.update_applied: Callable[[tuple[Rect, ...]], None] | None = None
+        # called when a FramebufferUpdate's header has arrived, before its rects are decoded: a
+        # viewer asks for the next update here, so the server prepares it while this one decodes
+        self.update_started: Callable[[], None] | None = None
         self._gen = self._run()
         self._need = next(self._gen)
 
@@ -397,6 +400,8 @@ class RFBClient:
 
     def _framebuffer_update(self) -> _Reader:
         (count,) = struct.unpack(">xH", (yield 3))
+        if self.update_started is not None:
+            self.update_started()
         rects: list[Rect] = []
         i = 0
         while i < count:

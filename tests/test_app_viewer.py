@@ -89,3 +89,36 @@ def test_paused_mark_keeps_the_last_picture(qt_app):  # noqa: F811
     assert widget.grab().toImage().pixelColor(640, 100).red() == 200
     assert path.exists()
     widget.close()
+
+
+def test_fit_to_window_repaints_only_what_changed(qt_app):  # noqa: F811
+    """Fit to the window (the app's default): an update repaints the changed area scaled (a
+    pixel more around it), not the whole smooth-scaled picture, and the screen shows it."""
+    from modules.common.qt.viewer import FramebufferWidget
+    fb = np.zeros((600, 800, 3), np.uint8)
+    fb[:, :, 0] = 200
+    painted: list = []
+
+    class Recorded(FramebufferWidget):
+        def paintEvent(self, event):  # noqa: N802
+            painted.append(event.rect())
+            super().paintEvent(event)
+    widget = Recorded(lambda: fb, lambda *a: None, lambda *a: None, lambda: False)
+    widget.setWindowFlags(Qt.FramelessWindowHint)
+    widget.resize(1000, 750)                       # 800x600 scaled by 1.25
+    widget.show()
+    QTest.qWaitForWindowExposed(widget)
+    widget.screen_changed([(0, 0, 800, 600)])      # the first picture: all of it
+    QTest.qWait(50)
+    painted.clear()
+    fb[100:140, 200:260] = (0, 255, 0)
+    widget.screen_changed([(200, 100, 60, 40)])
+    QTest.qWait(50)
+    assert painted and all(r.width() < 90 and r.height() < 60 for r in painted)
+    shown = widget.screen().grabWindow(widget.winId()).toImage()
+    for x, y in ((287, 150), (252, 127), (323, 173)):       # centre and inner corners
+        colour = shown.pixelColor(x, y)
+        assert (colour.red(), colour.green()) == (0, 255), (x, y)
+    outside = shown.pixelColor(240, 150)
+    assert (outside.red(), outside.green()) == (200, 0)
+    widget.close()

@@ -1,6 +1,7 @@
-"""The viewer's decoder thread (``RFBClientProtocol(decode_thread=True)``): while a large update
-decodes, the reactor thread is free (input goes out at once) and the picture others draw holds
-only whole updates.  Event-based: the decoder is held at a gate, nothing is timed."""
+"""The viewer's decoder thread (``RFBClientProtocol(decode_thread=True)``, the default of every
+viewer's ``ViewerScreen``): while a large update decodes, the reactor thread is free (input goes
+out at once) and the picture others draw holds only whole updates.  Event-based: the decoder is
+held at a gate, nothing is timed."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import numpy as np
 from twisted.internet.testing import StringTransport
 
 from modules.common.screen.rfb_client_twisted import RFBClientProtocol
+from modules.common.screen.screen_session import ViewerScreen
 from protocol.rfb_client import FramebufferUpdated, ServerInit
 from tests.test_rfb_client import handshake, raw_rect, update
 
@@ -99,3 +101,59 @@ def test_input_goes_out_and_the_picture_stays_whole_while_a_large_update_decodes
     reactor.run_until(lambda: ended)
     assert ended == [protocol.error]
     assert np.array_equal(protocol.framebuffer[:4, :4], picture[:4, :4] ^ 0xFF)
+
+
+class ThreadReactor(Reactor):
+    """``ViewerScreen`` hands work to the reactor thread with ``reactor.callFromThread``."""
+
+    callFromThread = Reactor.call
+
+
+def test_the_shipped_viewer_sends_input_while_a_large_update_decodes():
+    """``ViewerScreen`` as the session builds it for every viewer (no option given): decoding
+    runs off the reactor thread, input goes out mid-update, and the request for the next update
+    went out when the update started, before it was decoded."""
+    reactor = ThreadReactor()
+    sent: list[bytes] = []
+    events = []
+    screen = ViewerScreen(reactor, send=sent.append, close=lambda: None, on_event=events.append)
+    protocol = screen.protocol
+    screen.received(handshake(W, H))
+    reactor.run_until(lambda: any(isinstance(e, ServerInit) for e in events))
+
+    picture = np.random.default_rng(8).integers(0, 256, (H, W, 3), np.uint8)
+    top, bottom = raw_rect(0, 0, picture[:H // 2]), raw_rect(0, H // 2, picture[H // 2:])
+    message = update(top, bottom)
+    real_receive = protocol.client.receive
+    first_done, at_gate, open_gate = threading.Event(), threading.Event(), threading.Event()
+
+    def gated(data: bytes):
+        if data == message[-len(bottom):]:
+            at_gate.set()
+            assert open_gate.wait(WAIT)
+        result = real_receive(data)
+        first_done.set()
+        return result
+    protocol.client.receive = gated
+
+    sent.clear()
+    screen.received(message[:-len(bottom)])
+    assert first_done.wait(WAIT)        # decoded apart from the rest (queued chunks are joined)
+    screen.received(message[-len(bottom):])
+    assert at_gate.wait(WAIT)
+    next_request = protocol.client.request_update(True)
+    reactor.run_until(lambda: next_request in sent)       # asked for when the update started
+    protocol.pointer(1, 10, 20)                           # the reactor thread is free
+    protocol.key(True, 0x61)
+    assert sent[-2:] == [protocol.client.pointer(1, 10, 20), protocol.client.key(True, 0x61)]
+    assert not any(isinstance(e, FramebufferUpdated) for e in events)
+    with protocol.framebuffer_lock:
+        assert not protocol.framebuffer.any()             # nothing half-applied is shown
+
+    open_gate.set()
+    reactor.run_until(lambda: any(isinstance(e, FramebufferUpdated) for e in events))
+    with protocol.framebuffer_lock:
+        assert np.array_equal(protocol.framebuffer, picture)
+    assert screen.first_frame.called
+    assert sent.count(next_request) == 1                  # no second request after the update
+    screen.stop()

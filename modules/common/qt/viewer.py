@@ -77,6 +77,7 @@ class FramebufferWidget(QWidget):
         self._mask = 0
         self._pressed: dict[int, int] = {}   # native scan code → keysym sent for it
         self.frames_painted = 0
+        self._shown_size = QSize()
         self.paused_text: str | None = None
         self.setFocusPolicy(Qt.StrongFocus)
         self.setMouseTracking(True)
@@ -119,7 +120,9 @@ class FramebufferWidget(QWidget):
         """New pixels arrived (``rects``: remote (x, y, w, h) areas; None: everything)."""
         if not self.fit and self.size() != self.remote_size():
             self.setFixedSize(self.remote_size())
-        if rects is None or self.fit:
+        size = self.remote_size()
+        if rects is None or size != self._shown_size:   # resized: the borders change too
+            self._shown_size = size
             self.update()
             return
         if len(rects) > 8:   # one repaint of the area they span, not a call per rect
@@ -127,10 +130,21 @@ class FramebufferWidget(QWidget):
             y0 = min(r[1] for r in rects)
             x1 = max(r[0] + r[2] for r in rects)
             y1 = max(r[1] + r[3] for r in rects)
-            self.update(QRect(x0, y0, x1 - x0, y1 - y0))
-            return
+            rects = [(x0, y0, x1 - x0, y1 - y0)]
         for x, y, w, h in rects:
-            self.update(QRect(x, y, w, h))
+            self.update(self._on_widget(x, y, w, h) if self.fit else QRect(x, y, w, h))
+
+    def _on_widget(self, x: int, y: int, w: int, h: int) -> QRect:
+        """A remote area in widget pixels when fit to the window (a pixel more on each side:
+        smooth scaling blends neighbours), so only what changed is scaled and repainted."""
+        target, size = self._target(), self.remote_size()
+        if not size.width() or not size.height():
+            return self.rect()
+        sx, sy = target.width() / size.width(), target.height() / size.height()
+        left, top = int(target.x() + x * sx) - 2, int(target.y() + y * sy) - 2
+        right = int(target.x() + (x + w) * sx) + 3
+        bottom = int(target.y() + (y + h) * sy) + 3
+        return QRect(left, top, right - left, bottom - top)
 
     def paintEvent(self, event) -> None:  # noqa: N802
         painter = QPainter(self)
@@ -262,11 +276,11 @@ class RemoteScreenWindow(QWidget):
 
     def __init__(self, title: str, framebuffer: Callable[[], np.ndarray],
                  pointer: Callable[[int, int, int], Any], key: Callable[[bool, int], Any],
-                 input_enabled: Callable[[], bool]) -> None:
+                 input_enabled: Callable[[], bool], lock: Any = None) -> None:
         from PySide6.QtWidgets import QVBoxLayout
         super().__init__(None, Qt.Window)
         self.setWindowTitle(title)
-        self.viewer = FramebufferWidget(framebuffer, pointer, key, input_enabled)
+        self.viewer = FramebufferWidget(framebuffer, pointer, key, input_enabled, lock=lock)
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
         layout.addWidget(self.viewer)
@@ -286,7 +300,8 @@ class RemoteScreenDelegate:
         self.remote_screen_closed()
         self.remote_window = RemoteScreenWindow(
             self._screen_title(), lambda: screen.protocol.framebuffer, runner.pointer,
-            runner.key, lambda: not runner.done.called and runner.consent.holds("control"))
+            runner.key, lambda: not runner.done.called and runner.consent.holds("control"),
+            lock=screen.protocol.framebuffer_lock)
         self.remote_window.show()
 
     def screen_updated(self, rects) -> None:

@@ -9,6 +9,11 @@ and by the presenter's VNC source (``capture_vnc``: a local RFB server as the sc
 ``updates_wanted``: when set and it returns False after an update, no new request goes out until
 ``resume_updates()`` (a paused source asks its server for nothing).
 
+``request_early=True`` (the viewers): the next incremental request goes out as soon as an
+update's header arrived, not after its last rect was decoded (as TigerVNC's viewer does), so the
+server finds and encodes the next change while this one decodes; at most two updates are in
+flight.
+
 ``decode_thread=True`` (the supporter's viewer): the bytes are decoded in a thread of their own
 (``FrameDecoder``) so the GUI loop that runs the reactor keeps handling input while a large
 update decodes.  The decoder writes the client's back buffer; ``framebuffer`` is then a front
@@ -39,7 +44,8 @@ class RFBClientProtocol(Protocol):
     def __init__(self, encodings=DEFAULT_ENCODINGS, password: str | None = None,
                  on_event: Callable[[Event], None] | None = None,
                  screen_limit: ScreenLimit | None = None, decode_thread: bool = False,
-                 call_in_reactor: Callable[..., None] | None = None) -> None:
+                 call_in_reactor: Callable[..., None] | None = None,
+                 request_early: bool = False) -> None:
         """``call_in_reactor(f, *args)`` runs ``f`` on the reactor thread (default: the global
         reactor's ``callFromThread``); only used with ``decode_thread``."""
         self.client = RFBClient(encodings=encodings, password=password, screen_limit=screen_limit)
@@ -59,6 +65,9 @@ class RFBClientProtocol(Protocol):
         self._painted: np.ndarray | None = None
         self.updates_wanted: Callable[[], bool] | None = None
         self._request_owed = False
+        self.request_early = request_early
+        if request_early:
+            self.client.update_started = self._update_started
 
     @property
     def framebuffer(self) -> np.ndarray:
@@ -132,6 +141,19 @@ class RFBClientProtocol(Protocol):
             self._send(self.client.request_update(True))
 
     # --- internals -------------------------------------------------------------------------
+    def _update_started(self) -> None:
+        """An update's header arrived (on the thread that decodes): ask for the next one."""
+        if self._decoder is not None:
+            self._decoder.call_in_reactor(self._request_next)
+        else:
+            self._request_next()
+
+    def _request_next(self) -> None:
+        if self.updates_wanted is not None and not self.updates_wanted():
+            self._request_owed = True
+        elif self.transport is not None and self.client.failure is None:
+            self._send(self.client.request_update(True))
+
     def _send(self, data: bytes) -> None:
         if data and self.transport is not None:
             self.transport.write(data)
@@ -149,10 +171,8 @@ class RFBClientProtocol(Protocol):
                 if self._painted.all():
                     self._painted = None
                     self.first_frame.callback(self.framebuffer)
-            if self.updates_wanted is not None and not self.updates_wanted():
-                self._request_owed = True
-            else:
-                self._send(self.client.request_update(True))
+            if not self.request_early:
+                self._request_next()
         if self.on_event is not None:
             self.on_event(event)
 

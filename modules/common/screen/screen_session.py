@@ -58,8 +58,11 @@ class FramebufferSource:
     paused = False
     hide_background = False
 
-    def __init__(self, framebuffer: Callable[[], np.ndarray]) -> None:
+    def __init__(self, framebuffer: Callable[[], np.ndarray], framebuffer_lock: Any = None) -> None:
+        """``framebuffer_lock``: held while the picture is copied (the viewer's decoder thread
+        publishes whole updates under it)."""
         self._framebuffer = framebuffer
+        self._framebuffer_lock = framebuffer_lock or threading.Lock()
         self._tracker = DamageTracker(detect_scroll=False)
         self._lock = threading.Lock()
 
@@ -69,9 +72,10 @@ class FramebufferSource:
 
     def capture(self, tracker: DamageTracker | None = None) -> Capture:
         with self._lock:
-            rgb = self._framebuffer()
-            frame = np.empty(rgb.shape[:2] + (4,), np.uint8)
-            frame[..., 0], frame[..., 1], frame[..., 2] = rgb[..., 2], rgb[..., 1], rgb[..., 0]
+            with self._framebuffer_lock:
+                rgb = self._framebuffer()
+                frame = np.empty(rgb.shape[:2] + (4,), np.uint8)
+                frame[..., 0], frame[..., 1], frame[..., 2] = rgb[..., 2], rgb[..., 1], rgb[..., 0]
             frame[..., 3] = 0
             damage, moves = (tracker or self._tracker).update(frame)
             return Capture(frame, damage, moves, None)
@@ -138,13 +142,15 @@ class ViewerScreen:
 
     def __init__(self, reactor, send: Callable[[bytes], None], close: Callable[[], None],
                  on_event: Callable[[Any], None] | None = None, screen_limit: Any = None,
-                 decode_thread: bool = False) -> None:
+                 decode_thread: bool = True) -> None:
         """``screen_limit``: the largest remote screen accepted (``ScreenLimit``; 8K if None);
-        ``decode_thread``: decode off the reactor thread (a GUI viewer: input stays responsive)."""
+        ``decode_thread``: decode off the reactor thread, so input and the GUI stay responsive
+        while a large update decodes (every viewer does; False only for tests that want one
+        thread).  Whoever reads ``protocol.framebuffer`` holds ``protocol.framebuffer_lock``."""
         from modules.common.screen.rfb_client_twisted import RFBClientProtocol
         self.reactor = reactor
         self.protocol = RFBClientProtocol(on_event=on_event, screen_limit=screen_limit,
-                                          decode_thread=decode_thread,
+                                          decode_thread=decode_thread, request_early=True,
                                           call_in_reactor=reactor.callFromThread
                                           if decode_thread else None)
         self.transport = ChannelTransport(send, close)
@@ -163,7 +169,8 @@ class ViewerScreen:
 
     def serve_vnc(self, where: str) -> Any:
         """A local RFB server on ``where`` (``127.0.0.1:5901``) showing the remote screen."""
-        source = FramebufferSource(lambda: self.protocol.framebuffer)
+        source = FramebufferSource(lambda: self.protocol.framebuffer,
+                                   self.protocol.framebuffer_lock)
         self.vnc_port = listen_vnc(self.reactor, where, source,
                                    RemoteInjector(self.reactor, self.protocol))
         return self.vnc_port
@@ -176,7 +183,9 @@ class ViewerScreen:
 
     def snapshot(self, path: str) -> None:
         from PIL import Image
-        Image.fromarray(self.protocol.framebuffer).save(path)
+        with self.protocol.framebuffer_lock:
+            picture = self.protocol.framebuffer.copy()
+        Image.fromarray(picture).save(path)
 
     def stop(self) -> None:
         self.transport.disconnecting = True   # input of a local VNC viewer goes nowhere now

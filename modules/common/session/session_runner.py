@@ -858,7 +858,7 @@ class SessionRunner:
                 self.reactor, send=self._send_viewer_screen, close=lambda: None,
                 on_event=self._viewer_screen_event,
                 screen_limit=self.viewer_options.get("max_screen"),
-                decode_thread=bool(self.viewer_options.get("decode_thread")))
+                decode_thread=bool(self.viewer_options.get("decode_thread", True)))
             screen.first_frame.addCallbacks(
                 lambda _fb: self._first_frame(screen),
                 lambda f: None if screen is not self.viewer_screen else self.delegate.status(
