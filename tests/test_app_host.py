@@ -74,6 +74,9 @@ async def test_host_window_shows_the_session_and_stops_it(qt_app, app_world,  # 
             assert supporter.proc.returncode == 1
             await until(lambda: window.service.runner is None, what="the host free again")
             assert window.last_end == "emergency stop by the host"
+            # a window chosen in the session was that session's choice: the next one starts
+            # with the whole screen again (the host keeps one screen source for all sessions)
+            await until(lambda: screen[0].selected_window is None, what="the whole screen again")
             assert window.service.online                         # still online for the next one
             assert not window.stop_button.isEnabled()
             screenshot(window, f"host-ended-{language}")
@@ -208,3 +211,9 @@ async def share_from_the_host_window(window, title: str) -> None:
     await until(lambda: "You share the whole screen again." in window.log.toPlainText(),
                 what="the host's line about the whole screen")
     assert source.size() == whole
+    window.share_button.click()                  # one window again: the session ends with it
+    picker = window.picker
+    await until(lambda: picker.choices.count() > 1, what="the host's listed windows")
+    assert picker.select_title(title)
+    picker.share_button.click()
+    await until(lambda: source.size() != whole, what="the window shared again")

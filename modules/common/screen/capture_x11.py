@@ -217,6 +217,11 @@ class ScreenSource:
             self.select_window(window)
 
     # ------------------------------------------------------------------------------ options
+    @property
+    def selected_window(self) -> int | None:
+        """The window shared now (None: the whole screen)."""
+        return self._window
+
     def select_window(self, window: int | str | None) -> None:
         """Share one window (id or title) or, with None, the whole screen again."""
         with self._lock:

@@ -279,6 +279,7 @@ class SessionRunner:
         self.keepalive_seconds = keepalive_seconds
         self._keepalive: task.LoopingCall | None = None
         self._sent_since_tick = False
+        self._window_before: tuple[Any] | None = None   # (window,) shared before share_window
 
     # --- reports and the end reason ----------------------------------------------------------
 
@@ -531,6 +532,8 @@ class SessionRunner:
             return defer.fail(LookupError("this side shows no screen it could narrow to a window"))
 
         def choose():
+            if self._window_before is None:   # what the next session starts with
+                self._window_before = (getattr(source, "selected_window", None),)
             if window is None:
                 source.select_window(None)
                 return None
@@ -550,6 +553,16 @@ class SessionRunner:
                                  else f"sharing only the window {info.title!r}")
             return info
         return run_blocking(choose).addCallback(chosen)
+
+    def _restore_window(self) -> None:
+        """A window chosen during the session is this session's choice: the source (which a
+        host keeps for its next session) shares again what it shared before."""
+        if self._window_before is None or not self.screen_offer:
+            return
+        (before,), self._window_before = self._window_before, None
+        run_blocking(self.screen_offer[0].select_window, before).addErrback(
+            lambda f: log.warn("screen: could not restore the shared area: {why}",
+                               why=f.getErrorMessage()))
 
     def send_clipboard(self, text: str) -> None:
         if self.viewer_screen is not None and self.consent.holds(Right.CONTROL):
@@ -1022,6 +1035,7 @@ class SessionRunner:
         if not self._sent_since_tick and self.driver is not None and not self._finished:
             self.driver.keepalive()
         self._sent_since_tick = False
+        self._window_before: tuple[Any] | None = None   # (window,) shared before share_window
 
     # --- ending ------------------------------------------------------------------------------------
 
@@ -1098,6 +1112,7 @@ class SessionRunner:
             if screen is not None:
                 screen.stop()
         self._disconnect_screen_source()
+        self._restore_window()
         for loop in (getattr(self, "_clipboard_loop", None), self._keepalive):
             if loop is not None and loop.running:
                 loop.stop()
