@@ -190,6 +190,7 @@ class HausmeisterServer(service.MultiService):
                                        config.cluster.call_timeout_seconds)
             self.broker.node = self.node_name
             self.broker.attach_bus(self.bus)
+            self.recordings.attach_bus(self.bus)  # recordings of parties on other nodes
             session_recovery.DeadNodeSweeper(
                 self.db, self.protocols, self.broker, self.node_name,
                 config.cluster.node_timeout_seconds,

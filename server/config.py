@@ -651,6 +651,20 @@ def _check_cluster(cluster: dict[str, Any], database: dict[str, Any],
                           "give each node its own name of 1-40 of a-z 0-9 _ - (e.g. \"node-a\")")
 
 
+def _check_shared_folders(cluster: dict[str, Any], unset: set[str],
+                          recording: dict[str, Any]) -> None:
+    """Several nodes write every session's protocol and take recordings wherever a party is
+    connected: those folders cannot be the defaults inside each node's own ``data_dir``."""
+    if not cluster["enabled"]:
+        return
+    for key, needed in (("protocol_dir", True),
+                        ("recording_dir", recording["storage"] == "folder")):
+        if needed and key in unset:
+            raise ConfigError(f"config key server.{key} is missing: with [cluster] enabled every "
+                              "node and relay process must use one shared folder (e.g. NFS), not "
+                              f"the default inside this node's own data_dir; set server.{key}")
+
+
 SECTION_TYPES: dict[str, type] = {
     "server": ServerSection, "listen": ListenSection, "limits": LimitsSection,
     "database": DatabaseSection,
@@ -689,6 +703,7 @@ def from_mapping(raw: dict[str, Any], base: Path, source: Path | None = None) ->
     if server["data_dir"] is None:
         raise ConfigError("config key server.data_dir = '' is invalid: expected a folder path")
     data_dir = server["data_dir"]
+    unset = {key for key in ("protocol_dir", "recording_dir") if not server[key]}
     server["cert_dir"] = server["cert_dir"] or data_dir / "certs"
     server["protocol_dir"] = server["protocol_dir"] or data_dir / "protocols"
     sections["relay"]["secret_file"] = sections["relay"]["secret_file"] or data_dir / "relay.secret"
@@ -723,6 +738,7 @@ def from_mapping(raw: dict[str, Any], base: Path, source: Path | None = None) ->
         raise ConfigError(f"config key recording.auditor_key = {rec['auditor_key']!r} is invalid: no "
                           "such file; give the path of the auditor's PEM public key or \"\"")
     _check_cluster(sections["cluster"], sections["database"], sections["relay"])
+    _check_shared_folders(sections["cluster"], unset, rec)
     built = {name: SECTION_TYPES[name](**values) for name, values in sections.items()}
     return Config(source=source, **built)
 

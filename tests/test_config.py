@@ -145,6 +145,9 @@ def test_postgresql_url_is_read_as_psycopg():
 
 # --- one line per bad key ---------------------------------------------------------------------
 
+CLUSTER = ('[database]\nurl = "postgresql://u@db/hm"\n[relay]\nexternal = ["127.0.0.1:8445"]\n'
+           '[cluster]\nenabled = true\nnode_name = "node-a"\n')
+
 BAD = [
     # (id, TOML, fragments the message must contain: key, value, what is allowed)
     ("unknown section", "[nosuch]\nx = 1\n",
@@ -235,6 +238,11 @@ BAD = [
     ("newline in key", '[server]\n"data\\ndir" = "x"\n',
      ["config key server.'data\\ndir' is unknown", "data_dir"]),
     ("newline in section", '["a\\nb"]\nx = 1\n', ["config section ['a\\nb'] is unknown"]),
+    # several nodes write protocols and take recordings each: never a node's own default folder
+    ("cluster protocols in data_dir", CLUSTER,
+     ["server.protocol_dir is missing", "one shared folder", "set server.protocol_dir"]),
+    ("cluster recordings in data_dir", '[server]\nprotocol_dir = "/srv/p"\n' + CLUSTER,
+     ["server.recording_dir is missing", "one shared folder", "set server.recording_dir"]),
 ]
 
 

@@ -40,6 +40,7 @@ from protocol.session_end import EndCause, EndReason
 
 from ..db.models import Host, HostGroup, Recording, Session, Tenant
 from . import keys
+from .nodes import RecordingNodeCalls, RemoteUpload, session_facts
 from .storage import FolderStorage, StorageFailed, location_of
 
 log = Logger()
@@ -72,6 +73,9 @@ class Upload:
     owner: Any = None  # the control connection (or its identity) that uploads it
     owner_gone: bool = False  # that connection was lost: the recorder may come back (resume)
     tenant_id: int | None = None
+    #: several nodes: the node that set the session up and writes its protocol (None: this one)
+    session_node: str | None = None
+    told_at: float = 0.0  # when that node last heard the upload moves (``rec_alive``)
 
 
 @dataclass
@@ -82,7 +86,7 @@ class Watch:
     since: float
 
 
-class RecordingReceiver:
+class RecordingReceiver(RecordingNodeCalls):
     def __init__(self, db, config, storage: FolderStorage, broker, reactor,
                  blocking: Callable[..., defer.Deferred] = run_blocking,
                  resume_secret: bytes | None = None) -> None:
@@ -107,6 +111,9 @@ class RecordingReceiver:
         self._orphans_closed = False
         # several nodes on one database: this node closes only what its own sessions left open
         self.node = config.cluster.node_name if config.cluster.enabled else None
+        self.bus = None  # server.cluster.NodeBus (``attach_bus``)
+        #: uploads other nodes store for this node's sessions (``server.recordings.nodes``)
+        self.remote: dict[str, RemoteUpload] = {}
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -129,12 +136,23 @@ class RecordingReceiver:
     def start_recording(self, conn, session_id: str, presenting: bool = False):
         live = self.broker.sessions.get(session_id)
         party = live.party_of(conn) if live is not None else None
+        session_node, tenant = None, live.tenant if live is not None else ""
         if party is None:
-            raise control.Forbidden("you are not a party of this live session")
+            # several nodes: a party connected here of a session another node set up (the
+            # host or customer; the supporter is always on the session's node)
+            remote = self.broker.remote_parties.get(session_id)
+            facts = None
+            if self.bus is not None and remote is not None and remote[1] is conn:
+                facts = yield self.db.run(session_facts, session_id)
+            if facts is None:
+                raise control.Forbidden("you are not a party of this live session")
+            session_node, tenant = remote[0], facts["tenant"]
+            party = "customer" if facts["kind"] == "adhoc" else "host"
         policy, tenant_id = yield self.db.run(_policy_of, session_id,
                                               self.config.recording.default_policy)
-        self.watched.setdefault(session_id, Watch(policy, self.reactor.seconds()))
-        self.watched[session_id].policy = policy
+        if session_node is None:  # the session's node watches it (there: ``rec_line``)
+            self.watched.setdefault(session_id, Watch(policy, self.reactor.seconds()))
+            self.watched[session_id].policy = policy
         if party == "supporter" and not self.config.recording.supporter_records and not presenting:
             policy = "off"  # the side that shows records; the supporter only if configured
         answer = {"policy": policy, "input": self.config.recording.input, "recording_id": "",
@@ -152,7 +170,7 @@ class RecordingReceiver:
             except keys.KeyProblem as exc:
                 problem = str(exc)
         if problem is not None:
-            yield self._refuse(live, policy, problem)
+            yield self._refuse(session_id, session_node, policy, problem)
             if policy != "required":  # 'on': the session goes on unrecorded (logged above)
                 return {**answer, "policy": "off"}
             raise control.RecordingRefused(f"the server cannot store recordings: {problem}")
@@ -161,31 +179,46 @@ class RecordingReceiver:
         if existing is None:
             row = yield self.db.run(_find, session_id, party)
             if row is not None and row["status"] == "uploading":
-                existing = yield self._resume(row, live.tenant)
+                existing = yield self._resume(row, tenant)
             elif row is not None:  # closed already (its recorder went silent): not reopened
                 why = f"the {party}'s recording of this session was already closed ({row['status']})"
-                yield self._refuse(live, policy, why)
+                yield self._refuse(session_id, session_node, policy, why)
                 if policy != "required":
                     return {**answer, "policy": "off"}
                 raise control.RecordingRefused(why)
         if existing is None:
             now = utcnow()
-            upload = Upload(str(uuid.uuid4()), session_id, live.tenant, party, policy,
-                            location_of(live.tenant, session_id, party, now), 0,
-                            recording.Reader(), self.reactor.seconds(), tenant_id=tenant_id)
+            upload = Upload(str(uuid.uuid4()), session_id, tenant, party, policy,
+                            location_of(tenant, session_id, party, now), 0,
+                            recording.Reader(), self.reactor.seconds(), tenant_id=tenant_id,
+                            session_node=session_node)
             yield self.db.run(_create, upload, tenant_id, self.storage.kind,
                               recording.key_id(public[0]), now)
             self.uploads[upload.id] = upload
-            self.broker.server_line(session_id, live.tenant, "recording_started", {
+            started = self.line(session_id, tenant, session_node, "recording_started", {
                 "recording_id": upload.id, "party": party, "policy": policy,
                 "key_id": recording.key_id(public[0]),
-                "auditor_key_id": recording.key_id(public[1]) if len(public) > 1 else ""},
-            ).addErrback(lambda f: log.failure("could not write recording_started", f))
-            log.info("session {session_id}: the {party} records ({policy}), recording {rid}",
-                     session_id=session_id, party=party, policy=policy, rid=upload.id)
+                "auditor_key_id": recording.key_id(public[1]) if len(public) > 1 else ""})
+            if self.elsewhere(session_node):
+                # the session's node writes the line (and watches the upload from now on):
+                # a recording its protocol cannot name is not taken
+                try:
+                    yield started
+                except Exception as exc:
+                    why = f"the session's server node could not record the recording's start: {exc}"
+                    yield upload.lock.run(self._give_up, upload, why)
+                    if policy != "required":
+                        return {**answer, "policy": "off"}
+                    raise control.RecordingRefused(why)
+            else:
+                started.addErrback(lambda f: log.failure("could not write recording_started", f))
+            log.info("session {session_id}: the {party} records ({policy}), recording {rid}"
+                     "{where}", session_id=session_id, party=party, policy=policy, rid=upload.id,
+                     where=f" for node {session_node}" if session_node else "")
             existing = upload
         existing.last_chunk = self.reactor.seconds()
         existing.owner, existing.owner_gone = conn, False
+        self.tell_alive(existing, force=True)
         answer.update(recording_id=existing.id, next_offset=existing.size,
                       public_keys=json.dumps([recording.public_pem(k) for k in public]),
                       resume_token=self.resume_token(existing.id), split_keys=len(public) > 1)
@@ -225,6 +258,10 @@ class RecordingReceiver:
                 upload = yield self._resume(row, row["tenant"])
                 if upload is None:
                     raise control.RecordingRefused("the stored part of the recording cannot be read")
+                # several nodes: a node that held it lets it go; if this node set the session
+                # up, the upload is its own again
+                self.tell_moved(upload.id)
+                self.remote.pop(upload.id, None)
             if self.quota_bytes and row["tenant_id"] is not None:
                 self._usage[row["tenant_id"]] = yield self.db.run(_tenant_usage, row["tenant_id"])
         if upload.ended:
@@ -234,6 +271,7 @@ class RecordingReceiver:
             raise control.RecordingRefused(upload.failed)
         upload.owner, upload.owner_gone = conn, False
         upload.last_chunk = self.reactor.seconds()
+        self.tell_alive(upload, force=True)
         log.info("recording {rid} of session {session_id}: its recorder is back; resuming at byte "
                  "{size}", rid=upload.id, session_id=upload.session_id, size=upload.size)
         return {"next_offset": upload.size}
@@ -262,18 +300,30 @@ class RecordingReceiver:
             return None
         upload = Upload(row["id"], row["session_id"], tenant, row["party"], row["policy"],
                         row["location"], size, reader, self.reactor.seconds(),
-                        tenant_id=row["tenant_id"])
+                        tenant_id=row["tenant_id"], session_node=row.get("session_node"))
         self.uploads[upload.id] = upload
         log.info("recording {rid} resumes at byte {size}", rid=upload.id, size=upload.size)
         return upload
 
-    def _refuse(self, live, policy: str, problem: str) -> defer.Deferred:
+    def _refuse(self, session_id: str, session_node: str | None, policy: str,
+                problem: str) -> defer.Deferred:
         log.error("session {session_id}: recording refused: {problem}",
-                  session_id=live.session_id, problem=problem)
+                  session_id=session_id, problem=problem)
         if policy != "required":
             return defer.succeed(None)
+        if self.elsewhere(session_node):
+            return self.end_elsewhere(session_id, session_node, problem)
         return self.broker.end_by_server(
-            live.session_id, EndReason(EndCause.RECORDING_FAILED, "server", problem[:160]))
+            session_id, EndReason(EndCause.RECORDING_FAILED, "server", problem[:160]))
+
+    @defer.inlineCallbacks
+    def _give_up(self, upload: Upload, why: str):
+        """A recording that could not start: its row is closed, nothing goes on."""
+        upload.ended, upload.failed = True, why
+        self.uploads.pop(upload.id, None)
+        yield self.db.run(_close, upload.id, "incomplete", None, 0, 0, utcnow())
+        log.error("recording {rid} of session {session_id} not taken: {why}", rid=upload.id,
+                  session_id=upload.session_id, why=why)
 
     # --- RecordingChunk ---------------------------------------------------------------------------
 
@@ -294,6 +344,7 @@ class RecordingReceiver:
             return {"next_offset": upload.size}  # a gap: the module resends from here
         new = data[upload.size - offset:]
         upload.last_chunk = self.reactor.seconds()
+        self.tell_alive(upload)
         if not new:
             return {"next_offset": upload.size}
         used = self._usage.get(upload.tenant_id) if upload.tenant_id is not None else None
@@ -331,6 +382,10 @@ class RecordingReceiver:
         upload.failed = why
         log.error("recording {rid} of session {session_id} failed: {why}", rid=upload.id,
                   session_id=upload.session_id, why=why)
+        if self.elsewhere(upload.session_node):
+            if upload.policy != "required":
+                return defer.succeed(None)
+            return self.end_elsewhere(upload.session_id, upload.session_node, why)
         if self._policy(upload.session_id) == "required" and upload.session_id in self.broker.sessions:
             return self.broker.end_by_server(upload.session_id, EndReason(
                 EndCause.RECORDING_FAILED, "server", why[:160]))
@@ -399,7 +454,8 @@ class RecordingReceiver:
         if upload.failed:
             detail["problem"] = upload.failed[:200]
         try:
-            yield self.broker.server_line(upload.session_id, upload.tenant, "recording", detail)
+            yield self.line(upload.session_id, upload.tenant, upload.session_node, "recording",
+                            detail)
         except Exception as exc:
             log.error("recording {rid}: its hash could not go into the protocol: {why}",
                       rid=upload.id, why=str(exc))
@@ -427,6 +483,7 @@ class RecordingReceiver:
             if watch.policy != "required" or live.end is not None:
                 continue
             uploads = [u for u in self.uploads.values() if u.session_id == session_id]
+            uploads += self.remote_of(session_id)  # stored by other nodes (``rec_alive``)
             if not uploads:
                 if now - watch.since > self.stall_seconds:
                     self._end(session_id, f"no recording started within {self.stall_seconds:g} s")
@@ -439,12 +496,14 @@ class RecordingReceiver:
         for session_id in list(self.watched):
             if session_id not in self.broker.sessions:
                 self.watched.pop(session_id, None)
+        self.forget_remote()
         # a recorder silent far beyond its keep-alives is gone (killed, or its session ended on
         # a separate relay process), and one whose connection was lost did not come back within
         # resume_seconds: what arrived is kept, marked incomplete
         silent_limit = max(60.0, 4 * self.stall_seconds)
         for upload in list(self.uploads.values()):
-            away = upload.owner_gone or upload.session_id not in self.broker.sessions
+            away = upload.owner_gone or (upload.session_id not in self.broker.sessions
+                                         and upload.session_id not in self.broker.remote_parties)
             limit = self.resume_seconds if away else silent_limit
             if not upload.ended and now - upload.last_chunk > limit:
                 upload.lock.run(self._close_silent, upload, now).addErrback(
@@ -520,7 +579,9 @@ def _as_dict(row: Recording) -> dict:
 
 def _with_tenant(session, row: Recording) -> dict:
     tenant = session.get(Tenant, row.tenant_id) if row.tenant_id is not None else None
-    return {**_as_dict(row), "tenant": tenant.name if tenant else "default"}
+    owner = session.get(Session, row.session_id)
+    return {**_as_dict(row), "tenant": tenant.name if tenant else "default",
+            "session_node": owner.node if owner is not None else None}
 
 
 def _find_by_id(session, recording_id: str) -> dict | None:
