@@ -7,12 +7,15 @@ recording upload.  The session runs past ``stall_seconds`` (before, A saw no rec
 and ended it), B's recording lines are in A's hash chain, the recording ends complete; the
 console of either node lists it.  In a second session node B is killed mid-upload: the host fails
 over to A and sends the rest there (``RecordingResume``), that recording ends complete too.
+Under ``required`` node A still ends a session whose upload at node B stalls (the host stopped
+with SIGSTOP) and one whose recording node B refuses (the tenant's quota), with that reason.
 ``protocol verify`` (with the recordings' hashes) and ``recording verify`` pass.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import time
@@ -77,6 +80,9 @@ def test_a_recording_taken_by_another_node_than_the_sessions(tmp_path, db_url, x
     node_b = node_config(tmp_path, "node-b", db_url, relay_port)
     for node in (node_a, node_b):
         node.config.write_text(node.config.read_text() + RECORDING)
+    # node B starts again later: on the port its hosts know
+    node_b.config.write_text(node_b.config.read_text().replace(
+        "module_port = 0", f"module_port = {free_port()}"))
     assert node_a.cli("init", "--password-stdin", stdin=ADMIN_PASSWORD + "\n").returncode == 0
     shared = tmp_path / "shared"
     db = Database(db_url)
@@ -147,9 +153,26 @@ def test_a_recording_taken_by_another_node_than_the_sessions(tmp_path, db_url, x
             assert status == 200 and 'id="recording-host"' in page and 'id="chain"' in page, page
             assert 'class="chain-ok"' in page, page
 
-        # --- 2. node B killed mid-upload: the host sends the rest to node A -------------------
+        # --- 2. the upload at node B stalls (host stopped): node A ends the session ----------
+        supporter = connect("stalled")
+        stalled = recorded_session(db, supporter, 1)
+        os.kill(host.proc.pid, signal.SIGSTOP)
+        try:
+            assert supporter.wait(timeout=60) != 0
+        finally:
+            os.kill(host.proc.pid, signal.SIGCONT)
+        row = db.call(lambda s: s.get(Session, stalled["session_id"]))
+        assert row.end_cause == "recording_failed" and "upload stalled" in row.end_reason, \
+            (row.end_cause, row.end_reason)
+        wait_until(lambda: host.stderr.count("session ended") >= 2, timeout=60,
+                   what="the stopped host learning that its session ended")
+        wait_until(lambda: next((r for r in rows(db) if r["id"] == stalled["id"]
+                                 and r["status"] != "uploading"), None),
+                   timeout=60, what="the stalled recording closed")
+
+        # --- 3. node B killed mid-upload: the host sends the rest to node A -------------------
         supporter = connect("second")
-        second = recorded_session(db, supporter, 1)
+        second = recorded_session(db, supporter, 2)
         node_b.process.send_signal(signal.SIGKILL)
         node_b.process.wait()
         node_b.process = None
@@ -164,6 +187,23 @@ def test_a_recording_taken_by_another_node_than_the_sessions(tmp_path, db_url, x
             tmp_path, second["session_id"]) if x["kind"] == "recording"], timeout=30,
             what="the second recording's line")
         assert anchored[-1]["sha256"] == second["sha256"], anchored
+
+        # --- 4. node B back with the tenant's quota used up: node A ends the session ----------
+        node_b.config.write_text(node_b.config.read_text().replace(
+            "resume_seconds = 60.0", "resume_seconds = 60.0\nquota_mib = 0.01"))
+        node_b.start()
+        host.stop()  # the host starts again and takes node B, its first address
+        host = ModuleProcess("host", "run", "--screen", xvfb.name, "--max-backoff", "0.5",
+                             "--home", str(pc1))
+        host.wait_for_line("online; waiting for supporters")
+        supporter = connect("quota")
+        assert supporter.wait(timeout=60) != 0
+        row = db.call(lambda s: s.scalars(select(Session).order_by(Session.created_at.desc())
+                                          ).first())
+        assert row.node == "node-a" and row.host_id is not None
+        assert row.end_cause == "recording_failed" and "quota" in row.end_reason, \
+            (row.end_cause, row.end_reason)
+        assert len(rows(db)) == 3  # nothing stored beyond the quota
     finally:
         for proc in (supporter, host):
             if proc is not None:
@@ -178,4 +218,4 @@ def test_a_recording_taken_by_another_node_than_the_sessions(tmp_path, db_url, x
     verified = node_a.cli("protocol", "verify", str(shared / "protocols"))
     assert verified.returncode == 0, verified.stderr
     said = node_a.ok("recording", "verify")
-    assert said.count("ok   ") == 2, said
+    assert said.count("ok   ") == 3, said

@@ -4,6 +4,7 @@ the hash in the protocol, and the 'required' watchdog."""
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 
@@ -314,3 +315,83 @@ def test_a_recorder_gone_silent_is_closed_as_incomplete_and_not_reopened(setup, 
         assert row.status == "incomplete" and row.sha256
     again = result_of(receiver.start_recording(conn, sid))
     assert again["policy"] == "off"   # 'on': the session goes on; the closed file stays as it is
+
+
+def test_the_sessions_node_takes_only_recording_lines_of_its_own_sessions_from_other_nodes(
+        setup, clock, broker, world, tmp_path):  # noqa: F811
+    """Several nodes (``server.recordings.nodes``), the session's node's side of the node bus:
+    another node may have it write only ``recording_started`` (live sessions) and ``recording``
+    (also after the end, only sessions it set up); it watches such an upload by ``rec_alive`` and
+    ends the session when it stalls, or when the storing node says the recording failed."""
+    set_policy(setup["db"], "required")
+    receiver = setup["make"]()
+    receiver.node = "node-a"
+    sid = setup["sid"]          # set up before this broker had a node name: not node-a's
+    receiver.check()            # learns the session's policy
+
+    def line(kind: str, session_id: str = sid, rid: str = "r1"):
+        return result_of(receiver._remote_line("node-b", {
+            "session_id": session_id, "tenant": "acme", "kind": kind,
+            "detail": {"recording_id": rid, "party": "host", "sha256": "0" * 64}}))
+    with pytest.raises(control.Forbidden, match="may not write 'ended'"):
+        line("ended")
+    assert line("recording_started") == {}
+    assert "recording_started" in broker.protocols.show(sid)
+    clock.advance(4)
+    receiver._remote_alive("node-b", {"session_id": sid, "recording_id": "r1"})
+    clock.advance(4)
+    receiver.check()            # 4 s since the upload last moved, stall_seconds is 5
+    assert not [kw for cmd, kw in setup["host"].calls if cmd is control.SessionEnded]
+    clock.advance(2)
+    receiver.check()
+    [ended] = [kw for cmd, kw in setup["host"].calls if cmd is control.SessionEnded]
+    assert ended["cause"] == "recording_failed" and "upload stalled" in ended["detail"]
+    broker.session_ended(sid)   # the relay closed it
+    with pytest.raises(control.Forbidden, match="did not set that session up"):
+        line("recording")
+    with pytest.raises(control.Forbidden, match="not live"):
+        line("recording_started")
+
+    broker.node = "node-a"      # a session node-a sets up: its final line comes after its end
+    conn = host(world["pc-lab"])
+    result_of(broker.host_online(conn, "1"))
+    other = result_of(broker.connect_host(supporter("otto"), world["pc-lab"]))["session_id"]
+    receiver.check()
+    line("recording_started", other, "r2")
+    receiver._remote_failed("node-b", {"session_id": other, "why": "the tenant's quota is used up"})
+    [ended] = [kw for cmd, kw in conn.calls if cmd is control.SessionEnded]
+    assert ended["cause"] == "recording_failed" and "quota" in ended["detail"]
+    broker.session_ended(other)
+    assert line("recording", other, "r2") == {}
+    [path] = (tmp_path / "protocols").rglob(f"{other}.jsonl")
+    kinds = [json.loads(x)["kind"] for x in path.read_text().splitlines()]
+    assert kinds[-2:] == ["recording_started", "recording"], kinds
+
+
+def test_a_restart_closes_only_uploads_silent_for_resume_seconds(setup, clock):  # noqa: F811
+    """What the last run left open is closed as incomplete after ``resume_seconds``; an upload
+    that moves meanwhile (another node takes it for a session of this one) stays open."""
+    set_policy(setup["db"], "on")
+    storing = setup["make"]()
+    conn, sid = setup["host"], setup["sid"]
+    answer = result_of(storing.start_recording(conn, sid))
+    rid = answer["recording_id"]
+    w = writer_for(answer)
+    result_of(storing.chunk(conn, rid, 0, w.start() + w.flush()))
+    resume_seconds = setup["config"].recording.resume_seconds
+
+    def status() -> str:
+        with setup["db"].session() as s:
+            return s.get(Recording, rid).status
+    restarted = setup["make"]()
+    clock.advance(resume_seconds + 1)
+    restarted.check()
+    assert status() == "uploading" and rid in storing.uploads
+    with setup["db"].session() as s:   # the upload went silent long ago
+        row = s.get(Recording, rid)
+        row.last_chunk_at = row.started_at = row.started_at - dt.timedelta(
+            seconds=resume_seconds + 5)
+    again = setup["make"]()
+    clock.advance(resume_seconds + 1)
+    again.check()
+    assert status() == "incomplete"

@@ -531,7 +531,9 @@ class RecordingReceiver(RecordingNodeCalls):
     def _close_orphans(self):
         """Uploads the last server run left open whose recorder did not come back within
         ``resume_seconds`` of this start: kept to their last whole record, incomplete."""
-        rows = yield self.db.run(_open_rows, self.node)
+        # silent that long: an upload another node takes for one of this node's sessions moves
+        rows = yield self.db.run(_open_rows, self.node,
+                                 utcnow() - dt.timedelta(seconds=self.resume_seconds))
         for row in rows:
             if row["id"] in self.uploads:
                 continue
@@ -589,8 +591,12 @@ def _find_by_id(session, recording_id: str) -> dict | None:
     return None if row is None else _with_tenant(session, row)
 
 
-def _open_rows(session, node: str | None = None) -> list[dict]:
+def _open_rows(session, node: str | None = None,
+               silent_since: dt.datetime | None = None) -> list[dict]:
     query = select(Recording).where(Recording.status == "uploading")
+    if silent_since is not None:  # no chunk (or no start) since then
+        query = query.where(func.coalesce(Recording.last_chunk_at, Recording.started_at)
+                            < silent_since)
     if node is not None:  # only what this node's sessions left open
         query = query.join(Session, Recording.session_id == Session.id).where(
             or_(Session.node == node, Session.node.is_(None)))
