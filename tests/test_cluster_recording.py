@@ -1,7 +1,7 @@
 """Recordings with several server nodes (issue 15 with issue 12), as real processes on 127.0.0.1.
 
-PostgreSQL, two ``hausmeister-server run`` nodes and one relay process (``test_cluster``'s set-up)
-with ``[recording] default_policy = "required"``.  A host on Xvfb is connected to node B, its
+PostgreSQL, two ``hausmeister-server run`` nodes and one relay process
+(``tests/fixtures_cluster.py``) with ``[recording] default_policy = "required"``.  A host on Xvfb is connected to node B, its
 supporter to node A, so A sets the session up and writes its protocol while B takes the host's
 recording upload.  The session runs past ``stall_seconds`` (before, A saw no recording of its own
 and ended it), B's recording lines are in A's hash chain, the recording ends complete; the
@@ -32,7 +32,7 @@ from modules.common.link.servers import set_servers
 from .fixtures_server import ADMIN_PASSWORD, add_enrolled_host, add_enrolled_supporter, free_port
 from .fixtures_x11 import xvfb  # noqa: F401 - fixture
 from .module_process import ModuleProcess
-from .test_cluster import Console, node_config, protocol_lines
+from .fixtures_cluster import Console, node_config, protocol_lines
 from .test_e2e_brokering import wait_until
 
 pytestmark = pytest.mark.e2e
@@ -76,10 +76,8 @@ def recorded_session(db: Database, supporter: ModuleProcess, known: int) -> dict
 @pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
 def test_a_recording_taken_by_another_node_than_the_sessions(tmp_path, db_url, xvfb):  # noqa: F811
     relay_port = free_port()
-    node_a = node_config(tmp_path, "node-a", db_url, relay_port)
-    node_b = node_config(tmp_path, "node-b", db_url, relay_port)
-    for node in (node_a, node_b):
-        node.config.write_text(node.config.read_text() + RECORDING)
+    node_a = node_config(tmp_path, "node-a", db_url, relay_port, extra=RECORDING)
+    node_b = node_config(tmp_path, "node-b", db_url, relay_port, extra=RECORDING)
     # node B starts again later: on the port its hosts know
     node_b.config.write_text(node_b.config.read_text().replace(
         "module_port = 0", f"module_port = {free_port()}"))
