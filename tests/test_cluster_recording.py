@@ -1,14 +1,15 @@
 """Recordings with several server nodes (issue 15 with issue 12), as real processes on 127.0.0.1.
 
 PostgreSQL, two ``hausmeister-server run`` nodes and one relay process
-(``tests/fixtures_cluster.py``) with ``[recording] default_policy = "required"``.  A host on Xvfb is connected to node B, its
-supporter to node A, so A sets the session up and writes its protocol while B takes the host's
-recording upload.  The session runs past ``stall_seconds`` (before, A saw no recording of its own
-and ended it), B's recording lines are in A's hash chain, the recording ends complete; the
-console of either node lists it.  In a second session node B is killed mid-upload: the host fails
-over to A and sends the rest there (``RecordingResume``), that recording ends complete too.
-Under ``required`` node A still ends a session whose upload at node B stalls (the host stopped
-with SIGSTOP) and one whose recording node B refuses (the tenant's quota), with that reason.
+(``tests/fixtures_cluster.py``) with ``[recording] default_policy = "required"``.  A host on Xvfb
+is connected to node B, its supporter to node A, so A sets the session up and writes its protocol
+while B takes the host's recording upload.  The session runs past ``stall_seconds`` (before, A
+saw no recording of its own and ended it), B's recording lines are in A's hash chain, the
+recording ends complete; the console of either node lists it.  Under ``required`` node A still
+ends a session whose upload at node B stalls (the host stopped with SIGSTOP).  In a third session
+node B is killed mid-upload: the host fails over to A and sends the rest there
+(``RecordingResume``), that recording ends complete too.  Node B back with the tenant's quota
+used up refuses the next recording, and node A ends that session with the reason.
 ``protocol verify`` (with the recordings' hashes) and ``recording verify`` pass.
 """
 

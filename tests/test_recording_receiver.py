@@ -395,3 +395,47 @@ def test_a_restart_closes_only_uploads_silent_for_resume_seconds(setup, clock): 
     clock.advance(resume_seconds + 1)
     again.check()
     assert status() == "incomplete"
+
+
+def test_the_sessions_node_closes_an_upload_a_dead_node_left_open(setup, clock, broker,  # noqa: F811
+                                                                  tmp_path):
+    """Several nodes: node B stored an upload for a session of node A and died; the recorder
+    did not come back within ``resume_seconds``: A closes it (incomplete, hash in the protocol).
+    While the upload still moves (its recorder went on at a live node) A leaves it."""
+    set_policy(setup["db"], "on")
+    storing = setup["make"]()          # node B: stores the upload
+    conn, sid = setup["host"], setup["sid"]
+    answer = result_of(storing.start_recording(conn, sid))
+    rid = answer["recording_id"]
+    w = writer_for(answer)
+    result_of(storing.chunk(conn, rid, 0, w.start() + w.flush()))
+    session_node = setup["make"]()     # node A, the session's node
+    session_node.node = "node-a"
+    session_node.check()
+    result_of(session_node._remote_line("node-b", {
+        "session_id": sid, "tenant": "acme", "kind": "recording_started",
+        "detail": {"recording_id": rid, "party": "host"}}))
+    resume_seconds = setup["config"].recording.resume_seconds
+
+    def status() -> str:
+        with setup["db"].session() as s:
+            return s.get(Recording, rid).status
+    broker.live_nodes = {"node-a", "node-b"}
+    clock.advance(resume_seconds + 1)
+    session_node.check()               # node B lives: its upload
+    assert status() == "uploading"
+    broker.live_nodes = {"node-a"}     # node B died; the row moved a moment ago: not yet
+    session_node.check()
+    assert status() == "uploading" and rid in session_node.remote
+    with setup["db"].session() as s:   # silent for longer than resume_seconds
+        row = s.get(Recording, rid)
+        row.last_chunk_at = row.started_at = row.started_at - dt.timedelta(
+            seconds=resume_seconds + 5)
+    clock.advance(resume_seconds + 1)
+    session_node.check()
+    assert status() == "incomplete"
+    [path] = (tmp_path / "protocols").rglob(f"{sid}.jsonl")
+    anchored = [json.loads(x) for x in path.read_text().splitlines()
+                if json.loads(x)["kind"] == "recording"]
+    assert [a["detail"]["recording_id"] for a in anchored] == [rid]
+    assert anchored[0]["detail"]["status"] == "incomplete" and anchored[0]["detail"]["sha256"]

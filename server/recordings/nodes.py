@@ -20,7 +20,9 @@ them, over the node bus (never recording or session bytes):
 The session's node takes these only from the bus, only those two line kinds, and lines only for
 sessions it set up.  If that node died meanwhile (no answer, not live any more), the storing node
 writes the final line itself, as the relay process and the dead-node sweep write into protocols of
-sessions they did not set up (appends are serialised by ``flock`` on the shared folder).
+sessions they did not set up (appends are serialised by ``flock`` on the shared folder).  If the
+storing node died and the recorder does not come back to any node within ``resume_seconds``,
+the session's node closes the upload (``take_over_orphans``), as a restarted node closes its own.
 """
 
 from __future__ import annotations
@@ -168,13 +170,14 @@ class RecordingNodeCalls:
 
     def _remote_alive(self, sender: str, body: dict) -> None:
         session_id, recording_id = body.get("session_id"), body.get("recording_id")
-        if session_id not in self.broker.sessions or not isinstance(recording_id, str):
+        if not isinstance(recording_id, str):
             return
         entry = self.remote.get(recording_id)
-        if entry is None:  # resumed on another node after this one restarted: known again
+        if entry is None and session_id in self.broker.sessions:
+            # resumed on another node after this one restarted: known again
             entry = self.remote[recording_id] = RemoteUpload(
                 recording_id, session_id, str(body.get("party", "")), sender, 0.0)
-        if entry.session_id == session_id:
+        if entry is not None and entry.session_id == session_id:  # also after the end
             entry.node, entry.last_chunk = sender, self.reactor.seconds()
 
     def _remote_failed(self, sender: str, body: dict) -> dict:
@@ -195,10 +198,24 @@ class RecordingNodeCalls:
         return [r for r in self.remote.values() if r.session_id == session_id]
 
     def forget_remote(self) -> None:
-        """Entries of sessions that are over here."""
+        """Entries whose final line came (or that this node closed itself)."""
         for recording_id, entry in list(self.remote.items()):
-            if entry.session_id not in self.broker.sessions:
+            if entry.ended:
                 del self.remote[recording_id]
+
+    def take_over_orphans(self, now: float) -> None:
+        """Uploads another node stored for this node's sessions whose node is dead and whose
+        recorder did not come back (to any node) within ``resume_seconds``: this node closes
+        them, kept to their last whole record, incomplete, their hash in the protocol."""
+        if not self.broker.live_nodes:  # not looked yet
+            return
+        for entry in list(self.remote.values()):
+            if (entry.ended or entry.node in self.broker.live_nodes or entry.id in self.uploads
+                    or now - entry.last_chunk <= self.resume_seconds):
+                continue
+            entry.ended = True
+            self.take_over(entry).addErrback(
+                lambda f: log.failure("could not close a recording a dead node left open", f))
 
 
 def _session_owner(session, session_id: str) -> tuple[str | None, str] | None:

@@ -496,6 +496,7 @@ class RecordingReceiver(RecordingNodeCalls):
         for session_id in list(self.watched):
             if session_id not in self.broker.sessions:
                 self.watched.pop(session_id, None)
+        self.take_over_orphans(now)
         self.forget_remote()
         # a recorder silent far beyond its keep-alives is gone (killed, or its session ended on
         # a separate relay process), and one whose connection was lost did not come back within
@@ -547,6 +548,27 @@ class RecordingReceiver(RecordingNodeCalls):
                      session_id=upload.session_id)
             yield upload.lock.run(self._finish, upload)
 
+    @defer.inlineCallbacks
+    def take_over(self, entry: RemoteUpload):
+        """Close an upload a dead node stored for one of this node's sessions (unless it moved
+        within ``resume_seconds``: its recorder went on somewhere)."""
+        row = yield self.db.run(_find_by_id, entry.id)
+        if row is None or row["status"] != "uploading":
+            return None
+        moved = row["last_chunk_at"] or row["started_at"]
+        if moved > utcnow() - dt.timedelta(seconds=self.resume_seconds):
+            entry.ended, entry.last_chunk = False, self.reactor.seconds()
+            return None
+        upload = yield self._resume(row, row["tenant"])
+        if upload is None:
+            yield self.db.run(_close, row["id"], "incomplete", None, row["size"], row["records"],
+                              utcnow())
+            return None
+        log.warn("recording {rid} of session {session_id}: node {node}, which stored it, is gone "
+                 "and its recorder did not come back: closed here as incomplete", rid=upload.id,
+                 session_id=upload.session_id, node=entry.node)
+        return (yield upload.lock.run(self._finish, upload))
+
     def _end(self, session_id: str, why: str) -> None:
         log.error("session {session_id} ends: {why} (recording policy 'required')",
                   session_id=session_id, why=why)
@@ -576,7 +598,8 @@ def _policy_of(session, session_id: str, default: str) -> tuple[str, int | None]
 def _as_dict(row: Recording) -> dict:
     return {c: getattr(row, c) for c in ("id", "session_id", "tenant_id", "party", "storage",
                                          "location", "key_id", "policy", "status", "size",
-                                         "records", "sha256", "started_at", "ended_at")}
+                                         "records", "sha256", "started_at", "ended_at",
+                                         "last_chunk_at")}
 
 
 def _with_tenant(session, row: Recording) -> dict:
