@@ -23,8 +23,9 @@ Figures per row:
 * **full-screen frames per second**: four prepared full-screen pictures (text-like blocks on
   coloured bands, copied from server-side pixmaps) alternate as fast as the client shows them.
   Closed loop: the next picture is shown when the client showed the last one, so this is
-  1 / (full-screen change → pixel latency).  With it: server CPU per frame (``/proc``, user +
-  system, all threads; does not depend on the machine's load the way wall time does).
+  1 / (full-screen change → pixel latency).  With it: CPU per frame of the server, of this
+  client and of Xvfb (``/proc``, user + system, all threads; they do not depend on the
+  machine's load the way wall time does), and ``fps/core``: 1000 / their sum.
 * **video frames per second** (open loop): eight full-screen frames of a smooth moving picture
   with a frame number in a corner are shown at ``--video-fps`` whatever the client does, for
   ``--fps-seconds``; how many different frames the client showed per second.
@@ -287,16 +288,18 @@ def latency(row: Row, painter: Painter, samples: int) -> list[float]:
     return out
 
 
-def fps(row: Row, painter: Painter, pics: list[np.ndarray],
-        seconds: float) -> tuple[float, float, float]:
-    """(frames per second, MB per frame, server CPU ms per frame) over ``seconds`` of
-    alternating full-screen pictures."""
+def fps(row: Row, painter: Painter, pics: list[np.ndarray], seconds: float,
+        xvfb_pid: int) -> tuple[float, float, float, float, float]:
+    """(frames per second, MB per frame, and CPU ms per frame of the server, the client and
+    Xvfb) over ``seconds`` of alternating full-screen pictures."""
     client = row.connect()
     try:
         frames = 0
         start = time.perf_counter()
         received0 = client.received
         cpu0 = cpu_seconds(row.pid)
+        client_cpu0 = time.process_time()
+        x_cpu0 = cpu_seconds(xvfb_pid)
         tol = row.tolerance
         while time.perf_counter() - start < seconds:
             i = frames % len(pics)
@@ -310,9 +313,11 @@ def fps(row: Row, painter: Painter, pics: list[np.ndarray],
                 break
             frames += 1
         elapsed = time.perf_counter() - start
-        cpu = cpu_seconds(row.pid) - cpu0
+        per_frame = 1000 / max(frames, 1)
         return (frames / elapsed, (client.received - received0) / max(frames, 1) / 1e6,
-                cpu / max(frames, 1) * 1000)
+                (cpu_seconds(row.pid) - cpu0) * per_frame,
+                (time.process_time() - client_cpu0) * per_frame,
+                (cpu_seconds(xvfb_pid) - x_cpu0) * per_frame)
     finally:
         client.close()
 
@@ -462,7 +467,8 @@ def main() -> None:
         painter = Painter(display.name, width, height)
         lat = {row.name: latency(row, painter, args.samples) for row in rows}
         pics = painter.prepare_pictures()
-        rates = {row.name: fps(row, painter, pics, args.fps_seconds) for row in rows}
+        rates = {row.name: fps(row, painter, pics, args.fps_seconds, display.proc.pid)
+                 for row in rows}
         painter.prepare_video()
         video = {row.name: video_fps(row, painter, len(pics), 8, args.fps_seconds,
                                      args.video_fps) for row in rows}
@@ -471,16 +477,19 @@ def main() -> None:
         load_end = os.getloadavg()
 
         print(f"\n{'':8} {'p50 ms':>7} {'p95 ms':>7} {'n':>4} {'fps full':>8} {'MB/frame':>8} "
-              f"{'CPU ms/fr':>9} {'video fps':>9} {'video MB/s':>10} {'workload bytes':>14} "
-              f"{'updates':>7} {'wrong px':>8}")
+              f"{'CPU ms/frame: server client Xvfb':>33} {'fps/core':>8} {'video fps':>9} "
+              f"{'video MB/s':>10} {'workload bytes':>14} {'updates':>7} {'wrong px':>8}")
         for row in rows:
             n = row.name
-            f, mb, cpu = rates[n]
+            f, mb, cpu, client_cpu, x_cpu = rates[n]
             vf, vmb = video[n]
             b, u, wrong = work.get(n, (0, 0, float("nan")))
+            per_core = 1000 / max(cpu + client_cpu + x_cpu, 1e-9)
             print(f"{n:8} {pct(lat[n], 50):7.1f} {pct(lat[n], 95):7.1f} {len(lat[n]):4d} "
-                  f"{f:8.1f} {mb:8.2f} {cpu:9.1f} {vf:9.1f} {vmb:10.2f} {b:14,d} {u:7d} "
-                  f"{wrong:8.2%}")
+                  f"{f:8.1f} {mb:8.2f} {cpu:19.1f} {client_cpu:6.1f} {x_cpu:6.1f} "
+                  f"{per_core:8.1f} {vf:9.1f} {vmb:10.2f} {b:14,d} {u:7d} {wrong:8.2%}")
+        print("fps/core: full-screen frames a second if one core did nothing but this row's "
+              "server, client and Xvfb work (1000 / their CPU ms per frame; load-independent)")
         print(f"load average at the end {load_end[0]:.1f} {load_end[1]:.1f} {load_end[2]:.1f}")
         if "x11vnc" in names:
             ref = "x11vnc"
