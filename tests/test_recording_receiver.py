@@ -9,6 +9,7 @@ import hashlib
 import json
 
 import pytest
+import pytest_twisted
 from twisted.internet import defer
 
 from protocol import control, recording
@@ -439,3 +440,25 @@ def test_the_sessions_node_closes_an_upload_a_dead_node_left_open(setup, clock, 
                 if json.loads(x)["kind"] == "recording"]
     assert [a["detail"]["recording_id"] for a in anchored] == [rid]
     assert anchored[0]["detail"]["status"] == "incomplete" and anchored[0]["detail"]["sha256"]
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+@pytest_twisted.ensureDeferred
+async def test_a_final_line_for_a_dead_sessions_node_is_written_by_the_storing_node(setup,
+                                                                                     tmp_path):
+    """Several nodes: the session's node does not answer (a real node bus on PostgreSQL, nobody
+    listening on that node's channel) and is not live in ``server_nodes``: the storing node
+    writes the recording's final line into the shared protocol itself."""
+    from twisted.internet import reactor
+
+    from server.cluster import NodeBus
+    receiver = setup["make"]()
+    receiver.node = "node-b"
+    receiver.bus = NodeBus(setup["db"], "node-b", reactor, call_timeout=0.5)
+    sid = setup["sid"]
+    await receiver.line(sid, "acme", "node-gone", "recording", {"recording_id": "r9",
+                                                                  "status": "complete"})
+    [path] = (tmp_path / "protocols").rglob(f"{sid}.jsonl")
+    [written] = [json.loads(x) for x in path.read_text().splitlines()
+                 if json.loads(x)["kind"] == "recording"]
+    assert written["detail"]["recording_id"] == "r9" and written["actor"] == "server"
