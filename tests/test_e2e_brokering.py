@@ -158,9 +158,9 @@ def test_host_comes_back_after_server_restart(tmp_path, db_url, enrolled_host_on
         srv.stop()
         notice = host.wait_for_line(r"the server is shutting down cleanly: trying again in about "
                                     r"(\d+) s, spread over (\d+) s")
-        assert notice.groups() == ("5", "2")  # presence.restart_seconds; 1 host: the minimum
+        assert notice.groups() == ("5", "10")  # presence.restart_seconds; 1 host: the minimum
         host.wait_for_line("the server closed the connection for its shutdown")
-        assert "told 1 modules to come back in 5 s, spread over 2 s" in srv.log()
+        assert "told 1 modules to come back in 5 s, spread over 10 s" in srv.log()
         srv.start()
         wait_until(lambda: json.loads(run_cli("supporter", "hosts", "--json", "--home",
                                               str(supporter_home)).stdout or "[{}]")[0].get("online"),
