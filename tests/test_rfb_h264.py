@@ -22,7 +22,7 @@ from modules.common.screen.rfb_server import Rect as DamageRect
 from modules.common.screen.rfb_server import RFBServer
 from protocol import rfb_h264
 from protocol.rfb_client import (COPY_RECT, DESKTOP_SIZE, H264, LAST_RECT, RICH_CURSOR, TIGHT,
-                                 ZRLE, RFBClient, RFBClientError, ServerInit)
+                                 ZRLE, FramebufferUpdated, RFBClient, RFBClientError, ServerInit)
 from tests.fixtures_x11 import require, xvfb  # noqa: F401
 
 pytest.importorskip("av")
@@ -78,7 +78,7 @@ def exchange(server: RFBServer, client: RFBClient, frame: np.ndarray, damage=Non
     data = server.update(frame, damage)
     if not data:
         return None
-    (update,) = client.receive(data)
+    (update,) = [e for e in client.receive(data) if isinstance(e, FramebufferUpdated)]
     return [r.encoding for r in update.rects]
 
 
@@ -384,3 +384,19 @@ async def test_e2e_our_client_gets_h264_and_vncsnapshot_still_gets_tight(xvfb, t
         await port.stopListening()
         window[0].close()
         src.close()
+
+
+def test_a_new_screen_size_starts_a_new_context_with_a_key_frame():
+    server, client = pair()
+    exchange(server, client, picture(0), incremental=False)
+    assert exchange(server, client, photo(1)) == [H264]
+    small = photo(2, 120, 160)
+    assert exchange(server, client, small) == [DESKTOP_SIZE] + [TIGHT] * 6     # 3x2 tiles
+    assert np.array_equal(client.framebuffer, small)
+    server.receive(client.request_update(True))
+    data = server.update(photo(3, 120, 160), None)
+    assert struct.unpack(">HHHHiII", data[4:24])[2:] == (160, 120, H264, len(data) - 24,
+                                                          rfb_h264.RESET_ALL_CONTEXTS)
+    client.receive(data)
+    close_to(client.framebuffer, photo(3, 120, 160))
+    assert len(client._h264) == 1
