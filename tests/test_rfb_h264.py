@@ -400,3 +400,30 @@ def test_a_new_screen_size_starts_a_new_context_with_a_key_frame():
     client.receive(data)
     close_to(client.framebuffer, photo(3, 120, 160))
     assert len(client._h264) == 1
+
+
+def test_a_recorded_stream_with_h264_plays_back():
+    """Recordings keep the RFB stream as it was sent; the player (and so the MP4 export)
+    decodes its H.264 rects with the same client."""
+    from protocol import recording
+    from protocol.recording_player import frames
+    server, client = RFBServer((W, H), name="t"), RFBClient(encodings=LOSSLESS_WITH_H264)
+    sent: list[bytes] = []
+
+    def to_client(data: bytes) -> None:
+        sent.append(data)
+        client.receive(data)
+
+    to_client(server.initial())
+    for _ in range(5):
+        server.receive(client.data_to_send())
+        to_client(server.data_to_send())
+    shown = [picture(0), photo(1), photo(2), photo(3)]
+    for i, frame in enumerate(shown):
+        server.receive(client.request_update(i > 0))
+        to_client(server.update(frame, None))
+    assert client.decoded["h264"] == 3                      # every photo-like full change
+    entries = [recording.Entry(recording.RFB_OUT, 100 * i, data) for i, data in enumerate(sent)]
+    pictures = [picture for _t, picture in frames(entries, fps=10)]
+    assert np.array_equal(pictures[-1], client.framebuffer)
+    close_to(pictures[-1], shown[-1])
