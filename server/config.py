@@ -660,12 +660,12 @@ def _check_cluster(cluster: dict[str, Any], database: dict[str, Any],
 def _check_shared_folders(cluster: dict[str, Any], unset: set[str],
                           recording: dict[str, Any]) -> None:
     """Several nodes write every session's protocol and take recordings wherever a party is
-    connected: those folders cannot be the defaults inside each node's own ``data_dir``."""
+    connected (with S3, spooled in the recordings folder until they end): those folders cannot be
+    the defaults inside each node's own ``data_dir``."""
     if not cluster["enabled"]:
         return
-    for key, needed in (("protocol_dir", True),
-                        ("recording_dir", recording["storage"] == "folder")):
-        if needed and key in unset:
+    for key in ("protocol_dir", "recording_dir"):
+        if key in unset:
             raise ConfigError(f"config key server.{key} is missing: with [cluster] enabled every "
                               "node and relay process must use one shared folder (e.g. NFS), not "
                               f"the default inside this node's own data_dir; set server.{key}")

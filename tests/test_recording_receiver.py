@@ -462,3 +462,23 @@ async def test_a_final_line_for_a_dead_sessions_node_is_written_by_the_storing_n
     [written] = [json.loads(x) for x in path.read_text().splitlines()
                  if json.loads(x)["kind"] == "recording"]
     assert written["detail"]["recording_id"] == "r9" and written["actor"] == "server"
+
+
+def test_s3_uploads_wait_in_the_shared_recordings_folder_with_several_nodes(tmp_path):
+    """An S3 upload is spooled until it ends: with several nodes in the shared recordings folder
+    (its recorder may resume at another node), on one node in its data folder."""
+    from server.recordings.storage import S3Storage, storage_for, storage_named
+    s3 = {"enabled": True, "endpoint_url": "http://127.0.0.1:9", "bucket": "b"}
+    one = from_mapping({"server": {"data_dir": str(tmp_path / "a")}, "s3": s3,
+                        "recording": {"storage": "s3"}}, tmp_path)
+    several = from_mapping({
+        "server": {"data_dir": str(tmp_path / "a"), "protocol_dir": str(tmp_path / "shared/p"),
+                   "recording_dir": str(tmp_path / "shared/r")},
+        "s3": s3, "recording": {"storage": "s3"},
+        "database": {"url": "postgresql+psycopg://u@127.0.0.1/hm"},
+        "relay": {"external": ["127.0.0.1:8445"]},
+        "cluster": {"enabled": True, "node_name": "node-a"}}, tmp_path)
+    for config, spool in ((one, tmp_path / "a" / "recording-spool"),
+                          (several, tmp_path / "shared" / "r" / ".s3-spool")):
+        for storage in (storage_for(config), storage_named(config, "s3")):
+            assert isinstance(storage, S3Storage) and storage.root == spool

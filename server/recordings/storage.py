@@ -179,10 +179,19 @@ class S3Storage(FolderStorage):
         return None if report.ok else f"S3 bucket for recordings: {report.error}"
 
 
+def spool_of(config) -> Path:
+    """Where an S3 upload waits until it ends: with several nodes in the shared recordings folder
+    (its recorder may resume at another node, which reads what is there), else in the data
+    folder."""
+    if config.cluster.enabled:
+        return config.server.recording_dir / ".s3-spool"
+    return config.server.data_dir / "recording-spool"
+
+
 def storage_for(config) -> FolderStorage:
     if config.recording.storage == "s3":
         from ..s3store import S3Store
-        return S3Storage(S3Store(config.s3), config.server.data_dir / "recording-spool")
+        return S3Storage(S3Store(config.s3), spool_of(config))
     return FolderStorage(config.server.recording_dir)
 
 
@@ -190,5 +199,5 @@ def storage_named(config, kind: str) -> FolderStorage:
     """The storage a recording row names (it may differ from today's configured one)."""
     if kind == "s3":
         from ..s3store import S3Store
-        return S3Storage(S3Store(config.s3), config.server.data_dir / "recording-spool")
+        return S3Storage(S3Store(config.s3), spool_of(config))
     return FolderStorage(config.server.recording_dir)
