@@ -231,6 +231,38 @@ def test_host_presence_online_offline_and_db(broker, world, database, clock):
         assert not s.get(Host, world["pc-office"]).online
 
 
+def test_hellos_arriving_while_a_batch_is_written_share_one_transaction(broker, world, database):
+    """Thousands of hosts back after a restart: one transaction per batch, not per host; an
+    unknown host in a batch is refused, the others are online with their tenant."""
+    held = []
+    inline = broker.db
+
+    class HeldDB:  # the first write is still running while the next Hellos arrive
+        def run(self, fn, *args):
+            d = defer.Deferred()
+            held.append((fn, args, d))
+            return d
+    broker.db = HeldDB()
+    first = host(world["pc-office"])
+    answers = [broker.host_online(first, "1")]
+    waiting = [host(world["pc-lab"]), host(str(uuid.uuid4())), host(world["pc-office"])]
+    answers += [broker.host_online(conn, "2") for conn in waiting]
+    assert [len(args[0]) for _, args, _ in held] == [1]  # the later three wait for the first
+    for _ in range(2):
+        fn, args, d = held.pop(0)
+        d.callback(inline.call(fn, *args))
+    assert held == []  # the three went in one batch
+    broker.db = inline
+    assert result_of(answers[0]) == "acme" and result_of(answers[1]) == "acme"
+    with pytest.raises(control.NotEnrolled):
+        result_of(answers[2])
+    assert result_of(answers[3]) == "acme"
+    assert first.aborted and "newer connection" in first.aborted  # in batch order
+    assert broker.hosts[world["pc-office"]].connection is waiting[2]
+    with database.session() as s:
+        assert s.get(Host, world["pc-lab"]).online and s.get(Host, world["pc-lab"]).module_version == "2"
+
+
 def test_newest_connection_of_a_host_wins(broker, world):
     old, new = host(world["pc-office"]), host(world["pc-office"])
     result_of(broker.host_online(old, "1"))
