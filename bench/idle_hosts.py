@@ -1,7 +1,7 @@
 """N idle enrolled hosts on one server: server memory per host, and how fast all come back after
 a server restart.
 
-    python bench/idle_hosts.py [--hosts 2000] [--workers 2] [--heartbeat 30]
+    python bench/idle_hosts.py [--hosts 2000] [--workers 2] [--heartbeat 60]
     python bench/idle_hosts.py --hosts 20000          # the target size (see RLIMIT note below)
 
 What happens, all on 127.0.0.1:
@@ -216,8 +216,8 @@ def main(argv: list[str] | None = None) -> int:
                                 epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     p.add_argument("--hosts", type=int, default=2000, help="enrolled hosts (default 2000)")
     p.add_argument("--workers", type=int, default=2, help="client processes (default 2)")
-    p.add_argument("--heartbeat", type=float, default=30.0,
-                   help="server's presence.heartbeat_seconds (default 30)")
+    p.add_argument("--heartbeat", type=float, default=60.0,
+                   help="server's presence.heartbeat_seconds (default 60, the server's default)")
     p.add_argument("--ramp", type=float, default=200.0,
                    help="first connections per second, all workers together (default 200)")
     p.add_argument("--hold", type=float, default=None,

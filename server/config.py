@@ -403,7 +403,7 @@ SCHEMA: dict[str, tuple[Key, ...]] = {
         Key("secret_file", "path", ""),
     ),
     "presence": (
-        Key("heartbeat_seconds", "float", 30.0, minimum=0.05, maximum=3600),
+        Key("heartbeat_seconds", "float", 60.0, minimum=0.05, maximum=3600),
         Key("missed_heartbeats", "int", 3, minimum=1, maximum=100),
         Key("flush_seconds", "float", 10.0, minimum=0.05, maximum=3600),
         Key("restart_seconds", "float", 5.0, minimum=0, maximum=600),

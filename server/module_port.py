@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import time
 from typing import Callable
 
@@ -33,6 +34,30 @@ log = Logger()
 EVENT_KIND = re.compile(r"^[a-z][a-z_]{0,39}$")
 MAX_EVENT_DETAIL = 16 * 1024
 SERVER_KINDS = frozenset({"created", "joined"})
+
+
+#: TCP keep-alive on module connections: after this many idle seconds the kernel probes the
+#: peer every KEEPALIVE_INTERVAL s and drops the connection after KEEPALIVE_PROBES unanswered
+#: probes — a vanished host is noticed in ~60 s at no CPU cost to the server, so heartbeats
+#: can be rare (presence.heartbeat_seconds)
+KEEPALIVE_IDLE = 30
+KEEPALIVE_INTERVAL = 10
+KEEPALIVE_PROBES = 3
+
+
+def _keep_alive(tcp) -> None:
+    sock = getattr(tcp, "socket", None)
+    if sock is None:
+        return
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for option, value in (("TCP_KEEPIDLE", KEEPALIVE_IDLE),
+                              ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL),
+                              ("TCP_KEEPCNT", KEEPALIVE_PROBES)):
+            if hasattr(socket, option):
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+    except OSError:  # not a TCP socket after all
+        pass
 
 
 class _ClosedSender:
@@ -71,6 +96,7 @@ class ModuleConnection(FramedAMP):
         tcp = getattr(self.transport, "transport", self.transport)
         if hasattr(tcp, "setTcpNoDelay"):
             tcp.setTcpNoDelay(True)  # control commands are small; no delayed-ACK waits
+            _keep_alive(tcp)
 
     def handshakeCompleted(self) -> None:
         facts = getattr(self.transport, "peer_facts", None)  # server.tls's verify callback
