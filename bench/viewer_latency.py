@@ -82,6 +82,55 @@ def watch_main(display: str) -> None:
         print("timeout" if shown is None else f"{shown:.6f}", flush=True)
 
 
+def view_main(port: int, prefer: str, decode_thread: bool, request_early: bool) -> None:
+    """The viewer process (``--view``): the app's viewer on its own, as TigerVNC's runs in a
+    process of its own, so the bench's drawing and waiting take nothing from it.
+    ``RFBClientProtocol`` with the defaults of the app's ``ViewerScreen`` feeding
+    ``FramebufferWidget``, Twisted on qasync's loop, a frameless 1:1 window at 0,0 of $DISPLAY;
+    it runs until its connection ends or it is stopped."""
+    import qasync
+    from PySide6.QtCore import Qt
+    from PySide6.QtWidgets import QApplication
+    app = QApplication(["viewer-bench", "-platform", "xcb"])
+    loop = qasync.QEventLoop(app)
+    asyncio.set_event_loop(loop)
+    from twisted.internet import asyncioreactor
+    asyncioreactor.install(loop)
+    from twisted.internet import endpoints, reactor
+
+    from modules.common.qt.viewer import FramebufferWidget
+    from modules.common.screen.rfb_client_twisted import RFBClientProtocol
+    from protocol.rfb_client import FramebufferUpdated
+
+    def event(e) -> None:
+        if isinstance(e, FramebufferUpdated):
+            widget.screen_changed([(r.x, r.y, r.width, r.height) for r in e.rects])
+    protocol = RFBClientProtocol(on_event=event, encodings=encodings_for(prefer),
+                                 decode_thread=decode_thread, request_early=request_early,
+                                 call_in_reactor=reactor.callFromThread)
+    widget = FramebufferWidget(lambda: protocol.framebuffer, lambda *a: None, lambda *a: None,
+                               lambda: False, lock=protocol.framebuffer_lock)
+    widget.setWindowFlags(Qt.FramelessWindowHint)
+    widget.set_fit(False)
+    widget.move(0, 0)
+    widget.show()
+    endpoints.connectProtocol(endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port), protocol)
+    protocol.ended.addBoth(lambda _: reactor.stop())
+    reactor.run()
+
+
+def encodings_for(prefer: str) -> tuple[int, ...]:
+    from protocol.rfb_client import DEFAULT_ENCODINGS, TIGHT, ZRLE
+    first = {"tight": TIGHT, "zrle": ZRLE}[prefer]
+    return (first,) + tuple(e for e in DEFAULT_ENCODINGS if e != first)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process so far (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class Watcher:
     """The bench's end of the watcher process (its answers come through the reactor, so the
     viewer in this process keeps running while we wait)."""
@@ -130,12 +179,9 @@ class Viewer:
         from modules.supporter.rfb_client import FramebufferUpdated
         from modules.common.screen.rfb_client_twisted import RFBClientProtocol
         self.FramebufferUpdated = FramebufferUpdated
-        from protocol.rfb_client import DEFAULT_ENCODINGS, TIGHT, ZRLE
-        first = {"tight": TIGHT, "zrle": ZRLE}[prefer]
-        encodings = (first,) + tuple(e for e in DEFAULT_ENCODINGS if e != first)
         self.protocol = RFBClientProtocol(on_event=self._event, decode_thread=decode_thread,
                                           request_early=request_early,
-                                          encodings=encodings,
+                                          encodings=encodings_for(prefer),
                                           call_in_reactor=reactor.callFromThread)
         viewer = self
 
@@ -291,7 +337,7 @@ async def fps_on_screen(watcher: Watcher, painter: Painter, pics, spots,
         if await shown is None:
             break
         frames += 1
-    return frames / (time.perf_counter() - start)
+    return frames / (time.perf_counter() - start), frames
 
 
 def pct(values: list[float], p: float) -> float:
@@ -301,6 +347,10 @@ def pct(values: list[float], p: float) -> float:
 def main() -> None:
     if sys.argv[1:2] == ["--watch"]:
         watch_main(sys.argv[2])
+        return
+    if sys.argv[1:2] == ["--view"]:
+        port, prefer, decode_thread, request_early = sys.argv[2:6]
+        view_main(int(port), prefer, decode_thread == "1", request_early == "1")
         return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", default="1920x1080")
@@ -312,6 +362,8 @@ def main() -> None:
                     help="the encoding our viewer asks for first (the app asks for Tight)")
     ap.add_argument("--gui-loop", action="store_true",
                     help="decode on the GUI loop (before: the app decodes in a thread of its own)")
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="on-screen rounds, each ours then TigerVNC's (interleaved)")
     ap.add_argument("--late-request", action="store_true",
                     help="ask for the next update only after one is decoded (before: the app "
                          "asks when an update starts)")
@@ -370,31 +422,44 @@ def main() -> None:
                 await sleep(1.0)      # the last frame settles
                 cpu = await idle_cpu(args.idle_seconds)
                 painted[name] = (lat, rate, cpu, viewer.widget.frames_painted)
-                # the same window, timed on the viewer display by the watcher process
-                lat = await latency_on_screen(watcher, painter, args.samples,
-                                              await blank(painter))
-                rate = await fps_on_screen(watcher, painter, pics, spots, args.fps_seconds)
-                on_screen["hausmeister viewer" if port == x11vnc else "hausmeister, own server"] \
-                    = (lat, rate)
                 viewer.protocol.transport.loseConnection()
                 viewer.widget.close()
-            # TigerVNC's viewer, full screen on the viewer display, on the same x11vnc
-            await blank(painter)
-            tiger = subprocess.Popen(
-                ["xtigervncviewer", "-FullScreen", "-Shared", f"127.0.0.1::{x11vnc}"],
-                env={**os.environ, "DISPLAY": viewer_display.name},
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            procs.append(tiger)
-            ready = watcher.when_shown([(width // 2, height // 2, (250, 20, 200))])
-            painter.square(width // 2 - 60, height // 2 - 60, 120, (250, 20, 200))
-            if await ready is None:
-                print("xtigervncviewer: the remote screen never showed", file=sys.stderr)
-            else:
-                await sleep(1.0)
-                lat = await latency_on_screen(watcher, painter, args.samples,
-                                              await blank(painter))
-                rate = await fps_on_screen(watcher, painter, pics, spots, args.fps_seconds)
-                on_screen["TigerVNC viewer"] = (lat, rate)
+            await sleep(0.5)
+
+            async def on_screen_run(name: str, command: list[str]) -> None:
+                """One viewer process on the viewer display: latency and full-screen fps as
+                the watcher sees them, and the process's CPU per full-screen frame."""
+                await blank(painter)
+                proc = subprocess.Popen(command, env={**os.environ, "DISPLAY": viewer_display.name},
+                                        cwd=ROOT, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL)
+                procs.append(proc)
+                colour = (250, 20, 200)               # on black (blank): shown = running
+                ready = watcher.when_shown([(width // 2, height // 2, colour)])
+                painter.square(width // 2 - 60, height // 2 - 60, 120, colour)
+                if await ready is None:
+                    print(f"{name}: the remote screen never showed", file=sys.stderr)
+                else:
+                    await sleep(1.0)
+                    lat = await latency_on_screen(watcher, painter, args.samples,
+                                                  await blank(painter))
+                    cpu0 = cpu_seconds(proc.pid)
+                    rate, frames = await fps_on_screen(watcher, painter, pics, spots,
+                                                       args.fps_seconds)
+                    cpu = (cpu_seconds(proc.pid) - cpu0) / max(frames, 1)
+                    on_screen.setdefault(name, []).append(
+                        (lat, rate, cpu, os.getloadavg()[0]))
+                stop_process(proc)
+                procs.remove(proc)
+
+            ours_view = [sys.executable, str(Path(__file__).resolve()), "--view"]
+            flags = [args.prefer, "0" if args.gui_loop else "1",
+                     "0" if args.late_request else "1"]
+            await on_screen_run("hausmeister, own server", ours_view + [str(ours)] + flags)
+            for _ in range(args.rounds):
+                await on_screen_run("hausmeister viewer", ours_view + [str(x11vnc)] + flags)
+                await on_screen_run("TigerVNC viewer", ["xtigervncviewer", "-FullScreen",
+                                                        "-Shared", f"127.0.0.1::{x11vnc}"])
             watcher.close()
             painter.close()
 
@@ -421,16 +486,23 @@ def main() -> None:
         for name, (lat, rate, cpu, paints) in painted.items():
             print(f"{name:12} {pct(lat, 50):8.1f} {pct(lat, 95):8.1f} {len(lat):4d} {rate:9.1f} "
                   f"{cpu:9.1%} {paints:7d}")
-        print("\non the viewer display (watcher process, XGetImage); both viewers on x11vnc, "
-              "ours also on our server")
-        print(f"{'viewer':24} {'p50 ms':>8} {'p95 ms':>8} {'n':>4} {'fps full':>9}")
-        for name, (lat, rate) in on_screen.items():
-            print(f"{name:24} {pct(lat, 50):8.1f} {pct(lat, 95):8.1f} {len(lat):4d} {rate:9.1f}")
+        print("\non the viewer display (watcher process, XGetImage; each viewer a process of "
+              "its own): both viewers on x11vnc, ours also on our server; rounds interleaved")
+        print(f"{'viewer':24} {'round':>5} {'load':>5} {'p50 ms':>8} {'p95 ms':>8} {'n':>4} "
+              f"{'fps full':>9} {'CPU ms/frame':>13}")
+        for name, runs in on_screen.items():
+            for k, (lat, rate, cpu, load) in enumerate(runs, 1):
+                print(f"{name:24} {k:5d} {load:5.1f} {pct(lat, 50):8.1f} {pct(lat, 95):8.1f} "
+                      f"{len(lat):4d} {rate:9.1f} {cpu * 1000:13.1f}")
         if "hausmeister viewer" in on_screen and "TigerVNC viewer" in on_screen:
-            (ol, orate), (tl, trate) = on_screen["hausmeister viewer"], on_screen["TigerVNC viewer"]
+            pairs = list(zip(on_screen["hausmeister viewer"], on_screen["TigerVNC viewer"]))
+            ratios = [o[1] / t[1] for o, t in pairs if t[1]]
+            ol = [v for run in on_screen["hausmeister viewer"] for v in run[0]]
+            tl = [v for run in on_screen["TigerVNC viewer"] for v in run[0]]
             print(f"\nours / TigerVNC: latency p50 {pct(ol, 50) / pct(tl, 50):.2f}x, p95 "
-                  f"{pct(ol, 95) / pct(tl, 95):.2f}x (lower is better); full-screen fps "
-                  f"{orate / trate if trate else float('nan'):.2f}x (target >= 1)")
+                  f"{pct(ol, 95) / pct(tl, 95):.2f}x (lower is better); full-screen fps by "
+                  f"round {', '.join(f'{r:.2f}x' for r in ratios)}, median "
+                  f"{float(np.median(ratios)) if ratios else float('nan'):.2f}x (target >= 1)")
         if "hausmeister" in painted:
             lat, rate, cpu, _ = painted["hausmeister"]
             print(f"\nour viewer + our server: latency p50 {pct(lat, 50):.1f} ms (target <= 60: "

@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import numpy as np
 from PySide6.QtCore import QRect, QSize, Qt
-from PySide6.QtGui import QColor, QImage, QPainter
+from PySide6.QtGui import QColor, QImage, QPainter, QRegion
 from PySide6.QtWidgets import QScrollArea, QSizePolicy, QWidget
 
 SPECIAL_KEYS = {
@@ -148,7 +148,10 @@ class FramebufferWidget(QWidget):
 
     def paintEvent(self, event) -> None:  # noqa: N802
         painter = QPainter(self)
-        painter.fillRect(self.rect(), Qt.black)
+        target = self._target()
+        # black only around the picture (filling under it too cost a full-screen fill a paint)
+        for area in QRegion(event.rect()).subtracted(QRegion(target)):
+            painter.fillRect(area, Qt.black)
         with self.lock:
             fb = self.framebuffer()
             if fb.size:
@@ -156,7 +159,7 @@ class FramebufferWidget(QWidget):
                 image = QImage(fb.data, fb.shape[1], fb.shape[0], fb.strides[0],
                                QImage.Format_RGB888)
                 painter.setRenderHint(QPainter.SmoothPixmapTransform, self.fit)
-                painter.drawImage(self._target(), image)
+                painter.drawImage(target, image)
                 self.frames_painted += 1
         if self.paused_text:
             self._paint_paused(painter)
