@@ -124,8 +124,10 @@ def tight_palette(palette: np.ndarray, data: bytes, w: int, h: int) -> np.ndarra
     ``data`` one bit per pixel, rows padded to a byte (two colours), or one index byte per pixel.
 
     A table gather, not fancy indexing: for two colours each bitmap byte becomes its eight
-    pixels at once (a 24-byte row of a 256-row table), and ``np.take`` copies whole rows; a
-    full-screen frame of x11vnc's text-like rects decodes ~10x faster than ``palette[idx]``."""
+    pixels at once (a 24-byte row of a 256-row table), for up to 4 (16) colours four (two)
+    indices make one byte that picks a row of four (two) pixels, and ``np.take`` copies whole
+    rows; a full-screen frame of x11vnc's text-like rects decodes ~4x faster than with
+    ``palette[idx]`` (numpy copies each gathered row with a call of its own)."""
     if len(palette) == 2:
         rows = np.frombuffer(data, np.uint8).reshape(h, (w + 7) // 8)
         table = np.take(palette, _BYTE_BITS, axis=0).reshape(256, 24)
@@ -133,6 +135,20 @@ def tight_palette(palette: np.ndarray, data: bytes, w: int, h: int) -> np.ndarra
     idx = np.frombuffer(data, np.uint8).reshape(h, w)
     if idx.max() >= len(palette):
         raise DecodeError(f"Tight palette index {int(idx.max())} beyond {len(palette)} colours")
+    # few colours: several indices make one table row, so fewer (larger) rows are gathered
+    for per_row, bits in ((4, 2), (2, 4)):
+        if len(palette) <= 1 << bits and w % per_row == 0:
+            groups = idx.reshape(h, w // per_row, per_row)
+            code = groups[..., 0].copy()
+            for k in range(1, per_row):
+                code <<= bits
+                code |= groups[..., k]
+            full = np.zeros((1 << bits, 3), np.uint8)
+            full[:len(palette)] = palette
+            byte = np.arange(256)
+            shifts = range((per_row - 1) * bits, -1, -bits)
+            table = np.concatenate([full[(byte >> s) & ((1 << bits) - 1)] for s in shifts], axis=1)
+            return np.take(table, code, axis=0).reshape(h, w, 3)
     return np.take(palette, idx, axis=0)
 
 

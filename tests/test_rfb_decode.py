@@ -230,3 +230,19 @@ def test_tile_data_from_a_zlib_stream_is_a_bytes_prefix():
     raw = zlib.decompress(data)
     pixels, pos = zrle_tile(raw, np.frombuffer(raw, np.uint8), 4, 8, 8)
     assert pos == 8 and tuple(pixels) == (0x30, 0x20, 0x10)
+
+
+def test_tight_palette_matches_indexing_for_every_table_shape():
+    """Two colours (bitmap rows), up to 4 and up to 16 colours (indices packed into one table
+    row where the width allows), more: all equal ``palette[idx]``; an index beyond the palette
+    is refused."""
+    from protocol.rfb_decode import tight_palette
+    rng = np.random.default_rng(3)
+    for n in (2, 3, 4, 5, 16, 17, 200):
+        for w in (1, 2, 3, 4, 6, 8, 17, 64):
+            pal = rng.integers(0, 256, (n, 3), dtype=np.uint8)
+            idx = rng.integers(0, n, (3, w), dtype=np.uint8)
+            data = np.packbits(idx, axis=1).tobytes() if n == 2 else idx.tobytes()
+            assert np.array_equal(tight_palette(pal, data, w, 3), pal[idx]), (n, w)
+    with pytest.raises(DecodeError, match="index 3 beyond 3"):
+        tight_palette(np.zeros((3, 3), np.uint8), bytes([0, 1, 2, 3]), 4, 1)
