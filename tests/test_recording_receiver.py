@@ -359,7 +359,8 @@ def test_the_sessions_node_takes_only_recording_lines_of_its_own_sessions_from_o
     other = result_of(broker.connect_host(supporter("otto"), world["pc-lab"]))["session_id"]
     receiver.check()
     line("recording_started", other, "r2")
-    receiver._remote_failed("node-b", {"session_id": other, "why": "the tenant's quota is used up"})
+    assert result_of(receiver._remote_failed(
+        "node-b", {"session_id": other, "why": "the tenant's quota is used up"})) == {}
     [ended] = [kw for cmd, kw in conn.calls if cmd is control.SessionEnded]
     assert ended["cause"] == "recording_failed" and "quota" in ended["detail"]
     broker.session_ended(other)

@@ -148,9 +148,6 @@ class RecordingNodeCalls:
         if kind == "recording_started":
             if live is None:
                 raise control.Forbidden("the session is not live on this node")
-            self.remote[recording_id] = RemoteUpload(recording_id, session_id,
-                                                     str(detail.get("party", "")), sender,
-                                                     self.reactor.seconds())
             tenant = live.tenant
         else:  # the final line: also after the session ended here
             entry = self.remote.get(recording_id)
@@ -164,6 +161,10 @@ class RecordingNodeCalls:
                     raise control.Forbidden("this node did not set that session up")
                 tenant = owner[1]
         yield self.broker.server_line(session_id, tenant, kind, detail)
+        if kind == "recording_started":  # watched from now on (a refused start is not)
+            self.remote[recording_id] = RemoteUpload(recording_id, session_id,
+                                                     str(detail.get("party", "")), sender,
+                                                     self.reactor.seconds())
         log.info("session {session_id}: {kind} line of recording {rid} from node {node}",
                  session_id=session_id, kind=kind, rid=recording_id, node=sender)
         return {}
@@ -180,12 +181,15 @@ class RecordingNodeCalls:
         if entry is not None and entry.session_id == session_id:  # also after the end
             entry.node, entry.last_chunk = sender, self.reactor.seconds()
 
-    def _remote_failed(self, sender: str, body: dict) -> dict:
+    def _remote_failed(self, sender: str, body: dict):
+        """Answered once the reason is in the session's row: the storing node refuses the
+        recorder only then, so the relay records this reason, not the closing leg."""
         session_id = body.get("session_id")
         live = self.broker.sessions.get(session_id) if isinstance(session_id, str) else None
-        if live is not None and live.end is None:
-            self._end(session_id, f"{body.get('why', '')}"[:160] + f" (node {sender})")
-        return {}
+        if live is None or live.end is not None:
+            return {}
+        return self._end(session_id, f"{body.get('why', '')}"[:160] + f" (node {sender})"
+                         ).addCallback(lambda _: {})
 
     def _remote_moved(self, sender: str, body: dict) -> None:
         upload = self.uploads.get(body.get("recording_id", ""))

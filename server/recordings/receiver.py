@@ -569,11 +569,13 @@ class RecordingReceiver(RecordingNodeCalls):
                  session_id=upload.session_id, node=entry.node)
         return (yield upload.lock.run(self._finish, upload))
 
-    def _end(self, session_id: str, why: str) -> None:
+    def _end(self, session_id: str, why: str) -> defer.Deferred:
+        """Fires once the reason is in the session's row (what a relay process reads)."""
         log.error("session {session_id} ends: {why} (recording policy 'required')",
                   session_id=session_id, why=why)
         self.watched.pop(session_id, None)
-        self.broker.end_by_server(session_id, EndReason(EndCause.RECORDING_FAILED, "server", why))
+        return self.broker.end_by_server(session_id, EndReason(EndCause.RECORDING_FAILED,
+                                                               "server", why))
 
 
 # --- database work ------------------------------------------------------------------------------
