@@ -106,8 +106,8 @@ def view_main(port: int, prefer: str, decode_thread: bool, request_early: bool) 
         if isinstance(e, FramebufferUpdated):
             widget.screen_changed([(r.x, r.y, r.width, r.height) for r in e.rects])
     protocol = RFBClientProtocol(on_event=event, encodings=encodings_for(prefer),
-                                 decode_thread=decode_thread, request_early=request_early,
-                                 call_in_reactor=reactor.callFromThread)
+                                 call_in_reactor=reactor.callFromThread,
+                                 **protocol_options(decode_thread, request_early))
     widget = FramebufferWidget(lambda: protocol.framebuffer, lambda *a: None, lambda *a: None,
                                lambda: False, lock=protocol.framebuffer_lock)
     widget.setWindowFlags(Qt.FramelessWindowHint)
@@ -117,6 +117,17 @@ def view_main(port: int, prefer: str, decode_thread: bool, request_early: bool) 
     endpoints.connectProtocol(endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port), protocol)
     protocol.ended.addBoth(lambda _: reactor.stop())
     reactor.run()
+
+
+def protocol_options(decode_thread: bool, request_early: bool) -> dict:
+    """The viewer's options the tree under test knows (a "before" tree unpacked from an older
+    commit may lack ``request_early``: it asked after each update)."""
+    import inspect
+
+    from modules.common.screen.rfb_client_twisted import RFBClientProtocol
+    known = inspect.signature(RFBClientProtocol).parameters
+    return {k: v for k, v in (("decode_thread", decode_thread), ("request_early", request_early))
+            if k in known}
 
 
 def encodings_for(prefer: str) -> tuple[int, ...]:
@@ -179,9 +190,8 @@ class Viewer:
         from modules.supporter.rfb_client import FramebufferUpdated
         from modules.common.screen.rfb_client_twisted import RFBClientProtocol
         self.FramebufferUpdated = FramebufferUpdated
-        self.protocol = RFBClientProtocol(on_event=self._event, decode_thread=decode_thread,
-                                          request_early=request_early,
-                                          encodings=encodings_for(prefer),
+        self.protocol = RFBClientProtocol(on_event=self._event, encodings=encodings_for(prefer),
+                                          **protocol_options(decode_thread, request_early),
                                           call_in_reactor=reactor.callFromThread)
         viewer = self
 
