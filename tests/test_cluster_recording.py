@@ -8,8 +8,10 @@ saw no recording of its own and ended it), B's recording lines are in A's hash c
 recording ends complete; the console of either node lists it.  Under ``required`` node A still
 ends a session whose upload at node B stalls (the host stopped with SIGSTOP).  In a third session
 node B is killed mid-upload: the host fails over to A and sends the rest there
-(``RecordingResume``), that recording ends complete too.  Node B back with the tenant's quota
-used up refuses the next recording, and node A ends that session with the reason.
+(``RecordingResume``), that recording ends complete too.  The other way round: node A records a
+session itself and is stopped; the host sends the rest to node B, which writes the final line
+into A's protocol itself (A is gone).  Node B back with the tenant's quota used up refuses the next
+recording, and node A ends that session with the reason.
 ``protocol verify`` (with the recordings' hashes) and ``recording verify`` pass.
 """
 
@@ -32,8 +34,8 @@ from modules.common.link.servers import set_servers
 
 from .fixtures_server import ADMIN_PASSWORD, add_enrolled_host, add_enrolled_supporter, free_port
 from .fixtures_x11 import xvfb  # noqa: F401 - fixture
-from .module_process import ModuleProcess
 from .fixtures_cluster import Console, node_config, protocol_lines
+from .module_process import ModuleProcess
 from .test_e2e_brokering import wait_until
 
 pytestmark = pytest.mark.e2e
@@ -77,11 +79,14 @@ def recorded_session(db: Database, supporter: ModuleProcess, known: int) -> dict
 @pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
 def test_a_recording_taken_by_another_node_than_the_sessions(tmp_path, db_url, xvfb):  # noqa: F811
     relay_port = free_port()
-    node_a = node_config(tmp_path, "node-a", db_url, relay_port, extra=RECORDING)
-    node_b = node_config(tmp_path, "node-b", db_url, relay_port, extra=RECORDING)
-    # node B starts again later: on the port its hosts know
-    node_b.config.write_text(node_b.config.read_text().replace(
-        "module_port = 0", f"module_port = {free_port()}"))
+    fast = "call_timeout_seconds = 3"
+    node_a = node_config(tmp_path, "node-a", db_url, relay_port, cluster_extra=fast,
+                         extra=RECORDING)
+    node_b = node_config(tmp_path, "node-b", db_url, relay_port, cluster_extra=fast,
+                         extra=RECORDING)
+    for node in (node_a, node_b):  # each starts again later: on the port its modules know
+        node.config.write_text(node.config.read_text().replace(
+            "module_port = 0", f"module_port = {free_port()}"))
     assert node_a.cli("init", "--password-stdin", stdin=ADMIN_PASSWORD + "\n").returncode == 0
     shared = tmp_path / "shared"
     db = Database(db_url)
@@ -187,7 +192,29 @@ def test_a_recording_taken_by_another_node_than_the_sessions(tmp_path, db_url, x
             what="the second recording's line")
         assert anchored[-1]["sha256"] == second["sha256"], anchored
 
-        # --- 4. node B back with the tenant's quota used up: node A ends the session ----------
+        # --- 4. node B back; node A records a session itself and stops: the host goes to node
+        #        B and sends the rest there; node A being gone, B writes the final line itself
+        node_b.start()
+        supporter = connect("moved")
+        moved = recorded_session(db, supporter, 3)
+        node_a.stop()
+        assert supporter.wait(timeout=60) != 0
+        moved = wait_until(lambda: next((r for r in rows(db) if r["id"] == moved["id"]
+                                         and r["status"] != "uploading"), None),
+                           timeout=90, what="the recording resumed on node B and closed")
+        assert moved["status"] == "complete", moved
+        anchored = wait_until(lambda: [x["detail"] for x in protocol_lines(
+            tmp_path, moved["session_id"]) if x["kind"] == "recording"], timeout=30,
+            what="the moved recording's line")
+        assert [a["sha256"] for a in anchored] == [moved["sha256"]], anchored
+        b_log = logs(node_b)
+        assert (f"recording {moved['id']} of session {moved['session_id']}: its recorder is "
+                "back") in b_log
+        assert f"session {moved['session_id']}: its node node-a is gone" in b_log
+        node_a.start()
+
+        # --- 5. node B again, with the tenant's quota used up: node A ends the session --------
+        node_b.stop()
         node_b.config.write_text(node_b.config.read_text().replace(
             "resume_seconds = 60.0", "resume_seconds = 60.0\nquota_mib = 0.01"))
         node_b.start()
@@ -202,7 +229,7 @@ def test_a_recording_taken_by_another_node_than_the_sessions(tmp_path, db_url, x
         assert row.node == "node-a" and row.host_id is not None
         assert row.end_cause == "recording_failed" and "quota" in row.end_reason, \
             (row.end_cause, row.end_reason)
-        assert len(rows(db)) == 3  # nothing stored beyond the quota
+        assert len(rows(db)) == 4  # nothing stored beyond the quota
     finally:
         for proc in (supporter, host):
             if proc is not None:
@@ -217,4 +244,4 @@ def test_a_recording_taken_by_another_node_than_the_sessions(tmp_path, db_url, x
     verified = node_a.cli("protocol", "verify", str(shared / "protocols"))
     assert verified.returncode == 0, verified.stderr
     said = node_a.ok("recording", "verify")
-    assert said.count("ok   ") == 3, said
+    assert said.count("ok   ") == 4, said
