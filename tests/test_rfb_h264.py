@@ -1,7 +1,8 @@
 """Open H.264 (RFB encoding 50): the rect framing (hypothesis on hostile headers and payloads),
 our server's adaptive choice against our own client (sans-I/O), and end to end on Xvfb: our
-client asking for H.264 sees the screen within a tolerance and then exactly, while vncsnapshot
-on the same server still gets Tight and a correct picture."""
+client asking for H.264 sees the screen within a tolerance and then exactly, a still screen is
+not polled (X DAMAGE), and vncsnapshot on the same server still gets Tight and a correct
+picture."""
 
 from __future__ import annotations
 
@@ -337,7 +338,7 @@ async def _until(reactor, predicate, timeout: float = 20.0, what: str = "") -> N
 
 @pytest_twisted.ensureDeferred
 async def test_e2e_our_client_gets_h264_and_vncsnapshot_still_gets_tight(xvfb, tmp_path):
-    from twisted.internet import reactor
+    from twisted.internet import reactor, task
     from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
     from modules.common.screen.capture_x11 import ScreenSource
@@ -366,6 +367,17 @@ async def test_e2e_our_client_gets_h264_and_vncsnapshot_still_gets_tight(xvfb, t
         # ... and exactly once the screen is quiet (the lossless repaint)
         await _until(reactor, lambda: np.array_equal(viewer.framebuffer, changed),
                      what="the lossless repaint")
+        # a still screen is not polled: the server waits for the X server to report a change
+        ours = port.factory.connections[0]
+        await _until(reactor, lambda: ours._waiting_for_change, what="waiting for a change")
+        captures = ours.captures
+        await task.deferLater(reactor, 1.0, lambda: None)
+        assert ours.captures - captures <= 3          # polling would have captured ~30 times
+        reported = ours._watch.changes
+        await threads.deferToThread(_show, xvfb.name, picture(3, *size), window)
+        await _until(reactor, lambda: np.array_equal(viewer.framebuffer, picture(3, *size)),
+                     what="the next picture")
+        assert ours._watch.changes > reported
         # a standard viewer on the same server: no H.264 announced, Tight, a correct picture
         snap = tmp_path / "snap.jpg"
         from twisted.internet.utils import getProcessOutputAndValue
@@ -375,7 +387,7 @@ async def test_e2e_our_client_gets_h264_and_vncsnapshot_still_gets_tight(xvfb, t
             env=os.environ)
         assert code == 0, out + err
         got = np.asarray(Image.open(snap).convert("RGB")).astype(int)
-        assert np.abs(got - changed.astype(int)).mean() < 2.5
+        assert np.abs(got - picture(3, *size).astype(int)).mean() < 2.5
         ours, standard = port.factory.connections
         assert ours.rfb._h264_encoder is not None
         assert standard.rfb.encoding == SERVER_TIGHT and standard.rfb._h264_encoder is None

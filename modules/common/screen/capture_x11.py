@@ -20,16 +20,17 @@ Options the showing side controls:
 
 from __future__ import annotations
 
+import select
 import threading
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 
 from modules.common.screen.rfb_server import Cursor, Move, Rect
 
 __all__ = ["ScreenSource", "Capture", "CaptureBackend", "DamageTracker", "WindowInfo", "tile_damage",
-           "find_scroll"]
+           "find_scroll", "ChangeWatch"]
 
 TILE = 64
 
@@ -186,6 +187,67 @@ class DamageTracker:
         return out, moves
 
 
+class ChangeWatch:
+    """Calls ``on_change()`` (from its own thread) when the X server reports that pixels of the
+    screen changed (DAMAGE on the root window, which covers every window) or that the cursor
+    image changed (XFixes), so the RFB server can capture right after a change instead of
+    polling a still screen.  Own X connection and daemon thread; ``stop()`` ends both within a
+    quarter of a second.  If the connection fails, ``failed`` is set and ``on_change`` called
+    once more (the caller goes back to polling).  Raises ``LookupError`` without DAMAGE."""
+
+    def __init__(self, display: str, on_change: Callable[[], None]):
+        from Xlib import display as xdisplay
+        from Xlib.ext import damage, xfixes
+        x = xdisplay.Display(display)
+        if not x.has_extension("DAMAGE"):
+            x.close()
+            raise LookupError(f"{display} has no DAMAGE extension")
+        x.damage_query_version()
+        root = x.screen().root
+        self._damage = root.damage_create(damage.DamageReportNonEmpty)
+        if x.has_extension("XFIXES"):
+            x.xfixes_query_version()
+            x.xfixes_select_cursor_input(root, xfixes.XFixesDisplayCursorNotifyMask)
+        x.flush()
+        self._x = x
+        self._on_change = on_change
+        self._stop = threading.Event()
+        self.failed = False
+        self.changes = 0
+        self._thread = threading.Thread(target=self._run, name="x-change-watch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        x = self._x
+        try:
+            while not self._stop.is_set():
+                select.select([x], [], [], 0.25)
+                changed = False
+                while x.pending_events():
+                    event = x.next_event()
+                    if type(event).__name__ == "DamageNotify":
+                        x.damage_subtract(self._damage)    # report the next change again
+                        changed = True
+                    elif type(event).__name__ == "DisplayCursorNotify":
+                        changed = True
+                if changed and not self._stop.is_set():
+                    x.flush()
+                    self.changes += 1
+                    self._on_change()
+        except Exception:          # the display went away: the caller polls instead
+            self.failed = True
+            if not self._stop.is_set():
+                self._on_change()
+        finally:
+            try:
+                x.close()
+            except Exception:
+                pass
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
 class ScreenSource:
     """X11 screen (or one window) of ``display`` via mss; see the module docstring."""
 
@@ -275,6 +337,14 @@ class ScreenSource:
             except Exception:   # the window vanished meanwhile (BadWindow): skip it
                 continue
         return out
+
+    def watch_changes(self, on_change: Callable[[], None]) -> ChangeWatch | None:
+        """A ``ChangeWatch`` on this display, or None where the X server cannot report changes
+        (then the caller polls)."""
+        try:
+            return ChangeWatch(self.display_name, on_change)
+        except Exception:
+            return None
 
     def origin(self) -> tuple[int, int]:
         """Top-left of the shared area on the screen: where a viewer's (0, 0) points."""

@@ -9,6 +9,12 @@ input events stay in order (one chain per connection).  So does encoding an upda
 swscale and x264 release the GIL): the update is decided on the reactor thread, encoded in the
 pool, written when done; the next capture waits for it, so updates go out in order.
 
+A source that can tell when its screen changed (``watch_changes``: X DAMAGE) is not polled while
+it is still: a pending request is answered by a capture as soon as a change is reported (still at
+most ``max_fps`` captures a second), with one capture every ``STILL_POLL`` seconds as a safety net
+for what the X server might not report.  Without it, the source is captured ``max_fps`` times a
+second while a request is pending, as before.
+
 ``listen_vnc(reactor, "127.0.0.1:5901", source, injector)`` serves the source on a local TCP
 port so a standard VNC viewer can attach.
 """
@@ -33,6 +39,7 @@ __all__ = ["RFBServerProtocol", "RFBServerFactory", "listen_vnc", "INLINE_PIXELS
 log = Logger()
 
 INLINE_PIXELS = 256 * 256    # smaller updates are encoded on the reactor (no thread hop)
+STILL_POLL = 0.5             # seconds between captures of a screen that reports no change
 
 
 class RFBServerProtocol(Protocol):
@@ -54,6 +61,10 @@ class RFBServerProtocol(Protocol):
         self._input: defer.Deferred = defer.succeed(None)
         self._closed = False
         self.paused = False
+        self._watch: Any = None          # the source's ChangeWatch, if it has one
+        self._changed = True             # a change was reported since the last capture
+        self._waiting_for_change = False
+        self.captures = 0
 
     @property
     def clock(self) -> Any:
@@ -79,6 +90,7 @@ class RFBServerProtocol(Protocol):
         if self.paused:
             self.paused = False
             self.tracker = DamageTracker(getattr(self.source, "detect_scroll", True))
+            self._changed = True
             self._schedule()
 
     def send_cut_text(self, text: str) -> None:
@@ -88,9 +100,30 @@ class RFBServerProtocol(Protocol):
     def connectionMade(self) -> None:
         self.rfb = RFBServer(self.source, name=self.name)
         self._write(self.rfb.initial())
+        watch = getattr(self.source, "watch_changes", None)
+        if callable(watch) and self._clock is None:     # a test's fake clock means: poll
+            from twisted.internet import reactor
+            self._watch = watch(lambda: reactor.callFromThread(self._change_reported))
+
+    def _change_reported(self) -> None:
+        """Reactor thread: the source's screen changed (or its watch failed: poll again)."""
+        if self._watch is not None and self._watch.failed:
+            self._watch = None
+        self._changed = True
+        if self._waiting_for_change and self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._waiting_for_change = False
+        self._schedule()
+
+    def _still_poll(self) -> None:
+        self._waiting_for_change = False
+        self._changed = True
+        self._schedule()
 
     def connectionLost(self, reason: Any = None) -> None:
         self._closed = True
+        if self._watch is not None:
+            self._watch.stop()
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         if self.injector is not None:
@@ -134,6 +167,10 @@ class RFBServerProtocol(Protocol):
             return
         if not self.rfb.update_pending:
             return
+        if self._watch is not None and not self._changed:
+            self._waiting_for_change = True
+            self._timer = self.clock.callLater(STILL_POLL, self._still_poll)
+            return
         wait = self._last_capture + self.interval - time.monotonic()
         if wait > 0:
             self._timer = self.clock.callLater(wait, self._schedule)
@@ -142,6 +179,8 @@ class RFBServerProtocol(Protocol):
 
     def _capture(self) -> None:
         self._capturing = True
+        self._changed = False          # a change reported from now on means another capture
+        self.captures += 1
         self._last_capture = time.monotonic()
         d = run_blocking(self.source.capture, self.tracker)
         d.addCallback(self._captured)
