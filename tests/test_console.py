@@ -12,6 +12,7 @@ from urllib.parse import quote, urlsplit
 import pytest
 
 from server.console import ConsoleSessions
+from server.console.sessions import anonymous_csrf
 from tests.fixtures_console import PAYLOAD, Console, add_session, tenant_of_admin
 from tests.fixtures_server import ADMIN_PASSWORD
 
@@ -230,6 +231,9 @@ def test_idle_sessions_expire_and_login_replaces_the_id():
     sessions = ConsoleSessions(idle_seconds=900, clock=lambda: now[0])
     anon = sessions.new()
     assert len(anon.id) >= 43 and anon.csrf != anon.id  # 256 bits, url-safe base64
+    # before login the token follows from the (secret) cookie: every node checks it alike
+    assert anon.csrf == anonymous_csrf(anon.id) != anonymous_csrf(ConsoleSessions().new().id)
+    assert len(anon.csrf) == 64 and anon.id not in anon.csrf
     user = sessions.login(anon, "admin", "admin", 1, "default")
     assert user.id != anon.id and user.csrf != anon.csrf
     assert sessions.get(anon.id) == (None, False)

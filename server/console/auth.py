@@ -7,29 +7,31 @@ else the organisation's directory when one is configured) under the server's loc
 and per address; the lock-out message says how long to wait, and a directory that cannot be
 reached says so (local break-glass admins still get in).  Admins and auditors work on their
 tenant's pages; a supporter gets only the own account (password, TOTP, picture, protocol mail).
-A user with a TOTP secret is not logged in after the password: the session holds
-the :class:`LoginResult` in ``pending`` until ``/console/login/totp`` gets a current code.  Wrong
+A user with a TOTP secret is not logged in after the password: a ``console_pending_logins`` row
+(keyed by the hash of the pre-login cookie) waits up to 5 minutes for ``/console/login/totp`` to
+get a current code, on any node (a load balancer may switch nodes between the two steps); the
+row is used once.  Wrong
 codes count in the same lock-out (plus ``totp:NAME``, which only a right code clears, so knowing
 the password does not reset the count); a code is accepted once per time step.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import hmac
 import time
 from dataclasses import dataclass
 
 import pyotp
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import delete, func, or_, select, update
 from twisted.logger import Logger
 
 from .. import accounts
 from ..directory.signin import DirectoryDown
-from ..db.models import Role, Tenant, User
+from ..db.models import ConsolePendingLogin, Role, Tenant, User
 from ..i18n import Text
 from .core import EVERYONE, Ctx, landing, route
+from .sessions import id_hash
 
 log = Logger()
 
@@ -48,8 +50,15 @@ class LoginResult:
     tenant: str
     operator: bool
     totp: bool = False             # a code is still needed
-    since: float = 0.0             # when the password step passed (monotonic)
     language: str | None = None    # the account's console language, if the user chose one
+
+
+class PendingGone(Exception):
+    """No login of this browser waits for a code (never begun, used, or older than 5 min)."""
+
+    def __init__(self, expired: bool) -> None:
+        super().__init__("no login waits for a code")
+        self.expired = expired
 
 
 # --- TOTP ---------------------------------------------------------------------------------------
@@ -99,31 +108,68 @@ def totp_uri(secret: str, user: str, issuer: str) -> str:
 
 # --- login and logout ---------------------------------------------------------------------------
 
-def _login(session, lockouts: accounts.Lockouts, user_id: int, source: str) -> LoginResult:
-    """The login of a user whose password ``SignIn`` accepted (local or directory)."""
+def _result(session, user: User, totp: bool) -> LoginResult:
+    tenant = session.get(Tenant, user.tenant_id)
+    first_tenant = session.scalar(select(func.min(Tenant.id)))
+    return LoginResult(user.name, user.id, user.role.value, tenant.id, tenant.name,
+                       operator=user.role == Role.admin and tenant.id == first_tenant,
+                       totp=totp, language=user.language)
+
+
+def _login(session, lockouts: accounts.Lockouts, user_id: int, source: str, pending_key: str,
+           chosen: str | None, now: dt.datetime) -> LoginResult:
+    """The login of a user whose password ``SignIn`` accepted (local or directory); with TOTP
+    the login waits for its code in a row (``pending_key``: the pre-login cookie's hash)."""
     user = session.get(User, user_id)
     if user is None or user.disabled:
         raise accounts.AccountError(Text("this login is no longer valid; log in again"))
     lockouts.check(session, [f"totp:{user.name}"])
-    tenant = session.get(Tenant, user.tenant_id)
-    first_tenant = session.scalar(select(func.min(Tenant.id)))
-    if not user.totp_secret:
-        accounts.audit(session, user.name, "console.login", f"address={source}", tenant_id=tenant.id)
-    return LoginResult(user.name, user.id, user.role.value, tenant.id, tenant.name,
-                       operator=user.role == Role.admin and tenant.id == first_tenant,
-                       totp=bool(user.totp_secret), since=time.monotonic(),
-                       language=user.language)
+    result = _result(session, user, totp=bool(user.totp_secret))
+    if user.totp_secret:
+        session.execute(delete(ConsolePendingLogin).where(or_(
+            ConsolePendingLogin.id_hash == pending_key,
+            ConsolePendingLogin.created_at < now - dt.timedelta(seconds=PENDING_SECONDS))))
+        session.add(ConsolePendingLogin(id_hash=pending_key, user_id=user.id, language=chosen,
+                                        created_at=now))
+    else:
+        accounts.audit(session, user.name, "console.login", f"address={source}",
+                       tenant_id=result.tenant_id)
+    return result
 
 
-def _login_totp(session, lockouts: accounts.Lockouts, pending: LoginResult,
-                code: str, source: str) -> LoginResult:
-    user = session.get(User, pending.user_id)
+def _pending_row(session, pending_key: str, now: dt.datetime) -> ConsolePendingLogin:
+    row = session.get(ConsolePendingLogin, pending_key)
+    if row is None:
+        raise PendingGone(expired=False)
+    if (now - row.created_at).total_seconds() > PENDING_SECONDS:
+        session.delete(row)
+        raise PendingGone(expired=True)
+    return row
+
+
+def _pending_name(session, pending_key: str, now: dt.datetime) -> str:
+    """Whose login waits for a code in this browser (``PendingGone`` if none)."""
+    user = session.get(User, _pending_row(session, pending_key, now).user_id)
+    if user is None:
+        raise PendingGone(expired=False)
+    return user.name
+
+
+def _login_totp(session, lockouts: accounts.Lockouts, pending_key: str, code: str,
+                source: str, now: dt.datetime) -> tuple[LoginResult, str | None]:
+    """The waiting login with its code: the result and the language chosen before; the row is
+    gone after a right code (a wrong one is counted and leaves it)."""
+    row = _pending_row(session, pending_key, now)
+    user = session.get(User, row.user_id)
     if user is None or user.disabled or not user.totp_secret:
         raise accounts.AccountError(Text("this login is no longer valid; log in again"))
     _check_code(session, lockouts, user, user.totp_secret, code, source)
+    chosen = row.language
+    session.delete(row)
+    result = _result(session, user, totp=False)
     accounts.audit(session, user.name, "console.login", f"address={source} totp",
-                   tenant_id=pending.tenant_id)
-    return dataclasses.replace(pending, totp=False)
+                   tenant_id=result.tenant_id)
+    return result, chosen
 
 
 def _logout(session, user: str, tenant_id: int, source: str) -> None:
@@ -136,8 +182,8 @@ def _keep_language(session, user_id: int, language: str) -> None:
                     .values(language=language))
 
 
-def _start_session(ctx: Ctx, result: LoginResult):
-    chosen = ctx.session.language
+def _start_session(ctx: Ctx, result: LoginResult, chosen: str | None = None):
+    chosen = chosen or ctx.session.language
     fresh = ctx.console.sessions.login(ctx.session, result.user, result.role, result.tenant_id,
                                        result.tenant, user_id=result.user_id,
                                        operator=result.operator, language=result.language)
@@ -175,7 +221,6 @@ def home(ctx: Ctx) -> bytes:
 def login_form(ctx: Ctx) -> bytes:
     if ctx.session.logged_in:
         return ctx.redirect(landing(ctx.session.role))
-    ctx.session.pending = None
     return ctx.page("login.html", notice=ctx.take_notice(), name="", directory=_directory(ctx))
 
 
@@ -184,7 +229,6 @@ def login(ctx: Ctx):
     session = ctx.session
     if session.logged_in:
         return ctx.redirect(landing(ctx.session.role))
-    session.pending = None
     name = ctx.field("user", MAX_NAME + 1).strip()
     password = ctx.field("password", MAX_PASSWORD + 1)
     shown_name = name[:MAX_NAME]
@@ -194,49 +238,48 @@ def login(ctx: Ctx):
 
     def done(result: LoginResult) -> bytes:
         if result.totp:
-            session.pending = result
             return ctx.redirect("/console/login/totp")
         return _start_session(ctx, result)
 
     d = ctx.console.signin.authenticate(name, password, ctx.source)
-    d.addCallback(lambda user_id: ctx.run(_login, ctx.console.lockouts, user_id, ctx.source))
+    d.addCallback(lambda user_id: ctx.run(_login, ctx.console.lockouts, user_id, ctx.source,
+                                          id_hash(session.id), session.language,
+                                          ctx.console.sessions.wall()))
     return d.addCallbacks(done, _refused(ctx, "login.html", shown_name, name=shown_name,
                                          directory=_directory(ctx)))
 
 
-def _pending(ctx: Ctx) -> LoginResult | None:
-    pending = ctx.session.pending
-    if not isinstance(pending, LoginResult) or not pending.totp:
-        return None
-    if time.monotonic() - pending.since > PENDING_SECONDS:
-        ctx.session.pending = None
-        ctx.flash(Text("The code was not entered in time; log in again."))
-        return None
-    return pending
+def _back_to_login(ctx: Ctx):
+    def gone(failure) -> bytes:
+        failure.trap(PendingGone)
+        if failure.value.expired:
+            ctx.flash(Text("The code was not entered in time; log in again."))
+        return ctx.redirect("/console/login")
+    return gone
 
 
 @route("GET", "login/totp", login=False)
-def totp_form(ctx: Ctx) -> bytes:
+def totp_form(ctx: Ctx):
     if ctx.session.logged_in:
         return ctx.redirect(landing(ctx.session.role))
-    pending = _pending(ctx)
-    if pending is None:
-        return ctx.redirect("/console/login")
-    return ctx.page("auth_totp.html", name=pending.user)
+    d = ctx.run(_pending_name, id_hash(ctx.session.id), ctx.console.sessions.wall())
+    return d.addCallbacks(lambda name: ctx.page("auth_totp.html", name=name),
+                          _back_to_login(ctx))
 
 
 @route("POST", "login/totp", login=False)
 def login_totp(ctx: Ctx):
     if ctx.session.logged_in:
         return ctx.redirect(landing(ctx.session.role))
-    pending = _pending(ctx)
-    if pending is None:
-        return ctx.redirect("/console/login")
     code = ctx.field("code", MAX_CODE)
-    return ctx.run(_login_totp, ctx.console.lockouts, pending, code,
-                   ctx.source).addCallbacks(lambda result: _start_session(ctx, result),
-                                            _refused(ctx, "auth_totp.html", pending.user,
-                                                     name=pending.user))
+    key, wall = id_hash(ctx.session.id), ctx.console.sessions.wall
+
+    def named(name: str):
+        d = ctx.run(_login_totp, ctx.console.lockouts, key, code, ctx.source, wall())
+        return d.addCallbacks(lambda found: _start_session(ctx, *found),
+                              _refused(ctx, "auth_totp.html", name, name=name))
+    d = ctx.run(_pending_name, key, wall()).addCallback(named)
+    return d.addErrback(_back_to_login(ctx))
 
 
 @route("POST", "logout", login=True, roles=EVERYONE)

@@ -4,7 +4,10 @@ The id is replaced at login (no fixation), dropped at logout and after ``idle_se
 a request.  Each session holds its own CSRF token.
 
 Before login a session lives in this process's memory only (a flood of anonymous visitors costs
-no database writes).  A logged-in session is a ``console_sessions`` row when a database is given
+no database writes), yet any node can continue it: its CSRF token is derived from the cookie
+value (``anonymous_csrf``; the value is secret, so the token is too), so a node that never saw
+the cookie takes it as the same anonymous session.  A login waiting for its TOTP code is a row
+(``console_pending_logins``, written only after a right password; ``auth``).  A logged-in session is a ``console_sessions`` row when a database is given
 (the server always gives one): every node of several on one database reads it, so a login works
 on each node and a restart logs nobody out.  Only the SHA-256 of the cookie value is stored.
 Each request reads the row (a logout, a disabled user or a changed password on another node ends
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import re
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -42,7 +46,6 @@ class ConsoleSession:
     operator: bool = False      # an admin of the operator's tenant (the first one): server-wide settings
     notice: Any = None          # shown once on the next page (e.g. "session expired"; an i18n.Text)
     language: str | None = None # chosen on the switch or stored with the account; None: the browser's
-    pending: Any = None         # a login waiting for its second factor (``auth``)
     #: fires once a logged-in session is in the database (every node knows it from then on)
     saved: Any = None
 
@@ -57,6 +60,17 @@ class ConsoleSession:
 
 def id_hash(session_id: str) -> str:
     return hashlib.sha256(session_id.encode("ascii", "replace")).hexdigest()
+
+
+#: what ``secrets.token_urlsafe(32)`` gives: a cookie value of another shape is no session
+COOKIE_VALUE = re.compile(r"[A-Za-z0-9_-]{43}")
+
+
+def anonymous_csrf(session_id: str) -> str:
+    """The CSRF token of a session before login, the same on every node (a hash of the secret
+    cookie value under its own label, so it tells nothing about the cookie)."""
+    return hashlib.sha256(b"hausmeister console csrf\0" +
+                          session_id.encode("ascii", "replace")).hexdigest()
 
 
 def _utcnow() -> dt.datetime:
@@ -78,11 +92,14 @@ class ConsoleSessions:
     _known: dict[str, ConsoleSession] = field(default_factory=dict)
 
     def new(self) -> ConsoleSession:
+        return self._anonymous(secrets.token_urlsafe(32))
+
+    def _anonymous(self, session_id: str) -> ConsoleSession:
         anonymous = [s for s in self._by_id.values() if not s.logged_in]
         if len(anonymous) >= MAX_ANONYMOUS:
             for old in sorted(anonymous, key=lambda s: s.last_active)[:len(anonymous) - MAX_ANONYMOUS + 1]:
                 self._by_id.pop(old.id, None)
-        session = ConsoleSession(id=secrets.token_urlsafe(32), csrf=secrets.token_urlsafe(32),
+        session = ConsoleSession(id=session_id, csrf=anonymous_csrf(session_id),
                                  last_active=self.clock())
         self._by_id[session.id] = session
         return session
@@ -111,6 +128,9 @@ class ConsoleSessions:
         def loaded(found):
             if found in ("gone", "expired"):
                 self._known.pop(session_id, None)
+                if found == "gone" and COOKIE_VALUE.fullmatch(session_id):
+                    # a login begun on another node (or before this node's restart)
+                    return self._anonymous(session_id), False
                 return None, found == "expired"
             session = self._known.get(session_id)
             if session is None:

@@ -321,6 +321,18 @@ class ConsoleSessionRow(Base):
     last_active: Mapped[dt.datetime] = mapped_column(UTCDateTime, index=True)
 
 
+class ConsolePendingLogin(Base):
+    """A console login whose password step passed and that waits for its TOTP code, keyed by
+    the SHA-256 of the browser's pre-login cookie: the code may be typed on another node than
+    the password (a load balancer switching nodes mid-login).  Used once, kept 5 minutes."""
+
+    __tablename__ = "console_pending_logins"
+    id_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[int] = mapped_column(Integer)
+    language: Mapped[str | None] = mapped_column(String(10), nullable=True)  # chosen before
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, index=True)
+
+
 class ServerNode(Base):
     """A running ``hausmeister-server run`` node (several may share one PostgreSQL), or a relay
     process (``kind`` relay, with the sessions it carries); each refreshes ``seen_at``."""
