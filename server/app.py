@@ -25,6 +25,7 @@ from .module_port import ConnectionRegistry, ModulePort
 from .directory.client import Directory
 from .directory.signin import SignIn
 from .single_port import PlaneSplit
+from .relay_tunnel import RelayTunnelResource
 from .ws_tunnel import tunnel_resource
 from .pki import CertStore
 from .relay.core import Relay
@@ -282,6 +283,10 @@ class HausmeisterServer(service.MultiService):
         web.module_tunnel = tunnel_resource(
             tls.ServerContextFactory(module_ctx), factory,
             c.limits.tls_handshake_seconds + c.limits.first_command_seconds, self.reactor)
+        # relay legs of WebSocket modules to relay processes of their own pass through here
+        web.relay_tunnel = RelayTunnelResource(
+            self.broker.relays.external, self.reactor,
+            lambda: (c.server.public_host, self._module_port_number()), web.module_tunnel)
         web_ctx = tls.web_context(chain, key, ca, c.certificates.min_tls)
         # a profile picture plus form fields fits; larger bodies are refused unread
         max_body = max(MAX_BODY_BYTES, (c.avatars.max_upload_kib + 64) * 1024)

@@ -20,6 +20,8 @@ The allow-list (``EgressPolicy.from_config``)
     * the SMTP relay ``mail.smtp_host``:``mail.smtp_port`` when ``mail.smtp_host`` is set;
     * the S3 endpoint from ``s3.endpoint_url`` when ``s3.enabled`` (port 443/80 by scheme);
     * each directory server in ``directory.servers`` when ``directory.enabled`` (636/389 by scheme);
+    * each relay process of ``relay.external`` (a WebSocket module's relay leg passes through
+      the node, ``server.relay_tunnel``);
     * every ``egress.allow`` entry: ``host:port``, ``host:*`` (any port), ``[v6]:port``.
     Host names are resolved once, when the policy is built, to their IP addresses; the name is
     kept as well, so a connect by that name is allowed too.  A connect to a name that is *not*
@@ -244,6 +246,12 @@ class EgressPolicy:
                 parts = urlsplit(url)
                 default = 636 if parts.scheme == "ldaps" else 389
                 wanted.append((parts.hostname or "", parts.port or default, "directory.servers"))
+        for item in config.relay.external:  # relay legs of WebSocket modules (relay_tunnel)
+            try:
+                host, port = split_endpoint(item)
+            except ValueError as exc:
+                raise ConfigError(f"config key relay.external entry {item!r} is invalid: {exc}")
+            wanted.append((host, port or config.relay.port, "relay.external"))
         for item in config.egress.allow:
             try:
                 host, port = split_endpoint(item)

@@ -262,6 +262,7 @@ class WebPlane:
             signin = SignIn(db, enrollment.lockouts)
         self.signin = signin  # the password check: local accounts, then the directory
         self.module_tunnel: resource.Resource | None = None
+        self.relay_tunnel: resource.Resource | None = None   # server.relay_tunnel
         self.store = store
         self.enrollment = enrollment
         self.module_host = module_host
@@ -342,6 +343,8 @@ class WebPlane:
         apiv1.putChild(b"renew", JSONEndpoint(self.renew, api.RENEW_FIELDS))
         if self.module_tunnel is not None:  # modules over a WebSocket (server.ws_tunnel)
             apiv1.putChild(b"module-tunnel", self.module_tunnel)
+        if self.relay_tunnel is not None:
+            apiv1.putChild(b"relay-tunnel", self.relay_tunnel)
         if self.console is None:
             from .console import Console  # imports this module, hence here
             self.console = Console(self.db, self.enrollment.lockouts)

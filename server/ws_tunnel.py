@@ -8,8 +8,7 @@ So a TLS-inspecting web proxy in between sees only the outer TLS and an opaque b
 the module still proves who it is to this server, not to the proxy.
 
 Not here: the WebSocket framing (``twisted.web.websocket`` with wsproto), the module port's own
-rules (``module_port``), separate relay processes (they have no web plane; a module that needs
-the WebSocket gets the in-process relay's address from the server as usual).
+rules (``module_port``), relay legs to separate relay processes (``server.relay_tunnel``).
 """
 
 from __future__ import annotations
@@ -36,7 +35,7 @@ class _TunnelTLS(TLSMemoryBIOProtocol):
     tunnel_deadline = None
 
     def settle(self) -> None:  # called by the module port (connection_guard.settle)
-        if self.tunnel_deadline is not None and self.tunnel_deadline.active():
+        if self.tunnel_deadline and self.tunnel_deadline.active():  # False: settled already
             self.tunnel_deadline.cancel()
         self.tunnel_deadline = False
 

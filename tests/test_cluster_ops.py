@@ -12,6 +12,9 @@ each leaves both nodes running.
   supporter gets a clear error, no session row stays running, the created protocol is closed;
 - the mail outbox: one node delivers (advisory lock), a mail goes out once; ``kill -9`` of that
   node: the other takes over and sends the next one;
+- a console login begun on one node (form, password) finishes on the other (TOTP code);
+- ``--websocket`` modules on node B's single port: their relay legs reach the relay process
+  through node B (``/api/v1/relay-tunnel``), and only the relays of ``relay.external``.
 """
 
 from __future__ import annotations
@@ -28,14 +31,14 @@ from aiosmtpd.controller import Controller
 from sqlalchemy import select
 
 from server.db import Database
-from server.db.models import Session
+from server.db.models import Host, Session
 from server.session_protocol import verify
 
 from modules.common.link.connection import ServerAddress, connect, hello
 from modules.common.link.folder import ModuleFolder
 from modules.common.link.servers import set_servers
 
-from .fixtures_cluster import hosts_node, node_config, protocol_lines
+from .fixtures_cluster import Console, hosts_node, node_config, protocol_lines
 from .fixtures_db import new_postgres_database
 from .fixtures_mail import Inbox, mail_toml
 from .fixtures_server import (ADMIN_PASSWORD, ServerProcess, add_enrolled_host,
@@ -86,8 +89,8 @@ def ops(tmp_path_factory, postgres_url):
     relays: dict[int, ModuleProcess] = {}
     nodes: list[ServerProcess] = []
     db = None
-    try:
-        with new_postgres_database(postgres_url) as db_url:
+    with new_postgres_database(postgres_url) as db_url:  # dropped after the nodes stopped
+        try:
             ports = [free_port(), free_port()]
             # a call to another node waits 3 s; a node is dead after 6 s without a beat (the
             # mid-set-up test stops node B and needs A to still count it alive for the call)
@@ -97,6 +100,9 @@ def ops(tmp_path_factory, postgres_url):
             for node in (a, b):  # node_config's own node_timeout_seconds gives way to ours
                 node.config.write_text(node.config.read_text().replace(
                     "node_timeout_seconds = 3\n", ""))
+            # node B also has the single port, where WebSocket modules come in
+            b.config.write_text(b.config.read_text().replace(
+                "module_port = 0", f"module_port = 0\nsingle_port = {free_port()}"))
             assert a.cli("init", "--password-stdin", stdin=ADMIN_PASSWORD + "\n").returncode == 0
             db = Database(db_url)
             # two relay processes (their own state folders: A's and B's config)
@@ -104,7 +110,9 @@ def ops(tmp_path_factory, postgres_url):
                                              "relay")
             relays[ports[1]] = ModuleProcess("server", "-c", str(b.config), "run", "--role",
                                              "relay", "--relay-port", str(ports[1]))
-            nodes += [a.start(), b.start()]
+            nodes += [a, b]
+            a.start()
+            b.start()
             for port, relay in relays.items():
                 relay.wait_for_line(f"relay listening on .*{port}")
             alice = add_enrolled_supporter(a, "alice", tmp / "alice")
@@ -115,14 +123,16 @@ def ops(tmp_path_factory, postgres_url):
                                             f"127.0.0.1:{a.module_port}"])
             set_servers(ModuleFolder(pc2), [f"127.0.0.1:{b.module_port}"])
             yield Ops(tmp, db, a, b, relays, inbox, alice, pc1, pc2)
-    finally:
-        for node in nodes:
-            node.stop()
-        for relay in relays.values():
-            relay.stop()
-        if db is not None:
-            db.dispose()
-        smtp.stop()
+            for node in nodes:  # nothing went wrong that a node only logged
+                assert "Unhandled Error" not in node.log(), node.log()[-5000:]
+        finally:
+            for node in nodes:
+                node.stop()
+            for relay in relays.values():
+                relay.stop()
+            if db is not None:
+                db.dispose()
+            smtp.stop()
 
 
 def test_a_supporter_on_node_a_sees_a_host_on_node_b_come_and_go(ops):
@@ -295,3 +305,97 @@ def test_one_node_delivers_mail_and_another_takes_over_after_kill_9(ops):
         assert sorted(to) == ["first@example.test", "second@example.test"], to  # once each
     finally:
         ops.restart(killed)
+
+
+def test_a_console_login_begun_on_one_node_finishes_on_the_other(ops):
+    """A load balancer switching nodes mid-login: the form from A posted to B (CSRF), the
+    password on B, the TOTP code on A, and the waiting login used once on every node."""
+    import pyotp
+
+    from server.db.models import ConsolePendingLogin, User
+    ops.a.ok("user", "add", "tina", "--role", "admin", "--password-stdin",
+             stdin="tina-password-789\n")
+    secret = pyotp.random_base32()
+
+    def with_totp(s):
+        s.scalars(select(User).where(User.name == "tina")).one().totp_secret = secret
+    ops.db.call(with_totp)
+    console = Console(ops.tmp / "shared" / "certs" / "ca.crt")
+    status, _, page = console.request(ops.a.url, "GET", "/console/login")
+    csrf = re.search(r'name="csrf" value="([^"]+)"', page).group(1)
+    status, where, page = console.request(ops.b.url, "POST", "/console/login", {
+        "csrf": csrf, "user": "tina", "password": "tina-password-789"})
+    assert status in (302, 303) and where.endswith("/console/login/totp"), (status, page[:500])
+    status, _, page = console.request(ops.a.url, "GET", "/console/login/totp")
+    assert status == 200 and "tina" in page, page[:500]
+    csrf = re.search(r'name="csrf" value="([^"]+)"', page).group(1)
+    totp = pyotp.TOTP(secret)
+    wrong = "000000" if totp.now() != "000000" else "111111"
+    status, _, page = console.request(ops.b.url, "POST", "/console/login/totp",
+                                      {"csrf": csrf, "code": wrong})
+    assert status == 401 and "wrong or expired code" in page, (status, page[:500])
+    before_login = console.cookie
+    status, where, _ = console.request(ops.a.url, "POST", "/console/login/totp",
+                                       {"csrf": csrf, "code": totp.now()})
+    assert status in (302, 303) and "login" not in where, (status, where)
+    assert console.cookie != before_login  # a fresh id at login
+    status, _, page = console.request(ops.b.url, "GET", "/console/hosts")
+    assert status == 200 and "pc1" in page and "tina" in page
+    # the waiting login was used once: the pre-login cookie cannot finish it again, on either node
+    assert ops.db.call(lambda s: s.scalars(select(ConsolePendingLogin)).all()) == []
+    replay = Console(ops.tmp / "shared" / "certs" / "ca.crt")
+    replay.cookie = before_login
+    for node in (ops.a, ops.b):
+        status, where, _ = replay.request(node.url, "POST", "/console/login/totp",
+                                          {"csrf": csrf, "code": totp.at(time.time() + 30)})
+        assert status in (302, 303) and where.endswith("/console/login"), (status, where)
+    # a made-up cookie is an anonymous session of its own: its form token is not the other's
+    stranger = Console(ops.tmp / "shared" / "certs" / "ca.crt")
+    stranger.cookie = "x" * 43
+    status, _, _ = stranger.request(ops.b.url, "POST", "/console/login", {
+        "csrf": csrf, "user": "tina", "password": "tina-password-789"})
+    assert status == 403
+
+
+def test_websocket_modules_reach_a_relay_process_through_their_node(ops):
+    """A host and a supporter that reach node B only through a WebSocket on its single port: the
+    session runs through a relay process (its own TLS end to end inside the node's tunnel)."""
+    single = ops.b.info["single_port"]
+    bob = add_enrolled_supporter(ops.a, "bob", ops.tmp / "bob")
+    pc3 = add_enrolled_host(ops.a, "pc3", ops.tmp / "pc3", "host-password-3")
+    for home in (bob, pc3):
+        set_servers(ModuleFolder(home), [f"127.0.0.1:{single}"])
+    password = ops.tmp / "pw3"
+    password.write_text("host-password-3\n")
+    host = ModuleProcess("host", "run", "--websocket", "--pipe", "--home", str(pc3))
+    supporter = None
+    try:
+        host.wait_for_line("online; waiting for supporters")
+        supporter = ModuleProcess("supporter", "connect", "pc3", "--pipe", "--answers",
+                                  "/dev/null", "--password-file", str(password), "--home",
+                                  str(bob), "--websocket")
+        supporter.wait_for_line("granted control", timeout=60)
+        payload = bytes(range(256)) * 800   # ~200 KB: many WebSocket messages each way
+        host.send(payload)
+        supporter.read_exactly(payload)
+        supporter.send(b"keys through the relay tunnel")
+        host.read_exactly(b"keys through the relay tunnel")
+        supporter.close_stdin()
+        assert supporter.wait() == 0 and host.wait() == 0
+    finally:
+        if supporter is not None:
+            supporter.stop()
+        host.stop()
+    row = ops.db.call(lambda s: s.scalars(select(Session).where(
+        Session.peer_identity.like("%pc3%") | Session.host_id.in_(
+            select(Host.id).where(Host.name == "pc3")))).one())
+    assert row.ended_at is not None and row.bytes_to_supporter >= len(payload), row.end_reason
+    tunnels = re.findall(r"relay tunnel \(WebSocket\) from 127\.0\.0\.1 to relay "
+                         r"127\.0\.0\.1:(\d+)", ops.log_since_start("node-b"))
+    assert len(tunnels) == 2 and int(tunnels[0]) in ops.relays, tunnels  # both legs
+    # the node passes bytes to the relays of relay.external only
+    console = Console(ops.tmp / "shared" / "certs" / "ca.crt")
+    status, _, page = console.request(ops.b.url, "GET",
+                                      f"/api/v1/relay-tunnel?to=127.0.0.1:{ops.a.module_port}")
+    assert status == 403 and "not a relay of this server" in page, (status, page)
+    assert "relay tunnel refused from 127.0.0.1" in ops.log_since_start("node-b")

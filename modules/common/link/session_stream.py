@@ -15,6 +15,7 @@ from twisted.python.failure import Failure
 from protocol.amp_adapter import FramedAMP
 from protocol.control import OpenRelayLeg
 
+from modules.common.link import ws_tunnel
 from modules.common.link.connection import client_tls, path_to
 from modules.common.link.folder import ModuleFolder
 
@@ -76,6 +77,10 @@ class RelayLeg(FramedAMP):
 async def open_leg(reactor, relay_host: str, relay_port: int, token: str, ca_pem: bytes,
                    folder: ModuleFolder | None, timeout: float = 15) -> RelayLeg:
     tls = client_tls(relay_host, ca_pem, folder)
-    endpoint = endpoints.wrapClientTLS(tls, path_to(reactor, relay_host, relay_port, ca_pem, timeout))
+    if ws_tunnel.enabled():  # a relay process of its own is reached through the server
+        path = ws_tunnel.leg_endpoint(reactor, relay_host, relay_port, ca_pem, timeout)
+    else:
+        path = path_to(reactor, relay_host, relay_port, ca_pem, timeout)
+    endpoint = endpoints.wrapClientTLS(tls, path)
     leg = await endpoints.connectProtocol(endpoint, RelayLeg())
     return await leg.start(token)
