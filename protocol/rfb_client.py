@@ -587,10 +587,13 @@ class RFBClient:
             pixels = gradient(np.frombuffer(data, np.uint8).reshape(h, w, 3))
         else:
             assert palette is not None
+            target = self.framebuffer[y:y + h, x:x + w]
             try:
-                pixels = tight_palette(palette, data, w, h)
+                pixels = tight_palette(palette, data, w, h, out=target)
             except DecodeError as exc:
                 raise RFBClientError(str(exc)) from None
+            if pixels is target:                # decoded in place (a full-width rect)
+                return
         self.framebuffer[y:y + h, x:x + w] = pixels
 
 

@@ -119,9 +119,12 @@ def _gradient_rows(diff: np.ndarray) -> np.ndarray:
 _BYTE_BITS = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1)
 
 
-def tight_palette(palette: np.ndarray, data: bytes, w: int, h: int) -> np.ndarray:
+def tight_palette(palette: np.ndarray, data: bytes, w: int, h: int,
+                  out: np.ndarray | None = None) -> np.ndarray:
     """The ``h x w x 3`` pixels of a Tight palette-filter rect: ``palette`` is ``n x 3`` RGB,
     ``data`` one bit per pixel, rows padded to a byte (two colours), or one index byte per pixel.
+    ``out``: where the pixels go (the framebuffer's rect); when it is contiguous (a full-width
+    rect) they are gathered straight into it and ``out`` is returned, else a new array.
 
     A table gather, not fancy indexing: for two colours each bitmap byte becomes its eight
     pixels at once (a 24-byte row of a 256-row table), for up to 4 (16) colours four (two)
@@ -131,7 +134,7 @@ def tight_palette(palette: np.ndarray, data: bytes, w: int, h: int) -> np.ndarra
     if len(palette) == 2:
         rows = np.frombuffer(data, np.uint8).reshape(h, (w + 7) // 8)
         table = np.take(palette, _BYTE_BITS, axis=0).reshape(256, 24)
-        return np.take(table, rows, axis=0).reshape(h, -1, 3)[:, :w]
+        return _gather(table, rows, w, h, out)
     idx = np.frombuffer(data, np.uint8).reshape(h, w)
     if idx.max() >= len(palette):
         raise DecodeError(f"Tight palette index {int(idx.max())} beyond {len(palette)} colours")
@@ -148,8 +151,18 @@ def tight_palette(palette: np.ndarray, data: bytes, w: int, h: int) -> np.ndarra
             byte = np.arange(256)
             shifts = range((per_row - 1) * bits, -1, -bits)
             table = np.concatenate([full[(byte >> s) & ((1 << bits) - 1)] for s in shifts], axis=1)
-            return np.take(table, code, axis=0).reshape(h, w, 3)
-    return np.take(palette, idx, axis=0)
+            return _gather(table, code, w, h, out)
+    return _gather(palette, idx, w, h, out)
+
+
+def _gather(table: np.ndarray, index: np.ndarray, w: int, h: int,
+            out: np.ndarray | None) -> np.ndarray:
+    """Rows of ``table`` picked by ``index`` (every index is a row of it), as ``h x w x 3``."""
+    row = table.shape[1]
+    if out is not None and out.flags.c_contiguous and index.shape[1] * row == w * 3:
+        np.take(table, index, axis=0, out=out.reshape(h, index.shape[1], row), mode="clip")
+        return out
+    return np.take(table, index, axis=0).reshape(h, -1, 3)[:, :w]
 
 
 # --- ZRLE tiles -----------------------------------------------------------------------------

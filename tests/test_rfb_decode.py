@@ -244,5 +244,11 @@ def test_tight_palette_matches_indexing_for_every_table_shape():
             idx = rng.integers(0, n, (3, w), dtype=np.uint8)
             data = np.packbits(idx, axis=1).tobytes() if n == 2 else idx.tobytes()
             assert np.array_equal(tight_palette(pal, data, w, 3), pal[idx]), (n, w)
+            fb = np.zeros((5, w, 3), np.uint8)           # a full-width rect of a framebuffer
+            target = fb[1:4]
+            got = tight_palette(pal, data, w, 3, out=target)
+            assert np.array_equal(got, pal[idx]), (n, w)
+            assert got is target or w != 64              # in place where whole rows fit
+            assert not fb[0].any() and not fb[4].any()
     with pytest.raises(DecodeError, match="index 3 beyond 3"):
         tight_palette(np.zeros((3, 3), np.uint8), bytes([0, 1, 2, 3]), 4, 1)
