@@ -58,6 +58,18 @@ def test_the_first_wait_after_a_notice_starts_at_back_in_and_stays_within_the_sp
     assert draws == [(0.0, 4.0)]
 
 
+def test_a_busy_server_after_a_notice_keeps_the_back_off_at_the_notices_spread():
+    schedule = ReconnectSchedule(Clock(), base=1.0, cap=60.0, rand=highest)
+    schedule.going_away(back_in=5.0, spread=12.5)
+    assert schedule.delay() == 5.0 + 12.5
+    schedule.failed()
+    schedule.busy()  # connected, then dropped before Hello: not from one second again
+    assert waits(schedule, 3) == [16, 32, 60]
+    schedule.registered()
+    schedule.busy()  # without a notice since the last registration: plain back-off
+    assert waits(schedule, 2) == [1, 2]
+
+
 def test_the_hosts_own_cap_bounds_what_a_notice_asks():
     schedule = ReconnectSchedule(Clock(), cap=0.5, rand=highest)
     schedule.going_away(back_in=5.0, spread=2.0)

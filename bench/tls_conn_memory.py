@@ -1,0 +1,138 @@
+"""What OpenSSL itself keeps per idle server-side TLS connection, with the module port's context.
+
+    python bench/tls_conn_memory.py [--connections 1000]
+
+In one process, no sockets: ``--connections`` handshakes through pyOpenSSL memory BIOs (what
+Twisted's TLS layer uses) against ``server.tls.module_context`` (MODE_RELEASE_BUFFERS, no
+resumption), then one small record each way, as a heartbeat does; the clients are freed and the
+server sides kept.  The figure is malloc'd bytes in use (glibc ``mallinfo2``: ``uordblks`` +
+``hblkhd``) after minus before, per connection — OpenSSL's state plus pyOpenSSL's cffi handles,
+without Python objects, the reactor or allocator slack.  Three client kinds: a module
+certificate over TLS 1.3 (what hosts do), no certificate (an ad-hoc customer), and a module
+certificate with the client capped at TLS 1.2 (for comparison only; the module port keeps 1.3).
+
+It is the floor under ``idle_hosts.py``'s bytes per host: the issue's target is 40 KB per host.
+Prints figures, never fails on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import sys
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from cryptography.hazmat.primitives import serialization  # noqa: E402
+from OpenSSL import SSL, crypto  # noqa: E402
+
+from _common import machine_line  # noqa: E402
+from protocol.identity import Identity, make_csr  # noqa: E402
+from server import pki, tls  # noqa: E402
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+
+_libc = ctypes.CDLL("libc.so.6")
+_libc.mallinfo2.restype = _MallInfo2
+
+
+def malloced() -> int:
+    info = _libc.mallinfo2()
+    return info.uordblks + info.hblkhd
+
+
+def client_context(ca_key, ca_cert, kind: str) -> SSL.Context:
+    ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    ctx.set_verify(SSL.VERIFY_NONE, lambda *args: True)
+    if kind == "no certificate":
+        return ctx
+    if kind == "certificate, TLS 1.2":
+        ctx.set_max_proto_version(SSL.TLS1_2_VERSION)
+    key = pki.new_key()
+    csr = pki.parse_csr(make_csr(key, None).public_bytes(serialization.Encoding.PEM))
+    cert = pki.sign_module_csr(ca_key, ca_cert, csr, Identity("host", str(uuid.uuid4())), 30)
+    ctx.use_certificate(crypto.X509.from_cryptography(cert))
+    ctx.use_privatekey(crypto.PKey.from_cryptography_key(key))
+    return ctx
+
+
+def _pump(client: SSL.Connection, server: SSL.Connection) -> None:
+    moved = True
+    while moved:
+        moved = False
+        for side in (client, server):
+            try:
+                side.do_handshake()
+            except SSL.WantReadError:
+                pass
+        for source, sink in ((client, server), (server, client)):
+            try:
+                data = source.bio_read(65536)
+            except SSL.WantReadError:
+                continue
+            sink.bio_write(data)
+            moved = True
+
+
+def idle_server_side(server_ctx: SSL.Context, client_ctx: SSL.Context) -> SSL.Connection:
+    server = SSL.Connection(server_ctx, None)
+    server.set_accept_state()
+    client = SSL.Connection(client_ctx, None)
+    client.set_connect_state()
+    _pump(client, server)
+    client.send(b"h" * 40)  # a heartbeat and its answer
+    _pump(client, server)
+    server.recv(100)
+    server.send(b"a" * 60)
+    _pump(client, server)
+    client.recv(100)
+    return server
+
+
+def measure(server_ctx, client_ctx, n: int) -> float:
+    keep = [idle_server_side(server_ctx, client_ctx) for _ in range(20)]  # warm-up
+    gc.collect()
+    _libc.malloc_trim(0)
+    before = malloced()
+    servers = [idle_server_side(server_ctx, client_ctx) for _ in range(n)]
+    gc.collect()
+    _libc.malloc_trim(0)
+    per = (malloced() - before) / n
+    del servers, keep
+    gc.collect()
+    return per
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    p.add_argument("--connections", type=int, default=1000, help="server-side connections kept")
+    args = p.parse_args(argv)
+    print(machine_line())
+    print(f"pyOpenSSL's OpenSSL (cryptography's bundled one, what the server's TLS uses): "
+          f"{SSL.OpenSSL_version(SSL.OPENSSL_VERSION).decode()}")
+    ca_key, ca_cert = pki.create_ca("bench CA")
+    server_key, server_cert = pki.issue_server_cert(ca_key, ca_cert, ("localhost",), ("127.0.0.1",))
+    server_ctx = tls.module_context([server_cert], server_key, ca_cert, "1.2", lambda s: False)
+    results = {}
+    for kind in ("module certificate, TLS 1.3", "no certificate", "certificate, TLS 1.2"):
+        results[kind] = measure(server_ctx, client_context(ca_key, ca_cert, kind),
+                                args.connections)
+        print(f"{kind:30s}: {results[kind]:8,.0f} bytes malloc'd per idle server-side connection")
+    floor = results["module certificate, TLS 1.3"]
+    print(f"RESULT: OpenSSL keeps {floor / 1000:.1f} KB per idle host connection before any "
+          f"Python object; target for everything per host <= 40 KB: {floor / 40000:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
