@@ -447,6 +447,35 @@ def test_wrong_codes_count_in_the_lock_out_and_a_code_works_once(people):
     assert keys == {"user:carla", "addr:192.0.2.9", "totp:carla"}
 
 
+def test_a_login_waiting_for_its_code_is_a_row_used_once(people):
+    """The password step leaves a row (any node may take the code); a right code uses it up, a
+    wrong one leaves it, after 5 minutes it is gone."""
+    from server.db.models import ConsolePendingLogin
+    db, carla_id, secret = people
+    lockouts = accounts.Lockouts(accounts.LockoutPolicy(free_attempts=5, base_seconds=60))
+    now = dt.datetime.now(dt.timezone.utc)
+    result = db.call(auth._login, lockouts, carla_id, "192.0.2.9", "key-1", "de", now)
+    assert result.totp and result.user == "carla"
+    assert db.call(auth._pending_name, "key-1", now) == "carla"
+    with pytest.raises(auth.PendingGone):
+        db.call(auth._pending_name, "key-2", now)  # another browser's cookie
+    with pytest.raises(accounts.Refused):
+        db.call(auth._login_totp, lockouts, "key-1", "abcdef", "192.0.2.9", now)
+    done, chosen = db.call(auth._login_totp, lockouts, "key-1", pyotp.TOTP(secret).now(),
+                           "192.0.2.9", now)
+    assert (done.user, done.totp, chosen) == ("carla", False, "de")
+    with pytest.raises(auth.PendingGone) as gone:  # used once
+        db.call(auth._login_totp, lockouts, "key-1", pyotp.TOTP(secret).now(), "192.0.2.9",
+                now)
+    assert not gone.value.expired
+    db.call(auth._login, lockouts, carla_id, "192.0.2.9", "key-3", None, now)
+    later = now + dt.timedelta(seconds=auth.PENDING_SECONDS + 1)
+    with pytest.raises(auth.PendingGone) as gone:
+        db.call(auth._pending_name, "key-3", later)
+    assert gone.value.expired
+    assert db.call(lambda s: s.query(ConsolePendingLogin).count()) == 0
+
+
 def test_forgot_queues_one_mail_only_for_a_user_who_can_get_one(people):
     db, _, _ = people
     lockouts = accounts.Lockouts(accounts.LockoutPolicy(free_attempts=5, base_seconds=60))

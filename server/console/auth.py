@@ -28,6 +28,7 @@ from twisted.logger import Logger
 
 from .. import accounts
 from ..directory.signin import DirectoryDown
+from ..db import KeepChanges
 from ..db.models import ConsolePendingLogin, Role, Tenant, User
 from ..i18n import Text
 from .core import EVERYONE, Ctx, landing, route
@@ -53,8 +54,9 @@ class LoginResult:
     language: str | None = None    # the account's console language, if the user chose one
 
 
-class PendingGone(Exception):
-    """No login of this browser waits for a code (never begun, used, or older than 5 min)."""
+class PendingGone(KeepChanges):
+    """No login of this browser waits for a code (never begun, used, or older than 5 min; an
+    expired row is deleted: the refusal keeps that change)."""
 
     def __init__(self, expired: bool) -> None:
         super().__init__("no login waits for a code")
