@@ -439,3 +439,25 @@ def test_a_recorded_stream_with_h264_plays_back():
     pictures = [picture for _t, picture in frames(entries, fps=10)]
     assert np.array_equal(pictures[-1], client.framebuffer)
     close_to(pictures[-1], shown[-1])
+
+
+def test_a_composited_screen_is_polled_instead_of_watched(xvfb):
+    """With a compositing manager, root-window DAMAGE does not reliably report what is on the
+    screen: ``watch_changes`` declines and the RFB server polls as before."""
+    from Xlib import X
+    from Xlib import display as xdisplay
+
+    from modules.common.screen.capture_x11 import ScreenSource
+    src = ScreenSource(xvfb.name)
+    d = xdisplay.Display(xvfb.name)
+    try:
+        watch = src.watch_changes(lambda: None)
+        assert watch is not None and not watch.failed
+        watch.stop()
+        owner = d.screen().root.create_window(0, 0, 1, 1, 0, d.screen().root_depth)
+        owner.set_selection_owner(d.intern_atom("_NET_WM_CM_S0"), X.CurrentTime)
+        d.sync()
+        assert src.watch_changes(lambda: None) is None
+    finally:
+        d.close()
+        src.close()

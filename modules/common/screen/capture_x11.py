@@ -193,15 +193,23 @@ class ChangeWatch:
     image changed (XFixes), so the RFB server can capture right after a change instead of
     polling a still screen.  Own X connection and daemon thread; ``stop()`` ends both within a
     quarter of a second.  If the connection fails, ``failed`` is set and ``on_change`` called
-    once more (the caller goes back to polling).  Raises ``LookupError`` without DAMAGE."""
+    once more (the caller goes back to polling).  Raises ``LookupError`` without DAMAGE, and
+    while a compositing manager runs (it owns ``_NET_WM_CM_S0``): what is on the screen is then
+    drawn by the compositor, and root-window damage is not a reliable report of it (x11vnc
+    advises ``-noxdamage`` for the same reason), so such a screen is polled."""
 
     def __init__(self, display: str, on_change: Callable[[], None]):
+        from Xlib import X
         from Xlib import display as xdisplay
         from Xlib.ext import damage, xfixes
         x = xdisplay.Display(display)
         if not x.has_extension("DAMAGE"):
             x.close()
             raise LookupError(f"{display} has no DAMAGE extension")
+        screen_number = x.get_default_screen()
+        if x.get_selection_owner(x.intern_atom(f"_NET_WM_CM_S{screen_number}")) != X.NONE:
+            x.close()
+            raise LookupError(f"{display} has a compositing manager")
         x.damage_query_version()
         root = x.screen().root
         self._damage = root.damage_create(damage.DamageReportNonEmpty)

@@ -9,7 +9,8 @@ input events stay in order (one chain per connection).  So does encoding an upda
 swscale and x264 release the GIL): the update is decided on the reactor thread, encoded in the
 pool, written when done; the next capture waits for it, so updates go out in order.
 
-A source that can tell when its screen changed (``watch_changes``: X DAMAGE) is not polled while
+A source that can tell when its screen changed (``watch_changes``: X DAMAGE, not where a
+compositing manager runs) is not polled while
 it is still: a pending request is answered by a capture as soon as a change is reported (still at
 most ``max_fps`` captures a second), with one capture every ``STILL_POLL`` seconds as a safety net
 for what the X server might not report.  Without it, the source is captured ``max_fps`` times a
