@@ -29,7 +29,7 @@ from .relay_tunnel import RelayTunnelResource
 from .ws_tunnel import tunnel_resource
 from .pki import CertStore
 from .relay.core import Relay
-from .relay.listener import record_session_end
+from .relay.listener import SessionEnds
 from .relay.tokens import RelayTokens, load_or_create_secret
 from . import background, cluster, session_recovery, storage_health
 from . import alerts as background_alerts
@@ -145,6 +145,7 @@ class HausmeisterServer(service.MultiService):
                                         config.security.lockout_max_seconds)
         lockouts = accounts.Lockouts(policy)
         self.protocols = SessionProtocols(config.server.protocol_dir)
+        self.session_ends = SessionEnds(self.db, self.protocols)
         self.enrollment = certificates.Enrollment(self.store, lockouts,
                                                   config.certificates.module_days)
         # console login and supporter enrollment: local accounts, then the directory if enabled
@@ -240,7 +241,7 @@ class HausmeisterServer(service.MultiService):
         d = self.broker.flush_events(stats.session_id)
         # recordings are finalised (their hashes written) before the protocol's end
         d.addBoth(lambda _: self.recordings.session_ended(stats.session_id))
-        d.addBoth(lambda _: record_session_end(self.db, stats, self.protocols))
+        d.addBoth(lambda _: self.session_ends.record(stats))
         self._ending.add(d)
         d.addBoth(lambda _: self._ending.discard(d))
         self.broker.session_ended(stats.session_id)

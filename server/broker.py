@@ -30,6 +30,8 @@ from .db import Database
 from .db.models import Host, HostGroup, Role, Session, Tenant, User, UserGroup
 from .pki import utcnow
 from . import storage_health
+from .group_commit import GroupCommit
+from .session_commit import LockedOut, ProtocolNotWritten, SessionStart, open_sessions
 from .session_protocol import ProtocolError, SessionSummary
 from .session_recovery import anchor_protocol
 from .cluster import NodeCallFailed
@@ -210,6 +212,8 @@ class Broker(NodeCalls):
         self.on_protocol_failure: Callable[[str], None] | None = None
         self.protocol_probe_seconds = 5.0
         self.sessions: dict[str, LiveSession] = {}
+        #: ad-hoc starts (lock-out, row, first protocol lines) as group commits
+        self.session_starts = GroupCommit(self._open_batch, blocking=blocking)
         self.nameplates: dict[str, Nameplate] = {}
         self.hosts: dict[str, HostPresence] = {}
         #: supporter connection → host ids it was shown by ListHosts (told of their presence)
@@ -299,7 +303,8 @@ class Broker(NodeCalls):
     def _hold_nameplate(self, code: str, supporter) -> tuple[str, float]:
         self.nameplates[code] = Nameplate(code, supporter,
                                           self.reactor.seconds() + self.nameplate_ttl)
-        log.info("nameplate {nameplate} allocated for {supporter}", nameplate=code,
+        # debug: a set-up logs at info only when the customer joins and when the session ends
+        log.debug("nameplate {nameplate} allocated for {supporter}", nameplate=code,
                  supporter=supporter.identity.uri)
         return code, self.nameplate_ttl
 
@@ -315,56 +320,87 @@ class Broker(NodeCalls):
 
     @defer.inlineCallbacks
     def join_adhoc(self, customer, nameplate: str):
-        keys = [f"adhoc-addr:{customer.address}"]
-        wait = yield self.db.run(self.lockouts.wait_seconds, keys)
-        if wait > 0:
-            raise control.LockedOut(f"too many wrong IDs from your address: try again in "
-                                    f"{max(1, round(wait))} s")
-        plate = self.nameplates.get(nameplate)
+        keys = (f"adhoc-addr:{customer.address}",)
         if self.bus is not None:  # several nodes: the database row makes the ID single-use
-            owner = yield self.db.run(_take_nameplate, nameplate, self.now())
-            if owner is not None and owner != self.node:
-                answer = yield self._join_elsewhere(owner, customer, nameplate)
-                return answer
-            if owner is None:
-                plate = None
+            answer = yield self._join_shared(customer, nameplate, keys)
+            return answer
+        plate = self.nameplates.get(nameplate)
         if plate is None or plate.expires_at <= self.reactor.seconds():
             self.nameplates.pop(nameplate, None)
-            wait = yield self.db.run(self.lockouts.failed, keys)
-            log.warn("unknown or expired nameplate {nameplate} from {address}",
-                     nameplate=nameplate, address=customer.address)
-            message = "this ID is unknown or expired: check the 8 digits with your supporter"
-            if wait:
-                message += f"; try again in {max(1, round(wait))} s"
-            raise control.UnknownNameplate(message)
+            yield self._refuse_join(customer, nameplate, keys)
+        # single use: taken before the transaction that checks the lock-out and writes the
+        # row, and put back if the lock-out refuses this address
+        del self.nameplates[nameplate]
+        answer = yield self._join_here(customer, plate, keys)
+        return answer
+
+    @defer.inlineCallbacks
+    def _join_shared(self, customer, nameplate: str, keys: tuple[str, ...]):
+        wait = yield self.db.run(self.lockouts.wait_seconds, keys)
+        if wait > 0:
+            raise control.LockedOut(_locked_text(wait))
+        owner = yield self.db.run(_take_nameplate, nameplate, self.now())
+        if owner is not None and owner != self.node:
+            answer = yield self._join_elsewhere(owner, customer, nameplate)
+            return answer
+        plate = self.nameplates.get(nameplate) if owner is not None else None
+        if plate is None or plate.expires_at <= self.reactor.seconds():
+            self.nameplates.pop(nameplate, None)
+            yield self._refuse_join(customer, nameplate, keys)
         del self.nameplates[nameplate]  # single use
         answer = yield self._join_here(customer, plate)
         return answer
 
     @defer.inlineCallbacks
-    def _join_here(self, customer, plate: Nameplate):
+    def _refuse_join(self, customer, nameplate: str, keys: tuple[str, ...]):
+        """An unknown or expired nameplate: one transaction checks the lock-out and, if the
+        address is not locked out, counts the failure.  Always raises."""
+        locked, wait = yield self.db.run(_count_failed_join, self.lockouts, keys)
+        if locked:
+            raise control.LockedOut(_locked_text(wait))
+        log.warn("unknown or expired nameplate {nameplate} from {address}",
+                 nameplate=nameplate, address=customer.address)
+        message = "this ID is unknown or expired: check the 8 digits with your supporter"
+        if wait:
+            message += f"; try again in {max(1, round(wait))} s"
+        raise control.UnknownNameplate(message)
+
+    def _put_back(self, plate: Nameplate) -> None:
+        """A join the lock-out refused did not use the nameplate up."""
+        if plate.code not in self.nameplates and plate.expires_at > self.reactor.seconds():
+            self.nameplates[plate.code] = plate
+
+    def _open_batch(self, batch: list[SessionStart]) -> list:
+        return open_sessions(self.db, self.protocols, batch)
+
+    @defer.inlineCallbacks
+    def _join_here(self, customer, plate: Nameplate, lockout_keys: tuple[str, ...] = ()):
         """The customer (here, or a ``RemoteParty`` on another node) joins this node's
-        supporter: the session is set up here."""
+        supporter: the session is set up here.  ``lockout_keys`` are checked in the transaction
+        that writes the session row (empty: checked before)."""
         nameplate = plate.code
         supporter = plate.supporter
         session_id = str(uuid.uuid4())
-        tenant = yield self.db.run(_create_session, dict(
-            id=session_id, kind="adhoc", supporter_identity=supporter.identity.uri,
+        start = SessionStart(session_id, supporter.identity.name, dict(
+            kind="adhoc", supporter_identity=supporter.identity.uri,
             supporter_address=supporter.address, peer_identity=None,
-            peer_address=customer.address, host_id=None, node=self.node),
-            supporter.identity.name)
-        live = LiveSession(session_id, tenant, "adhoc", supporter, customer, nameplate)
+            peer_address=customer.address, host_id=None, node=self.node), lockout_keys, [
+            ("created", {"kind": "adhoc", "supporter": supporter.identity.uri,
+                         "supporter_address": supporter.address, "nameplate": nameplate}),
+            ("joined", {"customer_address": customer.address,
+                        "terms_sha256": terms_hash(self.terms)})])
         try:  # no session runs that its protocol cannot record
-            yield self._server_events(live, [
-                ("created", {"kind": "adhoc", "supporter": supporter.identity.uri,
-                             "supporter_address": supporter.address, "nameplate": nameplate}),
-                ("joined", {"customer_address": customer.address,
-                            "terms_sha256": terms_hash(self.terms)})])
-        except Exception as exc:
-            end = self._protocol_failed(live, exc)
+            tenant = yield self.session_starts.submit(start)
+        except ProtocolNotWritten as exc:
+            live = LiveSession(session_id, exc.tenant, "adhoc", supporter, customer, nameplate)
+            end = self._protocol_failed(live, exc.cause)
             yield self._end_early(live, end)
             self.notify_ended(live, end)
             raise control.NotRecordable(NOT_RECORDABLE)
+        if isinstance(tenant, LockedOut):
+            self._put_back(plate)
+            raise control.LockedOut(_locked_text(tenant.wait))
+        live = LiveSession(session_id, tenant, "adhoc", supporter, customer, nameplate)
         relay_host, relay_port = self.relays.pick()
         supporter_ticket = RelayTicket(session_id, relay_host, relay_port,
                                        self.issue_token(session_id, "supporter"),
@@ -864,6 +900,18 @@ class Broker(NodeCalls):
 
 
 # --- database work (runs in the blocking pool) -------------------------------------------------
+
+def _locked_text(wait: float) -> str:
+    return f"too many wrong IDs from your address: try again in {max(1, round(wait))} s"
+
+
+def _count_failed_join(session, lockouts: accounts.Lockouts, keys) -> tuple[bool, float]:
+    """(locked out already, seconds to wait): a locked-out address's attempt is not counted."""
+    wait = lockouts.wait_seconds(session, keys)
+    if wait > 0:
+        return True, wait
+    return False, lockouts.failed(session, keys)
+
 
 
 

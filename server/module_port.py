@@ -120,8 +120,10 @@ class ModuleConnection(FramedAMP):
             self.port.registry.discard(self)
             self.port.broker.connection_lost(self)
             if not self.port.registry.closing:  # at shutdown one line says how many closed
-                log.info("module disconnected: {identity} from {address}", identity=self.name,
-                         address=self.address)
+                # an ad-hoc customer's connection: its join and its session's end say enough
+                (log.info if self.identity is not None else log.debug)(
+                    "module disconnected: {identity} from {address}", identity=self.name,
+                    address=self.address)
         elif self.relay_leg is None:  # the connection guard logs these, rate-limited
             log.debug("connection from {address} closed before the TLS handshake completed: {why}",
                       address=self.address, why=reason.getErrorMessage())
@@ -183,9 +185,11 @@ class ModuleConnection(FramedAMP):
         self.module_version = module_version[:40]
         identity = self.identity
         if identity is None or identity.role != "host":  # a host's line: "host ... online"
-            log.info("module connected: {identity} from {address} ({kind} {version}, serial "
-                     "{serial})", identity=self.name, address=self.address, kind=module_kind[:20],
-                     version=self.module_version, serial=self.serial)
+            # a customer at debug: its join says at info who it is and what it joined
+            (log.info if identity is not None else log.debug)(
+                "module connected: {identity} from {address} ({kind} {version}, serial "
+                "{serial})", identity=self.name, address=self.address, kind=module_kind[:20],
+                version=self.module_version, serial=self.serial)
         if identity is not None:  # an enrolled module has proved itself; a customer joins first
             settle_pending(self.transport)
 

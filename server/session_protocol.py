@@ -377,6 +377,19 @@ class ProtocolWriter:
 
     def _append_to(self, path: Path, session_id: str, events: list[dict],
                    now: dt.datetime) -> list[dict]:
+        fd, created, records = self._write_lines(path, session_id, events, now)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if created:
+            _fsync_dir(path.parent)
+        return records
+
+    def _write_lines(self, path: Path, session_id: str, events: list[dict],
+                     now: dt.datetime) -> tuple[int, bool, list[dict]]:
+        """Write the events' lines (not yet fsynced); returns the still open file (its ``flock``
+        held until it is closed), whether it was created, and the records."""
         fd, created = _open_append(path)
         try:
             _flock(fd)
@@ -395,12 +408,59 @@ class ProtocolWriter:
                 seq, prev = seq + 1, hashlib.sha256(line).hexdigest()
             # a line cut off by a crash stays as it is (verify reports it); the chain goes on
             _write_all(fd, b"".join(lines))
-            os.fsync(fd)
-        finally:
+        except BaseException:
             os.close(fd)
-        if created:
-            _fsync_dir(path.parent)
-        return records
+            raise
+        return fd, created, records
+
+    def append_batch(self, batch: list[tuple[str, str, list[dict]]]) -> list[list[dict] | Exception]:
+        """Several sessions' events, (tenant, session id, events) each: a group commit.
+
+        Every file's lines are written first, then every file is fsynced and every folder that
+        got a new file is fsynced once (the first fsync's journal commit carries the others'
+        metadata; one folder fsync covers all new files in it).  Returns per session its records,
+        or the exception that kept its lines from being written or made durable — a session
+        whose outcome is an exception must not start (its lines may or may not be on disk).
+        When this returns, the lines of every session with records are on disk."""
+        outcomes: list[list[dict] | Exception] = []
+        opened: list[tuple[int, int]] = []  # (index in outcomes, fd)
+        new_in: dict[Path, list[int]] = {}
+        try:
+            for tenant, session_id, events in batch:
+                try:
+                    check_session_id(session_id)
+                    folder = tenant_folder(tenant)
+                    clean = [_clean_event(event) for event in events]
+                    if any(c["kind"] == ENDED and c["actor"] == SERVER for c in clean):
+                        raise ProtocolError("the server's 'ended' line is written by finish(), "
+                                            "once per session")
+                    with self._locks.hold((folder, session_id)):
+                        now = self.clock()
+                        path = self._path(folder, session_id, now)
+                        fd, created, records = self._write_lines(path, session_id, clean, now)
+                        self._remember((folder, session_id), path)
+                except Exception as exc:
+                    outcomes.append(exc)
+                    continue
+                opened.append((len(outcomes), fd))
+                if created:
+                    new_in.setdefault(path.parent, []).append(len(outcomes))
+                outcomes.append(records)
+            for index, fd in opened:
+                try:
+                    os.fsync(fd)
+                except OSError as exc:
+                    outcomes[index] = exc
+        finally:
+            for _, fd in opened:
+                os.close(fd)
+        for folder, indices in new_in.items():
+            try:
+                _fsync_dir(folder)
+            except OSError as exc:
+                for index in indices:
+                    outcomes[index] = exc
+        return outcomes
 
     # -- ending
 
@@ -420,19 +480,8 @@ class ProtocolWriter:
             path = self._path(folder, summary.session_id, now)
             existing = _server_ended(path)
             if existing is None:
-                detail = {
-                    "by": by, "reason": summary.end_reason, "kind": summary.kind,
-                    **({"cause": summary.end_cause, "ended_by": summary.ended_by}
-                       if summary.end_cause else {}),
-                    "started": format_time(summary.started_at) if summary.started_at else None,
-                    "ended": format_time(summary.ended_at),
-                    "duration_s": round(summary.duration_s, 3),
-                    "bytes_to_peer": summary.bytes_to_peer,
-                    "bytes_to_supporter": summary.bytes_to_supporter,
-                    "supporter": summary.supporter, "customer_or_host": summary.customer_or_host,
-                }
-                record, = self._append_to(path, summary.session_id, [{
-                    "kind": ENDED, "actor": SERVER, "address": None, "detail": detail}], now)
+                record, = self._append_to(path, summary.session_id,
+                                          [_ended_event(summary, by)], now)
                 self._remember((folder, summary.session_id), path)
             else:
                 record = existing
@@ -440,7 +489,71 @@ class ProtocolWriter:
             self._csv_row(folder, summary, check_first=existing is not None)
         return record
 
+    def finish_batch(self, batch: list[tuple[str, SessionSummary, str | None]]
+                     ) -> list[tuple[dict, str] | Exception]:
+        """``finish`` for several sessions, (tenant, summary, by) each, as a group commit: every
+        ``ended`` line written, then each file fsynced, then each tenant's CSV rows in one write
+        and one fsync.  Returns per session its ``ended`` record and its file relative to the
+        protocol folder, or the exception that kept its end from being recorded."""
+        outcomes: list[tuple[dict, str] | Exception] = []
+        opened: list[tuple[int, int]] = []
+        new_in: dict[Path, list[int]] = {}
+        rows: dict[str, list[tuple[int, SessionSummary, bool]]] = {}
+        try:
+            for tenant, summary, by in batch:
+                try:
+                    check_session_id(summary.session_id)
+                    folder = tenant_folder(tenant)
+                    with self._locks.hold((folder, summary.session_id)):
+                        now = self.clock()
+                        path = self._path(folder, summary.session_id, now)
+                        existing = _server_ended(path)
+                        if existing is None:
+                            fd, created, (record,) = self._write_lines(
+                                path, summary.session_id, [_ended_event(summary, by)], now)
+                            self._remember((folder, summary.session_id), path)
+                            opened.append((len(outcomes), fd))
+                            if created:
+                                new_in.setdefault(path.parent, []).append(len(outcomes))
+                        else:
+                            record = existing
+                except Exception as exc:
+                    outcomes.append(exc)
+                    continue
+                rows.setdefault(folder, []).append((len(outcomes), summary, existing is not None))
+                outcomes.append((record, str(path.relative_to(self.protocol_dir))))
+            for index, fd in opened:
+                try:
+                    os.fsync(fd)
+                except OSError as exc:
+                    outcomes[index] = exc
+        finally:
+            for _, fd in opened:
+                os.close(fd)
+        for folder_path, indices in new_in.items():
+            try:
+                _fsync_dir(folder_path)
+            except OSError as exc:
+                for index in indices:
+                    outcomes[index] = exc
+        for folder, entries in rows.items():
+            # a crash between the two writes leaves rows missing: a repeated finish adds them
+            entries = [e for e in entries if not isinstance(outcomes[e[0]], Exception)]
+            try:
+                self._csv_rows(folder, [(summary, again) for _, summary, again in entries])
+            except OSError as exc:
+                for index, _, _ in entries:
+                    outcomes[index] = exc
+        return outcomes
+
     def _csv_row(self, folder: str, summary: SessionSummary, check_first: bool) -> None:
+        self._csv_rows(folder, [(summary, check_first)])
+
+    def _csv_rows(self, folder: str, summaries: list[tuple[SessionSummary, bool]]) -> None:
+        """Append the billing rows of ended sessions (``check_first``: only if not there yet,
+        for a repeated finish) with one write and one fsync."""
+        if not summaries:
+            return
         path = self.protocol_dir / folder / CSV_NAME
         with self._csv_locks.hold(folder):
             _make_dir(path.parent)
@@ -448,25 +561,44 @@ class ProtocolWriter:
             try:
                 _flock(fd)
                 size = os.fstat(fd).st_size
-                if check_first and size and _csv_has(fd, summary.session_id):
-                    return
                 out = io.StringIO()
                 writer = csv.writer(out)
                 if size == 0:
                     writer.writerow(CSV_HEADER)
-                writer.writerow([
-                    summary.session_id, csv_text(summary.kind),
-                    format_time(summary.started_at) if summary.started_at else "",
-                    format_time(summary.ended_at), f"{summary.duration_s:.3f}",
-                    csv_text(summary.supporter), csv_text(summary.customer_or_host),
-                    int(summary.bytes_to_peer), int(summary.bytes_to_supporter),
-                    csv_text(summary.end_reason)])
-                _write_all(fd, out.getvalue().encode("utf-8"))
+                for summary, check_first in summaries:
+                    if check_first and size and _csv_has(fd, summary.session_id):
+                        continue
+                    writer.writerow([
+                        summary.session_id, csv_text(summary.kind),
+                        format_time(summary.started_at) if summary.started_at else "",
+                        format_time(summary.ended_at), f"{summary.duration_s:.3f}",
+                        csv_text(summary.supporter), csv_text(summary.customer_or_host),
+                        int(summary.bytes_to_peer), int(summary.bytes_to_supporter),
+                        csv_text(summary.end_reason)])
+                data = out.getvalue().encode("utf-8")
+                if not data:
+                    return
+                _write_all(fd, data)
                 os.fsync(fd)
             finally:
                 os.close(fd)
             if created:
                 _fsync_dir(path.parent)
+
+
+def _ended_event(summary: SessionSummary, by: str | None) -> dict:
+    """The server's ``ended`` line of a session (``ProtocolWriter.finish``)."""
+    return {"kind": ENDED, "actor": SERVER, "address": None, "detail": {
+        "by": by, "reason": summary.end_reason, "kind": summary.kind,
+        **({"cause": summary.end_cause, "ended_by": summary.ended_by}
+           if summary.end_cause else {}),
+        "started": format_time(summary.started_at) if summary.started_at else None,
+        "ended": format_time(summary.ended_at),
+        "duration_s": round(summary.duration_s, 3),
+        "bytes_to_peer": summary.bytes_to_peer,
+        "bytes_to_supporter": summary.bytes_to_supporter,
+        "supporter": summary.supporter, "customer_or_host": summary.customer_or_host,
+    }}
 
 
 def _tail_state(fd: int, session_id: str) -> tuple[int, str, bool]:
@@ -811,6 +943,22 @@ class SessionProtocols:
         return self.writer.append_many(tenant, session_id, [
             {"kind": kind, "actor": actor, "address": address, "detail": detail or {}}
             for kind, actor, address, detail in events])
+
+    def record_batch(self, batch: list[tuple[str, str, list[tuple[str, str, str | None, dict]]]]
+                     ) -> list[list[dict] | Exception]:
+        """(tenant, session id, events) for several sessions as one group commit (see
+        ``ProtocolWriter.append_batch``); per session its records or its exception."""
+        return self.writer.append_batch([
+            (tenant, session_id, [{"kind": kind, "actor": actor, "address": address,
+                                   "detail": detail or {}}
+                                  for kind, actor, address, detail in events])
+            for tenant, session_id, events in batch])
+
+    def ended_batch(self, batch: list[tuple[str, SessionSummary, str | None]]
+                    ) -> list[tuple[dict, str] | Exception]:
+        """``ended`` for several sessions as one group commit (``ProtocolWriter.finish_batch``):
+        per session its ``ended`` record and file (relative to the folder), or its exception."""
+        return self.writer.finish_batch(batch)
 
     def ended(self, tenant: str, session: SessionSummary | Any, by: str | None = None) -> dict:
         """The session's ``ended`` line and CSV row (once; see ``ProtocolWriter.finish``)."""

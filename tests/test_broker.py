@@ -39,6 +39,9 @@ class InlineDB:
     def call(self, fn, *args):
         return self.db.call(fn, *args)
 
+    def call_core(self, fn, *args):
+        return self.db.call_core(fn, *args)
+
 
 class FakeConnection:
     def __init__(self, identity: Identity | None, address: str = "127.0.0.1",

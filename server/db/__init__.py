@@ -84,6 +84,14 @@ class Database:
         with self.session() as session:
             return fn(session, *args)
 
+    def call_core(self, fn: Callable[..., T], *args: Any) -> T:
+        """``call`` on a Core connection instead of an ORM session: ``fn(connection, *args)`` in
+        one transaction (commit on success, rollback on any exception).  For hot paths written
+        with Core statements only; the ORM session's set-up and bookkeeping cost ~150 µs per
+        transaction there (server.session_commit)."""
+        with self.engine.begin() as connection:
+            return fn(connection, *args)
+
     def migrate(self) -> None:
         """Bring the schema to the newest Alembic revision."""
         from alembic import command

@@ -378,7 +378,7 @@ class Relay:
         if partner is None:
             session.pair_timer = self.reactor.callLater(self.pair_timeout, self._pair_timed_out,
                                                         session)
-            log.info("relay leg {side} of session {session_id} from {address} waits for its partner",
+            log.debug("relay leg {side} of session {session_id} from {address} waits for its partner",
                      session_id=session.session_id, side=leg.side, address=peer_address)
         else:
             self._pair(session, partner, leg)
@@ -419,7 +419,7 @@ class Relay:
         # The other way waits one turn, until the new leg's glue has written its answer.
         self.reactor.callLater(0, self._activate, session, waiting)
         session.idle_timer = self.reactor.callLater(self.idle_timeout, self._idle_check, session)
-        log.info("relay session {session_id} paired: {first} from {first_address}, {second} from "
+        log.debug("relay session {session_id} paired: {first} from {first_address}, {second} from "
                  "{second_address}", session_id=session.session_id, first=waiting.side,
                  first_address=waiting.peer_address, second=arriving.side,
                  second_address=arriving.peer_address)

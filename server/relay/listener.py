@@ -38,9 +38,11 @@ from ..config import Config
 from ..connection_guard import ConnectionGuard, GuardedTLSFactory, GuardedTLSProtocol, settle
 from ..tls import LISTEN_BACKLOG
 from ..db import Database
-from ..db.models import Session, Tenant
+from ..db.models import Session
 from ..pki import CertStore
-from ..session_protocol import SessionProtocols, SessionSummary
+from ..group_commit import GroupCommit
+from ..session_commit import _detail_of, close_sessions
+from ..session_protocol import SessionProtocols
 from .core import Relay, RelayLeg, SessionStats
 from .errors import InvalidToken, RelayRefusedError
 from .tokens import RelayTokens, load_or_create_secret
@@ -214,59 +216,6 @@ def _utc(seconds: float | None) -> dt.datetime | None:
     return None if seconds is None else dt.datetime.fromtimestamp(seconds, dt.timezone.utc)
 
 
-def party_of(side: str, kind: str) -> str:
-    """A relay side as the party a person knows: the peer of an ad-hoc session is the customer."""
-    if side == "peer":
-        return "customer" if kind == "adhoc" else "host"
-    return side
-
-
-def final_end_reason(row: Session, stats: SessionStats) -> EndReason:
-    """The reason a session ended: the first one a party or the server reported (kept in the row
-    while the session still ran), else what the relay saw."""
-    if row.end_cause and row.ended_at is None:
-        try:
-            return EndReason(EndCause(row.end_cause), row.ended_by or "server",
-                             _detail_of(row.end_reason or "", row.end_cause, row.ended_by))
-        except ValueError:
-            pass
-    end = stats.end or EndReason(EndCause.ERROR, "relay", stats.end_reason[:120])
-    return EndReason(end.cause, party_of(end.by, row.kind), end.detail)
-
-
-def _detail_of(text: str, cause: str, by: str | None) -> str:
-    head = EndReason(EndCause(cause), by or "server").text()
-    return text[len(head) + 2:] if text.startswith(head + ": ") else ""
-
-
-def _update_session(session, stats: SessionStats) -> tuple[str, SessionSummary] | None:
-    row = session.get(Session, stats.session_id)
-    if row is None:
-        return None
-    end = final_end_reason(row, stats)
-    row.ended_at = _utc(stats.ended_at)
-    if row.started_at is None and stats.started_at is not None:
-        row.started_at = _utc(stats.started_at)
-    row.bytes_to_peer = stats.bytes_supporter_to_peer
-    row.bytes_to_supporter = stats.bytes_peer_to_supporter
-    row.end_reason = end.text()[:200]
-    row.end_cause, row.ended_by = end.cause.value, end.by
-    tenant = session.get(Tenant, row.tenant_id) if row.tenant_id is not None else None
-    return (tenant.name if tenant else "default"), SessionSummary.from_row(row)
-
-
-def _remember_protocol_file(session, session_id: str, path: str | None,
-                            ended: dict | None = None) -> None:
-    """The protocol's file, and its ``ended`` line as the anchor of the file's hash chain."""
-    row = session.get(Session, session_id)
-    if row is None:
-        return
-    if path:
-        row.protocol_file = path
-    if ended and row.protocol_end_hash is None:
-        row.protocol_end_seq, row.protocol_end_hash = ended["seq"], ended["hash"]
-
-
 def server_end_requests(session, session_ids: list[str]) -> dict[str, EndReason]:
     """Running sessions among ``session_ids`` that the server decided to end (the broker wrote
     its reason into the row: revocation, unwritable protocol), with that reason."""
@@ -299,35 +248,43 @@ def claim_token(session, nonce: str, expires_at: dt.datetime, now: dt.datetime) 
     return True
 
 
+class SessionEnds:
+    """Relay session ends as group commits: the sessions that end while one batch is written
+    share the next pool job, transaction and fsyncs (``server.session_commit.end_sessions``)."""
+
+    def __init__(self, db: Database, protocols: SessionProtocols | None,
+                 blocking=run_blocking) -> None:
+        self.db = db
+        self.protocols = protocols
+        self.commits = GroupCommit(self._work, blocking=blocking)
+
+    def _work(self, batch: list[SessionStats]) -> list:
+        return close_sessions(self.db, self.protocols, batch)
+
+    def record(self, stats: SessionStats) -> defer.Deferred:
+        """Write a relay session's end into its ``sessions`` row and, given the operator's
+        protocol folder, close its protocol file with the ``ended`` line and the billing row.
+
+        A missing row (a session the broker of another database set up, or already purged) is
+        logged and skipped; errors are logged.  The Deferred never fails.
+        """
+        def done(outcome) -> None:
+            if outcome is None:
+                log.warn("relay session {session_id} has no sessions row: its end ({reason}) is "
+                         "not recorded", session_id=stats.session_id, reason=stats.end_reason)
+
+        def failed(failure) -> None:
+            log.failure("could not record the end of relay session {session_id}", failure,
+                        session_id=stats.session_id)
+
+        return self.commits.submit(stats).addCallbacks(done, failed)
+
+
 def record_session_end(db: Database, stats: SessionStats,
                        protocols: SessionProtocols | None = None,
                        blocking=run_blocking) -> defer.Deferred:
-    """Write a relay session's end into its ``sessions`` row and, given the operator's protocol
-    folder, close the session's protocol file with the ``ended`` line and the billing row.
-
-    A missing row (a session the broker of another database set up, or already purged) is
-    logged and skipped; errors are logged.  The Deferred never fails.
-    """
-    def done(found):
-        if found is None:
-            log.warn("relay session {session_id} has no sessions row: its end ({reason}) is not "
-                     "recorded", session_id=stats.session_id, reason=stats.end_reason)
-            return None
-        if protocols is None:
-            return None
-        tenant, summary = found
-
-        def close_protocol() -> None:  # one hand-off to the pool instead of two
-            ended = protocols.ended(tenant, summary)  # the line is on disk before its anchor
-            db.call(_remember_protocol_file, stats.session_id,
-                    protocols.file_of(tenant, stats.session_id), ended)
-        return blocking(close_protocol)
-
-    def failed(failure) -> None:
-        log.failure("could not record the end of relay session {session_id}", failure,
-                    session_id=stats.session_id)
-
-    return db.run(_update_session, stats).addCallback(done).addErrback(failed)
+    """One relay session's end on its own (``SessionEnds.record`` batches them)."""
+    return SessionEnds(db, protocols, blocking).record(stats)
 
 
 # --- the relay process ------------------------------------------------------------------------
@@ -352,6 +309,7 @@ class RelayService(service.Service):
                            idle_timeout=config.relay.idle_timeout_seconds,
                            on_ended=self._ended, **relay_options)
         self.protocols = SessionProtocols(config.server.protocol_dir)
+        self.ends = SessionEnds(self.db, self.protocols)
         self.revoked: set[str] = set()
         self.listening: list[Any] = []
         self.guard: ConnectionGuard | None = None
@@ -365,7 +323,7 @@ class RelayService(service.Service):
         return self.db.run(claim_token, claims.nonce, _utc(claims.expires_at), _utc(time.time()))
 
     def _ended(self, stats: SessionStats) -> None:
-        d = record_session_end(self.db, stats, self.protocols)
+        d = self.ends.record(stats)
         self._pending.add(d)
         d.addBoth(lambda _: self._pending.discard(d))
 
