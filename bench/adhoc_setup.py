@@ -55,7 +55,7 @@ def rusage_cpu() -> float:
 
 
 async def run(reactor, args) -> int:
-    from twisted.internet import defer, endpoints
+    from twisted.internet import defer, endpoints, task
 
     from modules.common.link.connection import ControlClient, ServerAddress, client_tls, connect, hello
     from modules.common.link.folder import ModuleFolder
@@ -177,9 +177,35 @@ async def run(reactor, args) -> int:
                           f"p99 {s['p99']:7.2f}  max {s['max']:7.2f}")
                 return {"rate": rate, "cpu_per_setup": per_setup, **out}
 
+            async def connections_only(count: int, concurrency: int) -> float:
+                """Server CPU of a bare customer connection: TLS handshake, Hello, close."""
+                async def one() -> None:
+                    conn = await endpoints.connectProtocol(
+                        endpoint(customer_tls, address.host, address.port), ControlClient())
+                    await hello(conn, "customer")
+                    conn.transport.loseConnection()
+                    await conn.lost
+                remaining = [count]
+
+                async def worker() -> None:
+                    while remaining[0] > 0:
+                        remaining[0] -= 1
+                        await one()
+                await one()
+                cpu_srv = cpu_seconds(srv.pid)
+                await defer.gatherResults([defer.ensureDeferred(worker())
+                                           for _ in range(concurrency)], consumeErrors=True)
+                await task.deferLater(reactor, 0.5, lambda: None)  # the server sees the closes
+                return (cpu_seconds(srv.pid) - cpu_srv) / count
+
             seq = show("sequential", *(await phase(args.setups, 1)))
             par = show(f"concurrency {args.concurrency}",
                        *(await phase(args.throughput_setups, args.concurrency)))
+            if args.connections:
+                per_conn = await connections_only(args.connections, args.concurrency)
+                print(f"bare customer connections ({args.connections}, {args.concurrency} at once: "
+                      f"TLS handshake, Hello, close): server CPU {per_conn * 1e3:.2f} ms each; a "
+                      f"set-up opens three connections (customer control, two relay legs)")
             locked = srv.count_log("LOCKED_OUT") + srv.count_log("unknown or expired nameplate")
             print()
             p50 = seq["paired"]["p50"]
@@ -212,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="set-ups in the concurrent phase (default 400)")
     p.add_argument("--concurrency", type=int, default=8,
                    help="supporters setting up sessions at the same time (default 8)")
+    p.add_argument("--connections", type=int, default=0,
+                   help="also measure N bare customer connections (TLS, Hello, close): the "
+                        "server CPU a connection costs, the floor under a set-up's three")
     p.add_argument("--keep", action="store_true", help="keep the temporary folder (logs)")
     args = p.parse_args(argv)
 

@@ -118,7 +118,8 @@ def open_sessions(db, protocols, starts: list[SessionStart]) -> list[Any]:
         return outcomes
     written = protocols.record_batch([
         (outcomes[i], starts[i].session_id,
-         [(kind, "server", "", detail) for kind, detail in starts[i].events]) for i in opened])
+         [(kind, "server", "", detail) for kind, detail in starts[i].events]) for i in opened],
+        fresh=True)  # new session ids: their files go into this month's folder
     for i, result in zip(opened, written):
         if isinstance(result, Exception):
             outcomes[i] = ProtocolNotWritten(outcomes[i], result)

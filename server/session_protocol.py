@@ -342,6 +342,9 @@ class ProtocolWriter:
         found = self._find(folder, session_id, now)
         if found is not None:
             return found
+        return self._new_path(folder, session_id, now)
+
+    def _new_path(self, folder: str, session_id: str, now: dt.datetime) -> Path:
         now = now.astimezone(dt.timezone.utc)
         path = self.protocol_dir / folder / f"{now:%Y}" / f"{now:%m}" / f"{session_id}.jsonl"
         _make_dir(path.parent)
@@ -413,8 +416,11 @@ class ProtocolWriter:
             raise
         return fd, created, records
 
-    def append_batch(self, batch: list[tuple[str, str, list[dict]]]) -> list[list[dict] | Exception]:
+    def append_batch(self, batch: list[tuple[str, str, list[dict]]],
+                     fresh: bool = False) -> list[list[dict] | Exception]:
         """Several sessions' events, (tenant, session id, events) each: a group commit.
+        ``fresh``: the sessions were created just now (their first lines), so their files
+        belong in this month's folder and no other month is searched for them.
 
         Every file's lines are written first, then every file is fsynced and every folder that
         got a new file is fsynced once (the first fsync's journal commit carries the others'
@@ -436,7 +442,8 @@ class ProtocolWriter:
                                             "once per session")
                     with self._locks.hold((folder, session_id)):
                         now = self.clock()
-                        path = self._path(folder, session_id, now)
+                        path = (self._new_path(folder, session_id, now) if fresh
+                                else self._path(folder, session_id, now))
                         fd, created, records = self._write_lines(path, session_id, clean, now)
                         self._remember((folder, session_id), path)
                 except Exception as exc:
@@ -944,15 +951,16 @@ class SessionProtocols:
             {"kind": kind, "actor": actor, "address": address, "detail": detail or {}}
             for kind, actor, address, detail in events])
 
-    def record_batch(self, batch: list[tuple[str, str, list[tuple[str, str, str | None, dict]]]]
-                     ) -> list[list[dict] | Exception]:
+    def record_batch(self, batch: list[tuple[str, str, list[tuple[str, str, str | None, dict]]]],
+                     fresh: bool = False) -> list[list[dict] | Exception]:
         """(tenant, session id, events) for several sessions as one group commit (see
-        ``ProtocolWriter.append_batch``); per session its records or its exception."""
+        ``ProtocolWriter.append_batch``; ``fresh``: sessions created just now); per session its
+        records or its exception."""
         return self.writer.append_batch([
             (tenant, session_id, [{"kind": kind, "actor": actor, "address": address,
                                    "detail": detail or {}}
                                   for kind, actor, address, detail in events])
-            for tenant, session_id, events in batch])
+            for tenant, session_id, events in batch], fresh=fresh)
 
     def ended_batch(self, batch: list[tuple[str, SessionSummary, str | None]]
                     ) -> list[tuple[dict, str] | Exception]:
