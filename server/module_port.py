@@ -366,7 +366,8 @@ class ModuleConnection(FramedAMP):
         self.transport.write(encode_box({b"_answer": tag,
                                          b"session_id": claims.session_id.encode()}))
         try:
-            leg = relay.open_leg(token, self.transport, self.address)
+            leg = relay.open_leg(token, self.transport, self.address, verified=(
+                claims if relay.tokens is self.port.tokens else None))  # one HMAC check per leg
         except Exception as exc:
             log.warn("relay leg from {address} refused: {reason}", address=self.address,
                      reason=str(exc))

@@ -352,15 +352,18 @@ class Relay:
     # --- the glue's entry point -------------------------------------------------------------
 
     def open_leg(self, token: str, transport: Any, peer_address: str,
-                 splice_ok: bool = False) -> RelayLeg:
+                 splice_ok: bool = False, verified: TokenClaims | None = None) -> RelayLeg:
         """Admit ``transport`` as a relay leg, or raise ``RelayRefusedError`` (logged here).
 
         ``splice_ok``: the glue passes every byte after the answer straight to
         ``data_received`` (nothing held back for a later turn), so once paired the relay may
-        read the leg's socket itself (``record_splice``)."""
+        read the leg's socket itself (``record_splice``).  ``verified``: the claims the caller
+        got from ``self.tokens.verify(token)`` in this same reactor turn (the module port checks
+        the token before it answers): not verified a second time.  Single use, the session's
+        state and the side are checked here either way."""
         self._expire_memory()
         try:
-            claims = self.tokens.verify(token)
+            claims = verified if verified is not None else self.tokens.verify(token)
         except InvalidToken as exc:
             self._log_refusal(None, None, peer_address, exc.reason)
             raise
