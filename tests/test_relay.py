@@ -748,6 +748,13 @@ def test_core_waits_one_turn_before_writing_to_a_new_leg_and_bounds_early_bytes(
         relay.open_leg(token, _Transport(), "127.0.1.4")
     assert not any(n for n, exp in relay._used_nonces.items() if exp < now[0])
 
+    # claims the glue verified already (the module port): single use still holds
+    token = tokens.issue("s4", "peer")
+    claims = tokens.verify(token)
+    relay.open_leg(token, _Transport(), "127.0.1.5", verified=claims)
+    with pytest.raises(RelayRefusedError, match="already used"):
+        relay.open_leg(token, _Transport(), "127.0.1.5", verified=tokens.verify(token))
+
 
 def test_core_refuses_sides_it_cannot_pair_yet():
     clock = Clock()
