@@ -7,7 +7,10 @@ from __future__ import annotations
 import json
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+import pytest
 from twisted.internet import defer, task
+from twisted.internet.error import ConnectionDone
+from twisted.protocols import amp
 
 from modules.common.session.recorder import SessionRecorder
 from protocol import control, recording
@@ -118,10 +121,24 @@ def test_policy_on_overflow_gives_up_the_recording_but_not_the_session():
 def test_a_server_without_recordings_does_not_hold_the_screen_back():
     class OldServer:
         def callRemote(self, command, **kw):
-            return defer.fail(RuntimeError("Unhandled Command: 'RecordingStart'"))
+            return defer.fail(amp.UnhandledCommand("Unhandled Command: 'RecordingStart'"))
     rec = SessionRecorder(task.Clock(), OldServer(), "s1", "host")
     rec.start()
     assert rec.policy == "off" and rec.may_show() is True
+
+
+@pytest.mark.parametrize("error", [
+    control.RecordingRefused("storage failed"), control.Forbidden("not a party of this session"),
+    control.WrongState("no such session"), ConnectionDone("the server went away")])
+def test_any_other_refusal_keeps_the_screen_back(error):
+    """Only a server that does not know the command records nothing; a refusal of any kind
+    (or a lost connection) may be a ``required`` session's: the screen is not shown."""
+    class Refusing:
+        def callRemote(self, command, **kw):
+            return defer.fail(error)
+    rec = SessionRecorder(task.Clock(), Refusing(), "s1", "host")
+    rec.start()
+    assert rec.may_show() is False and rec.failed
 
 
 class LosableLink(ControlLink):

@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 from twisted.internet import defer, error, task
 from twisted.logger import Logger
+from twisted.protocols import amp
 
 from protocol import control, recording
 
@@ -204,16 +205,17 @@ class SessionRecorder:
 
     def _refused(self, failure) -> None:
         why = failure.getErrorMessage()
-        if failure.check(control.RecordingRefused):
-            # the server refuses only under 'required' (it ends the session too): no screen
-            self.policy = "required"
-            self._fail(f"the server refused the recording: {why}")
-        else:
-            # a server without recordings (older version) or a lost connection: under
-            # 'required' the server ends the session itself
+        if failure.check(amp.UnhandledCommand):
+            # a server from before recordings: it records nothing and requires nothing
             log.warn("session {session_id}: no recording: {why}", session_id=self.session_id,
                      why=why)
             self.policy = "off"
+        else:
+            # a refusal (under 'required' the server ends the session too), any other error
+            # or a lost connection: this side cannot know the recording is not required, so
+            # the screen is not shown — no session shows a screen its protocol cannot record
+            self.policy = "required"
+            self._fail(f"the server refused the recording: {why}")
         self._fire_ready()
 
     def _fire_ready(self) -> None:
