@@ -20,6 +20,7 @@ import math
 import random
 from typing import Callable
 
+from OpenSSL import SSL
 from twisted.application.internet import ClientService
 from twisted.internet import defer, task
 from twisted.internet.protocol import Factory
@@ -152,6 +153,12 @@ class HostPresence:
             if conn._lost is None:
                 log.warn("the server refused this host: {why}", why=str(exc))
                 conn.transport.abortConnection()
+            elif conn._lost.check(SSL.Error):
+                # a TLS alert in the handshake: the server refused the certificate (revoked,
+                # expired, another CA) — not a busy server, so no busy back-off either
+                log.warn("the server refused this host: TLS failed ({why}); the certificate may "
+                         "be revoked, expired or from another CA: enroll again",
+                         why=conn._lost.getErrorMessage())
             else:
                 log.warn("lost the server before it answered Hello ({why}): reconnecting with "
                          "back-off", why=conn._lost.getErrorMessage())
