@@ -203,6 +203,32 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
+def _fsync_files(opened: list[tuple[int, int]], outcomes: list) -> None:
+    """A group commit's files made durable, (outcome index, fd) each: a file that cannot be
+    fsynced makes its session's outcome that error, the others stand."""
+    for index, fd in opened:
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            outcomes[index] = exc
+
+
+def _close_files(opened: list[tuple[int, int]]) -> None:
+    for _, fd in opened:
+        os.close(fd)
+
+
+def _fsync_new_folders(new_in: dict[Path, list[int]], outcomes: list) -> None:
+    """Every folder that got a new file fsynced once; if that fails, every session whose file
+    is new there fails (its file's name may not survive a crash)."""
+    for folder, indices in new_in.items():
+        try:
+            _fsync_dir(folder)
+        except OSError as exc:
+            for index in indices:
+                outcomes[index] = exc
+
+
 def _fsync_dir(folder: Path) -> None:
     fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
@@ -453,20 +479,10 @@ class ProtocolWriter:
                 if created:
                     new_in.setdefault(path.parent, []).append(len(outcomes))
                 outcomes.append(records)
-            for index, fd in opened:
-                try:
-                    os.fsync(fd)
-                except OSError as exc:
-                    outcomes[index] = exc
+            _fsync_files(opened, outcomes)
         finally:
-            for _, fd in opened:
-                os.close(fd)
-        for folder, indices in new_in.items():
-            try:
-                _fsync_dir(folder)
-            except OSError as exc:
-                for index in indices:
-                    outcomes[index] = exc
+            _close_files(opened)
+        _fsync_new_folders(new_in, outcomes)
         return outcomes
 
     # -- ending
@@ -529,20 +545,10 @@ class ProtocolWriter:
                     continue
                 rows.setdefault(folder, []).append((len(outcomes), summary, existing is not None))
                 outcomes.append((record, str(path.relative_to(self.protocol_dir))))
-            for index, fd in opened:
-                try:
-                    os.fsync(fd)
-                except OSError as exc:
-                    outcomes[index] = exc
+            _fsync_files(opened, outcomes)
         finally:
-            for _, fd in opened:
-                os.close(fd)
-        for folder_path, indices in new_in.items():
-            try:
-                _fsync_dir(folder_path)
-            except OSError as exc:
-                for index in indices:
-                    outcomes[index] = exc
+            _close_files(opened)
+        _fsync_new_folders(new_in, outcomes)
         for folder, entries in rows.items():
             # a crash between the two writes leaves rows missing: a repeated finish adds them
             entries = [e for e in entries if not isinstance(outcomes[e[0]], Exception)]

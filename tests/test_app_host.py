@@ -129,12 +129,7 @@ async def recorded_session_cut_off(qt_app, w, screen, right) -> None:
         supporter = ModuleProcess("supporter", "connect", "pc1", "--pipe", "--answers",
                                   "/dev/null", "--password-file", str(right),
                                   "--home", str(w["alice"]))
-        recorder = await until(lambda: window.service.runner and window.service.runner.recorder
-                               and window.service.runner.recorder.stats()["acknowledged"] > 1000
-                               and window.service.runner.recorder,
-                               what="recording bytes on the server")
-        port = window.service.presence.connection.transport.getPeer().port
-        assert cut_connections(os.getpid(), port) >= 1
+        recorder = await cut_while_recording(window)
         await until(lambda: window.upload_label.state in ("complete", "incomplete"), timeout=60,
                     what="the rest of the recording sent")
         assert window.upload_label.state == "complete"
@@ -151,6 +146,18 @@ async def recorded_session_cut_off(qt_app, w, screen, right) -> None:
             supporter.stop()
         await window.service.stop()
         window.close()
+
+
+async def cut_while_recording(window):
+    """Once the window's session is recorded (bytes on the server), every connection of this
+    process to the server is cut (``ss -K``); returns the session's recorder."""
+    recorder = await until(lambda: window.service.runner and window.service.runner.recorder
+                           and window.service.runner.recorder.stats()["acknowledged"] > 1000
+                           and window.service.runner.recorder,
+                           what="recording bytes on the server")
+    port = window.service.presence.connection.transport.getPeer().port
+    assert cut_connections(os.getpid(), port) >= 1
+    return recorder
 
 
 async def rest_up_after_the_bounded_wait(w, screen, right) -> None:
@@ -172,12 +179,7 @@ async def rest_up_after_the_bounded_wait(w, screen, right) -> None:
         supporter = ModuleProcess("supporter", "connect", "pc1", "--pipe", "--answers",
                                   "/dev/null", "--password-file", str(right),
                                   "--home", str(w["alice"]))
-        recorder = await until(lambda: window.service.runner and window.service.runner.recorder
-                               and window.service.runner.recorder.stats()["acknowledged"] > 1000
-                               and window.service.runner.recorder,
-                               what="recording bytes on the server")
-        port = window.service.presence.connection.transport.getPeer().port
-        assert cut_connections(os.getpid(), port) >= 1
+        recorder = await cut_while_recording(window)
         await until(lambda: "complete" in states, timeout=60,
                     what="the line following the late upload")
         assert states == ["uploading", "incomplete", "complete"], states
