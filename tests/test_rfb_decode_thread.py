@@ -35,6 +35,23 @@ class Reactor:
             f(*args)
 
 
+def gate_decoder(client, held: bytes):
+    """Make ``client`` (decoding in its thread) stop before it decodes the chunk ``held`` until
+    ``open_gate`` is set: (first_done — a chunk was decoded, at_gate — it waits, open_gate)."""
+    real_receive = client.receive
+    first_done, at_gate, open_gate = threading.Event(), threading.Event(), threading.Event()
+
+    def gated(data: bytes):
+        if data == held:
+            at_gate.set()
+            assert open_gate.wait(WAIT)
+        result = real_receive(data)
+        first_done.set()
+        return result
+    client.receive = gated
+    return first_done, at_gate, open_gate
+
+
 def test_input_goes_out_and_the_picture_stays_whole_while_a_large_update_decodes():
     reactor = Reactor()
     events = []
@@ -53,17 +70,7 @@ def test_input_goes_out_and_the_picture_stays_whole_while_a_large_update_decodes
     first_half = len(message) - len(bottom)
 
     # the decoder decodes the first rect, then waits at the gate before the second
-    real_receive = protocol.client.receive
-    first_done, at_gate, open_gate = threading.Event(), threading.Event(), threading.Event()
-
-    def gated(data: bytes):
-        if data == message[first_half:]:
-            at_gate.set()
-            assert open_gate.wait(WAIT)
-        result = real_receive(data)
-        first_done.set()
-        return result
-    protocol.client.receive = gated
+    first_done, at_gate, open_gate = gate_decoder(protocol.client, message[first_half:])
 
     transport.clear()
     protocol.dataReceived(message[:first_half])
@@ -124,17 +131,7 @@ def test_the_shipped_viewer_sends_input_while_a_large_update_decodes():
     picture = np.random.default_rng(8).integers(0, 256, (H, W, 3), np.uint8)
     top, bottom = raw_rect(0, 0, picture[:H // 2]), raw_rect(0, H // 2, picture[H // 2:])
     message = update(top, bottom)
-    real_receive = protocol.client.receive
-    first_done, at_gate, open_gate = threading.Event(), threading.Event(), threading.Event()
-
-    def gated(data: bytes):
-        if data == message[-len(bottom):]:
-            at_gate.set()
-            assert open_gate.wait(WAIT)
-        result = real_receive(data)
-        first_done.set()
-        return result
-    protocol.client.receive = gated
+    first_done, at_gate, open_gate = gate_decoder(protocol.client, message[-len(bottom):])
 
     sent.clear()
     screen.received(message[:-len(bottom)])
