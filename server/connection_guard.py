@@ -31,6 +31,7 @@ from twisted.internet import task
 from twisted.logger import Logger
 from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 
+from . import tls
 from .admission import HANDSHAKE, PendingConnections, RefusalLog, address_key
 from .config import LimitsSection
 
@@ -251,6 +252,8 @@ class _Guarded:
 
     address = "?"
     closed_by_guard = False
+    #: the memory BIOs still have the capacity of the handshake flight (tls.release_handshake_buffers)
+    handshake_buffers_kept = True
 
     def makeConnection(self, transport) -> None:
         self.address = transport.getPeer().host
@@ -262,6 +265,14 @@ class _Guarded:
         super()._checkHandshakeStatus()
         if self._handshakeDone and not was_done:
             self.factory.guard.handshake_done(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        super().dataReceived(data)
+        # once the handshake's bytes have passed through, the BIOs give back their capacity
+        # (~5 KB per idle host); tried after each read until both are empty at the same time
+        if self.handshake_buffers_kept and self._handshakeDone and self._tlsConnection is not None:
+            if tls.release_handshake_buffers(self._tlsConnection):
+                self.handshake_buffers_kept = False
 
     def settle(self) -> None:
         """The protocol inside has proved itself: no longer pending."""

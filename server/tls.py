@@ -13,6 +13,7 @@ from typing import Callable, NamedTuple
 
 from cryptography import x509
 from OpenSSL import SSL, crypto
+from OpenSSL._util import ffi as _ffi, lib as _lib
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -63,6 +64,36 @@ def _base_context(chain: list[x509.Certificate], key, min_tls: str) -> SSL.Conte
     # An idle connection gives its read/write buffers back (~30 KB each, bench/idle_hosts.py).
     ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
     return ctx
+
+
+def release_handshake_buffers(connection: SSL.Connection) -> bool:
+    """Give an idle connection's memory BIOs back once the handshake flight has passed.
+
+    pyOpenSSL's memory BIOs (what Twisted's TLS layer feeds and drains) keep the capacity of
+    the largest flight they ever held: the server's certificate chain and key share out, the
+    client's ClientHello, certificate and Finished in — ~5.3 KB per connection of TLS 1.3 with
+    a client certificate (heaptrack, ``bench/tls_conn_memory.py``), held for as long as an idle
+    host stays connected.  ``MODE_RELEASE_BUFFERS`` frees OpenSSL's own record buffers, not
+    these.  When both BIOs are empty they are swapped for fresh ones (``SSL_set_bio`` frees the
+    old pair); a heartbeat grows the new ones to ~100 bytes.  False (nothing done) if bytes are
+    still in either BIO or this pyOpenSSL keeps its BIOs elsewhere: then try again later."""
+    into, out = getattr(connection, "_into_ssl", None), getattr(connection, "_from_ssl", None)
+    ssl = getattr(connection, "_ssl", None)
+    if into is None or out is None or ssl is None:
+        return False
+    data = _ffi.new("char **")
+    if _lib.BIO_get_mem_data(into, data) or _lib.BIO_get_mem_data(out, data):
+        return False
+    fresh_in = _lib.BIO_new(_lib.BIO_s_mem())
+    fresh_out = _lib.BIO_new(_lib.BIO_s_mem())
+    if fresh_in == _ffi.NULL or fresh_out == _ffi.NULL:
+        for bio in (fresh_in, fresh_out):
+            if bio != _ffi.NULL:
+                _lib.BIO_free(bio)
+        return False
+    _lib.SSL_set_bio(ssl, fresh_in, fresh_out)  # takes both, frees the old pair
+    connection._into_ssl, connection._from_ssl = fresh_in, fresh_out
+    return True
 
 
 def web_context(chain: list[x509.Certificate], key, ca_cert: x509.Certificate,

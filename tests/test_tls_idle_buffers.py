@@ -1,0 +1,145 @@
+"""An idle module connection gives back its handshake-sized memory BIOs (bench/README.md, issue 14:
+~5.3 KB per idle host) and goes on working: real TLS 1.3 with a client certificate, the module
+port's context and the guarded listener on 127.0.0.1, and pyOpenSSL memory BIOs for the edge
+cases (bytes still in a BIO: nothing is swapped)."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import uuid
+
+import pytest
+import pytest_twisted
+from cryptography.hazmat.primitives import serialization
+from OpenSSL import SSL, crypto
+from twisted.internet import defer, protocol, threads
+
+from protocol.identity import Identity, make_csr
+from server import pki, tls
+from server.config import LimitsSection
+from server.connection_guard import ConnectionGuard, listen_guarded, settle
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("certs")
+    ca_key, ca_cert = pki.create_ca("test CA")
+    server_key, server_cert = pki.issue_server_cert(ca_key, ca_cert, ("localhost",),
+                                                    ("127.0.0.1",))
+    key = pki.new_key()
+    csr = pki.parse_csr(make_csr(key, None).public_bytes(serialization.Encoding.PEM))
+    cert = pki.sign_module_csr(ca_key, ca_cert, csr, Identity("host", str(uuid.uuid4())), 30)
+    pem = serialization.Encoding.PEM
+    (folder / "ca.pem").write_bytes(ca_cert.public_bytes(pem))
+    (folder / "cert.pem").write_bytes(cert.public_bytes(pem))
+    (folder / "key.pem").write_bytes(key.private_bytes(
+        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return {"folder": folder, "ca_key": ca_key, "ca_cert": ca_cert, "key": key, "cert": cert,
+            "server": tls.module_context([server_cert], server_key, ca_cert, "1.2",
+                                         lambda serial: False)}
+
+
+class Echo(protocol.Protocol):
+    def dataReceived(self, data: bytes) -> None:
+        settle(self.transport)
+        self.transport.write(data)
+
+
+def _round_trips(port: int, folder, payloads: list[bytes]) -> list[bytes]:
+    """A blocking module: TLS 1.3 with its certificate; sends each payload, reads its echo."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(folder / "ca.pem")
+    ctx.load_cert_chain(folder / "cert.pem", folder / "key.pem")
+    echoed = []
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as raw, \
+            ctx.wrap_socket(raw, server_hostname="127.0.0.1") as sock:
+        assert sock.version() == "TLSv1.3"
+        for payload in payloads:
+            sock.sendall(payload)
+            got = b""
+            while len(got) < len(payload):
+                chunk = sock.recv(65536)
+                assert chunk, "closed by the server"
+                got += chunk
+            echoed.append(got)
+    return echoed
+
+
+@pytest_twisted.inlineCallbacks
+def test_an_idle_connection_gives_back_its_handshake_buffers_and_keeps_working(certs):
+    from twisted.internet import reactor
+    limits = LimitsSection(tls_handshake_seconds=30, first_command_seconds=30,
+                           http_header_seconds=30, pending_per_address=10, pending_total=10,
+                           raise_open_file_limit=False, refusal_log_seconds=60)
+    guard = ConnectionGuard(limits, reactor)
+    factory = protocol.Factory.forProtocol(Echo)
+    built = []
+    original = factory.buildProtocol
+    factory.buildProtocol = lambda addr: built.append(original(addr)) or built[-1]
+    port = listen_guarded(reactor, 0, guard, "test port", ("Hello", 30),
+                          tls.ServerContextFactory(certs["server"]), factory, "127.0.0.1", 50,
+                          write_aggregation=False)
+    try:
+        # a heartbeat, a large record stream in both directions (the fresh BIOs grow and
+        # shrink as before), another heartbeat
+        payloads = [b"h" * 40, bytes(range(256)) * 800, b"h" * 40]
+        echoed = yield threads.deferToThread(_round_trips, port.getHost().port,
+                                             certs["folder"], payloads)
+        assert echoed == payloads
+        tls_protocol = built[0].transport
+        assert tls_protocol.handshake_buffers_kept is False  # swapped after the handshake
+        assert len(guard.pending) == 0 and guard.closed_count == 0
+    finally:
+        yield defer.maybeDeferred(port.stopListening)
+
+
+def _pump(client: SSL.Connection, server: SSL.Connection) -> None:
+    moved = True
+    while moved:
+        moved = False
+        for side in (client, server):
+            try:
+                side.do_handshake()
+            except SSL.WantReadError:
+                pass
+        for source, sink in ((client, server), (server, client)):
+            try:
+                data = source.bio_read(65536)
+            except SSL.WantReadError:
+                continue
+            sink.bio_write(data)
+            moved = True
+
+
+def test_nothing_is_swapped_while_bytes_wait_in_a_bio(certs):
+    client_ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    client_ctx.set_verify(SSL.VERIFY_NONE, lambda *args: True)
+    client_ctx.use_certificate(crypto.X509.from_cryptography(certs["cert"]))
+    client_ctx.use_privatekey(crypto.PKey.from_cryptography_key(certs["key"]))
+    server = SSL.Connection(certs["server"], None)
+    server.set_accept_state()
+    client = SSL.Connection(client_ctx, None)
+    client.set_connect_state()
+    _pump(client, server)
+    client.send(b"ping")
+    server.bio_write(client.bio_read(65536))
+    assert not tls.release_handshake_buffers(server)  # the record is still in the read BIO
+    assert server.recv(100) == b"ping"
+    server.send(b"pong")
+    assert not tls.release_handshake_buffers(server)  # the answer still waits to be sent
+    client.bio_write(server.bio_read(65536))
+    assert client.recv(100) == b"pong"
+    assert tls.release_handshake_buffers(server)
+    for _ in range(3):  # and the connection goes on in both directions
+        client.send(b"x" * 5000)
+        server.bio_write(client.bio_read(65536))
+        assert server.recv(10000) == b"x" * 5000
+        sent = 0
+        while sent < 20000:  # one record per send
+            sent += server.send(b"y" * (20000 - sent))
+        client.bio_write(server.bio_read(65536))
+        got = b""
+        while len(got) < 20000:
+            got += client.recv(20000)
+        assert got == b"y" * 20000
