@@ -13,10 +13,16 @@ rect, ``H264Contexts.decode`` turns one rect's data into RGB pixels (PyAV's FFmp
 releases the GIL while it works).  Anything malformed raises ``H264Error`` with a reason; the
 RFB client turns it into its own error and the connection closes.  PyAV is imported only when
 the first H.264 rect arrives; ``available()`` says whether it can be.
+
+Before any data reaches FFmpeg, every sequence parameter set in it (``sps_sizes``) must declare
+a picture no larger than its rect rounded up to whole macroblocks (a rect never exceeds the
+framebuffer): FFmpeg allocates its frame pool from the SPS, so a hostile server could otherwise
+make each of the 64 contexts hold a picture of the H.264 maximum.
 """
 
 from __future__ import annotations
 
+import re
 import struct
 from collections import OrderedDict
 from typing import Any
@@ -24,7 +30,7 @@ from typing import Any
 import numpy as np
 
 __all__ = ["H264", "RESET_CONTEXT", "RESET_ALL_CONTEXTS", "MAX_CONTEXTS", "H264Error",
-           "available", "header", "parse_header", "max_length", "H264Contexts"]
+           "available", "header", "parse_header", "max_length", "sps_sizes", "check_sps", "H264Contexts"]
 
 H264 = 50
 RESET_CONTEXT = 1
@@ -69,6 +75,105 @@ def parse_header(data: bytes, w: int, h: int) -> tuple[int, int]:
         raise H264Error(f"H.264 rect of {w}x{h} declares {length} bytes (at most "
                         f"{max_length(w, h)})")
     return length, flags
+
+
+# a start code and the header byte of a (subset) sequence parameter set, NAL type 7 or 15
+_SPS_START = re.compile(rb"\x00\x00\x01([\x07\x27\x47\x67\x87\xa7\xc7\xe7"
+                        rb"\x0f\x2f\x4f\x6f\x8f\xaf\xcf\xef])")
+MAX_SPS_PER_RECT = 32
+_SPS_BYTES = 4096          # more than the largest valid SPS (full scaling lists, 255 POC offsets)
+# profiles whose SPS carries chroma format, bit depths and scaling lists (H.264 7.3.2.1.1)
+_HIGH_PROFILES = {100, 110, 122, 244, 44, 83, 86, 118, 128, 138, 139, 134, 135}
+
+
+class _Bits:
+    """MSB-first bit reader over an SPS's RBSP; reading past its end raises ``H264Error``."""
+
+    def __init__(self, rbsp: bytes) -> None:
+        self.bits = "".join(f"{b:08b}" for b in rbsp)
+        self.pos = 0
+
+    def u(self, n: int) -> int:
+        if self.pos + n > len(self.bits):
+            raise H264Error("H.264 sequence parameter set is cut short")
+        value = int(self.bits[self.pos:self.pos + n] or "0", 2)
+        self.pos += n
+        return value
+
+    def ue(self) -> int:
+        zeros = 0
+        while self.u(1) == 0:
+            zeros += 1
+            if zeros > 31:
+                raise H264Error("H.264 sequence parameter set has an Exp-Golomb code over 32 bits")
+        return (1 << zeros) - 1 + self.u(zeros)
+
+    def se(self) -> int:
+        k = self.ue()
+        return (k + 1) // 2 if k & 1 else -(k // 2)
+
+
+def _sps_size(rbsp: bytes) -> tuple[int, int, int]:
+    """(width, height, rows per macroblock row: 16, or 32 for interlaced) of the coded
+    picture in pixels (whole macroblocks, before cropping)."""
+    r = _Bits(rbsp)
+    profile = r.u(8)
+    r.u(16)                                    # constraint flags, level
+    r.ue()                                     # seq_parameter_set_id
+    if profile in _HIGH_PROFILES:
+        chroma = r.ue()
+        if chroma == 3:
+            r.u(1)                             # separate_colour_plane_flag
+        r.ue(), r.ue(), r.u(1)                 # bit depths, qpprime_y_zero_transform_bypass
+        if r.u(1):                             # seq_scaling_matrix_present_flag
+            for i in range(12 if chroma == 3 else 8):
+                if r.u(1):
+                    last = following = 8
+                    for _ in range(16 if i < 6 else 64):
+                        if following:
+                            following = (last + r.se() + 256) % 256
+                        last = following or last
+    r.ue()                                     # log2_max_frame_num_minus4
+    poc_type = r.ue()
+    if poc_type == 0:
+        r.ue()
+    elif poc_type == 1:
+        r.u(1), r.se(), r.se()
+        cycle = r.ue()
+        if cycle > 255:
+            raise H264Error(f"H.264 sequence parameter set has {cycle} reference frames in a "
+                            f"picture order cycle (at most 255)")
+        for _ in range(cycle):
+            r.se()
+    r.ue(), r.u(1)                             # max_num_ref_frames, gaps allowed
+    width_mbs, height_units = r.ue() + 1, r.ue() + 1
+    unit = 16 * (2 - r.u(1))                   # frame_mbs_only_flag
+    return width_mbs * 16, height_units * unit, unit
+
+
+def sps_sizes(data: bytes) -> list[tuple[int, int, int]]:
+    """The coded picture size (``_sps_size``) of every sequence parameter set in Annex B ``data`` (NAL types
+    7 and 15: a subset SPS starts the same way); a malformed one, or more than
+    ``MAX_SPS_PER_RECT``, raises ``H264Error``."""
+    sizes = []
+    for match in _SPS_START.finditer(data):
+        if len(sizes) == MAX_SPS_PER_RECT:
+            raise H264Error(f"H.264 rect holds more than {MAX_SPS_PER_RECT} sequence parameter "
+                            f"sets")
+        start = match.end()
+        end = data.find(b"\x00\x00\x01", start)
+        nal = data[start:end if end >= 0 else len(data)][:_SPS_BYTES]
+        sizes.append(_sps_size(nal.replace(b"\x00\x00\x03", b"\x00\x00")))
+    return sizes
+
+
+def check_sps(data: bytes, w: int, h: int) -> None:
+    """Refuse a rect of w×h whose data declares a larger picture than w×h in whole
+    macroblocks (interlaced: macroblock pairs) — before FFmpeg sees it."""
+    for coded_w, coded_h, unit in sps_sizes(data):
+        if coded_w > -(-w // 16) * 16 or coded_h > -(-h // unit) * unit:
+            raise H264Error(f"H.264 sequence parameter set declares a {coded_w}x{coded_h} "
+                            f"picture for a rect of {w}x{h}")
 
 
 class _Context:
@@ -119,6 +224,7 @@ class H264Contexts:
             self._contexts.pop(key, None)
         if not data:
             return None
+        check_sps(data, w, h)
         context = self._contexts.get(key)
         if context is None:
             if len(self._contexts) >= MAX_CONTEXTS:

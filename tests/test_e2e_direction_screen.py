@@ -180,6 +180,10 @@ async def test_the_screen_follows_a_direction_change_and_back(
             await runner.share_window("no-such-window")
         runner.end_session()
         await until(lambda: session.called, timeout=60, what="the customer's end of the session")
+        # the customer's display is no longer held: no X connection, no grab buffer mapped
+        assert not runner.screen_offer[0].holds_display
+        with open("/proc/self/maps") as maps:
+            assert "mss-shm-buf" not in maps.read()
         await until(lambda: supporter.proc.poll() is not None, what="the supporter's exit")
         assert supporter.proc.returncode == 0, supporter.stderr
     finally:

@@ -202,6 +202,108 @@ def test_contexts_are_per_rect_reset_by_flags_and_at_most_64():
     assert np.array_equal(client.framebuffer[:32, 512:544], alone)
 
 
+def _ue(value: int) -> str:
+    value += 1
+    return "0" * (value.bit_length() - 1) + format(value, "b")
+
+
+def _se(value: int) -> str:
+    return _ue(2 * value - 1 if value > 0 else -2 * value)
+
+
+def _scaling_list(deltas: tuple[int, ...]) -> str:
+    """A 4x4 scaling list's deltas as coded: a running value of 0 ends the list early."""
+    bits, value = "", 8
+    for delta in deltas:
+        bits += _se(delta)
+        value = (value + delta + 256) % 256
+        if value == 0:
+            break
+    return bits
+
+
+def crafted_sps(width_mbs: int, height_units: int, *, profile: int = 66, frame_mbs_only: int = 1,
+                poc_type: int = 2, poc_offsets: tuple[int, ...] = (),
+                scaling: tuple[int, ...] = ()) -> bytes:
+    """An SPS NAL (Annex B, emulation prevention applied) declaring the given size: what a
+    hostile server would send.  ``scaling``: delta values of one scaling list (high profiles)."""
+    bits = format(profile, "08b") + "11000000" + "00101000" + _ue(0)
+    if profile == 100:
+        bits += _ue(1) + _ue(0) + _ue(0) + "0" + ("1" + "1" + _scaling_list(scaling) + "0" * 7
+                                                  if scaling else "0")
+    bits += _ue(0) + _ue(poc_type)
+    if poc_type == 0:
+        bits += _ue(0)
+    elif poc_type == 1:
+        bits += "0" + _se(0) + _se(0) + _ue(len(poc_offsets)) + "".join(map(_se, poc_offsets))
+    bits += _ue(1) + "0" + _ue(width_mbs - 1) + _ue(height_units - 1) + str(frame_mbs_only)
+    bits += ("" if frame_mbs_only else "0") + "1" + "0" + "0" + "1"
+    bits += "0" * (-len(bits) % 8)
+    out, zeros = bytearray(), 0
+    for byte in (int(bits[i:i + 8], 2) for i in range(0, len(bits), 8)):
+        if zeros >= 2 and byte <= 3:
+            out.append(3)
+            zeros = 0
+        out.append(byte)
+        zeros = zeros + 1 if byte == 0 else 0
+    return b"\x00\x00\x00\x01\x67" + bytes(out)
+
+
+def with_sps(sps: bytes, stream: bytes) -> bytes:
+    """``stream`` (our encoder's key frame) with its SPS replaced by ``sps``."""
+    nals = stream.split(b"\x00\x00\x00\x01")
+    return sps + b"".join(b"\x00\x00\x00\x01" + n for n in nals if n and n[0] & 0x1F != 7)
+
+
+def test_a_hostile_sps_is_refused_before_ffmpeg_allocates_anything():
+    """An SPS declaring 8192x8192 in front of a real 32x32 key frame: FFmpeg alone decodes it
+    into an 8192x8192 picture (~150 MB, per context); the client refuses the rect before any
+    decoder context exists.  Our own streams, odd sizes and 1080p included, pass."""
+    hostile = with_sps(crafted_sps(512, 512), key_32())
+    assert rfb_h264.sps_sizes(hostile) == [(8192, 8192, 16)]
+    client = connected(64, 48)
+    with pytest.raises(RFBClientError, match="declares a 8192x8192 picture for a rect of 32x32"):
+        client.receive(struct.pack(">BxH", 0, 1) + h264_rect(0, 0, 32, 32, hostile))
+    assert client._h264 is not None and len(client._h264) == 0      # no decoder was created
+    contexts = rfb_h264.H264Contexts()
+    with pytest.raises(rfb_h264.H264Error, match="declares a 48x32"):   # one macroblock too wide
+        contexts.decode(0, 0, 32, 32, 0, with_sps(crafted_sps(3, 2), key_32()))
+    with pytest.raises(rfb_h264.H264Error, match="declares a 32x64"):   # interlaced: pairs
+        contexts.decode(0, 0, 32, 32, 0, with_sps(crafted_sps(2, 2, frame_mbs_only=0), key_32()))
+    with pytest.raises(rfb_h264.H264Error, match="more than 32 sequence parameter sets"):
+        contexts.decode(0, 0, 32, 32, 0, crafted_sps(2, 2) * 33)
+    assert len(contexts) == 0
+    for w, h in ((32, 32), (33, 17), (1920, 1080)):
+        rfb_h264.check_sps(_key_frame(w, h), w, h)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 600), st.integers(1, 600), st.sampled_from([66, 77, 100]),
+       st.integers(0, 1), st.sampled_from([0, 1, 2]),
+       st.lists(st.integers(-2 ** 20, 2 ** 20), max_size=8),
+       st.lists(st.integers(-128, 127), min_size=16, max_size=16))
+def test_sps_sizes_reads_what_was_written(width_mbs, height_units, profile, frame_mbs_only,
+                                          poc_type, poc_offsets, scaling):
+    """Every SPS layout (baseline, main, high with scaling lists; the three picture order
+    types; interlaced) is read to the size it declares."""
+    sps = crafted_sps(width_mbs, height_units, profile=profile, frame_mbs_only=frame_mbs_only,
+                      poc_type=poc_type, poc_offsets=tuple(poc_offsets), scaling=tuple(scaling))
+    unit = 16 * (2 - frame_mbs_only)
+    assert rfb_h264.sps_sizes(b"junk" + sps + b"\x00\x00\x01\x68\xce") == [
+        (width_mbs * 16, height_units * unit, unit)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_any_sps_bytes_give_a_size_or_a_named_error(body):
+    try:
+        sizes = rfb_h264.sps_sizes(b"\x00\x00\x01\x67" + body)
+    except rfb_h264.H264Error as exc:
+        assert str(exc).startswith("H.264")
+        return
+    assert len(sizes) >= 1 and all(w >= 16 and h >= 16 for w, h, _unit in sizes)
+
+
 # ------------------------------------------------------------------ server's adaptive choice
 def test_full_screen_video_goes_as_h264_then_a_lossless_repaint():
     server, client = pair()

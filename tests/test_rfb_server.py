@@ -440,6 +440,64 @@ def test_screen_source_window_background_pause(xvfb):
         src.close()
 
 
+def x_clients(display) -> int:
+    """How many clients the X server has (X-Resource), this query's own included."""
+    return len(display.res_query_clients().clients)
+
+
+def shm_mappings() -> int:
+    """mss's shared-memory buffers mapped into this process."""
+    with open("/proc/self/maps") as maps:
+        return sum("mss-shm-buf" in line for line in maps)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stopped_screen_releases_the_display_and_a_new_one_connects_again(xvfb):
+    """What a session does when its screen stops (end, view withdrawn, direction change):
+    ``PresenterScreen.stop`` and ``source.disconnect()``.  Afterwards the X server has none of
+    the presenter's connections (capture, shared memory, change watch, input) and the process
+    maps no grab buffer; the next session's screen connects again."""
+    from Xlib import display as xdisplay
+    from twisted.internet import reactor
+
+    from modules.common.screen.input_x11 import XTestInjector
+    from modules.common.screen.screen_session import PresenterScreen
+    from protocol.rfb_client import FramebufferUpdated, RFBClient
+    xvfb.xterm("released", geometry="30x8+40+30", bg="#c04020")
+    probe = xdisplay.Display(xvfb.name)
+    src = ScreenSource(xvfb.name)
+    try:
+        src.disconnect()
+        before, mapped = x_clients(probe), shm_mappings()
+        assert not src.holds_display and mapped == 0
+        for _session in range(2):
+            client, updates = RFBClient(), []
+            screen = PresenterScreen(src, XTestInjector(xvfb.name, lambda: True),
+                                     send=lambda data: updates.extend(
+                                         e for e in client.receive(data)
+                                         if isinstance(e, FramebufferUpdated)),
+                                     close=lambda: None)
+            screen.start()
+            for _ in range(4):
+                screen.received(client.data_to_send())
+            screen.received(client.request_update(False))
+            deadline = time.monotonic() + 20
+            while not updates and time.monotonic() < deadline:
+                await _sleep(reactor, 0.05)
+            assert np.array_equal(client.framebuffer, mss_rgb(xvfb.name))
+            assert src.holds_display and shm_mappings() == 1
+            assert x_clients(probe) >= before + 3      # capture (2), watch, input
+            screen.stop()
+            src.disconnect()
+            deadline = time.monotonic() + 10          # the watch's thread ends within 0.25 s
+            while x_clients(probe) > before and time.monotonic() < deadline:
+                await _sleep(reactor, 0.05)
+            assert x_clients(probe) == before and shm_mappings() == 0
+    finally:
+        probe.close()
+        src.close()
+
+
 async def run_tool(*args: str, env: dict | None = None, timeout: int = 20) -> tuple[bytes, int]:
     out, err, code = await getProcessOutputAndValue(
         "/usr/bin/timeout", (str(timeout), *args), env=env or os.environ)

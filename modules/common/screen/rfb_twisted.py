@@ -46,9 +46,13 @@ STILL_POLL = 0.5             # seconds between captures of a screen that reports
 class RFBServerProtocol(Protocol):
     def __init__(self, source: Any, injector: Any = None, *, name: str = "Hausmeister",
                  max_fps: float = 30.0, clock: Any = None,
-                 on_cut_text: Callable[[str], None] | None = None):
+                 on_cut_text: Callable[[str], None] | None = None, owns_injector: bool = False):
+        """``owns_injector``: the injector was made for this connection alone and is closed
+        (its X connection released) when the connection ends; a shared one only releases the
+        keys and buttons this viewer held."""
         self.source = source
         self.injector = injector
+        self.owns_injector = owns_injector
         self.name = name
         self.interval = 1.0 / max_fps
         self.on_cut_text = on_cut_text
@@ -100,6 +104,10 @@ class RFBServerProtocol(Protocol):
 
     def connectionMade(self) -> None:
         self.rfb = RFBServer(self.source, name=self.name)
+        if hasattr(self.transport, "setTcpNoDelay"):
+            # an update's last segment must not wait for the viewer's delayed ACK (Nagle):
+            # that held every other full-screen frame back by ~40 ms
+            self.transport.setTcpNoDelay(True)
         self._write(self.rfb.initial())
         watch = getattr(self.source, "watch_changes", None)
         if callable(watch) and self._clock is None:     # a test's fake clock means: poll
@@ -128,7 +136,9 @@ class RFBServerProtocol(Protocol):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         if self.injector is not None:
-            self._input.addCallback(lambda _: run_blocking(self.injector.release_all))
+            close = getattr(self.injector, "close", None) if self.owns_injector else None
+            end = close or self.injector.release_all
+            self._input.addCallback(lambda _: run_blocking(end))
             self._input.addErrback(lambda f: log.failure("input: release failed", f))
 
     def dataReceived(self, data: bytes) -> None:

@@ -110,7 +110,7 @@ class PresenterScreen:
                  close: Callable[[], None], max_fps: float = 30.0,
                  on_cut_text: Callable[[str], None] | None = None) -> None:
         self.protocol = RFBServerProtocol(source, injector, max_fps=max_fps,
-                                          on_cut_text=on_cut_text)
+                                          on_cut_text=on_cut_text, owns_injector=True)
         self.transport = ChannelTransport(send, close)
         self.started = False
         self.stopped = False
