@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import signal
 import subprocess
 
 import numpy as np
@@ -22,6 +23,7 @@ from .fixtures_qt import qt_app, screenshot, until  # noqa: F401 - fixture
 from .fixtures_server import run_cli
 from .fixtures_x11 import wait_for_window, xvfb  # noqa: F401 - fixture
 from .module_process import ModuleProcess
+from .test_e2e_recording_resume import cut_connections
 from .test_e2e_screen import focus, screen_of
 
 pytestmark = pytest.mark.e2e
@@ -92,9 +94,46 @@ async def test_supporter_app_lists_connects_views_controls_and_moves_files(
                 host.stop()
                 await until(lambda: window.proxy.index(0, 0).data() == "offline",
                             what="the host offline in the list (no Refresh)")
+            await server_away_and_back(window, w["srv"], language)
             window.close()
     finally:
         host.stop()
+
+
+NOT_CONNECTED = {
+    "en": "Not connected to the server right now; the list reconnects by itself. Try again in "
+          "a moment.",
+    "de": "Gerade nicht mit dem Server verbunden; die Liste verbindet sich von selbst neu. "
+          "Versuchen Sie es gleich noch einmal."}
+OFFLINE = {"en": "Offline, reconnecting to ", "de": "Offline, verbinde erneut mit "}
+
+
+async def server_away_and_back(window, srv, language: str) -> None:
+    """The supporter's connection breaks while the server does not answer (stopped): the host
+    list says it is reconnecting and is greyed, a session asked for then says why it does not
+    start; once the server answers again the list is current again by itself."""
+    from modules.supporter.gui import HOST_ID
+    count = window.model.rowCount()
+    os.kill(srv.process.pid, signal.SIGSTOP)
+    try:
+        assert cut_connections(os.getpid(), srv.module_port) >= 1
+        await until(lambda: window.status_label.text().startswith(OFFLINE[language]),
+                    what="the list reconnecting")
+        screenshot(window, f"supporter-reconnecting-{language}")
+        assert not window.table.isEnabled()     # greyed: no double-click into a stale list
+        # a session asked for in that moment (the list went offline under the click): in words
+        window.connect_host(window.proxy.index(0, 1).data(HOST_ID), "pc1", "right-host-password")
+        tab = window.sessions[-1]
+        await until(lambda: tab.notice.text(), what="why no session starts")
+        assert tab.notice.text() == NOT_CONNECTED[language], tab.notice.text()
+        window._close_tab(window.tabs.indexOf(tab))
+        window.tabs.setCurrentIndex(0)
+    finally:
+        os.kill(srv.process.pid, signal.SIGCONT)
+    await until(lambda: window.conn is not None and not window.offline_text
+                and window.model.rowCount() == count, what="the list current again")
+    assert window.table.isEnabled()
+    assert window.status_label.text().startswith("Hosts: " if language == "en" else "Rechner: ")
 
 
 def drop_file_on(widget, path) -> None:

@@ -153,19 +153,30 @@ def test_host_comes_back_after_server_restart(tmp_path, db_url, enrolled_host_on
     server then refuses logs one line per attempt and never an "Unhandled Error"."""
     srv, host_home, supporter_home = enrolled_host_on_fixed_ports
     host = ModuleProcess("host", "run", "--max-backoff", "0.5", "--home", str(host_home))
+    watch = None
     try:
         host.wait_for_line("online; waiting for supporters")
+        # a supporter watching the host list stays through the restart and sees it current again
+        watch = ModuleProcess("supporter", "hosts", "--watch", "--home", str(supporter_home))
+        watch.wait_for_output(r"online +kiosk ")
         srv.stop()
         notice = host.wait_for_line(r"the server is shutting down cleanly: trying again in about "
                                     r"(\d+) s, spread over (\d+) s")
         assert notice.groups() == ("5", "10")  # presence.restart_seconds; 1 host: the minimum
         host.wait_for_line("the server closed the connection for its shutdown")
-        assert "told 1 modules to come back in 5 s, spread over 10 s" in srv.log()
+        assert "told 2 modules to come back in 5 s, spread over 10 s" in srv.log()
+        watch.wait_for_line(r"lost the connection to the server \(the server is restarting\): "
+                            r"trying again in [0-5] s")
         srv.start()
         wait_until(lambda: json.loads(run_cli("supporter", "hosts", "--json", "--home",
                                               str(supporter_home)).stdout or "[{}]")[0].get("online"),
                    timeout=30, what="host online again")
         assert host.proc.poll() is None
+        watch.wait_for_line("connected to the server again; the list is current", timeout=30)
+        # the host came back after the supporter's new listing or before it: either way a line
+        # says online (the first "online" line was read before the stop)
+        watch.wait_for_output(r"online +kiosk ", timeout=30)
+        assert watch.proc.poll() is None and "Traceback" not in watch.stderr, watch.stderr
 
         srv.ok("host", "remove", "kiosk")  # revoked: its connection drops, every retry is refused
         host.wait_for_line("lost the server \\(")
@@ -177,6 +188,8 @@ def test_host_comes_back_after_server_restart(tmp_path, db_url, enrolled_host_on
         assert "Unhandled" not in host.stderr and "Traceback" not in host.stderr, host.stderr
     finally:
         host.stop()
+        if watch:
+            watch.stop()
 
 
 @pytest.fixture

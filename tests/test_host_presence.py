@@ -1,4 +1,4 @@
-"""The host's reconnect schedule (``modules.remote_host.presence.ReconnectSchedule``): full jitter
+"""The host's reconnect schedule (``modules.common.link.reconnect.ReconnectSchedule``): full jitter
 after failures, and after a clean shutdown's notice a first attempt when the server is back,
 with the back-off started afresh.  Clock and random source are passed in; no reactor, no sleep."""
 
@@ -8,7 +8,7 @@ import math
 
 from hypothesis import given, strategies as st
 
-from modules.remote_host.presence import MAX_NOTICE_BACK_IN, ReconnectSchedule
+from modules.common.link.reconnect import MAX_NOTICE_BACK_IN, ReconnectSchedule
 
 
 class Clock:

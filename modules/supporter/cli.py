@@ -6,7 +6,10 @@ import argparse
 import json
 import sys
 
+from twisted.internet import defer
+
 from modules.common.link import enrollment
+from modules.common.link.failures import explain
 from modules.common.terminal.cli import (
     ModuleError, add_home, add_server_options, add_status_renew, folder_of, main_wrapper,
     read_secret, run_reactor, server_and_fingerprint,
@@ -18,6 +21,7 @@ from modules.common.terminal.stream_cli import (
     add_session_options, consent_ui, exit_code, print_windows, run_to_end, say, screen_offer,
     session_options,
 )
+from modules.supporter.host_directory import HostDirectory
 from modules.supporter.sessions import AdhocInvitation, connect_host, list_hosts
 
 KIND = "supporter"
@@ -98,15 +102,43 @@ def _print_hosts(hosts: list, as_json: bool) -> None:
     sys.stdout.flush()
 
 
-def _print_change(hosts: list, fields: dict, as_json: bool) -> None:
+def _print_change(host: dict, as_json: bool) -> None:
     """One line per presence change the server pushes (``--watch``)."""
-    name = next((h["name"] for h in hosts if h["host_id"] == fields["host_id"]), "")
     if as_json:
-        print(json.dumps({**fields, "name": name}), flush=True)
+        print(json.dumps({k: host[k] for k in ("host_id", "name", "online", "last_seen",
+                                               "address")}), flush=True)
         return
-    seen = fields["last_seen"][:19].replace("T", " ") if fields["last_seen"] else "never"
-    print(f"{'online' if fields['online'] else 'offline':8} {name[:24]:24} {seen:20} "
-          f"{fields['address'][:16]:16} {fields['host_id']}", flush=True)
+    seen = host["last_seen"][:19].replace("T", " ") if host["last_seen"] else "never"
+    print(f"{'online' if host['online'] else 'offline':8} {host['name'][:24]:24} {seen:20} "
+          f"{host['address'][:16]:16} {host['host_id']}", flush=True)
+
+
+class WatchLines:
+    """``hosts --watch``: the host directory's events as lines (changes on stdout, the
+    connection's state on stderr)."""
+
+    def __init__(self, as_json: bool) -> None:
+        self.as_json = as_json
+        self.shown = False
+
+    def hosts_listed(self, hosts: list, changed: list) -> None:
+        if not self.shown:
+            _print_hosts(hosts, self.as_json)
+            self.shown = True
+        for host in changed:
+            _print_change(host, self.as_json)
+
+    def host_changed(self, host: dict) -> None:
+        _print_change(host, self.as_json)
+
+    def connection_changed(self, state: str, why, retry_in: float) -> None:
+        if state == "online":
+            say("connected to the server again; the list is current")
+            return
+        if isinstance(why, BaseException):   # an attempt to connect again failed
+            say(f"still not connected, trying again in {retry_in:.0f} s: {explain(why)}")
+        else:
+            say(f"lost the connection to the server ({why}): trying again in {retry_in:.0f} s")
 
 
 def cmd_hosts(args: argparse.Namespace) -> int:
@@ -114,18 +146,20 @@ def cmd_hosts(args: argparse.Namespace) -> int:
     hosts: list = []
 
     async def main(reactor):
-        conn = await connect(reactor, address, ca_pem, folder)
-        await hello(conn, KIND)
-        hosts.extend(await list_hosts(conn))
+        async def greeted():
+            conn = await connect(reactor, address, ca_pem, folder)
+            await hello(conn, KIND)
+            return conn
         if not args.watch:
+            conn = await greeted()
+            hosts.extend(await list_hosts(conn))
             conn.transport.loseConnection()
             return
-        # the server pushes each listed host's changes (no polling) until the connection ends
-        _print_hosts(hosts, args.json)
-        conn.on_host_presence = lambda fields: _print_change(hosts, fields, args.json)
-        why = await conn.lost
-        raise ModuleError(f"lost the connection to the server ({why}): run `hosts --watch` "
-                          "again")
+        # the server pushes each listed host's changes (no polling); a lost connection is
+        # retried until Ctrl+C
+        directory = HostDirectory(reactor, greeted, WatchLines(args.json))
+        await directory.start()
+        await defer.Deferred()   # until interrupted
     run_reactor(main)
     if not args.watch:
         _print_hosts(hosts, args.json)

@@ -26,7 +26,9 @@ from twisted.internet import defer
 from protocol.runtime import run_blocking
 
 from ..common.link import enrollment
-from ..common.link.connection import addresses_of, connect, hello
+from ..common.errors import NotConnected
+from ..common.link.connection import address_of, addresses_of, connect, hello
+from ..common.link.failures import explain
 from ..common.session.consent import (
     Event, Right, RightDenied, RightRevoked, Role,
 )
@@ -37,7 +39,8 @@ from ..common.qt.i18n import install_translation, t
 from ..common.qt.viewer import REMOTE_KEY_COMBOS, FramebufferWidget, scrollable
 from ..common.qt.window_picker import WindowPicker, shared_sentence
 from ..common.session.session_runner import SessionDelegate
-from .sessions import AdhocInvitation, connect_host, list_hosts
+from .host_directory import HostDirectory
+from .sessions import AdhocInvitation, connect_host
 
 KIND = "supporter"
 HOST_ID = Qt.UserRole + 1
@@ -424,8 +427,9 @@ class SupporterWindow(QMainWindow):
         self.reactor = reactor
         self.folder = folder
         self.language = language
-        self.conn = None
+        self.directory: HostDirectory | None = None
         self.hosts: list[dict] = []
+        self.offline_text = ""   # while the host list reconnects: why, in the window's language
         self.sessions: list[SessionTab] = []
         self.receive_dir = str(Path.home() / "Downloads" / "Hausmeister")
         self.tabs = QTabWidget()
@@ -440,7 +444,7 @@ class SupporterWindow(QMainWindow):
         self.group = QComboBox()
         self.group.currentIndexChanged.connect(self._filter)
         self.refresh_button = QPushButton()
-        self.refresh_button.clicked.connect(lambda: defer.ensureDeferred(self.load_hosts()))
+        self.refresh_button.clicked.connect(self.refresh)
         self.adhoc_button = QPushButton()
         self.adhoc_button.clicked.connect(self.new_adhoc)
         self.language_box = QComboBox()
@@ -496,18 +500,13 @@ class SupporterWindow(QMainWindow):
     async def start(self) -> None:
         if self.folder.renewal_due():
             await run_blocking(enrollment.renew, self.folder)
-        self.conn = await self._connection()
-        self.conn.on_host_presence = self.host_presence
-        await self.load_hosts()
+        self.directory = HostDirectory(self.reactor, self._connection, self)
+        await self.directory.start()
 
-    def host_presence(self, fields: dict) -> None:
-        """The server pushed a listed host's new presence: update its row (no polling)."""
-        for host in self.hosts:
-            if host["host_id"] == fields["host_id"]:
-                host["online"] = fields["online"]
-                host["last_seen"] = fields["last_seen"]
-                host["address"] = fields["address"] or host["address"]
-        self._fill()
+    @property
+    def conn(self):
+        """The current control connection (None while the host list reconnects)."""
+        return self.directory.conn if self.directory is not None else None
 
     async def _connection(self):
         conn = await connect(self.reactor, addresses_of(self.folder),
@@ -515,8 +514,27 @@ class SupporterWindow(QMainWindow):
         await hello(conn, KIND)
         return conn
 
-    async def load_hosts(self) -> None:
-        self.hosts = await list_hosts(self.conn)
+    def refresh(self) -> None:
+        if self.directory is not None:
+            defer.ensureDeferred(self.directory.refresh())
+
+    # the host directory's delegate: the list as the server pushes it
+    def hosts_listed(self, hosts: list[dict], changed: list[dict]) -> None:
+        self.hosts = hosts
+        self._fill()
+
+    def host_changed(self, host: dict) -> None:
+        self._fill()
+
+    def connection_changed(self, state: str, why, retry_in: float) -> None:
+        if state == "online":
+            self.offline_text = ""
+        else:
+            server = address_of(self.folder)
+            self.offline_text = t("Offline, reconnecting to {server} ...").format(
+                server=f"{server.host}:{server.port}")
+            if isinstance(why, BaseException):
+                self.offline_text += " " + error_sentence(explain(why))
         self._fill()
 
     def _fill(self) -> None:
@@ -538,14 +556,18 @@ class SupporterWindow(QMainWindow):
             for item in row:
                 item.setData(host["host_id"], HOST_ID)
                 item.setData(f"{0 if host['online'] else 1}{host['name'].lower()}", SORT_KEY)
-            if host["online"]:
+            if host["online"] and not self.offline_text:   # greyed like the rest when stale
                 row[0].setForeground(Qt.darkGreen)
             self.model.appendRow(row)
         self.proxy.sort(0)
         self.table.resizeColumnsToContents()
         online = sum(1 for h in self.hosts if h["online"])
-        self.status_label.setText(t("Hosts: {count}, online: {online}").format(
+        self.status_label.setText(self.offline_text or t("Hosts: {count}, online: {online}").format(
             count=len(self.hosts), online=online))
+        # while offline the line must catch the eye and the list is greyed: it is not current
+        self.status_label.setStyleSheet("color: #a40000; font-weight: bold;"
+                                        if self.offline_text else "")
+        self.table.setEnabled(not self.offline_text)
         self._filter()
 
     def _filter(self) -> None:
@@ -579,6 +601,9 @@ class SupporterWindow(QMainWindow):
         self._add(tab)
 
         async def run():
+            if self.conn is None:
+                raise NotConnected("not connected to the server right now: the host list "
+                                   "reconnects by itself; try again in a moment")
             runner = await connect_host(self.reactor, self.conn, self.folder, host_id, password,
                                         tab.ui, delegate=tab, pipe=False,
                                         screen=self.own_screen(),
@@ -663,8 +688,8 @@ class SupporterWindow(QMainWindow):
     def closeEvent(self, event) -> None:  # noqa: N802
         for tab in self.sessions:
             tab.end_session()
-        if self.conn is not None:
-            self.conn.transport.loseConnection()
+        if self.directory is not None:
+            self.directory.stop()
         super().closeEvent(event)
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from protocol import control
 
+from ..errors import NotConnected
+
 from ..session.channel_events import FailureKind
 from ..session.channel_twisted import ChannelFailure
 from .i18n import t
@@ -24,6 +26,8 @@ SENTENCES: dict[type, str] = {
     control.UnknownHost: "The server does not know this computer (any more).",
     control.NotRecordable: "The server cannot record sessions right now, so none starts. "
                            "Try again later or tell your administrator.",
+    NotConnected: "Not connected to the server right now; the list reconnects by itself. Try "
+                  "again in a moment.",
 }
 WRONG_SECRET = ("The password or ID does not match, so the session was not started. Check it "
                 "and try again.")

@@ -64,6 +64,10 @@ GERMAN: dict[str, str] = {
     "administrator.":
         "Der Server kann Sitzungen gerade nicht aufzeichnen, daher startet keine. Versuchen Sie "
         "es später noch einmal oder wenden Sie sich an Ihre Administration.",
+    "Not connected to the server right now; the list reconnects by itself. Try again in a "
+    "moment.":
+        "Gerade nicht mit dem Server verbunden; die Liste verbindet sich von selbst neu. "
+        "Versuchen Sie es gleich noch einmal.",
     "The password or ID does not match, so the session was not started. Check it and try again.":
         "Passwort oder ID stimmen nicht, die Sitzung wurde nicht gestartet. Prüfen Sie die Angabe "
         "und versuchen Sie es noch einmal.",

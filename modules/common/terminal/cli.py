@@ -9,11 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Coroutine
 
-from OpenSSL import SSL
-from twisted.internet import defer as tdefer, error as net_error
-from twisted.protocols import amp
-
-from protocol import control
+from twisted.internet import defer as tdefer
 
 from modules.common.errors import ModuleError  # noqa: F401 (printed as <prog>: error: ...)
 from modules.common.link import enrollment
@@ -21,6 +17,7 @@ from modules.common.link import enrollment
 from modules.common.link import proxy
 
 from modules.common.link import ws_tunnel
+from modules.common.link.failures import explain
 from modules.common.link.connection import address_of, addresses_of, connect, hello
 from modules.common.link.servers import ServersError, server_list, set_servers
 from modules.common.link.folder import ModuleFolder, ModuleFolderError, default_home
@@ -92,38 +89,7 @@ def run_reactor(main: Callable[[Any], Coroutine]) -> None:
         if "error" not in outcome and exit_.code:
             raise
     if "error" in outcome:
-        raise _explain(outcome["error"]) from None
-
-
-def _explain(exc: BaseException) -> BaseException:
-    if isinstance(exc, (ModuleError, enrollment.EnrollmentFailed, ModuleFolderError)):
-        return exc
-    if isinstance(exc, proxy.ProxyError):
-        return ModuleError(str(exc))
-    if isinstance(exc, net_error.ConnectionRefusedError):
-        return ModuleError("the server's module port refused the connection: is the server running?")
-    if isinstance(exc, (net_error.TimeoutError, net_error.TCPTimedOutError, tdefer.TimeoutError)):
-        return ModuleError("the server's module port did not answer in time: the server may be "
-                           "busy or unreachable; try again in a minute")
-    if isinstance(exc, net_error.ConnectError):  # e.g. reset at once: the server sheds load
-        why = str(exc).replace("An error occurred while connecting: ", "").rstrip(".")
-        return ModuleError(f"could not connect to the server's module port ({why}): the server "
-                           "may be busy or unreachable; try again in a minute")
-    if isinstance(exc, SSL.Error):
-        return ModuleError(f"TLS with the server failed ({exc}); the certificate may be revoked, "
-                           "expired or from another CA: enroll again")
-    if isinstance(exc, net_error.ConnectionLost) or isinstance(exc, net_error.ConnectionDone):
-        # A refused certificate comes back as a TLS alert (SSL.Error above); a bare close is a
-        # server that is busy (e.g. under a connection flood), restarting or going away.
-        return ModuleError("the server closed the connection before it answered: it may be busy "
-                           "or restarting; try again in a minute (a refused certificate would "
-                           "be reported as a TLS error)")
-    if isinstance(exc, control.ControlError):
-        return ModuleError(str(exc))
-    if isinstance(exc, amp.RemoteAmpError):
-        return ModuleError(f"the server refused: {exc.description}")
-    return ModuleError(f"internal error ({type(exc).__name__}: {exc}); please report it with "
-                       "the steps that led here")
+        raise explain(outcome["error"]) from None
 
 
 def status(args: argparse.Namespace, kind: str) -> int:
