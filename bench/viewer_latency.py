@@ -109,7 +109,7 @@ def view_main(port: int, prefer: str, decode_thread: bool, request_early: bool) 
     protocol = RFBClientProtocol(on_event=event, encodings=encodings_for(prefer),
                                  call_in_reactor=reactor.callFromThread,
                                  **protocol_options(decode_thread, request_early))
-    widget = FramebufferWidget(lambda: protocol.framebuffer, lambda *a: None, lambda *a: None,
+    widget = FramebufferWidget(lambda: protocol.pixels, lambda *a: None, lambda *a: None,
                                lambda: False, lock=protocol.framebuffer_lock)
     widget.setWindowFlags(Qt.FramelessWindowHint)
     widget.set_fit(False)
@@ -205,7 +205,7 @@ class Viewer:
         self.probes: list[tuple[int, int]] = []
         # (since, wanted probe pixels, Deferred): checked at each paint, nothing polls
         self.waiting: tuple[float, list, object] | None = None
-        self.widget = ProbedWidget(lambda: self.protocol.framebuffer, lambda *a: None,
+        self.widget = ProbedWidget(lambda: self.protocol.pixels, lambda *a: None,
                                    lambda *a: None, lambda: False,
                                    lock=self.protocol.framebuffer_lock)
         self.widget.setWindowFlags(Qt.FramelessWindowHint)

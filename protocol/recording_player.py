@@ -35,8 +35,13 @@ class ScreenPlayer:
 
     @property
     def framebuffer(self) -> np.ndarray | None:
-        return self.client.framebuffer if self.client.framebuffer is not None and \
-            self.client.framebuffer.size else None
+        """The picture as ``H x W x 3`` RGB (a view), None before the first."""
+        return self.client.framebuffer if self.client.pixels.size else None
+
+    @property
+    def pixels(self) -> np.ndarray | None:
+        """The picture as the client keeps it, ``H x W x 4`` B G R 255, None before the first."""
+        return self.client.pixels if self.client.pixels.size else None
 
     def advance(self, t_ms: int) -> None:
         """Apply every queued entry up to ``t_ms``."""
@@ -74,13 +79,17 @@ class ScreenPlayer:
                 pass
 
 
-def frames(entries: Iterable[recording.Entry], fps: float,
-           end_ms: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
-    """``(t_ms, RGB picture)`` on a 1/fps grid from the first picture on, but only where the
+def frames(entries: Iterable[recording.Entry], fps: float, end_ms: int | None = None,
+           bgrx: bool = False) -> Iterator[tuple[int, np.ndarray]]:
+    """``(t_ms, RGB picture)`` (``bgrx``: ``H x W x 4`` B G R 255, no conversion) on a 1/fps grid from the first picture on, but only where the
     picture changed (a still screen costs nothing), and always the last one at the end (so a
     player shows the right duration)."""
     player = ScreenPlayer()
     step = 1000.0 / fps
+
+    def picture() -> np.ndarray:
+        return player.pixels if bgrx else player.framebuffer
+
     n = 0
     last_t = 0
     shown = False
@@ -88,10 +97,10 @@ def frames(entries: Iterable[recording.Entry], fps: float,
     def due(t: int):
         nonlocal shown
         player.advance(t)
-        if player.framebuffer is not None and (player.changed or not shown):
+        if player.pixels is not None and (player.changed or not shown):
             player.changed = False
             shown = True
-            return t, player.framebuffer
+            return t, picture()
         return None
 
     for entry in entries:
@@ -109,5 +118,5 @@ def frames(entries: Iterable[recording.Entry], fps: float,
             yield frame
         n += 1
     player.advance(stop)
-    if player.framebuffer is not None:
-        yield max(stop, int((n - 1) * step)) if shown else stop, player.framebuffer
+    if player.pixels is not None:
+        yield max(stop, int((n - 1) * step)) if shown else stop, picture()

@@ -5,9 +5,12 @@
 in ``data_to_send()``; messages the caller wants to send (``request_update``, ``key``, ``pointer``,
 ``cut_text``, ``set_encodings``) are returned as bytes.
 
-The framebuffer is a numpy array ``H x W x 3`` of RGB ``uint8``.  The client always asks the server
-for 32 bpp little-endian true colour (red shift 16, green 8, blue 0), so a pixel on the wire is
-``B G R X``, a ZRLE CPIXEL is ``B G R`` and a Tight TPIXEL is ``R G B``.
+The picture is ``pixels``, ``H x W x 4`` ``uint8`` in the order B G R 255 — 32-bit words
+0xFFRRGGBB (``words``, ``H x W`` ``uint32``), the layout ``QImage.Format_RGB32`` paints without a
+conversion and the decoders write with 4-byte copies; ``framebuffer`` is an ``H x W x 3`` RGB
+view of the same memory for whoever reads pixels.  The client always asks the server for 32 bpp
+little-endian true colour (red shift 16, green 8, blue 0), so a pixel on the wire is ``B G R X``,
+a ZRLE CPIXEL is ``B G R`` and a Tight TPIXEL is ``R G B``.
 
 Decoded encodings: Raw, CopyRect, ZRLE (all subencodings), Tight (basic compression with four
 zlib streams, copy / palette / gradient filters, fill, JPEG via Pillow), Open H.264 (PyAV,
@@ -40,7 +43,8 @@ import numpy as np
 
 from . import rfb_ext_clipboard as ext_clipboard
 from . import rfb_h264
-from .rfb_decode import ZRLE_TILE, DecodeError, gradient, tight_palette, zrle_tile
+from .rfb_decode import (OPAQUE, ZRLE_TILE, DecodeError, gradient, rgb_array_into, rgb_into,
+                         tight_palette, word_of, zrle_tile_words)
 from .rfb_ext_clipboard import EXTENDED_CLIPBOARD, ExtClipboardError
 
 # --- encodings -------------------------------------------------------------------------------
@@ -101,7 +105,7 @@ class RFBClientError(Exception):
 class ScreenLimit:
     """The largest remote screen the supporter accepts: ``width x height`` pixels, in either
     orientation (a portrait 4320x7680 fits 7680x4320).  Checked before the framebuffer
-    (3 bytes per pixel) is allocated; the default is 8K UHD, the largest screen in real use."""
+    (4 bytes per pixel) is allocated; the default is 8K UHD, the largest screen in real use."""
 
     width: int = 7680
     height: int = 4320
@@ -208,7 +212,8 @@ class RFBClient:
         self.width = 0
         self.height = 0
         self.name = ""
-        self.framebuffer = np.zeros((0, 0, 3), np.uint8)
+        self.pixels = np.zeros((0, 0, 4), np.uint8)
+        self.words = np.zeros((0, 0), np.uint32)
         self.version: tuple[int, int] | None = None
         self.initialised = False
         self.failure: str | None = None
@@ -394,9 +399,15 @@ class RFBClient:
         self._out += self.set_pixel_format() + self.set_encodings()
         self._events.append(ServerInit(w, h, name))
 
+    @property
+    def framebuffer(self) -> np.ndarray:
+        """The picture as ``H x W x 3`` RGB: a view of ``pixels`` (writable, not contiguous)."""
+        return self.pixels[..., 2::-1]
+
     def _resize(self, w: int, h: int) -> None:
         self.width, self.height = w, h
-        self.framebuffer = np.zeros((h, w, 3), np.uint8)
+        self.words = np.full((h, w), OPAQUE, np.uint32)   # black
+        self.pixels = self.words.view(np.uint8).reshape(h, w, 4)
 
     def _framebuffer_update(self) -> _Reader:
         (count,) = struct.unpack(">xH", (yield 3))
@@ -430,15 +441,15 @@ class RFBClient:
             if enc == RAW:
                 if w and h:
                     data = yield w * h * 4
-                    px = np.frombuffer(data, np.uint8).reshape(h, w, 4)
-                    self.framebuffer[y:y + h, x:x + w] = px[..., 2::-1]
+                    np.bitwise_or(np.frombuffer(data, "<u4").reshape(h, w), OPAQUE,
+                                  out=self.words[y:y + h, x:x + w])
                 self.decoded["raw"] += 1
             elif enc == COPY_RECT:
                 sx, sy = struct.unpack(">HH", (yield 4))
                 if sx + w > self.width or sy + h > self.height:
                     raise RFBClientError(f"CopyRect source {sx},{sy} {w}x{h} is outside the "
                                          f"{self.width}x{self.height} framebuffer")
-                self.framebuffer[y:y + h, x:x + w] = self.framebuffer[sy:sy + h, sx:sx + w].copy()
+                self.words[y:y + h, x:x + w] = self.words[sy:sy + h, sx:sx + w].copy()
                 self.decoded["copyrect"] += 1
             elif enc == ZRLE:
                 yield from self._zrle_rect(x, y, w, h)
@@ -493,8 +504,8 @@ class RFBClient:
                 th = min(ZRLE_TILE, y + h - ty)
                 for tx in range(x, x + w, ZRLE_TILE):
                     tw = min(ZRLE_TILE, x + w - tx)
-                    tile, pos = zrle_tile(raw, array, pos, tw, th)
-                    self.framebuffer[ty:ty + th, tx:tx + tw] = tile
+                    tile, pos = zrle_tile_words(raw, array, pos, tw, th)
+                    self.words[ty:ty + th, tx:tx + tw] = tile
         except DecodeError as exc:
             raise RFBClientError(str(exc)) from None
         if pos != len(raw):
@@ -514,8 +525,8 @@ class RFBClient:
             pixels = self._h264.decode(x, y, w, h, flags, data)
         except rfb_h264.H264Error as exc:
             raise RFBClientError(str(exc)) from None
-        if pixels is not None:
-            self.framebuffer[y:y + h, x:x + w] = pixels
+        if pixels is not None:     # RGB (libswscale's "bgra" is the faster but coarser path)
+            rgb_array_into(self.words[y:y + h, x:x + w], pixels)
         self.decoded["h264"] += 1
 
     # --- Tight -------------------------------------------------------------------------------
@@ -538,7 +549,7 @@ class RFBClient:
         kind = control >> 4
         if kind == 0x8:                                      # fill
             r, g, b = yield 3
-            self.framebuffer[y:y + h, x:x + w] = (r, g, b)
+            self.words[y:y + h, x:x + w] = word_of(r, g, b)
             self.decoded["tight-fill"] += 1
             return
         if kind == 0x9:                                      # JPEG
@@ -546,7 +557,7 @@ class RFBClient:
             if length > MAX_JPEG:
                 raise RFBClientError(f"Tight JPEG of {length} bytes is too long")
             data = (yield length) if length else b""
-            self.framebuffer[y:y + h, x:x + w] = _decode_jpeg(data, w, h)
+            rgb_array_into(self.words[y:y + h, x:x + w], _decode_jpeg(data, w, h))
             self.decoded["tight-jpeg"] += 1
             return
         if kind > 0x9:
@@ -581,20 +592,19 @@ class RFBClient:
         self.decoded[("tight-copy", "tight-palette", "tight-gradient")[filter_id]] += 1
         if w == 0 or h == 0:
             return
+        target = self.words[y:y + h, x:x + w]
         if filter_id == 0:
-            pixels = np.frombuffer(data, np.uint8).reshape(h, w, 3)
+            rgb_into(target, data)
         elif filter_id == 2:
-            pixels = gradient(np.frombuffer(data, np.uint8).reshape(h, w, 3))
+            rgb_array_into(target, gradient(np.frombuffer(data, np.uint8).reshape(h, w, 3)))
         else:
             assert palette is not None
-            target = self.framebuffer[y:y + h, x:x + w]
             try:
-                pixels = tight_palette(palette, data, w, h, out=target)
+                words = tight_palette(palette, data, w, h, out=target)
             except DecodeError as exc:
                 raise RFBClientError(str(exc)) from None
-            if pixels is target:                # decoded in place (a full-width rect)
-                return
-        self.framebuffer[y:y + h, x:x + w] = pixels
+            if words is not target:             # not decoded in place (not a full-width rect)
+                target[...] = words
 
 
 def _decode_jpeg(data: bytes, w: int, h: int) -> np.ndarray:

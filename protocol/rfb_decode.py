@@ -113,56 +113,128 @@ def _gradient_rows(diff: np.ndarray) -> np.ndarray:
     return out
 
 
+# --- BGRX words --------------------------------------------------------------------------
+
+# The client's picture is 32-bit words 0xFFRRGGBB (bytes B G R 255 in memory on little-endian
+# machines: QImage.Format_RGB32 as is).  The helpers below make such words from the 3-byte pixels
+# of the wire with one array operation each: a uint32 view at a stride of 3 bytes reads each
+# pixel with one neighbouring byte, and OR-ing 0xFF000000 overwrites that byte.
+
+OPAQUE = np.uint32(0xFF000000)
+
+
+def word_of(r: int, g: int, b: int) -> int:
+    """The framebuffer word of one RGB colour."""
+    return 0xFF000000 | (r << 16) | (g << 8) | b
+
+
+def rgb_into(out: np.ndarray, buf, offset: int = 0) -> None:
+    """Write the ``h x w`` RGB pixels (R G B bytes, rows one after another) that start at
+    ``offset`` of ``buf`` (bytes, bytearray or a C-contiguous array) into ``out`` (``h x w``
+    uint32 words).  A big-endian word ending at each pixel's B is ``? R G B``."""
+    h, w = out.shape
+    if h == 0 or w == 0:
+        return
+    if offset >= 1:
+        np.bitwise_or(np.ndarray((h, w), ">u4", buf, offset - 1, (3 * w, 3)), OPAQUE, out=out)
+        return
+    # no byte before the first pixel: that pixel by hand, the rest one word later
+    first = bytes(memoryview(buf).cast("B")[offset:offset + 3])
+    out[0, 0] = word_of(*first)
+    if w > 1:
+        np.bitwise_or(np.ndarray((w - 1,), ">u4", buf, offset + 2, (3,)), OPAQUE, out=out[0, 1:])
+    if h > 1:
+        np.bitwise_or(np.ndarray((h - 1, w), ">u4", buf, offset + 3 * w - 1, (3 * w, 3)),
+                      OPAQUE, out=out[1:])
+
+
+def rgb_array_into(out: np.ndarray, rgb: np.ndarray) -> None:
+    """``out`` (``h x w`` words) = ``rgb`` (``h x w x 3`` uint8, any layout)."""
+    rgb_into(out, np.ascontiguousarray(rgb, np.uint8))
+
+
+def bgr_words(buf: bytes, offset: int, n: int) -> np.ndarray:
+    """The words of ``n`` B G R pixels at ``offset`` of ``buf`` (a little-endian word starting
+    at each pixel's B is ``B G R ?``)."""
+    if n == 0:
+        return np.zeros(0, np.uint32)
+    if offset + 3 * n < len(buf):
+        return np.ndarray((n,), "<u4", buf, offset, (3,)) | OPAQUE
+    words = np.empty(n, np.uint32)
+    if n > 1:
+        np.bitwise_or(np.ndarray((n - 1,), "<u4", buf, offset, (3,)), OPAQUE, out=words[:-1])
+    b, g, r = buf[offset + 3 * n - 3:offset + 3 * n]
+    words[-1] = word_of(r, g, b)
+    return words
+
+
+def words_as_rgb(words: np.ndarray) -> np.ndarray:
+    """``... x 3`` RGB of framebuffer words (a view where ``words`` is contiguous)."""
+    words = np.asarray(words, np.uint32)
+    flat = np.ascontiguousarray(words).reshape(-1)
+    return flat.view(np.uint8).reshape(words.shape + (4,))[..., 2::-1]
+
+
 # --- Tight palette filter -------------------------------------------------------------------
 
 # the eight pixels (most significant bit first) of every byte of a two-colour rect's bitmap
 _BYTE_BITS = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1)
+_BYTES = np.arange(256, dtype=np.uint32)
+# for a code byte that holds ``per`` indices of ``bits`` bits, first pixel in the lowest bits:
+# the index of each of its pixels
+_CODE_INDEX = {per: (_BYTES[:, None] >> (np.arange(per, dtype=np.uint32) * (8 // per)))
+               & ((1 << (8 // per)) - 1) for per in (2, 4)}
 
 
 def tight_palette(palette: np.ndarray, data: bytes, w: int, h: int,
                   out: np.ndarray | None = None) -> np.ndarray:
-    """The ``h x w x 3`` pixels of a Tight palette-filter rect: ``palette`` is ``n x 3`` RGB,
-    ``data`` one bit per pixel, rows padded to a byte (two colours), or one index byte per pixel.
-    ``out``: where the pixels go (the framebuffer's rect); when it is contiguous (a full-width
-    rect) they are gathered straight into it and ``out`` is returned, else a new array.
+    """The ``h x w`` framebuffer words (0xFFRRGGBB) of a Tight palette-filter rect:
+    ``palette`` is ``n x 3`` RGB, ``data`` one bit per pixel, rows padded to a byte (two
+    colours), or one index byte per pixel.  ``out``: where the words go (the framebuffer's
+    rect); when it is contiguous (a full-width rect) they are gathered straight into it and
+    ``out`` is returned, else a new array.
 
     A table gather, not fancy indexing: for two colours each bitmap byte becomes its eight
-    pixels at once (a 24-byte row of a 256-row table), for up to 4 (16) colours four (two)
+    pixels at once (a 32-byte row of a 256-row table), for up to 4 (16) colours four (two)
     indices make one byte that picks a row of four (two) pixels, and ``np.take`` copies whole
-    rows; a full-screen frame of x11vnc's text-like rects decodes ~4x faster than with
-    ``palette[idx]`` (numpy copies each gathered row with a call of its own)."""
+    rows.  Rows of 8, 16 and 32 bytes are ones numpy's take copies without a call per row, which
+    3-byte pixels (24-, 12-, 6-byte rows) are not: ~3x faster per rect."""
+    pal = palette.astype(np.uint32)
+    words = OPAQUE | (pal[:, 0] << 16) | (pal[:, 1] << 8) | pal[:, 2]
     if len(palette) == 2:
         rows = np.frombuffer(data, np.uint8).reshape(h, (w + 7) // 8)
-        table = np.take(palette, _BYTE_BITS, axis=0).reshape(256, 24)
-        return _gather(table, rows, w, h, out)
+        return _gather(words[_BYTE_BITS], rows, w, h, out)
     idx = np.frombuffer(data, np.uint8).reshape(h, w)
     if idx.max() >= len(palette):
         raise DecodeError(f"Tight palette index {int(idx.max())} beyond {len(palette)} colours")
-    # few colours: several indices make one table row, so fewer (larger) rows are gathered
-    for per_row, bits in ((4, 2), (2, 4)):
-        if len(palette) <= 1 << bits and w % per_row == 0:
-            groups = idx.reshape(h, w // per_row, per_row)
-            code = groups[..., 0].copy()
-            for k in range(1, per_row):
-                code <<= bits
-                code |= groups[..., k]
-            full = np.zeros((1 << bits, 3), np.uint8)
-            full[:len(palette)] = palette
-            byte = np.arange(256)
-            shifts = range((per_row - 1) * bits, -1, -bits)
-            table = np.concatenate([full[(byte >> s) & ((1 << bits) - 1)] for s in shifts], axis=1)
-            return _gather(table, code, w, h, out)
-    return _gather(palette, idx, w, h, out)
+    # few colours: several indices make one byte (code), so fewer (larger) rows are gathered
+    if len(palette) <= 4 and w % 4 == 0:
+        v = idx.view("<u4")                        # i0 | i1 << 8 | i2 << 16 | i3 << 24
+        code = v | (v >> 6)
+        code |= v >> 12
+        code |= v >> 18                            # low byte: i0 | i1 << 2 | i2 << 4 | i3 << 6
+        table = np.zeros(4, np.uint32)
+        table[:len(words)] = words
+        return _gather(table[_CODE_INDEX[4]], code.astype(np.uint8), w, h, out)
+    if len(palette) <= 16 and w % 2 == 0:
+        v = idx.view("<u2")                        # i0 | i1 << 8
+        code = (v | (v >> 4)).astype(np.uint8)     # low byte: i0 | i1 << 4
+        table = np.zeros(16, np.uint32)
+        table[:len(words)] = words
+        return _gather(table[_CODE_INDEX[2]], code, w, h, out)
+    return _gather(words, idx, w, h, out)
 
 
 def _gather(table: np.ndarray, index: np.ndarray, w: int, h: int,
             out: np.ndarray | None) -> np.ndarray:
-    """Rows of ``table`` picked by ``index`` (every index is a row of it), as ``h x w x 3``."""
-    row = table.shape[1]
-    if out is not None and out.flags.c_contiguous and index.shape[1] * row == w * 3:
-        np.take(table, index, axis=0, out=out.reshape(h, index.shape[1], row), mode="clip")
+    """Rows of ``table`` (words) picked by ``index`` (every index is a row of it), as
+    ``h x w`` words."""
+    per = table.shape[1] if table.ndim == 2 else 1
+    if out is not None and out.flags.c_contiguous and index.shape[1] * per == w:
+        np.take(table, index, axis=0, out=out.reshape(index.shape + table.shape[1:]),
+                mode="clip")
         return out
-    return np.take(table, index, axis=0).reshape(h, -1, 3)[:, :w]
+    return np.take(table, index, axis=0).reshape(h, -1)[:, :w]
 
 
 # --- ZRLE tiles -----------------------------------------------------------------------------
@@ -175,21 +247,34 @@ def _need(raw: bytes, pos: int, n: int) -> None:
 def zrle_tile(raw: bytes, data: np.ndarray, pos: int, tw: int, th: int) -> tuple[np.ndarray, int]:
     """Decode one ZRLE tile at ``pos`` (CPIXEL = 3 bytes B G R); return ``th x tw x 3`` RGB
     pixels (or one RGB colour for a solid tile) and the position after the tile.  ``data`` is
-    ``raw`` as a uint8 array."""
+    ``raw`` as a uint8 array.  (The client uses ``zrle_tile_words``.)"""
+    words, pos = zrle_tile_words(raw, data, pos, tw, th)
+    return words_as_rgb(np.asarray(words, np.uint32)), pos
+
+
+def _bgr_array_words(colours: np.ndarray) -> np.ndarray:
+    c = colours.astype(np.uint32)
+    return OPAQUE | (c[:, 2] << 16) | (c[:, 1] << 8) | c[:, 0]
+
+
+def zrle_tile_words(raw: bytes, data: np.ndarray, pos: int, tw: int,
+                    th: int) -> tuple[np.ndarray | int, int]:
+    """Decode one ZRLE tile at ``pos``; return its ``th x tw`` framebuffer words (or one word
+    for a solid tile) and the position after the tile."""
     _need(raw, pos, 1)
     sub = raw[pos]
     pos += 1
     n = tw * th
     if sub == 0:                                             # raw cpixels
         _need(raw, pos, n * 3)
-        px = data[pos:pos + n * 3].reshape(th, tw, 3)[..., ::-1]
-        return px, pos + n * 3
+        return bgr_words(raw, pos, n).reshape(th, tw), pos + n * 3
     if sub == 1:                                             # solid
         _need(raw, pos, 3)
-        return data[pos:pos + 3][::-1], pos + 3
+        b, g, r = raw[pos:pos + 3]
+        return word_of(r, g, b), pos + 3
     if 2 <= sub <= 16:                                       # packed palette
         _need(raw, pos, sub * 3)
-        palette = data[pos:pos + sub * 3].reshape(sub, 3)[:, ::-1]
+        palette = bgr_words(raw, pos, sub)
         pos += sub * 3
         bits = 1 if sub == 2 else 2 if sub <= 4 else 4
         row = (tw * bits + 7) // 8
@@ -205,14 +290,14 @@ def zrle_tile(raw: bytes, data: np.ndarray, pos: int, tw: int, th: int) -> tuple
     if sub >= 130:                                           # palette RLE
         size = sub - 128
         _need(raw, pos, size * 3)
-        palette = data[pos:pos + size * 3].reshape(size, 3)[:, ::-1]
+        palette = bgr_words(raw, pos, size)
         pos += size * 3
         colours, runs, pos = _palette_runs(raw, data, pos, n, tw, th, size)
-        pixels = palette[colours] if runs is None else np.repeat(palette[colours], runs, axis=0)
-        return pixels.reshape(th, tw, 3), pos
+        pixels = palette[colours] if runs is None else np.repeat(palette[colours], runs)
+        return pixels.reshape(th, tw), pos
     if sub == 128:                                           # plain RLE
         colours, runs, pos = _plain_runs(raw, data, pos, n, tw, th)
-        return np.repeat(colours[:, ::-1], runs, axis=0).reshape(th, tw, 3), pos
+        return np.repeat(_bgr_array_words(colours), runs).reshape(th, tw), pos
     raise DecodeError(f"ZRLE subencoding {sub} is not defined")
 
 

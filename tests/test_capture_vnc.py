@@ -26,7 +26,7 @@ from twisted.internet.task import deferLater
 from modules.common.screen.capture_vnc import (LOCAL_ENCODINGS, VncAddress, VncInjector, VncSource, VncSourceError,
                                                parse_vnc_url, read_password_file, vnc_screen_offer)
 from modules.common.screen.capture_x11 import Capture, DamageTracker
-from modules.common.screen.rfb_server import Rect
+from modules.common.screen.rfb_server import Rect, as_rgb
 from modules.common.screen.rfb_twisted import listen_vnc
 
 from .fixtures_x11 import require, stop_process, xvfb  # noqa: F401 - fixture
@@ -157,7 +157,8 @@ async def test_frames_arrive_and_input_passes_only_while_control_is_granted():
         # asks of the module's server
         assert port.factory.connections[-1].rfb.encodings == list(LOCAL_ENCODINGS)
         first = await off_reactor(source.capture)
-        assert np.array_equal(first.frame, picture.frame) and first.damage
+        assert first.frame.shape == (200, 320, 4)                # BGRX, as X11 captures are
+        assert np.array_equal(as_rgb(first.frame), picture.frame) and first.damage
         again = await off_reactor(source.capture)
         assert again.damage == [] and again.moves == []     # nothing new: no comparison even
         # the damage is what the local server updated, not a comparison of frames
@@ -171,7 +172,7 @@ async def test_frames_arrive_and_input_passes_only_while_control_is_granted():
             if update.damage:
                 break
             await deferLater(reactor, 0.02, lambda: None)
-        assert update.damage == [Rect(64, 0, 64, 64)] and np.array_equal(update.frame, changed)
+        assert update.damage == [Rect(64, 0, 64, 64)] and np.array_equal(as_rgb(update.frame), changed)
         # the local server's clipboard, both ways, in UTF-8 (its Extended Clipboard)
         port.factory.connections[-1].send_cut_text("Grüße aus 東京")
         await until(lambda: source.clipboard.get() == "Grüße aus 東京", "the server's clipboard")
@@ -386,7 +387,7 @@ async def test_tigervnc_x0vncserver_with_a_password(xvfb, tmp_path):  # noqa: F8
     try:
         await source.connect()
         assert source.size() == (1024, 768)
-        await until(lambda: np.abs(source.capture().frame.astype(np.int16) - grab(mss, xvfb.name))
+        await until(lambda: np.abs(as_rgb(source.capture().frame).astype(np.int16) - grab(mss, xvfb.name))
                     .mean() < 1.0, "the source's picture to match the display")
         marker = tmp_path / "typed-through-x0vncserver"
         injector = VncInjector(source, lambda: True)

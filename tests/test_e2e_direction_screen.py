@@ -134,7 +134,7 @@ async def test_the_screen_follows_a_direction_change_and_back(
         await until(lambda: window.remote_window is not None, timeout=60,
                     what="the supporter's screen in the customer's app")
         assert runner.consent.presenter.value == "supporter"
-        seen = window.remote_window.viewer.framebuffer()
+        seen = window.remote_window.viewer.rgb()
         assert seen.shape[:2] == (480, 640)
         assert difference(seen, supporter_display.name) < 3
         assert window.remote_window.windowTitle() == "Screen of alice"

@@ -354,6 +354,57 @@ def test_tight_jpeg_within_tolerance():
     assert diff.mean() < 2.0 and diff.max() < 24
 
 
+_KINDS = ("raw", "copyrect", "fill", "tight-copy", "palette-2", "palette-3", "palette-4",
+          "palette-5", "palette-16", "palette-17", "gradient", "zrle")
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(0, 2 ** 32 - 1),
+       st.lists(st.tuples(st.sampled_from(_KINDS), st.integers(0, 36), st.integers(0, 20),
+                          st.integers(1, 37), st.integers(1, 21), st.booleans()),
+                min_size=1, max_size=8))
+def test_random_rects_give_bgrx_words_of_the_reference_picture(seed, specs):
+    """Any mix of rects, full-width or not, at any place: the client's ``pixels`` are B G R 255
+    of the picture the rects describe (kept here as RGB with numpy slicing), and
+    ``framebuffer`` is that picture."""
+    rng = np.random.default_rng(seed)
+    W, H = 37, 21
+    client = connected(W, H)
+    tight, zrle = TightEncoder(), ZrleEncoder()
+    expected = np.zeros((H, W, 3), np.uint8)
+    rects = []
+    for kind, x, y, w, h, full_width in specs:
+        if full_width:
+            x, w = 0, W
+        x, y = min(x, W - 1), min(y, H - 1)
+        w, h = min(w, W - x), min(h, H - y)
+        colours = int(kind.split("-")[1]) if kind.startswith("palette") else None
+        img = random_image(rng, h, w, colours)
+        if kind == "raw":
+            rects.append(raw_rect(x, y, img))
+        elif kind == "copyrect":
+            sx, sy = int(rng.integers(0, W - w + 1)), int(rng.integers(0, H - h + 1))
+            rects.append(copy_rect(x, y, w, h, sx, sy))
+            img = expected[sy:sy + h, sx:sx + w].copy()
+        elif kind == "fill":
+            img[:] = img[0, 0]
+            rects.append(tight.fill(x, y, w, h, tuple(int(v) for v in img[0, 0])))
+        elif kind == "tight-copy":
+            rects.append(tight.copy(x, y, img))
+        elif colours is not None:
+            rects.append(tight.palette(x, y, img))
+        elif kind == "gradient":
+            rects.append(tight.gradient(x, y, img))
+        else:
+            rects.append(zrle.rect(x, y, img))
+        expected[y:y + h, x:x + w] = img
+    stream = b"".join(update(r) for r in rects)     # one update per rect: CopyRect sees the last
+    client.receive(stream)
+    assert np.array_equal(client.pixels[..., 2::-1], expected)
+    assert (client.pixels[..., 3] == 255).all()
+    assert np.array_equal(client.framebuffer, expected)
+
+
 def test_pseudo_encodings_desktop_size_last_rect_cursor():
     client = connected(32, 32)
     cursor_px = np.zeros((3, 10, 4), np.uint8)

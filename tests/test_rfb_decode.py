@@ -234,21 +234,43 @@ def test_tile_data_from_a_zlib_stream_is_a_bytes_prefix():
 
 def test_tight_palette_matches_indexing_for_every_table_shape():
     """Two colours (bitmap rows), up to 4 and up to 16 colours (indices packed into one table
-    row where the width allows), more: all equal ``palette[idx]``; an index beyond the palette
-    is refused."""
-    from protocol.rfb_decode import tight_palette
+    row where the width allows), more: all give the framebuffer words of ``palette[idx]``
+    (B G R 255 in memory); an index beyond the palette is refused."""
+    from protocol.rfb_decode import tight_palette, words_as_rgb
     rng = np.random.default_rng(3)
     for n in (2, 3, 4, 5, 16, 17, 200):
         for w in (1, 2, 3, 4, 6, 8, 17, 64):
             pal = rng.integers(0, 256, (n, 3), dtype=np.uint8)
             idx = rng.integers(0, n, (3, w), dtype=np.uint8)
             data = np.packbits(idx, axis=1).tobytes() if n == 2 else idx.tobytes()
-            assert np.array_equal(tight_palette(pal, data, w, 3), pal[idx]), (n, w)
-            fb = np.zeros((5, w, 3), np.uint8)           # a full-width rect of a framebuffer
+            words = tight_palette(pal, data, w, 3)
+            assert np.array_equal(words_as_rgb(words), pal[idx]), (n, w)
+            assert (words >> 24 == 0xFF).all()
+            fb = np.zeros((5, w), np.uint32)             # a full-width rect of a framebuffer
             target = fb[1:4]
             got = tight_palette(pal, data, w, 3, out=target)
-            assert np.array_equal(got, pal[idx]), (n, w)
+            assert np.array_equal(words_as_rgb(got), pal[idx]), (n, w)
             assert got is target or w != 64              # in place where whole rows fit
             assert not fb[0].any() and not fb[4].any()
     with pytest.raises(DecodeError, match="index 3 beyond 3"):
         tight_palette(np.zeros((3, 3), np.uint8), bytes([0, 1, 2, 3]), 4, 1)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 40), st.integers(1, 12), st.integers(0, 7), st.booleans(), st.data())
+def test_rgb_and_bgr_bytes_become_the_same_words_as_the_reference(w, h, offset, tail, data):
+    """The stride-3 word views (``rgb_into``, ``bgr_words``) give 0xFFRRGGBB for every pixel
+    wherever the pixels sit in their buffer: at its start, after ``offset`` bytes, up to its
+    last byte or before more bytes."""
+    from protocol.rfb_decode import bgr_words, rgb_into, words_as_rgb
+    rgb = np.frombuffer(data.draw(st.binary(min_size=w * h * 3, max_size=w * h * 3)),
+                        np.uint8).reshape(h, w, 3)
+    pad = b"\xa5" * offset
+    buf = pad + rgb.tobytes() + (b"\x5a" if tail else b"")
+    out = np.zeros((h + 2, w + 2), np.uint32)          # written inside, left alone around
+    rgb_into(out[1:-1, 1:-1], buf, offset)
+    assert np.array_equal(words_as_rgb(out[1:-1, 1:-1]), rgb)
+    assert (out[1:-1, 1:-1] >> 24 == 0xFF).all() and not out[0].any() and not out[:, 0].any()
+    bgr = pad + rgb[..., ::-1].tobytes() + (b"\x5a" if tail else b"")
+    words = bgr_words(bgr, offset, w * h)
+    assert np.array_equal(words_as_rgb(words).reshape(h, w, 3), rgb)

@@ -353,7 +353,7 @@ class SessionTab(QWidget, SessionDelegate):
 
     def remote_screen(self, screen) -> None:
         self.viewer = FramebufferWidget(
-            lambda: screen.protocol.framebuffer, self.runner.pointer, self.runner.key,
+            lambda: screen.protocol.pixels, self.runner.pointer, self.runner.key,
             self._control_held, lock=screen.protocol.framebuffer_lock)
         self.waiting.hide()
         self.viewer_area = scrollable(self.viewer)

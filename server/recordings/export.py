@@ -58,7 +58,8 @@ def to_mp4(chunks: Iterable[bytes], unwrap: Callable[[dict], bytes], out: Path,
     last_pts = -1
     w = h = 0
     try:
-        for t_ms, picture in frames(entries(chunks, unwrap, state), fps):
+        # B G R 255 pictures as the RFB client keeps them: libswscale takes them as "bgra"
+        for t_ms, picture in frames(entries(chunks, unwrap, state), fps, bgrx=True):
             if stream is None:
                 h, w = picture.shape[:2]
                 stream = container.add_stream("libx264", rate=int(fps))
@@ -69,13 +70,13 @@ def to_mp4(chunks: Iterable[bytes], unwrap: Callable[[dict], bytes], out: Path,
                 stream.time_base = Fraction(1, 1000)
                 stream.options = {"preset": "ultrafast", "crf": "23"}
             if picture.shape[:2] != (h, w):  # the desktop was resized: fit into the first size
-                fitted = np.zeros((h, w, 3), np.uint8)
+                fitted = np.zeros((h, w, 4), np.uint8)
                 ph, pw = min(h, picture.shape[0]), min(w, picture.shape[1])
                 fitted[:ph, :pw] = picture[:ph, :pw]
                 picture = fitted
             if (w & 1) or (h & 1):
                 picture = np.pad(picture, ((0, h & 1), (0, w & 1), (0, 0)))
-            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(picture), format="rgb24")
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(picture), format="bgra")
             if t_ms <= last_pts:
                 continue  # the final picture at the same instant as the last change
             frame.pts = t_ms

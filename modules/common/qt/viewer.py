@@ -59,8 +59,9 @@ def keysym_of(key: int, text: str) -> int | None:
 
 
 class FramebufferWidget(QWidget):
-    """Paints ``framebuffer()`` (H x W x 3 RGB); ``pointer(mask, x, y)`` and ``key(down,
-    keysym)`` are the RFB client's sending methods."""
+    """Paints ``framebuffer()``: ``H x W x 4`` B G R 255 (the RFB client's ``pixels``, painted
+    as ``QImage.Format_RGB32`` without a conversion) or ``H x W x 3`` RGB; ``pointer(mask, x,
+    y)`` and ``key(down, keysym)`` are the RFB client's sending methods."""
 
     def __init__(self, framebuffer: Callable[[], np.ndarray], pointer: Callable[[int, int, int], Any],
                  key: Callable[[bool, int], Any], input_enabled: Callable[[], bool],
@@ -85,6 +86,11 @@ class FramebufferWidget(QWidget):
         self.setSizePolicy(QSizePolicy.Expanding, QSizePolicy.Expanding)
 
     # --- drawing -------------------------------------------------------------------------------
+    def rgb(self) -> np.ndarray:
+        """The picture shown, ``H x W x 3`` RGB (a view)."""
+        fb = self.framebuffer()
+        return fb[..., 2::-1] if fb.shape[2] == 4 else fb
+
     def remote_size(self) -> QSize:
         fb = self.framebuffer()
         return QSize(fb.shape[1], fb.shape[0])
@@ -155,9 +161,10 @@ class FramebufferWidget(QWidget):
         with self.lock:
             fb = self.framebuffer()
             if fb.size:
-                fb = np.ascontiguousarray(fb)
+                if fb.shape[2] != 4 or fb.strides[1:] != (4, 1):
+                    fb = np.ascontiguousarray(fb)
                 image = QImage(fb.data, fb.shape[1], fb.shape[0], fb.strides[0],
-                               QImage.Format_RGB888)
+                               QImage.Format_RGB32 if fb.shape[2] == 4 else QImage.Format_RGB888)
                 painter.setRenderHint(QPainter.SmoothPixmapTransform, self.fit)
                 painter.drawImage(target, image)
                 self.frames_painted += 1
@@ -302,7 +309,7 @@ class RemoteScreenDelegate:
         runner = self._screen_runner()
         self.remote_screen_closed()
         self.remote_window = RemoteScreenWindow(
-            self._screen_title(), lambda: screen.protocol.framebuffer, runner.pointer,
+            self._screen_title(), lambda: screen.protocol.pixels, runner.pointer,
             runner.key, lambda: not runner.done.called and runner.consent.holds("control"),
             lock=screen.protocol.framebuffer_lock)
         self.remote_window.show()

@@ -472,7 +472,8 @@ class VncSource:
             return protocol.client.width, protocol.client.height
 
     def capture(self, tracker: DamageTracker | None = None) -> Capture:
-        """The current framebuffer (a copy, RGB) and what changed since ``tracker`` saw it:
+        """The current framebuffer (a copy, BGRX as the client keeps it and as X11 delivers
+        it) and what changed since ``tracker`` saw it:
         the rects the local server updated meanwhile (no comparison of frames, which for
         1920x1080 RGB costs about 20 times the copy)."""
         tracker = tracker or self._tracker
@@ -482,7 +483,7 @@ class VncSource:
                 if tracker.prev is not None:   # disconnected meanwhile: the last frame, still
                     return Capture(tracker.prev, [], [], None)
                 raise VncSourceError(f"the local VNC server {self.address} is not connected")
-            fb = protocol.client.framebuffer
+            fb = protocol.client.pixels
             version, cursor = self._version, self._cursor
             prev = tracker.prev
             if prev is not None and prev.shape == fb.shape and \

@@ -70,11 +70,17 @@ class RFBClientProtocol(Protocol):
             self.client.update_started = self._update_started
 
     @property
-    def framebuffer(self) -> np.ndarray:
-        """The picture to show: whole updates only (with ``decode_thread``, the front buffer)."""
+    def pixels(self) -> np.ndarray:
+        """The picture to show, ``H x W x 4`` B G R 255 (``QImage.Format_RGB32``): whole updates
+        only (with ``decode_thread``, the front buffer)."""
         if self._decoder is not None:
             return self._decoder.front
-        return self.client.framebuffer
+        return self.client.pixels
+
+    @property
+    def framebuffer(self) -> np.ndarray:
+        """``pixels`` as an ``H x W x 3`` RGB view."""
+        return self.pixels[..., 2::-1]
 
     # --- Twisted ---------------------------------------------------------------------------
     def dataReceived(self, data: bytes) -> None:
@@ -189,7 +195,7 @@ class FrameDecoder:
         self.protocol = protocol
         self.client = protocol.client
         self.call_in_reactor = call_in_reactor
-        self.front = np.zeros((0, 0, 3), np.uint8)
+        self.front = np.zeros((0, 0, 4), np.uint8)
         self.running = True
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self.client.update_applied = self._publish
@@ -210,7 +216,7 @@ class FrameDecoder:
 
     def _publish(self, rects) -> None:
         """Decoder thread, at the end of a FramebufferUpdate: copy what changed to the front."""
-        back = self.client.framebuffer
+        back = self.client.pixels
         with self.protocol.framebuffer_lock:
             if self.front.shape != back.shape:
                 self.front = back.copy()

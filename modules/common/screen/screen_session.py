@@ -59,8 +59,9 @@ class FramebufferSource:
     hide_background = False
 
     def __init__(self, framebuffer: Callable[[], np.ndarray], framebuffer_lock: Any = None) -> None:
-        """``framebuffer_lock``: held while the picture is copied (the viewer's decoder thread
-        publishes whole updates under it)."""
+        """``framebuffer``: the viewer's picture, ``H x W x 4`` B G R X (the RFB client's
+        ``pixels``; a capture is a copy of it); ``framebuffer_lock``: held while the picture is
+        copied (the viewer's decoder thread publishes whole updates under it)."""
         self._framebuffer = framebuffer
         self._framebuffer_lock = framebuffer_lock or threading.Lock()
         self._tracker = DamageTracker(detect_scroll=False)
@@ -73,10 +74,7 @@ class FramebufferSource:
     def capture(self, tracker: DamageTracker | None = None) -> Capture:
         with self._lock:
             with self._framebuffer_lock:
-                rgb = self._framebuffer()
-                frame = np.empty(rgb.shape[:2] + (4,), np.uint8)
-                frame[..., 0], frame[..., 1], frame[..., 2] = rgb[..., 2], rgb[..., 1], rgb[..., 0]
-            frame[..., 3] = 0
+                frame = self._framebuffer().copy()
             damage, moves = (tracker or self._tracker).update(frame)
             return Capture(frame, damage, moves, None)
 
@@ -169,7 +167,7 @@ class ViewerScreen:
 
     def serve_vnc(self, where: str) -> Any:
         """A local RFB server on ``where`` (``127.0.0.1:5901``) showing the remote screen."""
-        source = FramebufferSource(lambda: self.protocol.framebuffer,
+        source = FramebufferSource(lambda: self.protocol.pixels,
                                    self.protocol.framebuffer_lock)
         self.vnc_port = listen_vnc(self.reactor, where, source,
                                    RemoteInjector(self.reactor, self.protocol))
