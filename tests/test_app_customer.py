@@ -18,7 +18,7 @@ import pytest_twisted
 from PySide6.QtTest import QTest
 
 from .fixtures_qt import qt_app, screenshot, until  # noqa: F401 - fixture
-from .fixtures_server import run_cli
+from .fixtures_server import free_port, run_cli
 from .fixtures_x11 import xvfb  # noqa: F401 - fixture
 from .module_process import ModuleProcess
 from .test_e2e_recording import recordings
@@ -61,6 +61,7 @@ async def test_customer_app_consents_and_stops(qt_app, running_server, enrolled_
     for number, language in enumerate(("en", "de"), 1):
         folder = tmp_path / language
         folder.mkdir()
+        await server_not_reachable(qt_app, running_server, language)
         await one_session(qt_app, running_server, enrolled_supporter, xvfb, folder, language,
                           number)
     await recorded_session_cut_off(qt_app, running_server, enrolled_supporter, xvfb, tmp_path)
@@ -71,6 +72,38 @@ UNKNOWN_ID = {
           "again.",
     "de": "Zu dieser ID gibt es keine Sitzung. Prüfen Sie die acht Ziffern mit Ihrem Supporter "
           "und versuchen Sie es noch einmal."}
+
+
+UNREACHABLE = {
+    "en": "The support server cannot be reached. Check this computer's network connection and "
+          "try again in a moment.",
+    "de": "Der Support-Server ist nicht erreichbar. Prüfen Sie die Netzwerkverbindung dieses "
+          "Computers und versuchen Sie es gleich noch einmal."}
+
+
+async def server_not_reachable(qt_app, srv, language: str) -> None:
+    """A server address nobody answers at (a closed port on 127.0.0.1): the window says in
+    plain words that the server cannot be reached, not a socket error."""
+    from twisted.internet import reactor
+
+    from modules.common.qt.i18n import install_translation
+    from modules.customer.gui import CustomerWindow
+    install_translation(qt_app, language)
+    window = CustomerWindow(reactor, f"https://127.0.0.1:{free_port()}", srv.fingerprint,
+                            language=language)
+    try:
+        window.show()
+        QTest.keyClicks(window.first, "1234")
+        QTest.keyClicks(window.second, "5678")
+        window.connect_button.click()
+        await until(lambda: window.status_label.text() == UNREACHABLE[language]
+                    and window.connect_button.isEnabled(), what="the unreachable server said")
+        label = window.status_label     # all of its lines shown, none cut off
+        await until(lambda: label.height() >= label.heightForWidth(label.width()),
+                    timeout=5, what="room for the whole sentence")
+        screenshot(window, f"customer-unreachable-{language}")
+    finally:
+        window.close()
 
 
 async def one_session(qt_app, srv, enrolled_supporter, xvfb, tmp_path,  # noqa: F811 - fixtures

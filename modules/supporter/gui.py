@@ -28,7 +28,6 @@ from protocol.runtime import run_blocking
 from ..common.link import enrollment
 from ..common.errors import NotConnected
 from ..common.link.connection import address_of, addresses_of, connect, hello
-from ..common.link.failures import explain
 from ..common.session.consent import (
     Event, Right, RightDenied, RightRevoked, Role,
 )
@@ -534,7 +533,7 @@ class SupporterWindow(QMainWindow):
             self.offline_text = t("Offline, reconnecting to {server} ...").format(
                 server=f"{server.host}:{server.port}")
             if isinstance(why, BaseException):
-                self.offline_text += " " + error_sentence(explain(why))
+                self.offline_text += " " + error_sentence(why)
         self._fill()
 
     def _fill(self) -> None:

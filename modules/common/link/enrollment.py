@@ -35,6 +35,15 @@ class EnrollmentFailed(RuntimeError):
     """One line for the user: what went wrong and what to do."""
 
 
+class ServerUnreachable(EnrollmentFailed):
+    """The server's web port could not be reached (network, proxy, server down): nothing to
+    fix in the module, so the apps say it in plain words."""
+
+
+class WrongServer(EnrollmentFailed):
+    """The server's CA is not the pinned one: another server or an interception."""
+
+
 class ServerConfigUnusable(EnrollmentFailed):
     """A ``--server-config`` file that cannot be used; a usage error, so the CLI exits 2."""
 
@@ -104,7 +113,7 @@ def fetch_pinned_ca(server: str, expected_fingerprint: str, timeout: float = 15)
         raise EnrollmentFailed(f"{server} did not send a CA certificate at {api.CA_PATH}")
     got = fingerprint(ca)
     if got != expected:
-        raise EnrollmentFailed(f"the server's CA fingerprint is {got}, not the expected {expected}: "
+        raise WrongServer(f"the server's CA fingerprint is {got}, not the expected {expected}: "
                                "wrong server or an interception; nothing was sent")
     return ca
 
@@ -146,10 +155,10 @@ def _request(url: str, body: dict[str, Any] | None, ctx: ssl.SSLContext, timeout
             raise EnrollmentFailed(f"the proxy {through.shown} refused CONNECT to "
                                    f"{parts.hostname}:{parts.port or 443}: {status}")
         if through is not None:
-            raise EnrollmentFailed(f"cannot reach {url} through the proxy {through.shown}: {reason}")
-        raise EnrollmentFailed(f"cannot reach {url}: {reason}")
+            raise ServerUnreachable(f"cannot reach {url} through the proxy {through.shown}: {reason}")
+        raise ServerUnreachable(f"cannot reach {url}: {reason}")
     except (OSError, ssl.SSLError) as exc:
-        raise EnrollmentFailed(f"cannot reach {url}: {exc}")
+        raise ServerUnreachable(f"cannot reach {url}: {exc}")
 
 
 def _new_key_and_csr(identity: Identity | None):

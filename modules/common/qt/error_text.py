@@ -2,16 +2,21 @@
 
 The session core and the server link raise ``ModuleError``s with one English sentence (what the
 CLI prints).  For the failures a person meets most — a wrong password or ID, an ID that does not
-exist, a lock-out, a host that is offline — the apps show a translated sentence instead, found by
+exist, a lock-out, a host that is offline, a server that cannot be reached or is not the
+expected one — the apps show a translated sentence instead, found by
 the error's type or its cause (``raise ModuleError(...) from exc``); anything else keeps the
 English detail behind a translated "Error:".
 """
 
 from __future__ import annotations
 
+from twisted.internet import defer, error as net_error
+
 from protocol import control
 
 from ..errors import NotConnected
+from ..link.enrollment import ServerUnreachable, WrongServer
+from ..link.failures import explain
 
 from ..session.channel_events import FailureKind
 from ..session.channel_twisted import ChannelFailure
@@ -28,7 +33,14 @@ SENTENCES: dict[type, str] = {
                            "Try again later or tell your administrator.",
     NotConnected: "Not connected to the server right now; the list reconnects by itself. Try "
                   "again in a moment.",
+    WrongServer: "This is not the expected support server (its identity does not match). Do "
+                 "not continue, and tell your supporter.",
 }
+UNREACHABLE = ("The support server cannot be reached. Check this computer's network connection "
+               "and try again in a moment.")
+#: the web port or the module port could not be reached, or did not answer in time
+UNREACHABLE_TYPES = (ServerUnreachable, net_error.ConnectError, net_error.TimeoutError,
+                     defer.TimeoutError)
 WRONG_SECRET = ("The password or ID does not match, so the session was not started. Check it "
                 "and try again.")
 
@@ -50,4 +62,10 @@ def error_sentence(failure_or_exc) -> str:
         for kind, sentence in SENTENCES.items():
             if isinstance(cause, kind):
                 return t(sentence)
+        if isinstance(cause, UNREACHABLE_TYPES):
+            return t(UNREACHABLE)
+    # anything else keeps its English sentence; a bare Twisted or TLS error is said as the CLI
+    # says it (what happened and what to do), not as a library's message
+    if type(exc).__module__.split(".")[0] in ("twisted", "OpenSSL"):
+        exc = explain(exc)
     return t("Error: {message}").format(message=str(exc) or type(exc).__name__)

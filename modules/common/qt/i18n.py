@@ -64,6 +64,14 @@ GERMAN: dict[str, str] = {
     "administrator.":
         "Der Server kann Sitzungen gerade nicht aufzeichnen, daher startet keine. Versuchen Sie "
         "es später noch einmal oder wenden Sie sich an Ihre Administration.",
+    "This is not the expected support server (its identity does not match). Do not continue, "
+    "and tell your supporter.":
+        "Das ist nicht der erwartete Support-Server (seine Identität stimmt nicht). Fahren Sie "
+        "nicht fort und sagen Sie es Ihrem Supporter.",
+    "The support server cannot be reached. Check this computer's network connection and try "
+    "again in a moment.":
+        "Der Support-Server ist nicht erreichbar. Prüfen Sie die Netzwerkverbindung dieses "
+        "Computers und versuchen Sie es gleich noch einmal.",
     "Not connected to the server right now; the list reconnects by itself. Try again in a "
     "moment.":
         "Gerade nicht mit dem Server verbunden; die Liste verbindet sich von selbst neu. "
