@@ -462,6 +462,30 @@ def test_bad_rects(rect, reason):
     assert client.buffered == 0
 
 
+@settings(max_examples=40, deadline=None)
+@given(st.binary(min_size=1, max_size=3000), st.lists(st.integers(1, 300), max_size=12))
+def test_tight_inflater_equals_zlib_however_the_stream_is_cut(data, cuts):
+    """Raw inflating after the checked 2-byte header gives zlib's bytes, for any split of the
+    compressed stream (the header itself may come one byte at a time); a bad header is
+    refused as zlib refuses it."""
+    from protocol.rfb_client import TightInflater
+    z = zlib.compressobj()
+    comp = z.compress(data) + z.flush(zlib.Z_SYNC_FLUSH)
+    inflater, out, pos = TightInflater(), b"", 0
+    for n in cuts + [len(comp)]:
+        out += inflater.decompress(comp[pos:pos + n], 1 << 20)
+        pos += n
+    assert out == data
+    for bad in (b"\x78\x9d", b"\x79\x9c", b"\x78\xbb"):    # check bits, method, FDICT
+        with pytest.raises(zlib.error):
+            TightInflater().decompress(bad + comp[2:], 1 << 20)
+    client = connected(64, 48)
+    rect = TightEncoder().copy(0, 0, np.zeros((8, 8, 3), np.uint8))
+    at = rect.index(b"\x78")                       # the stream's zlib header (CMF 0x78)
+    with pytest.raises(RFBClientError, match="zlib stream 0 is corrupt"):
+        client.receive(update(rect[:at] + b"\x78\x00" + rect[at + 2:]))
+
+
 def test_zrle_garbage_and_overflowing_runs():
     client = connected(64, 64)
     with pytest.raises(RFBClientError, match="zlib stream is corrupt"):

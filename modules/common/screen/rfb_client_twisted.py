@@ -16,11 +16,12 @@ flight.
 
 ``decode_thread=True`` (the supporter's viewer): the bytes are decoded in a thread of their own
 (``FrameDecoder``) so the GUI loop that runs the reactor keeps handling input while a large
-update decodes.  The decoder writes the client's back buffer; ``framebuffer`` is then a front
-buffer that only ever holds whole FramebufferUpdates: at the end of each update the decoder
-copies what changed into it while holding ``framebuffer_lock``, and whoever draws the front
-buffer holds that lock too (a memory copy, never a decode).  Events and the handshake's answers
-are handed to the reactor thread in the order they arose.
+update decodes.  The decoder writes the client's back buffer; ``pixels`` (and its RGB view
+``framebuffer``) is then a front buffer that only ever holds whole FramebufferUpdates: at the end
+of each update the decoder swaps the two while holding ``framebuffer_lock`` and then, outside it,
+copies what changed into the new back buffer; whoever draws the front buffer holds that lock too
+(it waits for a swap, never for a decode or a copy).  Events and the handshake's answers are
+handed to the reactor thread in the order they arose, an update's as soon as it is whole.
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 
 from protocol.rfb_client import DESKTOP_SIZE as DESKTOP_SIZE_ENCODING
-from protocol.rfb_client import (DEFAULT_ENCODINGS, Event, FramebufferUpdated, RFBClient, RFBClientError,
-                         ScreenLimit, ServerInit, DesktopResized)
+from protocol.rfb_client import (DEFAULT_ENCODINGS, Event, FramebufferUpdated, Rect, RFBClient,
+                                 RFBClientError, ScreenLimit, ServerInit, DesktopResized)
 
 
 class RFBClientProtocol(Protocol):
@@ -215,25 +216,33 @@ class FrameDecoder:
         self._queue.put(then)
 
     def _publish(self, rects) -> None:
-        """Decoder thread, at the end of a FramebufferUpdate: copy what changed to the front."""
+        """Decoder thread, at the end of a FramebufferUpdate: the back buffer becomes the front
+        (a swap under the lock, no copy), the update's events go to the reactor at once (not
+        after the rest of the bytes at hand are decoded), and then, while the GUI paints, the
+        new back buffer catches up with what this update changed."""
         back = self.client.pixels
+        areas = [r for r in rects if r.encoding >= 0 or r.encoding == DESKTOP_SIZE_ENCODING]
         with self.protocol.framebuffer_lock:
             if self.front.shape != back.shape:
                 self.front = back.copy()
-                return
-            areas = [r for r in rects if r.encoding >= 0 or r.encoding == DESKTOP_SIZE_ENCODING]
-            if not areas:
-                return
-            if len(areas) <= 8:
-                for r in areas:
-                    self.front[r.y:r.y + r.height, r.x:r.x + r.width] = \
-                        back[r.y:r.y + r.height, r.x:r.x + r.width]
-                return
+                areas = []
+            elif areas:
+                spare, self.front = self.front, back
+                self.client.use_pixels(spare)
+        self.call_in_reactor(self.protocol._decoded, self.client.data_to_send(),
+                             self.client.take_events())
+        if not areas:
+            return
+        front, spare = self.front, self.client.pixels   # only this thread ever writes either
+        if len(areas) > 8:
             x0 = min(r.x for r in areas)
             y0 = min(r.y for r in areas)
             x1 = max(r.x + r.width for r in areas)
             y1 = max(r.y + r.height for r in areas)
-            self.front[y0:y1, x0:x1] = back[y0:y1, x0:x1]
+            areas = [Rect(x0, y0, x1 - x0, y1 - y0, 0)]
+        for r in areas:
+            spare[r.y:r.y + r.height, r.x:r.x + r.width] = \
+                front[r.y:r.y + r.height, r.x:r.x + r.width]
 
     def _run(self) -> None:
         while True:
