@@ -305,6 +305,19 @@ def test_any_sps_bytes_give_a_size_or_a_named_error(body):
 
 
 # ------------------------------------------------------------------ server's adaptive choice
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([0.0, 0.005, 0.02, 0.05, 0.3, 0.6, 1.0]),
+                          st.booleans(), st.sampled_from([0.0, 0.3, 0.6, 1.0])), max_size=30))
+def test_skipping_the_photo_sample_never_changes_a_choice(updates):
+    """``needs_photo`` False means the choice does not depend on the photo share: a mode fed
+    0.0 then decides every update exactly as one fed the true share."""
+    from modules.common.screen.rfb_server import _VideoMode
+    sampled, skipped = _VideoMode(), _VideoMode()
+    for changed, full, photo in updates:
+        lazy = photo if skipped.needs_photo(changed) else 0.0
+        assert sampled.choose(changed, full, photo) == skipped.choose(changed, full, lazy)
+
+
 def test_full_screen_video_goes_as_h264_then_a_lossless_repaint():
     server, client = pair()
     first = picture(0)
