@@ -10,7 +10,9 @@ time and median CPU time of this process (all threads: x264 and swscale work in 
 which moves much less with the machine's load than wall time does.  Stages:
 
 * capture: ``mss`` grab alone (XShmGetImage), then ``ScreenSource.capture`` (grab, copy,
-  tile damage, scroll detection, cursor) as the server runs it;
+  tile damage, scroll detection, cursor) as the server runs it in a series of full-screen
+  changes (one tracker, alternating pictures), then the server's decision for such a change
+  (``prepare_update``: damage, H.264 or not);
 * the server's encodings of the whole frame: Tight (lossless, as our viewer asks without a
   quality level; and with JPEG quality 8), and H.264 (``H264Encoder``: colour conversion +
   libx264 ultrafast/zerolatency);
@@ -81,16 +83,34 @@ def main() -> None:
         wall, cpu, _ = measure(src.grab, args.repeat)
         rows.append(("capture: grab + copy to numpy", wall, cpu, ""))
         k = [0]
+        series = DamageTracker(True)
 
         def full_capture():
             painter.show_picture(k[0] % 4)
             k[0] += 1
-            tracker = DamageTracker(True)
-            tracker.prev = grabs["text"][(k[0] + 1) % 4]
-            return src.capture(tracker)
+            return src.capture(series)
         wall, cpu, _ = measure(full_capture, args.repeat)
         rows.append(("capture(): grab, damage, scroll check, cursor", wall, cpu,
-                     "includes an X copy_area"))
+                     "a series of full changes; includes an X copy_area"))
+        server = RFBServer((width, height), name="bench")
+        server.receive(b"RFB 003.008\n\x01\x01")
+        server.data_to_send()
+        server.encodings = [TIGHT, H264]
+        shown = [0]
+
+        def decide():
+            cap = full_capture()
+            server._pending = Rect(0, 0, width, height)
+            c0 = time.process_time()
+            prepared = server.prepare_update(cap.frame, cap.damage, moves=cap.moves)
+            decided.append(time.process_time() - c0)
+            shown[0] += prepared.h264
+            return prepared
+        decided: list[float] = []
+        measure(decide, args.repeat)
+        rows.append(("decide (prepare_update) in a series of full changes",
+                     float("nan"), float(np.median(decided)) * 1e3,
+                     f"{shown[0]} of {args.repeat + 1} as H.264"))
 
         for kind in ("text", "video"):
             frames = grabs[kind]

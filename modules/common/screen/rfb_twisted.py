@@ -106,7 +106,7 @@ class RFBServerProtocol(Protocol):
         self.rfb = RFBServer(self.source, name=self.name)
         if hasattr(self.transport, "setTcpNoDelay"):
             # an update's last segment must not wait for the viewer's delayed ACK (Nagle):
-            # that held every other full-screen frame back by ~40 ms
+            # that held 11-22 % of full-screen H.264 frames back by ~40 ms (bench/README.md)
             self.transport.setTcpNoDelay(True)
         self._write(self.rfb.initial())
         watch = getattr(self.source, "watch_changes", None)
