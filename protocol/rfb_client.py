@@ -231,6 +231,11 @@ class RFBClient:
         # last of ``take_events()``), before any later byte is decoded: a decoder thread
         # publishes a consistent picture from here
         self.update_applied: Callable[[tuple[Rect, ...]], None] | None = None
+        # called after every pixel of a rect was written (x, y, w, h), and before pixels are
+        # read that this update may not have written (CopyRect's source): a decoder thread that
+        # swaps buffers knows from these what its back buffer still lacks
+        self.rect_written: Callable[[int, int, int, int], None] | None = None
+        self.pixels_read: Callable[[], None] | None = None
         # called when a FramebufferUpdate's header has arrived, before its rects are decoded: a
         # viewer asks for the next update here, so the server prepares it while this one decodes
         self.update_started: Callable[[], None] | None = None
@@ -464,6 +469,8 @@ class RFBClient:
                 if sx + w > self.width or sy + h > self.height:
                     raise RFBClientError(f"CopyRect source {sx},{sy} {w}x{h} is outside the "
                                          f"{self.width}x{self.height} framebuffer")
+                if self.pixels_read is not None:
+                    self.pixels_read()
                 self.words[y:y + h, x:x + w] = self.words[sy:sy + h, sx:sx + w].copy()
                 self.decoded["copyrect"] += 1
             elif enc == ZRLE:
@@ -475,6 +482,8 @@ class RFBClient:
                 yield from self._h264_rect(x, y, w, h)
             else:
                 raise RFBClientError(f"rect with encoding {enc} that was not asked for")
+            if enc != H264 and self.rect_written is not None:
+                self.rect_written(x, y, w, h)
             rects.append(rect)
         done = tuple(rects)
         self._events.append(FramebufferUpdated(done))
@@ -542,6 +551,8 @@ class RFBClient:
             raise RFBClientError(str(exc)) from None
         if pixels is not None:     # RGB (libswscale's "bgra" is the faster but coarser path)
             rgb_array_into(self.words[y:y + h, x:x + w], pixels)
+            if self.rect_written is not None:
+                self.rect_written(x, y, w, h)
         self.decoded["h264"] += 1
 
     # --- Tight -------------------------------------------------------------------------------

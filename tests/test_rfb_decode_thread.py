@@ -9,12 +9,15 @@ import queue
 import threading
 
 import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from twisted.internet.testing import StringTransport
 
 from modules.common.screen.rfb_client_twisted import RFBClientProtocol
 from modules.common.screen.screen_session import ViewerScreen
-from protocol.rfb_client import FramebufferUpdated, ServerInit
-from tests.test_rfb_client import handshake, raw_rect, update
+from protocol.rfb_client import FramebufferUpdated, RFBClient, ServerInit
+from tests.test_rfb_client import (TightEncoder, ZrleEncoder, copy_rect, handshake, random_image,
+                                   raw_rect, update)
 
 W, H = 1920, 1080
 WAIT = 60
@@ -154,3 +157,57 @@ def test_the_shipped_viewer_sends_input_while_a_large_update_decodes():
     assert screen.first_frame.called
     assert sent.count(next_request) == 1                  # no second request after the update
     screen.stop()
+
+
+_UPDATE_KINDS = ("raw", "fill", "palette", "copyrect", "zrle")
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(0, 2 ** 32 - 1),
+       st.lists(st.lists(st.tuples(st.sampled_from(_UPDATE_KINDS), st.integers(0, 63),
+                                   st.integers(0, 47), st.integers(1, 64), st.integers(1, 48)),
+                         min_size=1, max_size=12), min_size=1, max_size=6),
+       st.integers(0, 90))
+def test_the_swapped_front_buffer_shows_every_update_as_one_client_decodes_it(seed, updates,
+                                                                               tiles):
+    """The decoder thread swaps front and back buffers and lets the back catch up lazily (less
+    what later rects overwrite; CopyRect reads a caught-up back): after every update the front
+    is exactly the picture a plain client decodes, whatever the mix and size of the rects, and
+    also after an update of up to 90 small tiles (more pieces of lag than are kept)."""
+    rng = np.random.default_rng(seed)
+    w, h = 64, 48
+    reactor, events = Reactor(), []
+    protocol = RFBClientProtocol(on_event=events.append, decode_thread=True,
+                                 call_in_reactor=reactor.call)
+    protocol.makeConnection(StringTransport())
+    reference = RFBClient()
+    for client_feed in (protocol.dataReceived, reference.receive):
+        client_feed(handshake(w, h))
+    reactor.run_until(lambda: any(isinstance(e, ServerInit) for e in events))
+    tight, zrle_enc = TightEncoder(), ZrleEncoder()
+    messages = []
+    grid = [("fill", x, y, 8, 8) for y in range(0, h, 8) for x in range(0, w, 8)][:tiles]
+    for spec in updates + ([grid] if grid else []):
+        rects = []
+        for kind, x, y, rw, rh in spec:
+            x, y = min(x, w - 1), min(y, h - 1)
+            rw, rh = min(rw, w - x), min(rh, h - y)
+            img = random_image(rng, rh, rw, 3 if kind == "palette" else None)
+            if kind == "raw":
+                rects.append(raw_rect(x, y, img))
+            elif kind == "fill":
+                rects.append(tight.fill(x, y, rw, rh, tuple(int(v) for v in img[0, 0])))
+            elif kind == "palette":
+                rects.append(tight.palette(x, y, img))
+            elif kind == "copyrect":
+                rects.append(copy_rect(x, y, rw, rh, int(rng.integers(0, w - rw + 1)),
+                                       int(rng.integers(0, h - rh + 1))))
+            else:
+                rects.append(zrle_enc.rect(x, y, img))
+        messages.append(update(*rects))
+    for n, message in enumerate(messages, 1):
+        protocol.dataReceived(message)
+        reference.receive(message)
+        reactor.run_until(lambda: sum(isinstance(e, FramebufferUpdated) for e in events) == n)
+        with protocol.framebuffer_lock:
+            assert np.array_equal(protocol.pixels, reference.pixels), n

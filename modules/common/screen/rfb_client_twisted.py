@@ -18,9 +18,9 @@ flight.
 (``FrameDecoder``) so the GUI loop that runs the reactor keeps handling input while a large
 update decodes.  The decoder writes the client's back buffer; ``pixels`` (and its RGB view
 ``framebuffer``) is then a front buffer that only ever holds whole FramebufferUpdates: at the end
-of each update the decoder swaps the two while holding ``framebuffer_lock`` and then, outside it,
-copies what changed into the new back buffer; whoever draws the front buffer holds that lock too
-(it waits for a swap, never for a decode or a copy).  Events and the handshake's answers are
+of each update the decoder swaps the two while holding ``framebuffer_lock`` (the new back buffer
+catches up with what the front has and it lacks, less what the next update overwrites anyway);
+whoever draws the front buffer holds that lock too (it waits for a swap, never for a decode).  Events and the handshake's answers are
 handed to the reactor thread in the order they arose, an update's as soon as it is whole.
 """
 
@@ -184,6 +184,31 @@ class RFBClientProtocol(Protocol):
             self.on_event(event)
 
 SWITCH_INTERVAL = 0.0005   # seconds; see FrameDecoder
+MAX_BEHIND = 64            # pieces of the back buffer's lag kept before they are copied at once
+
+
+def subtract(areas: list[tuple[int, int, int, int]],
+             cut: tuple[int, int, int, int]) -> list[tuple[int, int, int, int]]:
+    """``areas`` (disjoint ``(x0, y0, x1, y1)``) less ``cut``: each area it overlaps becomes
+    the up to four pieces above, below, left and right of it."""
+    cx0, cy0, cx1, cy1 = cut
+    out = []
+    for area in areas:
+        x0, y0, x1, y1 = area
+        if cx0 >= x1 or cx1 <= x0 or cy0 >= y1 or cy1 <= y0:
+            out.append(area)
+            continue
+        if y0 < cy0:
+            out.append((x0, y0, x1, cy0))
+        if cy1 < y1:
+            out.append((x0, cy1, x1, y1))
+        top, bottom = max(y0, cy0), min(y1, cy1)
+        if x0 < cx0:
+            out.append((x0, top, cx0, bottom))
+        if cx1 < x1:
+            out.append((cx1, top, x1, bottom))
+    return out
+
 
 
 class FrameDecoder:
@@ -199,7 +224,10 @@ class FrameDecoder:
         self.front = np.zeros((0, 0, 4), np.uint8)
         self.running = True
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._behind: list[tuple[int, int, int, int]] = []   # (x0, y0, x1, y1) areas
         self.client.update_applied = self._publish
+        self.client.rect_written = self._written
+        self.client.pixels_read = self._catch_up
         # The GIL passes between a busy thread and a waiting one every switch interval (5 ms by
         # default); the reactor thread gives it up at every socket read and Qt call, so with
         # 5 ms it could wait that long each time while a large update decodes.
@@ -217,32 +245,47 @@ class FrameDecoder:
 
     def _publish(self, rects) -> None:
         """Decoder thread, at the end of a FramebufferUpdate: the back buffer becomes the front
-        (a swap under the lock, no copy), the update's events go to the reactor at once (not
-        after the rest of the bytes at hand are decoded), and then, while the GUI paints, the
-        new back buffer catches up with what this update changed."""
+        (a swap under the lock, no copy) and the update's events go to the reactor at once (not
+        after the rest of the bytes at hand are decoded).
+
+        The new back buffer then lacks what this update changed (``_behind``); the next
+        update's rects shrink that as they overwrite it, and what is left is copied from the
+        front just before the next swap (or before a CopyRect reads it).  So a stream of
+        full-screen changes costs no copy at all."""
         back = self.client.pixels
         areas = [r for r in rects if r.encoding >= 0 or r.encoding == DESKTOP_SIZE_ENCODING]
+        if self.front.shape == back.shape:
+            self._catch_up()
         with self.protocol.framebuffer_lock:
             if self.front.shape != back.shape:
                 self.front = back.copy()
+                self._behind = []
                 areas = []
             elif areas:
                 spare, self.front = self.front, back
                 self.client.use_pixels(spare)
         self.call_in_reactor(self.protocol._decoded, self.client.data_to_send(),
                              self.client.take_events())
-        if not areas:
-            return
-        front, spare = self.front, self.client.pixels   # only this thread ever writes either
         if len(areas) > 8:
-            x0 = min(r.x for r in areas)
-            y0 = min(r.y for r in areas)
-            x1 = max(r.x + r.width for r in areas)
-            y1 = max(r.y + r.height for r in areas)
-            areas = [Rect(x0, y0, x1 - x0, y1 - y0, 0)]
-        for r in areas:
-            spare[r.y:r.y + r.height, r.x:r.x + r.width] = \
-                front[r.y:r.y + r.height, r.x:r.x + r.width]
+            areas = [Rect(min(r.x for r in areas), min(r.y for r in areas),
+                          max(r.x + r.width for r in areas) - min(r.x for r in areas),
+                          max(r.y + r.height for r in areas) - min(r.y for r in areas), 0)]
+        self._behind = [(r.x, r.y, r.x + r.width, r.y + r.height) for r in areas
+                        if r.width and r.height]
+
+    def _written(self, x: int, y: int, w: int, h: int) -> None:
+        """A rect of the back buffer was overwritten: it is no longer behind."""
+        if self._behind:
+            self._behind = subtract(self._behind, (x, y, x + w, y + h))
+            if len(self._behind) > MAX_BEHIND:
+                self._catch_up()
+
+    def _catch_up(self) -> None:
+        """Copy from the front what the back buffer lacks (none of it was written since)."""
+        front, back = self.front, self.client.pixels
+        for x0, y0, x1, y1 in self._behind:
+            back[y0:y1, x0:x1] = front[y0:y1, x0:x1]
+        self._behind = []
 
     def _run(self) -> None:
         while True:
