@@ -41,6 +41,11 @@ _PENDING = "pending"  # switch_to_raw was called; answers still due or a dispatc
 _RAW = "raw"          # every further byte goes to the receiver
 
 
+#: what ``amp._DescriptorExchanger.__init__`` sets per connection (see ``FramedAMP.__init__``)
+_DESCRIPTOR_STATE = ("_descriptors", "_getDescriptor", "_sendingDescriptorCounter",
+                     "_receivingDescriptorCounter")
+
+
 class FramedAMP(amp.AMP):
     """``amp.AMP`` reading boxes with ``BoxDecoder``; see the module docstring.
 
@@ -56,6 +61,10 @@ class FramedAMP(amp.AMP):
                  max_keys: int = DEFAULT_MAX_KEYS) -> None:
         # The box receiver is always this object: the checks below rely on its dispatcher state.
         super().__init__(locator=locator)
+        # AMP's file-descriptor exchange (a dict, its bound pop and two counters: ~630 bytes
+        # per connection) works over UNIX sockets only; these connections are TLS over TCP.
+        for name in _DESCRIPTOR_STATE:
+            delattr(self, name)
         self.max_pending_commands = max_pending_commands
         self._decoder = BoxDecoder(max_box_bytes=max_box_bytes, max_keys=max_keys)
         self._dispatching = False
@@ -68,6 +77,12 @@ class FramedAMP(amp.AMP):
         self._raw_on_lost: Callable[[Failure], None] | None = None
         self._raw_backlog = bytearray()  # bytes that came while the switch was pending
         self._lost: Failure | None = None
+
+    def fileDescriptorReceived(self, descriptor: int) -> None:
+        raise amp.ProtocolSwitched("file descriptors are not passed over these connections")
+
+    def _sendFileDescriptor(self, descriptor: int) -> int:
+        raise amp.ProtocolSwitched("file descriptors are not passed over these connections")
 
     # --- the switch to raw bytes ------------------------------------------------------------
 
