@@ -544,7 +544,8 @@ class RFBClient:
         data = (yield length) if length else b""
         if self._h264 is None:
             self._h264 = rfb_h264.H264Contexts(
-                lambda fw, fh: self.screen_limit.refusal("H.264 picture", fw, fh))
+                lambda fw, fh: self.screen_limit.refusal("H.264 picture", fw, fh),
+                framebuffer=lambda: (self.width, self.height))
         try:
             pixels = self._h264.decode(x, y, w, h, flags, data)
         except rfb_h264.H264Error as exc:

@@ -17,7 +17,10 @@ the first H.264 rect arrives; ``available()`` says whether it can be.
 Before any data reaches FFmpeg, every sequence parameter set in it (``sps_sizes``) must declare
 a picture no larger than its rect rounded up to whole macroblocks (a rect never exceeds the
 framebuffer): FFmpeg allocates its frame pool from the SPS, so a hostile server could otherwise
-make each of the 64 contexts hold a picture of the H.264 maximum.
+make each of the 64 contexts hold a picture of the H.264 maximum.  And all contexts together
+may hold at most ``PICTURES_PER_SCREEN`` pictures of the framebuffer's size (a context holds
+its SPS's reference frames + 3, measured): within the rect rule, 64 contexts of a 1080p screen
+with 16 reference frames each made FFmpeg take 3.9 GB.
 """
 
 from __future__ import annotations
@@ -25,12 +28,13 @@ from __future__ import annotations
 import re
 import struct
 from collections import OrderedDict
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
 __all__ = ["H264", "RESET_CONTEXT", "RESET_ALL_CONTEXTS", "MAX_CONTEXTS", "H264Error",
-           "available", "header", "parse_header", "max_length", "sps_sizes", "check_sps", "H264Contexts"]
+           "available", "header", "parse_header", "max_length", "SequenceParameters", "sps_sizes", "check_sps", "H264Contexts",
+           "PICTURES_PER_SCREEN"]
 
 H264 = 50
 RESET_CONTEXT = 1
@@ -81,6 +85,9 @@ def parse_header(data: bytes, w: int, h: int) -> tuple[int, int]:
 _SPS_START = re.compile(rb"\x00\x00\x01([\x07\x27\x47\x67\x87\xa7\xc7\xe7"
                         rb"\x0f\x2f\x4f\x6f\x8f\xaf\xcf\xef])")
 MAX_SPS_PER_RECT = 32
+MAX_REFERENCE_FRAMES = 16  # H.264's own limit (max_num_ref_frames)
+PICTURES_PER_SCREEN = 20   # any tiling of the screen with up to 16 reference frames fits
+HELD_BEYOND_REFERENCES = 3  # pictures FFmpeg holds besides the references (measured: 4 at 1)
 _SPS_BYTES = 4096          # more than the largest valid SPS (full scaling lists, 255 POC offsets)
 # profiles whose SPS carries chroma format, bit depths and scaling lists (H.264 7.3.2.1.1)
 _HIGH_PROFILES = {100, 110, 122, 244, 44, 83, 86, 118, 128, 138, 139, 134, 135}
@@ -113,9 +120,21 @@ class _Bits:
         return (k + 1) // 2 if k & 1 else -(k // 2)
 
 
-def _sps_size(rbsp: bytes) -> tuple[int, int, int]:
-    """(width, height, rows per macroblock row: 16, or 32 for interlaced) of the coded
-    picture in pixels (whole macroblocks, before cropping)."""
+class SequenceParameters(NamedTuple):
+    """What an SPS says about memory: the coded picture in pixels (whole macroblocks, before
+    cropping), rows per macroblock row (16, or 32 interlaced) and its reference frames."""
+    width: int
+    height: int
+    unit: int
+    refs: int
+
+    @property
+    def held_pixels(self) -> int:
+        """Pixels of the pictures a decoder context keeps for this stream."""
+        return self.width * self.height * (self.refs + HELD_BEYOND_REFERENCES)
+
+
+def _sps_size(rbsp: bytes) -> SequenceParameters:
     r = _Bits(rbsp)
     profile = r.u(8)
     r.u(16)                                    # constraint flags, level
@@ -145,15 +164,19 @@ def _sps_size(rbsp: bytes) -> tuple[int, int, int]:
                             f"picture order cycle (at most 255)")
         for _ in range(cycle):
             r.se()
-    r.ue(), r.u(1)                             # max_num_ref_frames, gaps allowed
+    refs = r.ue()                              # max_num_ref_frames
+    if refs > MAX_REFERENCE_FRAMES:
+        raise H264Error(f"H.264 sequence parameter set has {refs} reference frames (at most "
+                        f"{MAX_REFERENCE_FRAMES})")
+    r.u(1)                                     # gaps_in_frame_num_value_allowed_flag
     width_mbs, height_units = r.ue() + 1, r.ue() + 1
     unit = 16 * (2 - r.u(1))                   # frame_mbs_only_flag
-    return width_mbs * 16, height_units * unit, unit
+    return SequenceParameters(width_mbs * 16, height_units * unit, unit, refs)
 
 
-def sps_sizes(data: bytes) -> list[tuple[int, int, int]]:
-    """The coded picture size (``_sps_size``) of every sequence parameter set in Annex B ``data`` (NAL types
-    7 and 15: a subset SPS starts the same way); a malformed one, or more than
+def sps_sizes(data: bytes) -> list[SequenceParameters]:
+    """``SequenceParameters`` of every sequence parameter set in Annex B ``data`` (NAL types 7
+    and 15: a subset SPS starts the same way); a malformed one, or more than
     ``MAX_SPS_PER_RECT``, raises ``H264Error``."""
     sizes = []
     for match in _SPS_START.finditer(data):
@@ -167,13 +190,15 @@ def sps_sizes(data: bytes) -> list[tuple[int, int, int]]:
     return sizes
 
 
-def check_sps(data: bytes, w: int, h: int) -> None:
+def check_sps(data: bytes, w: int, h: int) -> list[SequenceParameters]:
     """Refuse a rect of w×h whose data declares a larger picture than w×h in whole
-    macroblocks (interlaced: macroblock pairs) — before FFmpeg sees it."""
-    for coded_w, coded_h, unit in sps_sizes(data):
+    macroblocks (interlaced: macroblock pairs) — before FFmpeg sees it; the SPSs it holds."""
+    found = sps_sizes(data)
+    for coded_w, coded_h, unit, _refs in found:
         if coded_w > -(-w // 16) * 16 or coded_h > -(-h // unit) * unit:
             raise H264Error(f"H.264 sequence parameter set declares a {coded_w}x{coded_h} "
                             f"picture for a rect of {w}x{h}")
+    return found
 
 
 class _Context:
@@ -203,11 +228,16 @@ class _Context:
 class H264Contexts:
     """The client's H.264 contexts, keyed by rect, at most ``MAX_CONTEXTS`` (least recently
     used dropped first).  ``limit(w, h)`` may refuse a decoded frame's size (the supporter's
-    screen limit): the reason, or None."""
+    screen limit): the reason, or None.  ``framebuffer()``: the framebuffer's (w, h), which
+    bounds the pictures all contexts may hold (``PICTURES_PER_SCREEN``); without it there is
+    no such bound (a decoder used on its own)."""
 
-    def __init__(self, limit: Any = None) -> None:
+    def __init__(self, limit: Any = None,
+                 framebuffer: Callable[[], tuple[int, int]] | None = None) -> None:
         self._contexts: OrderedDict[tuple[int, int, int, int], _Context] = OrderedDict()
+        self._held: dict[tuple[int, int, int, int], int] = {}   # pixels each context keeps
         self._limit = limit
+        self._framebuffer = framebuffer
         self.frames = 0
 
     def __len__(self) -> int:
@@ -220,15 +250,20 @@ class H264Contexts:
         key = (x, y, w, h)
         if flags & RESET_ALL_CONTEXTS:
             self._contexts.clear()
+            self._held.clear()
         elif flags & RESET_CONTEXT:
             self._contexts.pop(key, None)
+            self._held.pop(key, None)
         if not data:
             return None
-        check_sps(data, w, h)
+        found = check_sps(data, w, h)
+        if found:
+            self._check_held(key, max(sps.held_pixels for sps in found))
         context = self._contexts.get(key)
         if context is None:
             if len(self._contexts) >= MAX_CONTEXTS:
-                self._contexts.popitem(last=False)
+                dropped, _ = self._contexts.popitem(last=False)
+                self._held.pop(dropped, None)
             context = self._contexts[key] = _Context()
         else:
             self._contexts.move_to_end(key)
@@ -246,3 +281,16 @@ class H264Contexts:
         self.frames += 1
         rgb = frame.to_ndarray(format="rgb24")
         return rgb[:h, :w]
+
+    def _check_held(self, key: tuple[int, int, int, int], pixels: int) -> None:
+        """Record what the rect's context will keep; refuse if all contexts together would keep
+        more than ``PICTURES_PER_SCREEN`` pictures of the framebuffer's size."""
+        if self._framebuffer is not None:
+            fw, fh = self._framebuffer()
+            budget = PICTURES_PER_SCREEN * (-(-fw // 16) * 16) * (-(-fh // 16) * 16)
+            others = sum(held for other, held in self._held.items() if other != key)
+            if others + pixels > budget:
+                raise H264Error(f"H.264 contexts would keep {(others + pixels) / 1e6:.1f} "
+                                f"megapixels of pictures (at most {PICTURES_PER_SCREEN} "
+                                f"screens: {budget / 1e6:.1f})")
+        self._held[key] = pixels

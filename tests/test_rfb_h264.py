@@ -224,7 +224,7 @@ def _scaling_list(deltas: tuple[int, ...]) -> str:
 
 def crafted_sps(width_mbs: int, height_units: int, *, profile: int = 66, frame_mbs_only: int = 1,
                 poc_type: int = 2, poc_offsets: tuple[int, ...] = (),
-                scaling: tuple[int, ...] = ()) -> bytes:
+                scaling: tuple[int, ...] = (), refs: int = 1) -> bytes:
     """An SPS NAL (Annex B, emulation prevention applied) declaring the given size: what a
     hostile server would send.  ``scaling``: delta values of one scaling list (high profiles)."""
     bits = format(profile, "08b") + "11000000" + "00101000" + _ue(0)
@@ -236,7 +236,7 @@ def crafted_sps(width_mbs: int, height_units: int, *, profile: int = 66, frame_m
         bits += _ue(0)
     elif poc_type == 1:
         bits += "0" + _se(0) + _se(0) + _ue(len(poc_offsets)) + "".join(map(_se, poc_offsets))
-    bits += _ue(1) + "0" + _ue(width_mbs - 1) + _ue(height_units - 1) + str(frame_mbs_only)
+    bits += _ue(refs) + "0" + _ue(width_mbs - 1) + _ue(height_units - 1) + str(frame_mbs_only)
     bits += ("" if frame_mbs_only else "0") + "1" + "0" + "0" + "1"
     bits += "0" * (-len(bits) % 8)
     out, zeros = bytearray(), 0
@@ -260,7 +260,7 @@ def test_a_hostile_sps_is_refused_before_ffmpeg_allocates_anything():
     into an 8192x8192 picture (~150 MB, per context); the client refuses the rect before any
     decoder context exists.  Our own streams, odd sizes and 1080p included, pass."""
     hostile = with_sps(crafted_sps(512, 512), key_32())
-    assert rfb_h264.sps_sizes(hostile) == [(8192, 8192, 16)]
+    assert rfb_h264.sps_sizes(hostile) == [(8192, 8192, 16, 1)]
     client = connected(64, 48)
     with pytest.raises(RFBClientError, match="declares a 8192x8192 picture for a rect of 32x32"):
         client.receive(struct.pack(">BxH", 0, 1) + h264_rect(0, 0, 32, 32, hostile))
@@ -272,9 +272,39 @@ def test_a_hostile_sps_is_refused_before_ffmpeg_allocates_anything():
         contexts.decode(0, 0, 32, 32, 0, with_sps(crafted_sps(2, 2, frame_mbs_only=0), key_32()))
     with pytest.raises(rfb_h264.H264Error, match="more than 32 sequence parameter sets"):
         contexts.decode(0, 0, 32, 32, 0, crafted_sps(2, 2) * 33)
+    with pytest.raises(rfb_h264.H264Error, match="17 reference frames"):
+        contexts.decode(0, 0, 32, 32, 0, with_sps(crafted_sps(2, 2, refs=17), key_32()))
     assert len(contexts) == 0
     for w, h in ((32, 32), (33, 17), (1920, 1080)):
         rfb_h264.check_sps(_key_frame(w, h), w, h)
+
+
+def test_all_contexts_together_keep_at_most_twenty_screens_of_pictures():
+    """Each context may be as large as its rect, but 64 of them as large as the screen with
+    16 reference frames each made FFmpeg take 3.9 GB at 1080p: together they may keep at
+    most ``PICTURES_PER_SCREEN`` screens (a context keeps its references + 3 pictures).  Our
+    own stream (one reference) fits five times over on a 64x48 screen; a sixth context of it,
+    or one SPS announcing 16 references beside it, is refused before FFmpeg sees it; dropping a
+    context gives its share back."""
+    assert rfb_h264.PICTURES_PER_SCREEN == 20
+    client = connected(64, 48)
+    ours = _key_frame(64, 48)
+    assert rfb_h264.sps_sizes(ours)[0].held_pixels == 64 * 48 * 4
+    for i in range(5):
+        client.receive(struct.pack(">BxH", 0, 1) + h264_rect(i, 0, 64 - i, 48, ours))
+    refs_16 = with_sps(crafted_sps(4, 3, refs=16), ours)
+    with pytest.raises(RFBClientError, match=r"would keep 0\.1 megapixels .*at most 20 screens"):
+        client.receive(struct.pack(">BxH", 0, 1) + h264_rect(5, 0, 59, 48, ours))
+    assert len(client._h264) == 5
+    contexts = rfb_h264.H264Contexts(framebuffer=lambda: (64, 48))
+    contexts.decode(0, 0, 64, 48, 0, ours)
+    with pytest.raises(rfb_h264.H264Error, match="would keep"):
+        contexts.decode(1, 0, 63, 48, 0, refs_16)                  # 12,288 + 58,368 > 61,440
+    contexts.decode(0, 0, 64, 48, rfb_h264.RESET_CONTEXT, b"")
+    try:                               # now it fits (whether FFmpeg makes a picture of it)
+        contexts.decode(1, 0, 63, 48, 0, refs_16)
+    except rfb_h264.H264Error as exc:
+        assert "would keep" not in str(exc)
 
 
 @settings(max_examples=200, deadline=None)
@@ -290,7 +320,7 @@ def test_sps_sizes_reads_what_was_written(width_mbs, height_units, profile, fram
                       poc_type=poc_type, poc_offsets=tuple(poc_offsets), scaling=tuple(scaling))
     unit = 16 * (2 - frame_mbs_only)
     assert rfb_h264.sps_sizes(b"junk" + sps + b"\x00\x00\x01\x68\xce") == [
-        (width_mbs * 16, height_units * unit, unit)]
+        (width_mbs * 16, height_units * unit, unit, 1)]
 
 
 @settings(max_examples=300, deadline=None)
@@ -301,7 +331,8 @@ def test_any_sps_bytes_give_a_size_or_a_named_error(body):
     except rfb_h264.H264Error as exc:
         assert str(exc).startswith("H.264")
         return
-    assert len(sizes) >= 1 and all(w >= 16 and h >= 16 for w, h, _unit in sizes)
+    assert len(sizes) >= 1 and all(sps.width >= 16 and sps.height >= 16 and sps.refs <= 16
+                                   for sps in sizes)
 
 
 # ------------------------------------------------------------------ server's adaptive choice
