@@ -349,10 +349,13 @@ def video_fps(row: Row, painter: Painter, first: int, n: int, seconds: float,
             client.next_update()
             client.request(True)
             px = client.decoder.fb[painter.h - 24, painter.w - 24].astype(int)
-            match = np.flatnonzero(np.abs(probes - px).max(axis=1) <= tol)
-            if len(match) == 1 and match[0] != last:
+            # the nearest probe colour within the tolerance (probes 1 and 6, 2 and 7 are 27
+            # apart: "every probe within 40" counted none of those four frames for h264)
+            distance = np.abs(probes - px).max(axis=1)
+            nearest = int(np.argmin(distance))
+            if distance[nearest] <= tol and nearest != last:
                 shown += 1
-                last = match[0]
+                last = nearest
         elapsed = time.perf_counter() - start
         return shown / elapsed, (client.received - received0) / elapsed / 1e6
     finally:
