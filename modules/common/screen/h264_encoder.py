@@ -14,8 +14,9 @@ are padded (edge pixels repeated) to the even size 4:2:0 needs; the client crops
 Threads: x264's *sliced* threads (one slice per core, PyAV's default ``thread_type`` SLICE with
 ``thread_count`` 0 = one per core) — frame threads would hold frames back, which a closed loop
 of request and update cannot afford.  Measured for a text-like 1080p frame
-(``bench/README.md``): x264 ~14 ms of CPU whatever the thread count, rate mode or CRF (CRF 30:
-13.7 ms but 25 % fewer bytes at 1.4 dB less), swscale ~4.5 ms; so the settings stay.
+(``bench/h264_settings.py``): x264 ~14-15 ms of CPU whatever the thread count, rate mode or
+CRF (CRF 30: 25 % fewer bytes at 1.4 dB less, hardly less CPU), swscale ~5 ms; so the
+settings stay.
 """
 
 from __future__ import annotations
