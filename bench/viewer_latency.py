@@ -3,6 +3,7 @@ TigerVNC's viewer (xtigervncviewer) on the same RFB source.
 
     python bench/viewer_latency.py                     # ~2-3 min
     python bench/viewer_latency.py --samples 40 --fps-seconds 4 --idle-seconds 5
+    python bench/viewer_latency.py --pin     # x11vnc and the viewer on a core each (taskset)
 
 The viewer is the app's own: ``RFBClientProtocol`` (modules/common/screen/rfb_client_twisted.py)
 feeding ``FramebufferWidget`` (modules/common/qt/viewer.py) as a window on Qt's X11 platform
@@ -378,11 +379,17 @@ def main() -> None:
                     help="decode on the GUI loop (before: the app decodes in a thread of its own)")
     ap.add_argument("--rounds", type=int, default=2,
                     help="on-screen rounds, each ours then TigerVNC's (interleaved)")
+    ap.add_argument("--pin", action="store_true",
+                    help="x11vnc on CPU 0, each on-screen viewer on CPU 1 (taskset): the viewer "
+                         "does not share a core with the server, as on two machines")
     ap.add_argument("--late-request", action="store_true",
                     help="ask for the next update only after one is decoded (before: the app "
                          "asks when an update starts)")
     args = ap.parse_args()
     width, height = map(int, args.size.split("x"))
+
+    def pin(cpu: int) -> list[str]:
+        return ["taskset", "-c", str(cpu)] if args.pin else []
     display = start_xvfb(args.size)
     viewer_display = start_xvfb(args.size)      # where both viewers show their window
     procs = []
@@ -392,7 +399,7 @@ def main() -> None:
             [sys.executable, str(ROOT / "bench" / "screen_latency.py"), "--serve", display.name,
              str(ours), "--max-fps", str(args.max_fps)], cwd=ROOT, stdout=subprocess.DEVNULL))
         procs.append(subprocess.Popen(
-            ["x11vnc", "-display", display.name, "-rfbport", str(x11vnc), "-localhost",
+            pin(0) + ["x11vnc", "-display", display.name, "-rfbport", str(x11vnc), "-localhost",
              "-noipv6", "-nopw", "-forever", "-shared", "-quiet"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         wait_port(ours)
@@ -466,13 +473,13 @@ def main() -> None:
                 stop_process(proc)
                 procs.remove(proc)
 
-            ours_view = [sys.executable, str(Path(__file__).resolve()), "--view"]
+            ours_view = pin(1) + [sys.executable, str(Path(__file__).resolve()), "--view"]
             flags = [args.prefer, "0" if args.gui_loop else "1",
                      "0" if args.late_request else "1"]
             await on_screen_run("hausmeister, own server", ours_view + [str(ours)] + flags)
             for _ in range(args.rounds):
                 await on_screen_run("hausmeister viewer", ours_view + [str(x11vnc)] + flags)
-                await on_screen_run("TigerVNC viewer", ["xtigervncviewer", "-FullScreen",
+                await on_screen_run("TigerVNC viewer", pin(1) + ["xtigervncviewer", "-FullScreen",
                                                         "-Shared", f"127.0.0.1::{x11vnc}"])
             watcher.close()
             painter.close()
@@ -489,7 +496,9 @@ def main() -> None:
               f"viewer: the app's RFBClientProtocol + FramebufferWidget (Qt xcb, qasync; "
               f"{'decoding on the GUI loop' if args.gui_loop else 'decoder thread'}, next "
               f"request {'after' if args.late_request else 'at the start of'} each update, "
-              f"{args.prefer} first); our server's capture cap {args.max_fps:g} fps; load average "
+              f"{args.prefer} first); our server's capture cap {args.max_fps:g} fps; "
+              f"{'x11vnc on CPU 0, on-screen viewers on CPU 1' if args.pin else 'nothing pinned'}"
+              f"; load average "
               f"{os.getloadavg()[0]:.1f}")
         print("asked of x11vnc: ours Tight, compression level 6, JPEG quality 8; TigerVNC "
               "Tight, compression level 2, quality 8 (its bandwidth auto-select on loopback; "

@@ -15,6 +15,8 @@ Malformed data raises ``DecodeError`` with a reason; the client turns it into it
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 ZRLE_TILE = 64
@@ -199,30 +201,45 @@ def tight_palette(palette: np.ndarray, data: bytes, w: int, h: int,
     indices make one byte that picks a row of four (two) pixels, and ``np.take`` copies whole
     rows.  Rows of 8, 16 and 32 bytes are ones numpy's take copies without a call per row, which
     3-byte pixels (24-, 12-, 6-byte rows) are not: ~3x faster per rect."""
-    pal = palette.astype(np.uint32)
-    words = OPAQUE | (pal[:, 0] << 16) | (pal[:, 1] << 8) | pal[:, 2]
-    if len(palette) == 2:
+    colours = palette.tobytes()
+    n = len(colours) // 3
+    if n == 2:
         rows = np.frombuffer(data, np.uint8).reshape(h, (w + 7) // 8)
-        return _gather(words[_BYTE_BITS], rows, w, h, out)
+        return _gather(_table(colours, 8), rows, w, h, out)
     idx = np.frombuffer(data, np.uint8).reshape(h, w)
-    if idx.max() >= len(palette):
-        raise DecodeError(f"Tight palette index {int(idx.max())} beyond {len(palette)} colours")
+    if idx.max() >= n:
+        raise DecodeError(f"Tight palette index {int(idx.max())} beyond {n} colours")
     # few colours: several indices make one byte (code), so fewer (larger) rows are gathered
-    if len(palette) <= 4 and w % 4 == 0:
+    if n <= 4 and w % 4 == 0:
         v = idx.view("<u4")                        # i0 | i1 << 8 | i2 << 16 | i3 << 24
         code = v | (v >> 6)
         code |= v >> 12
         code |= v >> 18                            # low byte: i0 | i1 << 2 | i2 << 4 | i3 << 6
-        table = np.zeros(4, np.uint32)
-        table[:len(words)] = words
-        return _gather(table[_CODE_INDEX[4]], code.astype(np.uint8), w, h, out)
-    if len(palette) <= 16 and w % 2 == 0:
+        return _gather(_table(colours, 4), code.astype(np.uint8), w, h, out)
+    if n <= 16 and w % 2 == 0:
         v = idx.view("<u2")                        # i0 | i1 << 8
         code = (v | (v >> 4)).astype(np.uint8)     # low byte: i0 | i1 << 4
-        table = np.zeros(16, np.uint32)
-        table[:len(words)] = words
-        return _gather(table[_CODE_INDEX[2]], code, w, h, out)
-    return _gather(words, idx, w, h, out)
+        return _gather(_table(colours, 2), code, w, h, out)
+    return _gather(_table(colours, 1), idx, w, h, out)
+
+
+@functools.lru_cache(maxsize=256)
+def _table(colours: bytes, per: int) -> np.ndarray:
+    """The gather table of a palette (``colours``: R G B bytes) whose index units hold ``per``
+    pixels: 8 (a two-colour bitmap byte), 4 or 2 (a code byte), 1 (an index).  Kept, as a
+    server sends the same few palettes again and again (the colours of a text band)."""
+    pal = np.frombuffer(colours, np.uint8).reshape(-1, 3).astype(np.uint32)
+    words = OPAQUE | (pal[:, 0] << 16) | (pal[:, 1] << 8) | pal[:, 2]
+    if per == 8:
+        table = words[_BYTE_BITS]
+    elif per == 1:
+        table = words
+    else:
+        full = np.zeros(1 << (8 // per), np.uint32)
+        full[:len(words)] = words
+        table = full[_CODE_INDEX[per]]
+    table.flags.writeable = False
+    return table
 
 
 def _gather(table: np.ndarray, index: np.ndarray, w: int, h: int,
