@@ -19,7 +19,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from sqlalchemy import event, func, select
+from sqlalchemy import event, func, inspect, select
 
 from protocol.identity import Identity, fingerprint, identity_of, serial_hex
 from server import accounts, certificates, pki
@@ -687,6 +687,20 @@ def test_revoke_by_serial(certs_db: Database, enrollment: Enrollment, clock: Clo
         assert len(certificates.list_certificates(session)) == 2
     with pytest.raises(EnrollmentError, match="already revoked"):
         certs_db.call(certificates.revoke, serial, "again")
+
+
+def test_the_revocation_poll_reads_the_revoked_rows_only(certs_db: Database,
+                                                         enrollment: Enrollment) -> None:
+    """Every server polls for revoked serials every few seconds: from a partial index, not by
+    reading the whole table (~9 ms per poll at 20,000 hosts on SQLite, bench/README.md)."""
+    enroll_supporter(certs_db, enrollment)
+    indexes = {ix["name"] for ix in inspect(certs_db.engine).get_indexes("certificates")}
+    assert "ix_certificates_revoked" in indexes
+    if certs_db.engine.dialect.name == "sqlite":  # PostgreSQL's planner scans a table this small
+        statement = certificates.REVOKED_SERIALS.compile(certs_db.engine)
+        with certs_db.engine.connect() as conn:
+            plan = conn.exec_driver_sql("EXPLAIN QUERY PLAN " + str(statement)).all()
+        assert "USING INDEX ix_certificates_revoked" in " ".join(str(row) for row in plan)
 
 
 def test_revoke_by_identity_revokes_all_live_certificates(certs_db: Database,

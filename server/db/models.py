@@ -140,6 +140,13 @@ class Certificate(Base):
     revocation_reason: Mapped[str | None] = mapped_column(String(200), nullable=True)
     replaced_by: Mapped[str | None] = mapped_column(String(40), nullable=True)
 
+    # the revoked ones, which every server polls for every few seconds
+    # (certificates.revoked_serials): without it each poll read the whole table, ~9 ms of CPU
+    # per poll at 20,000 hosts (0.45 % of a core at the default 2 s; bench/README.md)
+    __table_args__ = (Index("ix_certificates_revoked", "revoked_at",
+                            postgresql_where=text("revoked_at IS NOT NULL"),
+                            sqlite_where=text("revoked_at IS NOT NULL")),)
+
 
 class EnrollmentToken(Base):
     __tablename__ = "enrollment_tokens"
