@@ -440,6 +440,30 @@ def test_screen_source_window_background_pause(xvfb):
         src.close()
 
 
+@pytest_twisted.ensureDeferred
+async def test_rfb_connections_send_without_waiting_for_delayed_acks():
+    """TCP_NODELAY on the server's socket: an update's last, short segment goes out at once
+    instead of waiting for the viewer's delayed ACK (~40 ms; bench/README.md, Nagle)."""
+    import socket
+
+    from twisted.internet import reactor
+
+    from modules.common.screen.rfb_twisted import listen_vnc
+    from modules.common.screen.screen_session import FramebufferSource
+    port = listen_vnc(reactor, "127.0.0.1:0", FramebufferSource(lambda: np.zeros((48, 64, 3),
+                                                                                 np.uint8)))
+    viewer = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=10)
+    try:
+        deadline = time.monotonic() + 10
+        while not port.factory.connections and time.monotonic() < deadline:
+            await _sleep(reactor, 0.02)
+        handle = port.factory.connections[0].transport.getHandle()
+        assert handle.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+    finally:
+        viewer.close()
+        await port.stopListening()
+
+
 def x_clients(display) -> int:
     """How many clients the X server has (X-Resource), this query's own included."""
     return len(display.res_query_clients().clients)
