@@ -252,7 +252,9 @@ class _Guarded:
 
     address = "?"
     closed_by_guard = False
-    #: the memory BIOs still have the capacity of the handshake flight (tls.release_handshake_buffers)
+    #: the memory BIOs still have the capacity of the handshake flight and may be swapped for
+    #: fresh ones (tls.release_handshake_buffers); False once done, or once something keeps
+    #: pointers to them (a relay leg on the record splice sets it when it attaches)
     handshake_buffers_kept = True
 
     def makeConnection(self, transport) -> None:

@@ -30,6 +30,8 @@ from zope.interface import implementer
 
 from protocol.framing import BoxDecoder, encode_box
 from server import pki, tls
+from server.config import LimitsSection
+from server.connection_guard import ConnectionGuard, GuardedTLSProtocol
 from server.relay.core import LEG_BUFFER_BYTES, MAX_PENDING, PAUSE_PENDING, Relay
 from server.relay.errors import InvalidToken, RelayRefusedError
 from server.relay.listener import listen_relay
@@ -143,9 +145,10 @@ class RelayUnderTest:
         self.reactor = _reactor()
         self.tokens = relay_args.pop("tokens", None) or RelayTokens(SECRET)
         self.ended: list = []
+        guard = relay_args.pop("guard", None)
         self.relay = Relay(self.tokens, self.reactor, on_ended=self.ended.append, **relay_args)
         self.port = listen_relay(self.reactor, 0, self.relay,
-                                 tls.ServerContextFactory(pki_material["server_ctx"]))
+                                 tls.ServerContextFactory(pki_material["server_ctx"]), guard=guard)
         self.options = client_options(pki_material["ca_cert"])
         self.clients: list = []
 
@@ -266,6 +269,33 @@ async def test_one_leg_aborting_tears_down_the_other_and_on_ended_fires_once(rel
     assert len(r.ended) == 1
     assert r.ended[0].end_reason.startswith("peer connection lost")
     assert (r.ended[0].bytes_supporter_to_peer, r.ended[0].bytes_peer_to_supporter) == (5, 0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_spliced_legs_behind_the_connection_guard_keep_the_bios_the_splice_holds(
+        relay_factory):
+    """The guarded TLS layer (relay processes, the module port) swaps a connection's
+    handshake-sized memory BIOs for fresh ones once; a leg on the record splice keeps pointers
+    to its BIOs (and its partner writes into them), so once it is attached nothing may swap
+    them — that would free what the splice writes into."""
+    limits = LimitsSection(tls_handshake_seconds=30, first_command_seconds=30,
+                           http_header_seconds=30, pending_per_address=100, pending_total=100,
+                           raise_open_file_limit=False, refusal_log_seconds=60)
+    r = relay_factory(guard=ConnectionGuard(limits, _reactor()))
+    sid, sup_token, peer_token = r.session_tokens()
+    supporter, _ = await r.leg(sup_token, early=b"early")
+    peer, _ = await r.leg(peer_token)
+    to_peer, to_supporter = os.urandom(1_000_003), os.urandom(300_001)
+    supporter.transport.write(to_peer)
+    peer.transport.write(to_supporter)
+    await until(lambda: peer.count >= 5 + len(to_peer) and supporter.count >= len(to_supporter),
+                what="both directions delivered")
+    assert bytes(peer.received) == b"early" + to_peer
+    assert bytes(supporter.received) == to_supporter
+    for leg in r.relay.sessions[sid].legs.values():
+        conn = leg.transport._tlsConnection
+        assert leg.splice is not None and isinstance(leg.transport, GuardedTLSProtocol)
+        assert (leg.splice.rbio, leg.splice.wbio) == (conn._into_ssl, conn._from_ssl)
 
 
 @pytest_twisted.ensureDeferred

@@ -164,6 +164,9 @@ class SpliceSide:
         self.fd = self.sock.fileno()
         self.rbio = self.conn._into_ssl
         self.wbio = self.conn._from_ssl
+        # these BIO pointers are kept here (and used by the partner's side): the guarded TLS
+        # layer must not swap them for fresh ones any more (tls.release_handshake_buffers)
+        self.tls.handshake_buffers_kept = False
         self.partner: SpliceSide | None = None
         self.session = leg.session
         self.seconds = leg.relay.seconds
