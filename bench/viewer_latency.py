@@ -110,7 +110,7 @@ def view_main(port: int, prefer: str, decode_thread: bool, request_early: bool) 
     protocol = RFBClientProtocol(on_event=event, encodings=encodings_for(prefer),
                                  call_in_reactor=reactor.callFromThread,
                                  **protocol_options(decode_thread, request_early))
-    widget = FramebufferWidget(lambda: protocol.pixels, lambda *a: None, lambda *a: None,
+    widget = FramebufferWidget(lambda: picture_of(protocol), lambda *a: None, lambda *a: None,
                                lambda: False, lock=protocol.framebuffer_lock)
     widget.setWindowFlags(Qt.FramelessWindowHint)
     widget.set_fit(False)
@@ -119,6 +119,12 @@ def view_main(port: int, prefer: str, decode_thread: bool, request_early: bool) 
     endpoints.connectProtocol(endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port), protocol)
     protocol.ended.addBoth(lambda _: reactor.stop())
     reactor.run()
+
+
+def picture_of(protocol) -> np.ndarray:
+    """What the widget paints: the 4-byte picture, or the RGB one of a tree from before
+    2026-12-06 04:00 (a "before" tree run with this bench file, e.g. for ``--pin``)."""
+    return protocol.pixels if hasattr(protocol, "pixels") else protocol.framebuffer
 
 
 def protocol_options(decode_thread: bool, request_early: bool) -> dict:
@@ -206,7 +212,7 @@ class Viewer:
         self.probes: list[tuple[int, int]] = []
         # (since, wanted probe pixels, Deferred): checked at each paint, nothing polls
         self.waiting: tuple[float, list, object] | None = None
-        self.widget = ProbedWidget(lambda: self.protocol.pixels, lambda *a: None,
+        self.widget = ProbedWidget(lambda: picture_of(self.protocol), lambda *a: None,
                                    lambda *a: None, lambda: False,
                                    lock=self.protocol.framebuffer_lock)
         self.widget.setWindowFlags(Qt.FramelessWindowHint)
