@@ -55,9 +55,11 @@ def rusage_cpu() -> float:
 
 
 async def run(reactor, args) -> int:
+    from OpenSSL.SSL import _lib  # SSL_session_reused
     from twisted.internet import defer, endpoints, task
 
-    from modules.common.link.connection import ControlClient, ServerAddress, client_tls, connect, hello
+    from modules.common.link.connection import (
+        ControlClient, ResumingTLS, ServerAddress, client_tls, connect, hello, tls_session)
     from modules.common.link.folder import ModuleFolder
     from modules.common.link.session_stream import RelayLeg
     from protocol import control
@@ -79,10 +81,19 @@ async def run(reactor, args) -> int:
                 return endpoints.wrapClientTLS(
                     tls, endpoints.TCP4ClientEndpoint(reactor, host, port, timeout=15))
 
-            async def open_leg(tls, ticket: dict) -> RelayLeg:
+            legs = [0, 0]  # relay legs opened, of them resumed
+
+            async def open_leg(tls, ticket: dict, control: ControlClient) -> RelayLeg:
+                # as session_runner.open_session: offer the control connection's TLS session
+                session = None if args.full_handshakes else tls_session(control)
+                if session is not None:
+                    tls = ResumingTLS(tls, session)
                 leg = await endpoints.connectProtocol(
                     endpoint(tls, ticket["relay_host"], ticket["relay_port"]), RelayLeg())
-                return await leg.start(ticket["relay_token"])
+                await leg.start(ticket["relay_token"])  # answered: the handshake is done
+                legs[0] += 1
+                legs[1] += bool(_lib.SSL_session_reused(leg.transport.getHandle()._ssl))
+                return leg
 
             class Supporter:
                 def __init__(self, conn: ControlClient) -> None:
@@ -92,7 +103,7 @@ async def run(reactor, args) -> int:
 
                 def session_ready(self, ticket: dict) -> None:
                     # what the supporter module does: open its leg at once
-                    d = defer.ensureDeferred(open_leg(supporter_tls, ticket))
+                    d = defer.ensureDeferred(open_leg(supporter_tls, ticket, self.conn))
                     d.addCallback(lambda leg: (leg, time.perf_counter()))
                     waiter = self.waiting.pop(ticket["nameplate"], None)
                     if waiter is None:
@@ -117,7 +128,7 @@ async def run(reactor, args) -> int:
                 except control.ControlError as exc:
                     raise BrokenBench(f"JoinAdhoc with a live nameplate was refused: {exc!r}")
                 t_answer = time.perf_counter()
-                c_leg = await open_leg(customer_tls, ticket)
+                c_leg = await open_leg(customer_tls, ticket, customer)
                 t_c = time.perf_counter()
                 s_leg, t_s = await supporter_leg
                 t_paired = max(t_c, t_s)
@@ -206,6 +217,8 @@ async def run(reactor, args) -> int:
                 print(f"bare customer connections ({args.connections}, {args.concurrency} at once: "
                       f"TLS handshake, Hello, close): server CPU {per_conn * 1e3:.2f} ms each; a "
                       f"set-up opens three connections (customer control, two relay legs)")
+            print(f"relay legs that resumed their control connection's TLS session: "
+                  f"{legs[1]} of {legs[0]}")
             locked = srv.count_log("LOCKED_OUT") + srv.count_log("unknown or expired nameplate")
             print()
             p50 = seq["paired"]["p50"]
@@ -241,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--connections", type=int, default=0,
                    help="also measure N bare customer connections (TLS, Hello, close): the "
                         "server CPU a connection costs, the floor under a set-up's three")
+    p.add_argument("--full-handshakes", action="store_true",
+                   help="relay legs offer no TLS session (as modules did before 2026-12-06): "
+                        "every leg a full handshake")
     p.add_argument("--keep", action="store_true", help="keep the temporary folder (logs)")
     args = p.parse_args(argv)
 

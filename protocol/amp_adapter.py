@@ -289,11 +289,19 @@ class FramedAMP(amp.AMP):
             return
         super().failAllOutgoing(reason)
 
+    def makeConnection(self, transport) -> None:
+        # ``amp.AMP.makeConnection`` asks the transport for both addresses and logs "connection
+        # established" at info for every connection, which ``protocol.runtime`` filters out
+        # again (3 of them per ad-hoc set-up): the callers log who connected themselves.
+        amp.BinaryBoxProtocol.makeConnection(self, transport)
+
     def connectionLost(self, reason: Failure) -> None:
         self._lost = reason
         on_lost = self._raw_on_lost
         try:
-            super().connectionLost(reason)
+            # not ``amp.AMP.connectionLost``: its "connection lost" line, as above
+            amp.BinaryBoxProtocol.connectionLost(self, reason)
+            self.transport = None
         finally:
             if on_lost is not None:
                 on_lost(reason)

@@ -255,8 +255,9 @@ class HausmeisterServer(service.MultiService):
         super().startService()
         c = self.config
         chain, key, ca = self.store.server_chain(), self.store.server_key(), self.store.ca_cert()
+        # relay legs resume their control connection's TLS session (tls.Resumption)
         module_ctx = tls.module_context(chain, key, ca, c.certificates.min_tls,
-                                        self.revocation.is_revoked)
+                                        self.revocation.is_revoked, resumption=True)
         if self.nodes is not None:  # known to the others before anything is recovered or heard
             self.nodes.register_now()
             self.bus.start()
@@ -276,8 +277,9 @@ class HausmeisterServer(service.MultiService):
             tls.ServerContextFactory(module_ctx), factory, c.listen.interface, tls.LISTEN_BACKLOG,
             # control boxes are written whole and the TCP transport sends one iteration's writes
             # in one go: aggregation would only add a timer per answer (every heartbeat) and an
-            # object per connection; relay legs turn it off anyway (server.relay.core)
-            write_aggregation=False)
+            # object per connection; relay legs turn it off anyway (server.relay.core).  A
+            # write on an idle socket goes out at once, without a writer registration
+            write_aggregation=False, eager_writes=True)
         web = WebPlane(self.db, self.store, self.enrollment, c.server.public_host,
                        self._module_port_number, c.certificates.renew_before_days,
                        console=self.make_console(), signin=self.signin)

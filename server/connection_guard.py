@@ -336,13 +336,19 @@ def settle(transport: Any) -> None:
 
 def listen_guarded(reactor: Any, port: int, guard: ConnectionGuard, listener: str,
                    after_handshake: tuple[str, float], context_factory, factory,
-                   interface: str, backlog: int, write_aggregation: bool = True):
-    """``reactor.listenSSL`` with the guard in front; returns the IListeningPort."""
+                   interface: str, backlog: int, write_aggregation: bool = True,
+                   eager_writes: bool = False):
+    """``reactor.listenSSL`` with the guard in front; returns the IListeningPort.
+    ``eager_writes``: a write on an idle socket is sent at once (``server.eager_tcp``)."""
     tls_factory = GuardedTLSFactory(guard, listener, after_handshake, context_factory, factory,
                                     clock=reactor)
     if not write_aggregation:
         tls_factory.protocol = GuardedTLSProtocol
-    listening = reactor.listenTCP(port, tls_factory, backlog=backlog, interface=interface)
+    if eager_writes:
+        from .eager_tcp import listen_eager
+        listening = listen_eager(reactor, port, tls_factory, backlog, interface)
+    else:
+        listening = reactor.listenTCP(port, tls_factory, backlog=backlog, interface=interface)
     listening._type = "TLS"
     return listening
 

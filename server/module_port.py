@@ -14,6 +14,7 @@ import socket
 import time
 from typing import Callable
 
+from OpenSSL import SSL
 from twisted.internet import defer, protocol
 from twisted.internet.error import ConnectionLost
 from twisted.internet.interfaces import IHandshakeListener
@@ -27,7 +28,8 @@ from protocol.framing import encode_box
 from protocol.identity import Identity, fingerprint, identity_of
 
 from . import __version__
-from .connection_guard import settle as settle_pending
+from .connection_guard import note_refusal, settle as settle_pending
+from .tls import Resumption, ResumptionRefused, resumed
 
 log = Logger()
 
@@ -106,9 +108,24 @@ class ModuleConnection(FramedAMP):
 
     def handshakeCompleted(self) -> None:
         facts = getattr(self.transport, "peer_facts", None)  # server.tls's verify callback
+        handle = None
         if facts is not None:
             del self.transport.peer_facts
             self.identity, self.serial, self.fingerprint, self.not_after = facts
+        elif (handle := _resumed_handle(self.transport)) is not None:
+            # a resumed session: OpenSSL skipped the verify callback, so judge it again here
+            try:
+                resumption = handle.get_context().get_app_data()
+                if not isinstance(resumption, Resumption):
+                    raise ResumptionRefused("resumed session", "a resumed session on a port "
+                                            "that resumes none")
+                facts = resumption.check(handle)
+            except ResumptionRefused as exc:
+                note_refusal(self.transport, exc.kind, exc.reason)
+                self.transport.abortConnection()  # before its first command is read
+                return
+            if facts is not None:
+                self.identity, self.serial, self.fingerprint, self.not_after = facts
         elif (peer := self.transport.getPeerCertificate()) is not None:
             cert = peer.to_cryptography()
             self.identity = identity_of(cert)
@@ -116,8 +133,9 @@ class ModuleConnection(FramedAMP):
             self.fingerprint = fingerprint(cert)
             self.not_after = cert.not_valid_after_utc.isoformat()
         self.port.registry.add(self)
-        log.debug("TLS handshake with {identity} from {address} (serial {serial})",
-                  identity=self.name, address=self.address, serial=self.serial)
+        log.debug("TLS handshake with {identity} from {address} (serial {serial}, resumed "
+                  "{resumed})", identity=self.name, address=self.address, serial=self.serial,
+                  resumed=handle is not None)
 
     def connectionLost(self, reason) -> None:
         if self.port.recordings is not None:  # its uploads wait for a RecordingResume
@@ -373,7 +391,8 @@ class ModuleConnection(FramedAMP):
                                          b"session_id": claims.session_id.encode()}))
         try:
             leg = relay.open_leg(token, self.transport, self.address, verified=(
-                claims if relay.tokens is self.port.tokens else None))  # one HMAC check per leg
+                claims if relay.tokens is self.port.tokens else None),  # one HMAC check per leg
+                peer=(self.serial, self.identity.uri if self.identity else None))
         except Exception as exc:
             log.warn("relay leg from {address} refused: {reason}", address=self.address,
                      reason=str(exc))
@@ -448,6 +467,13 @@ class ConnectionRegistry:
                 conn.abort(f"certificate {conn.serial} was revoked")
                 dropped += 1
         return dropped
+
+
+def _resumed_handle(tls) -> SSL.Connection | None:
+    """The connection's OpenSSL object if its handshake resumed an earlier session."""
+    handle = getattr(tls, "getHandle", None)
+    conn = handle() if handle is not None else None
+    return conn if isinstance(conn, SSL.Connection) and resumed(conn) else None
 
 
 def _write_now(tls, data: bytes) -> None:

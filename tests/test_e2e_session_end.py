@@ -162,6 +162,11 @@ def test_server_killed_with_the_in_process_relay(running_server, enrolled_suppor
         customer = ModuleProcess("customer", *server_args(srv), code, "--pipe",
                                  "--answers", answers(tmp_path, "y", "y", "y"))
         customer.wait_for_line("granted control")
+        # both relay legs resumed their control connection's TLS session (server.tls.Resumption)
+        handshakes = [json.loads(line) for line in srv.log().splitlines()
+                      if '"TLS handshake with' in line]
+        assert sorted(h["identity"] for h in handshakes if h["resumed"]) == [
+            "anonymous", "hausmeister:supporter:alice"], handshakes
         srv.process.kill()         # the relay legs and the control connections die together
         srv.process.wait()
         for side in (customer, supporter):

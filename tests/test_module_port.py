@@ -195,20 +195,56 @@ def test_malformed_commands_are_one_logged_line_and_a_precise_answer(running_ser
     assert sum("one-way command b'NoSuchCommand' failed" in line for line in new_lines) == 1
 
 
-def test_the_module_port_resumes_no_tls_session(running_server, enrolled_host):
-    """A resumed TLS session skips the certificate chain and revocation checks (OpenSSL does not
-    call the verify callback), so a client offering its earlier session gets a full handshake."""
+def tls_module(srv, home=None, session=None, contexts: dict = {}) -> RawModule:  # noqa: B006
+    """A raw module connection (``home``'s certificate, or none: a customer) offering ``session``
+    (a session is offered only on the context that made it: one context per certificate)."""
+    ctx = contexts.get((srv.module_port, home))
+    if ctx is None:
+        ctx = contexts[(srv.module_port, home)] = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.load_verify_locations(cadata=(srv.cert_dir / "ca.crt").read_text())
+        if home is not None:
+            ctx.load_cert_chain(home / "cert.pem", home / "key.pem")
+    raw = socket.create_connection(("127.0.0.1", srv.module_port), timeout=10)
+    module = RawModule.__new__(RawModule)
+    module.sock = ctx.wrap_socket(raw, server_hostname="127.0.0.1", session=session)
+    module.decoder, module.tag = BoxDecoder(), 0
+    return module
+
+
+def test_tls_sessions_resume_for_supporters_and_customers_never_for_hosts_nor_revoked(
+        running_server, enrolled_supporter, enrolled_host):
+    """A resumed TLS session skips OpenSSL's verify callback (chain and revocation checks).
+    The module port lets supporters and customers resume (their relay legs save a third of the
+    handshake) and judges the session's certificate again; hosts get no resumable session.
+    Each first connection stays open while its session is offered: OpenSSL marks the session
+    of a connection freed without a close_notify unresumable, and the client would not offer it."""
     srv = running_server
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.load_verify_locations(cadata=(srv.cert_dir / "ca.crt").read_text())
-    ctx.load_cert_chain(enrolled_host / "cert.pem", enrolled_host / "key.pem")
-    sessions = []
-    for offered in (None, "first"):
-        raw = socket.create_connection(("127.0.0.1", srv.module_port), timeout=10)
-        with ctx.wrap_socket(raw, server_hostname="127.0.0.1",
-                             session=sessions[0] if offered else None) as sock:
-            module = RawModule.__new__(RawModule)
-            module.sock, module.decoder, module.tag = sock, BoxDecoder(), 0
-            assert module.hello()[b"role"] == b"host"  # reading the answer reads any ticket too
-            assert not sock.session_reused  # the server resumed it before 2026-12-05
-            sessions.append(sock.session)
+    first_host = tls_module(srv, enrolled_host)
+    assert first_host.hello()[b"role"] == b"host"  # reading the answer reads the tickets too
+    again = tls_module(srv, enrolled_host, first_host.sock.session)
+    assert not again.sock.session_reused  # a host's ticket is not resumable
+    assert again.hello()[b"role"] == b"host"
+
+    first_customer = tls_module(srv)
+    assert first_customer.hello()[b"role"] == b"customer"
+    again = tls_module(srv, None, first_customer.sock.session)
+    assert again.sock.session_reused
+    assert again.hello()[b"identity"] == b"anonymous"
+
+    first = tls_module(srv, enrolled_supporter)
+    assert first.hello()[b"identity"] == b"hausmeister:supporter:alice"
+    session = first.sock.session
+    resumed = tls_module(srv, enrolled_supporter, session)
+    assert resumed.sock.session_reused
+    # the identity comes from the session's certificate, as from a full handshake
+    assert resumed.hello()[b"identity"] == b"hausmeister:supporter:alice"
+    assert len(resumed.call("AllocateNameplate")[b"nameplate"]) == 4
+
+    srv.ok("cert", "revoke", "hausmeister:supporter:alice", "--reason", "laptop stolen")
+    assert resumed.closed_by_server()  # dropped once the server has read the revocation
+    after = tls_module(srv, enrolled_supporter, session)
+    assert after.sock.session_reused  # TLS resumed it: the module port refuses it above TLS
+    with pytest.raises((ConnectionError, ssl.SSLError)):
+        after.hello()  # closed before its first command is answered
+    assert "refused a resumed session of revoked certificate" in srv.log()
+    first.sock.close()

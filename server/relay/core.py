@@ -152,7 +152,8 @@ class RelayLeg:
     transport: the partner's transport pauses it when it cannot send fast enough."""
 
     def __init__(self, relay: "Relay", session: "_RelaySession", claims: TokenClaims,
-                 transport: Any, peer_address: str, splice_ok: bool = False) -> None:
+                 transport: Any, peer_address: str, splice_ok: bool = False,
+                 peer: tuple[str | None, str | None] | None = None) -> None:
         self.relay = relay
         self.session = session
         self.session_id = claims.session_id
@@ -161,7 +162,7 @@ class RelayLeg:
         self.transport = transport
         #: the client certificate's serial and identity (None for an ad-hoc customer): a
         #: revoked certificate ends the session (``Relay.end_revoked``)
-        self.serial, self.identity = _peer_certificate(transport)
+        self.serial, self.identity = peer if peer is not None else _peer_certificate(transport)
         self.partner: RelayLeg | None = None
         #: Bytes this leg's client sent that were passed on to the partner.
         self.bytes_forwarded = 0
@@ -352,7 +353,8 @@ class Relay:
     # --- the glue's entry point -------------------------------------------------------------
 
     def open_leg(self, token: str, transport: Any, peer_address: str,
-                 splice_ok: bool = False, verified: TokenClaims | None = None) -> RelayLeg:
+                 splice_ok: bool = False, verified: TokenClaims | None = None,
+                 peer: tuple[str | None, str | None] | None = None) -> RelayLeg:
         """Admit ``transport`` as a relay leg, or raise ``RelayRefusedError`` (logged here).
 
         ``splice_ok``: the glue passes every byte after the answer straight to
@@ -360,7 +362,9 @@ class Relay:
         read the leg's socket itself (``record_splice``).  ``verified``: the claims the caller
         got from ``self.tokens.verify(token)`` in this same reactor turn (the module port checks
         the token before it answers): not verified a second time.  Single use, the session's
-        state and the side are checked here either way."""
+        state and the side are checked here either way.  ``peer``: (serial, identity URI) of the
+        leg's client certificate as the caller already knows them (the module port, from its
+        handshake; (None, None) for none): the certificate is not parsed a second time."""
         self._expire_memory()
         try:
             claims = verified if verified is not None else self.tokens.verify(token)
@@ -374,7 +378,7 @@ class Relay:
             raise
         self._remember(claims.expires_at, "nonce", claims.nonce)
         self._used_nonces[claims.nonce] = claims.expires_at
-        leg = RelayLeg(self, session, claims, transport, peer_address, splice_ok)
+        leg = RelayLeg(self, session, claims, transport, peer_address, splice_ok, peer)
         tune_leg_transport(transport, self.leg_buffer_bytes, self.tls_write_aggregation)
         session.legs[claims.side] = leg
         partner = session.legs.get(PARTNER[claims.side])

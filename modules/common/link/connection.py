@@ -10,7 +10,9 @@ from dataclasses import dataclass
 
 from cryptography.hazmat.primitives import serialization
 from twisted.internet import defer, endpoints, ssl
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.protocols import amp
+from zope.interface import implementer
 
 from protocol import PROTOCOL_VERSION
 from protocol import control
@@ -32,7 +34,27 @@ class ServerAddress:
     port: int
 
 
+#: client TLS settings by (server name, CA, certificate, key): the most recent few
+_CLIENT_TLS: dict[tuple, ssl.IOpenSSLClientConnectionCreator] = {}
+_CLIENT_TLS_KEPT = 8
+
+
 def client_tls(host: str, ca_pem: bytes, folder: ModuleFolder | None) -> ssl.IOpenSSLClientConnectionCreator:
+    """The module's TLS settings for ``host``.  The same settings (one OpenSSL context) for the
+    same server, CA and certificate: a relay leg can only offer its control connection's TLS
+    session (``ResumingTLS``) on the context that connection used.  A renewed certificate or
+    another server gets settings of its own."""
+    wanted = (host, ca_pem, folder.cert_path.read_bytes() if folder else None,
+              folder.key_path.read_bytes() if folder else None)
+    tls = _CLIENT_TLS.pop(wanted, None) or _new_client_tls(host, ca_pem, folder)
+    _CLIENT_TLS[wanted] = tls  # now the most recent
+    while len(_CLIENT_TLS) > _CLIENT_TLS_KEPT:
+        _CLIENT_TLS.pop(next(iter(_CLIENT_TLS)))
+    return tls
+
+
+def _new_client_tls(host: str, ca_pem: bytes,
+                    folder: ModuleFolder | None) -> ssl.IOpenSSLClientConnectionCreator:
     trust = ssl.Certificate.loadPEM(ca_pem)
     client_cert = None
     if folder is not None:
@@ -46,6 +68,47 @@ def client_tls(host: str, ca_pem: bytes, folder: ModuleFolder | None) -> ssl.IOp
                                    acceptableProtocols=[ALPN_MODULE],
                                    extraCertificateOptions={
                                        "raiseMinimumTo": ssl.TLSVersion.TLSv1_2})
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class ResumingTLS:
+    """Client TLS settings that offer an earlier TLS session of the same server.
+
+    A relay leg offers its control connection's session (a TLS 1.3 ticket the module port
+    issued to a supporter or an ad-hoc customer): the server then skips its certificate and
+    signature, and a supporter's certificate check — a third of the server's handshake work.
+    The server judges the session's certificate again (revoked? expired?) before the leg may
+    speak; a session it cannot or will not resume (a host's, another process's, an expired
+    ticket) simply gives a full handshake.  The server's certificate is still checked against
+    the name here (the session carries the certificate the first handshake verified)."""
+
+    def __init__(self, creator: ssl.IOpenSSLClientConnectionCreator, session) -> None:
+        self._creator = creator
+        self._session = session
+
+    def clientConnectionForTLS(self, tls_protocol):
+        connection = self._creator.clientConnectionForTLS(tls_protocol)
+        if self._session is not None:
+            try:
+                connection.set_session(self._session)
+            except ValueError:  # another context (another server name): a full handshake
+                pass
+        return connection
+
+
+def tls_session(conn):
+    """The TLS session of an open connection (``OpenSSL.SSL.Session``), or None.  Taken while
+    the connection is open: OpenSSL marks a session unresumable once its connection is gone
+    without a close_notify."""
+    transport = getattr(conn, "transport", None)
+    get_handle = getattr(transport, "getHandle", None)
+    lost = getattr(conn, "lost", None)
+    if get_handle is None or (lost is not None and lost.called):
+        return None
+    try:
+        return get_handle().get_session()
+    except Exception:  # not a pyOpenSSL connection (a test double), or no session yet
+        return None
 
 
 class ControlClient(FramedAMP):

@@ -16,7 +16,7 @@ from protocol.amp_adapter import FramedAMP
 from protocol.control import OpenRelayLeg
 
 from modules.common.link import ws_tunnel
-from modules.common.link.connection import client_tls, path_to
+from modules.common.link.connection import ResumingTLS, client_tls, path_to
 from modules.common.link.folder import ModuleFolder
 
 log = Logger()
@@ -75,8 +75,13 @@ class RelayLeg(FramedAMP):
 
 
 async def open_leg(reactor, relay_host: str, relay_port: int, token: str, ca_pem: bytes,
-                   folder: ModuleFolder | None, timeout: float = 15) -> RelayLeg:
+                   folder: ModuleFolder | None, timeout: float = 15,
+                   resume=None) -> RelayLeg:
+    """``resume``: the TLS session to offer (``connection.tls_session`` of the module's control
+    connection): a relay in the server process resumes it instead of a full handshake."""
     tls = client_tls(relay_host, ca_pem, folder)
+    if resume is not None:
+        tls = ResumingTLS(tls, resume)
     if ws_tunnel.enabled():  # a relay process of its own is reached through the server
         path = ws_tunnel.leg_endpoint(reactor, relay_host, relay_port, ca_pem, timeout)
     else:

@@ -1159,9 +1159,10 @@ async def open_session(reactor, conn, ticket: dict, ca_pem: bytes, folder,
     """Open the relay leg of ``ticket`` and set up the session on it; the caller awaits
     ``runner.run()``.  The control connection ``conn`` carries the reports, the server's
     ``SessionEnded`` for this session and, when it is lost, the session's end."""
+    from modules.common.link.connection import tls_session
     from modules.common.link.session_stream import open_leg
     leg = await open_leg(reactor, ticket["relay_host"], int(ticket["relay_port"]),
-                         ticket["relay_token"], ca_pem, folder)
+                         ticket["relay_token"], ca_pem, folder, resume=tls_session(conn))
     report = reporter(conn, leg.session_id, reactor)
     if wrap_report is not None:
         report = wrap_report(report, leg.session_id)
