@@ -18,7 +18,7 @@ from typing import Any, Callable, Protocol
 
 from sqlalchemy import select, update
 from twisted.internet import defer, task
-from twisted.logger import Logger
+from protocol.runtime import Logger  # debug() is free when not logged
 
 from protocol import control
 from protocol.runtime import run_blocking

@@ -19,7 +19,7 @@ from twisted.internet import defer, protocol
 from twisted.internet.error import ConnectionLost
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.protocols.tls import TLSMemoryBIOProtocol
-from twisted.logger import Logger
+from protocol.runtime import Logger  # debug() is free when not logged
 from zope.interface import implementer
 
 from protocol import PROTOCOL_VERSION, control

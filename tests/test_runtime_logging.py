@@ -23,6 +23,14 @@ amp.info("{cls} connection established (HOST:{host} PEER:{peer})", cls="X", host
 amp.warn("amp warning stays")
 Logger(namespace="twisted.python.log").info("127.0.0.1 - - GET /enroll 200")
 Logger(namespace="server.module_port").info("module connected: anonymous from 127.0.0.1")
+# protocol.runtime.Logger: a debug line above level debug is not even published
+import json
+from twisted.logger import globalLogPublisher
+from protocol.runtime import Logger as RuntimeLogger
+published = []
+globalLogPublisher.addObserver(lambda event: published.append(event.get("log_format")))
+RuntimeLogger(namespace="server.module_port").debug("a debug line")
+print(json.dumps({"msg": f"debug events published: {published.count('a debug line')}"}))
 """
 
 
@@ -35,7 +43,10 @@ def logged(level: str) -> list[str]:
 @pytest.mark.parametrize("level", ["info", "debug"])
 def test_amp_connection_lines_only_at_debug(level):
     messages = logged(level)
-    assert messages[-3:] == ["amp warning stays", "127.0.0.1 - - GET /enroll 200",
-                             "module connected: anonymous from 127.0.0.1"]
+    debug = ["a debug line"] if level == "debug" else []
+    assert messages[-4 - len(debug):] == [
+        "amp warning stays", "127.0.0.1 - - GET /enroll 200",
+        "module connected: anonymous from 127.0.0.1", *debug,
+        f"debug events published: {len(debug)}"]
     chatter = [m for m in messages if "connection established" in m]
     assert chatter == ([] if level == "info" else ["X connection established (HOST:h PEER:p)"])

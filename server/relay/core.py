@@ -41,7 +41,7 @@ from typing import Any, Callable
 
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.error import ConnectionDone
-from twisted.logger import Logger
+from protocol.runtime import Logger  # debug() is free when not logged
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
