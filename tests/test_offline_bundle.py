@@ -93,7 +93,11 @@ def test_debs_closure_is_what_minimal_debian_lacks():
 # --- building the bundles -------------------------------------------------------------------------
 
 def _run(cmd, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=kw.pop("timeout", 300), **kw)
+    """Without PYTHONPATH: an installed site's programs must run on their own venv's code (a
+    developer's PYTHONPATH pointing at a work tree would shadow it)."""
+    env = {k: v for k, v in kw.pop("env", os.environ).items() if k != "PYTHONPATH"}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=kw.pop("timeout", 300),
+                          env=env, **kw)
 
 
 def _source_copy(dest: Path, version: str, migration: str | None = None) -> Path:
