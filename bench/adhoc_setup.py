@@ -14,7 +14,8 @@ modules' own code (``ControlClient``, ``hello``, ``session_stream.RelayLeg``) on
   the session row, hands both sides a relay token (``SessionReady`` to the supporter, the
   answer to the customer);
 * each side then opens its relay leg like the modules do: a new TLS connection to the module port
-  (the supporter's with its certificate) saying ``OpenRelayLeg``.  The relay pairs the legs when
+  (the supporter's with its certificate) that offers the side's control-connection TLS session
+  (the server resumes it; ``--full-handshakes``: no session offered) and says ``OpenRelayLeg``.  The relay pairs the legs when
   the second one arrives and answers it in the same step, so "paired" = the later of the two
   ``OpenRelayLeg`` answers.  One byte each way then proves the legs are spliced;
 * both legs and the customer connection are closed (the relay records the session's end).
