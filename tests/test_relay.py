@@ -256,6 +256,29 @@ async def test_bytes_flow_both_ways_with_counters_and_early_bytes(relay_factory,
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_modules_leg_sends_short_records_without_waiting_for_delayed_acks(
+        relay_factory, pki_material):
+    """TCP_NODELAY on both ends of a leg: the module's (``open_leg``, what the modules use) and
+    the relay's, so the last short record of a screen update is not held ~40 ms by Nagle."""
+    import socket
+
+    from modules.common.link.session_stream import open_leg
+    r = relay_factory()
+    sid, sup_token, peer_token = r.session_tokens()
+    leg = await open_leg(r.reactor, "127.0.0.1", r.port.getHost().port, sup_token,
+                         pki.cert_pem(pki_material["ca_cert"]), None)
+    try:
+        mine = leg.transport.transport.getHandle()
+        assert mine.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+        relays = r.relay.sessions[sid].legs["supporter"].transport
+        theirs = getattr(relays, "transport", relays).getHandle()
+        assert theirs.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+    finally:
+        leg.close()
+        await leg.ended
+
+
+@pytest_twisted.ensureDeferred
 async def test_one_leg_aborting_tears_down_the_other_and_on_ended_fires_once(relay_factory):
     r = relay_factory()
     sid, sup_token, peer_token = r.session_tokens()

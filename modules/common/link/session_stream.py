@@ -34,6 +34,15 @@ class RelayLeg(FramedAMP):
         self.bytes_in = 0
         self.bytes_out = 0
 
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        # the leg carries the screen: an update's last, short TLS record must go out at once,
+        # not wait for the relay's delayed ACK (~40 ms; bench/README.md, Nagle) — as the relay's
+        # own side of the leg and the RFB server's socket already do
+        tcp = getattr(self.transport, "transport", None)
+        if hasattr(tcp, "setTcpNoDelay"):
+            tcp.setTcpNoDelay(True)
+
     def start(self, token: str) -> defer.Deferred:
         d = self.callRemote(OpenRelayLeg, relay_token=token)
 
