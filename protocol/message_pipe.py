@@ -8,6 +8,7 @@ pausing or aborting acts on the connection the WebSocket itself runs on.
 from __future__ import annotations
 
 from twisted.internet.interfaces import IConsumer, IPushProducer
+from wsproto.utilities import LocalProtocolError
 from zope.interface import implementer
 
 
@@ -24,7 +25,10 @@ class MessagePipe:
 
     def write(self, data: bytes) -> None:
         if data and not self.disconnecting:
-            self.ws.sendBytesMessage(bytes(data))
+            try:
+                self.ws.sendBytesMessage(bytes(data))
+            except LocalProtocolError:  # the peer's close came first: the WebSocket is ending
+                self.disconnecting = True
 
     def writeSequence(self, parts) -> None:
         self.write(b"".join(parts))
@@ -32,7 +36,7 @@ class MessagePipe:
     def loseConnection(self) -> None:
         if not self.disconnecting:
             self.disconnecting = True
-            self.ws.loseConnection()
+            close_websocket(self.ws)
 
     def abortConnection(self) -> None:
         self.disconnecting = True
@@ -60,3 +64,13 @@ class MessagePipe:
 
     def stopProducing(self) -> None:
         self.abortConnection()
+
+
+def close_websocket(ws, code: int = 1000) -> None:
+    """Close ``ws``; if the peer's close frame was already answered (wsproto is CLOSED, the
+    connection's end not yet delivered — e.g. the relay's side of a tunnel ends in that moment)
+    only the connection underneath is closed, instead of an "Unhandled Error"."""
+    try:
+        ws.loseConnection(code)
+    except LocalProtocolError:
+        ws.transport.loseConnection()

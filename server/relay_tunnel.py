@@ -23,7 +23,7 @@ from twisted.web import resource
 from twisted.web.websocket import WebSocketResource
 from zope.interface import implementer
 
-from protocol.message_pipe import MessagePipe
+from protocol.message_pipe import MessagePipe, close_websocket
 from protocol.runtime import Logger
 
 log = Logger(namespace="hausmeister.relay_tunnel")
@@ -115,7 +115,7 @@ class _RelayTunnelEnd:
         log.warn("relay tunnel: could not reach relay {host}:{port}: {why}", host=self.target[0],
                  port=self.target[1], why=failure.getErrorMessage())
         if not self.closed:
-            self.ws.loseConnection(1011)
+            close_websocket(self.ws, 1011)
 
     def bytesMessageReceived(self, data) -> None:
         if self.relay is not None:
@@ -124,7 +124,7 @@ class _RelayTunnelEnd:
             self.early.append(bytes(data))
 
     def textMessageReceived(self, message: str) -> None:
-        self.ws.loseConnection(1003)  # text has no place in a byte tunnel
+        close_websocket(self.ws, 1003)  # text has no place in a byte tunnel
 
     def pongReceived(self, payload: bytes) -> None:
         pass

@@ -19,7 +19,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from twisted.web.websocket import WebSocketResource
 
-from protocol.message_pipe import MessagePipe
+from protocol.message_pipe import MessagePipe, close_websocket
 from protocol.runtime import Logger
 
 log = Logger(namespace="hausmeister.ws_tunnel")
@@ -82,7 +82,7 @@ class _TunnelEnd:
             self.inner.dataReceived(bytes(data))
 
     def textMessageReceived(self, message: str) -> None:
-        self.ws.loseConnection(1003)  # text has no place in a byte tunnel
+        close_websocket(self.ws, 1003)  # text has no place in a byte tunnel
 
     def pongReceived(self, payload: bytes) -> None:
         pass

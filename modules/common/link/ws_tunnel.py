@@ -21,7 +21,7 @@ from twisted.web.iweb import IAgentEndpointFactory
 from twisted.web.websocket import WebSocketClientEndpoint
 from zope.interface import implementer
 
-from protocol.message_pipe import MessagePipe
+from protocol.message_pipe import MessagePipe, close_websocket
 
 from modules.common.link.proxy import tcp_endpoint
 
@@ -75,7 +75,7 @@ class _TunnelEnd:
             self.inner.dataReceived(bytes(data))
 
     def textMessageReceived(self, message: str) -> None:
-        self.ws.loseConnection(1003)
+        close_websocket(self.ws, 1003)
 
     def pongReceived(self, payload: bytes) -> None:
         pass
