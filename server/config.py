@@ -495,7 +495,11 @@ def _check(section: str, key: Key, value: Any, base: Path) -> Any:
             return None
         if "\0" in value:
             raise _fail(section, key, value, "a path must not contain a NUL character")
-        path = Path(value).expanduser()
+        try:
+            path = Path(value).expanduser()
+        except RuntimeError:  # "~name" of a user this machine does not know
+            raise _fail(section, key, value, "the user of this ~ path does not exist here: "
+                                             "write the folder's full path")
         return path if path.is_absolute() else (base / path).resolve()
     if kind == "host":
         if not value or any(c.isspace() for c in value) or "/" in value:

@@ -9,7 +9,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 from server.config import (SCHEMA, Config, ConfigError, from_mapping, load, parse_duration,
                            split_endpoint)
@@ -381,6 +381,7 @@ toml_values = st.recursive(
 known_keys = st.sampled_from([(s, k.name) for s, keys in SCHEMA.items() for k in keys])
 
 
+@example(assignments=[(("server", "data_dir"), "~0")], extra={})  # a user that does not exist
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.tuples(known_keys, toml_values), max_size=4),
        st.dictionaries(st.text(max_size=8), st.dictionaries(st.text(max_size=8), st.integers(), max_size=2),
