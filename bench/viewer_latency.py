@@ -7,11 +7,11 @@ TigerVNC's viewer (xtigervncviewer) on the same RFB source.
 
 The viewer is the app's own: ``RFBClientProtocol`` (modules/common/screen/rfb_client_twisted.py)
 feeding ``FramebufferWidget`` (modules/common/qt/viewer.py) as a window on Qt's X11 platform
-(xcb) on a second Xvfb (the *viewer display*), Twisted on qasync's loop exactly as
-``hausmeister-supporter gui`` runs it.  It connects over 127.0.0.1 to our RFB server
-(``listen_vnc`` + ``ScreenSource`` in its own process, as a host module runs it) and to x11vnc
-serving the same source Xvfb.  Not included: the session's AES-GCM channel and the relay hop
-(bench/channel_throughput.py and relay_throughput.py measure those).  Two ways of timing:
+(xcb) on a second Xvfb (the *viewer display*), Twisted on the apps' Qt loop exactly as
+``hausmeister-supporter gui`` runs it (``--qasync``: on qasync's own loop, as before).  It
+connects over 127.0.0.1 to our RFB server (``listen_vnc`` + ``ScreenSource`` in its own
+process, as a host module runs it) and to x11vnc serving the same source Xvfb.  Not included:
+the session's AES-GCM channel and the relay hop (bench/channel_throughput.py and relay_throughput.py measure those).  Two ways of timing:
 
 * **painted** (our viewer only): a paint hook fires when the widget *painted* a frame
   showing the change, within the same tolerance as the watcher's (event-driven: nothing in
@@ -84,21 +84,37 @@ def watch_main(display: str) -> None:
         print("timeout" if shown is None else f"{shown:.6f}", flush=True)
 
 
-def view_main(port: int, prefer: str, decode_thread: bool, request_early: bool) -> None:
-    """The viewer process (``--view``): the app's viewer on its own, as TigerVNC's runs in a
-    process of its own, so the bench's drawing and waiting take nothing from it.
-    ``RFBClientProtocol`` with the defaults of the app's ``ViewerScreen`` feeding
-    ``FramebufferWidget``, Twisted on qasync's loop, a frameless 1:1 window at 0,0 of $DISPLAY;
-    it runs until its connection ends or it is stopped."""
+def qt_reactor(app, stock_qasync: bool = False):
+    """Twisted on the Qt loop as the apps run it (``install_reactor``: the apps' loop), or on
+    qasync's own ``QEventLoop`` (``--qasync``; and a tree from before 2026-12-06 07:00,
+    which has no ``install_reactor``)."""
+    try:
+        from modules.common.qt.app import install_reactor
+    except ImportError:
+        install_reactor = None
+    if install_reactor is not None and not stock_qasync:
+        return install_reactor(app)
     import qasync
-    from PySide6.QtCore import Qt
-    from PySide6.QtWidgets import QApplication
-    app = QApplication(["viewer-bench", "-platform", "xcb"])
     loop = qasync.QEventLoop(app)
     asyncio.set_event_loop(loop)
     from twisted.internet import asyncioreactor
     asyncioreactor.install(loop)
-    from twisted.internet import endpoints, reactor
+    from twisted.internet import reactor
+    return reactor
+
+
+def view_main(port: int, prefer: str, decode_thread: bool, request_early: bool,
+              stock_qasync: bool = False) -> None:
+    """The viewer process (``--view``): the app's viewer on its own, as TigerVNC's runs in a
+    process of its own, so the bench's drawing and waiting take nothing from it.
+    ``RFBClientProtocol`` with the defaults of the app's ``ViewerScreen`` feeding
+    ``FramebufferWidget``, Twisted on the apps' Qt loop, a frameless 1:1 window at 0,0 of $DISPLAY;
+    it runs until its connection ends or it is stopped."""
+    from PySide6.QtCore import Qt
+    from PySide6.QtWidgets import QApplication
+    app = QApplication(["viewer-bench", "-platform", "xcb"])
+    reactor = qt_reactor(app, stock_qasync)
+    from twisted.internet import endpoints
 
     from modules.common.qt.viewer import FramebufferWidget
     from modules.common.screen.rfb_client_twisted import RFBClientProtocol
@@ -144,9 +160,10 @@ def encodings_for(prefer: str) -> tuple[int, ...]:
     return (first,) + tuple(e for e in DEFAULT_ENCODINGS if e != first)
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process so far (/proc/PID/stat)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+def cpu_seconds(pid: int, tid: int | None = None) -> float:
+    """User + system CPU of a process (or of its thread ``tid``) so far (/proc/PID/stat)."""
+    stat = Path(f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat")
+    fields = stat.read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
@@ -256,7 +273,7 @@ class Viewer:
 
 
 def sleep(seconds: float):
-    """A pause on the reactor (the scenario is a Twisted coroutine on qasync's loop)."""
+    """A pause on the reactor (the scenario is a Twisted coroutine on the Qt loop)."""
     from twisted.internet import reactor, task
     return task.deferLater(reactor, seconds, lambda: None)
 
@@ -371,7 +388,8 @@ def main() -> None:
         return
     if sys.argv[1:2] == ["--view"]:
         port, prefer, decode_thread, request_early = sys.argv[2:6]
-        view_main(int(port), prefer, decode_thread == "1", request_early == "1")
+        view_main(int(port), prefer, decode_thread == "1", request_early == "1",
+                  sys.argv[6:7] == ["qasync"])
         return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", default="1920x1080")
@@ -388,6 +406,9 @@ def main() -> None:
     ap.add_argument("--pin", action="store_true",
                     help="x11vnc on CPU 0, each on-screen viewer on CPU 1 (taskset): the viewer "
                          "does not share a core with the server, as on two machines")
+    ap.add_argument("--qasync", action="store_true",
+                    help="our viewer on qasync's own QEventLoop (before: the apps' loop, "
+                         "modules/common/qt/event_loop.py)")
     ap.add_argument("--late-request", action="store_true",
                     help="ask for the next update only after one is decoded (before: the app "
                          "asks when an update starts)")
@@ -411,16 +432,12 @@ def main() -> None:
         wait_port(ours)
         wait_port(x11vnc)
 
-        import qasync
         from PySide6.QtWidgets import QApplication
         app = QApplication.instance() or QApplication(
             ["viewer-bench", "-platform", "xcb", "-display", viewer_display.name])
         app.setQuitOnLastWindowClosed(False)
-        loop = qasync.QEventLoop(app)
-        asyncio.set_event_loop(loop)
-        from twisted.internet import asyncioreactor
-        asyncioreactor.install(loop)
-        from twisted.internet import defer, reactor
+        reactor = qt_reactor(app, args.qasync)
+        from twisted.internet import defer
         painted: dict[str, tuple] = {}
         on_screen: dict[str, tuple] = {}
 
@@ -470,18 +487,21 @@ def main() -> None:
                     await sleep(1.0)
                     lat = await latency_on_screen(watcher, painter, args.samples,
                                                   await blank(painter))
-                    cpu0 = cpu_seconds(proc.pid)
+                    # the viewer's process, and its main (GUI) thread: for ours behind
+                    # taskset the process is the taskset's pid, exec'd in place
+                    cpu0, gui0 = cpu_seconds(proc.pid), cpu_seconds(proc.pid, proc.pid)
                     rate, frames = await fps_on_screen(watcher, painter, pics, spots,
                                                        args.fps_seconds)
                     cpu = (cpu_seconds(proc.pid) - cpu0) / max(frames, 1)
+                    gui = (cpu_seconds(proc.pid, proc.pid) - gui0) / max(frames, 1)
                     on_screen.setdefault(name, []).append(
-                        (lat, rate, cpu, os.getloadavg()[0]))
+                        (lat, rate, cpu, os.getloadavg()[0], gui))
                 stop_process(proc)
                 procs.remove(proc)
 
             ours_view = pin(1) + [sys.executable, str(Path(__file__).resolve()), "--view"]
             flags = [args.prefer, "0" if args.gui_loop else "1",
-                     "0" if args.late_request else "1"]
+                     "0" if args.late_request else "1"] + (["qasync"] if args.qasync else [])
             await on_screen_run("hausmeister, own server", ours_view + [str(ours)] + flags)
             for _ in range(args.rounds):
                 await on_screen_run("hausmeister viewer", ours_view + [str(x11vnc)] + flags)
@@ -499,7 +519,8 @@ def main() -> None:
         reactor.callWhenRunning(lambda: defer.ensureDeferred(scenario()).addBoth(done))
         reactor.run()
         print(f"source {display.name}, viewer display {viewer_display.name}, {args.size}; our "
-              f"viewer: the app's RFBClientProtocol + FramebufferWidget (Qt xcb, qasync; "
+              f"viewer: the app's RFBClientProtocol + FramebufferWidget (Qt xcb; "
+              f"{'qasync loop' if args.qasync else 'apps loop'}, "
               f"{'decoding on the GUI loop' if args.gui_loop else 'decoder thread'}, next "
               f"request {'after' if args.late_request else 'at the start of'} each update, "
               f"{args.prefer} first); our server's capture cap {args.max_fps:g} fps; "
@@ -518,11 +539,11 @@ def main() -> None:
         print("\non the viewer display (watcher process, XGetImage; each viewer a process of "
               "its own): both viewers on x11vnc, ours also on our server; rounds interleaved")
         print(f"{'viewer':24} {'round':>5} {'load':>5} {'p50 ms':>8} {'p95 ms':>8} {'n':>4} "
-              f"{'fps full':>9} {'CPU ms/frame':>13}")
+              f"{'fps full':>9} {'CPU ms/frame':>13} {'GUI thread':>11}")
         for name, runs in on_screen.items():
-            for k, (lat, rate, cpu, load) in enumerate(runs, 1):
+            for k, (lat, rate, cpu, load, gui) in enumerate(runs, 1):
                 print(f"{name:24} {k:5d} {load:5.1f} {pct(lat, 50):8.1f} {pct(lat, 95):8.1f} "
-                      f"{len(lat):4d} {rate:9.1f} {cpu * 1000:13.1f}")
+                      f"{len(lat):4d} {rate:9.1f} {cpu * 1000:13.1f} {gui * 1000:11.1f}")
         if "hausmeister viewer" in on_screen and "TigerVNC viewer" in on_screen:
             pairs = list(zip(on_screen["hausmeister viewer"], on_screen["TigerVNC viewer"]))
             ratios = [o[1] / t[1] for o, t in pairs if t[1]]

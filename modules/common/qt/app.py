@@ -1,6 +1,7 @@
-"""Start a Qt app with Twisted on the same event loop (qasync's asyncio loop + Twisted's
-asyncio reactor), after checking that a display server is there: without one, Qt would abort
-the process; we say so in one line and exit 2."""
+"""Start a Qt app with Twisted on the same event loop (qasync's asyncio loop with a shorter
+path per socket event, event_loop.py, under Twisted's asyncio reactor), after checking that a
+display server is there: without one, Qt would abort the process; we say so in one line and
+exit 2."""
 
 from __future__ import annotations
 
@@ -54,6 +55,20 @@ def qt_application(language: str | None = None):
     return app
 
 
+def install_reactor(app):
+    """Twisted's asyncio reactor on the Qt loop of ``app`` (``event_loop.QtEventLoop``), as
+    the process's global reactor; returns it."""
+    import asyncio
+
+    from .event_loop import QtEventLoop
+    loop = QtEventLoop(app)
+    asyncio.set_event_loop(loop)
+    from twisted.internet import asyncioreactor
+    asyncioreactor.install(loop)
+    from twisted.internet import reactor
+    return reactor
+
+
 def run_app(prog: str, language: str | None, main: Callable[[Any, Any], Any]) -> int:
     """Run ``main(app, reactor)`` (it shows the windows) until the last window closes."""
     try:
@@ -61,15 +76,8 @@ def run_app(prog: str, language: str | None, main: Callable[[Any, Any], Any]) ->
     except NoDisplay as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
-    import asyncio
-
-    import qasync
     app = qt_application(language)
-    loop = qasync.QEventLoop(app)
-    asyncio.set_event_loop(loop)
-    from twisted.internet import asyncioreactor
-    asyncioreactor.install(loop)
-    from twisted.internet import reactor
+    reactor = install_reactor(app)
     app.setQuitOnLastWindowClosed(True)
     app.lastWindowClosed.connect(lambda: reactor.callLater(0, reactor.stop))
     reactor.callWhenRunning(main, app, reactor)
