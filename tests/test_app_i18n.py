@@ -9,7 +9,8 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-APP_FILES = [ROOT / "modules" / "supporter" / "gui.py", ROOT / "modules" / "customer" / "gui.py",
+APP_FILES = [ROOT / "modules" / "supporter" / "gui.py",
+             ROOT / "modules" / "supporter" / "adhoc_panel.py", ROOT / "modules" / "customer" / "gui.py",
              ROOT / "modules" / "remote_host" / "gui.py",
              *sorted((ROOT / "modules" / "common" / "qt").glob("*.py"))]
 

@@ -108,19 +108,41 @@ NOT_CONNECTED = {
 OFFLINE = {"en": "Offline, reconnecting to ", "de": "Offline, verbinde erneut mit "}
 
 
+ADHOC_RECONNECTING = {
+    "en": "The connection to the server was lost. Reconnecting to draw a new ID ...",
+    "de": "Die Verbindung zum Server ist abgebrochen. Verbinde erneut, um eine neue ID zu "
+          "erzeugen ..."}
+ADHOC_NEW_ID = {
+    "en": "The connection to the server was lost, so a new ID was drawn. Tell your customer the "
+          "new ID: {id}",
+    "de": "Die Verbindung zum Server war abgebrochen, daher wurde eine neue ID erzeugt. Nennen "
+          "Sie Ihrem Kunden die neue ID: {id}"}
+
+
 async def server_away_and_back(window, srv, language: str) -> None:
-    """The supporter's connection breaks while the server does not answer (stopped): the host
+    """The supporter's connections break while the server does not answer (stopped): the host
     list says it is reconnecting and is greyed, a session asked for then says why it does not
-    start; once the server answers again the list is current again by itself."""
+    start, the waiting ad-hoc tab strikes its ID through and says it reconnects; once the server
+    answers again the list is current again and the ad-hoc tab offers a new ID, by themselves."""
     from modules.supporter.gui import HOST_ID
+    adhoc = window.sessions[-1]          # one_session's ad-hoc tab, still waiting
+    old_id = adhoc.adhoc_panel.adhoc_id
     count = window.model.rowCount()
     os.kill(srv.process.pid, signal.SIGSTOP)
     try:
-        assert cut_connections(os.getpid(), srv.module_port) >= 1
+        assert cut_connections(os.getpid(), srv.module_port) >= 2   # the list's and the ID's
         await until(lambda: window.status_label.text().startswith(OFFLINE[language]),
                     what="the list reconnecting")
         screenshot(window, f"supporter-reconnecting-{language}")
         assert not window.table.isEnabled()     # greyed: no double-click into a stale list
+        await until(lambda: adhoc.adhoc_panel.offline, what="the ad-hoc tab reconnecting")
+        window.tabs.setCurrentWidget(adhoc)
+        screenshot(window, f"supporter-adhoc-reconnecting-{language}")
+        panel = adhoc.adhoc_panel
+        assert panel.state_label.text().startswith(ADHOC_RECONNECTING[language])
+        assert panel.adhoc_id == old_id and panel.id_label.font().strikeOut()
+        assert panel.valid_label.isHidden()
+        window.tabs.setCurrentIndex(0)
         # a session asked for in that moment (the list went offline under the click): in words
         window.connect_host(window.proxy.index(0, 1).data(HOST_ID), "pc1", "right-host-password")
         tab = window.sessions[-1]
@@ -134,6 +156,36 @@ async def server_away_and_back(window, srv, language: str) -> None:
                 and window.model.rowCount() == count, what="the list current again")
     assert window.table.isEnabled()
     assert window.status_label.text().startswith("Hosts: " if language == "en" else "Rechner: ")
+    await until(lambda: not panel.offline and panel.adhoc_id != old_id, what="a new ad-hoc ID")
+    new_id = panel.adhoc_id
+    assert re.fullmatch(r"\d{4} \d{4}", new_id) and not panel.id_label.font().strikeOut()
+    assert panel.state_label.text() == ADHOC_NEW_ID[language].format(id=new_id)
+    assert window.tabs.tabText(window.tabs.indexOf(adhoc)) == new_id
+    window.tabs.setCurrentWidget(adhoc)
+    screenshot(window, f"supporter-adhoc-new-id-{language}")
+    window.tabs.setCurrentIndex(0)
+    if language == "en":
+        await customer_joins_with_the_new_id(srv, adhoc, old_id, new_id)
+
+
+async def customer_joins_with_the_new_id(srv, adhoc, old_id: str, new_id: str) -> None:
+    """The ID that was shown before the cut is refused; the new one reaches this tab, whose
+    secret keys the channel (the verification code appears: the key confirmation passed)."""
+    server = ("--server", srv.url, "--ca-fingerprint", srv.fingerprint)
+    if old_id.split()[0] != new_id.split()[0]:   # 1 in 10,000 the server drew the same four
+        old = ModuleProcess("customer", *server, old_id, "--pipe", "--answers", "/dev/null")
+        await until(lambda: old.proc.poll() is not None, what="the old ID refused")
+        assert old.proc.returncode != 0 and "unknown or expired" in old.stderr, old.stderr
+    customer = ModuleProcess("customer", *server, new_id, "--pipe", "--answers", "/dev/null")
+    try:
+        await until(lambda: adhoc.code_label.text(), what="the session secured with the new ID")
+        assert "Customer joined from 127.0.0.1." in adhoc.chat_log.toPlainText()
+        await until(lambda: adhoc.end_text is not None or customer.proc.poll() is not None,
+                    what="the customer's answer to the terms")
+        await until(lambda: customer.proc.poll() is not None, what="the customer's end")
+        assert "joined the session of supporter alice" in customer.stderr, customer.stderr
+    finally:
+        customer.stop()
 
 
 def drop_file_on(widget, path) -> None:

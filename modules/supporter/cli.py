@@ -22,7 +22,10 @@ from modules.common.terminal.stream_cli import (
     session_options,
 )
 from modules.supporter.host_directory import HostDirectory
-from modules.supporter.sessions import AdhocInvitation, connect_host, list_hosts
+from modules.supporter.adhoc_offer import (
+    AdhocOffer, CustomerJoined, IdOffered, IdReplaced, Offline, ReplaceReason,
+)
+from modules.supporter.sessions import connect_host, list_hosts
 
 KIND = "supporter"
 
@@ -39,10 +42,6 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     identity = enrollment.enroll_supporter(folder, server, fp, args.user, password)
     print(f"enrolled as {identity}; key and certificate in {folder.path}")
     return 0
-
-
-def format_adhoc_id(nameplate: str, secret: str) -> str:
-    return f"{nameplate} {secret}"
 
 
 def _control(args: argparse.Namespace):
@@ -64,6 +63,44 @@ def _local_copy(args: argparse.Namespace):
     return (lambda report, sid: with_local_copy(report, Path(copy), sid)) if copy else None
 
 
+def _validity(seconds: float) -> str:
+    return f"{int(seconds // 60)} min" if seconds >= 120 else f"{int(seconds)} s"
+
+
+class AdhocLines:
+    """``adhoc``: one line on stderr per change of the ID on offer (the offer's events)."""
+
+    def adhoc_event(self, event) -> None:
+        if isinstance(event, IdOffered):
+            say(f"ad-hoc ID: {event.adhoc_id}  (valid {_validity(event.expires_in)}; tell it "
+                "to your customer)")
+            say("waiting for the customer ...")
+        elif isinstance(event, Offline):
+            if isinstance(event.why, BaseException):   # an attempt to connect again failed
+                say(f"still not connected, trying again in {event.retry_in:.1f} s: "
+                    f"{explain(event.why)}")
+            else:
+                say(f"lost the connection to the server ({event.why}): the ID {event.old_id} "
+                    f"is no longer valid; trying again in {event.retry_in:.1f} s")
+        elif isinstance(event, IdReplaced):
+            why = ("the connection to the server was lost"
+                   if event.reason is ReplaceReason.CONNECTION_LOST
+                   else f"{event.old_id} expired unused")
+            say(f"new ad-hoc ID: {event.adhoc_id}  ({why}; tell your customer the new ID, "
+                f"valid {_validity(event.expires_in)})")
+        elif isinstance(event, CustomerJoined):
+            say(f"customer joined from {event.peer_address}")
+
+
+def _greeted(reactor, folder, address, ca_pem):
+    """() -> a new greeted control connection (for what reconnects by itself)."""
+    async def greeted():
+        conn = await connect(reactor, address, ca_pem, folder)
+        await hello(conn, KIND)
+        return conn
+    return greeted
+
+
 def cmd_adhoc(args: argparse.Namespace) -> int:
     if args.list_windows:
         return print_windows(args)
@@ -71,18 +108,15 @@ def cmd_adhoc(args: argparse.Namespace) -> int:
     ended: dict = {}
 
     async def main(reactor):
-        conn = await connect(reactor, address, ca_pem, folder)
-        await hello(conn, KIND)
-        invitation = await AdhocInvitation(conn).allocate()
-        say(f"ad-hoc ID: {format_adhoc_id(invitation.nameplate, invitation.secret)}  "
-            f"(valid {int(invitation.expires_in // 60)} min; tell it to your customer)")
-        say("waiting for the customer ...")
-        ticket = await invitation.joined
-        say(f"customer joined from {ticket['peer_address']}")
+        # the ID stays on offer until the customer joins: a lost connection or an expired ID
+        # draws a new one (a line each); Ctrl+C ends
+        offer = AdhocOffer(reactor, _greeted(reactor, folder, address, ca_pem), AdhocLines())
+        await offer.start()
+        invitation, ticket = await offer.joined
         runner = await invitation.session(reactor, folder, ticket,
                                           consent_ui(args, Role.SUPPORTER), **_options(args))
         ended["reason"] = await run_to_end(reactor, runner)
-        conn.transport.loseConnection()
+        invitation.conn.transport.loseConnection()
     run_reactor(main)
     return exit_code(ended.get("reason"))
 
@@ -146,10 +180,7 @@ def cmd_hosts(args: argparse.Namespace) -> int:
     hosts: list = []
 
     async def main(reactor):
-        async def greeted():
-            conn = await connect(reactor, address, ca_pem, folder)
-            await hello(conn, KIND)
-            return conn
+        greeted = _greeted(reactor, folder, address, ca_pem)
         if not args.watch:
             conn = await greeted()
             hosts.extend(await list_hosts(conn))

@@ -39,7 +39,9 @@ from ..common.qt.viewer import REMOTE_KEY_COMBOS, FramebufferWidget, scrollable
 from ..common.qt.window_picker import WindowPicker, shared_sentence
 from ..common.session.session_runner import SessionDelegate
 from .host_directory import HostDirectory
-from .sessions import AdhocInvitation, connect_host
+from .adhoc_offer import AdhocOffer
+from .adhoc_panel import AdhocPanel
+from .sessions import connect_host
 
 KIND = "supporter"
 HOST_ID = Qt.UserRole + 1
@@ -614,48 +616,33 @@ class SupporterWindow(QMainWindow):
         return tab
 
     def new_adhoc(self) -> SessionTab:
+        """A tab with an 8-digit ID, large, kept on offer (a lost connection or an expired ID
+        draws a new one, ``AdhocOffer``) until the customer joins; then the session."""
         tab = SessionTab(self, "ad-hoc", Role.CUSTOMER, t("the customer"))
         self._add(tab)
-        big = QLabel()
-        font = big.font()
-        font.setPointSizeF(font.pointSizeF() * 3)
-        font.setBold(True)
-        big.setFont(font)
-        big.setAlignment(Qt.AlignCenter)
-        prompt = QLabel(t("Tell your customer this ID:"))
-        prompt.setAlignment(Qt.AlignCenter)
-        box = QWidget()
-        box_layout = QVBoxLayout(box)
-        box_layout.addStretch(1)
-        box_layout.addWidget(prompt)
-        box_layout.addWidget(big)
-        box_layout.addStretch(1)
+        panel = AdhocPanel(tab, self.tabs)
         tab.waiting.hide()
-        tab.screen_layout.addWidget(box)
-        tab.adhoc_label = big
+        tab.screen_layout.addWidget(panel)
+        tab.adhoc_panel = panel
+        tab.adhoc_label = panel.id_label
+        # one control connection per ad-hoc ID; closing the tab cancels the wait (and the offer)
+        tab.offer = AdhocOffer(self.reactor, self._connection, panel)
 
         async def run():
-            conn = await self._connection()   # one control connection per ad-hoc ID
+            await tab.offer.start()
+            invitation, ticket = await tab.offer.joined
             try:
-                invitation = await AdhocInvitation(conn).allocate()
-                tab.adhoc_id = invitation.adhoc_id
-                big.setText(invitation.adhoc_id)
-                self.tabs.setTabText(self.tabs.indexOf(tab), invitation.adhoc_id)
-                tab.chat_log.append(t("Waiting for the customer ..."))
-                ticket = await invitation.joined
-                tab.chat_log.append(t("Customer joined from {address}.").format(
-                    address=ticket["peer_address"]))
                 runner = await invitation.session(self.reactor, self.folder, ticket, tab.ui,
                                                   delegate=tab, pipe=False,
                                                   screen=self.own_screen(),
                                                   request_rights=("view", "control"),
                                                   receive_dir=tab.receive_dir)
                 tab.attach(runner)
-                box.hide()
+                panel.hide()
                 tab.waiting.show()
                 return await runner.run()
             finally:
-                conn.transport.loseConnection()   # the unused ID goes with it
+                invitation.conn.transport.loseConnection()
         tab.start(run())
         return tab
 

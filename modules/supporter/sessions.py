@@ -7,8 +7,6 @@ from __future__ import annotations
 import secrets
 from typing import Any, Callable
 
-from twisted.internet import defer
-
 from protocol import control
 
 from ..common.session.channel import Credentials, SessionChannel, adhoc_password
@@ -44,34 +42,30 @@ async def connect_host(reactor, conn, folder: ModuleFolder, host: str, password:
                               host_password=password, **options)
 
 
-class AdhocInvitation:
-    """One ad-hoc ID: ``nameplate`` + ``secret`` (drawn here, never sent); ``joined`` fires
-    with the server's ticket when the customer arrives."""
+def draw_secret(avoid: str | None = None) -> str:
+    """The ID's last four digits (``secrets``); a new ID never repeats the old one's."""
+    while True:
+        secret = f"{secrets.randbelow(10_000):04d}"
+        if secret != avoid:
+            return secret
 
-    def __init__(self, conn) -> None:
+
+class AdhocInvitation:
+    """One ad-hoc ID on one control connection: ``nameplate`` (allocated by the server) +
+    ``secret`` (drawn here, never sent; not ``avoid_secret``, the one shown before).  Kept on
+    offer, replaced when it goes and handed over when the customer joins by ``AdhocOffer``."""
+
+    def __init__(self, conn, avoid_secret: str | None = None) -> None:
         self.conn = conn
         self.nameplate = ""
-        self.secret = f"{secrets.randbelow(10_000):04d}"
+        self.secret = draw_secret(avoid_secret)
         self.expires_in = 0.0
-        self.joined: defer.Deferred = defer.Deferred()
 
     @property
     def adhoc_id(self) -> str:
         return f"{self.nameplate} {self.secret}"
 
     async def allocate(self) -> "AdhocInvitation":
-        def customer_joined(ticket: dict) -> None:
-            if not self.joined.called:
-                self.joined.callback(ticket)
-
-        def server_gone(why) -> Any:
-            if not self.joined.called:
-                from ..common.errors import ModuleError
-                self.joined.errback(ModuleError(
-                    f"the server closed the connection while waiting: {why}"))
-            return why
-        self.conn.on_session_ready = customer_joined
-        self.conn.lost.addBoth(server_gone)
         answer = await self.conn.callRemote(control.AllocateNameplate)
         self.nameplate, self.expires_in = answer["nameplate"], answer["expires_in"]
         return self

@@ -206,6 +206,20 @@ GERMAN: dict[str, str] = {
     "Tell your customer this ID:": "Nennen Sie Ihrem Kunden diese ID:",
     "Waiting for the customer ...": "Warte auf den Kunden ...",
     "Customer joined from {address}.": "Kunde verbunden von {address}.",
+    "This ID is no longer valid:": "Diese ID gilt nicht mehr:",
+    "The connection to the server was lost. Reconnecting to draw a new ID ...":
+        "Die Verbindung zum Server ist abgebrochen. Verbinde erneut, um eine neue ID zu "
+        "erzeugen ...",
+    "The connection to the server was lost, so a new ID was drawn. Tell your customer the new "
+    "ID: {id}":
+        "Die Verbindung zum Server war abgebrochen, daher wurde eine neue ID erzeugt. Nennen Sie "
+        "Ihrem Kunden die neue ID: {id}",
+    "The ID {old} expired unused, so a new ID was drawn. Tell your customer the new ID: {id}":
+        "Die ID {old} ist ungenutzt abgelaufen, daher wurde eine neue ID erzeugt. Nennen Sie "
+        "Ihrem Kunden die neue ID: {id}",
+    "Valid until {time}; if nobody uses it by then, a new ID is drawn by itself.":
+        "Gültig bis {time} Uhr; wird sie bis dahin nicht genutzt, erzeugt die App von selbst "
+        "eine neue ID.",
     "Fit to window": "An Fenster anpassen",
     "Request view": "Ansehen anfragen",
     "Request control": "Steuern anfragen",

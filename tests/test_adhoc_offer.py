@@ -1,0 +1,377 @@
+"""The ad-hoc ID kept on offer (``modules.supporter.adhoc_offer``): the core with a Clock and
+control connections that record what was asked (a lost connection, an expired nameplate, a
+clean shutdown's notice, a customer joining, a stop), then ``hausmeister-supporter adhoc``
+against the real server on 127.0.0.1 with a 2-second nameplate lifetime: an expired ID and a
+cut connection (server stopped, its socket aborted) each print a new ID, Ctrl+C ends the
+reconnecting."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+
+import pytest
+from hypothesis import given, settings, strategies as st
+from twisted.internet import defer, task
+
+from modules.common.link.reconnect import ReconnectSchedule
+from modules.supporter.adhoc_offer import (
+    MAX_WAIT, AdhocOffer, CustomerJoined, IdOffered, IdReplaced, Offline, ReplaceReason,
+)
+from protocol import control
+
+
+class FakeTransport:
+    def __init__(self, conn) -> None:
+        self.conn = conn
+        self.closed = False
+
+    def loseConnection(self) -> None:  # noqa: N802
+        if not self.closed:
+            self.closed = True
+            self.conn.lost.callback("Connection was closed cleanly.")
+
+
+class FakeControl:
+    """A greeted control connection: ``AllocateNameplate`` answered from ``plates`` (a number
+    of seconds each), or held (``hold``) or refused (``refuse``)."""
+
+    def __init__(self, plates: list[str], ttl: float = 600.0) -> None:
+        self.plates = list(plates)
+        self.ttl = ttl
+        self.asked = 0
+        self.refuse: Exception | None = None
+        self.held: defer.Deferred | None = None
+        self.hold = False
+        self.lost: defer.Deferred = defer.Deferred()
+        self.transport = FakeTransport(self)
+        self.on_session_ready = None
+        self.on_going_away = None
+
+    def callRemote(self, command, **kw):  # noqa: N802
+        assert command is control.AllocateNameplate
+        self.asked += 1
+        if self.refuse is not None:
+            return defer.fail(self.refuse)
+        answer = {"nameplate": self.plates.pop(0), "expires_in": self.ttl}
+        if self.hold:
+            self.held = defer.Deferred()
+            self.held.addCallback(lambda _: answer)
+            return self.held
+        return defer.succeed(answer)
+
+    def cut(self) -> None:
+        if self.lost.called:
+            return
+        self.transport.closed = True
+        self.lost.callback("Connection to the other side was lost in a non-clean fashion.")
+
+
+class Server:
+    """What ``connect()`` reaches: a queue of connections to hand out, or an error to raise."""
+
+    def __init__(self) -> None:
+        self.ready: list[FakeControl] = []
+        self.down: Exception | None = None
+        self.attempts = 0
+
+    async def connect(self) -> FakeControl:
+        self.attempts += 1
+        if self.down is not None:
+            raise self.down
+        return self.ready.pop(0)
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.events: list = []
+
+    def adhoc_event(self, event) -> None:
+        self.events.append(event)
+
+
+def offer_on(clock, server, delegate, **kw) -> AdhocOffer:
+    schedule = ReconnectSchedule(clock.seconds, cap=MAX_WAIT, rand=lambda a, b: b)  # the longest
+    return AdhocOffer(clock, server.connect, delegate, schedule=schedule, **kw)
+
+
+def started(offer) -> None:
+    d = defer.ensureDeferred(offer.start())
+    assert d.called and d.result is offer.invitation, d.result
+
+
+def test_a_lost_connection_draws_a_new_id_after_at_most_five_seconds_each_try():
+    clock, server, seen = task.Clock(), Server(), Recorder()
+    first = FakeControl(["1111"])
+    server.ready.append(first)
+    offer = offer_on(clock, server, seen)
+    started(offer)
+    old = offer.adhoc_id
+    assert seen.events == [IdOffered(old, 600.0)] and old.startswith("1111 ")
+    first.cut()
+    assert seen.events[-1] == Offline(old, first.lost.result, 1.0)
+    server.down = ConnectionRefusedError("refused")
+    for _ in range(8):                     # the back-off grows, but never past 5 s
+        clock.advance(seen.events[-1].retry_in)
+    waits = [e.retry_in for e in seen.events if isinstance(e, Offline)]
+    assert waits == [1.0, 2.0, 4.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0]
+    assert all(isinstance(e.why, ConnectionRefusedError) for e in seen.events[2:])
+    second = FakeControl(["2222"])
+    server.down, server.ready = None, [second]
+    clock.advance(5.0)
+    new = offer.adhoc_id
+    assert seen.events[-1] == IdReplaced(old, new, ReplaceReason.CONNECTION_LOST, 600.0)
+    assert new.startswith("2222 ") and new.split()[1] != old.split()[1]   # a new secret too
+    assert offer.conn is second and offer.invitation.conn is second
+    # the new connection lost too: the back-off starts from the bottom again
+    second.cut()
+    assert seen.events[-1].retry_in == 1.0
+
+
+def test_an_expired_nameplate_is_replaced_on_the_same_connection():
+    clock, server, seen = task.Clock(), Server(), Recorder()
+    conn = FakeControl(["1111", "2222", "3333"], ttl=120.0)
+    server.ready.append(conn)
+    offer = offer_on(clock, server, seen)
+    started(offer)
+    first = offer.adhoc_id
+    clock.advance(119.9)
+    assert conn.asked == 1
+    clock.advance(0.1)
+    second = offer.adhoc_id
+    assert seen.events[-1] == IdReplaced(first, second, ReplaceReason.EXPIRED, 120.0)
+    assert second.startswith("2222 ") and server.attempts == 1 and not conn.transport.closed
+    clock.advance(120.0)
+    assert seen.events[-1].old_id == second and offer.adhoc_id.startswith("3333 ")
+
+
+def test_a_refused_redraw_at_expiry_reconnects_and_says_why():
+    clock, server, seen = task.Clock(), Server(), Recorder()
+    conn = FakeControl(["1111"], ttl=60.0)
+    server.ready.append(conn)
+    offer = offer_on(clock, server, seen)
+    started(offer)
+    old = offer.adhoc_id
+    conn.refuse = control.WrongState("no free ad-hoc ID right now; try again in a minute")
+    clock.advance(60.0)
+    assert conn.transport.closed
+    [offline] = [e for e in seen.events if isinstance(e, Offline)]
+    assert offline.old_id == old and isinstance(offline.why, control.WrongState)
+    server.ready.append(FakeControl(["2222"]))
+    clock.advance(offline.retry_in)
+    assert seen.events[-1].reason is ReplaceReason.EXPIRED    # why the old one went
+
+
+def test_a_clean_shutdown_notice_sets_the_first_wait():
+    clock, server, seen = task.Clock(), Server(), Recorder()
+    conn = FakeControl(["1111"])
+    server.ready.append(conn)
+    offer = offer_on(clock, server, seen)
+    started(offer)
+    conn.on_going_away(3.0, 2.0)           # what ServerGoingAway passes on
+    conn.cut()
+    assert seen.events[-1] == Offline(offer.adhoc_id, "the server is restarting", 5.0)
+
+
+def test_the_customer_joining_hands_over_the_connection_and_ends_the_offer():
+    clock, server, seen = task.Clock(), Server(), Recorder()
+    conn = FakeControl(["1111", "2222"], ttl=60.0)
+    server.ready.append(conn)
+    offer = offer_on(clock, server, seen)
+    started(offer)
+    first = offer.invitation
+    # a customer who typed the ID just before it expired, announced just after: its own secret
+    conn.hold = True
+    clock.advance(60.0)
+    conn.on_session_ready({"nameplate": "1111", "peer_address": "127.0.0.9"})
+    assert offer.joined.called
+    invitation, ticket = offer.joined.result
+    assert invitation is first and ticket["peer_address"] == "127.0.0.9"
+    assert seen.events[-1] == CustomerJoined(first.adhoc_id, "127.0.0.9")
+    conn.held.callback(None)               # the redraw that was under way is dropped
+    assert offer.invitation is first and not any(isinstance(e, IdReplaced) for e in seen.events)
+    # from now on a cut is the session's business: no reconnect, no event
+    conn.cut()
+    assert clock.getDelayedCalls() == [] and isinstance(seen.events[-1], CustomerJoined)
+    with pytest.raises(control.WrongState):      # and nobody joins a second time
+        conn.on_session_ready({"nameplate": "2222", "peer_address": "127.0.0.8"})
+
+
+def test_stop_ends_the_reconnecting_and_cancelling_the_wait_stops():
+    clock, server, seen = task.Clock(), Server(), Recorder()
+    conn = FakeControl(["1111"])
+    server.ready.append(conn)
+    offer = offer_on(clock, server, seen)
+    started(offer)
+    conn.cut()
+    assert len(clock.getDelayedCalls()) == 1
+    waiting = defer.ensureDeferred(_await(offer.joined))
+    waiting.cancel()                       # what closing the tab does
+    assert offer.stopped and clock.getDelayedCalls() == []
+    assert waiting.called and isinstance(waiting.result.value, defer.CancelledError)
+    waiting.addErrback(lambda _: None)
+    clock.advance(60)
+    assert server.attempts == 1 and isinstance(seen.events[-1], Offline)
+
+
+def test_a_stop_while_an_attempt_connects_closes_what_it_gets():
+    clock, seen = task.Clock(), Recorder()
+    first, late = FakeControl(["1111"]), FakeControl(["2222"])
+    gate: defer.Deferred = defer.Deferred()
+    answers = iter([defer.succeed(first), gate])
+    offer = AdhocOffer(clock, lambda: next(answers), seen)
+    started(offer)
+    first.cut()
+    clock.advance(MAX_WAIT)                # the attempt is under way
+    offer.stop()
+    offer.joined.addErrback(lambda f: f.trap(defer.CancelledError))
+    gate.callback(late)
+    assert late.transport.closed and late.asked == 0
+    assert isinstance(seen.events[-1], Offline) and clock.getDelayedCalls() == []
+
+
+async def _await(d):
+    return await d
+
+
+STEPS = st.lists(st.sampled_from(["cut", "notice", "server down", "server up", "wait",
+                                    "expire", "join current", "join previous", "stop"]),
+                 max_size=40)
+
+
+@settings(max_examples=200, deadline=None)
+@given(steps=STEPS)
+def test_any_sequence_keeps_one_valid_id_or_says_it_is_reconnecting(steps):
+    """Whatever happens in whatever order: the events tell a consistent story (each new ID
+    replaces the one last shown, never repeats it, an offline spell is said before its new ID),
+    no wait is longer than 5 s unless a notice asked, at most one timer runs, and after the
+    customer joined or a stop nothing more happens."""
+    clock, server, seen = task.Clock(), Server(), Recorder()
+    numbers = iter(f"{n:04d}" for n in range(1, 10_000))
+
+    def fresh() -> FakeControl:
+        return FakeControl([next(numbers) for _ in range(50)], ttl=30.0)
+    server.ready = [fresh() for _ in range(60)]
+    offer = offer_on(clock, server, seen)
+    started(offer)
+    offer.joined.addErrback(lambda f: f.trap(defer.CancelledError))
+    noticed = False
+    for step in steps:
+        conn = offer.conn
+        if step == "cut" and conn is not None:
+            conn.cut()
+        elif step == "notice" and conn is not None:
+            conn.on_going_away(2.0, 3.0)
+            noticed = True
+        elif step == "server down":
+            server.down = ConnectionRefusedError("refused")
+        elif step == "server up":
+            server.down = None
+        elif step == "wait":
+            clock.advance(MAX_WAIT)
+        elif step == "expire":
+            clock.advance(30.0)
+        elif step.startswith("join") and conn is not None and not offer.joined.called:
+            plates = list(offer._drawn)       # the one on offer first, then the one before
+            plate = plates[0] if step == "join current" else plates[-1]
+            try:
+                conn.on_session_ready({"nameplate": plate, "peer_address": "127.0.0.5"})
+            except control.WrongState:
+                pytest.fail("a drawn ID on the live connection was refused")
+        elif step == "stop":
+            offer.stop()
+        assert len(clock.getDelayedCalls()) <= 1
+        assert (offer.conn is None) or not offer._retry or not offer._retry.active()
+        if offer.stopped or offer.joined.called:
+            assert clock.getDelayedCalls() == []
+    shown = None
+    offline = False
+    for event in seen.events:
+        if isinstance(event, IdOffered):
+            assert shown is None
+            shown = event.adhoc_id
+        elif isinstance(event, Offline):
+            assert event.old_id == shown
+            assert event.retry_in <= MAX_WAIT or noticed
+            offline = True
+        elif isinstance(event, IdReplaced):
+            assert event.old_id == shown and event.adhoc_id != shown
+            assert event.reason is (ReplaceReason.CONNECTION_LOST if offline
+                                    else ReplaceReason.EXPIRED)
+            shown, offline = event.adhoc_id, False
+        elif isinstance(event, CustomerJoined):
+            assert event is seen.events[-1] and not offline
+    if offer.stopped or offer.joined.called:
+        before = len(seen.events)
+        clock.advance(600)
+        assert len(seen.events) == before
+
+
+# --- the CLI against the real server ------------------------------------------------------
+
+SHORT_TTL = '\n[adhoc]\nnameplate_ttl = "2s"\n'
+
+
+@pytest.fixture
+def short_lived_ids(tmp_path, db_url):
+    """A server whose ad-hoc IDs expire after 2 s, and supporter alice enrolled on it."""
+    from .fixtures_server import ADMIN_PASSWORD, ServerProcess, add_enrolled_supporter, write_config
+    data = tmp_path / "data"
+    srv = ServerProcess(write_config(tmp_path / "h.toml", data, db_url, extra=SHORT_TTL), data)
+    assert srv.cli("init", "--password-stdin", stdin=ADMIN_PASSWORD + "\n").returncode == 0
+    srv.start()
+    try:
+        yield srv, add_enrolled_supporter(srv, "alice", tmp_path / "alice")
+    finally:
+        srv.stop()
+
+
+NEW_ID = re.compile(r"new ad-hoc ID: (\d{4} \d{4})  \((.*); tell your customer the new ID")
+LOST = "is no longer valid; trying again in"
+
+
+def cut_while_stopped(srv, supporter, then=None) -> None:
+    """The server stops answering and the supporter's connection breaks (``ss -K``); once the
+    supporter said so (and ``then()`` ran) the server goes on."""
+    from .test_e2e_brokering import wait_until
+    from .test_e2e_recording_resume import cut_connections
+    said = supporter.stderr.count(LOST)
+    os.kill(srv.process.pid, signal.SIGSTOP)
+    try:
+        assert cut_connections(supporter.proc.pid, srv.module_port) == 1
+        wait_until(lambda: supporter.stderr.count(LOST) > said, what="the supporter offline")
+        if then is not None:
+            then()
+    finally:
+        os.kill(srv.process.pid, signal.SIGCONT)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # the database is not what is tested
+def test_adhoc_prints_a_new_id_when_it_expires_and_after_a_cut(short_lived_ids):
+    from .module_process import ModuleProcess
+    from .test_e2e_brokering import wait_until
+    srv, alice = short_lived_ids
+    supporter = ModuleProcess("supporter", "adhoc", "--pipe", "--answers", "/dev/null",
+                              "--home", str(alice))
+    try:
+        first = supporter.wait_for_line(r"ad-hoc ID: (\d{4} \d{4})  \(valid 2 s").group(1)
+        expired = supporter.wait_for_line(NEW_ID.pattern)
+        assert expired.group(2) == f"{first} expired unused" and expired.group(1) != first
+        cut_while_stopped(srv, supporter)
+        assert re.search(r"lost the connection to the server \(.+\): the ID \d{4} \d{4} "
+                         r"is no longer valid; trying again in \d+\.\d s", supporter.stderr)
+        lines = supporter.stderr.splitlines()
+        gone = next(i for i, line in enumerate(lines) if LOST in line)
+        replaced = wait_until(lambda: [m for line in supporter.stderr.splitlines()[gone:]
+                                       if (m := NEW_ID.search(line))], what="a new ID")[0]
+        assert replaced.group(2) == "the connection to the server was lost"
+        assert replaced.group(1) not in (first, expired.group(1))
+        # Ctrl+C while it reconnects: it stops trying and ends
+        cut_while_stopped(srv, supporter, then=lambda: (
+            supporter.proc.send_signal(signal.SIGINT), supporter.wait(timeout=20)))
+        assert supporter.proc.returncode == 0, supporter.stderr    # withdrawn, not failed
+        assert "Traceback" not in supporter.stderr, supporter.stderr
+    finally:
+        supporter.stop()
