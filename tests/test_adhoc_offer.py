@@ -3,7 +3,8 @@ control connections that record what was asked (a lost connection, an expired na
 clean shutdown's notice, a customer joining, a stop), then ``hausmeister-supporter adhoc``
 against the real server on 127.0.0.1 with a 2-second nameplate lifetime: an expired ID and a
 cut connection (server stopped, its socket aborted) each print a new ID, Ctrl+C ends the
-reconnecting."""
+reconnecting; and the app's ad-hoc tab on that server replaces an expired ID and says so.
+(The app's tab across a cut: test_app_supporter.)"""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import re
 import signal
 
 import pytest
+import pytest_twisted
 from hypothesis import given, settings, strategies as st
 from twisted.internet import defer, task
 
@@ -20,6 +22,8 @@ from modules.supporter.adhoc_offer import (
     MAX_WAIT, AdhocOffer, CustomerJoined, IdOffered, IdReplaced, Offline, ReplaceReason,
 )
 from protocol import control
+
+from .fixtures_qt import qt_app  # noqa: F401 - fixture
 
 
 class FakeTransport:
@@ -313,16 +317,19 @@ def test_any_sequence_keeps_one_valid_id_or_says_it_is_reconnecting(steps):
 SHORT_TTL = '\n[adhoc]\nnameplate_ttl = "2s"\n'
 
 
-@pytest.fixture
-def short_lived_ids(tmp_path, db_url):
-    """A server whose ad-hoc IDs expire after 2 s, and supporter alice enrolled on it."""
+@pytest.fixture(scope="module")
+def short_lived_ids(tmp_path_factory):
+    """A server whose ad-hoc IDs expire after 2 s, and supporter alice enrolled on it (one for
+    the module: the CLI and the app test share it)."""
     from .fixtures_server import ADMIN_PASSWORD, ServerProcess, add_enrolled_supporter, write_config
-    data = tmp_path / "data"
-    srv = ServerProcess(write_config(tmp_path / "h.toml", data, db_url, extra=SHORT_TTL), data)
+    tmp = tmp_path_factory.mktemp("short-lived-ids")
+    data = tmp / "data"
+    srv = ServerProcess(write_config(tmp / "h.toml", data, f"sqlite:///{tmp / 'h.db'}",
+                                     extra=SHORT_TTL), data)
     assert srv.cli("init", "--password-stdin", stdin=ADMIN_PASSWORD + "\n").returncode == 0
     srv.start()
     try:
-        yield srv, add_enrolled_supporter(srv, "alice", tmp_path / "alice")
+        yield srv, add_enrolled_supporter(srv, "alice", tmp / "alice")
     finally:
         srv.stop()
 
@@ -348,7 +355,6 @@ def cut_while_stopped(srv, supporter, then=None) -> None:
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # the database is not what is tested
 def test_adhoc_prints_a_new_id_when_it_expires_and_after_a_cut(short_lived_ids):
     from .module_process import ModuleProcess
     from .test_e2e_brokering import wait_until
@@ -375,3 +381,43 @@ def test_adhoc_prints_a_new_id_when_it_expires_and_after_a_cut(short_lived_ids):
         assert "Traceback" not in supporter.stderr, supporter.stderr
     finally:
         supporter.stop()
+
+
+EXPIRED = {
+    "en": "The ID {old} expired unused, so a new ID was drawn. Tell your customer the new ID: "
+          "{id}",
+    "de": "Die ID {old} ist ungenutzt abgelaufen, daher wurde eine neue ID erzeugt. Nennen Sie "
+          "Ihrem Kunden die neue ID: {id}"}
+
+
+@pytest.mark.e2e
+@pytest_twisted.ensureDeferred
+async def test_the_app_tab_replaces_an_expired_id_and_says_so(qt_app, short_lived_ids):  # noqa: F811
+    """The app's ad-hoc tab on the same server: an expiry shows the new ID with a line naming
+    the old one, in the window's language, on the same connection."""
+    from twisted.internet import reactor
+
+    from modules.common.link.folder import ModuleFolder
+    from modules.common.qt.i18n import install_translation
+    from modules.supporter.gui import SupporterWindow
+
+    from .fixtures_qt import screenshot, until
+    srv, alice = short_lived_ids
+    for language in ("en", "de"):
+        install_translation(qt_app, language)
+        window = SupporterWindow(reactor, ModuleFolder(alice), language)
+        try:
+            window.show()
+            await window.start()
+            tab = window.new_adhoc()
+            panel = tab.adhoc_panel
+            shown = await until(lambda: panel.adhoc_id, what="the first ID")
+            conn = await until(lambda: tab.offer.conn, what="the ID's connection")
+            await until(lambda: panel.adhoc_id != shown, what="the ID replaced at expiry")
+            assert panel.state_label.text() == EXPIRED[language].format(old=shown,
+                                                                        id=panel.adhoc_id)
+            assert window.tabs.tabText(window.tabs.indexOf(tab)) == panel.adhoc_id
+            assert tab.offer.conn is conn and not panel.offline   # no reconnect for it
+            screenshot(window, f"supporter-adhoc-expired-{language}")
+        finally:
+            window.close()
