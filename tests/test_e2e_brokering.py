@@ -153,21 +153,30 @@ def test_host_comes_back_after_server_restart(tmp_path, db_url, enrolled_host_on
     server then refuses logs one line per attempt and never an "Unhandled Error"."""
     srv, host_home, supporter_home = enrolled_host_on_fixed_ports
     host = ModuleProcess("host", "run", "--max-backoff", "0.5", "--home", str(host_home))
-    watch = None
+    watch = adhoc = None
     try:
         host.wait_for_line("online; waiting for supporters")
         # a supporter watching the host list stays through the restart and sees it current again
         watch = ModuleProcess("supporter", "hosts", "--watch", "--home", str(supporter_home))
         watch.wait_for_output(r"online +kiosk ")
+        # and a supporter waiting with an ad-hoc ID gets a new one after the restart
+        adhoc = ModuleProcess("supporter", "adhoc", "--pipe", "--answers", "/dev/null",
+                              "--home", str(supporter_home))
+        before = adhoc.wait_for_line(r"ad-hoc ID: (\d{4} \d{4})").group(1)
         srv.stop()
         notice = host.wait_for_line(r"the server is shutting down cleanly: trying again in about "
                                     r"(\d+) s, spread over (\d+) s")
         assert notice.groups() == ("5", "10")  # presence.restart_seconds; 1 host: the minimum
         host.wait_for_line("the server closed the connection for its shutdown")
-        assert "told 2 modules to come back in 5 s, spread over 10 s" in srv.log()
+        assert "told 3 modules to come back in 5 s, spread over 10 s" in srv.log()
         watch.wait_for_line(r"lost the connection to the server \(the server is restarting\): "
                             r"trying again in [0-5] s")
+        adhoc.wait_for_line(r"lost the connection to the server \(the server is restarting\): "
+                            rf"the ID {before} is no longer valid; trying again in [0-5]\.\d s")
         srv.start()
+        after = adhoc.wait_for_line(r"new ad-hoc ID: (\d{4} \d{4})  \(the connection to the "
+                                    r"server was lost; tell your customer the new ID", timeout=30)
+        assert after.group(1) != before and adhoc.proc.poll() is None
         wait_until(lambda: json.loads(run_cli("supporter", "hosts", "--json", "--home",
                                               str(supporter_home)).stdout or "[{}]")[0].get("online"),
                    timeout=30, what="host online again")
@@ -188,8 +197,9 @@ def test_host_comes_back_after_server_restart(tmp_path, db_url, enrolled_host_on
         assert "Unhandled" not in host.stderr and "Traceback" not in host.stderr, host.stderr
     finally:
         host.stop()
-        if watch:
-            watch.stop()
+        for module in (watch, adhoc):
+            if module:
+                module.stop()
 
 
 @pytest.fixture
