@@ -1,10 +1,11 @@
 """The ad-hoc ID kept on offer (``modules.supporter.adhoc_offer``): the core with a Clock and
 control connections that record what was asked (a lost connection, an expired nameplate, a
-clean shutdown's notice, a customer joining, a stop), then ``hausmeister-supporter adhoc``
-against the real server on 127.0.0.1 with a 2-second nameplate lifetime: an expired ID and a
-cut connection (server stopped, its socket aborted) each print a new ID, Ctrl+C ends the
-reconnecting; and the app's ad-hoc tab on that server replaces an expired ID and says so.
-(The app's tab across a cut: test_app_supporter.)"""
+clean shutdown's notice, a silent connection, a customer joining, a stop), then
+``hausmeister-supporter adhoc`` against the real server on 127.0.0.1 with a 2-second nameplate
+lifetime: an expired ID, a cut connection (server stopped, its socket aborted) and a silent one
+(server stopped, found by the heartbeat) each print a new ID, Ctrl+C ends the reconnecting; and
+the app's ad-hoc tab on that server replaces an expired ID and says so.  (The app's tab across
+a cut: test_app_supporter.)"""
 
 from __future__ import annotations
 
@@ -15,11 +16,12 @@ import signal
 import pytest
 import pytest_twisted
 from hypothesis import given, settings, strategies as st
-from twisted.internet import defer, task
+from twisted.internet import defer, error, task
 
 from modules.common.link.reconnect import ReconnectSchedule
 from modules.supporter.adhoc_offer import (
-    MAX_WAIT, AdhocOffer, CustomerJoined, IdOffered, IdReplaced, Offline, ReplaceReason,
+    MAX_HEARTBEAT, MAX_WAIT, AdhocOffer, CustomerJoined, IdOffered, IdReplaced, Offline,
+    ReplaceReason,
 )
 from protocol import control
 
@@ -36,15 +38,29 @@ class FakeTransport:
             self.closed = True
             self.conn.lost.callback("Connection was closed cleanly.")
 
+    def abortConnection(self) -> None:  # noqa: N802
+        """As AMP does: the requests not answered yet fail first, then the connection's end."""
+        if not self.closed:
+            self.closed = True
+            held = self.conn.held
+            if held is not None and not held.called:
+                held.errback(error.ConnectionAborted())
+            self.conn.lost.callback("Connection was aborted locally using "
+                                    "ITCPTransport.abortConnection.")
+
 
 class FakeControl:
-    """A greeted control connection: ``AllocateNameplate`` answered from ``plates`` (a number
-    of seconds each), or held (``hold``) or refused (``refuse``)."""
+    """A greeted control connection: ``AllocateNameplate`` answered from ``plates`` (valid for
+    ``ttl`` seconds), or held (``hold``) or refused (``refuse``); heartbeats answered unless
+    ``silent``."""
 
     def __init__(self, plates: list[str], ttl: float = 600.0) -> None:
         self.plates = list(plates)
         self.ttl = ttl
         self.asked = 0
+        self.beats = 0
+        self.silent = False            # heartbeats go unanswered (a wedged server)
+        self.greeting = {"heartbeat_seconds": 60.0}
         self.refuse: Exception | None = None
         self.held: defer.Deferred | None = None
         self.hold = False
@@ -54,6 +70,9 @@ class FakeControl:
         self.on_going_away = None
 
     def callRemote(self, command, **kw):  # noqa: N802
+        if command is control.Heartbeat:
+            self.beats += 1
+            return defer.Deferred() if self.silent else defer.succeed({"server_time": 0.0})
         assert command is control.AllocateNameplate
         self.asked += 1
         if self.refuse is not None:
@@ -178,6 +197,50 @@ def test_a_clean_shutdown_notice_sets_the_first_wait():
     assert seen.events[-1] == Offline(offer.adhoc_id, "the server is restarting", 5.0)
 
 
+def test_a_connection_gone_silent_is_found_by_the_heartbeat_and_replaced():
+    """No reset arrives (a pulled cable, a wedged server): the heartbeat (the server's 60 s
+    capped at 10 s) goes unanswered for 20 s, the connection is given up, a new ID drawn."""
+    clock, server, seen = task.Clock(), Server(), Recorder()
+    conn = FakeControl(["1111"])
+    server.ready.append(conn)
+    offer = offer_on(clock, server, seen)
+    started(offer)
+    old = offer.adhoc_id
+    clock.pump([MAX_HEARTBEAT] * 3)
+    assert conn.beats == 3 and not conn.transport.closed and len(seen.events) == 1
+    conn.silent = True
+    clock.advance(MAX_HEARTBEAT)                  # asked, not answered ...
+    clock.advance(MAX_HEARTBEAT * 2 - 0.1)
+    assert not conn.transport.closed
+    clock.advance(0.1)                            # ... for 20 s: given up
+    assert conn.transport.closed
+    assert seen.events[-1] == Offline(old, "the server did not answer for 20 s", 1.0)
+    server.ready.append(FakeControl(["2222"]))
+    clock.advance(1.0)
+    assert seen.events[-1].reason is ReplaceReason.CONNECTION_LOST
+    assert offer.adhoc_id.startswith("2222 ")
+
+
+def test_silence_during_a_redraw_at_expiry_is_said_as_silence():
+    """The ID expires while the server has stopped answering: the redraw's request fails when
+    the heartbeat gives the connection up, and the event says the server went silent."""
+    clock, server, seen = task.Clock(), Server(), Recorder()
+    conn = FakeControl(["1111", "2222"], ttl=MAX_HEARTBEAT)
+    server.ready.append(conn)
+    offer = offer_on(clock, server, seen)
+    started(offer)
+    old = offer.adhoc_id
+    conn.silent = conn.hold = True
+    # the expiry and a heartbeat at 10 s, neither answered, for 20 s
+    clock.pump([MAX_HEARTBEAT] + [1.0] * int(MAX_HEARTBEAT * 2))
+    assert conn.transport.closed and conn.held.called
+    [offline] = [e for e in seen.events if isinstance(e, Offline)]
+    assert offline == Offline(old, "the server did not answer for 20 s", 1.0)
+    server.ready.append(FakeControl(["3333"]))
+    clock.advance(1.0)
+    assert seen.events[-1] == IdReplaced(old, offer.adhoc_id, ReplaceReason.EXPIRED, 600.0)
+
+
 def test_the_customer_joining_hands_over_the_connection_and_ends_the_offer():
     clock, server, seen = task.Clock(), Server(), Recorder()
     conn = FakeControl(["1111", "2222"], ttl=60.0)
@@ -209,7 +272,7 @@ def test_stop_ends_the_reconnecting_and_cancelling_the_wait_stops():
     offer = offer_on(clock, server, seen)
     started(offer)
     conn.cut()
-    assert len(clock.getDelayedCalls()) == 1
+    assert len(clock.getDelayedCalls()) == 1        # the retry; no heartbeat, no expiry
     waiting = defer.ensureDeferred(_await(offer.joined))
     waiting.cancel()                       # what closing the tab does
     assert offer.stopped and clock.getDelayedCalls() == []
@@ -240,7 +303,8 @@ async def _await(d):
 
 
 STEPS = st.lists(st.sampled_from(["cut", "notice", "server down", "server up", "wait",
-                                    "expire", "join current", "join previous", "stop"]),
+                                    "expire", "join current", "join previous", "stop",
+                                    "falls silent"]),
                  max_size=40)
 
 
@@ -249,8 +313,9 @@ STEPS = st.lists(st.sampled_from(["cut", "notice", "server down", "server up", "
 def test_any_sequence_keeps_one_valid_id_or_says_it_is_reconnecting(steps):
     """Whatever happens in whatever order: the events tell a consistent story (each new ID
     replaces the one last shown, never repeats it, an offline spell is said before its new ID),
-    no wait is longer than 5 s (not even after a notice asking for more), at most one timer runs, and after the
-    customer joined or a stop nothing more happens."""
+    no wait is longer than 5 s (not even after a notice asking for more), a heartbeat runs
+    exactly while connected and waiting, and after the customer joined or a stop nothing more
+    happens."""
     clock, server, seen = task.Clock(), Server(), Recorder()
     numbers = iter(f"{n:04d}" for n in range(1, 10_000))
 
@@ -283,8 +348,13 @@ def test_any_sequence_keeps_one_valid_id_or_says_it_is_reconnecting(steps):
                 pytest.fail("a drawn ID on the live connection was refused")
         elif step == "stop":
             offer.stop()
-        assert len(clock.getDelayedCalls()) <= 1
-        assert (offer.conn is None) or not offer._retry or not offer._retry.active()
+        elif step == "falls silent" and conn is not None:
+            conn.silent = True
+        retrying = offer._retry is not None and offer._retry.active()
+        beating = offer._heartbeat is not None and offer._heartbeat.running
+        assert not (retrying and offer.conn is not None)
+        assert beating == (offer.conn is not None and not offer.joined.called
+                           and not offer.stopped)
         if offer.stopped or offer.joined.called:
             assert clock.getDelayedCalls() == []
     shown = None
@@ -312,7 +382,8 @@ def test_any_sequence_keeps_one_valid_id_or_says_it_is_reconnecting(steps):
 
 # --- the CLI against the real server ------------------------------------------------------
 
-SHORT_TTL = '\n[adhoc]\nnameplate_ttl = "2s"\n'
+#: IDs that expire after 2 s; heartbeats every 1.5 s (a silent connection is given up after 3 s)
+SHORT_TTL = '\n[adhoc]\nnameplate_ttl = "2s"\n\n[presence]\nheartbeat_seconds = 1.5\n'
 
 
 @pytest.fixture(scope="module")
@@ -372,6 +443,18 @@ def test_adhoc_prints_a_new_id_when_it_expires_and_after_a_cut(short_lived_ids):
                                        if (m := NEW_ID.search(line))], what="a new ID")[0]
         assert replaced.group(2) == "the connection to the server was lost"
         assert replaced.group(1) not in (first, expired.group(1))
+        # the server stops answering and nothing breaks the connection (no reset): the
+        # heartbeat finds it, the connection is given up, a new ID once the server answers
+        os.kill(srv.process.pid, signal.SIGSTOP)
+        try:
+            supporter.wait_for_line(r"lost the connection to the server \(the server did not "
+                                    r"answer for 3 s\): the ID \d{4} \d{4} is no longer valid")
+        finally:
+            os.kill(srv.process.pid, signal.SIGCONT)
+        lines = supporter.stderr.splitlines()
+        silent = next(i for i, line in enumerate(lines) if "did not answer" in line)
+        wait_until(lambda: [m for line in supporter.stderr.splitlines()[silent:]
+                            if (m := NEW_ID.search(line))], what="a new ID after the silence")
         # Ctrl+C while it reconnects: it stops trying and ends
         cut_while_stopped(srv, supporter, then=lambda: (
             supporter.proc.send_signal(signal.SIGINT), supporter.wait(timeout=20)))

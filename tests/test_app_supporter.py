@@ -3,8 +3,8 @@ real ``host run --screen`` on an Xvfb display: the host list shows the enrolled 
 double-click asks for the password and opens a viewer whose pixels are the host's screen, a
 click and typed keys in the viewer run a command in the host's xterm, a file goes each way with
 the progress bar at 100 %, and the ad-hoc action shows the 8-digit ID large and, after the
-connection was cut, a new one by itself (the old one refused, a customer joins with the new).  Screenshots of
-every window and dialog in both languages."""
+connection was cut, a new one by itself (the old one refused, a customer joins with the new).
+Screenshots of every window and dialog in both languages."""
 
 from __future__ import annotations
 

@@ -8,8 +8,11 @@ still shown as if it worked.  The offer keeps one ID valid instead: when the con
 it says so, waits by the modules' ``ReconnectSchedule`` (a clean shutdown's notice honoured, at
 most ``MAX_WAIT`` seconds between attempts: a person is waiting), connects again and draws a new
 nameplate with a new secret; when the nameplate expires it draws a new one on the same
-connection.  Every change is a typed event to the delegate (``adhoc_event(event)``), so the
-front-ends only say it.
+connection.  A connection that goes silent (a pulled cable, a wedged server: no reset arrives,
+and the server drops the ID after its TCP keep-alive) is found by a heartbeat while waiting
+(the server's ``heartbeat_seconds``, at most ``MAX_HEARTBEAT``; unanswered for twice that: the
+connection is given up).  Every change is a typed event to the delegate
+(``adhoc_event(event)``), so the front-ends only say it.
 
 Once the customer joined, the connection is the session's (``joined`` fires with the
 invitation and the server's ticket): a cut from then on ends the session as before, the offer
@@ -22,7 +25,7 @@ import enum
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
-from twisted.internet import defer
+from twisted.internet import defer, error as net_error, task
 from twisted.logger import Logger
 
 from protocol import control
@@ -34,6 +37,10 @@ log = Logger()
 
 #: the longest the offer waits between two connection attempts (a person is waiting)
 MAX_WAIT = 5.0
+
+#: the longest between two heartbeats of a waiting offer; one unanswered for twice that
+#: ends the connection (the server's default heartbeat is for idle hosts: 60 s)
+MAX_HEARTBEAT = 10.0
 
 
 class ReplaceReason(enum.Enum):
@@ -94,6 +101,9 @@ class AdhocOffer:
         self._gone: ReplaceReason | None = None
         self._retry = None               # the pending reconnect (IDelayedCall)
         self._expiry = None              # the pending nameplate expiry (IDelayedCall)
+        self._heartbeat: task.LoopingCall | None = None
+        self._beats: set[defer.Deferred] = set()   # heartbeats not answered yet
+        self._silent_for = 0.0           # > 0: the connection was given up after that silence
 
     @property
     def adhoc_id(self) -> str:
@@ -119,6 +129,7 @@ class AdhocOffer:
         for call in (self._retry, self._expiry):
             if call is not None and call.active():
                 call.cancel()
+        self._stop_heartbeat()
         conn, self.conn = self.conn, None
         if conn is not None:
             conn.transport.loseConnection()
@@ -147,6 +158,7 @@ class AdhocOffer:
             self.delegate.adhoc_event(IdOffered(invitation.adhoc_id, invitation.expires_in))
         else:
             self._replaced(invitation)
+        self._start_heartbeat(conn)
         conn.lost.addCallback(self._lost, conn)   # last: a connection already gone comes next
 
     def _on_offer(self, invitation: AdhocInvitation) -> None:
@@ -177,12 +189,15 @@ class AdhocOffer:
         async def again():
             try:
                 invitation = await self._draw(conn)
+            except net_error.ConnectionClosed:
+                return      # the connection ended under it: ``_lost`` says why
             except Exception as exc:
                 if conn is self.conn and not self._done:   # the server refused: start afresh
                     self.conn = None
+                    self._stop_heartbeat()
                     conn.transport.loseConnection()
                     self._wait(exc)
-                return      # else the lost connection is being dealt with already
+                return
             if conn is self.conn and not self._done:
                 self._replaced(invitation)
         defer.ensureDeferred(again())
@@ -194,6 +209,7 @@ class AdhocOffer:
             raise control.WrongState("this ad-hoc ID is no longer on offer")
         if self._expiry is not None and self._expiry.active():
             self._expiry.cancel()
+        self._stop_heartbeat()       # the session keeps its own connection alive
         self.invitation = invitation
         self.delegate.adhoc_event(CustomerJoined(invitation.adhoc_id, ticket["peer_address"]))
         self.joined.callback((invitation, ticket))
@@ -202,12 +218,50 @@ class AdhocOffer:
     def _lost(self, why: str, conn) -> str:
         if conn is self.conn and not self._done:
             self.conn = None
+            self._stop_heartbeat()
             if self._expiry is not None and self._expiry.active():
                 self._expiry.cancel()
             self._gone = self._gone or ReplaceReason.CONNECTION_LOST
-            announced = self.schedule.notice is not None
-            self._wait("the server is restarting" if announced else why)
+            if self.schedule.notice is not None:
+                why = "the server is restarting"
+            elif self._silent_for:
+                why = f"the server did not answer for {self._silent_for:.0f} s"
+            self._silent_for = 0.0
+            self._wait(why)
         return why
+
+    def _start_heartbeat(self, conn) -> None:
+        """Ask the server every few seconds whether it is still there; no answer in twice
+        that: the connection is aborted (and so replaced)."""
+        self._stop_heartbeat()
+        every = min(MAX_HEARTBEAT, float(getattr(conn, "greeting", {}).get(
+            "heartbeat_seconds") or MAX_HEARTBEAT))
+
+        def beat() -> None:
+            answer = conn.callRemote(control.Heartbeat)
+            answer.addTimeout(every * 2, self.reactor)
+            self._beats.add(answer)
+            answer.addBoth(lambda result: (self._beats.discard(answer), result)[1])
+
+            def unanswered(failure) -> None:
+                if not failure.check(defer.TimeoutError):
+                    return None          # the connection ended: ``_lost`` says so
+                if conn is self.conn and not self._done and not self._silent_for:
+                    log.warn("the server did not answer a heartbeat in {s} s: reconnecting",
+                             s=every * 2)
+                    self._silent_for = every * 2
+                    conn.transport.abortConnection()
+            answer.addErrback(unanswered)
+        self._heartbeat = task.LoopingCall(beat)
+        self._heartbeat.clock = self.reactor
+        self._heartbeat.start(every, now=False)
+
+    def _stop_heartbeat(self) -> None:
+        if self._heartbeat is not None and self._heartbeat.running:
+            self._heartbeat.stop()
+        self._heartbeat = None
+        for answer in list(self._beats):   # no timer left behind (a late answer is dropped)
+            answer.cancel()
 
     def _wait(self, why: "str | BaseException") -> None:
         delay = self.schedule.delay()

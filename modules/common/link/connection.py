@@ -123,6 +123,7 @@ class ControlClient(FramedAMP):
         # session id → called with the server's EndReason when it ends that session (SessionEnded)
         self.session_end_handlers: dict[str, object] = {}
         self.on_host_presence = None   # supporter: (fields) -> None, pushed by the server
+        self.greeting: dict = {}       # the server's answer to Hello (heartbeat_seconds, ...)
 
     def connectionLost(self, reason) -> None:
         super().connectionLost(reason)
@@ -195,8 +196,10 @@ async def connect(reactor, address: "ServerAddress | list[ServerAddress]", ca_pe
 
 
 async def hello(conn: amp.AMP, module_kind: str) -> dict:
-    return await conn.callRemote(control.Hello, protocol_version=PROTOCOL_VERSION,
-                                 module_version=MODULE_VERSION, module_kind=module_kind)
+    answer = await conn.callRemote(control.Hello, protocol_version=PROTOCOL_VERSION,
+                                   module_version=MODULE_VERSION, module_kind=module_kind)
+    conn.greeting = answer
+    return answer
 
 
 def address_of(folder: ModuleFolder) -> ServerAddress:
