@@ -20,7 +20,7 @@ from twisted.internet import defer, error, task
 
 from modules.common.link.reconnect import ReconnectSchedule
 from modules.supporter.adhoc_offer import (
-    MAX_HEARTBEAT, MAX_WAIT, AdhocOffer, CustomerJoined, IdOffered, IdReplaced, Offline,
+    ATTEMPT_SECONDS, MAX_HEARTBEAT, MAX_WAIT, AdhocOffer, CustomerJoined, IdOffered, IdReplaced, Offline,
     ReplaceReason,
 )
 from protocol import control
@@ -239,6 +239,28 @@ def test_silence_during_a_redraw_at_expiry_is_said_as_silence():
     server.ready.append(FakeControl(["3333"]))
     clock.advance(1.0)
     assert seen.events[-1] == IdReplaced(old, offer.adhoc_id, ReplaceReason.EXPIRED, 600.0)
+
+
+def test_an_attempt_the_server_never_answers_is_given_up_and_retried():
+    clock, server, seen = task.Clock(), Server(), Recorder()
+    first, second = FakeControl(["1111"]), FakeControl(["2222"])
+    hanging: defer.Deferred = defer.Deferred()
+    answers = iter([defer.succeed(first), hanging, defer.succeed(second)])
+    offer = AdhocOffer(clock, lambda: next(answers), seen,
+                       schedule=ReconnectSchedule(clock.seconds, cap=MAX_WAIT,
+                                                  rand=lambda a, b: b))
+    started(offer)
+    first.cut()
+    clock.advance(1.0)                        # the attempt: TCP taken, nothing answered
+    clock.advance(ATTEMPT_SECONDS - 0.1)
+    assert not hanging.called and len(seen.events) == 2
+    clock.advance(0.1)
+    assert hanging.called                     # cancelled: the endpoint drops the connection
+    hanging.addErrback(lambda f: f.trap(defer.CancelledError))
+    offline = seen.events[-1]
+    assert isinstance(offline, Offline) and isinstance(offline.why, defer.TimeoutError)
+    clock.advance(offline.retry_in)
+    assert seen.events[-1].adhoc_id.startswith("2222 ")
 
 
 def test_the_customer_joining_hands_over_the_connection_and_ends_the_offer():

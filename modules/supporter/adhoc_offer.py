@@ -38,6 +38,9 @@ log = Logger()
 #: the longest the offer waits between two connection attempts (a person is waiting)
 MAX_WAIT = 5.0
 
+#: how long one attempt (connect, Hello, a new nameplate) may take before it is given up
+ATTEMPT_SECONDS = 30.0
+
 #: the longest between two heartbeats of a waiting offer; one unanswered for twice that
 #: ends the connection (the server's default heartbeat is for idle hosts: 60 s)
 MAX_HEARTBEAT = 10.0
@@ -271,12 +274,17 @@ class AdhocOffer:
         self._retry = self.reactor.callLater(delay, self._try_again)
 
     def _try_again(self) -> None:
+        def failed(exc: Exception) -> None:
+            if isinstance(exc, defer.CancelledError):    # only the deadline cancels it
+                exc = defer.TimeoutError(f"no ID within {ATTEMPT_SECONDS:.0f} s")
+            if not self._done:
+                self._wait(exc)
+
         async def attempt():
             try:
                 conn = await self.connect()
             except Exception as exc:
-                if not self._done:
-                    self._wait(exc)
+                failed(exc)
                 return
             if self._done:
                 conn.transport.loseConnection()
@@ -284,13 +292,14 @@ class AdhocOffer:
             try:
                 invitation = await self._draw(conn)
             except Exception as exc:
-                conn.transport.loseConnection()
-                if not self._done:
-                    self._wait(exc)
+                conn.transport.abortConnection()
+                failed(exc)
                 return
             if self._done:
                 conn.transport.loseConnection()
                 return
             self.schedule.registered()
             self._attach(conn, invitation)
-        defer.ensureDeferred(attempt())
+        # a server that takes the connection and never answers (stopped, wedged) does not
+        # hold the offer: the attempt is given up and the next one scheduled
+        defer.ensureDeferred(attempt()).addTimeout(ATTEMPT_SECONDS, self.reactor)

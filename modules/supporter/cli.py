@@ -14,7 +14,9 @@ from modules.common.terminal.cli import (
     ModuleError, add_home, add_server_options, add_status_renew, folder_of, main_wrapper,
     read_secret, run_reactor, server_and_fingerprint,
 )
-from modules.common.link.connection import MODULE_VERSION, addresses_of, connect, hello
+from modules.common.link.connection import (
+    MODULE_VERSION, addresses_of, connect, greeted, hello,
+)
 from modules.common.session.consent import Role
 from modules.common.session.session_runner import CliDelegate
 from modules.common.terminal.stream_cli import (
@@ -92,25 +94,16 @@ class AdhocLines:
             say(f"customer joined from {event.peer_address}")
 
 
-def _greeted(reactor, folder, address, ca_pem):
-    """() -> a new greeted control connection (for what reconnects by itself)."""
-    async def greeted():
-        conn = await connect(reactor, address, ca_pem, folder)
-        await hello(conn, KIND)
-        return conn
-    return greeted
-
-
 def cmd_adhoc(args: argparse.Namespace) -> int:
     if args.list_windows:
         return print_windows(args)
-    folder, address, ca_pem = _control(args)
+    folder = _control(args)[0]
     ended: dict = {}
 
     async def main(reactor):
         # the ID stays on offer until the customer joins: a lost connection or an expired ID
         # draws a new one (a line each); Ctrl+C ends
-        offer = AdhocOffer(reactor, _greeted(reactor, folder, address, ca_pem), AdhocLines())
+        offer = AdhocOffer(reactor, lambda: greeted(reactor, folder, KIND), AdhocLines())
         await offer.start()
         invitation, ticket = await offer.joined
         runner = await invitation.session(reactor, folder, ticket,
@@ -176,19 +169,19 @@ class WatchLines:
 
 
 def cmd_hosts(args: argparse.Namespace) -> int:
-    folder, address, ca_pem = _control(args)
+    folder = _control(args)[0]
     hosts: list = []
 
     async def main(reactor):
-        greeted = _greeted(reactor, folder, address, ca_pem)
         if not args.watch:
-            conn = await greeted()
+            conn = await greeted(reactor, folder, KIND)
             hosts.extend(await list_hosts(conn))
             conn.transport.loseConnection()
             return
         # the server pushes each listed host's changes (no polling); a lost connection is
         # retried until Ctrl+C
-        directory = HostDirectory(reactor, greeted, WatchLines(args.json))
+        directory = HostDirectory(reactor, lambda: greeted(reactor, folder, KIND),
+                                  WatchLines(args.json))
         await directory.start()
         await defer.Deferred()   # until interrupted
     run_reactor(main)

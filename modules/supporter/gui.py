@@ -27,7 +27,7 @@ from protocol.runtime import run_blocking
 
 from ..common.link import enrollment
 from ..common.errors import NotConnected
-from ..common.link.connection import address_of, addresses_of, connect, hello
+from ..common.link.connection import address_of, greeted
 from ..common.session.consent import (
     Event, Right, RightDenied, RightRevoked, Role,
 )
@@ -510,10 +510,7 @@ class SupporterWindow(QMainWindow):
         return self.directory.conn if self.directory is not None else None
 
     async def _connection(self):
-        conn = await connect(self.reactor, addresses_of(self.folder),
-                             self.folder.ca_path.read_bytes(), self.folder)
-        await hello(conn, KIND)
-        return conn
+        return await greeted(self.reactor, self.folder, KIND)
 
     def refresh(self) -> None:
         if self.directory is not None:

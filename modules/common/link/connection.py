@@ -202,6 +202,18 @@ async def hello(conn: amp.AMP, module_kind: str) -> dict:
     return answer
 
 
+async def greeted(reactor, folder: ModuleFolder, kind: str) -> ControlClient:
+    """A new control connection to the folder's server, past ``Hello``; one that fails or is
+    cancelled on the way is closed (what reconnects by itself gives up a hanging attempt)."""
+    conn = await connect(reactor, addresses_of(folder), folder.ca_path.read_bytes(), folder)
+    try:
+        await hello(conn, kind)
+    except BaseException:
+        conn.transport.abortConnection()
+        raise
+    return conn
+
+
 def address_of(folder: ModuleFolder) -> ServerAddress:
     """The first server address (what a status line shows)."""
     return addresses_of(folder)[0]
