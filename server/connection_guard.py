@@ -257,6 +257,19 @@ class _Guarded:
     #: pointers to them (a relay leg on the record splice sets it when it attaches)
     handshake_buffers_kept = True
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # Every attribute a connection sets later is set here first.  CPython 3.11 shares one
+        # key table among a class's instances and lets a new key in only while few instances
+        # have been made since; a key first set after a burst of accepts (the verify
+        # callback's facts, the handshake's flag) gave every connection a dict of its own:
+        # 464 bytes per idle host (bench/README.md, issue 14).
+        self.address = "?"
+        self.closed_by_guard = False
+        self.handshake_buffers_kept = True
+        self.peer_facts = None  # server.tls's verify callback; the module connection takes it
+        self._handshakeDone = False
+
     def makeConnection(self, transport) -> None:
         self.address = transport.getPeer().host
         super().makeConnection(transport)

@@ -110,7 +110,7 @@ class ModuleConnection(FramedAMP):
         facts = getattr(self.transport, "peer_facts", None)  # server.tls's verify callback
         handle = None
         if facts is not None:
-            del self.transport.peer_facts
+            self.transport.peer_facts = None
             self.identity, self.serial, self.fingerprint, self.not_after = facts
         elif (handle := _resumed_handle(self.transport)) is not None:
             # a resumed session: OpenSSL skipped the verify callback, so judge it again here

@@ -5,15 +5,20 @@ cases (bytes still in a BIO: nothing is swapped)."""
 
 from __future__ import annotations
 
+import gc
 import socket
 import ssl
 import uuid
 
 import pytest
 import pytest_twisted
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL, crypto
 from twisted.internet import defer, protocol, threads
+from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet.task import deferLater
+from zope.interface import implementer
 
 from protocol.identity import Identity, make_csr
 from server import pki, tls
@@ -143,3 +148,127 @@ def test_nothing_is_swapped_while_bytes_wait_in_a_bio(certs):
         while len(got) < 20000:
             got += client.recv(20000)
         assert got == b"y" * 20000
+
+
+# --- what an idle host connection keeps besides OpenSSL's state (bench/README.md, issue 14) ----
+
+def _limits(pending: int) -> LimitsSection:
+    return LimitsSection(tls_handshake_seconds=30, first_command_seconds=30,
+                         http_header_seconds=30, pending_per_address=pending,
+                         pending_total=pending, raise_open_file_limit=False,
+                         refusal_log_seconds=60)
+
+
+@implementer(IHandshakeListener)
+class ChainRecorder(Echo):
+    """Echoes, and notes what the server's OpenSSL kept of the client's certificates."""
+
+    seen: list
+
+    def handshakeCompleted(self) -> None:
+        tls_protocol = self.transport
+        chain = tls_protocol.getHandle().get_peer_cert_chain() or []
+        self.seen.append((len(chain), tls_protocol.peer_facts))
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_module_presents_its_certificate_without_the_ca_and_is_still_verified(certs):
+    """The module's TLS sends its own certificate only: the server's OpenSSL then keeps no
+    parsed copy of the CA's certificate for the life of the connection (~4.6 KB per idle
+    host), and the certificate is still verified and its facts taken.  A client that sends
+    the chain (OpenSSL's default, here Python's ssl) is accepted as before."""
+    from twisted.internet import endpoints, reactor
+
+    from modules.common.link.connection import client_tls
+    from modules.common.link.folder import ModuleFolder
+    guard = ConnectionGuard(_limits(10), reactor)
+    factory = protocol.Factory.forProtocol(ChainRecorder)
+    seen: list = []
+    ChainRecorder.seen = seen
+    port = listen_guarded(reactor, 0, guard, "test port", ("Hello", 30),
+                          tls.ServerContextFactory(certs["server"]), factory, "127.0.0.1", 50,
+                          write_aggregation=False)
+    try:
+        module_tls = client_tls("127.0.0.1", certs["ca_cert"].public_bytes(
+            serialization.Encoding.PEM), ModuleFolder(certs["folder"]))
+        endpoint = endpoints.wrapClientTLS(module_tls, endpoints.TCP4ClientEndpoint(
+            reactor, "127.0.0.1", port.getHost().port))
+        answered: defer.Deferred = defer.Deferred()
+
+        class Module(protocol.Protocol):
+            def connectionMade(self) -> None:
+                self.transport.write(b"h" * 40)
+
+            def dataReceived(self, data: bytes) -> None:
+                answered.callback(data)
+                self.transport.loseConnection()
+
+        yield endpoint.connect(protocol.Factory.forProtocol(Module))
+        assert (yield answered) == b"h" * 40
+        echoed = yield threads.deferToThread(_round_trips, port.getHost().port, certs["folder"],
+                                             [b"h" * 40])
+        assert echoed == [b"h" * 40]
+        expected = Identity("host", certs["cert"].extensions.get_extension_for_class(
+            x509.SubjectAlternativeName).value.get_values_for_type(
+                x509.UniformResourceIdentifier)[0].split(":", 2)[2])
+        assert [(n, facts.identity) for n, facts in seen] == [(0, expected), (1, expected)]
+    finally:
+        yield defer.maybeDeferred(port.stopListening)
+
+
+def _instance_dict(obj) -> dict | None:
+    """The instance's own dict if CPython had to give it one (its attributes no longer fit the
+    key table its class's instances share); None while they live in the shared layout."""
+    for referent in gc.get_referents(obj):
+        if type(referent) is dict and "factory" in referent:
+            return referent
+    return None
+
+
+@pytest_twisted.inlineCallbacks
+def test_connections_accepted_in_a_burst_keep_the_shared_attribute_layout(certs):
+    """40 connections are accepted before the first completes its handshake (a reconnect
+    storm): the attributes the handshake sets later must not give each connection a dict of
+    its own (464 bytes per idle host before), and every connection still works."""
+    from twisted.internet import reactor
+    guard = ConnectionGuard(_limits(64), reactor)
+    factory = protocol.Factory.forProtocol(Echo)
+    built = []
+    original = factory.buildProtocol
+    factory.buildProtocol = lambda addr: built.append(original(addr)) or built[-1]
+    port = listen_guarded(reactor, 0, guard, "test port", ("Hello", 30),
+                          tls.ServerContextFactory(certs["server"]), factory, "127.0.0.1", 50,
+                          write_aggregation=False, eager_writes=True)
+
+    class FirstOfItsKind(port.factory.protocol):
+        """A class of its own: its shared key table starts empty, as in a fresh server."""
+
+    port.factory.protocol = FirstOfItsKind
+    raw = []
+    try:
+        raw = [socket.create_connection(("127.0.0.1", port.getHost().port), timeout=20)
+               for _ in range(40)]
+        while len(built) < 40:  # all accepted, none has sent a ClientHello yet
+            yield deferLater(reactor, 0.01)
+
+        def handshakes() -> list[bytes]:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            ctx.load_verify_locations(certs["folder"] / "ca.pem")
+            ctx.load_cert_chain(certs["folder"] / "cert.pem", certs["folder"] / "key.pem")
+            answers = []
+            for i, sock in enumerate(raw):
+                raw[i] = ctx.wrap_socket(sock, server_hostname="127.0.0.1")
+                raw[i].sendall(b"h" * 40)
+                answers.append(raw[i].recv(100))
+            return answers
+
+        assert (yield threads.deferToThread(handshakes)) == [b"h" * 40] * 40
+        tls_protocols = [p.transport for p in built]
+        assert all(type(p) is FirstOfItsKind for p in tls_protocols)
+        assert all(p._handshakeDone and p.peer_facts is not None for p in tls_protocols)
+        assert [p for p in tls_protocols if _instance_dict(p) is not None] == []
+    finally:
+        for sock in raw:
+            sock.close()
+        yield defer.maybeDeferred(port.stopListening)
+

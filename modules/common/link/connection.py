@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives import serialization
+from OpenSSL import SSL
 from twisted.internet import defer, endpoints, ssl
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.protocols import amp
@@ -64,10 +65,40 @@ def _new_client_tls(host: str, ca_pem: bytes,
         client_cert = ssl.PrivateCertificate.loadPEM(key_pem + folder.cert_path.read_bytes())
     # ALPN names the module plane, so a server's single port (listen.single_port) can tell us
     # from browsers; the module port itself ignores it
-    return ssl.optionsForClientTLS(host, trustRoot=trust, clientCertificate=client_cert,
-                                   acceptableProtocols=[ALPN_MODULE],
-                                   extraCertificateOptions={
-                                       "raiseMinimumTo": ssl.TLSVersion.TLSv1_2})
+    options = ssl.optionsForClientTLS(host, trustRoot=trust, clientCertificate=client_cert,
+                                      acceptableProtocols=[ALPN_MODULE],
+                                      extraCertificateOptions={
+                                          "raiseMinimumTo": ssl.TLSVersion.TLSv1_2})
+    if client_cert is not None:
+        send_certificate_alone(options)
+    return options
+
+
+#: OpenSSL's ``SSL_MODE_NO_AUTO_CHAIN`` (ssl.h); pyOpenSSL names no constant for it
+MODE_NO_AUTO_CHAIN = 0x00000008
+
+
+def send_certificate_alone(options: ssl.IOpenSSLClientConnectionCreator) -> bool:
+    """Present the module certificate without the CA certificate behind it.
+
+    With no chain configured, OpenSSL builds one from the trust store and sends the pinned CA's
+    certificate after the module's own: the server has that certificate already (it is what
+    it verifies against), yet its OpenSSL parses it and keeps it in the session for as long
+    as the connection lives — ~4.6 KB per idle host connection (bench/README.md, issue 14),
+    plus ~0.5 KB on the wire per handshake.  The mode is set on the OpenSSL context behind
+    Twisted's options (``CertificateOptions.getContext()``, reached through the options'
+    connection maker; Twisted before 24 kept it as ``_ctx``).  False (nothing changed: the
+    chain is sent as before, which the server accepts too) if Twisted keeps it elsewhere."""
+    context = getattr(options, "_ctx", None)
+    if context is None:
+        certificate_options = getattr(getattr(options, "_createConnection", None), "__self__",
+                                      None)
+        get_context = getattr(certificate_options, "getContext", None)
+        context = get_context() if callable(get_context) else None
+    if not isinstance(context, SSL.Context):
+        return False
+    context.set_mode(MODE_NO_AUTO_CHAIN)
+    return True
 
 
 @implementer(IOpenSSLClientConnectionCreator)
