@@ -263,6 +263,17 @@ def test_an_attempt_the_server_never_answers_is_given_up_and_retried():
     assert seen.events[-1].adhoc_id.startswith("2222 ")
 
 
+def test_the_first_attempt_has_the_same_deadline_and_its_error_is_the_callers():
+    clock, seen = task.Clock(), Recorder()
+    hanging: defer.Deferred = defer.Deferred()
+    offer = AdhocOffer(clock, lambda: hanging, seen)
+    first = defer.ensureDeferred(offer.start())
+    clock.advance(ATTEMPT_SECONDS)
+    assert first.called and isinstance(first.result.value, defer.TimeoutError)
+    first.addErrback(lambda f: None)
+    assert seen.events == [] and clock.getDelayedCalls() == []
+
+
 def test_the_customer_joining_hands_over_the_connection_and_ends_the_offer():
     clock, server, seen = task.Clock(), Server(), Recorder()
     conn = FakeControl(["1111", "2222"], ttl=60.0)

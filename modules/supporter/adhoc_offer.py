@@ -113,12 +113,15 @@ class AdhocOffer:
         return self.invitation.adhoc_id if self.invitation is not None else ""
 
     async def start(self) -> AdhocInvitation:
-        conn = await self.connect()
-        try:
-            invitation = await self._draw(conn)
-        except BaseException:
-            conn.transport.loseConnection()
-            raise
+        async def first() -> tuple[Any, AdhocInvitation]:
+            conn = await self.connect()
+            try:
+                return conn, await self._draw(conn)
+            except BaseException:
+                conn.transport.abortConnection()
+                raise
+        attempt = defer.ensureDeferred(first())
+        conn, invitation = await attempt.addTimeout(ATTEMPT_SECONDS, self.reactor)
         self._attach(conn, invitation)
         return invitation
 
