@@ -128,12 +128,18 @@ async def server_away_and_back(window, srv, language: str) -> None:
     from modules.supporter.gui import HOST_ID
     adhoc = window.sessions[-1]          # one_session's ad-hoc tab, still waiting
     old_id = adhoc.adhoc_panel.adhoc_id
+    closed = window.new_adhoc()          # and one the supporter closes while it reconnects
+    await until(lambda: closed.adhoc_panel.adhoc_id, what="the second ad-hoc ID")
+    window.tabs.setCurrentIndex(0)
     count = window.model.rowCount()
     os.kill(srv.process.pid, signal.SIGSTOP)
     try:
-        assert cut_connections(os.getpid(), srv.module_port) >= 2   # the list's and the ID's
+        assert cut_connections(os.getpid(), srv.module_port) >= 3   # the list's and the IDs'
         await until(lambda: window.status_label.text().startswith(OFFLINE[language]),
                     what="the list reconnecting")
+        await until(lambda: closed.adhoc_panel.offline, what="the second tab reconnecting")
+        window._close_tab(window.tabs.indexOf(closed))
+        assert closed.offer.stopped
         screenshot(window, f"supporter-reconnecting-{language}")
         assert not window.table.isEnabled()     # greyed: no double-click into a stale list
         await until(lambda: adhoc.adhoc_panel.offline, what="the ad-hoc tab reconnecting")
@@ -165,6 +171,9 @@ async def server_away_and_back(window, srv, language: str) -> None:
     window.tabs.setCurrentWidget(adhoc)
     screenshot(window, f"supporter-adhoc-new-id-{language}")
     window.tabs.setCurrentIndex(0)
+    # the closed tab stopped trying: no connection, no attempt pending, no new ID
+    assert closed.offer.conn is None and not closed.offer._retry.active()
+    assert closed.adhoc_panel.offline and closed.task.called
     if language == "en":
         await customer_joins_with_the_new_id(srv, adhoc, old_id, new_id)
 
