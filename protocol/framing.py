@@ -51,13 +51,18 @@ class BoxDecoder:
     it is fed for ``take_unparsed``).  After a ``FramingError`` every call raises it again.
     """
 
+    # One decoder per control connection, mostly idle: slots, and no empty dict waiting for
+    # the next box (~130 bytes per idle host, bench/README.md issue 14).
+    __slots__ = ("max_box_bytes", "max_keys", "_buffer", "_offset", "_box", "_key", "_failed",
+                 "paused")
+
     def __init__(self, max_box_bytes: int = DEFAULT_MAX_BOX_BYTES,
                  max_keys: int = DEFAULT_MAX_KEYS) -> None:
         self.max_box_bytes = max_box_bytes
         self.max_keys = max_keys
         self._buffer = bytearray()
         self._offset = 0  # parse position inside _buffer; _buffer[0] is where the box starts
-        self._box: Box = {}
+        self._box: Box | None = None  # the box being read, once its first key has come
         self._key: bytes | None = None
         self._failed: str | None = None
         self.paused = False
@@ -95,7 +100,7 @@ class BoxDecoder:
         rest = bytes(self._buffer)
         self._buffer.clear()
         self._offset = 0
-        self._box = {}
+        self._box = None
         self._key = None
         return rest
 
@@ -117,13 +122,13 @@ class BoxDecoder:
             if reading_key and length == 0:
                 # its size was checked with the last value, which counted this terminator
                 end = self._offset + 2
-                box, self._box = self._box, {}
+                box, self._box = self._box if self._box is not None else {}, None
                 del buf[:end]
                 self._offset = 0
                 return box
             if reading_key and length > MAX_KEY_LENGTH:
                 raise FramingError(f"key length {length} exceeds {MAX_KEY_LENGTH}")
-            if reading_key and len(self._box) >= self.max_keys:
+            if reading_key and self._box is not None and len(self._box) >= self.max_keys:
                 raise FramingError(f"box has more than {self.max_keys} keys")
             # the shortest box this piece can belong to: after a key come the value's length
             # prefix and at least the terminator; after a value, at least the terminator
@@ -134,7 +139,9 @@ class BoxDecoder:
             chunk = bytes(buf[start:start + length])
             self._offset = start + length
             if reading_key:
-                if chunk in self._box:
+                if self._box is None:
+                    self._box = {}
+                elif chunk in self._box:
                     raise FramingError(f"key {chunk[:40]!r} appears twice in one box")
                 self._key = chunk
             else:

@@ -15,6 +15,7 @@ from cryptography.x509.oid import NameOID
 
 SCHEME = "hausmeister"
 MODULE_ROLES = ("supporter", "host")
+_ROLES = {role: role for role in MODULE_ROLES}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,99}$")
 _UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
@@ -23,7 +24,7 @@ class IdentityError(ValueError):
     pass
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per connected module: no instance dict
 class Identity:
     role: str
     name: str
@@ -48,7 +49,8 @@ class Identity:
         parts = uri.split(":", 2)
         if len(parts) != 3 or parts[0] != SCHEME:
             raise IdentityError(f"{uri!r} is not a hausmeister identity (hausmeister:ROLE:NAME)")
-        return cls(parts[1], parts[2])
+        # the role as the constant: not one more "host" string per connected host
+        return cls(_ROLES.get(parts[1], parts[1]), parts[2])
 
 
 def valid_user_name(name: str) -> bool:

@@ -88,7 +88,7 @@ class Nameplate:
     expires_at: float
 
 
-@dataclass
+@dataclass(slots=True)  # one per connected host: no instance dict
 class HostPresence:
     connection: Any  # Connection
     host_id: str

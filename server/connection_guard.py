@@ -334,6 +334,15 @@ class GuardedTLSFactory(TLSMemoryBIOFactory):
     def logPrefix(self) -> str:
         return self.listener
 
+    # ``WrappingFactory`` keeps every connection in a dict of its own (``protocols``) that
+    # nothing here reads: the module registry and the guard know their connections (~40 bytes
+    # per idle host, and a dict that never shrinks after a storm).
+    def registerProtocol(self, p) -> None:
+        pass
+
+    def unregisterProtocol(self, p) -> None:
+        pass
+
     def buildProtocol(self, addr):
         if self.guard.refuse_early(self.listener, getattr(addr, "host", "?")):
             return None  # Twisted closes the accepted socket at once

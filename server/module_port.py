@@ -206,7 +206,7 @@ class ModuleConnection(FramedAMP):
             self._refuse(exc)
             raise exc
         self.greeted = True
-        self.module_version = module_version[:40]
+        self.module_version = self.port.shared_version(module_version[:40])
         identity = self.identity
         if identity is None or identity.role != "host":  # a host's line: "host ... online"
             # a customer at debug: its join says at info who it is and what it joined
@@ -538,6 +538,21 @@ class ModulePort(protocol.Factory):
         self.tokens = tokens
         self.tenant_of = tenant_of
         self.recordings = None  # server.recordings.receiver.RecordingReceiver, set by the server
+        self._versions: dict[str, str] = {}
+
+    #: distinct module versions kept as one string each: thousands of hosts run the same few,
+    #: and each connection kept its own copy (~54 bytes per idle host)
+    MAX_SHARED_VERSIONS = 64
+
+    def shared_version(self, version: str) -> str:
+        """``version`` as the one string every connection of that version holds (the first
+        ``MAX_SHARED_VERSIONS`` distinct ones; any further one is kept as it came)."""
+        shared = self._versions.get(version)
+        if shared is not None:
+            return shared
+        if len(self._versions) < self.MAX_SHARED_VERSIONS:
+            self._versions[version] = version
+        return version
 
     def buildProtocol(self, addr) -> ModuleConnection:
         conn = ModuleConnection(self)

@@ -626,3 +626,28 @@ def test_reusing_an_unanswered_tag_is_refused():
     assert [e["reason"] for e in warnings_in(events)] == [
         "request tag b'7' reused before it was answered"]
     assert transport.disconnecting and len(server.heartbeats) == 1
+
+
+def test_an_idle_connection_keeps_no_set_of_answers_due_and_still_answers():
+    """Between commands nothing is due: the connection holds the shared empty frozenset, not a
+    216-byte set of its own (bench/README.md, issue 14); answers later still find their tag."""
+    from protocol.amp_adapter import _NONE_DUE
+    server = Server()
+    server.heartbeats = []
+    transport = on_string_transport(server)
+    assert server._answers_due is _NONE_DUE
+    server.dataReceived(encode_box({b"_command": b"Heartbeat", b"_ask": b"1"})
+                        + encode_box({b"_command": b"Heartbeat", b"_ask": b"2"}))
+    assert server._answers_due == {b"1", b"2"}
+    server.heartbeats.pop(0).callback({"server_time": 2.5})
+    assert server._answers_due == {b"2"}
+    server.heartbeats.pop(0).callback({"server_time": 3.5})
+    assert server._answers_due is _NONE_DUE
+    decoder = BoxDecoder()
+    answers = decoder.receive(transport.value())
+    assert [(a[b"_answer"], a[b"server_time"]) for a in answers] == [(b"1", b"2.5"), (b"2", b"3.5")]
+    transport.clear()
+    server.dataReceived(encode_box({b"_command": b"Heartbeat", b"_ask": b"1"}))  # tag free again
+    server.heartbeats.pop(0).callback({"server_time": 4.5})
+    assert decoder.receive(transport.value())[0][b"_answer"] == b"1"
+    assert server._answers_due is _NONE_DUE and not transport.disconnecting

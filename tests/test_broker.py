@@ -234,6 +234,33 @@ def test_host_presence_online_offline_and_db(broker, world, database, clock):
         assert not s.get(Host, world["pc-office"]).online
 
 
+def test_what_the_broker_keeps_per_connected_host_has_no_instance_dicts(broker, world, clock):
+    """Per connected host the broker keeps a presence entry and the connection's identity: slots
+    only, and the role is the module's constant, not a string per host (bench/README.md,
+    issue 14).  The presence still follows heartbeats."""
+    from protocol.identity import MODULE_ROLES
+    from server.module_port import ModulePort
+    conn = host(world["pc-office"])
+    conn.identity = Identity.parse(f"hausmeister:{'ho' + 'st'}:{world['pc-office']}")
+    assert conn.identity.role is MODULE_ROLES[MODULE_ROLES.index("host")]
+    assert not hasattr(conn.identity, "__dict__")
+    assert result_of(broker.host_online(conn, "1.2.3")) == "acme"
+    presence = broker.hosts[world["pc-office"]]
+    assert not hasattr(presence, "__dict__") and presence.connection is conn
+    clock.advance(7)
+    broker.heartbeat(conn)
+    assert presence.last_heartbeat == clock.seconds()
+    # the module version: one string for all connections of that version, a bounded number
+    port = ModulePort(None, broker, None, None, lambda identity: defer.succeed(""))
+    first, again = "".join(["0.1", ".0"]), "".join(["0.1.", "0"])
+    assert first == again and first is not again
+    assert port.shared_version(first) is first and port.shared_version(again) is first
+    for i in range(port.MAX_SHARED_VERSIONS):
+        port.shared_version(f"junk {i}")
+    late = "".join(["9.9", ".9"])
+    assert port.shared_version(late) is late and len(port._versions) == port.MAX_SHARED_VERSIONS
+
+
 def test_hellos_arriving_while_a_batch_is_written_share_one_transaction(broker, world, database):
     """Thousands of hosts back after a restart: one transaction per batch, not per host; an
     unknown host in a batch is refused, the others are online with their tenant."""

@@ -245,3 +245,17 @@ def test_receive_honours_pause_between_calls():
     assert decoder.receive(second[9:] + b"\xff\xff") == []
     assert decoder.take_unparsed() == second + b"\xff\xff"
     assert decoder.take_unparsed() == b""
+
+
+def test_an_idle_decoder_holds_no_box_and_no_instance_dict():
+    """One decoder per idle control connection: between boxes it keeps no empty dict for the
+    next one, and it has no instance dict (bench/README.md, issue 14)."""
+    decoder = BoxDecoder()
+    assert not hasattr(decoder, "__dict__") and decoder._box is None
+    box = {b"_command": b"Heartbeat", b"_ask": b"7"}
+    encoded = encode_box(box)
+    assert decoder.receive(encoded[:11]) == [] and decoder._box == {}  # its first key read
+    assert decoder.receive(encoded[11:] + encode_box({})) == [box, {}]
+    assert decoder._box is None and decoder.buffered == 0
+    with pytest.raises(FramingError, match="twice"):
+        decoder.receive(b"\x00\x01a\x00\x01b\x00\x01a")

@@ -267,6 +267,7 @@ def test_connections_accepted_in_a_burst_keep_the_shared_attribute_layout(certs)
         assert all(type(p) is FirstOfItsKind for p in tls_protocols)
         assert all(p._handshakeDone and p.peer_facts is not None for p in tls_protocols)
         assert [p for p in tls_protocols if _instance_dict(p) is not None] == []
+        assert port.factory.protocols == {}  # nor a dict entry per connection in the factory
     finally:
         for sock in raw:
             sock.close()
