@@ -8,7 +8,9 @@ import json
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 import pytest
+import pytest_twisted
 from twisted.internet import defer, task
+from twisted.internet.task import deferLater
 from twisted.internet.error import ConnectionDone
 from twisted.protocols import amp
 
@@ -262,3 +264,95 @@ def test_an_exiting_module_waits_until_the_cut_off_recording_is_up_or_the_time_i
     assert done
     rec._fail("test over")                         # leave no recorder behind for other tests
     assert recorder_module.waiting_count() == 0
+
+
+# --- a real control connection that ends abruptly --------------------------------------------
+
+class _RecordingServer(amp.AMP):
+    """The server's side over real TLS, about to die: it holds the ``waits_at`` command
+    (RecordingStart or RecordingChunk) unanswered; RecordingStart otherwise starts a recording."""
+
+    def __init__(self, waits_at, held: list) -> None:
+        super().__init__()
+        self.waits_at = waits_at
+        self.held = held
+
+    def _hold(self):
+        d = defer.Deferred()
+        self.held.append(self)
+        return d
+
+    @control.RecordingStart.responder
+    def recording_start(self, **kw):
+        if self.waits_at is control.RecordingStart:
+            return self._hold()
+        return LosableLink().callRemote(control.RecordingStart, **kw)
+
+    @control.RecordingChunk.responder
+    def recording_chunk(self, **kw):
+        return self._hold()
+
+
+@pytest.mark.parametrize("end", ["fin", "reset"])
+@pytest.mark.parametrize("waits_at", [control.RecordingStart, control.RecordingChunk],
+                         ids=["start", "chunk"])
+@pytest_twisted.ensureDeferred
+async def test_a_control_connection_ending_under_a_waiting_call_is_a_lost_connection(waits_at, end):
+    """A server killed mid-session: AMP fails the call still waiting for its answer (with the
+    connection's end reason) *before* the control connection's ``lost`` fires, so the recorder
+    hears of it first.  That is a lost connection, not a failed recording: the recorder does not
+    end the session (the runner's ``control_lost`` does: "lost the connection to the server";
+    before, a waiting RecordingStart made it "the required session recording could not be
+    made", seen in test_e2e_session_end about once in five runs); a waiting chunk's bytes stay
+    for the next connection; and a recording that never started still holds the screen back."""
+    from OpenSSL import crypto
+    from twisted.internet import protocol, reactor, ssl
+
+    from modules.common.link.connection import ControlClient
+    from modules.common.session import recorder as recorder_module
+    from server import pki
+
+    ca_key, ca = pki.create_ca()
+    key, cert = pki.issue_server_cert(ca_key, ca, ("localhost",), ("127.0.0.1",))
+    held: list = []
+    server_options = ssl.CertificateOptions(
+        privateKey=crypto.PKey.from_cryptography_key(key),
+        certificate=crypto.X509.from_cryptography(cert))
+    port = reactor.listenSSL(0, protocol.Factory.forProtocol(
+        lambda: _RecordingServer(waits_at, held)), server_options, interface="127.0.0.1")
+    try:
+        trust = ssl.Certificate(crypto.X509.from_cryptography(ca))
+        conn = await protocol.ClientCreator(reactor, ControlClient).connectSSL(
+            "127.0.0.1", port.getHost().port, ssl.optionsForClientTLS("localhost", trust))
+        failed: list[str] = []
+        rec = recorder_module.SessionRecorder(reactor, conn, "s1", "host",
+                                              on_failed=failed.append)
+        started = rec.start()
+        if waits_at is control.RecordingChunk:
+            await started
+            assert rec.active and rec.may_show()
+            rec.rfb_out(b"a frame the server never acknowledged")
+        for _ in range(200):
+            if held:
+                break
+            await deferLater(reactor, 0.02)
+        assert held, "the call reached the server"
+        tcp = held[0].transport.transport          # below the server's TLS
+        if end == "reset":
+            tcp.abortConnection()
+        else:
+            tcp.loseConnection()                   # FIN, no close_notify
+        await conn.lost
+        assert conn.gone and not failed, failed
+        if waits_at is control.RecordingStart:
+            await started
+            assert rec.failed and rec.may_show() is False   # nothing shown unrecorded
+        else:
+            assert not rec.failed
+            assert recorder_module.waiting_count() == 1     # the bytes wait for the next one
+            done = rec.close()
+            recorder_module.resume_waiting(LosableLink())    # and go there
+            await done
+            assert recorder_module.waiting_count() == 0
+    finally:
+        await port.stopListening()

@@ -155,8 +155,13 @@ class ControlClient(FramedAMP):
         self.session_end_handlers: dict[str, object] = {}
         self.on_host_presence = None   # supporter: (fields) -> None, pushed by the server
         self.greeting: dict = {}       # the server's answer to Hello (heartbeat_seconds, ...)
+        # True from the first moment of the connection's end: AMP fails the calls still waiting
+        # for an answer before ``lost`` fires; their errbacks read this to tell a dead
+        # connection from a refusal without knowing every error a dying connection may give
+        self.gone = False
 
     def connectionLost(self, reason) -> None:
+        self.gone = True
         super().connectionLost(reason)
         if not self.lost.called:
             self.lost.callback(reason.getErrorMessage())

@@ -43,6 +43,13 @@ _away: set["SessionRecorder"] = set()
 _watchers: list[Callable[[], None]] = []
 
 
+def _connection_gone(conn, failure) -> bool:
+    """Did this call fail because the control connection ended (not a refusal by the server)?
+    AMP fails waiting calls with the connection's end reason before the connection's ``lost``
+    fires; ``ControlClient.gone`` is set before that, whatever the reason's type."""
+    return bool(failure.check(error.ConnectionClosed) or getattr(conn, "gone", False))
+
+
 def watch_waiting(callback: Callable[[], None]) -> Callable[[], None]:
     """``callback()`` runs whenever a recorder starts waiting for the next connection; returns
     the function that stops it."""
@@ -205,7 +212,14 @@ class SessionRecorder:
 
     def _refused(self, failure) -> None:
         why = failure.getErrorMessage()
-        if failure.check(amp.UnhandledCommand):
+        if _connection_gone(self.conn, failure):
+            # the control connection ended before the answer: the session ends with it (the
+            # runner's ``control_lost``: "lost the connection to the server"); until then this
+            # side cannot know the recording is not required, so the screen is not shown
+            self.policy = "required"
+            self._fail(f"the control connection ended before the recording started: {why}",
+                       session_ends_anyway=True)
+        elif failure.check(amp.UnhandledCommand):
             # a server from before recordings: it records nothing and requires nothing
             log.warn("session {session_id}: no recording: {why}", session_id=self.session_id,
                      why=why)
@@ -344,7 +358,7 @@ class SessionRecorder:
         if generation != self._generation:
             return
         self._in_flight = False
-        if failure.check(error.ConnectionClosed):
+        if _connection_gone(self.conn, failure):
             self._connection_lost(self.conn)  # the bytes stay: they go on the next connection
             return
         self._fail(f"the recording upload failed: {failure.getErrorMessage()}")
@@ -394,14 +408,17 @@ class SessionRecorder:
         def refused(failure):
             if generation != self._generation:
                 return
-            if failure.check(error.ConnectionClosed):
+            if _connection_gone(conn, failure):
                 self._connection_lost(conn)
                 return
             _away.discard(self)
             self._fail(f"the recording could not be resumed: {failure.getErrorMessage()}")
         d.addCallbacks(resumed, refused)
 
-    def _fail(self, why: str) -> None:
+    def _fail(self, why: str, session_ends_anyway: bool = False) -> None:
+        """Give the recording up; a ``required`` one ends the session (``on_failed``) unless
+        ``session_ends_anyway`` (its control connection is gone: the runner ends it with that
+        reason, which is the true one)."""
         if self.failed:
             return
         self.failed = why
@@ -414,7 +431,7 @@ class SessionRecorder:
         drained, self._drained = self._drained, []
         for d in drained:
             d.callback(None)
-        if self.on_failed is not None and self.policy == "required":
+        if self.on_failed is not None and self.policy == "required" and not session_ends_anyway:
             self.on_failed(why)
 
     # --- end ----------------------------------------------------------------------------------
