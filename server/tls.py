@@ -20,12 +20,10 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from protocol.identity import Identity, IdentityError, fingerprint, identity_of
+from protocol.tls_suites import CIPHERS_TLS12
 
 log = Logger()
 
-CIPHERS_TLS12 = ("ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-ECDSA-AES128-GCM-SHA256:"
-                 "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-AES256-GCM-SHA384:"
-                 "ECDHE-RSA-AES128-GCM-SHA256")
 
 MIN_VERSIONS = {"1.2": SSL.TLS1_2_VERSION, "1.3": SSL.TLS1_3_VERSION}
 

@@ -19,6 +19,7 @@ from protocol import PROTOCOL_VERSION
 from protocol import control
 from protocol.amp_adapter import FramedAMP
 from protocol.session_end import BadEndReason, EndCause, EndReason
+from protocol.tls_suites import CIPHERS_TLS12
 
 from modules.common.link.folder import ModuleFolder
 from modules.common.link import ws_tunnel
@@ -68,11 +69,15 @@ def _new_client_tls(host: str, ca_pem: bytes,
     options = ssl.optionsForClientTLS(host, trustRoot=trust, clientCertificate=client_cert,
                                       acceptableProtocols=[ALPN_MODULE],
                                       extraCertificateOptions={
-                                          "raiseMinimumTo": ssl.TLSVersion.TLSv1_2})
+                                          "raiseMinimumTo": ssl.TLSVersion.TLSv1_2,
+                                          # only what the server accepts (protocol.tls_suites)
+                                          "acceptableCiphers": _MODULE_PORT_CIPHERS})
     if client_cert is not None:
         send_certificate_alone(options)
     return options
 
+
+_MODULE_PORT_CIPHERS = ssl.AcceptableCiphers.fromOpenSSLCipherString(CIPHERS_TLS12)
 
 #: OpenSSL's ``SSL_MODE_NO_AUTO_CHAIN`` (ssl.h); pyOpenSSL names no constant for it
 MODE_NO_AUTO_CHAIN = 0x00000008
