@@ -61,6 +61,11 @@ async def test_small_writes_go_at_once_big_ones_whole_and_in_order():
         head, rest = await done
         assert head == first
         assert rest == big + tail
+        # its log prefix and repr read as tcp.Server's, made when asked, not kept per connection
+        peer = transport.getPeer()
+        assert transport.logPrefix() == f"Sender,{transport.sessionno},{peer.host}"
+        assert repr(transport) == f"<Sender #{transport.sessionno} on {port}>"
+        assert "logstr" not in vars(transport) and "repstr" not in vars(transport)
     finally:
         await listening.stopListening()
 
