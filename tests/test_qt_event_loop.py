@@ -208,9 +208,28 @@ def test_nested_event_loop_in_a_callback_is_not_entered_again(loop):
 
 
 def test_exception_in_a_callback_reaches_the_handler(loop):
+    """A plain callback's exception goes to the loop's handler; one out of Twisted's socket
+    path (``callWithLogger``, which the loop calls past) goes to Twisted's log, as before."""
+    from twisted.logger import globalLogPublisher
+    from twisted.python.log import callWithLogger
     a, b = tcp_pair()
-    caught = []
+    c, d = tcp_pair()
+    caught, logged = [], []
     loop.set_exception_handler(lambda _loop, context: caught.append(context["exception"]))
+
+    def observe(event):
+        failure = event.get("log_failure") or event.get("failure")   # new or legacy event
+        if failure is not None:
+            logged.append(failure.value)
+    globalLogPublisher.addObserver(observe)
+
+    class Selectable:
+        def logPrefix(self):  # noqa: N802
+            return "test"
+
+    def twisted_fails(_selectable, _read):
+        d.recv(10)
+        raise ValueError("broken doRead")
 
     async def scenario():
         after = loop.create_future()
@@ -219,15 +238,21 @@ def test_exception_in_a_callback_reaches_the_handler(loop):
             b.recv(10)
             raise ValueError("broken callback")
         loop.add_reader(b.fileno(), fails)
+        selectable = Selectable()
+        loop.add_reader(d.fileno(), callWithLogger, selectable, twisted_fails, selectable, True)
         a.send(b"x")
-        while not caught:
+        c.send(b"x")
+        while not (caught and logged):
             await asyncio.sleep(0.005)                   # the loop's own timers, still running
         loop.remove_reader(b.fileno())
+        loop.remove_reader(d.fileno())
         loop.call_soon(after.set_result, "on")
         assert await after == "on"
     try:
         run(loop, scenario())
     finally:
-        a.close()
-        b.close()
+        globalLogPublisher.removeObserver(observe)
+        for s in (a, b, c, d):
+            s.close()
     assert [str(e) for e in caught] == ["broken callback"]
+    assert [str(e) for e in logged] == ["broken doRead"]

@@ -31,6 +31,7 @@ import math
 
 import qasync
 from PySide6 import QtCore
+from twisted.python import log as twisted_log
 from twisted.python.log import callWithLogger
 
 SOON = 0.001   # seconds: qasync gives a shorter delay a 0 ms Qt timer, we the ready queue
@@ -113,8 +114,12 @@ class QtEventLoop(qasync.QEventLoop):
             except (SystemExit, KeyboardInterrupt):
                 raise
             except BaseException as exc:
-                self.call_exception_handler({
-                    "message": f"Exception in callback {watch.callback!r}", "exception": exc})
+                if watch.callback is callWithLogger:     # into Twisted's log, as before
+                    twisted_log.err(None, "Unhandled error in a socket callback")
+                else:
+                    self.call_exception_handler({
+                        "message": f"Exception in callback {watch.callback!r}",
+                        "exception": exc})
             finally:
                 watch.running = False
                 if watch.paused:
