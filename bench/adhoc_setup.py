@@ -3,7 +3,7 @@ set-ups per second.
 
     python bench/adhoc_setup.py [--setups 200] [--concurrency 8] [--throughput-setups 400]
 
-A real server process (``hausmeister-server run``, asyncio reactor, SQLite, the relay inside
+A real server process (``hausmeister-server run``, epoll reactor, SQLite, the relay inside
 the server process as by default) on 127.0.0.1, and this script as the modules, using the
 modules' own code (``ControlClient``, ``hello``, ``session_stream.RelayLeg``) on Twisted:
 

@@ -6,7 +6,7 @@ a server restart.
 
 What happens, all on 127.0.0.1:
 
-1. A server (``hausmeister-server run``, asyncio reactor, SQLite in a temporary folder unless
+1. A server (``hausmeister-server run``, epoll reactor, SQLite in a temporary folder unless
    ``--database-url``) on fixed ports, so a restart comes back where the hosts know it.
 2. ``--hosts`` hosts are enrolled in bulk: key, CSR and certificate from the server's CA and a
    ``Host`` row, as the enrollment endpoint does after its token check; each gets a real module

@@ -93,17 +93,14 @@ def _print_init(config: Config, result: bootstrap.InitResult) -> None:
 
 
 def _run_relay(config: Config, args: argparse.Namespace) -> int:
-    """``run --role relay``: a separate relay process.  It runs Twisted's default reactor (epoll
-    on Linux), not the asyncio one: it has no asyncio code, and epoll moves ~10 % more bytes per
-    CPU second (bench/README.md)."""
+    """``run --role relay``: a separate relay process (on the reactor ``cmd_run`` installs)."""
     if not bootstrap.is_initialised(config):
         raise CLIError(f"the server is not set up in {config.server.data_dir}: run "
                        "`hausmeister-server init` first (a relay process uses the server's "
                        "certificate, database and relay secret)")
     if args.relay_port is not None and not 0 <= args.relay_port <= 65535:
         raise CLIError(f"--relay-port {args.relay_port}: expected a port from 0 to 65535")
-    from twisted.internet import default
-    default.install()
+    _install_reactor()
     from twisted.internet import reactor
 
     from protocol.runtime import start_logging
@@ -121,12 +118,22 @@ def _raise_open_file_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def _install_reactor() -> None:
+    """Twisted's default reactor (epoll on Linux) for the server and relay processes, not the
+    asyncio one: per ready socket and per timer it runs less Python (no asyncio ``Handle``, no
+    selector wrapper, no ``call_soon``), which is the module port's hot path — heartbeats,
+    registrations, ad-hoc set-ups — and epoll moves ~10 % more relay bytes per CPU second
+    (bench/README.md, "the server on the epoll reactor").  The one asyncio user, the mail
+    outbox (aiosmtplib), runs its coroutine on a loop of its own in the blocking pool."""
+    from twisted.internet import default
+    default.install()
+
+
 def cmd_run(config: Config, args: argparse.Namespace) -> int:
     _raise_open_file_limit()
     if args.role == "relay":
         return _run_relay(config, args)
-    from twisted.internet import asyncioreactor
-    asyncioreactor.install()
+    _install_reactor()
     from twisted.internet import reactor
     from twisted.logger import Logger
 
@@ -151,7 +158,8 @@ def cmd_run(config: Config, args: argparse.Namespace) -> int:
     print(f"CA fingerprint:         {info['ca_fingerprint']}")
     print("Press Ctrl+C to stop.", flush=True)
     reactor.addSystemEventTrigger("before", "shutdown", srv.stopService)
-    Logger(namespace="server.cli").info("garbage collector: {gc}", gc=tune_gc())
+    Logger(namespace="server.cli").info("reactor {reactor}, garbage collector: {gc}",
+                                        reactor=type(reactor).__name__, gc=tune_gc())
     reactor.run()
     return 0
 

@@ -16,11 +16,15 @@ When no relay is configured (``mail.smtp_host`` empty) there is no mail at all: 
 
 Threads and loops: ``queue`` and ``counts`` block (call them through ``Database.run`` on the
 reactor thread, or pass a session to ``enqueue`` inside a transaction you already have).
-``deliver_due`` is a plain asyncio coroutine; its database work goes through the ``run``
-argument (default: the asyncio loop's executor), so tests drive it with ``asyncio.run``.
-``OutboxService`` runs it every ``interval`` seconds under Twisted's asyncio reactor, with the
-database work through ``Database.run`` and the coroutine bridged by
-``Deferred.fromFuture(asyncio.ensure_future(...))``.
+``deliver_due`` is a plain asyncio coroutine (aiosmtplib is asyncio); its database work goes
+through the ``run`` argument (default: the asyncio loop's executor), so tests drive it with
+``asyncio.run``.  ``OutboxService`` runs it every ``interval`` seconds in a thread of the
+blocking pool (``run_blocking``): ``Outbox.deliver_due_blocking`` gives the run an asyncio loop
+of its own (``asyncio.run``) and makes its database calls plainly in that thread.  So the
+server's reactor needs no asyncio: it is Twisted's default (epoll), which costs less Python per
+ready socket than the asyncio reactor on the module port's hot paths (bench/README.md, "the
+server on the epoll reactor").  A delivery run holds one pool thread while it talks to the relay
+(at most ``timeout`` per mail; a relay that cannot be reached ends the run at the first mail).
 """
 
 from __future__ import annotations
@@ -125,6 +129,12 @@ class DeliveryReport:
 async def _executor_run(db: Database, fn: Callable[..., Any], *args: Any) -> Any:
     loop = asyncio.get_running_loop()
     return await loop.run_in_executor(None, functools.partial(db.call, fn, *args))
+
+
+async def _inline_run(db: Database, fn: Callable[..., Any], *args: Any) -> Any:
+    """The database call right here: the thread is a pool thread whose loop has nothing else
+    to do while it waits (``deliver_due`` awaits one step at a time)."""
+    return db.call(fn, *args)
 
 
 class Outbox:
@@ -269,9 +279,13 @@ class Outbox:
                 report.sent.append(item["id"])
         return report
 
+    def deliver_due_blocking(self) -> DeliveryReport:
+        """``deliver_due`` on an asyncio loop of its own, blocking (for a pool thread)."""
+        return asyncio.run(self.deliver_due(functools.partial(_inline_run, self.db)))
+
 
 class OutboxService(Service):
-    """Runs ``outbox.deliver_due`` every ``interval`` seconds (needs the asyncio reactor)."""
+    """Runs ``outbox.deliver_due`` every ``interval`` seconds in the blocking pool (any reactor)."""
 
     def __init__(self, outbox: Outbox, interval: float = 15.0, reactor: Any = None,
                  runner: Any = None) -> None:
@@ -284,20 +298,16 @@ class OutboxService(Service):
         self._running_run: defer.Deferred | None = None
         self._holding = False  # whether the last tick held the outbox lock
 
-    def _run_db(self, fn: Callable[..., Any], *args: Any) -> Awaitable[Any]:
-        return self.outbox.db.run(fn, *args).asFuture(asyncio.get_running_loop())
-
     def tick(self) -> defer.Deferred:
         """One delivery run; a run still busy from the last tick is not overlapped."""
         if self._running_run is not None:
             return defer.succeed(None)
         if self.runner is not None and self.runner.shared:
             d = run_blocking(self.runner.holds)
-            d.addCallback(lambda mine: defer.Deferred.fromFuture(asyncio.ensure_future(
-                self.outbox.deliver_due(self._run_db))) if self._lock_held(mine) else None)
+            d.addCallback(lambda mine: run_blocking(self.outbox.deliver_due_blocking)
+                          if self._lock_held(mine) else None)
         else:
-            d = defer.Deferred.fromFuture(asyncio.ensure_future(
-                self.outbox.deliver_due(self._run_db)))
+            d = run_blocking(self.outbox.deliver_due_blocking)
 
         def done(result: Any) -> Any:
             self._running_run = None

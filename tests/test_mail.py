@@ -329,11 +329,12 @@ def test_subject_is_one_line(database, relays):
 
 
 SERVICE_SCRIPT = r'''
-import asyncio, json, sys
-loop = asyncio.new_event_loop(); asyncio.set_event_loop(loop)
-from twisted.internet import asyncioreactor
-asyncioreactor.install(loop)
+import json, sys
+from server.cli import _install_reactor
+_install_reactor()  # the reactor `hausmeister-server run` installs
 from twisted.internet import defer, reactor, task
+from twisted.internet.epollreactor import EPollReactor
+assert isinstance(reactor, EPollReactor), reactor  # no asyncio loop runs in this thread
 from aiosmtpd.controller import Controller
 from server.config import MailSection
 from server.db import Database
@@ -383,8 +384,9 @@ task.react(lambda _reactor: defer.ensureDeferred(main()))
 '''
 
 
-def test_outbox_service_under_asyncio_reactor(tmp_path):
-    """The Twisted service with the asyncio reactor: Database.run + the Deferred bridge."""
+def test_outbox_service_under_the_servers_reactor(tmp_path):
+    """The Twisted service on the server's epoll reactor: each delivery run in the blocking pool
+    on an asyncio loop of its own; relay down (row keeps an error), then back (sent once)."""
     import json
     import subprocess
     import sys

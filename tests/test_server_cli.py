@@ -246,6 +246,8 @@ from_address = "hausmeister@example.org"
             time.sleep(0.1)
         assert store.messages and store.messages[0].rcpt_tos == ["ops@example.org"]
         assert "sent: 1" in srv.ok("mail", "status")
+        # delivered from the blocking pool: the server runs Twisted's epoll reactor, no asyncio
+        assert "reactor EPollReactor" in srv.log(), srv.log()[-3000:]
     finally:
         srv.stop()
         relay.stop()
