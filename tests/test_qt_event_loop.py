@@ -256,3 +256,33 @@ def test_exception_in_a_callback_reaches_the_handler(loop):
             s.close()
     assert [str(e) for e in caught] == ["broken callback"]
     assert [str(e) for e in logged] == ["broken doRead"]
+
+
+def test_nested_event_loop_in_a_timer_callback_runs_what_waits(loop):
+    """A call_soon or call_later callback that spins a nested event loop (as a modal dialog
+    would): the handles waiting behind it — queued, or due later — still run in there."""
+    from PySide6.QtCore import QEventLoop
+    ran = []
+
+    def spinner(name):
+        nested = QEventLoop()
+
+        def spin():
+            ran.append(f"{name} spins")
+            nested.exec()
+            ran.append(f"{name} spun")
+        return spin, nested
+
+    async def scenario():
+        done = loop.create_future()
+        spin, nested = spinner("soon")
+        loop.call_soon(spin)
+        loop.call_soon(lambda: (ran.append("queued behind"), nested.quit()))
+        spin, nested_later = spinner("later")
+        loop.call_later(0.01, spin)
+        loop.call_later(0.03, lambda: (ran.append("due later"), nested_later.quit()))
+        loop.call_later(0.04, done.set_result, None)
+        await done
+    run(loop, scenario())
+    assert ran == ["soon spins", "queued behind", "soon spun",
+                   "later spins", "due later", "later spun"]

@@ -11,8 +11,10 @@ app's networking runs on this loop (RFB viewer, relay legs, the session channel)
   ``select``).  What qasync's detour guarded stays guarded: a notifier that was removed or
   replaced (also inside its own callback) never calls or re-enables anything; a callback that
   runs a nested event loop (a modal dialog) is not entered again for the same notifier — the
-  notifier is paused until the callback returns; a removed notifier is deleted by Qt's
-  ``deleteLater`` (never inside its own signal); an exception goes to the loop's exception
+  notifier is paused until the callback returns; a removed notifier is disabled at once and
+  deleted later, when no socket callback is running (never inside its own signal; Qt's
+  ``deleteLater`` raced with the loop's own end in tests); an exception goes to the loop's
+  exception
   handler, as from any asyncio callback.
 * ``call_soon`` (and a ``call_later`` under 1 ms, which qasync rounds to a 0 ms timer anyway)
   appends to a ready queue drained by one 0 ms single-shot timer, in FIFO order; a handle
@@ -56,14 +58,16 @@ class QtEventLoop(qasync.QEventLoop):
     def __init__(self, app=None) -> None:
         # set before qasync's __init__: asyncio's adds its self-pipe reader in there
         self._watches: tuple[dict[int, _Watch], dict[int, _Watch]] = ({}, {})
-        # parent of every notifier: Qt owns them, so one removed inside its own signal
-        # lives until deleteLater's turn instead of dying under Qt's feet
-        self._notifier_owner = QtCore.QObject()
+        # removed notifiers, deleted (by dropping them) only when no socket callback runs:
+        # one removed inside its own signal must not die under Qt's feet
+        self._retired: list = []
+        self._in_callbacks = 0
         self._ready: collections.deque[asyncio.Handle] = collections.deque()
         self._ready_timer = QtCore.QTimer()
         self._ready_timer.setSingleShot(True)
         self._ready_timer.setInterval(0)
         self._ready_timer.timeout.connect(self._run_ready)
+        self._ready_armed = False      # the 0 ms timer is started and has not fired yet
         self._scheduled: list[asyncio.TimerHandle] = []      # a heap, by when
         self._cancelled_count = 0
         self._delay_timer = QtCore.QTimer()
@@ -89,9 +93,9 @@ class QtEventLoop(qasync.QEventLoop):
         self._check_closed()
         fileno = qasync._fileno(fd)
         self._unwatch(kind, fd)
+        self._delete_retired()
         notifier = QtCore.QSocketNotifier(
-            fileno, QtCore.QSocketNotifier.Type.Write if kind else QtCore.QSocketNotifier.Type.Read,
-            self._notifier_owner)
+            fileno, QtCore.QSocketNotifier.Type.Write if kind else QtCore.QSocketNotifier.Type.Read)
         watch = _Watch(notifier, callback, args)
         watches = self._watches[kind]
 
@@ -100,9 +104,10 @@ class QtEventLoop(qasync.QEventLoop):
                 return
             if watch.running:                       # again, from a nested event loop
                 watch.paused = True
-                notifier.setEnabled(False)
+                watch.notifier.setEnabled(False)
                 return
             watch.running = True
+            self._in_callbacks += 1
             try:
                 if watch.callback is callWithLogger:
                     # Twisted's reactor: (selectable, _readOrWrite, selectable, read).  Its
@@ -121,11 +126,12 @@ class QtEventLoop(qasync.QEventLoop):
                         "message": f"Exception in callback {watch.callback!r}",
                         "exception": exc})
             finally:
+                self._in_callbacks -= 1
                 watch.running = False
                 if watch.paused:
                     watch.paused = False
                     if watches.get(fd) is watch:
-                        notifier.setEnabled(True)
+                        watch.notifier.setEnabled(True)
 
         notifier.activated.connect(ready)
         watches[fd] = watch
@@ -135,8 +141,14 @@ class QtEventLoop(qasync.QEventLoop):
         if watch is None:
             return False
         watch.notifier.setEnabled(False)
-        watch.notifier.deleteLater()
+        # the callback's closure keeps the watch, not the notifier (no cycle through Qt)
+        self._retired.append(watch.notifier)
+        watch.notifier = None
         return True
+
+    def _delete_retired(self) -> None:
+        if self._retired and not self._in_callbacks:
+            self._retired.clear()
 
     # --- call_soon and timers ---------------------------------------------------------------
     def call_later(self, delay, callback, *args, context=None):
@@ -145,9 +157,10 @@ class QtEventLoop(qasync.QEventLoop):
             return super().call_later(delay, callback, *args, context=context)  # its TypeError
         if delay < SOON:
             handle = asyncio.Handle(callback, args, self, context=context)
-            if not self._ready:
-                self._ready_timer.start()
             self._ready.append(handle)
+            if not self._ready_armed:
+                self._ready_armed = True
+                self._ready_timer.start()
             return handle
         handle = asyncio.TimerHandle(self.time() + delay, callback, args, self, context=context)
         handle._scheduled = True
@@ -181,6 +194,7 @@ class QtEventLoop(qasync.QEventLoop):
             self._delay_timer.stop()
 
     def _run_due(self) -> None:
+        self._delete_retired()
         heap, due = self._scheduled, self.time() + SOON
         while heap and (heap[0]._cancelled or heap[0].when() <= due):
             handle = heapq.heappop(heap)
@@ -189,24 +203,35 @@ class QtEventLoop(qasync.QEventLoop):
                 self._cancelled_count -= 1
             else:
                 self._ready.append(handle)
+        self._arm()              # first: a callback may spin a nested event loop
         self._run_ready()
-        self._arm()
 
     def _run_ready(self) -> None:
         """Run the handles that were ready when this turn began (later ones: the next turn,
-        so a callback that keeps calling ``call_soon`` cannot starve Qt's events)."""
+        so a callback that keeps calling ``call_soon`` cannot starve Qt's events).  A callback
+        that spins a nested event loop gets the rest run in there, in the same order: the
+        timer is armed while handles wait behind the one running."""
+        self._ready_armed = False
+        self._delete_retired()
         ready = self._ready
         for _ in range(len(ready)):
+            if not ready:                    # a nested event loop ran the rest
+                break
             handle = ready.popleft()
+            if ready and not self._ready_armed:
+                self._ready_armed = True
+                self._ready_timer.start()
             if not handle._cancelled:
                 handle._run()
-        if ready:
+        if ready and not self._ready_armed:
+            self._ready_armed = True
             self._ready_timer.start()
 
     def close(self) -> None:
         if self.is_running() or self.is_closed():
             return super().close()
         self._ready_timer.stop()
+        self._ready_armed = False
         self._delay_timer.stop()
         self._ready.clear()
         self._scheduled.clear()
@@ -214,3 +239,4 @@ class QtEventLoop(qasync.QEventLoop):
             for fd in list(self._watches[kind]):
                 self._unwatch(kind, fd)
         super().close()
+        self._retired.clear()
