@@ -11,7 +11,12 @@ without Python objects, the reactor or allocator slack.  Three client kinds: a m
 certificate over TLS 1.3 (what hosts do), no certificate (an ad-hoc customer), and a module
 certificate with the client capped at TLS 1.2 (for comparison only; the module port keeps 1.3).
 
-Each kind is measured twice: as the connection is left after the exchange, and after
+Then a host module's own client settings (``modules.common.link.connection.client_tls``), now
+and as they were before 2026-12-06: the bare clients above send no CA certificate and offer
+OpenSSL's cipher list, the module sent the CA's certificate along and Twisted's 42 suites,
+both of which the server's OpenSSL keeps for the life of the connection.
+
+Each of the first three kinds is measured twice: as the connection is left after the exchange, and after
 ``server.tls.release_handshake_buffers`` (what the server's TLS layer does once the handshake's
 bytes have passed: fresh memory BIOs instead of ones with the capacity of the handshake flight).
 Where the rest goes (heaptrack, bench/README.md): OpenSSL's two record layers, the connection
@@ -121,6 +126,38 @@ def measure(server_ctx, client_ctx, n: int, release: bool) -> float:
     return per
 
 
+def module_client_contexts(ca_key, ca_cert) -> dict[str, SSL.Context]:
+    """The client contexts of a host module: as ``modules.common.link.connection.client_tls``
+    makes it now, and as it made it before 2026-12-06 (Twisted's ``CertificateOptions`` with the
+    pinned CA as trust root: OpenSSL sends the CA certificate after the module's, and Twisted's
+    default cipher list is offered)."""
+    import tempfile
+
+    from twisted.internet import ssl as twisted_ssl
+
+    from modules.common.link.connection import client_tls
+    from modules.common.link.folder import ModuleFolder
+    pem = serialization.Encoding.PEM
+    key = pki.new_key()
+    csr = pki.parse_csr(make_csr(key, None).public_bytes(pem))
+    cert = pki.sign_module_csr(ca_key, ca_cert, csr, Identity("host", str(uuid.uuid4())), 30)
+    folder = Path(tempfile.mkdtemp(prefix="tls-conn-memory-"))
+    (folder / "cert.pem").write_bytes(cert.public_bytes(pem))
+    (folder / "key.pem").write_bytes(key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
+                                                       serialization.NoEncryption()))
+    now = client_tls("127.0.0.1", ca_cert.public_bytes(pem), ModuleFolder(folder))
+    before = twisted_ssl.CertificateOptions(
+        privateKey=crypto.PKey.from_cryptography_key(key),
+        certificate=crypto.X509.from_cryptography(cert),
+        trustRoot=twisted_ssl.Certificate.loadPEM(ca_cert.public_bytes(pem)),
+        raiseMinimumTo=twisted_ssl.TLSVersion.TLSv1_2)
+    for path in folder.iterdir():
+        path.unlink()
+    folder.rmdir()
+    return {"module's TLS before 2026-12-06": before.getContext(),
+            "module's TLS now (client_tls)": now._createConnection.__self__.getContext()}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -141,6 +178,16 @@ def main(argv: list[str] | None = None) -> int:
         kept, released = results[kind, False], results[kind, True]
         print(f"{kind:30s}: {kept:8,.0f} bytes malloc'd per idle server-side connection, "
               f"{released:8,.0f} with the handshake's BIOs given back ({kept - released:,.0f} less)")
+    module_kinds = module_client_contexts(ca_key, ca_cert)
+    for kind, client_ctx in module_kinds.items():
+        results[kind, True] = measure(server_ctx, client_ctx, args.connections, True)
+        print(f"{kind:30s}: {results[kind, True]:8,.0f} bytes malloc'd per idle server-side "
+              "connection, BIOs given back")
+    old, new = (results[kind, True] for kind in module_kinds)
+    print(f"RESULT: a host as the module connects today keeps {new / 1000:.1f} KB of OpenSSL on "
+          f"the server, {old / 1000:.1f} KB with the module's TLS settings before 2026-12-06 "
+          f"(CA certificate sent along, Twisted's 42 cipher suites offered): {old - new:,.0f} "
+          "bytes less")
     before = results["module certificate, TLS 1.3", False]
     floor = results["module certificate, TLS 1.3", True]
     print(f"RESULT: OpenSSL keeps {floor / 1000:.1f} KB per idle host connection before any "
