@@ -547,11 +547,11 @@ class RFBClient:
                 lambda fw, fh: self.screen_limit.refusal("H.264 picture", fw, fh),
                 framebuffer=lambda: (self.width, self.height))
         try:
-            pixels = self._h264.decode(x, y, w, h, flags, data, words=True)
+            pixels = self._h264.decode(x, y, w, h, flags, data)
         except rfb_h264.H264Error as exc:
             raise RFBClientError(str(exc)) from None
-        if pixels is not None:
-            self.words[y:y + h, x:x + w] = pixels
+        if pixels is not None:     # RGB (libswscale's "bgra" is the faster but coarser path)
+            rgb_array_into(self.words[y:y + h, x:x + w], pixels)
             if self.rect_written is not None:
                 self.rect_written(x, y, w, h)
         self.decoded["h264"] += 1

@@ -238,20 +238,15 @@ class H264Contexts:
         self._held: dict[tuple[int, int, int, int], int] = {}   # pixels each context keeps
         self._limit = limit
         self._framebuffer = framebuffer
-        self._reformatter: Any = None
         self.frames = 0
 
     def __len__(self) -> int:
         return len(self._contexts)
 
     def decode(self, x: int, y: int, w: int, h: int, flags: int,
-               data: bytes, words: bool = False) -> np.ndarray | None:
+               data: bytes) -> np.ndarray | None:
         """Apply ``flags``, decode ``data`` in the rect's context: its picture as h×w×3 RGB, or
-        None for a control message (no data).  ``words=True``: as h×w little-endian words
-        B G R 255 (the RFB client's picture, ``QImage.Format_RGB32``), converted by libswscale
-        straight into that layout — the same bilinear conversion as for RGB, bit for bit
-        (measured), without the RGB picture and the copy into words (1.76 → 1.13 ms a 1080p
-        frame); a view into a frame of its own, valid until the next call."""
+        None for a control message (no data)."""
         key = (x, y, w, h)
         if flags & RESET_ALL_CONTEXTS:
             self._contexts.clear()
@@ -284,16 +279,8 @@ class H264Contexts:
             if refusal:
                 raise H264Error(refusal)
         self.frames += 1
-        if not words:
-            rgb = frame.to_ndarray(format="rgb24")
-            return rgb[:h, :w]
-        if self._reformatter is None:
-            from av.video.reformatter import VideoReformatter
-            self._reformatter = VideoReformatter()   # keeps libswscale's set-up between frames
-        bgra = self._reformatter.reformat(frame, format="bgra")
-        plane = bgra.planes[0]
-        rows = np.frombuffer(plane, np.uint8).reshape(bgra.height, plane.line_size)
-        return rows[:h, :w * 4].view("<u4")
+        rgb = frame.to_ndarray(format="rgb24")
+        return rgb[:h, :w]
 
     def _check_held(self, key: tuple[int, int, int, int], pixels: int) -> None:
         """Record what the rect's context will keep; refuse if all contexts together would keep

@@ -202,21 +202,6 @@ def test_contexts_are_per_rect_reset_by_flags_and_at_most_64():
     assert np.array_equal(client.framebuffer[:32, 512:544], alone)
 
 
-
-@pytest.mark.parametrize("w,h", [(320, 240), (333, 211), (1366, 768)])
-def test_pictures_decoded_as_words_are_the_rgb_pictures_bit_for_bit(w, h):
-    """The client's H.264 rects go straight into its B G R 255 words (``words=True``): the same
-    colour conversion as the RGB picture, bit for bit, odd sizes cropped alike, opaque."""
-    for img in (picture(5, h, w), photo(3, h, w)):
-        data = H264Encoder(w, h).encode(bgrx(img))
-        rgb = rfb_h264.H264Contexts().decode(0, 0, w, h, 0, data)
-        words = rfb_h264.H264Contexts().decode(0, 0, w, h, 0, data, words=True)
-        assert words.shape == (h, w) and words.dtype == np.dtype("<u4")
-        as_bytes = np.ascontiguousarray(words).view(np.uint8).reshape(h, w, 4)
-        assert np.array_equal(as_bytes[..., 2::-1], rgb)
-        assert (as_bytes[..., 3] == 255).all()
-        close_to(rgb, img)
-
 def _ue(value: int) -> str:
     value += 1
     return "0" * (value.bit_length() - 1) + format(value, "b")
