@@ -18,7 +18,7 @@ from protocol import control
 from protocol.session_end import EndCause, EndReason
 from protocol.identity import Identity
 from server import accounts
-from server.broker import Broker, RelayLocator
+from server.broker import CONFIRM_SECONDS, Broker, RelayLocator
 from server.db.models import Host, Role, Session
 from server.relay.core import SessionStats
 from server.relay.listener import record_session_end
@@ -561,7 +561,9 @@ def test_an_event_both_parties_report_is_one_line_confirmed_by_the_other(broker,
     lonely = broker.session_event(anna, sid, "right_requested",
                                   {"right": "files", "by": "supporter", "event_id": "e2-1"})
     assert not lonely.called
-    clock.advance(1.5)
+    clock.advance(CONFIRM_SECONDS - 0.5)
+    assert not lonely.called
+    clock.advance(1.0)
     assert lonely.called
     # the same kind again is a new event (the next event_id) and gets its own line
     again = broker.session_event(customer, sid, "right_granted", {**granted, "event_id": "e1-2"})
