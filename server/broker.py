@@ -13,6 +13,7 @@ import datetime as dt
 import hashlib
 import secrets
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
@@ -118,6 +119,10 @@ class LiveSession:
     writing: bool = False
     flushing: bool = False  # write held reports without waiting (the session is ending)
     flushed: list = field(default_factory=list)  # Deferreds fired when the queue is empty
+    #: shared events written with one party's report only: (kind, event_id) -> that party.  A
+    #: confirmation arriving after the wait is dropped against it instead of becoming a second
+    #: line; the oldest are forgotten past ``UNCONFIRMED_KEPT`` (bounded per session)
+    unconfirmed: OrderedDict = field(default_factory=OrderedDict)
 
     @property
     def peer_party(self) -> str:
@@ -165,6 +170,10 @@ class PendingEvent:
 #: short on a loaded machine: a confirmation 1.x s late became a second line for one event —
 #: test_e2e_sessions' file transfer on PostgreSQL in a CI run; the session's end flushes anyway)
 CONFIRM_SECONDS = 3.0
+#: how many written-but-unconfirmed shared events a session remembers (~15 KB at most; some kinds
+#: only one party ever reports, a comment or a shared window).  A confirmation later than that
+#: many events would be a line of its own; late ones come seconds late, not 64 events late
+UNCONFIRMED_KEPT = 64
 
 
 @dataclass
@@ -553,6 +562,15 @@ class Broker(NodeCalls):
         waiter: defer.Deferred = defer.Deferred()
         event_id = detail.get("event_id")
         if isinstance(event_id, str) and event_id:
+            reported_by = live.unconfirmed.get((kind, event_id))
+            if reported_by is not None and reported_by != party:
+                # the other party's report of an event already written: it is that line
+                del live.unconfirmed[(kind, event_id)]
+                log.debug("session {session_id}: late confirmation of {kind} {event_id} by the "
+                          "{party} (after {wait} s; the line is already written): dropped",
+                          session_id=live.session_id, kind=kind, event_id=event_id,
+                          party=party, wait=CONFIRM_SECONDS)
+                return defer.succeed(None)
             for entry in live.pending:
                 if (entry.shared and entry.kind == kind and entry.detail.get("event_id") == event_id
                         and party not in entry.parties):
@@ -580,6 +598,8 @@ class Broker(NodeCalls):
             return
         live.pending.pop(0)
         live.writing = True
+        if head.shared and len(head.parties) < 2:
+            self._remember_unconfirmed(live, head)
         d = self._record(live, head.kind, head.actor, head.address, head.detail)
 
         def written(result, failed: bool):
@@ -592,6 +612,17 @@ class Broker(NodeCalls):
                 for done in flushed:
                     done.callback(None)
         d.addCallbacks(written, written, callbackArgs=(False,), errbackArgs=(True,))
+
+    @staticmethod
+    def _remember_unconfirmed(live: LiveSession, head: PendingEvent) -> None:
+        """Keep the key of a shared event written with one report (bounded, oldest out)."""
+        (party,) = head.parties
+        live.unconfirmed[(head.kind, head.detail["event_id"])] = party
+        if len(live.unconfirmed) > UNCONFIRMED_KEPT:
+            (kind, event_id), _ = live.unconfirmed.popitem(last=False)
+            log.debug("session {session_id}: forgot unconfirmed {kind} {event_id} (the oldest "
+                      "of {count})", session_id=live.session_id, kind=kind, event_id=event_id,
+                      count=UNCONFIRMED_KEPT)
 
     def flush_events(self, session_id: str) -> defer.Deferred:
         """Write every held report now (before the session's end is recorded)."""

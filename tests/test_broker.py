@@ -579,3 +579,43 @@ def test_an_event_both_parties_report_is_one_line_confirmed_by_the_other(broker,
         ("right_granted", "customer@127.0.0.8", None),
     ]
     assert verify(tmp_path / "protocols").ok
+
+
+def test_a_confirmation_later_than_the_wait_is_no_second_line(broker, clock, tmp_path):
+    from server.broker import UNCONFIRMED_KEPT
+    anna, customer = supporter("anna"), FakeConnection(None, "127.0.0.8")
+    plate, _ = broker.allocate_nameplate(anna)
+    sid = result_of(broker.join_adhoc(customer, plate))["session_id"]
+    sent = {"id": "f1", "name": "a.txt", "size": 3, "sha256": "ab", "event_id": "f-1"}
+    first = broker.session_event(anna, sid, "file_sent", sent)
+    clock.advance(CONFIRM_SECONDS + 0.1)
+    assert first.called  # written alone after the wait
+    # the customer's report of the same event comes late: answered, but no second line
+    assert result_of(broker.session_event(customer, sid, "file_sent", dict(sent))) == {}
+    # a genuinely different event is still written: another kind with the same id, the same
+    # party reporting the id again, the next occurrence
+    other = broker.session_event(customer, sid, "file_received", dict(sent))
+    again = broker.session_event(anna, sid, "file_sent", dict(sent))
+    nxt = broker.session_event(customer, sid, "file_sent", {**sent, "event_id": "f-2"})
+    clock.advance(CONFIRM_SECONDS + 0.1)
+    assert other.called and again.called and nxt.called
+    # memory stays bounded: only the newest UNCONFIRMED_KEPT one-sided events are kept
+    live = broker.sessions[sid]
+    for n in range(UNCONFIRMED_KEPT + 10):
+        broker.session_event(anna, sid, "comment", {"text": str(n), "event_id": f"c-{n}"})
+    clock.advance(CONFIRM_SECONDS + 0.1)
+    assert len(live.unconfirmed) == UNCONFIRMED_KEPT
+    assert ("comment", "c-0") not in live.unconfirmed  # oldest out
+    result_of(broker.session_event(customer, sid, "comment", {"text": "late", "event_id":
+                                                              f"c-{UNCONFIRMED_KEPT + 9}"}))
+    result_of(broker.session_event(anna, sid, "ending", {"cause": "ended", "by": "supporter"}))
+    lines = [(e["kind"], e["actor"], e["detail"].get("event_id"))
+             for e in protocol_lines(tmp_path)][2:]
+    assert lines[:4] == [
+        ("file_sent", "hausmeister:supporter:anna", "f-1"),
+        ("file_received", "customer@127.0.0.8", "f-1"),
+        ("file_sent", "hausmeister:supporter:anna", "f-1"),
+        ("file_sent", "customer@127.0.0.8", "f-2"),
+    ]
+    assert len(lines) == 4 + UNCONFIRMED_KEPT + 10  # the late 'comment' made no line either
+    assert verify(tmp_path / "protocols").ok
