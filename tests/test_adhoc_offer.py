@@ -535,3 +535,49 @@ async def test_the_app_tab_replaces_an_expired_id_and_says_so(qt_app, short_live
             screenshot(window, f"supporter-adhoc-expired-{language}")
         finally:
             window.close()
+
+
+@pytest.mark.e2e
+@pytest_twisted.ensureDeferred
+async def test_the_host_list_notices_a_server_that_stops_answering(qt_app, short_lived_ids):  # noqa: F811
+    """The host list stands on the same kept connection: the server stops answering and no
+    reset arrives (SIGSTOP, nothing cut): the app's list and ``hosts --watch`` each find it by
+    their heartbeat (the server's 1.5 s: given up after 3 s of silence), say they reconnect,
+    and are current again by themselves once the server answers."""
+    from twisted.internet import reactor
+
+    from modules.common.link.folder import ModuleFolder
+    from modules.common.qt.i18n import install_translation
+    from modules.supporter.gui import SupporterWindow
+
+    from .fixtures_qt import until
+    from .module_process import ModuleProcess
+    srv, alice = short_lived_ids
+    install_translation(qt_app, "en")
+    window = SupporterWindow(reactor, ModuleFolder(alice), "en")
+    watch = ModuleProcess("supporter", "hosts", "--watch", "--home", str(alice))
+    try:
+        window.show()
+        await window.start()
+        conn = window.conn
+        await until(lambda: "no hosts you may reach" in bytes(watch._out).decode(),
+                    what="the watched list")
+        os.kill(srv.process.pid, signal.SIGSTOP)
+        try:
+            await until(lambda: window.offline_text, what="the app's list reconnecting")
+            assert window.status_label.text().startswith("Offline, reconnecting to ")
+            assert not window.table.isEnabled() and window.conn is None
+            await until(lambda: "lost the connection to the server (the server did not answer "
+                                "for 3 s): trying again in" in watch.stderr,
+                        what="hosts --watch reconnecting")
+        finally:
+            os.kill(srv.process.pid, signal.SIGCONT)
+        await until(lambda: window.conn is not None and not window.offline_text,
+                    what="the app's list current again")
+        assert window.conn is not conn and window.table.isEnabled()
+        await until(lambda: "connected to the server again; the list is current"
+                    in watch.stderr, what="hosts --watch current again")
+        assert watch.proc.poll() is None and "Traceback" not in watch.stderr, watch.stderr
+    finally:
+        window.close()
+        watch.stop()

@@ -6,7 +6,9 @@ directory says so, waits by the modules' ``ReconnectSchedule`` (a clean shutdown
 honoured, capped for a person who is waiting: ``MAX_WAIT`` seconds at most between attempts),
 connects again, lists again and reports the hosts whose presence changed meanwhile.  Before,
 ``hosts --watch`` ended with "run it again" and the app's list silently froze after a server
-restart.
+restart.  The connection is a ``KeptConnection``: an attempt the server never answers is
+given up after 30 s, and a heartbeat every few seconds finds a connection that went silent
+without a reset (before, the list froze on it without a word).
 
 One core for both front-ends (STYLE.md §6): ``hosts --watch`` prints the delegate's events, the
 app's host table shows them.  The delegate has ``hosts_listed(hosts, changed)``,
@@ -19,9 +21,9 @@ from __future__ import annotations
 
 from typing import Any, Awaitable, Callable
 
-from twisted.internet import defer
 from twisted.logger import Logger
 
+from ..common.link.kept_connection import KeptConnection
 from ..common.link.reconnect import ReconnectSchedule
 from .sessions import list_hosts
 
@@ -34,32 +36,20 @@ MAX_WAIT = 5.0
 PRESENCE_FIELDS = ("online", "last_seen", "address")
 
 
-class HostDirectory:
+class HostDirectory(KeptConnection):
     """``start()`` connects and lists (its errors are the caller's: a wrong address is said at
     once); from then on the directory keeps itself connected until ``stop()``.  ``conn`` is the
     current control connection (None while reconnecting), for the sessions a front-end opens."""
 
     def __init__(self, reactor, connect: Callable[[], Awaitable[Any]], delegate: Any,
                  schedule: ReconnectSchedule | None = None) -> None:
-        self.reactor = reactor
-        self.connect = connect           # () -> a greeted ControlClient
+        super().__init__(reactor, connect, MAX_WAIT, schedule)
         self.delegate = delegate
-        self.schedule = schedule or ReconnectSchedule(reactor.seconds, cap=MAX_WAIT)
         self.hosts: list[dict] = []
-        self.conn = None
-        self.stopped = False
-        self._retry = None               # the pending reconnect (IDelayedCall)
 
     async def start(self) -> list[dict]:
-        await self._attach(await self.connect())
+        await self._first_attempt()
         return self.hosts
-
-    def stop(self) -> None:
-        self.stopped = True
-        if self._retry is not None and self._retry.active():
-            self._retry.cancel()
-        if self.conn is not None:
-            self.conn.transport.loseConnection()
 
     async def refresh(self) -> None:
         """List again now (the app's Refresh); while reconnecting: try at once."""
@@ -70,49 +60,17 @@ class HostDirectory:
         self._listed(await list_hosts(self.conn))
 
     # --- the connection ---------------------------------------------------------------------
-    async def _attach(self, conn) -> None:
+    async def _set_up(self, conn) -> list[dict]:
         conn.on_host_presence = self._pushed
-        conn.on_going_away = self.schedule.going_away
-        hosts = await list_hosts(conn)
-        self.conn = conn
-        self.schedule.registered()
-        conn.lost.addCallback(self._lost, conn)
+        return await list_hosts(conn)
+
+    def _attached(self, conn, hosts: list[dict], again: bool) -> None:
         self._listed(hosts)
-
-    def _lost(self, why: str, conn) -> str:
-        if conn is self.conn:
-            self.conn = None
-            if not self.stopped:
-                announced = self.schedule.notice is not None
-                self._wait("the server is restarting" if announced else why)
-        return why   # the sessions on this connection hear of it too
-
-    def _wait(self, why: "str | BaseException") -> None:
-        delay = self.schedule.delay()
-        self.schedule.failed()   # until a listing says otherwise
-        self.delegate.connection_changed("reconnecting", why, delay)
-        self._retry = self.reactor.callLater(delay, self._try_again)
-
-    def _try_again(self) -> None:
-        async def attempt():
-            try:
-                conn = await self.connect()
-            except Exception as exc:
-                if not self.stopped:
-                    self._wait(exc)
-                return
-            if self.stopped:
-                conn.transport.loseConnection()
-                return
-            try:
-                await self._attach(conn)
-            except Exception as exc:
-                conn.transport.loseConnection()
-                if not self.stopped:
-                    self._wait(exc)
-                return
+        if again:
             self.delegate.connection_changed("online", "", 0.0)
-        defer.ensureDeferred(attempt())
+
+    def _offline(self, why: "str | BaseException", retry_in: float) -> None:
+        self.delegate.connection_changed("reconnecting", why, retry_in)
 
     # --- the list ---------------------------------------------------------------------------
     def _listed(self, hosts: list[dict]) -> None:
