@@ -13,6 +13,7 @@ import os
 import re
 import signal
 import subprocess
+import time
 
 import numpy as np
 import pytest
@@ -186,9 +187,16 @@ async def customer_joins_with_the_new_id(srv, adhoc, old_id: str, new_id: str) -
         old = ModuleProcess("customer", *server, old_id, "--pipe", "--answers", "/dev/null")
         await until(lambda: old.proc.poll() is not None, what="the old ID refused")
         assert old.proc.returncode != 0 and "unknown or expired" in old.stderr, old.stderr
+    assert adhoc.timer_label.isHidden() and adhoc.started is None   # waited long, no timer
+    joining = time.monotonic()
     customer = ModuleProcess("customer", *server, new_id, "--pipe", "--answers", "/dev/null")
     try:
         await until(lambda: adhoc.code_label.text(), what="the session secured with the new ID")
+        # the session's time counts from the customer's joining, not from the tab's opening
+        assert adhoc.started >= joining and not adhoc.timer_label.isHidden()
+        minutes, seconds = map(int, re.fullmatch(r"Session (\d\d):(\d\d)",
+                                                 adhoc.timer_label.text()).groups())
+        assert minutes * 60 + seconds <= time.monotonic() - joining + 1
         assert "Customer joined from 127.0.0.1." in adhoc.chat_log.toPlainText()
         await until(lambda: adhoc.end_text is not None or customer.proc.poll() is not None,
                     what="the customer's answer to the terms")
@@ -347,6 +355,7 @@ async def one_session(qt_app, w, xvfb, term, host, tmp_path,  # noqa: F811 - the
         adhoc = window.new_adhoc()
         await until(lambda: len(adhoc.adhoc_label.text().replace(" ", "")) == 8,
                     what="the ad-hoc ID")
+        assert adhoc.timer_label.isHidden()     # no session time while waiting for the customer
         screenshot(window, f"supporter-adhoc-{language}")
         window.tabs.setCurrentIndex(0)
         return window

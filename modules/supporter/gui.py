@@ -88,7 +88,9 @@ class SessionTab(QWidget, SessionDelegate):
         self.task: defer.Deferred | None = None
         self.peer_name = peer_name
         self.viewer: FramebufferWidget | None = None
-        self.started = time.monotonic()
+        #: when the session started (``attach``); None while the tab waits for it (an ad-hoc ID
+        #: on offer, a host being asked): the timer shows only the session's own time
+        self.started: float | None = None
         self.end_text: str | None = None
         self.picker: WindowPicker | None = None
         self.ui = DialogConsentUI(self, Role.SUPPORTER, peer, peer_name, self._consent_event)
@@ -216,10 +218,13 @@ class SessionTab(QWidget, SessionDelegate):
 
     def attach(self, runner) -> None:
         self.runner = runner
+        self.started = time.monotonic()
+        self._tick()
         self._refresh()
 
     def _tick(self) -> None:
-        if self.end_text is None:
+        self.timer_label.setVisible(self.started is not None)
+        if self.end_text is None and self.started is not None:
             seconds = round(time.monotonic() - self.started)   # a coarse tick may come early
             self.timer_label.setText(t("Session {time}").format(
                 time=f"{seconds // 60:02d}:{seconds % 60:02d}"))
