@@ -504,11 +504,21 @@ EXPIRED = {
           "Ihrem Kunden die neue ID: {id}"}
 
 
+SWITCHED = {
+    "en": {"prompt": "Tell your customer this ID:", "valid": "Valid until ",
+           "end": "End session", "keys": "Send keys", "rights": "Rights: none",
+           "chat": "Type a message", "hosts": "Hosts"},
+    "de": {"prompt": "Nennen Sie Ihrem Kunden diese ID:", "valid": "Gültig bis ",
+           "end": "Sitzung beenden", "keys": "Tasten senden", "rights": "Rechte: keine",
+           "chat": "Nachricht eingeben", "hosts": "Rechner"}}
+
+
 @pytest.mark.e2e
 @pytest_twisted.ensureDeferred
 async def test_the_app_tab_replaces_an_expired_id_and_says_so(qt_app, short_lived_ids):  # noqa: F811
     """The app's ad-hoc tab on the same server: an expiry shows the new ID with a line naming
-    the old one, in the window's language, on the same connection."""
+    the old one, in the window's language, on the same connection; switching the window's
+    language then says the open tab in the other language too."""
     from twisted.internet import reactor
 
     from modules.common.link.folder import ModuleFolder
@@ -533,6 +543,21 @@ async def test_the_app_tab_replaces_an_expired_id_and_says_so(qt_app, short_live
             assert window.tabs.tabText(window.tabs.indexOf(tab)) == panel.adhoc_id
             assert tab.offer.conn is conn and not panel.offline   # no reconnect for it
             screenshot(window, f"supporter-adhoc-expired-{language}")
+            # switching the window's language says the open tab in the other one too (in one
+            # go: no expiry can come between the switch and the checks)
+            other = "de" if language == "en" else "en"
+            window.language_box.setCurrentIndex(window.language_box.findData(other))
+            assert panel.state_label.text() == EXPIRED[other].format(old=shown,
+                                                                     id=panel.adhoc_id)
+            assert panel.prompt.text() == SWITCHED[other]["prompt"]
+            assert panel.valid_label.text().startswith(SWITCHED[other]["valid"])
+            assert tab.actions["end"].text() == SWITCHED[other]["end"]
+            assert tab.keys_button.text() == SWITCHED[other]["keys"]
+            assert tab.rights_label.text() == SWITCHED[other]["rights"]
+            assert tab.chat_field.placeholderText() == SWITCHED[other]["chat"]
+            assert window.tabs.tabText(0) == SWITCHED[other]["hosts"]
+            qt_app.processEvents()       # the layout follows the new texts' sizes
+            screenshot(window, f"supporter-adhoc-switched-to-{other}")
         finally:
             window.close()
 

@@ -3,11 +3,14 @@
 It only shows the ``AdhocOffer``'s events: a new ID large with until when it is valid; while the
 connection is away the old ID struck through and greyed and a red line saying the app
 reconnects; then the new ID with a line saying why it changed, so the supporter tells the
-customer the new one.  Every sentence is whole, through the translation (``t``)."""
+customer the new one.  Every sentence is whole, through the translation (``t``), and made
+again when the window's language changes (``retranslate``)."""
 
 from __future__ import annotations
 
-from PySide6.QtCore import QDateTime, Qt
+from typing import Callable
+
+from PySide6.QtCore import QDateTime, Qt, QTime
 from PySide6.QtWidgets import QLabel, QVBoxLayout, QWidget
 
 from ..common.qt.error_text import error_sentence
@@ -30,6 +33,8 @@ class AdhocPanel(QWidget):
         self.tab = tab
         self.tabs = tabs
         self.offline = False
+        self._until: QTime | None = None          # until when the ID on offer is valid
+        self._state: Callable[[], str] | None = None   # the state line's sentence
         layout = QVBoxLayout(self)
         layout.addStretch(1)
         self.prompt = QLabel(t("Tell your customer this ID:"))
@@ -59,13 +64,16 @@ class AdhocPanel(QWidget):
         elif isinstance(event, IdReplaced):
             self._show_id(event.adhoc_id, event.expires_in)
             if event.reason is ReplaceReason.CONNECTION_LOST:
-                text = t("The connection to the server was lost, so a new ID was drawn. Tell "
-                         "your customer the new ID: {id}").format(id=event.adhoc_id)
+                def say() -> str:
+                    return t("The connection to the server was lost, so a new ID was drawn. "
+                             "Tell your customer the new ID: {id}").format(id=event.adhoc_id)
             else:
-                text = t("The ID {old} expired unused, so a new ID was drawn. Tell your "
-                         "customer the new ID: {id}").format(old=event.old_id, id=event.adhoc_id)
-            self._say(text, CHANGED_STYLE)
-            self.tab.chat_log.append(text)
+                def say() -> str:
+                    return t("The ID {old} expired unused, so a new ID was drawn. Tell your "
+                             "customer the new ID: {id}").format(old=event.old_id,
+                                                                  id=event.adhoc_id)
+            self._say(say, CHANGED_STYLE)
+            self.tab.chat_log.append(say())
         elif isinstance(event, CustomerJoined):
             self.tab.chat_log.append(t("Customer joined from {address}.").format(
                 address=event.peer_address))
@@ -74,32 +82,42 @@ class AdhocPanel(QWidget):
         self.offline = False
         self.id_label.setText(adhoc_id)
         self._strike(False)
-        self.prompt.setText(t("Tell your customer this ID:"))
-        until = locale().toString(QDateTime.currentDateTime().addSecs(int(expires_in)).time(),
-                                  "HH:mm")
-        self.valid_label.setText(t("Valid until {time}; if nobody uses it by then, a new ID is "
-                                   "drawn by itself.").format(time=until))
-        self.valid_label.show()
-        self._say("", LIVE_STYLE)
+        self._until = QDateTime.currentDateTime().addSecs(int(expires_in)).time()
+        self._say(None, LIVE_STYLE)
         self.tabs.setTabText(self.tabs.indexOf(self.tab), adhoc_id)
 
     def _show_offline(self, event: Offline) -> None:
         self._strike(True)
-        self.prompt.setText(t("This ID is no longer valid:"))
-        self.valid_label.hide()
-        text = t("The connection to the server was lost. Reconnecting to draw a new ID ...")
-        if isinstance(event.why, BaseException):     # an attempt failed: why, in words
-            text = t("{sentence} ({detail})").format(sentence=text,
-                                                      detail=error_sentence(event.why))
-        self._say(text, WARNING_STYLE)
-        if not self.offline:          # the history gets the outage once, not every attempt
-            self.tab.chat_log.append(text)
-        self.offline = True
+        self._until = None
 
-    def _say(self, text: str, style: str) -> None:
+        def say() -> str:
+            text = t("The connection to the server was lost. Reconnecting to draw a new ID ...")
+            if isinstance(event.why, BaseException):     # an attempt failed: why, in words
+                text = t("{sentence} ({detail})").format(sentence=text,
+                                                          detail=error_sentence(event.why))
+            return text
+        was_offline, self.offline = self.offline, True
+        self._say(say, WARNING_STYLE)
+        if not was_offline:           # the history gets the outage once, not every attempt
+            self.tab.chat_log.append(say())
+
+    def retranslate(self) -> None:
+        """Say the panel's state (again) in the installed language."""
+        self.prompt.setText(t("This ID is no longer valid:") if self.offline
+                            else t("Tell your customer this ID:"))
+        if self._until is not None:
+            self.valid_label.setText(t("Valid until {time}; if nobody uses it by then, a new ID "
+                                       "is drawn by itself.").format(
+                time=locale().toString(self._until, "HH:mm")))
+        self.valid_label.setVisible(self._until is not None)
+        text = self._state() if self._state is not None else ""
         self.state_label.setText(text)
-        self.state_label.setStyleSheet(style)
         self.state_label.setVisible(bool(text))    # no gap under the ID when all is well
+
+    def _say(self, make: "Callable[[], str] | None", style: str) -> None:
+        self._state = make
+        self.state_label.setStyleSheet(style)
+        self.retranslate()
 
     def _strike(self, stale: bool) -> None:
         font = self.id_label.font()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from PySide6.QtCore import QSortFilterProxyModel, Qt, QTimer
 from PySide6.QtGui import QAction, QStandardItem, QStandardItemModel
@@ -95,6 +95,12 @@ class SessionTab(QWidget, SessionDelegate):
         self.picker: WindowPicker | None = None
         self.ui = DialogConsentUI(self, Role.SUPPORTER, peer, peer_name, self._consent_event)
         self.receive_dir = window.receive_dir
+        #: (setter, English source) of every fixed text, set again on a language switch
+        self._fixed: list[tuple[Any, str]] = []
+        #: the notice's sentence, made again on a language switch (None: no notice)
+        self._notice_text: Callable[[], str] | None = None
+        self._code: str | None = None            # the verification code, once secured
+        self._paused = False                     # the peer paused its screen
         self.setAcceptDrops(True)
         layout = QVBoxLayout(self)
         self.toolbar = QToolBar()
@@ -109,24 +115,27 @@ class SessionTab(QWidget, SessionDelegate):
                 ("send", "Send file ...", self._choose_file),
                 ("inbox", "Folder for received files ...", self._choose_inbox),
                 ("end", "End session", self.end_session)):
-            action = QAction(t(text), self)
+            action = QAction(self)
+            self._fix(action.setText, text)
             action.triggered.connect(slot)
             if key != "end":
                 self.toolbar.addAction(action)
             self.actions[key] = action
         # keys the local desktop would grab (Ctrl+Alt+Del, Alt+Tab, ...), as real key events
-        self.keys_menu = QMenu(t("Send keys"), self)
+        self.keys_menu = QMenu(self)
+        self._fix(self.keys_menu.setTitle, "Send keys")
         self.key_actions: dict[str, QAction] = {}
         for label, keysyms in REMOTE_KEY_COMBOS:
-            action = self.keys_menu.addAction(t(label))
+            action = self.keys_menu.addAction("")
+            self._fix(action.setText, label)
             action.triggered.connect(lambda _checked=False, keys=keysyms: self.send_keys(keys))
             self.key_actions[label] = action
         self.keys_button = QToolButton()
-        self.keys_button.setText(t("Send keys"))
+        self._fix(self.keys_button.setText, "Send keys")
         self.keys_button.setMenu(self.keys_menu)
         self.keys_button.setPopupMode(QToolButton.InstantPopup)
-        self.keys_button.setToolTip(t("Keys your own desktop would keep, sent to the remote "
-                                      "screen (only while you have control)"))
+        self._fix(self.keys_button.setToolTip, "Keys your own desktop would keep, sent to the "
+                  "remote screen (only while you have control)")
         self.toolbar.addWidget(self.keys_button)
         layout.addWidget(self.toolbar)
         header = QHBoxLayout()
@@ -137,7 +146,8 @@ class SessionTab(QWidget, SessionDelegate):
         for label in (self.code_label, self.rights_label, self.timer_label):
             header.addWidget(label)
         header.addStretch(1)
-        self.fit = QCheckBox(t("Fit to window"))
+        self.fit = QCheckBox()
+        self._fix(self.fit.setText, "Fit to window")
         self.fit.setChecked(True)
         self.fit.toggled.connect(self._fit_changed)
         header.addWidget(self.fit)
@@ -156,28 +166,32 @@ class SessionTab(QWidget, SessionDelegate):
         self.screen_area = QWidget()
         self.screen_layout = QVBoxLayout(self.screen_area)
         self.screen_layout.setContentsMargins(0, 0, 0, 0)
-        self.waiting = QLabel(t("Connecting ..."))
+        self.waiting = QLabel()
+        self._fix(self.waiting.setText, "Connecting ...")
         self.waiting.setAlignment(Qt.AlignCenter)
         self.screen_layout.addWidget(self.waiting)
         split.addWidget(self.screen_area)
         side = QWidget()
         side_layout = QVBoxLayout(side)
-        side_layout.addWidget(QLabel(t("Chat")))
+        chat_title = QLabel()
+        self._fix(chat_title.setText, "Chat")
+        side_layout.addWidget(chat_title)
         self.chat_log = QTextBrowser()
         side_layout.addWidget(self.chat_log, 1)
         self.chat_field = QLineEdit()
-        self.chat_field.setPlaceholderText(t("Type a message"))
+        self._fix(self.chat_field.setPlaceholderText, "Type a message")
         self.chat_field.returnPressed.connect(self._chat)
         side_layout.addWidget(self.chat_field)
         self.comment_field = QLineEdit()
-        self.comment_field.setPlaceholderText(t("Comment for the protocol"))
+        self._fix(self.comment_field.setPlaceholderText, "Comment for the protocol")
         self.comment_field.returnPressed.connect(self._comment)
         side_layout.addWidget(self.comment_field)
         transfer = QHBoxLayout()
         self.progress = QProgressBar()
         self.progress.setVisible(False)
         transfer.addWidget(self.progress, 1)
-        self.cancel_transfer = QPushButton(t("Cancel"))
+        self.cancel_transfer = QPushButton()
+        self._fix(self.cancel_transfer.setText, "Cancel")
         self.cancel_transfer.setVisible(False)
         self.cancel_transfer.clicked.connect(self._cancel_transfer)
         transfer.addWidget(self.cancel_transfer)
@@ -195,6 +209,34 @@ class SessionTab(QWidget, SessionDelegate):
         self._refresh()
         QApplication.clipboard().dataChanged.connect(self._local_clipboard)
 
+    # --- language --------------------------------------------------------------------------------
+    def _fix(self, setter, source: str) -> None:
+        """Set a fixed text now, and again in the new language on a switch."""
+        self._fixed.append((setter, source))
+        setter(t(source))
+
+    def _say(self, make: Callable[[], str]) -> None:
+        """The notice line, made by ``make`` now and again on a language switch."""
+        self._notice_text = make
+        self.notice.setText(make())
+
+    def retranslate(self) -> None:
+        """The window's language changed: every text the tab shows now is said again in it
+        (the chat history stays as it was written, like a transcript)."""
+        for setter, source in self._fixed:
+            setter(t(source))
+        if self._notice_text is not None:
+            self.notice.setText(self._notice_text())
+        if self._code is not None:
+            self.secured(self._code, None)
+        if self._paused:
+            self.screen_paused(True)
+        adhoc_panel = getattr(self, "adhoc_panel", None)
+        if adhoc_panel is not None:
+            adhoc_panel.retranslate()
+        self._tick()
+        self._refresh()
+
     # --- state ---------------------------------------------------------------------------------
     def start(self, coroutine) -> None:
         """Run the tab's session set-up; closing the tab cancels it while it waits."""
@@ -208,10 +250,10 @@ class SessionTab(QWidget, SessionDelegate):
             return None        # the tab is gone already
         if failure.check(defer.CancelledError):
             self.end_text = "ended by the supporter"
-            self.notice.setText(t("Session ended: {reason}").format(
+            self._say(lambda: t("Session ended: {reason}").format(
                 reason=t("You ended the session.")))
         else:
-            self.notice.setText(error_sentence(failure))
+            self._say(lambda: error_sentence(failure))
         self.end_text = self.end_text or "the session could not be set up"   # the timer stops
         self.waiting.hide()                  # no "Connecting ..." under a failed set-up
         self._refresh()
@@ -258,7 +300,7 @@ class SessionTab(QWidget, SessionDelegate):
         if sentence:
             self.chat_log.append(sentence)
         if isinstance(event, (RightDenied, RightRevoked)) and sentence:
-            self.notice.setText(sentence)     # shown in the window, not only in a log
+            self._say(lambda: sentence)     # shown in the window, not only in a log
         self._refresh()
 
     # --- commands ------------------------------------------------------------------------------
@@ -354,6 +396,7 @@ class SessionTab(QWidget, SessionDelegate):
 
     # --- SessionDelegate -----------------------------------------------------------------------
     def secured(self, verification_code: str, peer: str | None) -> None:
+        self._code = verification_code
         self.code_label.setText(t("Verification code: {code}").format(code=verification_code))
         self._refresh()
 
@@ -373,6 +416,7 @@ class SessionTab(QWidget, SessionDelegate):
             self.viewer.screen_changed(rects)
 
     def screen_paused(self, paused: bool) -> None:
+        self._paused = paused
         if self.viewer is not None and not self.runner.consent.is_presenter:
             who = self.peer_name
             self.viewer.set_paused(t("Paused by {who}: the last picture stays until the screen "
@@ -410,7 +454,7 @@ class SessionTab(QWidget, SessionDelegate):
                                  if event.direction == self.runner.files.incoming_direction
                                  else t("File {name} sent.").format(name=event.name))
         elif isinstance(event, (FileFailed, FileRejected)):
-            self.notice.setText(t("The file {name} was not transferred: {reason}").format(
+            self._say(lambda: t("The file {name} was not transferred: {reason}").format(
                 name=event.name, reason=event.reason))
         if isinstance(event, (FileCompleted, FileFailed, FileRejected)) and \
                 event.id == self.transfer_id:
@@ -422,7 +466,7 @@ class SessionTab(QWidget, SessionDelegate):
         self.end_text = reason.text()
         if self.picker is not None:
             self.picker.close()
-        self.notice.setText(t("Session ended: {reason}").format(
+        self._say(lambda: t("Session ended: {reason}").format(
             reason=end_sentence(reason, Role.SUPPORTER, self.ui.names)))
         self._refresh()
 
@@ -435,7 +479,8 @@ class SupporterWindow(QMainWindow):
         self.language = language
         self.directory: HostDirectory | None = None
         self.hosts: list[dict] = []
-        self.offline_text = ""   # while the host list reconnects: why, in the window's language
+        #: while the host list reconnects: why (a sentence or an exception); None when online
+        self.offline_why: Any = None
         self.sessions: list[SessionTab] = []
         self.receive_dir = str(Path.home() / "Downloads" / "Hausmeister")
         self.tabs = QTabWidget()
@@ -496,6 +541,10 @@ class SupporterWindow(QMainWindow):
         self.model.setHorizontalHeaderLabels([t("Status"), t("Name"), t("Group"), t("Last seen"),
                                               t("Address")])
         self._fill()
+        import shiboken6
+        for tab in self.sessions:        # the open session tabs too, not only the list
+            if shiboken6.isValid(tab):
+                tab.retranslate()
 
     def _language_changed(self) -> None:
         self.language = self.language_box.currentData()
@@ -530,15 +579,20 @@ class SupporterWindow(QMainWindow):
         self._fill()
 
     def connection_changed(self, state: str, why, retry_in: float) -> None:
-        if state == "online":
-            self.offline_text = ""
-        else:
-            server = address_of(self.folder)
-            self.offline_text = t("Offline, reconnecting to {server} ...").format(
-                server=f"{server.host}:{server.port}")
-            if isinstance(why, BaseException):
-                self.offline_text += " " + error_sentence(why)
+        self.offline_why = None if state == "online" else why
         self._fill()
+
+    @property
+    def offline_text(self) -> str:
+        """While the host list reconnects: the status line, in the window's language."""
+        if self.offline_why is None:
+            return ""
+        server = address_of(self.folder)
+        text = t("Offline, reconnecting to {server} ...").format(
+            server=f"{server.host}:{server.port}")
+        if isinstance(self.offline_why, BaseException):
+            text += " " + error_sentence(self.offline_why)
+        return text
 
     def _fill(self) -> None:
         self.model.removeRows(0, self.model.rowCount())
@@ -559,18 +613,19 @@ class SupporterWindow(QMainWindow):
             for item in row:
                 item.setData(host["host_id"], HOST_ID)
                 item.setData(f"{0 if host['online'] else 1}{host['name'].lower()}", SORT_KEY)
-            if host["online"] and not self.offline_text:   # greyed like the rest when stale
+            if host["online"] and self.offline_why is None:   # greyed like the rest when stale
                 row[0].setForeground(Qt.darkGreen)
             self.model.appendRow(row)
         self.proxy.sort(0)
         self.table.resizeColumnsToContents()
         online = sum(1 for h in self.hosts if h["online"])
-        self.status_label.setText(self.offline_text or t("Hosts: {count}, online: {online}").format(
+        offline_text = self.offline_text
+        self.status_label.setText(offline_text or t("Hosts: {count}, online: {online}").format(
             count=len(self.hosts), online=online))
         # while offline the line must catch the eye and the list is greyed: it is not current
         self.status_label.setStyleSheet("color: #a40000; font-weight: bold;"
-                                        if self.offline_text else "")
-        self.table.setEnabled(not self.offline_text)
+                                        if offline_text else "")
+        self.table.setEnabled(not offline_text)
         self._filter()
 
     def _filter(self) -> None:
