@@ -99,6 +99,13 @@ def stop_process(proc: subprocess.Popen, timeout: float = 5) -> None:
             proc.wait()
 
 
+def mss_grab_buffers() -> int:
+    """How many of mss's X shared-memory grab buffers this process has mapped (each screen
+    source holds one while it holds its display)."""
+    with open("/proc/self/maps") as maps:
+        return maps.read().count("mss-shm-buf")
+
+
 def start_xvfb(size: str = "1024x768", depth: int = 24) -> XDisplay:
     xvfb = require("Xvfb")
     remove_stale_locks()

@@ -19,7 +19,7 @@ from PySide6.QtTest import QTest
 
 from .fixtures_qt import qt_app, screenshot, until  # noqa: F401 - fixture
 from .fixtures_server import free_port, run_cli
-from .fixtures_x11 import xvfb  # noqa: F401 - fixture
+from .fixtures_x11 import mss_grab_buffers, xvfb  # noqa: F401 - fixture
 from .module_process import ModuleProcess
 from .test_e2e_recording import recordings
 from .test_e2e_recording_resume import cut_connections
@@ -132,9 +132,12 @@ async def one_session(qt_app, srv, enrolled_supporter, xvfb, tmp_path,  # noqa: 
         # a mistyped first half: the window says in plain words that no session has this ID
         QTest.keyClicks(window.first, f"{(int(nameplate) + 1) % 10000:04d}")
         QTest.keyClicks(window.second, secret)
+        grab_buffers = mss_grab_buffers()
         window.connect_button.click()
         await until(lambda: window.status_label.text() == UNKNOWN_ID[language]
                     and window.connect_button.isEnabled(), what="the unknown ID said")
+        # the screen opened for that try is let go at once (X connection, shared memory)
+        assert mss_grab_buffers() == grab_buffers
         screenshot(window, f"customer-unknown-id-{language}")
         window.first.clear()
         window.second.clear()

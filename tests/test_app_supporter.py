@@ -23,7 +23,7 @@ from PySide6.QtTest import QTest
 
 from .fixtures_qt import qt_app, screenshot, until  # noqa: F401 - fixture
 from .fixtures_server import run_cli
-from .fixtures_x11 import wait_for_window, xvfb  # noqa: F401 - fixture
+from .fixtures_x11 import mss_grab_buffers, wait_for_window, xvfb  # noqa: F401 - fixture
 from .module_process import ModuleProcess
 from .test_e2e_recording_resume import cut_connections
 from .test_e2e_screen import focus, screen_of
@@ -87,6 +87,7 @@ async def test_supporter_app_lists_connects_views_controls_and_moves_files(
     host_inbox.mkdir()
     host = ModuleProcess("host", "run", "--screen", xvfb.name, "--send", str(from_host),
                          "--receive-dir", str(host_inbox), "--home", str(w["pc1"]))
+    grab_buffers = mss_grab_buffers()    # an earlier test in this process may hold some
     try:
         await until(lambda: "online; waiting for supporters" in host.stderr, what="host online")
         for number, language in enumerate(("en", "de"), 1):
@@ -98,6 +99,11 @@ async def test_supporter_app_lists_connects_views_controls_and_moves_files(
                             what="the host offline in the list (no Refresh)")
             await server_away_and_back(window, w["srv"], language)
             window.close()
+            # closing the window ends every session, and every session (also one that could
+            # not be secured: a wrong host password) lets go of the supporter's own screen it
+            # held for "Show my screen": an X connection and a full-screen buffer each
+            await until(lambda: mss_grab_buffers() == grab_buffers,
+                        what="the own screen released")
     finally:
         host.stop()
 

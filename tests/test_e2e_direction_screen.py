@@ -25,7 +25,7 @@ from modules.common.session.consent import IConsentUI
 from protocol.runtime import run_blocking
 
 from .fixtures_qt import qt_app, screenshot, until  # noqa: F401 - fixture
-from .fixtures_x11 import xvfb_factory  # noqa: F401 - fixture
+from .fixtures_x11 import mss_grab_buffers, xvfb_factory  # noqa: F401 - fixture
 from .module_process import ModuleProcess
 from .rfb_decoder import RAW, BlockingRFBClient
 from .test_e2e_brokering import wait_until
@@ -89,12 +89,6 @@ class YesUI:
 
     def notify(self, event):
         pass
-
-
-def mss_grab_buffers() -> int:
-    """How many of mss's X shared-memory grab buffers this process has mapped."""
-    with open("/proc/self/maps") as maps:
-        return maps.read().count("mss-shm-buf")
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)

@@ -26,7 +26,7 @@ from modules.common.screen.rfb_server import (
 from modules.common.screen.capture_x11 import DamageTracker, ScreenSource, find_scroll, tile_damage
 from modules.common.terminal.stream_cli import window_choice
 from tests.fixtures_server import run_cli
-from tests.fixtures_x11 import require, wait_for_window, xvfb, xvfb_factory  # noqa: F401
+from tests.fixtures_x11 import mss_grab_buffers, require, wait_for_window, xvfb, xvfb_factory  # noqa: F401
 from tests.rfb_decoder import PF, BlockingRFBClient, Decoder
 
 W, H = 300, 200
@@ -469,12 +469,6 @@ def x_clients(display) -> int:
     return len(display.res_query_clients().clients)
 
 
-def shm_mappings() -> int:
-    """mss's shared-memory buffers mapped into this process."""
-    with open("/proc/self/maps") as maps:
-        return sum("mss-shm-buf" in line for line in maps)
-
-
 @pytest_twisted.ensureDeferred
 async def test_a_stopped_screen_releases_the_display_and_a_new_one_connects_again(xvfb):
     """What a session does when its screen stops (end, view withdrawn, direction change):
@@ -492,7 +486,7 @@ async def test_a_stopped_screen_releases_the_display_and_a_new_one_connects_agai
     src = ScreenSource(xvfb.name)
     try:
         src.disconnect()
-        before, mapped = x_clients(probe), shm_mappings()
+        before, mapped = x_clients(probe), mss_grab_buffers()
         assert not src.holds_display and mapped == 0
         for _session in range(2):
             client, updates = RFBClient(), []
@@ -509,14 +503,14 @@ async def test_a_stopped_screen_releases_the_display_and_a_new_one_connects_agai
             while not updates and time.monotonic() < deadline:
                 await _sleep(reactor, 0.05)
             assert np.array_equal(client.framebuffer, mss_rgb(xvfb.name))
-            assert src.holds_display and shm_mappings() == 1
+            assert src.holds_display and mss_grab_buffers() == 1
             assert x_clients(probe) >= before + 3      # capture (2), watch, input
             screen.stop()
             src.disconnect()
             deadline = time.monotonic() + 10          # the watch's thread ends within 0.25 s
             while x_clients(probe) > before and time.monotonic() < deadline:
                 await _sleep(reactor, 0.05)
-            assert x_clients(probe) == before and shm_mappings() == 0
+            assert x_clients(probe) == before and mss_grab_buffers() == 0
     finally:
         probe.close()
         src.close()

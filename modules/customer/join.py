@@ -17,7 +17,7 @@ from ..common.link.connection import ServerAddress, connect, hello
 from ..common.session.consent import ConsentState
 from ..common.session.recorder import RESUME_WAIT_SECONDS, send_the_rest
 from ..common.link.enrollment import fetch_pinned_ca, server_info
-from ..common.session.session_runner import SessionRunner, open_session
+from ..common.session.session_runner import SessionRunner, open_session, release_screen_offer
 
 
 def parse_adhoc_id(text: str) -> tuple[str, str]:
@@ -40,6 +40,19 @@ async def join(reactor, server: str, fingerprint: str, adhoc_id: str,
     """Join the supporter who read out ``adhoc_id``; returns (control connection, runner) —
     the caller awaits ``runner.run()`` and closes the connection afterwards.  ``make_ui(ticket,
     consent)`` builds the consent UI once the supporter's name is known."""
+    try:
+        return await _join(reactor, server, fingerprint, adhoc_id, make_ui, on_joined,
+                           session_options)
+    except BaseException:
+        # a wrong ID, an unreachable server: the screen the app opened for this try goes now
+        release_screen_offer(session_options.get("screen"))
+        raise
+
+
+async def _join(reactor, server: str, fingerprint: str, adhoc_id: str,
+                make_ui: Callable[[dict, ConsentState], Any],
+                on_joined: Callable[[dict], None] | None,
+                session_options: dict[str, Any]) -> tuple[Any, SessionRunner]:
     nameplate, secret = parse_adhoc_id(adhoc_id)
     ca, info = await run_blocking(pinned_server, server, fingerprint)
     ca_pem = ca.public_bytes(serialization.Encoding.PEM)

@@ -12,7 +12,7 @@ from protocol import control
 from ..common.session.channel import Credentials, SessionChannel, adhoc_password
 from ..common.session.consent import ConsentState
 from ..common.link.folder import ModuleFolder
-from ..common.session.session_runner import SessionRunner, open_session
+from ..common.session.session_runner import SessionRunner, open_session, release_screen_offer
 
 
 def credentials_of(folder: ModuleFolder) -> Credentials:
@@ -27,7 +27,11 @@ async def connect_host(reactor, conn, folder: ModuleFolder, host: str, password:
                        on_accepted: Callable[[dict], None] | None = None,
                        **options: Any) -> SessionRunner:
     """Ask the server for a session with ``host``; the host password keys the channel."""
-    ticket = await conn.callRemote(control.ConnectHost, host=host)
+    try:
+        ticket = await conn.callRemote(control.ConnectHost, host=host)
+    except BaseException:
+        release_screen_offer(options.get("screen"))  # unknown, offline, refused, no connection
+        raise
     if on_accepted is not None:
         on_accepted(ticket)
 

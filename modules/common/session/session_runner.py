@@ -361,7 +361,9 @@ class SessionRunner:
 
     # --- start ------------------------------------------------------------------------------------
 
-    async def run(self) -> str:
+    async def _secure(self) -> None:
+        """Until the keys are confirmed and the peer admitted; raises ``SessionError`` with the
+        reason the session never started (reported first)."""
         try:
             confirmed: KeyConfirmed = await self.over.confirmed
         except ChannelFailure as exc:
@@ -396,6 +398,13 @@ class SessionRunner:
                 self.leg.send(self.channel.data_to_send())  # the peer learns why, authenticated
                 self.leg.close()
                 raise SessionError(refusal)
+
+    async def run(self) -> str:
+        try:
+            await self._secure()
+        except BaseException:
+            self._disconnect_screen_source()   # never shown: the offered screen is let go now
+            raise
         self.driver = ConsentDriver(self.consent, self.ui, self.reactor,
                                     send=lambda data: self._send(Channel.CONTROL, data),
                                     report=self._consent_event)
@@ -1151,6 +1160,16 @@ def _chain(d: defer.Deferred) -> defer.Deferred:
     return out
 
 
+def release_screen_offer(screen) -> None:
+    """A screen offered to a session that never started: its X connections and shared memory
+    go now, not when the failure is forgotten.  The apps open their screen for every session
+    they start (an X server serves a limited number of clients; mss maps a full-screen buffer);
+    a session that runs releases it at its end (``SessionRunner._tear_down``)."""
+    disconnect = getattr(screen[0], "disconnect", None) if screen else None
+    if disconnect is not None:
+        disconnect()
+
+
 async def open_session(reactor, conn, ticket: dict, ca_pem: bytes, folder,
                        make_channel: Callable[[str], SessionChannel], consent: ConsentState,
                        ui: Any, *, delegate: SessionDelegate | None = None,
@@ -1161,14 +1180,19 @@ async def open_session(reactor, conn, ticket: dict, ca_pem: bytes, folder,
     ``SessionEnded`` for this session and, when it is lost, the session's end."""
     from modules.common.link.connection import tls_session
     from modules.common.link.session_stream import open_leg
-    leg = await open_leg(reactor, ticket["relay_host"], int(ticket["relay_port"]),
-                         ticket["relay_token"], ca_pem, folder, resume=tls_session(conn))
-    report = reporter(conn, leg.session_id, reactor)
-    if wrap_report is not None:
-        report = wrap_report(report, leg.session_id)
-    options.setdefault("keepalive_seconds", keepalive_interval(ticket.get("relay_idle_seconds")))
-    runner = SessionRunner(reactor, leg, make_channel(leg.session_id), consent, ui, report,
-                           delegate=delegate, **options)
+    try:
+        leg = await open_leg(reactor, ticket["relay_host"], int(ticket["relay_port"]),
+                             ticket["relay_token"], ca_pem, folder, resume=tls_session(conn))
+        report = reporter(conn, leg.session_id, reactor)
+        if wrap_report is not None:
+            report = wrap_report(report, leg.session_id)
+        options.setdefault("keepalive_seconds",
+                           keepalive_interval(ticket.get("relay_idle_seconds")))
+        runner = SessionRunner(reactor, leg, make_channel(leg.session_id), consent, ui, report,
+                               delegate=delegate, **options)
+    except BaseException:
+        release_screen_offer(options.get("screen"))
+        raise
     conn.session_end_handlers[leg.session_id] = runner.server_ended
     from modules.common.session.recorder import attach as attach_recorder
     attach_recorder(runner, conn, reactor, leg.session_id)  # the server says whether to record
