@@ -20,8 +20,8 @@ from twisted.internet import defer, error, task
 
 from modules.common.link.reconnect import ReconnectSchedule
 from modules.supporter.adhoc_offer import (
-    ATTEMPT_SECONDS, MAX_HEARTBEAT, MAX_WAIT, AdhocOffer, CustomerJoined, IdOffered, IdReplaced, Offline,
-    ReplaceReason,
+    ATTEMPT_SECONDS, MAX_HEARTBEAT, MAX_WAIT, RENEW_AHEAD, AdhocOffer, CustomerJoined, IdOffered,
+    IdReplaced, Offline, ReplaceReason,
 )
 from protocol import control
 
@@ -152,21 +152,60 @@ def test_a_lost_connection_draws_a_new_id_after_at_most_five_seconds_each_try():
     assert seen.events[-1].retry_in == 1.0
 
 
-def test_an_expired_nameplate_is_replaced_on_the_same_connection():
+def test_an_expiring_nameplate_is_replaced_ahead_on_the_same_connection():
+    """A tenth of its lifetime before it expires (at most ``RENEW_AHEAD``) the next ID is
+    drawn; the old one keeps working until its expiry for a customer who already has it."""
     clock, server, seen = task.Clock(), Server(), Recorder()
     conn = FakeControl(["1111", "2222", "3333"], ttl=120.0)
     server.ready.append(conn)
     offer = offer_on(clock, server, seen)
     started(offer)
     first = offer.adhoc_id
-    clock.advance(119.9)
+    clock.advance(107.9)
     assert conn.asked == 1
     clock.advance(0.1)
     second = offer.adhoc_id
-    assert seen.events[-1] == IdReplaced(first, second, ReplaceReason.EXPIRED, 120.0)
+    assert seen.events[-1] == IdReplaced(first, second, ReplaceReason.EXPIRED, 120.0, 12.0)
     assert second.startswith("2222 ") and server.attempts == 1 and not conn.transport.closed
-    clock.advance(120.0)
+    clock.advance(11.0)       # in the old ID's last second both are on offer
+    assert set(offer._drawn) == {"1111", "2222"}
+    clock.advance(108.0)
     assert seen.events[-1].old_id == second and offer.adhoc_id.startswith("3333 ")
+    # a 10-minute ID: the next one a minute ahead
+    conn = FakeControl(["4444", "5555"], ttl=600.0)
+    server.ready.append(conn)
+    offer = offer_on(clock, server, Recorder())
+    started(offer)
+    clock.advance(600.0 - RENEW_AHEAD)
+    assert offer.delegate.events[-1].old_valid_for == RENEW_AHEAD
+
+
+def test_the_old_id_joins_after_the_new_one_was_drawn_ahead():
+    clock, server, seen = task.Clock(), Server(), Recorder()
+    conn = FakeControl(["1111", "2222"], ttl=600.0)
+    server.ready.append(conn)
+    offer = offer_on(clock, server, seen)
+    started(offer)
+    first = offer.invitation
+    clock.advance(600.0 - RENEW_AHEAD)
+    assert offer.adhoc_id.startswith("2222 ")
+    clock.advance(RENEW_AHEAD - 1.0)
+    conn.on_session_ready({"nameplate": "1111", "peer_address": "127.0.0.9"})
+    invitation, _ticket = offer.joined.result
+    assert invitation is first and seen.events[-1] == CustomerJoined(first.adhoc_id, "127.0.0.9")
+
+
+def test_a_replacement_that_comes_too_late_to_leave_the_old_id_time_says_it_expired():
+    clock, server, seen = task.Clock(), Server(), Recorder()
+    conn = FakeControl(["1111", "2222"], ttl=600.0)
+    server.ready.append(conn)
+    offer = offer_on(clock, server, seen)
+    started(offer)
+    conn.hold = True
+    clock.advance(600.0 - RENEW_AHEAD)
+    clock.advance(RENEW_AHEAD - 0.5)      # the server answers with half a second left
+    conn.held.callback(None)
+    assert seen.events[-1].old_valid_for == 0.0     # not "still usable for 0 s"
 
 
 def test_a_refused_redraw_at_expiry_reconnects_and_says_why():
@@ -523,6 +562,7 @@ async def test_the_app_tab_replaces_an_expired_id_and_says_so(qt_app, short_live
 
     from modules.common.link.folder import ModuleFolder
     from modules.common.qt.i18n import install_translation
+    from modules.supporter.adhoc_panel import whole
     from modules.supporter.gui import SupporterWindow
 
     from .fixtures_qt import screenshot, until
@@ -538,8 +578,8 @@ async def test_the_app_tab_replaces_an_expired_id_and_says_so(qt_app, short_live
             shown = await until(lambda: panel.adhoc_id, what="the first ID")
             conn = await until(lambda: tab.offer.conn, what="the ID's connection")
             await until(lambda: panel.adhoc_id != shown, what="the ID replaced at expiry")
-            assert panel.state_label.text() == EXPIRED[language].format(old=shown,
-                                                                        id=panel.adhoc_id)
+            assert panel.state_label.text() == EXPIRED[language].format(
+                old=whole(shown), id=whole(panel.adhoc_id))     # never wrapped inside an ID
             assert window.tabs.tabText(window.tabs.indexOf(tab)) == panel.adhoc_id
             assert tab.offer.conn is conn and not panel.offline   # no reconnect for it
             screenshot(window, f"supporter-adhoc-expired-{language}")
@@ -547,8 +587,8 @@ async def test_the_app_tab_replaces_an_expired_id_and_says_so(qt_app, short_live
             # go: no expiry can come between the switch and the checks)
             other = "de" if language == "en" else "en"
             window.language_box.setCurrentIndex(window.language_box.findData(other))
-            assert panel.state_label.text() == EXPIRED[other].format(old=shown,
-                                                                     id=panel.adhoc_id)
+            assert panel.state_label.text() == EXPIRED[other].format(
+                old=whole(shown), id=whole(panel.adhoc_id))
             assert panel.prompt.text() == SWITCHED[other]["prompt"]
             assert panel.valid_label.text().startswith(SWITCHED[other]["valid"])
             assert tab.actions["end"].text() == SWITCHED[other]["end"]
@@ -606,3 +646,67 @@ async def test_the_host_list_notices_a_server_that_stops_answering(qt_app, short
     finally:
         window.close()
         watch.stop()
+
+
+AHEAD = {
+    "en": "The ID 1111 2222 is about to expire unused, so a new ID was drawn. Tell your customer "
+          "the new ID: 3333 4444 (a customer who already has 1111 2222 can still use it for "
+          "59 s)",
+    "de": "Die ID 1111 2222 läuft gleich ungenutzt ab, daher wurde eine neue ID erzeugt. Nennen "
+          "Sie Ihrem Kunden die neue ID: 3333 4444 (ein Kunde, der 1111 2222 schon hat, kann "
+          "sie noch 59 s lang nutzen)"}
+
+
+def test_the_app_tab_says_the_old_id_still_works_after_a_new_one_was_drawn_ahead(
+        qt_app, tmp_path):  # noqa: F811
+    """The tab's words for an ID drawn ahead of the old one's expiry (the core's event, as
+    the tests above make it), in both languages: the new ID to tell, and how long the old one
+    still works for a customer who has it.  (With the real server's 2 s IDs the old one has
+    under a second left, which is said as expired: the test above.)"""
+    from twisted.internet import reactor
+
+    from modules.common.link.folder import ModuleFolder
+    from modules.common.qt.i18n import install_translation
+    from modules.common.session.consent import Role
+    from modules.supporter.adhoc_panel import AdhocPanel, whole
+    from modules.supporter.gui import SessionTab, SupporterWindow
+
+    from .fixtures_qt import screenshot
+    for language in ("en", "de"):
+        install_translation(qt_app, language)
+        window = SupporterWindow(reactor, ModuleFolder(tmp_path / "alice"), language)
+        try:
+            tab = SessionTab(window, "ad-hoc", Role.CUSTOMER, "the customer")
+            window._add(tab)
+            panel = AdhocPanel(tab, window.tabs)
+            tab.waiting.hide()
+            tab.screen_layout.addWidget(panel)
+            tab.adhoc_panel = panel
+            tab.start(defer.Deferred())     # waiting for the customer, as new_adhoc's tab
+            window.show()
+            panel.adhoc_event(IdOffered("1111 2222", 600.0))
+            panel.adhoc_event(IdReplaced("1111 2222", "3333 4444", ReplaceReason.EXPIRED,
+                                         600.0, 59.4))
+            said = AHEAD[language].replace("1111 2222", whole("1111 2222")).replace(
+                "3333 4444", whole("3333 4444"))
+            assert panel.state_label.text() == said
+            assert panel.adhoc_id == "3333 4444" and not panel.id_label.font().strikeOut()
+            assert AHEAD[language] in tab.chat_log.toPlainText()  # (plain text: spaces)
+            assert window.tabs.tabText(window.tabs.indexOf(tab)) == "3333 4444"
+            qt_app.processEvents()
+            screenshot(window, f"supporter-adhoc-ahead-{language}")
+        finally:
+            window.close()
+
+
+def test_adhoc_says_an_id_drawn_ahead_in_one_line(capsys):
+    from modules.supporter.cli import AdhocLines
+    lines = AdhocLines()
+    lines.adhoc_event(IdReplaced("1111 2222", "3333 4444", ReplaceReason.EXPIRED, 600.0, 59.4))
+    lines.adhoc_event(IdReplaced("3333 4444", "5555 6666", ReplaceReason.EXPIRED, 600.0))
+    said = capsys.readouterr().err.splitlines()
+    assert said == [
+        "new ad-hoc ID: 3333 4444  (1111 2222 is about to expire unused; a customer who already "
+        "has it can still use it for 59 s; tell your customer the new ID, valid 10 min)",
+        "new ad-hoc ID: 5555 6666  (3333 4444 expired unused; tell your customer the new ID, "
+        "valid 10 min)"]

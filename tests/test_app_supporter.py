@@ -132,6 +132,7 @@ async def server_away_and_back(window, srv, language: str) -> None:
     list says it is reconnecting and is greyed, a session asked for then says why it does not
     start, the waiting ad-hoc tab strikes its ID through and says it reconnects; once the server
     answers again the list is current again and the ad-hoc tab offers a new ID, by themselves."""
+    from modules.supporter.adhoc_panel import whole
     from modules.supporter.gui import HOST_ID
     adhoc = window.sessions[-1]          # one_session's ad-hoc tab, still waiting
     old_id = adhoc.adhoc_panel.adhoc_id
@@ -173,7 +174,7 @@ async def server_away_and_back(window, srv, language: str) -> None:
     await until(lambda: not panel.offline and panel.adhoc_id != old_id, what="a new ad-hoc ID")
     new_id = panel.adhoc_id
     assert re.fullmatch(r"\d{4} \d{4}", new_id) and not panel.id_label.font().strikeOut()
-    assert panel.state_label.text() == ADHOC_NEW_ID[language].format(id=new_id)
+    assert panel.state_label.text() == ADHOC_NEW_ID[language].format(id=whole(new_id))
     assert window.tabs.tabText(window.tabs.indexOf(adhoc)) == new_id
     window.tabs.setCurrentWidget(adhoc)
     screenshot(window, f"supporter-adhoc-new-id-{language}")

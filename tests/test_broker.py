@@ -160,6 +160,19 @@ def test_nameplate_expires_after_its_ttl(broker, clock):
         result_of(broker.join_adhoc(FakeConnection(None), plate))
 
 
+def test_an_id_drawn_ahead_leaves_the_old_one_valid_until_its_expiry(broker, clock):
+    """What the supporter's ad-hoc offer relies on when it draws the next ID a minute before
+    the one on offer expires: both nameplates live on the same connection, the old one joins
+    until its own expiry."""
+    anna = supporter("anna")
+    old, _ = broker.allocate_nameplate(anna)
+    clock.advance(540)
+    new, _ = broker.allocate_nameplate(anna)
+    clock.advance(59)
+    ticket = result_of(broker.join_adhoc(FakeConnection(None, "127.0.0.11"), old))
+    assert ticket["supporter"] == "anna" and new in broker.nameplates
+
+
 def test_supporter_leaving_releases_its_nameplates(broker):
     anna = supporter("anna")
     plate, _ = broker.allocate_nameplate(anna)

@@ -7,8 +7,10 @@ connection left the app's tab with an error and ``adhoc`` with an exit, and an e
 still shown as if it worked.  The offer keeps one ID valid instead: when the connection is lost
 it says so, waits by the modules' ``ReconnectSchedule`` (a clean shutdown's notice honoured, at
 most ``MAX_WAIT`` seconds between attempts: a person is waiting), connects again and draws a new
-nameplate with a new secret; when the nameplate expires it draws a new one on the same
-connection.  A connection that goes silent (a pulled cable, a wedged server: no reset arrives,
+nameplate with a new secret; shortly before the nameplate expires (``RENEW_AHEAD``) it draws
+the next one on the same connection, while the old one stays valid on the server until its
+expiry: a customer who is typing the old ID in its last minute still gets in, and from then on
+the supporter reads out the new one.  A connection that goes silent (a pulled cable, a wedged server: no reset arrives,
 and the server drops the ID after its TCP keep-alive) is found by a heartbeat while waiting,
 and an attempt the server never answers is given up: both from ``KeptConnection``, which the
 host list stands on too.  Every change is a typed event to the delegate
@@ -39,8 +41,15 @@ log = Logger()
 #: the longest the offer waits between two connection attempts (a person is waiting)
 MAX_WAIT = 5.0
 
-__all__ = ["ATTEMPT_SECONDS", "MAX_HEARTBEAT", "MAX_WAIT", "AdhocOffer", "CustomerJoined",
-           "IdOffered", "IdReplaced", "Offline", "ReplaceReason"]
+#: the next ID is drawn this long before the one on offer expires (at most a tenth of its
+#: lifetime); the old one keeps working until then for a customer who already has it
+RENEW_AHEAD = 60.0
+
+#: an old ID with less left than this is said to have expired (not "still usable for 0 s")
+MIN_LEFT = 1.0
+
+__all__ = ["ATTEMPT_SECONDS", "MAX_HEARTBEAT", "MAX_WAIT", "RENEW_AHEAD", "AdhocOffer",
+           "CustomerJoined", "IdOffered", "IdReplaced", "Offline", "ReplaceReason"]
 
 
 class ReplaceReason(enum.Enum):
@@ -66,11 +75,14 @@ class Offline:
 
 @dataclass(frozen=True)
 class IdReplaced:
-    """``old_id`` is no longer valid (``reason``); ``adhoc_id`` is on offer instead."""
+    """``adhoc_id`` is on offer instead of ``old_id`` (``reason``).  ``old_valid_for``: the
+    seconds ``old_id`` still works for a customer who already has it (drawn ahead of its
+    expiry); 0: it works no more."""
     old_id: str
     adhoc_id: str
     reason: ReplaceReason
     expires_in: float
+    old_valid_for: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -95,7 +107,8 @@ class AdhocOffer(KeptConnection):
         self._drawn: dict[str, AdhocInvitation] = {}
         #: why the ID on offer went, until a new one replaces it
         self._gone: ReplaceReason | None = None
-        self._expiry = None              # the pending nameplate expiry (IDelayedCall)
+        self._expiry = None              # the pending draw ahead of the expiry (IDelayedCall)
+        self._expires_at = 0.0           # when the ID on offer expires (reactor seconds)
 
     @property
     def adhoc_id(self) -> str:
@@ -147,23 +160,31 @@ class AdhocOffer(KeptConnection):
         if previous is not None and previous.nameplate != invitation.nameplate:
             self._drawn[previous.nameplate] = previous
         self._gone = None
-        # the server counted from before its answer was sent: when this fires it refuses the
-        # nameplate already
-        self._expiry = self.reactor.callLater(invitation.expires_in, self._expired)
+        # the server counted from before its answer was sent: it refuses the nameplate a
+        # round trip before ``_expires_at``
+        self._expires_at = self.reactor.seconds() + invitation.expires_in
+        ahead = min(RENEW_AHEAD, invitation.expires_in / 10)
+        self._expiry = self.reactor.callLater(invitation.expires_in - ahead, self._expired)
 
-    def _replaced(self, invitation: AdhocInvitation) -> None:
+    def _replaced(self, invitation: AdhocInvitation, same_connection: bool = False) -> None:
         old, reason = self.adhoc_id, self._gone
+        # on the same connection the old nameplate lives on until its expiry (a new connection
+        # means the server released it with the old one)
+        left = self._expires_at - self.reactor.seconds() if same_connection else 0.0
         self._on_offer(invitation)
         self.delegate.adhoc_event(IdReplaced(old, invitation.adhoc_id, reason,
-                                             invitation.expires_in))
+                                             invitation.expires_in,
+                                             left if left >= MIN_LEFT else 0.0))
 
     def _expired(self) -> None:
+        """Shortly before the ID on offer expires: draw the next one on the same connection."""
         conn = self.conn
         if self._done or conn is None:
             return
         self._gone = ReplaceReason.EXPIRED
-        log.info("ad-hoc nameplate {nameplate} expired unused: drawing a new one",
-                 nameplate=self.invitation.nameplate)
+        log.info("ad-hoc nameplate {nameplate} expires in {left:.0f} s unused: drawing the next "
+                 "one", nameplate=self.invitation.nameplate,
+                 left=max(0.0, self._expires_at - self.reactor.seconds()))
 
         async def again():
             try:
@@ -174,7 +195,7 @@ class AdhocOffer(KeptConnection):
                 self._drop(conn, exc)   # the server refused: start afresh
                 return
             if conn is self.conn and not self._done:
-                self._replaced(invitation)
+                self._replaced(invitation, same_connection=True)
         defer.ensureDeferred(again())
 
     # --- the customer -----------------------------------------------------------------------

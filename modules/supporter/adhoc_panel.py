@@ -24,6 +24,12 @@ WARNING_STYLE = "color: #b00020; font-weight: bold;"
 CHANGED_STYLE = "color: #0d47a1; font-weight: bold;"
 
 
+def whole(adhoc_id: str) -> str:
+    """An ID inside a sentence, never wrapped between its two halves (a supporter reading
+    "1234" at a line's end and "5678" on the next may read out only half)."""
+    return adhoc_id.replace(" ", "\u00a0")
+
+
 class AdhocPanel(QWidget):
     """``adhoc_event(event)`` is the offer's delegate; ``tab`` is the session tab it sits in
     (its title and chat log say the changes too)."""
@@ -66,12 +72,20 @@ class AdhocPanel(QWidget):
             if event.reason is ReplaceReason.CONNECTION_LOST:
                 def say() -> str:
                     return t("The connection to the server was lost, so a new ID was drawn. "
-                             "Tell your customer the new ID: {id}").format(id=event.adhoc_id)
+                             "Tell your customer the new ID: {id}").format(
+                        id=whole(event.adhoc_id))
+            elif event.old_valid_for:
+                def say() -> str:
+                    return t("The ID {old} is about to expire unused, so a new ID was drawn. "
+                             "Tell your customer the new ID: {id} (a customer who already has "
+                             "{old} can still use it for {seconds} s)").format(
+                        old=whole(event.old_id), id=whole(event.adhoc_id),
+                        seconds=int(event.old_valid_for))
             else:
                 def say() -> str:
                     return t("The ID {old} expired unused, so a new ID was drawn. Tell your "
-                             "customer the new ID: {id}").format(old=event.old_id,
-                                                                  id=event.adhoc_id)
+                             "customer the new ID: {id}").format(old=whole(event.old_id),
+                                                                  id=whole(event.adhoc_id))
             self._say(say, CHANGED_STYLE)
             self.tab.chat_log.append(say())
         elif isinstance(event, CustomerJoined):

@@ -85,9 +85,13 @@ class AdhocLines:
                 say(f"lost the connection to the server ({event.why}): the ID {event.old_id} "
                     f"is no longer valid; trying again in {event.retry_in:.1f} s")
         elif isinstance(event, IdReplaced):
-            why = ("the connection to the server was lost"
-                   if event.reason is ReplaceReason.CONNECTION_LOST
-                   else f"{event.old_id} expired unused")
+            if event.reason is ReplaceReason.CONNECTION_LOST:
+                why = "the connection to the server was lost"
+            elif event.old_valid_for:
+                why = (f"{event.old_id} is about to expire unused; a customer who already has it "
+                       f"can still use it for {event.old_valid_for:.0f} s")
+            else:
+                why = f"{event.old_id} expired unused"
             say(f"new ad-hoc ID: {event.adhoc_id}  ({why}; tell your customer the new ID, "
                 f"valid {_validity(event.expires_in)})")
         elif isinstance(event, CustomerJoined):

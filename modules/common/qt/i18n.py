@@ -217,6 +217,11 @@ GERMAN: dict[str, str] = {
     "The ID {old} expired unused, so a new ID was drawn. Tell your customer the new ID: {id}":
         "Die ID {old} ist ungenutzt abgelaufen, daher wurde eine neue ID erzeugt. Nennen Sie "
         "Ihrem Kunden die neue ID: {id}",
+    "The ID {old} is about to expire unused, so a new ID was drawn. Tell your customer the new "
+    "ID: {id} (a customer who already has {old} can still use it for {seconds} s)":
+        "Die ID {old} läuft gleich ungenutzt ab, daher wurde eine neue ID erzeugt. Nennen Sie "
+        "Ihrem Kunden die neue ID: {id} (ein Kunde, der {old} schon hat, kann sie noch "
+        "{seconds} s lang nutzen)",
     "Valid until {time}; if nobody uses it by then, a new ID is drawn by itself.":
         "Gültig bis {time} Uhr; wird sie bis dahin nicht genutzt, erzeugt die App von selbst "
         "eine neue ID.",
