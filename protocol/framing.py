@@ -22,6 +22,9 @@ DEFAULT_MAX_BOX_BYTES = 256 * 1024
 DEFAULT_MAX_KEYS = 64
 
 
+_U16 = struct.Struct("!H")
+
+
 class FramingError(ValueError):
     """The peer sent bytes that are not a well-formed, acceptable box."""
 
@@ -110,43 +113,58 @@ class BoxDecoder:
         return len(self._buffer)
 
     def _parse(self) -> Box | None:
+        # The decoder's state in local variables while it parses, written back on every way
+        # out (a heartbeat's box is parsed per idle host per minute: fewer attribute look-ups)
         buf = self._buffer
-        while True:
-            available = len(buf) - self._offset
-            if available < 2:
-                # at least a length prefix (or the terminator) still follows
-                self._check_size(self._offset + 2)
-                return None
-            (length,) = struct.unpack_from("!H", buf, self._offset)
-            reading_key = self._key is None
-            if reading_key and length == 0:
-                # its size was checked with the last value, which counted this terminator
-                end = self._offset + 2
-                box, self._box = self._box if self._box is not None else {}, None
-                del buf[:end]
-                self._offset = 0
-                return box
-            if reading_key and length > MAX_KEY_LENGTH:
-                raise FramingError(f"key length {length} exceeds {MAX_KEY_LENGTH}")
-            if reading_key and self._box is not None and len(self._box) >= self.max_keys:
-                raise FramingError(f"box has more than {self.max_keys} keys")
-            # the shortest box this piece can belong to: after a key come the value's length
-            # prefix and at least the terminator; after a value, at least the terminator
-            self._check_size(self._offset + 2 + length + (4 if reading_key else 2))
-            if available - 2 < length:
-                return None
-            start = self._offset + 2
-            chunk = bytes(buf[start:start + length])
-            self._offset = start + length
-            if reading_key:
-                if self._box is None:
-                    self._box = {}
-                elif chunk in self._box:
-                    raise FramingError(f"key {chunk[:40]!r} appears twice in one box")
-                self._key = chunk
-            else:
-                self._box[self._key] = chunk
-                self._key = None
+        offset, key, box = self._offset, self._key, self._box
+        size, limit = len(buf), self.max_box_bytes
+        try:
+            while True:
+                available = size - offset
+                if available < 2:
+                    # at least a length prefix (or the terminator) still follows
+                    if offset + 2 > limit:
+                        self._check_size(offset + 2)
+                    return None
+                (length,) = _U16.unpack_from(buf, offset)
+                if key is None:
+                    if length == 0:
+                        # its size was checked with the last value, which counted this
+                        # terminator
+                        del buf[:offset + 2]
+                        offset = 0
+                        done, box = box if box is not None else {}, None
+                        return done
+                    if length > MAX_KEY_LENGTH:
+                        raise FramingError(f"key length {length} exceeds {MAX_KEY_LENGTH}")
+                    if box is not None and len(box) >= self.max_keys:
+                        raise FramingError(f"box has more than {self.max_keys} keys")
+                    # the shortest box a key can belong to: the value's length prefix and
+                    # at least the terminator follow it
+                    if offset + 6 + length > limit:
+                        self._check_size(offset + 6 + length)
+                    if available - 2 < length:
+                        return None
+                    start = offset + 2
+                    chunk = bytes(buf[start:start + length])
+                    offset = start + length
+                    if box is None:
+                        box = {}
+                    elif chunk in box:
+                        raise FramingError(f"key {chunk[:40]!r} appears twice in one box")
+                    key = chunk
+                else:
+                    # after a value, at least the terminator
+                    if offset + 4 + length > limit:
+                        self._check_size(offset + 4 + length)
+                    if available - 2 < length:
+                        return None
+                    start = offset + 2
+                    box[key] = bytes(buf[start:start + length])
+                    offset = start + length
+                    key = None
+        finally:
+            self._offset, self._key, self._box = offset, key, box
 
     def _check_size(self, at_least: int) -> None:
         if at_least > self.max_box_bytes:

@@ -27,9 +27,12 @@ import resource
 import time
 from typing import Any
 
+from OpenSSL.SSL import Error as TLSError, WantReadError, ZeroReturnError
 from twisted.internet import task
 from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.python.failure import Failure
 
 from . import tls
 from .admission import HANDSHAKE, PendingConnections, RefusalLog, address_key
@@ -282,12 +285,60 @@ class _Guarded:
             self.factory.guard.handshake_done(self)
 
     def dataReceived(self, data: bytes) -> None:
-        super().dataReceived(data)
+        # TLSMemoryBIOProtocol.dataReceived, reading with _read_application_bytes
+        connection = self._tlsConnection
+        if getattr(connection, "_into_ssl", None) is None:  # not a memory BIO: Twisted's way
+            super().dataReceived(data)
+        else:
+            connection.bio_write(data)
+            if not self._handshakeDone:
+                self._checkHandshakeStatus()
+                if not self._handshakeDone:
+                    return
+            if self._appSendBuffer:
+                self._unbufferPendingWrites()
+            self._read_application_bytes()
         # once the handshake's bytes have passed through, the BIOs give back their capacity
         # (~5 KB per idle host); tried after each read until both are empty at the same time
         if self.handshake_buffers_kept and self._handshakeDone and self._tlsConnection is not None:
             if tls.release_handshake_buffers(self._tlsConnection):
                 self.handshake_buffers_kept = False
+
+    # --- the read path, without two WantReadErrors per read (issue 14, heartbeats) ------------
+    # Twisted's TLS layer reads application bytes until pyOpenSSL raises WantReadError, each
+    # read into a 32 KB buffer allocated for the call, and then reads the send BIO until it
+    # raises WantReadError too: two exceptions raised and caught for every heartbeat an idle
+    # host sends.  Here a read stops when nothing is left to read, and an empty send BIO is
+    # not read.  Only the path of received bytes: at the connection's loss Twisted's own loop
+    # reads to the end of the shut-down BIO (where the last read reports the EOF).
+
+    def _read_application_bytes(self) -> None:
+        """``TLSMemoryBIOProtocol._flushReceiveBIO`` (the same handling of every outcome of a
+        read), ending when ``tls.nothing_to_read`` instead of on a raised ``WantReadError``."""
+        connection = self._tlsConnection
+        while not self._lostTLSConnection:
+            waiting = tls.bio_pending(connection._into_ssl)
+            try:
+                data = connection.recv(waiting if 0 < waiting < 32768 else 32768)
+            except WantReadError:
+                break
+            except ZeroReturnError:
+                self._shutdownTLS()
+                self._tlsShutdownFinished(None)
+            except TLSError:
+                self._tlsShutdownFinished(Failure())
+            else:
+                if not self._aborted:
+                    ProtocolWrapper.dataReceived(self, data)
+                if tls.nothing_to_read(connection):
+                    break
+        self._flushSendBIO()
+
+    def _flushSendBIO(self) -> None:
+        """``TLSMemoryBIOProtocol._flushSendBIO``, not run on an empty send BIO."""
+        out = getattr(self._tlsConnection, "_from_ssl", None)
+        if out is None or tls.bio_pending(out):
+            super()._flushSendBIO()
 
     def settle(self) -> None:
         """The protocol inside has proved itself: no longer pending."""
@@ -308,6 +359,11 @@ class _Guarded:
 
 class GuardedTLSProtocol(_Guarded, TLSMemoryBIOProtocol):
     """Guarded TLS without write aggregation (the relay forwards whole TLS records)."""
+
+    #: none: found here, not through ``ProtocolWrapper.__getattr__`` — which asks the protocol
+    #: inside and raises AttributeError — at every ``getattr(tls, "_aggregator", None)`` (the
+    #: module port's answer to each heartbeat, ``module_port._write_now``)
+    _aggregator = None
 
 
 class GuardedBufferingTLS(_Guarded, BufferingTLSTransport):

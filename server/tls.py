@@ -95,6 +95,22 @@ def release_handshake_buffers(connection: SSL.Connection) -> bool:
     return True
 
 
+def bio_pending(bio) -> int:
+    """Bytes waiting in a memory BIO (``BIO_get_mem_data``'s length; OpenSSL's mem BIO accepts
+    no pointer for the data).  Cheaper than a read that raises ``WantReadError`` when empty."""
+    return _lib.BIO_get_mem_data(bio, _ffi.NULL)
+
+
+def nothing_to_read(connection: SSL.Connection) -> bool:
+    """True if an ``SSL_read`` now could only ask for more bytes: nothing in the receive BIO
+    and no decrypted byte held by OpenSSL.  Without read-ahead (OpenSSL's and Twisted's
+    default) every record not yet processed is still in the BIO, and a record partly read
+    needs more bytes anyway.  False if this pyOpenSSL keeps its BIOs elsewhere."""
+    into = getattr(connection, "_into_ssl", None)
+    return (into is not None and not _lib.BIO_get_mem_data(into, _ffi.NULL)
+            and not _lib.SSL_pending(connection._ssl))
+
+
 def web_context(chain: list[x509.Certificate], key, ca_cert: x509.Certificate,
                 min_tls: str) -> SSL.Context:
     ctx = _base_context(chain, key, min_tls)

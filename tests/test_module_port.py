@@ -59,6 +59,17 @@ class RawModule:
         return self.call("Hello", protocol_version=b"1", module_version=b"test", module_kind=b"test")
 
 
+def read_boxes(module: RawModule, count: int) -> list[dict]:
+    """The next ``count`` boxes the server sends (several may come in one read)."""
+    boxes: list[dict] = []
+    while len(boxes) < count:
+        data = module.sock.recv(65536)
+        if not data:
+            raise ConnectionError("closed by the server")
+        boxes.extend(module.decoder.receive(data))
+    return boxes
+
+
 def error_code(box: dict) -> bytes:
     assert b"_error" in box, box
     return box[b"_error_code"]
@@ -95,6 +106,11 @@ def test_commands_out_of_order_or_for_another_role_are_refused(running_server, e
     assert answer[b"certificate_not_after"].startswith(b"20")
     beat = host.call("Heartbeat")  # answered without AMP's responder machinery, same box
     assert beat[b"_answer"] == str(host.tag).encode() and float(beat[b"server_time"]) > 0
+    # heartbeats several to a TLS record and one split over two records: each answered, in order
+    beats = [encode_box({b"_command": b"Heartbeat", b"_ask": b"b%d" % i}) for i in range(4)]
+    host.sock.sendall(beats[0] + beats[1] + beats[2][:5])
+    host.sock.sendall(beats[2][5:] + beats[3])
+    assert [box[b"_answer"] for box in read_boxes(host, 4)] == [b"b0", b"b1", b"b2", b"b3"]
     assert error_code(host.call("AllocateNameplate")) == b"FORBIDDEN"
     assert error_code(host.call("ConnectHost", host=b"pc1")) == b"FORBIDDEN"
 
@@ -102,6 +118,24 @@ def test_commands_out_of_order_or_for_another_role_are_refused(running_server, e
     assert error_code(old.call("Hello", protocol_version=b"99", module_version=b"x",
                                module_kind=b"x")) == b"PROTOCOL_VERSION"
     assert "refused" in srv.log()
+
+    # A heartbeat is answered ahead of AMP's dispatcher, yet its tag is checked as any other:
+    # the tag of a command still unanswered (ListHosts waits for the database) closes the
+    # connection, and so does a heartbeat beyond the 32 commands a connection may have open.
+    reused = RawModule(srv, enrolled_supporter)
+    reused.hello()
+    reused.sock.sendall(encode_box({b"_command": b"ListHosts", b"_ask": b"7"})
+                        + encode_box({b"_command": b"Heartbeat", b"_ask": b"7"}))
+    assert reused.closed_by_server()
+    crowd = RawModule(srv, enrolled_supporter)
+    crowd.hello()
+    crowd.sock.sendall(b"".join(encode_box({b"_command": b"ListHosts", b"_ask": b"%d" % i})
+                                for i in range(32))
+                       + encode_box({b"_command": b"Heartbeat", b"_ask": b"x"}))
+    assert crowd.closed_by_server()
+    log = srv.log()
+    assert "request tag b'7' reused before it was answered" in log
+    assert "more than 32 commands outstanding" in log
 
 
 def test_malformed_and_oversized_frames_close_only_that_connection(running_server,

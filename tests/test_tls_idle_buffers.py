@@ -100,6 +100,75 @@ def test_an_idle_connection_gives_back_its_handshake_buffers_and_keeps_working(c
         yield defer.maybeDeferred(port.stopListening)
 
 
+def _odd_reads(port: int, folder, payloads: list[bytes]) -> tuple[bytes, bool]:
+    """A module whose TLS records do not come one per read: three records in one TCP write,
+    then records cut at odd places over several writes; then its close_notify.  Returns the
+    echo and whether the server closed after answering the close_notify."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(folder / "ca.pem")
+    ctx.load_cert_chain(folder / "cert.pem", folder / "key.pem")
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = ctx.wrap_bio(incoming, outgoing, server_hostname="127.0.0.1")
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+        def exchange(call):
+            while True:
+                try:
+                    return call()
+                except ssl.SSLWantReadError:
+                    sock.sendall(outgoing.read())
+                    data = sock.recv(65536)
+                    if not data:
+                        raise ConnectionError("closed by the server")
+                    incoming.write(data)
+        exchange(client.do_handshake)
+        assert client.version() == "TLSv1.3"
+        records = []
+        for payload in payloads:
+            client.write(payload)
+            records.append(outgoing.read())
+        sock.sendall(b"".join(records[:3]))  # three records in one write
+        rest = b"".join(records[3:])
+        for cut in range(0, len(rest), 7919):  # cut across record boundaries
+            sock.sendall(rest[cut:cut + 7919])
+        echoed = b""
+        while len(echoed) < sum(map(len, payloads)):
+            echoed += exchange(lambda: client.read(65536))
+        try:
+            client.unwrap()  # close_notify out; the server answers with its own and closes
+        except ssl.SSLWantReadError:
+            sock.sendall(outgoing.read())
+        closed = False
+        while not closed:
+            data = sock.recv(65536)
+            closed = not data
+        return echoed, closed
+
+
+@pytest_twisted.inlineCallbacks
+def test_records_several_to_a_read_or_cut_across_reads_all_arrive(certs):
+    """The guarded TLS layer reads a connection's application bytes until nothing is left to
+    read instead of until OpenSSL asks for more (issue 14, heartbeats): every byte of records
+    that come several to a read, or cut over several reads, still reaches the protocol, in
+    order, and a close_notify still ends the connection."""
+    from twisted.internet import reactor
+    guard = ConnectionGuard(_limits(10), reactor)
+    port = listen_guarded(reactor, 0, guard, "test port", ("Hello", 30),
+                          tls.ServerContextFactory(certs["server"]),
+                          protocol.Factory.forProtocol(Echo), "127.0.0.1", 50,
+                          write_aggregation=False)
+    try:
+        payloads = [b"a" * 40, b"b" * 41, b"c" * 42, bytes(range(256)) * 300, b"d" * 43,
+                    b"e" * 20000]
+        echoed, closed = yield threads.deferToThread(_odd_reads, port.getHost().port,
+                                                     certs["folder"], payloads)
+        assert echoed == b"".join(payloads)
+        assert closed
+    finally:
+        yield defer.maybeDeferred(port.stopListening)
+
+
 def _pump(client: SSL.Connection, server: SSL.Connection) -> None:
     moved = True
     while moved:
