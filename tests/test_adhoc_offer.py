@@ -520,7 +520,7 @@ def test_adhoc_prints_a_new_id_when_it_expires_and_after_a_cut(short_lived_ids):
         os.kill(srv.process.pid, signal.SIGSTOP)
         try:
             supporter.wait_for_line(r"lost the connection to the server \(the server did not "
-                                    r"answer for 3 s\): the ID \d{4} \d{4} is no longer valid")
+                                    r"answer for 6 s\): the ID \d{4} \d{4} is no longer valid")
         finally:
             os.kill(srv.process.pid, signal.SIGCONT)
         lines = supporter.stderr.splitlines()
@@ -633,7 +633,7 @@ async def test_the_host_list_notices_a_server_that_stops_answering(qt_app, short
             assert window.status_label.text().startswith("Offline, reconnecting to ")
             assert not window.table.isEnabled() and window.conn is None
             await until(lambda: "lost the connection to the server (the server did not answer "
-                                "for 3 s): trying again in" in watch.stderr,
+                                "for 6 s): trying again in" in watch.stderr,
                         what="hosts --watch reconnecting")
         finally:
             os.kill(srv.process.pid, signal.SIGCONT)

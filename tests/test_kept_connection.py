@@ -147,8 +147,10 @@ def test_the_heartbeat_follows_a_shorter_server_heartbeat():
     clock.pump([1.5] * 4)
     assert conn.beats == 4
     conn.silent = True
-    clock.pump([1.5] * 3)                           # asked at 7.5 s, unanswered until 10.5 s
-    assert seen.events[-1] == ("reconnecting", "the server did not answer for 3 s", 1.0)
+    clock.pump([1.5] * 4)              # asked at 7.5 s; a 3 s silence is not yet the end
+    assert directory.conn is conn
+    clock.pump([1.5])                  # unanswered until 13.5 s: MIN_UNANSWERED
+    assert seen.events[-1] == ("reconnecting", "the server did not answer for 6 s", 1.0)
 
 
 def test_an_attempt_the_server_accepts_but_never_answers_is_given_up_and_retried():

@@ -39,6 +39,10 @@ ATTEMPT_SECONDS = 30.0
 #: the longest between two heartbeats; one unanswered for twice that ends the connection (the
 #: server's default heartbeat is for idle hosts: 60 s, too long for a person watching)
 MAX_HEARTBEAT = 10.0
+#: the shortest silence that ends a connection, whatever the server's heartbeat: a server
+#: configured with a 1 s heartbeat may still stall for a second or two under load (a
+#: collection, a busy machine), and a needless reconnect draws a new ad-hoc ID
+MIN_UNANSWERED = 6.0
 
 
 class KeptConnection:
@@ -144,14 +148,16 @@ class KeptConnection:
 
     def _start_heartbeat(self, conn) -> None:
         """Ask the server every few seconds whether it is still there; no answer in twice
-        that: the connection is aborted (and so replaced)."""
+        that (at least ``MIN_UNANSWERED``): the connection is aborted (and so replaced)."""
         self._stop_heartbeat()
         every = min(MAX_HEARTBEAT, float(getattr(conn, "greeting", {}).get(
             "heartbeat_seconds") or MAX_HEARTBEAT))
 
+        limit = max(every * 2, MIN_UNANSWERED)
+
         def beat() -> None:
             answer = conn.callRemote(control.Heartbeat)
-            answer.addTimeout(every * 2, self.reactor)
+            answer.addTimeout(limit, self.reactor)
             self._beats.add(answer)
             answer.addBoth(lambda result: (self._beats.discard(answer), result)[1])
 
@@ -160,8 +166,8 @@ class KeptConnection:
                     return None          # the connection ended: ``_lost`` says so
                 if conn is self.conn and not self._done and not self._silent_for:
                     log.warn("the server did not answer a heartbeat in {s} s: reconnecting",
-                             s=every * 2)
-                    self._silent_for = every * 2
+                             s=limit)
+                    self._silent_for = limit
                     conn.transport.abortConnection()
             answer.addErrback(unanswered)
         self._heartbeat = task.LoopingCall(beat)
