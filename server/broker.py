@@ -89,6 +89,21 @@ class Nameplate:
     expires_at: float
 
 
+@dataclass(eq=False)
+class HeldOffer:
+    """A supporter's offer while a customer's join of ``plate`` is decided: ``plate`` and the
+    offer's other nameplates (an ID drawn ahead of the one on offer, RENEW_AHEAD) are out of
+    play.  One offer, one customer: the others never come back once the join happened.
+    ``released``: the supporter's connection went meanwhile (nothing may be put back)."""
+    plate: Nameplate
+    others: list[Nameplate]
+    released: bool = False
+
+    @property
+    def codes(self) -> set[str]:
+        return {self.plate.code, *(other.code for other in self.others)}
+
+
 @dataclass(slots=True)  # one per connected host: no instance dict
 class HostPresence:
     connection: Any  # Connection
@@ -226,6 +241,8 @@ class Broker(NodeCalls):
         #: ad-hoc starts (lock-out, row, first protocol lines) as group commits
         self.session_starts = GroupCommit(self._open_batch, blocking=blocking)
         self.nameplates: dict[str, Nameplate] = {}
+        #: offers whose customer's join is being written (``_hold_offer``)
+        self.held_offers: list[HeldOffer] = []
         self.hosts: dict[str, HostPresence] = {}
         #: supporter connection → host ids it was shown by ListHosts (told of their presence)
         self.presence_watchers: dict[Any, set[str]] = {}
@@ -307,7 +324,7 @@ class Broker(NodeCalls):
             raise control.WrongState("no free ad-hoc ID right now; try again in a minute")
         while True:
             code = f"{secrets.randbelow(10 ** NAMEPLATE_DIGITS):0{NAMEPLATE_DIGITS}d}"
-            if code not in self.nameplates:
+            if code not in self.nameplates and not self._held(code):
                 break
         return self._hold_nameplate(code, supporter)
 
@@ -319,12 +336,19 @@ class Broker(NodeCalls):
                  supporter=supporter.identity.uri)
         return code, self.nameplate_ttl
 
+    def _held(self, code: str) -> bool:
+        return any(code in held.codes for held in self.held_offers)
+
     def release_nameplates(self, supporter) -> None:
         released = []
         for code, plate in list(self.nameplates.items()):
             if plate.supporter is supporter:
                 del self.nameplates[code]
                 released.append(code)
+        for held in self.held_offers:  # a join in flight puts none of them back
+            if held.plate.supporter is supporter and not held.released:
+                held.released = True
+                released.extend(other.code for other in held.others)
         if released and self.bus is not None:
             self.db.run(_drop_nameplates, released, self.node).addErrback(
                 lambda f: log.failure("could not release nameplates", f))
@@ -376,10 +400,44 @@ class Broker(NodeCalls):
             message += f"; try again in {max(1, round(wait))} s"
         raise control.UnknownNameplate(message)
 
-    def _put_back(self, plate: Nameplate) -> None:
-        """A join the lock-out refused did not use the nameplate up."""
-        if plate.code not in self.nameplates and plate.expires_at > self.reactor.seconds():
-            self.nameplates[plate.code] = plate
+    def _hold_offer(self, plate: Nameplate) -> HeldOffer:
+        """A customer joins ``plate`` (already out of ``nameplates``): the other nameplates of
+        its supporter's connection leave play with it, so a second customer typing the ID
+        drawn ahead is refused before any session row is written for a join that cannot
+        happen (the supporter's offer takes one customer)."""
+        others = [other for other in self.nameplates.values()
+                  if other.supporter is plate.supporter]
+        for other in others:
+            del self.nameplates[other.code]
+        held = HeldOffer(plate, others)
+        self.held_offers.append(held)
+        return held
+
+    def _put_back(self, held: HeldOffer, with_plate: bool) -> None:
+        """The join did not happen and the offer still waits: its other nameplates go back
+        (``with_plate``: the joined one too; a join the lock-out refused did not use it up).
+        Not if the supporter's connection went meanwhile (they would point to a gone
+        supporter) or they expired."""
+        self.held_offers.remove(held)
+        if held.released:
+            return
+        moment = self.reactor.seconds()
+        for plate in ([held.plate] if with_plate else []) + held.others:
+            if plate.code not in self.nameplates and plate.expires_at > moment:
+                self.nameplates[plate.code] = plate
+
+    def _close_offer(self, held: HeldOffer) -> None:
+        """The customer joined (or the supporter could not take them): the offer's other
+        nameplates are gone for good, on every node."""
+        self.held_offers.remove(held)
+        if held.released or not held.others:
+            return
+        codes = [other.code for other in held.others]
+        log.debug("nameplates {codes} withdrawn: their offer's customer joined with "
+                  "{nameplate}", codes=codes, nameplate=held.plate.code)
+        if self.bus is not None:
+            self.db.run(_drop_nameplates, codes, self.node).addErrback(
+                lambda f: log.failure("could not withdraw nameplates", f))
 
     def _open_batch(self, batch: list[SessionStart]) -> list:
         return open_sessions(self.db, self.protocols, batch)
@@ -391,6 +449,7 @@ class Broker(NodeCalls):
         that writes the session row (empty: checked before)."""
         nameplate = plate.code
         supporter = plate.supporter
+        held = self._hold_offer(plate)
         session_id = str(uuid.uuid4())
         start = SessionStart(session_id, supporter.identity.name, dict(
             kind="adhoc", supporter_identity=supporter.identity.uri,
@@ -403,13 +462,17 @@ class Broker(NodeCalls):
         try:  # no session runs that its protocol cannot record
             tenant = yield self.session_starts.submit(start)
         except ProtocolNotWritten as exc:
+            self._put_back(held, with_plate=False)
             live = LiveSession(session_id, exc.tenant, "adhoc", supporter, customer, nameplate)
             end = self._protocol_failed(live, exc.cause)
             yield self._end_early(live, end)
             self.notify_ended(live, end)
             raise control.NotRecordable(NOT_RECORDABLE)
+        except Exception:
+            self._put_back(held, with_plate=False)
+            raise
         if isinstance(tenant, LockedOut):
-            self._put_back(plate)
+            self._put_back(held, with_plate=True)
             raise control.LockedOut(_locked_text(tenant.wait))
         live = LiveSession(session_id, tenant, "adhoc", supporter, customer, nameplate)
         relay_host, relay_port = self.relays.pick()
@@ -423,11 +486,13 @@ class Broker(NodeCalls):
             yield supporter.callRemote(control.SessionReady, nameplate=nameplate,
                                        peer_address=customer.address, **supporter_ticket.fields())
         except Exception as exc:
+            self._close_offer(held)
             log.warn("supporter of nameplate {nameplate} is gone: {why}", nameplate=nameplate,
                      why=str(exc))
             yield self._end_early(live, EndReason(EndCause.CONNECTION_LOST, "supporter",
                                                   "gone before the customer joined"))
             raise control.UnknownNameplate("your supporter is no longer waiting: ask for a new ID")
+        self._close_offer(held)
         log.info("customer {address} joined nameplate {nameplate}: session {session_id}",
                  address=customer.address, nameplate=nameplate, session_id=session_id)
         self.sessions[session_id] = live

@@ -160,17 +160,79 @@ def test_nameplate_expires_after_its_ttl(broker, clock):
         result_of(broker.join_adhoc(FakeConnection(None), plate))
 
 
-def test_an_id_drawn_ahead_leaves_the_old_one_valid_until_its_expiry(broker, clock):
+def session_rows(database) -> int:
+    with database.session() as s:
+        return s.query(Session).count()
+
+
+def test_an_id_drawn_ahead_leaves_the_old_one_valid_until_its_expiry(broker, clock, database):
     """What the supporter's ad-hoc offer relies on when it draws the next ID a minute before
     the one on offer expires: both nameplates live on the same connection, the old one joins
-    until its own expiry."""
-    anna = supporter("anna")
+    until its own expiry.  One offer, one customer: the join takes the other one out of play,
+    so a second customer is refused as for any unknown ID and no session row is written for
+    a join the supporter could not take."""
+    anna, bert = supporter("anna"), supporter("anna")
     old, _ = broker.allocate_nameplate(anna)
     clock.advance(540)
     new, _ = broker.allocate_nameplate(anna)
+    elsewhere, _ = broker.allocate_nameplate(bert)   # another offer of the same user
     clock.advance(59)
+    assert old in broker.nameplates and new in broker.nameplates
     ticket = result_of(broker.join_adhoc(FakeConnection(None, "127.0.0.11"), old))
-    assert ticket["supporter"] == "anna" and new in broker.nameplates
+    assert ticket["supporter"] == "anna"
+    assert new not in broker.nameplates and elsewhere in broker.nameplates
+    with pytest.raises(control.UnknownNameplate, match="unknown or expired"):
+        result_of(broker.join_adhoc(FakeConnection(None, "127.0.0.12"), new))
+    assert [command for command, _ in anna.calls] == [control.SessionReady]
+    assert session_rows(database) == 1 and broker.held_offers == []
+    # the other way round: the new ID joins, the old one (still in its last minute) is gone
+    second_old, _ = broker.allocate_nameplate(bert)
+    result_of(broker.join_adhoc(FakeConnection(None, "127.0.0.13"), elsewhere))
+    assert second_old not in broker.nameplates and session_rows(database) == 2
+
+
+def lock_out(database, address: str) -> None:
+    with database.session() as s:
+        now = dt.datetime.now(dt.timezone.utc)
+        s.add(accounts.Lockout(key=f"adhoc-addr:{address}", failures=9, last_failure=now,
+                               locked_until=now + dt.timedelta(hours=1)))
+
+
+def test_a_locked_out_join_puts_the_offer_back_unless_its_supporter_went(broker, database,
+                                                                       monkeypatch):
+    """A join the lock-out refused used nothing up: the offer's nameplates (the typed one and
+    the one drawn ahead) go back.  If the supporter's connection closed while that join was
+    being written, they do not: put back, they would point to a gone supporter, and the next
+    customer's join would write a session row for a session that cannot happen."""
+    lock_out(database, "127.0.0.66")
+    anna = supporter("anna")
+    old, _ = broker.allocate_nameplate(anna)
+    new, _ = broker.allocate_nameplate(anna)
+    with pytest.raises(control.LockedOut):
+        result_of(broker.join_adhoc(FakeConnection(None, "127.0.0.66"), old))
+    assert {old, new} <= set(broker.nameplates) and broker.held_offers == []
+    # the supporter goes while the locked-out join is being written
+    writes = []
+
+    def write_later(fn, *args):
+        written = defer.Deferred()
+        writes.append(lambda: written.callback(fn(*args)))
+        return written
+    broker.session_starts.blocking = write_later
+    refused = broker.join_adhoc(FakeConnection(None, "127.0.0.66"), new)
+    assert old not in broker.nameplates          # held with the typed one meanwhile ...
+    free = next(n for n in range(10_000) if f"{n:04d}" not in (old, new))
+    draws = iter([int(old), int(new), free])
+    monkeypatch.setattr("server.broker.secrets.randbelow", lambda _n: next(draws))
+    assert broker.allocate_nameplate(supporter("otto"))[0] not in (old, new)  # ... not reissued
+    broker.connection_lost(anna)
+    writes.pop()()
+    with pytest.raises(control.LockedOut):
+        result_of(refused)
+    assert old not in broker.nameplates and new not in broker.nameplates
+    with pytest.raises(control.UnknownNameplate, match="unknown or expired"):
+        result_of(broker.join_adhoc(FakeConnection(None, "127.0.0.67"), new))
+    assert anna.calls == [] and session_rows(database) == 0
 
 
 def test_supporter_leaving_releases_its_nameplates(broker):

@@ -10,7 +10,8 @@ most ``MAX_WAIT`` seconds between attempts: a person is waiting), connects again
 nameplate with a new secret; shortly before the nameplate expires (``RENEW_AHEAD``) it draws
 the next one on the same connection, while the old one stays valid on the server until its
 expiry: a customer who is typing the old ID in its last minute still gets in, and from then on
-the supporter reads out the new one.  A connection that goes silent (a pulled cable, a wedged server: no reset arrives,
+the supporter reads out the new one.  The first customer to join with either takes the offer:
+the server withdraws the other nameplate at that join (one offer, one customer).  A connection that goes silent (a pulled cable, a wedged server: no reset arrives,
 and the server drops the ID after its TCP keep-alive) is found by a heartbeat while waiting,
 and an attempt the server never answers is given up: both from ``KeptConnection``, which the
 host list stands on too.  Every change is a typed event to the delegate
