@@ -42,6 +42,9 @@ class InlineDB:
     def call_core(self, fn, *args):
         return self.db.call_core(fn, *args)
 
+    def run_core(self, fn, *args):
+        return defer.maybeDeferred(self.db.call_core, fn, *args)
+
 
 class FakeConnection:
     def __init__(self, identity: Identity | None, address: str = "127.0.0.1",
@@ -343,7 +346,7 @@ def test_hellos_arriving_while_a_batch_is_written_share_one_transaction(broker, 
     inline = broker.db
 
     class HeldDB:  # the first write is still running while the next Hellos arrive
-        def run(self, fn, *args):
+        def run_core(self, fn, *args):
             d = defer.Deferred()
             held.append((fn, args, d))
             return d
@@ -355,7 +358,7 @@ def test_hellos_arriving_while_a_batch_is_written_share_one_transaction(broker, 
     assert [len(args[0]) for _, args, _ in held] == [1]  # the later three wait for the first
     for _ in range(2):
         fn, args, d = held.pop(0)
-        d.callback(inline.call(fn, *args))
+        d.callback(inline.call_core(fn, *args))
     assert held == []  # the three went in one batch
     broker.db = inline
     assert result_of(answers[0]) == "acme" and result_of(answers[1]) == "acme"

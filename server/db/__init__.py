@@ -92,6 +92,11 @@ class Database:
         with self.engine.begin() as connection:
             return fn(connection, *args)
 
+    def run_core(self, fn: Callable[..., T], *args: Any) -> Any:
+        """``call_core`` off the reactor thread (a Deferred)."""
+        from protocol.runtime import run_blocking
+        return run_blocking(self.call_core, fn, *args)
+
     def migrate(self) -> None:
         """Bring the schema to the newest Alembic revision."""
         from alembic import command
