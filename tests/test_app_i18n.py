@@ -1,6 +1,7 @@
 """Every string the three apps show has its German translation (issue 11 §5): the English
 source strings are found in the code (``t("...")`` calls and the tables the windows translate
-through ``t(name)``) and looked up in the German catalogue.  No Qt, no display: a parse."""
+through ``t(name)``) and looked up in the German catalogue.  No Qt, no display: a parse.  Then
+the file-transfer reasons the session core makes in English, said in the window's language."""
 
 from __future__ import annotations
 
@@ -37,6 +38,9 @@ def source_strings() -> set[str]:
     found |= set(UPLOAD_LINES.values())
     from modules.common.qt.error_text import SENTENCES, WRONG_SECRET
     found |= set(SENTENCES.values()) | {WRONG_SECRET}
+    from modules.common.qt.file_reasons import OS_PROBLEMS
+    from modules.common.session.file_transfer import REASON_TEMPLATES
+    found |= set(REASON_TEMPLATES) | set(OS_PROBLEMS)
     from modules.common.session.consent import Right
     from modules.remote_host import settings
     found |= set(QUESTIONS.values()) | {label for label, _ in REMOTE_KEY_COMBOS}
@@ -58,3 +62,25 @@ def test_placeholders_survive_the_translation():
     wrong = {en: de for en, de in GERMAN.items()
              if sorted(field.findall(en)) != sorted(field.findall(de))}
     assert wrong == {}
+
+
+def test_a_file_reason_is_said_in_the_window_language(qt_app):
+    from modules.common.qt.file_reasons import file_reason
+    from modules.common.qt.i18n import install_translation
+    from modules.common.session import file_transfer as ft
+    peer = ft.CANCELLED_BY_PEER.format(reason=ft.CANCELLED_BY_CUSTOMER)
+    full = ft.CANNOT_WRITE.format(problem="No space left on device")
+    space = ft.NO_SPACE.format(needed=5000, free=12)
+    install_translation(qt_app, "de")
+    try:
+        assert file_reason(ft.CANCELLED_BY_SUPPORTER) == "vom Supporter abgebrochen"
+        assert file_reason(peer) == "von der Gegenseite abgebrochen (vom Kunden abgebrochen)"
+        assert file_reason(full) == ("die Datei lässt sich nicht schreiben: kein Platz mehr auf "
+                                     "dem Datenträger")
+        assert file_reason(space) == "nicht genug freier Speicherplatz (5000 Bytes nötig, 12 frei)"
+        # a peer's own words (a newer module's) stay as they came, braces and all
+        assert file_reason(ft.CANCELLED_BY_PEER.format(reason="{x} new")) == \
+            "von der Gegenseite abgebrochen ({x} new)"
+    finally:
+        install_translation(qt_app, "en")
+    assert file_reason(peer) == peer and file_reason(space) == space

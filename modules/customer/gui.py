@@ -24,16 +24,18 @@ from ..common.link.folder import default_home
 from ..common.qt.consent_dialogs import DialogConsentUI, end_sentence
 from ..common.qt.file_offer_dialog import FileOfferDialog
 from ..common.qt.error_text import error_sentence
+from ..common.qt.file_reasons import file_reason
 from ..common.qt.i18n import install_translation, t
 from ..common.qt.recording_upload import UploadLine
 from ..common.qt.viewer import RemoteScreenDelegate
 from ..common.qt.window_picker import BUTTON_TEXT, WindowPicker, shared_sentence
 from ..common.session import recorder
+from ..common.session.file_transfer import CANCELLED_BY_CUSTOMER, DECLINED_BY_CUSTOMER
 from ..common.session.session_runner import SessionDelegate
 from .join import join, parse_adhoc_id, upload_cut_off_recording
 
 CONFIG_NAME = "customer.toml"
-DECLINED = "declined by the customer"        # what the supporter and the protocol read
+DECLINED = DECLINED_BY_CUSTOMER                # what the supporter and the protocol read
 
 RED_BUTTON = ("QPushButton { background: #c62828; color: white; font-weight: bold; "
               "border-radius: 6px; padding: 10px 18px; } "
@@ -393,7 +395,7 @@ class CustomerWindow(QMainWindow, RemoteScreenDelegate, SessionDelegate):
         runner = self.runner
         dialog.accepted_into.connect(lambda folder: runner.accept_file(offer.id, folder))
         dialog.declined.connect(lambda: runner.reject_file(offer.id, DECLINED))
-        dialog.cancelled.connect(lambda: runner.cancel_file(offer.id, "cancelled by the customer"))
+        dialog.cancelled.connect(lambda: runner.cancel_file(offer.id, CANCELLED_BY_CUSTOMER))
         self.file_dialogs[offer.id] = dialog
         dialog.show()
         dialog.raise_()
@@ -419,7 +421,7 @@ class CustomerWindow(QMainWindow, RemoteScreenDelegate, SessionDelegate):
             self.show_line(t("You declined the file {name}.").format(name=event.name))
         elif isinstance(event, (FileFailed, FileRejected)):
             self.show_line(t("The file {name} was not transferred: {reason}").format(
-                name=event.name, reason=event.reason))
+                name=event.name, reason=file_reason(event.reason)))
 
     def _screen_runner(self):
         return self.runner

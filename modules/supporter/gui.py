@@ -34,9 +34,11 @@ from ..common.session.consent import (
 from ..common.link.folder import ModuleFolder
 from ..common.qt.consent_dialogs import DialogConsentUI, end_sentence
 from ..common.qt.error_text import error_sentence
+from ..common.qt.file_reasons import file_reason
 from ..common.qt.i18n import install_translation, t
 from ..common.qt.viewer import REMOTE_KEY_COMBOS, FramebufferWidget, scrollable
 from ..common.qt.window_picker import WindowPicker, shared_sentence
+from ..common.session.file_transfer import CANCELLED_BY_SUPPORTER
 from ..common.session.session_runner import SessionDelegate
 from .host_directory import HostDirectory
 from .adhoc_offer import AdhocOffer
@@ -435,7 +437,7 @@ class SessionTab(QWidget, SessionDelegate):
 
     def _cancel_transfer(self) -> None:
         if self.runner is not None and self.transfer_id is not None:
-            self.runner.cancel_file(self.transfer_id, "cancelled by the supporter")
+            self.runner.cancel_file(self.transfer_id, CANCELLED_BY_SUPPORTER)
 
     def file_event(self, event) -> None:
         from ..common.session.file_transfer import (
@@ -455,7 +457,7 @@ class SessionTab(QWidget, SessionDelegate):
                                  else t("File {name} sent.").format(name=event.name))
         elif isinstance(event, (FileFailed, FileRejected)):
             self._say(lambda: t("The file {name} was not transferred: {reason}").format(
-                name=event.name, reason=event.reason))
+                name=event.name, reason=file_reason(event.reason)))
         if isinstance(event, (FileCompleted, FileFailed, FileRejected)) and \
                 event.id == self.transfer_id:
             self.cancel_transfer.setVisible(False)

@@ -68,7 +68,9 @@ END_SENTENCES: dict[EndCause, tuple[str, str]] = {
     EndCause.SERVER_CRASHED: ("The server stopped unexpectedly.",) * 2,
     EndCause.SERVER_LOST: ("The connection to the server was lost.",) * 2,
 }
-REASONS = ("emergency stop", "revoked", "ended", "terms declined", "terms not accepted in time")
+#: the consent core's reasons for a refused or withdrawn right (said through ``t()``)
+REASONS = ("emergency stop", "revoked", "ended", "terms declined", "terms not accepted in time",
+           "declined", "no answer in time", "terms not accepted", "host policy")
 
 
 def end_sentence(reason: EndReason, me: Role | None,

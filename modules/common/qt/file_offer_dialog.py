@@ -16,6 +16,7 @@ from PySide6.QtWidgets import (
 from modules.common.session.file_transfer import (
     FileCompleted, FileFailed, FileProgress, FileRejected,
 )
+from .file_reasons import file_reason
 from .i18n import locale, t
 
 
@@ -125,10 +126,10 @@ class FileOfferDialog(QDialog):
             self._over("saved", t("Saved as {path}").format(path=str(event.path)))
         elif isinstance(event, FileRejected):
             self._over("declined", t("The file was not received: {reason}").format(
-                reason=event.reason))
+                reason=file_reason(event.reason)))
         elif isinstance(event, FileFailed):
             self._over("failed", t("The file was not received: {reason}").format(
-                reason=event.reason))
+                reason=file_reason(event.reason)))
 
     def _over(self, outcome: str, text: str) -> None:
         self.outcome = outcome

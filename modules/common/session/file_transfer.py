@@ -109,6 +109,54 @@ _WINDOWS_DEVICES = ({"CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$", "CLOCK$"}
                     | {f"{p}{n}" for p in ("COM", "LPT") for n in "123456789¹²³"})
 
 
+# --- why a transfer did not happen ----------------------------------------------------------------
+# Reasons travel to the peer and into the session protocol in English; the apps translate them by
+# these templates (``modules/common/qt/file_reasons.py``), so every reason is made from one.
+
+CANCELLED = "cancelled"
+DECLINED = "declined"
+CANCELLED_BY_SUPPORTER = "cancelled by the supporter"      # the apps' buttons
+CANCELLED_BY_CUSTOMER = "cancelled by the customer"
+DECLINED_BY_CUSTOMER = "declined by the customer"
+SESSION_ENDED = "session ended"
+CANCELLED_BY_PEER = "cancelled by the other side: {reason}"
+FILES_NOT_GRANTED = "the files right is not granted"
+NOT_RECEIVING = "this side does not receive files"
+TOO_LARGE = "larger than the limit of {limit} bytes"
+TOO_MANY_OFFERS = "too many offers wait for an answer"
+SHA_MISMATCH = "SHA-256 mismatch"
+CHANGED_WHILE_SENT = "the file changed while it was sent"
+CHANGED_SINCE_OFFERED = "the file changed since it was offered"
+CANNOT_READ = "cannot read the file: {problem}"
+CANNOT_CREATE = "cannot create the file: {problem}"
+CANNOT_WRITE = "cannot write the file: {problem}"
+CANNOT_STORE = "cannot store the file: {problem}"
+CANNOT_TELL_SPACE = "cannot tell the free space: {problem}"
+NO_SPACE = "not enough free space ({needed} bytes needed, {free} free)"
+OUTSIDE_FOLDER = "the file would land outside the download directory"
+NO_FREE_NAME = "no free name for the file"
+NAME_EMPTY = "empty file name"
+NAME_NOT_UNICODE = "file name is not valid Unicode"
+NAME_TOO_LONG = "file name longer than {limit} bytes"
+NAME_HAS_SEPARATOR = "file name contains a path separator"
+NAME_IS_DOTS = "file name is . or .."
+NAME_INVISIBLE = "file name contains control or invisible characters"
+NAME_WINDOWS_CHARACTER = "file name contains a character Windows forbids"
+NAME_TRAILING = "file name ends in a space or dot"
+NAME_LEADING_SPACE = "file name starts with a space"
+NAME_DEVICE = "file name is a Windows device name"
+
+#: every template a reason is made from (what the apps translate)
+REASON_TEMPLATES = (
+    CANCELLED, DECLINED, CANCELLED_BY_SUPPORTER, CANCELLED_BY_CUSTOMER, DECLINED_BY_CUSTOMER,
+    SESSION_ENDED, CANCELLED_BY_PEER, FILES_NOT_GRANTED, NOT_RECEIVING,
+    TOO_LARGE, TOO_MANY_OFFERS, SHA_MISMATCH, CHANGED_WHILE_SENT, CHANGED_SINCE_OFFERED,
+    CANNOT_READ, CANNOT_CREATE, CANNOT_WRITE, CANNOT_STORE, CANNOT_TELL_SPACE, NO_SPACE,
+    OUTSIDE_FOLDER, NO_FREE_NAME, NAME_EMPTY, NAME_NOT_UNICODE, NAME_TOO_LONG,
+    NAME_HAS_SEPARATOR, NAME_IS_DOTS, NAME_INVISIBLE, NAME_WINDOWS_CHARACTER, NAME_TRAILING,
+    NAME_LEADING_SPACE, NAME_DEVICE)
+
+
 class FileTransferError(ValueError):
     """The peer broke the file-transfer protocol.  ``fatal``: end the session; otherwise only
     ``transfer_id`` was cancelled and ``outcome`` says what to send and report."""
@@ -251,28 +299,28 @@ class PreparedFile:
 def name_problem(name: object) -> str | None:
     """Why ``name`` may not be stored as a file name (None if it may)."""
     if not isinstance(name, str) or not name:
-        return "empty file name"
+        return NAME_EMPTY
     try:
         encoded = name.encode("utf-8")
     except UnicodeEncodeError:
-        return "file name is not valid Unicode"
+        return NAME_NOT_UNICODE
     if len(encoded) > MAX_NAME_BYTES:
-        return f"file name longer than {MAX_NAME_BYTES} bytes"
+        return NAME_TOO_LONG.format(limit=MAX_NAME_BYTES)
     if "/" in name or "\\" in name:
-        return "file name contains a path separator"
+        return NAME_HAS_SEPARATOR
     if name in (".", ".."):
-        return "file name is . or .."
+        return NAME_IS_DOTS
     for c in name:
         if unicodedata.category(c) in ("Cc", "Cf", "Cs", "Co", "Cn") and c != "\u200d":
-            return "file name contains control or invisible characters"
+            return NAME_INVISIBLE
         if c in _WINDOWS_FORBIDDEN:
-            return "file name contains a character Windows forbids"
+            return NAME_WINDOWS_CHARACTER
     if name[-1] in " .":
-        return "file name ends in a space or dot"
+        return NAME_TRAILING
     if name[0] == " ":
-        return "file name starts with a space"
+        return NAME_LEADING_SPACE
     if name.split(".", 1)[0].rstrip(" ").upper() in _WINDOWS_DEVICES:
-        return "file name is a Windows device name"
+        return NAME_DEVICE
     return None
 
 
@@ -504,9 +552,9 @@ class FileTransfers:
         try:
             data = out.handle.read(want)
         except OSError as exc:
-            return self._cancel_outgoing(out, f"cannot read the file: {exc.strerror or exc}")
+            return self._cancel_outgoing(out, CANNOT_READ.format(problem=exc.strerror or exc))
         if len(data) != want:
-            return self._cancel_outgoing(out, "the file changed while it was sent")
+            return self._cancel_outgoing(out, CHANGED_WHILE_SENT)
         message = CHUNK_HEADER.pack(T_CHUNK, bytes.fromhex(out.id), out.position) + data
         out.position += len(data)
         return Outcome([message], [FileProgress(out.id, item.name, item.size, item.sha256,
@@ -554,7 +602,7 @@ class FileTransfers:
                 fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
                              | getattr(os, "O_BINARY", 0), 0o600)
         except OSError as exc:
-            return self.reject(transfer_id, f"cannot create the file: {exc.strerror or exc}")
+            return self.reject(transfer_id, CANNOT_CREATE.format(problem=exc.strerror or exc))
         inc.part, inc.fd, inc.hasher, inc.received, inc.state = part, fd, hasher, offset, "receiving"
         inc.folder = where
         return Outcome([_control(type="accept", id=inc.id, offset=offset)],
@@ -575,7 +623,7 @@ class FileTransfers:
                        [FileRejected(inc.id, inc.name, inc.size, inc.sha256,
                                      self.incoming_direction, reason=reason)])
 
-    def cancel(self, transfer_id: str, reason: str = "cancelled") -> Outcome:
+    def cancel(self, transfer_id: str, reason: str = CANCELLED) -> Outcome:
         """Stop a transfer in either direction.  An incoming partial file is kept for a resume."""
         self._check_open()
         reason = _safe_text(reason)
@@ -617,7 +665,7 @@ class FileTransfers:
         if tid in self._closed_ids:
             return Outcome()  # crossed a cancel or a finish on the wire
         if kind == "cancel":
-            reason = f"cancelled by the other side: {msg['reason']}"
+            reason = CANCELLED_BY_PEER.format(reason=msg["reason"])
             if tid in self._out:
                 out = self._out[tid]
                 return self._cancel_outgoing(out, reason, resumable=out.state != "sent",
@@ -643,10 +691,10 @@ class FileTransfers:
                 handle = open(item.path, "rb")
                 if os.fstat(handle.fileno()).st_size != item.size:
                     handle.close()
-                    return self._cancel_outgoing(out, "the file changed since it was offered")
+                    return self._cancel_outgoing(out, CHANGED_SINCE_OFFERED)
                 handle.seek(offset)
             except OSError as exc:
-                return self._cancel_outgoing(out, f"cannot read the file: {exc.strerror or exc}")
+                return self._cancel_outgoing(out, CANNOT_READ.format(problem=exc.strerror or exc))
             out.handle, out.position, out.state = handle, offset, "sending"
             self._sending.append(tid)
             return Outcome([], [FileAccepted(tid, item.name, item.size, item.sha256,
@@ -663,15 +711,15 @@ class FileTransfers:
             raise FileTransferError(f"offer reuses the transfer id {tid}")
         shown = _display_name(name)
         pending = sum(1 for inc in self._in.values() if inc.state == "offered")
-        problem = (None if self.allowed("file offer") else "the files right is not granted")
+        problem = (None if self.allowed("file offer") else FILES_NOT_GRANTED)
         if problem is None and self.download_dir is None:
-            problem = "this side does not receive files"
+            problem = NOT_RECEIVING
         if problem is None:
             problem = name_problem(name)
         if problem is None and size > self.max_size:
-            problem = f"larger than the limit of {self.max_size} bytes"
+            problem = TOO_LARGE.format(limit=self.max_size)
         if problem is None and pending >= MAX_PENDING_OFFERS:
-            problem = "too many offers wait for an answer"
+            problem = TOO_MANY_OFFERS
         resume = self._partials.get((name, size, sha)) if problem is None else None
         if problem is None:
             problem = self._space_problem(size - (resume.received if resume else 0))
@@ -709,8 +757,8 @@ class FileTransfers:
         if inc.state != "receiving":
             raise self._violation(inc, "chunk before the transfer was accepted")
         if not self.allowed("file chunk"):
-            out = Outcome([_control(type="cancel", id=tid, reason="the files right is not granted")])
-            return out.extend(self._drop_incoming(inc, "the files right is not granted", keep=False))
+            out = Outcome([_control(type="cancel", id=tid, reason=FILES_NOT_GRANTED)])
+            return out.extend(self._drop_incoming(inc, FILES_NOT_GRANTED, keep=False))
         data = memoryview(message)[CHUNK_HEADER_BYTES:]
         if offset != inc.received:
             raise self._violation(inc, f"chunk at offset {offset}, expected {inc.received}")
@@ -721,7 +769,7 @@ class FileTransfers:
                 written = os.write(inc.fd, data)
                 data = data[written:]
         except OSError as exc:
-            reason = f"cannot write the file: {exc.strerror or exc}"
+            reason = CANNOT_WRITE.format(problem=exc.strerror or exc)
             out = Outcome([_control(type="cancel", id=tid, reason=_safe_text(reason))])
             return out.extend(self._drop_incoming(inc, reason, keep=False))
         chunk = memoryview(message)[CHUNK_HEADER_BYTES:]
@@ -736,14 +784,14 @@ class FileTransfers:
         if inc.received != inc.size:
             raise self._violation(inc, f"done after {inc.received} of {inc.size} bytes")
         if inc.hasher.hexdigest() != inc.sha256:
-            out = Outcome([_control(type="cancel", id=inc.id, reason="SHA-256 mismatch")])
-            return out.extend(self._drop_incoming(inc, "SHA-256 mismatch", keep=False))
+            out = Outcome([_control(type="cancel", id=inc.id, reason=SHA_MISMATCH)])
+            return out.extend(self._drop_incoming(inc, SHA_MISMATCH, keep=False))
         try:
             os.fsync(inc.fd)
             inc.close()
             final = self._store(inc.part, inc.name, inc.folder or self.download_dir)
         except (OSError, FileTransferError) as exc:
-            reason = f"cannot store the file: {getattr(exc, 'strerror', None) or exc}"
+            reason = CANNOT_STORE.format(problem=getattr(exc, "strerror", None) or exc)
             out = Outcome([_control(type="cancel", id=inc.id, reason=_safe_text(reason))])
             return out.extend(self._drop_incoming(inc, reason, keep=False))
         self._forget(inc.id)
@@ -753,7 +801,7 @@ class FileTransfers:
 
     # --- ending ---------------------------------------------------------------------------------
 
-    def close(self, reason: str = "session ended") -> Outcome:
+    def close(self, reason: str = SESSION_ENDED) -> Outcome:
         """The session ends: close every file, delete every partial file (resume is within a
         session only) and report ``file_failed`` for what was under way.  Sends nothing."""
         if self._ended:
@@ -801,9 +849,9 @@ class FileTransfers:
         try:
             free = self.free_space(where).free
         except OSError as exc:
-            return f"cannot tell the free space: {exc.strerror or exc}"
+            return CANNOT_TELL_SPACE.format(problem=exc.strerror or exc)
         if needed + reserved > free:
-            return f"not enough free space ({needed} bytes needed, {max(free - reserved, 0)} free)"
+            return NO_SPACE.format(needed=needed, free=max(free - reserved, 0))
         return None
 
     def _check_inside(self, target: Path, folder: Path | None = None) -> None:
@@ -815,7 +863,7 @@ class FileTransfers:
         if lexical and not target.is_symlink():
             lexical = target.resolve().parent == folder
         if not lexical:
-            raise FileTransferError("the file would land outside the download directory")
+            raise FileTransferError(OUTSIDE_FOLDER)
 
     def _store(self, part: Path, name: str, folder: Path) -> Path:
         """Give the verified part file its name in ``folder`` without ever replacing a file."""
@@ -837,7 +885,7 @@ class FileTransfers:
                 return candidate
             _unlink(part)
             return candidate
-        raise FileTransferError("no free name for the file")
+        raise FileTransferError(NO_FREE_NAME)
 
     def _cancel_outgoing(self, out: _Outgoing, reason: str, *, resumable: bool = False,
                          send: bool = True) -> Outcome:

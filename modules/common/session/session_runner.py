@@ -1115,7 +1115,7 @@ class SessionRunner:
             self._pending.add(closing)
             closing.addBoth(lambda r: self._pending.discard(closing) or r)
         if self.files is not None:
-            for event in self.files.close("session ended").events:
+            for event in self.files.close().events:
                 self.delegate.file_event(event)   # e.g. a question about a file is moot now
         for screen in (self.presenter_screen, self.viewer_screen):
             if screen is not None:
