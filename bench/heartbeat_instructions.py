@@ -26,7 +26,10 @@ Per tree, all on 127.0.0.1 in a temporary folder:
      timers: guard sweep, expiry scan, revocation poll): ``-i on``, wait, ``-i off``, dump.
    Instructions per heartbeat = (heartbeat window's Ir - base window's Ir) / heartbeats.  The
    base is small (printed); the net figure is what the 19,940-host bench's "µs per heartbeat
-   above the base" measures, without the load.
+   above the base" measures, without the load.  Threads are counted apart
+   (``--separate-threads``): the reactor thread's share is the heartbeat path itself; the
+   rest is the blocking pool's presence flush, whose count per window (one every ``--flush``
+   s) moves the total by ~1-3 % from run to run.
 
 ``--annotate`` keeps the dumps and prints ``callgrind_annotate``'s top functions per tree; the
 files stay in ``--out`` (default a temporary folder, printed with ``--keep``) for comparing
@@ -215,7 +218,8 @@ first_command_seconds = 120
         log = open(w / "server.log", "wb")
         cache = ["--cache-sim=yes", f"--LL={args.ll}"] if args.cache_sim else []
         server = subprocess.Popen(
-            [args.valgrind, "--tool=callgrind", "--instr-atstart=no", *cache,
+            [args.valgrind, "--tool=callgrind", "--instr-atstart=no", "--separate-threads=yes",
+             *cache,
              f"--callgrind-out-file={dump_base}.%p", py, "-m", "server.cli", "-c", str(cfg),
              "--log-level", "info", "run"],
             stdout=log, stderr=subprocess.STDOUT, cwd=tree, env=env)
@@ -251,15 +255,32 @@ first_command_seconds = 120
                 server.kill()
                 server.wait()
             log.close()
-        dumps = sorted(out_dir.glob(f"callgrind.{label}.{server.pid}.*"),
-                       key=lambda p: int(p.name.rsplit(".", 1)[1]))
-        if len(dumps) < 2:
-            raise RuntimeError(f"expected two callgrind dumps, found {[p.name for p in dumps]}")
-        hb, base = _read_totals(dumps[0]), _read_totals(dumps[1])
+        # --separate-threads: one file per thread and dump, callgrind.LABEL.PID.DUMP-THREAD;
+        # thread 01 is the reactor's, the others the blocking pool's (the presence flush)
+        per_dump: dict[int, dict[int, Path]] = {}
+        for path in out_dir.glob(f"callgrind.{label}.{server.pid}.*-*"):
+            dump, thread = path.name.rsplit(".", 1)[1].split("-")
+            per_dump.setdefault(int(dump), {})[int(thread)] = path
+        if len(per_dump) < 2:
+            raise RuntimeError(f"expected two callgrind dumps, found {sorted(per_dump)}")
+        first, second = sorted(per_dump)[:2]
+
+        def totals(dump: int, reactor_only: bool) -> dict[str, int]:
+            out: dict[str, int] = {}
+            for thread, path in per_dump[dump].items():
+                if reactor_only and thread != 1:
+                    continue
+                for k, v in _read_totals(path).items():
+                    out[k] = out.get(k, 0) + v
+            return out
+        hb, base = totals(first, False), totals(second, False)
+        hb_reactor, base_reactor = totals(first, True), totals(second, True)
         scale = result["window_s"] / max(1e-9, result["base_s"])
         net = {k: (hb[k] - base.get(k, 0) * scale) / result["beats"] for k in hb}
         result.update(label=label, tree=str(tree), hb_ir=hb["Ir"], base_ir=base["Ir"],
-                      dump=str(dumps[0]), per_beat=net["Ir"], events=net,
+                      dump=str(per_dump[first][1]), per_beat=net["Ir"], events=net,
+                      reactor_per_beat=(hb_reactor["Ir"] - base_reactor.get("Ir", 0) * scale)
+                      / result["beats"],
                       gross_per_beat=hb["Ir"] / result["beats"])
         return result
     finally:
@@ -338,7 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     for n, (label, tree) in enumerate(order):
         res = measure_tree(tree, f"{label}{n}", args, out_dir)
         results.setdefault(label, []).append(res)
-        print(f"{label:6s} {tree}: {res['per_beat']:,.0f} Ir per heartbeat net "
+        print(f"{label:6s} {tree}: {res['per_beat']:,.0f} Ir per heartbeat net, "
+              f"{res['reactor_per_beat']:,.0f} of them in the reactor thread "
               f"({res['gross_per_beat']:,.0f} gross; window {res['window_s']:.1f} s with "
               f"{res['beats']} heartbeats in {res['beat_s']:.1f} s; base {res['base_ir']:,} Ir in "
               f"{res['base_s']:.1f} s); TLS {res['tls']}; {res['lost']} connections lost; load "
@@ -350,11 +372,15 @@ def main(argv: list[str] | None = None) -> int:
             print(annotate(res["dump"], args))
     print()
     med = {label: sorted(r["per_beat"] for r in rs)[len(rs) // 2] for label, rs in results.items()}
+    med_reactor = {label: sorted(r["reactor_per_beat"] for r in rs)[len(rs) // 2]
+                   for label, rs in results.items()}
     for label, tree in trees:
-        print(f"RESULT: {label} ({tree}): {med[label]:,.0f} instructions per heartbeat "
-              f"(median of {len(results[label])})")
+        print(f"RESULT: {label} ({tree}): {med[label]:,.0f} instructions per heartbeat, "
+              f"{med_reactor[label]:,.0f} in the reactor thread (medians of "
+              f"{len(results[label])})")
     if "before" in med:
-        print(f"RESULT: now/before = {med['now'] / med['before']:.3f}")
+        print(f"RESULT: now/before = {med['now'] / med['before']:.3f} "
+              f"(reactor thread {med_reactor['now'] / med_reactor['before']:.3f})")
     return 0
 
 

@@ -100,7 +100,7 @@ def _run_relay(config: Config, args: argparse.Namespace) -> int:
                        "certificate, database and relay secret)")
     if args.relay_port is not None and not 0 <= args.relay_port <= 65535:
         raise CLIError(f"--relay-port {args.relay_port}: expected a port from 0 to 65535")
-    _install_reactor()
+    _install_reactor(config.logging.format)
     from twisted.internet import reactor
 
     from protocol.runtime import start_logging
@@ -118,22 +118,24 @@ def _raise_open_file_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def _install_reactor() -> None:
+def _install_reactor(log_format: str = "json") -> None:
     """Twisted's default reactor (epoll on Linux) for the server and relay processes, not the
     asyncio one: per ready socket and per timer it runs less Python (no asyncio ``Handle``, no
     selector wrapper, no ``call_soon``), which is the module port's hot path — heartbeats,
     registrations, ad-hoc set-ups — and epoll moves ~10 % more relay bytes per CPU second
     (bench/README.md, "the server on the epoll reactor").  The one asyncio user, the mail
-    outbox (aiosmtplib), runs its coroutine on a loop of its own in the blocking pool."""
-    from twisted.internet import default
-    default.install()
+    outbox (aiosmtplib), runs its coroutine on a loop of its own in the blocking pool.  With
+    the JSON log, without the log context Twisted builds around every socket event, which that
+    log never writes (``server.reactor``)."""
+    from .reactor import install
+    install(log_format)
 
 
 def cmd_run(config: Config, args: argparse.Namespace) -> int:
     _raise_open_file_limit()
     if args.role == "relay":
         return _run_relay(config, args)
-    _install_reactor()
+    _install_reactor(config.logging.format)
     from twisted.internet import reactor
     from twisted.logger import Logger
 
