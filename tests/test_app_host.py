@@ -33,7 +33,7 @@ async def test_host_window_shows_the_session_and_stops_it(qt_app, app_world,  # 
     from modules.common.link.folder import ModuleFolder
     from modules.common.qt.i18n import install_translation
     from modules.common.terminal.stream_cli import screen_offer
-    from modules.remote_host.gui import HostWindow
+    from modules.remote_host.gui import HostWindow, server_name
     w = app_world
     assert run_cli("host", "policy", "--view", "allow", "--control", "allow",
                    "--home", str(w["pc1"])).returncode == 0
@@ -51,8 +51,10 @@ async def test_host_window_shows_the_session_and_stops_it(qt_app, app_world,  # 
             await window.start()
             await until(lambda: window.service.online, what="online")
             online = window.online_label.text()
-            assert w["srv"].url in online
+            assert online == ONLINE[language].format(server=server_name(w["srv"].url)), online
             screenshot(window, f"host-idle-{language}")
+            if language == "en":
+                await offline_and_back(qt_app, window)
             supporter = ModuleProcess("supporter", "connect", "pc1", "--pipe", "--answers",
                                       "/dev/null", "--password-file", str(right),
                                       "--home", str(w["alice"]))
@@ -92,6 +94,46 @@ async def test_host_window_shows_the_session_and_stops_it(qt_app, app_world,  # 
     await recorded_session_cut_off(qt_app, w, screen, right)
     monkeypatch.setattr("modules.common.session.recorder.RESUME_WAIT_SECONDS", 0.0)
     await rest_up_after_the_bounded_wait(w, screen, right)
+
+
+ONLINE = {"en": "Online at {server}", "de": "Online bei {server}"}
+OFFLINE = {"en": "Offline, reconnecting to {server}\u00a0…",
+           "de": "Offline, verbinde erneut mit {server}\u00a0…"}
+
+
+async def offline_and_back(qt_app, window) -> None:  # noqa: F811
+    """The host's connection breaks: at that moment the window says it is offline (both
+    languages, the whole line shown), and online again once the presence re-registered.
+    Before, the line kept saying "Online" until something else refreshed the window."""
+    from PySide6.QtCore import QEvent
+    from PySide6.QtWidgets import QApplication
+    from modules.remote_host.gui import server_name
+    presence = window.service.presence
+    server = server_name(window.service.server)
+    seen: dict = {}
+    told = presence.on_state
+
+    def looked_at() -> None:
+        told()
+        if presence.state != "backing off" or seen:
+            return
+        label = window.online_label
+        for index, language in ((1, "de"), (0, "en")):
+            window.language_box.setCurrentIndex(index)
+            QApplication.sendPostedEvents(None, QEvent.LayoutRequest)
+            seen[language] = (label.text(), label.height() >= label.heightForWidth(label.width()))
+            screenshot(window, f"host-offline-{language}")
+    presence.on_state = looked_at
+    registered = presence.registered_count
+    try:
+        presence.connection.transport.abortConnection()
+        await until(lambda: seen and presence.registered_count > registered
+                    and window.service.online, what="offline, then online again")
+    finally:
+        presence.on_state = told
+    assert seen == {language: (text.format(server=server), True)
+                    for language, text in OFFLINE.items()}, seen
+    assert window.online_label.text() == ONLINE["en"].format(server=server)
 
 
 async def recorded_session_cut_off(qt_app, w, screen, right) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 from typing import Any
+from urllib.parse import urlsplit
 
 from PySide6.QtCore import Qt
 from twisted.internet import defer
@@ -29,9 +30,20 @@ from ..common.session.session_runner import SessionDelegate
 from . import settings
 from .service import HostService
 
+#: the online line's colour: a state seen at a glance, not only read (text stays dark enough
+#: to read on the window's grey)
+ONLINE_STYLE = "color: #1b5e20"
+OFFLINE_STYLE = "color: #a33d00"
+
 RED_BUTTON = ("QPushButton { background: #c62828; color: white; font-weight: bold; "
               "border-radius: 6px; padding: 10px 18px; } "
               "QPushButton:disabled { background: #d9a3a3; }")
+
+
+def server_name(url: str) -> str:
+    """The server as the person at the host knows it (``host:port``): the enrollment URL's
+    ``https://`` made the line long, and Qt broke the German one inside the URL."""
+    return urlsplit(url).netloc or url
 
 
 def is_administrator() -> bool:
@@ -72,6 +84,8 @@ class HostWindow(QMainWindow, RemoteScreenDelegate, SessionDelegate):
         big.setPointSizeF(big.pointSizeF() * 1.4)
         big.setBold(True)
         self.online_label.setFont(big)
+        # a long server name (and the longer German sentence) wraps instead of being cut off
+        self.online_label.setWordWrap(True)
         layout.addWidget(self.online_label)
         self.session_label = QLabel()
         self.session_label.setFont(big)
@@ -158,10 +172,12 @@ class HostWindow(QMainWindow, RemoteScreenDelegate, SessionDelegate):
 
     def refresh(self) -> None:
         service = self.service
-        server = service.server
+        server = server_name(service.server)
         self.online_label.setText(
             t("Online at {server}").format(server=server) if service.online
-            else t("Offline, reconnecting to {server} ...").format(server=server))
+            # (a no-break space: "…" never wraps onto a line of its own)
+            else t("Offline, reconnecting to {server}\u00a0…").format(server=server))
+        self.online_label.setStyleSheet(ONLINE_STYLE if service.online else OFFLINE_STYLE)
         runner, offer = service.runner, service.offer
         if offer is not None:
             self.session_label.setText(t("Session with {supporter}").format(

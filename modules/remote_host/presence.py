@@ -35,14 +35,18 @@ log = Logger()
 
 
 class HostPresence:
-    """Keeps one registered control connection; ``on_offer`` decides on session offers."""
+    """Keeps one registered control connection; ``on_offer`` decides on session offers;
+    ``on_state()`` is called whenever the host goes online (each registration) or offline (each
+    loss), so a window never shows a state that is over."""
 
     def __init__(self, reactor, folder: ModuleFolder,
                  address: "ServerAddress | list[ServerAddress]",
-                 on_offer: Callable[[dict], object], max_backoff: float = 60.0) -> None:
+                 on_offer: Callable[[dict], object], max_backoff: float = 60.0,
+                 on_state: Callable[[], None] = lambda: None) -> None:
         self.reactor = reactor
         self.folder = folder
         self.on_offer = on_offer
+        self.on_state = on_state
         self.state = "stopped"
         self.registered_count = 0
         self.connection: ControlClient | None = None
@@ -115,6 +119,7 @@ class HostPresence:
         resume_recordings(conn)  # uploads cut off by a connection loss or a server restart
         if not self.registered.called:
             self.registered.callback(answer)
+        self.on_state()
 
     def _start_heartbeat(self, conn: ControlClient, every: float) -> None:
         self._stop_heartbeat()
@@ -147,3 +152,4 @@ class HostPresence:
                 log.info("the server closed the connection for its shutdown; reconnecting later")
             else:
                 log.warn("lost the server ({why}); reconnecting with back-off", why=why)
+            self.on_state()

@@ -52,7 +52,8 @@ class HostService:
         self._stopped: defer.Deferred | None = None
         self.sessions: defer.Deferred = defer.Deferred()  # first session's end (for --pipe)
         self.presence = HostPresence(reactor, folder, addresses_of(folder), self.on_offer,
-                                     max_backoff=max_backoff)
+                                     max_backoff=max_backoff,
+                                     on_state=lambda: self.on_change())
 
     @property
     def online(self) -> bool:

@@ -590,7 +590,7 @@ class SupporterWindow(QMainWindow):
         if self.offline_why is None:
             return ""
         server = address_of(self.folder)
-        text = t("Offline, reconnecting to {server} ...").format(
+        text = t("Offline, reconnecting to {server}\u00a0…").format(
             server=f"{server.host}:{server.port}")
         if isinstance(self.offline_why, BaseException):
             text += " " + error_sentence(self.offline_why)

@@ -304,7 +304,7 @@ GERMAN: dict[str, str] = {
     # host window
     "Hausmeister host": "Hausmeister-Rechner",
     "Online at {server}": "Online bei {server}",
-    "Offline, reconnecting to {server} ...": "Offline, verbinde erneut mit {server} ...",
+    "Offline, reconnecting to {server}\u00a0…": "Offline, verbinde erneut mit {server}\u00a0…",
     "No session": "Keine Sitzung",
     "Session with {supporter}": "Sitzung mit {supporter}",
     "Policy": "Richtlinie",
