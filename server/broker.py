@@ -428,11 +428,18 @@ class Broker(NodeCalls):
 
     def _close_offer(self, held: HeldOffer) -> None:
         """The customer joined (or the supporter could not take them): the offer's other
-        nameplates are gone for good, on every node."""
+        nameplates are gone for good, on every node, with any its connection drew while the
+        join was written (the next ID drawn ahead of an expiry just then)."""
         self.held_offers.remove(held)
-        if held.released or not held.others:
+        if held.released:
             return
-        codes = [other.code for other in held.others]
+        late = [plate for plate in self.nameplates.values()
+                if plate.supporter is held.plate.supporter]
+        for plate in late:
+            del self.nameplates[plate.code]
+        codes = [other.code for other in held.others + late]
+        if not codes:
+            return
         log.debug("nameplates {codes} withdrawn: their offer's customer joined with "
                   "{nameplate}", codes=codes, nameplate=held.plate.code)
         if self.bus is not None:

@@ -194,6 +194,31 @@ def test_an_id_drawn_ahead_leaves_the_old_one_valid_until_its_expiry(broker, clo
     assert second_old not in broker.nameplates and session_rows(database) == 2
 
 
+def written_later(broker) -> list:
+    """Session starts are written when the test calls the returned list's entries."""
+    writes = []
+
+    def write_later(fn, *args):
+        written = defer.Deferred()
+        writes.append(lambda: written.callback(fn(*args)))
+        return written
+    broker.session_starts.blocking = write_later
+    return writes
+
+
+def test_an_id_drawn_while_the_join_is_written_goes_with_the_offer(broker, database):
+    """The offer may draw its next ID just while a customer's join is being written: that one
+    belongs to the offer the customer took and is withdrawn with it."""
+    anna = supporter("anna")
+    plate, _ = broker.allocate_nameplate(anna)
+    writes = written_later(broker)
+    joining = broker.join_adhoc(FakeConnection(None, "127.0.0.14"), plate)
+    drawn, _ = broker.allocate_nameplate(anna)
+    writes.pop()()
+    assert result_of(joining)["supporter"] == "anna"
+    assert drawn not in broker.nameplates and session_rows(database) == 1
+
+
 def lock_out(database, address: str) -> None:
     with database.session() as s:
         now = dt.datetime.now(dt.timezone.utc)
@@ -215,13 +240,7 @@ def test_a_locked_out_join_puts_the_offer_back_unless_its_supporter_went(broker,
         result_of(broker.join_adhoc(FakeConnection(None, "127.0.0.66"), old))
     assert {old, new} <= set(broker.nameplates) and broker.held_offers == []
     # the supporter goes while the locked-out join is being written
-    writes = []
-
-    def write_later(fn, *args):
-        written = defer.Deferred()
-        writes.append(lambda: written.callback(fn(*args)))
-        return written
-    broker.session_starts.blocking = write_later
+    writes = written_later(broker)
     refused = broker.join_adhoc(FakeConnection(None, "127.0.0.66"), new)
     assert old not in broker.nameplates          # held with the typed one meanwhile ...
     free = next(n for n in range(10_000) if f"{n:04d}" not in (old, new))
