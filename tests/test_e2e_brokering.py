@@ -80,16 +80,15 @@ def test_adhoc_session_bytes_flow_both_ways(running_server, enrolled_supporter, 
     assert record["kind"] == "adhoc" and record["supporter"] == "hausmeister:supporter:alice"
     assert record["peer_address"] == "127.0.0.1"
     assert record["bytes_to_peer"] >= 200_000 and record["bytes_to_supporter"] >= 100_000
-    one_offer_one_customer(srv, enrolled_supporter)
+    one_offer_one_customer(srv, enrolled_supporter, sessions_before=1)  # this test's server
 
 
-def one_offer_one_customer(srv, supporter_home) -> None:
+def one_offer_one_customer(srv, supporter_home, sessions_before: int) -> None:
     """Two IDs live on one supporter connection (the offer drew the next one ahead of the
     first's expiry): a customer joins with one, the other is refused at once and the server
     writes no session for it."""
     from protocol.framing import encode_box
     from .test_module_port import RawModule, error_code
-    before = len(sessions(srv))
     offer = RawModule(srv, supporter_home)
     offer.hello()
     first, ahead = (offer.call("AllocateNameplate")[b"nameplate"] for _ in range(2))
@@ -103,7 +102,7 @@ def one_offer_one_customer(srv, supporter_home) -> None:
     assert b"session_id" in customer.read_box()
     second.hello()
     assert error_code(second.call("JoinAdhoc", nameplate=first)) == b"UNKNOWN_NAMEPLATE"
-    assert len(sessions(srv)) == before + 1
+    assert len(sessions(srv)) == sessions_before + 1
     for module in (offer, customer, second):
         module.sock.close()
 
