@@ -88,6 +88,8 @@ class BoxDecoder:
             raise FramingError(self._failed)
         if self.paused:
             return None
+        if not self._buffer and self.max_box_bytes >= 2:
+            return None  # nothing fed since the last box (no box is half read: its bytes stay)
         try:
             return self._parse()
         except FramingError as exc:

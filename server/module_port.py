@@ -387,9 +387,12 @@ class ModuleConnection(FramedAMP):
         argument parsing, a Deferred, answer serialisation): 20,000 idle hosts send 667 a
         second and this is all they ask.  Same answer box as the ``heartbeat`` responder."""
         self.port.broker.heartbeat(self)
-        now = repr(time.time()).encode()
+        # the time to the microsecond from integers: repr(time.time()) (the shortest repr of a
+        # float) cost ~6,000 instructions per heartbeat; amp.Float reads either
+        seconds, micros = divmod(time.time_ns() // 1000, 1_000_000)
+        now = b"%d.%06d" % (seconds, micros)
         # encode_box({b"_answer": tag, b"server_time": now}) without the loop and its checks:
-        # the tag came in a box (at most 65,535 bytes), the time is ~18
+        # the tag came in a box (at most 65,535 bytes), the time is 17 bytes
         _write_now(self.transport, b"".join((_ANSWER_KEY, _LENGTH.pack(len(tag)), tag,
                                              _SERVER_TIME_KEY, _LENGTH.pack(len(now)), now,
                                              b"\x00\x00")))
