@@ -1036,6 +1036,12 @@ def _mark_all_offline(session, node: str | None = None) -> None:
 
 _HOSTS = Host.__table__
 _TENANTS = Tenant.__table__
+#: built once: a statement built per call spent more on its construction and cache key than
+#: SQLite on running it (py-spy, registrations one after the other)
+_ARRIVING = (select(_HOSTS.c.id, _HOSTS.c.tenant_id, _HOSTS.c.online, _HOSTS.c.node,
+                    _TENANTS.c.name)
+             .select_from(_HOSTS.outerjoin(_TENANTS, _TENANTS.c.id == _HOSTS.c.tenant_id))
+             .where(_HOSTS.c.id.in_(bindparam("b_ids", expanding=True))))
 _CAME_ONLINE = (update(_HOSTS).where(_HOSTS.c.id == bindparam("b_id"))
                 .values(online=True, node=bindparam("b_node"), last_seen=bindparam("b_seen"),
                         last_address=bindparam("b_address"),
@@ -1051,11 +1057,8 @@ def _hosts_came_online(connection, arrivals: list[tuple[str, str, str]], moment,
     ids = sorted({host_id for host_id, _, _ in arrivals})
     known: dict[str, tuple] = {}
     for start in range(0, len(ids), IN_BATCH):
-        query = (select(_HOSTS.c.id, _HOSTS.c.tenant_id, _HOSTS.c.online, _HOSTS.c.node,
-                        _TENANTS.c.name)
-                 .select_from(_HOSTS.outerjoin(_TENANTS, _TENANTS.c.id == _HOSTS.c.tenant_id))
-                 .where(_HOSTS.c.id.in_(ids[start:start + IN_BATCH])))
-        for host_id, tenant_id, online, held_by, tenant_name in connection.execute(query):
+        for host_id, tenant_id, online, held_by, tenant_name in connection.execute(
+                _ARRIVING, {"b_ids": ids[start:start + IN_BATCH]}):
             known[host_id] = (tenant_id, tenant_name or "",
                               held_by if online and held_by not in (None, node) else None)
     found = [known.get(host_id) for host_id, _, _ in arrivals]
