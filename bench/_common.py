@@ -232,11 +232,13 @@ class BenchServer:
         return self.config().server.cert_dir.joinpath("ca.crt").read_bytes()
 
     def start(self, cpus: str | None = None, nofile: int = 65536, log_level: str = "info",
-              timeout: float = 60) -> "BenchServer":
+              timeout: float = 60, prefix: Sequence[str] = ()) -> "BenchServer":
+        """Run the server; ``prefix``: a command in front of it (e.g. valgrind)."""
         self.log_path = self.workdir / "server.log"
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
-            [*taskset_prefix(cpus), sys.executable, "-m", "server.cli", "-c", str(self.config_path),
+            [*taskset_prefix(cpus), *prefix, sys.executable, "-m", "server.cli", "-c",
+             str(self.config_path),
              "--log-level", log_level, "run"],
             stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, preexec_fn=_nofile_preexec(nofile))
         log.close()

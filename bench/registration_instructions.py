@@ -43,7 +43,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -76,9 +75,8 @@ OBJECTS = [
 
 def one_tree(args) -> dict:
     from _common import BenchServer, add_supporter, enroll_hosts, enroll_supporter_module, \
-        workdir, _nofile_preexec
+        workdir
     from idle_hosts import write_folder
-    from server.state import read_state
 
     root = HERE.parent
     out: dict = {"tree": str(root)}
@@ -93,25 +91,13 @@ def one_tree(args) -> dict:
         ca_pem = srv.ca_pem
         folders = [write_folder(w / "hosts" / c.host_id, c, ca_pem, 0, 0) for c in creds]
 
-        # the server under callgrind: same command as BenchServer.start, valgrind in front
-        srv.log_path = w / "server.log"
+        # the server under callgrind (valgrind in front of BenchServer.start's command)
         cg_out = w / "callgrind.out"
-        with open(srv.log_path, "ab") as log:
-            valgrind = [] if args.py_spy else [
-                "valgrind", "--tool=callgrind", "--instr-atstart=no",
-                f"--callgrind-out-file={cg_out}"]
-            srv.process = subprocess.Popen(
-                [*valgrind, sys.executable, "-m", "server.cli", "-c",
-                 str(srv.config_path), "--log-level", "info", "run"],
-                stdout=log, stderr=subprocess.STDOUT, cwd=root,
-                preexec_fn=_nofile_preexec(4096))
+        valgrind = [] if args.py_spy else [
+            "valgrind", "--tool=callgrind", "--instr-atstart=no",
+            f"--callgrind-out-file={cg_out}"]
+        srv.start(nofile=4096, timeout=600, prefix=valgrind)
         try:
-            deadline = time.monotonic() + 600
-            while (info := read_state(srv.data_dir, srv.process.pid)) is None:
-                if srv.process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"server under valgrind did not start:\n{srv.log_tail()}")
-                time.sleep(0.2)
-            srv.info = info
             windows = drive(srv, folders, sup_home, args)
         finally:
             srv.stop(timeout=300)
